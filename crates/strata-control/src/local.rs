@@ -1,0 +1,227 @@
+//! The `local` provider: engine replicas as child processes of this one, on
+//! free loopback ports. It restarts a replica that dies, publishes the live
+//! endpoints to the gateway, records each instance in the store, and on
+//! shutdown stops every child (SIGTERM, then SIGKILL) so none is orphaned.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use strata_core::store::{InstanceRecord, InstanceState, Store};
+use strata_core::ReplicaEndpoint;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ControlError;
+
+/// How to launch replicas: this program with `engine` and these arguments.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    pub program: PathBuf,
+    /// Arguments after `engine`, without `--port`.
+    pub engine_args: Vec<String>,
+    pub replicas: u32,
+    pub startup_timeout: Duration,
+}
+
+struct Slot {
+    index: u32,
+    instance: InstanceRecord,
+    child: Child,
+    launched: Instant,
+    restarts: u32,
+}
+
+/// Supervises the replicas until `shutdown`; endpoints go out on `publish`.
+pub struct LocalProvider {
+    settings: LocalSettings,
+    store: Arc<dyn Store>,
+    publish: watch::Sender<Vec<ReplicaEndpoint>>,
+    http: reqwest::Client,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl LocalProvider {
+    pub fn new(
+        settings: LocalSettings,
+        store: Arc<dyn Store>,
+        publish: watch::Sender<Vec<ReplicaEndpoint>>,
+    ) -> Self {
+        LocalProvider {
+            settings,
+            store,
+            publish,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .expect("a client without TLS always builds"),
+        }
+    }
+
+    async fn launch(&self, index: u32, restarts: u32) -> Result<Slot, ControlError> {
+        let port = free_port().map_err(ControlError::Launch)?;
+        let mut cmd = Command::new(&self.settings.program);
+        cmd.arg("engine")
+            .args(&self.settings.engine_args)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's
+        // parent-death signal, so a SIGKILLed `strata serve` orphans nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(ControlError::Launch)?;
+        let instance = InstanceRecord {
+            id: format!("local-{index}-{}", uuid_suffix()),
+            provider: "local".into(),
+            endpoint: format!("http://127.0.0.1:{port}"),
+            state: InstanceState::Starting,
+            started_at_ms: now_ms(),
+            ended_at_ms: None,
+            detail: child.id().map(|pid| format!("pid {pid}")),
+        };
+        tracing::info!(instance = %instance.id, endpoint = %instance.endpoint, "engine replica launched");
+        self.record(&instance).await;
+        Ok(Slot {
+            index,
+            instance,
+            child,
+            launched: Instant::now(),
+            restarts,
+        })
+    }
+
+    async fn record(&self, instance: &InstanceRecord) {
+        if let Err(e) = self.store.upsert_instance(instance).await {
+            tracing::warn!(error = %e, "cannot record instance");
+        }
+    }
+
+    fn publish(&self, slots: &[Slot]) {
+        let endpoints = slots
+            .iter()
+            .map(|s| ReplicaEndpoint {
+                id: s.instance.id.clone(),
+                url: s.instance.endpoint.clone(),
+            })
+            .collect();
+        self.publish.send_replace(endpoints);
+    }
+
+    async fn healthy(&self, slot: &Slot) -> bool {
+        let url = format!("{}/health", slot.instance.endpoint);
+        matches!(self.http.get(url).send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// Runs until `shutdown`, then stops every replica.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ControlError> {
+        let mut slots = Vec::new();
+        for index in 0..self.settings.replicas {
+            slots.push(self.launch(index, 0).await?);
+        }
+        self.publish(&slots);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mut changed = false;
+            for i in 0..slots.len() {
+                let exited = match slots[i].child.try_wait() {
+                    Ok(Some(status)) => Some(status.to_string()),
+                    Ok(None)
+                        if slots[i].instance.state == InstanceState::Starting
+                            && slots[i].launched.elapsed() > self.settings.startup_timeout =>
+                    {
+                        let _ = slots[i].child.start_kill();
+                        let _ = slots[i].child.wait().await;
+                        Some("did not become healthy in time".into())
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some(format!("cannot wait on it: {e}")),
+                };
+                if let Some(detail) = exited {
+                    let slot = &mut slots[i];
+                    tracing::warn!(instance = %slot.instance.id, %detail, "engine replica exited; launching a replacement");
+                    slot.instance.state = InstanceState::Exited;
+                    slot.instance.ended_at_ms = Some(now_ms());
+                    slot.instance.detail = Some(detail);
+                    self.record(&slot.instance).await;
+                    // Back off a little if a replica keeps dying at start.
+                    let restarts = slot.restarts + 1;
+                    if slot.launched.elapsed() < Duration::from_secs(2) {
+                        tokio::time::sleep(Duration::from_millis(
+                            500 * u64::from(restarts.min(10)),
+                        ))
+                        .await;
+                    }
+                    let index = slot.index;
+                    slots[i] = self.launch(index, restarts).await?;
+                    changed = true;
+                } else if slots[i].instance.state == InstanceState::Starting
+                    && self.healthy(&slots[i]).await
+                {
+                    let slot = &mut slots[i];
+                    slot.instance.state = InstanceState::Ready;
+                    tracing::info!(instance = %slot.instance.id, secs = slot.launched.elapsed().as_secs_f64(), "engine replica ready");
+                    self.record(&slot.instance).await;
+                }
+            }
+            if changed {
+                self.publish(&slots);
+            }
+        }
+        self.publish.send_replace(Vec::new());
+        for slot in &mut slots {
+            stop_child(&mut slot.child).await;
+            slot.instance.state = InstanceState::Stopped;
+            slot.instance.ended_at_ms = Some(now_ms());
+            slot.instance.detail = Some("shut down".into());
+            self.record(&slot.instance).await;
+        }
+        Ok(())
+    }
+}
+
+/// SIGTERM, a few seconds to finish, then SIGKILL; always reaped.
+async fn stop_child(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child by the pid tokio gave us; it is not reaped yet.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+fn uuid_suffix() -> String {
+    format!(
+        "{:08x}",
+        (now_ms() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
+    )
+}

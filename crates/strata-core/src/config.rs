@@ -1,0 +1,282 @@
+//! `strata.toml`: one typed file, every field with a default. Command-line
+//! flags (and their `STRATA_*` environment variables) override it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub engine: EngineConfig,
+    pub serve: ServeConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address the gateway listens on.
+    pub listen: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// External OpenAI-compatible replicas (`strata gateway`).
+    pub replicas: Vec<String>,
+    /// Seconds between health checks of each replica.
+    pub health_interval_secs: f64,
+    /// Seconds to wait for a replica's response headers before trying another.
+    pub connect_timeout_secs: f64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            replicas: Vec::new(),
+            health_interval_secs: 1.0,
+            connect_timeout_secs: 5.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// GGUF file; empty means the default path of `strata model fetch`.
+    pub model: Option<PathBuf>,
+    /// Model id clients send; empty means the file name without `.gguf`.
+    pub model_name: Option<String>,
+    /// Tokens of KV cache shared by all sequences; also the longest request.
+    pub context_size: u32,
+    /// Sequences decoded together in one batch.
+    pub max_sequences: u32,
+    /// Requests waiting for a sequence slot before new ones get 429.
+    pub max_queue: u32,
+    /// CPU threads per engine process; 0 picks cores / replicas.
+    pub threads: u32,
+    /// Most prompt tokens one sequence prefills per step, so running streams
+    /// keep flowing while a long prompt is read.
+    pub prefill_chunk: u32,
+    /// `max_tokens` of a chat request that gives none.
+    pub default_max_tokens: u32,
+    /// Largest request body accepted by the engine server, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            model: None,
+            model_name: None,
+            context_size: 8192,
+            max_sequences: 8,
+            max_queue: 64,
+            threads: 0,
+            prefill_chunk: 256,
+            default_max_tokens: 512,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Engine processes `strata serve` keeps running.
+    pub replicas: u32,
+    /// Seconds a new engine process may take to become healthy.
+    pub startup_timeout_secs: f64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            replicas: 2,
+            startup_timeout_secs: 120.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("./data/strata.db"),
+        }
+    }
+}
+
+/// One thing wrong with a config, named by its key (`engine.max_sequences`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl Config {
+    /// Parses TOML; a syntax error or unknown key is one issue naming its place.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigIssue> {
+        toml::from_str(text).map_err(|e| ConfigIssue {
+            key: e
+                .span()
+                .map(|s| key_at(text, s.start))
+                .unwrap_or_else(|| "(file)".into()),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Every value that parses but cannot work.
+    pub fn check(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            issues.push(ConfigIssue {
+                key: key.into(),
+                message,
+            })
+        };
+        if self.gateway.listen.parse::<SocketAddr>().is_err() {
+            bad(
+                "gateway.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8080",
+                    self.gateway.listen
+                ),
+            );
+        }
+        if self.gateway.max_body_bytes < 1024 {
+            bad("gateway.max_body_bytes", "must be at least 1024".into());
+        }
+        for (i, url) in self.gateway.replicas.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bad(
+                    &format!("gateway.replicas[{i}]"),
+                    format!("`{url}` must start with http:// or https://"),
+                );
+            }
+        }
+        if !(self.gateway.health_interval_secs > 0.0) {
+            bad(
+                "gateway.health_interval_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        if !(self.gateway.connect_timeout_secs > 0.0) {
+            bad(
+                "gateway.connect_timeout_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        let e = &self.engine;
+        if e.context_size < 64 {
+            bad("engine.context_size", "must be at least 64".into());
+        }
+        if !(1..=256).contains(&e.max_sequences) {
+            bad("engine.max_sequences", "must be between 1 and 256".into());
+        }
+        if e.prefill_chunk == 0 {
+            bad("engine.prefill_chunk", "must be at least 1".into());
+        }
+        if e.default_max_tokens == 0 {
+            bad("engine.default_max_tokens", "must be at least 1".into());
+        }
+        if e.max_body_bytes < 1024 {
+            bad("engine.max_body_bytes", "must be at least 1024".into());
+        }
+        if let Some(name) = &e.model_name {
+            if name.trim().is_empty() {
+                bad("engine.model_name", "must not be empty".into());
+            }
+        }
+        if !(1..=64).contains(&self.serve.replicas) {
+            bad("serve.replicas", "must be between 1 and 64".into());
+        }
+        if !(self.serve.startup_timeout_secs > 0.0) {
+            bad(
+                "serve.startup_timeout_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.store.path.as_os_str().is_empty() {
+            bad("store.path", "must not be empty".into());
+        }
+        issues
+    }
+}
+
+/// The dotted key whose line holds byte `offset`, e.g. `engine.threads`.
+fn key_at(text: &str, offset: usize) -> String {
+    let mut table = String::new();
+    let mut key = None;
+    for line in text[..offset.min(text.len())]
+        .lines()
+        .chain(text[offset.min(text.len())..].lines().take(1))
+    {
+        let l = line.trim();
+        if let Some(t) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = t.trim().to_string();
+            key = None;
+        } else if let Some((k, _)) = l.split_once('=') {
+            key = Some(k.trim().to_string());
+        }
+    }
+    match (table.is_empty(), key) {
+        (true, Some(k)) => k,
+        (false, Some(k)) => format!("{table}.{k}"),
+        (false, None) => table,
+        (true, None) => "(file)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults_and_they_check_clean() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c, Config::default());
+        assert!(c.check().is_empty());
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_keys_name_their_key() {
+        let e = Config::from_toml("[engine]\nmax_sequences = \"eight\"\n").unwrap_err();
+        assert_eq!(e.key, "engine.max_sequences");
+        let e = Config::from_toml("[serve]\nreplica = 2\n").unwrap_err();
+        assert_eq!(e.key, "serve.replica");
+        assert!(e.message.contains("unknown field"), "{}", e.message);
+    }
+
+    #[test]
+    fn check_names_each_bad_value() {
+        let c = Config::from_toml(
+            "[gateway]\nlisten = \"nowhere\"\nreplicas = [\"ftp://x\"]\n[engine]\nmax_sequences = 0\n[serve]\nreplicas = 0\n",
+        )
+        .unwrap();
+        let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "gateway.listen",
+                "gateway.replicas[0]",
+                "engine.max_sequences",
+                "serve.replicas"
+            ]
+        );
+    }
+}

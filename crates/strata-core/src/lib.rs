@@ -1,0 +1,24 @@
+//! strata's vocabulary, shared by every other crate: the OpenAI wire types,
+//! the one error type that becomes an OpenAI-shaped HTTP error, request
+//! validation, the chat template, the config schema and the `Store` trait.
+//! Nothing here does I/O.
+
+pub mod config;
+pub mod error;
+pub mod openai;
+pub mod sampling;
+pub mod store;
+pub mod template;
+
+#[cfg(feature = "axum")]
+pub use error::read_body;
+pub use error::ApiError;
+
+/// A replica endpoint as a provider publishes it to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaEndpoint {
+    /// Stable name for logs and the ledger (`local-0`, a pod name, a URL).
+    pub id: String,
+    /// Base URL, e.g. `http://127.0.0.1:40123`.
+    pub url: String,
+}

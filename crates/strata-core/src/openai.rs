@@ -1,0 +1,662 @@
+//! OpenAI wire types for completions and chat completions, the JSON body
+//! parser that names the offending field, and request validation.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::SamplingParams;
+use crate::ApiError;
+
+/// Parses a request body: UTF-8 first, then JSON into `T`. A type error names
+/// the field path (`messages[0].content`) in `param`.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid_request(None, format!("Request body is not valid UTF-8: {e}"))
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid_request(
+            None,
+            "Request body is empty; expected a JSON object.",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid_request(None, format!("Request body is not valid JSON: {inner}"))
+        } else {
+            // serde reports a missing field at the parent's path; name the field itself.
+            let param = missing_field(&inner.to_string())
+                .map(|f| join_path(&path, &f))
+                .unwrap_or(path);
+            let param = (param != ".").then_some(param);
+            ApiError::invalid_request(param.as_deref(), format!("Invalid request: {inner}"))
+        }
+    })?;
+    de.end().map_err(|e| {
+        ApiError::invalid_request(None, format!("Request body is not valid JSON: {e}"))
+    })?;
+    Ok(value)
+}
+
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("missing field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+fn join_path(parent: &str, field: &str) -> String {
+    if parent == "." {
+        field.to_string()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+/// `stop`: one string or a list of up to four.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `prompt` of a completion: a string, or a list holding one string.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+}
+
+/// Sampling fields shared by both request kinds.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct SamplingFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Not in OpenAI's schema; accepted as llama.cpp and vLLM servers do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A chat turn after validation: a known role and plain text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// What a validated request asks the engine to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Chat(Vec<Turn>),
+}
+
+/// A request after validation, in the engine's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub model: String,
+    pub input: PromptInput,
+    pub sampling: SamplingParams,
+    /// `max_tokens` as given; `None` lets the server pick its default.
+    pub max_tokens: Option<u32>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Most stop strings a request may give, as OpenAI allows.
+pub const MAX_STOP_STRINGS: usize = 4;
+
+impl CompletionRequest {
+    pub fn validate(self) -> Result<Generation, ApiError> {
+        check_model(&self.model)?;
+        let text = match self.prompt {
+            Prompt::Text(t) => t,
+            Prompt::Texts(mut v) if v.len() == 1 => v.remove(0),
+            Prompt::Texts(_) => {
+                return Err(ApiError::invalid_request(
+                    Some("prompt"),
+                    "`prompt` must be a string or a list of exactly one string.",
+                ))
+            }
+        };
+        if text.is_empty() {
+            return Err(ApiError::invalid_request(
+                Some("prompt"),
+                "`prompt` must not be empty.",
+            ));
+        }
+        Ok(Generation {
+            model: self.model,
+            input: PromptInput::Text(text),
+            sampling: self.sampling.validate()?,
+            max_tokens: check_max_tokens("max_tokens", self.max_tokens)?,
+            include_usage: include_usage(self.stream, self.stream_options.as_ref())?,
+            stream: self.stream,
+        })
+    }
+}
+
+impl ChatCompletionRequest {
+    pub fn validate(self) -> Result<Generation, ApiError> {
+        check_model(&self.model)?;
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_request(
+                Some("messages"),
+                "`messages` must hold at least one message.",
+            ));
+        }
+        let mut turns = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            turns.push(m.into_turn(i)?);
+        }
+        if !turns.iter().any(|t| t.role == Role::User) {
+            return Err(ApiError::invalid_request(
+                Some("messages"),
+                "`messages` must hold at least one message with role `user`.",
+            ));
+        }
+        let (field, max_tokens) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        Ok(Generation {
+            model: self.model,
+            input: PromptInput::Chat(turns),
+            sampling: self.sampling.validate()?,
+            max_tokens: check_max_tokens(field, max_tokens)?,
+            include_usage: include_usage(self.stream, self.stream_options.as_ref())?,
+            stream: self.stream,
+        })
+    }
+}
+
+impl ChatMessage {
+    fn into_turn(self, index: usize) -> Result<Turn, ApiError> {
+        let role = match self.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid_request(
+                    Some(&format!("messages[{index}].role")),
+                    format!(
+                        "Unsupported role `{other}`; expected system, developer, user or assistant."
+                    ),
+                ))
+            }
+        };
+        let param = format!("messages[{index}].content");
+        let text = match self.content {
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.into_iter().enumerate() {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        _ => return Err(ApiError::invalid_request(
+                            Some(&format!("{param}[{j}]")),
+                            "Only content parts of type `text` with a `text` field are supported.",
+                        )),
+                    }
+                }
+                text
+            }
+            None if role == Role::Assistant => String::new(),
+            None => {
+                return Err(ApiError::invalid_request(
+                    Some(&param),
+                    "`content` is required for this role.",
+                ))
+            }
+        };
+        Ok(Turn { role, text })
+    }
+}
+
+impl SamplingFields {
+    fn validate(self) -> Result<SamplingParams, ApiError> {
+        let mut p = SamplingParams::default();
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ApiError::invalid_request(
+                    Some("temperature"),
+                    "`temperature` must be between 0 and 2.",
+                ));
+            }
+            p.temperature = t as f32;
+        }
+        if let Some(v) = self.top_p {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(ApiError::invalid_request(
+                    Some("top_p"),
+                    "`top_p` must be greater than 0 and at most 1.",
+                ));
+            }
+            p.top_p = v as f32;
+        }
+        if let Some(k) = self.top_k {
+            if !(0..=i64::from(i32::MAX)).contains(&k) {
+                return Err(ApiError::invalid_request(
+                    Some("top_k"),
+                    "`top_k` must be 0 (off) or a positive integer.",
+                ));
+            }
+            p.top_k = k as u32;
+        }
+        if let Some(seed) = self.seed {
+            // llama.cpp seeds are 32-bit; fold larger seeds so every i64 is accepted.
+            p.seed = Some((seed as u64 ^ (seed as u64 >> 32)) as u32);
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid_request(
+                    Some("n"),
+                    "Only `n` = 1 is supported.",
+                ));
+            }
+        }
+        p.stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if p.stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::invalid_request(
+                Some("stop"),
+                format!("`stop` may hold at most {MAX_STOP_STRINGS} strings."),
+            ));
+        }
+        if p.stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid_request(
+                Some("stop"),
+                "`stop` strings must not be empty.",
+            ));
+        }
+        Ok(p)
+    }
+}
+
+fn check_model(model: &str) -> Result<(), ApiError> {
+    if model.trim().is_empty() {
+        return Err(ApiError::invalid_request(
+            Some("model"),
+            "`model` must not be empty.",
+        ));
+    }
+    Ok(())
+}
+
+fn check_max_tokens(field: &str, value: Option<i64>) -> Result<Option<u32>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v >= 1 && v <= i64::from(u32::MAX) => Ok(Some(v as u32)),
+        Some(_) => Err(ApiError::invalid_request(
+            Some(field),
+            format!("`{field}` must be at least 1."),
+        )),
+    }
+}
+
+fn include_usage(stream: bool, options: Option<&StreamOptions>) -> Result<bool, ApiError> {
+    match options {
+        Some(_) if !stream => Err(ApiError::invalid_request(
+            Some("stream_options"),
+            "`stream_options` is only allowed when `stream` is true.",
+        )),
+        Some(o) => Ok(o.include_usage),
+        None => Ok(false),
+    }
+}
+
+// ---- responses -------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Completion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatChoice {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<AssistantMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta>,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AssistantMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+impl ModelList {
+    pub fn of(ids: impl IntoIterator<Item = String>, created: u64) -> Self {
+        ModelList {
+            object: "list".into(),
+            data: ids
+                .into_iter()
+                .map(|id| ModelCard {
+                    id,
+                    object: "model".into(),
+                    created,
+                    owned_by: "strata".into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A new response id with OpenAI's prefix (`cmpl-`, `chatcmpl-`).
+pub fn response_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<Generation, ApiError> {
+        parse_body::<ChatCompletionRequest>(body.as_bytes())?.validate()
+    }
+
+    fn completion(body: &str) -> Result<Generation, ApiError> {
+        parse_body::<CompletionRequest>(body.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn a_plain_chat_request_validates() {
+        let g = chat(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"max_tokens":5,"temperature":0,"stop":"\n"}"#).unwrap();
+        assert_eq!(g.max_tokens, Some(5));
+        assert_eq!(g.sampling.temperature, 0.0);
+        assert_eq!(g.sampling.stop, vec!["\n".to_string()]);
+        let PromptInput::Chat(turns) = g.input else {
+            panic!("chat input")
+        };
+        assert_eq!(
+            turns[1],
+            Turn {
+                role: Role::User,
+                text: "hi".into()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_offending_field() {
+        let cases = [
+            (r#"{"model":"m","messages":[]}"#, Some("messages")),
+            (r#"{"model":"m","messages":"hi"}"#, Some("messages")),
+            (r#"{"model":"m"}"#, Some("messages")),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-3}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":0}"#,
+                Some("max_completion_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                Some("temperature"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                Some("top_p"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                Some("n"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+                Some("stop"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                Some("messages[0].content[0]"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","content":"x"}]}"#,
+                Some("messages"),
+            ),
+            (
+                r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                Some("stream_options"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}"#,
+                None,
+            ),
+            (r#"[1,2]"#, None),
+        ];
+        for (body, param) in cases {
+            let e = chat(body).expect_err(body);
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), param, "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_and_empty_bodies_are_400() {
+        let e = parse_body::<ChatCompletionRequest>(b"{\"model\":\"\xff\"}").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("UTF-8"));
+        let e = parse_body::<ChatCompletionRequest>(b"  ").unwrap_err();
+        assert!(e.message.contains("empty"));
+        let e = parse_body::<ChatCompletionRequest>(b"{} trailing").unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn completion_prompt_forms() {
+        assert!(completion(r#"{"model":"m","prompt":"once"}"#).is_ok());
+        assert!(completion(r#"{"model":"m","prompt":["once"]}"#).is_ok());
+        assert_eq!(
+            completion(r#"{"model":"m","prompt":["a","b"]}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            completion(r#"{"model":"m","prompt":""}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            completion(r#"{"model":"m","prompt":7}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("prompt")
+        );
+        let g = completion(r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true},"seed":-1}"#).unwrap();
+        assert!(g.include_usage && g.stream);
+        assert!(g.sampling.seed.is_some());
+    }
+}

@@ -1,0 +1,632 @@
+//! The embedded engine: one scheduler thread owns the llama.cpp context and
+//! runs continuous batching; callers tokenize on their own threads and get a
+//! stream of events per request.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use strata_core::openai::{FinishReason, Generation, PromptInput, Usage};
+use strata_core::sampling::SamplingParams;
+use strata_core::{template, ApiError};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::batch::{fits, plan_step, SlotView};
+use crate::metrics::EngineMetrics;
+use crate::stop::StopMatcher;
+use crate::EngineError;
+
+/// How the engine is sized; see `strata_core::config::EngineConfig`.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub model_path: PathBuf,
+    pub model_name: String,
+    pub context_size: u32,
+    pub max_sequences: u32,
+    pub max_queue: u32,
+    pub threads: u32,
+    pub prefill_chunk: u32,
+    pub default_max_tokens: u32,
+}
+
+/// What a running request produces, in order: text pieces, then one `Done`
+/// (or one `Failed`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done { finish: FinishReason, usage: Usage },
+    Failed(String),
+}
+
+/// A request accepted by the engine.
+pub struct Submitted {
+    pub events: UnboundedReceiver<Event>,
+    pub prompt_tokens: u32,
+}
+
+struct Job {
+    tokens: Vec<LlamaToken>,
+    max_tokens: u32,
+    sampling: SamplingParams,
+    events: UnboundedSender<Event>,
+    arrived: Instant,
+}
+
+enum ChatTemplate {
+    Gguf(LlamaChatTemplate),
+    Gemma,
+}
+
+/// A loaded model and its scheduler. Dropping it stops the scheduler.
+pub struct Engine {
+    model: Arc<LlamaModel>,
+    template: ChatTemplate,
+    settings: EngineSettings,
+    jobs: SyncSender<Job>,
+    queued: Arc<AtomicUsize>,
+    pub metrics: Arc<EngineMetrics>,
+    scheduler: Option<std::thread::JoinHandle<()>>,
+}
+
+fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    let mut b = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
+    if std::env::var_os("STRATA_LLAMA_LOG").is_none() {
+        b.void_logs();
+    }
+    Ok(BACKEND.get_or_init(|| b))
+}
+
+impl Engine {
+    /// Loads the model and starts the scheduler thread. Blocking.
+    pub fn load(settings: EngineSettings) -> Result<Engine, EngineError> {
+        let backend = backend()?;
+        if !settings.model_path.is_file() {
+            return Err(EngineError::ModelMissing(settings.model_path.clone()));
+        }
+        let model =
+            LlamaModel::load_from_file(backend, &settings.model_path, &LlamaModelParams::default())
+                .map_err(|e| EngineError::ModelLoad(settings.model_path.clone(), e.to_string()))?;
+        let model = Arc::new(model);
+        let template = match model.chat_template(None) {
+            Ok(t) => ChatTemplate::Gguf(t),
+            Err(_) => ChatTemplate::Gemma,
+        };
+        let metrics = Arc::new(EngineMetrics::new());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (jobs, rx) = std::sync::mpsc::sync_channel(settings.max_queue.max(1) as usize);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let scheduler = {
+            let (model, settings, metrics, queued) = (
+                model.clone(),
+                settings.clone(),
+                metrics.clone(),
+                queued.clone(),
+            );
+            std::thread::Builder::new()
+                .name("strata-scheduler".into())
+                .spawn(move || {
+                    run_scheduler(backend, &model, &settings, rx, &metrics, &queued, ready_tx)
+                })
+                .map_err(|e| EngineError::Backend(e.to_string()))?
+        };
+        ready_rx
+            .recv()
+            .map_err(|_| EngineError::Backend("scheduler thread died".into()))??;
+        Ok(Engine {
+            model,
+            template,
+            settings,
+            jobs,
+            queued,
+            metrics,
+            scheduler: Some(scheduler),
+        })
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.settings.model_name
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// The text the model reads for this input (chat template applied).
+    pub fn render(&self, input: &PromptInput) -> Result<String, ApiError> {
+        match input {
+            PromptInput::Text(t) => Ok(t.clone()),
+            PromptInput::Chat(turns) => match &self.template {
+                ChatTemplate::Gemma => Ok(template::render_gemma(turns)),
+                ChatTemplate::Gguf(t) => {
+                    let messages = turns
+                        .iter()
+                        .map(|m| LlamaChatMessage::new(m.role.as_str().into(), m.text.clone()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| {
+                            ApiError::invalid_request(
+                                Some("messages"),
+                                "Message text must not contain NUL characters.",
+                            )
+                        })?;
+                    self.model
+                        .apply_chat_template(t, &messages, true)
+                        .map_err(|e| ApiError::internal(format!("chat template failed: {e}")))
+                }
+            },
+        }
+    }
+
+    /// Tokens of the input as the model sees them, BOS included.
+    pub fn tokenize(&self, input: &PromptInput) -> Result<Vec<LlamaToken>, ApiError> {
+        let text = self.render(input)?;
+        let vocab = self.model.vocab();
+        // Chat templates produce control tokens; raw prompts are plain text.
+        let parse_special = matches!(input, PromptInput::Chat(_));
+        let bos_text = vocab
+            .text(vocab.bos())
+            .map(|c| c.to_string_lossy().into_owned());
+        let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+        Ok(vocab.tokenize(text.as_bytes(), !has_bos, parse_special))
+    }
+
+    /// Validates the request against the context and enqueues it. Tokenizes
+    /// on a blocking thread; a full queue is a 429.
+    pub async fn submit(self: &Arc<Self>, generation: Generation) -> Result<Submitted, ApiError> {
+        let this = self.clone();
+        let is_chat = matches!(generation.input, PromptInput::Chat(_));
+        let input = generation.input;
+        let tokens = tokio::task::spawn_blocking(move || this.tokenize(&input))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
+        let prompt_tokens = tokens.len() as u32;
+        let ctx = self.settings.context_size;
+        if prompt_tokens >= ctx {
+            return Err(ApiError::context_length_exceeded(format!(
+                "The prompt is {prompt_tokens} tokens; this model's context holds {ctx}."
+            )));
+        }
+        let max_tokens = match generation.max_tokens {
+            Some(m) => m,
+            // OpenAI's defaults: chat runs on (here: to a configured cap), completions stop at 16.
+            None if is_chat => self.settings.default_max_tokens.min(ctx - prompt_tokens),
+            None => 16.min(ctx - prompt_tokens),
+        };
+        if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(ctx) {
+            return Err(ApiError::context_length_exceeded(format!(
+                "The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context of {ctx} tokens."
+            )));
+        }
+        let (tx, rx) = unbounded_channel();
+        let job = Job {
+            tokens,
+            max_tokens,
+            sampling: generation.sampling,
+            events: tx,
+            arrived: Instant::now(),
+        };
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.queued.inc();
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(Submitted {
+                events: rx,
+                prompt_tokens,
+            }),
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.queued.dec();
+                self.metrics.requests_rejected.inc();
+                Err(match e {
+                    TrySendError::Full(_) => {
+                        ApiError::overloaded("The engine's queue is full; retry after a moment.")
+                    }
+                    TrySendError::Disconnected(_) => {
+                        ApiError::unavailable("The engine has stopped.")
+                    }
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the channel ends the scheduler loop once running work is dropped.
+        let (dead, _) = std::sync::mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.jobs, dead));
+        if let Some(h) = self.scheduler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Resolves `threads = 0` to one share of the machine's cores.
+pub fn default_threads(replicas: u32) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    (cores / replicas.max(1)).max(1)
+}
+
+/// The model id for a GGUF path: its file name without `.gguf`.
+pub fn model_name_for(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| "model".into())
+}
+
+// ---- the scheduler thread ---------------------------------------------------
+
+struct Sequence {
+    slot: i32,
+    job: Job,
+    /// Prompt tokens already in the KV cache.
+    read: usize,
+    /// Position of the next token fed to the model.
+    pos: i32,
+    /// Last sampled token, fed in the next decode step.
+    last: Option<LlamaToken>,
+    sampler: LlamaSampler,
+    generated: u32,
+    utf8: Vec<u8>,
+    stop: StopMatcher,
+    last_token_at: Option<Instant>,
+    /// Index in this step's batch whose logits to sample.
+    logits_at: Option<i32>,
+}
+
+impl Sequence {
+    fn need(&self) -> usize {
+        self.job.tokens.len() + self.job.max_tokens as usize
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::new(self.job.tokens.len() as u32, self.generated)
+    }
+}
+
+fn sampler_for(p: &SamplingParams) -> LlamaSampler {
+    if p.is_greedy() {
+        return LlamaSampler::greedy();
+    }
+    let mut chain = Vec::new();
+    if p.top_k > 0 {
+        chain.push(LlamaSampler::top_k(p.top_k as i32));
+    }
+    if p.top_p < 1.0 {
+        chain.push(LlamaSampler::top_p(p.top_p, 1));
+    }
+    chain.push(LlamaSampler::temp(p.temperature));
+    chain.push(LlamaSampler::dist(p.seed.unwrap_or_else(rand_seed)));
+    LlamaSampler::chain_simple(chain)
+}
+
+fn rand_seed() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    nanos ^ (uuid::Uuid::new_v4().as_u128() as u32)
+}
+
+fn run_scheduler(
+    backend: &LlamaBackend,
+    model: &LlamaModel,
+    settings: &EngineSettings,
+    jobs: Receiver<Job>,
+    metrics: &EngineMetrics,
+    queued: &AtomicUsize,
+    ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
+) {
+    let n_batch = settings.prefill_chunk + settings.max_sequences;
+    let threads = settings.threads.max(1) as i32;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(settings.context_size))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_seq_max(settings.max_sequences)
+        .with_kv_unified(true)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::Context(e.to_string())));
+            return;
+        }
+    };
+    metrics.kv_total.set(i64::from(settings.context_size));
+    let _ = ready.send(Ok(()));
+    let mut scheduler = Scheduler {
+        model,
+        settings,
+        metrics,
+        queued,
+        batch: LlamaBatch::new(n_batch as usize, settings.max_sequences as i32),
+        running: Vec::new(),
+        waiting: None,
+        free_slots: (0..settings.max_sequences as i32).rev().collect(),
+        reserved: 0,
+    };
+    loop {
+        if !scheduler.admit(&jobs) {
+            return;
+        }
+        scheduler.step(&mut ctx);
+    }
+}
+
+struct Scheduler<'m> {
+    model: &'m LlamaModel,
+    settings: &'m EngineSettings,
+    metrics: &'m EngineMetrics,
+    queued: &'m AtomicUsize,
+    batch: LlamaBatch<'static>,
+    running: Vec<Sequence>,
+    /// A job taken from the queue that does not fit in the KV cache yet.
+    waiting: Option<Job>,
+    free_slots: Vec<i32>,
+    /// KV cells reserved by running sequences (prompt + max_tokens each).
+    reserved: usize,
+}
+
+impl Scheduler<'_> {
+    /// Moves queued jobs into free slots. Blocks when nothing runs. Returns
+    /// false when the engine is shutting down and nothing is left to do.
+    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+        let capacity = self.settings.context_size as usize;
+        loop {
+            if self.free_slots.is_empty() {
+                return true;
+            }
+            let job = match self.waiting.take() {
+                Some(j) => j,
+                None if self.running.is_empty() => {
+                    match jobs.recv_timeout(Duration::from_secs(1)) {
+                        Ok(j) => j,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return false,
+                    }
+                }
+                None => match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => return true,
+                },
+            };
+            if job.events.is_closed() {
+                self.dequeued();
+                continue;
+            }
+            let need = job.tokens.len() + job.max_tokens as usize;
+            if !fits(self.reserved, need, capacity) {
+                self.waiting = Some(job);
+                return true;
+            }
+            self.dequeued();
+            let slot = self.free_slots.pop().expect("checked non-empty above");
+            self.reserved += need;
+            let stop = StopMatcher::new(job.sampling.stop.clone());
+            self.running.push(Sequence {
+                slot,
+                sampler: sampler_for(&job.sampling),
+                job,
+                read: 0,
+                pos: 0,
+                last: None,
+                generated: 0,
+                utf8: Vec::new(),
+                stop,
+                last_token_at: None,
+                logits_at: None,
+            });
+            self.metrics.running.set(self.running.len() as i64);
+        }
+    }
+
+    fn dequeued(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queued.dec();
+    }
+
+    /// One llama_decode over every running sequence, then sampling.
+    fn step(&mut self, ctx: &mut LlamaContext<'_>) {
+        // Requests whose client went away free their sequence before any work.
+        let gone: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].job.events.is_closed())
+            .collect();
+        for i in gone.into_iter().rev() {
+            self.retire(ctx, i, None);
+        }
+        let views: Vec<SlotView> = self
+            .running
+            .iter()
+            .map(|s| SlotView {
+                unread_prompt: s.job.tokens.len() - s.read,
+            })
+            .collect();
+        let plan = plan_step(&views, self.settings.prefill_chunk as usize);
+        if plan.is_empty() {
+            return;
+        }
+        self.batch.clear();
+        for s in &mut self.running {
+            s.logits_at = None;
+        }
+        let mut n = 0i32;
+        for &i in &plan.decode {
+            let s = &mut self.running[i];
+            let token = s.last.expect("a decoding sequence has sampled a token");
+            self.batch
+                .add(token, s.pos, &[s.slot], true)
+                .expect("batch sized for max_sequences + prefill_chunk");
+            s.logits_at = Some(n);
+            s.pos += 1;
+            n += 1;
+        }
+        for &(i, count) in &plan.prefill {
+            let s = &mut self.running[i];
+            let end = s.read + count;
+            for k in s.read..end {
+                let last_of_prompt = k + 1 == s.job.tokens.len();
+                self.batch
+                    .add(s.job.tokens[k], s.pos, &[s.slot], last_of_prompt)
+                    .expect("batch sized for max_sequences + prefill_chunk");
+                if last_of_prompt {
+                    s.logits_at = Some(n);
+                }
+                s.pos += 1;
+                n += 1;
+            }
+            s.read = end;
+            self.metrics.prompt_tokens.inc_by(count as u64);
+        }
+        self.metrics.step_tokens.inc_by(f64::from(n));
+        if let Err(e) = ctx.decode(&mut self.batch) {
+            tracing::error!(error = %e, "llama_decode failed; failing the batch");
+            for i in (0..self.running.len()).rev() {
+                if self.running[i].logits_at.is_some() || self.running[i].read > 0 {
+                    self.retire(ctx, i, Some(Err(format!("decode failed: {e}"))));
+                }
+            }
+            return;
+        }
+        let mut finished = Vec::new();
+        for i in 0..self.running.len() {
+            if let Some(at) = self.running[i].logits_at {
+                if let Some(outcome) = self.sample(ctx, i, at) {
+                    finished.push((i, outcome));
+                }
+            }
+        }
+        for (i, outcome) in finished.into_iter().rev() {
+            self.retire(ctx, i, Some(Ok(outcome)));
+        }
+        let used: i64 = self.running.iter().map(|s| i64::from(s.pos)).sum();
+        self.metrics.kv_used.set(used);
+    }
+
+    /// Samples sequence `i`'s next token; `Some` when the sequence is done.
+    fn sample(&mut self, ctx: &LlamaContext<'_>, i: usize, at: i32) -> Option<FinishReason> {
+        let model = self.model;
+        let metrics = self.metrics;
+        let s = &mut self.running[i];
+        let token = s.sampler.sample(ctx, at);
+        let now = Instant::now();
+        match s.last_token_at {
+            None => metrics.ttft.observe((now - s.job.arrived).as_secs_f64()),
+            Some(prev) => metrics.tpot.observe((now - prev).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        if model.vocab().is_eog(token) {
+            return Some(FinishReason::Stop);
+        }
+        s.generated += 1;
+        metrics.generated_tokens.inc();
+        s.utf8
+            .extend(model.vocab().token_to_piece(token, false, None));
+        let text = take_utf8(&mut s.utf8);
+        if !text.is_empty() {
+            let m = s.stop.push(&text);
+            if !m.emit.is_empty() {
+                let _ = s.job.events.send(Event::Text(m.emit));
+            }
+            if m.stopped {
+                return Some(FinishReason::Stop);
+            }
+        }
+        if s.generated >= s.job.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        s.last = Some(token);
+        None
+    }
+
+    /// Frees sequence `i`'s slot and KV cells and tells its client how it ended.
+    fn retire(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        i: usize,
+        outcome: Option<Result<FinishReason, String>>,
+    ) {
+        let mut s = self.running.swap_remove(i);
+        let _ = ctx.clear_kv_cache_seq(Some(s.slot as u32), None, None);
+        self.free_slots.push(s.slot);
+        self.reserved -= s.need();
+        self.metrics.running.set(self.running.len() as i64);
+        match outcome {
+            None => {}
+            Some(Ok(finish)) => {
+                let mut rest = s.stop.finish();
+                if finish == FinishReason::Length {
+                    rest.push_str(&String::from_utf8_lossy(&s.utf8));
+                } else {
+                    rest.clear();
+                }
+                if !rest.is_empty() {
+                    let _ = s.job.events.send(Event::Text(rest));
+                }
+                let _ = s.job.events.send(Event::Done {
+                    finish,
+                    usage: s.usage(),
+                });
+            }
+            Some(Err(message)) => {
+                let _ = s.job.events.send(Event::Failed(message));
+            }
+        }
+    }
+}
+
+/// Takes the longest complete UTF-8 prefix; a broken sequence becomes U+FFFD.
+fn take_utf8(buf: &mut Vec<u8>) -> String {
+    match std::str::from_utf8(buf) {
+        Ok(s) => {
+            let s = s.to_string();
+            buf.clear();
+            s
+        }
+        Err(e) => match e.error_len() {
+            // Incomplete at the end: keep the tail for the next token.
+            None => {
+                let valid = e.valid_up_to();
+                let s = String::from_utf8_lossy(&buf[..valid]).into_owned();
+                buf.drain(..valid);
+                s
+            }
+            Some(bad) => {
+                let end = e.valid_up_to() + bad;
+                let s = String::from_utf8_lossy(&buf[..end]).into_owned();
+                buf.drain(..end);
+                s + &take_utf8(buf)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_across_tokens_is_held_until_complete() {
+        let mut buf = "caf".as_bytes().to_vec();
+        buf.push(0xC3);
+        assert_eq!(take_utf8(&mut buf), "caf");
+        buf.push(0xA9);
+        assert_eq!(take_utf8(&mut buf), "é");
+        assert!(buf.is_empty());
+        let mut bad = vec![b'a', 0xFF, b'b'];
+        assert_eq!(take_utf8(&mut bad), "a\u{FFFD}b");
+    }
+}

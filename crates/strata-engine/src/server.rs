@@ -1,0 +1,330 @@
+//! `strata engine`: the OpenAI-compatible HTTP server in front of one
+//! embedded engine. It listens at once and reports ready on `/health` once
+//! the model is loaded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use serde_json::{json, Value};
+use strata_core::openai::{
+    parse_body, response_id, ChatCompletionRequest, CompletionRequest, FinishReason, Generation,
+    ModelList, Usage,
+};
+use strata_core::{read_body, ApiError};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Engine, EngineError, EngineSettings, Event};
+
+struct ServerState {
+    engine: OnceLock<Arc<Engine>>,
+    load_error: OnceLock<String>,
+    model_name: String,
+    max_body_bytes: usize,
+    started: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completions,
+    Chat,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Binds `listen`, loads the model in the background, serves until `shutdown`.
+pub async fn serve(
+    settings: EngineSettings,
+    listen: SocketAddr,
+    max_body_bytes: usize,
+    shutdown: CancellationToken,
+) -> Result<(), EngineError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| EngineError::Listen(listen.to_string(), e))?;
+    let state = Arc::new(ServerState {
+        engine: OnceLock::new(),
+        load_error: OnceLock::new(),
+        model_name: settings.model_name.clone(),
+        max_body_bytes,
+        started: unix_now(),
+    });
+    tracing::info!(%listen, model = %settings.model_path.display(), "engine listening; loading model");
+    // A model that cannot load is fatal: the server stops and the supervisor sees the exit.
+    let load_failed = CancellationToken::new();
+    let loader = {
+        let (state, load_failed) = (state.clone(), load_failed.clone());
+        tokio::task::spawn_blocking(move || match Engine::load(settings) {
+            Ok(engine) => {
+                tracing::info!("model loaded; engine ready");
+                let _ = state.engine.set(Arc::new(engine));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "engine failed to load");
+                let _ = state.load_error.set(e.to_string());
+                load_failed.cancel();
+                Err(e)
+            }
+        })
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = load_failed.cancelled() => {}
+        }
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop)
+        .await
+        .map_err(EngineError::Serve)?;
+    if loader.is_finished() {
+        if let Ok(Err(e)) = loader.await {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("Unknown route.") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(state)
+}
+
+async fn completions(State(state): State<Arc<ServerState>>, req: Request) -> Response {
+    generate(state, req, Api::Completions)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(state): State<Arc<ServerState>>, req: Request) -> Response {
+    generate(state, req, Api::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn models(State(state): State<Arc<ServerState>>) -> Json<ModelList> {
+    Json(ModelList::of([state.model_name.clone()], state.started))
+}
+
+async fn health(State(state): State<Arc<ServerState>>) -> Response {
+    if state.engine.get().is_some() {
+        return Json(json!({"status": "ok", "model": state.model_name})).into_response();
+    }
+    let status = match state.load_error.get() {
+        Some(e) => json!({"status": "failed", "error": e}),
+        None => json!({"status": "loading"}),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(status)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let body = state
+        .engine
+        .get()
+        .map(|e| e.metrics.render())
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), state.max_body_bytes).await?;
+    let generation: Generation = match api {
+        Api::Completions => parse_body::<CompletionRequest>(&body)?.validate()?,
+        Api::Chat => parse_body::<ChatCompletionRequest>(&body)?.validate()?,
+    };
+    if generation.model != state.model_name {
+        return Err(ApiError::model_not_found(&generation.model));
+    }
+    let engine = state
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::unavailable("The model is still loading."))?;
+    let stream = generation.stream;
+    let include_usage = generation.include_usage;
+    let submitted = engine.submit(generation).await?;
+    let reply = Reply {
+        api,
+        id: response_id(match api {
+            Api::Completions => "cmpl",
+            Api::Chat => "chatcmpl",
+        }),
+        model: state.model_name.clone(),
+        created: unix_now(),
+        include_usage,
+    };
+    if stream {
+        Ok(Sse::new(reply.stream(submitted.events)).into_response())
+    } else {
+        reply
+            .collect(submitted.events)
+            .await
+            .map(|v| Json(v).into_response())
+    }
+}
+
+/// Shapes engine events into OpenAI completion or chat-completion objects.
+struct Reply {
+    api: Api,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl Reply {
+    async fn collect(&self, mut events: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
+        let mut text = String::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Text(t) => text.push_str(&t),
+                Event::Failed(e) => {
+                    return Err(ApiError::internal(format!("generation failed: {e}")))
+                }
+                Event::Done { finish, usage } => {
+                    let choice = match self.api {
+                        Api::Completions => {
+                            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                        }
+                        Api::Chat => {
+                            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+                        }
+                    };
+                    return Ok(json!({
+                        "id": self.id, "object": self.object(false), "created": self.created,
+                        "model": self.model, "choices": [choice], "usage": usage,
+                    }));
+                }
+            }
+        }
+        Err(ApiError::internal(
+            "the engine stopped before the generation finished",
+        ))
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.api, chunk) {
+            (Api::Completions, _) => "text_completion",
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> Value {
+        let choice = match self.api {
+            Api::Completions => {
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+            Api::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let mut v = json!({
+            "id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> Value {
+        json!({
+            "id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "choices": [], "usage": usage,
+        })
+    }
+
+    /// SSE: (chat: a role chunk,) text chunks, a finish chunk, the usage chunk
+    /// when asked for, then `[DONE]`.
+    fn stream(
+        self,
+        events: UnboundedReceiver<Event>,
+    ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+        let opening = (self.api == Api::Chat).then(|| self.chunk(Some(""), true, None));
+        let state = (self, events, opening, Vec::<Value>::new(), false);
+        stream::unfold(
+            state,
+            |(reply, mut events, opening, mut queue, mut ended)| async move {
+                if let Some(first) = opening {
+                    return Some((Ok(data(&first)), (reply, events, None, queue, ended)));
+                }
+                if !queue.is_empty() {
+                    let v = queue.remove(0);
+                    return Some((Ok(data(&v)), (reply, events, None, queue, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match events.recv().await {
+                    Some(Event::Text(t)) => {
+                        let v = reply.chunk(Some(&t), false, None);
+                        Some((Ok(data(&v)), (reply, events, None, queue, ended)))
+                    }
+                    Some(Event::Done { finish, usage }) => {
+                        let last = reply.chunk(None, false, Some(finish));
+                        if reply.include_usage {
+                            queue.push(reply.usage_chunk(usage));
+                        }
+                        ended = true;
+                        let sse = Ok(data(&last));
+                        queue.push(Value::String("[DONE]".into()));
+                        Some((sse, (reply, events, None, queue, ended)))
+                    }
+                    Some(Event::Failed(message)) => {
+                        let e = ApiError::internal(format!("generation failed: {message}"));
+                        ended = true;
+                        queue.push(Value::String("[DONE]".into()));
+                        Some((
+                            Ok(SseEvent::default().data(e.to_json())),
+                            (reply, events, None, queue, ended),
+                        ))
+                    }
+                    None => None,
+                }
+            },
+        )
+    }
+}
+
+fn data(v: &Value) -> SseEvent {
+    match v {
+        Value::String(s) => SseEvent::default().data(s),
+        other => SseEvent::default().data(other.to_string()),
+    }
+}

@@ -1,0 +1,52 @@
+//! Usage metering off the request path: records go through a bounded channel
+//! to one task that writes them to the store in batches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_core::store::{Store, UsageRecord};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::metrics::GatewayMetrics;
+
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<UsageRecord>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl Ledger {
+    /// Starts the writer; it flushes and ends once every `Ledger` is dropped.
+    pub fn spawn(store: Arc<dyn Store>, metrics: Arc<GatewayMetrics>) -> (Ledger, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(10_000);
+        let task = tokio::spawn(write_batches(store, rx));
+        (Ledger { tx, metrics }, task)
+    }
+
+    /// Never blocks a request: when the writer is far behind, the row is
+    /// dropped and counted in `strata_gateway_ledger_dropped_total`.
+    pub fn record(&self, row: UsageRecord) {
+        if self.tx.try_send(row).is_err() {
+            self.metrics.ledger_dropped.inc();
+        }
+    }
+}
+
+async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<UsageRecord>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        // Let a burst gather into one transaction.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(row) => batch.push(row),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.record_usage(&batch).await {
+            tracing::warn!(error = %e, rows = batch.len(), "cannot write usage rows");
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,88 @@
+//! The gateway's Prometheus metrics.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+pub struct GatewayMetrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub retries: Counter,
+    pub ledger_dropped: Counter,
+    pub replicas_ready: Gauge,
+    pub latency: Histogram,
+    pub first_byte: Histogram,
+}
+
+impl GatewayMetrics {
+    pub fn new() -> Self {
+        let buckets = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let m = GatewayMetrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            retries: Counter::default(),
+            ledger_dropped: Counter::default(),
+            replicas_ready: Gauge::default(),
+            latency: Histogram::new(buckets.into_iter()),
+            first_byte: Histogram::new(buckets.into_iter()),
+        };
+        let mut registry = Registry::with_prefix("strata_gateway");
+        registry.register(
+            "requests",
+            "Requests by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests sent to another replica after one failed",
+            m.retries.clone(),
+        );
+        registry.register(
+            "ledger_dropped",
+            "Usage rows dropped because the writer fell behind",
+            m.ledger_dropped.clone(),
+        );
+        registry.register(
+            "replicas_ready",
+            "Replicas passing health checks",
+            m.replicas_ready.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Arrival to last byte",
+            Unit::Seconds,
+            m.latency.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_byte",
+            "Arrival to first response byte",
+            Unit::Seconds,
+            m.first_byte.clone(),
+        );
+        GatewayMetrics { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,398 @@
+//! Forwarding one request to a replica: retry on another replica while
+//! nothing has reached the client, stream SSE through event by event, and
+//! meter usage into the ledger.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use serde_json::Value;
+use strata_core::openai::Usage;
+use strata_core::store::UsageRecord;
+use strata_core::ApiError;
+
+use crate::ledger::Ledger;
+use crate::metrics::GatewayMetrics;
+use crate::replicas::{InFlight, NoReplica, ReplicaSet};
+
+/// What the gateway learned about a request before forwarding it.
+pub struct Forward {
+    pub path: &'static str,
+    pub body: Bytes,
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for the usage chunk; otherwise the gateway asks the
+    /// replica for it anyway (to meter) and removes it from the stream.
+    pub include_usage: bool,
+    /// Prompt + output tokens the request may use, for load balancing.
+    pub estimated_tokens: u64,
+    pub request_id: String,
+    pub arrived: Instant,
+}
+
+pub struct Proxy {
+    pub client: reqwest::Client,
+    pub replicas: Arc<ReplicaSet>,
+    pub metrics: Arc<GatewayMetrics>,
+    pub ledger: Ledger,
+}
+
+impl Proxy {
+    pub async fn forward(&self, mut req: Forward) -> Result<Response, ApiError> {
+        if req.stream && !req.include_usage {
+            req.body = with_usage_requested(&req.body);
+        }
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_failure: Option<(StatusCode, Bytes)> = None;
+        loop {
+            let flight = match self
+                .replicas
+                .choose(&req.model, &tried, req.estimated_tokens)
+            {
+                Ok(f) => f,
+                Err(NoReplica::NoneReady) => {
+                    return Err(ApiError::unavailable(
+                        "No replica is ready to serve requests; retry shortly.",
+                    ))
+                }
+                Err(NoReplica::UnknownModel) if tried.is_empty() => {
+                    return Err(ApiError::model_not_found(&req.model))
+                }
+                Err(_) => break,
+            };
+            if !tried.is_empty() {
+                self.metrics.retries.inc();
+            }
+            let replica = flight.replica().clone();
+            tried.push(replica.endpoint.id.clone());
+            let url = format!("{}{}", replica.endpoint.url, req.path);
+            let sent = self
+                .client
+                .post(url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(req.body.clone())
+                .send()
+                .await;
+            let upstream = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(replica = %replica.endpoint.id, error = %e, "replica unreachable; trying another");
+                    replica.mark_down();
+                    continue;
+                }
+            };
+            let status = upstream.status();
+            // Overload and server errors may go better elsewhere; client errors will not.
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                let body = upstream.bytes().await.unwrap_or_default();
+                tracing::warn!(replica = %replica.endpoint.id, %status, "replica failed before the first byte; trying another");
+                last_failure = Some((status, body));
+                continue;
+            }
+            return Ok(if req.stream && status.is_success() {
+                self.stream_response(req, flight, upstream)
+            } else {
+                self.whole_response(req, flight, upstream).await
+            });
+        }
+        Err(match last_failure {
+            Some((status, body)) => return Ok(json_response(status, body)),
+            None => ApiError::bad_gateway("Every replica failed to take the request."),
+        })
+    }
+
+    async fn whole_response(
+        &self,
+        req: Forward,
+        flight: InFlight,
+        upstream: reqwest::Response,
+    ) -> Response {
+        let status = upstream.status();
+        let body = match upstream.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                flight.replica().mark_down();
+                return axum::response::IntoResponse::into_response(ApiError::bad_gateway(
+                    format!("The replica failed while sending its response: {e}"),
+                ));
+            }
+        };
+        let usage = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| serde_json::from_value::<Usage>(v.get("usage")?.clone()).ok());
+        let elapsed = req.arrived.elapsed().as_secs_f64();
+        self.metrics.latency.observe(elapsed);
+        self.metrics.first_byte.observe(elapsed);
+        self.ledger.record(usage_row(
+            &req,
+            &flight,
+            status.as_u16(),
+            usage,
+            elapsed,
+            elapsed,
+        ));
+        json_response(status, body)
+    }
+
+    fn stream_response(
+        &self,
+        req: Forward,
+        flight: InFlight,
+        upstream: reqwest::Response,
+    ) -> Response {
+        let status = upstream.status();
+        let metered = Metered {
+            inner: Box::pin(upstream.bytes_stream()),
+            events: SseEvents::new(!req.include_usage),
+            first_byte: None,
+            done: false,
+            ledger: self.ledger.clone(),
+            metrics: self.metrics.clone(),
+            flight,
+            req,
+        };
+        let mut response = Response::new(Body::from_stream(metered));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The body with `stream_options.include_usage` set, so the replica reports usage.
+fn with_usage_requested(body: &Bytes) -> Bytes {
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return body.clone();
+    };
+    v["stream_options"] = serde_json::json!({"include_usage": true});
+    Bytes::from(v.to_string())
+}
+
+fn usage_row(
+    req: &Forward,
+    flight: &InFlight,
+    status: u16,
+    usage: Option<Usage>,
+    ttft: f64,
+    latency: f64,
+) -> UsageRecord {
+    let usage = usage.unwrap_or_default();
+    let at_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        - (latency * 1000.0) as i64;
+    UsageRecord {
+        request_id: req.request_id.clone(),
+        at_ms,
+        model: req.model.clone(),
+        replica: flight.replica().endpoint.id.clone(),
+        status,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        ttft_ms: ttft * 1000.0,
+        latency_ms: latency * 1000.0,
+        stream: req.stream,
+    }
+}
+
+/// Splits an SSE byte stream into whole events, picks out the usage chunk,
+/// and drops it when the client did not ask for it.
+pub struct SseEvents {
+    buf: BytesMut,
+    strip_usage: bool,
+    pub usage: Option<Usage>,
+}
+
+impl SseEvents {
+    pub fn new(strip_usage: bool) -> Self {
+        SseEvents {
+            buf: BytesMut::new(),
+            strip_usage,
+            usage: None,
+        }
+    }
+
+    /// Bytes to send on now: every complete event in `chunk` and before it.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = find_event_end(&self.buf) {
+            let event = self.buf.split_to(end);
+            if self.is_usage_event(&event) && self.strip_usage {
+                continue;
+            }
+            out.extend_from_slice(&event);
+        }
+        out.freeze()
+    }
+
+    /// Whatever is left when the stream ends.
+    pub fn finish(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+
+    fn is_usage_event(&mut self, event: &[u8]) -> bool {
+        let Some(data) = std::str::from_utf8(event)
+            .ok()
+            .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data:")))
+        else {
+            return false;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+            return false;
+        };
+        let is_usage = v["choices"].as_array().is_some_and(|c| c.is_empty());
+        if let Ok(u) = serde_json::from_value::<Usage>(v["usage"].clone()) {
+            self.usage = Some(u);
+        }
+        is_usage
+    }
+}
+
+/// End (exclusive) of the first complete event: after a blank line.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The client-facing stream: upstream bytes through `SseEvents`, metered
+/// when it ends or the client goes away.
+struct Metered {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    events: SseEvents,
+    first_byte: Option<f64>,
+    done: bool,
+    ledger: Ledger,
+    metrics: Arc<GatewayMetrics>,
+    flight: InFlight,
+    req: Forward,
+}
+
+impl Stream for Metered {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let out = self.events.push(&chunk);
+                    if out.is_empty() {
+                        continue;
+                    }
+                    if self.first_byte.is_none() {
+                        let t = self.req.arrived.elapsed().as_secs_f64();
+                        self.metrics.first_byte.observe(t);
+                        self.first_byte = Some(t);
+                    }
+                    return Poll::Ready(Some(Ok(out)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // The replica died mid-stream: tell the client in-band and end.
+                    tracing::warn!(replica = %self.flight.replica().endpoint.id, error = %e, "replica failed mid-stream");
+                    self.flight.replica().mark_down();
+                    self.done = true;
+                    let err = ApiError::bad_gateway("The replica failed during the stream.");
+                    return Poll::Ready(Some(Ok(Bytes::from(format!(
+                        "data: {}\n\n",
+                        err.to_json()
+                    )))));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let rest = self.events.finish();
+                    if !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(rest)));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        let latency = self.req.arrived.elapsed().as_secs_f64();
+        self.metrics.latency.observe(latency);
+        // 499: the client went away before the end, as nginx logs it.
+        let status = if self.done { 200 } else { 499 };
+        let row = usage_row(
+            &self.req,
+            &self.flight,
+            status,
+            self.events.usage,
+            self.first_byte.unwrap_or(latency),
+            latency,
+        );
+        self.ledger.record(row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE: &str = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const TEXT: &str = "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"text\":\"hi\"}]}\n\n";
+
+    #[test]
+    fn usage_is_read_and_stripped_when_not_asked_for() {
+        let mut s = SseEvents::new(true);
+        let all = format!("{TEXT}{USAGE}data: [DONE]\n\n");
+        let (a, b) = all.split_at(30);
+        let mut out = s.push(a.as_bytes()).to_vec();
+        out.extend_from_slice(&s.push(b.as_bytes()));
+        out.extend_from_slice(&s.finish());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{TEXT}data: [DONE]\n\n")
+        );
+        assert_eq!(s.usage, Some(Usage::new(3, 2)));
+    }
+
+    #[test]
+    fn usage_passes_through_when_asked_for() {
+        let mut s = SseEvents::new(false);
+        let out = s.push(format!("{USAGE}data: [DONE]\n\n").as_bytes());
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            format!("{USAGE}data: [DONE]\n\n")
+        );
+        assert_eq!(s.usage, Some(Usage::new(3, 2)));
+    }
+
+    #[test]
+    fn an_incomplete_event_waits_for_its_end() {
+        let mut s = SseEvents::new(true);
+        assert!(s.push(b"data: {\"choices\":[{").is_empty());
+        assert_eq!(&s.push(b"}]}\n\n")[..], b"data: {\"choices\":[{}]}\n\n");
+    }
+}

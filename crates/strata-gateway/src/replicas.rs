@@ -1,0 +1,236 @@
+//! The gateway's view of its replicas: endpoints from a provider, readiness
+//! from health checks (and from failed requests), load from requests in flight.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use strata_core::ReplicaEndpoint;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::router::{pick, ReplicaLoad};
+
+pub struct Replica {
+    pub endpoint: ReplicaEndpoint,
+    ready: AtomicBool,
+    outstanding: AtomicU64,
+    models: RwLock<Vec<String>>,
+}
+
+impl Replica {
+    fn new(endpoint: ReplicaEndpoint) -> Self {
+        Replica {
+            endpoint,
+            ready: AtomicBool::new(false),
+            outstanding: AtomicU64::new(0),
+            models: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// A request could not reach it: no new requests until a health check passes.
+    pub fn mark_down(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    pub fn outstanding_tokens(&self) -> u64 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        self.models
+            .read()
+            .expect("models lock")
+            .iter()
+            .any(|m| m == model)
+    }
+}
+
+/// Tokens charged to a replica while a request is in flight; released on drop.
+pub struct InFlight {
+    replica: Arc<Replica>,
+    tokens: u64,
+}
+
+impl InFlight {
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.replica
+            .outstanding
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct ReplicaSet {
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    rotation: AtomicUsize,
+}
+
+/// Why no replica was chosen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoReplica {
+    /// Nothing is ready at all.
+    NoneReady,
+    /// Replicas are ready but none serves this model.
+    UnknownModel,
+    /// Every ready replica for the model was tried.
+    Exhausted,
+}
+
+impl ReplicaSet {
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas.read().expect("replica lock").clone()
+    }
+
+    /// Replaces the endpoint list, keeping state of replicas that stay.
+    pub fn set_endpoints(&self, endpoints: &[ReplicaEndpoint]) {
+        let old = self.snapshot();
+        let next = endpoints
+            .iter()
+            .map(|e| {
+                old.iter()
+                    .find(|r| &r.endpoint == e)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Replica::new(e.clone())))
+            })
+            .collect();
+        *self.replicas.write().expect("replica lock") = Arc::new(next);
+    }
+
+    /// Picks a replica for `model`, not one of `tried` (endpoint ids), and
+    /// charges it `tokens` until the returned guard drops.
+    pub fn choose(
+        &self,
+        model: &str,
+        tried: &[String],
+        tokens: u64,
+    ) -> Result<InFlight, NoReplica> {
+        let all = self.snapshot();
+        if !all.iter().any(|r| r.is_ready()) {
+            return Err(NoReplica::NoneReady);
+        }
+        let candidates: Vec<&Arc<Replica>> = all.iter().filter(|r| r.serves(model)).collect();
+        if !candidates.iter().any(|r| r.is_ready()) {
+            return Err(NoReplica::UnknownModel);
+        }
+        let loads: Vec<ReplicaLoad> = candidates
+            .iter()
+            .map(|r| ReplicaLoad {
+                ready: r.is_ready(),
+                outstanding_tokens: r.outstanding_tokens(),
+            })
+            .collect();
+        let tried_idx: Vec<usize> = (0..candidates.len())
+            .filter(|&i| tried.contains(&candidates[i].endpoint.id))
+            .collect();
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let i = pick(&loads, &tried_idx, rotation).ok_or(NoReplica::Exhausted)?;
+        let replica = candidates[i].clone();
+        replica.outstanding.fetch_add(tokens, Ordering::Relaxed);
+        Ok(InFlight { replica, tokens })
+    }
+
+    /// Models served by ready replicas, sorted, without repeats.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .snapshot()
+            .iter()
+            .filter(|r| r.is_ready())
+            .flat_map(|r| r.models.read().expect("models lock").clone())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.snapshot().iter().filter(|r| r.is_ready()).count()
+    }
+}
+
+/// Follows the provider's endpoint list until `cancel`.
+pub async fn follow_endpoints(
+    set: Arc<ReplicaSet>,
+    mut endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        set.set_endpoints(&endpoints.borrow_and_update().clone());
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = endpoints.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Checks every replica's `/health` (and learns its models) each `interval`.
+pub async fn check_health(
+    set: Arc<ReplicaSet>,
+    client: reqwest::Client,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let checks = set
+            .snapshot()
+            .iter()
+            .map(|r| probe(r.clone(), &client, interval))
+            .collect::<Vec<_>>();
+        futures_util::future::join_all(checks).await;
+    }
+}
+
+async fn probe(replica: Arc<Replica>, client: &reqwest::Client, timeout: Duration) {
+    let base = &replica.endpoint.url;
+    let timeout = timeout.max(Duration::from_secs(1));
+    let healthy = matches!(
+        client.get(format!("{base}/health")).timeout(timeout).send().await,
+        Ok(r) if r.status().is_success()
+    );
+    if healthy && replica.models.read().expect("models lock").is_empty() {
+        let models = async {
+            let v: Value = client
+                .get(format!("{base}/v1/models"))
+                .timeout(timeout)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(
+                v["data"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        match models.await {
+            Some(m) if !m.is_empty() => *replica.models.write().expect("models lock") = m,
+            // Ready only once we know what it serves.
+            _ => return replica.mark_down(),
+        }
+    }
+    let was = replica.ready.swap(healthy, Ordering::Relaxed);
+    if was != healthy {
+        tracing::info!(replica = %replica.endpoint.id, url = %base, ready = healthy, "replica readiness changed");
+    }
+}

