@@ -144,22 +144,21 @@ impl LocalProvider {
                 _ = tick.tick() => {}
             }
             let mut changed = false;
-            for i in 0..slots.len() {
-                let exited = match slots[i].child.try_wait() {
+            for slot in slots.iter_mut() {
+                let exited = match slot.child.try_wait() {
                     Ok(Some(status)) => Some(status.to_string()),
                     Ok(None)
-                        if slots[i].instance.state == InstanceState::Starting
-                            && slots[i].launched.elapsed() > self.settings.startup_timeout =>
+                        if slot.instance.state == InstanceState::Starting
+                            && slot.launched.elapsed() > self.settings.startup_timeout =>
                     {
-                        let _ = slots[i].child.start_kill();
-                        let _ = slots[i].child.wait().await;
+                        let _ = slot.child.start_kill();
+                        let _ = slot.child.wait().await;
                         Some("did not become healthy in time".into())
                     }
                     Ok(None) => None,
                     Err(e) => Some(format!("cannot wait on it: {e}")),
                 };
                 if let Some(detail) = exited {
-                    let slot = &mut slots[i];
                     tracing::warn!(instance = %slot.instance.id, %detail, "engine replica exited; launching a replacement");
                     slot.instance.state = InstanceState::Exited;
                     slot.instance.ended_at_ms = Some(now_ms());
@@ -173,13 +172,10 @@ impl LocalProvider {
                         ))
                         .await;
                     }
-                    let index = slot.index;
-                    slots[i] = self.launch(index, restarts).await?;
+                    *slot = self.launch(slot.index, restarts).await?;
                     changed = true;
-                } else if slots[i].instance.state == InstanceState::Starting
-                    && self.healthy(&slots[i]).await
+                } else if slot.instance.state == InstanceState::Starting && self.healthy(slot).await
                 {
-                    let slot = &mut slots[i];
                     slot.instance.state = InstanceState::Ready;
                     tracing::info!(instance = %slot.instance.id, secs = slot.launched.elapsed().as_secs_f64(), "engine replica ready");
                     self.record(&slot.instance).await;

@@ -169,13 +169,13 @@ impl Config {
                 );
             }
         }
-        if !(self.gateway.health_interval_secs > 0.0) {
+        if !positive(self.gateway.health_interval_secs) {
             bad(
                 "gateway.health_interval_secs",
                 "must be greater than 0".into(),
             );
         }
-        if !(self.gateway.connect_timeout_secs > 0.0) {
+        if !positive(self.gateway.connect_timeout_secs) {
             bad(
                 "gateway.connect_timeout_secs",
                 "must be greater than 0".into(),
@@ -205,7 +205,7 @@ impl Config {
         if !(1..=64).contains(&self.serve.replicas) {
             bad("serve.replicas", "must be between 1 and 64".into());
         }
-        if !(self.serve.startup_timeout_secs > 0.0) {
+        if !positive(self.serve.startup_timeout_secs) {
             bad(
                 "serve.startup_timeout_secs",
                 "must be greater than 0".into(),
@@ -216,6 +216,10 @@ impl Config {
         }
         issues
     }
+}
+
+fn positive(secs: f64) -> bool {
+    secs.is_finite() && secs > 0.0
 }
 
 /// The dotted key whose line holds byte `offset`, e.g. `engine.threads`.

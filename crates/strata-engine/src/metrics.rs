@@ -34,12 +34,8 @@ impl EngineMetrics {
             prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
             requests_rejected: Counter::default(),
-            ttft: Histogram::new(
-                [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0].into_iter(),
-            ),
-            tpot: Histogram::new(
-                [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0].into_iter(),
-            ),
+            ttft: Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            tpot: Histogram::new([0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0]),
             step_tokens: Counter::default(),
             registry: Registry::default(),
         };

@@ -35,8 +35,8 @@ impl GatewayMetrics {
             retries: Counter::default(),
             ledger_dropped: Counter::default(),
             replicas_ready: Gauge::default(),
-            latency: Histogram::new(buckets.into_iter()),
-            first_byte: Histogram::new(buckets.into_iter()),
+            latency: Histogram::new(buckets),
+            first_byte: Histogram::new(buckets),
         };
         let mut registry = Registry::with_prefix("strata_gateway");
         registry.register(
