@@ -6,8 +6,10 @@ llama-cpp-python's OpenAI server on the same model, threads and machine,
 one after the other. Gateway: p50/p99 latency of small non-streaming requests
 sent directly to one engine and through `strata gateway` in front of it.
 
-Usage: python3 bench/engine_bench.py   (after `cargo build --release -p strata`;
-needs `pip install openai httpx` and, for the peer, llama-cpp-python[server]
+Usage: .venv/bin/python bench/engine_bench.py   (after `cargo build --release -p strata`
+and `scripts/test`, which makes .venv with openai and httpx; PEER_PYTHON names the
+Python that has
+llama-cpp-python[server],
 built as the README's bench section says)."""
 import datetime
 import os
@@ -98,7 +100,7 @@ def main():
     finally:
         stop(engine)
     q = port()
-    peer = start([sys.executable, "-m", "llama_cpp.server", "--model", MODEL, "--n_threads", "2", "--n_ctx", "4096",
+    peer = start([os.environ.get("PEER_PYTHON", "python3"), "-m", "llama_cpp.server", "--model", MODEL, "--n_threads", "2", "--n_ctx", "4096",
                   "--interrupt_requests", "false", "--host", "127.0.0.1", "--port", str(q)],
                  f"http://127.0.0.1:{q}/v1/models")
     try:
@@ -112,7 +114,7 @@ def main():
         "",
         f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC",
         f"- machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}",
-        "- command: `cargo build --release -p strata && python3 bench/engine_bench.py`",
+        "- command: `cargo build --release -p strata && .venv/bin/python bench/engine_bench.py`",
         f"- model: Gemma 3 270M Q4_K_M; 2 threads; streaming completions of {TOKENS} tokens, greedy; "
         "tokens/s = streamed chunks / wall time (shared/bench/stream_tokens.py)",
         "",

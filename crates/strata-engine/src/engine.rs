@@ -521,7 +521,13 @@ impl Scheduler<'_> {
         let model = self.model;
         let metrics = self.metrics;
         let s = &mut self.running[i];
-        let token = s.sampler.sample(ctx, at);
+        let token = if s.job.sampling.is_greedy() {
+            // Argmax straight over the logits: llama.cpp's greedy sampler first
+            // copies all 262k candidates, a cost paid per sequence per step.
+            argmax(ctx.get_logits_ith(at))
+        } else {
+            s.sampler.sample(ctx, at)
+        };
         let now = Instant::now();
         match s.last_token_at {
             None => metrics.ttft.observe((now - s.job.arrived).as_secs_f64()),
@@ -588,6 +594,17 @@ impl Scheduler<'_> {
     }
 }
 
+/// The token with the highest logit (the first on ties, as llama.cpp's greedy sampler).
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken(best as i32)
+}
+
 /// Takes the longest complete UTF-8 prefix; a broken sequence becomes U+FFFD.
 fn take_utf8(buf: &mut Vec<u8>) -> String {
     match std::str::from_utf8(buf) {
@@ -617,6 +634,12 @@ fn take_utf8(buf: &mut Vec<u8>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_highest() {
+        assert_eq!(argmax(&[0.1, 3.0, -1.0, 3.0]), LlamaToken(1));
+        assert_eq!(argmax(&[-5.0]), LlamaToken(0));
+    }
 
     #[test]
     fn utf8_split_across_tokens_is_held_until_complete() {
