@@ -6,7 +6,8 @@ llama-cpp-python's OpenAI server on the same model, threads and machine,
 one after the other. Gateway: p50/p99 latency of small non-streaming requests
 sent directly to one engine and through `strata gateway` in front of it.
 
-Usage: .venv/bin/python bench/engine_bench.py   (after `cargo build --release -p strata`
+Usage: .venv/bin/python bench/engine_bench.py   (after `cargo build --release -p strata`,
+`cargo build --release -p strata-engine --example raw_decode`
 and `scripts/test`, which makes .venv with openai and httpx; PEER_PYTHON names the
 Python that has
 llama-cpp-python[server],
@@ -33,14 +34,16 @@ TOKENS = 64
 
 NOTES = """## Reading these numbers
 
-- Aggregate tokens/s here is streamed tokens over the wall time of the whole
-  batch of requests, prefill and the staggered ends included; the issue's raw
-  llama.cpp figures (44, 101, 132 tok/s) are pure decode throughput measured
-  on another day. So the strata / raw row is not a like-for-like check of
-  the 90% goal (a raw llama.cpp decode run in the same session is still to
-  do); the strata / llama-cpp-python row compares two servers in one run.
-- This machine is shared and noisy: llama-cpp-python's single stream ran at
-  25-28 tok/s in these runs against the 34 tok/s the issue recorded.
+- Aggregate tokens/s is streamed tokens over the wall time of the whole batch
+  of requests, prefill included. The raw llama.cpp row runs the same prompts
+  and token counts through llama-cpp-2 directly (all prompts prefilled in one
+  batch, then greedy decode), so strata / raw is the cost of the scheduler,
+  HTTP and SSE. The issue's figures (44, 101, 132 tok/s) were pure decode on
+  another day.
+- With 4 and 8 streams the requests arrive a few milliseconds apart, so
+  strata prefills them in separate steps while the raw run prefills them in
+  one batch.
+- This machine is shared and noisy; compare rows of one run, not runs.
 """
 
 
@@ -94,8 +97,16 @@ def latencies(url, model, n=300):
     return statistics.median(times), times[int(len(times) * 0.99) - 1]
 
 
+def raw_decode():
+    """Tokens/s of crates/strata-engine/examples/raw_decode.rs, same workload, no server."""
+    exe = os.path.join(ROOT, "target/release/examples/raw_decode")
+    out = subprocess.run([exe, MODEL, "2", *map(str, STREAMS)], capture_output=True, text=True, check=True).stdout
+    return [float(line.split("aggregate=")[1].rstrip("/s")) for line in out.splitlines()]
+
+
 def main():
     rows = {}
+    raw = raw_decode()
     p = port()
     engine = start([STRATA, "engine", "--model", MODEL, "--port", str(p), "--threads", "2", "--max-sequences", "8"],
                    f"http://127.0.0.1:{p}/health")
@@ -127,7 +138,7 @@ def main():
         "",
         f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC",
         f"- machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}",
-        "- command: `cargo build --release -p strata && .venv/bin/python bench/engine_bench.py`",
+        "- command: `cargo build --release -p strata && cargo build --release -p strata-engine --example raw_decode && .venv/bin/python bench/engine_bench.py`",
         f"- model: Gemma 3 270M Q4_K_M; 2 threads; streaming completions of {TOKENS} tokens, greedy; "
         "tokens/s = streamed chunks / wall time (shared/bench/stream_tokens.py)",
         "",
@@ -140,9 +151,9 @@ def main():
         lines.append(f"| {name} | " + " | ".join(f"{t:.1f} tok/s (TTFT {f:.2f} s)" for t, f in r) + " |")
     s, l = rows["strata engine"], rows["llama-cpp-python server"]
     lines.append("| **ratio strata / llama-cpp-python** | " + " | ".join(f"**{a[0] / b[0]:.2f}x**" for a, b in zip(s, l)) + " |")
-    raw = {1: 44, 4: 101, 8: 132}
-    lines.append("| strata / raw llama.cpp figures in the issue (44, 101, 132 tok/s) | "
-                 + " | ".join(f"{t / raw[n]:.0%}" for (t, _), n in zip(s, STREAMS)) + " |")
+    lines.append("| raw llama.cpp, same workload, no server (examples/raw_decode.rs) | "
+                 + " | ".join(f"{t:.1f} tok/s" for t in raw) + " |")
+    lines.append("| **strata / raw llama.cpp** | " + " | ".join(f"**{a[0] / r:.0%}**" for a, r in zip(s, raw)) + " |")
     lines += [
         "",
         "## Gateway added latency (non-streaming, max_tokens=1, 300 sequential requests)",

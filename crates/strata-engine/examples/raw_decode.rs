@@ -75,7 +75,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         let wall = start.elapsed().as_secs_f64();
-        println!("streams={n} tokens={} wall={wall:.2}s aggregate={:.1}/s", n * TOKENS, (n * TOKENS) as f64 / wall);
+        println!(
+            "streams={n} tokens={} wall={wall:.2}s aggregate={:.1}/s",
+            n * TOKENS,
+            (n * TOKENS) as f64 / wall
+        );
     }
     Ok(())
 }
