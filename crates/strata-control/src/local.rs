@@ -89,7 +89,7 @@ impl LocalProvider {
         }
         let child = cmd.spawn().map_err(ControlError::Launch)?;
         let instance = InstanceRecord {
-            id: format!("local-{index}-{}", uuid_suffix()),
+            id: format!("local-{index}-{:x}", now_ms()),
             provider: "local".into(),
             endpoint: format!("http://127.0.0.1:{port}"),
             state: InstanceState::Starting,
@@ -213,11 +213,4 @@ async fn stop_child(child: &mut Child) {
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
-}
-
-fn uuid_suffix() -> String {
-    format!(
-        "{:08x}",
-        (now_ms() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
-    )
 }

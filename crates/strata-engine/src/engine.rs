@@ -573,11 +573,11 @@ impl Scheduler<'_> {
         match outcome {
             None => {}
             Some(Ok(finish)) => {
+                // Text held back as a possible stop-string start is real output
+                // (after a stop-string hit the matcher holds nothing).
                 let mut rest = s.stop.finish();
                 if finish == FinishReason::Length {
                     rest.push_str(&String::from_utf8_lossy(&s.utf8));
-                } else {
-                    rest.clear();
                 }
                 if !rest.is_empty() {
                     let _ = s.job.events.send(Event::Text(rest));
