@@ -43,6 +43,9 @@ NOTES = """## Reading these numbers
 - With 4 and 8 streams the requests arrive a few milliseconds apart, so
   strata prefills them in separate steps while the raw run prefills them in
   one batch.
+- The Python client that reads the streams runs on the same 2 cores as the
+  engine's 2 llama.cpp threads; the raw run has no client. At 1 stream that
+  costs strata roughly 2-3 ms per token (86-92% of raw over several runs).
 - This machine is shared and noisy; compare rows of one run, not runs.
 """
 

@@ -144,7 +144,13 @@ fn main() -> Result<()> {
             check_config(file.as_deref().unwrap_or(&cli.config))
         }
         Command::Model(ModelCommand::Fetch { dest }) => fetch_model(dest),
-        Command::Engine(args) => runtime()?.block_on(run_engine(load_config(&cli.config)?, args)),
+        // The engine's own threads (llama.cpp's) want the cores; its HTTP side
+        // needs little, so it gets a single-threaded runtime.
+        Command::Engine(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(run_engine(load_config(&cli.config)?, args)),
         Command::Gateway(args) => runtime()?.block_on(run_gateway(load_config(&cli.config)?, args)),
         Command::Serve(args) => {
             runtime()?.block_on(run_serve(load_config(&cli.config)?, &cli.config, args))
