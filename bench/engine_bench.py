@@ -44,10 +44,9 @@ NOTES = """## Reading these numbers
   strata prefills them in separate steps while the raw run prefills them in
   one batch.
 - The Python client that reads the streams runs on the same 2 cores as the
-  engine's 2 llama.cpp threads; the raw run has no client. Over five runs in
-  one session strata measured 86-104% of raw at 1 stream and 77-104% at 4
-  (the 77% in a run before greedy argmax and the single-threaded engine
-  runtime), 91-103% at 8.
+  engine's 2 llama.cpp threads; the raw run has no client. In two full runs
+  of this script strata / raw was 89-104% at 1 stream, 95-104% at 4 and
+  100-103% at 8; spot checks at 1 stream between them gave 86-91%.
 - This machine is shared and noisy; compare rows of one run, not runs.
 """
 
