@@ -12,17 +12,9 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::LlamaToken;
+use strata_engine::argmax;
 
 const TOKENS: usize = 64;
-
-fn argmax(logits: &[f32]) -> LlamaToken {
-    let best = logits
-        .iter()
-        .enumerate()
-        .fold(0, |b, (i, &l)| if l > logits[b] { i } else { b });
-    LlamaToken(best as i32)
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();

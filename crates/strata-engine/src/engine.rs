@@ -595,7 +595,7 @@ impl Scheduler<'_> {
 }
 
 /// The token with the highest logit (the first on ties, as llama.cpp's greedy sampler).
-fn argmax(logits: &[f32]) -> LlamaToken {
+pub fn argmax(logits: &[f32]) -> LlamaToken {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {

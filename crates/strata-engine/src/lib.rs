@@ -8,7 +8,9 @@ pub mod metrics;
 pub mod server;
 pub mod stop;
 
-pub use engine::{default_threads, model_name_for, Engine, EngineSettings, Event, Submitted};
+pub use engine::{
+    argmax, default_threads, model_name_for, Engine, EngineSettings, Event, Submitted,
+};
 
 use std::path::PathBuf;
 
