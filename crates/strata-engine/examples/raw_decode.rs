@@ -37,6 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         let mut last = Vec::new();
         let mut pos = Vec::new();
+        // Batch index of each sequence's last prompt token, whose logits we sample.
+        let mut idx = Vec::new();
         for s in 0..n {
             let prompt = format!("Story {s}: The history of cloud computing began");
             let tokens = model.vocab().tokenize(prompt.as_bytes(), true, false);
@@ -44,14 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 batch.add(t, k as i32, &[s as i32], k + 1 == tokens.len())?;
             }
             pos.push(tokens.len() as i32);
+            idx.push(batch.n_tokens() - 1);
         }
         ctx.decode(&mut batch)?;
-        let mut idx: Vec<i32> = Vec::new();
-        let mut acc = -1;
-        for p in &pos {
-            acc += *p;
-            idx.push(acc);
-        }
         for &i in &idx {
             last.push(argmax(ctx.get_logits_ith(i)));
         }

@@ -278,7 +278,7 @@ struct Sequence {
     pos: i32,
     /// Last sampled token, fed in the next decode step.
     last: Option<LlamaToken>,
-    sampler: LlamaSampler,
+    sampler: Option<LlamaSampler>,
     generated: u32,
     utf8: Vec<u8>,
     stop: StopMatcher,
@@ -297,9 +297,10 @@ impl Sequence {
     }
 }
 
-fn sampler_for(p: &SamplingParams) -> LlamaSampler {
+/// `None` for greedy decoding, which is an argmax over the logits.
+fn sampler_for(p: &SamplingParams) -> Option<LlamaSampler> {
     if p.is_greedy() {
-        return LlamaSampler::greedy();
+        return None;
     }
     let mut chain = Vec::new();
     if p.top_k > 0 {
@@ -310,7 +311,7 @@ fn sampler_for(p: &SamplingParams) -> LlamaSampler {
     }
     chain.push(LlamaSampler::temp(p.temperature));
     chain.push(LlamaSampler::dist(p.seed.unwrap_or_else(rand_seed)));
-    LlamaSampler::chain_simple(chain)
+    Some(LlamaSampler::chain_simple(chain))
 }
 
 fn rand_seed() -> u32 {
@@ -521,12 +522,11 @@ impl Scheduler<'_> {
         let model = self.model;
         let metrics = self.metrics;
         let s = &mut self.running[i];
-        let token = if s.job.sampling.is_greedy() {
+        let token = match &mut s.sampler {
+            Some(sampler) => sampler.sample(ctx, at),
             // Argmax straight over the logits: llama.cpp's greedy sampler first
             // copies all 262k candidates, a cost paid per sequence per step.
-            argmax(ctx.get_logits_ith(at))
-        } else {
-            s.sampler.sample(ctx, at)
+            None => argmax(ctx.get_logits_ith(at)),
         };
         let now = Instant::now();
         match s.last_token_at {
