@@ -1,0 +1,648 @@
+//! Envelope encryption of tenant content. A key-encryption key (KEK) wraps one
+//! random 256-bit data key per tenant; content is sealed with AES-256-GCM under
+//! the tenant's data key, with associated data naming tenant, table and row so
+//! a ciphertext moved anywhere else fails to open.
+//!
+//! Wrapped data keys live in a keyring file beside the KEK, not in the
+//! database: a database backup holds no keys, so deleting a tenant's data key
+//! (crypto-shredding) also makes that tenant's rows in old backups unreadable.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aes_gcm::aead::{Aead, OsRng, Payload};
+use aes_gcm::{AeadCore, Aes256Gcm, Key, KeyInit, Nonce};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Encryptions under one data key before a new key version takes over; far
+/// below the 2^32 random-nonce bound of AES-GCM.
+pub const ROTATE_AFTER: u64 = 1 << 30;
+/// Encryptions reserved in the keyring file at a time, so the count survives a
+/// restart without a write per seal (a restart skips the unused rest).
+const RESERVE_STEP: u64 = 1 << 16;
+const SEALED_MAGIC: &[u8; 2] = b"S1";
+const NONCE_LEN: usize = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("key-encryption key: {0}")]
+    Kek(String),
+    #[error("keyring {path}: {message}")]
+    Keyring { path: PathBuf, message: String },
+    #[error("tenant {0} has no data key (deleted or never created)")]
+    NoDataKey(String),
+    /// Wrong tenant, table or row, a tampered ciphertext, or a key that is gone.
+    #[error("ciphertext cannot be opened")]
+    Open,
+}
+
+/// A 256-bit key-encryption key and its public id (a digest prefix).
+pub struct Kek {
+    key: Zeroizing<[u8; 32]>,
+    id: String,
+}
+
+/// Where the KEK came from, so rotation knows whether it can write a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekSource {
+    File(PathBuf),
+    Environment,
+}
+
+impl Kek {
+    pub fn generate() -> Kek {
+        Kek::from_bytes(Aes256Gcm::generate_key(OsRng).into())
+    }
+
+    fn from_bytes(bytes: [u8; 32]) -> Kek {
+        let id = hex::encode(&Sha256::digest(bytes)[..8]);
+        Kek {
+            key: Zeroizing::new(bytes),
+            id,
+        }
+    }
+
+    /// 64 hex characters, surrounding whitespace ignored.
+    pub fn from_hex(text: &str) -> Result<Kek, VaultError> {
+        let bytes = Zeroizing::new(
+            hex::decode(text.trim())
+                .map_err(|_| VaultError::Kek("expected 64 hex characters".into()))?,
+        );
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| VaultError::Kek("expected 64 hex characters (32 bytes)".into()))?;
+        Ok(Kek::from_bytes(array))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.key.as_slice()))
+    }
+
+    /// Writes the key as hex to `path` with mode 0600, atomically.
+    pub fn write_to(&self, path: &Path) -> Result<(), VaultError> {
+        write_private(path, hex::encode(self.key.as_slice()).as_bytes())
+            .map_err(|e| VaultError::Kek(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Reads the KEK from `STRATA_KEK` (hex) if set, else from `file`; with
+    /// neither, generates one into `default_file`. The bool says it was generated.
+    pub fn load(
+        env_value: Option<&str>,
+        file: Option<&Path>,
+        default_file: &Path,
+    ) -> Result<(Kek, KekSource, bool), VaultError> {
+        if let Some(text) = env_value {
+            return Ok((Kek::from_hex(text)?, KekSource::Environment, false));
+        }
+        let path = file.unwrap_or(default_file);
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok((
+                Kek::from_hex(&text)
+                    .map_err(|e| VaultError::Kek(format!("{}: {e}", path.display())))?,
+                KekSource::File(path.to_owned()),
+                false,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file.is_none() => {
+                let kek = Kek::generate();
+                kek.write_to(path)?;
+                Ok((kek, KekSource::File(path.to_owned()), true))
+            }
+            Err(e) => Err(VaultError::Kek(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// What a sealed value is bound to: opening it anywhere else fails.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub tenant: &'a str,
+    pub table: &'a str,
+    pub row: &'a str,
+}
+
+impl Binding<'_> {
+    fn aad(&self) -> Vec<u8> {
+        // Lengths first, so ("ab","c") and ("a","bc") differ.
+        let mut aad = Vec::new();
+        for part in [self.tenant, self.table, self.row] {
+            aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            aad.extend_from_slice(part.as_bytes());
+        }
+        aad
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct KeyringFile {
+    kek_id: String,
+    tenants: BTreeMap<String, Vec<WrappedKey>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WrappedKey {
+    version: u32,
+    /// Nonce followed by the AES-GCM ciphertext of the data key, hex.
+    wrapped: String,
+    /// Encryptions this version may have made (reserved ahead in steps).
+    reserved: u64,
+}
+
+struct DataKey {
+    version: u32,
+    cipher: Aes256Gcm,
+    used: u64,
+}
+
+struct Ring {
+    kek: Kek,
+    source: KekSource,
+    file: KeyringFile,
+    /// Unwrapped keys, newest version last.
+    open: BTreeMap<String, Vec<DataKey>>,
+}
+
+/// The KEK, the keyring file and the unwrapped data keys in memory.
+pub struct Vault {
+    path: PathBuf,
+    rotate_after: u64,
+    ring: Mutex<Ring>,
+}
+
+impl Vault {
+    /// Opens (or creates) the keyring at `path`; every wrapped key must open
+    /// under `kek`, else the wrong KEK was given and nothing starts.
+    pub fn open(path: &Path, kek: Kek, source: KekSource) -> Result<Vault, VaultError> {
+        let keyring_err = |message: String| VaultError::Keyring {
+            path: path.to_owned(),
+            message,
+        };
+        let file = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice::<KeyringFile>(&bytes)
+                .map_err(|e| keyring_err(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyringFile {
+                kek_id: kek.id().to_owned(),
+                tenants: BTreeMap::new(),
+            },
+            Err(e) => return Err(keyring_err(e.to_string())),
+        };
+        if file.kek_id != kek.id() {
+            return Err(keyring_err(format!(
+                "wrapped under KEK {}, but the KEK given is {}",
+                file.kek_id,
+                kek.id()
+            )));
+        }
+        let mut ring = Ring {
+            kek,
+            source,
+            file,
+            open: BTreeMap::new(),
+        };
+        let tenants: Vec<(String, Vec<WrappedKey>)> = ring
+            .file
+            .tenants
+            .iter()
+            .map(|(t, v)| (t.clone(), v.clone()))
+            .collect();
+        for (tenant, versions) in tenants {
+            let mut keys = Vec::new();
+            for w in versions {
+                keys.push(DataKey {
+                    version: w.version,
+                    cipher: unwrap_key(&ring.kek, &tenant, &w).map_err(|_| {
+                        keyring_err(format!("data key of {tenant} does not open under this KEK"))
+                    })?,
+                    // Whatever was reserved may have been used before a restart.
+                    used: w.reserved,
+                });
+            }
+            ring.open.insert(tenant, keys);
+        }
+        let vault = Vault {
+            path: path.to_owned(),
+            rotate_after: ROTATE_AFTER,
+            ring: Mutex::new(ring),
+        };
+        vault.save(&vault.lock())?;
+        Ok(vault)
+    }
+
+    /// Lowers the rotation threshold (tests exercise rotation with it).
+    pub fn with_rotation_after(mut self, encryptions: u64) -> Vault {
+        self.rotate_after = encryptions.max(1);
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // A panic while holding the lock leaves the ring consistent (every
+        // mutation saves before it returns), so poisoning is not fatal.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn kek_id(&self) -> String {
+        self.lock().kek.id().to_owned()
+    }
+
+    pub fn kek_source(&self) -> KekSource {
+        self.lock().source.clone()
+    }
+
+    /// Creates the tenant's first data key (a no-op if it has one).
+    pub fn create_tenant_key(&self, tenant: &str) -> Result<(), VaultError> {
+        let mut ring = self.lock();
+        if ring.open.contains_key(tenant) {
+            return Ok(());
+        }
+        add_version(&mut ring, tenant, 1);
+        self.save(&ring)
+    }
+
+    /// Destroys every version of the tenant's data key: what was sealed under
+    /// it can never be opened again.
+    pub fn destroy_tenant_key(&self, tenant: &str) -> Result<(), VaultError> {
+        let mut ring = self.lock();
+        ring.open.remove(tenant);
+        ring.file.tenants.remove(tenant);
+        self.save(&ring)
+    }
+
+    pub fn has_tenant_key(&self, tenant: &str) -> bool {
+        self.lock().open.contains_key(tenant)
+    }
+
+    /// Seals `plaintext` under the tenant's newest data key.
+    pub fn seal(&self, at: Binding<'_>, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        let mut guard = self.lock();
+        let ring = &mut *guard;
+        let (version, used) = {
+            let keys = ring
+                .open
+                .get(at.tenant)
+                .ok_or_else(|| VaultError::NoDataKey(at.tenant.to_owned()))?;
+            let newest = keys.last().expect("a tenant's key list is never empty");
+            (newest.version, newest.used)
+        };
+        if used >= self.rotate_after {
+            add_version(ring, at.tenant, version + 1);
+            self.save(ring)?;
+        }
+        let reserve_needed = {
+            let keys = ring.open.get_mut(at.tenant).expect("checked above");
+            let key = keys.last_mut().expect("a tenant's key list is never empty");
+            key.used += 1;
+            let wrapped = ring
+                .file
+                .tenants
+                .get_mut(at.tenant)
+                .and_then(|v| v.iter_mut().find(|w| w.version == key.version))
+                .expect("every open key has its wrapped form");
+            if key.used > wrapped.reserved {
+                wrapped.reserved += RESERVE_STEP;
+                true
+            } else {
+                false
+            }
+        };
+        if reserve_needed {
+            self.save(ring)?;
+        }
+        let key = ring.open[at.tenant].last().expect("non-empty");
+        let nonce = Aes256Gcm::generate_nonce(OsRng);
+        let sealed = key
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: &at.aad(),
+                },
+            )
+            .map_err(|_| VaultError::Open)?;
+        let mut out = Vec::with_capacity(2 + 4 + NONCE_LEN + sealed.len());
+        out.extend_from_slice(SEALED_MAGIC);
+        out.extend_from_slice(&key.version.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens what `seal` made for exactly this binding.
+    pub fn open_sealed(&self, at: Binding<'_>, sealed: &[u8]) -> Result<Vec<u8>, VaultError> {
+        if sealed.len() < 2 + 4 + NONCE_LEN || &sealed[..2] != SEALED_MAGIC {
+            return Err(VaultError::Open);
+        }
+        let version = u32::from_be_bytes(sealed[2..6].try_into().expect("4 bytes"));
+        let nonce = Nonce::from_slice(&sealed[6..6 + NONCE_LEN]);
+        let ring = self.lock();
+        let key = ring
+            .open
+            .get(at.tenant)
+            .and_then(|keys| keys.iter().find(|k| k.version == version))
+            .ok_or(VaultError::Open)?;
+        key.cipher
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &sealed[6 + NONCE_LEN..],
+                    aad: &at.aad(),
+                },
+            )
+            .map_err(|_| VaultError::Open)
+    }
+
+    /// Re-wraps every data key under `new` and saves the keyring; content is
+    /// untouched. The caller then replaces the KEK wherever it lives.
+    pub fn rotate_kek(&self, new: Kek) -> Result<String, VaultError> {
+        let mut ring = self.lock();
+        let mut file = KeyringFile {
+            kek_id: new.id().to_owned(),
+            tenants: BTreeMap::new(),
+        };
+        for (tenant, versions) in &ring.file.tenants {
+            let mut rewrapped = Vec::new();
+            for w in versions {
+                let key = unwrap_bytes(&ring.kek, tenant, w).map_err(|_| VaultError::Keyring {
+                    path: self.path.clone(),
+                    message: format!("data key of {tenant} does not open"),
+                })?;
+                rewrapped.push(WrappedKey {
+                    version: w.version,
+                    wrapped: wrap_bytes(&new, tenant, w.version, &key),
+                    reserved: w.reserved,
+                });
+            }
+            file.tenants.insert(tenant.clone(), rewrapped);
+        }
+        let old = std::mem::replace(&mut ring.file, file);
+        if let Err(e) = self.save(&ring) {
+            ring.file = old;
+            return Err(e);
+        }
+        ring.kek = new;
+        Ok(ring.kek.id().to_owned())
+    }
+
+    fn save(&self, ring: &Ring) -> Result<(), VaultError> {
+        let text = serde_json::to_vec_pretty(&ring.file).expect("keyring serialises");
+        write_private(&self.path, &text).map_err(|e| VaultError::Keyring {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn add_version(ring: &mut Ring, tenant: &str, version: u32) {
+    let key: Zeroizing<[u8; 32]> = Zeroizing::new(Aes256Gcm::generate_key(OsRng).into());
+    let wrapped = WrappedKey {
+        version,
+        wrapped: wrap_bytes(&ring.kek, tenant, version, &key),
+        reserved: 0,
+    };
+    ring.file
+        .tenants
+        .entry(tenant.to_owned())
+        .or_default()
+        .push(wrapped);
+    ring.open
+        .entry(tenant.to_owned())
+        .or_default()
+        .push(DataKey {
+            version,
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice())),
+            used: 0,
+        });
+}
+
+fn wrap_aad(tenant: &str, version: u32) -> Vec<u8> {
+    format!("strata-data-key\0{tenant}\0{version}").into_bytes()
+}
+
+fn wrap_bytes(kek: &Kek, tenant: &str, version: u32, key: &[u8; 32]) -> String {
+    let nonce = Aes256Gcm::generate_nonce(OsRng);
+    let sealed = kek
+        .cipher()
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: key,
+                aad: &wrap_aad(tenant, version),
+            },
+        )
+        .expect("AES-GCM encryption of 32 bytes cannot fail");
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed);
+    hex::encode(out)
+}
+
+fn unwrap_bytes(kek: &Kek, tenant: &str, w: &WrappedKey) -> Result<Zeroizing<[u8; 32]>, ()> {
+    let bytes = hex::decode(&w.wrapped).map_err(|_| ())?;
+    if bytes.len() <= NONCE_LEN {
+        return Err(());
+    }
+    let plain = Zeroizing::new(
+        kek.cipher()
+            .decrypt(
+                Nonce::from_slice(&bytes[..NONCE_LEN]),
+                Payload {
+                    msg: &bytes[NONCE_LEN..],
+                    aad: &wrap_aad(tenant, w.version),
+                },
+            )
+            .map_err(|_| ())?,
+    );
+    let array: [u8; 32] = plain.as_slice().try_into().map_err(|_| ())?;
+    Ok(Zeroizing::new(array))
+}
+
+fn unwrap_key(kek: &Kek, tenant: &str, w: &WrappedKey) -> Result<Aes256Gcm, ()> {
+    let key = unwrap_bytes(kek, tenant, w)?;
+    Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice())))
+}
+
+/// Writes `bytes` to a temporary file with mode 0600, syncs it and renames it
+/// over `path`.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at<'a>(tenant: &'a str, row: &'a str) -> Binding<'a> {
+        Binding {
+            tenant,
+            table: "stored_completions",
+            row,
+        }
+    }
+
+    fn vault(dir: &Path) -> Vault {
+        let kek = Kek::from_hex(&"11".repeat(32)).unwrap();
+        Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap()
+    }
+
+    #[test]
+    fn sealed_content_opens_only_where_it_was_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path());
+        v.create_tenant_key("a").unwrap();
+        v.create_tenant_key("b").unwrap();
+        let sealed = v.seal(at("a", "r1"), b"canary-secret").unwrap();
+        assert!(!sealed.windows(6).any(|w| w == b"canary"));
+        assert_eq!(
+            v.open_sealed(at("a", "r1"), &sealed).unwrap(),
+            b"canary-secret"
+        );
+        assert!(matches!(
+            v.open_sealed(at("b", "r1"), &sealed),
+            Err(VaultError::Open)
+        ));
+        assert!(matches!(
+            v.open_sealed(at("a", "r2"), &sealed),
+            Err(VaultError::Open)
+        ));
+        let other_table = Binding {
+            table: "audit",
+            ..at("a", "r1")
+        };
+        assert!(v.open_sealed(other_table, &sealed).is_err());
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(v.open_sealed(at("a", "r1"), &tampered).is_err());
+    }
+
+    #[test]
+    fn keys_survive_a_restart_and_shredding_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = {
+            let v = vault(dir.path());
+            v.create_tenant_key("a").unwrap();
+            v.seal(at("a", "r1"), b"hello").unwrap()
+        };
+        let v = vault(dir.path());
+        assert_eq!(v.open_sealed(at("a", "r1"), &sealed).unwrap(), b"hello");
+        v.destroy_tenant_key("a").unwrap();
+        assert!(v.open_sealed(at("a", "r1"), &sealed).is_err());
+        // A new tenant key under the same id does not bring old content back.
+        v.create_tenant_key("a").unwrap();
+        assert!(v.open_sealed(at("a", "r1"), &sealed).is_err());
+        let text = std::fs::read_to_string(dir.path().join("keyring.json")).unwrap();
+        assert!(
+            !text.contains(&"11".repeat(32)),
+            "the KEK is never in the keyring"
+        );
+    }
+
+    #[test]
+    fn a_wrong_kek_refuses_to_open_the_keyring() {
+        let dir = tempfile::tempdir().unwrap();
+        vault(dir.path()).create_tenant_key("a").unwrap();
+        let other = Kek::from_hex(&"22".repeat(32)).unwrap();
+        let err = Vault::open(
+            &dir.path().join("keyring.json"),
+            other,
+            KekSource::Environment,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("KEK"), "{err}");
+    }
+
+    #[test]
+    fn kek_rotation_rewraps_without_touching_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path());
+        v.create_tenant_key("a").unwrap();
+        let sealed = v.seal(at("a", "r1"), b"kept").unwrap();
+        let before = std::fs::read_to_string(dir.path().join("keyring.json")).unwrap();
+        let new_id = v
+            .rotate_kek(Kek::from_hex(&"33".repeat(32)).unwrap())
+            .unwrap();
+        assert_eq!(v.open_sealed(at("a", "r1"), &sealed).unwrap(), b"kept");
+        drop(v);
+        let after = std::fs::read_to_string(dir.path().join("keyring.json")).unwrap();
+        assert_ne!(before, after);
+        // The old KEK no longer opens the keyring; the new one does.
+        let old = Kek::from_hex(&"11".repeat(32)).unwrap();
+        assert!(Vault::open(
+            &dir.path().join("keyring.json"),
+            old,
+            KekSource::Environment
+        )
+        .is_err());
+        let new = Kek::from_hex(&"33".repeat(32)).unwrap();
+        assert_eq!(new.id(), new_id);
+        let v = Vault::open(
+            &dir.path().join("keyring.json"),
+            new,
+            KekSource::Environment,
+        )
+        .unwrap();
+        assert_eq!(v.open_sealed(at("a", "r1"), &sealed).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn data_keys_rotate_after_the_limit_and_old_content_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path()).with_rotation_after(3);
+        v.create_tenant_key("a").unwrap();
+        let sealed: Vec<Vec<u8>> = (0..10)
+            .map(|i| v.seal(at("a", &i.to_string()), b"x").unwrap())
+            .collect();
+        let versions: std::collections::BTreeSet<u32> = sealed
+            .iter()
+            .map(|s| u32::from_be_bytes(s[2..6].try_into().unwrap()))
+            .collect();
+        assert_eq!(versions.len(), 4, "10 seals at 3 per key use 4 keys");
+        for (i, s) in sealed.iter().enumerate() {
+            assert_eq!(v.open_sealed(at("a", &i.to_string()), s).unwrap(), b"x");
+        }
+    }
+
+    #[test]
+    fn kek_load_generates_once_with_private_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("kek");
+        let (k1, _, generated) = Kek::load(None, None, &default).unwrap();
+        assert!(generated);
+        let mode = std::fs::metadata(&default).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (k2, source, generated) = Kek::load(None, None, &default).unwrap();
+        assert!(!generated);
+        assert_eq!(k1.id(), k2.id());
+        assert_eq!(source, KekSource::File(default.clone()));
+        let missing = dir.path().join("nope");
+        assert!(
+            Kek::load(None, Some(&missing), &default).is_err(),
+            "a named file must exist"
+        );
+        assert!(Kek::load(Some("zz"), None, &default).is_err());
+    }
+}
