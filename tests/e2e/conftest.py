@@ -1,5 +1,7 @@
 """Starts the real `strata serve` (two engine replicas, the real model, SQLite)
-once for the session and hands its base URL to the tests."""
+once for the session and hands its base URL to the tests, with a platform
+admin key (from a key file in the config) and a member key of a tenant."""
+import base64
 import os
 import signal
 import socket
@@ -36,6 +38,15 @@ def alive(pid):
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def new_key():
+    """A key in strata's format, for the admin key file."""
+    return "sk-strata-" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
 def wait_ready(base, replicas, timeout=180):
     deadline = time.time() + timeout
     last = None
@@ -52,18 +63,47 @@ def wait_ready(base, replicas, timeout=180):
 
 
 class Server:
-    def __init__(self, replicas=2):
+    def __init__(self, replicas=2, config="", tenant="e2e"):
         self.dir = tempfile.mkdtemp(prefix="strata-e2e-")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas
-        self.log = open(os.path.join(self.dir, "serve.log"), "w")
+        self.admin_key = new_key()
+        key_file = os.path.join(self.dir, "admin.key")
+        with open(key_file, "w") as f:
+            f.write(self.admin_key + "\n")
+        self.config = os.path.join(self.dir, "strata.toml")
+        with open(self.config, "w") as f:
+            f.write(f'[security]\nadmin_key_file = "{key_file}"\n{config}')
+        self.log_path = os.path.join(self.dir, "serve.log")
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [STRATA, "serve", "--listen", f"127.0.0.1:{self.port}", "--replicas", str(replicas),
-             "--db", os.path.join(self.dir, "strata.db")],
+            [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",
+             "--replicas", str(replicas), "--db", os.path.join(self.dir, "strata.db")],
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
         )
         wait_ready(self.base, replicas)
+        self.tenant = self.admin("POST", "/admin/v1/tenants", {"name": tenant}).json()
+        self.key = self.new_key(self.tenant["id"], "member")
+        self.headers = bearer(self.key)
+
+    def admin(self, method, path, body=None, key=None, expect=None):
+        """An admin API call, as the platform admin unless `key` is given."""
+        r = httpx.request(method, f"{self.base}{path}", json=body, timeout=30,
+                          headers=bearer(key or self.admin_key))
+        if expect is not None:
+            assert r.status_code == expect, r.text
+        return r
+
+    def new_key(self, tenant_id, role, key=None, **fields):
+        r = self.admin("POST", f"/admin/v1/tenants/{tenant_id}/keys",
+                       {"name": f"{role} key", "role": role, **fields}, key=key)
+        assert r.status_code == 201, r.text
+        return r.json()["key"]
+
+    def client(self, key=None):
+        from openai import OpenAI
+        return OpenAI(base_url=f"{self.base}/v1", api_key=key or self.key, max_retries=0, timeout=120)
 
     def engine_pids(self):
         return children(self.proc.pid)
@@ -85,5 +125,4 @@ def server():
 
 @pytest.fixture(scope="session")
 def client(server):
-    from openai import OpenAI
-    return OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return server.client()

@@ -22,7 +22,7 @@ def running(url):
 
 def test_client_that_goes_away_frees_its_sequence(server):
     body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "max_tokens": 2000, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, headers=server.headers, timeout=60) as r:
         # Keep the iterator referenced: dropping it would close the response early.
         lines = r.iter_lines()
         tokens = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]

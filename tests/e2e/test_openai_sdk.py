@@ -78,7 +78,7 @@ def test_seeded_sampling_repeats_and_temperature_varies(client):
 
 def test_sse_framing_on_the_wire(server):
     body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, headers=server.headers, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
@@ -107,7 +107,7 @@ BAD = [
 @pytest.mark.parametrize("body,status,param,code", BAD)
 def test_bad_input_gets_an_openai_error(server, body, status, param, code):
     r = httpx.post(f"{server.base}/v1/chat/completions", content=body,
-                   headers={"content-type": "application/json"}, timeout=30)
+                   headers={"content-type": "application/json", **server.headers}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -118,7 +118,7 @@ def test_bad_input_gets_an_openai_error(server, body, status, param, code):
 
 def test_oversized_body_is_413(server):
     big = b'{"model": "m", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'
-    r = httpx.post(f"{server.base}/v1/completions", content=big, timeout=30)
+    r = httpx.post(f"{server.base}/v1/completions", content=big, headers=server.headers, timeout=30)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
 

@@ -10,10 +10,10 @@ import httpx
 from conftest import MODEL_ID, alive, wait_ready
 
 
-def ask(base, i, max_tokens=24, stream=False):
+def ask(server, i, max_tokens=24, stream=False):
     body = {"model": MODEL_ID, "prompt": f"Story {i}: Once upon a time", "max_tokens": max_tokens,
             "temperature": 0, "stream": stream}
-    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    r = httpx.post(f"{server.base}/v1/completions", json=body, headers=server.headers, timeout=120)
     return r.status_code
 
 
@@ -21,7 +21,7 @@ def test_sigkill_of_a_replica_during_a_burst(server):
     engines = server.engine_pids()
     assert len(engines) == 2
     with cf.ThreadPoolExecutor(8) as pool:
-        burst = [pool.submit(ask, server.base, i) for i in range(16)]
+        burst = [pool.submit(ask, server, i) for i in range(16)]
         time.sleep(1.0)
         victim = engines[0]
         os.kill(victim, signal.SIGKILL)
@@ -31,7 +31,7 @@ def test_sigkill_of_a_replica_during_a_burst(server):
     assert statuses.count(200) >= 8, statuses
     # Every request after the kill succeeds: the gateway routes around the dead replica.
     for i in range(10):
-        assert ask(server.base, 100 + i, max_tokens=4) == 200
+        assert ask(server, 100 + i, max_tokens=4) == 200
     # The provider launches a replacement, and it becomes ready.
     health = wait_ready(server.base, 2, timeout=120)
     assert not alive(victim)
@@ -39,7 +39,7 @@ def test_sigkill_of_a_replica_during_a_burst(server):
     assert len(now) == 2 and victim not in now
     assert all(r["ready"] for r in health["replicas"])
     with cf.ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda i: ask(server.base, i, max_tokens=4), range(8))) == [200] * 8
+        assert list(pool.map(lambda i: ask(server, i, max_tokens=4), range(8))) == [200] * 8
 
 
 def test_sigterm_stops_everything_without_orphans(server):

@@ -1,6 +1,7 @@
 //! `strata.toml`: one typed file, every field with a default. Command-line
 //! flags (and their `STRATA_*` environment variables) override it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -13,6 +14,35 @@ pub struct Config {
     pub engine: EngineConfig,
     pub serve: ServeConfig,
     pub store: StoreConfig,
+    pub security: SecurityConfig,
+    /// Dollars per million tokens, by model id; an unpriced model costs nothing.
+    pub pricing: BTreeMap<String, ModelPrice>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub prompt_per_million: f64,
+    pub completion_per_million: f64,
+}
+
+impl ModelPrice {
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.prompt_per_million
+            + completion_tokens as f64 * self.completion_per_million)
+            / 1e6
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// File holding the platform admin key (`sk-strata-...`); without it, a
+    /// key is generated at first start and printed once.
+    pub admin_key_file: Option<PathBuf>,
+    /// File holding the key-encryption key as 64 hex characters; `STRATA_KEK`
+    /// overrides it; with neither, one is generated beside the database.
+    pub kek_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -28,6 +58,13 @@ pub struct GatewayConfig {
     pub health_interval_secs: f64,
     /// Seconds to wait for a replica's response headers before trying another.
     pub connect_timeout_secs: f64,
+    /// Requests one replica takes at once; beyond, requests wait in the fair
+    /// queue. Match the engine's `max_sequences`.
+    pub slots_per_replica: u32,
+    /// Requests one tenant may have waiting before more get 429.
+    pub max_waiting_per_tenant: u32,
+    /// Seconds a request may wait in the fair queue before it gets 429.
+    pub queue_timeout_secs: f64,
 }
 
 impl Default for GatewayConfig {
@@ -38,6 +75,9 @@ impl Default for GatewayConfig {
             replicas: Vec::new(),
             health_interval_secs: 1.0,
             connect_timeout_secs: 5.0,
+            slots_per_replica: 8,
+            max_waiting_per_tenant: 256,
+            queue_timeout_secs: 60.0,
         }
     }
 }
@@ -180,6 +220,34 @@ impl Config {
                 "gateway.connect_timeout_secs",
                 "must be greater than 0".into(),
             );
+        }
+        if self.gateway.slots_per_replica == 0 {
+            bad("gateway.slots_per_replica", "must be at least 1".into());
+        }
+        if self.gateway.max_waiting_per_tenant == 0 {
+            bad(
+                "gateway.max_waiting_per_tenant",
+                "must be at least 1".into(),
+            );
+        }
+        if !positive(self.gateway.queue_timeout_secs) {
+            bad(
+                "gateway.queue_timeout_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        for (model, price) in &self.pricing {
+            for (field, v) in [
+                ("prompt_per_million", price.prompt_per_million),
+                ("completion_per_million", price.completion_per_million),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    bad(
+                        &format!("pricing.{model}.{field}"),
+                        "must be a price of 0 or more".into(),
+                    );
+                }
+            }
         }
         let e = &self.engine;
         if e.context_size < 64 {

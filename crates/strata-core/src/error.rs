@@ -12,6 +12,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for `Retry-After` on a 429 (1 when not set).
+    pub retry_after_secs: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -36,6 +38,7 @@ impl ApiError {
             kind,
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -95,6 +98,39 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 401 for every kind of bad credential alike, so a caller learns nothing
+    /// about which keys exist.
+    pub fn unauthorized() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            "Incorrect or missing API key. Send `Authorization: Bearer sk-strata-...` with a valid key.",
+        )
+        .with_code("invalid_api_key")
+    }
+
+    /// 403: the key is valid but may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "permission_error", message).with_code("forbidden")
+    }
+
+    /// 409: the request conflicts with what exists (a duplicate name).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, "invalid_request_error", message).with_code("conflict")
+    }
+
+    /// 429 from a rate limit, retryable after `retry_after_secs`.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(429, "rate_limit_error", message).with_code("rate_limit_exceeded");
+        e.retry_after_secs = Some(retry_after_secs.max(1));
+        e
+    }
+
+    /// 402: the tenant's monthly budget cannot cover the request.
+    pub fn budget_exhausted(message: impl Into<String>) -> Self {
+        Self::new(402, "insufficient_quota", message).with_code("budget_exhausted")
+    }
+
     /// 429: the server's queue is full; the client should retry later.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self::new(429, "rate_limit_error", message).with_code("server_overloaded")
@@ -141,7 +177,7 @@ impl axum_core::response::IntoResponse for ApiError {
         if status == http::StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(
                 http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
+                http::HeaderValue::from(self.retry_after_secs.unwrap_or(1)),
             );
         }
         response

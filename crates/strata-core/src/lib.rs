@@ -9,6 +9,7 @@ pub mod openai;
 pub mod sampling;
 pub mod store;
 pub mod template;
+pub mod tenant;
 
 #[cfg(feature = "axum")]
 pub use error::read_body;

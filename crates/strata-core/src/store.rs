@@ -1,8 +1,12 @@
-//! The `Store` trait: everything strata keeps, whatever the backend. Every
-//! backend implements it in `strata-store`.
+//! What strata keeps, whatever the backend: one trait per stored kind, and
+//! `Store` for all of them. Every backend implements them in `strata-store`.
+//! Every call on tenant data takes the tenant's id; there is no by-id lookup
+//! without it.
 
 use async_trait::async_trait;
 use serde::Serialize;
+
+use crate::tenant::{ApiKeyRecord, AuditEntry, AuditRecord, Tenant, TenantId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -12,12 +16,20 @@ pub enum StoreError {
     Migration(String),
     #[error("store query failed: {0}")]
     Query(String),
+    /// A unique name or id is taken.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// Sealing or opening tenant content failed (no data key, tampering).
+    #[error("tenant content cannot be sealed or opened: {0}")]
+    Crypto(String),
 }
 
 /// One served request, as metered by the gateway.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsageRecord {
     pub request_id: String,
+    pub tenant_id: String,
+    pub key_id: String,
     /// Unix milliseconds when the request arrived.
     pub at_ms: i64,
     pub model: String,
@@ -29,6 +41,8 @@ pub struct UsageRecord {
     pub ttft_ms: f64,
     pub latency_ms: f64,
     pub stream: bool,
+    /// Price of the tokens at the model's configured rates.
+    pub cost_usd: f64,
 }
 
 /// Sums over the usage ledger for one model.
@@ -38,6 +52,7 @@ pub struct UsageTotals {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub cost_usd: f64,
 }
 
 /// An engine process launched by a provider, and what became of it.
@@ -83,14 +98,100 @@ impl InstanceState {
     }
 }
 
+/// A chat completion kept because the request said `store: true`; its
+/// content (request and answer as JSON) is sealed at rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredCompletion {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub model: String,
+    /// The plaintext JSON document, opened with the tenant's data key.
+    pub content: Vec<u8>,
+}
+
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait UsageStore: Send + Sync {
     /// Appends rows to the usage ledger in one transaction.
     async fn record_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError>;
-    /// Ledger totals per model.
-    async fn usage_totals(&self) -> Result<Vec<UsageTotals>, StoreError>;
+    /// Ledger totals per model, for one tenant or for all.
+    async fn usage_totals(&self, tenant: Option<&TenantId>)
+        -> Result<Vec<UsageTotals>, StoreError>;
+    /// Dollars the tenant's requests cost since `since_ms`.
+    async fn tenant_spend(&self, tenant: &TenantId, since_ms: i64) -> Result<f64, StoreError>;
+}
+
+#[async_trait]
+pub trait InstanceStore: Send + Sync {
     /// Inserts or updates an instance by id.
     async fn upsert_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError>;
     /// All instances, newest first.
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+}
+
+#[async_trait]
+pub trait TenantStore: Send + Sync {
+    /// Creates the tenant and its data key; a taken name is `Conflict`.
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError>;
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError>;
+    async fn tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+    /// Saves name, isolation, limits and budget; false if there is no such tenant.
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError>;
+    /// Destroys the tenant's data key first (crypto-shredding), then its keys
+    /// and content rows; the usage ledger keeps its (content-free) rows.
+    async fn delete_tenant(&self, id: &TenantId) -> Result<bool, StoreError>;
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    async fn create_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    /// Keys whose digest starts with `lookup` (see `tenant::digest_lookup`);
+    /// the caller compares full digests in constant time.
+    async fn keys_by_lookup(&self, lookup: i64) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    async fn keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    async fn key(&self, tenant: &TenantId, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Marks the key revoked at `at_ms`; false if the tenant has no such key.
+    async fn revoke_key(&self, tenant: &TenantId, id: &str, at_ms: i64)
+        -> Result<bool, StoreError>;
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Appends one row, chained to the previous one by hash.
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<AuditRecord, StoreError>;
+    /// Rows oldest first: every tenant's, or those about one tenant.
+    async fn audit(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+#[async_trait]
+pub trait CompletionStore: Send + Sync {
+    /// Seals and stores the content under the tenant's data key.
+    async fn put_completion(
+        &self,
+        tenant: &TenantId,
+        completion: &StoredCompletion,
+    ) -> Result<(), StoreError>;
+    async fn completion(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<StoredCompletion>, StoreError>;
+    /// Newest first, at most `limit`, older than the `after` id when given.
+    async fn completions(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredCompletion>, StoreError>;
+    async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError>;
+}
+
+/// Everything strata keeps.
+pub trait Store:
+    UsageStore + InstanceStore + TenantStore + KeyStore + AuditStore + CompletionStore + 'static
+{
+}
+
+impl<T> Store for T where
+    T: UsageStore + InstanceStore + TenantStore + KeyStore + AuditStore + CompletionStore + 'static
+{
 }

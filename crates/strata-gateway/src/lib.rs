@@ -1,8 +1,16 @@
 //! The gateway: OpenAI-compatible routes in front of engine replicas. It
-//! validates each request, routes it to the ready replica with the fewest
-//! outstanding tokens, streams the answer through and meters usage.
+//! authenticates each request, applies the tenant's limits, budget and fair
+//! share, validates it, routes it to the ready replica with the fewest
+//! outstanding tokens, streams the answer through and meters usage. The
+//! admin API manages tenants and keys.
 
+pub mod admin;
+pub mod admission;
+pub mod auth;
+pub mod budget;
+pub mod fairq;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod replicas;
@@ -12,20 +20,30 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
+use std::collections::BTreeMap;
+
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
+use strata_core::config::ModelPrice;
 use strata_core::openai::{
     parse_body, response_id, ChatCompletionRequest, CompletionRequest, Generation, ModelList,
 };
 use strata_core::store::Store;
 use strata_core::{read_body, ApiError, ReplicaEndpoint};
+use strata_store::Vault;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AdminState;
+use crate::admission::{Estimate, Policy};
+use crate::auth::{Authenticator, Principal};
+use crate::fairq::FairQueue;
 use crate::ledger::Ledger;
 use crate::metrics::{GatewayMetrics, RequestLabels};
 use crate::proxy::{Forward, Proxy};
@@ -45,6 +63,17 @@ pub struct GatewaySettings {
     pub max_body_bytes: usize,
     pub health_interval: Duration,
     pub connect_timeout: Duration,
+    pub slots_per_replica: usize,
+    pub max_waiting_per_tenant: usize,
+    pub queue_timeout: Duration,
+    pub pricing: BTreeMap<String, ModelPrice>,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Output tokens assumed for a request without `max_tokens`, for balancing only.
@@ -52,15 +81,18 @@ const ASSUMED_OUTPUT_TOKENS: u64 = 256;
 
 struct AppState {
     proxy: Proxy,
+    policy: Arc<Policy>,
     max_body_bytes: usize,
     started: u64,
 }
 
-/// Serves until `shutdown`; replica endpoints come from `endpoints`.
+/// Serves until `shutdown`; replica endpoints come from `endpoints`. The
+/// `vault` is the one the store seals with (for KEK rotation by the admin API).
 pub async fn serve(
     settings: GatewaySettings,
     endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
     store: Arc<dyn Store>,
+    vault: Option<Arc<Vault>>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -75,7 +107,24 @@ pub async fn serve(
         .tcp_nodelay(true)
         .build()
         .expect("a client without TLS always builds");
-    let (ledger, ledger_task) = Ledger::spawn(store, metrics.clone());
+    let (ledger, ledger_task) = Ledger::spawn(store.clone(), metrics.clone());
+    let fairq = FairQueue::new(0, settings.max_waiting_per_tenant);
+    let policy = Arc::new(Policy {
+        limiter: Default::default(),
+        budgets: Default::default(),
+        fairq: fairq.clone(),
+        pricing: settings.pricing.clone(),
+        store: store.clone(),
+        queue_timeout: settings.queue_timeout,
+        epoch: Instant::now(),
+    });
+    let auth = Arc::new(Authenticator::new(store.clone()));
+    let admin = Arc::new(AdminState {
+        store: store.clone(),
+        auth: auth.clone(),
+        vault,
+        max_body_bytes: settings.max_body_bytes,
+    });
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(replicas::follow_endpoints(
@@ -89,6 +138,12 @@ pub async fn serve(
         settings.health_interval,
         background.clone(),
     ));
+    tasks.spawn(follow_capacity(
+        fairq,
+        replicas.clone(),
+        settings.slots_per_replica,
+        background.clone(),
+    ));
     let state = Arc::new(AppState {
         proxy: Proxy {
             client,
@@ -96,12 +151,13 @@ pub async fn serve(
             metrics,
             ledger,
         },
+        policy,
         max_body_bytes: settings.max_body_bytes,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     });
-    let served = axum::serve(listener, router(state))
+    let served = axum::serve(listener, router(state, admin, auth))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     background.cancel();
@@ -111,29 +167,68 @@ pub async fn serve(
     served.map_err(GatewayError::Serve)
 }
 
-fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// Keeps the fair queue's capacity at ready replicas × slots per replica.
+async fn follow_capacity(
+    fairq: Arc<FairQueue>,
+    replicas: Arc<ReplicaSet>,
+    slots_per_replica: usize,
+    cancel: CancellationToken,
+) {
+    loop {
+        fairq.set_capacity(replicas.ready_count() * slots_per_replica);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+fn router(state: Arc<AppState>, admin: Arc<AdminState>, auth: Arc<Authenticator>) -> Router {
+    let authenticated = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .with_state(state.clone())
+        .merge(admin::routes(admin))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::require_key,
+        ));
+    let public = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .with_state(state);
+    Router::new()
+        .merge(authenticated)
+        .merge(public)
         .fallback(|| async { ApiError::not_found("Unknown route.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .with_state(state)
 }
 
-async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    route(state, req, "/v1/completions").await
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    req: Request,
+) -> Response {
+    route(state, p, req, "/v1/completions").await
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    route(state, req, "/v1/chat/completions").await
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    req: Request,
+) -> Response {
+    route(state, p, req, "/v1/chat/completions").await
 }
 
-async fn route(state: Arc<AppState>, req: Request, path: &'static str) -> Response {
+async fn route(
+    state: Arc<AppState>,
+    p: Arc<Principal>,
+    req: Request,
+    path: &'static str,
+) -> Response {
     let arrived = Instant::now();
-    let response = match forward(&state, req, path, arrived).await {
+    let response = match forward(&state, p, req, path, arrived).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -151,6 +246,7 @@ async fn route(state: Arc<AppState>, req: Request, path: &'static str) -> Respon
 
 async fn forward(
     state: &AppState,
+    p: Arc<Principal>,
     req: Request,
     path: &'static str,
     arrived: Instant,
@@ -162,13 +258,30 @@ async fn forward(
         _ => parse_body::<ChatCompletionRequest>(&body)?.validate()?,
     };
     let request_id = response_id("req");
-    let span = tracing::info_span!("request", id = %request_id, model = %generation.model, path);
-    let _enter = span.enter();
-    let estimated_tokens = body.len() as u64 / 4
-        + generation
+    let span = tracing::info_span!("request", id = %request_id, tenant = %p.tenant.id, model = %generation.model, path);
+    let estimate = Estimate {
+        // About four bytes of JSON per prompt token; the replica counts exactly.
+        prompt_tokens: body.len() as u64 / 4,
+        output_tokens: generation
             .max_tokens
-            .map_or(ASSUMED_OUTPUT_TOKENS, u64::from);
+            .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
+    };
+    if state.proxy.replicas.ready_count() == 0 {
+        return Err(ApiError::unavailable(
+            "No replica is ready to serve requests; retry shortly.",
+        ));
+    }
+    let charge = state
+        .policy
+        .admit(&p, &generation.model, estimate)
+        .instrument(span.clone())
+        .await?;
+    let _enter = span.enter();
+    let estimated_tokens = estimate.prompt_tokens + estimate.output_tokens;
     let forward = Forward {
+        tenant_id: p.tenant.id.to_string(),
+        key_id: p.key.id.clone(),
+        charge: Some(charge),
         path,
         model: generation.model,
         stream: generation.stream,
@@ -182,8 +295,18 @@ async fn forward(
     state.proxy.forward(forward).await
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    Json(ModelList::of(state.proxy.replicas.models(), state.started))
+async fn models(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Json<ModelList> {
+    let visible = state
+        .proxy
+        .replicas
+        .models()
+        .into_iter()
+        .filter(|m| p.key.allows_model(m))
+        .collect::<Vec<_>>();
+    Json(ModelList::of(visible, state.started))
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

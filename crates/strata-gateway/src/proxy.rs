@@ -17,6 +17,7 @@ use strata_core::openai::Usage;
 use strata_core::store::UsageRecord;
 use strata_core::ApiError;
 
+use crate::admission::Charge;
 use crate::ledger::Ledger;
 use crate::metrics::GatewayMetrics;
 use crate::replicas::{InFlight, NoReplica, ReplicaSet};
@@ -24,6 +25,11 @@ use crate::replicas::{InFlight, NoReplica, ReplicaSet};
 /// What the gateway learned about a request before forwarding it.
 pub struct Forward {
     pub path: &'static str,
+    pub tenant_id: String,
+    pub key_id: String,
+    /// Limits, budget and fair-queue slot held for this request; settled
+    /// with the metered usage when the request ends.
+    pub charge: Option<Charge>,
     pub body: Bytes,
     pub model: String,
     pub stream: bool,
@@ -197,12 +203,19 @@ fn usage_row(
     latency: f64,
 ) -> UsageRecord {
     let usage = usage.unwrap_or_default();
+    let cost_usd = req.charge.as_ref().map_or(0.0, |c| {
+        c.record(usage);
+        c.cost(&usage)
+    });
     let at_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
         - (latency * 1000.0) as i64;
     UsageRecord {
         request_id: req.request_id.clone(),
+        tenant_id: req.tenant_id.clone(),
+        key_id: req.key_id.clone(),
+        cost_usd,
         at_ms,
         model: req.model.clone(),
         replica: flight.replica().endpoint.id.clone(),

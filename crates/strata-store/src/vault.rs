@@ -83,6 +83,14 @@ impl Kek {
         &self.id
     }
 
+    /// The KEK an interrupted rotation left in `<file>.new`, if any; when the
+    /// keyring refuses the KEK in `file`, this one may open it.
+    pub fn pending_rotation(file: &Path) -> Option<(Kek, PathBuf)> {
+        let pending = pending_path(file);
+        let text = std::fs::read_to_string(&pending).ok()?;
+        Some((Kek::from_hex(&text).ok()?, pending))
+    }
+
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.key.as_slice()))
     }
@@ -394,6 +402,20 @@ impl Vault {
         Ok(ring.kek.id().to_owned())
     }
 
+    /// Rotation for a KEK kept in a file: the new KEK is written beside the
+    /// old one (`<file>.new`), the keyring re-wrapped, then the new file
+    /// renamed over the old, so a crash in between leaves a KEK that opens
+    /// the keyring in one of the two files (see `Kek::pending_rotation`).
+    pub fn rotate_kek_to_file(&self, new: Kek, file: &Path) -> Result<String, VaultError> {
+        let pending = pending_path(file);
+        new.write_to(&pending)?;
+        let id = self.rotate_kek(new)?;
+        std::fs::rename(&pending, file)
+            .map_err(|e| VaultError::Kek(format!("cannot replace {}: {e}", file.display())))?;
+        self.lock().source = KekSource::File(file.to_owned());
+        Ok(id)
+    }
+
     fn save(&self, ring: &Ring) -> Result<(), VaultError> {
         let text = serde_json::to_vec_pretty(&ring.file).expect("keyring serialises");
         write_private(&self.path, &text).map_err(|e| VaultError::Keyring {
@@ -469,6 +491,12 @@ fn unwrap_bytes(kek: &Kek, tenant: &str, w: &WrappedKey) -> Result<Zeroizing<[u8
 fn unwrap_key(kek: &Kek, tenant: &str, w: &WrappedKey) -> Result<Aes256Gcm, ()> {
     let key = unwrap_bytes(kek, tenant, w)?;
     Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice())))
+}
+
+fn pending_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
 }
 
 /// Writes `bytes` to a temporary file with mode 0600, syncs it and renames it
@@ -605,6 +633,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.open_sealed(at("a", "r1"), &sealed).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn file_rotation_replaces_the_kek_file_and_leaves_nothing_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kek");
+        let (kek, source, _) = Kek::load(None, None, &file).unwrap();
+        let v = Vault::open(&dir.path().join("keyring.json"), kek, source).unwrap();
+        v.create_tenant_key("a").unwrap();
+        let sealed = v.seal(at("a", "r"), b"x").unwrap();
+        let id = v.rotate_kek_to_file(Kek::generate(), &file).unwrap();
+        assert!(Kek::pending_rotation(&file).is_none());
+        drop(v);
+        let (kek, source, generated) = Kek::load(None, None, &file).unwrap();
+        assert!(!generated);
+        assert_eq!(kek.id(), id);
+        let v = Vault::open(&dir.path().join("keyring.json"), kek, source).unwrap();
+        assert_eq!(v.open_sealed(at("a", "r"), &sealed).unwrap(), b"x");
     }
 
     #[test]

@@ -1,11 +1,35 @@
 //! The SQLite store against a real database file.
 
-use strata_core::store::{InstanceRecord, InstanceState, Store, UsageRecord};
-use strata_store::SqliteStore;
+use std::path::Path;
+use std::sync::Arc;
+
+use strata_core::store::{
+    AuditStore, CompletionStore, InstanceRecord, InstanceState, InstanceStore, KeyStore,
+    StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
+};
+use strata_core::tenant::{
+    digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
+    Tenant, TenantId,
+};
+use strata_store::{Kek, KekSource, SqliteStore, Vault};
+
+fn vault(dir: &Path) -> Arc<Vault> {
+    let kek = Kek::from_hex(&"5a".repeat(32)).unwrap();
+    Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap())
+}
+
+async fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(&dir.join("s.db"), vault(dir))
+        .await
+        .unwrap()
+}
 
 fn usage(id: &str, model: &str, p: u32, c: u32) -> UsageRecord {
     UsageRecord {
         request_id: id.into(),
+        tenant_id: "ten_a".into(),
+        key_id: "key_a".into(),
+        cost_usd: 0.5,
         at_ms: 1,
         model: model.into(),
         replica: "local-0".into(),
@@ -23,7 +47,7 @@ async fn ledger_rows_survive_reopening_and_sum_per_model() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested").join("strata.db");
     {
-        let store = SqliteStore::open(&path).await.unwrap();
+        let store = SqliteStore::open(&path, vault(dir.path())).await.unwrap();
         store
             .record_usage(&[
                 usage("a", "m1", 5, 7),
@@ -34,8 +58,8 @@ async fn ledger_rows_survive_reopening_and_sum_per_model() {
             .unwrap();
     }
     // Reopening runs the migrations again without harm and keeps the rows.
-    let store = SqliteStore::open(&path).await.unwrap();
-    let totals = store.usage_totals().await.unwrap();
+    let store = SqliteStore::open(&path, vault(dir.path())).await.unwrap();
+    let totals = store.usage_totals(None).await.unwrap();
     assert_eq!(totals.len(), 2);
     assert_eq!(
         (
@@ -47,12 +71,21 @@ async fn ledger_rows_survive_reopening_and_sum_per_model() {
         ("m1", 2, 6, 9)
     );
     assert_eq!((totals[1].model.as_str(), totals[1].requests), ("m2", 1));
+    let a = TenantId("ten_a".into());
+    assert_eq!(store.tenant_spend(&a, 0).await.unwrap(), 1.5);
+    assert_eq!(
+        store.tenant_spend(&a, 2).await.unwrap(),
+        0.0,
+        "rows at 1 ms are before 2 ms"
+    );
+    let other = TenantId("ten_b".into());
+    assert!(store.usage_totals(Some(&other)).await.unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn an_instance_is_updated_in_place() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
+    let store = open(dir.path()).await;
     let mut i = InstanceRecord {
         id: "local-0-x".into(),
         provider: "local".into(),
@@ -72,9 +105,241 @@ async fn an_instance_is_updated_in_place() {
 
 #[tokio::test]
 async fn an_unwritable_path_is_a_clear_error() {
-    let e = SqliteStore::open(std::path::Path::new("/proc/strata/nope.db"))
+    let dir = tempfile::tempdir().unwrap();
+    let e = SqliteStore::open(Path::new("/proc/strata/nope.db"), vault(dir.path()))
         .await
         .err()
         .unwrap();
     assert!(e.to_string().contains("/proc/strata"), "{e}");
+}
+
+fn tenant(name: &str) -> Tenant {
+    Tenant {
+        id: TenantId::new(),
+        name: name.into(),
+        isolation: Isolation::Shared,
+        limits: RateLimits::default(),
+        monthly_budget_usd: Some(10.0),
+        created_at_ms: 1,
+    }
+}
+
+fn key(tenant: &TenantId, id: &str, seed: u8) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: id.into(),
+        tenant_id: tenant.clone(),
+        name: "ci".into(),
+        role: Role::Member,
+        models: Some(vec!["m1".into()]),
+        limits: RateLimits {
+            requests_per_minute: Some(60),
+            tokens_per_minute: None,
+        },
+        expires_at_ms: Some(99),
+        revoked_at_ms: None,
+        created_at_ms: 2,
+        digest: NewKey::from_random([seed; 32]).digest,
+    }
+}
+
+fn completion(id: &str, at: i64, text: &str) -> StoredCompletion {
+    StoredCompletion {
+        id: id.into(),
+        created_at_ms: at,
+        model: "m1".into(),
+        content: text.as_bytes().to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn tenants_and_keys_round_trip_and_names_are_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let mut a = tenant("acme");
+    store.create_tenant(&a).await.unwrap();
+    let dup = store.create_tenant(&tenant("acme")).await.unwrap_err();
+    assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
+    a.limits.tokens_per_minute = Some(1000);
+    a.monthly_budget_usd = None;
+    assert!(store.update_tenant(&a).await.unwrap());
+    assert_eq!(store.tenant(&a.id).await.unwrap().unwrap(), a);
+
+    let k = key(&a.id, "key_1", 1);
+    store.create_key(&k).await.unwrap();
+    let found = store
+        .keys_by_lookup(digest_lookup(&k.digest))
+        .await
+        .unwrap();
+    assert_eq!(found, vec![k.clone()]);
+    assert_eq!(found[0].digest, k.digest, "the digest itself round-trips");
+    let b = tenant("other");
+    store.create_tenant(&b).await.unwrap();
+    assert_eq!(
+        store.key(&b.id, "key_1").await.unwrap(),
+        None,
+        "no lookup across tenants"
+    );
+    assert!(!store.revoke_key(&b.id, "key_1", 5).await.unwrap());
+    assert!(store.revoke_key(&a.id, "key_1", 5).await.unwrap());
+    assert!(store.revoke_key(&a.id, "key_1", 9).await.unwrap());
+    assert_eq!(
+        store
+            .key(&a.id, "key_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at_ms,
+        Some(5),
+        "first revocation wins"
+    );
+    assert_eq!(store.tenants().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn content_is_sealed_on_disk_and_bound_to_its_tenant_and_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let a = tenant("a");
+    let b = tenant("b");
+    store.create_tenant(&a).await.unwrap();
+    store.create_tenant(&b).await.unwrap();
+    let canary = "CANARY-7f3a9c-do-not-leak";
+    for i in 0..3 {
+        store
+            .put_completion(
+                &a.id,
+                &completion(&format!("c{i}"), i, &format!("{{\"x\":\"{canary}\"}}")),
+            )
+            .await
+            .unwrap();
+    }
+    let got = store.completion(&a.id, "c1").await.unwrap().unwrap();
+    assert!(String::from_utf8(got.content).unwrap().contains(canary));
+    assert_eq!(store.completion(&b.id, "c1").await.unwrap(), None);
+    let page: Vec<String> = store
+        .completions(&a.id, Some("c2"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(page, ["c1", "c0"]);
+    assert!(store.completions(&b.id, None, 10).await.unwrap().is_empty());
+
+    // Nothing of the canary is on disk in the clear (database, WAL, keyring).
+    drop(store);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes.windows(canary.len()).any(|w| w == canary.as_bytes()));
+    }
+
+    // A ciphertext copied into another tenant's row (or another row) does not open.
+    let store = open(dir.path()).await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", dir.path().join("s.db").display()))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
+                 SELECT ?, 'stolen', created_at_ms, model, sealed FROM stored_completions WHERE id = 'c0'")
+        .bind(b.id.as_str()).execute(&pool).await.unwrap();
+    sqlx::query("UPDATE stored_completions SET sealed = (SELECT sealed FROM stored_completions WHERE id = 'c0' AND tenant_id = ?) WHERE id = 'c1'")
+        .bind(a.id.as_str()).execute(&pool).await.unwrap();
+    assert!(matches!(
+        store.completion(&b.id, "stolen").await,
+        Err(StoreError::Crypto(_))
+    ));
+    assert!(matches!(
+        store.completion(&a.id, "c1").await,
+        Err(StoreError::Crypto(_))
+    ));
+    assert!(store.completion(&a.id, "c2").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn deleting_a_tenant_shreds_its_key_so_an_old_backup_stays_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let a = tenant("a");
+    store.create_tenant(&a).await.unwrap();
+    store.create_key(&key(&a.id, "key_1", 3)).await.unwrap();
+    store
+        .put_completion(&a.id, &completion("c0", 1, "secret"))
+        .await
+        .unwrap();
+    // A backup taken before the deletion, the way an operator would (VACUUM INTO).
+    let backup = dir.path().join("backup.db");
+    sqlx::query(&format!("VACUUM INTO '{}'", backup.display()))
+        .execute(
+            &sqlx::SqlitePool::connect(&format!("sqlite:{}", dir.path().join("s.db").display()))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(store.delete_tenant(&a.id).await.unwrap());
+    assert!(!store.delete_tenant(&a.id).await.unwrap());
+    assert_eq!(store.tenant(&a.id).await.unwrap(), None);
+    assert!(store.keys(&a.id).await.unwrap().is_empty());
+    assert_eq!(store.completion(&a.id, "c0").await.unwrap(), None);
+    drop(store);
+
+    // Restoring the backup brings the rows back, but not the key: they stay sealed.
+    let restored = SqliteStore::open(&backup, vault(dir.path())).await.unwrap();
+    assert!(restored.tenant(&a.id).await.unwrap().is_some());
+    assert!(matches!(
+        restored.completion(&a.id, "c0").await,
+        Err(StoreError::Crypto(_))
+    ));
+}
+
+#[tokio::test]
+async fn audit_rows_chain_and_an_edit_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path()).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            store
+                .append_audit(&AuditEntry {
+                    at_ms: i,
+                    actor_key: "key_1".into(),
+                    actor_tenant: if i % 2 == 0 { "ten_a" } else { "ten_b" }.into(),
+                    action: "completion.read".into(),
+                    tenant: if i % 2 == 0 { "ten_a" } else { "ten_b" }.into(),
+                    target: format!("c{i}"),
+                    result: "ok".into(),
+                })
+                .await
+                .unwrap()
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let rows = store.audit(None).await.unwrap();
+    assert_eq!(rows.len(), 20);
+    assert_eq!(
+        verify_audit(&rows),
+        Ok(()),
+        "concurrent appends still form one chain"
+    );
+    assert_eq!(
+        store
+            .audit(Some(&TenantId("ten_a".into())))
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", dir.path().join("s.db").display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit SET result = 'denied' WHERE seq = 7")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify_audit(&store.audit(None).await.unwrap())
+            .unwrap_err()
+            .seq,
+        7
+    );
 }

@@ -14,7 +14,7 @@ use strata_core::store::Store;
 use strata_core::ReplicaEndpoint;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
 use strata_gateway::GatewaySettings;
-use strata_store::SqliteStore;
+use strata_store::{Kek, KekSource, SqliteStore, Vault};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -285,12 +285,69 @@ fn gateway_settings(config: &Config, listen: Option<&String>) -> Result<GatewayS
         max_body_bytes: config.gateway.max_body_bytes,
         health_interval: Duration::from_secs_f64(config.gateway.health_interval_secs),
         connect_timeout: Duration::from_secs_f64(config.gateway.connect_timeout_secs),
+        slots_per_replica: config.gateway.slots_per_replica as usize,
+        max_waiting_per_tenant: config.gateway.max_waiting_per_tenant as usize,
+        queue_timeout: Duration::from_secs_f64(config.gateway.queue_timeout_secs),
+        pricing: config.pricing.clone(),
     })
 }
 
-async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<Arc<dyn Store>> {
+/// The KEK (from `STRATA_KEK`, `security.kek_file`, or generated beside the
+/// database) and the keyring it opens.
+fn open_vault(config: &Config, db_path: &Path) -> Result<Arc<Vault>> {
+    let dir = db_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let default_kek = dir.join("kek");
+    let env = std::env::var("STRATA_KEK").ok();
+    let (kek, source, generated) = Kek::load(
+        env.as_deref(),
+        config.security.kek_file.as_deref(),
+        &default_kek,
+    )?;
+    if generated {
+        tracing::warn!(
+            file = %default_kek.display(),
+            "no KEK configured: generated one (mode 0600); keep it apart from database backups, \
+             or set security.kek_file / STRATA_KEK"
+        );
+    }
+    let keyring = dir.join("keyring.json");
+    match Vault::open(&keyring, kek, source.clone()) {
+        Ok(v) => Ok(Arc::new(v)),
+        Err(first) => {
+            // A KEK rotation interrupted between re-wrapping and renaming.
+            if let KekSource::File(file) = &source {
+                if let Some((new, pending)) = Kek::pending_rotation(file) {
+                    if let Ok(v) = Vault::open(&keyring, new, source.clone()) {
+                        std::fs::rename(&pending, file).with_context(|| {
+                            format!("cannot finish the KEK rotation into {}", file.display())
+                        })?;
+                        tracing::warn!("finished an interrupted KEK rotation");
+                        return Ok(Arc::new(v));
+                    }
+                }
+            }
+            Err(first.into())
+        }
+    }
+}
+
+/// Opens the store and makes sure a platform admin key exists; a new one is
+/// printed once on stdout.
+async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
     let path = db.unwrap_or(&config.store.path);
-    Ok(Arc::new(SqliteStore::open(path).await?))
+    let vault = open_vault(config, path)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path, vault.clone()).await?);
+    let admin_key =
+        strata_gateway::admin::bootstrap(&*store, config.security.admin_key_file.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(secret) = admin_key {
+        println!("strata: platform admin key (shown once, keep it safe): {secret}");
+    }
+    Ok((store, vault))
 }
 
 async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
@@ -318,8 +375,8 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
         })
         .collect();
     let (_keep, rx) = watch::channel(endpoints);
-    let store = open_store(&config, args.db.as_ref()).await?;
-    strata_gateway::serve(settings, rx, store, shutdown_on_signal()).await?;
+    let (store, vault) = open_store(&config, args.db.as_ref()).await?;
+    strata_gateway::serve(settings, rx, store, Some(vault), shutdown_on_signal()).await?;
     Ok(())
 }
 
@@ -336,7 +393,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
             engine.model_path.display()
         );
     }
-    let store = open_store(&config, args.db.as_ref()).await?;
+    let (store, vault) = open_store(&config, args.db.as_ref()).await?;
     let mut engine_args = vec![
         "--model".to_string(),
         engine.model_path.display().to_string(),
@@ -366,7 +423,8 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     );
     let shutdown = shutdown_on_signal();
     let provider_task = tokio::spawn(provider.run(shutdown.clone()));
-    let served = strata_gateway::serve(gateway, endpoints, store, shutdown.clone()).await;
+    let served =
+        strata_gateway::serve(gateway, endpoints, store, Some(vault), shutdown.clone()).await;
     shutdown.cancel();
     provider_task.await.context("provider task panicked")??;
     served?;

@@ -1,0 +1,738 @@
+//! The admin API under `/admin/v1/`: tenants, their keys, limits, budgets,
+//! usage and the audit trail. Visibility first (another tenant's id is a 404,
+//! exactly like an unknown one), then the role; every action is audited.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use strata_core::openai::parse_body;
+use strata_core::store::{Store, StoreError};
+use strata_core::tenant::{
+    key_digest, looks_like_key, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
+    Tenant, TenantId,
+};
+use strata_core::{read_body, ApiError};
+use strata_store::{Kek, KekSource, Vault};
+
+use crate::auth::{Authenticator, Principal};
+
+pub struct AdminState {
+    pub store: Arc<dyn Store>,
+    pub auth: Arc<Authenticator>,
+    pub vault: Option<Arc<Vault>>,
+    pub max_body_bytes: usize,
+}
+
+pub fn routes(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/admin/v1/tenants", post(create_tenant).get(list_tenants))
+        .route(
+            "/admin/v1/tenants/{tenant}",
+            get(show_tenant).patch(update_tenant).delete(delete_tenant),
+        )
+        .route(
+            "/admin/v1/tenants/{tenant}/keys",
+            post(create_key).get(list_keys),
+        )
+        .route(
+            "/admin/v1/tenants/{tenant}/keys/{key}",
+            get(show_key).delete(revoke_key),
+        )
+        .route("/admin/v1/tenants/{tenant}/usage", get(tenant_usage))
+        .route("/admin/v1/usage", get(all_usage))
+        .route("/admin/v1/audit", get(audit))
+        .route("/admin/v1/kek/rotate", post(rotate_kek))
+        .with_state(state)
+}
+
+const MAX_NAME: usize = 64;
+const MAX_MODELS: usize = 64;
+const MAX_LIMIT: u32 = 1_000_000_000;
+
+pub fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Conflict(what) => ApiError::conflict(format!("{what} already exists.")),
+        other => {
+            tracing::error!(error = %other, "store error");
+            ApiError::internal("The store failed; retry shortly.")
+        }
+    }
+}
+
+fn not_found(kind: &str, id: &str) -> ApiError {
+    ApiError::not_found(format!("No {kind} with id `{id}`."))
+}
+
+fn tenant_json(t: &Tenant) -> Value {
+    json!({
+        "object": "tenant",
+        "id": t.id,
+        "name": t.name,
+        "isolation": t.isolation,
+        "requests_per_minute": t.limits.requests_per_minute,
+        "tokens_per_minute": t.limits.tokens_per_minute,
+        "monthly_budget_usd": t.monthly_budget_usd,
+        "created_at": t.created_at_ms / 1000,
+    })
+}
+
+fn key_json(k: &ApiKeyRecord) -> Value {
+    json!({
+        "object": "api_key",
+        "id": k.id,
+        "tenant_id": k.tenant_id,
+        "name": k.name,
+        "role": k.role,
+        "models": k.models,
+        "requests_per_minute": k.limits.requests_per_minute,
+        "tokens_per_minute": k.limits.tokens_per_minute,
+        "expires_at": k.expires_at_ms.map(|m| m / 1000),
+        "revoked_at": k.revoked_at_ms.map(|m| m / 1000),
+        "created_at": k.created_at_ms / 1000,
+    })
+}
+
+fn list_json(data: Vec<Value>) -> Value {
+    json!({"object": "list", "data": data})
+}
+
+/// What an admin route needs of the caller on the tenant it names.
+#[derive(Clone, Copy, PartialEq)]
+enum Need {
+    /// Admin or reader of the tenant (or the platform admin).
+    Read,
+    /// Admin of the tenant (or the platform admin).
+    Manage,
+    /// The platform admin only.
+    Platform,
+}
+
+fn role_allows(p: &Principal, need: Need) -> Result<(), ApiError> {
+    let ok = p.is_platform_admin()
+        || match need {
+            Need::Read => matches!(p.role(), Role::Admin | Role::Reader),
+            Need::Manage => p.role() == Role::Admin,
+            Need::Platform => false,
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "This key's role ({}) may not do this.",
+            p.role().as_str()
+        )))
+    }
+}
+
+/// The named tenant if the caller may see it: another tenant's id is a 404.
+async fn visible_tenant(
+    state: &AdminState,
+    p: &Principal,
+    id: &str,
+    need: Need,
+) -> Result<Tenant, ApiError> {
+    if !p.is_platform_admin() && p.tenant.id.as_str() != id {
+        return Err(not_found("tenant", id));
+    }
+    let tenant = state
+        .store
+        .tenant(&TenantId(id.to_owned()))
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| not_found("tenant", id))?;
+    role_allows(p, need)?;
+    Ok(tenant)
+}
+
+/// Appends the audit row for an admin action and renders its result.
+async fn finish(
+    store: &dyn Store,
+    p: &Principal,
+    action: &str,
+    tenant: &str,
+    target: &str,
+    result: Result<(StatusCode, Value), ApiError>,
+) -> Response {
+    record_audit(store, p, action, tenant, target, result_label(&result)).await;
+    match result {
+        Ok((status, body)) => (status, Json(body)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub fn result_label<T>(result: &Result<T, ApiError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => match e.status {
+            401 | 403 => "denied",
+            404 => "not_found",
+            400 | 409 | 413 | 422 => "invalid",
+            _ => "error",
+        },
+    }
+}
+
+pub async fn record_audit(
+    store: &dyn Store,
+    p: &Principal,
+    action: &str,
+    tenant: &str,
+    target: &str,
+    result: &str,
+) {
+    let entry = AuditEntry {
+        at_ms: crate::now_ms(),
+        actor_key: p.key.id.clone(),
+        actor_tenant: p.tenant.id.to_string(),
+        action: action.to_owned(),
+        tenant: tenant.to_owned(),
+        target: target.to_owned(),
+        result: result.to_owned(),
+    };
+    if let Err(e) = store.append_audit(&entry).await {
+        tracing::error!(error = %e, action, "cannot append the audit row");
+    }
+}
+
+/// `Some(None)` for an explicit `null`, `None` for a missing field.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn check_name(name: &str, param: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty()
+        || name.chars().count() > MAX_NAME
+        || name.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid_request(
+            Some(param),
+            format!("`{param}` must be 1 to {MAX_NAME} characters without control characters."),
+        ));
+    }
+    Ok(())
+}
+
+fn check_limit(v: Option<u32>, param: &str) -> Result<(), ApiError> {
+    match v {
+        Some(0) => Err(ApiError::invalid_request(
+            Some(param),
+            format!("`{param}` must be at least 1, or null for no limit."),
+        )),
+        Some(n) if n > MAX_LIMIT => Err(ApiError::invalid_request(
+            Some(param),
+            format!("`{param}` must be at most {MAX_LIMIT}."),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_budget(v: Option<f64>) -> Result<(), ApiError> {
+    match v {
+        Some(b) if !b.is_finite() || !(0.0..=1e9).contains(&b) => Err(ApiError::invalid_request(
+            Some("monthly_budget_usd"),
+            "`monthly_budget_usd` must be between 0 and 1e9 dollars, or null for no budget.",
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn body_of<T: serde::de::DeserializeOwned>(
+    state: &AdminState,
+    req: Request,
+) -> Result<T, ApiError> {
+    let body = read_body(req.into_body(), state.max_body_bytes).await?;
+    if body.is_empty() {
+        return parse_body(b"{}");
+    }
+    parse_body(&body)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+    #[serde(default)]
+    isolation: Isolation,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    monthly_budget_usd: Option<f64>,
+}
+
+async fn create_tenant(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    req: Request,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let c: CreateTenant = body_of(&state, req).await?;
+        check_name(&c.name, "name")?;
+        check_limit(c.requests_per_minute, "requests_per_minute")?;
+        check_limit(c.tokens_per_minute, "tokens_per_minute")?;
+        check_budget(c.monthly_budget_usd)?;
+        let tenant = Tenant {
+            id: TenantId::new(),
+            name: c.name,
+            isolation: c.isolation,
+            limits: RateLimits {
+                requests_per_minute: c.requests_per_minute,
+                tokens_per_minute: c.tokens_per_minute,
+            },
+            monthly_budget_usd: c.monthly_budget_usd,
+            created_at_ms: crate::now_ms(),
+        };
+        state
+            .store
+            .create_tenant(&tenant)
+            .await
+            .map_err(store_error)?;
+        Ok((StatusCode::CREATED, tenant_json(&tenant)))
+    }
+    .await;
+    let target = result.as_ref().map_or(String::new(), |(_, v)| {
+        v["id"].as_str().unwrap_or("").to_owned()
+    });
+    finish(&*state.store, &p, "tenant.create", &target, &target, result).await
+}
+
+async fn list_tenants(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Response {
+    let result = async {
+        let tenants = if p.is_platform_admin() {
+            state.store.tenants().await.map_err(store_error)?
+        } else {
+            role_allows(&p, Need::Read)?;
+            state
+                .store
+                .tenant(&p.tenant.id)
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .collect()
+        };
+        Ok((
+            StatusCode::OK,
+            list_json(tenants.iter().map(tenant_json).collect()),
+        ))
+    }
+    .await;
+    finish(
+        &*state.store,
+        &p,
+        "tenant.list",
+        p.tenant.id.as_str(),
+        "",
+        result,
+    )
+    .await
+}
+
+async fn show_tenant(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let result = visible_tenant(&state, &p, &id, Need::Read)
+        .await
+        .map(|t| (StatusCode::OK, tenant_json(&t)));
+    finish(&*state.store, &p, "tenant.read", &id, &id, result).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateTenant {
+    name: Option<String>,
+    isolation: Option<Isolation>,
+    #[serde(default, deserialize_with = "present")]
+    requests_per_minute: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    tokens_per_minute: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    monthly_budget_usd: Option<Option<f64>>,
+}
+
+async fn update_tenant(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let mut t = visible_tenant(&state, &p, &id, Need::Platform).await?;
+        let u: UpdateTenant = body_of(&state, req).await?;
+        if let Some(name) = u.name {
+            check_name(&name, "name")?;
+            t.name = name;
+        }
+        if let Some(i) = u.isolation {
+            t.isolation = i;
+        }
+        if let Some(v) = u.requests_per_minute {
+            check_limit(v, "requests_per_minute")?;
+            t.limits.requests_per_minute = v;
+        }
+        if let Some(v) = u.tokens_per_minute {
+            check_limit(v, "tokens_per_minute")?;
+            t.limits.tokens_per_minute = v;
+        }
+        if let Some(v) = u.monthly_budget_usd {
+            check_budget(v)?;
+            t.monthly_budget_usd = v;
+        }
+        if !state.store.update_tenant(&t).await.map_err(store_error)? {
+            return Err(not_found("tenant", &id));
+        }
+        state.auth.forget_tenant(&id);
+        Ok((StatusCode::OK, tenant_json(&t)))
+    }
+    .await;
+    finish(&*state.store, &p, "tenant.update", &id, &id, result).await
+}
+
+async fn delete_tenant(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let result = async {
+        let t = visible_tenant(&state, &p, &id, Need::Platform).await?;
+        if t.id.is_platform() {
+            return Err(ApiError::forbidden(
+                "The platform tenant cannot be deleted.",
+            ));
+        }
+        state
+            .store
+            .delete_tenant(&t.id)
+            .await
+            .map_err(store_error)?;
+        state.auth.forget_tenant(&id);
+        Ok((
+            StatusCode::OK,
+            json!({"object": "tenant.deleted", "id": id, "deleted": true}),
+        ))
+    }
+    .await;
+    finish(&*state.store, &p, "tenant.delete", &id, &id, result).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    role: Role,
+    models: Option<Vec<String>>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    /// Unix seconds; must be in the future.
+    expires_at: Option<i64>,
+}
+
+/// A new random key for `tenant`, stored as a digest; the secret is returned once.
+pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRecord, String) {
+    let mut random = [0u8; 32];
+    getrandom::getrandom(&mut random).expect("the OS random source is available");
+    let new = NewKey::from_random(random);
+    let record = ApiKeyRecord {
+        id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+        tenant_id: tenant.clone(),
+        name,
+        role,
+        models: None,
+        limits: RateLimits::default(),
+        expires_at_ms: None,
+        revoked_at_ms: None,
+        created_at_ms: crate::now_ms(),
+        digest: new.digest,
+    };
+    (record, new.secret)
+}
+
+async fn create_key(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let t = visible_tenant(&state, &p, &id, Need::Manage).await?;
+        let c: CreateKey = body_of(&state, req).await?;
+        check_name(&c.name, "name")?;
+        check_limit(c.requests_per_minute, "requests_per_minute")?;
+        check_limit(c.tokens_per_minute, "tokens_per_minute")?;
+        if let Some(models) = &c.models {
+            if models.is_empty() || models.len() > MAX_MODELS || models.iter().any(|m| m.is_empty() || m.len() > 256) {
+                return Err(ApiError::invalid_request(
+                    Some("models"),
+                    format!("`models` must list 1 to {MAX_MODELS} model ids, or be null for all models."),
+                ));
+            }
+        }
+        let now = crate::now_ms();
+        if c.expires_at.is_some_and(|e| e.saturating_mul(1000) <= now) {
+            return Err(ApiError::invalid_request(Some("expires_at"), "`expires_at` must be in the future (Unix seconds)."));
+        }
+        let (mut record, secret) = new_key_record(&t.id, c.name, c.role);
+        record.models = c.models;
+        record.limits = RateLimits {
+            requests_per_minute: c.requests_per_minute,
+            tokens_per_minute: c.tokens_per_minute,
+        };
+        record.expires_at_ms = c.expires_at.map(|e| e.saturating_mul(1000));
+        state.store.create_key(&record).await.map_err(store_error)?;
+        let mut body = key_json(&record);
+        body["key"] = Value::String(secret);
+        Ok((StatusCode::CREATED, body))
+    }
+    .await;
+    let target = result.as_ref().map_or(String::new(), |(_, v)| {
+        v["id"].as_str().unwrap_or("").to_owned()
+    });
+    finish(&*state.store, &p, "key.create", &id, &target, result).await
+}
+
+async fn list_keys(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let result = async {
+        let t = visible_tenant(&state, &p, &id, Need::Read).await?;
+        let keys = state.store.keys(&t.id).await.map_err(store_error)?;
+        Ok((
+            StatusCode::OK,
+            list_json(keys.iter().map(key_json).collect()),
+        ))
+    }
+    .await;
+    finish(&*state.store, &p, "key.list", &id, "", result).await
+}
+
+async fn show_key(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath((id, key)): UrlPath<(String, String)>,
+) -> Response {
+    let result = async {
+        let t = visible_tenant(&state, &p, &id, Need::Read).await?;
+        let k = state
+            .store
+            .key(&t.id, &key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found("key", &key))?;
+        Ok((StatusCode::OK, key_json(&k)))
+    }
+    .await;
+    finish(&*state.store, &p, "key.read", &id, &key, result).await
+}
+
+async fn revoke_key(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath((id, key)): UrlPath<(String, String)>,
+) -> Response {
+    let result = async {
+        let t = visible_tenant(&state, &p, &id, Need::Manage).await?;
+        if !state
+            .store
+            .revoke_key(&t.id, &key, crate::now_ms())
+            .await
+            .map_err(store_error)?
+        {
+            return Err(not_found("key", &key));
+        }
+        state.auth.forget_tenant(&id);
+        let k = state
+            .store
+            .key(&t.id, &key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found("key", &key))?;
+        Ok((StatusCode::OK, key_json(&k)))
+    }
+    .await;
+    finish(&*state.store, &p, "key.revoke", &id, &key, result).await
+}
+
+fn usage_json(totals: Vec<strata_core::store::UsageTotals>) -> Value {
+    list_json(
+        totals
+            .into_iter()
+            .map(|u| {
+                json!({
+                    "object": "usage", "model": u.model, "requests": u.requests,
+                    "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                    "cost_usd": u.cost_usd,
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn tenant_usage(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let result = async {
+        let t = visible_tenant(&state, &p, &id, Need::Read).await?;
+        let totals = state
+            .store
+            .usage_totals(Some(&t.id))
+            .await
+            .map_err(store_error)?;
+        let month = state
+            .store
+            .tenant_spend(&t.id, crate::budget::month_start_ms(crate::now_ms()))
+            .await
+            .map_err(store_error)?;
+        let mut body = usage_json(totals);
+        body["tenant_id"] = json!(t.id);
+        body["month_spend_usd"] = json!(month);
+        body["monthly_budget_usd"] = json!(t.monthly_budget_usd);
+        Ok((StatusCode::OK, body))
+    }
+    .await;
+    finish(&*state.store, &p, "usage.read", &id, "", result).await
+}
+
+async fn all_usage(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let totals = state.store.usage_totals(None).await.map_err(store_error)?;
+        Ok((StatusCode::OK, usage_json(totals)))
+    }
+    .await;
+    finish(&*state.store, &p, "usage.read", "*", "", result).await
+}
+
+async fn audit(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Manage)?;
+        let scope = (!p.is_platform_admin()).then_some(&p.tenant.id);
+        let rows = state.store.audit(scope).await.map_err(store_error)?;
+        Ok((StatusCode::OK, json!({"object": "list", "data": rows})))
+    }
+    .await;
+    finish(
+        &*state.store,
+        &p,
+        "audit.read",
+        p.tenant.id.as_str(),
+        "",
+        result,
+    )
+    .await
+}
+
+async fn rotate_kek(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let vault = state
+            .vault
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid_request(None, "This gateway holds no keyring."))?;
+        let KekSource::File(path) = vault.kek_source() else {
+            return Err(ApiError::invalid_request(
+                None,
+                "The KEK comes from STRATA_KEK; rotate it by restarting with a new value after re-wrapping offline.",
+            ));
+        };
+        let old = vault.kek_id();
+        let new = Kek::generate();
+        let id = vault.rotate_kek_to_file(new, &path).map_err(|e| {
+            tracing::error!(error = %e, "KEK rotation failed");
+            ApiError::internal("KEK rotation failed; the old KEK is still in use.")
+        })?;
+        Ok((StatusCode::OK, json!({"object": "kek", "previous_id": old, "id": id})))
+    }
+    .await;
+    finish(&*state.store, &p, "kek.rotate", "*", "", result).await
+}
+
+/// Makes sure the platform tenant and a platform admin key exist. With
+/// `admin_key_file`, that key is the admin key; otherwise, when no active
+/// admin key exists, a new one is made and returned to be shown once.
+pub async fn bootstrap(
+    store: &dyn Store,
+    admin_key_file: Option<&Path>,
+) -> Result<Option<String>, String> {
+    let platform = TenantId::platform();
+    if store
+        .tenant(&platform)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        store
+            .create_tenant(&Tenant {
+                id: platform.clone(),
+                name: "platform".into(),
+                isolation: Isolation::Shared,
+                limits: RateLimits::default(),
+                monthly_budget_usd: None,
+                created_at_ms: crate::now_ms(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = admin_key_file {
+        let secret = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the admin key file {}: {e}", path.display()))?;
+        let secret = secret.trim();
+        if !looks_like_key(secret) {
+            return Err(format!(
+                "{} does not hold a strata key (sk-strata- followed by 43 base64url characters)",
+                path.display()
+            ));
+        }
+        let digest = key_digest(secret);
+        let known = store
+            .keys_by_lookup(strata_core::tenant::digest_lookup(&digest))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .any(|k| k.digest == digest);
+        if !known {
+            let (mut record, _) =
+                new_key_record(&platform, "platform admin (from file)".into(), Role::Admin);
+            record.digest = digest;
+            store.create_key(&record).await.map_err(|e| e.to_string())?;
+        }
+        return Ok(None);
+    }
+    let now = crate::now_ms();
+    let has_admin = store
+        .keys(&platform)
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .any(|k| k.role == Role::Admin && k.is_active(now));
+    if has_admin {
+        return Ok(None);
+    }
+    let (record, secret) = new_key_record(&platform, "platform admin".into(), Role::Admin);
+    store.create_key(&record).await.map_err(|e| e.to_string())?;
+    Ok(Some(secret))
+}

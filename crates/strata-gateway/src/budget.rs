@@ -1,0 +1,177 @@
+//! Monthly budgets in dollars per tenant: a request is checked against an
+//! estimate of its cost before it runs and settled with its real usage after.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Unix milliseconds of the start of the UTC calendar month holding `now_ms`.
+pub fn month_start_ms(now_ms: i64) -> i64 {
+    let days = now_ms.div_euclid(86_400_000);
+    let (y, m, _) = civil_from_days(days);
+    days_from_civil(y, m, 1) * 86_400_000
+}
+
+// Howard Hinnant's civil-calendar algorithms (proleptic Gregorian, UTC).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// One tenant's month: what the ledger says was spent, plus what requests in
+/// flight may still spend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MonthSpend {
+    pub month_start_ms: i64,
+    pub spent: f64,
+    pub reserved: f64,
+}
+
+/// Why a request may not start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverBudget {
+    pub budget: f64,
+    pub spent: f64,
+}
+
+impl MonthSpend {
+    /// Reserves `estimate` if it fits in `budget`.
+    pub fn reserve(&mut self, budget: f64, estimate: f64) -> Result<(), OverBudget> {
+        if self.spent + self.reserved + estimate > budget {
+            return Err(OverBudget {
+                budget,
+                spent: self.spent,
+            });
+        }
+        self.reserved += estimate;
+        Ok(())
+    }
+
+    /// Replaces the reservation with the real cost.
+    pub fn settle(&mut self, estimate: f64, actual: f64) {
+        self.reserved = (self.reserved - estimate).max(0.0);
+        self.spent += actual;
+    }
+}
+
+/// Month spends of tenants with a budget, loaded from the ledger on first
+/// use and at each new month.
+#[derive(Default)]
+pub struct Budgets {
+    months: Mutex<HashMap<String, MonthSpend>>,
+}
+
+impl Budgets {
+    /// The tenant's spend for the month of `now_ms`, if already known.
+    pub fn known(&self, tenant: &str, now_ms: i64) -> Option<MonthSpend> {
+        let months = self.months.lock().expect("budget lock");
+        months
+            .get(tenant)
+            .filter(|m| m.month_start_ms == month_start_ms(now_ms))
+            .copied()
+    }
+
+    /// Records the ledger's figure for a month (unless a newer one is there).
+    pub fn load(&self, tenant: &str, month_start_ms: i64, spent: f64) {
+        let mut months = self.months.lock().expect("budget lock");
+        let m = months.entry(tenant.to_owned()).or_insert(MonthSpend {
+            month_start_ms,
+            spent,
+            reserved: 0.0,
+        });
+        if m.month_start_ms != month_start_ms {
+            *m = MonthSpend {
+                month_start_ms,
+                spent,
+                reserved: 0.0,
+            };
+        }
+    }
+
+    pub fn reserve(&self, tenant: &str, budget: f64, estimate: f64) -> Result<(), OverBudget> {
+        let mut months = self.months.lock().expect("budget lock");
+        match months.get_mut(tenant) {
+            Some(m) => m.reserve(budget, estimate),
+            None => Ok(()),
+        }
+    }
+
+    pub fn settle(&self, tenant: &str, estimate: f64, actual: f64) {
+        if let Some(m) = self.months.lock().expect("budget lock").get_mut(tenant) {
+            m.settle(estimate, actual);
+        }
+    }
+
+    pub fn forget(&self, tenant: &str) {
+        self.months.lock().expect("budget lock").remove(tenant);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn month_starts_are_calendar_months_in_utc() {
+        // 2026-11-29T02:25:21Z -> 2026-11-01T00:00:00Z
+        assert_eq!(month_start_ms(1_796_005_521_000), 1_793_491_200_000);
+        // 2024-02-29T23:59:59.999Z -> 2024-02-01
+        assert_eq!(month_start_ms(1_709_251_199_999), 1_706_745_600_000);
+        // 2024-03-01T00:00:00Z is its own month start.
+        assert_eq!(month_start_ms(1_709_251_200_000), 1_709_251_200_000);
+        assert_eq!(month_start_ms(0), 0);
+    }
+
+    #[test]
+    fn reservations_block_what_would_overspend_and_settle_to_real_cost() {
+        let mut m = MonthSpend {
+            month_start_ms: 0,
+            spent: 0.0,
+            reserved: 0.0,
+        };
+        m.reserve(1.0, 0.6).unwrap();
+        assert!(
+            m.reserve(1.0, 0.6).is_err(),
+            "two estimates together exceed the budget"
+        );
+        m.settle(0.6, 0.2);
+        m.reserve(1.0, 0.6).unwrap();
+        m.settle(0.6, 0.7);
+        assert!((m.spent - 0.9).abs() < 1e-12);
+        assert_eq!(
+            m.reserve(1.0, 0.2),
+            Err(OverBudget {
+                budget: 1.0,
+                spent: m.spent
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn month_start_is_at_most_31_days_back_and_idempotent(t in 0i64..4_102_444_800_000) {
+            let s = month_start_ms(t);
+            prop_assert!(s <= t && t - s < 31 * 86_400_000);
+            prop_assert_eq!(month_start_ms(s), s);
+            prop_assert_eq!(civil_from_days(s / 86_400_000).2, 1);
+        }
+    }
+}
