@@ -1,6 +1,8 @@
 //! OpenAI wire types for completions and chat completions, the JSON body
 //! parser that names the offending field, and request validation.
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -119,8 +121,40 @@ pub struct ChatCompletionRequest {
     pub stream: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
+    /// Keep the request and answer, readable later through
+    /// `/v1/chat/completions/{id}` (sealed with the tenant's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+/// OpenAI's bounds on `metadata`: pairs, key length, value length.
+pub const MAX_METADATA_PAIRS: usize = 16;
+pub const MAX_METADATA_KEY: usize = 64;
+pub const MAX_METADATA_VALUE: usize = 512;
+
+/// Checks `metadata` against OpenAI's bounds.
+pub fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if metadata.len() > MAX_METADATA_PAIRS {
+        return Err(ApiError::invalid_request(
+            Some("metadata"),
+            format!("`metadata` may hold at most {MAX_METADATA_PAIRS} pairs."),
+        ));
+    }
+    for (k, v) in metadata {
+        if k.chars().count() > MAX_METADATA_KEY || v.chars().count() > MAX_METADATA_VALUE {
+            return Err(ApiError::invalid_request(
+                Some("metadata"),
+                format!(
+                    "`metadata` keys may be at most {MAX_METADATA_KEY} and values {MAX_METADATA_VALUE} characters."
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -186,6 +220,9 @@ pub struct Generation {
     pub max_tokens: Option<u32>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Chat only: keep the request and answer (`store: true`).
+    pub store: bool,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Most stop strings a request may give, as OpenAI allows.
@@ -217,6 +254,8 @@ impl CompletionRequest {
             max_tokens: check_max_tokens("max_tokens", self.max_tokens)?,
             include_usage: include_usage(self.stream, self.stream_options.as_ref())?,
             stream: self.stream,
+            store: false,
+            metadata: BTreeMap::new(),
         })
     }
 }
@@ -244,6 +283,8 @@ impl ChatCompletionRequest {
             (Some(m), _) => ("max_completion_tokens", Some(m)),
             (None, m) => ("max_tokens", m),
         };
+        let metadata = self.metadata.unwrap_or_default();
+        check_metadata(&metadata)?;
         Ok(Generation {
             model: self.model,
             input: PromptInput::Chat(turns),
@@ -251,6 +292,8 @@ impl ChatCompletionRequest {
             max_tokens: check_max_tokens(field, max_tokens)?,
             include_usage: include_usage(self.stream, self.stream_options.as_ref())?,
             stream: self.stream,
+            store: self.store.unwrap_or(false),
+            metadata,
         })
     }
 }

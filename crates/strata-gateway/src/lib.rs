@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod replicas;
 pub mod router;
+pub mod stored;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tracing::Instrument;
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -81,6 +82,7 @@ const ASSUMED_OUTPUT_TOKENS: u64 = 256;
 
 struct AppState {
     proxy: Proxy,
+    store: Arc<dyn Store>,
     policy: Arc<Policy>,
     max_body_bytes: usize,
     started: u64,
@@ -152,6 +154,7 @@ pub async fn serve(
             ledger,
         },
         policy,
+        store: store.clone(),
         max_body_bytes: settings.max_body_bytes,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -186,9 +189,13 @@ async fn follow_capacity(
 fn router(state: Arc<AppState>, admin: Arc<AdminState>, auth: Arc<Authenticator>) -> Router {
     let authenticated = Router::new()
         .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).get(list_completions),
+        )
         .route("/v1/models", get(models))
         .with_state(state.clone())
+        .merge(stored::routes(state.store.clone()))
         .merge(admin::routes(admin))
         .route_layer(axum::middleware::from_fn_with_state(
             auth,
@@ -219,6 +226,14 @@ async fn chat_completions(
     req: Request,
 ) -> Response {
     route(state, p, req, "/v1/chat/completions").await
+}
+
+async fn list_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Query(q): Query<stored::ListQuery>,
+) -> Response {
+    stored::list(state.store.clone(), p, q).await
 }
 
 async fn route(
@@ -278,7 +293,19 @@ async fn forward(
         .await?;
     let _enter = span.enter();
     let estimated_tokens = estimate.prompt_tokens + estimate.output_tokens;
+    let keep = generation.store.then(|| {
+        let messages = serde_json::from_slice::<serde_json::Value>(&body)
+            .map(|v| v["messages"].clone())
+            .unwrap_or_default();
+        stored::Keep {
+            store: state.store.clone(),
+            tenant: p.tenant.id.clone(),
+            messages,
+            metadata: generation.metadata.clone(),
+        }
+    });
     let forward = Forward {
+        keep,
         tenant_id: p.tenant.id.to_string(),
         key_id: p.key.id.clone(),
         charge: Some(charge),

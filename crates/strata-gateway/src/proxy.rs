@@ -21,6 +21,7 @@ use crate::admission::Charge;
 use crate::ledger::Ledger;
 use crate::metrics::GatewayMetrics;
 use crate::replicas::{InFlight, NoReplica, ReplicaSet};
+use crate::stored::{Keep, Transcript};
 
 /// What the gateway learned about a request before forwarding it.
 pub struct Forward {
@@ -30,6 +31,8 @@ pub struct Forward {
     /// Limits, budget and fair-queue slot held for this request; settled
     /// with the metered usage when the request ends.
     pub charge: Option<Charge>,
+    /// Where to keep the answer (`store: true`).
+    pub keep: Option<Keep>,
     pub body: Bytes,
     pub model: String,
     pub stream: bool,
@@ -129,9 +132,13 @@ impl Proxy {
                 ));
             }
         };
-        let usage = serde_json::from_slice::<Value>(&body)
-            .ok()
+        let parsed = serde_json::from_slice::<Value>(&body).ok();
+        let usage = parsed
+            .as_ref()
             .and_then(|v| serde_json::from_value::<Usage>(v.get("usage")?.clone()).ok());
+        if let (Some(keep), Some(answer), true) = (&req.keep, parsed, status.is_success()) {
+            keep.save(answer).await;
+        }
         let elapsed = req.arrived.elapsed().as_secs_f64();
         self.metrics.latency.observe(elapsed);
         self.metrics.first_byte.observe(elapsed);
@@ -153,9 +160,13 @@ impl Proxy {
         upstream: reqwest::Response,
     ) -> Response {
         let status = upstream.status();
+        let mut events = SseEvents::new(!req.include_usage);
+        if req.keep.is_some() {
+            events.transcript = Some(Transcript::default());
+        }
         let metered = Metered {
             inner: Box::pin(upstream.bytes_stream()),
-            events: SseEvents::new(!req.include_usage),
+            events,
             first_byte: None,
             done: false,
             ledger: self.ledger.clone(),
@@ -234,6 +245,8 @@ pub struct SseEvents {
     buf: BytesMut,
     strip_usage: bool,
     pub usage: Option<Usage>,
+    /// Assembles the answer from the chunks when it is to be stored.
+    pub transcript: Option<Transcript>,
 }
 
 impl SseEvents {
@@ -242,6 +255,7 @@ impl SseEvents {
             buf: BytesMut::new(),
             strip_usage,
             usage: None,
+            transcript: None,
         }
     }
 
@@ -274,6 +288,9 @@ impl SseEvents {
         let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
             return false;
         };
+        if let Some(t) = self.transcript.as_mut() {
+            t.observe(&v);
+        }
         let is_usage = v["choices"].as_array().is_some_and(|c| c.is_empty());
         if let Ok(u) = serde_json::from_value::<Usage>(v["usage"].clone()) {
             self.usage = Some(u);
@@ -357,6 +374,20 @@ impl Drop for Metered {
         self.metrics.latency.observe(latency);
         // 499: the client went away before the end, as nginx logs it.
         let status = if self.done { 200 } else { 499 };
+        let finished = self
+            .events
+            .transcript
+            .as_ref()
+            .is_some_and(Transcript::finished);
+        if let (true, Some(keep), Some(t)) = (
+            finished,
+            self.req.keep.take(),
+            self.events.transcript.take(),
+        ) {
+            // Written after the stream ends; a read right after `[DONE]` may
+            // race it, as with OpenAI's own stored completions.
+            tokio::spawn(async move { keep.save(t.into_completion()).await });
+        }
         let row = usage_row(
             &self.req,
             &self.flight,

@@ -25,7 +25,8 @@ const COMPLETIONS: &str = "stored_completions";
 
 pub struct SqliteStore {
     pool: SqlitePool,
-    vault: Arc<Vault>,
+    /// `None` for tools that touch no tenant content (audit verification).
+    vault: Option<Arc<Vault>>,
     /// One appender at a time, so each audit row chains to the one before.
     audit_lock: tokio::sync::Mutex<()>,
 }
@@ -37,6 +38,16 @@ fn query_err(e: sqlx::Error) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and migrates it.
     pub async fn open(path: &Path, vault: Arc<Vault>) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, Some(vault)).await
+    }
+
+    /// Opens without a keyring: everything but tenant content works, and
+    /// creating tenants or touching sealed rows is an error.
+    pub async fn open_without_vault(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, None).await
+    }
+
+    async fn open_with(path: &Path, vault: Option<Arc<Vault>>) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
@@ -64,8 +75,10 @@ impl SqliteStore {
         })
     }
 
-    pub fn vault(&self) -> &Arc<Vault> {
-        &self.vault
+    fn vault(&self) -> Result<&Vault, StoreError> {
+        self.vault
+            .as_deref()
+            .ok_or_else(|| StoreError::Crypto("this store was opened without a keyring".into()))
     }
 }
 
@@ -148,7 +161,7 @@ impl SqliteStore {
         let id: String = r.get("id");
         let sealed: Vec<u8> = r.get("sealed");
         let content = self
-            .vault
+            .vault()?
             .open_sealed(
                 Binding {
                     tenant: tenant.as_str(),
@@ -286,7 +299,7 @@ fn unique_violation(e: &sqlx::Error) -> bool {
 #[async_trait]
 impl TenantStore for SqliteStore {
     async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
-        self.vault
+        self.vault()?
             .create_tenant_key(t.id.as_str())
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let inserted = sqlx::query(
@@ -358,7 +371,7 @@ impl TenantStore for SqliteStore {
             return Ok(false);
         }
         // Shred first: once the key is gone, no copy of the rows can be read.
-        self.vault
+        self.vault()?
             .destroy_tenant_key(id.as_str())
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
@@ -528,7 +541,7 @@ impl CompletionStore for SqliteStore {
         c: &StoredCompletion,
     ) -> Result<(), StoreError> {
         let sealed = self
-            .vault
+            .vault()?
             .seal(
                 Binding {
                     tenant: tenant.as_str(),

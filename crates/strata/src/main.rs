@@ -51,6 +51,130 @@ enum Command {
     /// Config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Tenants, through the admin API (platform admin key).
+    Tenant(AdminArgs<TenantCommand>),
+    /// API keys of a tenant, through the admin API.
+    Key(AdminArgs<KeyCommand>),
+    /// Key-encryption key, through the admin API.
+    Keys(AdminArgs<KeysCommand>),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// How an admin verb reaches the gateway.
+#[derive(Args)]
+struct AdminArgs<C: Subcommand> {
+    /// Gateway base URL.
+    #[arg(
+        long,
+        env = "STRATA_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// Admin key (sk-strata-...).
+    #[arg(long, env = "STRATA_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: C,
+}
+
+#[derive(Args)]
+struct LimitFlags {
+    /// Requests per minute (omit for no limit).
+    #[arg(long)]
+    rpm: Option<u32>,
+    /// Tokens per minute (omit for no limit).
+    #[arg(long)]
+    tpm: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant (and its data key).
+    Create {
+        name: String,
+        /// `shared` or `dedicated`.
+        #[arg(long, default_value = "shared")]
+        isolation: String,
+        #[command(flatten)]
+        limits: LimitFlags,
+        /// Monthly budget in dollars.
+        #[arg(long)]
+        budget: Option<f64>,
+    },
+    /// Tenants this key can see.
+    List,
+    Show {
+        id: String,
+    },
+    /// Change limits or budget (`--clear-budget`, `--clear-limits` remove them).
+    Update {
+        id: String,
+        #[command(flatten)]
+        limits: LimitFlags,
+        #[arg(long)]
+        budget: Option<f64>,
+        #[arg(long)]
+        clear_budget: bool,
+        #[arg(long)]
+        clear_limits: bool,
+    },
+    /// Delete a tenant: its data key is destroyed first, then its rows.
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key; the secret is printed once.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// `admin`, `member` or `reader`.
+        #[arg(long, default_value = "member")]
+        role: String,
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Models the key may use, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        #[command(flatten)]
+        limits: LimitFlags,
+        /// Days until the key expires.
+        #[arg(long)]
+        expires_in_days: Option<f64>,
+    },
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every tenant data key under a new KEK (written over the KEK file).
+    RotateKek,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chain in the database; exit 1 if broken.
+    Verify {
+        /// SQLite database file (default: store.path).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,8 +279,19 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             runtime()?.block_on(run_serve(load_config(&cli.config)?, &cli.config, args))
         }
+        Command::Tenant(args) => runtime()?.block_on(admin::tenant(args)),
+        Command::Key(args) => runtime()?.block_on(admin::key(args)),
+        Command::Keys(args) => runtime()?.block_on(admin::keys(args)),
+        Command::Audit(AuditCommand::Verify { db }) => {
+            let config = load_config(&cli.config)?;
+            runtime()?.block_on(admin::verify_audit(
+                db.as_ref().unwrap_or(&config.store.path),
+            ))
+        }
     }
 }
+
+mod admin;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

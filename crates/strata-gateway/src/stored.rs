@@ -1,0 +1,259 @@
+//! Stored chat completions (`store: true`): the request's messages and the
+//! answer are kept, sealed under the tenant's data key, and read back through
+//! `/v1/chat/completions/{id}`, its messages, the list, and delete. Every
+//! query names the caller's tenant; another tenant's id is a plain 404.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use strata_core::store::{Store, StoredCompletion};
+use strata_core::tenant::TenantId;
+use strata_core::ApiError;
+
+use crate::admin::{record_audit, result_label, store_error};
+use crate::auth::Principal;
+
+/// Where and what to keep for one request.
+pub struct Keep {
+    pub store: Arc<dyn Store>,
+    pub tenant: TenantId,
+    pub messages: Value,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Keep {
+    /// Seals and writes the answer with its request; a failure is logged (the
+    /// client already has its answer) and counted as not stored.
+    pub async fn save(&self, mut completion: Value) {
+        let Some(id) = completion["id"].as_str().map(str::to_owned) else {
+            tracing::warn!("answer without an id; not stored");
+            return;
+        };
+        completion["metadata"] = json!(self.metadata);
+        let doc = json!({"completion": completion, "messages": self.messages});
+        let record = StoredCompletion {
+            id,
+            created_at_ms: crate::now_ms(),
+            model: completion["model"].as_str().unwrap_or_default().to_owned(),
+            content: serde_json::to_vec(&doc).expect("JSON values serialise"),
+        };
+        if let Err(e) = self.store.put_completion(&self.tenant, &record).await {
+            tracing::error!(error = %e, id = %record.id, "cannot store the completion");
+        }
+    }
+}
+
+/// The answer of a streamed chat completion, put together chunk by chunk.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    id: Option<String>,
+    created: Option<Value>,
+    model: Option<String>,
+    content: String,
+    finish_reason: Option<Value>,
+    usage: Option<Value>,
+}
+
+impl Transcript {
+    pub fn observe(&mut self, chunk: &Value) {
+        if self.id.is_none() {
+            self.id = chunk["id"].as_str().map(str::to_owned);
+            self.created = chunk.get("created").cloned();
+            self.model = chunk["model"].as_str().map(str::to_owned);
+        }
+        if let Some(choice) = chunk["choices"].get(0) {
+            if let Some(text) = choice["delta"]["content"].as_str() {
+                self.content.push_str(text);
+            }
+            if !choice["finish_reason"].is_null() {
+                self.finish_reason = Some(choice["finish_reason"].clone());
+            }
+        }
+        if !chunk["usage"].is_null() {
+            self.usage = Some(chunk["usage"].clone());
+        }
+    }
+
+    /// Only an answer that ended (a finish reason arrived) is worth keeping.
+    pub fn finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+
+    pub fn into_completion(self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": self.content},
+                "logprobs": null,
+                "finish_reason": self.finish_reason,
+            }],
+            "usage": self.usage,
+        })
+    }
+}
+
+pub fn routes(store: Arc<dyn Store>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions/{id}", get(show).delete(delete))
+        .route("/v1/chat/completions/{id}/messages", get(messages))
+        .with_state(store)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("No chat completion with id `{id}` is stored."))
+}
+
+fn content(c: &StoredCompletion) -> Result<Value, ApiError> {
+    serde_json::from_slice(&c.content)
+        .map_err(|_| ApiError::internal("A stored completion could not be read."))
+}
+
+async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<Value, ApiError> {
+    let c = store
+        .completion(&p.tenant.id, id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| not_found(id))?;
+    content(&c)
+}
+
+async fn answer(
+    store: &dyn Store,
+    p: &Principal,
+    action: &str,
+    target: &str,
+    result: Result<Value, ApiError>,
+) -> Response {
+    record_audit(
+        store,
+        p,
+        action,
+        p.tenant.id.as_str(),
+        target,
+        result_label(&result),
+    )
+    .await;
+    match result {
+        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn show(
+    State(store): State<Arc<dyn Store>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let result = fetch(&*store, &p, &id)
+        .await
+        .map(|doc| doc["completion"].clone());
+    answer(&*store, &p, "completion.read", &id, result).await
+}
+
+async fn messages(
+    State(store): State<Arc<dyn Store>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let result = fetch(&*store, &p, &id).await.map(|doc| {
+        let data: Vec<Value> = doc["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut m)| {
+                m["id"] = json!(format!("{id}-{i}"));
+                m
+            })
+            .collect();
+        json!({
+            "object": "list",
+            "first_id": data.first().map(|m| m["id"].clone()),
+            "last_id": data.last().map(|m| m["id"].clone()),
+            "has_more": false,
+            "data": data,
+        })
+    });
+    answer(&*store, &p, "completion.messages", &id, result).await
+}
+
+async fn delete(
+    State(store): State<Arc<dyn Store>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async {
+        if !p.role().may_generate() {
+            return Err(ApiError::forbidden(
+                "This key's role (reader) may not delete stored completions.",
+            ));
+        }
+        if store
+            .delete_completion(&p.tenant.id, &id)
+            .await
+            .map_err(store_error)?
+        {
+            Ok(json!({"object": "chat.completion.deleted", "id": id, "deleted": true}))
+        } else {
+            Err(not_found(&id))
+        }
+    }
+    .await;
+    answer(&*store, &p, "completion.delete", &id, result).await
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/chat/completions`: the tenant's stored completions, newest first.
+pub async fn list(store: Arc<dyn Store>, p: Arc<Principal>, q: ListQuery) -> Response {
+    let result = async {
+        let limit = match q.limit.as_deref() {
+            None => 20,
+            Some(l) => l
+                .parse::<u32>()
+                .ok()
+                .filter(|l| (1..=100).contains(l))
+                .ok_or_else(|| {
+                    ApiError::invalid_request(
+                        Some("limit"),
+                        "`limit` must be an integer from 1 to 100.",
+                    )
+                })?,
+        };
+        let rows = store
+            .completions(&p.tenant.id, q.after.as_deref(), limit + 1)
+            .await
+            .map_err(store_error)?;
+        let has_more = rows.len() > limit as usize;
+        let data = rows
+            .iter()
+            .take(limit as usize)
+            .map(|c| content(c).map(|doc| doc["completion"].clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(json!({
+            "object": "list",
+            "first_id": data.first().map(|c| c["id"].clone()),
+            "last_id": data.last().map(|c| c["id"].clone()),
+            "has_more": has_more,
+            "data": data,
+        }))
+    }
+    .await;
+    answer(&*store, &p, "completion.list", "", result).await
+}

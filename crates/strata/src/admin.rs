@@ -1,0 +1,307 @@
+//! Admin verbs: thin clients of the gateway's `/admin/v1/` API (so roles and
+//! the audit trail apply to them too), and the offline audit check.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use strata_core::store::AuditStore;
+use strata_core::tenant::verify_audit as verify_chain;
+use strata_store::SqliteStore;
+
+use crate::{AdminArgs, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
+
+struct Api {
+    client: reqwest::Client,
+    url: String,
+    key: String,
+}
+
+impl Api {
+    fn new<C: clap::Subcommand>(args: &AdminArgs<C>) -> Result<Api> {
+        let Some(key) = args.api_key.clone() else {
+            bail!("no admin key: pass --api-key or set STRATA_API_KEY");
+        };
+        Ok(Api {
+            client: reqwest::Client::new(),
+            url: args.url.trim_end_matches('/').to_owned(),
+            key,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.url))?;
+        let status = resp.status();
+        let v: Value = resp
+            .json()
+            .await
+            .context("the gateway's answer is not JSON")?;
+        if !status.is_success() {
+            bail!(
+                "{status}: {}",
+                v["error"]["message"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(v)
+    }
+}
+
+fn limits_json(l: &LimitFlags) -> Value {
+    let mut v = json!({});
+    if let Some(r) = l.rpm {
+        v["requests_per_minute"] = json!(r);
+    }
+    if let Some(t) = l.tpm {
+        v["tokens_per_minute"] = json!(t);
+    }
+    v
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// Rows of `columns` from each object, aligned.
+fn table(rows: &[Value], columns: &[&str]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |vals: Vec<String>| {
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = vec![line(columns.iter().map(|c| c.to_uppercase()).collect())];
+    out.extend(cells.into_iter().map(line));
+    out.join("\n")
+}
+
+const TENANT_COLUMNS: &[&str] = &[
+    "id",
+    "name",
+    "isolation",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "monthly_budget_usd",
+];
+const KEY_COLUMNS: &[&str] = &["id", "name", "role", "models", "expires_at", "revoked_at"];
+
+fn print(json_out: bool, v: &Value, columns: &[&str]) {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("JSON serialises")
+        );
+    } else if let Some(rows) = v["data"].as_array() {
+        println!("{}", table(rows, columns));
+    } else {
+        println!("{}", table(std::slice::from_ref(v), columns));
+    }
+}
+
+pub async fn tenant(args: AdminArgs<TenantCommand>) -> Result<()> {
+    use reqwest::Method;
+    let api = Api::new(&args)?;
+    let v = match &args.command {
+        TenantCommand::Create {
+            name,
+            isolation,
+            limits,
+            budget,
+        } => {
+            let mut body = merge(
+                json!({"name": name, "isolation": isolation}),
+                limits_json(limits),
+            );
+            if let Some(b) = budget {
+                body["monthly_budget_usd"] = json!(b);
+            }
+            api.call(Method::POST, "/admin/v1/tenants", Some(body))
+                .await?
+        }
+        TenantCommand::List => api.call(Method::GET, "/admin/v1/tenants", None).await?,
+        TenantCommand::Show { id } => {
+            api.call(Method::GET, &format!("/admin/v1/tenants/{id}"), None)
+                .await?
+        }
+        TenantCommand::Update {
+            id,
+            limits,
+            budget,
+            clear_budget,
+            clear_limits,
+        } => {
+            let mut body = if *clear_limits {
+                json!({"requests_per_minute": null, "tokens_per_minute": null})
+            } else {
+                json!({})
+            };
+            body = merge(body, limits_json(limits));
+            if *clear_budget {
+                body["monthly_budget_usd"] = Value::Null;
+            } else if let Some(b) = budget {
+                body["monthly_budget_usd"] = json!(b);
+            }
+            api.call(
+                Method::PATCH,
+                &format!("/admin/v1/tenants/{id}"),
+                Some(body),
+            )
+            .await?
+        }
+        TenantCommand::Delete { id } => {
+            let v = api
+                .call(Method::DELETE, &format!("/admin/v1/tenants/{id}"), None)
+                .await?;
+            if !args.json {
+                println!("deleted {id}");
+                return Ok(());
+            }
+            v
+        }
+    };
+    print(args.json, &v, TENANT_COLUMNS);
+    Ok(())
+}
+
+pub async fn key(args: AdminArgs<KeyCommand>) -> Result<()> {
+    use reqwest::Method;
+    let api = Api::new(&args)?;
+    match &args.command {
+        KeyCommand::Create {
+            tenant,
+            role,
+            name,
+            models,
+            limits,
+            expires_in_days,
+        } => {
+            let mut body = merge(json!({"name": name, "role": role}), limits_json(limits));
+            if let Some(m) = models {
+                body["models"] = json!(m);
+            }
+            if let Some(days) = expires_in_days {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                body["expires_at"] = json!((now + days * 86_400.0) as i64);
+            }
+            let v = api
+                .call(
+                    Method::POST,
+                    &format!("/admin/v1/tenants/{tenant}/keys"),
+                    Some(body),
+                )
+                .await?;
+            if args.json {
+                print(true, &v, KEY_COLUMNS);
+            } else {
+                println!("{}", table(std::slice::from_ref(&v), KEY_COLUMNS));
+                println!("\nkey (shown once): {}", cell(&v["key"]));
+            }
+        }
+        KeyCommand::List { tenant } => {
+            let v = api
+                .call(
+                    Method::GET,
+                    &format!("/admin/v1/tenants/{tenant}/keys"),
+                    None,
+                )
+                .await?;
+            print(args.json, &v, KEY_COLUMNS);
+        }
+        KeyCommand::Revoke { tenant, id } => {
+            let v = api
+                .call(
+                    Method::DELETE,
+                    &format!("/admin/v1/tenants/{tenant}/keys/{id}"),
+                    None,
+                )
+                .await?;
+            print(args.json, &v, KEY_COLUMNS);
+        }
+    }
+    Ok(())
+}
+
+pub async fn keys(args: AdminArgs<KeysCommand>) -> Result<()> {
+    let api = Api::new(&args)?;
+    match args.command {
+        KeysCommand::RotateKek => {
+            let v = api
+                .call(reqwest::Method::POST, "/admin/v1/kek/rotate", None)
+                .await?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "KEK rotated: {} -> {}",
+                    cell(&v["previous_id"]),
+                    cell(&v["id"])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads every audit row from the database and checks the chain.
+pub async fn verify_audit(db: &Path) -> Result<()> {
+    if !db.is_file() {
+        bail!("no database at {}", db.display());
+    }
+    let store = SqliteStore::open_without_vault(db).await?;
+    let rows = store.audit(None).await?;
+    match verify_chain(&rows) {
+        Ok(()) => {
+            let head = rows.last().map_or("(empty)", |r| r.hash.as_str());
+            println!("audit log ok: {} rows, head {head}", rows.len());
+            Ok(())
+        }
+        Err(b) => bail!("audit log broken at row {}: {}", b.seq, b.reason),
+    }
+}
