@@ -65,6 +65,11 @@ pub struct GatewayConfig {
     pub max_waiting_per_tenant: u32,
     /// Seconds a request may wait in the fair queue before it gets 429.
     pub queue_timeout_secs: f64,
+    /// PEM certificate chain; with `tls_key_file`, the gateway serves HTTPS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse plain HTTP (needs certificates, or `--tls-self-signed`).
+    pub require_tls: bool,
 }
 
 impl Default for GatewayConfig {
@@ -78,6 +83,9 @@ impl Default for GatewayConfig {
             slots_per_replica: 8,
             max_waiting_per_tenant: 256,
             queue_timeout_secs: 60.0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
         }
     }
 }
@@ -234,6 +242,12 @@ impl Config {
             bad(
                 "gateway.queue_timeout_secs",
                 "must be greater than 0".into(),
+            );
+        }
+        if self.gateway.tls_cert_file.is_some() != self.gateway.tls_key_file.is_some() {
+            bad(
+                "gateway.tls_cert_file",
+                "give both tls_cert_file and tls_key_file, or neither".into(),
             );
         }
         for (model, price) in &self.pricing {

@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod replicas;
 pub mod router;
 pub mod stored;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,8 +55,8 @@ use crate::replicas::ReplicaSet;
 pub enum GatewayError {
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
-    #[error("gateway server failed: {0}")]
-    Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +69,10 @@ pub struct GatewaySettings {
     pub max_waiting_per_tenant: usize,
     pub queue_timeout: Duration,
     pub pricing: BTreeMap<String, ModelPrice>,
+    /// Serve HTTPS with these files.
+    pub tls: Option<tls::TlsFiles>,
+    /// Refuse plain HTTP (needs `tls`).
+    pub require_tls: bool,
 }
 
 /// Unix time in milliseconds.
@@ -97,10 +102,11 @@ pub async fn serve(
     vault: Option<Arc<Vault>>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let acceptor = settings.tls.as_ref().map(tls::acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| GatewayError::Listen(settings.listen, e))?;
-    tracing::info!(listen = %settings.listen, "gateway listening");
+    tracing::info!(listen = %settings.listen, tls = acceptor.is_some(), require_tls = settings.require_tls, "gateway listening");
     let metrics = Arc::new(GatewayMetrics::new());
     let replicas = Arc::new(ReplicaSet::default());
     let client = reqwest::Client::builder()
@@ -160,14 +166,19 @@ pub async fn serve(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     });
-    let served = axum::serve(listener, router(state, admin, auth))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    tls::serve(
+        listener,
+        router(state, admin, auth),
+        acceptor,
+        settings.require_tls,
+        shutdown,
+    )
+    .await;
     background.cancel();
     while tasks.join_next().await.is_some() {}
     // The router (and with it the last `Ledger`) is gone: the writer flushes and ends.
     let _ = ledger_task.await;
-    served.map_err(GatewayError::Serve)
+    Ok(())
 }
 
 /// Keeps the fair queue's capacity at ready replicas × slots per replica.

@@ -227,7 +227,20 @@ struct ServeArgs {
     #[arg(long)]
     db: Option<PathBuf>,
     #[command(flatten)]
+    tls: TlsFlags,
+    #[command(flatten)]
     engine: EngineFlags,
+}
+
+#[derive(Args)]
+struct TlsFlags {
+    /// Serve HTTPS with a development certificate for localhost (made once
+    /// beside the database); prints its SHA-256 fingerprint.
+    #[arg(long)]
+    tls_self_signed: bool,
+    /// Refuse plain HTTP (default: gateway.require_tls).
+    #[arg(long)]
+    require_tls: bool,
 }
 
 #[derive(Args)]
@@ -241,6 +254,8 @@ struct GatewayArgs {
     /// SQLite database file (default: store.path).
     #[arg(long)]
     db: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsFlags,
 }
 
 #[derive(Args)]
@@ -411,9 +426,44 @@ async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
     Ok(())
 }
 
-fn gateway_settings(config: &Config, listen: Option<&String>) -> Result<GatewaySettings> {
+fn gateway_settings(
+    config: &Config,
+    listen: Option<&String>,
+    tls_flags: &TlsFlags,
+    db: Option<&PathBuf>,
+) -> Result<GatewaySettings> {
     let listen = listen.unwrap_or(&config.gateway.listen);
+    let g = &config.gateway;
+    let tls = if tls_flags.tls_self_signed {
+        let db = db.unwrap_or(&config.store.path);
+        let dir = db
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("tls");
+        let files = strata_gateway::tls::self_signed(&dir)?;
+        println!(
+            "strata: TLS with a self-signed certificate {} (sha256 fingerprint {})",
+            files.cert.display(),
+            strata_gateway::tls::fingerprint(&files.cert)?
+        );
+        Some(files)
+    } else {
+        match (&g.tls_cert_file, &g.tls_key_file) {
+            (Some(cert), Some(key)) => Some(strata_gateway::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    };
+    let require_tls = tls_flags.require_tls || g.require_tls;
+    if require_tls && tls.is_none() {
+        bail!("require_tls needs certificates: set gateway.tls_cert_file and gateway.tls_key_file, or pass --tls-self-signed");
+    }
     Ok(GatewaySettings {
+        tls,
+        require_tls,
         listen: listen
             .parse()
             .with_context(|| format!("--listen / gateway.listen `{listen}` is not an address"))?,
@@ -486,7 +536,7 @@ async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn St
 }
 
 async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
-    let settings = gateway_settings(&config, args.listen.as_ref())?;
+    let settings = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     let urls: Vec<String> = config
         .gateway
         .replicas
@@ -520,7 +570,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     if !(1..=64).contains(&replicas) {
         bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
     }
-    let gateway = gateway_settings(&config, args.listen.as_ref())?;
+    let gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     let engine = engine_settings(&config, &args.engine, replicas);
     if !engine.model_path.is_file() {
         bail!(
