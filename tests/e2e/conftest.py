@@ -63,7 +63,7 @@ def wait_ready(base, replicas, timeout=180):
 
 
 class Server:
-    def __init__(self, replicas=2, config="", tenant="e2e"):
+    def __init__(self, replicas=2, config="", tenant="e2e", ready=None):
         self.dir = tempfile.mkdtemp(prefix="strata-e2e-")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -82,7 +82,7 @@ class Server:
              "--replicas", str(replicas), "--db", os.path.join(self.dir, "strata.db")],
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        wait_ready(self.base, replicas)
+        wait_ready(self.base, ready or replicas)
         self.tenant = self.admin("POST", "/admin/v1/tenants", {"name": tenant}).json()
         self.key = self.new_key(self.tenant["id"], "member")
         self.headers = bearer(self.key)

@@ -3,6 +3,7 @@
 //! endpoints to the gateway, records each instance in the store, and on
 //! shutdown stops every child (SIGTERM, then SIGKILL) so none is orphaned.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,8 +23,29 @@ pub struct LocalSettings {
     pub program: PathBuf,
     /// Arguments after `engine`, without `--port`.
     pub engine_args: Vec<String>,
+    /// Replicas in the shared pool.
     pub replicas: u32,
+    /// Replicas reserved per dedicated tenant (by name), launched after the shared ones.
+    pub dedicated: BTreeMap<String, u32>,
     pub startup_timeout: Duration,
+}
+
+impl LocalSettings {
+    /// The tenant slot `index` is reserved for, if any.
+    fn reserved_for(&self, index: u32) -> Option<String> {
+        let mut next = self.replicas;
+        for (tenant, count) in &self.dedicated {
+            if index < next + count && index >= next {
+                return Some(tenant.clone());
+            }
+            next += count;
+        }
+        None
+    }
+
+    fn total(&self) -> u32 {
+        self.replicas + self.dedicated.values().sum::<u32>()
+    }
 }
 
 struct Slot {
@@ -120,6 +142,7 @@ impl LocalProvider {
             .map(|s| ReplicaEndpoint {
                 id: s.instance.id.clone(),
                 url: s.instance.endpoint.clone(),
+                reserved_for: self.settings.reserved_for(s.index),
             })
             .collect();
         self.publish.send_replace(endpoints);
@@ -133,7 +156,7 @@ impl LocalProvider {
     /// Runs until `shutdown`, then stops every replica.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ControlError> {
         let mut slots = Vec::new();
-        for index in 0..self.settings.replicas {
+        for index in 0..self.settings.total() {
             slots.push(self.launch(index, 0).await?);
         }
         self.publish(&slots);

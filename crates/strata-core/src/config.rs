@@ -137,6 +137,8 @@ pub struct ServeConfig {
     pub replicas: u32,
     /// Seconds a new engine process may take to become healthy.
     pub startup_timeout_secs: f64,
+    /// Extra replicas reserved for `dedicated` tenants, by tenant name.
+    pub dedicated: BTreeMap<String, u32>,
 }
 
 impl Default for ServeConfig {
@@ -144,6 +146,7 @@ impl Default for ServeConfig {
         ServeConfig {
             replicas: 2,
             startup_timeout_secs: 120.0,
+            dedicated: BTreeMap::new(),
         }
     }
 }
@@ -286,6 +289,14 @@ impl Config {
         }
         if !(1..=64).contains(&self.serve.replicas) {
             bad("serve.replicas", "must be between 1 and 64".into());
+        }
+        for (tenant, count) in &self.serve.dedicated {
+            if tenant.trim().is_empty() || !(1..=16).contains(count) {
+                bad(
+                    &format!("serve.dedicated.{tenant}"),
+                    "must name a tenant and reserve 1 to 16 replicas".into(),
+                );
+            }
         }
         if !positive(self.serve.startup_timeout_secs) {
             bad(

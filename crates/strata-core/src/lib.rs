@@ -22,4 +22,8 @@ pub struct ReplicaEndpoint {
     pub id: String,
     /// Base URL, e.g. `http://127.0.0.1:40123`.
     pub url: String,
+    /// The tenant (by name) this replica is reserved for; `None` is the
+    /// shared pool. Dedicated tenants use only their replicas, and no other
+    /// tenant's request ever reaches those.
+    pub reserved_for: Option<String>,
 }

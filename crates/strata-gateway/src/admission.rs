@@ -15,13 +15,16 @@ use strata_core::ApiError;
 
 use crate::auth::Principal;
 use crate::budget::{month_start_ms, Budgets};
-use crate::fairq::{Admission, FairPermit, FairQueue, OUTPUT_WEIGHT, PROMPT_WEIGHT};
+use crate::fairq::{Admission, FairPermit, FairQueue, Pools, OUTPUT_WEIGHT, PROMPT_WEIGHT};
 use crate::limits::{Bucket, Limited, Limiter, Refusal};
+use crate::replicas::ReplicaSet;
 
 pub struct Policy {
     pub limiter: Limiter,
     pub budgets: Budgets,
-    pub fairq: Arc<FairQueue>,
+    pub pools: Pools,
+    pub replicas: Arc<ReplicaSet>,
+    pub slots_per_replica: usize,
     pub pricing: BTreeMap<String, ModelPrice>,
     pub store: Arc<dyn Store>,
     pub queue_timeout: Duration,
@@ -90,6 +93,7 @@ impl Policy {
     pub async fn admit(
         self: &Arc<Self>,
         p: &Arc<Principal>,
+        pool: Option<&str>,
         model: &str,
         estimate: Estimate,
     ) -> Result<Charge, ApiError> {
@@ -131,8 +135,12 @@ impl Policy {
                 ),
             });
         }
+        let fairq = self.pools.queue(pool, || {
+            self.replicas.ready_in(pool) * self.slots_per_replica
+        });
         let mut charge = Charge {
             policy: self.clone(),
+            fairq: fairq.clone(),
             tenant: p.tenant.id.to_string(),
             buckets: buckets
                 .into_iter()
@@ -165,7 +173,7 @@ impl Policy {
             }
             charge.budgeted = true;
         }
-        let permit = match self.fairq.admit(&charge.tenant, estimate.service()) {
+        let permit = match fairq.admit(&charge.tenant, estimate.service()) {
             Err(_) => {
                 return Err(ApiError::overloaded(
                     "Too many of this tenant's requests are waiting; retry later.",
@@ -192,6 +200,7 @@ impl Policy {
 /// (none recorded: nothing was generated).
 pub struct Charge {
     policy: Arc<Policy>,
+    fairq: Arc<FairQueue>,
     tenant: String,
     /// Token buckets to correct: name and rate.
     buckets: Vec<(String, u32)>,
@@ -242,8 +251,7 @@ impl Drop for Charge {
         }
         let service = f64::from(usage.prompt_tokens) * PROMPT_WEIGHT
             + f64::from(usage.completion_tokens) * OUTPUT_WEIGHT;
-        self.policy
-            .fairq
+        self.fairq
             .settle(&self.tenant, service - self.estimate.service());
         // The slot goes back last, so the next tenant is picked on corrected counters.
         self.permit.take();

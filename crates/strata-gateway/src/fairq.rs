@@ -225,6 +225,45 @@ impl FairQueue {
     }
 }
 
+/// One fair queue per replica pool: the shared pool and each dedicated
+/// tenant's, each sized by its own ready replicas.
+pub struct Pools {
+    queues: Mutex<HashMap<Option<String>, Arc<FairQueue>>>,
+    max_waiting_per_tenant: usize,
+}
+
+impl Pools {
+    pub fn new(max_waiting_per_tenant: usize) -> Pools {
+        Pools {
+            queues: Mutex::new(HashMap::new()),
+            max_waiting_per_tenant,
+        }
+    }
+
+    /// The pool's queue, made with `capacity` slots on first use.
+    pub fn queue(&self, pool: Option<&str>, capacity: impl FnOnce() -> usize) -> Arc<FairQueue> {
+        let mut queues = self.queues.lock().expect("pools lock");
+        queues
+            .entry(pool.map(str::to_owned))
+            .or_insert_with(|| FairQueue::new(capacity(), self.max_waiting_per_tenant))
+            .clone()
+    }
+
+    /// Sets every known pool's capacity from its ready replicas.
+    pub fn set_capacities(&self, ready: &HashMap<Option<String>, usize>, slots_per_replica: usize) {
+        let queues: Vec<(Option<String>, Arc<FairQueue>)> = self
+            .queues
+            .lock()
+            .expect("pools lock")
+            .iter()
+            .map(|(p, q)| (p.clone(), q.clone()))
+            .collect();
+        for (pool, q) in queues {
+            q.set_capacity(ready.get(&pool).copied().unwrap_or(0) * slots_per_replica);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

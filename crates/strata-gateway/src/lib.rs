@@ -37,6 +37,7 @@ use strata_core::openai::{
     parse_body, response_id, ChatCompletionRequest, CompletionRequest, Generation, ModelList,
 };
 use strata_core::store::Store;
+use strata_core::tenant::Isolation;
 use strata_core::{read_body, ApiError, ReplicaEndpoint};
 use strata_store::Vault;
 use tokio::sync::watch;
@@ -45,7 +46,6 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::AdminState;
 use crate::admission::{Estimate, Policy};
 use crate::auth::{Authenticator, Principal};
-use crate::fairq::FairQueue;
 use crate::ledger::Ledger;
 use crate::metrics::{GatewayMetrics, RequestLabels};
 use crate::proxy::{Forward, Proxy};
@@ -116,11 +116,12 @@ pub async fn serve(
         .build()
         .expect("a client without TLS always builds");
     let (ledger, ledger_task) = Ledger::spawn(store.clone(), metrics.clone());
-    let fairq = FairQueue::new(0, settings.max_waiting_per_tenant);
     let policy = Arc::new(Policy {
         limiter: Default::default(),
         budgets: Default::default(),
-        fairq: fairq.clone(),
+        pools: fairq::Pools::new(settings.max_waiting_per_tenant),
+        replicas: replicas.clone(),
+        slots_per_replica: settings.slots_per_replica,
         pricing: settings.pricing.clone(),
         store: store.clone(),
         queue_timeout: settings.queue_timeout,
@@ -146,12 +147,7 @@ pub async fn serve(
         settings.health_interval,
         background.clone(),
     ));
-    tasks.spawn(follow_capacity(
-        fairq,
-        replicas.clone(),
-        settings.slots_per_replica,
-        background.clone(),
-    ));
+    tasks.spawn(follow_capacity(policy.clone(), background.clone()));
     let state = Arc::new(AppState {
         proxy: Proxy {
             client,
@@ -181,15 +177,12 @@ pub async fn serve(
     Ok(())
 }
 
-/// Keeps the fair queue's capacity at ready replicas × slots per replica.
-async fn follow_capacity(
-    fairq: Arc<FairQueue>,
-    replicas: Arc<ReplicaSet>,
-    slots_per_replica: usize,
-    cancel: CancellationToken,
-) {
+/// Keeps each pool's fair-queue capacity at its ready replicas × slots.
+async fn follow_capacity(policy: Arc<Policy>, cancel: CancellationToken) {
     loop {
-        fairq.set_capacity(replicas.ready_count() * slots_per_replica);
+        policy
+            .pools
+            .set_capacities(&policy.replicas.ready_by_pool(), policy.slots_per_replica);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -292,14 +285,16 @@ async fn forward(
             .max_tokens
             .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
     };
-    if state.proxy.replicas.ready_count() == 0 {
-        return Err(ApiError::unavailable(
-            "No replica is ready to serve requests; retry shortly.",
-        ));
+    let pool = (p.tenant.isolation == Isolation::Dedicated).then(|| p.tenant.name.clone());
+    if state.proxy.replicas.ready_in(pool.as_deref()) == 0 {
+        return Err(ApiError::unavailable(match pool {
+            Some(_) => "No replica reserved for this tenant is ready; retry shortly.",
+            None => "No replica is ready to serve requests; retry shortly.",
+        }));
     }
     let charge = state
         .policy
-        .admit(&p, &generation.model, estimate)
+        .admit(&p, pool.as_deref(), &generation.model, estimate)
         .instrument(span.clone())
         .await?;
     let _enter = span.enter();
@@ -316,6 +311,7 @@ async fn forward(
         }
     });
     let forward = Forward {
+        pool,
         keep,
         tenant_id: p.tenant.id.to_string(),
         key_id: p.key.id.clone(),
@@ -356,6 +352,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         .map(|r| {
             json!({
                 "id": r.endpoint.id, "url": r.endpoint.url, "ready": r.is_ready(),
+                "reserved_for": r.endpoint.reserved_for,
                 "outstanding_tokens": r.outstanding_tokens(),
             })
         })

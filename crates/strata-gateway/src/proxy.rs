@@ -26,6 +26,8 @@ use crate::stored::{Keep, Transcript};
 /// What the gateway learned about a request before forwarding it.
 pub struct Forward {
     pub path: &'static str,
+    /// The dedicated tenant's pool, or `None` for the shared one.
+    pub pool: Option<String>,
     pub tenant_id: String,
     pub key_id: String,
     /// Limits, budget and fair-queue slot held for this request; settled
@@ -60,10 +62,12 @@ impl Proxy {
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<(StatusCode, Bytes)> = None;
         loop {
-            let flight = match self
-                .replicas
-                .choose(&req.model, &tried, req.estimated_tokens)
-            {
+            let flight = match self.replicas.choose(
+                req.pool.as_deref(),
+                &req.model,
+                &tried,
+                req.estimated_tokens,
+            ) {
                 Ok(f) => f,
                 Err(NoReplica::NoneReady) => {
                     return Err(ApiError::unavailable(

@@ -108,15 +108,22 @@ impl ReplicaSet {
         *self.replicas.write().expect("replica lock") = Arc::new(next);
     }
 
-    /// Picks a replica for `model`, not one of `tried` (endpoint ids), and
+    /// Picks a replica of `pool` (a dedicated tenant's name, or `None` for
+    /// the shared pool) for `model`, not one of `tried` (endpoint ids), and
     /// charges it `tokens` until the returned guard drops.
     pub fn choose(
         &self,
+        pool: Option<&str>,
         model: &str,
         tried: &[String],
         tokens: u64,
     ) -> Result<InFlight, NoReplica> {
-        let all = self.snapshot();
+        let all: Vec<Arc<Replica>> = self
+            .snapshot()
+            .iter()
+            .filter(|r| r.endpoint.reserved_for.as_deref() == pool)
+            .cloned()
+            .collect();
         if !all.iter().any(|r| r.is_ready()) {
             return Err(NoReplica::NoneReady);
         }
@@ -156,6 +163,23 @@ impl ReplicaSet {
 
     pub fn ready_count(&self) -> usize {
         self.snapshot().iter().filter(|r| r.is_ready()).count()
+    }
+
+    /// Ready replicas of one pool (`None`: the shared pool).
+    pub fn ready_in(&self, pool: Option<&str>) -> usize {
+        self.snapshot()
+            .iter()
+            .filter(|r| r.is_ready() && r.endpoint.reserved_for.as_deref() == pool)
+            .count()
+    }
+
+    /// Ready replicas per pool, every pool that has replicas included.
+    pub fn ready_by_pool(&self) -> std::collections::HashMap<Option<String>, usize> {
+        let mut pools = std::collections::HashMap::new();
+        for r in self.snapshot().iter() {
+            *pools.entry(r.endpoint.reserved_for.clone()).or_insert(0) += usize::from(r.is_ready());
+        }
+        pools
     }
 }
 

@@ -557,6 +557,7 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
         .map(|u| ReplicaEndpoint {
             id: u.clone(),
             url: u.trim_end_matches('/').to_string(),
+            reserved_for: None,
         })
         .collect();
     let (_keep, rx) = watch::channel(endpoints);
@@ -571,7 +572,9 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
     }
     let gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
-    let engine = engine_settings(&config, &args.engine, replicas);
+    // Dedicated tenants' replicas share the cores too.
+    let processes = replicas + config.serve.dedicated.values().sum::<u32>();
+    let engine = engine_settings(&config, &args.engine, processes);
     if !engine.model_path.is_file() {
         bail!(
             "model file {} does not exist; run `strata model fetch` or pass --model",
@@ -601,6 +604,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
             program: std::env::current_exe().context("cannot find this program's path")?,
             engine_args,
             replicas,
+            dedicated: config.serve.dedicated.clone(),
             startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
         },
         store.clone(),
