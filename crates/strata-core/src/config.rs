@@ -360,6 +360,20 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_config_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let block = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|s| s.split("```toml").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("README has a toml block under Configuration");
+        let c = Config::from_toml(block).expect("README config parses");
+        assert_eq!(c.check(), vec![]);
+        assert_eq!(c.gateway, GatewayConfig::default());
+    }
+
+    #[test]
     fn check_names_each_bad_value() {
         let c = Config::from_toml(
             "[gateway]\nlisten = \"nowhere\"\nreplicas = [\"ftp://x\"]\n[engine]\nmax_sequences = 0\n[serve]\nreplicas = 0\n",
