@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_core::openai::Usage;
-use strata_core::store::{KeyStore, Store, TenantStore};
+use strata_core::store::Store;
 use strata_core::tenant::{Isolation, RateLimits, Role, Tenant, TenantId};
 use strata_gateway::admission::{Estimate, Policy};
 use strata_gateway::auth::Authenticator;
