@@ -25,6 +25,8 @@ pub struct LocalSettings {
     pub engine_args: Vec<String>,
     /// Replicas in the shared pool.
     pub replicas: u32,
+    /// Replicas speak HTTPS (mutual TLS; `engine_args` carry the certificates).
+    pub https: bool,
     /// Replicas reserved per dedicated tenant (by name), launched after the shared ones.
     pub dedicated: BTreeMap<String, u32>,
     pub startup_timeout: Duration,
@@ -77,19 +79,19 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl LocalProvider {
+    /// `http` checks the replicas' health; with `settings.https` it must
+    /// present the client certificate the replicas require.
     pub fn new(
         settings: LocalSettings,
         store: Arc<dyn Store>,
         publish: watch::Sender<Vec<ReplicaEndpoint>>,
+        http: reqwest::Client,
     ) -> Self {
         LocalProvider {
             settings,
             store,
             publish,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .expect("a client without TLS always builds"),
+            http,
         }
     }
 
@@ -113,7 +115,10 @@ impl LocalProvider {
         let instance = InstanceRecord {
             id: format!("local-{index}-{:x}", now_ms()),
             provider: "local".into(),
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: format!(
+                "{}://127.0.0.1:{port}",
+                if self.settings.https { "https" } else { "http" }
+            ),
             state: InstanceState::Starting,
             started_at_ms: now_ms(),
             ended_at_ms: None,

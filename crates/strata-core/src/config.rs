@@ -139,6 +139,9 @@ pub struct ServeConfig {
     pub startup_timeout_secs: f64,
     /// Extra replicas reserved for `dedicated` tenants, by tenant name.
     pub dedicated: BTreeMap<String, u32>,
+    /// Gateway and replicas talk mutual TLS with certificates strata makes
+    /// (a private CA under `<data>/tls/replicas/`).
+    pub replica_mtls: bool,
 }
 
 impl Default for ServeConfig {
@@ -147,6 +150,7 @@ impl Default for ServeConfig {
             replicas: 2,
             startup_timeout_secs: 120.0,
             dedicated: BTreeMap::new(),
+            replica_mtls: false,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! strata's vocabulary, shared by every other crate: the OpenAI wire types,
 //! the one error type that becomes an OpenAI-shaped HTTP error, request
 //! validation, the chat template, the config schema and the `Store` trait.
-//! Nothing here does I/O.
+//! Nothing here does I/O, except behind the `axum` and `tls` features: the
+//! HTTP plumbing (error rendering, body limits, the TLS listener) that the
+//! gateway and the engine share.
 
 pub mod config;
 pub mod error;
@@ -10,6 +12,8 @@ pub mod sampling;
 pub mod store;
 pub mod template;
 pub mod tenant;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 #[cfg(feature = "axum")]
 pub use error::read_body;

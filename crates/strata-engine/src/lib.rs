@@ -26,6 +26,6 @@ pub enum EngineError {
     Backend(String),
     #[error("cannot listen on {0}: {1}")]
     Listen(String, std::io::Error),
-    #[error("server failed: {0}")]
-    Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }

@@ -45,13 +45,27 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Mutual TLS for the engine's listener: its certificate, and the CA whose
+/// client certificates (the gateway's) it accepts; plain HTTP is refused.
+#[derive(Debug, Clone)]
+pub struct EngineTls {
+    pub files: strata_core::tls::TlsFiles,
+    pub client_ca: std::path::PathBuf,
+}
+
 /// Binds `listen`, loads the model in the background, serves until `shutdown`.
 pub async fn serve(
     settings: EngineSettings,
     listen: SocketAddr,
     max_body_bytes: usize,
+    tls: Option<EngineTls>,
     shutdown: CancellationToken,
 ) -> Result<(), EngineError> {
+    let acceptor = tls
+        .as_ref()
+        .map(|t| strata_core::tls::acceptor(&t.files, Some(&t.client_ca)))
+        .transpose()
+        .map_err(|e| EngineError::Tls(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| EngineError::Listen(listen.to_string(), e))?;
@@ -81,16 +95,19 @@ pub async fn serve(
             }
         })
     };
-    let stop = async move {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = load_failed.cancelled() => {}
-        }
-    };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(EngineError::Serve)?;
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = load_failed.cancelled() => {}
+            }
+            stop.cancel();
+        });
+    }
+    let mutual = acceptor.is_some();
+    strata_core::tls::serve(listener, router(state), acceptor, mutual, stop).await;
     if loader.is_finished() {
         if let Ok(Err(e)) = loader.await {
             return Err(e);

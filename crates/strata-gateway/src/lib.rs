@@ -16,7 +16,6 @@ pub mod proxy;
 pub mod replicas;
 pub mod router;
 pub mod stored;
-pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +37,7 @@ use strata_core::openai::{
 };
 use strata_core::store::Store;
 use strata_core::tenant::Isolation;
-use strata_core::{read_body, ApiError, ReplicaEndpoint};
+use strata_core::{read_body, tls, ApiError, ReplicaEndpoint};
 use strata_store::Vault;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +72,38 @@ pub struct GatewaySettings {
     pub tls: Option<tls::TlsFiles>,
     /// Refuse plain HTTP (needs `tls`).
     pub require_tls: bool,
+    /// Mutual TLS to the replicas with strata's own certificates.
+    pub replica_tls: Option<tls::ReplicaPki>,
+}
+
+/// An HTTP client for replicas: with `pki`, it trusts only strata's replica
+/// CA and presents the gateway's client certificate.
+pub fn replica_client(
+    pki: Option<&tls::ReplicaPki>,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, GatewayError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true);
+    if let Some(pki) = pki {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| tls::TlsError::Certificate(p.to_owned(), e.to_string()))
+        };
+        let mut identity = read(&pki.client.cert)?;
+        identity.extend(read(&pki.client.key)?);
+        let bad = |e: reqwest::Error| tls::TlsError::Config(e.to_string());
+        builder = builder
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&read(&pki.ca_cert)?).map_err(bad)?,
+            )
+            .identity(reqwest::Identity::from_pem(&identity).map_err(bad)?);
+    }
+    Ok(builder
+        .build()
+        .map_err(|e| tls::TlsError::Config(e.to_string()))?)
 }
 
 /// Unix time in milliseconds.
@@ -102,19 +133,18 @@ pub async fn serve(
     vault: Option<Arc<Vault>>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let acceptor = settings.tls.as_ref().map(tls::acceptor).transpose()?;
+    let acceptor = settings
+        .tls
+        .as_ref()
+        .map(|files| tls::acceptor(files, None))
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| GatewayError::Listen(settings.listen, e))?;
     tracing::info!(listen = %settings.listen, tls = acceptor.is_some(), require_tls = settings.require_tls, "gateway listening");
     let metrics = Arc::new(GatewayMetrics::new());
     let replicas = Arc::new(ReplicaSet::default());
-    let client = reqwest::Client::builder()
-        .connect_timeout(settings.connect_timeout)
-        .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .build()
-        .expect("a client without TLS always builds");
+    let client = replica_client(settings.replica_tls.as_ref(), settings.connect_timeout)?;
     let (ledger, ledger_task) = Ledger::spawn(store.clone(), metrics.clone());
     let policy = Arc::new(Policy {
         limiter: Default::default(),

@@ -265,6 +265,14 @@ struct EngineArgs {
     host: String,
     #[arg(long)]
     port: u16,
+    /// Serve HTTPS with this certificate (with --tls-key and --client-ca:
+    /// only clients with a certificate from that CA are served).
+    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineFlags,
 }
@@ -421,8 +429,22 @@ async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
                 args.host, args.port
             )
         })?;
+    let tls = match (args.tls_cert, args.tls_key, args.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(strata_engine::server::EngineTls {
+            files: strata_core::tls::TlsFiles { cert, key },
+            client_ca,
+        }),
+        _ => None,
+    };
     let shutdown = shutdown_on_signal();
-    strata_engine::server::serve(settings, listen, config.engine.max_body_bytes, shutdown).await?;
+    strata_engine::server::serve(
+        settings,
+        listen,
+        config.engine.max_body_bytes,
+        tls,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 
@@ -441,16 +463,16 @@ fn gateway_settings(
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .join("tls");
-        let files = strata_gateway::tls::self_signed(&dir)?;
+        let files = strata_core::tls::self_signed(&dir)?;
         println!(
             "strata: TLS with a self-signed certificate {} (sha256 fingerprint {})",
             files.cert.display(),
-            strata_gateway::tls::fingerprint(&files.cert)?
+            strata_core::tls::fingerprint(&files.cert)?
         );
         Some(files)
     } else {
         match (&g.tls_cert_file, &g.tls_key_file) {
-            (Some(cert), Some(key)) => Some(strata_gateway::tls::TlsFiles {
+            (Some(cert), Some(key)) => Some(strata_core::tls::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
             }),
@@ -464,6 +486,7 @@ fn gateway_settings(
     Ok(GatewaySettings {
         tls,
         require_tls,
+        replica_tls: None,
         listen: listen
             .parse()
             .with_context(|| format!("--listen / gateway.listen `{listen}` is not an address"))?,
@@ -571,7 +594,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     if !(1..=64).contains(&replicas) {
         bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
     }
-    let gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
+    let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     // Dedicated tenants' replicas share the cores too.
     let processes = replicas + config.serve.dedicated.values().sum::<u32>();
     let engine = engine_settings(&config, &args.engine, processes);
@@ -594,6 +617,27 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         "--context-size".into(),
         engine.context_size.to_string(),
     ];
+    if config.serve.replica_mtls {
+        let db = args.db.as_ref().unwrap_or(&config.store.path);
+        let dir = db
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("tls")
+            .join("replicas");
+        let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
+        for (flag, path) in [
+            ("--tls-cert", &pki.server.cert),
+            ("--tls-key", &pki.server.key),
+            ("--client-ca", &pki.ca_cert),
+        ] {
+            engine_args.push(flag.into());
+            engine_args.push(path.display().to_string());
+        }
+        gateway.replica_tls = Some(pki);
+    }
+    let health_client =
+        strata_gateway::replica_client(gateway.replica_tls.as_ref(), Duration::from_secs(2))?;
     // Engine children read the same config file, when there is one.
     if let Ok(path) = std::fs::canonicalize(config_path) {
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
@@ -604,11 +648,13 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
             program: std::env::current_exe().context("cannot find this program's path")?,
             engine_args,
             replicas,
+            https: gateway.replica_tls.is_some(),
             dedicated: config.serve.dedicated.clone(),
             startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
         },
         store.clone(),
         publish,
+        health_client,
     );
     let shutdown = shutdown_on_signal();
     let provider_task = tokio::spawn(provider.run(shutdown.clone()));
