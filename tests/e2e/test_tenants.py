@@ -295,33 +295,31 @@ def test_budget_is_checked_before_and_settled_after(mt):
 
 
 def timed_chat(mt, key, max_tokens):
-    t0 = time.time()
+    """Status, start and end (monotonic seconds) of one chat request."""
+    t0 = time.monotonic()
     r = call(mt, "POST", "/v1/chat/completions", key, body=chat_body("Tell me a story", max_tokens))
-    return r.status_code, time.time() - t0
+    return r.status_code, t0, time.monotonic()
 
 
 def test_a_flooding_tenant_does_not_delay_another_without_bound(mt):
+    """With one slot, FIFO would put each calm request behind the whole flood;
+    least-service-first lets it pass all but the running request and at most
+    one more. Asserted on the order of completions, not on timings."""
     flood = mt.new_key(mt.admin("POST", "/admin/v1/tenants", {"name": "flood"}, expect=201).json()["id"], "member")
     calm = mt.new_key(mt.admin("POST", "/admin/v1/tenants", {"name": "calm"}, expect=201).json()["id"], "member")
-    status, solo = timed_chat(mt, calm, 16)
-    assert status == 200
+    assert timed_chat(mt, calm, 16)[0] == 200
     with cf.ThreadPoolExecutor(8) as pool:
         floods = [pool.submit(timed_chat, mt, flood, 16) for _ in range(8)]
         time.sleep(0.5)  # the flood holds the one slot and fills its queue
-        calm_times = []
-        for _ in range(3):
-            status, took = timed_chat(mt, calm, 16)
-            assert status == 200
-            calm_times.append(took)
-        flood_results = [f.result() for f in floods]
-    assert all(s == 200 for s, _ in flood_results)
-    slowest_flood = max(t for _, t in flood_results)
-    # With one slot, FIFO would put each calm request behind the whole flood
-    # (8 × solo); least-service-first puts it behind at most the request
-    # running and one more.
-    print(f"solo {solo:.2f}s, calm {[round(t, 2) for t in calm_times]}, slowest flood {slowest_flood:.2f}s")
-    assert max(calm_times) <= 3.5 * solo + 0.5, (solo, calm_times)
-    assert slowest_flood >= 4 * solo, (solo, slowest_flood)
+        calm_runs = [timed_chat(mt, calm, 16) for _ in range(3)]
+        flood_runs = [f.result() for f in floods]
+    assert all(r[0] == 200 for r in flood_runs + calm_runs)
+    flood_done = sorted(end for _, _, end in flood_runs)
+    passed_by = [sum(start < d < end for d in flood_done) for _, start, end in calm_runs]
+    still_waiting = sum(d > calm_runs[0][2] for d in flood_done)
+    print(f"flood requests finishing during each calm request: {passed_by}; after the first: {still_waiting}")
+    assert all(n <= 2 for n in passed_by), passed_by
+    assert still_waiting >= 3, "the first calm request went ahead of a queued flood"
 
 
 def test_a_tenants_queue_is_bounded(mt):
