@@ -380,7 +380,8 @@ def test_audit_trail_records_and_verifies(mt):
     rows = mt.admin("GET", "/admin/v1/audit", expect=200).json()["data"]
     actions = {(r["action"], r["result"]) for r in rows}
     for expected in [("tenant.create", "ok"), ("key.create", "ok"), ("key.revoke", "ok"), ("tenant.delete", "ok"),
-                     ("completion.read", "ok"), ("completion.read", "not_found"), ("tenant.create", "denied"),
+                     ("completion.create", "ok"), ("completion.read", "ok"), ("completion.read", "not_found"),
+                     ("completion.delete", "ok"), ("tenant.create", "denied"),
                      ("kek.rotate", "ok")]:
         assert expected in actions, expected
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))

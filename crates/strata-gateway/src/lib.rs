@@ -335,7 +335,7 @@ async fn forward(
             .unwrap_or_default();
         stored::Keep {
             store: state.store.clone(),
-            tenant: p.tenant.id.clone(),
+            principal: p.clone(),
             messages,
             metadata: generation.metadata.clone(),
         }

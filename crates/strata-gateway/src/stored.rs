@@ -14,7 +14,6 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::store::{Store, StoredCompletion};
-use strata_core::tenant::TenantId;
 use strata_core::ApiError;
 
 use crate::admin::{record_audit, result_label, store_error};
@@ -23,7 +22,8 @@ use crate::auth::Principal;
 /// Where and what to keep for one request.
 pub struct Keep {
     pub store: Arc<dyn Store>,
-    pub tenant: TenantId,
+    /// Whose request it was: the tenant owns the row, the key is audited.
+    pub principal: Arc<Principal>,
     pub messages: Value,
     pub metadata: BTreeMap<String, String>,
 }
@@ -44,9 +44,21 @@ impl Keep {
             model: completion["model"].as_str().unwrap_or_default().to_owned(),
             content: serde_json::to_vec(&doc).expect("JSON values serialise"),
         };
-        if let Err(e) = self.store.put_completion(&self.tenant, &record).await {
+        let p = &self.principal;
+        let written = self.store.put_completion(&p.tenant.id, &record).await;
+        if let Err(e) = &written {
             tracing::error!(error = %e, id = %record.id, "cannot store the completion");
         }
+        let result = if written.is_ok() { "ok" } else { "error" };
+        record_audit(
+            &*self.store,
+            p,
+            "completion.create",
+            p.tenant.id.as_str(),
+            &record.id,
+            result,
+        )
+        .await;
     }
 }
 
