@@ -183,29 +183,30 @@ impl SqliteStore {
 #[async_trait]
 impl UsageStore for SqliteStore {
     async fn record_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        // Many rows per statement: one round trip to SQLite's worker per
+        // chunk instead of per row (13 binds a row, well under the limit).
         let mut tx = self.pool.begin().await.map_err(query_err)?;
-        for r in rows {
-            sqlx::query(
+        for chunk in rows.chunks(256) {
+            let mut q = sqlx::QueryBuilder::new(
                 "INSERT OR REPLACE INTO usage (request_id, tenant_id, key_id, at_ms, model, replica, \
-                 status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, stream, cost_usd) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&r.request_id)
-            .bind(&r.tenant_id)
-            .bind(&r.key_id)
-            .bind(r.at_ms)
-            .bind(&r.model)
-            .bind(&r.replica)
-            .bind(i64::from(r.status))
-            .bind(i64::from(r.prompt_tokens))
-            .bind(i64::from(r.completion_tokens))
-            .bind(r.ttft_ms)
-            .bind(r.latency_ms)
-            .bind(r.stream)
-            .bind(r.cost_usd)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err)?;
+                 status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, stream, cost_usd) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.request_id)
+                    .push_bind(&r.tenant_id)
+                    .push_bind(&r.key_id)
+                    .push_bind(r.at_ms)
+                    .push_bind(&r.model)
+                    .push_bind(&r.replica)
+                    .push_bind(i64::from(r.status))
+                    .push_bind(i64::from(r.prompt_tokens))
+                    .push_bind(i64::from(r.completion_tokens))
+                    .push_bind(r.ttft_ms)
+                    .push_bind(r.latency_ms)
+                    .push_bind(r.stream)
+                    .push_bind(r.cost_usd);
+            });
+            q.build().execute(&mut *tx).await.map_err(query_err)?;
         }
         tx.commit().await.map_err(query_err)
     }

@@ -343,3 +343,23 @@ async fn audit_rows_chain_and_an_edit_is_detected() {
         7
     );
 }
+
+#[tokio::test]
+async fn a_large_batch_is_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let rows: Vec<UsageRecord> = (0..600)
+        .map(|i| usage(&format!("r{i}"), "m", 1, 2))
+        .collect();
+    store.record_usage(&rows).await.unwrap();
+    let totals = store.usage_totals(None).await.unwrap();
+    assert_eq!(
+        (
+            totals[0].requests,
+            totals[0].prompt_tokens,
+            totals[0].completion_tokens
+        ),
+        (600, 600, 1200)
+    );
+    assert!((totals[0].cost_usd - 300.0).abs() < 1e-9);
+}
