@@ -173,8 +173,22 @@ impl Engine {
 
     /// Tokens of the input as the model sees them, BOS included.
     pub fn tokenize(&self, input: &PromptInput) -> Result<Vec<LlamaToken>, ApiError> {
-        let text = self.render(input)?;
         let vocab = self.model.vocab();
+        if let (PromptInput::Chat(turns), ChatTemplate::Gemma) = (input, &self.template) {
+            // Markup pieces may hold control tokens; message text never does,
+            // so a message cannot close its turn and write the model's.
+            // The model's own special prefix (BOS for Gemma), as `add_special` gives it.
+            let mut tokens = vocab.tokenize(b"", true, false);
+            for segment in template::gemma_segments(turns) {
+                let (text, special) = match &segment {
+                    template::Segment::Markup(t) => (t, true),
+                    template::Segment::Text(t) => (t, false),
+                };
+                tokens.extend(vocab.tokenize(text.as_bytes(), false, special));
+            }
+            return Ok(tokens);
+        }
+        let text = self.render(input)?;
         // Chat templates produce control tokens; raw prompts are plain text.
         let parse_special = matches!(input, PromptInput::Chat(_));
         let bos_text = vocab
