@@ -148,11 +148,20 @@ def test_another_tenants_objects_are_404_like_missing_ones(mt):
     msgs = a_client.chat.completions.messages.list(done.id)
     assert CANARY in msgs.data[0].content
     assert done.id in [c.id for c in a_client.chat.completions.list()]
+    updated = a_client.chat.completions.update(done.id, metadata={"case": "probe", "round": "2"})
+    assert updated.metadata == {"case": "probe", "round": "2"}
+    assert a_client.chat.completions.retrieve(done.id).metadata == {"case": "probe", "round": "2"}
+    with pytest.raises(openai.BadRequestError):
+        a_client.chat.completions.update(done.id, metadata={f"k{i}": "v" for i in range(17)})
+    huge = call(mt, "POST", f"/v1/chat/completions/{done.id}", mt.keys["a_member"],
+                content=b'{"metadata": {"k": "' + b"v" * (1 << 20) + b'"}}', headers={"content-type": "application/json"})
+    assert_openai_error(huge, 413)
     # Tenant B: every object route answers as for an id that does not exist.
     for path, method in [(f"/v1/chat/completions/{{}}", "GET"), (f"/v1/chat/completions/{{}}/messages", "GET"),
-                         (f"/v1/chat/completions/{{}}", "DELETE")]:
-        theirs = call(mt, method, path.format(done.id), mt.keys["b_member"])
-        missing = call(mt, method, path.format("chatcmpl-nope"), mt.keys["b_member"])
+                         (f"/v1/chat/completions/{{}}", "POST"), (f"/v1/chat/completions/{{}}", "DELETE")]:
+        body = {"metadata": {"x": "y"}} if method == "POST" else None
+        theirs = call(mt, method, path.format(done.id), mt.keys["b_member"], body=body)
+        missing = call(mt, method, path.format("chatcmpl-nope"), mt.keys["b_member"], body=body)
         assert_openai_error(theirs, 404)
         assert theirs.json()["error"]["message"].replace(done.id, "X") == \
             missing.json()["error"]["message"].replace("chatcmpl-nope", "X")
@@ -167,6 +176,9 @@ def test_another_tenants_objects_are_404_like_missing_ones(mt):
     # A reader may read but not delete; a member deletes; then it is gone.
     assert call(mt, "GET", f"/v1/chat/completions/{done.id}", mt.keys["a_reader"]).status_code == 200
     assert_openai_error(call(mt, "DELETE", f"/v1/chat/completions/{done.id}", mt.keys["a_reader"]), 403)
+    assert_openai_error(call(mt, "POST", f"/v1/chat/completions/{done.id}", mt.keys["a_reader"],
+                             body={"metadata": {}}), 403)
+    assert a_client.chat.completions.retrieve(done.id).metadata == {"case": "probe", "round": "2"}
     assert a_client.chat.completions.delete(done.id).deleted
     with pytest.raises(openai.NotFoundError):
         a_client.chat.completions.retrieve(done.id)

@@ -164,7 +164,8 @@ pub trait AuditStore: Send + Sync {
 
 #[async_trait]
 pub trait CompletionStore: Send + Sync {
-    /// Seals and stores the content under the tenant's data key.
+    /// Seals and stores the content under the tenant's data key, replacing
+    /// the tenant's row with the same id.
     async fn put_completion(
         &self,
         tenant: &TenantId,

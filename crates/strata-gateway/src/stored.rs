@@ -13,8 +13,9 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use strata_core::openai::{check_metadata, parse_body};
 use strata_core::store::{Store, StoredCompletion};
-use strata_core::ApiError;
+use strata_core::{read_body, ApiError};
 
 use crate::admin::{record_audit, result_label, store_error};
 use crate::auth::Principal;
@@ -117,7 +118,10 @@ impl Transcript {
 
 pub fn routes(store: Arc<dyn Store>) -> Router {
     Router::new()
-        .route("/v1/chat/completions/{id}", get(show).delete(delete))
+        .route(
+            "/v1/chat/completions/{id}",
+            get(show).post(update).delete(delete),
+        )
         .route("/v1/chat/completions/{id}/messages", get(messages))
         .with_state(store)
 }
@@ -199,6 +203,53 @@ async fn messages(
         })
     });
     answer(&*store, &p, "completion.messages", &id, result).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Update {
+    metadata: BTreeMap<String, String>,
+}
+
+/// `POST /v1/chat/completions/{id}`: replaces the metadata, the one part of a
+/// stored completion OpenAI lets a caller change.
+async fn update(
+    State(store): State<Arc<dyn Store>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+    req: axum::extract::Request,
+) -> Response {
+    let result = async {
+        if !p.role().may_generate() {
+            return Err(ApiError::forbidden(
+                "This key's role (reader) may not change stored completions.",
+            ));
+        }
+        // Sixteen pairs of at most 64 + 512 characters fit many times over.
+        let body = read_body(req.into_body(), 64 * 1024).await?;
+        let u: Update = parse_body(&body)?;
+        check_metadata(&u.metadata)?;
+        let stored = store
+            .completion(&p.tenant.id, &id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found(&id))?;
+        let mut doc = content(&stored)?;
+        doc["completion"]["metadata"] = json!(u.metadata);
+        store
+            .put_completion(
+                &p.tenant.id,
+                &StoredCompletion {
+                    content: serde_json::to_vec(&doc).expect("JSON values serialise"),
+                    ..stored
+                },
+            )
+            .await
+            .map_err(store_error)?;
+        Ok(doc["completion"].clone())
+    }
+    .await;
+    answer(&*store, &p, "completion.update", &id, result).await
 }
 
 async fn delete(

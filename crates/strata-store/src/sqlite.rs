@@ -553,7 +553,7 @@ impl CompletionStore for SqliteStore {
             )
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         sqlx::query(
-            "INSERT INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
+            "INSERT OR REPLACE INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
              VALUES (?, ?, ?, ?, ?)",
         )
         .bind(tenant.as_str())
