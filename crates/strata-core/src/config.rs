@@ -216,7 +216,12 @@ impl Config {
         if self.gateway.max_body_bytes < 1024 {
             bad("gateway.max_body_bytes", "must be at least 1024".into());
         }
-        for (i, url) in self.gateway.replicas.iter().enumerate() {
+        for (i, replica) in self.gateway.replicas.iter().enumerate() {
+            // `TENANT=URL` reserves the replica for a dedicated tenant.
+            let url = match replica.split_once('=') {
+                Some((tenant, url)) if !tenant.contains("://") => url,
+                _ => replica,
+            };
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 bad(
                     &format!("gateway.replicas[{i}]"),

@@ -248,7 +248,9 @@ struct GatewayArgs {
     /// Gateway address (default: gateway.listen).
     #[arg(long, env = "STRATA_LISTEN")]
     listen: Option<String>,
-    /// Replica base URL, e.g. http://127.0.0.1:8001; repeatable (adds to gateway.replicas).
+    /// Replica base URL, e.g. http://127.0.0.1:8001; repeatable (adds to
+    /// gateway.replicas). `TENANT=URL` reserves the replica for the
+    /// dedicated tenant of that name.
     #[arg(long = "replica")]
     replicas: Vec<String>,
     /// SQLite database file (default: store.path).
@@ -570,23 +572,34 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
     if urls.is_empty() {
         bail!("no replicas: pass --replica URL (repeatable) or set gateway.replicas");
     }
-    for url in &urls {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            bail!("--replica `{url}` must start with http:// or https://");
-        }
-    }
     let endpoints = urls
         .iter()
-        .map(|u| ReplicaEndpoint {
-            id: u.clone(),
-            url: u.trim_end_matches('/').to_string(),
-            reserved_for: None,
-        })
-        .collect();
+        .map(|u| parse_replica(u))
+        .collect::<Result<Vec<_>>>()?;
     let (_keep, rx) = watch::channel(endpoints);
     let (store, vault) = open_store(&config, args.db.as_ref()).await?;
     strata_gateway::serve(settings, rx, store, Some(vault), shutdown_on_signal()).await?;
     Ok(())
+}
+
+/// `URL` (shared pool) or `TENANT=URL` (reserved for a dedicated tenant).
+fn parse_replica(arg: &str) -> Result<ReplicaEndpoint> {
+    let (tenant, url) = match arg.split_once('=') {
+        Some((tenant, url)) if !tenant.contains("://") => (Some(tenant.trim()), url.trim()),
+        _ => (None, arg.trim()),
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("--replica `{arg}`: the URL must start with http:// or https://");
+    }
+    if tenant.is_some_and(str::is_empty) {
+        bail!("--replica `{arg}`: the tenant name before `=` is empty");
+    }
+    let url = url.trim_end_matches('/').to_string();
+    Ok(ReplicaEndpoint {
+        id: url.clone(),
+        url,
+        reserved_for: tenant.map(str::to_owned),
+    })
 }
 
 async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Result<()> {
@@ -665,4 +678,22 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_shared_or_reserved_by_tenant_name() {
+        let shared = parse_replica("http://127.0.0.1:8001/").unwrap();
+        assert_eq!(shared.url, "http://127.0.0.1:8001");
+        assert_eq!(shared.reserved_for, None);
+        let vip = parse_replica("vip=https://10.0.0.5:8001").unwrap();
+        assert_eq!(vip.url, "https://10.0.0.5:8001");
+        assert_eq!(vip.reserved_for.as_deref(), Some("vip"));
+        assert!(parse_replica("=http://x").is_err());
+        assert!(parse_replica("vip=ftp://x").is_err());
+        assert!(parse_replica("127.0.0.1:8001").is_err());
+    }
 }
