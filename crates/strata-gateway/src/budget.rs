@@ -118,10 +118,6 @@ impl Budgets {
             m.settle(estimate, actual);
         }
     }
-
-    pub fn forget(&self, tenant: &str) {
-        self.months.lock().expect("budget lock").remove(tenant);
-    }
 }
 
 #[cfg(test)]

@@ -286,10 +286,6 @@ impl Vault {
         self.save(&ring)
     }
 
-    pub fn has_tenant_key(&self, tenant: &str) -> bool {
-        self.lock().open.contains_key(tenant)
-    }
-
     /// Seals `plaintext` under the tenant's newest data key.
     pub fn seal(&self, at: Binding<'_>, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
         let mut guard = self.lock();
