@@ -388,8 +388,8 @@ impl Drop for Metered {
             self.req.keep.take(),
             self.events.transcript.take(),
         ) {
-            // Written after the stream ends; a read right after `[DONE]` may
-            // race it, as with OpenAI's own stored completions.
+            // Written after the stream ends, so a read sent the moment
+            // `[DONE]` arrives may find it missing for a few milliseconds.
             tokio::spawn(async move { keep.save(t.into_completion()).await });
         }
         let row = usage_row(
