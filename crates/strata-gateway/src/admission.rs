@@ -249,11 +249,15 @@ impl Drop for Charge {
                 .budgets
                 .settle(&self.tenant, self.estimated_cost(), actual);
         }
-        let service = f64::from(usage.prompt_tokens) * PROMPT_WEIGHT
-            + f64::from(usage.completion_tokens) * OUTPUT_WEIGHT;
-        self.fairq
-            .settle(&self.tenant, service - self.estimate.service());
-        // The slot goes back last, so the next tenant is picked on corrected counters.
-        self.permit.take();
+        // Only a request that got a slot was charged to the fair queue; one
+        // refused on the way (budget, full queue, timeout) has nothing to settle.
+        if let Some(permit) = self.permit.take() {
+            let service = f64::from(usage.prompt_tokens) * PROMPT_WEIGHT
+                + f64::from(usage.completion_tokens) * OUTPUT_WEIGHT;
+            self.fairq
+                .settle(&self.tenant, service - self.estimate.service());
+            // The slot goes back last, so the next tenant is picked on corrected counters.
+            drop(permit);
+        }
     }
 }

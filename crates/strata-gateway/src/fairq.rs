@@ -215,6 +215,11 @@ impl FairQueue {
         *c = (*c + delta).max(0.0);
     }
 
+    /// Service the tenant has been counted for so far.
+    pub fn counter(&self, tenant: &str) -> f64 {
+        self.lock().vtc.counter(tenant)
+    }
+
     /// Requests waiting, over all tenants.
     pub fn waiting(&self) -> usize {
         self.lock().queues.values().map(VecDeque::len).sum()
