@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use strata_core::store::{InstanceRecord, InstanceState, Store};
-use strata_core::ReplicaEndpoint;
+use strata_core::{now_ms, ReplicaEndpoint};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -64,12 +64,6 @@ pub struct LocalProvider {
     store: Arc<dyn Store>,
     publish: watch::Sender<Vec<ReplicaEndpoint>>,
     http: reqwest::Client,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn free_port() -> std::io::Result<u16> {

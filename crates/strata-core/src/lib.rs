@@ -19,6 +19,13 @@ pub mod tls;
 pub use error::read_body;
 pub use error::ApiError;
 
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A replica endpoint as a provider publishes it to the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReplicaEndpoint {

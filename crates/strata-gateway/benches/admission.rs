@@ -99,7 +99,7 @@ async fn main() {
                 for _ in 0..PER_TASK {
                     let t0 = Instant::now();
                     let p = auth.authenticate(Some(&header)).await.expect("valid key");
-                    let charge = policy
+                    let mut charge = policy
                         .admit(&p, None, "m", estimate)
                         .await
                         .expect("admitted");

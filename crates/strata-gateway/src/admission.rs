@@ -4,7 +4,7 @@
 //! usage when it is dropped.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_core::config::ModelPrice;
@@ -49,29 +49,33 @@ impl Estimate {
     }
 }
 
+impl From<Usage> for Estimate {
+    /// The size a request turned out to have.
+    fn from(u: Usage) -> Estimate {
+        Estimate {
+            prompt_tokens: u64::from(u.prompt_tokens),
+            output_tokens: u64::from(u.completion_tokens),
+        }
+    }
+}
+
 /// The limits that apply to a principal: its key's and its tenant's.
-fn limit_buckets(p: &Principal, tokens: u64) -> Vec<(Bucket, u32)> {
+fn limit_buckets(p: &Principal, tokens: u64) -> Vec<Bucket> {
     let mut out = Vec::new();
     let mut add = |scope: &str, id: &str, limits: &RateLimits| {
         if let Some(rpm) = limits.requests_per_minute {
-            out.push((
-                Bucket {
-                    name: format!("{scope}:{id}:rpm"),
-                    per_minute: rpm,
-                    cost: 1,
-                },
-                rpm,
-            ));
+            out.push(Bucket {
+                name: format!("{scope}:{id}:rpm"),
+                per_minute: rpm,
+                cost: 1,
+            });
         }
         if let Some(tpm) = limits.tokens_per_minute {
-            out.push((
-                Bucket {
-                    name: format!("{scope}:{id}:tpm"),
-                    per_minute: tpm,
-                    cost: tokens,
-                },
-                tpm,
-            ));
+            out.push(Bucket {
+                name: format!("{scope}:{id}:tpm"),
+                per_minute: tpm,
+                cost: tokens,
+            });
         }
     };
     add("key", &p.key.id, &p.key.limits);
@@ -112,8 +116,7 @@ impl Policy {
         }
         let tokens = estimate.tokens();
         let buckets = limit_buckets(p, tokens);
-        let to_check: Vec<Bucket> = buckets.iter().map(|(b, _)| b.clone()).collect();
-        if let Err(Limited { bucket, refusal }) = self.limiter.check(self.now(), &to_check) {
+        if let Err(Limited { bucket, refusal }) = self.limiter.check(self.now(), &buckets) {
             let what = if bucket.ends_with(":rpm") {
                 "requests"
             } else {
@@ -144,14 +147,13 @@ impl Policy {
             tenant: p.tenant.id.to_string(),
             buckets: buckets
                 .into_iter()
-                .filter(|(b, _)| b.name.ends_with(":tpm"))
-                .map(|(b, per_minute)| (b.name, per_minute))
+                .filter(|b| b.name.ends_with(":tpm"))
                 .collect(),
             estimate,
             price: self.price(model),
             budgeted: false,
             permit: None,
-            usage: Mutex::new(None),
+            usage: None,
         };
         if let Some(budget) = p.tenant.monthly_budget_usd {
             let now_ms = crate::now_ms();
@@ -202,60 +204,48 @@ pub struct Charge {
     policy: Arc<Policy>,
     fairq: Arc<FairQueue>,
     tenant: String,
-    /// Token buckets to correct: name and rate.
-    buckets: Vec<(String, u32)>,
+    /// Token buckets to correct with the real size.
+    buckets: Vec<Bucket>,
     estimate: Estimate,
     price: ModelPrice,
     budgeted: bool,
     permit: Option<FairPermit>,
-    usage: Mutex<Option<Usage>>,
+    usage: Option<Usage>,
 }
 
 impl Charge {
+    fn cost_of(&self, size: Estimate) -> f64 {
+        self.price.cost(size.prompt_tokens, size.output_tokens)
+    }
+
     fn estimated_cost(&self) -> f64 {
-        self.price
-            .cost(self.estimate.prompt_tokens, self.estimate.output_tokens)
+        self.cost_of(self.estimate)
     }
 
-    /// Dollars for `usage` at this model's price.
-    pub fn cost(&self, usage: &Usage) -> f64 {
-        self.price.cost(
-            u64::from(usage.prompt_tokens),
-            u64::from(usage.completion_tokens),
-        )
-    }
-
-    pub fn record(&self, usage: Usage) {
-        *self.usage.lock().expect("charge lock") = Some(usage);
+    /// Records what the request really used (settled when the charge drops)
+    /// and returns its price in dollars.
+    pub fn record(&mut self, usage: Usage) -> f64 {
+        self.usage = Some(usage);
+        self.cost_of(usage.into())
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        let usage = self
-            .usage
-            .lock()
-            .expect("charge lock")
-            .take()
-            .unwrap_or_default();
-        let actual_tokens = u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens);
-        let delta = actual_tokens as i64 - self.estimate.tokens() as i64;
-        for (name, per_minute) in &self.buckets {
-            self.policy.limiter.adjust(name, *per_minute, delta);
+        let used = Estimate::from(self.usage.take().unwrap_or_default());
+        let delta = used.tokens() as i64 - self.estimate.tokens() as i64;
+        for b in &self.buckets {
+            self.policy.limiter.adjust(&b.name, b.per_minute, delta);
         }
         if self.budgeted {
-            let actual = self.cost(&usage);
-            self.policy
-                .budgets
-                .settle(&self.tenant, self.estimated_cost(), actual);
+            let (estimated, actual) = (self.estimated_cost(), self.cost_of(used));
+            self.policy.budgets.settle(&self.tenant, estimated, actual);
         }
         // Only a request that got a slot was charged to the fair queue; one
         // refused on the way (budget, full queue, timeout) has nothing to settle.
         if let Some(permit) = self.permit.take() {
-            let service = f64::from(usage.prompt_tokens) * PROMPT_WEIGHT
-                + f64::from(usage.completion_tokens) * OUTPUT_WEIGHT;
             self.fairq
-                .settle(&self.tenant, service - self.estimate.service());
+                .settle(&self.tenant, used.service() - self.estimate.service());
             // The slot goes back last, so the next tenant is picked on corrected counters.
             drop(permit);
         }

@@ -10,7 +10,9 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use strata_core::store::Store;
-use strata_core::tenant::{digest_lookup, key_digest, looks_like_key, ApiKeyRecord, Role, Tenant};
+use strata_core::tenant::{
+    digest_lookup, key_digest, looks_like_key, ApiKeyRecord, Isolation, Role, Tenant,
+};
 use strata_core::ApiError;
 use subtle::ConstantTimeEq;
 
@@ -24,6 +26,12 @@ pub struct Principal {
 impl Principal {
     pub fn role(&self) -> Role {
         self.key.role
+    }
+
+    /// The replica pool the tenant's requests go to: its own (by name) when
+    /// it is `dedicated`, else the shared one (`None`).
+    pub fn pool(&self) -> Option<&str> {
+        (self.tenant.isolation == Isolation::Dedicated).then_some(self.tenant.name.as_str())
     }
 
     /// An admin of the platform tenant: sees and manages every tenant.

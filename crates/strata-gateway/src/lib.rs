@@ -17,13 +17,10 @@ pub mod replicas;
 pub mod router;
 pub mod stored;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tracing::Instrument;
-
-use std::collections::BTreeMap;
 
 use axum::extract::{Query, Request, State};
 use axum::http::header;
@@ -36,11 +33,11 @@ use strata_core::openai::{
     parse_body, response_id, ChatCompletionRequest, CompletionRequest, Generation, ModelList,
 };
 use strata_core::store::Store;
-use strata_core::tenant::Isolation;
 use strata_core::{read_body, tls, ApiError, ReplicaEndpoint};
 use strata_store::Vault;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::admin::AdminState;
 use crate::admission::{Estimate, Policy};
@@ -106,12 +103,7 @@ pub fn replica_client(
         .map_err(|e| tls::TlsError::Config(e.to_string()))?)
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use strata_core::now_ms;
 
 /// Output tokens assumed for a request without `max_tokens`, for balancing only.
 const ASSUMED_OUTPUT_TOKENS: u64 = 256;
@@ -315,8 +307,8 @@ async fn forward(
             .max_tokens
             .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
     };
-    let pool = (p.tenant.isolation == Isolation::Dedicated).then(|| p.tenant.name.clone());
-    if state.proxy.replicas.ready_in(pool.as_deref()) == 0 {
+    let pool = p.pool();
+    if state.proxy.replicas.ready_in(pool) == 0 {
         return Err(ApiError::unavailable(match pool {
             Some(_) => "No replica reserved for this tenant is ready; retry shortly.",
             None => "No replica is ready to serve requests; retry shortly.",
@@ -324,7 +316,7 @@ async fn forward(
     }
     let charge = state
         .policy
-        .admit(&p, pool.as_deref(), &generation.model, estimate)
+        .admit(&p, pool, &generation.model, estimate)
         .instrument(span.clone())
         .await?;
     let _enter = span.enter();
@@ -341,11 +333,9 @@ async fn forward(
         }
     });
     let forward = Forward {
-        pool,
+        principal: p,
         keep,
-        tenant_id: p.tenant.id.to_string(),
-        key_id: p.key.id.clone(),
-        charge: Some(charge),
+        charge,
         path,
         model: generation.model,
         stream: generation.stream,

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -18,6 +18,7 @@ use strata_core::store::UsageRecord;
 use strata_core::ApiError;
 
 use crate::admission::Charge;
+use crate::auth::Principal;
 use crate::ledger::Ledger;
 use crate::metrics::GatewayMetrics;
 use crate::replicas::{InFlight, NoReplica, ReplicaSet};
@@ -26,13 +27,11 @@ use crate::stored::{Keep, Transcript};
 /// What the gateway learned about a request before forwarding it.
 pub struct Forward {
     pub path: &'static str,
-    /// The dedicated tenant's pool, or `None` for the shared one.
-    pub pool: Option<String>,
-    pub tenant_id: String,
-    pub key_id: String,
+    /// Who asked: tenant and key for the ledger, and the replica pool.
+    pub principal: Arc<Principal>,
     /// Limits, budget and fair-queue slot held for this request; settled
     /// with the metered usage when the request ends.
-    pub charge: Option<Charge>,
+    pub charge: Charge,
     /// Where to keep the answer (`store: true`).
     pub keep: Option<Keep>,
     pub body: Bytes,
@@ -63,7 +62,7 @@ impl Proxy {
         let mut last_failure: Option<(StatusCode, Bytes)> = None;
         loop {
             let flight = match self.replicas.choose(
-                req.pool.as_deref(),
+                req.principal.pool(),
                 &req.model,
                 &tried,
                 req.estimated_tokens,
@@ -122,7 +121,7 @@ impl Proxy {
 
     async fn whole_response(
         &self,
-        req: Forward,
+        mut req: Forward,
         flight: InFlight,
         upstream: reqwest::Response,
     ) -> Response {
@@ -147,7 +146,7 @@ impl Proxy {
         self.metrics.latency.observe(elapsed);
         self.metrics.first_byte.observe(elapsed);
         self.ledger.record(usage_row(
-            &req,
+            &mut req,
             &flight,
             status.as_u16(),
             usage,
@@ -210,7 +209,7 @@ fn with_usage_requested(body: &Bytes) -> Bytes {
 }
 
 fn usage_row(
-    req: &Forward,
+    req: &mut Forward,
     flight: &InFlight,
     status: u16,
     usage: Option<Usage>,
@@ -218,18 +217,12 @@ fn usage_row(
     latency: f64,
 ) -> UsageRecord {
     let usage = usage.unwrap_or_default();
-    let cost_usd = req.charge.as_ref().map_or(0.0, |c| {
-        c.record(usage);
-        c.cost(&usage)
-    });
-    let at_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-        - (latency * 1000.0) as i64;
+    let cost_usd = req.charge.record(usage);
+    let at_ms = strata_core::now_ms() - (latency * 1000.0) as i64;
     UsageRecord {
         request_id: req.request_id.clone(),
-        tenant_id: req.tenant_id.clone(),
-        key_id: req.key_id.clone(),
+        tenant_id: req.principal.tenant.id.to_string(),
+        key_id: req.principal.key.id.clone(),
         cost_usd,
         at_ms,
         model: req.model.clone(),
@@ -393,7 +386,7 @@ impl Drop for Metered {
             tokio::spawn(async move { keep.save(t.into_completion()).await });
         }
         let row = usage_row(
-            &self.req,
+            &mut self.req,
             &self.flight,
             status,
             self.events.usage,

@@ -63,7 +63,7 @@ async fn a_refused_request_gives_the_tenant_no_fair_queue_credit() {
         output_tokens: 20,
     };
     // One request served exactly as estimated: the tenant's counter is its service.
-    let served = policy.admit(&p, None, "m", estimate).await.unwrap();
+    let mut served = policy.admit(&p, None, "m", estimate).await.unwrap();
     served.record(Usage::new(10, 20));
     drop(served);
     let counted = queue.counter(&tenant);
