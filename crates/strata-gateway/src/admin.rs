@@ -151,8 +151,9 @@ async fn visible_tenant(
     Ok(tenant)
 }
 
-/// Appends the audit row for an admin action and renders its result.
-async fn finish(
+/// Appends the audit row for an action (admin or on a stored object) and
+/// renders its result.
+pub async fn finish(
     store: &dyn Store,
     p: &Principal,
     action: &str,

@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::openai::{check_metadata, parse_body};
 use strata_core::store::{Store, StoredCompletion};
 use strata_core::{read_body, ApiError};
 
-use crate::admin::{record_audit, result_label, store_error};
+use crate::admin::{finish, record_audit, store_error};
 use crate::auth::Principal;
 
 /// Where and what to keep for one request.
@@ -144,6 +144,7 @@ async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<Value, ApiE
     content(&c)
 }
 
+/// Audits an access to one of the caller's stored objects and renders it.
 async fn answer(
     store: &dyn Store,
     p: &Principal,
@@ -151,18 +152,38 @@ async fn answer(
     target: &str,
     result: Result<Value, ApiError>,
 ) -> Response {
-    record_audit(
+    let tenant = p.tenant.id.as_str();
+    finish(
         store,
         p,
         action,
-        p.tenant.id.as_str(),
+        tenant,
         target,
-        result_label(&result),
+        result.map(|v| (StatusCode::OK, v)),
     )
-    .await;
-    match result {
-        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
-        Err(e) => e.into_response(),
+    .await
+}
+
+/// A page of a list, with OpenAI's cursor fields.
+fn page(data: Vec<Value>, has_more: bool) -> Value {
+    json!({
+        "object": "list",
+        "first_id": data.first().map(|v| v["id"].clone()),
+        "last_id": data.last().map(|v| v["id"].clone()),
+        "has_more": has_more,
+        "data": data,
+    })
+}
+
+/// Readers may look but not change or delete.
+fn may_change(p: &Principal, what: &str) -> Result<(), ApiError> {
+    if p.role().may_generate() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "This key's role ({}) may not {what} stored completions.",
+            p.role().as_str()
+        )))
     }
 }
 
@@ -194,13 +215,7 @@ async fn messages(
                 m
             })
             .collect();
-        json!({
-            "object": "list",
-            "first_id": data.first().map(|m| m["id"].clone()),
-            "last_id": data.last().map(|m| m["id"].clone()),
-            "has_more": false,
-            "data": data,
-        })
+        page(data, false)
     });
     answer(&*store, &p, "completion.messages", &id, result).await
 }
@@ -220,11 +235,7 @@ async fn update(
     req: axum::extract::Request,
 ) -> Response {
     let result = async {
-        if !p.role().may_generate() {
-            return Err(ApiError::forbidden(
-                "This key's role (reader) may not change stored completions.",
-            ));
-        }
+        may_change(&p, "change")?;
         // Sixteen pairs of at most 64 + 512 characters fit many times over.
         let body = read_body(req.into_body(), 64 * 1024).await?;
         let u: Update = parse_body(&body)?;
@@ -258,11 +269,7 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Response {
     let result = async {
-        if !p.role().may_generate() {
-            return Err(ApiError::forbidden(
-                "This key's role (reader) may not delete stored completions.",
-            ));
-        }
+        may_change(&p, "delete")?;
         if store
             .delete_completion(&p.tenant.id, &id)
             .await
@@ -309,13 +316,7 @@ pub async fn list(store: Arc<dyn Store>, p: Arc<Principal>, q: ListQuery) -> Res
             .take(limit as usize)
             .map(|c| content(c).map(|doc| doc["completion"].clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(json!({
-            "object": "list",
-            "first_id": data.first().map(|c| c["id"].clone()),
-            "last_id": data.last().map(|c| c["id"].clone()),
-            "has_more": has_more,
-            "data": data,
-        }))
+        Ok(page(data, has_more))
     }
     .await;
     answer(&*store, &p, "completion.list", "", result).await
