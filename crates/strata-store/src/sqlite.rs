@@ -86,6 +86,14 @@ fn limit_col(v: Option<u32>) -> Option<i64> {
     v.map(i64::from)
 }
 
+/// The `requests_per_minute` and `tokens_per_minute` columns of a row.
+fn limits_from(r: &SqliteRow) -> RateLimits {
+    RateLimits {
+        requests_per_minute: limit_get(r, "requests_per_minute"),
+        tokens_per_minute: limit_get(r, "tokens_per_minute"),
+    }
+}
+
 fn limit_get(r: &SqliteRow, col: &str) -> Option<u32> {
     r.get::<Option<i64>, _>(col)
         .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
@@ -98,10 +106,7 @@ fn tenant_from(r: &SqliteRow) -> Result<Tenant, StoreError> {
         name: r.get("name"),
         isolation: Isolation::parse(&isolation)
             .ok_or_else(|| StoreError::Query(format!("unknown isolation {isolation}")))?,
-        limits: RateLimits {
-            requests_per_minute: limit_get(r, "requests_per_minute"),
-            tokens_per_minute: limit_get(r, "tokens_per_minute"),
-        },
+        limits: limits_from(r),
         monthly_budget_usd: r.get("monthly_budget_usd"),
         created_at_ms: r.get("created_at_ms"),
     })
@@ -121,10 +126,7 @@ fn key_from(r: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
             .map(|m| serde_json::from_str(&m))
             .transpose()
             .map_err(|e| StoreError::Query(format!("bad model list: {e}")))?,
-        limits: RateLimits {
-            requests_per_minute: limit_get(r, "requests_per_minute"),
-            tokens_per_minute: limit_get(r, "tokens_per_minute"),
-        },
+        limits: limits_from(r),
         expires_at_ms: r.get("expires_at_ms"),
         revoked_at_ms: r.get("revoked_at_ms"),
         created_at_ms: r.get("created_at_ms"),
@@ -293,8 +295,12 @@ impl InstanceStore for SqliteStore {
     }
 }
 
-fn unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+/// A unique-constraint failure is `Conflict` on `what`; anything else a query error.
+fn write_err(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(what()),
+        _ => query_err(e),
+    }
 }
 
 #[async_trait]
@@ -316,13 +322,8 @@ impl TenantStore for SqliteStore {
         .bind(t.created_at_ms)
         .execute(&self.pool)
         .await;
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) if unique_violation(&e) => {
-                Err(StoreError::Conflict(format!("tenant named `{}`", t.name)))
-            }
-            Err(e) => Err(query_err(e)),
-        }
+        inserted.map_err(write_err(|| format!("tenant named `{}`", t.name)))?;
+        Ok(())
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
@@ -358,13 +359,8 @@ impl TenantStore for SqliteStore {
         .bind(t.id.as_str())
         .execute(&self.pool)
         .await;
-        match done {
-            Ok(d) => Ok(d.rows_affected() == 1),
-            Err(e) if unique_violation(&e) => {
-                Err(StoreError::Conflict(format!("tenant named `{}`", t.name)))
-            }
-            Err(e) => Err(query_err(e)),
-        }
+        let done = done.map_err(write_err(|| format!("tenant named `{}`", t.name)))?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn delete_tenant(&self, id: &TenantId) -> Result<bool, StoreError> {
@@ -419,11 +415,8 @@ impl KeyStore for SqliteStore {
         .bind(k.created_at_ms)
         .execute(&self.pool)
         .await;
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) if unique_violation(&e) => Err(StoreError::Conflict(format!("key {}", k.id))),
-            Err(e) => Err(query_err(e)),
-        }
+        inserted.map_err(write_err(|| format!("key {}", k.id)))?;
+        Ok(())
     }
 
     async fn keys_by_lookup(&self, lookup: i64) -> Result<Vec<ApiKeyRecord>, StoreError> {
