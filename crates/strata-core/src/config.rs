@@ -110,6 +110,9 @@ pub struct EngineConfig {
     pub prefill_chunk: u32,
     /// `max_tokens` of a chat request that gives none.
     pub default_max_tokens: u32,
+    /// Finished sequences whose KV cells are kept for prefix reuse by later
+    /// requests of the same tenant (within `context_size`); 0 turns reuse off.
+    pub prefix_cache_entries: u32,
     /// Largest request body accepted by the engine server, in bytes.
     pub max_body_bytes: usize,
 }
@@ -125,6 +128,7 @@ impl Default for EngineConfig {
             threads: 0,
             prefill_chunk: 256,
             default_max_tokens: 512,
+            prefix_cache_entries: 32,
             max_body_bytes: 4 * 1024 * 1024,
         }
     }
@@ -281,6 +285,12 @@ impl Config {
         }
         if !(1..=256).contains(&e.max_sequences) {
             bad("engine.max_sequences", "must be between 1 and 256".into());
+        }
+        if e.max_sequences.saturating_add(e.prefix_cache_entries) > 256 {
+            bad(
+                "engine.prefix_cache_entries",
+                "plus max_sequences must be at most 256 (llama.cpp's sequence limit)".into(),
+            );
         }
         if e.prefill_chunk == 0 {
             bad("engine.prefill_chunk", "must be at least 1".into());

@@ -19,6 +19,11 @@ pub mod tls;
 pub use error::read_body;
 pub use error::ApiError;
 
+/// Request header from the gateway to an engine naming whose cached prompt
+/// prefixes the request may reuse: the tenant id. Requests without it share
+/// one unnamed scope. The gateway always sets it, so a client cannot.
+pub const CACHE_SCOPE_HEADER: &str = "x-strata-cache-scope";
+
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

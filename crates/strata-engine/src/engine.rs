@@ -24,6 +24,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::batch::{fits, plan_step, SlotView};
 use crate::metrics::EngineMetrics;
+use crate::prefix::PrefixCache;
 use crate::stop::StopMatcher;
 use crate::EngineError;
 
@@ -38,6 +39,7 @@ pub struct EngineSettings {
     pub threads: u32,
     pub prefill_chunk: u32,
     pub default_max_tokens: u32,
+    pub prefix_cache_entries: u32,
 }
 
 /// What a running request produces, in order: text pieces, then one `Done`
@@ -57,6 +59,8 @@ pub struct Submitted {
 
 struct Job {
     tokens: Vec<LlamaToken>,
+    /// Prefix reuse happens only between jobs of the same scope.
+    scope: String,
     max_tokens: u32,
     sampling: SamplingParams,
     events: UnboundedSender<Event>,
@@ -199,8 +203,13 @@ impl Engine {
     }
 
     /// Validates the request against the context and enqueues it. Tokenizes
-    /// on a blocking thread; a full queue is a 429.
-    pub async fn submit(self: &Arc<Self>, generation: Generation) -> Result<Submitted, ApiError> {
+    /// on a blocking thread; a full queue is a 429. `scope` (the tenant's
+    /// cache salt) decides whose cached prefixes the request may reuse.
+    pub async fn submit(
+        self: &Arc<Self>,
+        generation: Generation,
+        scope: &str,
+    ) -> Result<Submitted, ApiError> {
         let this = self.clone();
         let is_chat = matches!(generation.input, PromptInput::Chat(_));
         let input = generation.input;
@@ -228,6 +237,7 @@ impl Engine {
         let (tx, rx) = unbounded_channel();
         let job = Job {
             tokens,
+            scope: scope.to_string(),
             max_tokens,
             sampling: generation.sampling,
             events: tx,
@@ -288,6 +298,10 @@ struct Sequence {
     job: Job,
     /// Prompt tokens already in the KV cache.
     read: usize,
+    /// Prompt tokens found in the prefix cache rather than prefilled.
+    cached: usize,
+    /// Generated tokens fed back to the model (their cells follow the prompt's).
+    fed: Vec<LlamaToken>,
     /// Position of the next token fed to the model.
     pos: i32,
     /// Last sampled token, fed in the next decode step.
@@ -307,7 +321,7 @@ impl Sequence {
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.job.tokens.len() as u32, self.generated)
+        Usage::new(self.job.tokens.len() as u32, self.generated).with_cached(self.cached as u32)
     }
 }
 
@@ -346,12 +360,18 @@ fn run_scheduler(
 ) {
     let n_batch = settings.prefill_chunk + settings.max_sequences;
     let threads = settings.threads.max(1) as i32;
+    // Sequence ids for the running batch plus the prefix cache's entries.
+    let n_seq = settings.max_sequences + settings.prefix_cache_entries;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(settings.context_size))
         .with_n_batch(n_batch)
         .with_n_ubatch(n_batch)
-        .with_n_seq_max(settings.max_sequences)
+        .with_n_seq_max(n_seq)
+        // One cell pool for all sequences, so copying a prefix shares cells;
+        // full-size sliding-window layers, so a kept sequence can be cut back
+        // to any position.
         .with_kv_unified(true)
+        .with_swa_full(true)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     let mut ctx = match model.new_context(backend, params) {
@@ -371,11 +391,12 @@ fn run_scheduler(
         batch: LlamaBatch::new(n_batch as usize, settings.max_sequences as i32),
         running: Vec::new(),
         waiting: None,
-        free_slots: (0..settings.max_sequences as i32).rev().collect(),
+        free_slots: (0..n_seq as i32).rev().collect(),
         reserved: 0,
+        cache: PrefixCache::new(settings.prefix_cache_entries as usize),
     };
     loop {
-        if !scheduler.admit(&jobs) {
+        if !scheduler.admit(&mut ctx, &jobs) {
             return;
         }
         scheduler.step(&mut ctx);
@@ -394,15 +415,18 @@ struct Scheduler<'m> {
     free_slots: Vec<i32>,
     /// KV cells reserved by running sequences (prompt + max_tokens each).
     reserved: usize,
+    /// Finished sequences kept for prefix reuse; their cells count against
+    /// the context next to `reserved` and are evicted to make room.
+    cache: PrefixCache<LlamaToken>,
 }
 
 impl Scheduler<'_> {
     /// Moves queued jobs into free slots. Blocks when nothing runs. Returns
     /// false when the engine is shutting down and nothing is left to do.
-    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+    fn admit(&mut self, ctx: &mut LlamaContext<'_>, jobs: &Receiver<Job>) -> bool {
         let capacity = self.settings.context_size as usize;
         loop {
-            if self.free_slots.is_empty() {
+            if self.running.len() >= self.settings.max_sequences as usize {
                 return true;
             }
             let job = match self.waiting.take() {
@@ -429,15 +453,17 @@ impl Scheduler<'_> {
                 return true;
             }
             self.dequeued();
-            let slot = self.free_slots.pop().expect("checked non-empty above");
+            let (slot, cached) = self.place(ctx, &job, need);
             self.reserved += need;
             let stop = StopMatcher::new(job.sampling.stop.clone());
             self.running.push(Sequence {
                 slot,
                 sampler: sampler_for(&job.sampling),
                 job,
-                read: 0,
-                pos: 0,
+                read: cached,
+                cached,
+                fed: Vec::new(),
+                pos: cached as i32,
                 last: None,
                 generated: 0,
                 utf8: Vec::new(),
@@ -447,6 +473,82 @@ impl Scheduler<'_> {
             });
             self.metrics.running.set(self.running.len() as i64);
         }
+    }
+
+    /// The sequence id for `job` and how many of its prompt tokens are
+    /// already in that sequence's cells: the cache entry it continues (taken
+    /// over), a copy of a prefix it shares with an entry, or a fresh id.
+    /// Evicts entries until the job's `need` fits beside them.
+    fn place(&mut self, ctx: &mut LlamaContext<'_>, job: &Job, need: usize) -> (i32, usize) {
+        let capacity = self.settings.context_size as usize;
+        let mut hit = self.cache.lookup(&job.scope, &job.tokens);
+        loop {
+            // An entry taken over stops counting as cached: `need` covers it.
+            let moved = hit.filter(|h| h.whole).map_or(0, |h| h.len);
+            if fits(self.reserved + self.cache.cells() - moved, need, capacity) {
+                break;
+            }
+            if let Some(seq) = self.cache.evict_lru(hit.map(|h| h.seq)) {
+                self.release(ctx, seq);
+            } else if let Some(h) = hit.take() {
+                self.cache.take(h.seq);
+                self.release(ctx, h.seq);
+            } else {
+                break;
+            }
+        }
+        let placed = match hit {
+            Some(h) if h.whole => {
+                self.cache.take(h.seq);
+                // Cut the entry back to the shared prefix.
+                match ctx.clear_kv_cache_seq(Some(h.seq as u32), Some(h.common as u32), None) {
+                    Ok(true) => (h.seq, h.common),
+                    _ => {
+                        let _ = ctx.clear_kv_cache_seq(Some(h.seq as u32), None, None);
+                        (h.seq, 0)
+                    }
+                }
+            }
+            Some(h) => {
+                let slot = self
+                    .free_slots
+                    .pop()
+                    .expect("ids for every running and cached sequence");
+                self.cache.touch(h.seq);
+                match ctx.copy_kv_cache_seq(h.seq, slot, Some(0), Some(h.common as u32)) {
+                    Ok(()) => (slot, h.common),
+                    Err(_) => (slot, 0),
+                }
+            }
+            None => {
+                let slot = self
+                    .free_slots
+                    .pop()
+                    .expect("ids for every running and cached sequence");
+                (slot, 0)
+            }
+        };
+        if placed.1 > 0 {
+            self.metrics.prefix_hits.inc();
+            self.metrics.prefix_reused_tokens.inc_by(placed.1 as u64);
+        }
+        self.cache_gauges();
+        placed
+    }
+
+    /// Clears sequence `seq`'s cells and makes its id free.
+    fn release(&mut self, ctx: &mut LlamaContext<'_>, seq: i32) {
+        let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        self.free_slots.push(seq);
+    }
+
+    fn cache_gauges(&self) {
+        self.metrics
+            .prefix_cache_tokens
+            .set(self.cache.cells() as i64);
+        self.metrics
+            .prefix_cache_entries
+            .set(self.cache.len() as i64);
     }
 
     fn dequeued(&self) {
@@ -486,6 +588,7 @@ impl Scheduler<'_> {
                 .add(token, s.pos, &[s.slot], true)
                 .expect("batch sized for max_sequences + prefill_chunk");
             s.logits_at = Some(n);
+            s.fed.push(token);
             s.pos += 1;
             n += 1;
         }
@@ -528,7 +631,7 @@ impl Scheduler<'_> {
             self.retire(ctx, i, Some(Ok(outcome)));
         }
         let used: i64 = self.running.iter().map(|s| i64::from(s.pos)).sum();
-        self.metrics.kv_used.set(used);
+        self.metrics.kv_used.set(used + self.cache.cells() as i64);
     }
 
     /// Samples sequence `i`'s next token; `Some` when the sequence is done.
@@ -572,7 +675,8 @@ impl Scheduler<'_> {
         None
     }
 
-    /// Frees sequence `i`'s slot and KV cells and tells its client how it ended.
+    /// Ends sequence `i` and tells its client how it ended. Its cells go to
+    /// the prefix cache (unless decoding failed, which leaves them unsure).
     fn retire(
         &mut self,
         ctx: &mut LlamaContext<'_>,
@@ -580,9 +684,18 @@ impl Scheduler<'_> {
         outcome: Option<Result<FinishReason, String>>,
     ) {
         let mut s = self.running.swap_remove(i);
-        let _ = ctx.clear_kv_cache_seq(Some(s.slot as u32), None, None);
-        self.free_slots.push(s.slot);
         self.reserved -= s.need();
+        if matches!(outcome, Some(Err(_))) {
+            self.release(ctx, s.slot);
+        } else {
+            let mut tokens = s.job.tokens[..s.read].to_vec();
+            tokens.extend_from_slice(&s.fed);
+            debug_assert_eq!(tokens.len(), s.pos as usize);
+            for seq in self.cache.insert(s.slot, &s.job.scope, tokens) {
+                self.release(ctx, seq);
+            }
+            self.cache_gauges();
+        }
         self.metrics.running.set(self.running.len() as i64);
         match outcome {
             None => {}

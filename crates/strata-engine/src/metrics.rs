@@ -21,6 +21,10 @@ pub struct EngineMetrics {
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub step_tokens: Counter<f64, AtomicU64>,
+    pub prefix_hits: Counter,
+    pub prefix_reused_tokens: Counter,
+    pub prefix_cache_tokens: Gauge,
+    pub prefix_cache_entries: Gauge,
 }
 
 impl EngineMetrics {
@@ -37,6 +41,10 @@ impl EngineMetrics {
             ttft: Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             tpot: Histogram::new([0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0]),
             step_tokens: Counter::default(),
+            prefix_hits: Counter::default(),
+            prefix_reused_tokens: Counter::default(),
+            prefix_cache_tokens: Gauge::default(),
+            prefix_cache_entries: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -90,6 +98,26 @@ impl EngineMetrics {
             "batch_tokens",
             "Tokens sent through llama_decode",
             m.step_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_hits",
+            "Requests that reused a cached prefix of their own tenant",
+            m.prefix_hits.clone(),
+        );
+        registry.register(
+            "prefix_cache_reused_tokens",
+            "Prompt tokens taken from the prefix cache instead of prefilled",
+            m.prefix_reused_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_tokens",
+            "KV cells held by finished sequences kept for reuse",
+            m.prefix_cache_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_entries",
+            "Finished sequences kept for reuse",
+            m.prefix_cache_entries.clone(),
         );
         EngineMetrics { registry, ..m }
     }

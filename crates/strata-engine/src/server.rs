@@ -19,7 +19,7 @@ use strata_core::openai::{
     parse_body, response_id, ChatCompletionRequest, CompletionRequest, FinishReason, Generation,
     ModelList, Usage,
 };
-use strata_core::{read_body, ApiError};
+use strata_core::{read_body, ApiError, CACHE_SCOPE_HEADER};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
@@ -172,6 +172,17 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
 }
 
 async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Response, ApiError> {
+    let scope = match req.headers().get(CACHE_SCOPE_HEADER) {
+        None => String::new(),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|s| s.len() <= 128)
+            .ok_or_else(|| {
+                ApiError::invalid_request(None, "The cache scope header must be short ASCII.")
+            })?
+            .to_string(),
+    };
     let body = read_body(req.into_body(), state.max_body_bytes).await?;
     let generation: Generation = match api {
         Api::Completions => parse_body::<CompletionRequest>(&body)?.validate()?,
@@ -186,7 +197,7 @@ async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Res
         .ok_or_else(|| ApiError::unavailable("The model is still loading."))?;
     let stream = generation.stream;
     let include_usage = generation.include_usage;
-    let submitted = engine.submit(generation).await?;
+    let submitted = engine.submit(generation, &scope).await?;
     let reply = Reply {
         api,
         id: response_id(match api {

@@ -15,7 +15,7 @@ use futures_util::Stream;
 use serde_json::Value;
 use strata_core::openai::Usage;
 use strata_core::store::UsageRecord;
-use strata_core::ApiError;
+use strata_core::{ApiError, CACHE_SCOPE_HEADER};
 
 use crate::admission::Charge;
 use crate::auth::Principal;
@@ -88,6 +88,7 @@ impl Proxy {
                 .client
                 .post(url)
                 .header(header::CONTENT_TYPE, "application/json")
+                .header(CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str())
                 .body(req.body.clone())
                 .send()
                 .await;

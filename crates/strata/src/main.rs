@@ -401,6 +401,7 @@ fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> Engin
         threads,
         prefill_chunk: e.prefill_chunk,
         default_max_tokens: e.default_max_tokens,
+        prefix_cache_entries: e.prefix_cache_entries,
     }
 }
 

@@ -1,0 +1,75 @@
+"""Prefix reuse is per tenant: a tenant's repeated or continued prompt reuses
+its own cached KV cells (reported as usage.prompt_tokens_details.cached_tokens),
+while another tenant sending the very same prompt prefills it from scratch,
+so timing cannot reveal what someone else asked. One replica, so every
+request meets the same engine cache."""
+import pytest
+
+from conftest import MODEL_ID, Server
+
+SYSTEM = "You are the support assistant of a cloud platform team; answer in one short sentence. " * 8
+
+
+@pytest.fixture(scope="module")
+def one_replica():
+    s = Server(replicas=1, tenant="cache-a")
+    yield s
+    s.stop()
+
+
+def chat(client, messages, **extra):
+    r = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0, **extra)
+    return r.choices[0].message.content, r.usage
+
+
+def cached(usage):
+    return usage.prompt_tokens_details.cached_tokens
+
+
+def test_a_tenant_reuses_its_own_prefix_and_nobody_elses(one_replica):
+    s = one_replica
+    a = s.client()
+    b_tenant = s.admin("POST", "/admin/v1/tenants", {"name": "cache-b"}, expect=201).json()
+    b = s.client(s.new_key(b_tenant["id"], "member"))
+    question = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a spot instance?"}]
+
+    first, u1 = chat(a, question)
+    assert cached(u1) == 0
+    again, u2 = chat(a, question)
+    # All but the last prompt token come from the cache; the answer is the same.
+    assert cached(u2) == u2.prompt_tokens - 1, u2
+    assert again == first
+
+    theirs, ub = chat(b, question)
+    assert cached(ub) == 0, "tenant B must not reuse tenant A's cached prompt"
+    assert theirs == first
+
+    # Naming A's scope in a request header does not buy B A's cache: the
+    # gateway sets the scope from the key.
+    other = [{"role": "system", "content": "Only A has sent this system prompt. " * 10},
+             {"role": "user", "content": "Why scale to zero?"}]
+    chat(a, other)
+    _, forged = chat(b, other, extra_headers={"x-strata-cache-scope": s.tenant["id"]})
+    assert cached(forged) == 0
+
+
+def test_a_continuing_conversation_prefills_only_the_new_turn(one_replica):
+    a = one_replica.client()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name one GPU vendor."}]
+    answer, u1 = chat(a, messages)
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And another one?"}]
+    _, u2 = chat(a, messages)
+    # The whole first turn (system prompt, question) is reused; only the
+    # re-tokenized answer and the new question are read again.
+    assert cached(u2) >= u1.prompt_tokens - 1, (u1, u2)
+    assert u2.prompt_tokens - cached(u2) < 40, u2
+
+
+def test_streamed_usage_reports_cached_tokens(one_replica):
+    a = one_replica.client()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is TLS?"}]
+    chat(a, messages)
+    stream = a.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=4, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert len(usage) == 1 and cached(usage[0]) == usage[0].prompt_tokens - 1
