@@ -186,13 +186,132 @@ pub trait CompletionStore: Send + Sync {
     async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError>;
 }
 
+/// A response of the Responses API. Its content (the response object, its
+/// own input items, and the context items before them) is sealed at rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub model: String,
+    pub conversation_id: Option<String>,
+    /// The replica that served it, where the next turn finds its KV cache.
+    pub replica: Option<String>,
+    pub content: Vec<u8>,
+}
+
+/// A conversation; its content (the metadata as JSON) is sealed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredConversation {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub content: Vec<u8>,
+}
+
+/// One item of a conversation (a message), sealed; items keep the order in
+/// which they were appended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredItem {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub content: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Asc,
+    Desc,
+}
+
+#[async_trait]
+pub trait ConversationStore: Send + Sync {
+    /// Stores the response and appends `items` (the turn's input and
+    /// output) to its conversation in one transaction: after a crash the
+    /// conversation holds the whole turn or none of it. False, with nothing
+    /// written, when the response names a conversation that does not exist.
+    async fn put_response(
+        &self,
+        tenant: &TenantId,
+        response: &StoredResponse,
+        items: &[StoredItem],
+    ) -> Result<bool, StoreError>;
+    async fn response(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, StoreError>;
+    async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError>;
+    /// Creates the conversation with its first items, atomically.
+    async fn create_conversation(
+        &self,
+        tenant: &TenantId,
+        conversation: &StoredConversation,
+        items: &[StoredItem],
+    ) -> Result<(), StoreError>;
+    async fn conversation(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<StoredConversation>, StoreError>;
+    /// Replaces the content (metadata); false if there is no such conversation.
+    async fn update_conversation(
+        &self,
+        tenant: &TenantId,
+        conversation: &StoredConversation,
+    ) -> Result<bool, StoreError>;
+    /// Deletes the conversation and its items.
+    async fn delete_conversation(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError>;
+    /// Appends items in order; false if there is no such conversation.
+    async fn append_items(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        items: &[StoredItem],
+    ) -> Result<bool, StoreError>;
+    /// At most `limit` items in `order`, starting past the `after` item when
+    /// given; `None` if there is no such conversation.
+    async fn items(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        after: Option<&str>,
+        limit: u32,
+        order: Order,
+    ) -> Result<Option<Vec<StoredItem>>, StoreError>;
+    async fn item(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        id: &str,
+    ) -> Result<Option<StoredItem>, StoreError>;
+    async fn delete_item(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        id: &str,
+    ) -> Result<bool, StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
-    UsageStore + InstanceStore + TenantStore + KeyStore + AuditStore + CompletionStore + 'static
+    UsageStore
+    + InstanceStore
+    + TenantStore
+    + KeyStore
+    + AuditStore
+    + CompletionStore
+    + ConversationStore
+    + 'static
 {
 }
 
 impl<T> Store for T where
-    T: UsageStore + InstanceStore + TenantStore + KeyStore + AuditStore + CompletionStore + 'static
+    T: UsageStore
+        + InstanceStore
+        + TenantStore
+        + KeyStore
+        + AuditStore
+        + CompletionStore
+        + ConversationStore
+        + 'static
 {
 }

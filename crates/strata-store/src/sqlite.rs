@@ -21,17 +21,21 @@ use strata_core::tenant::{
 
 use crate::vault::{Binding, Vault};
 
+mod conversations;
+
 const COMPLETIONS: &str = "stored_completions";
 
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
     /// `None` for tools that touch no tenant content (audit verification).
     vault: Option<Arc<Vault>>,
     /// One appender at a time, so each audit row chains to the one before.
     audit_lock: tokio::sync::Mutex<()>,
+    /// One conversation writer at a time, so items get consecutive `seq`s.
+    pub(crate) items_lock: tokio::sync::Mutex<()>,
 }
 
-fn query_err(e: sqlx::Error) -> StoreError {
+pub(crate) fn query_err(e: sqlx::Error) -> StoreError {
     StoreError::Query(e.to_string())
 }
 
@@ -72,6 +76,7 @@ impl SqliteStore {
             pool,
             vault,
             audit_lock: tokio::sync::Mutex::new(()),
+            items_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -79,6 +84,42 @@ impl SqliteStore {
         self.vault
             .as_deref()
             .ok_or_else(|| StoreError::Crypto("this store was opened without a keyring".into()))
+    }
+
+    /// Seals tenant content for row `row` of `table`.
+    pub(crate) fn seal(
+        &self,
+        tenant: &TenantId,
+        table: &str,
+        row: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let at = Binding {
+            tenant: tenant.as_str(),
+            table,
+            row,
+        };
+        self.vault()?
+            .seal(at, plaintext)
+            .map_err(|e| StoreError::Crypto(e.to_string()))
+    }
+
+    /// Opens what `seal` sealed for the same tenant, table and row.
+    pub(crate) fn unseal(
+        &self,
+        tenant: &TenantId,
+        table: &str,
+        row: &str,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let at = Binding {
+            tenant: tenant.as_str(),
+            table,
+            row,
+        };
+        self.vault()?
+            .open_sealed(at, sealed)
+            .map_err(|e| StoreError::Crypto(e.to_string()))
     }
 }
 
@@ -161,18 +202,7 @@ impl SqliteStore {
         r: &SqliteRow,
     ) -> Result<StoredCompletion, StoreError> {
         let id: String = r.get("id");
-        let sealed: Vec<u8> = r.get("sealed");
-        let content = self
-            .vault()?
-            .open_sealed(
-                Binding {
-                    tenant: tenant.as_str(),
-                    table: COMPLETIONS,
-                    row: &id,
-                },
-                &sealed,
-            )
-            .map_err(|e| StoreError::Crypto(e.to_string()))?;
+        let content = self.unseal(tenant, COMPLETIONS, &id, r.get("sealed"))?;
         Ok(StoredCompletion {
             id,
             created_at_ms: r.get("created_at_ms"),
@@ -372,7 +402,14 @@ impl TenantStore for SqliteStore {
             .destroy_tenant_key(id.as_str())
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
-        for table in ["stored_completions", "api_keys"] {
+        let tables = [
+            "stored_completions",
+            "responses",
+            "conversation_items",
+            "conversations",
+            "api_keys",
+        ];
+        for table in tables {
             sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = ?"))
                 .bind(id.as_str())
                 .execute(&mut *tx)
@@ -534,17 +571,7 @@ impl CompletionStore for SqliteStore {
         tenant: &TenantId,
         c: &StoredCompletion,
     ) -> Result<(), StoreError> {
-        let sealed = self
-            .vault()?
-            .seal(
-                Binding {
-                    tenant: tenant.as_str(),
-                    table: COMPLETIONS,
-                    row: &c.id,
-                },
-                &c.content,
-            )
-            .map_err(|e| StoreError::Crypto(e.to_string()))?;
+        let sealed = self.seal(tenant, COMPLETIONS, &c.id, &c.content)?;
         sqlx::query(
             "INSERT OR REPLACE INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
              VALUES (?, ?, ?, ?, ?)",

@@ -1,0 +1,338 @@
+//! Responses and conversations on SQLite. A turn (the response row and the
+//! items it appends to its conversation) is one transaction.
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, Transaction};
+use strata_core::store::{
+    ConversationStore, Order, StoreError, StoredConversation, StoredItem, StoredResponse,
+};
+use strata_core::tenant::TenantId;
+
+use super::{query_err, SqliteStore};
+
+const RESPONSES: &str = "responses";
+const CONVERSATIONS: &str = "conversations";
+const ITEMS: &str = "conversation_items";
+
+impl SqliteStore {
+    fn response_from(
+        &self,
+        tenant: &TenantId,
+        r: &SqliteRow,
+    ) -> Result<StoredResponse, StoreError> {
+        let id: String = r.get("id");
+        Ok(StoredResponse {
+            content: self.unseal(tenant, RESPONSES, &id, r.get("sealed"))?,
+            id,
+            created_at_ms: r.get("created_at_ms"),
+            model: r.get("model"),
+            conversation_id: r.get("conversation_id"),
+            replica: r.get("replica"),
+        })
+    }
+
+    fn conversation_from(
+        &self,
+        tenant: &TenantId,
+        r: &SqliteRow,
+    ) -> Result<StoredConversation, StoreError> {
+        let id: String = r.get("id");
+        Ok(StoredConversation {
+            content: self.unseal(tenant, CONVERSATIONS, &id, r.get("sealed"))?,
+            id,
+            created_at_ms: r.get("created_at_ms"),
+        })
+    }
+
+    fn item_from(&self, tenant: &TenantId, r: &SqliteRow) -> Result<StoredItem, StoreError> {
+        let id: String = r.get("id");
+        Ok(StoredItem {
+            content: self.unseal(tenant, ITEMS, &id, r.get("sealed"))?,
+            id,
+            created_at_ms: r.get("created_at_ms"),
+        })
+    }
+
+    /// Appends `items` after the conversation's last one, inside `tx`; false
+    /// if the tenant has no such conversation. Callers hold `items_lock`.
+    async fn append_in(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        tenant: &TenantId,
+        conversation: &str,
+        items: &[StoredItem],
+    ) -> Result<bool, StoreError> {
+        let exists = sqlx::query("SELECT 1 FROM conversations WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.as_str())
+            .bind(conversation)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(query_err)?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        let last: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(seq), 0) FROM conversation_items \
+             WHERE tenant_id = ? AND conversation_id = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(conversation)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(query_err)?;
+        for (i, item) in items.iter().enumerate() {
+            let sealed = self.seal(tenant, ITEMS, &item.id, &item.content)?;
+            sqlx::query(
+                "INSERT INTO conversation_items \
+                 (tenant_id, conversation_id, seq, id, created_at_ms, sealed) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(tenant.as_str())
+            .bind(conversation)
+            .bind(last + 1 + i as i64)
+            .bind(&item.id)
+            .bind(item.created_at_ms)
+            .bind(sealed)
+            .execute(&mut **tx)
+            .await
+            .map_err(query_err)?;
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ConversationStore for SqliteStore {
+    async fn put_response(
+        &self,
+        tenant: &TenantId,
+        response: &StoredResponse,
+        items: &[StoredItem],
+    ) -> Result<bool, StoreError> {
+        let sealed = self.seal(tenant, RESPONSES, &response.id, &response.content)?;
+        let _writer = self.items_lock.lock().await;
+        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        if let Some(conversation) = &response.conversation_id {
+            if !self.append_in(&mut tx, tenant, conversation, items).await? {
+                return Ok(false);
+            }
+        }
+        sqlx::query(
+            "INSERT OR REPLACE INTO responses \
+             (tenant_id, id, created_at_ms, model, conversation_id, replica, sealed) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(tenant.as_str())
+        .bind(&response.id)
+        .bind(response.created_at_ms)
+        .bind(&response.model)
+        .bind(&response.conversation_id)
+        .bind(&response.replica)
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err)?;
+        tx.commit().await.map_err(query_err)?;
+        Ok(true)
+    }
+
+    async fn response(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        sqlx::query("SELECT * FROM responses WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err)?
+            .map(|r| self.response_from(tenant, &r))
+            .transpose()
+    }
+
+    async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM responses WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.as_str())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_conversation(
+        &self,
+        tenant: &TenantId,
+        conversation: &StoredConversation,
+        items: &[StoredItem],
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal(
+            tenant,
+            CONVERSATIONS,
+            &conversation.id,
+            &conversation.content,
+        )?;
+        let _writer = self.items_lock.lock().await;
+        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        sqlx::query(
+            "INSERT INTO conversations (tenant_id, id, created_at_ms, sealed) VALUES (?, ?, ?, ?)",
+        )
+        .bind(tenant.as_str())
+        .bind(&conversation.id)
+        .bind(conversation.created_at_ms)
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err)?;
+        self.append_in(&mut tx, tenant, &conversation.id, items)
+            .await?;
+        tx.commit().await.map_err(query_err)?;
+        Ok(())
+    }
+
+    async fn conversation(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<StoredConversation>, StoreError> {
+        sqlx::query("SELECT * FROM conversations WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err)?
+            .map(|r| self.conversation_from(tenant, &r))
+            .transpose()
+    }
+
+    async fn update_conversation(
+        &self,
+        tenant: &TenantId,
+        conversation: &StoredConversation,
+    ) -> Result<bool, StoreError> {
+        let sealed = self.seal(
+            tenant,
+            CONVERSATIONS,
+            &conversation.id,
+            &conversation.content,
+        )?;
+        let done =
+            sqlx::query("UPDATE conversations SET sealed = ? WHERE tenant_id = ? AND id = ?")
+                .bind(sealed)
+                .bind(tenant.as_str())
+                .bind(&conversation.id)
+                .execute(&self.pool)
+                .await
+                .map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_conversation(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
+        let _writer = self.items_lock.lock().await;
+        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        sqlx::query("DELETE FROM conversation_items WHERE tenant_id = ? AND conversation_id = ?")
+            .bind(tenant.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err)?;
+        let done = sqlx::query("DELETE FROM conversations WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err)?;
+        tx.commit().await.map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn append_items(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        items: &[StoredItem],
+    ) -> Result<bool, StoreError> {
+        let _writer = self.items_lock.lock().await;
+        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        if !self.append_in(&mut tx, tenant, conversation, items).await? {
+            return Ok(false);
+        }
+        tx.commit().await.map_err(query_err)?;
+        Ok(true)
+    }
+
+    async fn items(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        after: Option<&str>,
+        limit: u32,
+        order: Order,
+    ) -> Result<Option<Vec<StoredItem>>, StoreError> {
+        if self.conversation(tenant, conversation).await?.is_none() {
+            return Ok(None);
+        }
+        let (past, direction) = match order {
+            Order::Asc => (">", "ASC"),
+            Order::Desc => ("<", "DESC"),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT * FROM conversation_items WHERE tenant_id = ?1 AND conversation_id = ?2 \
+             AND (?3 IS NULL OR seq {past} (SELECT seq FROM conversation_items \
+                  WHERE tenant_id = ?1 AND conversation_id = ?2 AND id = ?3)) \
+             ORDER BY seq {direction} LIMIT ?4"
+        ))
+        .bind(tenant.as_str())
+        .bind(conversation)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        rows.iter()
+            .map(|r| self.item_from(tenant, r))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    async fn item(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        id: &str,
+    ) -> Result<Option<StoredItem>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM conversation_items \
+             WHERE tenant_id = ? AND conversation_id = ? AND id = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(conversation)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)?
+        .map(|r| self.item_from(tenant, &r))
+        .transpose()
+    }
+
+    async fn delete_item(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM conversation_items \
+             WHERE tenant_id = ? AND conversation_id = ? AND id = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(conversation)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,192 @@
+//! Responses and conversations through the `Store` trait, against a real
+//! SQLite file. The checks take any `Store`, so every backend runs them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use strata_core::store::{Order, Store, StoredConversation, StoredItem, StoredResponse};
+use strata_core::tenant::{Isolation, RateLimits, Tenant, TenantId};
+use strata_store::{Kek, KekSource, SqliteStore, Vault};
+
+fn tenant(name: &str) -> Tenant {
+    Tenant {
+        id: TenantId::new(),
+        name: name.into(),
+        isolation: Isolation::Shared,
+        limits: RateLimits::default(),
+        monthly_budget_usd: None,
+        created_at_ms: 1,
+    }
+}
+
+fn item(id: &str, text: &str) -> StoredItem {
+    StoredItem {
+        id: id.into(),
+        created_at_ms: 5,
+        content: format!("{{\"text\":\"{text}\"}}").into_bytes(),
+    }
+}
+
+fn response(id: &str, conversation: Option<&str>) -> StoredResponse {
+    StoredResponse {
+        id: id.into(),
+        created_at_ms: 9,
+        model: "m".into(),
+        conversation_id: conversation.map(str::to_owned),
+        replica: Some("replica-0".into()),
+        content: b"{\"answer\":\"CANARY-conv-91\"}".to_vec(),
+    }
+}
+
+fn ids(items: &[StoredItem]) -> Vec<&str> {
+    items.iter().map(|i| i.id.as_str()).collect()
+}
+
+async fn sqlite(dir: &Path) -> SqliteStore {
+    let kek = Kek::from_hex(&"3c".repeat(32)).unwrap();
+    let vault =
+        Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap());
+    SqliteStore::open(&dir.join("s.db"), vault).await.unwrap()
+}
+
+/// The behaviour every backend must show.
+async fn conversations_behave(store: &dyn Store) {
+    let (a, b) = (tenant("conv-a"), tenant("conv-b"));
+    store.create_tenant(&a).await.unwrap();
+    store.create_tenant(&b).await.unwrap();
+    let conv = StoredConversation {
+        id: "conv_1".into(),
+        created_at_ms: 3,
+        content: b"{\"metadata\":{}}".to_vec(),
+    };
+    store
+        .create_conversation(&a.id, &conv, &[item("msg_0", "hello")])
+        .await
+        .unwrap();
+
+    // A turn appends its items after the existing ones, in order.
+    let turn = [item("msg_1", "question"), item("msg_2", "CANARY-conv-91")];
+    assert!(store
+        .put_response(&a.id, &response("resp_1", Some("conv_1")), &turn)
+        .await
+        .unwrap());
+    let all = store
+        .items(&a.id, "conv_1", None, 100, Order::Asc)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&all), ["msg_0", "msg_1", "msg_2"]);
+    assert_eq!(all[2].content, turn[1].content);
+    let page = store
+        .items(&a.id, "conv_1", Some("msg_2"), 1, Order::Desc)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&page), ["msg_1"]);
+    let page = store
+        .items(&a.id, "conv_1", Some("msg_0"), 10, Order::Asc)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&page), ["msg_1", "msg_2"]);
+
+    // A turn for a conversation that does not exist writes nothing at all.
+    assert!(!store
+        .put_response(
+            &a.id,
+            &response("resp_x", Some("conv_none")),
+            &[item("msg_x", "x")]
+        )
+        .await
+        .unwrap());
+    assert!(store.response(&a.id, "resp_x").await.unwrap().is_none());
+
+    // Another tenant sees none of it, not even through known ids.
+    assert!(store.conversation(&b.id, "conv_1").await.unwrap().is_none());
+    assert!(store.response(&b.id, "resp_1").await.unwrap().is_none());
+    assert!(store
+        .items(&b.id, "conv_1", None, 10, Order::Asc)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .item(&b.id, "conv_1", "msg_1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(!store
+        .put_response(
+            &b.id,
+            &response("resp_b", Some("conv_1")),
+            &[item("msg_b", "b")]
+        )
+        .await
+        .unwrap());
+    assert!(!store.delete_item(&b.id, "conv_1", "msg_1").await.unwrap());
+    assert!(!store.delete_response(&b.id, "resp_1").await.unwrap());
+    assert!(!store.delete_conversation(&b.id, "conv_1").await.unwrap());
+
+    let got = store.response(&a.id, "resp_1").await.unwrap().unwrap();
+    assert_eq!(got, response("resp_1", Some("conv_1")));
+
+    // Items can be added, read one by one and deleted.
+    assert!(store
+        .append_items(&a.id, "conv_1", &[item("msg_3", "more")])
+        .await
+        .unwrap());
+    assert!(store.delete_item(&a.id, "conv_1", "msg_1").await.unwrap());
+    assert!(store
+        .item(&a.id, "conv_1", "msg_1")
+        .await
+        .unwrap()
+        .is_none());
+    let all = store
+        .items(&a.id, "conv_1", None, 100, Order::Desc)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&all), ["msg_3", "msg_2", "msg_0"]);
+
+    let renamed = StoredConversation {
+        content: b"{\"metadata\":{\"topic\":\"x\"}}".to_vec(),
+        ..conv.clone()
+    };
+    assert!(store.update_conversation(&a.id, &renamed).await.unwrap());
+    assert!(!store.update_conversation(&b.id, &renamed).await.unwrap());
+    assert_eq!(
+        store.conversation(&a.id, "conv_1").await.unwrap().unwrap(),
+        renamed
+    );
+
+    // Deleting the conversation deletes its items; the response stays.
+    assert!(store.delete_conversation(&a.id, "conv_1").await.unwrap());
+    assert!(store
+        .item(&a.id, "conv_1", "msg_2")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.response(&a.id, "resp_1").await.unwrap().is_some());
+    assert!(store.delete_response(&a.id, "resp_1").await.unwrap());
+    assert!(store.response(&a.id, "resp_1").await.unwrap().is_none());
+
+    // Crypto-shredding the tenant takes responses and conversations with it.
+    store
+        .create_conversation(&a.id, &conv, &[item("msg_9", "z")])
+        .await
+        .unwrap();
+    assert!(store.delete_tenant(&a.id).await.unwrap());
+    assert!(store.conversation(&a.id, "conv_1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sqlite_conversations_behave() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    conversations_behave(&store).await;
+    drop(store);
+    // Nothing stored reached the disk in the clear.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes.windows(14).any(|w| w == b"CANARY-conv-91"));
+    }
+}
