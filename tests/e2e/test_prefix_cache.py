@@ -33,16 +33,16 @@ def test_a_tenant_reuses_its_own_prefix_and_nobody_elses(one_replica):
     b = s.client(s.new_key(b_tenant["id"], "member"))
     question = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a spot instance?"}]
 
-    first, u1 = chat(a, question)
+    _, u1 = chat(a, question)
     assert cached(u1) == 0
-    again, u2 = chat(a, question)
-    # All but the last prompt token come from the cache; the answer is the same.
+    _, u2 = chat(a, question)
+    # All but the last prompt token come from the cache. (The text is not
+    # compared: a cache hit may flip a near tie, since llama.cpp's kernels
+    # are not batch-invariant; bench/results/stateful.md measures how often.)
     assert cached(u2) == u2.prompt_tokens - 1, u2
-    assert again == first
 
-    theirs, ub = chat(b, question)
+    _, ub = chat(b, question)
     assert cached(ub) == 0, "tenant B must not reuse tenant A's cached prompt"
-    assert theirs == first
 
     # Naming A's scope in a request header does not buy B A's cache: the
     # gateway sets the scope from the key.

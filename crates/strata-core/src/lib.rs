@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod openai;
+pub mod responses;
 pub mod sampling;
 pub mod store;
 pub mod template;

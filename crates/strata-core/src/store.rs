@@ -240,6 +240,12 @@ pub trait ConversationStore: Send + Sync {
         id: &str,
     ) -> Result<Option<StoredResponse>, StoreError>;
     async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError>;
+    /// The replica that served the conversation's latest stored response.
+    async fn conversation_replica(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+    ) -> Result<Option<String>, StoreError>;
     /// Creates the conversation with its first items, atomically.
     async fn create_conversation(
         &self,

@@ -8,12 +8,14 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod budget;
+mod conversations;
 pub mod fairq;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod replicas;
+mod responses;
 pub mod router;
 pub mod stored;
 
@@ -40,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admin::AdminState;
-use crate::admission::{Estimate, Policy};
+use crate::admission::{Charge, Estimate, Policy};
 use crate::auth::{Authenticator, Principal};
 use crate::ledger::Ledger;
 use crate::metrics::{GatewayMetrics, RequestLabels};
@@ -220,6 +222,30 @@ fn router(state: Arc<AppState>, admin: Arc<AdminState>, auth: Arc<Authenticator>
             post(chat_completions).get(list_completions),
         )
         .route("/v1/models", get(models))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::show).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
+        .route("/v1/conversations", post(conversations::create))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::show)
+                .post(conversations::update)
+                .delete(conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/items",
+            get(conversations::list_items).post(conversations::add_items),
+        )
+        .route(
+            "/v1/conversations/{id}/items/{item_id}",
+            get(conversations::show_item).delete(conversations::delete_item),
+        )
         .with_state(state.clone())
         .merge(stored::routes(state.store.clone()))
         .merge(admin::routes(admin))
@@ -300,27 +326,10 @@ async fn forward(
     };
     let request_id = response_id("req");
     let span = tracing::info_span!("request", id = %request_id, tenant = %p.tenant.id, model = %generation.model, path);
-    let estimate = Estimate {
-        // About four bytes of JSON per prompt token; the replica counts exactly.
-        prompt_tokens: body.len() as u64 / 4,
-        output_tokens: generation
-            .max_tokens
-            .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
-    };
-    let pool = p.pool();
-    if state.proxy.replicas.ready_in(pool) == 0 {
-        return Err(ApiError::unavailable(match pool {
-            Some(_) => "No replica reserved for this tenant is ready; retry shortly.",
-            None => "No replica is ready to serve requests; retry shortly.",
-        }));
-    }
-    let charge = state
-        .policy
-        .admit(&p, pool, &generation.model, estimate)
+    let (charge, estimated_tokens) = admit(state, &p, &generation, body.len())
         .instrument(span.clone())
         .await?;
     let _enter = span.enter();
-    let estimated_tokens = estimate.prompt_tokens + estimate.output_tokens;
     let keep = generation.store.then(|| {
         let messages = serde_json::from_slice::<serde_json::Value>(&body)
             .map(|v| v["messages"].clone())
@@ -347,6 +356,36 @@ async fn forward(
     };
     drop(_enter);
     state.proxy.forward(forward).await
+}
+
+/// Admission for a generation whose upstream body is `body_len` bytes: a
+/// ready replica in the tenant's pool, then limits, budget and fair queue.
+/// Returns the charge to settle and the tokens to balance load by.
+async fn admit(
+    state: &AppState,
+    p: &Arc<Principal>,
+    generation: &Generation,
+    body_len: usize,
+) -> Result<(Charge, u64), ApiError> {
+    let estimate = Estimate {
+        // About four bytes of JSON per prompt token; the replica counts exactly.
+        prompt_tokens: body_len as u64 / 4,
+        output_tokens: generation
+            .max_tokens
+            .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
+    };
+    let pool = p.pool();
+    if state.proxy.replicas.ready_in(pool) == 0 {
+        return Err(ApiError::unavailable(match pool {
+            Some(_) => "No replica reserved for this tenant is ready; retry shortly.",
+            None => "No replica is ready to serve requests; retry shortly.",
+        }));
+    }
+    let charge = state
+        .policy
+        .admit(p, pool, &generation.model, estimate)
+        .await?;
+    Ok((charge, estimate.prompt_tokens + estimate.output_tokens))
 }
 
 async fn models(

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use serde_json::Value;
@@ -58,6 +58,26 @@ impl Proxy {
         if req.stream && !req.include_usage {
             req.body = with_usage_requested(&req.body);
         }
+        let (flight, upstream) = match self.open(&req, None).await {
+            Ok(opened) => opened,
+            Err(refusal) => return Ok(refusal),
+        };
+        Ok(if req.stream && upstream.status().is_success() {
+            self.stream_response(req, flight, upstream)
+        } else {
+            self.whole_response(req, flight, upstream).await
+        })
+    }
+
+    /// Sends the request to a replica (`prefer`red when it is fit to take
+    /// it), trying another while none has answered: on a connection error,
+    /// a 5xx or a 429. Returns the replica's answer, or what to tell the
+    /// client when every replica failed.
+    pub async fn open(
+        &self,
+        req: &Forward,
+        prefer: Option<&str>,
+    ) -> Result<(InFlight, reqwest::Response), Response> {
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<(StatusCode, Bytes)> = None;
         loop {
@@ -65,16 +85,18 @@ impl Proxy {
                 req.principal.pool(),
                 &req.model,
                 &tried,
+                prefer,
                 req.estimated_tokens,
             ) {
                 Ok(f) => f,
                 Err(NoReplica::NoneReady) => {
                     return Err(ApiError::unavailable(
                         "No replica is ready to serve requests; retry shortly.",
-                    ))
+                    )
+                    .into_response())
                 }
                 Err(NoReplica::UnknownModel) if tried.is_empty() => {
-                    return Err(ApiError::model_not_found(&req.model))
+                    return Err(ApiError::model_not_found(&req.model).into_response())
                 }
                 Err(_) => break,
             };
@@ -108,15 +130,13 @@ impl Proxy {
                 last_failure = Some((status, body));
                 continue;
             }
-            return Ok(if req.stream && status.is_success() {
-                self.stream_response(req, flight, upstream)
-            } else {
-                self.whole_response(req, flight, upstream).await
-            });
+            return Ok((flight, upstream));
         }
         Err(match last_failure {
-            Some((status, body)) => return Ok(json_response(status, body)),
-            None => ApiError::bad_gateway("Every replica failed to take the request."),
+            Some((status, body)) => json_response(status, body),
+            None => {
+                ApiError::bad_gateway("Every replica failed to take the request.").into_response()
+            }
         })
     }
 
@@ -190,7 +210,7 @@ impl Proxy {
     }
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response {
+pub fn json_response(status: StatusCode, body: Bytes) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -209,7 +229,7 @@ fn with_usage_requested(body: &Bytes) -> Bytes {
     Bytes::from(v.to_string())
 }
 
-fn usage_row(
+pub fn usage_row(
     req: &mut Forward,
     flight: &InFlight,
     status: u16,

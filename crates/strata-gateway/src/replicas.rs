@@ -10,7 +10,7 @@ use strata_core::ReplicaEndpoint;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::router::{pick, ReplicaLoad};
+use crate::router::{pick_with_affinity, ReplicaLoad};
 
 pub struct Replica {
     pub endpoint: ReplicaEndpoint,
@@ -110,12 +110,14 @@ impl ReplicaSet {
 
     /// Picks a replica of `pool` (a dedicated tenant's name, or `None` for
     /// the shared pool) for `model`, not one of `tried` (endpoint ids), and
-    /// charges it `tokens` until the returned guard drops.
+    /// charges it `tokens` until the returned guard drops. `prefer` (an
+    /// endpoint id holding the session's KV cache) wins within bounds.
     pub fn choose(
         &self,
         pool: Option<&str>,
         model: &str,
         tried: &[String],
+        prefer: Option<&str>,
         tokens: u64,
     ) -> Result<InFlight, NoReplica> {
         let all: Vec<Arc<Replica>> = self
@@ -142,7 +144,9 @@ impl ReplicaSet {
             .filter(|&i| tried.contains(&candidates[i].endpoint.id))
             .collect();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-        let i = pick(&loads, &tried_idx, rotation).ok_or(NoReplica::Exhausted)?;
+        let preferred = prefer.and_then(|id| candidates.iter().position(|r| r.endpoint.id == id));
+        let i = pick_with_affinity(&loads, &tried_idx, rotation, preferred)
+            .ok_or(NoReplica::Exhausted)?;
         let replica = candidates[i].clone();
         replica.outstanding.fetch_add(tokens, Ordering::Relaxed);
         Ok(InFlight { replica, tokens })

@@ -18,6 +18,35 @@ pub fn pick(replicas: &[ReplicaLoad], tried: &[usize], rotation: usize) -> Optio
         .min_by_key(|&i| replicas[i].outstanding_tokens)
 }
 
+/// How many more outstanding tokens than the least loaded replica a session's
+/// own replica may carry and still get the session's next turn: about one
+/// full context of the default engine, so affinity never piles up work.
+pub const AFFINITY_SLACK_TOKENS: u64 = 8192;
+
+/// `preferred` (the replica holding the session's KV cache) while it is
+/// ready, untried and within `AFFINITY_SLACK_TOKENS` of the least loaded;
+/// otherwise what `pick` chooses.
+pub fn pick_with_affinity(
+    replicas: &[ReplicaLoad],
+    tried: &[usize],
+    rotation: usize,
+    preferred: Option<usize>,
+) -> Option<usize> {
+    let best = pick(replicas, tried, rotation)?;
+    match preferred {
+        Some(p)
+            if p < replicas.len()
+                && replicas[p].ready
+                && !tried.contains(&p)
+                && replicas[p].outstanding_tokens
+                    <= replicas[best].outstanding_tokens + AFFINITY_SLACK_TOKENS =>
+        {
+            Some(p)
+        }
+        _ => Some(best),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,7 +87,41 @@ mod tests {
         assert_eq!(pick(&[], &[], 3), None);
     }
 
+    #[test]
+    fn a_session_stays_on_its_replica_until_it_is_too_busy_or_gone() {
+        let slack = AFFINITY_SLACK_TOKENS;
+        let loads = [r(true, 0), r(true, slack)];
+        assert_eq!(pick_with_affinity(&loads, &[], 0, Some(1)), Some(1));
+        let busy = [r(true, 0), r(true, slack + 1)];
+        assert_eq!(pick_with_affinity(&busy, &[], 0, Some(1)), Some(0));
+        let down = [r(true, 100), r(false, 0)];
+        assert_eq!(pick_with_affinity(&down, &[], 0, Some(1)), Some(0));
+        assert_eq!(pick_with_affinity(&loads, &[1], 0, Some(1)), Some(0));
+        assert_eq!(pick_with_affinity(&loads, &[], 0, Some(9)), Some(0));
+    }
+
     proptest! {
+        #[test]
+        fn affinity_is_bounded_and_never_picks_an_unready_or_tried_replica(
+            loads in proptest::collection::vec((any::<bool>(), 0u64..20_000), 0..12),
+            tried in proptest::collection::vec(0usize..12, 0..4),
+            preferred in proptest::option::of(0usize..14),
+        ) {
+            let replicas: Vec<_> = loads.iter().map(|&(a, b)| r(a, b)).collect();
+            let eligible: Vec<usize> = (0..replicas.len()).filter(|i| replicas[*i].ready && !tried.contains(i)).collect();
+            match pick_with_affinity(&replicas, &tried, 0, preferred) {
+                None => prop_assert!(eligible.is_empty()),
+                Some(i) => {
+                    prop_assert!(eligible.contains(&i));
+                    let min = eligible.iter().map(|&j| replicas[j].outstanding_tokens).min().unwrap();
+                    prop_assert!(replicas[i].outstanding_tokens <= min + AFFINITY_SLACK_TOKENS);
+                    if Some(i) != preferred {
+                        prop_assert_eq!(replicas[i].outstanding_tokens, min);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn never_picks_an_unready_or_tried_replica_and_picks_a_minimum(
             loads in proptest::collection::vec((any::<bool>(), 0u64..1000), 0..12),

@@ -14,6 +14,7 @@ use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::openai::{check_metadata, parse_body};
+use strata_core::responses::list_page;
 use strata_core::store::{Store, StoredCompletion};
 use strata_core::{read_body, ApiError};
 
@@ -145,7 +146,7 @@ async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<Value, ApiE
 }
 
 /// Audits an access to one of the caller's stored objects and renders it.
-async fn answer(
+pub(crate) async fn answer(
     store: &dyn Store,
     p: &Principal,
     action: &str,
@@ -164,24 +165,13 @@ async fn answer(
     .await
 }
 
-/// A page of a list, with OpenAI's cursor fields.
-fn page(data: Vec<Value>, has_more: bool) -> Value {
-    json!({
-        "object": "list",
-        "first_id": data.first().map(|v| v["id"].clone()),
-        "last_id": data.last().map(|v| v["id"].clone()),
-        "has_more": has_more,
-        "data": data,
-    })
-}
-
-/// Readers may look but not change or delete.
-fn may_change(p: &Principal, what: &str) -> Result<(), ApiError> {
+/// Readers may look but not change or delete (`what`: "delete stored responses").
+pub(crate) fn may_change(p: &Principal, what: &str) -> Result<(), ApiError> {
     if p.role().may_generate() {
         Ok(())
     } else {
         Err(ApiError::forbidden(format!(
-            "This key's role ({}) may not {what} stored completions.",
+            "This key's role ({}) may not {what}.",
             p.role().as_str()
         )))
     }
@@ -215,7 +205,7 @@ async fn messages(
                 m
             })
             .collect();
-        page(data, false)
+        list_page(data, false)
     });
     answer(&*store, &p, "completion.messages", &id, result).await
 }
@@ -235,7 +225,7 @@ async fn update(
     req: axum::extract::Request,
 ) -> Response {
     let result = async {
-        may_change(&p, "change")?;
+        may_change(&p, "change stored completions")?;
         // Sixteen pairs of at most 64 + 512 characters fit many times over.
         let body = read_body(req.into_body(), 64 * 1024).await?;
         let u: Update = parse_body(&body)?;
@@ -269,7 +259,7 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Response {
     let result = async {
-        may_change(&p, "delete")?;
+        may_change(&p, "delete stored completions")?;
         if store
             .delete_completion(&p.tenant.id, &id)
             .await
@@ -316,7 +306,7 @@ pub async fn list(store: Arc<dyn Store>, p: Arc<Principal>, q: ListQuery) -> Res
             .take(limit as usize)
             .map(|c| content(c).map(|doc| doc["completion"].clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(page(data, has_more))
+        Ok(list_page(data, has_more))
     }
     .await;
     answer(&*store, &p, "completion.list", "", result).await

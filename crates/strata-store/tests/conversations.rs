@@ -126,6 +126,14 @@ async fn conversations_behave(store: &dyn Store) {
     assert!(!store.delete_response(&b.id, "resp_1").await.unwrap());
     assert!(!store.delete_conversation(&b.id, "conv_1").await.unwrap());
 
+    assert_eq!(
+        store.conversation_replica(&a.id, "conv_1").await.unwrap(),
+        Some("replica-0".into())
+    );
+    assert_eq!(
+        store.conversation_replica(&b.id, "conv_1").await.unwrap(),
+        None
+    );
     let got = store.response(&a.id, "resp_1").await.unwrap().unwrap();
     assert_eq!(got, response("resp_1", Some("conv_1")));
 

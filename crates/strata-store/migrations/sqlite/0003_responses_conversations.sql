@@ -10,6 +10,7 @@ CREATE TABLE responses (
     sealed          BLOB    NOT NULL,
     PRIMARY KEY (tenant_id, id)
 );
+CREATE INDEX responses_by_conversation ON responses (tenant_id, conversation_id, created_at_ms);
 
 CREATE TABLE conversations (
     tenant_id     TEXT    NOT NULL,

@@ -162,6 +162,23 @@ impl ConversationStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn conversation_replica(
+        &self,
+        tenant: &TenantId,
+        conversation: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let replica: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT replica FROM responses WHERE tenant_id = ? AND conversation_id = ? \
+             ORDER BY created_at_ms DESC, rowid DESC LIMIT 1",
+        )
+        .bind(tenant.as_str())
+        .bind(conversation)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(replica.flatten())
+    }
+
     async fn create_conversation(
         &self,
         tenant: &TenantId,

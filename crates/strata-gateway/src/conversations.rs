@@ -1,0 +1,295 @@
+//! The Conversations API: conversations and their items, sealed per tenant,
+//! every access audited. Responses created with `conversation` append their
+//! turn here (see `responses`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::response::Response;
+use axum::Extension;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use strata_core::openai::{check_metadata, parse_body};
+use strata_core::responses::{list_page, new_id, parse_items, Item, PageQuery};
+use strata_core::store::{Order, Store, StoredConversation, StoredItem};
+use strata_core::{read_body, ApiError};
+
+use crate::admin::store_error;
+use crate::auth::Principal;
+use crate::responses::stored_item;
+use crate::stored::{answer, may_change};
+use crate::AppState;
+
+/// OpenAI's bound on items added in one request.
+const MAX_NEW_ITEMS: usize = 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConversation {
+    #[serde(default)]
+    items: Option<Vec<Value>>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataUpdate {
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewItems {
+    items: Vec<Value>,
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("No conversation with id `{id}`."))
+}
+
+fn object(c: &StoredConversation) -> Result<Value, ApiError> {
+    let doc: Value = serde_json::from_slice(&c.content)
+        .map_err(|_| ApiError::internal("A stored conversation could not be read."))?;
+    Ok(json!({
+        "id": c.id,
+        "object": "conversation",
+        "created_at": c.created_at_ms / 1000,
+        "metadata": doc["metadata"],
+    }))
+}
+
+fn item_json(i: &StoredItem) -> Result<Value, ApiError> {
+    serde_json::from_slice(&i.content)
+        .map_err(|_| ApiError::internal("A stored conversation item could not be read."))
+}
+
+fn new_items(values: &[Value]) -> Result<Vec<Item>, ApiError> {
+    if values.len() > MAX_NEW_ITEMS {
+        return Err(ApiError::invalid_request(
+            Some("items"),
+            format!("At most {MAX_NEW_ITEMS} items can be added at once."),
+        ));
+    }
+    parse_items(values, "items")
+}
+
+async fn body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: Request,
+) -> Result<T, ApiError> {
+    let bytes = read_body(req.into_body(), state.max_body_bytes).await?;
+    parse_body(&bytes)
+}
+
+async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<StoredConversation, ApiError> {
+    store
+        .conversation(&p.tenant.id, id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| not_found(id))
+}
+
+/// `POST /v1/conversations`.
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    req: Request,
+) -> Response {
+    let id = new_id("conv");
+    let result = async {
+        may_change(&p, "create conversations")?;
+        let new: NewConversation = body(&state, req).await?;
+        let metadata = new.metadata.unwrap_or_default();
+        check_metadata(&metadata)?;
+        let items = new_items(new.items.as_deref().unwrap_or_default())?;
+        let now = crate::now_ms();
+        let conversation = StoredConversation {
+            id: id.clone(),
+            created_at_ms: now,
+            content: serde_json::to_vec(&json!({"metadata": metadata}))
+                .expect("JSON values serialise"),
+        };
+        let items: Vec<StoredItem> = items.iter().map(|i| stored_item(i, now)).collect();
+        state
+            .store
+            .create_conversation(&p.tenant.id, &conversation, &items)
+            .await
+            .map_err(store_error)?;
+        object(&conversation)
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.create", &id, result).await
+}
+
+/// `GET /v1/conversations/{id}`.
+pub(crate) async fn show(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async { object(&fetch(&*state.store, &p, &id).await?) }.await;
+    answer(&*state.store, &p, "conversation.read", &id, result).await
+}
+
+/// `POST /v1/conversations/{id}`: new metadata.
+pub(crate) async fn update(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        may_change(&p, "change conversations")?;
+        let u: MetadataUpdate = body(&state, req).await?;
+        check_metadata(&u.metadata)?;
+        let mut c = fetch(&*state.store, &p, &id).await?;
+        c.content =
+            serde_json::to_vec(&json!({"metadata": u.metadata})).expect("JSON values serialise");
+        if !state
+            .store
+            .update_conversation(&p.tenant.id, &c)
+            .await
+            .map_err(store_error)?
+        {
+            return Err(not_found(&id));
+        }
+        object(&c)
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.update", &id, result).await
+}
+
+/// `DELETE /v1/conversations/{id}`: the conversation and its items.
+pub(crate) async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async {
+        may_change(&p, "delete conversations")?;
+        if state
+            .store
+            .delete_conversation(&p.tenant.id, &id)
+            .await
+            .map_err(store_error)?
+        {
+            Ok(json!({"id": id, "object": "conversation.deleted", "deleted": true}))
+        } else {
+            Err(not_found(&id))
+        }
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.delete", &id, result).await
+}
+
+/// `GET /v1/conversations/{id}/items`.
+pub(crate) async fn list_items(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    let result = async {
+        let page = q.validate()?;
+        let order = if page.ascending {
+            Order::Asc
+        } else {
+            Order::Desc
+        };
+        let rows = state
+            .store
+            .items(
+                &p.tenant.id,
+                &id,
+                page.after.as_deref(),
+                page.limit + 1,
+                order,
+            )
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found(&id))?;
+        let more = rows.len() > page.limit as usize;
+        let data = rows
+            .iter()
+            .take(page.limit as usize)
+            .map(item_json)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(list_page(data, more))
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.items.list", &id, result).await
+}
+
+/// `POST /v1/conversations/{id}/items`.
+pub(crate) async fn add_items(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        may_change(&p, "change conversations")?;
+        let new: NewItems = body(&state, req).await?;
+        let items = new_items(&new.items)?;
+        let now = crate::now_ms();
+        let stored: Vec<StoredItem> = items.iter().map(|i| stored_item(i, now)).collect();
+        if !state
+            .store
+            .append_items(&p.tenant.id, &id, &stored)
+            .await
+            .map_err(store_error)?
+        {
+            return Err(not_found(&id));
+        }
+        Ok(list_page(items.iter().map(Item::to_json).collect(), false))
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.items.create", &id, result).await
+}
+
+fn item_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("No item with id `{id}` in this conversation."))
+}
+
+/// `GET /v1/conversations/{id}/items/{item_id}`.
+pub(crate) async fn show_item(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((id, item)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let stored = state
+            .store
+            .item(&p.tenant.id, &id, &item)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| item_not_found(&item))?;
+        item_json(&stored)
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.items.read", &id, result).await
+}
+
+/// `DELETE /v1/conversations/{id}/items/{item_id}`: answers with the conversation.
+pub(crate) async fn delete_item(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((id, item)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        may_change(&p, "change conversations")?;
+        if !state
+            .store
+            .delete_item(&p.tenant.id, &id, &item)
+            .await
+            .map_err(store_error)?
+        {
+            return Err(item_not_found(&item));
+        }
+        object(&fetch(&*state.store, &p, &id).await?)
+    }
+    .await;
+    answer(&*state.store, &p, "conversation.items.delete", &id, result).await
+}
