@@ -62,12 +62,28 @@ def wait_ready(base, replicas, timeout=180):
     raise AssertionError(f"strata serve not ready after {timeout}s: {last}")
 
 
+def postgres_url(name):
+    """A PostgreSQL URL whose connections see only a fresh schema, or None
+    (the test is skipped) when DATABASE_URL is not set; with
+    STRATA_REQUIRE_POSTGRES set (scripts/test sets it) that is a failure."""
+    base = os.environ.get("DATABASE_URL")
+    if not base:
+        if os.environ.get("STRATA_REQUIRE_POSTGRES"):
+            raise AssertionError("STRATA_REQUIRE_POSTGRES is set but DATABASE_URL is not")
+        pytest.skip("DATABASE_URL not set")
+    schema = f"strata_e2e_{name}_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    subprocess.run(["psql", base, "-qc", f"CREATE SCHEMA {schema}"], check=True)
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-c%20search_path%3D{schema}"
+
+
 class Server:
-    def __init__(self, replicas=2, config="", tenant="e2e", ready=None):
+    def __init__(self, replicas=2, config="", tenant="e2e", ready=None, db=None):
         self.dir = tempfile.mkdtemp(prefix="strata-e2e-")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas
+        self.db = db
         self.admin_key = new_key()
         key_file = os.path.join(self.dir, "admin.key")
         with open(key_file, "w") as f:
@@ -79,7 +95,7 @@ class Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--replicas", str(replicas), "--db", os.path.join(self.dir, "strata.db")],
+             "--replicas", str(replicas), "--db", db or os.path.join(self.dir, "strata.db")],
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
         )
         wait_ready(self.base, ready or replicas)

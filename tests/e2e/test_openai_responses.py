@@ -1,15 +1,31 @@
 """The Responses and Conversations APIs through the official openai SDK
-against the real `strata serve` (two replicas, the real model, SQLite):
-multi-turn state on the server, streaming events, retrieval, deletion,
-pagination, tenant scoping and bad input."""
+against the real `strata serve` (two replicas, the real model), once on
+SQLite and once on PostgreSQL: multi-turn state on the server, streaming
+events, retrieval, deletion, pagination, tenant scoping and bad input."""
 import glob
 import os
+import subprocess
 
 import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID
+from conftest import MODEL_ID, Server, postgres_url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request):
+    if request.param == "sqlite":
+        yield request.getfixturevalue("server")
+        return
+    s = Server(db=postgres_url("responses"), tenant="e2e-pg")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
 
 GREEDY = {"model": MODEL_ID, "temperature": 0, "max_output_tokens": 12}
 
@@ -177,10 +193,18 @@ def test_another_tenant_sees_none_of_it(server, client):
         reader.conversations.create()
     with pytest.raises(openai.PermissionDeniedError):
         reader.responses.create(input="x", **GREEDY)
-    # Stored content is sealed: the canary is nowhere on disk in the clear.
-    for path in glob.glob(os.path.join(server.dir, "strata.db*")):
-        with open(path, "rb") as f:
-            assert b"CANARY-responses-5521" not in f.read()
+    # Stored content is sealed: the canary is nowhere in the database.
+    if server.db:
+        schema = server.db.split("search_path%3D")[1]
+        dump = subprocess.run(["pg_dump", "--data-only", "-n", schema, os.environ["DATABASE_URL"]],
+                              check=True, capture_output=True).stdout
+        assert b"msg_" in dump and b"CANARY-responses-5521" not in dump
+    else:
+        files = glob.glob(os.path.join(server.dir, "strata.db*"))
+        assert files
+        for path in files:
+            with open(path, "rb") as f:
+                assert b"CANARY-responses-5521" not in f.read()
 
 
 @pytest.mark.parametrize("body,param", [

@@ -162,16 +162,50 @@ impl Default for ServeConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// SQLite database file.
+    /// SQLite database file; its directory also holds the keyring, a
+    /// generated KEK and TLS material, whichever database is used.
     pub path: PathBuf,
+    /// A PostgreSQL URL (`postgres://…`): use PostgreSQL instead of `path`.
+    pub url: Option<String>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("./data/strata.db"),
+            url: None,
         }
     }
+}
+
+impl StoreConfig {
+    /// The database to open: `--db` (a file or a PostgreSQL URL) if given,
+    /// else `url`, else `path`.
+    pub fn database(&self, flag: Option<&PathBuf>) -> String {
+        match (flag, &self.url) {
+            (Some(db), _) => db.to_string_lossy().into_owned(),
+            (None, Some(url)) => url.clone(),
+            (None, None) => self.path.to_string_lossy().into_owned(),
+        }
+    }
+
+    /// Where strata keeps its files: the directory of the SQLite database
+    /// in use, or of `path` when the database is PostgreSQL.
+    pub fn data_dir(&self, flag: Option<&PathBuf>) -> PathBuf {
+        let file = match flag {
+            Some(db) if !is_postgres_url(&db.to_string_lossy()) => db,
+            _ => &self.path,
+        };
+        file.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf()
+    }
+}
+
+/// Whether `db` names a PostgreSQL database (a URL) rather than a SQLite file.
+pub fn is_postgres_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
 }
 
 /// One thing wrong with a config, named by its key (`engine.max_sequences`).

@@ -15,7 +15,7 @@ use strata_gateway::admission::{Estimate, Policy};
 use strata_gateway::auth::Authenticator;
 use strata_gateway::fairq::Pools;
 use strata_gateway::replicas::ReplicaSet;
-use strata_store::{Kek, KekSource, SqliteStore, Vault};
+use strata_store::{Kek, KekSource, SqlStore, Vault};
 
 const TASKS: usize = 32;
 const PER_TASK: usize = 5_000;
@@ -37,7 +37,7 @@ async fn main() {
         .expect("keyring"),
     );
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.path().join("bench.db"), vault)
+        SqlStore::open(&dir.path().join("bench.db"), vault)
             .await
             .expect("store"),
     );

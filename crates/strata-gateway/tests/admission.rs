@@ -11,7 +11,7 @@ use strata_gateway::admission::{Estimate, Policy};
 use strata_gateway::auth::Principal;
 use strata_gateway::fairq::Pools;
 use strata_gateway::replicas::ReplicaSet;
-use strata_store::{Kek, KekSource, SqliteStore, Vault};
+use strata_store::{Kek, KekSource, SqlStore, Vault};
 
 async fn policy(dir: &std::path::Path) -> Arc<Policy> {
     let vault = Vault::open(
@@ -21,7 +21,7 @@ async fn policy(dir: &std::path::Path) -> Arc<Policy> {
     )
     .unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.join("s.db"), Arc::new(vault))
+        SqlStore::open(&dir.join("s.db"), Arc::new(vault))
             .await
             .unwrap(),
     );

@@ -1,12 +1,11 @@
 //! Responses and conversations through the `Store` trait, against a real
-//! SQLite file. The checks take any `Store`, so every backend runs them.
+//! SQLite file and a real PostgreSQL database (see `common`).
 
-use std::path::Path;
-use std::sync::Arc;
+mod common;
 
 use strata_core::store::{Order, Store, StoredConversation, StoredItem, StoredResponse};
 use strata_core::tenant::{Isolation, RateLimits, Tenant, TenantId};
-use strata_store::{Kek, KekSource, SqliteStore, Vault};
+use strata_store::SqlStore;
 
 fn tenant(name: &str) -> Tenant {
     Tenant {
@@ -40,13 +39,6 @@ fn response(id: &str, conversation: Option<&str>) -> StoredResponse {
 
 fn ids(items: &[StoredItem]) -> Vec<&str> {
     items.iter().map(|i| i.id.as_str()).collect()
-}
-
-async fn sqlite(dir: &Path) -> SqliteStore {
-    let kek = Kek::from_hex(&"3c".repeat(32)).unwrap();
-    let vault =
-        Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap());
-    SqliteStore::open(&dir.join("s.db"), vault).await.unwrap()
 }
 
 /// The behaviour every backend must show.
@@ -189,7 +181,9 @@ async fn conversations_behave(store: &dyn Store) {
 #[tokio::test]
 async fn sqlite_conversations_behave() {
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite(dir.path()).await;
+    let store = SqlStore::open(&dir.path().join("s.db"), common::vault(dir.path()))
+        .await
+        .unwrap();
     conversations_behave(&store).await;
     drop(store);
     // Nothing stored reached the disk in the clear.
@@ -197,4 +191,14 @@ async fn sqlite_conversations_behave() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         assert!(!bytes.windows(14).any(|w| w == b"CANARY-conv-91"));
     }
+}
+
+#[tokio::test]
+async fn postgres_conversations_behave() {
+    let Some(pg) = common::PgSchema::create("conversations").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    conversations_behave(&pg.store(dir.path()).await).await;
+    pg.drop().await;
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use strata_core::store::AuditStore;
 use strata_core::tenant::verify_audit as verify_chain;
-use strata_store::SqliteStore;
+use strata_store::SqlStore;
 
 use crate::{AdminArgs, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
 
@@ -290,11 +290,14 @@ pub async fn keys(args: AdminArgs<KeysCommand>) -> Result<()> {
 }
 
 /// Reads every audit row from the database and checks the chain.
-pub async fn verify_audit(db: &Path) -> Result<()> {
-    if !db.is_file() {
-        bail!("no database at {}", db.display());
-    }
-    let store = SqliteStore::open_without_vault(db).await?;
+pub async fn verify_audit(db: &str) -> Result<()> {
+    let store = if strata_core::config::is_postgres_url(db) {
+        SqlStore::open_any(db, None).await?
+    } else if Path::new(db).is_file() {
+        SqlStore::open_without_vault(Path::new(db)).await?
+    } else {
+        bail!("no database at {db}");
+    };
     let rows = store.audit(None).await?;
     match verify_chain(&rows) {
         Ok(()) => {

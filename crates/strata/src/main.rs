@@ -14,7 +14,7 @@ use strata_core::store::Store;
 use strata_core::ReplicaEndpoint;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
 use strata_gateway::GatewaySettings;
-use strata_store::{Kek, KekSource, SqliteStore, Vault};
+use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -171,7 +171,7 @@ enum KeysCommand {
 enum AuditCommand {
     /// Check the audit log's hash chain in the database; exit 1 if broken.
     Verify {
-        /// SQLite database file (default: store.path).
+        /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
         #[arg(long)]
         db: Option<PathBuf>,
     },
@@ -223,7 +223,7 @@ struct ServeArgs {
     /// Engine processes to run (default: serve.replicas).
     #[arg(long, env = "STRATA_REPLICAS")]
     replicas: Option<u32>,
-    /// SQLite database file (default: store.path).
+    /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
     #[arg(long)]
     db: Option<PathBuf>,
     #[command(flatten)]
@@ -253,7 +253,7 @@ struct GatewayArgs {
     /// dedicated tenant of that name.
     #[arg(long = "replica")]
     replicas: Vec<String>,
-    /// SQLite database file (default: store.path).
+    /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
     #[arg(long)]
     db: Option<PathBuf>,
     #[command(flatten)]
@@ -309,9 +309,7 @@ fn main() -> Result<()> {
         Command::Keys(args) => runtime()?.block_on(admin::keys(args)),
         Command::Audit(AuditCommand::Verify { db }) => {
             let config = load_config(&cli.config)?;
-            runtime()?.block_on(admin::verify_audit(
-                db.as_ref().unwrap_or(&config.store.path),
-            ))
+            runtime()?.block_on(admin::verify_audit(&config.store.database(db.as_ref())))
         }
     }
 }
@@ -460,12 +458,7 @@ fn gateway_settings(
     let listen = listen.unwrap_or(&config.gateway.listen);
     let g = &config.gateway;
     let tls = if tls_flags.tls_self_signed {
-        let db = db.unwrap_or(&config.store.path);
-        let dir = db
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .join("tls");
+        let dir = config.store.data_dir(db).join("tls");
         let files = strata_core::tls::self_signed(&dir)?;
         println!(
             "strata: TLS with a self-signed certificate {} (sha256 fingerprint {})",
@@ -505,11 +498,7 @@ fn gateway_settings(
 
 /// The KEK (from `STRATA_KEK`, `security.kek_file`, or generated beside the
 /// database) and the keyring it opens.
-fn open_vault(config: &Config, db_path: &Path) -> Result<Arc<Vault>> {
-    let dir = db_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+fn open_vault(config: &Config, dir: &Path) -> Result<Arc<Vault>> {
     let default_kek = dir.join("kek");
     let env = std::env::var("STRATA_KEK").ok();
     let (kek, source, generated) = Kek::load(
@@ -548,9 +537,9 @@ fn open_vault(config: &Config, db_path: &Path) -> Result<Arc<Vault>> {
 /// Opens the store and makes sure a platform admin key exists; a new one is
 /// printed once on stdout.
 async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
-    let path = db.unwrap_or(&config.store.path);
-    let vault = open_vault(config, path)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path, vault.clone()).await?);
+    let vault = open_vault(config, &config.store.data_dir(db))?;
+    let database = config.store.database(db);
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open_any(&database, Some(vault.clone())).await?);
     let admin_key =
         strata_gateway::admin::bootstrap(&*store, config.security.admin_key_file.as_deref())
             .await
@@ -632,11 +621,9 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         engine.context_size.to_string(),
     ];
     if config.serve.replica_mtls {
-        let db = args.db.as_ref().unwrap_or(&config.store.path);
-        let dir = db
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
+        let dir = config
+            .store
+            .data_dir(args.db.as_ref())
             .join("tls")
             .join("replicas");
         let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;

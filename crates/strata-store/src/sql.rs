@@ -1,15 +1,18 @@
-//! The SQLite `Store`: one file, WAL mode, migrations applied at open.
-//! Tenant content is sealed by the `Vault` before it reaches a row.
+//! The SQL `Store`, one implementation for both backends through sqlx's
+//! `Any` driver: SQLite (one file, WAL mode; the embedded default) and
+//! PostgreSQL (cluster mode), each with its own migrations, applied at open.
+//! Queries are written once with `?` placeholders and numbered for
+//! PostgreSQL by `sql`. Tenant content is sealed by the `Vault` before it
+//! reaches a row.
 
+use std::borrow::Cow;
 use std::path::Path;
-use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+use strata_core::config::is_postgres_url;
 use strata_core::store::{
     AuditStore, CompletionStore, InstanceRecord, InstanceState, InstanceStore, KeyStore,
     StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore, UsageTotals,
@@ -25,8 +28,15 @@ mod conversations;
 
 const COMPLETIONS: &str = "stored_completions";
 
-pub struct SqliteStore {
-    pub(crate) pool: SqlitePool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+pub struct SqlStore {
+    pub(crate) pool: AnyPool,
+    dialect: Dialect,
     /// `None` for tools that touch no tenant content (audit verification).
     vault: Option<Arc<Vault>>,
     /// One appender at a time, so each audit row chains to the one before.
@@ -39,45 +49,120 @@ pub(crate) fn query_err(e: sqlx::Error) -> StoreError {
     StoreError::Query(e.to_string())
 }
 
-impl SqliteStore {
-    /// Opens (creating if needed) the database file and migrates it.
-    pub async fn open(path: &Path, vault: Arc<Vault>) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, Some(vault)).await
+impl SqlStore {
+    /// Opens (creating if needed) a SQLite database file and migrates it.
+    pub async fn open(path: &Path, vault: Arc<Vault>) -> Result<SqlStore, StoreError> {
+        SqlStore::open_sqlite(path, Some(vault)).await
     }
 
     /// Opens without a keyring: everything but tenant content works, and
     /// creating tenants or touching sealed rows is an error.
-    pub async fn open_without_vault(path: &Path) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, None).await
+    pub async fn open_without_vault(path: &Path) -> Result<SqlStore, StoreError> {
+        SqlStore::open_sqlite(path, None).await
     }
 
-    async fn open_with(path: &Path, vault: Option<Arc<Vault>>) -> Result<SqliteStore, StoreError> {
+    /// Opens `db`: a PostgreSQL URL (`postgres://…`), else a SQLite file path.
+    pub async fn open_any(db: &str, vault: Option<Arc<Vault>>) -> Result<SqlStore, StoreError> {
+        if is_postgres_url(db) {
+            SqlStore::connect_postgres(db, vault).await
+        } else {
+            SqlStore::open_sqlite(Path::new(db), vault).await
+        }
+    }
+
+    async fn open_sqlite(path: &Path, vault: Option<Arc<Vault>>) -> Result<SqlStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
         }
-        let options = SqliteConnectOptions::from_str("sqlite:")
-            .map_err(|e| StoreError::Open(e.to_string()))?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = SqlStore::pool(&url, Dialect::Sqlite)
             .await
             .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
         sqlx::migrate!("migrations/sqlite")
             .run(&pool)
             .await
             .map_err(|e| StoreError::Migration(e.to_string()))?;
-        Ok(SqliteStore {
+        Ok(SqlStore::with_pool(pool, Dialect::Sqlite, vault))
+    }
+
+    /// Connects to PostgreSQL at `url` and migrates it.
+    pub async fn connect_postgres(
+        url: &str,
+        vault: Option<Arc<Vault>>,
+    ) -> Result<SqlStore, StoreError> {
+        let pool = SqlStore::pool(url, Dialect::Postgres)
+            .await
+            .map_err(|e| StoreError::Open(format!("PostgreSQL: {e}")))?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        Ok(SqlStore::with_pool(pool, Dialect::Postgres, vault))
+    }
+
+    async fn pool(url: &str, dialect: Dialect) -> Result<AnyPool, sqlx::Error> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let options: AnyConnectOptions = url.parse()?;
+        AnyPoolOptions::new()
+            .max_connections(if dialect == Dialect::Sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+    }
+
+    fn with_pool(pool: AnyPool, dialect: Dialect, vault: Option<Arc<Vault>>) -> SqlStore {
+        SqlStore {
             pool,
+            dialect,
             vault,
             audit_lock: tokio::sync::Mutex::new(()),
             items_lock: tokio::sync::Mutex::new(()),
-        })
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// `q` for this backend: `?` placeholders become `$1`, `$2`, … (and
+    /// `?N` becomes `$N`) for PostgreSQL.
+    pub(crate) fn sql<'q>(&self, q: &'q str) -> Cow<'q, str> {
+        match self.dialect {
+            Dialect::Sqlite => Cow::Borrowed(q),
+            Dialect::Postgres => Cow::Owned(number_placeholders(q)),
+        }
+    }
+
+    /// Inside `tx`, waits for other writers of `key` in other processes
+    /// (PostgreSQL advisory lock, released at commit); in-process writers
+    /// are already serialised by the caller's mutex, and SQLite has one
+    /// writer at a time anyway.
+    pub(crate) async fn lock_in(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::bigint)")
+                .bind(key)
+                .execute(&mut **tx)
+                .await
+                .map_err(query_err)?;
+        }
+        Ok(())
     }
 
     fn vault(&self) -> Result<&Vault, StoreError> {
@@ -123,24 +208,46 @@ impl SqliteStore {
     }
 }
 
+fn number_placeholders(q: &str) -> String {
+    let mut out = String::with_capacity(q.len() + 16);
+    let mut next = 1;
+    let mut chars = q.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '?' {
+            out.push(c);
+            continue;
+        }
+        out.push('$');
+        if chars.peek().is_some_and(char::is_ascii_digit) {
+            while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                out.push(d);
+            }
+        } else {
+            out.push_str(&next.to_string());
+            next += 1;
+        }
+    }
+    out
+}
+
 fn limit_col(v: Option<u32>) -> Option<i64> {
     v.map(i64::from)
 }
 
 /// The `requests_per_minute` and `tokens_per_minute` columns of a row.
-fn limits_from(r: &SqliteRow) -> RateLimits {
+fn limits_from(r: &AnyRow) -> RateLimits {
     RateLimits {
         requests_per_minute: limit_get(r, "requests_per_minute"),
         tokens_per_minute: limit_get(r, "tokens_per_minute"),
     }
 }
 
-fn limit_get(r: &SqliteRow, col: &str) -> Option<u32> {
+fn limit_get(r: &AnyRow, col: &str) -> Option<u32> {
     r.get::<Option<i64>, _>(col)
         .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
 }
 
-fn tenant_from(r: &SqliteRow) -> Result<Tenant, StoreError> {
+fn tenant_from(r: &AnyRow) -> Result<Tenant, StoreError> {
     let isolation: String = r.get("isolation");
     Ok(Tenant {
         id: TenantId(r.get("id")),
@@ -153,7 +260,7 @@ fn tenant_from(r: &SqliteRow) -> Result<Tenant, StoreError> {
     })
 }
 
-fn key_from(r: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
+fn key_from(r: &AnyRow) -> Result<ApiKeyRecord, StoreError> {
     let role: String = r.get("role");
     let models: Option<String> = r.get("models");
     let digest: Vec<u8> = r.get("digest");
@@ -178,7 +285,7 @@ fn key_from(r: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
     })
 }
 
-fn audit_from(r: &SqliteRow) -> AuditRecord {
+fn audit_from(r: &AnyRow) -> AuditRecord {
     AuditRecord {
         seq: r.get("seq"),
         entry: AuditEntry {
@@ -195,11 +302,11 @@ fn audit_from(r: &SqliteRow) -> AuditRecord {
     }
 }
 
-impl SqliteStore {
+impl SqlStore {
     fn open_completion(
         &self,
         tenant: &TenantId,
-        r: &SqliteRow,
+        r: &AnyRow,
     ) -> Result<StoredCompletion, StoreError> {
         let id: String = r.get("id");
         let content = self.unseal(tenant, COMPLETIONS, &id, r.get("sealed"))?;
@@ -213,32 +320,39 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl UsageStore for SqliteStore {
+impl UsageStore for SqlStore {
     async fn record_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
-        // Many rows per statement: one round trip to SQLite's worker per
-        // chunk instead of per row (13 binds a row, well under the limit).
+        // Many rows per statement: one round trip per chunk instead of per
+        // row (13 binds a row, well under either backend's limit). A row
+        // written twice (a retried batch) is kept once.
         let mut tx = self.pool.begin().await.map_err(query_err)?;
         for chunk in rows.chunks(256) {
-            let mut q = sqlx::QueryBuilder::new(
-                "INSERT OR REPLACE INTO usage (request_id, tenant_id, key_id, at_ms, model, replica, \
-                 status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, stream, cost_usd) ",
+            let row = format!("({})", ["?"; 13].join(", "));
+            let statement = format!(
+                "INSERT INTO usage (request_id, tenant_id, key_id, at_ms, model, replica, \
+                 status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, stream, cost_usd) \
+                 VALUES {} ON CONFLICT (request_id) DO NOTHING",
+                vec![row; chunk.len()].join(", ")
             );
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.request_id)
-                    .push_bind(&r.tenant_id)
-                    .push_bind(&r.key_id)
-                    .push_bind(r.at_ms)
-                    .push_bind(&r.model)
-                    .push_bind(&r.replica)
-                    .push_bind(i64::from(r.status))
-                    .push_bind(i64::from(r.prompt_tokens))
-                    .push_bind(i64::from(r.completion_tokens))
-                    .push_bind(r.ttft_ms)
-                    .push_bind(r.latency_ms)
-                    .push_bind(r.stream)
-                    .push_bind(r.cost_usd);
-            });
-            q.build().execute(&mut *tx).await.map_err(query_err)?;
+            let statement = self.sql(&statement);
+            let mut q = sqlx::query(&statement);
+            for r in chunk {
+                q = q
+                    .bind(&r.request_id)
+                    .bind(&r.tenant_id)
+                    .bind(&r.key_id)
+                    .bind(r.at_ms)
+                    .bind(&r.model)
+                    .bind(&r.replica)
+                    .bind(i64::from(r.status))
+                    .bind(i64::from(r.prompt_tokens))
+                    .bind(i64::from(r.completion_tokens))
+                    .bind(r.ttft_ms)
+                    .bind(r.latency_ms)
+                    .bind(r.stream)
+                    .bind(r.cost_usd);
+            }
+            q.execute(&mut *tx).await.map_err(query_err)?;
         }
         tx.commit().await.map_err(query_err)
     }
@@ -247,11 +361,12 @@ impl UsageStore for SqliteStore {
         &self,
         tenant: Option<&TenantId>,
     ) -> Result<Vec<UsageTotals>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT model, COUNT(*) AS requests, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, \
+        let rows = sqlx::query(&self.sql(
+            "SELECT model, COUNT(*) AS requests, CAST(SUM(prompt_tokens) AS BIGINT) AS p, \
+             CAST(SUM(completion_tokens) AS BIGINT) AS c, \
              SUM(cost_usd) AS cost FROM usage WHERE ?1 IS NULL OR tenant_id = ?1 \
              GROUP BY model ORDER BY model",
-        )
+        ))
         .bind(tenant.map(TenantId::as_str))
         .fetch_all(&self.pool)
         .await
@@ -269,9 +384,9 @@ impl UsageStore for SqliteStore {
     }
 
     async fn tenant_spend(&self, tenant: &TenantId, since_ms: i64) -> Result<f64, StoreError> {
-        sqlx::query_scalar::<_, f64>(
+        sqlx::query_scalar::<_, f64>(&self.sql(
             "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE tenant_id = ? AND at_ms >= ?",
-        )
+        ))
         .bind(tenant.as_str())
         .bind(since_ms)
         .fetch_one(&self.pool)
@@ -281,12 +396,12 @@ impl UsageStore for SqliteStore {
 }
 
 #[async_trait]
-impl InstanceStore for SqliteStore {
+impl InstanceStore for SqlStore {
     async fn upsert_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO instances (id, provider, endpoint, state, started_at_ms, ended_at_ms, detail) \
+            &self.sql("INSERT INTO instances (id, provider, endpoint, state, started_at_ms, ended_at_ms, detail) \
              VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
-             ended_at_ms = excluded.ended_at_ms, detail = excluded.detail",
+             ended_at_ms = excluded.ended_at_ms, detail = excluded.detail",)
         )
         .bind(&i.id)
         .bind(&i.provider)
@@ -302,10 +417,11 @@ impl InstanceStore for SqliteStore {
     }
 
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM instances ORDER BY started_at_ms DESC, id DESC")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err)?;
+        let rows =
+            sqlx::query(&self.sql("SELECT * FROM instances ORDER BY started_at_ms DESC, id DESC"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_err)?;
         rows.into_iter()
             .map(|r| {
                 let state: String = r.get("state");
@@ -334,15 +450,15 @@ fn write_err(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> Store
 }
 
 #[async_trait]
-impl TenantStore for SqliteStore {
+impl TenantStore for SqlStore {
     async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
         self.vault()?
             .create_tenant_key(t.id.as_str())
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(&self.sql(
             "INSERT INTO tenants (id, name, isolation, requests_per_minute, tokens_per_minute, \
              monthly_budget_usd, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
+        ))
         .bind(t.id.as_str())
         .bind(&t.name)
         .bind(t.isolation.as_str())
@@ -357,7 +473,7 @@ impl TenantStore for SqliteStore {
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
-        sqlx::query("SELECT * FROM tenants WHERE id = ?")
+        sqlx::query(&self.sql("SELECT * FROM tenants WHERE id = ?"))
             .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await
@@ -367,7 +483,7 @@ impl TenantStore for SqliteStore {
     }
 
     async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
-        sqlx::query("SELECT * FROM tenants ORDER BY created_at_ms, id")
+        sqlx::query(&self.sql("SELECT * FROM tenants ORDER BY created_at_ms, id"))
             .fetch_all(&self.pool)
             .await
             .map_err(query_err)?
@@ -377,10 +493,10 @@ impl TenantStore for SqliteStore {
     }
 
     async fn update_tenant(&self, t: &Tenant) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&self.sql(
             "UPDATE tenants SET name = ?, isolation = ?, requests_per_minute = ?, \
              tokens_per_minute = ?, monthly_budget_usd = ? WHERE id = ?",
-        )
+        ))
         .bind(&t.name)
         .bind(t.isolation.as_str())
         .bind(limit_col(t.limits.requests_per_minute))
@@ -410,13 +526,13 @@ impl TenantStore for SqliteStore {
             "api_keys",
         ];
         for table in tables {
-            sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = ?"))
+            sqlx::query(&self.sql(&format!("DELETE FROM {table} WHERE tenant_id = ?")))
                 .bind(id.as_str())
                 .execute(&mut *tx)
                 .await
                 .map_err(query_err)?;
         }
-        sqlx::query("DELETE FROM tenants WHERE id = ?")
+        sqlx::query(&self.sql("DELETE FROM tenants WHERE id = ?"))
             .bind(id.as_str())
             .execute(&mut *tx)
             .await
@@ -427,17 +543,17 @@ impl TenantStore for SqliteStore {
 }
 
 #[async_trait]
-impl KeyStore for SqliteStore {
+impl KeyStore for SqlStore {
     async fn create_key(&self, k: &ApiKeyRecord) -> Result<(), StoreError> {
         let models = k
             .models
             .as_ref()
             .map(|m| serde_json::to_string(m).expect("strings serialise"));
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(&self.sql(
             "INSERT INTO api_keys (tenant_id, id, name, digest, lookup, role, models, \
              requests_per_minute, tokens_per_minute, expires_at_ms, revoked_at_ms, created_at_ms) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+        ))
         .bind(k.tenant_id.as_str())
         .bind(&k.id)
         .bind(&k.name)
@@ -457,7 +573,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn keys_by_lookup(&self, lookup: i64) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        sqlx::query("SELECT * FROM api_keys WHERE lookup = ?")
+        sqlx::query(&self.sql("SELECT * FROM api_keys WHERE lookup = ?"))
             .bind(lookup)
             .fetch_all(&self.pool)
             .await
@@ -468,18 +584,20 @@ impl KeyStore for SqliteStore {
     }
 
     async fn keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        sqlx::query("SELECT * FROM api_keys WHERE tenant_id = ? ORDER BY created_at_ms, id")
-            .bind(tenant.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err)?
-            .iter()
-            .map(key_from)
-            .collect()
+        sqlx::query(
+            &self.sql("SELECT * FROM api_keys WHERE tenant_id = ? ORDER BY created_at_ms, id"),
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?
+        .iter()
+        .map(key_from)
+        .collect()
     }
 
     async fn key(&self, tenant: &TenantId, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        sqlx::query("SELECT * FROM api_keys WHERE tenant_id = ? AND id = ?")
+        sqlx::query(&self.sql("SELECT * FROM api_keys WHERE tenant_id = ? AND id = ?"))
             .bind(tenant.as_str())
             .bind(id)
             .fetch_optional(&self.pool)
@@ -495,10 +613,10 @@ impl KeyStore for SqliteStore {
         id: &str,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&self.sql(
             "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?) \
              WHERE tenant_id = ? AND id = ?",
-        )
+        ))
         .bind(at_ms)
         .bind(tenant.as_str())
         .bind(id)
@@ -510,12 +628,13 @@ impl KeyStore for SqliteStore {
 }
 
 #[async_trait]
-impl AuditStore for SqliteStore {
+impl AuditStore for SqlStore {
     async fn append_audit(&self, e: &AuditEntry) -> Result<AuditRecord, StoreError> {
         let _one_at_a_time = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
+        self.lock_in(&mut tx, "strata-audit").await?;
         let last: Option<(i64, String)> =
-            sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            sqlx::query_as(&self.sql("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"))
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(query_err)?;
@@ -524,10 +643,10 @@ impl AuditStore for SqliteStore {
             None => (1, AUDIT_GENESIS.to_owned()),
         };
         let hash = audit_hash(seq, &prev_hash, e);
-        sqlx::query(
+        sqlx::query(&self.sql(
             "INSERT INTO audit (seq, at_ms, actor_key, actor_tenant, action, tenant, target, \
              result, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+        ))
         .bind(seq)
         .bind(e.at_ms)
         .bind(&e.actor_key)
@@ -551,9 +670,9 @@ impl AuditStore for SqliteStore {
     }
 
     async fn audit(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError> {
-        Ok(sqlx::query(
+        Ok(sqlx::query(&self.sql(
             "SELECT * FROM audit WHERE ?1 IS NULL OR tenant = ?1 OR actor_tenant = ?1 ORDER BY seq",
-        )
+        ))
         .bind(tenant.map(TenantId::as_str))
         .fetch_all(&self.pool)
         .await
@@ -565,7 +684,7 @@ impl AuditStore for SqliteStore {
 }
 
 #[async_trait]
-impl CompletionStore for SqliteStore {
+impl CompletionStore for SqlStore {
     async fn put_completion(
         &self,
         tenant: &TenantId,
@@ -573,8 +692,9 @@ impl CompletionStore for SqliteStore {
     ) -> Result<(), StoreError> {
         let sealed = self.seal(tenant, COMPLETIONS, &c.id, &c.content)?;
         sqlx::query(
-            "INSERT OR REPLACE INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
-             VALUES (?, ?, ?, ?, ?)",
+            &self.sql("INSERT INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO UPDATE SET \
+             created_at_ms = excluded.created_at_ms, model = excluded.model, sealed = excluded.sealed",)
         )
         .bind(tenant.as_str())
         .bind(&c.id)
@@ -592,7 +712,7 @@ impl CompletionStore for SqliteStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredCompletion>, StoreError> {
-        sqlx::query("SELECT * FROM stored_completions WHERE tenant_id = ? AND id = ?")
+        sqlx::query(&self.sql("SELECT * FROM stored_completions WHERE tenant_id = ? AND id = ?"))
             .bind(tenant.as_str())
             .bind(id)
             .fetch_optional(&self.pool)
@@ -608,12 +728,12 @@ impl CompletionStore for SqliteStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredCompletion>, StoreError> {
-        sqlx::query(
+        sqlx::query(&self.sql(
             "SELECT * FROM stored_completions WHERE tenant_id = ?1 AND (?2 IS NULL OR \
              (created_at_ms, id) < (SELECT created_at_ms, id FROM stored_completions \
               WHERE tenant_id = ?1 AND id = ?2)) \
              ORDER BY created_at_ms DESC, id DESC LIMIT ?3",
-        )
+        ))
         .bind(tenant.as_str())
         .bind(after)
         .bind(i64::from(limit))
@@ -626,12 +746,13 @@ impl CompletionStore for SqliteStore {
     }
 
     async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM stored_completions WHERE tenant_id = ? AND id = ?")
-            .bind(tenant.as_str())
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err)?;
+        let done =
+            sqlx::query(&self.sql("DELETE FROM stored_completions WHERE tenant_id = ? AND id = ?"))
+                .bind(tenant.as_str())
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(query_err)?;
         Ok(done.rows_affected() == 1)
     }
 }

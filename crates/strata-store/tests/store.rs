@@ -1,8 +1,13 @@
-//! The SQLite store against a real database file.
+//! The store against a real SQLite file and, through `common`, a real
+//! PostgreSQL database; tests that look at the SQLite file itself (what is
+//! on disk, a file backup) run on SQLite only.
+
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
 
+use common::{vault, Backend};
 use strata_core::store::{
     AuditStore, CompletionStore, InstanceRecord, InstanceState, InstanceStore, KeyStore,
     StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
@@ -11,17 +16,10 @@ use strata_core::tenant::{
     digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
     Tenant, TenantId,
 };
-use strata_store::{Kek, KekSource, SqliteStore, Vault};
+use strata_store::SqlStore;
 
-fn vault(dir: &Path) -> Arc<Vault> {
-    let kek = Kek::from_hex(&"5a".repeat(32)).unwrap();
-    Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap())
-}
-
-async fn open(dir: &Path) -> SqliteStore {
-    SqliteStore::open(&dir.join("s.db"), vault(dir))
-        .await
-        .unwrap()
+async fn open(dir: &Path) -> SqlStore {
+    SqlStore::open(&dir.join("s.db"), vault(dir)).await.unwrap()
 }
 
 fn usage(id: &str, model: &str, p: u32, c: u32) -> UsageRecord {
@@ -42,12 +40,9 @@ fn usage(id: &str, model: &str, p: u32, c: u32) -> UsageRecord {
     }
 }
 
-#[tokio::test]
-async fn ledger_rows_survive_reopening_and_sum_per_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nested").join("strata.db");
+async fn ledger_rows_survive_reopening_and_sum_per_model(backend: &Backend, dir: &Path) {
     {
-        let store = SqliteStore::open(&path, vault(dir.path())).await.unwrap();
+        let store = backend.open(dir).await;
         store
             .record_usage(&[
                 usage("a", "m1", 5, 7),
@@ -58,7 +53,7 @@ async fn ledger_rows_survive_reopening_and_sum_per_model() {
             .unwrap();
     }
     // Reopening runs the migrations again without harm and keeps the rows.
-    let store = SqliteStore::open(&path, vault(dir.path())).await.unwrap();
+    let store = backend.open(dir).await;
     let totals = store.usage_totals(None).await.unwrap();
     assert_eq!(totals.len(), 2);
     assert_eq!(
@@ -82,10 +77,8 @@ async fn ledger_rows_survive_reopening_and_sum_per_model() {
     assert!(store.usage_totals(Some(&other)).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn an_instance_is_updated_in_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+async fn an_instance_is_updated_in_place(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
     let mut i = InstanceRecord {
         id: "local-0-x".into(),
         provider: "local".into(),
@@ -106,7 +99,7 @@ async fn an_instance_is_updated_in_place() {
 #[tokio::test]
 async fn an_unwritable_path_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let e = SqliteStore::open(Path::new("/proc/strata/nope.db"), vault(dir.path()))
+    let e = SqlStore::open(Path::new("/proc/strata/nope.db"), vault(dir.path()))
         .await
         .err()
         .unwrap();
@@ -151,10 +144,8 @@ fn completion(id: &str, at: i64, text: &str) -> StoredCompletion {
     }
 }
 
-#[tokio::test]
-async fn tenants_and_keys_round_trip_and_names_are_unique() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+async fn tenants_and_keys_round_trip_and_names_are_unique(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
     let mut a = tenant("acme");
     store.create_tenant(&a).await.unwrap();
     let dup = store.create_tenant(&tenant("acme")).await.unwrap_err();
@@ -283,7 +274,7 @@ async fn deleting_a_tenant_shreds_its_key_so_an_old_backup_stays_unreadable() {
     drop(store);
 
     // Restoring the backup brings the rows back, but not the key: they stay sealed.
-    let restored = SqliteStore::open(&backup, vault(dir.path())).await.unwrap();
+    let restored = SqlStore::open(&backup, vault(dir.path())).await.unwrap();
     assert!(restored.tenant(&a.id).await.unwrap().is_some());
     assert!(matches!(
         restored.completion(&a.id, "c0").await,
@@ -291,10 +282,8 @@ async fn deleting_a_tenant_shreds_its_key_so_an_old_backup_stays_unreadable() {
     ));
 }
 
-#[tokio::test]
-async fn audit_rows_chain_and_an_edit_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(open(dir.path()).await);
+async fn audit_rows_chain_and_an_edit_is_detected(backend: &Backend, dir: &Path) {
+    let store = Arc::new(backend.open(dir).await);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = store.clone();
@@ -329,13 +318,9 @@ async fn audit_rows_chain_and_an_edit_is_detected() {
             .len(),
         10
     );
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", dir.path().join("s.db").display()))
-        .await
-        .unwrap();
-    sqlx::query("UPDATE audit SET result = 'denied' WHERE seq = 7")
-        .execute(&pool)
-        .await
-        .unwrap();
+    backend
+        .execute_raw("UPDATE audit SET result = 'denied' WHERE seq = 7")
+        .await;
     assert_eq!(
         verify_audit(&store.audit(None).await.unwrap())
             .unwrap_err()
@@ -344,10 +329,8 @@ async fn audit_rows_chain_and_an_edit_is_detected() {
     );
 }
 
-#[tokio::test]
-async fn a_large_batch_is_written_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+async fn a_large_batch_is_written_whole(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
     let rows: Vec<UsageRecord> = (0..600)
         .map(|i| usage(&format!("r{i}"), "m", 1, 2))
         .collect();
@@ -363,3 +346,11 @@ async fn a_large_batch_is_written_whole() {
     );
     assert!((totals[0].cost_usd - 300.0).abs() < 1e-9);
 }
+
+on_every_backend!(
+    ledger_rows_survive_reopening_and_sum_per_model,
+    an_instance_is_updated_in_place,
+    tenants_and_keys_round_trip_and_names_are_unique,
+    audit_rows_chain_and_an_edit_is_detected,
+    a_large_batch_is_written_whole,
+);

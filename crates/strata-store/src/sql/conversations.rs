@@ -2,25 +2,21 @@
 //! items it appends to its conversation) is one transaction.
 
 use async_trait::async_trait;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 use strata_core::store::{
     ConversationStore, Order, StoreError, StoredConversation, StoredItem, StoredResponse,
 };
 use strata_core::tenant::TenantId;
 
-use super::{query_err, SqliteStore};
+use super::{query_err, SqlStore};
 
 const RESPONSES: &str = "responses";
 const CONVERSATIONS: &str = "conversations";
 const ITEMS: &str = "conversation_items";
 
-impl SqliteStore {
-    fn response_from(
-        &self,
-        tenant: &TenantId,
-        r: &SqliteRow,
-    ) -> Result<StoredResponse, StoreError> {
+impl SqlStore {
+    fn response_from(&self, tenant: &TenantId, r: &AnyRow) -> Result<StoredResponse, StoreError> {
         let id: String = r.get("id");
         Ok(StoredResponse {
             content: self.unseal(tenant, RESPONSES, &id, r.get("sealed"))?,
@@ -35,7 +31,7 @@ impl SqliteStore {
     fn conversation_from(
         &self,
         tenant: &TenantId,
-        r: &SqliteRow,
+        r: &AnyRow,
     ) -> Result<StoredConversation, StoreError> {
         let id: String = r.get("id");
         Ok(StoredConversation {
@@ -45,7 +41,7 @@ impl SqliteStore {
         })
     }
 
-    fn item_from(&self, tenant: &TenantId, r: &SqliteRow) -> Result<StoredItem, StoreError> {
+    fn item_from(&self, tenant: &TenantId, r: &AnyRow) -> Result<StoredItem, StoreError> {
         let id: String = r.get("id");
         Ok(StoredItem {
             content: self.unseal(tenant, ITEMS, &id, r.get("sealed"))?,
@@ -58,24 +54,27 @@ impl SqliteStore {
     /// if the tenant has no such conversation. Callers hold `items_lock`.
     async fn append_in(
         &self,
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut Transaction<'_, Any>,
         tenant: &TenantId,
         conversation: &str,
         items: &[StoredItem],
     ) -> Result<bool, StoreError> {
-        let exists = sqlx::query("SELECT 1 FROM conversations WHERE tenant_id = ? AND id = ?")
-            .bind(tenant.as_str())
-            .bind(conversation)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(query_err)?;
+        self.lock_in(tx, &format!("{tenant}/{conversation}"))
+            .await?;
+        let exists =
+            sqlx::query(&self.sql("SELECT 1 FROM conversations WHERE tenant_id = ? AND id = ?"))
+                .bind(tenant.as_str())
+                .bind(conversation)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(query_err)?;
         if exists.is_none() {
             return Ok(false);
         }
-        let last: i64 = sqlx::query_scalar(
+        let last: i64 = sqlx::query_scalar(&self.sql(
             "SELECT COALESCE(MAX(seq), 0) FROM conversation_items \
              WHERE tenant_id = ? AND conversation_id = ?",
-        )
+        ))
         .bind(tenant.as_str())
         .bind(conversation)
         .fetch_one(&mut **tx)
@@ -83,11 +82,11 @@ impl SqliteStore {
         .map_err(query_err)?;
         for (i, item) in items.iter().enumerate() {
             let sealed = self.seal(tenant, ITEMS, &item.id, &item.content)?;
-            sqlx::query(
+            sqlx::query(&self.sql(
                 "INSERT INTO conversation_items \
                  (tenant_id, conversation_id, seq, id, created_at_ms, sealed) \
                  VALUES (?, ?, ?, ?, ?, ?)",
-            )
+            ))
             .bind(tenant.as_str())
             .bind(conversation)
             .bind(last + 1 + i as i64)
@@ -103,7 +102,7 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl ConversationStore for SqliteStore {
+impl ConversationStore for SqlStore {
     async fn put_response(
         &self,
         tenant: &TenantId,
@@ -118,11 +117,14 @@ impl ConversationStore for SqliteStore {
                 return Ok(false);
             }
         }
-        sqlx::query(
-            "INSERT OR REPLACE INTO responses \
+        sqlx::query(&self.sql(
+            "INSERT INTO responses \
              (tenant_id, id, created_at_ms, model, conversation_id, replica, sealed) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO UPDATE SET \
+             created_at_ms = excluded.created_at_ms, model = excluded.model, \
+             conversation_id = excluded.conversation_id, replica = excluded.replica, \
+             sealed = excluded.sealed",
+        ))
         .bind(tenant.as_str())
         .bind(&response.id)
         .bind(response.created_at_ms)
@@ -142,7 +144,7 @@ impl ConversationStore for SqliteStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredResponse>, StoreError> {
-        sqlx::query("SELECT * FROM responses WHERE tenant_id = ? AND id = ?")
+        sqlx::query(&self.sql("SELECT * FROM responses WHERE tenant_id = ? AND id = ?"))
             .bind(tenant.as_str())
             .bind(id)
             .fetch_optional(&self.pool)
@@ -153,7 +155,7 @@ impl ConversationStore for SqliteStore {
     }
 
     async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM responses WHERE tenant_id = ? AND id = ?")
+        let done = sqlx::query(&self.sql("DELETE FROM responses WHERE tenant_id = ? AND id = ?"))
             .bind(tenant.as_str())
             .bind(id)
             .execute(&self.pool)
@@ -167,10 +169,10 @@ impl ConversationStore for SqliteStore {
         tenant: &TenantId,
         conversation: &str,
     ) -> Result<Option<String>, StoreError> {
-        let replica: Option<Option<String>> = sqlx::query_scalar(
+        let replica: Option<Option<String>> = sqlx::query_scalar(&self.sql(
             "SELECT replica FROM responses WHERE tenant_id = ? AND conversation_id = ? \
-             ORDER BY created_at_ms DESC, rowid DESC LIMIT 1",
-        )
+             ORDER BY created_at_ms DESC, id DESC LIMIT 1",
+        ))
         .bind(tenant.as_str())
         .bind(conversation)
         .fetch_optional(&self.pool)
@@ -193,9 +195,9 @@ impl ConversationStore for SqliteStore {
         )?;
         let _writer = self.items_lock.lock().await;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
-        sqlx::query(
+        sqlx::query(&self.sql(
             "INSERT INTO conversations (tenant_id, id, created_at_ms, sealed) VALUES (?, ?, ?, ?)",
-        )
+        ))
         .bind(tenant.as_str())
         .bind(&conversation.id)
         .bind(conversation.created_at_ms)
@@ -214,7 +216,7 @@ impl ConversationStore for SqliteStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredConversation>, StoreError> {
-        sqlx::query("SELECT * FROM conversations WHERE tenant_id = ? AND id = ?")
+        sqlx::query(&self.sql("SELECT * FROM conversations WHERE tenant_id = ? AND id = ?"))
             .bind(tenant.as_str())
             .bind(id)
             .fetch_optional(&self.pool)
@@ -235,32 +237,36 @@ impl ConversationStore for SqliteStore {
             &conversation.id,
             &conversation.content,
         )?;
-        let done =
-            sqlx::query("UPDATE conversations SET sealed = ? WHERE tenant_id = ? AND id = ?")
-                .bind(sealed)
-                .bind(tenant.as_str())
-                .bind(&conversation.id)
-                .execute(&self.pool)
-                .await
-                .map_err(query_err)?;
+        let done = sqlx::query(
+            &self.sql("UPDATE conversations SET sealed = ? WHERE tenant_id = ? AND id = ?"),
+        )
+        .bind(sealed)
+        .bind(tenant.as_str())
+        .bind(&conversation.id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn delete_conversation(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
         let _writer = self.items_lock.lock().await;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
-        sqlx::query("DELETE FROM conversation_items WHERE tenant_id = ? AND conversation_id = ?")
-            .bind(tenant.as_str())
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err)?;
-        let done = sqlx::query("DELETE FROM conversations WHERE tenant_id = ? AND id = ?")
-            .bind(tenant.as_str())
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err)?;
+        sqlx::query(
+            &self.sql("DELETE FROM conversation_items WHERE tenant_id = ? AND conversation_id = ?"),
+        )
+        .bind(tenant.as_str())
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err)?;
+        let done =
+            sqlx::query(&self.sql("DELETE FROM conversations WHERE tenant_id = ? AND id = ?"))
+                .bind(tenant.as_str())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err)?;
         tx.commit().await.map_err(query_err)?;
         Ok(done.rows_affected() == 1)
     }
@@ -295,12 +301,12 @@ impl ConversationStore for SqliteStore {
             Order::Asc => (">", "ASC"),
             Order::Desc => ("<", "DESC"),
         };
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(&self.sql(&format!(
             "SELECT * FROM conversation_items WHERE tenant_id = ?1 AND conversation_id = ?2 \
              AND (?3 IS NULL OR seq {past} (SELECT seq FROM conversation_items \
                   WHERE tenant_id = ?1 AND conversation_id = ?2 AND id = ?3)) \
              ORDER BY seq {direction} LIMIT ?4"
-        ))
+        )))
         .bind(tenant.as_str())
         .bind(conversation)
         .bind(after)
@@ -320,10 +326,10 @@ impl ConversationStore for SqliteStore {
         conversation: &str,
         id: &str,
     ) -> Result<Option<StoredItem>, StoreError> {
-        sqlx::query(
+        sqlx::query(&self.sql(
             "SELECT * FROM conversation_items \
              WHERE tenant_id = ? AND conversation_id = ? AND id = ?",
-        )
+        ))
         .bind(tenant.as_str())
         .bind(conversation)
         .bind(id)
@@ -340,10 +346,10 @@ impl ConversationStore for SqliteStore {
         conversation: &str,
         id: &str,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&self.sql(
             "DELETE FROM conversation_items \
              WHERE tenant_id = ? AND conversation_id = ? AND id = ?",
-        )
+        ))
         .bind(tenant.as_str())
         .bind(conversation)
         .bind(id)

@@ -1,0 +1,147 @@
+#![allow(dead_code)] // each test binary uses a part of it
+//! Stores for the backend-independent tests: SQLite in a temporary
+//! directory, and PostgreSQL when `DATABASE_URL` is set, each test in a
+//! schema of its own (dropped at the end). With `STRATA_REQUIRE_POSTGRES`
+//! set (as `scripts/test` does), a missing `DATABASE_URL` fails the test
+//! instead of skipping PostgreSQL.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sqlx::Executor;
+use strata_store::{Kek, KekSource, SqlStore, Vault};
+
+pub fn vault(dir: &Path) -> Arc<Vault> {
+    let kek = Kek::from_hex(&"3c".repeat(32)).unwrap();
+    Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap())
+}
+
+/// A PostgreSQL database for one test: a fresh schema.
+pub struct PgSchema {
+    base: String,
+    schema: String,
+}
+
+impl PgSchema {
+    /// `None` when no `DATABASE_URL` is set (and it is not required).
+    pub async fn create(name: &str) -> Option<PgSchema> {
+        let Ok(base) = std::env::var("DATABASE_URL") else {
+            assert!(
+                std::env::var_os("STRATA_REQUIRE_POSTGRES").is_none(),
+                "STRATA_REQUIRE_POSTGRES is set but DATABASE_URL is not"
+            );
+            eprintln!("DATABASE_URL not set: PostgreSQL part of `{name}` skipped");
+            return None;
+        };
+        let schema = format!("strata_test_{name}_{}", uuid_suffix());
+        let pool = sqlx::PgPool::connect(&base)
+            .await
+            .expect("PostgreSQL at DATABASE_URL");
+        pool.execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .unwrap();
+        pool.close().await;
+        Some(PgSchema { base, schema })
+    }
+
+    /// The URL whose connections use only this schema.
+    pub fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{sep}options=-c%20search_path%3D{}",
+            self.base, self.schema
+        )
+    }
+
+    pub async fn store(&self, dir: &Path) -> SqlStore {
+        SqlStore::connect_postgres(&self.url(), Some(vault(dir)))
+            .await
+            .unwrap()
+    }
+
+    pub async fn drop(self) {
+        let pool = sqlx::PgPool::connect(&self.base).await.unwrap();
+        pool.execute(format!("DROP SCHEMA {} CASCADE", self.schema).as_str())
+            .await
+            .unwrap();
+    }
+}
+
+fn uuid_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Where a test's store lives.
+pub enum Backend {
+    Sqlite(std::path::PathBuf),
+    Postgres(PgSchema),
+}
+
+impl Backend {
+    /// Opens (again) the test's store; keys live in `dir` either way.
+    pub async fn open(&self, dir: &Path) -> SqlStore {
+        match self {
+            Backend::Sqlite(path) => SqlStore::open(path, vault(dir)).await.unwrap(),
+            Backend::Postgres(pg) => pg.store(dir).await,
+        }
+    }
+
+    /// Runs `sql` on the database behind the store's back (to tamper with it).
+    pub async fn execute_raw(&self, sql: &str) {
+        match self {
+            Backend::Sqlite(path) => {
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", path.display()))
+                    .await
+                    .unwrap();
+                pool.execute(sql).await.unwrap();
+            }
+            Backend::Postgres(pg) => {
+                let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+                pool.execute(sql).await.unwrap();
+            }
+        }
+    }
+
+    pub async fn finish(self) {
+        if let Backend::Postgres(pg) = self {
+            pg.drop().await;
+        }
+    }
+}
+
+/// One test per backend for each `async fn name(backend: &Backend, dir: &Path)`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    // Nested: opening creates the missing directory.
+                    let backend =
+                        $crate::common::Backend::Sqlite(dir.path().join("nested").join("s.db"));
+                    super::$name(&backend, dir.path()).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(pg) = $crate::common::PgSchema::create(stringify!($name)).await else {
+                        return;
+                    };
+                    let dir = tempfile::tempdir().unwrap();
+                    let backend = $crate::common::Backend::Postgres(pg);
+                    super::$name(&backend, dir.path()).await;
+                    backend.finish().await;
+                }
+            )*
+        }
+    };
+}
