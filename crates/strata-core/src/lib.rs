@@ -25,6 +25,15 @@ pub use error::ApiError;
 /// one unnamed scope. The gateway always sets it, so a client cannot.
 pub const CACHE_SCOPE_HEADER: &str = "x-strata-cache-scope";
 
+/// Request header from the gateway to an engine naming the session (a
+/// conversation or response chain) whose next turn the request is; the
+/// engine keeps the finished cells under it, for snapshots.
+pub const SESSION_HEADER: &str = "x-strata-session";
+
+/// Engine routes for KV snapshots, reached only by the gateway.
+pub const KV_EXPORT_PATH: &str = "/internal/kv/export";
+pub const KV_IMPORT_PATH: &str = "/internal/kv/import";
+
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -25,6 +26,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::batch::{fits, plan_step, SlotView};
 use crate::metrics::EngineMetrics;
 use crate::prefix::PrefixCache;
+use crate::snapshot::Snapshot;
 use crate::stop::StopMatcher;
 use crate::EngineError;
 
@@ -57,10 +59,18 @@ pub struct Submitted {
     pub prompt_tokens: u32,
 }
 
+/// Whose cache a request may use and extend: the scope (tenant salt;
+/// prefix reuse happens only within one scope) and, for a stateful turn,
+/// the session (conversation or response chain) its cells continue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheTag {
+    pub scope: String,
+    pub session: Option<String>,
+}
+
 struct Job {
     tokens: Vec<LlamaToken>,
-    /// Prefix reuse happens only between jobs of the same scope.
-    scope: String,
+    tag: CacheTag,
     max_tokens: u32,
     sampling: SamplingParams,
     events: UnboundedSender<Event>,
@@ -72,12 +82,27 @@ enum ChatTemplate {
     Gemma,
 }
 
+/// What the scheduler thread is asked to do.
+enum Work {
+    Generate(Job),
+    /// Snapshots of every kept sequence that belongs to a session.
+    Export(tokio::sync::oneshot::Sender<Vec<Snapshot>>),
+    /// Loads a snapshot into a sequence and keeps it for reuse; answers the
+    /// tokens restored.
+    Import(
+        Snapshot,
+        tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ),
+}
+
 /// A loaded model and its scheduler. Dropping it stops the scheduler.
 pub struct Engine {
     model: Arc<LlamaModel>,
     template: ChatTemplate,
     settings: EngineSettings,
-    jobs: SyncSender<Job>,
+    /// Names the model and context settings; snapshots carry it.
+    fingerprint: String,
+    jobs: SyncSender<Work>,
     queued: Arc<AtomicUsize>,
     pub metrics: Arc<EngineMetrics>,
     scheduler: Option<std::thread::JoinHandle<()>>,
@@ -110,6 +135,17 @@ impl Engine {
             Ok(t) => ChatTemplate::Gguf(t),
             Err(_) => ChatTemplate::Gemma,
         };
+        let fingerprint = format!(
+            "{}|bytes={}|params={}|layers={}|embd={}|kv_heads={}|vocab={}|ctx={}|swa_full|f16",
+            settings.model_name,
+            model.size(),
+            model.n_params(),
+            model.n_layer(),
+            model.n_embd(),
+            model.n_head_kv(),
+            model.n_vocab(),
+            settings.context_size,
+        );
         let metrics = Arc::new(EngineMetrics::new());
         let queued = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = std::sync::mpsc::sync_channel(settings.max_queue.max(1) as usize);
@@ -135,6 +171,7 @@ impl Engine {
             model,
             template,
             settings,
+            fingerprint,
             jobs,
             queued,
             metrics,
@@ -148,6 +185,39 @@ impl Engine {
 
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Snapshots of the kept sequences that belong to sessions (what a
+    /// draining replica hands over).
+    pub async fn export(&self) -> Result<Vec<Snapshot>, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.control(Work::Export(tx))?;
+        rx.await
+            .map_err(|_| ApiError::unavailable("The engine has stopped."))
+    }
+
+    /// Restores a snapshot (already checked against this engine's
+    /// fingerprint) into the prefix cache; answers the tokens restored.
+    pub async fn import(&self, snapshot: Snapshot) -> Result<usize, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.control(Work::Import(snapshot, tx))?;
+        rx.await
+            .map_err(|_| ApiError::unavailable("The engine has stopped."))?
+            .map_err(|e| ApiError::conflict(format!("The snapshot was not restored: {e}")))
+    }
+
+    /// Control work waits for room in the queue like any request.
+    fn control(&self, work: Work) -> Result<(), ApiError> {
+        self.jobs.try_send(work).map_err(|e| match e {
+            TrySendError::Full(_) => {
+                ApiError::overloaded("The engine's queue is full; retry after a moment.")
+            }
+            TrySendError::Disconnected(_) => ApiError::unavailable("The engine has stopped."),
+        })
     }
 
     /// The text the model reads for this input (chat template applied).
@@ -203,12 +273,12 @@ impl Engine {
     }
 
     /// Validates the request against the context and enqueues it. Tokenizes
-    /// on a blocking thread; a full queue is a 429. `scope` (the tenant's
-    /// cache salt) decides whose cached prefixes the request may reuse.
+    /// on a blocking thread; a full queue is a 429. `tag` decides whose
+    /// cached prefixes the request may reuse.
     pub async fn submit(
         self: &Arc<Self>,
         generation: Generation,
-        scope: &str,
+        tag: CacheTag,
     ) -> Result<Submitted, ApiError> {
         let this = self.clone();
         let is_chat = matches!(generation.input, PromptInput::Chat(_));
@@ -237,7 +307,7 @@ impl Engine {
         let (tx, rx) = unbounded_channel();
         let job = Job {
             tokens,
-            scope: scope.to_string(),
+            tag,
             max_tokens,
             sampling: generation.sampling,
             events: tx,
@@ -245,7 +315,7 @@ impl Engine {
         };
         self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.queued.inc();
-        match self.jobs.try_send(job) {
+        match self.jobs.try_send(Work::Generate(job)) {
             Ok(()) => Ok(Submitted {
                 events: rx,
                 prompt_tokens,
@@ -353,7 +423,7 @@ fn run_scheduler(
     backend: &LlamaBackend,
     model: &LlamaModel,
     settings: &EngineSettings,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Work>,
     metrics: &EngineMetrics,
     queued: &AtomicUsize,
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
@@ -423,25 +493,36 @@ struct Scheduler<'m> {
 impl Scheduler<'_> {
     /// Moves queued jobs into free slots. Blocks when nothing runs. Returns
     /// false when the engine is shutting down and nothing is left to do.
-    fn admit(&mut self, ctx: &mut LlamaContext<'_>, jobs: &Receiver<Job>) -> bool {
+    fn admit(&mut self, ctx: &mut LlamaContext<'_>, jobs: &Receiver<Work>) -> bool {
         let capacity = self.settings.context_size as usize;
         loop {
             if self.running.len() >= self.settings.max_sequences as usize {
                 return true;
             }
-            let job = match self.waiting.take() {
-                Some(j) => j,
+            let work = match self.waiting.take() {
+                Some(j) => Work::Generate(j),
                 None if self.running.is_empty() => {
                     match jobs.recv_timeout(Duration::from_secs(1)) {
-                        Ok(j) => j,
+                        Ok(w) => w,
                         Err(RecvTimeoutError::Timeout) => continue,
                         Err(RecvTimeoutError::Disconnected) => return false,
                     }
                 }
                 None => match jobs.try_recv() {
-                    Ok(j) => j,
+                    Ok(w) => w,
                     Err(_) => return true,
                 },
+            };
+            let job = match work {
+                Work::Generate(job) => job,
+                Work::Export(reply) => {
+                    let _ = reply.send(self.export(ctx));
+                    continue;
+                }
+                Work::Import(snapshot, reply) => {
+                    let _ = reply.send(self.import(ctx, snapshot));
+                    continue;
+                }
             };
             if job.events.is_closed() {
                 self.dequeued();
@@ -481,7 +562,7 @@ impl Scheduler<'_> {
     /// Evicts entries until the job's `need` fits beside them.
     fn place(&mut self, ctx: &mut LlamaContext<'_>, job: &Job, need: usize) -> (i32, usize) {
         let capacity = self.settings.context_size as usize;
-        let mut hit = self.cache.lookup(&job.scope, &job.tokens);
+        let mut hit = self.cache.lookup(&job.tag.scope, &job.tokens);
         loop {
             // An entry taken over stops counting as cached: `need` covers it.
             let moved = hit.filter(|h| h.whole).map_or(0, |h| h.len);
@@ -534,6 +615,65 @@ impl Scheduler<'_> {
         }
         self.cache_gauges();
         placed
+    }
+
+    fn export(&self, ctx: &LlamaContext<'_>) -> Vec<Snapshot> {
+        self.cache
+            .sessions()
+            .into_iter()
+            .filter_map(|e| {
+                let flags = LlamaStateSeqFlags::empty();
+                let size = ctx.state_seq_get_size_ext(e.seq, flags);
+                let mut state = vec![0u8; size];
+                // SAFETY: `state` holds the `size` bytes llama.cpp just asked for.
+                let written =
+                    unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), e.seq, flags) };
+                (written == size && size > 0).then(|| Snapshot {
+                    scope: e.scope,
+                    session: e.session,
+                    tokens: e.tokens.iter().map(|t| t.0).collect(),
+                    state,
+                })
+            })
+            .collect()
+    }
+
+    /// Loads `snapshot` into a free sequence (evicting kept sequences for
+    /// room) and keeps it under its scope and session.
+    fn import(&mut self, ctx: &mut LlamaContext<'_>, snapshot: Snapshot) -> Result<usize, String> {
+        let need = snapshot.tokens.len();
+        let capacity = self.settings.context_size as usize;
+        if !fits(self.reserved, need, capacity) {
+            return Err("no room next to the running requests".into());
+        }
+        while !fits(self.reserved + self.cache.cells(), need, capacity)
+            || self.free_slots.is_empty()
+        {
+            match self.cache.evict_lru(None) {
+                Some(seq) => self.release(ctx, seq),
+                None => return Err("no free sequence".into()),
+            }
+        }
+        let seq = self.free_slots.pop().expect("checked above");
+        // SAFETY: the bytes were written by `export` on an engine with this
+        // fingerprint (checked by the caller) and arrived sealed.
+        let loaded = unsafe {
+            ctx.state_seq_set_data_ext(&snapshot.state, seq, LlamaStateSeqFlags::empty())
+        };
+        let restored = usize::try_from(ctx.kv_cache_seq_pos_max(seq) + 1).unwrap_or(0);
+        if !loaded || restored != need {
+            self.release(ctx, seq);
+            return Err(format!("llama.cpp restored {restored} of {need} cells"));
+        }
+        let tokens = snapshot.tokens.into_iter().map(LlamaToken).collect();
+        for freed in self
+            .cache
+            .insert(seq, &snapshot.scope, Some(&snapshot.session), tokens)
+        {
+            self.release(ctx, freed);
+        }
+        self.cache_gauges();
+        Ok(need)
     }
 
     /// Clears sequence `seq`'s cells and makes its id free.
@@ -691,7 +831,11 @@ impl Scheduler<'_> {
             let mut tokens = s.job.tokens[..s.read].to_vec();
             tokens.extend_from_slice(&s.fed);
             debug_assert_eq!(tokens.len(), s.pos as usize);
-            for seq in self.cache.insert(s.slot, &s.job.scope, tokens) {
+            let tag = &s.job.tag;
+            for seq in self
+                .cache
+                .insert(s.slot, &tag.scope, tag.session.as_deref(), tokens)
+            {
                 self.release(ctx, seq);
             }
             self.cache_gauges();

@@ -7,10 +7,11 @@ pub mod engine;
 pub mod metrics;
 pub mod prefix;
 pub mod server;
+pub mod snapshot;
 pub mod stop;
 
 pub use engine::{
-    argmax, default_threads, model_name_for, Engine, EngineSettings, Event, Submitted,
+    argmax, default_threads, model_name_for, CacheTag, Engine, EngineSettings, Event, Submitted,
 };
 
 use std::path::PathBuf;

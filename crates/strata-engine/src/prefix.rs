@@ -16,8 +16,19 @@ pub const MIN_REUSE: usize = 16;
 struct Entry<T> {
     seq: i32,
     scope: String,
+    /// The conversation or response chain the cells continue, if named.
+    session: Option<String>,
     tokens: Vec<T>,
     used: u64,
+}
+
+/// A kept sequence that belongs to a named session (for snapshots).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEntry<T> {
+    pub seq: i32,
+    pub scope: String,
+    pub session: String,
+    pub tokens: Vec<T>,
 }
 
 /// The best entry for a prompt.
@@ -109,11 +120,18 @@ impl<T: Copy + Eq> PrefixCache<T> {
         }
     }
 
-    /// Keeps `tokens` (the cells of sequence `seq`) for `scope`. Returns the
-    /// sequence ids to clear: entries of the same scope that are a prefix of
-    /// the new one (it answers every lookup they would), the least recently
+    /// Keeps `tokens` (the cells of sequence `seq`) for `scope` and
+    /// `session`. Returns the sequence ids to clear: entries of the same
+    /// scope that are a prefix of the new one (it answers every lookup they
+    /// would) or an earlier turn of the same session, the least recently
     /// used beyond `max_entries`, or `seq` itself when nothing is kept.
-    pub fn insert(&mut self, seq: i32, scope: &str, tokens: Vec<T>) -> Vec<i32> {
+    pub fn insert(
+        &mut self,
+        seq: i32,
+        scope: &str,
+        session: Option<&str>,
+        tokens: Vec<T>,
+    ) -> Vec<i32> {
         if self.max_entries == 0 || tokens.len() < MIN_REUSE {
             return vec![seq];
         }
@@ -121,7 +139,8 @@ impl<T: Copy + Eq> PrefixCache<T> {
         let mut i = 0;
         while i < self.entries.len() {
             let e = &self.entries[i];
-            if e.scope == scope && tokens.starts_with(&e.tokens) {
+            let same_session = session.is_some() && e.session.as_deref() == session;
+            if e.scope == scope && (same_session || tokens.starts_with(&e.tokens)) {
                 self.cells -= e.tokens.len();
                 freed.push(self.entries.swap_remove(i).seq);
             } else {
@@ -133,6 +152,7 @@ impl<T: Copy + Eq> PrefixCache<T> {
         self.entries.push(Entry {
             seq,
             scope: scope.to_string(),
+            session: session.map(str::to_owned),
             tokens,
             used: self.clock,
         });
@@ -140,6 +160,21 @@ impl<T: Copy + Eq> PrefixCache<T> {
             freed.extend(self.evict_lru(None));
         }
         freed
+    }
+
+    /// The entries that belong to a named session.
+    pub fn sessions(&self) -> Vec<SessionEntry<T>> {
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                Some(SessionEntry {
+                    seq: e.seq,
+                    scope: e.scope.clone(),
+                    session: e.session.clone()?,
+                    tokens: e.tokens.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Drops the least recently used entry other than `keep`; its sequence
@@ -173,7 +208,7 @@ mod tests {
     #[test]
     fn a_continuing_prompt_takes_its_entry_over() {
         let mut c = PrefixCache::new(4);
-        assert!(c.insert(7, "ten_a", toks(0..100)).is_empty());
+        assert!(c.insert(7, "ten_a", None, toks(0..100)).is_empty());
         let prompt = toks(0..130);
         let hit = c.lookup("ten_a", &prompt).unwrap();
         assert_eq!(
@@ -192,7 +227,7 @@ mod tests {
     #[test]
     fn another_scope_never_matches() {
         let mut c = PrefixCache::new(4);
-        c.insert(1, "ten_a", toks(0..100));
+        c.insert(1, "ten_a", None, toks(0..100));
         assert_eq!(c.lookup("ten_b", &toks(0..100)), None);
         assert_eq!(c.lookup("", &toks(0..100)), None);
     }
@@ -200,7 +235,7 @@ mod tests {
     #[test]
     fn a_shared_prefix_is_copied_and_the_entry_stays() {
         let mut c = PrefixCache::new(4);
-        c.insert(1, "s", toks(0..100));
+        c.insert(1, "s", None, toks(0..100));
         let mut prompt = toks(0..40);
         prompt.extend(500..520);
         let hit = c.lookup("s", &prompt).unwrap();
@@ -210,7 +245,7 @@ mod tests {
     #[test]
     fn the_same_prompt_again_leaves_one_token_to_prefill() {
         let mut c = PrefixCache::new(4);
-        c.insert(1, "s", toks(0..50));
+        c.insert(1, "s", None, toks(0..50));
         let hit = c.lookup("s", &toks(0..50)).unwrap();
         assert_eq!((hit.common, hit.whole), (49, true));
     }
@@ -218,8 +253,8 @@ mod tests {
     #[test]
     fn short_matches_and_short_entries_are_not_kept() {
         let mut c = PrefixCache::new(4);
-        assert_eq!(c.insert(3, "s", toks(0..5)), vec![3]);
-        c.insert(1, "s", toks(0..100));
+        assert_eq!(c.insert(3, "s", None, toks(0..5)), vec![3]);
+        c.insert(1, "s", None, toks(0..100));
         let mut prompt = toks(0..(MIN_REUSE as i32 - 1));
         prompt.push(-1);
         assert_eq!(c.lookup("s", &prompt), None);
@@ -228,19 +263,19 @@ mod tests {
     #[test]
     fn a_longer_entry_replaces_the_prefix_it_extends() {
         let mut c = PrefixCache::new(4);
-        c.insert(1, "s", toks(0..100));
-        c.insert(2, "other", toks(0..100));
-        assert_eq!(c.insert(3, "s", toks(0..150)), vec![1]);
+        c.insert(1, "s", None, toks(0..100));
+        c.insert(2, "other", None, toks(0..100));
+        assert_eq!(c.insert(3, "s", None, toks(0..150)), vec![1]);
         assert_eq!((c.len(), c.cells()), (2, 250));
     }
 
     #[test]
     fn the_least_recently_used_goes_first() {
         let mut c = PrefixCache::new(2);
-        c.insert(1, "s", toks(0..20));
-        c.insert(2, "s", toks(100..120));
+        c.insert(1, "s", None, toks(0..20));
+        c.insert(2, "s", None, toks(100..120));
         c.touch(1);
-        assert_eq!(c.insert(3, "s", toks(200..220)), vec![2]);
+        assert_eq!(c.insert(3, "s", None, toks(200..220)), vec![2]);
         assert_eq!(c.evict_lru(Some(1)), Some(3));
         assert_eq!(c.evict_lru(Some(1)), None);
         assert_eq!(c.evict_lru(None), Some(1));
@@ -248,9 +283,26 @@ mod tests {
     }
 
     #[test]
+    fn a_session_keeps_only_its_latest_turn() {
+        let mut c = PrefixCache::new(4);
+        c.insert(1, "s", Some("conv_1"), toks(0..40));
+        c.insert(2, "s", None, toks(100..140));
+        // A retokenized answer diverges from the old entry; the old turn goes anyway.
+        let mut next = toks(0..30);
+        next.extend(500..540);
+        assert_eq!(c.insert(3, "s", Some("conv_1"), next.clone()), vec![1]);
+        let sessions = c.sessions();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!((sessions[0].seq, sessions[0].tokens.clone()), (3, next));
+        // Another tenant's entry with the same session name is its own.
+        assert!(c.insert(4, "t", Some("conv_1"), toks(0..40)).is_empty());
+        assert_eq!(c.sessions().len(), 2);
+    }
+
+    #[test]
     fn a_disabled_cache_keeps_nothing() {
         let mut c = PrefixCache::new(0);
-        assert_eq!(c.insert(9, "s", toks(0..100)), vec![9]);
+        assert_eq!(c.insert(9, "s", None, toks(0..100)), vec![9]);
         assert!(c.lookup("s", &toks(0..100)).is_none());
     }
 
@@ -269,7 +321,7 @@ mod tests {
                     0 => {
                         next += 1;
                         held.push(next);
-                        for freed in c.insert(next, scopes[scope], tokens) {
+                        for freed in c.insert(next, scopes[scope], None, tokens) {
                             prop_assert!(held.contains(&freed));
                             held.retain(|&s| s != freed);
                         }

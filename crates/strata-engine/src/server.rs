@@ -19,11 +19,14 @@ use strata_core::openai::{
     parse_body, response_id, ChatCompletionRequest, CompletionRequest, FinishReason, Generation,
     ModelList, Usage,
 };
-use strata_core::{read_body, ApiError, CACHE_SCOPE_HEADER};
+use strata_core::{
+    read_body, ApiError, CACHE_SCOPE_HEADER, KV_EXPORT_PATH, KV_IMPORT_PATH, SESSION_HEADER,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Engine, EngineError, EngineSettings, Event};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::{CacheTag, Engine, EngineError, EngineSettings, Event};
 
 struct ServerState {
     engine: OnceLock<Arc<Engine>>,
@@ -123,6 +126,8 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route(KV_EXPORT_PATH, post(export_snapshots))
+        .route(KV_IMPORT_PATH, post(import_snapshot))
         .fallback(|| async { ApiError::not_found("Unknown route.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
@@ -171,17 +176,65 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
         .into_response()
 }
 
+/// A short ASCII header value, if present.
+fn header_value(req: &Request, name: &str) -> Result<Option<String>, ApiError> {
+    req.headers()
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|s| s.len() <= 128)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    ApiError::invalid_request(
+                        None,
+                        format!("The {name} header must be short ASCII."),
+                    )
+                })
+        })
+        .transpose()
+}
+
+fn ready_engine(state: &ServerState) -> Result<&Arc<Engine>, ApiError> {
+    state
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::unavailable("The model is still loading."))
+}
+
+/// `POST /internal/kv/export`: every kept session sequence, each as a u64
+/// LE length and an encoded snapshot.
+async fn export_snapshots(State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
+    let engine = ready_engine(&state)?;
+    let mut body = Vec::new();
+    for snapshot in engine.export().await? {
+        let bytes = snapshot.encode(engine.fingerprint());
+        body.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        body.extend_from_slice(&bytes);
+    }
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// `POST /internal/kv/import`: one encoded snapshot. One from another model
+/// or other context settings is refused (409) before llama.cpp sees it.
+async fn import_snapshot(
+    State(state): State<Arc<ServerState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let engine = ready_engine(&state)?;
+    let body = read_body(req.into_body(), 1 << 30).await?;
+    let snapshot = Snapshot::decode(&body, engine.fingerprint()).map_err(|e| match e {
+        SnapshotError::Malformed => ApiError::invalid_request(None, e.to_string()),
+        SnapshotError::Mismatch(_) => ApiError::conflict(e.to_string()),
+    })?;
+    let restored = engine.import(snapshot).await?;
+    Ok(Json(json!({"restored_tokens": restored})).into_response())
+}
+
 async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Response, ApiError> {
-    let scope = match req.headers().get(CACHE_SCOPE_HEADER) {
-        None => String::new(),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .filter(|s| s.len() <= 128)
-            .ok_or_else(|| {
-                ApiError::invalid_request(None, "The cache scope header must be short ASCII.")
-            })?
-            .to_string(),
+    let tag = CacheTag {
+        scope: header_value(&req, CACHE_SCOPE_HEADER)?.unwrap_or_default(),
+        session: header_value(&req, SESSION_HEADER)?,
     };
     let body = read_body(req.into_body(), state.max_body_bytes).await?;
     let generation: Generation = match api {
@@ -191,13 +244,10 @@ async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Res
     if generation.model != state.model_name {
         return Err(ApiError::model_not_found(&generation.model));
     }
-    let engine = state
-        .engine
-        .get()
-        .ok_or_else(|| ApiError::unavailable("The model is still loading."))?;
+    let engine = ready_engine(&state)?;
     let stream = generation.stream;
     let include_usage = generation.include_usage;
-    let submitted = engine.submit(generation, &scope).await?;
+    let submitted = engine.submit(generation, tag).await?;
     let reply = Reply {
         api,
         id: response_id(match api {

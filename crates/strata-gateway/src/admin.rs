@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::StatusCode;
@@ -22,12 +23,17 @@ use strata_core::{read_body, ApiError};
 use strata_store::{Kek, KekSource, Vault};
 
 use crate::auth::{Authenticator, Principal};
+use crate::replicas::ReplicaSet;
+use crate::snapshots::Snapshots;
 
 pub struct AdminState {
     pub store: Arc<dyn Store>,
     pub auth: Arc<Authenticator>,
     pub vault: Option<Arc<Vault>>,
     pub max_body_bytes: usize,
+    pub replicas: Arc<ReplicaSet>,
+    pub client: reqwest::Client,
+    pub snapshots: Option<Arc<Snapshots>>,
 }
 
 pub fn routes(state: Arc<AdminState>) -> Router {
@@ -49,6 +55,7 @@ pub fn routes(state: Arc<AdminState>) -> Router {
         .route("/admin/v1/usage", get(all_usage))
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/kek/rotate", post(rotate_kek))
+        .route("/admin/v1/replicas/{id}/drain", post(drain_replica))
         .with_state(state)
 }
 
@@ -670,6 +677,28 @@ async fn rotate_kek(
     }
     .await;
     finish(&*state.store, &p, "kek.rotate", "*", "", result).await
+}
+
+/// `POST /admin/v1/replicas/{id}/drain` (platform admins): the replica
+/// takes no new requests; once its running ones end (up to 30 s) its
+/// sessions' KV caches are kept as sealed snapshots for the next turns.
+async fn drain_replica(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let snapshots = state.snapshots.as_ref().ok_or_else(|| {
+            ApiError::invalid_request(None, "This gateway keeps no KV snapshots.")
+        })?;
+        let drained = snapshots
+            .drain(&state.replicas, &state.client, &id, Duration::from_secs(30))
+            .await?;
+        Ok((StatusCode::OK, json!(drained)))
+    }
+    .await;
+    finish(&*state.store, &p, "replica.drain", "*", &id, result).await
 }
 
 /// Makes sure the platform tenant and a platform admin key exist. With

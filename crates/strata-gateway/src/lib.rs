@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod replicas;
 mod responses;
 pub mod router;
+pub mod snapshots;
 pub mod stored;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,7 @@ use crate::ledger::Ledger;
 use crate::metrics::{GatewayMetrics, RequestLabels};
 use crate::proxy::{Forward, Proxy};
 use crate::replicas::ReplicaSet;
+use crate::snapshots::Snapshots;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -73,6 +75,9 @@ pub struct GatewaySettings {
     pub require_tls: bool,
     /// Mutual TLS to the replicas with strata's own certificates.
     pub replica_tls: Option<tls::ReplicaPki>,
+    /// Where drained replicas' KV snapshots are kept (sealed); `None`
+    /// turns snapshots off.
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 /// An HTTP client for replicas: with `pki`, it trusts only strata's replica
@@ -113,6 +118,7 @@ const ASSUMED_OUTPUT_TOKENS: u64 = 256;
 struct AppState {
     proxy: Proxy,
     store: Arc<dyn Store>,
+    snapshots: Option<Arc<Snapshots>>,
     policy: Arc<Policy>,
     max_body_bytes: usize,
     started: u64,
@@ -152,11 +158,18 @@ pub async fn serve(
         epoch: Instant::now(),
     });
     let auth = Arc::new(Authenticator::new(store.clone()));
+    let snapshots = match (&settings.snapshot_dir, &vault) {
+        (Some(dir), Some(vault)) => Some(Arc::new(Snapshots::new(dir.clone(), vault.clone()))),
+        _ => None,
+    };
     let admin = Arc::new(AdminState {
         store: store.clone(),
         auth: auth.clone(),
         vault,
         max_body_bytes: settings.max_body_bytes,
+        replicas: replicas.clone(),
+        client: client.clone(),
+        snapshots: snapshots.clone(),
     });
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -181,6 +194,7 @@ pub async fn serve(
         },
         policy,
         store: store.clone(),
+        snapshots,
         max_body_bytes: settings.max_body_bytes,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -344,6 +358,7 @@ async fn forward(
     let forward = Forward {
         principal: p,
         keep,
+        session: None,
         charge,
         path,
         model: generation.model,
@@ -410,7 +425,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         .iter()
         .map(|r| {
             json!({
-                "id": r.endpoint.id, "url": r.endpoint.url, "ready": r.is_ready(),
+                "id": r.endpoint.id, "url": r.endpoint.url, "ready": r.is_ready(), "draining": r.is_draining(),
                 "reserved_for": r.endpoint.reserved_for,
                 "outstanding_tokens": r.outstanding_tokens(),
             })

@@ -15,7 +15,7 @@ use futures_util::Stream;
 use serde_json::Value;
 use strata_core::openai::Usage;
 use strata_core::store::UsageRecord;
-use strata_core::{ApiError, CACHE_SCOPE_HEADER};
+use strata_core::{ApiError, CACHE_SCOPE_HEADER, SESSION_HEADER};
 
 use crate::admission::Charge;
 use crate::auth::Principal;
@@ -34,6 +34,9 @@ pub struct Forward {
     pub charge: Charge,
     /// Where to keep the answer (`store: true`).
     pub keep: Option<Keep>,
+    /// The session (conversation or response chain) a stateful turn
+    /// continues; the replica keeps its cells under it.
+    pub session: Option<String>,
     pub body: Bytes,
     pub model: String,
     pub stream: bool,
@@ -106,14 +109,15 @@ impl Proxy {
             let replica = flight.replica().clone();
             tried.push(replica.endpoint.id.clone());
             let url = format!("{}{}", replica.endpoint.url, req.path);
-            let sent = self
+            let mut post = self
                 .client
                 .post(url)
                 .header(header::CONTENT_TYPE, "application/json")
-                .header(CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str())
-                .body(req.body.clone())
-                .send()
-                .await;
+                .header(CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str());
+            if let Some(session) = &req.session {
+                post = post.header(SESSION_HEADER, session);
+            }
+            let sent = post.body(req.body.clone()).send().await;
             let upstream = match sent {
                 Ok(r) => r,
                 Err(e) => {

@@ -15,6 +15,8 @@ use crate::router::{pick_with_affinity, ReplicaLoad};
 pub struct Replica {
     pub endpoint: ReplicaEndpoint,
     ready: AtomicBool,
+    /// Draining: finishing what it runs, taking nothing new.
+    draining: AtomicBool,
     outstanding: AtomicU64,
     models: RwLock<Vec<String>>,
 }
@@ -24,6 +26,7 @@ impl Replica {
         Replica {
             endpoint,
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             outstanding: AtomicU64::new(0),
             models: RwLock::new(Vec::new()),
         }
@@ -31,6 +34,19 @@ impl Replica {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Ready and not draining: may take a new request.
+    pub fn is_routable(&self) -> bool {
+        self.is_ready() && !self.is_draining()
     }
 
     /// A request could not reach it: no new requests until a health check passes.
@@ -126,17 +142,17 @@ impl ReplicaSet {
             .filter(|r| r.endpoint.reserved_for.as_deref() == pool)
             .cloned()
             .collect();
-        if !all.iter().any(|r| r.is_ready()) {
+        if !all.iter().any(|r| r.is_routable()) {
             return Err(NoReplica::NoneReady);
         }
         let candidates: Vec<&Arc<Replica>> = all.iter().filter(|r| r.serves(model)).collect();
-        if !candidates.iter().any(|r| r.is_ready()) {
+        if !candidates.iter().any(|r| r.is_routable()) {
             return Err(NoReplica::UnknownModel);
         }
         let loads: Vec<ReplicaLoad> = candidates
             .iter()
             .map(|r| ReplicaLoad {
-                ready: r.is_ready(),
+                ready: r.is_routable(),
                 outstanding_tokens: r.outstanding_tokens(),
             })
             .collect();
@@ -150,6 +166,18 @@ impl ReplicaSet {
         let replica = candidates[i].clone();
         replica.outstanding.fetch_add(tokens, Ordering::Relaxed);
         Ok(InFlight { replica, tokens })
+    }
+
+    pub fn find(&self, id: &str) -> Option<Arc<Replica>> {
+        self.snapshot()
+            .iter()
+            .find(|r| r.endpoint.id == id)
+            .cloned()
+    }
+
+    /// Whether the replica `id` exists and may take new requests.
+    pub fn is_routable(&self, id: &str) -> bool {
+        self.find(id).is_some_and(|r| r.is_routable())
     }
 
     /// Models served by ready replicas, sorted, without repeats.
@@ -169,19 +197,20 @@ impl ReplicaSet {
         self.snapshot().iter().filter(|r| r.is_ready()).count()
     }
 
-    /// Ready replicas of one pool (`None`: the shared pool).
+    /// Routable (ready, not draining) replicas of one pool (`None`: the shared pool).
     pub fn ready_in(&self, pool: Option<&str>) -> usize {
         self.snapshot()
             .iter()
-            .filter(|r| r.is_ready() && r.endpoint.reserved_for.as_deref() == pool)
+            .filter(|r| r.is_routable() && r.endpoint.reserved_for.as_deref() == pool)
             .count()
     }
 
-    /// Ready replicas per pool, every pool that has replicas included.
+    /// Routable replicas per pool, every pool that has replicas included.
     pub fn ready_by_pool(&self) -> std::collections::HashMap<Option<String>, usize> {
         let mut pools = std::collections::HashMap::new();
         for r in self.snapshot().iter() {
-            *pools.entry(r.endpoint.reserved_for.clone()).or_insert(0) += usize::from(r.is_ready());
+            *pools.entry(r.endpoint.reserved_for.clone()).or_insert(0) +=
+                usize::from(r.is_routable());
         }
         pools
     }

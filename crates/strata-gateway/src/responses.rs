@@ -31,6 +31,7 @@ use crate::auth::Principal;
 use crate::metrics::RequestLabels;
 use crate::proxy::{json_response, usage_row, Forward, SseEvents};
 use crate::replicas::InFlight;
+use crate::snapshots::Snapshots;
 use crate::stored::{answer, may_change};
 use crate::AppState;
 
@@ -169,11 +170,30 @@ async fn start(
     let (charge, estimated_tokens) = crate::admit(&state, &p, &generation, chat.len())
         .instrument(span.clone())
         .await?;
+    let response_id = new_id("resp");
+    // The replica holding the session's cache, or one it was moved to.
+    let replica = match (
+        &state.snapshots,
+        turn.conversation
+            .as_ref()
+            .or(turn.previous_response_id.as_ref()),
+    ) {
+        (Some(snapshots), Some(session)) => {
+            restore_if_moved(&state, snapshots, &p, &generation.model, replica, session).await
+        }
+        _ => replica,
+    };
     let mut forward = Forward {
         path: "/v1/chat/completions",
         principal: p,
         charge,
         keep: None,
+        // A conversation's turns share its id; a chain's next turn names this response.
+        session: Some(
+            turn.conversation
+                .clone()
+                .unwrap_or_else(|| response_id.clone()),
+        ),
         body: chat,
         model: generation.model,
         stream: true,
@@ -202,7 +222,7 @@ async fn start(
         return Ok(json_response(status, body));
     }
     let meta = ResponseMeta {
-        id: new_id("resp"),
+        id: response_id,
         created_at: crate::now_ms() / 1000,
         model: forward.model.clone(),
         instructions: turn.instructions.clone(),
@@ -252,6 +272,38 @@ async fn start(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+/// When the replica that served the session's last turn can no longer take
+/// it (drained, gone) and a snapshot of the session was kept, restores it on
+/// the replica the turn will go to and prefers that one.
+async fn restore_if_moved(
+    state: &AppState,
+    snapshots: &Snapshots,
+    p: &Principal,
+    model: &str,
+    home: Option<String>,
+    session: &str,
+) -> Option<String> {
+    let replicas = &state.proxy.replicas;
+    let tenant = p.tenant.id.as_str();
+    if home.as_deref().is_some_and(|id| replicas.is_routable(id)) || !snapshots.has(tenant, session)
+    {
+        return home;
+    }
+    let target = replicas
+        .choose(p.pool(), model, &[], None, 0)
+        .ok()?
+        .replica()
+        .clone();
+    if snapshots
+        .restore(&state.proxy.client, &target, tenant, session)
+        .await
+    {
+        tracing::info!(%session, replica = %target.endpoint.id, "session's KV cache restored from a snapshot");
+        return Some(target.endpoint.id.clone());
+    }
+    home
 }
 
 /// One turn in flight.

@@ -493,6 +493,7 @@ fn gateway_settings(
         max_waiting_per_tenant: config.gateway.max_waiting_per_tenant as usize,
         queue_timeout: Duration::from_secs_f64(config.gateway.queue_timeout_secs),
         pricing: config.pricing.clone(),
+        snapshot_dir: Some(config.store.data_dir(db).join("snapshots")),
     })
 }
 

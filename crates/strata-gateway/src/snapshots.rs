@@ -1,0 +1,272 @@
+//! KV snapshots between replicas. Draining a replica stops new requests to
+//! it, waits for the running ones, takes the KV cells of its kept sessions
+//! (`/internal/kv/export`), seals each under its tenant's data key and
+//! writes it to the snapshot directory. A later turn of such a session, on
+//! another replica, first restores the snapshot there
+//! (`/internal/kv/import`), so it prefills only its new tokens. A snapshot
+//! the target refuses (another model or settings) is dropped and the turn
+//! prefills as usual.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use strata_core::{ApiError, KV_EXPORT_PATH, KV_IMPORT_PATH};
+use strata_store::{Binding, Vault};
+
+use crate::replicas::{Replica, ReplicaSet};
+
+const TABLE: &str = "kv_snapshots";
+
+/// Sealed snapshots in a local directory: `<dir>/<tenant>/<session>.kv`.
+pub struct Snapshots {
+    dir: PathBuf,
+    vault: Arc<Vault>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Drained {
+    pub replica: String,
+    pub snapshots: usize,
+    pub bytes: usize,
+}
+
+/// Ids are the gateway's own (`ten_…`, `conv_…`, `resp_…`); anything else
+/// never becomes a path.
+fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Snapshots {
+    pub fn new(dir: PathBuf, vault: Arc<Vault>) -> Self {
+        Snapshots { dir, vault }
+    }
+
+    fn path(&self, tenant: &str, session: &str) -> Option<PathBuf> {
+        (safe_name(tenant) && safe_name(session))
+            .then(|| self.dir.join(tenant).join(format!("{session}.kv")))
+    }
+
+    /// Seals and writes one encoded snapshot (replacing an older one).
+    pub fn save(&self, tenant: &str, session: &str, bytes: &[u8]) -> Result<(), String> {
+        let path = self
+            .path(tenant, session)
+            .ok_or("unusable tenant or session id")?;
+        let sealed = self
+            .vault
+            .seal(
+                Binding {
+                    tenant,
+                    table: TABLE,
+                    row: session,
+                },
+                bytes,
+            )
+            .map_err(|e| e.to_string())?;
+        write_atomically(&path, &sealed).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Removes and opens the tenant's snapshot of `session`, if any.
+    pub fn take(&self, tenant: &str, session: &str) -> Option<Vec<u8>> {
+        let path = self.path(tenant, session)?;
+        let sealed = std::fs::read(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        match self.vault.open_sealed(
+            Binding {
+                tenant,
+                table: TABLE,
+                row: session,
+            },
+            &sealed,
+        ) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                tracing::warn!(%tenant, %session, error = %e, "a KV snapshot did not open; dropped");
+                None
+            }
+        }
+    }
+
+    pub fn has(&self, tenant: &str, session: &str) -> bool {
+        self.path(tenant, session).is_some_and(|p| p.is_file())
+    }
+
+    /// Drains `replica`: no new requests, running ones finish (up to
+    /// `wait`), then its sessions' KV cells are saved.
+    pub async fn drain(
+        &self,
+        replicas: &ReplicaSet,
+        client: &reqwest::Client,
+        id: &str,
+        wait: Duration,
+    ) -> Result<Drained, ApiError> {
+        let replica = replicas
+            .find(id)
+            .ok_or_else(|| ApiError::not_found(format!("No replica with id `{id}`.")))?;
+        replica.set_draining(true);
+        let deadline = Instant::now() + wait;
+        while replica.outstanding_tokens() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let body = export(client, &replica).await?;
+        let mut drained = Drained {
+            replica: id.to_owned(),
+            snapshots: 0,
+            bytes: 0,
+        };
+        for bytes in frames(&body) {
+            let Some((tenant, session)) = header_ids(bytes) else {
+                continue;
+            };
+            match self.save(&tenant, &session, bytes) {
+                Ok(()) => {
+                    drained.snapshots += 1;
+                    drained.bytes += bytes.len();
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, %session, error = %e, "cannot keep a KV snapshot")
+                }
+            }
+        }
+        tracing::info!(replica = %id, snapshots = drained.snapshots, bytes = drained.bytes, "replica drained");
+        Ok(drained)
+    }
+
+    /// Restores the tenant's snapshot of `session` on `replica`; true when
+    /// the replica took it.
+    pub async fn restore(
+        &self,
+        client: &reqwest::Client,
+        replica: &Replica,
+        tenant: &str,
+        session: &str,
+    ) -> bool {
+        let Some(bytes) = self.take(tenant, session) else {
+            return false;
+        };
+        let url = format!("{}{KV_IMPORT_PATH}", replica.endpoint.url);
+        match client.post(url).body(bytes).send().await {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                tracing::warn!(replica = %replica.endpoint.id, %status, %text, "KV snapshot refused; the turn prefills");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(replica = %replica.endpoint.id, error = %e, "KV snapshot not delivered");
+                false
+            }
+        }
+    }
+}
+
+async fn export(client: &reqwest::Client, replica: &Replica) -> Result<bytes::Bytes, ApiError> {
+    let url = format!("{}{KV_EXPORT_PATH}", replica.endpoint.url);
+    let failed = |e: String| {
+        ApiError::bad_gateway(format!("The replica did not hand over its KV cache: {e}"))
+    };
+    let r = client
+        .post(url)
+        .send()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if !r.status().is_success() {
+        return Err(failed(r.status().to_string()));
+    }
+    r.bytes().await.map_err(|e| failed(e.to_string()))
+}
+
+/// The snapshots in an export body: each a u64 LE length and its bytes.
+fn frames(mut body: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while body.len() >= 8 {
+        let len = u64::from_le_bytes(body[..8].try_into().expect("eight bytes")) as usize;
+        let rest = &body[8..];
+        if rest.len() < len {
+            break;
+        }
+        out.push(&rest[..len]);
+        body = &rest[len..];
+    }
+    out
+}
+
+/// Scope (tenant) and session from an encoded snapshot's header.
+fn header_ids(bytes: &[u8]) -> Option<(String, String)> {
+    let rest = bytes.strip_prefix(b"SKV1")?;
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(rest.get(4..4 + len)?).ok()?;
+    Some((
+        header["scope"].as_str()?.to_owned(),
+        header["session"].as_str()?.to_owned(),
+    ))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("snapshot paths have a directory");
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("kv.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_an_export_and_stop_at_a_torn_end() {
+        let mut body = Vec::new();
+        for part in [&b"one"[..], b"second"] {
+            body.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            body.extend_from_slice(part);
+        }
+        assert_eq!(frames(&body), vec![&b"one"[..], b"second"]);
+        assert_eq!(frames(&body[..body.len() - 1]), vec![&b"one"[..]]);
+        assert!(frames(&[]).is_empty());
+    }
+
+    #[test]
+    fn only_gateway_made_ids_become_paths() {
+        assert!(safe_name("ten_0a9f") && safe_name("conv_x-1"));
+        for bad in ["", "../etc", "a/b", "x.kv", &"a".repeat(129)] {
+            assert!(!safe_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshots_are_sealed_per_tenant_and_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = strata_store::Kek::from_hex(&"11".repeat(32)).unwrap();
+        let vault = Arc::new(
+            Vault::open(
+                &dir.path().join("keyring.json"),
+                kek,
+                strata_store::KekSource::Environment,
+            )
+            .unwrap(),
+        );
+        vault.create_tenant_key("ten_a").unwrap();
+        let s = Snapshots::new(dir.path().join("snapshots"), vault);
+        s.save("ten_a", "conv_1", b"SKV1 kv cells CANARY").unwrap();
+        let file = dir.path().join("snapshots/ten_a/conv_1.kv");
+        let on_disk = std::fs::read(&file).unwrap();
+        assert!(!on_disk.windows(6).any(|w| w == b"CANARY"));
+        // Moved to another tenant's directory, it does not open.
+        std::fs::create_dir_all(dir.path().join("snapshots/ten_b")).unwrap();
+        std::fs::copy(&file, dir.path().join("snapshots/ten_b/conv_1.kv")).unwrap();
+        assert_eq!(s.take("ten_b", "conv_1"), None);
+        assert!(s.has("ten_a", "conv_1"));
+        assert_eq!(
+            s.take("ten_a", "conv_1").as_deref(),
+            Some(&b"SKV1 kv cells CANARY"[..])
+        );
+        assert!(!s.has("ten_a", "conv_1"));
+        assert!(s.save("ten_a", "../x", b"x").is_err());
+    }
+}

@@ -1,0 +1,93 @@
+"""KV snapshots: draining a replica keeps its sessions' KV caches (sealed),
+and the session's next turn, on another replica, restores the cache instead
+of prefilling the whole conversation again, with the same greedy answer as
+a session that never moved. Three replicas, so two drains leave one."""
+import glob
+import os
+import sqlite3
+
+import httpx
+
+from conftest import MODEL_ID, Server
+
+SYSTEM = "You are the support assistant of a cloud platform team; answer briefly. " * 6
+GREEDY = {"model": MODEL_ID, "temperature": 0, "max_output_tokens": 12, "instructions": SYSTEM}
+
+
+def served_by(server, response_id):
+    db = sqlite3.connect(os.path.join(server.dir, "strata.db"))
+    return db.execute("SELECT replica FROM responses WHERE id = ?", (response_id,)).fetchone()[0]
+
+
+def drain(server, replica):
+    r = server.admin("POST", f"/admin/v1/replicas/{replica}/drain", expect=200)
+    return r.json()
+
+
+def test_a_drained_replicas_sessions_continue_elsewhere_from_their_snapshots():
+    s = Server(replicas=3, tenant="snapshots")
+    try:
+        c = s.client()
+        first = c.responses.create(input="My name is Ada. CANARY-kv-8810", **GREEDY)
+        home = served_by(s, first.id)
+        drained = drain(s, home)
+        assert drained["snapshots"] >= 1 and drained["bytes"] > 0, drained
+        health = {r["id"]: r for r in httpx.get(f"{s.base}/health").json()["replicas"]}
+        assert health[home]["draining"] and health[home]["ready"]
+        # Sealed on disk: the snapshot is not even recognisable as one.
+        files = glob.glob(os.path.join(s.dir, "data", "snapshots", "*", "*.kv")) or \
+            glob.glob(os.path.join(s.dir, "snapshots", "*", "*.kv"))
+        assert files, os.listdir(s.dir)
+        for f in files:
+            data = open(f, "rb").read()
+            assert not data.startswith(b"SKV1") and b"CANARY-kv-8810" not in data
+
+        moved = c.responses.create(input="What is my name?", previous_response_id=first.id, **GREEDY)
+        assert served_by(s, moved.id) != home
+        # The whole first turn came back from the snapshot, not from prefill.
+        assert moved.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens, moved.usage
+        # Nothing was left behind: the snapshot is used once.
+        assert not glob.glob(os.path.join(s.dir, "**", "*.kv"), recursive=True)
+
+        # A session that never moved gives the same greedy answers.
+        again = c.responses.create(input="My name is Ada. CANARY-kv-8810", **GREEDY)
+        assert again.output_text == first.output_text
+        stayed = c.responses.create(input="What is my name?", previous_response_id=again.id, **GREEDY)
+        assert stayed.usage.input_tokens_details.cached_tokens >= again.usage.input_tokens
+        assert stayed.output_text == moved.output_text
+
+        # A conversation moves the same way.
+        conv = c.conversations.create()
+        turn = c.responses.create(input="We run GPUs in two zones.", conversation=conv.id, **GREEDY)
+        drain(s, served_by(s, turn.id))
+        nxt = c.responses.create(input="Which zones?", conversation=conv.id, **GREEDY)
+        assert served_by(s, nxt.id) != served_by(s, turn.id)
+        assert nxt.usage.input_tokens_details.cached_tokens >= turn.usage.input_tokens, nxt.usage
+
+        # With every replica but one drained, work still flows to it.
+        r = c.responses.create(input="Still there?", **GREEDY)
+        assert r.status in ("completed", "incomplete")
+    finally:
+        s.stop()
+
+
+def test_a_snapshot_from_other_settings_or_damaged_is_refused_by_the_engine():
+    s = Server(replicas=1, tenant="snapshots-bad")
+    try:
+        engine = httpx.get(f"{s.base}/health").json()["replicas"][0]["url"]
+        for body, status in [(b"SKV1\x05\x00\x00\x00{bad}", 400), (b"GGUF", 400)]:
+            r = httpx.post(f"{engine}/internal/kv/import", content=body, timeout=30)
+            assert r.status_code == status, r.text
+        c = s.client()
+        c.responses.create(input="Hello there, replica.", **GREEDY)
+        export = httpx.post(f"{engine}/internal/kv/export", timeout=30).content
+        length = int.from_bytes(export[:8], "little")
+        snapshot = export[8:8 + length]
+        assert snapshot.startswith(b"SKV1")
+        other = snapshot.replace(b"ctx=8192", b"ctx=4096", 1)
+        r = httpx.post(f"{engine}/internal/kv/import", content=other, timeout=30)
+        assert r.status_code == 409 and "another model or other context settings" in r.text
+        # Still serving.
+        assert c.responses.create(input="Still fine?", **GREEDY).status in ("completed", "incomplete")
+    finally:
+        s.stop()
