@@ -93,12 +93,11 @@ class Server:
             f.write(f'[security]\nadmin_key_file = "{key_file}"\n{config}')
         self.log_path = os.path.join(self.dir, "serve.log")
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--replicas", str(replicas), "--db", db or os.path.join(self.dir, "strata.db")],
-            cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        wait_ready(self.base, ready or replicas)
+        self.args = [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",
+                     "--replicas", str(replicas), "--db", db or os.path.join(self.dir, "strata.db")]
+        self.ready = ready or replicas
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_ready(self.base, self.ready)
         self.tenant = self.admin("POST", "/admin/v1/tenants", {"name": tenant}).json()
         self.key = self.new_key(self.tenant["id"], "member")
         self.headers = bearer(self.key)
@@ -129,6 +128,23 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=30)
         return code, engines
+
+    def restart(self):
+        """Stops the server and starts it again on the same port, config and database."""
+        self.stop()
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_ready(self.base, self.ready)
+
+    def engine_pid(self, replica_id):
+        """The pid of the engine process behind replica `replica_id`."""
+        url = next(r["url"] for r in httpx.get(f"{self.base}/health").json()["replicas"] if r["id"] == replica_id)
+        port = url.rsplit(":", 1)[1]
+        for pid in self.engine_pids():
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            if b"--port" in args and args[args.index(b"--port") + 1] == port.encode():
+                return pid
+        raise AssertionError(f"no engine process for {replica_id} ({url})")
 
 
 @pytest.fixture(scope="session")

@@ -321,7 +321,8 @@ def test_a_flooding_tenant_does_not_delay_another_without_bound(mt):
     calm = mt.new_key(mt.admin("POST", "/admin/v1/tenants", {"name": "calm"}, expect=201).json()["id"], "member")
     assert timed_chat(mt, calm, 16)[0] == 200
     with cf.ThreadPoolExecutor(8) as pool:
-        floods = [pool.submit(timed_chat, mt, flood, 16) for _ in range(8)]
+        # Long enough that a calm request is queued before the running one ends.
+        floods = [pool.submit(timed_chat, mt, flood, 48) for _ in range(8)]
         time.sleep(0.5)  # the flood holds the one slot and fills its queue
         calm_runs = [timed_chat(mt, calm, 16) for _ in range(3)]
         flood_runs = [f.result() for f in floods]

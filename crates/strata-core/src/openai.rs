@@ -127,6 +127,10 @@ pub struct ChatCompletionRequest {
     pub store: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Continue the last (assistant) message instead of answering it, as
+    /// vLLM's extension of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continue_final_message: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -208,6 +212,9 @@ impl Role {
 pub enum PromptInput {
     Text(String),
     Chat(Vec<Turn>),
+    /// A chat whose last turn, the model's, is continued rather than
+    /// answered (`continue_final_message`; how a stream resumes elsewhere).
+    Continue(Vec<Turn>),
 }
 
 /// A request after validation, in the engine's terms.
@@ -285,9 +292,20 @@ impl ChatCompletionRequest {
         };
         let metadata = self.metadata.unwrap_or_default();
         check_metadata(&metadata)?;
+        let input = if self.continue_final_message == Some(true) {
+            if turns.last().map(|t| t.role) != Some(Role::Assistant) {
+                return Err(ApiError::invalid_request(
+                    Some("continue_final_message"),
+                    "`continue_final_message` needs an assistant message last.",
+                ));
+            }
+            PromptInput::Continue(turns)
+        } else {
+            PromptInput::Chat(turns)
+        };
         Ok(Generation {
             model: self.model,
-            input: PromptInput::Chat(turns),
+            input,
             sampling: self.sampling.validate()?,
             max_tokens: check_max_tokens(field, max_tokens)?,
             include_usage: include_usage(self.stream, self.stream_options.as_ref())?,

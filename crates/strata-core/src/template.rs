@@ -26,6 +26,16 @@ pub fn render_gemma(turns: &[Turn]) -> String {
 
 /// `render_gemma` as markup and text pieces, for tokenizing each as it must be.
 pub fn gemma_segments(turns: &[Turn]) -> Vec<Segment> {
+    segments(turns, false)
+}
+
+/// As `gemma_segments`, but the last turn (the model's, cut short) stays
+/// open, its text as it was, so generation continues it.
+pub fn gemma_continue_segments(turns: &[Turn]) -> Vec<Segment> {
+    segments(turns, true)
+}
+
+fn segments(turns: &[Turn], continue_last: bool) -> Vec<Segment> {
     let mut system = String::new();
     for t in turns.iter().filter(|t| t.role == Role::System) {
         if !system.is_empty() {
@@ -35,7 +45,8 @@ pub fn gemma_segments(turns: &[Turn]) -> Vec<Segment> {
     }
     let mut out = Vec::new();
     let mut system_pending = !system.is_empty();
-    for t in turns.iter().filter(|t| t.role != Role::System) {
+    let spoken: Vec<&Turn> = turns.iter().filter(|t| t.role != Role::System).collect();
+    for (i, t) in spoken.iter().enumerate() {
         let speaker = match t.role {
             Role::Assistant => "model",
             _ => "user",
@@ -46,6 +57,11 @@ pub fn gemma_segments(turns: &[Turn]) -> Vec<Segment> {
             text.push_str(&system);
             text.push_str("\n\n");
             system_pending = false;
+        }
+        if continue_last && i + 1 == spoken.len() {
+            text.push_str(t.text.trim_start());
+            out.push(Segment::Text(text));
+            return out;
         }
         text.push_str(t.text.trim());
         out.push(Segment::Text(text));
@@ -64,6 +80,24 @@ mod tests {
             role,
             text: text.into(),
         }
+    }
+
+    #[test]
+    fn a_continued_answer_stays_open_with_its_trailing_space() {
+        let turns = [
+            turn(Role::User, "Count"),
+            turn(Role::Assistant, "one, two, "),
+        ];
+        let text: String = gemma_continue_segments(&turns)
+            .into_iter()
+            .map(|s| match s {
+                Segment::Markup(t) | Segment::Text(t) => t,
+            })
+            .collect();
+        assert_eq!(
+            text,
+            "<start_of_turn>user\nCount<end_of_turn>\n<start_of_turn>model\none, two, "
+        );
     }
 
     #[test]

@@ -224,6 +224,18 @@ impl Engine {
     pub fn render(&self, input: &PromptInput) -> Result<String, ApiError> {
         match input {
             PromptInput::Text(t) => Ok(t.clone()),
+            PromptInput::Continue(turns) => match &self.template {
+                ChatTemplate::Gemma => Ok(template::gemma_continue_segments(turns)
+                    .into_iter()
+                    .map(|s| match s {
+                        template::Segment::Markup(t) | template::Segment::Text(t) => t,
+                    })
+                    .collect()),
+                ChatTemplate::Gguf(_) => Err(ApiError::invalid_request(
+                    Some("continue_final_message"),
+                    "Continuing a message needs the built-in chat template; this model has its own.",
+                )),
+            },
             PromptInput::Chat(turns) => match &self.template {
                 ChatTemplate::Gemma => Ok(template::render_gemma(turns)),
                 ChatTemplate::Gguf(t) => {
@@ -248,12 +260,21 @@ impl Engine {
     /// Tokens of the input as the model sees them, BOS included.
     pub fn tokenize(&self, input: &PromptInput) -> Result<Vec<LlamaToken>, ApiError> {
         let vocab = self.model.vocab();
-        if let (PromptInput::Chat(turns), ChatTemplate::Gemma) = (input, &self.template) {
+        let segments = match (input, &self.template) {
+            (PromptInput::Chat(turns), ChatTemplate::Gemma) => {
+                Some(template::gemma_segments(turns))
+            }
+            (PromptInput::Continue(turns), ChatTemplate::Gemma) => {
+                Some(template::gemma_continue_segments(turns))
+            }
+            _ => None,
+        };
+        if let Some(segments) = segments {
             // Markup pieces may hold control tokens; message text never does,
             // so a message cannot close its turn and write the model's.
             // The model's own special prefix (BOS for Gemma), as `add_special` gives it.
             let mut tokens = vocab.tokenize(b"", true, false);
-            for segment in template::gemma_segments(turns) {
+            for segment in segments {
                 let (text, special) = match &segment {
                     template::Segment::Markup(t) => (t, true),
                     template::Segment::Text(t) => (t, false),
@@ -264,7 +285,7 @@ impl Engine {
         }
         let text = self.render(input)?;
         // Chat templates produce control tokens; raw prompts are plain text.
-        let parse_special = matches!(input, PromptInput::Chat(_));
+        let parse_special = !matches!(input, PromptInput::Text(_));
         let bos_text = vocab
             .text(vocab.bos())
             .map(|c| c.to_string_lossy().into_owned());
@@ -281,7 +302,7 @@ impl Engine {
         tag: CacheTag,
     ) -> Result<Submitted, ApiError> {
         let this = self.clone();
-        let is_chat = matches!(generation.input, PromptInput::Chat(_));
+        let is_chat = !matches!(generation.input, PromptInput::Text(_));
         let input = generation.input;
         let tokens = tokio::task::spawn_blocking(move || this.tokenize(&input))
             .await

@@ -37,6 +37,9 @@ use crate::AppState;
 
 const ROUTE: &str = "/v1/responses";
 
+/// Replicas a response may move to after the one serving it fails mid-stream.
+const MAX_RESUMES: u32 = 2;
+
 /// What a stored response keeps: the response object, its own input items,
 /// and the context items before them (so a later `previous_response_id`
 /// needs one read, however long the chain).
@@ -153,7 +156,7 @@ async fn start(
     let (context, replica) = context(&*state.store, &p, &turn).await?;
     let mut items = context.clone();
     items.extend(turn.input.iter().cloned());
-    let chat = json!({
+    let request = json!({
         "model": turn.model,
         "messages": chat_messages(turn.instructions.as_deref(), &items),
         "max_tokens": turn.max_output_tokens,
@@ -162,7 +165,7 @@ async fn start(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let chat = Bytes::from(chat.to_string());
+    let chat = Bytes::from(request.to_string());
     // The same checks as a chat request (model name, sampling bounds).
     let generation = parse_body::<ChatCompletionRequest>(&chat)?.validate()?;
     let request_id = new_id("req");
@@ -239,6 +242,7 @@ async fn start(
         meta,
         input: turn.input,
         context,
+        request,
         forward,
         flight,
         events: EventWriter::default(),
@@ -310,6 +314,8 @@ async fn restore_if_moved(
 struct Turn {
     state: Arc<AppState>,
     meta: ResponseMeta,
+    /// The chat request sent upstream, kept to resume it elsewhere.
+    request: Value,
     input: Vec<Item>,
     context: Vec<Item>,
     forward: Forward,
@@ -432,14 +438,36 @@ impl Turn {
         )
         .await?;
         let mut sse = SseEvents::new(false);
-        let mut body = upstream.bytes_stream();
+        let mut body = upstream.bytes_stream().boxed();
         let mut finish: Option<String> = None;
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(replica = %self.flight.replica().endpoint.id, error = %e, "replica failed mid-response");
-                    self.flight.replica().mark_down();
+        // Deltas streamed so far (each one token or more), and before the
+        // latest resumption.
+        let (mut deltas, mut before_resume, mut resumes) = (0u32, 0u32, 0);
+        loop {
+            let chunk = match body.next().await {
+                Some(Ok(c)) => c,
+                ended => {
+                    if finish.is_some() {
+                        break;
+                    }
+                    // The replica died (or ended) mid-answer: continue the
+                    // answer on another one; the client sees one stream.
+                    let replica = self.flight.replica().clone();
+                    if let Some(Err(e)) = &ended {
+                        tracing::warn!(replica = %replica.endpoint.id, error = %e, "replica failed mid-response");
+                        replica.mark_down();
+                    }
+                    if resumes < MAX_RESUMES {
+                        if let Some(next) = self.resume(text, deltas).await {
+                            tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
+                            self.state.proxy.metrics.retries.inc();
+                            body = next.bytes_stream().boxed();
+                            sse = SseEvents::new(false);
+                            before_resume = deltas;
+                            resumes += 1;
+                            continue;
+                        }
+                    }
                     *outcome = Outcome::Failed(ApiError::bad_gateway(
                         "The replica failed during the response.",
                     ));
@@ -473,6 +501,7 @@ impl Turn {
                         *first_byte = Some(t);
                     }
                     text.push_str(delta);
+                    deltas += 1;
                     self.emit(
                         "response.output_text.delta",
                         json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
@@ -484,7 +513,19 @@ impl Turn {
                 }
             }
         }
-        *usage = sse.usage;
+        *usage = sse.usage.map(|u| match resumes {
+            0 => u,
+            // The last replica read the earlier output as prompt: count it
+            // as output again (deltas stand in for the lost usage).
+            _ => Usage::new(
+                u.prompt_tokens.saturating_sub(before_resume),
+                u.completion_tokens + before_resume,
+            )
+            .with_cached(
+                u.cached_tokens()
+                    .min(u.prompt_tokens.saturating_sub(before_resume)),
+            ),
+        });
         *outcome = match finish.as_deref() {
             Some("length") => Outcome::Incomplete,
             Some(_) => Outcome::Completed,
@@ -518,6 +559,30 @@ impl Turn {
         )
         .await?;
         Ok(())
+    }
+
+    /// Sends the turn again, to another replica, with the answer so far as
+    /// an open assistant message to continue (`continue_final_message`) and
+    /// what is left of `max_output_tokens`.
+    async fn resume(&mut self, partial: &str, generated: u32) -> Option<reqwest::Response> {
+        let mut request = self.request.clone();
+        if !partial.is_empty() {
+            request["messages"]
+                .as_array_mut()?
+                .push(json!({"role": "assistant", "content": partial}));
+            request["continue_final_message"] = json!(true);
+        }
+        if let Some(max) = self.meta.max_output_tokens {
+            request["max_tokens"] = json!(max.saturating_sub(generated).max(1));
+        }
+        self.forward.body = Bytes::from(request.to_string());
+        match self.state.proxy.open(&self.forward, None).await {
+            Ok((flight, upstream)) if upstream.status().is_success() => {
+                self.flight = flight;
+                Some(upstream)
+            }
+            _ => None,
+        }
     }
 
     /// Stores the response, and its input and output as the conversation's

@@ -1,0 +1,67 @@
+"""A replica killed (SIGKILL) in the middle of a streamed, stored turn of a
+conversation: the client's stream carries on from another replica without
+an error event, the stored response and the conversation hold the whole
+answer, and the next turn works. Then `strata serve` restarts and the
+conversation continues from its next turn."""
+import os
+import signal
+import sqlite3
+
+from conftest import MODEL_ID, Server
+
+GREEDY = {"model": MODEL_ID, "temperature": 0}
+
+
+def served_by(server, response_id):
+    db = sqlite3.connect(os.path.join(server.dir, "strata.db"))
+    return db.execute("SELECT replica FROM responses WHERE id = ?", (response_id,)).fetchone()[0]
+
+
+def test_a_stream_survives_its_replica_and_the_conversation_survives_a_restart():
+    s = Server(replicas=2, tenant="failover")
+    try:
+        c = s.client()
+        conv = c.conversations.create(metadata={"case": "failover"})
+        first = c.responses.create(input="Let us talk about spot instances.", conversation=conv.id,
+                                   max_output_tokens=8, **GREEDY)
+        home = served_by(s, first.id)
+        victim = s.engine_pid(home)
+
+        stream = c.responses.create(input="Tell me a long story about a GPU.", conversation=conv.id,
+                                    max_output_tokens=120, stream=True, **GREEDY)
+        events, killed = [], False
+        for event in stream:
+            events.append(event)
+            deltas = [e for e in events if e.type == "response.output_text.delta"]
+            if len(deltas) == 5 and not killed:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
+        assert killed, "the answer ended before the replica could be killed"
+        kinds = [e.type for e in events]
+        assert "error" not in kinds and "response.failed" not in kinds, kinds
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        final = events[-1].response
+        assert final.output_text == text and len(text) > 0
+        # Moved: the answer was finished by the other replica.
+        assert served_by(s, final.id) != home
+        assert final.usage.output_tokens >= 5
+        # Stored whole, in the response and in the conversation.
+        assert c.responses.retrieve(final.id).output_text == text
+        items = c.conversations.items.list(conv.id, order="asc").data
+        assert [i.role for i in items] == ["user", "assistant", "user", "assistant"]
+        assert items[-1].content[0].text == text
+
+        after = c.responses.create(input="And then?", conversation=conv.id, max_output_tokens=8, **GREEDY)
+        assert after.status in ("completed", "incomplete")
+
+        s.restart()
+        c = s.client()
+        resumed = c.responses.create(input="Sum it up.", conversation=conv.id, max_output_tokens=8, **GREEDY)
+        assert resumed.status in ("completed", "incomplete")
+        items = c.conversations.items.list(conv.id, order="asc").data
+        assert len(items) == 8 and items[-2].content[0].text == "Sum it up."
+        chained = c.responses.create(input="One more.", previous_response_id=after.id, max_output_tokens=4, **GREEDY)
+        assert chained.previous_response_id == after.id
+    finally:
+        s.stop()
