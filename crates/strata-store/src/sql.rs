@@ -76,7 +76,7 @@ impl SqlStore {
                 .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
         }
         let url = format!("sqlite://{}?mode=rwc", path.display());
-        let pool = SqlStore::pool(&url, Dialect::Sqlite)
+        let pool = SqlStore::connect_pool(&url, Dialect::Sqlite)
             .await
             .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
         sqlx::migrate!("migrations/sqlite")
@@ -91,7 +91,7 @@ impl SqlStore {
         url: &str,
         vault: Option<Arc<Vault>>,
     ) -> Result<SqlStore, StoreError> {
-        let pool = SqlStore::pool(url, Dialect::Postgres)
+        let pool = SqlStore::connect_pool(url, Dialect::Postgres)
             .await
             .map_err(|e| StoreError::Open(format!("PostgreSQL: {e}")))?;
         sqlx::migrate!("migrations/postgres")
@@ -101,7 +101,7 @@ impl SqlStore {
         Ok(SqlStore::with_pool(pool, Dialect::Postgres, vault))
     }
 
-    async fn pool(url: &str, dialect: Dialect) -> Result<AnyPool, sqlx::Error> {
+    async fn connect_pool(url: &str, dialect: Dialect) -> Result<AnyPool, sqlx::Error> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let options: AnyConnectOptions = url.parse()?;
@@ -137,9 +137,15 @@ impl SqlStore {
         self.dialect
     }
 
+    /// The connection pool, for tools and tests that read the database
+    /// directly (sealed columns stay sealed).
+    pub fn raw_pool(&self) -> AnyPool {
+        self.pool.clone()
+    }
+
     /// `q` for this backend: `?` placeholders become `$1`, `$2`, … (and
     /// `?N` becomes `$N`) for PostgreSQL.
-    pub(crate) fn sql<'q>(&self, q: &'q str) -> Cow<'q, str> {
+    pub fn sql<'q>(&self, q: &'q str) -> Cow<'q, str> {
         match self.dialect {
             Dialect::Sqlite => Cow::Borrowed(q),
             Dialect::Postgres => Cow::Owned(number_placeholders(q)),
