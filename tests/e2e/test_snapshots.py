@@ -67,6 +67,12 @@ def test_a_drained_replicas_sessions_continue_elsewhere_from_their_snapshots():
         # With every replica but one drained, work still flows to it.
         r = c.responses.create(input="Still there?", **GREEDY)
         assert r.status in ("completed", "incomplete")
+        # Undrained, a replica takes requests again; unknown ids are 404.
+        s.admin("POST", f"/admin/v1/replicas/{home}/undrain", expect=200)
+        assert not {r["id"]: r for r in httpx.get(f"{s.base}/health").json()["replicas"]}[home]["draining"]
+        s.admin("POST", "/admin/v1/replicas/nope/undrain", expect=404)
+        s.admin("POST", "/admin/v1/replicas/nope/drain", expect=404)
+        s.admin("POST", f"/admin/v1/replicas/{home}/drain", key=s.key, expect=403)
     finally:
         s.stop()
 

@@ -56,6 +56,7 @@ pub fn routes(state: Arc<AdminState>) -> Router {
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/kek/rotate", post(rotate_kek))
         .route("/admin/v1/replicas/{id}/drain", post(drain_replica))
+        .route("/admin/v1/replicas/{id}/undrain", post(undrain_replica))
         .with_state(state)
 }
 
@@ -699,6 +700,26 @@ async fn drain_replica(
     }
     .await;
     finish(&*state.store, &p, "replica.drain", "*", &id, result).await
+}
+
+/// `POST /admin/v1/replicas/{id}/undrain` (platform admins): a drained
+/// replica that is still up takes requests again.
+async fn undrain_replica(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let replica = state
+            .replicas
+            .find(&id)
+            .ok_or_else(|| ApiError::not_found(format!("No replica with id `{id}`.")))?;
+        replica.set_draining(false);
+        Ok((StatusCode::OK, json!({"replica": id, "draining": false})))
+    }
+    .await;
+    finish(&*state.store, &p, "replica.undrain", "*", &id, result).await
 }
 
 /// Makes sure the platform tenant and a platform admin key exist. With
