@@ -73,3 +73,17 @@ def test_streamed_usage_reports_cached_tokens(one_replica):
                                        stream=True, stream_options={"include_usage": True})
     usage = [c.usage for c in stream if c.usage is not None]
     assert len(usage) == 1 and cached(usage[0]) == usage[0].prompt_tokens - 1
+
+
+def test_prefix_routing_sends_a_repeated_prompt_where_its_cache_is(client):
+    """The session's server has two replicas and routes by prompt prefix:
+    prompts that alternate keep finding their own cached prefix (under
+    least-load routing with ties rotating, they would keep missing)."""
+    prompts = [[{"role": "system", "content": f"Prompt family {name}. " + SYSTEM},
+                {"role": "user", "content": "Hello?"}] for name in ("north", "south")]
+    for round_ in range(3):
+        for messages in prompts:
+            _, usage = chat(client, messages)
+            if round_ == 0:
+                continue
+            assert cached(usage) == usage.prompt_tokens - 1, (round_, usage)

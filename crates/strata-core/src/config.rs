@@ -70,6 +70,19 @@ pub struct GatewayConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Refuse plain HTTP (needs certificates, or `--tls-self-signed`).
     pub require_tls: bool,
+    /// How a request without a session picks its replica.
+    pub routing: Routing,
+}
+
+/// `prefix`: where the longest prefix of the prompt went before (its KV
+/// cache is likely still there), within bounded imbalance; `least_load`:
+/// by outstanding tokens only. Sessions stick to their replica either way.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    #[default]
+    Prefix,
+    LeastLoad,
 }
 
 impl Default for GatewayConfig {
@@ -86,6 +99,7 @@ impl Default for GatewayConfig {
             tls_cert_file: None,
             tls_key_file: None,
             require_tls: false,
+            routing: Routing::Prefix,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod fairq;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
+pub mod prefix_index;
 pub mod proxy;
 pub mod replicas;
 mod responses;
@@ -78,6 +79,8 @@ pub struct GatewaySettings {
     /// Where drained replicas' KV snapshots are kept (sealed); `None`
     /// turns snapshots off.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// Route requests without a session by prompt prefix, or by load only.
+    pub routing: strata_core::config::Routing,
 }
 
 /// An HTTP client for replicas: with `pki`, it trusts only strata's replica
@@ -144,6 +147,7 @@ pub async fn serve(
     tracing::info!(listen = %settings.listen, tls = acceptor.is_some(), require_tls = settings.require_tls, "gateway listening");
     let metrics = Arc::new(GatewayMetrics::new());
     let replicas = Arc::new(ReplicaSet::default());
+    replicas.set_prefix_routing(settings.routing == strata_core::config::Routing::Prefix);
     let client = replica_client(settings.replica_tls.as_ref(), settings.connect_timeout)?;
     let (ledger, ledger_task) = Ledger::spawn(store.clone(), metrics.clone());
     let policy = Arc::new(Policy {
@@ -355,10 +359,15 @@ async fn forward(
             metadata: generation.metadata.clone(),
         }
     });
+    let prefix = prefix_index::block_hashes(
+        p.tenant.id.as_str(),
+        &prefix_index::prompt_text(&generation.input),
+    );
     let forward = Forward {
         principal: p,
         keep,
         session: None,
+        prefix,
         charge,
         path,
         model: generation.model,

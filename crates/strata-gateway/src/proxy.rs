@@ -37,6 +37,8 @@ pub struct Forward {
     /// The session (conversation or response chain) a stateful turn
     /// continues; the replica keeps its cells under it.
     pub session: Option<String>,
+    /// Block hashes of the prompt, for prefix-aware routing.
+    pub prefix: Vec<u64>,
     pub body: Bytes,
     pub model: String,
     pub stream: bool,
@@ -89,6 +91,7 @@ impl Proxy {
                 &req.model,
                 &tried,
                 prefer,
+                &req.prefix,
                 req.estimated_tokens,
             ) {
                 Ok(f) => f,

@@ -2,7 +2,7 @@
 //! from health checks (and from failed requests), load from requests in flight.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -10,6 +10,7 @@ use strata_core::ReplicaEndpoint;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::prefix_index::PrefixIndex;
 use crate::router::{pick_with_affinity, ReplicaLoad};
 
 pub struct Replica {
@@ -91,6 +92,8 @@ impl Drop for InFlight {
 pub struct ReplicaSet {
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
     rotation: AtomicUsize,
+    prefix_routing: AtomicBool,
+    prefixes: Mutex<PrefixIndex>,
 }
 
 /// Why no replica was chosen.
@@ -121,19 +124,30 @@ impl ReplicaSet {
                     .unwrap_or_else(|| Arc::new(Replica::new(e.clone())))
             })
             .collect();
+        let live: Vec<&str> = endpoints.iter().map(|e| e.id.as_str()).collect();
+        self.prefixes.lock().expect("prefix lock").retain(&live);
         *self.replicas.write().expect("replica lock") = Arc::new(next);
+    }
+
+    /// Routes by prompt prefix too (`gateway.routing = "prefix"`), or by
+    /// load and session only.
+    pub fn set_prefix_routing(&self, on: bool) {
+        self.prefix_routing.store(on, Ordering::Relaxed);
     }
 
     /// Picks a replica of `pool` (a dedicated tenant's name, or `None` for
     /// the shared pool) for `model`, not one of `tried` (endpoint ids), and
-    /// charges it `tokens` until the returned guard drops. `prefer` (an
-    /// endpoint id holding the session's KV cache) wins within bounds.
+    /// charges it `tokens` until the returned guard drops. Within bounds,
+    /// `prefer` (an endpoint id holding the session's KV cache) wins, then
+    /// the replica that was sent the longest prefix of `prefix` (block
+    /// hashes, see `prefix_index`).
     pub fn choose(
         &self,
         pool: Option<&str>,
         model: &str,
         tried: &[String],
         prefer: Option<&str>,
+        prefix: &[u64],
         tokens: u64,
     ) -> Result<InFlight, NoReplica> {
         let all: Vec<Arc<Replica>> = self
@@ -161,8 +175,17 @@ impl ReplicaSet {
             .collect();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
         let preferred = prefer.and_then(|id| candidates.iter().position(|r| r.endpoint.id == id));
-        let i = pick_with_affinity(&loads, &tried_idx, rotation, preferred)
+        let by_prefix = !prefix.is_empty() && self.prefix_routing.load(Ordering::Relaxed);
+        let ids: Vec<&str> = candidates.iter().map(|r| r.endpoint.id.as_str()).collect();
+        let matches = match by_prefix {
+            true => self.prefixes.lock().expect("prefix lock").matches(&ids, prefix),
+            false => Vec::new(),
+        };
+        let i = pick_with_affinity(&loads, &tried_idx, rotation, preferred, &matches)
             .ok_or(NoReplica::Exhausted)?;
+        if by_prefix {
+            self.prefixes.lock().expect("prefix lock").record(ids[i], prefix);
+        }
         let replica = candidates[i].clone();
         replica.outstanding.fetch_add(tokens, Ordering::Relaxed);
         Ok(InFlight { replica, tokens })

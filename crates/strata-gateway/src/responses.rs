@@ -29,6 +29,7 @@ use tracing::Instrument;
 use crate::admin::{record_audit, store_error};
 use crate::auth::Principal;
 use crate::metrics::RequestLabels;
+use crate::prefix_index::{block_hashes, prompt_text};
 use crate::proxy::{json_response, usage_row, Forward, SseEvents};
 use crate::replicas::InFlight;
 use crate::snapshots::Snapshots;
@@ -186,6 +187,7 @@ async fn start(
         }
         _ => replica,
     };
+    let prefix = block_hashes(p.tenant.id.as_str(), &prompt_text(&generation.input));
     let mut forward = Forward {
         path: "/v1/chat/completions",
         principal: p,
@@ -197,6 +199,7 @@ async fn start(
                 .clone()
                 .unwrap_or_else(|| response_id.clone()),
         ),
+        prefix,
         body: chat,
         model: generation.model,
         stream: true,
@@ -296,7 +299,7 @@ async fn restore_if_moved(
         return home;
     }
     let target = replicas
-        .choose(p.pool(), model, &[], None, 0)
+        .choose(p.pool(), model, &[], None, &[], 0)
         .ok()?
         .replica()
         .clone();

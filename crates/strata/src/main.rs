@@ -494,6 +494,7 @@ fn gateway_settings(
         queue_timeout: Duration::from_secs_f64(config.gateway.queue_timeout_secs),
         pricing: config.pricing.clone(),
         snapshot_dir: Some(config.store.data_dir(db).join("snapshots")),
+        routing: config.gateway.routing,
     })
 }
 
