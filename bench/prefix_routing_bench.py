@@ -4,7 +4,7 @@ of the Mooncake conversation trace (../shared/data/traces/mooncake/).
 Each trace request lists the hash ids of its 512-token prompt blocks;
 requests that share leading ids share that prefix (block 0 is shared by
 all; a conversation's later turns extend its earlier ones). Here every block id
-becomes a fixed, distinct piece of text (scaled down to ~40 tokens so the
+becomes a fixed, distinct piece of text (scaled down to ~20 tokens so the
 CPU replicas keep up), a request's prompt is its blocks' texts in order
 (at most MAX_BLOCKS), every SAMPLE-th conversation of the first WINDOW
 requests is kept, and requests go out at the trace's timestamps divided
@@ -32,16 +32,17 @@ from conftest import MODEL_ID, Server  # noqa: E402
 
 TRACE = os.path.join(HERE, "..", "..", "shared", "data", "traces", "mooncake", "conversation_trace.jsonl")
 WINDOW = int(os.environ.get("WINDOW", "2000"))
-SAMPLE = int(os.environ.get("SAMPLE", "8"))
-SPEEDUP = float(os.environ.get("SPEEDUP", "15"))
+SAMPLE = int(os.environ.get("SAMPLE", "16"))
+SPEEDUP = float(os.environ.get("SPEEDUP", "5"))
+ROUNDS = int(os.environ.get("ROUNDS", "1"))
 MAX_BLOCKS = int(os.environ.get("MAX_BLOCKS", "8"))
 WORDS = ["spot", "quota", "zone", "replica", "tenant", "budget", "cache", "token", "prefill", "decode",
          "drain", "snapshot", "region", "price", "gpu", "batch", "stream", "route", "queue", "scale"]
 
 
 def block_text(block_id):
-    """~40 tokens of text that only this block id produces."""
-    words = [WORDS[(block_id * 7 + i * 13 + (block_id >> i % 5)) % len(WORDS)] for i in range(24)]
+    """~20 tokens of text that only this block id produces."""
+    words = [WORDS[(block_id * 7 + i * 13 + (block_id >> i % 5)) % len(WORDS)] for i in range(12)]
     return f"[block {block_id}] " + " ".join(words) + ". "
 
 
@@ -80,7 +81,8 @@ def replay(routing, reqs):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
-                    if chunk["choices"] and ttft is None:
+                    # The first chunk with text (the role chunk comes before prefill).
+                    if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                         ttft = time.perf_counter() - t0
                     if chunk.get("usage"):
                         usage = chunk["usage"]
@@ -112,7 +114,7 @@ def main():
     reqs = load_trace()
     print(f"{len(reqs)} requests over {reqs[-1][0]:.1f} s (trace time / {SPEEDUP}), prompts of up to {MAX_BLOCKS} blocks")
     rows = []
-    for routing in ["prefix", "least_load", "prefix", "least_load"]:
+    for routing in ["prefix", "least_load"] * ROUNDS:
         rows.append(replay(routing, reqs))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| routing | run | requests | prompt tokens | cached tokens | hit rate | TTFT p50 ms | p90 ms | p99 ms | wall s |")
