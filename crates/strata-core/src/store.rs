@@ -297,6 +297,26 @@ pub trait ConversationStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 }
 
+/// KV snapshots of sessions, sealed, where every gateway of a cluster finds
+/// them (the database); a single machine keeps them in its data directory.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// Seals and keeps the snapshot of `session`, replacing an older one.
+    async fn put_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError>;
+    /// Removes and opens the snapshot of `session`, if there is one.
+    async fn take_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn has_snapshot(&self, tenant: &TenantId, session: &str) -> Result<bool, StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
     UsageStore
@@ -306,6 +326,7 @@ pub trait Store:
     + AuditStore
     + CompletionStore
     + ConversationStore
+    + SnapshotStore
     + 'static
 {
 }
@@ -318,6 +339,7 @@ impl<T> Store for T where
         + AuditStore
         + CompletionStore
         + ConversationStore
+        + SnapshotStore
         + 'static
 {
 }

@@ -76,11 +76,20 @@ pub struct GatewaySettings {
     pub require_tls: bool,
     /// Mutual TLS to the replicas with strata's own certificates.
     pub replica_tls: Option<tls::ReplicaPki>,
-    /// Where drained replicas' KV snapshots are kept (sealed); `None`
-    /// turns snapshots off.
-    pub snapshot_dir: Option<std::path::PathBuf>,
+    /// Where drained replicas' KV snapshots are kept (sealed).
+    pub snapshots: SnapshotPlace,
     /// Route requests without a session by prompt prefix, or by load only.
     pub routing: strata_core::config::Routing,
+}
+
+/// Where KV snapshots of drained replicas' sessions go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotPlace {
+    /// A local directory (one machine).
+    Dir(std::path::PathBuf),
+    /// The database, shared by every gateway of a cluster.
+    Database,
+    Off,
 }
 
 /// An HTTP client for replicas: with `pki`, it trusts only strata's replica
@@ -162,8 +171,11 @@ pub async fn serve(
         epoch: Instant::now(),
     });
     let auth = Arc::new(Authenticator::new(store.clone()));
-    let snapshots = match (&settings.snapshot_dir, &vault) {
-        (Some(dir), Some(vault)) => Some(Arc::new(Snapshots::new(dir.clone(), vault.clone()))),
+    let snapshots = match (&settings.snapshots, &vault) {
+        (SnapshotPlace::Dir(dir), Some(vault)) => {
+            Some(Arc::new(Snapshots::new(dir.clone(), vault.clone())))
+        }
+        (SnapshotPlace::Database, _) => Some(Arc::new(Snapshots::Store(store.clone()))),
         _ => None,
     };
     let admin = Arc::new(AdminState {

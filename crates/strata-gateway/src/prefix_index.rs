@@ -93,7 +93,10 @@ mod tests {
     use super::*;
 
     fn text(blocks: &[char]) -> String {
-        blocks.iter().map(|c| c.to_string().repeat(BLOCK_CHARS)).collect()
+        blocks
+            .iter()
+            .map(|c| c.to_string().repeat(BLOCK_CHARS))
+            .collect()
     }
 
     #[test]
@@ -111,7 +114,10 @@ mod tests {
     fn a_different_first_block_matches_nothing_later() {
         let mut index = PrefixIndex::default();
         index.record("r0", &block_hashes("t", &text(&['a', 'b'])));
-        assert_eq!(index.matches(&["r0"], &block_hashes("t", &text(&['c', 'b']))), vec![0]);
+        assert_eq!(
+            index.matches(&["r0"], &block_hashes("t", &text(&['c', 'b']))),
+            vec![0]
+        );
     }
 
     #[test]
@@ -122,8 +128,14 @@ mod tests {
             index.record("r0", &[i]);
         }
         assert_eq!(index.matches(&["r0"], &[0]), vec![0]);
-        assert_eq!(index.matches(&["r0"], &[BLOCKS_PER_REPLICA as u64 + 9]), vec![1]);
+        assert_eq!(
+            index.matches(&["r0"], &[BLOCKS_PER_REPLICA as u64 + 9]),
+            vec![1]
+        );
         index.retain(&[]);
-        assert_eq!(index.matches(&["r0"], &[BLOCKS_PER_REPLICA as u64 + 9]), vec![0]);
+        assert_eq!(
+            index.matches(&["r0"], &[BLOCKS_PER_REPLICA as u64 + 9]),
+            vec![0]
+        );
     }
 }

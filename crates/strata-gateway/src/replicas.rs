@@ -178,13 +178,20 @@ impl ReplicaSet {
         let by_prefix = !prefix.is_empty() && self.prefix_routing.load(Ordering::Relaxed);
         let ids: Vec<&str> = candidates.iter().map(|r| r.endpoint.id.as_str()).collect();
         let matches = match by_prefix {
-            true => self.prefixes.lock().expect("prefix lock").matches(&ids, prefix),
+            true => self
+                .prefixes
+                .lock()
+                .expect("prefix lock")
+                .matches(&ids, prefix),
             false => Vec::new(),
         };
         let i = pick_with_affinity(&loads, &tried_idx, rotation, preferred, &matches)
             .ok_or(NoReplica::Exhausted)?;
         if by_prefix {
-            self.prefixes.lock().expect("prefix lock").record(ids[i], prefix);
+            self.prefixes
+                .lock()
+                .expect("prefix lock")
+                .record(ids[i], prefix);
         }
         let replica = candidates[i].clone();
         replica.outstanding.fetch_add(tokens, Ordering::Relaxed);

@@ -294,7 +294,8 @@ async fn restore_if_moved(
 ) -> Option<String> {
     let replicas = &state.proxy.replicas;
     let tenant = p.tenant.id.as_str();
-    if home.as_deref().is_some_and(|id| replicas.is_routable(id)) || !snapshots.has(tenant, session)
+    if home.as_deref().is_some_and(|id| replicas.is_routable(id))
+        || !snapshots.has(tenant, session).await
     {
         return home;
     }

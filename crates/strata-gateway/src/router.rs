@@ -49,7 +49,12 @@ pub fn pick_with_affinity(
     }
     let by_prefix = (0..replicas.len())
         .filter(|&i| matches.get(i).is_some_and(|&m| m > 0) && fit(i))
-        .max_by_key(|&i| (matches[i], std::cmp::Reverse(replicas[i].outstanding_tokens)));
+        .max_by_key(|&i| {
+            (
+                matches[i],
+                std::cmp::Reverse(replicas[i].outstanding_tokens),
+            )
+        });
     Some(by_prefix.unwrap_or(best))
 }
 
@@ -109,13 +114,22 @@ mod tests {
     #[test]
     fn without_a_session_the_longest_prefix_wins_within_bounds() {
         let loads = [r(true, 0), r(true, 500), r(true, 100)];
-        assert_eq!(pick_with_affinity(&loads, &[], 0, None, &[0, 3, 3]), Some(2));
-        assert_eq!(pick_with_affinity(&loads, &[], 0, None, &[0, 4, 3]), Some(1));
+        assert_eq!(
+            pick_with_affinity(&loads, &[], 0, None, &[0, 3, 3]),
+            Some(2)
+        );
+        assert_eq!(
+            pick_with_affinity(&loads, &[], 0, None, &[0, 4, 3]),
+            Some(1)
+        );
         assert_eq!(pick_with_affinity(&loads, &[], 0, None, &[]), Some(0));
         let busy = [r(true, 0), r(true, AFFINITY_SLACK_TOKENS + 1)];
         assert_eq!(pick_with_affinity(&busy, &[], 0, None, &[0, 9]), Some(0));
         // A session's own replica comes before a longer prefix elsewhere.
-        assert_eq!(pick_with_affinity(&loads, &[], 0, Some(0), &[0, 9, 9]), Some(0));
+        assert_eq!(
+            pick_with_affinity(&loads, &[], 0, Some(0), &[0, 9, 9]),
+            Some(0)
+        );
     }
 
     proptest! {

@@ -5,13 +5,16 @@
 //! another replica, first restores the snapshot there
 //! (`/internal/kv/import`), so it prefills only its new tokens. A snapshot
 //! the target refuses (another model or settings) is dropped and the turn
-//! prefills as usual.
+//! prefills as usual. Snapshots live in the data directory on one machine,
+//! or in the database (`SnapshotStore`) where several gateways share one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use strata_core::store::Store;
+use strata_core::tenant::TenantId;
 use strata_core::{ApiError, KV_EXPORT_PATH, KV_IMPORT_PATH};
 use strata_store::{Binding, Vault};
 
@@ -19,10 +22,12 @@ use crate::replicas::{Replica, ReplicaSet};
 
 const TABLE: &str = "kv_snapshots";
 
-/// Sealed snapshots in a local directory: `<dir>/<tenant>/<session>.kv`.
-pub struct Snapshots {
-    dir: PathBuf,
-    vault: Arc<Vault>,
+/// Where sealed snapshots are kept.
+pub enum Snapshots {
+    /// `<dir>/<tenant>/<session>.kv`.
+    Dir { dir: PathBuf, vault: Arc<Vault> },
+    /// The database, for every gateway of a cluster.
+    Store(Arc<dyn Store>),
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -43,46 +48,58 @@ fn safe_name(s: &str) -> bool {
 
 impl Snapshots {
     pub fn new(dir: PathBuf, vault: Arc<Vault>) -> Self {
-        Snapshots { dir, vault }
+        Snapshots::Dir { dir, vault }
     }
 
-    fn path(&self, tenant: &str, session: &str) -> Option<PathBuf> {
+    fn path(dir: &Path, tenant: &str, session: &str) -> Option<PathBuf> {
         (safe_name(tenant) && safe_name(session))
-            .then(|| self.dir.join(tenant).join(format!("{session}.kv")))
+            .then(|| dir.join(tenant).join(format!("{session}.kv")))
     }
 
-    /// Seals and writes one encoded snapshot (replacing an older one).
-    pub fn save(&self, tenant: &str, session: &str, bytes: &[u8]) -> Result<(), String> {
-        let path = self
-            .path(tenant, session)
-            .ok_or("unusable tenant or session id")?;
-        let sealed = self
-            .vault
-            .seal(
-                Binding {
+    /// Seals and keeps one encoded snapshot (replacing an older one).
+    pub async fn save(&self, tenant: &str, session: &str, bytes: &[u8]) -> Result<(), String> {
+        if !safe_name(tenant) || !safe_name(session) {
+            return Err("unusable tenant or session id".into());
+        }
+        match self {
+            Snapshots::Dir { dir, vault } => {
+                let path = Snapshots::path(dir, tenant, session).expect("checked above");
+                let at = Binding {
                     tenant,
                     table: TABLE,
                     row: session,
-                },
-                bytes,
-            )
-            .map_err(|e| e.to_string())?;
-        write_atomically(&path, &sealed).map_err(|e| format!("{}: {e}", path.display()))
+                };
+                let sealed = vault.seal(at, bytes).map_err(|e| e.to_string())?;
+                write_atomically(&path, &sealed).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Snapshots::Store(store) => store
+                .put_snapshot(&TenantId(tenant.to_owned()), session, bytes)
+                .await
+                .map_err(|e| e.to_string()),
+        }
     }
 
     /// Removes and opens the tenant's snapshot of `session`, if any.
-    pub fn take(&self, tenant: &str, session: &str) -> Option<Vec<u8>> {
-        let path = self.path(tenant, session)?;
-        let sealed = std::fs::read(&path).ok()?;
-        let _ = std::fs::remove_file(&path);
-        match self.vault.open_sealed(
-            Binding {
-                tenant,
-                table: TABLE,
-                row: session,
-            },
-            &sealed,
-        ) {
+    pub async fn take(&self, tenant: &str, session: &str) -> Option<Vec<u8>> {
+        let opened = match self {
+            Snapshots::Dir { dir, vault } => {
+                let path = Snapshots::path(dir, tenant, session)?;
+                let sealed = std::fs::read(&path).ok()?;
+                let _ = std::fs::remove_file(&path);
+                let at = Binding {
+                    tenant,
+                    table: TABLE,
+                    row: session,
+                };
+                vault.open_sealed(at, &sealed).map_err(|e| e.to_string())
+            }
+            Snapshots::Store(store) => store
+                .take_snapshot(&TenantId(tenant.to_owned()), session)
+                .await
+                .map_err(|e| e.to_string())
+                .transpose()?,
+        };
+        match opened {
             Ok(bytes) => Some(bytes),
             Err(e) => {
                 tracing::warn!(%tenant, %session, error = %e, "a KV snapshot did not open; dropped");
@@ -91,8 +108,16 @@ impl Snapshots {
         }
     }
 
-    pub fn has(&self, tenant: &str, session: &str) -> bool {
-        self.path(tenant, session).is_some_and(|p| p.is_file())
+    pub async fn has(&self, tenant: &str, session: &str) -> bool {
+        match self {
+            Snapshots::Dir { dir, .. } => {
+                Snapshots::path(dir, tenant, session).is_some_and(|p| p.is_file())
+            }
+            Snapshots::Store(store) => store
+                .has_snapshot(&TenantId(tenant.to_owned()), session)
+                .await
+                .unwrap_or(false),
+        }
     }
 
     /// Drains `replica`: no new requests, running ones finish (up to
@@ -122,7 +147,7 @@ impl Snapshots {
             let Some((tenant, session)) = header_ids(bytes) else {
                 continue;
             };
-            match self.save(&tenant, &session, bytes) {
+            match self.save(&tenant, &session, bytes).await {
                 Ok(()) => {
                     drained.snapshots += 1;
                     drained.bytes += bytes.len();
@@ -145,7 +170,7 @@ impl Snapshots {
         tenant: &str,
         session: &str,
     ) -> bool {
-        let Some(bytes) = self.take(tenant, session) else {
+        let Some(bytes) = self.take(tenant, session).await else {
             return false;
         };
         let url = format!("{}{KV_IMPORT_PATH}", replica.endpoint.url);
@@ -239,8 +264,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn snapshots_are_sealed_per_tenant_and_taken_once() {
+    #[tokio::test]
+    async fn snapshots_are_sealed_per_tenant_and_taken_once() {
         let dir = tempfile::tempdir().unwrap();
         let kek = strata_store::Kek::from_hex(&"11".repeat(32)).unwrap();
         let vault = Arc::new(
@@ -253,20 +278,22 @@ mod tests {
         );
         vault.create_tenant_key("ten_a").unwrap();
         let s = Snapshots::new(dir.path().join("snapshots"), vault);
-        s.save("ten_a", "conv_1", b"SKV1 kv cells CANARY").unwrap();
+        s.save("ten_a", "conv_1", b"SKV1 kv cells CANARY")
+            .await
+            .unwrap();
         let file = dir.path().join("snapshots/ten_a/conv_1.kv");
         let on_disk = std::fs::read(&file).unwrap();
         assert!(!on_disk.windows(6).any(|w| w == b"CANARY"));
         // Moved to another tenant's directory, it does not open.
         std::fs::create_dir_all(dir.path().join("snapshots/ten_b")).unwrap();
         std::fs::copy(&file, dir.path().join("snapshots/ten_b/conv_1.kv")).unwrap();
-        assert_eq!(s.take("ten_b", "conv_1"), None);
-        assert!(s.has("ten_a", "conv_1"));
+        assert_eq!(s.take("ten_b", "conv_1").await, None);
+        assert!(s.has("ten_a", "conv_1").await);
         assert_eq!(
-            s.take("ten_a", "conv_1").as_deref(),
+            s.take("ten_a", "conv_1").await.as_deref(),
             Some(&b"SKV1 kv cells CANARY"[..])
         );
-        assert!(!s.has("ten_a", "conv_1"));
-        assert!(s.save("ten_a", "../x", b"x").is_err());
+        assert!(!s.has("ten_a", "conv_1").await);
+        assert!(s.save("ten_a", "../x", b"x").await.is_err());
     }
 }

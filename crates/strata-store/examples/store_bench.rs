@@ -68,12 +68,21 @@ async fn main() {
     let a = args();
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::from_hex(&"42".repeat(32)).unwrap();
-    let vault = Arc::new(Vault::open(&dir.path().join("keyring.json"), kek, KekSource::Environment).unwrap());
+    let vault = Arc::new(
+        Vault::open(
+            &dir.path().join("keyring.json"),
+            kek,
+            KekSource::Environment,
+        )
+        .unwrap(),
+    );
     let mut schema = None;
     let url = if a.db.starts_with("postgres") {
         let name = format!("strata_store_bench_{}", std::process::id());
         let pool = sqlx::PgPool::connect(&a.db).await.unwrap();
-        pool.execute(format!("CREATE SCHEMA {name}").as_str()).await.unwrap();
+        pool.execute(format!("CREATE SCHEMA {name}").as_str())
+            .await
+            .unwrap();
         let sep = if a.db.contains('?') { '&' } else { '?' };
         let url = format!("{}{sep}options=-c%20search_path%3D{name}", a.db);
         schema = Some((pool, name));
@@ -92,7 +101,8 @@ async fn main() {
         created_at_ms: 1,
     };
     store.create_tenant(&tenant).await.unwrap();
-    let text = "How many GPUs does the batch job need tonight, and can it run on spot capacity? ".repeat(4);
+    let text = "How many GPUs does the batch job need tonight, and can it run on spot capacity? "
+        .repeat(4);
 
     // Writes: every conversation is created with one item, then gets one turn.
     let started = Instant::now();
@@ -107,7 +117,11 @@ async fn main() {
                 store
                     .create_conversation(
                         &tenant,
-                        &StoredConversation { id: conv.clone(), created_at_ms: 1, content: b"{\"metadata\":{}}".to_vec() },
+                        &StoredConversation {
+                            id: conv.clone(),
+                            created_at_ms: 1,
+                            content: b"{\"metadata\":{}}".to_vec(),
+                        },
                         &[item(format!("msg_{c}_0"), &text)],
                     )
                     .await
@@ -120,8 +134,14 @@ async fn main() {
                     replica: Some("local-0".into()),
                     content: text.as_bytes().repeat(3),
                 };
-                let items = [item(format!("msg_{c}_1"), &text), item(format!("msg_{c}_2"), &text)];
-                assert!(store.put_response(&tenant, &response, &items).await.unwrap());
+                let items = [
+                    item(format!("msg_{c}_1"), &text),
+                    item(format!("msg_{c}_2"), &text),
+                ];
+                assert!(store
+                    .put_response(&tenant, &response, &items)
+                    .await
+                    .unwrap());
             }
         });
     }
@@ -166,6 +186,8 @@ async fn main() {
         percentile(&latencies, 0.99)
     );
     if let Some((pool, name)) = schema {
-        pool.execute(format!("DROP SCHEMA {name} CASCADE").as_str()).await.unwrap();
+        pool.execute(format!("DROP SCHEMA {name} CASCADE").as_str())
+            .await
+            .unwrap();
     }
 }

@@ -527,6 +527,7 @@ impl TenantStore for SqlStore {
         let tables = [
             "stored_completions",
             "responses",
+            "kv_snapshots",
             "conversation_items",
             "conversations",
             "api_keys",

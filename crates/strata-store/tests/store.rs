@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{vault, Backend};
 use strata_core::store::{
     AuditStore, CompletionStore, InstanceRecord, InstanceState, InstanceStore, KeyStore,
-    StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
+    SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
     digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
@@ -347,7 +347,45 @@ async fn a_large_batch_is_written_whole(backend: &Backend, dir: &Path) {
     assert!((totals[0].cost_usd - 300.0).abs() < 1e-9);
 }
 
+async fn snapshots_are_sealed_and_taken_once(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
+    let (a, b) = (tenant("snap-a"), tenant("snap-b"));
+    store.create_tenant(&a).await.unwrap();
+    store.create_tenant(&b).await.unwrap();
+    store
+        .put_snapshot(&a.id, "conv_1", b"SKV1 cells CANARY-snap")
+        .await
+        .unwrap();
+    store
+        .put_snapshot(&a.id, "conv_1", b"SKV1 newer")
+        .await
+        .unwrap();
+    assert!(store.has_snapshot(&a.id, "conv_1").await.unwrap());
+    assert!(!store.has_snapshot(&b.id, "conv_1").await.unwrap());
+    assert_eq!(store.take_snapshot(&b.id, "conv_1").await.unwrap(), None);
+    // A sealed snapshot moved to another tenant's row does not open.
+    backend
+        .execute_raw(&format!(
+            "INSERT INTO kv_snapshots (tenant_id, session, created_at_ms, sealed) \
+             SELECT '{}', session, created_at_ms, sealed FROM kv_snapshots WHERE tenant_id = '{}'",
+            b.id.as_str(),
+            a.id.as_str()
+        ))
+        .await;
+    assert!(store.take_snapshot(&b.id, "conv_1").await.is_err());
+    assert_eq!(
+        store
+            .take_snapshot(&a.id, "conv_1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"SKV1 newer"[..])
+    );
+    assert_eq!(store.take_snapshot(&a.id, "conv_1").await.unwrap(), None);
+}
+
 on_every_backend!(
+    snapshots_are_sealed_and_taken_once,
     ledger_rows_survive_reopening_and_sum_per_model,
     an_instance_is_updated_in_place,
     tenants_and_keys_round_trip_and_names_are_unique,

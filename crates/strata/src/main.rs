@@ -13,7 +13,7 @@ use strata_core::config::Config;
 use strata_core::store::Store;
 use strata_core::ReplicaEndpoint;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
-use strata_gateway::GatewaySettings;
+use strata_gateway::{GatewaySettings, SnapshotPlace};
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -493,7 +493,12 @@ fn gateway_settings(
         max_waiting_per_tenant: config.gateway.max_waiting_per_tenant as usize,
         queue_timeout: Duration::from_secs_f64(config.gateway.queue_timeout_secs),
         pricing: config.pricing.clone(),
-        snapshot_dir: Some(config.store.data_dir(db).join("snapshots")),
+        // Shared where the database is; else beside it.
+        snapshots: if strata_core::config::is_postgres_url(&config.store.database(db)) {
+            SnapshotPlace::Database
+        } else {
+            SnapshotPlace::Dir(config.store.data_dir(db).join("snapshots"))
+        },
         routing: config.gateway.routing,
     })
 }

@@ -1,11 +1,12 @@
-//! Responses and conversations on SQLite. A turn (the response row and the
-//! items it appends to its conversation) is one transaction.
+//! Responses, conversations and KV snapshots in SQL. A turn (the response
+//! row and the items it appends to its conversation) is one transaction.
 
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use strata_core::store::{
-    ConversationStore, Order, StoreError, StoredConversation, StoredItem, StoredResponse,
+    ConversationStore, Order, SnapshotStore, StoreError, StoredConversation, StoredItem,
+    StoredResponse,
 };
 use strata_core::tenant::TenantId;
 
@@ -357,5 +358,76 @@ impl ConversationStore for SqlStore {
         .await
         .map_err(query_err)?;
         Ok(done.rows_affected() == 1)
+    }
+}
+
+const SNAPSHOTS: &str = "kv_snapshots";
+
+#[async_trait]
+impl SnapshotStore for SqlStore {
+    async fn put_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal(tenant, SNAPSHOTS, session, bytes)?;
+        sqlx::query(&self.sql(
+            "INSERT INTO kv_snapshots (tenant_id, session, created_at_ms, sealed) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (tenant_id, session) DO UPDATE SET \
+             created_at_ms = excluded.created_at_ms, sealed = excluded.sealed",
+        ))
+        .bind(tenant.as_str())
+        .bind(session)
+        .bind(strata_core::now_ms())
+        .bind(sealed)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(())
+    }
+
+    async fn take_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let sealed: Option<Vec<u8>> = sqlx::query_scalar(
+            &self.sql("SELECT sealed FROM kv_snapshots WHERE tenant_id = ? AND session = ?"),
+        )
+        .bind(tenant.as_str())
+        .bind(session)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_err)?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        // Used once: whoever deletes it restores it.
+        let done =
+            sqlx::query(&self.sql("DELETE FROM kv_snapshots WHERE tenant_id = ? AND session = ?"))
+                .bind(tenant.as_str())
+                .bind(session)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err)?;
+        tx.commit().await.map_err(query_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        self.unseal(tenant, SNAPSHOTS, session, &sealed).map(Some)
+    }
+
+    async fn has_snapshot(&self, tenant: &TenantId, session: &str) -> Result<bool, StoreError> {
+        let found = sqlx::query(
+            &self.sql("SELECT 1 FROM kv_snapshots WHERE tenant_id = ? AND session = ?"),
+        )
+        .bind(tenant.as_str())
+        .bind(session)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(found.is_some())
     }
 }
