@@ -2,7 +2,8 @@
 conversation: the client's stream carries on from another replica without
 an error event, the stored response and the conversation hold the whole
 answer, and the next turn works. Then `strata serve` restarts and the
-conversation continues from its next turn."""
+conversation continues from its next turn, its KV cache restored from the
+snapshots taken at shutdown."""
 import os
 import signal
 import sqlite3
@@ -59,6 +60,9 @@ def test_a_stream_survives_its_replica_and_the_conversation_survives_a_restart()
         c = s.client()
         resumed = c.responses.create(input="Sum it up.", conversation=conv.id, max_output_tokens=8, **GREEDY)
         assert resumed.status in ("completed", "incomplete")
+        # The old replicas were snapshotted on the way out: the new ones
+        # restore the conversation's cache instead of prefilling it.
+        assert resumed.usage.input_tokens_details.cached_tokens >= after.usage.input_tokens, resumed.usage
         items = c.conversations.items.list(conv.id, order="asc").data
         assert len(items) == 8 and items[-2].content[0].text == "Sum it up."
         chained = c.responses.create(input="One more.", previous_response_id=after.id, max_output_tokens=4, **GREEDY)

@@ -78,6 +78,9 @@ pub struct GatewaySettings {
     pub replica_tls: Option<tls::ReplicaPki>,
     /// Where drained replicas' KV snapshots are kept (sealed).
     pub snapshots: SnapshotPlace,
+    /// At shutdown, drain every replica (their processes stop with this
+    /// one), so their sessions' caches outlive them.
+    pub drain_on_shutdown: bool,
     /// Route requests without a session by prompt prefix, or by load only.
     pub routing: strata_core::config::Routing,
 }
@@ -216,6 +219,13 @@ pub async fn serve(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     });
+    let last = (settings.drain_on_shutdown).then(|| {
+        (
+            state.snapshots.clone(),
+            state.proxy.replicas.clone(),
+            state.proxy.client.clone(),
+        )
+    });
     tls::serve(
         listener,
         router(state, admin, auth),
@@ -224,6 +234,19 @@ pub async fn serve(
         shutdown,
     )
     .await;
+    // The replicas are about to stop with this process: keep their
+    // sessions' caches for whichever replicas serve the next turns.
+    if let Some((Some(snapshots), replicas, client)) = last {
+        for r in replicas.snapshot().iter().filter(|r| r.is_ready()) {
+            let id = &r.endpoint.id;
+            if let Err(e) = snapshots
+                .drain(&replicas, &client, id, Duration::from_secs(5))
+                .await
+            {
+                tracing::warn!(replica = %id, error = %e.message, "no snapshots taken at shutdown");
+            }
+        }
+    }
     background.cancel();
     while tasks.join_next().await.is_some() {}
     // The router (and with it the last `Ledger`) is gone: the writer flushes and ends.

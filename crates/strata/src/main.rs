@@ -500,6 +500,7 @@ fn gateway_settings(
             SnapshotPlace::Dir(config.store.data_dir(db).join("snapshots"))
         },
         routing: config.gateway.routing,
+        drain_on_shutdown: false,
     })
 }
 
@@ -605,6 +606,8 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
     }
     let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
+    // The engines are this process's children and stop with it.
+    gateway.drain_on_shutdown = true;
     // Dedicated tenants' replicas share the cores too.
     let processes = replicas + config.serve.dedicated.values().sum::<u32>();
     let engine = engine_settings(&config, &args.engine, processes);
@@ -665,10 +668,12 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         health_client,
     );
     let shutdown = shutdown_on_signal();
-    let provider_task = tokio::spawn(provider.run(shutdown.clone()));
+    // The engines stop after the gateway, which snapshots them on the way out.
+    let engines_stop = CancellationToken::new();
+    let provider_task = tokio::spawn(provider.run(engines_stop.clone()));
     let served =
         strata_gateway::serve(gateway, endpoints, store, Some(vault), shutdown.clone()).await;
-    shutdown.cancel();
+    engines_stop.cancel();
     provider_task.await.context("provider task panicked")??;
     served?;
     tracing::info!("stopped");
