@@ -436,21 +436,26 @@ pub struct PageRequest {
     pub ascending: bool,
 }
 
+/// A list route's `limit`: 1 to 100, 20 when not given.
+pub fn page_limit(limit: Option<&str>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(20),
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=100).contains(l))
+            .ok_or_else(|| {
+                ApiError::invalid_request(
+                    Some("limit"),
+                    "`limit` must be an integer from 1 to 100.",
+                )
+            }),
+    }
+}
+
 impl PageQuery {
     pub fn validate(self) -> Result<PageRequest, ApiError> {
-        let limit = match self.limit.as_deref() {
-            None => 20,
-            Some(l) => l
-                .parse::<u32>()
-                .ok()
-                .filter(|l| (1..=100).contains(l))
-                .ok_or_else(|| {
-                    ApiError::invalid_request(
-                        Some("limit"),
-                        "`limit` must be an integer from 1 to 100.",
-                    )
-                })?,
-        };
+        let limit = page_limit(self.limit.as_deref())?;
         let ascending = match self.order.as_deref() {
             None | Some("desc") => false,
             Some("asc") => true,

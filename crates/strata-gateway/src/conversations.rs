@@ -18,7 +18,7 @@ use strata_core::{read_body, ApiError};
 use crate::admin::store_error;
 use crate::auth::Principal;
 use crate::responses::stored_item;
-use crate::stored::{answer, may_change};
+use crate::stored::{answer, deleted, may_change};
 use crate::AppState;
 
 /// OpenAI's bound on items added in one request.
@@ -169,16 +169,9 @@ pub(crate) async fn delete(
 ) -> Response {
     let result = async {
         may_change(&p, "delete conversations")?;
-        if state
-            .store
-            .delete_conversation(&p.tenant.id, &id)
-            .await
-            .map_err(store_error)?
-        {
-            Ok(json!({"id": id, "object": "conversation.deleted", "deleted": true}))
-        } else {
-            Err(not_found(&id))
-        }
+        let done = state.store.delete_conversation(&p.tenant.id, &id).await;
+        let body = json!({"id": id, "object": "conversation.deleted", "deleted": true});
+        deleted(done, body, || not_found(&id))
     }
     .await;
     answer(&*state.store, &p, "conversation.delete", &id, result).await

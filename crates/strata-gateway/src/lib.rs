@@ -352,16 +352,21 @@ async fn route(
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    count_request(&state, path, &response);
+    response
+}
+
+/// Counts a finished request by route and status.
+fn count_request(state: &AppState, route: &'static str, response: &Response) {
     state
         .proxy
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            route: path,
+            route,
             status: response.status().as_u16(),
         })
         .inc();
-    response
 }
 
 async fn forward(

@@ -28,12 +28,11 @@ use tracing::Instrument;
 
 use crate::admin::{record_audit, store_error};
 use crate::auth::Principal;
-use crate::metrics::RequestLabels;
 use crate::prefix_index::{block_hashes, prompt_text};
 use crate::proxy::{json_response, usage_row, Forward, SseEvents};
 use crate::replicas::InFlight;
 use crate::snapshots::Snapshots;
-use crate::stored::{answer, may_change};
+use crate::stored::{answer, deleted, may_change};
 use crate::AppState;
 
 const ROUTE: &str = "/v1/responses";
@@ -134,15 +133,7 @@ pub(crate) async fn create(
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    state
-        .proxy
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route: ROUTE,
-            status: response.status().as_u16(),
-        })
-        .inc();
+    crate::count_request(&state, ROUTE, &response);
     response
 }
 
@@ -681,16 +672,12 @@ pub(crate) async fn delete(
 ) -> Response {
     let result = async {
         may_change(&p, "delete stored responses")?;
-        if state
-            .store
-            .delete_response(&p.tenant.id, &id)
-            .await
-            .map_err(store_error)?
-        {
-            Ok(json!({"id": id, "object": "response", "deleted": true}))
-        } else {
-            Err(not_found(&id))
-        }
+        let done = state.store.delete_response(&p.tenant.id, &id).await;
+        deleted(
+            done,
+            json!({"id": id, "object": "response", "deleted": true}),
+            || not_found(&id),
+        )
     }
     .await;
     answer(&*state.store, &p, "response.delete", &id, result).await

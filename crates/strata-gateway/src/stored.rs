@@ -14,8 +14,8 @@ use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::openai::{check_metadata, parse_body};
-use strata_core::responses::list_page;
-use strata_core::store::{Store, StoredCompletion};
+use strata_core::responses::{list_page, page_limit};
+use strata_core::store::{Store, StoreError, StoredCompletion};
 use strata_core::{read_body, ApiError};
 
 use crate::admin::{finish, record_audit, store_error};
@@ -260,18 +260,26 @@ async fn delete(
 ) -> Response {
     let result = async {
         may_change(&p, "delete stored completions")?;
-        if store
-            .delete_completion(&p.tenant.id, &id)
-            .await
-            .map_err(store_error)?
-        {
-            Ok(json!({"object": "chat.completion.deleted", "id": id, "deleted": true}))
-        } else {
-            Err(not_found(&id))
-        }
+        let done = store.delete_completion(&p.tenant.id, &id).await;
+        let body = json!({"object": "chat.completion.deleted", "id": id, "deleted": true});
+        deleted(done, body, || not_found(&id))
     }
     .await;
     answer(&*store, &p, "completion.delete", &id, result).await
+}
+
+/// What a delete route answers: `body` when the store deleted the object,
+/// else `missing`'s 404.
+pub(crate) fn deleted(
+    done: Result<bool, StoreError>,
+    body: Value,
+    missing: impl FnOnce() -> ApiError,
+) -> Result<Value, ApiError> {
+    if done.map_err(store_error)? {
+        Ok(body)
+    } else {
+        Err(missing())
+    }
 }
 
 #[derive(Deserialize)]
@@ -283,19 +291,7 @@ pub struct ListQuery {
 /// `GET /v1/chat/completions`: the tenant's stored completions, newest first.
 pub async fn list(store: Arc<dyn Store>, p: Arc<Principal>, q: ListQuery) -> Response {
     let result = async {
-        let limit = match q.limit.as_deref() {
-            None => 20,
-            Some(l) => l
-                .parse::<u32>()
-                .ok()
-                .filter(|l| (1..=100).contains(l))
-                .ok_or_else(|| {
-                    ApiError::invalid_request(
-                        Some("limit"),
-                        "`limit` must be an integer from 1 to 100.",
-                    )
-                })?,
-        };
+        let limit = page_limit(q.limit.as_deref())?;
         let rows = store
             .completions(&p.tenant.id, q.after.as_deref(), limit + 1)
             .await

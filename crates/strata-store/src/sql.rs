@@ -152,6 +152,41 @@ impl SqlStore {
         }
     }
 
+    /// The tenant's row `id` of `table`.
+    pub(crate) async fn row(
+        &self,
+        table: &str,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<AnyRow>, StoreError> {
+        sqlx::query(&self.sql(&format!(
+            "SELECT * FROM {table} WHERE tenant_id = ? AND id = ?"
+        )))
+        .bind(tenant.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)
+    }
+
+    /// Deletes the tenant's row `id` of `table`; false if there was none.
+    pub(crate) async fn delete_row(
+        &self,
+        table: &str,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(&self.sql(&format!(
+            "DELETE FROM {table} WHERE tenant_id = ? AND id = ?"
+        )))
+        .bind(tenant.as_str())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Inside `tx`, waits for other writers of `key` in other processes
     /// (PostgreSQL advisory lock, released at commit); in-process writers
     /// are already serialised by the caller's mutex, and SQLite has one
@@ -719,12 +754,8 @@ impl CompletionStore for SqlStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredCompletion>, StoreError> {
-        sqlx::query(&self.sql("SELECT * FROM stored_completions WHERE tenant_id = ? AND id = ?"))
-            .bind(tenant.as_str())
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_err)?
+        self.row(COMPLETIONS, tenant, id)
+            .await?
             .map(|r| self.open_completion(tenant, &r))
             .transpose()
     }
@@ -753,13 +784,6 @@ impl CompletionStore for SqlStore {
     }
 
     async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query(&self.sql("DELETE FROM stored_completions WHERE tenant_id = ? AND id = ?"))
-                .bind(tenant.as_str())
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(query_err)?;
-        Ok(done.rows_affected() == 1)
+        self.delete_row(COMPLETIONS, tenant, id).await
     }
 }

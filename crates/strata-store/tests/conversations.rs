@@ -3,20 +3,9 @@
 
 mod common;
 
+use common::tenant;
 use strata_core::store::{Order, Store, StoredConversation, StoredItem, StoredResponse};
-use strata_core::tenant::{Isolation, RateLimits, Tenant, TenantId};
 use strata_store::SqlStore;
-
-fn tenant(name: &str) -> Tenant {
-    Tenant {
-        id: TenantId::new(),
-        name: name.into(),
-        isolation: Isolation::Shared,
-        limits: RateLimits::default(),
-        monthly_budget_usd: None,
-        created_at_ms: 1,
-    }
-}
 
 fn item(id: &str, text: &str) -> StoredItem {
     StoredItem {

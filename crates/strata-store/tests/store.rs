@@ -7,14 +7,13 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{vault, Backend};
+use common::{tenant, vault, Backend};
 use strata_core::store::{
     AuditStore, CompletionStore, InstanceRecord, InstanceState, InstanceStore, KeyStore,
     SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
-    digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
-    Tenant, TenantId,
+    digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, NewKey, RateLimits, Role, TenantId,
 };
 use strata_store::SqlStore;
 
@@ -104,17 +103,6 @@ async fn an_unwritable_path_is_a_clear_error() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("/proc/strata"), "{e}");
-}
-
-fn tenant(name: &str) -> Tenant {
-    Tenant {
-        id: TenantId::new(),
-        name: name.into(),
-        isolation: Isolation::Shared,
-        limits: RateLimits::default(),
-        monthly_budget_usd: Some(10.0),
-        created_at_ms: 1,
-    }
 }
 
 fn key(tenant: &TenantId, id: &str, seed: u8) -> ApiKeyRecord {

@@ -145,24 +145,14 @@ impl ConversationStore for SqlStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredResponse>, StoreError> {
-        sqlx::query(&self.sql("SELECT * FROM responses WHERE tenant_id = ? AND id = ?"))
-            .bind(tenant.as_str())
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_err)?
+        self.row(RESPONSES, tenant, id)
+            .await?
             .map(|r| self.response_from(tenant, &r))
             .transpose()
     }
 
     async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(&self.sql("DELETE FROM responses WHERE tenant_id = ? AND id = ?"))
-            .bind(tenant.as_str())
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err)?;
-        Ok(done.rows_affected() == 1)
+        self.delete_row(RESPONSES, tenant, id).await
     }
 
     async fn conversation_replica(
@@ -217,12 +207,8 @@ impl ConversationStore for SqlStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredConversation>, StoreError> {
-        sqlx::query(&self.sql("SELECT * FROM conversations WHERE tenant_id = ? AND id = ?"))
-            .bind(tenant.as_str())
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_err)?
+        self.row(CONVERSATIONS, tenant, id)
+            .await?
             .map(|r| self.conversation_from(tenant, &r))
             .transpose()
     }

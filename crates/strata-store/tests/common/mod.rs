@@ -11,6 +11,19 @@ use std::sync::Arc;
 use sqlx::Executor;
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 
+/// A shared tenant with a $10 monthly budget and no limits.
+pub fn tenant(name: &str) -> strata_core::tenant::Tenant {
+    use strata_core::tenant::{Isolation, RateLimits, Tenant, TenantId};
+    Tenant {
+        id: TenantId::new(),
+        name: name.into(),
+        isolation: Isolation::Shared,
+        limits: RateLimits::default(),
+        monthly_budget_usd: Some(10.0),
+        created_at_ms: 1,
+    }
+}
+
 pub fn vault(dir: &Path) -> Arc<Vault> {
     let kek = Kek::from_hex(&"3c".repeat(32)).unwrap();
     Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap())
