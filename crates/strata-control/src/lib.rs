@@ -1,7 +1,8 @@
 //! The controller side of strata: providers that launch and supervise engine
-//! replicas (`local`: child processes on this machine), and model
-//! provisioning (`strata model fetch`).
+//! replicas (`local`: child processes on this machine), the autoscaling
+//! policy, and model provisioning (`strata model fetch`).
 
+pub mod autoscale;
 pub mod local;
 pub mod model;
 

@@ -15,8 +15,45 @@ pub struct Config {
     pub serve: ServeConfig,
     pub store: StoreConfig,
     pub security: SecurityConfig,
+    /// The pool of replicas serving the model, and how it scales.
+    pub pool: PoolConfig,
     /// Dollars per million tokens, by model id; an unpriced model costs nothing.
     pub pricing: BTreeMap<String, ModelPrice>,
+}
+
+/// A pool: one model's interchangeable replicas and their autoscaling.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Share of a replica's measured token capacity to plan for, (0, 1].
+    pub target_utilisation: f64,
+    /// Mean demand over this window sets the replica count.
+    pub stable_window_secs: f64,
+    /// A burst over this shorter window scales up at once.
+    pub panic_window_secs: f64,
+    /// The burst must ask for this many times the current replicas.
+    pub panic_threshold: f64,
+    /// Scale down only to the most asked for during this long.
+    pub scale_down_delay_secs: f64,
+    /// No request for this long: zero replicas (absent: never).
+    pub scale_to_zero_after_secs: Option<f64>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_replicas: 1,
+            max_replicas: 4,
+            target_utilisation: 0.7,
+            stable_window_secs: 60.0,
+            panic_window_secs: 6.0,
+            panic_threshold: 2.0,
+            scale_down_delay_secs: 120.0,
+            scale_to_zero_after_secs: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
@@ -327,6 +364,38 @@ impl Config {
                 }
             }
         }
+        let p = &self.pool;
+        if p.max_replicas == 0 || p.min_replicas > p.max_replicas {
+            bad(
+                "pool.max_replicas",
+                format!(
+                    "must be at least 1 and at least min_replicas ({})",
+                    p.min_replicas
+                ),
+            );
+        }
+        if !(p.target_utilisation > 0.0 && p.target_utilisation <= 1.0) {
+            bad("pool.target_utilisation", "must be in (0, 1]".into());
+        }
+        if !(p.panic_window_secs > 0.0 && p.panic_window_secs <= p.stable_window_secs) {
+            bad(
+                "pool.panic_window_secs",
+                "must be positive and at most stable_window_secs".into(),
+            );
+        }
+        // Written so NaN fails every check.
+        let at_least = |v: f64, min: f64| v >= min;
+        if !at_least(p.panic_threshold, 1.0) {
+            bad("pool.panic_threshold", "must be at least 1".into());
+        }
+        if !at_least(p.scale_down_delay_secs, 0.0) {
+            bad("pool.scale_down_delay_secs", "must not be negative".into());
+        }
+        if p.scale_to_zero_after_secs
+            .is_some_and(|s| !at_least(s, f64::MIN_POSITIVE))
+        {
+            bad("pool.scale_to_zero_after_secs", "must be positive".into());
+        }
         let e = &self.engine;
         if e.context_size < 64 {
             bad("engine.context_size", "must be at least 64".into());
@@ -438,6 +507,7 @@ mod tests {
         let c = Config::from_toml(block).expect("README config parses");
         assert_eq!(c.check(), vec![]);
         assert_eq!(c.gateway, GatewayConfig::default());
+        assert_eq!(c.pool, PoolConfig::default());
     }
 
     #[test]
@@ -454,6 +524,25 @@ mod tests {
                 "gateway.replicas[0]",
                 "engine.max_sequences",
                 "serve.replicas"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_pool_values_are_named() {
+        let c = Config::from_toml(
+            "[pool]\nmin_replicas = 3\nmax_replicas = 2\ntarget_utilisation = 1.5\npanic_window_secs = 90.0\npanic_threshold = 0.5\nscale_to_zero_after_secs = 0.0\n",
+        )
+        .unwrap();
+        let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "pool.max_replicas",
+                "pool.target_utilisation",
+                "pool.panic_window_secs",
+                "pool.panic_threshold",
+                "pool.scale_to_zero_after_secs"
             ]
         );
     }

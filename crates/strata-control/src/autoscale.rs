@@ -1,0 +1,412 @@
+//! The autoscaler, kept pure: signals in, a decision out, on whatever clock
+//! the caller keeps (the live controller's, or the simulator's virtual one).
+//!
+//! Desired replicas = token demand / (target utilisation × measured capacity
+//! per replica), from the mean demand over a stable window (60 s) and, to
+//! catch bursts, a short panic window (6 s; scale up only, entered when it
+//! asks for more than `panic_threshold` × the current replicas). Going up
+//! happens at once; going down only to the highest count asked for during the
+//! last `scale_down_delay`, so a dip does not remove capacity a recovery
+//! needs. With `scale_to_zero_after`, a pool with no requests for that long
+//! goes to zero, and the first request brings one replica back.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalePolicy {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Share of a replica's measured capacity to plan for (0–1].
+    pub target_utilisation: f64,
+    pub stable_window: Duration,
+    pub panic_window: Duration,
+    /// Panic when the short window asks for this many times the current replicas.
+    pub panic_threshold: f64,
+    pub scale_down_delay: Duration,
+    /// Scale to zero after this long without any request; `None`: never.
+    pub scale_to_zero_after: Option<Duration>,
+}
+
+impl From<&strata_core::config::PoolConfig> for ScalePolicy {
+    fn from(c: &strata_core::config::PoolConfig) -> Self {
+        ScalePolicy {
+            min_replicas: c.min_replicas,
+            max_replicas: c.max_replicas,
+            target_utilisation: c.target_utilisation,
+            stable_window: Duration::from_secs_f64(c.stable_window_secs),
+            panic_window: Duration::from_secs_f64(c.panic_window_secs),
+            panic_threshold: c.panic_threshold,
+            scale_down_delay: Duration::from_secs_f64(c.scale_down_delay_secs),
+            scale_to_zero_after: c.scale_to_zero_after_secs.map(Duration::from_secs_f64),
+        }
+    }
+}
+
+impl Default for ScalePolicy {
+    fn default() -> Self {
+        ScalePolicy::from(&strata_core::config::PoolConfig::default())
+    }
+}
+
+/// What the controller measured at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Signal {
+    /// Time on the caller's clock.
+    pub at: Duration,
+    /// Prompt + generation tokens per second asked of the pool.
+    pub demand_tokens_per_s: f64,
+    pub in_flight: u32,
+    pub queued: u32,
+    /// Tokens per second one replica serves at full load (measured).
+    pub capacity_per_replica: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Nothing to change.
+    Hold,
+    /// The stable window asks for more.
+    ScaleUp,
+    /// A burst: the panic window asks for more.
+    Panic,
+    /// Demand stayed lower for the whole scale-down delay.
+    ScaleDown,
+    /// No request for the idle period.
+    ToZero,
+    /// Requests arrived while at zero.
+    FromZero,
+}
+
+/// One decision, with the inputs that made it (stored for `strata decisions`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Decision {
+    pub at: Duration,
+    pub current: u32,
+    pub desired: u32,
+    pub reason: Reason,
+    pub stable_demand: f64,
+    pub panic_demand: f64,
+    /// Tokens per second one replica is planned for (capacity × utilisation).
+    pub planned_per_replica: f64,
+}
+
+pub struct Autoscaler {
+    policy: ScalePolicy,
+    signals: VecDeque<Signal>,
+    /// Replica counts the stable window asked for, over the scale-down delay.
+    wanted: VecDeque<(Duration, u32)>,
+    panic_until: Option<Duration>,
+    last_request: Option<Duration>,
+}
+
+impl Autoscaler {
+    pub fn new(policy: ScalePolicy) -> Self {
+        Autoscaler {
+            policy,
+            signals: VecDeque::new(),
+            wanted: VecDeque::new(),
+            panic_until: None,
+            last_request: None,
+        }
+    }
+
+    pub fn policy(&self) -> &ScalePolicy {
+        &self.policy
+    }
+
+    pub fn observe(&mut self, s: Signal) {
+        if s.in_flight > 0 || s.queued > 0 || s.demand_tokens_per_s > 0.0 {
+            self.last_request = Some(s.at);
+        }
+        self.signals.push_back(s);
+        let keep = self.policy.stable_window.max(self.policy.panic_window);
+        while self
+            .signals
+            .front()
+            .is_some_and(|f| s.at.saturating_sub(f.at) > keep)
+        {
+            self.signals.pop_front();
+        }
+    }
+
+    fn mean_demand(&self, now: Duration, window: Duration) -> f64 {
+        let recent: Vec<f64> = self
+            .signals
+            .iter()
+            .filter(|s| now.saturating_sub(s.at) <= window)
+            .map(|s| s.demand_tokens_per_s)
+            .collect();
+        if recent.is_empty() {
+            0.0
+        } else {
+            recent.iter().sum::<f64>() / recent.len() as f64
+        }
+    }
+
+    /// The replicas the pool should have now, given it has `current`.
+    pub fn decide(&mut self, now: Duration, current: u32) -> Decision {
+        let p = &self.policy;
+        let last = self.signals.back().copied();
+        let planned = last.map_or(0.0, |s| s.capacity_per_replica * p.target_utilisation);
+        let stable = self.mean_demand(now, p.stable_window);
+        let burst = self.mean_demand(now, p.panic_window);
+        let need = |demand: f64| -> u32 {
+            if planned <= 0.0 {
+                return 0;
+            }
+            (demand / planned).ceil().min(f64::from(u32::MAX)) as u32
+        };
+        let floor = p.min_replicas.max(1);
+        let clamp = |n: u32| n.clamp(floor, p.max_replicas.max(floor));
+        let (stable_need, panic_need) = (clamp(need(stable)), clamp(need(burst)));
+        let waiting = last.is_some_and(|s| s.in_flight > 0 || s.queued > 0);
+        let decision = |desired: u32, reason: Reason| Decision {
+            at: now,
+            current,
+            desired,
+            reason,
+            stable_demand: stable,
+            panic_demand: burst,
+            planned_per_replica: planned,
+        };
+
+        // Idle long enough: to zero (and nothing is remembered as wanted).
+        let idle_for = now.saturating_sub(self.last_request.unwrap_or_default());
+        if let Some(after) = p.scale_to_zero_after {
+            if !waiting && idle_for >= after && (self.last_request.is_some() || now >= after) {
+                self.wanted.clear();
+                self.panic_until = None;
+                let reason = if current == 0 {
+                    Reason::Hold
+                } else {
+                    Reason::ToZero
+                };
+                return decision(0, reason);
+            }
+        }
+        if current == 0 {
+            self.wanted.push_back((now, stable_need));
+            return decision(stable_need.max(panic_need), Reason::FromZero);
+        }
+
+        // A burst: scale up on the short window and stay there a while.
+        if f64::from(panic_need) >= p.panic_threshold * f64::from(current) && panic_need > current {
+            self.panic_until = Some(now + p.stable_window);
+        }
+        let panicking = self.panic_until.is_some_and(|until| now < until);
+        self.wanted.push_back((now, stable_need));
+        while self
+            .wanted
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) > p.scale_down_delay)
+        {
+            self.wanted.pop_front();
+        }
+        if panicking {
+            // What the burst asked for is remembered, so the scale-down
+            // delay counts from it.
+            if let Some(last) = self.wanted.back_mut() {
+                last.1 = last.1.max(panic_need);
+            }
+            let desired = current.max(panic_need).max(stable_need);
+            let reason = if desired > current {
+                Reason::Panic
+            } else {
+                Reason::Hold
+            };
+            return decision(desired, reason);
+        }
+        if stable_need > current {
+            return decision(stable_need, Reason::ScaleUp);
+        }
+        // Down only to the most asked for during the whole delay.
+        let held = self
+            .wanted
+            .iter()
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(stable_need);
+        let covered = self.wanted.front().is_some_and(|(at, _)| {
+            now.saturating_sub(*at) + Duration::from_secs(1) >= p.scale_down_delay
+        });
+        if held < current && covered {
+            return decision(clamp(held), Reason::ScaleDown);
+        }
+        decision(clamp(current), Reason::Hold)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CAP: f64 = 100.0; // tokens/s per replica; planned at 70.
+
+    fn policy() -> ScalePolicy {
+        ScalePolicy {
+            min_replicas: 1,
+            max_replicas: 8,
+            scale_to_zero_after: Some(Duration::from_secs(300)),
+            ..ScalePolicy::default()
+        }
+    }
+
+    /// Runs `demand(t)` (tokens/s, sampled every 2 s) for `secs`, applying
+    /// each decision at once; returns the decisions.
+    fn run(
+        scaler: &mut Autoscaler,
+        start: u64,
+        secs: u64,
+        replicas: &mut u32,
+        demand: impl Fn(u64) -> f64,
+    ) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for t in (start..start + secs).step_by(2) {
+            let d = demand(t);
+            let at = Duration::from_secs(t);
+            scaler.observe(Signal {
+                at,
+                demand_tokens_per_s: d,
+                in_flight: u32::from(d > 0.0),
+                queued: 0,
+                capacity_per_replica: CAP,
+            });
+            let decision = scaler.decide(at, *replicas);
+            *replicas = decision.desired;
+            out.push(decision);
+        }
+        out
+    }
+
+    #[test]
+    fn a_step_up_is_followed_at_once_and_a_step_down_only_after_the_delay() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 1;
+        run(&mut s, 0, 120, &mut n, |_| 60.0);
+        assert_eq!(n, 1);
+        // 280 tokens/s needs 4 replicas at 70 each; the burst triggers panic.
+        let up = run(&mut s, 120, 20, &mut n, |_| 280.0);
+        assert_eq!(n, 4);
+        assert!(up.iter().any(|d| d.reason == Reason::Panic), "{up:?}");
+        let down = run(&mut s, 140, 100, &mut n, |_| 60.0);
+        assert!(
+            down.iter().all(|d| d.desired == 4),
+            "scaled down inside the delay"
+        );
+        run(&mut s, 240, 120, &mut n, |_| 60.0);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_short_burst_scales_up_and_holds_through_the_delay() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 1;
+        run(&mut s, 0, 60, &mut n, |_| 50.0);
+        let burst = run(&mut s, 60, 10, &mut n, |_| 500.0);
+        assert!(burst.iter().any(|d| d.reason == Reason::Panic));
+        assert_eq!(n, 8, "500 tokens/s needs 8 replicas at 70 each (max 8)");
+        let after = run(&mut s, 70, 100, &mut n, |_| 50.0);
+        assert!(
+            after.iter().all(|d| d.desired >= 2),
+            "dropped capacity right after a burst"
+        );
+        run(&mut s, 170, 200, &mut n, |_| 50.0);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_slow_decline_steps_down_and_never_below_need() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 1;
+        run(&mut s, 0, 60, &mut n, |_| 420.0);
+        assert_eq!(n, 6);
+        let decline = run(&mut s, 60, 900, &mut n, |t| {
+            (420.0 - (t - 60) as f64 * 0.4).max(0.1)
+        });
+        for d in &decline {
+            let need = (d.stable_demand / 70.0).ceil() as u32;
+            assert!(d.desired >= need.max(1), "{d:?}");
+        }
+        assert!(n <= 2, "ended with {n}");
+    }
+
+    #[test]
+    fn idle_goes_to_zero_and_a_request_brings_one_back() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 2;
+        run(&mut s, 0, 30, &mut n, |_| 100.0);
+        let idle = run(&mut s, 30, 400, &mut n, |_| 0.0);
+        assert_eq!(n, 0);
+        assert!(idle.iter().any(|d| d.reason == Reason::ToZero));
+        assert!(idle
+            .iter()
+            .filter(|d| d.at < Duration::from_secs(320))
+            .all(|d| d.desired >= 1));
+        // One queued request at zero: a replica at once.
+        let at = Duration::from_secs(500);
+        s.observe(Signal {
+            at,
+            demand_tokens_per_s: 0.0,
+            in_flight: 0,
+            queued: 1,
+            capacity_per_replica: CAP,
+        });
+        let d = s.decide(at, 0);
+        assert_eq!((d.desired, d.reason), (1, Reason::FromZero));
+    }
+
+    #[test]
+    fn without_scale_to_zero_the_floor_is_min() {
+        let mut s = Autoscaler::new(ScalePolicy {
+            min_replicas: 2,
+            ..policy()
+        });
+        s.policy.scale_to_zero_after = None;
+        let mut n = 2;
+        run(&mut s, 0, 1000, &mut n, |_| 0.0);
+        assert_eq!(n, 2);
+    }
+
+    proptest! {
+        #[test]
+        fn bounded_never_short_and_no_flapping(
+            levels in proptest::collection::vec(0.0f64..900.0, 1..8),
+            noise in proptest::collection::vec(-0.2f64..0.2, 64),
+        ) {
+            let p = policy();
+            let mut s = Autoscaler::new(p.clone());
+            let mut n = 1;
+            let mut last_up: Option<Duration> = None;
+            for (i, level) in levels.iter().enumerate() {
+                let start = i as u64 * 300;
+                let decisions = run(&mut s, start, 300, &mut n, |t| (level * (1.0 + noise[(t / 2) as usize % 64])).max(0.0));
+                for d in decisions {
+                    prop_assert!(d.desired <= p.max_replicas);
+                    if d.desired == 0 {
+                        prop_assert!(matches!(d.reason, Reason::ToZero | Reason::Hold));
+                        prop_assert!(d.stable_demand == 0.0, "zero while demand remained");
+                    } else {
+                        prop_assert!(d.desired >= p.min_replicas);
+                        // Never fewer than the stable demand needs.
+                        let need = ((d.stable_demand / 70.0).ceil() as u32).min(p.max_replicas);
+                        prop_assert!(d.desired >= need, "{:?}", d);
+                    }
+                    if d.desired > d.current {
+                        last_up = Some(d.at);
+                    }
+                    if d.desired < d.current && d.reason == Reason::ScaleDown {
+                        // Never down within the delay after going up.
+                        let up = last_up.unwrap_or_default();
+                        prop_assert!(d.at.saturating_sub(up) + Duration::from_secs(1) >= p.scale_down_delay,
+                            "down at {:?} after up at {:?}", d.at, up);
+                    }
+                }
+            }
+        }
+    }
+}
