@@ -1,8 +1,9 @@
 //! The controller side of strata: providers that launch and supervise engine
 //! replicas (`local`: child processes on this machine), the autoscaling
-//! policy, and model provisioning (`strata model fetch`).
+//! policy, cost attribution, and model provisioning (`strata model fetch`).
 
 pub mod autoscale;
+pub mod cost;
 pub mod local;
 pub mod model;
 
