@@ -1,11 +1,13 @@
 //! The controller side of strata: providers that launch and supervise engine
 //! replicas (`local`: child processes on this machine), the autoscaling
-//! policy, cost attribution, and model provisioning (`strata model fetch`).
+//! policy, the instance planner, cost attribution, and model provisioning
+//! (`strata model fetch`).
 
 pub mod autoscale;
 pub mod cost;
 pub mod local;
 pub mod model;
+pub mod planner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

@@ -1,0 +1,317 @@
+//! The instance planner, kept pure: the replicas to run for a token demand,
+//! at least cost, from a catalog of offers (instance type × zone × spot or
+//! on-demand, with $/hour and the model's tokens/s on it) and the zones
+//! where spot capacity can be had right now.
+//!
+//! Spot hedging (SpotHedge, "SkyServe", EuroSys 2025): spot replicas are
+//! spread over the zones that have spot, plus `spot_hedge` extra spot
+//! replicas against preemption; while no zone has spot, on-demand replicas
+//! carry the load; when spot returns the plan goes back to spot, and `diff`
+//! launches the spot replicas before it lets the on-demand ones go.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capacity {
+    Spot,
+    OnDemand,
+}
+
+/// One way to get a replica.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Offer {
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity: Capacity,
+    pub price_per_hour: f64,
+    /// The model's tokens per second on one replica of this type.
+    pub tokens_per_s: f64,
+}
+
+impl Offer {
+    fn dollars_per_token_rate(&self) -> f64 {
+        self.price_per_hour / self.tokens_per_s.max(f64::MIN_POSITIVE)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanPolicy {
+    pub allow_spot: bool,
+    pub allow_on_demand: bool,
+    /// Extra spot replicas beyond the demand, against preemption.
+    pub spot_hedge: u32,
+    /// Never fewer replicas than this while there is demand.
+    pub min_replicas: u32,
+}
+
+impl Default for PlanPolicy {
+    fn default() -> Self {
+        PlanPolicy {
+            allow_spot: true,
+            allow_on_demand: true,
+            spot_hedge: 1,
+            min_replicas: 1,
+        }
+    }
+}
+
+/// A replica the plan wants: which offer, by its identifying fields.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Slot {
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity: Capacity,
+}
+
+impl From<&Offer> for Slot {
+    fn from(o: &Offer) -> Self {
+        Slot {
+            instance_type: o.instance_type.clone(),
+            zone: o.zone.clone(),
+            capacity: o.capacity,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Plan {
+    pub replicas: Vec<Slot>,
+    pub cost_per_hour: f64,
+    /// Tokens per second the replicas serve, hedge included.
+    pub tokens_per_s: f64,
+}
+
+/// The cheapest replicas that serve `needed` tokens/s. Spot when any zone
+/// has it (spread over those zones, the cheapest type per token in each),
+/// else on-demand (the cheapest type per token). Zero demand: no replicas.
+pub fn plan(
+    needed: f64,
+    offers: &[Offer],
+    spot_zones: &BTreeSet<String>,
+    policy: &PlanPolicy,
+) -> Plan {
+    if needed <= 0.0 {
+        return Plan::default();
+    }
+    let cheapest = |cap: Capacity, zone: Option<&str>| {
+        offers
+            .iter()
+            .filter(|o| o.capacity == cap && o.tokens_per_s > 0.0)
+            .filter(|o| zone.is_none_or(|z| o.zone == z))
+            .filter(|o| cap == Capacity::OnDemand || spot_zones.contains(&o.zone))
+            .min_by(|a, b| {
+                a.dollars_per_token_rate()
+                    .total_cmp(&b.dollars_per_token_rate())
+            })
+    };
+    let zones: Vec<&String> = spot_zones
+        .iter()
+        .filter(|z| cheapest(Capacity::Spot, Some(z)).is_some())
+        .collect();
+    let mut chosen: Vec<&Offer> = Vec::new();
+    if policy.allow_spot && !zones.is_empty() {
+        // Round-robin over the zones, cheapest zone first, until the demand is met.
+        let mut per_zone: Vec<&Offer> = zones
+            .iter()
+            .filter_map(|z| cheapest(Capacity::Spot, Some(z)))
+            .collect();
+        per_zone.sort_by(|a, b| {
+            a.dollars_per_token_rate()
+                .total_cmp(&b.dollars_per_token_rate())
+        });
+        let mut served = 0.0;
+        let mut i = 0;
+        while served < needed || (chosen.len() as u32) < policy.min_replicas {
+            let o = per_zone[i % per_zone.len()];
+            served += o.tokens_per_s;
+            chosen.push(o);
+            i += 1;
+        }
+        for _ in 0..policy.spot_hedge {
+            chosen.push(per_zone[i % per_zone.len()]);
+            i += 1;
+        }
+    } else if policy.allow_on_demand {
+        if let Some(o) = cheapest(Capacity::OnDemand, None) {
+            let n = ((needed / o.tokens_per_s).ceil() as u32).max(policy.min_replicas);
+            chosen.extend(std::iter::repeat_n(o, n as usize));
+        }
+    }
+    Plan {
+        cost_per_hour: chosen.iter().map(|o| o.price_per_hour).sum(),
+        tokens_per_s: chosen.iter().map(|o| o.tokens_per_s).sum(),
+        replicas: chosen.into_iter().map(Slot::from).collect(),
+    }
+}
+
+/// What to change to go from `running` to `target`: replicas to launch,
+/// and replicas to let go. Matching replicas are kept. While replicas are
+/// being launched, the ones to go stay until the new ones are ready
+/// (`launch` non-empty means: terminate only after those are up).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Change {
+    pub launch: Vec<Slot>,
+    pub terminate: Vec<Slot>,
+}
+
+pub fn diff(running: &[Slot], target: &Plan) -> Change {
+    let mut want: BTreeMap<&Slot, i64> = BTreeMap::new();
+    for s in &target.replicas {
+        *want.entry(s).or_default() += 1;
+    }
+    let mut have: BTreeMap<&Slot, i64> = BTreeMap::new();
+    for s in running {
+        *have.entry(s).or_default() += 1;
+    }
+    let mut change = Change::default();
+    for (slot, n) in &want {
+        let extra = n - have.get(slot).copied().unwrap_or(0);
+        change
+            .launch
+            .extend(std::iter::repeat_n((*slot).clone(), extra.max(0) as usize));
+    }
+    for (slot, n) in &have {
+        let extra = n - want.get(slot).copied().unwrap_or(0);
+        change
+            .terminate
+            .extend(std::iter::repeat_n((*slot).clone(), extra.max(0) as usize));
+    }
+    change
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn offer(t: &str, zone: &str, cap: Capacity, price: f64, tps: f64) -> Offer {
+        Offer {
+            instance_type: t.into(),
+            zone: zone.into(),
+            capacity: cap,
+            price_per_hour: price,
+            tokens_per_s: tps,
+        }
+    }
+
+    /// Two GPU types in three zones; spot at about a third of on-demand.
+    fn catalog() -> Vec<Offer> {
+        let mut c = Vec::new();
+        for zone in ["a", "b", "c"] {
+            c.push(offer("l4", zone, Capacity::OnDemand, 0.80, 1000.0));
+            c.push(offer("a100", zone, Capacity::OnDemand, 3.70, 4000.0));
+            c.push(offer("l4", zone, Capacity::Spot, 0.30, 1000.0));
+            c.push(offer("a100", zone, Capacity::Spot, 1.40, 4000.0));
+        }
+        c
+    }
+
+    fn zones(z: &[&str]) -> BTreeSet<String> {
+        z.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn spot_is_spread_over_zones_with_a_hedge() {
+        let p = plan(
+            3500.0,
+            &catalog(),
+            &zones(&["a", "b", "c"]),
+            &PlanPolicy::default(),
+        );
+        assert!(p
+            .replicas
+            .iter()
+            .all(|s| s.capacity == Capacity::Spot && s.instance_type == "l4"));
+        assert_eq!(p.replicas.len(), 5, "4 for 3,500 tokens/s, 1 hedge");
+        let used: BTreeSet<&str> = p.replicas.iter().map(|s| s.zone.as_str()).collect();
+        assert_eq!(used.len(), 3);
+        assert!((p.cost_per_hour - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn no_spot_anywhere_falls_back_to_on_demand_and_back_again() {
+        let policy = PlanPolicy::default();
+        let spot = plan(3500.0, &catalog(), &zones(&["a", "b", "c"]), &policy);
+        let fallback = plan(3500.0, &catalog(), &zones(&[]), &policy);
+        assert!(fallback
+            .replicas
+            .iter()
+            .all(|s| s.capacity == Capacity::OnDemand));
+        assert!(fallback.tokens_per_s >= 3500.0);
+        let to_on_demand = diff(&spot.replicas, &fallback);
+        assert_eq!(to_on_demand.launch.len(), fallback.replicas.len());
+        assert_eq!(to_on_demand.terminate.len(), spot.replicas.len());
+        // Spot returns: launch spot, let the on-demand ones go.
+        let back = diff(&fallback.replicas, &spot);
+        assert!(back.launch.iter().all(|s| s.capacity == Capacity::Spot));
+        assert!(back
+            .terminate
+            .iter()
+            .all(|s| s.capacity == Capacity::OnDemand));
+        // The hedged spot plan still costs well under on-demand.
+        assert!(
+            spot.cost_per_hour < 0.5 * fallback.cost_per_hour,
+            "{} vs {}",
+            spot.cost_per_hour,
+            fallback.cost_per_hour
+        );
+    }
+
+    #[test]
+    fn a_preemption_storm_in_one_zone_moves_spot_to_the_others() {
+        let policy = PlanPolicy::default();
+        let before = plan(3500.0, &catalog(), &zones(&["a", "b", "c"]), &policy);
+        let after = plan(3500.0, &catalog(), &zones(&["a", "c"]), &policy);
+        assert!(after.replicas.iter().all(|s| s.zone != "b"));
+        let change = diff(&before.replicas, &after);
+        assert!(change.terminate.iter().all(|s| s.zone == "b"), "{change:?}");
+        assert!(change.launch.iter().all(|s| s.zone != "b"));
+    }
+
+    #[test]
+    fn no_demand_no_replicas_and_min_replicas_otherwise() {
+        assert!(
+            plan(0.0, &catalog(), &zones(&["a"]), &PlanPolicy::default())
+                .replicas
+                .is_empty()
+        );
+        let p = plan(
+            1.0,
+            &catalog(),
+            &zones(&[]),
+            &PlanPolicy {
+                min_replicas: 2,
+                ..PlanPolicy::default()
+            },
+        );
+        assert_eq!(p.replicas.len(), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn plans_meet_demand_only_where_allowed(
+            needed in 1.0f64..50_000.0,
+            spot in proptest::collection::btree_set(prop_oneof!["a", "b", "c"], 0..4),
+            hedge in 0u32..3,
+        ) {
+            let policy = PlanPolicy { spot_hedge: hedge, ..PlanPolicy::default() };
+            let p = plan(needed, &catalog(), &spot.iter().map(|s| s.to_string()).collect(), &policy);
+            let hedge_tps = if spot.is_empty() { 0.0 } else { f64::from(hedge) * 4000.0 };
+            prop_assert!(p.tokens_per_s >= needed, "{} < {}", p.tokens_per_s, needed);
+            prop_assert!(p.tokens_per_s - hedge_tps < needed + 4000.0, "over-provisioned: {:?}", p);
+            for s in &p.replicas {
+                if s.capacity == Capacity::Spot {
+                    prop_assert!(spot.contains(&s.zone));
+                }
+            }
+            // Never dearer than serving it all on-demand with the cheapest type.
+            let on_demand = plan(needed, &catalog(), &BTreeSet::new(), &policy);
+            prop_assert!(p.cost_per_hour <= on_demand.cost_per_hour + f64::from(hedge) * 1.40 + 1e-9);
+            // diff from nothing launches exactly the plan.
+            prop_assert_eq!(diff(&[], &p).launch.len(), p.replicas.len());
+        }
+    }
+}
