@@ -151,11 +151,11 @@ async fn main() {
     let elapsed = started.elapsed().as_secs_f64();
     let turns = a.conversations as f64;
     println!(
-        "{}: wrote {} conversations (1 item + 1 turn each) in {:.1} s: {:.0} turns/s ({:.0} conversations+turns/s), {} writers",
+        "{}: {} conversations, each created with 1 item and given 1 turn (2 transactions), in {:.1} s: \
+         {:.0} conversations + turns per second, {} writers",
         if schema.is_some() { "postgres" } else { "sqlite" },
         a.conversations,
         elapsed,
-        turns / elapsed,
         turns / elapsed,
         a.writers
     );
