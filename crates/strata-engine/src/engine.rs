@@ -82,9 +82,10 @@ enum ChatTemplate {
     Gemma,
 }
 
-/// What the scheduler thread is asked to do.
-enum Work {
-    Generate(Job),
+/// Work on the scheduler's cache besides requests; taken between steps even
+/// while every sequence slot is busy, so a drain or a restore never waits
+/// for a slot.
+enum Control {
     /// Snapshots of every kept sequence that belongs to a session.
     Export(tokio::sync::oneshot::Sender<Vec<Snapshot>>),
     /// Loads a snapshot into a sequence and keeps it for reuse; answers the
@@ -102,7 +103,8 @@ pub struct Engine {
     settings: EngineSettings,
     /// Names the model and context settings; snapshots carry it.
     fingerprint: String,
-    jobs: SyncSender<Work>,
+    jobs: SyncSender<Job>,
+    control: std::sync::mpsc::Sender<Control>,
     queued: Arc<AtomicUsize>,
     pub metrics: Arc<EngineMetrics>,
     scheduler: Option<std::thread::JoinHandle<()>>,
@@ -149,6 +151,7 @@ impl Engine {
         let metrics = Arc::new(EngineMetrics::new());
         let queued = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = std::sync::mpsc::sync_channel(settings.max_queue.max(1) as usize);
+        let (control, control_rx) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let scheduler = {
             let (model, settings, metrics, queued) = (
@@ -160,7 +163,10 @@ impl Engine {
             std::thread::Builder::new()
                 .name("strata-scheduler".into())
                 .spawn(move || {
-                    run_scheduler(backend, &model, &settings, rx, &metrics, &queued, ready_tx)
+                    let channels = (rx, control_rx);
+                    run_scheduler(
+                        backend, &model, &settings, channels, &metrics, &queued, ready_tx,
+                    )
                 })
                 .map_err(|e| EngineError::Backend(e.to_string()))?
         };
@@ -173,6 +179,7 @@ impl Engine {
             settings,
             fingerprint,
             jobs,
+            control,
             queued,
             metrics,
             scheduler: Some(scheduler),
@@ -195,7 +202,7 @@ impl Engine {
     /// draining replica hands over).
     pub async fn export(&self) -> Result<Vec<Snapshot>, ApiError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.control(Work::Export(tx))?;
+        self.send_control(Control::Export(tx))?;
         rx.await
             .map_err(|_| ApiError::unavailable("The engine has stopped."))
     }
@@ -204,20 +211,16 @@ impl Engine {
     /// fingerprint) into the prefix cache; answers the tokens restored.
     pub async fn import(&self, snapshot: Snapshot) -> Result<usize, ApiError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.control(Work::Import(snapshot, tx))?;
+        self.send_control(Control::Import(snapshot, tx))?;
         rx.await
             .map_err(|_| ApiError::unavailable("The engine has stopped."))?
             .map_err(|e| ApiError::conflict(format!("The snapshot was not restored: {e}")))
     }
 
-    /// Control work waits for room in the queue like any request.
-    fn control(&self, work: Work) -> Result<(), ApiError> {
-        self.jobs.try_send(work).map_err(|e| match e {
-            TrySendError::Full(_) => {
-                ApiError::overloaded("The engine's queue is full; retry after a moment.")
-            }
-            TrySendError::Disconnected(_) => ApiError::unavailable("The engine has stopped."),
-        })
+    fn send_control(&self, work: Control) -> Result<(), ApiError> {
+        self.control
+            .send(work)
+            .map_err(|_| ApiError::unavailable("The engine has stopped."))
     }
 
     /// The text the model reads for this input (chat template applied).
@@ -336,7 +339,7 @@ impl Engine {
         };
         self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.queued.inc();
-        match self.jobs.try_send(Work::Generate(job)) {
+        match self.jobs.try_send(job) {
             Ok(()) => Ok(Submitted {
                 events: rx,
                 prompt_tokens,
@@ -444,7 +447,7 @@ fn run_scheduler(
     backend: &LlamaBackend,
     model: &LlamaModel,
     settings: &EngineSettings,
-    jobs: Receiver<Work>,
+    (jobs, control): (Receiver<Job>, Receiver<Control>),
     metrics: &EngineMetrics,
     queued: &AtomicUsize,
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
@@ -487,6 +490,9 @@ fn run_scheduler(
         cache: PrefixCache::new(settings.prefix_cache_entries as usize),
     };
     loop {
+        while let Ok(work) = control.try_recv() {
+            scheduler.control(&mut ctx, work);
+        }
         if !scheduler.admit(&mut ctx, &jobs) {
             return;
         }
@@ -514,36 +520,26 @@ struct Scheduler<'m> {
 impl Scheduler<'_> {
     /// Moves queued jobs into free slots. Blocks when nothing runs. Returns
     /// false when the engine is shutting down and nothing is left to do.
-    fn admit(&mut self, ctx: &mut LlamaContext<'_>, jobs: &Receiver<Work>) -> bool {
+    fn admit(&mut self, ctx: &mut LlamaContext<'_>, jobs: &Receiver<Job>) -> bool {
         let capacity = self.settings.context_size as usize;
         loop {
             if self.running.len() >= self.settings.max_sequences as usize {
                 return true;
             }
-            let work = match self.waiting.take() {
-                Some(j) => Work::Generate(j),
+            let job = match self.waiting.take() {
+                Some(j) => j,
+                // Idle: wait for a request, but come back soon for control work.
                 None if self.running.is_empty() => {
-                    match jobs.recv_timeout(Duration::from_secs(1)) {
-                        Ok(w) => w,
-                        Err(RecvTimeoutError::Timeout) => continue,
+                    match jobs.recv_timeout(Duration::from_millis(50)) {
+                        Ok(j) => j,
+                        Err(RecvTimeoutError::Timeout) => return true,
                         Err(RecvTimeoutError::Disconnected) => return false,
                     }
                 }
                 None => match jobs.try_recv() {
-                    Ok(w) => w,
+                    Ok(j) => j,
                     Err(_) => return true,
                 },
-            };
-            let job = match work {
-                Work::Generate(job) => job,
-                Work::Export(reply) => {
-                    let _ = reply.send(self.export(ctx));
-                    continue;
-                }
-                Work::Import(snapshot, reply) => {
-                    let _ = reply.send(self.import(ctx, snapshot));
-                    continue;
-                }
             };
             if job.events.is_closed() {
                 self.dequeued();
@@ -636,6 +632,17 @@ impl Scheduler<'_> {
         }
         self.cache_gauges();
         placed
+    }
+
+    fn control(&mut self, ctx: &mut LlamaContext<'_>, work: Control) {
+        match work {
+            Control::Export(reply) => {
+                let _ = reply.send(self.export(ctx));
+            }
+            Control::Import(snapshot, reply) => {
+                let _ = reply.send(self.import(ctx, snapshot));
+            }
+        }
     }
 
     fn export(&self, ctx: &LlamaContext<'_>) -> Vec<Snapshot> {
