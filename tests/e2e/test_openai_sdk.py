@@ -1,5 +1,6 @@
 """The official openai SDK against `strata serve` with the real model."""
 import json
+import time
 
 import httpx
 import openai
@@ -136,11 +137,28 @@ def test_server_still_serves_after_bad_input(client):
     assert r.usage.completion_tokens == 3
 
 
-def test_metrics_are_prometheus_text(server):
+def metric(text, name):
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_metrics_are_prometheus_text(server, client):
+    # The load the autoscaler reads: tokens served, requests in flight and waiting.
+    before = metric(httpx.get(f"{server.base}/metrics").text, "strata_gateway_tokens_total")
+    r = client.completions.create(model=MODEL_ID, prompt="Count the tokens", max_tokens=3, temperature=0)
     text = httpx.get(f"{server.base}/metrics").text
+    assert metric(text, "strata_gateway_tokens_total") - before == r.usage.total_tokens
     assert "strata_gateway_requests_total" in text
     assert 'status="200"' in text
     assert "strata_gateway_replicas_ready 2" in text
+    # The gauges are refreshed every 100 ms; once the request is over, both are 0.
+    deadline = time.time() + 2
+    while True:
+        text = httpx.get(f"{server.base}/metrics").text
+        load = (metric(text, "strata_gateway_requests_in_flight"), metric(text, "strata_gateway_requests_waiting"))
+        if load == (0, 0) or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert load == (0, 0), load
 
 
 def test_message_text_cannot_forge_chat_turns(client):

@@ -254,6 +254,15 @@ impl Pools {
             .clone()
     }
 
+    /// Requests holding a slot and requests waiting, over every pool: the
+    /// load the autoscaler reads.
+    pub fn load(&self) -> (usize, usize) {
+        let queues = self.queues.lock().expect("pools lock");
+        queues
+            .values()
+            .fold((0, 0), |(f, w), q| (f + q.in_flight(), w + q.waiting()))
+    }
+
     /// Sets every known pool's capacity from its ready replicas.
     pub fn set_capacities(&self, ready: &HashMap<Option<String>, usize>, slots_per_replica: usize) {
         let queues: Vec<(Option<String>, Arc<FairQueue>)> = self

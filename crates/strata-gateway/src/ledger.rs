@@ -27,6 +27,9 @@ impl Ledger {
     /// Never blocks a request: when the writer is far behind, the row is
     /// dropped and counted in `strata_gateway_ledger_dropped_total`.
     pub fn record(&self, row: UsageRecord) {
+        self.metrics
+            .tokens
+            .inc_by(u64::from(row.prompt_tokens) + u64::from(row.completion_tokens));
         if self.tx.try_send(row).is_err() {
             self.metrics.ledger_dropped.inc();
         }

@@ -203,7 +203,11 @@ pub async fn serve(
         settings.health_interval,
         background.clone(),
     ));
-    tasks.spawn(follow_capacity(policy.clone(), background.clone()));
+    tasks.spawn(follow_capacity(
+        policy.clone(),
+        metrics.clone(),
+        background.clone(),
+    ));
     let state = Arc::new(AppState {
         proxy: Proxy {
             client,
@@ -254,12 +258,20 @@ pub async fn serve(
     Ok(())
 }
 
-/// Keeps each pool's fair-queue capacity at its ready replicas × slots.
-async fn follow_capacity(policy: Arc<Policy>, cancel: CancellationToken) {
+/// Keeps each pool's fair-queue capacity at its ready replicas × slots, and
+/// the load gauges current.
+async fn follow_capacity(
+    policy: Arc<Policy>,
+    metrics: Arc<GatewayMetrics>,
+    cancel: CancellationToken,
+) {
     loop {
         policy
             .pools
             .set_capacities(&policy.replicas.ready_by_pool(), policy.slots_per_replica);
+        let (in_flight, waiting) = policy.pools.load();
+        metrics.in_flight.set(in_flight as i64);
+        metrics.waiting.set(waiting as i64);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}

@@ -22,6 +22,11 @@ pub struct GatewayMetrics {
     pub replicas_ready: Gauge,
     pub latency: Histogram,
     pub first_byte: Histogram,
+    /// Requests holding a replica slot, and waiting in the fair queues.
+    pub in_flight: Gauge,
+    pub waiting: Gauge,
+    /// Prompt + completion tokens served (the autoscaler's demand signal).
+    pub tokens: Counter,
 }
 
 impl GatewayMetrics {
@@ -37,6 +42,9 @@ impl GatewayMetrics {
             replicas_ready: Gauge::default(),
             latency: Histogram::new(buckets),
             first_byte: Histogram::new(buckets),
+            in_flight: Gauge::default(),
+            waiting: Gauge::default(),
+            tokens: Counter::default(),
         };
         let mut registry = Registry::with_prefix("strata_gateway");
         registry.register(
@@ -70,6 +78,21 @@ impl GatewayMetrics {
             "Arrival to first response byte",
             Unit::Seconds,
             m.first_byte.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests holding a replica slot",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "requests_waiting",
+            "Requests waiting in the per-tenant fair queues",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Prompt and completion tokens served",
+            m.tokens.clone(),
         );
         GatewayMetrics { registry, ..m }
     }
