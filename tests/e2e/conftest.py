@@ -95,7 +95,7 @@ class Server:
         self.log = open(self.log_path, "w")
         self.args = [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",
                      "--replicas", str(replicas), "--db", db or os.path.join(self.dir, "strata.db")]
-        self.ready = ready or replicas
+        self.ready = replicas if ready is None else ready
         self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
         wait_ready(self.base, self.ready)
         self.tenant = self.admin("POST", "/admin/v1/tenants", {"name": tenant}).json()

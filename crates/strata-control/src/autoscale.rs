@@ -189,6 +189,9 @@ impl Autoscaler {
             }
         }
         if current == 0 {
+            if !waiting && burst <= 0.0 {
+                return decision(0, Reason::Hold);
+            }
             self.wanted.push_back((now, stable_need));
             return decision(stable_need.max(panic_need), Reason::FromZero);
         }
@@ -358,6 +361,14 @@ mod tests {
         });
         let d = s.decide(at, 0);
         assert_eq!((d.desired, d.reason), (1, Reason::FromZero));
+    }
+
+    #[test]
+    fn a_pool_at_zero_stays_there_until_a_request_comes() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 0;
+        let quiet = run(&mut s, 0, 30, &mut n, |_| 0.0);
+        assert!(quiet.iter().all(|d| d.desired == 0), "{quiet:?}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ impl LocalSettings {
 
 struct Slot {
     index: u32,
+    /// The dedicated tenant this replica is reserved for, if any.
+    reserved_for: Option<String>,
     instance: InstanceRecord,
     child: Child,
     launched: Instant,
@@ -64,6 +66,8 @@ pub struct LocalProvider {
     store: Arc<dyn Store>,
     publish: watch::Sender<Vec<ReplicaEndpoint>>,
     http: reqwest::Client,
+    /// The shared replica count to keep, when an autoscaler sets it.
+    desired: Option<watch::Receiver<u32>>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -86,10 +90,22 @@ impl LocalProvider {
             store,
             publish,
             http,
+            desired: None,
         }
     }
 
-    async fn launch(&self, index: u32, restarts: u32) -> Result<Slot, ControlError> {
+    /// Keep as many shared replicas as `desired` says (dedicated ones stay).
+    pub fn with_desired(mut self, desired: watch::Receiver<u32>) -> Self {
+        self.desired = Some(desired);
+        self
+    }
+
+    async fn launch(
+        &self,
+        index: u32,
+        reserved_for: Option<String>,
+        restarts: u32,
+    ) -> Result<Slot, ControlError> {
         let port = free_port().map_err(ControlError::Launch)?;
         let mut cmd = Command::new(&self.settings.program);
         cmd.arg("engine")
@@ -122,6 +138,7 @@ impl LocalProvider {
         self.record(&instance).await;
         Ok(Slot {
             index,
+            reserved_for,
             instance,
             child,
             launched: Instant::now(),
@@ -141,10 +158,30 @@ impl LocalProvider {
             .map(|s| ReplicaEndpoint {
                 id: s.instance.id.clone(),
                 url: s.instance.endpoint.clone(),
-                reserved_for: self.settings.reserved_for(s.index),
+                reserved_for: s.reserved_for.clone(),
             })
             .collect();
         self.publish.send_replace(endpoints);
+    }
+
+    /// Waits (up to `limit`) until the replica runs and queues nothing.
+    async fn wait_idle(&self, slot: &Slot, limit: Duration) {
+        let url = format!("{}/metrics", slot.instance.endpoint);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let busy = match self.http.get(&url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default().lines().any(|l| {
+                    (l.starts_with("strata_engine_running_sequences ")
+                        || l.starts_with("strata_engine_queued_requests "))
+                        && !l.ends_with(" 0")
+                }),
+                Err(_) => false,
+            };
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn healthy(&self, slot: &Slot) -> bool {
@@ -155,8 +192,16 @@ impl LocalProvider {
     /// Runs until `shutdown`, then stops every replica.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ControlError> {
         let mut slots = Vec::new();
+        let shared = match &self.desired {
+            Some(d) => *d.borrow(),
+            None => self.settings.replicas,
+        };
         for index in 0..self.settings.total() {
-            slots.push(self.launch(index, 0).await?);
+            let reserved = self.settings.reserved_for(index);
+            if reserved.is_none() && index >= shared {
+                continue;
+            }
+            slots.push(self.launch(index, reserved, 0).await?);
         }
         self.publish(&slots);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -165,7 +210,7 @@ impl LocalProvider {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let mut changed = false;
+            let mut changed = self.follow_desired(&mut slots).await?;
             for slot in slots.iter_mut() {
                 let exited = match slot.child.try_wait() {
                     Ok(Some(status)) => Some(status.to_string()),
@@ -194,7 +239,9 @@ impl LocalProvider {
                         ))
                         .await;
                     }
-                    *slot = self.launch(slot.index, restarts).await?;
+                    *slot = self
+                        .launch(slot.index, slot.reserved_for.clone(), restarts)
+                        .await?;
                     changed = true;
                 } else if slot.instance.state == InstanceState::Starting && self.healthy(slot).await
                 {
@@ -216,6 +263,53 @@ impl LocalProvider {
             self.record(&slot.instance).await;
         }
         Ok(())
+    }
+}
+
+impl LocalProvider {
+    /// Launches or stops shared replicas to match the desired count; true
+    /// when the set changed. The newest replicas stop first.
+    async fn follow_desired(&self, slots: &mut Vec<Slot>) -> Result<bool, ControlError> {
+        let Some(desired) = &self.desired else {
+            return Ok(false);
+        };
+        let want = *desired.borrow() as usize;
+        let shared = slots.iter().filter(|s| s.reserved_for.is_none()).count();
+        if want > shared {
+            for _ in shared..want {
+                let index = slots
+                    .iter()
+                    .map(|s| s.index + 1)
+                    .max()
+                    .unwrap_or(0)
+                    .max(self.settings.total());
+                slots.push(self.launch(index, None, 0).await?);
+            }
+            return Ok(true);
+        }
+        if want < shared {
+            for _ in want..shared {
+                let newest = slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.reserved_for.is_none())
+                    .max_by_key(|(_, s)| s.index)
+                    .map(|(i, _)| i)
+                    .expect("a shared replica to stop");
+                let mut slot = slots.remove(newest);
+                // Out of the gateway's list first, idle next, then stopped.
+                self.publish(slots);
+                self.wait_idle(&slot, Duration::from_secs(30)).await;
+                stop_child(&mut slot.child).await;
+                slot.instance.state = InstanceState::Stopped;
+                slot.instance.ended_at_ms = Some(now_ms());
+                slot.instance.detail = Some("scaled down".into());
+                tracing::info!(instance = %slot.instance.id, "engine replica stopped: scaled down");
+                self.record(&slot.instance).await;
+            }
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 

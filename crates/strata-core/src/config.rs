@@ -25,6 +25,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
+    /// Let the autoscaler set the shared replica count (`strata serve`);
+    /// otherwise `serve.replicas` stay up.
+    pub autoscale: bool,
+    /// Tokens per second one replica serves at full load (its throughput
+    /// profile; the autoscaler plans for `target_utilisation` of it).
+    pub replica_tokens_per_s: f64,
     pub min_replicas: u32,
     pub max_replicas: u32,
     /// Share of a replica's measured token capacity to plan for, (0, 1].
@@ -44,6 +50,8 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
+            autoscale: false,
+            replica_tokens_per_s: 200.0,
             min_replicas: 1,
             max_replicas: 4,
             target_utilisation: 0.7,
@@ -385,6 +393,9 @@ impl Config {
         }
         // Written so NaN fails every check.
         let at_least = |v: f64, min: f64| v >= min;
+        if !at_least(p.replica_tokens_per_s, f64::MIN_POSITIVE) {
+            bad("pool.replica_tokens_per_s", "must be positive".into());
+        }
         if !at_least(p.panic_threshold, 1.0) {
             bad("pool.panic_threshold", "must be at least 1".into());
         }

@@ -83,6 +83,23 @@ pub struct GatewaySettings {
     pub drain_on_shutdown: bool,
     /// Route requests without a session by prompt prefix, or by load only.
     pub routing: strata_core::config::Routing,
+    /// Where to publish the load (every 100 ms), for an autoscaler.
+    pub load: Option<watch::Sender<Load>>,
+    /// With no replica ready, requests wait in the fair queue (for a
+    /// replica that is starting: scale from zero) instead of a 503.
+    pub hold_when_empty: bool,
+}
+
+/// What the gateway sees of its load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Prompt + completion tokens served since start.
+    pub tokens_total: u64,
+    /// Requests holding a replica slot, and waiting for one.
+    pub in_flight: usize,
+    pub waiting: usize,
+    /// Replicas that take requests.
+    pub routable: usize,
 }
 
 /// Where KV snapshots of drained replicas' sessions go.
@@ -132,6 +149,7 @@ const ASSUMED_OUTPUT_TOKENS: u64 = 256;
 
 struct AppState {
     proxy: Proxy,
+    hold_when_empty: bool,
     store: Arc<dyn Store>,
     snapshots: Option<Arc<Snapshots>>,
     policy: Arc<Policy>,
@@ -206,9 +224,11 @@ pub async fn serve(
     tasks.spawn(follow_capacity(
         policy.clone(),
         metrics.clone(),
+        settings.load.clone(),
         background.clone(),
     ));
     let state = Arc::new(AppState {
+        hold_when_empty: settings.hold_when_empty,
         proxy: Proxy {
             client,
             replicas,
@@ -263,6 +283,7 @@ pub async fn serve(
 async fn follow_capacity(
     policy: Arc<Policy>,
     metrics: Arc<GatewayMetrics>,
+    load: Option<watch::Sender<Load>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -272,6 +293,14 @@ async fn follow_capacity(
         let (in_flight, waiting) = policy.pools.load();
         metrics.in_flight.set(in_flight as i64);
         metrics.waiting.set(waiting as i64);
+        if let Some(load) = &load {
+            load.send_replace(Load {
+                tokens_total: metrics.tokens.get(),
+                in_flight,
+                waiting,
+                routable: policy.replicas.ready_in(None),
+            });
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -451,7 +480,7 @@ async fn admit(
             .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
     };
     let pool = p.pool();
-    if state.proxy.replicas.ready_in(pool) == 0 {
+    if state.proxy.replicas.ready_in(pool) == 0 && !(state.hold_when_empty && pool.is_none()) {
         return Err(ApiError::unavailable(match pool {
             Some(_) => "No replica reserved for this tenant is ready; retry shortly.",
             None => "No replica is ready to serve requests; retry shortly.",
@@ -493,10 +522,14 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         })
         .collect();
     let ready = state.proxy.replicas.ready_count();
-    let body = Json(
-        json!({"status": if ready > 0 { "ok" } else { "unavailable" }, "replicas_ready": ready, "replicas": replicas}),
-    );
-    if ready > 0 {
+    // Scaled to zero, the gateway still takes requests: they wait for a replica.
+    let status = match (ready, state.hold_when_empty) {
+        (0, false) => "unavailable",
+        (0, true) => "idle",
+        _ => "ok",
+    };
+    let body = Json(json!({"status": status, "replicas_ready": ready, "replicas": replicas}));
+    if ready > 0 || state.hold_when_empty {
         body.into_response()
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use strata_control::autoscale::{Autoscaler, ScalePolicy, Signal};
 use strata_control::local::{LocalProvider, LocalSettings};
 use strata_control::model::{default_model_path, fetch, Fetched, ModelSource};
 use strata_core::config::Config;
@@ -403,6 +404,46 @@ fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> Engin
     }
 }
 
+/// Every second: the gateway's load as an autoscaler signal, and the
+/// replica count it decides sent to the provider. Each change is logged
+/// with its reason and inputs.
+async fn autoscale(
+    mut scaler: Autoscaler,
+    capacity_per_replica: f64,
+    load: watch::Receiver<strata_gateway::Load>,
+    desired: watch::Sender<u32>,
+    shutdown: CancellationToken,
+) {
+    let started = std::time::Instant::now();
+    let mut last = (Duration::ZERO, load.borrow().tokens_total);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = started.elapsed();
+        let l = *load.borrow();
+        let elapsed = (now - last.0).as_secs_f64().max(1e-3);
+        let demand = l.tokens_total.saturating_sub(last.1) as f64 / elapsed;
+        last = (now, l.tokens_total);
+        scaler.observe(Signal {
+            at: now,
+            demand_tokens_per_s: demand,
+            in_flight: l.in_flight as u32,
+            queued: l.waiting as u32,
+            capacity_per_replica,
+        });
+        let current = *desired.borrow();
+        let d = scaler.decide(now, current);
+        if d.desired != current {
+            tracing::info!(from = current, to = d.desired, reason = ?d.reason, stable_demand = d.stable_demand,
+                panic_demand = d.panic_demand, in_flight = l.in_flight, waiting = l.waiting, "autoscaler");
+            desired.send_replace(d.desired);
+        }
+    }
+}
+
 /// Cancelled on SIGINT or SIGTERM.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -501,6 +542,8 @@ fn gateway_settings(
         },
         routing: config.gateway.routing,
         drain_on_shutdown: false,
+        load: None,
+        hold_when_empty: false,
     })
 }
 
@@ -668,12 +711,40 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         health_client,
     );
     let shutdown = shutdown_on_signal();
+    // With `pool.autoscale`, the autoscaler sets the shared replica count
+    // from the gateway's load.
+    let mut autoscaler = None;
+    let provider = if config.pool.autoscale {
+        let policy = ScalePolicy::from(&config.pool);
+        let start = if policy.scale_to_zero_after.is_some() {
+            0
+        } else {
+            policy.min_replicas
+        };
+        let (desired_tx, desired_rx) = watch::channel(start);
+        let (load_tx, load_rx) = watch::channel(strata_gateway::Load::default());
+        gateway.load = Some(load_tx);
+        gateway.hold_when_empty = true;
+        autoscaler = Some(tokio::spawn(autoscale(
+            Autoscaler::new(policy),
+            config.pool.replica_tokens_per_s,
+            load_rx,
+            desired_tx,
+            shutdown.clone(),
+        )));
+        provider.with_desired(desired_rx)
+    } else {
+        provider
+    };
     // The engines stop after the gateway, which snapshots them on the way out.
     let engines_stop = CancellationToken::new();
     let provider_task = tokio::spawn(provider.run(engines_stop.clone()));
     let served =
         strata_gateway::serve(gateway, endpoints, store, Some(vault), shutdown.clone()).await;
     engines_stop.cancel();
+    if let Some(task) = autoscaler {
+        let _ = task.await;
+    }
     provider_task.await.context("provider task panicked")??;
     served?;
     tracing::info!("stopped");

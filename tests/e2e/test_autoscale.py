@@ -1,0 +1,81 @@
+"""`strata serve` with `pool.autoscale`: it starts at zero replicas, a request
+waits while the first replica starts and is served, load adds a replica,
+and when the load stops the pool shrinks to one and then to zero. Windows
+and delays are seconds, not minutes, so the whole cycle fits in a test."""
+import concurrent.futures as cf
+import re
+import time
+
+import httpx
+
+from conftest import MODEL_ID, Server
+
+CONFIG = """
+[pool]
+autoscale = true
+replica_tokens_per_s = 20.0
+target_utilisation = 1.0
+min_replicas = 1
+max_replicas = 2
+stable_window_secs = 3.0
+panic_window_secs = 2.0
+scale_down_delay_secs = 3.0
+scale_to_zero_after_secs = 12.0
+"""
+
+
+def replicas(s):
+    return len(httpx.get(f"{s.base}/health").json()["replicas"])
+
+
+def wait_for(s, count, timeout):
+    deadline = time.time() + timeout
+    seen = []
+    while time.time() < deadline:
+        seen.append(replicas(s))
+        if seen[-1] == count:
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"never {count} replicas in {timeout} s: {seen[-20:]}")
+
+
+def test_scale_from_zero_up_down_and_to_zero_again():
+    s = Server(replicas=1, ready=0, config=CONFIG, tenant="autoscale")
+    try:
+        health = httpx.get(f"{s.base}/health")
+        assert health.status_code == 200 and health.json()["status"] == "idle"
+        assert replicas(s) == 0
+        c = s.client()
+        t0 = time.time()
+        r = c.completions.create(model=MODEL_ID, prompt="Cold start:", max_tokens=4, temperature=0)
+        cold = time.time() - t0
+        assert r.usage.completion_tokens == 4 and cold < 60, cold
+        assert replicas(s) == 1
+
+        # Load: more tokens per second than one replica is planned for.
+        stop = time.time() + 12
+        grew = []
+
+        def work(i):
+            while time.time() < stop:
+                c.completions.create(model=MODEL_ID, prompt=f"Story {i}:", max_tokens=24, temperature=0)
+        with cf.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(work, i) for i in range(4)]
+            while time.time() < stop:
+                grew.append(replicas(s))
+                time.sleep(0.5)
+            for f in futures:
+                f.result()
+        assert max(grew) == 2, grew
+
+        # Idle: down to one after the delay, then to zero.
+        wait_for(s, 1, 30)
+        wait_for(s, 0, 40)
+        r = c.completions.create(model=MODEL_ID, prompt="Back again:", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+        # Every change is logged with its reason (colour codes aside).
+        log = re.sub(r"\x1b\[[0-9;]*m", "", open(s.log_path).read())
+        for reason in ("FromZero", "ScaleDown", "ToZero"):
+            assert f"reason={reason}" in log, reason
+    finally:
+        s.stop()
