@@ -3,12 +3,15 @@ waits while the first replica starts and is served, load adds a replica,
 and when the load stops the pool shrinks to one and then to zero. Windows
 and delays are seconds, not minutes, so the whole cycle fits in a test."""
 import concurrent.futures as cf
+import json
+import os
 import re
+import subprocess
 import time
 
 import httpx
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, STRATA, Server
 
 CONFIG = """
 [pool]
@@ -73,9 +76,20 @@ def test_scale_from_zero_up_down_and_to_zero_again():
         wait_for(s, 0, 40)
         r = c.completions.create(model=MODEL_ID, prompt="Back again:", max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
-        # Every change is logged with its reason (colour codes aside).
+        # Every change is logged and stored with its reason and inputs.
         log = re.sub(r"\x1b\[[0-9;]*m", "", open(s.log_path).read())
         for reason in ("FromZero", "ScaleDown", "ToZero"):
             assert f"reason={reason}" in log, reason
+        out = subprocess.run([STRATA, "decisions", "--db", os.path.join(s.dir, "strata.db"), "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        decisions = json.loads(out)
+        steps = [(d["from_replicas"], d["to_replicas"], d["reason"]) for d in decisions]
+        assert steps[0] == (0, 1, "from_zero"), steps
+        assert (2, 1, "scale_down") in steps and (1, 0, "to_zero") in steps, steps
+        assert any(to == 2 for _, to, _ in steps), steps
+        assert all("stable_demand_tokens_per_s" in json.loads(d["inputs"]) for d in decisions)
+        table = subprocess.run([STRATA, "decisions", "--db", os.path.join(s.dir, "strata.db")],
+                               capture_output=True, text=True, check=True).stdout
+        assert "scale_down" in table and "from_zero" in table
     finally:
         s.stop()

@@ -62,6 +62,11 @@ pub struct Signal {
     pub queued: u32,
     /// Tokens per second one replica serves at full load (measured).
     pub capacity_per_replica: f64,
+    /// Requests one replica takes at once (0: not known). Tokens are
+    /// counted when requests end, so while long requests run the token
+    /// demand reads low; the requests holding or awaiting a slot then set
+    /// a floor: never fewer replicas than their slots need.
+    pub slots_per_replica: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -162,7 +167,11 @@ impl Autoscaler {
         };
         let floor = p.min_replicas.max(1);
         let clamp = |n: u32| n.clamp(floor, p.max_replicas.max(floor));
-        let (stable_need, panic_need) = (clamp(need(stable)), clamp(need(burst)));
+        let busy = last.map_or(0, |s| match s.slots_per_replica {
+            0 => 0,
+            slots => (s.in_flight + s.queued).div_ceil(slots),
+        });
+        let (stable_need, panic_need) = (clamp(need(stable).max(busy)), clamp(need(burst)));
         let waiting = last.is_some_and(|s| s.in_flight > 0 || s.queued > 0);
         let decision = |desired: u32, reason: Reason| Decision {
             at: now,
@@ -278,6 +287,7 @@ mod tests {
                 in_flight: u32::from(d > 0.0),
                 queued: 0,
                 capacity_per_replica: CAP,
+                slots_per_replica: 0,
             });
             let decision = scaler.decide(at, *replicas);
             *replicas = decision.desired;
@@ -358,9 +368,31 @@ mod tests {
             in_flight: 0,
             queued: 1,
             capacity_per_replica: CAP,
+            slots_per_replica: 0,
         });
         let d = s.decide(at, 0);
         assert_eq!((d.desired, d.reason), (1, Reason::FromZero));
+    }
+
+    #[test]
+    fn long_requests_in_flight_hold_the_replicas_their_slots_need() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 3;
+        // 20 long requests run (8 slots a replica), but no token is counted
+        // until they end: the token demand reads 0.
+        for t in (0..600).step_by(2) {
+            let at = Duration::from_secs(t);
+            s.observe(Signal {
+                at,
+                demand_tokens_per_s: 0.0,
+                in_flight: 20,
+                queued: 0,
+                capacity_per_replica: CAP,
+                slots_per_replica: 8,
+            });
+            n = s.decide(at, n).desired;
+        }
+        assert_eq!(n, 3);
     }
 
     #[test]

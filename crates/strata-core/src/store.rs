@@ -317,6 +317,25 @@ pub trait SnapshotStore: Send + Sync {
     async fn has_snapshot(&self, tenant: &TenantId, session: &str) -> Result<bool, StoreError>;
 }
 
+/// One autoscaler decision that changed a pool, with what it saw.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecisionRecord {
+    pub at_ms: i64,
+    pub pool: String,
+    pub from_replicas: u32,
+    pub to_replicas: u32,
+    pub reason: String,
+    /// The inputs, as JSON (demand over both windows, load, capacity).
+    pub inputs: String,
+}
+
+#[async_trait]
+pub trait DecisionStore: Send + Sync {
+    async fn record_decision(&self, decision: &DecisionRecord) -> Result<(), StoreError>;
+    /// The newest `limit` decisions, oldest first.
+    async fn decisions(&self, limit: u32) -> Result<Vec<DecisionRecord>, StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
     UsageStore
@@ -327,6 +346,7 @@ pub trait Store:
     + CompletionStore
     + ConversationStore
     + SnapshotStore
+    + DecisionStore
     + 'static
 {
 }
@@ -340,6 +360,7 @@ impl<T> Store for T where
         + CompletionStore
         + ConversationStore
         + SnapshotStore
+        + DecisionStore
         + 'static
 {
 }

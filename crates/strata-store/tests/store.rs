@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use common::{tenant, vault, Backend};
 use strata_core::store::{
-    AuditStore, CompletionStore, InstanceRecord, InstanceState, InstanceStore, KeyStore,
-    SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
+    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceRecord, InstanceState,
+    InstanceStore, KeyStore, SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord,
+    UsageStore,
 };
 use strata_core::tenant::{
     digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, NewKey, RateLimits, Role, TenantId,
@@ -372,7 +373,37 @@ async fn snapshots_are_sealed_and_taken_once(backend: &Backend, dir: &Path) {
     assert_eq!(store.take_snapshot(&a.id, "conv_1").await.unwrap(), None);
 }
 
+async fn decisions_come_back_newest_last(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
+    for (i, reason) in ["from_zero", "panic", "scale_down"].iter().enumerate() {
+        store
+            .record_decision(&DecisionRecord {
+                at_ms: i as i64,
+                pool: "default".into(),
+                from_replicas: i as u32,
+                to_replicas: i as u32 + 1,
+                reason: reason.to_string(),
+                inputs: "{\"stable_demand\":1.5}".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let last_two: Vec<String> = store
+        .decisions(2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert_eq!(last_two, ["panic", "scale_down"]);
+    assert_eq!(
+        store.decisions(10).await.unwrap()[0].inputs,
+        "{\"stable_demand\":1.5}"
+    );
+}
+
 on_every_backend!(
+    decisions_come_back_newest_last,
     snapshots_are_sealed_and_taken_once,
     ledger_rows_survive_reopening_and_sum_per_model,
     an_instance_is_updated_in_place,

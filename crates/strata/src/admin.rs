@@ -289,15 +289,48 @@ pub async fn keys(args: AdminArgs<KeysCommand>) -> Result<()> {
     Ok(())
 }
 
-/// Reads every audit row from the database and checks the chain.
-pub async fn verify_audit(db: &str) -> Result<()> {
-    let store = if strata_core::config::is_postgres_url(db) {
+/// The database, without the keyring (nothing sealed is read); a missing
+/// SQLite file is an error rather than a new database.
+async fn open_for_reading(db: &str) -> Result<SqlStore> {
+    Ok(if strata_core::config::is_postgres_url(db) {
         SqlStore::open_any(db, None).await?
     } else if Path::new(db).is_file() {
         SqlStore::open_without_vault(Path::new(db)).await?
     } else {
         bail!("no database at {db}");
-    };
+    })
+}
+
+/// Prints the newest autoscaler decisions, oldest first.
+pub async fn decisions(db: &str, limit: u32, json: bool) -> Result<()> {
+    use strata_core::store::DecisionStore;
+    let store = open_for_reading(db).await?;
+    let rows = store.decisions(limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<8} {:>4} {:>4}  {:<10} inputs",
+        "at (UTC)", "pool", "from", "to", "reason"
+    );
+    for d in rows {
+        println!(
+            "{:<20} {:<8} {:>4} {:>4}  {:<10} {}",
+            strata_core::utc_timestamp(d.at_ms),
+            d.pool,
+            d.from_replicas,
+            d.to_replicas,
+            d.reason,
+            d.inputs
+        );
+    }
+    Ok(())
+}
+
+/// Reads every audit row from the database and checks the chain.
+pub async fn verify_audit(db: &str) -> Result<()> {
+    let store = open_for_reading(db).await?;
     let rows = store.audit(None).await?;
     match verify_chain(&rows) {
         Ok(()) => {

@@ -61,6 +61,17 @@ enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The autoscaler's decisions (each change of a pool, with its reason and inputs).
+    Decisions {
+        /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// How many of the newest to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How an admin verb reaches the gateway.
@@ -312,6 +323,14 @@ fn main() -> Result<()> {
             let config = load_config(&cli.config)?;
             runtime()?.block_on(admin::verify_audit(&config.store.database(db.as_ref())))
         }
+        Command::Decisions { db, limit, json } => {
+            let config = load_config(&cli.config)?;
+            runtime()?.block_on(admin::decisions(
+                &config.store.database(db.as_ref()),
+                limit,
+                json,
+            ))
+        }
     }
 }
 
@@ -410,8 +429,10 @@ fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> Engin
 async fn autoscale(
     mut scaler: Autoscaler,
     capacity_per_replica: f64,
+    slots_per_replica: u32,
     load: watch::Receiver<strata_gateway::Load>,
     desired: watch::Sender<u32>,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) {
     let started = std::time::Instant::now();
@@ -433,6 +454,7 @@ async fn autoscale(
             in_flight: l.in_flight as u32,
             queued: l.waiting as u32,
             capacity_per_replica,
+            slots_per_replica,
         });
         let current = *desired.borrow();
         let d = scaler.decide(now, current);
@@ -440,6 +462,28 @@ async fn autoscale(
             tracing::info!(from = current, to = d.desired, reason = ?d.reason, stable_demand = d.stable_demand,
                 panic_demand = d.panic_demand, in_flight = l.in_flight, waiting = l.waiting, "autoscaler");
             desired.send_replace(d.desired);
+            let inputs = serde_json::json!({
+                "stable_demand_tokens_per_s": d.stable_demand,
+                "panic_demand_tokens_per_s": d.panic_demand,
+                "planned_tokens_per_s_per_replica": d.planned_per_replica,
+                "in_flight": l.in_flight,
+                "waiting": l.waiting,
+                "routable_replicas": l.routable,
+            });
+            let record = strata_core::store::DecisionRecord {
+                at_ms: strata_core::now_ms(),
+                pool: "default".into(),
+                from_replicas: current,
+                to_replicas: d.desired,
+                reason: serde_json::to_value(d.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                inputs: inputs.to_string(),
+            };
+            if let Err(e) = store.record_decision(&record).await {
+                tracing::warn!(error = %e, "cannot store an autoscaler decision");
+            }
         }
     }
 }
@@ -714,6 +758,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     // With `pool.autoscale`, the autoscaler sets the shared replica count
     // from the gateway's load.
     let mut autoscaler = None;
+    let decisions = store.clone();
     let provider = if config.pool.autoscale {
         let policy = ScalePolicy::from(&config.pool);
         let start = if policy.scale_to_zero_after.is_some() {
@@ -728,8 +773,10 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         autoscaler = Some(tokio::spawn(autoscale(
             Autoscaler::new(policy),
             config.pool.replica_tokens_per_s,
+            config.gateway.slots_per_replica,
             load_rx,
             desired_tx,
+            decisions,
             shutdown.clone(),
         )));
         provider.with_desired(desired_rx)
