@@ -598,6 +598,17 @@ mod tests {
         parse_body::<ChatCompletionRequest>(body.as_bytes())?.validate()
     }
 
+    #[test]
+    fn continuing_needs_an_assistant_message_last() {
+        let g = chat(r#"{"model":"m","messages":[{"role":"user","content":"Count"},{"role":"assistant","content":"one, "}],"continue_final_message":true}"#).unwrap();
+        assert!(matches!(g.input, PromptInput::Continue(ref t) if t.len() == 2));
+        let e = chat(r#"{"model":"m","messages":[{"role":"user","content":"Count"}],"continue_final_message":true}"#).unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (400, Some("continue_final_message"))
+        );
+    }
+
     fn completion(body: &str) -> Result<Generation, ApiError> {
         parse_body::<CompletionRequest>(body.as_bytes())?.validate()
     }
