@@ -164,6 +164,15 @@ impl LocalProvider {
         self.publish.send_replace(endpoints);
     }
 
+    /// Stops the replica's process and records why.
+    async fn stop(&self, slot: &mut Slot, why: &str) {
+        stop_child(&mut slot.child).await;
+        slot.instance.state = InstanceState::Stopped;
+        slot.instance.ended_at_ms = Some(now_ms());
+        slot.instance.detail = Some(why.into());
+        self.record(&slot.instance).await;
+    }
+
     /// Waits (up to `limit`) until the replica runs and queues nothing.
     async fn wait_idle(&self, slot: &Slot, limit: Duration) {
         let url = format!("{}/metrics", slot.instance.endpoint);
@@ -256,11 +265,7 @@ impl LocalProvider {
         }
         self.publish.send_replace(Vec::new());
         for slot in &mut slots {
-            stop_child(&mut slot.child).await;
-            slot.instance.state = InstanceState::Stopped;
-            slot.instance.ended_at_ms = Some(now_ms());
-            slot.instance.detail = Some("shut down".into());
-            self.record(&slot.instance).await;
+            self.stop(slot, "shut down").await;
         }
         Ok(())
     }
@@ -300,12 +305,8 @@ impl LocalProvider {
                 // Out of the gateway's list first, idle next, then stopped.
                 self.publish(slots);
                 self.wait_idle(&slot, Duration::from_secs(30)).await;
-                stop_child(&mut slot.child).await;
-                slot.instance.state = InstanceState::Stopped;
-                slot.instance.ended_at_ms = Some(now_ms());
-                slot.instance.detail = Some("scaled down".into());
+                self.stop(&mut slot, "scaled down").await;
                 tracing::info!(instance = %slot.instance.id, "engine replica stopped: scaled down");
-                self.record(&slot.instance).await;
             }
             return Ok(true);
         }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::openai::{check_metadata, Usage};
+use crate::store::Order;
 use crate::ApiError;
 
 /// `POST /v1/responses`. Fields strata does not implement (tools, background
@@ -433,7 +434,7 @@ pub struct PageQuery {
 pub struct PageRequest {
     pub after: Option<String>,
     pub limit: u32,
-    pub ascending: bool,
+    pub order: Order,
 }
 
 /// A list route's `limit`: 1 to 100, 20 when not given.
@@ -456,9 +457,9 @@ pub fn page_limit(limit: Option<&str>) -> Result<u32, ApiError> {
 impl PageQuery {
     pub fn validate(self) -> Result<PageRequest, ApiError> {
         let limit = page_limit(self.limit.as_deref())?;
-        let ascending = match self.order.as_deref() {
-            None | Some("desc") => false,
-            Some("asc") => true,
+        let order = match self.order.as_deref() {
+            None | Some("desc") => Order::Desc,
+            Some("asc") => Order::Asc,
             Some(_) => {
                 return Err(ApiError::invalid_request(
                     Some("order"),
@@ -469,7 +470,7 @@ impl PageQuery {
         Ok(PageRequest {
             after: self.after,
             limit,
-            ascending,
+            order,
         })
     }
 }
@@ -478,7 +479,7 @@ impl PageRequest {
     /// This page of `all` (oldest first), and whether more follow.
     pub fn slice<T: Clone>(&self, all: &[T], id: impl Fn(&T) -> &str) -> (Vec<T>, bool) {
         let mut ordered: Vec<&T> = all.iter().collect();
-        if !self.ascending {
+        if self.order == Order::Desc {
             ordered.reverse();
         }
         let start = match &self.after {
@@ -625,10 +626,10 @@ mod tests {
     #[test]
     fn pages_follow_the_cursor_in_either_order() {
         let all = ["a", "b", "c", "d"];
-        let q = |after: Option<&str>, limit, ascending| PageRequest {
+        let q = |after: Option<&str>, limit, ascending: bool| PageRequest {
             after: after.map(str::to_owned),
             limit,
-            ascending,
+            order: if ascending { Order::Asc } else { Order::Desc },
         };
         assert_eq!(q(None, 2, false).slice(&all, |s| s), (vec!["d", "c"], true));
         assert_eq!(

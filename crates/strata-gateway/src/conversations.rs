@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::openai::{check_metadata, parse_body};
 use strata_core::responses::{list_page, new_id, parse_items, Item, PageQuery};
-use strata_core::store::{Order, Store, StoredConversation, StoredItem};
+use strata_core::store::{Store, StoredConversation, StoredItem};
 use strata_core::{read_body, ApiError};
 
 use crate::admin::store_error;
@@ -186,11 +186,6 @@ pub(crate) async fn list_items(
 ) -> Response {
     let result = async {
         let page = q.validate()?;
-        let order = if page.ascending {
-            Order::Asc
-        } else {
-            Order::Desc
-        };
         let rows = state
             .store
             .items(
@@ -198,7 +193,7 @@ pub(crate) async fn list_items(
                 &id,
                 page.after.as_deref(),
                 page.limit + 1,
-                order,
+                page.order,
             )
             .await
             .map_err(store_error)?

@@ -440,10 +440,10 @@ async fn forward(
             metadata: generation.metadata.clone(),
         }
     });
-    let prefix = prefix_index::block_hashes(
-        p.tenant.id.as_str(),
-        &prefix_index::prompt_text(&generation.input),
-    );
+    let prefix = state
+        .proxy
+        .replicas
+        .prefix_of(p.tenant.id.as_str(), &generation.input);
     let forward = Forward {
         principal: p,
         keep,

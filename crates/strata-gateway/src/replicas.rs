@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
+use strata_core::openai::PromptInput;
 use strata_core::ReplicaEndpoint;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::prefix_index::PrefixIndex;
+use crate::prefix_index::{block_hashes, prompt_text, PrefixIndex};
 use crate::router::{pick_with_affinity, ReplicaLoad};
 
 pub struct Replica {
@@ -133,6 +134,15 @@ impl ReplicaSet {
     /// load and session only.
     pub fn set_prefix_routing(&self, on: bool) {
         self.prefix_routing.store(on, Ordering::Relaxed);
+    }
+
+    /// The block hashes `choose` routes `input` by: none when routing by
+    /// load only, so the prompt is not hashed for nothing.
+    pub fn prefix_of(&self, tenant: &str, input: &PromptInput) -> Vec<u64> {
+        if !self.prefix_routing.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        block_hashes(tenant, &prompt_text(input))
     }
 
     /// Picks a replica of `pool` (a dedicated tenant's name, or `None` for

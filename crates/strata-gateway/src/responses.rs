@@ -28,7 +28,6 @@ use tracing::Instrument;
 
 use crate::admin::{record_audit, store_error};
 use crate::auth::Principal;
-use crate::prefix_index::{block_hashes, prompt_text};
 use crate::proxy::{json_response, usage_row, Forward, SseEvents};
 use crate::replicas::InFlight;
 use crate::snapshots::Snapshots;
@@ -178,7 +177,10 @@ async fn start(
         }
         _ => replica,
     };
-    let prefix = block_hashes(p.tenant.id.as_str(), &prompt_text(&generation.input));
+    let prefix = state
+        .proxy
+        .replicas
+        .prefix_of(p.tenant.id.as_str(), &generation.input);
     let mut forward = Forward {
         path: "/v1/chat/completions",
         principal: p,
@@ -320,6 +322,28 @@ struct Turn {
     sink: Option<mpsc::Sender<Bytes>>,
 }
 
+/// The answer as it streams in.
+struct Answer {
+    item_id: String,
+    text: String,
+    /// Seconds from arrival to the first text.
+    first_byte: Option<f64>,
+    outcome: Outcome,
+    usage: Option<Usage>,
+}
+
+impl Answer {
+    /// The output message, as stored and shown.
+    fn item(&self) -> Item {
+        let mut item = Item::new(ItemRole::Assistant, self.text.clone());
+        item.id = self.item_id.clone();
+        if self.outcome == Outcome::Incomplete {
+            item.status = "incomplete";
+        }
+        item
+    }
+}
+
 /// The client went away; the turn is dropped (and the replica's generation
 /// with it).
 struct Gone;
@@ -336,21 +360,17 @@ impl Turn {
     /// Reads the replica's chat stream through to the end, emitting events,
     /// then stores, meters and returns the final response object.
     async fn pump(mut self, upstream: reqwest::Response) -> Result<Value, ApiError> {
-        let item_id = new_id("msg");
-        let mut first_byte = None;
-        let mut outcome = Outcome::InProgress;
-        let mut text = String::new();
-        let mut usage: Option<Usage> = None;
-        let streamed = self
-            .stream_answer(
-                upstream,
-                &item_id,
-                &mut text,
-                &mut first_byte,
-                &mut outcome,
-                &mut usage,
-            )
-            .await;
+        let mut answer = Answer {
+            item_id: new_id("msg"),
+            text: String::new(),
+            first_byte: None,
+            outcome: Outcome::InProgress,
+            usage: None,
+        };
+        let streamed = self.stream_answer(upstream, &mut answer).await;
+        let Answer {
+            first_byte, usage, ..
+        } = answer;
         let latency = self.forward.arrived.elapsed().as_secs_f64();
         if streamed.is_err() {
             // 499: the client went away before the end, as nginx logs it.
@@ -365,15 +385,11 @@ impl Turn {
             self.state.proxy.ledger.record(row);
             return Err(ApiError::bad_gateway("The client went away."));
         }
-        let mut answer = Item::new(ItemRole::Assistant, text);
-        answer.id = item_id;
-        if outcome == Outcome::Incomplete {
-            answer.status = "incomplete";
-        }
-        let output = match outcome {
+        let output = match answer.outcome {
             Outcome::Failed(_) => Vec::new(),
-            _ => vec![answer],
+            _ => vec![answer.item()],
         };
+        let mut outcome = answer.outcome;
         if !matches!(outcome, Outcome::Failed(_)) && self.meta.store {
             if let Err(e) = self.save(&outcome, &output, usage).await {
                 outcome = Outcome::Failed(e);
@@ -405,16 +421,13 @@ impl Turn {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn stream_answer(
         &mut self,
         upstream: reqwest::Response,
-        item_id: &str,
-        text: &mut String,
-        first_byte: &mut Option<f64>,
-        outcome: &mut Outcome,
-        usage: &mut Option<Usage>,
+        a: &mut Answer,
     ) -> Result<(), Gone> {
+        let item_id = a.item_id.clone();
+        let item_id = item_id.as_str();
         let in_progress = response_object(&self.meta, &Outcome::InProgress, &[], None);
         self.emit("response.created", json!({"response": in_progress}))
             .await?;
@@ -453,7 +466,7 @@ impl Turn {
                         replica.mark_down();
                     }
                     if resumes < MAX_RESUMES {
-                        if let Some(next) = self.resume(text, deltas).await {
+                        if let Some(next) = self.resume(&a.text, deltas).await {
                             tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
                             self.state.proxy.metrics.retries.inc();
                             body = next.bytes_stream().boxed();
@@ -463,7 +476,7 @@ impl Turn {
                             continue;
                         }
                     }
-                    *outcome = Outcome::Failed(ApiError::bad_gateway(
+                    a.outcome = Outcome::Failed(ApiError::bad_gateway(
                         "The replica failed during the response.",
                     ));
                     return Ok(());
@@ -482,7 +495,7 @@ impl Turn {
                         .as_str()
                         .unwrap_or("generation failed")
                         .to_owned();
-                    *outcome = Outcome::Failed(ApiError::internal(message));
+                    a.outcome = Outcome::Failed(ApiError::internal(message));
                     return Ok(());
                 }
                 let choice = &v["choices"][0];
@@ -490,12 +503,12 @@ impl Turn {
                     .as_str()
                     .filter(|d| !d.is_empty())
                 {
-                    if first_byte.is_none() {
+                    if a.first_byte.is_none() {
                         let t = self.forward.arrived.elapsed().as_secs_f64();
                         self.state.proxy.metrics.first_byte.observe(t);
-                        *first_byte = Some(t);
+                        a.first_byte = Some(t);
                     }
-                    text.push_str(delta);
+                    a.text.push_str(delta);
                     deltas += 1;
                     self.emit(
                         "response.output_text.delta",
@@ -508,7 +521,7 @@ impl Turn {
                 }
             }
         }
-        *usage = sse.usage.map(|u| match resumes {
+        a.usage = sse.usage.map(|u| match resumes {
             0 => u,
             // The last replica read the earlier output as prompt: count it
             // as output again (deltas stand in for the lost usage).
@@ -521,21 +534,21 @@ impl Turn {
                     .min(u.prompt_tokens.saturating_sub(before_resume)),
             ),
         });
-        *outcome = match finish.as_deref() {
+        a.outcome = match finish.as_deref() {
             Some("length") => Outcome::Incomplete,
             Some(_) => Outcome::Completed,
             None => Outcome::Failed(ApiError::bad_gateway(
                 "The replica ended the response early.",
             )),
         };
-        if matches!(outcome, Outcome::Failed(_)) {
+        if matches!(a.outcome, Outcome::Failed(_)) {
             return Ok(());
         }
         let done_part =
-            json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+            json!({"type": "output_text", "text": a.text, "annotations": [], "logprobs": []});
         self.emit(
             "response.output_text.done",
-            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": a.text, "logprobs": []}),
         )
         .await?;
         self.emit(
@@ -543,14 +556,9 @@ impl Turn {
             json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": done_part}),
         )
         .await?;
-        let mut done = Item::new(ItemRole::Assistant, text.clone());
-        done.id = item_id.to_owned();
-        if *outcome == Outcome::Incomplete {
-            done.status = "incomplete";
-        }
         self.emit(
             "response.output_item.done",
-            json!({"output_index": 0, "item": done.to_json()}),
+            json!({"output_index": 0, "item": a.item().to_json()}),
         )
         .await?;
         Ok(())
