@@ -14,9 +14,12 @@ import httpx
 from conftest import MODEL_ID, STRATA, Server
 
 CONFIG = """
+[instance_types.local]         # a replica planned at ~20 tokens/s
+prefill_tokens_per_s = 100.0
+decode_tokens_per_s = [20.0]
+
 [pool]
 autoscale = true
-replica_tokens_per_s = 20.0
 target_utilisation = 1.0
 min_replicas = 1
 max_replicas = 2
@@ -78,7 +81,7 @@ def test_scale_from_zero_up_down_and_to_zero_again():
         assert r.usage.completion_tokens == 2
         # Every change is logged and stored with its reason and inputs.
         log = re.sub(r"\x1b\[[0-9;]*m", "", open(s.log_path).read())
-        for reason in ("FromZero", "ScaleDown", "ToZero"):
+        for reason in ("from_zero", "scale_down", "to_zero"):
             assert f"reason={reason}" in log, reason
         out = subprocess.run([STRATA, "decisions", "--db", os.path.join(s.dir, "strata.db"), "--json"],
                              capture_output=True, text=True, check=True).stdout

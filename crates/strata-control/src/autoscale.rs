@@ -8,7 +8,10 @@
 //! happens at once; going down only to the highest count asked for during the
 //! last `scale_down_delay`, so a dip does not remove capacity a recovery
 //! needs. With `scale_to_zero_after`, a pool with no requests for that long
-//! goes to zero, and the first request brings one replica back.
+//! goes to zero, and the first request brings one replica back. When the
+//! pool misses a latency objective (p95 TTFT or time per output token)
+//! while requests wait for a slot, one more replica is added, at most once
+//! per panic window.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -28,6 +31,9 @@ pub struct ScalePolicy {
     pub scale_down_delay: Duration,
     /// Scale to zero after this long without any request; `None`: never.
     pub scale_to_zero_after: Option<Duration>,
+    /// p95 objectives in milliseconds: time to first token, time per output token.
+    pub slo_ttft_p95_ms: Option<f64>,
+    pub slo_tpot_p95_ms: Option<f64>,
 }
 
 impl From<&strata_core::config::PoolConfig> for ScalePolicy {
@@ -41,6 +47,8 @@ impl From<&strata_core::config::PoolConfig> for ScalePolicy {
             panic_threshold: c.panic_threshold,
             scale_down_delay: Duration::from_secs_f64(c.scale_down_delay_secs),
             scale_to_zero_after: c.scale_to_zero_after_secs.map(Duration::from_secs_f64),
+            slo_ttft_p95_ms: c.slo_ttft_p95_ms,
+            slo_tpot_p95_ms: c.slo_tpot_p95_ms,
         }
     }
 }
@@ -67,6 +75,25 @@ pub struct Signal {
     /// demand reads low; the requests holding or awaiting a slot then set
     /// a floor: never fewer replicas than their slots need.
     pub slots_per_replica: u32,
+    /// Recent p95 time to first token and per output token (milliseconds).
+    pub ttft_p95_ms: Option<f64>,
+    pub tpot_p95_ms: Option<f64>,
+}
+
+impl Signal {
+    /// A signal with demand and capacity only (no requests counted, no latencies).
+    pub fn demand(at: Duration, demand_tokens_per_s: f64, capacity_per_replica: f64) -> Self {
+        Signal {
+            at,
+            demand_tokens_per_s,
+            in_flight: 0,
+            queued: 0,
+            capacity_per_replica,
+            slots_per_replica: 0,
+            ttft_p95_ms: None,
+            tpot_p95_ms: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,6 +111,8 @@ pub enum Reason {
     ToZero,
     /// Requests arrived while at zero.
     FromZero,
+    /// A latency objective was missed while requests waited.
+    SloMiss,
 }
 
 /// One decision, with the inputs that made it (stored for `strata decisions`).
@@ -106,6 +135,7 @@ pub struct Autoscaler {
     wanted: VecDeque<(Duration, u32)>,
     panic_until: Option<Duration>,
     last_request: Option<Duration>,
+    last_slo_step: Option<Duration>,
 }
 
 impl Autoscaler {
@@ -116,6 +146,7 @@ impl Autoscaler {
             wanted: VecDeque::new(),
             panic_until: None,
             last_request: None,
+            last_slo_step: None,
         }
     }
 
@@ -150,6 +181,18 @@ impl Autoscaler {
         } else {
             recent.iter().sum::<f64>() / recent.len() as f64
         }
+    }
+
+    /// The last signal shows requests waiting for a slot and a p95 latency
+    /// above its objective.
+    fn slo_missed(&self) -> bool {
+        let Some(s) = self.signals.back() else {
+            return false;
+        };
+        let over = |measured: Option<f64>, goal: Option<f64>| matches!((measured, goal), (Some(m), Some(g)) if m > g);
+        s.queued > 0
+            && (over(s.ttft_p95_ms, self.policy.slo_ttft_p95_ms)
+                || over(s.tpot_p95_ms, self.policy.slo_tpot_p95_ms))
     }
 
     /// The replicas the pool should have now, given it has `current`.
@@ -235,6 +278,18 @@ impl Autoscaler {
         if stable_need > current {
             return decision(stable_need, Reason::ScaleUp);
         }
+        if self.slo_missed() && current < p.max_replicas {
+            let due = self
+                .last_slo_step
+                .is_none_or(|at| now.saturating_sub(at) >= p.panic_window);
+            if due {
+                self.last_slo_step = Some(now);
+                if let Some(last) = self.wanted.back_mut() {
+                    last.1 = last.1.max(current + 1);
+                }
+                return decision(current + 1, Reason::SloMiss);
+            }
+        }
         // Down only to the most asked for during the whole delay.
         let held = self
             .wanted
@@ -282,12 +337,8 @@ mod tests {
             let d = demand(t);
             let at = Duration::from_secs(t);
             scaler.observe(Signal {
-                at,
-                demand_tokens_per_s: d,
                 in_flight: u32::from(d > 0.0),
-                queued: 0,
-                capacity_per_replica: CAP,
-                slots_per_replica: 0,
+                ..Signal::demand(at, d, CAP)
             });
             let decision = scaler.decide(at, *replicas);
             *replicas = decision.desired;
@@ -363,12 +414,8 @@ mod tests {
         // One queued request at zero: a replica at once.
         let at = Duration::from_secs(500);
         s.observe(Signal {
-            at,
-            demand_tokens_per_s: 0.0,
-            in_flight: 0,
             queued: 1,
-            capacity_per_replica: CAP,
-            slots_per_replica: 0,
+            ..Signal::demand(at, 0.0, CAP)
         });
         let d = s.decide(at, 0);
         assert_eq!((d.desired, d.reason), (1, Reason::FromZero));
@@ -383,16 +430,51 @@ mod tests {
         for t in (0..600).step_by(2) {
             let at = Duration::from_secs(t);
             s.observe(Signal {
-                at,
-                demand_tokens_per_s: 0.0,
                 in_flight: 20,
-                queued: 0,
-                capacity_per_replica: CAP,
                 slots_per_replica: 8,
+                ..Signal::demand(at, 0.0, CAP)
             });
             n = s.decide(at, n).desired;
         }
         assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn a_missed_latency_objective_adds_a_replica_per_panic_window_while_requests_wait() {
+        let mut s = Autoscaler::new(ScalePolicy {
+            slo_ttft_p95_ms: Some(1000.0),
+            ..policy()
+        });
+        let mut n = 1;
+        let mut reasons = Vec::new();
+        // Demand the token estimate finds small, but requests queue and
+        // p95 TTFT is 3 s: +1 now, +1 after 6 s, not in between.
+        for t in 0..14 {
+            let at = Duration::from_secs(t);
+            s.observe(Signal {
+                in_flight: 4,
+                queued: 3,
+                ttft_p95_ms: Some(3000.0),
+                ..Signal::demand(at, 10.0, CAP)
+            });
+            let d = s.decide(at, n);
+            n = d.desired;
+            reasons.push(d.reason);
+        }
+        assert_eq!(n, 4, "{reasons:?}");
+        assert_eq!(reasons.iter().filter(|r| **r == Reason::SloMiss).count(), 3);
+        assert_eq!(reasons[1], Reason::Hold);
+        // Latency back under the objective, or nobody waiting: no more steps.
+        for (t, queued, ttft) in [(20, 0, 3000.0), (27, 3, 500.0)] {
+            let at = Duration::from_secs(t);
+            s.observe(Signal {
+                in_flight: 4,
+                queued,
+                ttft_p95_ms: Some(ttft),
+                ..Signal::demand(at, 10.0, CAP)
+            });
+            assert_eq!(s.decide(at, n).desired, 4);
+        }
     }
 
     #[test]

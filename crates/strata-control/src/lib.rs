@@ -1,13 +1,15 @@
-//! The controller side of strata: providers that launch and supervise engine
-//! replicas (`local`: child processes on this machine), the autoscaling
-//! policy, the instance planner, cost attribution, and model provisioning
-//! (`strata model fetch`).
+//! The controller side of strata: the pool controller (`controller`), the
+//! autoscaling policy, the instance planner, providers that launch and
+//! supervise engine replicas (`local`: child processes on this machine),
+//! the cost ledger, and model provisioning (`strata model fetch`).
 
 pub mod autoscale;
+pub mod controller;
 pub mod cost;
 pub mod local;
 pub mod model;
 pub mod planner;
+pub mod provider;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

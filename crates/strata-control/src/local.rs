@@ -1,7 +1,11 @@
 //! The `local` provider: engine replicas as child processes of this one, on
-//! free loopback ports. It restarts a replica that dies, publishes the live
-//! endpoints to the gateway, records each instance in the store, and on
-//! shutdown stops every child (SIGTERM, then SIGKILL) so none is orphaned.
+//! free loopback ports, each sized by its instance type (engine threads).
+//! It publishes the live endpoints to the gateway, records each instance
+//! (with its price) in the store, lets replicas go through the gateway's
+//! drain (their sessions' KV caches are kept), emulates spot reclaims
+//! (`strata chaos preempt`, or at random), and on shutdown stops every
+//! child (SIGTERM, then SIGKILL) so none is orphaned. Replicas reserved for
+//! dedicated tenants are kept up by the provider itself, outside the pool.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,65 +13,82 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_core::store::{InstanceRecord, InstanceState, Store};
+use async_trait::async_trait;
+use strata_core::config::{CapacityType, InstanceType};
+use strata_core::link::{ControllerLink, DrainRequest};
+use strata_core::store::{InstanceKind, InstanceRecord, InstanceState, Store};
 use strata_core::{now_ms, ReplicaEndpoint};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::planner::{Offer, Slot};
+use crate::provider::{Instance, Provider, ProviderEvent};
 use crate::ControlError;
 
 /// How to launch replicas: this program with `engine` and these arguments.
 #[derive(Debug, Clone)]
 pub struct LocalSettings {
     pub program: PathBuf,
-    /// Arguments after `engine`, without `--port`.
+    /// Arguments after `engine`, without `--threads` and `--port`.
     pub engine_args: Vec<String>,
-    /// Replicas in the shared pool.
-    pub replicas: u32,
+    /// Engine threads for an instance type that names none.
+    pub default_threads: u32,
+    /// The pool's instance types (their thread counts size the processes).
+    pub instance_types: BTreeMap<String, InstanceType>,
+    pub pool: String,
+    pub model: String,
     /// Replicas speak HTTPS (mutual TLS; `engine_args` carry the certificates).
     pub https: bool,
-    /// Replicas reserved per dedicated tenant (by name), launched after the shared ones.
+    /// Replicas reserved per dedicated tenant (by name), outside the pool.
     pub dedicated: BTreeMap<String, u32>,
     pub startup_timeout: Duration,
+    /// Notice a preempted replica gets (when the notice names none).
+    pub preemption_notice: Duration,
+    /// Spot replicas preempted at random, per replica-hour (0: never).
+    pub random_preemptions_per_hour: f64,
+    /// Longest a replica being let go waits for its requests to end.
+    pub drain_wait: Duration,
 }
 
-impl LocalSettings {
-    /// The tenant slot `index` is reserved for, if any.
-    fn reserved_for(&self, index: u32) -> Option<String> {
-        let mut next = self.replicas;
-        for (tenant, count) in &self.dedicated {
-            if index < next + count && index >= next {
-                return Some(tenant.clone());
-            }
-            next += count;
-        }
-        None
-    }
-
-    fn total(&self) -> u32 {
-        self.replicas + self.dedicated.values().sum::<u32>()
-    }
-}
-
-struct Slot {
-    index: u32,
-    /// The dedicated tenant this replica is reserved for, if any.
+struct Proc {
+    record: InstanceRecord,
+    /// The pool slot it fills; `None` for a dedicated tenant's replica.
+    slot: Option<Slot>,
     reserved_for: Option<String>,
-    instance: InstanceRecord,
     child: Child,
     launched: Instant,
-    restarts: u32,
 }
 
-/// Supervises the replicas until `shutdown`; endpoints go out on `publish`.
+impl Proc {
+    fn endpoint(&self) -> ReplicaEndpoint {
+        ReplicaEndpoint {
+            id: self.record.id.clone(),
+            url: self.record.endpoint.clone(),
+            reserved_for: self.reserved_for.clone(),
+        }
+    }
+}
+
 pub struct LocalProvider {
     settings: LocalSettings,
     store: Arc<dyn Store>,
     publish: watch::Sender<Vec<ReplicaEndpoint>>,
     http: reqwest::Client,
-    /// The shared replica count to keep, when an autoscaler sets it.
-    desired: Option<watch::Receiver<u32>>,
+    link: ControllerLink,
+    running: Vec<Proc>,
+    /// Replicas draining on their way out: still published until gone.
+    leaving: Vec<ReplicaEndpoint>,
+    exits: JoinSet<String>,
+    stop_all: CancellationToken,
+    events: Vec<ProviderEvent>,
+    next_index: u32,
+    started: bool,
+    /// Replicas in a row that died soon after launch (launches back off).
+    fast_failures: u32,
+    last_poll: Instant,
+    rng: u64,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -78,38 +99,62 @@ fn free_port() -> std::io::Result<u16> {
 
 impl LocalProvider {
     /// `http` checks the replicas' health; with `settings.https` it must
-    /// present the client certificate the replicas require.
+    /// present the client certificate the replicas require. Drains go to
+    /// the gateway over `link`, and preemption notices come from it.
     pub fn new(
         settings: LocalSettings,
         store: Arc<dyn Store>,
         publish: watch::Sender<Vec<ReplicaEndpoint>>,
         http: reqwest::Client,
+        link: ControllerLink,
     ) -> Self {
         LocalProvider {
             settings,
             store,
             publish,
             http,
-            desired: None,
+            link,
+            running: Vec::new(),
+            leaving: Vec::new(),
+            exits: JoinSet::new(),
+            stop_all: CancellationToken::new(),
+            events: Vec::new(),
+            next_index: 0,
+            started: false,
+            fast_failures: 0,
+            last_poll: Instant::now(),
+            rng: (now_ms() as u64) | 1,
         }
     }
 
-    /// Keep as many shared replicas as `desired` says (dedicated ones stay).
-    pub fn with_desired(mut self, desired: watch::Receiver<u32>) -> Self {
-        self.desired = Some(desired);
-        self
+    fn threads(&self, instance_type: &str) -> u32 {
+        match self.settings.instance_types.get(instance_type) {
+            Some(t) if t.threads > 0 => t.threads,
+            _ => self.settings.default_threads,
+        }
     }
 
-    async fn launch(
-        &self,
-        index: u32,
+    async fn spawn(
+        &mut self,
+        kind: InstanceKind,
+        slot: Option<Slot>,
         reserved_for: Option<String>,
-        restarts: u32,
-    ) -> Result<Slot, ControlError> {
+    ) -> Result<(), ControlError> {
+        if self.fast_failures > 0 {
+            // A replica that keeps dying at start: back off a little.
+            tokio::time::sleep(Duration::from_millis(
+                500 * u64::from(self.fast_failures.min(10)),
+            ))
+            .await;
+        }
+        let index = self.next_index;
+        self.next_index += 1;
         let port = free_port().map_err(ControlError::Launch)?;
+        let threads = self.threads(&kind.instance_type);
         let mut cmd = Command::new(&self.settings.program);
         cmd.arg("engine")
             .args(&self.settings.engine_args)
+            .args(["--threads", &threads.to_string()])
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -122,7 +167,7 @@ impl LocalProvider {
             });
         }
         let child = cmd.spawn().map_err(ControlError::Launch)?;
-        let instance = InstanceRecord {
+        let record = InstanceRecord {
             id: format!("local-{index}-{:x}", now_ms()),
             provider: "local".into(),
             endpoint: format!(
@@ -133,184 +178,278 @@ impl LocalProvider {
             started_at_ms: now_ms(),
             ended_at_ms: None,
             detail: child.id().map(|pid| format!("pid {pid}")),
+            kind,
         };
-        tracing::info!(instance = %instance.id, endpoint = %instance.endpoint, "engine replica launched");
-        self.record(&instance).await;
-        Ok(Slot {
-            index,
+        tracing::info!(instance = %record.id, endpoint = %record.endpoint,
+            instance_type = %record.kind.instance_type, zone = %record.kind.zone,
+            capacity = record.kind.capacity.as_str(), threads, "engine replica launched");
+        record_instance(&*self.store, &record).await;
+        self.running.push(Proc {
+            record,
+            slot,
             reserved_for,
-            instance,
             child,
             launched: Instant::now(),
-            restarts,
-        })
+        });
+        self.publish();
+        Ok(())
     }
 
-    async fn record(&self, instance: &InstanceRecord) {
-        if let Err(e) = self.store.upsert_instance(instance).await {
-            tracing::warn!(error = %e, "cannot record instance");
-        }
-    }
-
-    fn publish(&self, slots: &[Slot]) {
-        let endpoints = slots
+    fn publish(&self) {
+        let endpoints = self
+            .running
             .iter()
-            .map(|s| ReplicaEndpoint {
-                id: s.instance.id.clone(),
-                url: s.instance.endpoint.clone(),
-                reserved_for: s.reserved_for.clone(),
-            })
+            .map(Proc::endpoint)
+            .chain(self.leaving.iter().cloned())
             .collect();
         self.publish.send_replace(endpoints);
     }
 
-    /// Stops the replica's process and records why.
-    async fn stop(&self, slot: &mut Slot, why: &str) {
-        stop_child(&mut slot.child).await;
-        slot.instance.state = InstanceState::Stopped;
-        slot.instance.ended_at_ms = Some(now_ms());
-        slot.instance.detail = Some(why.into());
-        self.record(&slot.instance).await;
-    }
-
-    /// Waits (up to `limit`) until the replica runs and queues nothing.
-    async fn wait_idle(&self, slot: &Slot, limit: Duration) {
-        let url = format!("{}/metrics", slot.instance.endpoint);
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            let busy = match self.http.get(&url).send().await {
-                Ok(r) => r.text().await.unwrap_or_default().lines().any(|l| {
-                    (l.starts_with("strata_engine_running_sequences ")
-                        || l.starts_with("strata_engine_queued_requests "))
-                        && !l.ends_with(" 0")
-                }),
-                Err(_) => false,
-            };
-            if !busy {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn healthy(&self, slot: &Slot) -> bool {
-        let url = format!("{}/health", slot.instance.endpoint);
+    async fn healthy(&self, p: &Proc) -> bool {
+        let url = format!("{}/health", p.record.endpoint);
         matches!(self.http.get(url).send().await, Ok(r) if r.status().is_success())
     }
 
-    /// Runs until `shutdown`, then stops every replica.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ControlError> {
-        let mut slots = Vec::new();
-        let shared = match &self.desired {
-            Some(d) => *d.borrow(),
-            None => self.settings.replicas,
-        };
-        for index in 0..self.settings.total() {
-            let reserved = self.settings.reserved_for(index);
-            if reserved.is_none() && index >= shared {
-                continue;
-            }
-            slots.push(self.launch(index, reserved, 0).await?);
-        }
-        self.publish(&slots);
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let mut changed = self.follow_desired(&mut slots).await?;
-            for slot in slots.iter_mut() {
-                let exited = match slot.child.try_wait() {
-                    Ok(Some(status)) => Some(status.to_string()),
-                    Ok(None)
-                        if slot.instance.state == InstanceState::Starting
-                            && slot.launched.elapsed() > self.settings.startup_timeout =>
-                    {
-                        let _ = slot.child.start_kill();
-                        let _ = slot.child.wait().await;
-                        Some("did not become healthy in time".into())
-                    }
-                    Ok(None) => None,
-                    Err(e) => Some(format!("cannot wait on it: {e}")),
-                };
-                if let Some(detail) = exited {
-                    tracing::warn!(instance = %slot.instance.id, %detail, "engine replica exited; launching a replacement");
-                    slot.instance.state = InstanceState::Exited;
-                    slot.instance.ended_at_ms = Some(now_ms());
-                    slot.instance.detail = Some(detail);
-                    self.record(&slot.instance).await;
-                    // Back off a little if a replica keeps dying at start.
-                    let restarts = slot.restarts + 1;
-                    if slot.launched.elapsed() < Duration::from_secs(2) {
-                        tokio::time::sleep(Duration::from_millis(
-                            500 * u64::from(restarts.min(10)),
-                        ))
-                        .await;
-                    }
-                    *slot = self
-                        .launch(slot.index, slot.reserved_for.clone(), restarts)
-                        .await?;
-                    changed = true;
-                } else if slot.instance.state == InstanceState::Starting && self.healthy(slot).await
-                {
-                    slot.instance.state = InstanceState::Ready;
-                    tracing::info!(instance = %slot.instance.id, secs = slot.launched.elapsed().as_secs_f64(), "engine replica ready");
-                    self.record(&slot.instance).await;
+    /// Takes the replica out of the pool and lets it go in the background:
+    /// the gateway drains it (up to `wait`), then its process stops and
+    /// the instance is recorded as `end`.
+    fn let_go(&mut self, at: usize, wait: Duration, end: InstanceState, why: String) {
+        let mut p = self.running.remove(at);
+        self.leaving.push(p.endpoint());
+        let drains = self.link.drains.clone();
+        let store = self.store.clone();
+        let stop_all = self.stop_all.clone();
+        self.exits.spawn(async move {
+            let (done, drained) = oneshot::channel();
+            let request = DrainRequest {
+                replica: p.record.id.clone(),
+                wait,
+                done,
+            };
+            if drains.send(request).await.is_ok() {
+                // The drain ends by `wait` (plus its snapshot export); a
+                // reclaimed machine does not wait longer than its notice.
+                tokio::select! {
+                    _ = stop_all.cancelled() => {}
+                    _ = tokio::time::sleep(wait + Duration::from_secs(5)) => {}
+                    _ = drained => {}
                 }
             }
-            if changed {
-                self.publish(&slots);
-            }
-        }
-        self.publish.send_replace(Vec::new());
-        for slot in &mut slots {
-            self.stop(slot, "shut down").await;
-        }
-        Ok(())
+            stop_child(&mut p.child).await;
+            p.record.state = end;
+            p.record.ended_at_ms = Some(now_ms());
+            p.record.detail = Some(why);
+            record_instance(&*store, &p.record).await;
+            tracing::info!(instance = %p.record.id, state = end.as_str(), "engine replica gone");
+            p.record.id
+        });
+        self.publish();
+    }
+
+    /// Preempts the replica at `at` (a pool replica): it drains within the
+    /// notice and is reclaimed when the notice ends.
+    fn preempt(&mut self, at: usize, notice: Duration) {
+        let p = &self.running[at];
+        let Some(slot) = p.slot.clone() else {
+            tracing::warn!(instance = %p.record.id, "a dedicated tenant's replica is not preempted");
+            return;
+        };
+        tracing::warn!(instance = %p.record.id, zone = %slot.zone, notice_secs = notice.as_secs_f64(), "preemption notice");
+        self.events.push(ProviderEvent::Preempting {
+            id: p.record.id.clone(),
+            slot,
+            notice,
+        });
+        self.let_go(
+            at,
+            notice,
+            InstanceState::Preempted,
+            format!("preempted ({}s notice)", notice.as_secs_f64()),
+        );
+    }
+
+    fn next_random(&mut self) -> f64 {
+        // xorshift64*: enough for emulated reclaims.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
-impl LocalProvider {
-    /// Launches or stops shared replicas to match the desired count; true
-    /// when the set changed. The newest replicas stop first.
-    async fn follow_desired(&self, slots: &mut Vec<Slot>) -> Result<bool, ControlError> {
-        let Some(desired) = &self.desired else {
-            return Ok(false);
+#[async_trait]
+impl Provider for LocalProvider {
+    async fn launch(&mut self, offer: &Offer) -> Result<String, ControlError> {
+        let kind = InstanceKind {
+            pool: self.settings.pool.clone(),
+            model: self.settings.model.clone(),
+            instance_type: offer.instance_type.clone(),
+            zone: offer.zone.clone(),
+            capacity: offer.capacity,
+            price_per_hour: offer.price_per_hour,
+            tokens_per_s: offer.tokens_per_s,
         };
-        let want = *desired.borrow() as usize;
-        let shared = slots.iter().filter(|s| s.reserved_for.is_none()).count();
-        if want > shared {
-            for _ in shared..want {
-                let index = slots
-                    .iter()
-                    .map(|s| s.index + 1)
-                    .max()
-                    .unwrap_or(0)
-                    .max(self.settings.total());
-                slots.push(self.launch(index, None, 0).await?);
-            }
-            return Ok(true);
+        self.spawn(kind, Some(Slot::from(offer)), None).await?;
+        Ok(self
+            .running
+            .last()
+            .expect("just launched")
+            .record
+            .id
+            .clone())
+    }
+
+    async fn terminate(&mut self, id: &str, why: &str) {
+        if let Some(at) = self.running.iter().position(|p| p.record.id == id) {
+            tracing::info!(instance = %id, %why, "engine replica let go");
+            let wait = self.settings.drain_wait;
+            self.let_go(at, wait, InstanceState::Stopped, why.to_owned());
         }
-        if want < shared {
-            for _ in want..shared {
-                let newest = slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.reserved_for.is_none())
-                    .max_by_key(|(_, s)| s.index)
-                    .map(|(i, _)| i)
-                    .expect("a shared replica to stop");
-                let mut slot = slots.remove(newest);
-                // Out of the gateway's list first, idle next, then stopped.
-                self.publish(slots);
-                self.wait_idle(&slot, Duration::from_secs(30)).await;
-                self.stop(&mut slot, "scaled down").await;
-                tracing::info!(instance = %slot.instance.id, "engine replica stopped: scaled down");
+    }
+
+    fn list(&self) -> Vec<Instance> {
+        self.running
+            .iter()
+            .filter_map(|p| {
+                Some(Instance {
+                    id: p.record.id.clone(),
+                    slot: p.slot.clone()?,
+                    ready: p.record.state == InstanceState::Ready,
+                })
+            })
+            .collect()
+    }
+
+    async fn poll(&mut self) -> Vec<ProviderEvent> {
+        if !self.started {
+            self.started = true;
+            for (tenant, count) in self.settings.dedicated.clone() {
+                for _ in 0..count {
+                    let kind = InstanceKind {
+                        pool: format!("dedicated:{tenant}"),
+                        model: self.settings.model.clone(),
+                        ..InstanceKind::default()
+                    };
+                    if let Err(e) = self.spawn(kind, None, Some(tenant.clone())).await {
+                        tracing::error!(error = %e, %tenant, "cannot launch a dedicated replica");
+                    }
+                }
             }
-            return Ok(true);
         }
-        Ok(false)
+        // Preemption notices from the admin API.
+        while let Ok(n) = self.link.notices.try_recv() {
+            match self.running.iter().position(|p| p.record.id == n.replica) {
+                Some(at) => {
+                    let notice = n.notice.unwrap_or(self.settings.preemption_notice);
+                    self.preempt(at, notice);
+                }
+                None => {
+                    tracing::warn!(replica = %n.replica, "preemption notice for no running replica")
+                }
+            }
+        }
+        // Emulated reclaims of spot replicas.
+        let dt = self.last_poll.elapsed().as_secs_f64();
+        self.last_poll = Instant::now();
+        if self.settings.random_preemptions_per_hour > 0.0 {
+            let chance = self.settings.random_preemptions_per_hour * dt / 3600.0;
+            let mut at = 0;
+            while at < self.running.len() {
+                let p = &self.running[at];
+                let spot = p.record.kind.capacity == CapacityType::Spot && p.slot.is_some();
+                if spot && p.record.state == InstanceState::Ready && self.next_random() < chance {
+                    self.preempt(at, self.settings.preemption_notice);
+                } else {
+                    at += 1;
+                }
+            }
+        }
+        // Replicas that went away.
+        while let Some(done) = self.exits.try_join_next() {
+            if let Ok(id) = done {
+                self.leaving.retain(|e| e.id != id);
+                self.events.push(ProviderEvent::Gone { id });
+                self.publish();
+            }
+        }
+        // Exits, start timeouts, health.
+        let mut at = 0;
+        while at < self.running.len() {
+            let p = &mut self.running[at];
+            let exited = match p.child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None)
+                    if p.record.state == InstanceState::Starting
+                        && p.launched.elapsed() > self.settings.startup_timeout =>
+                {
+                    let _ = p.child.start_kill();
+                    let _ = p.child.wait().await;
+                    Some("did not become healthy in time".into())
+                }
+                Ok(None) => None,
+                Err(e) => Some(format!("cannot wait on it: {e}")),
+            };
+            if let Some(detail) = exited {
+                let mut p = self.running.remove(at);
+                tracing::warn!(instance = %p.record.id, %detail, "engine replica exited");
+                if p.launched.elapsed() < Duration::from_secs(2) {
+                    self.fast_failures += 1;
+                }
+                p.record.state = InstanceState::Exited;
+                p.record.ended_at_ms = Some(now_ms());
+                p.record.detail = Some(detail.clone());
+                record_instance(&*self.store, &p.record).await;
+                self.publish();
+                match p.reserved_for {
+                    // A dedicated tenant's replica comes back at once.
+                    Some(tenant) => {
+                        let kind = p.record.kind.clone();
+                        if let Err(e) = self.spawn(kind, None, Some(tenant)).await {
+                            tracing::error!(error = %e, "cannot relaunch a dedicated replica");
+                        }
+                    }
+                    // A pool replica is replaced by the controller's next plan.
+                    None => self.events.push(ProviderEvent::Failed {
+                        id: p.record.id,
+                        detail,
+                    }),
+                }
+                continue;
+            }
+            if p.record.state == InstanceState::Starting && self.healthy(&self.running[at]).await {
+                let p = &mut self.running[at];
+                p.record.state = InstanceState::Ready;
+                self.fast_failures = 0;
+                tracing::info!(instance = %p.record.id, secs = p.launched.elapsed().as_secs_f64(), "engine replica ready");
+                record_instance(&*self.store, &p.record).await;
+                self.events.push(ProviderEvent::Ready {
+                    id: p.record.id.clone(),
+                });
+            }
+            at += 1;
+        }
+        std::mem::take(&mut self.events)
+    }
+
+    async fn shutdown(&mut self) {
+        self.stop_all.cancel();
+        self.publish.send_replace(Vec::new());
+        for p in &mut self.running {
+            stop_child(&mut p.child).await;
+            p.record.state = InstanceState::Stopped;
+            p.record.ended_at_ms = Some(now_ms());
+            p.record.detail = Some("shut down".into());
+            record_instance(&*self.store, &p.record).await;
+        }
+        self.running.clear();
+        while self.exits.join_next().await.is_some() {}
+        self.leaving.clear();
+    }
+}
+
+async fn record_instance(store: &dyn Store, instance: &InstanceRecord) {
+    if let Err(e) = store.upsert_instance(instance).await {
+        tracing::warn!(error = %e, "cannot record instance");
     }
 }
 

@@ -13,12 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Capacity {
-    Spot,
-    OnDemand,
-}
+pub use strata_core::config::CapacityType as Capacity;
 
 /// One way to get a replica.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub gateway: GatewayConfig,
@@ -19,6 +19,122 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Dollars per million tokens, by model id; an unpriced model costs nothing.
     pub pricing: BTreeMap<String, ModelPrice>,
+    /// Machine sizes replicas run on, by name, with the model's throughput on each.
+    pub instance_types: BTreeMap<String, InstanceType>,
+    /// Where each instance type can be had, as spot or on demand, at what price.
+    pub catalog: Vec<Offering>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gateway: GatewayConfig::default(),
+            engine: EngineConfig::default(),
+            serve: ServeConfig::default(),
+            store: StoreConfig::default(),
+            security: SecurityConfig::default(),
+            pool: PoolConfig::default(),
+            pricing: BTreeMap::new(),
+            instance_types: BTreeMap::from([(LOCAL_TYPE.to_owned(), InstanceType::default())]),
+            catalog: vec![Offering::default()],
+        }
+    }
+}
+
+/// The instance type of the default catalog: an engine process on this
+/// machine with `engine.threads` threads.
+pub const LOCAL_TYPE: &str = "local";
+
+/// Spot (cheaper, reclaimable at short notice) or on-demand capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacityType {
+    Spot,
+    OnDemand,
+}
+
+impl CapacityType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapacityType::Spot => "spot",
+            CapacityType::OnDemand => "on_demand",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "spot" => Some(CapacityType::Spot),
+            "on_demand" => Some(CapacityType::OnDemand),
+            _ => None,
+        }
+    }
+}
+
+/// A machine size and the pool's model's throughput on it (its profile).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InstanceType {
+    /// Engine threads per replica on the `local` provider (0: `engine.threads`).
+    pub threads: u32,
+    /// Prompt tokens per second one replica prefills.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second summed over the batch, at batch sizes
+    /// 1, 2, … (the last entry is the replica's full batch).
+    pub decode_tokens_per_s: Vec<f64>,
+}
+
+impl Default for InstanceType {
+    /// Gemma 3 270M Q4_K_M with 2 threads on a 2-core machine, as measured
+    /// in bench/results/engine.md (decode at 1, 4 and 8 streams; between them
+    /// interpolated) and bench/results/stateful.md (prefill).
+    fn default() -> Self {
+        InstanceType {
+            threads: 0,
+            prefill_tokens_per_s: 480.0,
+            decode_tokens_per_s: vec![40.7, 55.0, 70.0, 82.1, 86.0, 90.0, 94.0, 96.9],
+        }
+    }
+}
+
+impl InstanceType {
+    /// Tokens per second one replica serves at full batch when a share
+    /// `prompt_share` (0–1) of the tokens are prompt tokens.
+    pub fn tokens_per_s(&self, prompt_share: f64) -> f64 {
+        let p = prompt_share.clamp(0.0, 1.0);
+        let decode = self.decode_tokens_per_s.last().copied().unwrap_or(0.0);
+        if self.prefill_tokens_per_s <= 0.0 || decode <= 0.0 {
+            return 0.0;
+        }
+        1.0 / (p / self.prefill_tokens_per_s + (1.0 - p) / decode)
+    }
+
+    /// Requests one replica runs at once.
+    pub fn max_sequences(&self) -> u32 {
+        self.decode_tokens_per_s.len() as u32
+    }
+}
+
+/// One way to get a replica: an instance type in a zone, spot or on demand.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Offering {
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity: CapacityType,
+    /// Dollars per hour while the instance runs.
+    pub price_per_hour: f64,
+}
+
+impl Default for Offering {
+    /// This machine, on demand, at a placeholder price: set your own.
+    fn default() -> Self {
+        Offering {
+            instance_type: LOCAL_TYPE.into(),
+            zone: "local".into(),
+            capacity: CapacityType::OnDemand,
+            price_per_hour: 0.10,
+        }
+    }
 }
 
 /// A pool: one model's interchangeable replicas and their autoscaling.
@@ -28,9 +144,27 @@ pub struct PoolConfig {
     /// Let the autoscaler set the shared replica count (`strata serve`);
     /// otherwise `serve.replicas` stay up.
     pub autoscale: bool,
-    /// Tokens per second one replica serves at full load (its throughput
-    /// profile; the autoscaler plans for `target_utilisation` of it).
-    pub replica_tokens_per_s: f64,
+    /// Instance types the planner may use (names in `instance_types`;
+    /// empty: every type in the catalog). The first is the unit the
+    /// autoscaler counts replicas in.
+    pub instance_types: Vec<String>,
+    /// Spot, on demand, or both.
+    pub capacity_types: Vec<CapacityType>,
+    /// Zones the planner may use (empty: every zone in the catalog).
+    pub zones: Vec<String>,
+    /// Spot replicas beyond the demand, as a hedge against preemption.
+    pub spot_hedge: u32,
+    /// A zone whose spot replica was preempted gets no new spot replica for this long.
+    pub spot_cooldown_secs: f64,
+    /// Service-level objectives: p95 time to first token, and p95 time per
+    /// output token, in milliseconds. Missed while requests wait: one more replica.
+    pub slo_ttft_p95_ms: Option<f64>,
+    pub slo_tpot_p95_ms: Option<f64>,
+    /// Warning a preempted replica gets before its machine goes (drain time).
+    pub preemption_notice_secs: f64,
+    /// Emulated spot reclaims on the `local` provider: spot replicas
+    /// preempted at random, this many per replica-hour (0: none).
+    pub random_preemptions_per_hour: f64,
     pub min_replicas: u32,
     pub max_replicas: u32,
     /// Share of a replica's measured token capacity to plan for, (0, 1].
@@ -51,7 +185,15 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             autoscale: false,
-            replica_tokens_per_s: 200.0,
+            instance_types: Vec::new(),
+            capacity_types: vec![CapacityType::Spot, CapacityType::OnDemand],
+            zones: Vec::new(),
+            spot_hedge: 0,
+            spot_cooldown_secs: 300.0,
+            slo_ttft_p95_ms: None,
+            slo_tpot_p95_ms: None,
+            preemption_notice_secs: 30.0,
+            random_preemptions_per_hour: 0.0,
             min_replicas: 1,
             max_replicas: 4,
             target_utilisation: 0.7,
@@ -282,6 +424,31 @@ impl std::fmt::Display for ConfigIssue {
 
 impl Config {
     /// Parses TOML; a syntax error or unknown key is one issue naming its place.
+    /// The catalog entries the pool may use, in catalog order.
+    pub fn pool_offerings(&self) -> Vec<&Offering> {
+        let p = &self.pool;
+        self.catalog
+            .iter()
+            .filter(|o| self.instance_types.contains_key(&o.instance_type))
+            .filter(|o| p.instance_types.is_empty() || p.instance_types.contains(&o.instance_type))
+            .filter(|o| p.capacity_types.contains(&o.capacity))
+            .filter(|o| p.zones.is_empty() || p.zones.contains(&o.zone))
+            .collect()
+    }
+
+    /// The instance type the autoscaler counts replicas in: the pool's
+    /// first allowed type, else the first offered one.
+    pub fn unit_type(&self) -> Option<(&str, &InstanceType)> {
+        let name = self
+            .pool
+            .instance_types
+            .first()
+            .or_else(|| self.pool_offerings().first().map(|o| &o.instance_type))?;
+        self.instance_types
+            .get_key_value(name)
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
     pub fn from_toml(text: &str) -> Result<Config, ConfigIssue> {
         toml::from_str(text).map_err(|e| ConfigIssue {
             key: e
@@ -393,8 +560,83 @@ impl Config {
         }
         // Written so NaN fails every check.
         let at_least = |v: f64, min: f64| v >= min;
-        if !at_least(p.replica_tokens_per_s, f64::MIN_POSITIVE) {
-            bad("pool.replica_tokens_per_s", "must be positive".into());
+        for (name, t) in &self.instance_types {
+            if !at_least(t.prefill_tokens_per_s, f64::MIN_POSITIVE) {
+                bad(
+                    &format!("instance_types.{name}.prefill_tokens_per_s"),
+                    "must be positive".into(),
+                );
+            }
+            if t.decode_tokens_per_s.is_empty()
+                || t.decode_tokens_per_s.len() > 256
+                || !t
+                    .decode_tokens_per_s
+                    .iter()
+                    .all(|&v| at_least(v, f64::MIN_POSITIVE))
+            {
+                bad(
+                    &format!("instance_types.{name}.decode_tokens_per_s"),
+                    "must list 1 to 256 positive rates (batch 1, 2, ...)".into(),
+                );
+            }
+        }
+        for (i, o) in self.catalog.iter().enumerate() {
+            if !self.instance_types.contains_key(&o.instance_type) {
+                bad(
+                    &format!("catalog[{i}].instance_type"),
+                    format!("`{}` is not in instance_types", o.instance_type),
+                );
+            }
+            if o.zone.trim().is_empty() {
+                bad(&format!("catalog[{i}].zone"), "must not be empty".into());
+            }
+            if !at_least(o.price_per_hour, 0.0) {
+                bad(
+                    &format!("catalog[{i}].price_per_hour"),
+                    "must be a price of 0 or more".into(),
+                );
+            }
+        }
+        for name in &p.instance_types {
+            if !self.instance_types.contains_key(name) {
+                bad(
+                    "pool.instance_types",
+                    format!("`{name}` is not in instance_types"),
+                );
+            }
+        }
+        if p.capacity_types.is_empty() {
+            bad(
+                "pool.capacity_types",
+                "must allow spot, on_demand or both".into(),
+            );
+        }
+        if self.pool_offerings().is_empty() {
+            bad(
+                "catalog",
+                "offers nothing the pool may use (check pool.instance_types, capacity_types and zones)"
+                    .into(),
+            );
+        }
+        for (key, v) in [
+            ("pool.slo_ttft_p95_ms", p.slo_ttft_p95_ms),
+            ("pool.slo_tpot_p95_ms", p.slo_tpot_p95_ms),
+        ] {
+            if v.is_some_and(|v| !at_least(v, f64::MIN_POSITIVE)) {
+                bad(key, "must be positive".into());
+            }
+        }
+        if !at_least(p.spot_cooldown_secs, 0.0) {
+            bad("pool.spot_cooldown_secs", "must not be negative".into());
+        }
+        if !at_least(p.preemption_notice_secs, 0.0) {
+            bad("pool.preemption_notice_secs", "must not be negative".into());
+        }
+        if !at_least(p.random_preemptions_per_hour, 0.0) {
+            bad(
+                "pool.random_preemptions_per_hour",
+                "must not be negative".into(),
+            );
         }
         if !at_least(p.panic_threshold, 1.0) {
             bad("pool.panic_threshold", "must be at least 1".into());
@@ -537,6 +779,43 @@ mod tests {
                 "serve.replicas"
             ]
         );
+    }
+
+    #[test]
+    fn a_catalog_is_checked_against_its_instance_types_and_the_pool() {
+        let text = "[instance_types.small]\nthreads = 1\nprefill_tokens_per_s = 300.0\ndecode_tokens_per_s = [20.0, 30.0]\n\
+            [instance_types.broken]\nprefill_tokens_per_s = 0.0\ndecode_tokens_per_s = []\n\
+            [[catalog]]\ninstance_type = \"small\"\nzone = \"a\"\ncapacity = \"spot\"\nprice_per_hour = 0.02\n\
+            [[catalog]]\ninstance_type = \"huge\"\nzone = \"\"\ncapacity = \"on_demand\"\nprice_per_hour = -1.0\n\
+            [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n";
+        let c = Config::from_toml(text).unwrap();
+        let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "instance_types.broken.prefill_tokens_per_s",
+                "instance_types.broken.decode_tokens_per_s",
+                "catalog[1].instance_type",
+                "catalog[1].zone",
+                "catalog[1].price_per_hour",
+                "pool.instance_types",
+                "pool.slo_ttft_p95_ms",
+            ]
+        );
+        // Only spot offered, only on-demand allowed: nothing to run.
+        let c = Config::from_toml(
+            "[[catalog]]\ninstance_type = \"local\"\nzone = \"a\"\ncapacity = \"spot\"\n[pool]\ncapacity_types = [\"on_demand\"]\n",
+        )
+        .unwrap();
+        let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(keys, ["catalog"]);
+        // The default: one local type on demand, two threads' profile.
+        let c = Config::default();
+        let (name, unit) = c.unit_type().unwrap();
+        assert_eq!(name, LOCAL_TYPE);
+        assert!((unit.tokens_per_s(0.0) - 96.9).abs() < 1e-9);
+        assert!(unit.tokens_per_s(0.5) > 96.9 && unit.tokens_per_s(0.5) < 480.0);
+        assert_eq!(c.pool_offerings().len(), 1);
     }
 
     #[test]

@@ -66,6 +66,46 @@ pub struct InstanceRecord {
     pub ended_at_ms: Option<i64>,
     /// Why it ended (exit status, signal, shutdown).
     pub detail: Option<String>,
+    /// What it is and what it costs.
+    pub kind: InstanceKind,
+}
+
+/// What an instance is: its pool and model, its catalog offering, its
+/// price and the tokens per second it serves at full load (for the idle share).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceKind {
+    pub pool: String,
+    pub model: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity: crate::config::CapacityType,
+    pub price_per_hour: f64,
+    pub tokens_per_s: f64,
+}
+
+impl Default for InstanceKind {
+    fn default() -> Self {
+        InstanceKind {
+            pool: "default".into(),
+            model: String::new(),
+            instance_type: crate::config::LOCAL_TYPE.into(),
+            zone: "local".into(),
+            capacity: crate::config::CapacityType::OnDemand,
+            price_per_hour: 0.0,
+            tokens_per_s: 0.0,
+        }
+    }
+}
+
+/// Tokens a tenant used on one replica for one model within one hour.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplicaUsage {
+    pub replica: String,
+    pub tenant_id: String,
+    pub model: String,
+    /// Start of the hour (Unix milliseconds) the requests arrived in.
+    pub hour_ms: i64,
+    pub tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -75,6 +115,8 @@ pub enum InstanceState {
     Ready,
     Exited,
     Stopped,
+    /// Reclaimed by the cloud (spot), after its notice.
+    Preempted,
 }
 
 impl InstanceState {
@@ -84,6 +126,7 @@ impl InstanceState {
             InstanceState::Ready => "ready",
             InstanceState::Exited => "exited",
             InstanceState::Stopped => "stopped",
+            InstanceState::Preempted => "preempted",
         }
     }
 
@@ -93,6 +136,7 @@ impl InstanceState {
             "ready" => InstanceState::Ready,
             "exited" => InstanceState::Exited,
             "stopped" => InstanceState::Stopped,
+            "preempted" => InstanceState::Preempted,
             _ => return None,
         })
     }
@@ -118,6 +162,13 @@ pub trait UsageStore: Send + Sync {
         -> Result<Vec<UsageTotals>, StoreError>;
     /// Dollars the tenant's requests cost since `since_ms`.
     async fn tenant_spend(&self, tenant: &TenantId, since_ms: i64) -> Result<f64, StoreError>;
+    /// Tokens per replica, tenant, model and hour, for requests that
+    /// arrived in `[since_ms, until_ms)` (the cost ledger's usage side).
+    async fn usage_by_replica(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<ReplicaUsage>, StoreError>;
 }
 
 #[async_trait]

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub replicas: Arc<ReplicaSet>,
     pub client: reqwest::Client,
     pub snapshots: Option<Arc<Snapshots>>,
+    /// Preemption notices to the provider (`strata serve` only).
+    pub notices: Option<tokio::sync::mpsc::Sender<strata_core::link::PreemptNotice>>,
 }
 
 pub fn routes(state: Arc<AdminState>) -> Router {
@@ -57,6 +59,7 @@ pub fn routes(state: Arc<AdminState>) -> Router {
         .route("/admin/v1/kek/rotate", post(rotate_kek))
         .route("/admin/v1/replicas/{id}/drain", post(drain_replica))
         .route("/admin/v1/replicas/{id}/undrain", post(undrain_replica))
+        .route("/admin/v1/replicas/{id}/preempt", post(preempt_replica))
         .with_state(state)
 }
 
@@ -720,6 +723,63 @@ async fn undrain_replica(
     }
     .await;
     finish(&*state.store, &p, "replica.undrain", "*", &id, result).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Preempt {
+    /// Seconds between the notice and the machine going away.
+    notice_secs: Option<f64>,
+}
+
+/// `POST /admin/v1/replicas/{id}/preempt` (platform admins): emulates a
+/// spot reclaim of the replica, as a cloud's interruption notice would
+/// announce it: the provider drains it, plans a replacement at once, and
+/// stops it when the notice runs out (default: `pool.preemption_notice_secs`).
+async fn preempt_replica(
+    State(state): State<Arc<AdminState>>,
+    Extension(p): Extension<Arc<Principal>>,
+    UrlPath(id): UrlPath<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let b: Preempt = body_of(&state, req).await?;
+        let notices = state.notices.as_ref().ok_or_else(|| {
+            ApiError::invalid_request(
+                None,
+                "This gateway's replicas have no provider here (`strata serve` has one).",
+            )
+        })?;
+        let notice = match b.notice_secs {
+            None => None,
+            Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => {
+                Some(Duration::from_secs_f64(s))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    Some("notice_secs"),
+                    "`notice_secs` must be between 0 and 3600.",
+                ))
+            }
+        };
+        if state.replicas.find(&id).is_none() {
+            return Err(ApiError::not_found(format!("No replica with id `{id}`.")));
+        }
+        notices
+            .send(strata_core::link::PreemptNotice {
+                replica: id.clone(),
+                notice,
+            })
+            .await
+            .map_err(|_| ApiError::unavailable("The provider is not running."))?;
+        Ok((
+            StatusCode::ACCEPTED,
+            json!({"replica": id, "preempting": true, "notice_secs": b.notice_secs}),
+        ))
+    }
+    .await;
+    finish(&*state.store, &p, "replica.preempt", "*", &id, result).await
 }
 
 /// Makes sure the platform tenant and a platform admin key exist. With

@@ -30,6 +30,15 @@ impl Ledger {
         self.metrics
             .tokens
             .inc_by(u64::from(row.prompt_tokens) + u64::from(row.completion_tokens));
+        self.metrics
+            .prompt_tokens
+            .inc_by(u64::from(row.prompt_tokens));
+        if row.stream && row.status == 200 && row.completion_tokens > 0 {
+            let tpot = (row.completion_tokens > 1).then(|| {
+                (row.latency_ms - row.ttft_ms).max(0.0) / f64::from(row.completion_tokens - 1)
+            });
+            self.metrics.recent.record(row.ttft_ms, tpot);
+        }
         if self.tx.try_send(row).is_err() {
             self.metrics.ledger_dropped.inc();
         }

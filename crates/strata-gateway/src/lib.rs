@@ -88,19 +88,12 @@ pub struct GatewaySettings {
     /// With no replica ready, requests wait in the fair queue (for a
     /// replica that is starting: scale from zero) instead of a 503.
     pub hold_when_empty: bool,
+    /// The controller of the replicas, when it runs beside this gateway:
+    /// it asks for drains, and takes preemption notices from the admin API.
+    pub link: Option<strata_core::link::GatewayLink>,
 }
 
-/// What the gateway sees of its load.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Load {
-    /// Prompt + completion tokens served since start.
-    pub tokens_total: u64,
-    /// Requests holding a replica slot, and waiting for one.
-    pub in_flight: usize,
-    pub waiting: usize,
-    /// Replicas that take requests.
-    pub routable: usize,
-}
+pub use strata_core::Load;
 
 /// Where KV snapshots of drained replicas' sessions go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +200,7 @@ pub async fn serve(
         replicas: replicas.clone(),
         client: client.clone(),
         snapshots: snapshots.clone(),
+        notices: settings.link.as_ref().map(|l| l.notices.clone()),
     });
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -221,6 +215,15 @@ pub async fn serve(
         settings.health_interval,
         background.clone(),
     ));
+    if let Some(link) = &settings.link {
+        tasks.spawn(serve_drains(
+            link.drains.clone(),
+            replicas.clone(),
+            client.clone(),
+            snapshots.clone(),
+            background.clone(),
+        ));
+    }
     tasks.spawn(follow_capacity(
         policy.clone(),
         metrics.clone(),
@@ -234,6 +237,7 @@ pub async fn serve(
             replicas,
             metrics,
             ledger,
+            hold: settings.hold_when_empty.then_some(settings.queue_timeout),
         },
         policy,
         store: store.clone(),
@@ -278,6 +282,48 @@ pub async fn serve(
     Ok(())
 }
 
+/// Drains the replicas the controller is about to let go, each in its own
+/// task, and answers when each is done (also when it failed: the replica
+/// goes either way).
+async fn serve_drains(
+    drains: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<strata_core::link::DrainRequest>>>,
+    replicas: Arc<ReplicaSet>,
+    client: reqwest::Client,
+    snapshots: Option<Arc<Snapshots>>,
+    cancel: CancellationToken,
+) {
+    let mut drains = drains.lock().await;
+    loop {
+        let request = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = drains.recv() => match r { Some(r) => r, None => return },
+        };
+        let (replicas, client, snapshots) = (replicas.clone(), client.clone(), snapshots.clone());
+        tokio::spawn(async move {
+            let id = &request.replica;
+            let started = Instant::now();
+            match &snapshots {
+                Some(s) => {
+                    if let Err(e) = s.drain(&replicas, &client, id, request.wait).await {
+                        tracing::warn!(replica = %id, error = %e.message, "drain incomplete");
+                    }
+                }
+                None => {
+                    if let Some(r) = replicas.find(id) {
+                        r.set_draining(true);
+                        let deadline = Instant::now() + request.wait;
+                        while r.outstanding_tokens() > 0 && Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+            tracing::info!(replica = %id, secs = started.elapsed().as_secs_f64(), "drained for the controller");
+            let _ = request.done.send(());
+        });
+    }
+}
+
 /// Keeps each pool's fair-queue capacity at its ready replicas × slots, and
 /// the load gauges current.
 async fn follow_capacity(
@@ -294,11 +340,15 @@ async fn follow_capacity(
         metrics.in_flight.set(in_flight as i64);
         metrics.waiting.set(waiting as i64);
         if let Some(load) = &load {
+            let (ttft_p95_ms, tpot_p95_ms) = metrics.recent.p95();
             load.send_replace(Load {
                 tokens_total: metrics.tokens.get(),
+                prompt_tokens_total: metrics.prompt_tokens.get(),
                 in_flight,
                 waiting,
                 routable: policy.replicas.ready_in(None),
+                ttft_p95_ms,
+                tpot_p95_ms,
             });
         }
         tokio::select! {

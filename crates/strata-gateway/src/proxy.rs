@@ -56,6 +56,9 @@ pub struct Proxy {
     pub replicas: Arc<ReplicaSet>,
     pub metrics: Arc<GatewayMetrics>,
     pub ledger: Ledger,
+    /// With no replica taking requests (all starting or draining), wait
+    /// this long for one instead of answering 503 (`hold_when_empty`).
+    pub hold: Option<std::time::Duration>,
 }
 
 impl Proxy {
@@ -85,6 +88,7 @@ impl Proxy {
     ) -> Result<(InFlight, reqwest::Response), Response> {
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<(StatusCode, Bytes)> = None;
+        let hold_until = self.hold.map(|h| std::time::Instant::now() + h);
         loop {
             let flight = match self.replicas.choose(
                 req.principal.pool(),
@@ -95,6 +99,16 @@ impl Proxy {
                 req.estimated_tokens,
             ) {
                 Ok(f) => f,
+                // The shared pool is between replicas (the one it had is
+                // draining, the next is starting): wait for it.
+                Err(NoReplica::NoneReady)
+                    if tried.is_empty()
+                        && req.principal.pool().is_none()
+                        && hold_until.is_some_and(|t| std::time::Instant::now() < t) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
                 Err(NoReplica::NoneReady) => {
                     return Err(ApiError::unavailable(
                         "No replica is ready to serve requests; retry shortly.",

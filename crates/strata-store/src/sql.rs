@@ -12,11 +12,11 @@ use std::sync::{Arc, Once};
 use async_trait::async_trait;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Executor, Row, Transaction};
-use strata_core::config::is_postgres_url;
+use strata_core::config::{is_postgres_url, CapacityType};
 use strata_core::store::{
-    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceRecord, InstanceState,
-    InstanceStore, KeyStore, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
-    UsageTotals,
+    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceKind, InstanceRecord,
+    InstanceState, InstanceStore, KeyStore, ReplicaUsage, StoreError, StoredCompletion,
+    TenantStore, UsageRecord, UsageStore, UsageTotals,
 };
 use strata_core::tenant::{
     audit_hash, digest_lookup, ApiKeyRecord, AuditEntry, AuditRecord, Isolation, RateLimits, Role,
@@ -435,14 +435,43 @@ impl UsageStore for SqlStore {
         .await
         .map_err(query_err)
     }
+
+    async fn usage_by_replica(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<ReplicaUsage>, StoreError> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT replica, tenant_id, model, (at_ms / 3600000) * 3600000 AS hour_ms, \
+             CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) AS tokens FROM usage \
+             WHERE at_ms >= ? AND at_ms < ? GROUP BY replica, tenant_id, model, hour_ms \
+             ORDER BY hour_ms, replica, tenant_id, model",
+        ))
+        .bind(since_ms)
+        .bind(until_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ReplicaUsage {
+                replica: r.get("replica"),
+                tenant_id: r.get("tenant_id"),
+                model: r.get("model"),
+                hour_ms: r.get("hour_ms"),
+                tokens: r.get::<i64, _>("tokens").max(0) as u64,
+            })
+            .collect())
+    }
 }
 
 #[async_trait]
 impl InstanceStore for SqlStore {
     async fn upsert_instance(&self, i: &InstanceRecord) -> Result<(), StoreError> {
         sqlx::query(
-            &self.sql("INSERT INTO instances (id, provider, endpoint, state, started_at_ms, ended_at_ms, detail) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
+            &self.sql("INSERT INTO instances (id, provider, endpoint, state, started_at_ms, ended_at_ms, detail, \
+             pool, model, instance_type, zone, capacity, price_per_hour, tokens_per_s) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
              ended_at_ms = excluded.ended_at_ms, detail = excluded.detail",)
         )
         .bind(&i.id)
@@ -452,6 +481,13 @@ impl InstanceStore for SqlStore {
         .bind(i.started_at_ms)
         .bind(i.ended_at_ms)
         .bind(&i.detail)
+        .bind(&i.kind.pool)
+        .bind(&i.kind.model)
+        .bind(&i.kind.instance_type)
+        .bind(&i.kind.zone)
+        .bind(i.kind.capacity.as_str())
+        .bind(i.kind.price_per_hour)
+        .bind(i.kind.tokens_per_s)
         .execute(&self.pool)
         .await
         .map_err(query_err)?;
@@ -467,6 +503,7 @@ impl InstanceStore for SqlStore {
         rows.into_iter()
             .map(|r| {
                 let state: String = r.get("state");
+                let capacity: String = r.get("capacity");
                 Ok(InstanceRecord {
                     id: r.get("id"),
                     provider: r.get("provider"),
@@ -477,6 +514,17 @@ impl InstanceStore for SqlStore {
                     started_at_ms: r.get("started_at_ms"),
                     ended_at_ms: r.get("ended_at_ms"),
                     detail: r.get("detail"),
+                    kind: InstanceKind {
+                        pool: r.get("pool"),
+                        model: r.get("model"),
+                        instance_type: r.get("instance_type"),
+                        zone: r.get("zone"),
+                        capacity: CapacityType::parse(&capacity).ok_or_else(|| {
+                            StoreError::Query(format!("unknown capacity type {capacity}"))
+                        })?,
+                        price_per_hour: r.get("price_per_hour"),
+                        tokens_per_s: r.get("tokens_per_s"),
+                    },
                 })
             })
             .collect()

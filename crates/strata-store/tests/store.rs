@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::{tenant, vault, Backend};
+use strata_core::config::CapacityType;
 use strata_core::store::{
-    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceRecord, InstanceState,
-    InstanceStore, KeyStore, SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord,
-    UsageStore,
+    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceKind, InstanceRecord,
+    InstanceState, InstanceStore, KeyStore, SnapshotStore, StoreError, StoredCompletion,
+    TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
     digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, NewKey, RateLimits, Role, TenantId,
@@ -77,6 +78,48 @@ async fn ledger_rows_survive_reopening_and_sum_per_model(backend: &Backend, dir:
     assert!(store.usage_totals(Some(&other)).await.unwrap().is_empty());
 }
 
+async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
+    let hour = 3_600_000;
+    let at = |id: &str, tenant: &str, replica: &str, ms: i64, tokens: u32| UsageRecord {
+        tenant_id: tenant.into(),
+        replica: replica.into(),
+        at_ms: ms,
+        ..usage(id, "m1", tokens, 1)
+    };
+    store
+        .record_usage(&[
+            at("a", "ten_a", "r1", 10 * hour + 5, 9),
+            at("b", "ten_a", "r1", 10 * hour + 7, 19),
+            at("c", "ten_b", "r1", 10 * hour + 9, 4),
+            at("d", "ten_a", "r2", 11 * hour, 1),
+            at("e", "ten_a", "r1", 12 * hour, 1),
+        ])
+        .await
+        .unwrap();
+    let rows = store.usage_by_replica(10 * hour, 12 * hour).await.unwrap();
+    let got: Vec<(&str, &str, i64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.replica.as_str(),
+                r.tenant_id.as_str(),
+                r.hour_ms,
+                r.tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("r1", "ten_a", 10 * hour, 30),
+            ("r1", "ten_b", 10 * hour, 5),
+            ("r2", "ten_a", 11 * hour, 2)
+        ],
+        "the row at 12 h is outside the range"
+    );
+}
+
 async fn an_instance_is_updated_in_place(backend: &Backend, dir: &Path) {
     let store = backend.open(dir).await;
     let mut i = InstanceRecord {
@@ -87,6 +130,15 @@ async fn an_instance_is_updated_in_place(backend: &Backend, dir: &Path) {
         started_at_ms: 5,
         ended_at_ms: None,
         detail: None,
+        kind: InstanceKind {
+            pool: "default".into(),
+            model: "gemma".into(),
+            instance_type: "small".into(),
+            zone: "zone-b".into(),
+            capacity: CapacityType::Spot,
+            price_per_hour: 0.25,
+            tokens_per_s: 90.5,
+        },
     };
     store.upsert_instance(&i).await.unwrap();
     i.state = InstanceState::Exited;
@@ -406,6 +458,7 @@ on_every_backend!(
     decisions_come_back_newest_last,
     snapshots_are_sealed_and_taken_once,
     ledger_rows_survive_reopening_and_sum_per_model,
+    usage_is_summed_per_replica_tenant_model_and_hour,
     an_instance_is_updated_in_place,
     tenants_and_keys_round_trip_and_names_are_unique,
     audit_rows_chain_and_an_edit_is_detected,

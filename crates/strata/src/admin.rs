@@ -9,7 +9,7 @@ use strata_core::store::AuditStore;
 use strata_core::tenant::verify_audit as verify_chain;
 use strata_store::SqlStore;
 
-use crate::{AdminArgs, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
+use crate::{AdminArgs, ChaosCommand, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
 
 struct Api {
     client: reqwest::Client,
@@ -284,6 +284,100 @@ pub async fn keys(args: AdminArgs<KeysCommand>) -> Result<()> {
                     cell(&v["id"])
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+pub async fn chaos(args: AdminArgs<ChaosCommand>) -> Result<()> {
+    let api = Api::new(&args)?;
+    match &args.command {
+        ChaosCommand::Preempt {
+            replica,
+            notice_secs,
+        } => {
+            let body = notice_secs.map(|s| json!({ "notice_secs": s }));
+            let v = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/admin/v1/replicas/{replica}/preempt"),
+                    body,
+                )
+                .await?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!("{replica}: preemption notice sent; a replacement is being planned");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+/// The cost ledger over `[since, until)`, summed `by` (or every line as CSV).
+pub async fn cost_report(
+    db: &str,
+    by: strata_control::cost::GroupBy,
+    since: i64,
+    until: i64,
+    format: Format,
+) -> Result<()> {
+    use strata_control::cost::{charges, focus_csv, report};
+    use strata_core::store::{InstanceStore, UsageStore};
+    let store = open_for_reading(db).await?;
+    let instances = store.instances().await?;
+    // Usage rows are bucketed by hour: read whole hours around the range.
+    let hour = 3_600_000;
+    let usage = store
+        .usage_by_replica(
+            since.div_euclid(hour) * hour,
+            until.div_euclid(hour) * hour + hour,
+        )
+        .await?;
+    let lines = charges(&instances, &usage, since, until, strata_core::now_ms());
+    match format {
+        Format::Csv => print!("{}", focus_csv(&lines)),
+        Format::Json => {
+            let rows = report(&lines, by);
+            let total: f64 = rows.iter().map(|r| r.cost).sum();
+            let v = json!({
+                "since": strata_core::utc_timestamp(since),
+                "until": strata_core::utc_timestamp(until),
+                "total_usd": total,
+                "lines": rows,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Format::Table => {
+            let rows = report(&lines, by);
+            let total: f64 = rows.iter().map(|r| r.cost).sum();
+            println!(
+                "cost {} .. {} (UTC)",
+                strata_core::utc_timestamp(since),
+                strata_core::utc_timestamp(until)
+            );
+            println!(
+                "{:<32} {:>12} {:>12} {:>10}",
+                "", "usd", "tokens", "inst-hours"
+            );
+            for r in &rows {
+                let hours = if r.instance_hours > 0.0 {
+                    format!("{:.3}", r.instance_hours)
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{:<32} {:>12.6} {:>12} {:>10}",
+                    r.key, r.cost, r.tokens, hours
+                );
+            }
+            println!("{:<32} {:>12.6}", "total", total);
         }
     }
     Ok(())

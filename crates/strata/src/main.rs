@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use strata_control::autoscale::{Autoscaler, ScalePolicy, Signal};
+use strata_control::controller::{Controller, PoolSpec};
 use strata_control::local::{LocalProvider, LocalSettings};
 use strata_control::model::{default_model_path, fetch, Fetched, ModelSource};
 use strata_core::config::Config;
@@ -61,7 +61,12 @@ enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// The autoscaler's decisions (each change of a pool, with its reason and inputs).
+    /// What the instances cost, from the ledger.
+    #[command(subcommand)]
+    Cost(CostCommand),
+    /// Fault injection against a running `strata serve`, through the admin API.
+    Chaos(AdminArgs<ChaosCommand>),
+    /// The controller's decisions (each change of a pool, with its reason and inputs).
     Decisions {
         /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
         #[arg(long)]
@@ -177,6 +182,44 @@ enum KeyCommand {
 enum KeysCommand {
     /// Re-wrap every tenant data key under a new KEK (written over the KEK file).
     RotateKek,
+}
+
+#[derive(Subcommand)]
+enum CostCommand {
+    /// Instance bills split by tenant (by tokens; unused capacity as idle),
+    /// model, pool or instance type, over a time range.
+    Report {
+        /// tenant, model, pool or instance-type.
+        #[arg(long, default_value = "tenant")]
+        by: String,
+        /// From (a date `2026-11-29`, a UTC time `2026-11-29T08:00:00Z`, or a span ago: `2h`, `7d`).
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Until (same forms; default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// Every ledger line (instance × hour × tenant) as FOCUS-style CSV.
+        #[arg(long)]
+        csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChaosCommand {
+    /// Emulate a spot reclaim: the replica drains within the notice, a
+    /// replacement starts at once, the replica stops when the notice ends.
+    Preempt {
+        /// Replica id (as in `GET /health` or the admin API).
+        replica: String,
+        /// Seconds of notice (default: pool.preemption_notice_secs).
+        #[arg(long)]
+        notice_secs: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -323,6 +366,43 @@ fn main() -> Result<()> {
             let config = load_config(&cli.config)?;
             runtime()?.block_on(admin::verify_audit(&config.store.database(db.as_ref())))
         }
+        Command::Cost(CostCommand::Report {
+            by,
+            since,
+            until,
+            db,
+            json,
+            csv,
+        }) => {
+            let config = load_config(&cli.config)?;
+            let Some(by) = strata_control::cost::GroupBy::parse(&by) else {
+                bail!("--by must be tenant, model, pool or instance-type, not `{by}`");
+            };
+            let now = strata_core::now_ms();
+            let moment = |flag: &str, text: &str| {
+                strata_core::parse_moment(text, now).with_context(|| {
+                    format!("--{flag} `{text}` is not a date, a UTC time or a span like 2h")
+                })
+            };
+            let since = moment("since", &since)?;
+            let until = until.map_or(Ok(now), |u| moment("until", &u))?;
+            if until <= since {
+                bail!("--until must be after --since");
+            }
+            let format = match (json, csv) {
+                (true, _) => admin::Format::Json,
+                (_, true) => admin::Format::Csv,
+                _ => admin::Format::Table,
+            };
+            runtime()?.block_on(admin::cost_report(
+                &config.store.database(db.as_ref()),
+                by,
+                since,
+                until,
+                format,
+            ))
+        }
+        Command::Chaos(args) => runtime()?.block_on(admin::chaos(args)),
         Command::Decisions { db, limit, json } => {
             let config = load_config(&cli.config)?;
             runtime()?.block_on(admin::decisions(
@@ -420,71 +500,6 @@ fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> Engin
         prefill_chunk: e.prefill_chunk,
         default_max_tokens: e.default_max_tokens,
         prefix_cache_entries: e.prefix_cache_entries,
-    }
-}
-
-/// Every second: the gateway's load as an autoscaler signal, and the
-/// replica count it decides sent to the provider. Each change is logged
-/// with its reason and inputs.
-async fn autoscale(
-    mut scaler: Autoscaler,
-    capacity_per_replica: f64,
-    slots_per_replica: u32,
-    load: watch::Receiver<strata_gateway::Load>,
-    desired: watch::Sender<u32>,
-    store: Arc<dyn Store>,
-    shutdown: CancellationToken,
-) {
-    let started = std::time::Instant::now();
-    let mut last = (Duration::ZERO, load.borrow().tokens_total);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = started.elapsed();
-        let l = *load.borrow();
-        let elapsed = (now - last.0).as_secs_f64().max(1e-3);
-        let demand = l.tokens_total.saturating_sub(last.1) as f64 / elapsed;
-        last = (now, l.tokens_total);
-        scaler.observe(Signal {
-            at: now,
-            demand_tokens_per_s: demand,
-            in_flight: l.in_flight as u32,
-            queued: l.waiting as u32,
-            capacity_per_replica,
-            slots_per_replica,
-        });
-        let current = *desired.borrow();
-        let d = scaler.decide(now, current);
-        if d.desired != current {
-            tracing::info!(from = current, to = d.desired, reason = ?d.reason, stable_demand = d.stable_demand,
-                panic_demand = d.panic_demand, in_flight = l.in_flight, waiting = l.waiting, "autoscaler");
-            desired.send_replace(d.desired);
-            let inputs = serde_json::json!({
-                "stable_demand_tokens_per_s": d.stable_demand,
-                "panic_demand_tokens_per_s": d.panic_demand,
-                "planned_tokens_per_s_per_replica": d.planned_per_replica,
-                "in_flight": l.in_flight,
-                "waiting": l.waiting,
-                "routable_replicas": l.routable,
-            });
-            let record = strata_core::store::DecisionRecord {
-                at_ms: strata_core::now_ms(),
-                pool: "default".into(),
-                from_replicas: current,
-                to_replicas: d.desired,
-                reason: serde_json::to_value(d.reason)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                inputs: inputs.to_string(),
-            };
-            if let Err(e) = store.record_decision(&record).await {
-                tracing::warn!(error = %e, "cannot store an autoscaler decision");
-            }
-        }
     }
 }
 
@@ -588,6 +603,7 @@ fn gateway_settings(
         drain_on_shutdown: false,
         load: None,
         hold_when_empty: false,
+        link: None,
     })
 }
 
@@ -710,8 +726,6 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         engine.model_path.display().to_string(),
         "--model-name".into(),
         engine.model_name.clone(),
-        "--threads".into(),
-        engine.threads.to_string(),
         "--max-sequences".into(),
         engine.max_sequences.to_string(),
         "--context-size".into(),
@@ -741,57 +755,49 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
     }
     let (publish, endpoints) = watch::channel(Vec::new());
+    let (gateway_link, controller_link) = strata_core::link::link();
+    gateway.link = Some(gateway_link);
     let provider = LocalProvider::new(
         LocalSettings {
             program: std::env::current_exe().context("cannot find this program's path")?,
             engine_args,
-            replicas,
+            default_threads: engine.threads,
+            instance_types: config.instance_types.clone(),
+            pool: "default".into(),
+            model: engine.model_name.clone(),
             https: gateway.replica_tls.is_some(),
             dedicated: config.serve.dedicated.clone(),
             startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
+            preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
+            random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
+            drain_wait: Duration::from_secs(30),
         },
         store.clone(),
         publish,
         health_client,
+        controller_link,
     );
     let shutdown = shutdown_on_signal();
-    // With `pool.autoscale`, the autoscaler sets the shared replica count
-    // from the gateway's load.
-    let mut autoscaler = None;
-    let decisions = store.clone();
-    let provider = if config.pool.autoscale {
-        let policy = ScalePolicy::from(&config.pool);
-        let start = if policy.scale_to_zero_after.is_some() {
-            0
-        } else {
-            policy.min_replicas
-        };
-        let (desired_tx, desired_rx) = watch::channel(start);
-        let (load_tx, load_rx) = watch::channel(strata_gateway::Load::default());
-        gateway.load = Some(load_tx);
-        gateway.hold_when_empty = true;
-        autoscaler = Some(tokio::spawn(autoscale(
-            Autoscaler::new(policy),
-            config.pool.replica_tokens_per_s,
-            config.gateway.slots_per_replica,
-            load_rx,
-            desired_tx,
-            decisions,
-            shutdown.clone(),
-        )));
-        provider.with_desired(desired_rx)
-    } else {
-        provider
-    };
+    // The controller keeps the pool's replicas: `serve.replicas` of them,
+    // or with `pool.autoscale` as many as the gateway's load needs (from
+    // zero with `scale_to_zero_after_secs`). While none takes requests
+    // (from zero, or a lone replica replaced), requests wait for one.
+    let (load_tx, load_rx) = watch::channel(strata_gateway::Load::default());
+    gateway.load = Some(load_tx);
+    gateway.hold_when_empty = true;
+    let controller = Controller::new(PoolSpec::from_config(&config, replicas));
     // The engines stop after the gateway, which snapshots them on the way out.
     let engines_stop = CancellationToken::new();
-    let provider_task = tokio::spawn(provider.run(engines_stop.clone()));
+    let provider_task = tokio::spawn(strata_control::controller::run(
+        controller,
+        provider,
+        load_rx,
+        store.clone(),
+        engines_stop.clone(),
+    ));
     let served =
         strata_gateway::serve(gateway, endpoints, store, Some(vault), shutdown.clone()).await;
     engines_stop.cancel();
-    if let Some(task) = autoscaler {
-        let _ = task.await;
-    }
     provider_task.await.context("provider task panicked")??;
     served?;
     tracing::info!("stopped");

@@ -1,0 +1,573 @@
+//! The controller of one pool: the gateway's load in, replicas out.
+//!
+//! Every second it turns the load into an autoscaler signal (token demand,
+//! the prompt share of it, requests in flight and waiting, p95 latencies,
+//! and the capacity of a replica: the instance type's profile until a
+//! saturated pool has measured it), asks the autoscaler how many replicas
+//! (in units of the pool's first instance type) the pool needs, has the
+//! planner pick the cheapest mix of catalog offers for that capacity (spot
+//! spread over the zones that have not just reclaimed a replica, with the
+//! hedge; on demand where spot is out), and makes the provider's instances
+//! match the plan: launches first, and lets replicas go only when nothing
+//! is starting, so capacity is made before it is broken. A preemption
+//! notice takes the replica out of the plan's count at once, so its
+//! replacement starts while it drains.
+//!
+//! `Controller` is the pure part (no clock, no I/O) and is what the
+//! simulator drives; `run` is the live loop around a `Provider`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use strata_core::config::{CapacityType, Config, InstanceType, Offering};
+use strata_core::store::{DecisionRecord, Store};
+use strata_core::Load;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::autoscale::{Autoscaler, Decision, Reason, ScalePolicy, Signal};
+use crate::planner::{diff, plan, Offer, Plan, PlanPolicy, Slot};
+use crate::provider::{Provider, ProviderEvent};
+use crate::ControlError;
+
+/// What the controller needs to know about its pool.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub name: String,
+    /// The offers the pool may use, each with its instance type's profile.
+    pub offers: Vec<(Offering, InstanceType)>,
+    /// The instance type replicas are counted in.
+    pub unit: InstanceType,
+    /// Autoscaling policy; `None` keeps `fixed_replicas` units.
+    pub scale: Option<ScalePolicy>,
+    pub fixed_replicas: u32,
+    pub spot_hedge: u32,
+    /// A zone that just reclaimed a spot replica gets no new one for this long.
+    pub spot_cooldown: Duration,
+    /// Requests one replica runs at once (the in-flight floor).
+    pub slots_per_replica: u32,
+}
+
+impl PoolSpec {
+    /// The pool of `strata.toml`: its allowed offers, autoscaling when
+    /// `pool.autoscale`, else `fixed_replicas` replicas.
+    pub fn from_config(config: &Config, fixed_replicas: u32) -> Self {
+        let offers: Vec<(Offering, InstanceType)> = config
+            .pool_offerings()
+            .into_iter()
+            .filter_map(|o| {
+                Some((
+                    o.clone(),
+                    config.instance_types.get(&o.instance_type)?.clone(),
+                ))
+            })
+            .collect();
+        let unit = config
+            .unit_type()
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default();
+        PoolSpec {
+            name: "default".into(),
+            offers,
+            unit,
+            scale: config
+                .pool
+                .autoscale
+                .then(|| ScalePolicy::from(&config.pool)),
+            fixed_replicas,
+            spot_hedge: config.pool.spot_hedge,
+            spot_cooldown: Duration::from_secs_f64(config.pool.spot_cooldown_secs),
+            slots_per_replica: config.gateway.slots_per_replica,
+        }
+    }
+
+    /// Replicas to start with: none when the pool scales from zero.
+    pub fn initial_replicas(&self) -> u32 {
+        match &self.scale {
+            Some(p) if p.scale_to_zero_after.is_some() => 0,
+            Some(p) => p.min_replicas,
+            None => self.fixed_replicas,
+        }
+    }
+}
+
+/// A replica's capacity as measured: tokens per second per replica while
+/// every slot was busy and requests waited (so the pool served all it
+/// could), smoothed; the profile's figure until enough such moments.
+#[derive(Debug, Clone, Default)]
+pub struct CapacityMeter {
+    estimate: Option<f64>,
+    samples: u32,
+}
+
+impl CapacityMeter {
+    const ENOUGH: u32 = 10;
+
+    pub fn sample(&mut self, tokens_per_s_per_replica: f64) {
+        if !(tokens_per_s_per_replica.is_finite() && tokens_per_s_per_replica > 0.0) {
+            return;
+        }
+        self.samples += 1;
+        self.estimate = Some(match self.estimate {
+            None => tokens_per_s_per_replica,
+            Some(e) => 0.8 * e + 0.2 * tokens_per_s_per_replica,
+        });
+    }
+
+    /// The measured capacity once there are enough samples (kept within a
+    /// factor of 4 of the profile, against a mis-measured burst), else `profile`.
+    pub fn capacity(&self, profile: f64) -> f64 {
+        match self.estimate {
+            Some(e) if self.samples >= Self::ENOUGH && profile > 0.0 => {
+                e.clamp(profile / 4.0, profile * 4.0)
+            }
+            _ => profile,
+        }
+    }
+
+    pub fn measured(&self) -> bool {
+        self.samples >= Self::ENOUGH
+    }
+}
+
+/// One step's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    pub signal: Signal,
+    pub decision: Option<Decision>,
+    /// Units of the pool's first instance type wanted.
+    pub desired: u32,
+    pub spot_zones: BTreeSet<String>,
+    pub plan: Plan,
+}
+
+pub struct Controller {
+    spec: PoolSpec,
+    scaler: Option<Autoscaler>,
+    desired: u32,
+    /// Zone → when it last reclaimed a spot replica.
+    preempted: BTreeMap<String, Duration>,
+    prompt_share: f64,
+    meter: CapacityMeter,
+    last: Option<(Duration, Load)>,
+}
+
+impl Controller {
+    pub fn new(spec: PoolSpec) -> Self {
+        Controller {
+            scaler: spec.scale.clone().map(Autoscaler::new),
+            desired: spec.initial_replicas(),
+            spec,
+            preempted: BTreeMap::new(),
+            prompt_share: 0.5,
+            meter: CapacityMeter::default(),
+            last: None,
+        }
+    }
+
+    pub fn spec(&self) -> &PoolSpec {
+        &self.spec
+    }
+
+    pub fn desired(&self) -> u32 {
+        self.desired
+    }
+
+    /// A spot replica in `zone` got its preemption notice at `now`.
+    pub fn preempted(&mut self, zone: &str, now: Duration) {
+        self.preempted.insert(zone.to_owned(), now);
+    }
+
+    /// Zones with spot offers that have not reclaimed a replica lately.
+    pub fn spot_zones(&self, now: Duration) -> BTreeSet<String> {
+        self.spec
+            .offers
+            .iter()
+            .filter(|(o, _)| o.capacity == CapacityType::Spot)
+            .map(|(o, _)| o.zone.clone())
+            .filter(|z| {
+                self.preempted
+                    .get(z)
+                    .is_none_or(|at| now.saturating_sub(*at) >= self.spec.spot_cooldown)
+            })
+            .collect()
+    }
+
+    /// The offers with the tokens per second each serves at the current mix.
+    pub fn offers(&self) -> Vec<Offer> {
+        let unit_profile = self.spec.unit.tokens_per_s(self.prompt_share);
+        let scale = self.meter.capacity(unit_profile) / unit_profile.max(f64::MIN_POSITIVE);
+        self.spec
+            .offers
+            .iter()
+            .map(|(o, t)| Offer {
+                instance_type: o.instance_type.clone(),
+                zone: o.zone.clone(),
+                capacity: o.capacity,
+                price_per_hour: o.price_per_hour,
+                // A measured capacity corrects every profile alike.
+                tokens_per_s: t.tokens_per_s(self.prompt_share) * scale,
+            })
+            .collect()
+    }
+
+    /// Turns the gateway's load at `now` into a signal: demand and mix
+    /// from the token counters since the last call, capacity measured
+    /// while the pool was saturated.
+    pub fn signal(&mut self, now: Duration, load: &Load) -> Signal {
+        let (demand, dt) = match &self.last {
+            Some((at, prev)) if now > *at => {
+                let dt = (now - *at).as_secs_f64();
+                let tokens = load.tokens_total.saturating_sub(prev.tokens_total) as f64;
+                let prompt = load
+                    .prompt_tokens_total
+                    .saturating_sub(prev.prompt_tokens_total) as f64;
+                if tokens > 0.0 {
+                    self.prompt_share = 0.8 * self.prompt_share + 0.2 * (prompt / tokens);
+                }
+                (tokens / dt, dt)
+            }
+            _ => (0.0, 0.0),
+        };
+        if dt > 0.0 && load.waiting > 0 && load.routable > 0 {
+            self.meter.sample(demand / load.routable as f64);
+        }
+        self.last = Some((now, *load));
+        let unit_profile = self.spec.unit.tokens_per_s(self.prompt_share);
+        Signal {
+            at: now,
+            demand_tokens_per_s: demand,
+            in_flight: load.in_flight as u32,
+            queued: load.waiting as u32,
+            capacity_per_replica: self.meter.capacity(unit_profile),
+            slots_per_replica: self.spec.slots_per_replica,
+            ttft_p95_ms: load.ttft_p95_ms,
+            tpot_p95_ms: load.tpot_p95_ms,
+        }
+    }
+
+    /// One control step at `now`: the decision (when autoscaling) and the plan.
+    pub fn step(&mut self, now: Duration, load: &Load) -> Step {
+        let signal = self.signal(now, load);
+        let decision = self.scaler.as_mut().map(|s| {
+            s.observe(signal);
+            s.decide(now, self.desired)
+        });
+        if let Some(d) = &decision {
+            self.desired = d.desired;
+        }
+        let spot_zones = self.spot_zones(now);
+        let needed = f64::from(self.desired) * signal.capacity_per_replica;
+        // The autoscaler already kept min/max; the planner only keeps one
+        // replica while there is any demand.
+        let policy = PlanPolicy {
+            allow_spot: true,
+            allow_on_demand: true,
+            spot_hedge: self.spec.spot_hedge,
+            min_replicas: 1,
+        };
+        // Units of the profile's capacity: the plan's replicas of the unit
+        // type match the count (no rounding up by a hair).
+        let plan = plan(needed * (1.0 - 1e-9), &self.offers(), &spot_zones, &policy);
+        Step {
+            signal,
+            decision,
+            desired: self.desired,
+            spot_zones,
+            plan,
+        }
+    }
+}
+
+/// Runs the pool until `shutdown`: provider events every 250 ms, a
+/// control step every second; decisions that change the replica count or
+/// the plan's mix are logged and stored. Stops every instance at the end.
+pub async fn run<P: Provider>(
+    mut controller: Controller,
+    mut provider: P,
+    load: watch::Receiver<Load>,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<(), ControlError> {
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut next_step = started;
+    let mut target = Plan::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = started.elapsed();
+        for event in provider.poll().await {
+            if let ProviderEvent::Preempting { slot, .. } = &event {
+                if slot.capacity == CapacityType::Spot {
+                    controller.preempted(&slot.zone, now);
+                }
+                // Plan again at once: the zone is out, the replacement goes elsewhere.
+                next_step = tokio::time::Instant::now();
+            }
+            tracing::debug!(?event, "provider event");
+        }
+        if tokio::time::Instant::now() >= next_step {
+            next_step = tokio::time::Instant::now() + Duration::from_secs(1);
+            let l = *load.borrow();
+            let step = controller.step(now, &l);
+            let count_changed = step
+                .decision
+                .is_some_and(|d| d.desired != d.current || d.reason == Reason::FromZero);
+            let mix_changed = !count_changed && mix(&step.plan) != mix(&target);
+            if count_changed || (mix_changed && !target.replicas.is_empty()) {
+                record(&*store, &controller, &step, &l, &target).await;
+            }
+            target = step.plan;
+        }
+        converge(&mut provider, &target, &controller.offers()).await;
+    }
+    provider.shutdown().await;
+    Ok(())
+}
+
+/// The plan's replicas by slot, for noticing a change of mix.
+fn mix(plan: &Plan) -> BTreeMap<&Slot, usize> {
+    let mut m = BTreeMap::new();
+    for s in &plan.replicas {
+        *m.entry(s).or_default() += 1;
+    }
+    m
+}
+
+/// Makes the provider's instances match `target`: launches what is
+/// missing; lets extras go only when nothing is starting.
+async fn converge<P: Provider>(provider: &mut P, target: &Plan, offers: &[Offer]) {
+    let running = provider.list();
+    let slots: Vec<Slot> = running.iter().map(|i| i.slot.clone()).collect();
+    let change = diff(&slots, target);
+    for slot in &change.launch {
+        let Some(offer) = offers.iter().find(|o| Slot::from(*o) == *slot) else {
+            continue;
+        };
+        if let Err(e) = provider.launch(offer).await {
+            tracing::error!(error = %e, "cannot launch a replica");
+        }
+    }
+    if !change.launch.is_empty() || running.iter().any(|i| !i.ready) {
+        return;
+    }
+    let mut taken = BTreeSet::new();
+    for slot in &change.terminate {
+        // The newest replica of that kind goes first.
+        if let Some(i) = running
+            .iter()
+            .rev()
+            .find(|i| i.slot == *slot && !taken.contains(&i.id))
+        {
+            taken.insert(i.id.clone());
+            let why = if target.replicas.len() < running.len() {
+                "scaled down"
+            } else {
+                "replaced by a cheaper or available offer"
+            };
+            provider.terminate(&i.id, why).await;
+        }
+    }
+}
+
+async fn record(store: &dyn Store, c: &Controller, step: &Step, load: &Load, before: &Plan) {
+    let (from, to, reason) = match &step.decision {
+        Some(d) if d.desired != d.current || d.reason == Reason::FromZero => {
+            (d.current, d.desired, d.reason)
+        }
+        _ => (step.desired, step.desired, Reason::Hold),
+    };
+    let reason = match reason {
+        Reason::Hold => "replan".to_owned(),
+        r => serde_json::to_value(r)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    };
+    let d = step.decision;
+    let inputs = serde_json::json!({
+        "stable_demand_tokens_per_s": d.map(|d| d.stable_demand),
+        "panic_demand_tokens_per_s": d.map(|d| d.panic_demand),
+        "planned_tokens_per_s_per_replica": d.map(|d| d.planned_per_replica),
+        "capacity_tokens_per_s_per_replica": step.signal.capacity_per_replica,
+        "capacity_measured": c.meter.measured(),
+        "prompt_share": c.prompt_share,
+        "in_flight": load.in_flight,
+        "waiting": load.waiting,
+        "routable_replicas": load.routable,
+        "ttft_p95_ms": load.ttft_p95_ms,
+        "tpot_p95_ms": load.tpot_p95_ms,
+        "spot_zones": step.spot_zones,
+        "plan": step.plan.replicas,
+        "plan_cost_per_hour": step.plan.cost_per_hour,
+        "previous_cost_per_hour": before.cost_per_hour,
+    });
+    tracing::info!(from, to, %reason, cost_per_hour = step.plan.cost_per_hour, %inputs, "controller decision");
+    let record = DecisionRecord {
+        at_ms: strata_core::now_ms(),
+        pool: c.spec.name.clone(),
+        from_replicas: from,
+        to_replicas: to,
+        reason,
+        inputs: inputs.to_string(),
+    };
+    if let Err(e) = store.record_decision(&record).await {
+        tracing::warn!(error = %e, "cannot store a controller decision");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(decode: f64) -> InstanceType {
+        InstanceType {
+            threads: 1,
+            prefill_tokens_per_s: 1000.0,
+            decode_tokens_per_s: vec![decode],
+        }
+    }
+
+    fn offering(t: &str, zone: &str, cap: CapacityType, price: f64) -> Offering {
+        Offering {
+            instance_type: t.into(),
+            zone: zone.into(),
+            capacity: cap,
+            price_per_hour: price,
+        }
+    }
+
+    /// One type in zones a and b, spot at a third of on-demand.
+    fn spec(scale: Option<ScalePolicy>) -> PoolSpec {
+        let t = profile(100.0);
+        let mut offers = Vec::new();
+        for z in ["a", "b"] {
+            offers.push((offering("small", z, CapacityType::Spot, 0.1), t.clone()));
+            offers.push((offering("small", z, CapacityType::OnDemand, 0.3), t.clone()));
+        }
+        PoolSpec {
+            name: "default".into(),
+            offers,
+            unit: t,
+            scale,
+            fixed_replicas: 2,
+            spot_hedge: 0,
+            spot_cooldown: Duration::from_secs(300),
+            slots_per_replica: 4,
+        }
+    }
+
+    fn load(tokens: u64) -> Load {
+        Load {
+            tokens_total: tokens,
+            routable: 1,
+            ..Load::default()
+        }
+    }
+
+    fn count(plan: &Plan, cap: CapacityType) -> usize {
+        plan.replicas.iter().filter(|s| s.capacity == cap).count()
+    }
+
+    #[test]
+    fn a_fixed_pool_runs_spot_across_zones_then_on_demand_while_both_zones_reclaim() {
+        let mut c = Controller::new(spec(None));
+        let s = c.step(Duration::ZERO, &load(0));
+        assert_eq!(count(&s.plan, CapacityType::Spot), 2);
+        let zones: BTreeSet<&str> = s.plan.replicas.iter().map(|r| r.zone.as_str()).collect();
+        assert_eq!(zones.len(), 2, "spread: {:?}", s.plan);
+        // A storm in zone a: both spot replicas go to b.
+        c.preempted("a", Duration::from_secs(10));
+        let s = c.step(Duration::from_secs(11), &load(0));
+        assert!(s
+            .plan
+            .replicas
+            .iter()
+            .all(|r| r.zone == "b" && r.capacity == CapacityType::Spot));
+        // Then b reclaims too: on-demand carries the pool.
+        c.preempted("b", Duration::from_secs(20));
+        let s = c.step(Duration::from_secs(21), &load(0));
+        assert_eq!(count(&s.plan, CapacityType::OnDemand), 2);
+        // After the cooldown spot is back, and the diff replaces on-demand.
+        let s2 = c.step(Duration::from_secs(400), &load(0));
+        assert_eq!(count(&s2.plan, CapacityType::Spot), 2);
+        let change = diff(&s.plan.replicas, &s2.plan);
+        assert!(change
+            .launch
+            .iter()
+            .all(|s| s.capacity == CapacityType::Spot));
+        assert!(change
+            .terminate
+            .iter()
+            .all(|s| s.capacity == CapacityType::OnDemand));
+    }
+
+    #[test]
+    fn demand_scales_the_plan_and_the_prompt_share_sets_the_capacity() {
+        let mut c = Controller::new(spec(Some(ScalePolicy {
+            min_replicas: 1,
+            max_replicas: 10,
+            target_utilisation: 1.0,
+            ..ScalePolicy::default()
+        })));
+        // Decode-only demand of 350 tokens/s at 100 tokens/s a replica: 4 replicas.
+        let mut tokens = 0;
+        let mut last = None;
+        for t in 0..30 {
+            let s = c.step(Duration::from_secs(t), &load(tokens));
+            tokens += 350;
+            last = Some(s);
+        }
+        let s = last.unwrap();
+        assert!(
+            (s.signal.capacity_per_replica - 100.0).abs() < 1.0,
+            "{:?}",
+            s.signal
+        );
+        assert_eq!(s.desired, 4);
+        assert_eq!(s.plan.replicas.len(), 4);
+        // All prompt tokens: a replica prefills 1000/s, so one is enough in the end.
+        let mut c = Controller::new(spec(Some(ScalePolicy {
+            target_utilisation: 1.0,
+            scale_down_delay: Duration::ZERO,
+            ..ScalePolicy::default()
+        })));
+        let mut l = load(0);
+        for t in 0..120 {
+            c.step(Duration::from_secs(t), &l);
+            l.tokens_total += 350;
+            l.prompt_tokens_total += 350;
+        }
+        assert!(c.prompt_share > 0.99);
+        assert_eq!(c.desired(), 1);
+    }
+
+    #[test]
+    fn capacity_is_measured_only_while_requests_wait() {
+        let mut c = Controller::new(spec(None));
+        let mut l = load(0);
+        l.routable = 2;
+        for t in 0..20 {
+            c.step(Duration::from_secs(t), &l);
+            l.tokens_total += 120; // 60 tokens/s a replica, but nobody waits
+        }
+        assert!(!c.meter.measured());
+        l.waiting = 3;
+        for t in 20..40 {
+            c.step(Duration::from_secs(t), &l);
+            l.tokens_total += 120;
+        }
+        assert!(c.meter.measured());
+        let s = c.step(Duration::from_secs(40), &l);
+        assert!(
+            (s.signal.capacity_per_replica - 60.0).abs() < 5.0,
+            "{:?}",
+            s.signal
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! What the controller asks of a provider (the thing that owns machines):
+//! launch a replica from a catalog offer, let one go, list what runs, and
+//! report what happened since the last look (an event stream, polled).
+//! `local` runs engine child processes; a Kubernetes or simulated provider
+//! answers the same calls.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::planner::{Offer, Slot};
+use crate::ControlError;
+
+/// A replica of the pool as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Instance {
+    pub id: String,
+    pub slot: Slot,
+    pub ready: bool,
+}
+
+/// What happened to an instance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ProviderEvent {
+    /// Passed its health check; takes requests.
+    Ready { id: String },
+    /// Died or never became healthy; it is gone from `list`.
+    Failed { id: String, detail: String },
+    /// Will be reclaimed after `notice`: it is draining and gone from
+    /// `list`, so the controller plans its replacement at once.
+    Preempting {
+        id: String,
+        slot: Slot,
+        notice: Duration,
+    },
+    /// Stopped (let go, or reclaimed) and no longer billed.
+    Gone { id: String },
+}
+
+#[async_trait]
+pub trait Provider: Send {
+    /// Starts a replica for `offer`; it shows in `list` at once, not ready.
+    async fn launch(&mut self, offer: &Offer) -> Result<String, ControlError>;
+    /// Lets an instance go: it leaves `list` at once, drains, then stops
+    /// (`Gone` follows).
+    async fn terminate(&mut self, id: &str, why: &str);
+    /// The pool's instances that are starting or serving (not those leaving).
+    fn list(&self) -> Vec<Instance>;
+    /// Checks health, exits and notices; the events since the last call.
+    async fn poll(&mut self) -> Vec<ProviderEvent>;
+    /// Stops every instance, leaving nothing behind.
+    async fn shutdown(&mut self);
+}
