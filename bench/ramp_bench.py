@@ -1,14 +1,17 @@
 """Live autoscaling on the `local` provider under a ramp-up / ramp-down
 load, against a fixed deployment sized for the peak, in the same run.
 
-The load is closed-loop clients streaming chat completions (greedy, 32
-tokens); the number of clients steps through PHASES (seconds, clients):
+The load is clients streaming chat completions (greedy, 32 tokens), each
+waiting THINK seconds between its requests; engines run 4 sequences and
+the gateway gives each replica 4 slots, so a busy replica queues requests
+(TTFT includes the wait). The number of clients steps through PHASES
+(seconds, clients):
 idle, a ramp up to the peak, a ramp down, idle again. The same schedule
 runs twice against a release `strata serve`:
 
 - autoscaled: `pool.autoscale` from zero, min 1, max 2 replicas of one
-  engine thread each (this machine has 2 cores), scale to zero after 20 s
-  idle, p95 TTFT objective SLO_MS;
+  engine thread each (this machine has 2 cores; the profile is measured by
+  bench/profile.py), scale to zero after 20 s idle, p95 TTFT objective SLO_MS;
 - fixed peak: 2 replicas of one thread all the time.
 
 Each second the replicas listed by /health are sampled. Reported per run:
@@ -36,15 +39,23 @@ os.environ.setdefault("STRATA_BIN", os.path.join(HERE, "..", "target", "release"
 from conftest import MODEL_ID, STRATA, Server  # noqa: E402
 
 SCALE = float(os.environ.get("SCALE", "1"))
-PHASES = [(int(s * SCALE), n) for s, n in [(10, 0), (30, 1), (30, 2), (40, 6), (30, 2), (50, 0)]]
-SLO_MS = 2000.0
+PHASES = [(int(s * SCALE), n) for s, n in [(10, 0), (30, 1), (30, 3), (50, 8), (30, 3), (30, 1), (50, 0)]]
+SLO_MS = 1000.0
 OUT = 32
+THINK = 1.0  # seconds a client waits between its requests
 
 TYPE = """
-[instance_types.cpu1]                # one engine thread
+[engine]
+max_sequences = 4
+
+[gateway]
+slots_per_replica = 4
+
+# measured on this machine: THREADS=1 MAX_SEQ=4 bench/profile.py
+[instance_types.cpu1]
 threads = 1
-prefill_tokens_per_s = 240.0
-decode_tokens_per_s = [22.0, 30.0, 36.0, 40.0, 43.0, 45.0, 47.0, 48.0]
+prefill_tokens_per_s = 247.0
+decode_tokens_per_s = [82.6, 43.4, 40.5, 68.2]
 
 [[catalog]]
 instance_type = "cpu1"
@@ -58,9 +69,9 @@ autoscale = true
 min_replicas = 1
 max_replicas = 2
 target_utilisation = 0.8
-stable_window_secs = 20.0
+stable_window_secs = 15.0
 panic_window_secs = 4.0
-scale_down_delay_secs = 20.0
+scale_down_delay_secs = 15.0
 scale_to_zero_after_secs = 20.0
 slo_ttft_p95_ms = {SLO_MS}
 """
@@ -79,8 +90,10 @@ def client_loop(s, stop, phase_of, results, i):
                 with http.stream("POST", f"{s.base}/v1/chat/completions", json=body) as r:
                     if r.status_code == 200:
                         for line in r.iter_lines():
-                            if line.startswith("data: ") and ttft is None and '"content"' in line:
-                                ttft = time.perf_counter() - t0
+                            if ttft is None and line.startswith("data: {"):
+                                choices = json.loads(line[6:]).get("choices") or [{}]
+                                if choices[0].get("delta", {}).get("content"):
+                                    ttft = time.perf_counter() - t0
                         ok = True
                     else:
                         r.read()
@@ -88,6 +101,7 @@ def client_loop(s, stop, phase_of, results, i):
                 ok = False
             results.append({"phase": phase, "ok": ok, "ttft_ms": ttft * 1000 if ttft else None,
                             "secs": time.perf_counter() - t0})
+            stop.wait(THINK)
 
 
 def run(name, config, replicas, ready):

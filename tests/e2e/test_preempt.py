@@ -162,3 +162,35 @@ def test_a_preempted_replica_drains_while_its_replacement_starts_elsewhere():
         assert bad.returncode != 0 and "--by must be" in bad.stderr
     finally:
         s.stop()
+
+
+RANDOM = """
+[[catalog]]
+instance_type = "local"
+zone = "zone-a"
+capacity = "spot"
+price_per_hour = 0.03
+
+[pool]
+spot_cooldown_secs = 0.0
+preemption_notice_secs = 1.0
+random_preemptions_per_hour = 1800.0   # one every two seconds per replica, on average
+"""
+
+
+def test_random_reclaims_are_replaced_and_requests_keep_being_served():
+    s = Server(replicas=1, config=RANDOM, tenant="reclaims")
+    try:
+        c = s.client()
+        served = 0
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            r = c.completions.create(model=MODEL_ID, prompt="Ping:", max_tokens=2, temperature=0)
+            served += r.usage.completion_tokens == 2
+        reclaimed = [r for r in instances(s) if r["state"] == "preempted"]
+        assert len(reclaimed) >= 2, instances(s)
+        assert served >= 5
+        log = open(s.log_path).read()
+        assert "preemption notice" in log
+    finally:
+        s.stop()

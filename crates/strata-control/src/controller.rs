@@ -281,52 +281,101 @@ impl Controller {
     }
 }
 
-/// Runs the pool until `shutdown`: provider events every 250 ms, a
-/// control step every second; decisions that change the replica count or
-/// the plan's mix are logged and stored. Stops every instance at the end.
+/// A controller and its provider, advanced by `tick` on any clock: the
+/// live loop (`run`) and the simulator drive the same code.
+pub struct Driver<P> {
+    pub controller: Controller,
+    pub provider: P,
+    target: Plan,
+    next_step: Option<Duration>,
+}
+
+/// What a tick that ran a control step decided.
+pub struct Ticked {
+    pub step: Step,
+    /// The count or the mix changed (worth a log line and a stored decision).
+    pub changed: bool,
+    pub previous: Plan,
+}
+
+impl<P: Provider> Driver<P> {
+    pub fn new(controller: Controller, provider: P) -> Self {
+        Driver {
+            controller,
+            provider,
+            target: Plan::default(),
+            next_step: None,
+        }
+    }
+
+    /// The plan the provider is being moved to.
+    pub fn target(&self) -> &Plan {
+        &self.target
+    }
+
+    /// Provider events; a control step when one is due (every second, or
+    /// at once after a preemption or a sold-out zone); then the provider's
+    /// instances are moved toward the plan.
+    pub async fn tick(&mut self, now: Duration, load: &Load) -> Option<Ticked> {
+        for event in self.provider.poll().await {
+            if let ProviderEvent::Preempting { slot, .. } | ProviderEvent::Unavailable { slot } =
+                &event
+            {
+                if slot.capacity == CapacityType::Spot {
+                    self.controller.preempted(&slot.zone, now);
+                }
+                // Plan again at once: the zone is out, the replacement goes elsewhere.
+                self.next_step = None;
+            }
+            tracing::debug!(?event, "provider event");
+        }
+        let mut ticked = None;
+        if self.next_step.is_none_or(|t| now >= t) {
+            self.next_step = Some(now + Duration::from_secs(1));
+            let step = self.controller.step(now, load);
+            let count_changed = step
+                .decision
+                .is_some_and(|d| d.desired != d.current || d.reason == Reason::FromZero);
+            let mix_changed = mix(&step.plan) != mix(&self.target);
+            let changed = count_changed || (mix_changed && !self.target.replicas.is_empty());
+            let previous = std::mem::replace(&mut self.target, step.plan.clone());
+            ticked = Some(Ticked {
+                step,
+                changed,
+                previous,
+            });
+        }
+        converge(&mut self.provider, &self.target, &self.controller.offers()).await;
+        ticked
+    }
+}
+
+/// Runs the pool until `shutdown`: a tick every 250 ms; decisions that
+/// change the replica count or the plan's mix are logged and stored. Stops
+/// every instance at the end.
 pub async fn run<P: Provider>(
-    mut controller: Controller,
-    mut provider: P,
+    controller: Controller,
+    provider: P,
     load: watch::Receiver<Load>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut next_step = started;
-    let mut target = Plan::default();
+    let mut driver = Driver::new(controller, provider);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let now = started.elapsed();
-        for event in provider.poll().await {
-            if let ProviderEvent::Preempting { slot, .. } = &event {
-                if slot.capacity == CapacityType::Spot {
-                    controller.preempted(&slot.zone, now);
-                }
-                // Plan again at once: the zone is out, the replacement goes elsewhere.
-                next_step = tokio::time::Instant::now();
+        let l = *load.borrow();
+        if let Some(t) = driver.tick(started.elapsed(), &l).await {
+            if t.changed {
+                record(&*store, &driver.controller, &t.step, &l, &t.previous).await;
             }
-            tracing::debug!(?event, "provider event");
         }
-        if tokio::time::Instant::now() >= next_step {
-            next_step = tokio::time::Instant::now() + Duration::from_secs(1);
-            let l = *load.borrow();
-            let step = controller.step(now, &l);
-            let count_changed = step
-                .decision
-                .is_some_and(|d| d.desired != d.current || d.reason == Reason::FromZero);
-            let mix_changed = !count_changed && mix(&step.plan) != mix(&target);
-            if count_changed || (mix_changed && !target.replicas.is_empty()) {
-                record(&*store, &controller, &step, &l, &target).await;
-            }
-            target = step.plan;
-        }
-        converge(&mut provider, &target, &controller.offers()).await;
     }
-    provider.shutdown().await;
+    driver.provider.shutdown().await;
     Ok(())
 }
 

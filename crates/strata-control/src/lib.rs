@@ -10,6 +10,7 @@ pub mod local;
 pub mod model;
 pub mod planner;
 pub mod provider;
+pub mod sim;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

@@ -37,6 +37,8 @@ pub enum ProviderEvent {
     },
     /// Stopped (let go, or reclaimed) and no longer billed.
     Gone { id: String },
+    /// A launch found no capacity for this slot (spot sold out in the zone).
+    Unavailable { slot: Slot },
 }
 
 #[async_trait]

@@ -1,0 +1,267 @@
+//! The `sim` provider: a virtual cloud on a virtual clock, for the
+//! simulator and for testing the controller against real spot behaviour.
+//!
+//! Spot availability per zone comes from a trace (the spot-traces format:
+//! `{"metadata": {"gap_seconds": N}, "data": [count, ...]}`, one tick per
+//! `gap_seconds`), read as: while a zone's count is 0 it has no spot
+//! capacity, so a spot launch there fails and its running spot replicas get
+//! a preemption notice (gone when it ends). The trace can start at any
+//! offset and wraps around. Launches take `launch_delay` to become ready.
+//! The clock moves only by `advance_to`; every instance is billed at its
+//! offer's price from launch to the moment it is gone.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use strata_core::config::CapacityType;
+
+use crate::planner::{Offer, Slot};
+use crate::provider::{Instance, Provider, ProviderEvent};
+use crate::ControlError;
+
+/// Spot capacity of one zone over time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpotTrace {
+    pub gap: Duration,
+    pub data: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct TraceFile {
+    metadata: TraceMeta,
+    data: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct TraceMeta {
+    gap_seconds: f64,
+}
+
+impl SpotTrace {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let f: TraceFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if !(f.metadata.gap_seconds > 0.0) || f.data.is_empty() {
+            return Err("a trace needs gap_seconds > 0 and at least one data point".into());
+        }
+        Ok(SpotTrace {
+            gap: Duration::from_secs_f64(f.metadata.gap_seconds),
+            data: f.data.iter().map(|v| v.max(0.0).round() as u32).collect(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ControlError> {
+        let text = std::fs::read_to_string(path).map_err(crate::io_at(path))?;
+        Self::parse(&text)
+            .map_err(|e| ControlError::BadPackage(format!("{}: {e}", path.display())))
+    }
+
+    /// Spot instances obtainable at `t` (wrapping around the trace).
+    pub fn at(&self, t: Duration) -> u32 {
+        let tick = (t.as_secs_f64() / self.gap.as_secs_f64()) as usize;
+        self.data[tick % self.data.len()]
+    }
+
+    /// Share of ticks with spot capacity.
+    pub fn availability(&self) -> f64 {
+        self.data.iter().filter(|&&v| v > 0).count() as f64 / self.data.len() as f64
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimSettings {
+    /// Spot availability by zone; a zone without a trace always has spot.
+    pub spot: BTreeMap<String, SpotTrace>,
+    /// Where in the traces the virtual clock's zero falls.
+    pub offset: Duration,
+    /// Launch to ready.
+    pub launch_delay: Duration,
+    /// Preemption notice (AWS gives two minutes).
+    pub notice: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct SimInstance {
+    id: String,
+    offer: Offer,
+    launched: Duration,
+    ready: bool,
+    /// When it stops being billed (set when it is let go or reclaimed).
+    gone_at: Option<Duration>,
+    preempted: bool,
+    /// `Gone` was reported.
+    reported: bool,
+}
+
+/// A finished or running instance's bill.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimBill {
+    pub id: String,
+    pub slot: Slot,
+    pub launched: Duration,
+    pub gone: Option<Duration>,
+    pub preempted: bool,
+    pub cost: f64,
+}
+
+pub struct SimProvider {
+    settings: SimSettings,
+    now: Duration,
+    next_id: u64,
+    instances: Vec<SimInstance>,
+    events: Vec<ProviderEvent>,
+}
+
+impl SimProvider {
+    pub fn new(settings: SimSettings) -> Self {
+        SimProvider {
+            settings,
+            now: Duration::ZERO,
+            next_id: 0,
+            instances: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    /// Moves the virtual clock forward (never back).
+    pub fn advance_to(&mut self, t: Duration) {
+        self.now = self.now.max(t);
+    }
+
+    pub fn spot_available(&self, zone: &str) -> bool {
+        self.settings
+            .spot
+            .get(zone)
+            .is_none_or(|trace| trace.at(self.settings.offset + self.now) > 0)
+    }
+
+    /// Every instance's bill up to now.
+    pub fn bills(&self) -> Vec<SimBill> {
+        self.instances
+            .iter()
+            .map(|i| {
+                let end = i.gone_at.unwrap_or(self.now).min(self.now);
+                let hours = end.saturating_sub(i.launched).as_secs_f64() / 3600.0;
+                SimBill {
+                    id: i.id.clone(),
+                    slot: Slot::from(&i.offer),
+                    launched: i.launched,
+                    gone: i.gone_at.filter(|g| *g <= self.now),
+                    preempted: i.preempted,
+                    cost: i.offer.price_per_hour * hours,
+                }
+            })
+            .collect()
+    }
+
+    /// Tokens per second the ready replicas serve now.
+    pub fn ready_capacity(&self) -> f64 {
+        self.instances
+            .iter()
+            .filter(|i| i.ready && i.gone_at.is_none())
+            .map(|i| i.offer.tokens_per_s)
+            .sum()
+    }
+}
+
+#[async_trait]
+impl Provider for SimProvider {
+    async fn launch(&mut self, offer: &Offer) -> Result<String, ControlError> {
+        let id = format!("sim-{}", self.next_id);
+        self.next_id += 1;
+        if offer.capacity == CapacityType::Spot && !self.spot_available(&offer.zone) {
+            self.events.push(ProviderEvent::Unavailable {
+                slot: Slot::from(offer),
+            });
+            return Ok(id);
+        }
+        self.instances.push(SimInstance {
+            id: id.clone(),
+            offer: offer.clone(),
+            launched: self.now,
+            ready: false,
+            gone_at: None,
+            preempted: false,
+            reported: false,
+        });
+        Ok(id)
+    }
+
+    async fn terminate(&mut self, id: &str, _why: &str) {
+        let now = self.now;
+        if let Some(i) = self
+            .instances
+            .iter_mut()
+            .find(|i| i.id == id && i.gone_at.is_none())
+        {
+            i.gone_at = Some(now);
+            i.reported = true;
+            self.events.push(ProviderEvent::Gone { id: id.to_owned() });
+        }
+    }
+
+    fn list(&self) -> Vec<Instance> {
+        self.instances
+            .iter()
+            .filter(|i| i.gone_at.is_none())
+            .map(|i| Instance {
+                id: i.id.clone(),
+                slot: Slot::from(&i.offer),
+                ready: i.ready,
+            })
+            .collect()
+    }
+
+    async fn poll(&mut self) -> Vec<ProviderEvent> {
+        let now = self.now;
+        let (delay, notice) = (self.settings.launch_delay, self.settings.notice);
+        let unavailable: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|i| i.offer.capacity == CapacityType::Spot && i.gone_at.is_none())
+            .map(|i| i.offer.zone.clone())
+            .filter(|z| !self.spot_available(z))
+            .collect();
+        for i in &mut self.instances {
+            if i.gone_at.is_none() && !i.ready && now >= i.launched + delay {
+                i.ready = true;
+                self.events.push(ProviderEvent::Ready { id: i.id.clone() });
+            }
+            if i.gone_at.is_none()
+                && i.offer.capacity == CapacityType::Spot
+                && unavailable.contains(&i.offer.zone)
+            {
+                i.gone_at = Some(now + notice);
+                i.preempted = true;
+                self.events.push(ProviderEvent::Preempting {
+                    id: i.id.clone(),
+                    slot: Slot::from(&i.offer),
+                    notice,
+                });
+            }
+        }
+        // Reclaimed instances whose notice ran out.
+        for i in &mut self.instances {
+            if !i.reported && i.gone_at.is_some_and(|g| g <= now) {
+                i.reported = true;
+                self.events.push(ProviderEvent::Gone { id: i.id.clone() });
+            }
+        }
+        std::mem::take(&mut self.events)
+    }
+
+    async fn shutdown(&mut self) {
+        let now = self.now;
+        for i in &mut self.instances {
+            if i.gone_at.is_none() {
+                i.gone_at = Some(now);
+            }
+        }
+    }
+}
