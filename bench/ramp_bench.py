@@ -100,7 +100,7 @@ def client_loop(s, stop, phase_of, results, i):
             except httpx.HTTPError:
                 ok = False
             results.append({"phase": phase, "ok": ok, "ttft_ms": ttft * 1000 if ttft else None,
-                            "secs": time.perf_counter() - t0})
+                            "secs": time.perf_counter() - t0, "at": time.time()})
             stop.wait(THINK)
 
 
@@ -150,7 +150,7 @@ def run(name, config, replicas, ready):
     finally:
         s.stop()
     return {"name": name, "results": results, "samples": samples, "decisions": decisions, "cost": cost,
-            "duration": time.time() - started}
+            "duration": time.time() - started, "started": started}
 
 
 def pct(values, q):
@@ -177,13 +177,24 @@ def strip(samples):
     return "".join(out)
 
 
+def ttft_strip(run, started):
+    """p95 TTFT per 5 s window (tenths of a second, capped at 9; `.` without requests)."""
+    out = []
+    for i in range(0, len(run["samples"]), 5):
+        window = [r["ttft_ms"] for r in run["results"]
+                  if r["ttft_ms"] is not None and i <= r["at"] - started < i + 5]
+        out.append("." if not window else str(min(9, int(pct(window, 95) / 100))))
+    return "".join(out)
+
+
 def report(runs):
     print(f"# ramp: phases (seconds, clients) {PHASES}; SLO p95 TTFT {SLO_MS:.0f} ms; {OUT} tokens per request")
     for run in runs:
         rs = run["samples"]
         replica_secs = sum(x[2] for x in rs)
         print(f"\n## {run['name']}")
-        print(f"replicas listed, one digit per 5 s: {strip(rs)}")
+        print(f"replicas listed, one digit per 5 s:  {strip(rs)}")
+        print(f"p95 TTFT (0.1 s) per 5 s window:     {ttft_strip(run, run['started'])}")
         print(f"replica-seconds: {replica_secs}  (over {len(rs)} s sampled)")
         print("| phase | clients | replicas (mean listed) | requests | errors | TTFT p50 ms | TTFT p95 ms | within SLO |")
         print("|---|---|---|---|---|---|---|---|")

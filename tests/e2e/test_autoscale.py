@@ -1,7 +1,9 @@
 """`strata serve` with `pool.autoscale`: it starts at zero replicas, a request
-waits while the first replica starts and is served, load adds a replica,
-and when the load stops the pool shrinks to one and then to zero. Windows
-and delays are seconds, not minutes, so the whole cycle fits in a test."""
+waits while the first replica starts and is served, load adds a replica
+(and the time to first token, which counted the wait for one of the first
+replica's two slots, recovers), and when the load stops the pool shrinks
+to one and then to zero. Windows and delays are seconds, not minutes, so
+the whole cycle fits in a test."""
 import concurrent.futures as cf
 import json
 import os
@@ -14,6 +16,12 @@ import httpx
 from conftest import MODEL_ID, STRATA, Server
 
 CONFIG = """
+[engine]
+max_sequences = 2
+
+[gateway]
+slots_per_replica = 2
+
 [instance_types.local]         # a replica planned at ~20 tokens/s
 prefill_tokens_per_s = 100.0
 decode_tokens_per_s = [20.0]
@@ -58,13 +66,21 @@ def test_scale_from_zero_up_down_and_to_zero_again():
         assert r.usage.completion_tokens == 4 and cold < 60, cold
         assert replicas(s) == 1
 
-        # Load: more tokens per second than one replica is planned for.
-        stop = time.time() + 12
-        grew = []
+        # Load: more tokens per second than one replica is planned for, and
+        # four clients for its two slots: the first wave waits for a slot.
+        start = time.time()
+        stop = start + 14
+        grew, ttft = [], []
 
         def work(i):
             while time.time() < stop:
-                c.completions.create(model=MODEL_ID, prompt=f"Story {i}:", max_tokens=24, temperature=0)
+                t0 = time.time()
+                stream = c.completions.create(model=MODEL_ID, prompt=f"Story {i}:", max_tokens=24,
+                                              temperature=0, stream=True)
+                next(iter(stream))
+                ttft.append((t0 - start, time.time() - t0))
+                for _ in stream:
+                    pass
         with cf.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(work, i) for i in range(4)]
             while time.time() < stop:
@@ -73,6 +89,12 @@ def test_scale_from_zero_up_down_and_to_zero_again():
             for f in futures:
                 f.result()
         assert max(grew) == 2, grew
+        # With both replicas up nobody waits: the late requests' p95 time to
+        # first token is under the first wave's slowest (which waited).
+        first_wave = [t for at, t in ttft if at < 0.5]
+        late = sorted(t for at, t in ttft if at > 8)
+        assert len(first_wave) == 4 and len(late) >= 8, ttft
+        assert late[int(len(late) * 0.95) - 1] < max(first_wave) / 2, (first_wave, late)
 
         # Idle: down to one after the delay, then to zero.
         wait_for(s, 1, 30)

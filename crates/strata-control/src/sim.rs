@@ -43,7 +43,7 @@ struct TraceMeta {
 impl SpotTrace {
     pub fn parse(text: &str) -> Result<Self, String> {
         let f: TraceFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if !(f.metadata.gap_seconds > 0.0) || f.data.is_empty() {
+        if f.metadata.gap_seconds.is_nan() || f.metadata.gap_seconds <= 0.0 || f.data.is_empty() {
             return Err("a trace needs gap_seconds > 0 and at least one data point".into());
         }
         Ok(SpotTrace {
@@ -54,8 +54,7 @@ impl SpotTrace {
 
     pub fn load(path: &Path) -> Result<Self, ControlError> {
         let text = std::fs::read_to_string(path).map_err(crate::io_at(path))?;
-        Self::parse(&text)
-            .map_err(|e| ControlError::BadPackage(format!("{}: {e}", path.display())))
+        Self::parse(&text).map_err(|e| ControlError::BadPackage(format!("{}: {e}", path.display())))
     }
 
     /// Spot instances obtainable at `t` (wrapping around the trace).
@@ -263,5 +262,73 @@ impl Provider for SimProvider {
                 i.gone_at = Some(now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trace_is_read_per_tick_and_wraps_around() {
+        let t =
+            SpotTrace::parse(r#"{"metadata": {"gap_seconds": 10}, "data": [1, 0, 2]}"#).unwrap();
+        let at = |s| t.at(Duration::from_secs(s));
+        assert_eq!(
+            [at(0), at(9), at(10), at(25), at(30), at(41)],
+            [1, 1, 0, 2, 1, 0]
+        );
+        assert!((t.availability() - 2.0 / 3.0).abs() < 1e-12);
+        for bad in [
+            r#"{"metadata": {"gap_seconds": 0}, "data": [1]}"#,
+            r#"{"metadata": {"gap_seconds": 5}, "data": []}"#,
+            r#"{"data": [1]}"#,
+        ] {
+            assert!(SpotTrace::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn launches_become_ready_after_the_delay_and_a_sold_out_zone_reclaims_with_notice() {
+        let trace =
+            SpotTrace::parse(r#"{"metadata": {"gap_seconds": 100}, "data": [1, 0]}"#).unwrap();
+        let mut p = SimProvider::new(SimSettings {
+            spot: BTreeMap::from([("a".to_string(), trace)]),
+            offset: Duration::ZERO,
+            launch_delay: Duration::from_secs(30),
+            notice: Duration::from_secs(20),
+        });
+        let offer = Offer {
+            instance_type: "t".into(),
+            zone: "a".into(),
+            capacity: CapacityType::Spot,
+            price_per_hour: 3.6,
+            tokens_per_s: 10.0,
+        };
+        let id = p.launch(&offer).await.unwrap();
+        p.advance_to(Duration::from_secs(29));
+        assert!(p.poll().await.is_empty());
+        p.advance_to(Duration::from_secs(30));
+        assert_eq!(p.poll().await, [ProviderEvent::Ready { id: id.clone() }]);
+        assert_eq!(p.ready_capacity(), 10.0);
+        // At 100 s the zone sells out: notice now, gone 20 s later.
+        p.advance_to(Duration::from_secs(100));
+        assert!(matches!(
+            &p.poll().await[..],
+            [ProviderEvent::Preempting { .. }]
+        ));
+        assert!(p.list().is_empty());
+        // A spot launch there now is refused.
+        p.launch(&offer).await.unwrap();
+        assert!(matches!(
+            &p.poll().await[..],
+            [ProviderEvent::Unavailable { .. }]
+        ));
+        p.advance_to(Duration::from_secs(120));
+        assert_eq!(p.poll().await, [ProviderEvent::Gone { id }]);
+        // Billed from launch to the end of the notice: 120 s at $3.6/h.
+        let bills = p.bills();
+        assert_eq!(bills.len(), 1);
+        assert!((bills[0].cost - 0.12).abs() < 1e-9 && bills[0].preempted);
     }
 }

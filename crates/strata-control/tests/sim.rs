@@ -146,7 +146,12 @@ async fn three_days_of_recorded_spot_availability_cost_far_less_than_on_demand_a
     // so the replicas sit in two zones, and one hedge replica cannot cover
     // half of them.)
     let bare = replay(4, 0, hours, Duration::ZERO).await;
-    assert!(bare.covered <= hedged.covered, "{} vs {}", bare.covered, hedged.covered);
+    assert!(
+        bare.covered <= hedged.covered,
+        "{} vs {}",
+        bare.covered,
+        hedged.covered
+    );
     assert!(bare.cost < hedged.cost);
     eprintln!(
         "72 h, 4 replicas: hedged ${:.2} covered {:.4}, bare ${:.2} covered {:.4}, on-demand ${on_demand_bill:.2}; {} reclaims",
@@ -161,7 +166,9 @@ async fn a_spot_launch_into_a_sold_out_zone_is_replanned_elsewhere() {
     let gap = t["us-east-1a"].gap;
     let offset = (0..t["us-east-1a"].data.len() as u32)
         .map(|i| gap * i)
-        .find(|&at| t["us-east-1a"].at(at) == 0 && t["us-west-2b"].at(at) > 0 && t["us-east-1f"].at(at) > 0)
+        .find(|&at| {
+            t["us-east-1a"].at(at) == 0 && t["us-west-2b"].at(at) > 0 && t["us-east-1f"].at(at) > 0
+        })
         .expect("such a moment is in the trace");
     let settings = SimSettings {
         spot: t,
@@ -178,5 +185,9 @@ async fn a_spot_launch_into_a_sold_out_zone_is_replanned_elsewhere() {
     let zones: Vec<String> = d.target().replicas.iter().map(|s| s.zone.clone()).collect();
     assert_eq!(zones.len(), 3);
     assert!(!zones.contains(&"us-east-1a".to_string()), "{zones:?}");
-    assert!(d.target().replicas.iter().all(|s| s.capacity == CapacityType::Spot));
+    assert!(d
+        .target()
+        .replicas
+        .iter()
+        .all(|s| s.capacity == CapacityType::Spot));
 }

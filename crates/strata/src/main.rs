@@ -711,8 +711,15 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     // The engines are this process's children and stop with it.
     gateway.drain_on_shutdown = true;
-    // Dedicated tenants' replicas share the cores too.
-    let processes = replicas + config.serve.dedicated.values().sum::<u32>();
+    // Dedicated tenants' replicas share the cores too, and an autoscaled
+    // pool may grow to its maximum: threads are split so it never
+    // oversubscribes them (llama.cpp's threads spin).
+    let pool = if config.pool.autoscale {
+        config.pool.max_replicas
+    } else {
+        replicas
+    };
+    let processes = pool + config.serve.dedicated.values().sum::<u32>();
     let engine = engine_settings(&config, &args.engine, processes);
     if !engine.model_path.is_file() {
         bail!(
