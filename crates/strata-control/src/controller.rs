@@ -281,11 +281,10 @@ impl Controller {
     }
 }
 
-/// A controller and its provider, advanced by `tick` on any clock: the
+/// A controller advanced by `tick` on any clock against a provider: the
 /// live loop (`run`) and the simulator drive the same code.
-pub struct Driver<P> {
+pub struct Driver {
     pub controller: Controller,
-    pub provider: P,
     target: Plan,
     next_step: Option<Duration>,
 }
@@ -298,11 +297,10 @@ pub struct Ticked {
     pub previous: Plan,
 }
 
-impl<P: Provider> Driver<P> {
-    pub fn new(controller: Controller, provider: P) -> Self {
+impl Driver {
+    pub fn new(controller: Controller) -> Self {
         Driver {
             controller,
-            provider,
             target: Plan::default(),
             next_step: None,
         }
@@ -316,8 +314,13 @@ impl<P: Provider> Driver<P> {
     /// Provider events; a control step when one is due (every second, or
     /// at once after a preemption or a sold-out zone); then the provider's
     /// instances are moved toward the plan.
-    pub async fn tick(&mut self, now: Duration, load: &Load) -> Option<Ticked> {
-        for event in self.provider.poll().await {
+    pub async fn tick<P: Provider>(
+        &mut self,
+        provider: &mut P,
+        now: Duration,
+        load: &Load,
+    ) -> Option<Ticked> {
+        for event in provider.poll().await {
             if let ProviderEvent::Preempting { slot, .. } | ProviderEvent::Unavailable { slot } =
                 &event
             {
@@ -345,7 +348,7 @@ impl<P: Provider> Driver<P> {
                 previous,
             });
         }
-        converge(&mut self.provider, &self.target, &self.controller.offers()).await;
+        converge(provider, &self.target, &self.controller.offers()).await;
         ticked
     }
 }
@@ -355,27 +358,27 @@ impl<P: Provider> Driver<P> {
 /// every instance at the end.
 pub async fn run<P: Provider>(
     controller: Controller,
-    provider: P,
+    mut provider: P,
     load: watch::Receiver<Load>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut driver = Driver::new(controller, provider);
+    let mut driver = Driver::new(controller);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         let l = *load.borrow();
-        if let Some(t) = driver.tick(started.elapsed(), &l).await {
+        if let Some(t) = driver.tick(&mut provider, started.elapsed(), &l).await {
             if t.changed {
                 record(&*store, &driver.controller, &t.step, &l, &t.previous).await;
             }
         }
     }
-    driver.provider.shutdown().await;
+    provider.shutdown().await;
     Ok(())
 }
 

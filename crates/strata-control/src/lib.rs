@@ -11,6 +11,7 @@ pub mod model;
 pub mod planner;
 pub mod provider;
 pub mod sim;
+pub mod simulate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

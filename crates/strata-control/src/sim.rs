@@ -79,6 +79,8 @@ pub struct SimSettings {
     pub launch_delay: Duration,
     /// Preemption notice (AWS gives two minutes).
     pub notice: Duration,
+    /// Longest a replica being let go drains (its requests finish first).
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +94,16 @@ struct SimInstance {
     preempted: bool,
     /// `Gone` was reported.
     reported: bool,
+}
+
+/// An instance as the simulator's gateway sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimView {
+    pub id: String,
+    pub offer: Offer,
+    pub ready: bool,
+    /// Draining until then (let go, or reclaimed); takes no new requests.
+    pub leaving_until: Option<Duration>,
 }
 
 /// A finished or running instance's bill.
@@ -159,6 +171,32 @@ impl SimProvider {
             .collect()
     }
 
+    /// Instances not gone yet.
+    pub fn view(&self) -> Vec<SimView> {
+        self.instances
+            .iter()
+            .filter(|i| i.gone_at.is_none_or(|g| g > self.now))
+            .map(|i| SimView {
+                id: i.id.clone(),
+                offer: i.offer.clone(),
+                ready: i.ready,
+                leaving_until: i.gone_at,
+            })
+            .collect()
+    }
+
+    /// A replica being let go finished its requests: it goes now.
+    pub fn release(&mut self, id: &str) {
+        let now = self.now;
+        if let Some(i) = self
+            .instances
+            .iter_mut()
+            .find(|i| i.id == id && !i.preempted && i.gone_at.is_some_and(|g| g > now))
+        {
+            i.gone_at = Some(now);
+        }
+    }
+
     /// Tokens per second the ready replicas serve now.
     pub fn ready_capacity(&self) -> f64 {
         self.instances
@@ -194,14 +232,14 @@ impl Provider for SimProvider {
 
     async fn terminate(&mut self, id: &str, _why: &str) {
         let now = self.now;
+        let drain = self.settings.drain;
         if let Some(i) = self
             .instances
             .iter_mut()
             .find(|i| i.id == id && i.gone_at.is_none())
         {
-            i.gone_at = Some(now);
-            i.reported = true;
-            self.events.push(ProviderEvent::Gone { id: id.to_owned() });
+            // Not ready yet: nothing to drain.
+            i.gone_at = Some(if i.ready { now + drain } else { now });
         }
     }
 
@@ -245,7 +283,7 @@ impl Provider for SimProvider {
                 });
             }
         }
-        // Reclaimed instances whose notice ran out.
+        // Reclaimed instances whose notice ran out, and drained ones.
         for i in &mut self.instances {
             if !i.reported && i.gone_at.is_some_and(|g| g <= now) {
                 i.reported = true;
@@ -297,6 +335,7 @@ mod tests {
             offset: Duration::ZERO,
             launch_delay: Duration::from_secs(30),
             notice: Duration::from_secs(20),
+            drain: Duration::from_secs(30),
         });
         let offer = Offer {
             instance_type: "t".into(),

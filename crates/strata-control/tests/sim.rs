@@ -76,10 +76,12 @@ async fn replay(units: u32, hedge: u32, hours: u64, offset: Duration) -> Outcome
         offset,
         launch_delay: Duration::from_secs(180),
         notice: Duration::from_secs(120),
+        drain: Duration::ZERO,
     };
     let controller = Controller::new(spec(units, hedge));
     let per_unit = controller.offers()[0].tokens_per_s;
-    let mut d = Driver::new(controller, SimProvider::new(settings));
+    let mut d = Driver::new(controller);
+    let mut p = SimProvider::new(settings);
     let (mut covered, mut ticks, mut preemptions) = (0u64, 0u64, 0);
     let (mut on_demand_seconds, mut spot_seconds) = (0, 0);
     let mut on_demand_ids = Vec::new();
@@ -87,9 +89,9 @@ async fn replay(units: u32, hedge: u32, hours: u64, offset: Duration) -> Outcome
     let step = 10;
     for t in (0..hours * 3600).step_by(step as usize) {
         let now = Duration::from_secs(t);
-        d.provider.advance_to(now);
-        d.tick(now, &Load::default()).await;
-        for b in d.provider.bills() {
+        p.advance_to(now);
+        d.tick(&mut p, now, &Load::default()).await;
+        for b in p.bills() {
             if b.gone.is_none() {
                 match b.slot.capacity {
                     CapacityType::OnDemand => {
@@ -105,10 +107,10 @@ async fn replay(units: u32, hedge: u32, hours: u64, offset: Duration) -> Outcome
         // Skip the first launch: nothing is up for the first three minutes.
         if t >= 240 {
             ticks += 1;
-            covered += u64::from(d.provider.ready_capacity() + 1e-6 >= f64::from(units) * per_unit);
+            covered += u64::from(p.ready_capacity() + 1e-6 >= f64::from(units) * per_unit);
         }
     }
-    let bills = d.provider.bills();
+    let bills = p.bills();
     preemptions += bills.iter().filter(|b| b.preempted).count();
     on_demand_let_go += bills
         .iter()
@@ -175,12 +177,14 @@ async fn a_spot_launch_into_a_sold_out_zone_is_replanned_elsewhere() {
         offset,
         launch_delay: Duration::from_secs(180),
         notice: Duration::from_secs(120),
+        drain: Duration::ZERO,
     };
-    let mut d = Driver::new(Controller::new(spec(3, 0)), SimProvider::new(settings));
+    let mut d = Driver::new(Controller::new(spec(3, 0)));
+    let mut p = SimProvider::new(settings);
     for s in 0..30 {
         let now = Duration::from_secs(s);
-        d.provider.advance_to(now);
-        d.tick(now, &Load::default()).await;
+        p.advance_to(now);
+        d.tick(&mut p, now, &Load::default()).await;
     }
     let zones: Vec<String> = d.target().replicas.iter().map(|s| s.zone.clone()).collect();
     assert_eq!(zones.len(), 3);

@@ -64,6 +64,8 @@ enum Command {
     /// What the instances cost, from the ledger.
     #[command(subcommand)]
     Cost(CostCommand),
+    /// Replay a request trace against the policies on a simulated cloud.
+    Simulate(simulate::SimulateArgs),
     /// Fault injection against a running `strata serve`, through the admin API.
     Chaos(AdminArgs<ChaosCommand>),
     /// The controller's decisions (each change of a pool, with its reason and inputs).
@@ -403,6 +405,9 @@ fn main() -> Result<()> {
             ))
         }
         Command::Chaos(args) => runtime()?.block_on(admin::chaos(args)),
+        Command::Simulate(args) => {
+            runtime()?.block_on(simulate::run(load_config(&cli.config)?, args))
+        }
         Command::Decisions { db, limit, json } => {
             let config = load_config(&cli.config)?;
             runtime()?.block_on(admin::decisions(
@@ -415,6 +420,7 @@ fn main() -> Result<()> {
 }
 
 mod admin;
+mod simulate;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

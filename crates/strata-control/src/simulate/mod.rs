@@ -1,0 +1,388 @@
+//! The simulator: a request trace replayed against a policy that sizes the
+//! pool on the `sim` provider (virtual clock, spot availability from
+//! recorded traces), with a gateway that queues requests FIFO and sends
+//! each to the ready replica with the least work that has a free slot, and
+//! replicas modelled with continuous batching (`replica`). Reclaimed or
+//! let-go replicas drain; requests still running when one is gone start
+//! over elsewhere (counted as restarted). Everything runs on the virtual
+//! clock in steps of `dt`, so a run is deterministic.
+
+pub mod replica;
+pub mod trace;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use strata_core::config::{CapacityType, InstanceType, Offering};
+use strata_core::Load;
+
+use crate::controller::{Controller, Driver, PoolSpec};
+use crate::planner::Offer;
+use crate::provider::Provider;
+use crate::sim::{SimProvider, SimSettings};
+use replica::{Finished, ReplicaModel, Running};
+use trace::TraceRequest;
+
+/// What to simulate: the trace, the catalog, the cloud, the objectives.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub trace: Vec<TraceRequest>,
+    pub offers: Vec<(Offering, InstanceType)>,
+    pub cloud: SimSettings,
+    pub slo_ttft: Duration,
+    pub dt: Duration,
+}
+
+impl Scenario {
+    /// Offers with tokens/s at the trace's prompt share.
+    pub fn priced_offers(&self) -> Vec<Offer> {
+        let share = self.prompt_share();
+        self.offers
+            .iter()
+            .map(|(o, t)| Offer {
+                instance_type: o.instance_type.clone(),
+                zone: o.zone.clone(),
+                capacity: o.capacity,
+                price_per_hour: o.price_per_hour,
+                tokens_per_s: t.tokens_per_s(share),
+            })
+            .collect()
+    }
+
+    pub fn prompt_share(&self) -> f64 {
+        let (p, o) = self.trace.iter().fold((0.0, 0.0), |(p, o), r| {
+            (
+                p + f64::from(r.prompt_tokens),
+                o + f64::from(r.output_tokens),
+            )
+        });
+        if p + o > 0.0 {
+            p / (p + o)
+        } else {
+            0.5
+        }
+    }
+
+    /// Token demand (prompt + output tokens/s) per `window`, by arrival.
+    pub fn demand(&self, window: Duration) -> Vec<f64> {
+        let end = self.trace.last().map_or(Duration::ZERO, |r| r.at);
+        let n = (end.as_secs_f64() / window.as_secs_f64()).floor() as usize + 1;
+        let mut out = vec![0.0; n];
+        for r in &self.trace {
+            let i = (r.at.as_secs_f64() / window.as_secs_f64()) as usize;
+            out[i] += f64::from(r.prompt_tokens + r.output_tokens) / window.as_secs_f64();
+        }
+        out
+    }
+}
+
+/// Sizes the pool: called every `dt` with the gateway's load.
+#[async_trait]
+pub trait Policy: Send {
+    fn name(&self) -> String;
+    async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider);
+}
+
+/// Keeps `replicas` of one offer, whatever the load (replacing lost ones).
+pub struct Static {
+    pub offer: Offer,
+    pub replicas: u32,
+}
+
+#[async_trait]
+impl Policy for Static {
+    fn name(&self) -> String {
+        format!(
+            "static {} x {} ({})",
+            self.replicas,
+            self.offer.instance_type,
+            self.offer.capacity.as_str()
+        )
+    }
+
+    async fn tick(&mut self, _now: Duration, _load: &Load, cloud: &mut SimProvider) {
+        cloud.poll().await;
+        for _ in cloud.list().len()..self.replicas as usize {
+            let _ = cloud.launch(&self.offer).await;
+        }
+    }
+}
+
+/// strata's own controller (the live code) on the simulated cloud.
+pub struct Strata {
+    pub driver: Driver,
+}
+
+impl Strata {
+    pub fn new(spec: PoolSpec) -> Self {
+        Strata {
+            driver: Driver::new(Controller::new(spec)),
+        }
+    }
+}
+
+#[async_trait]
+impl Policy for Strata {
+    fn name(&self) -> String {
+        "strata".into()
+    }
+
+    async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider) {
+        self.driver.tick(cloud, now, load).await;
+    }
+}
+
+/// Replicas needed for a token demand with one offer's capacity.
+pub fn replicas_for(demand: f64, offer: &Offer) -> u32 {
+    (demand / offer.tokens_per_s.max(f64::MIN_POSITIVE)).ceil() as u32
+}
+
+/// The cheapest capacity that meets each minute's demand, with no launch
+/// delay and no preemption losses: spot at its price wherever the trace
+/// has it that minute, else on demand.
+pub fn lower_bound(s: &Scenario) -> f64 {
+    let offers = s.priced_offers();
+    let window = Duration::from_secs(60);
+    let mut cost = 0.0;
+    for (i, demand) in s.demand(window).into_iter().enumerate() {
+        if demand <= 0.0 {
+            continue;
+        }
+        let at = s.cloud.offset + window * i as u32;
+        let available = |o: &&Offer| {
+            o.capacity == CapacityType::OnDemand
+                || s.cloud.spot.get(&o.zone).is_none_or(|t| t.at(at) > 0)
+        };
+        let best = offers
+            .iter()
+            .filter(available)
+            .map(|o| f64::from(replicas_for(demand, o)) * o.price_per_hour)
+            .fold(f64::INFINITY, f64::min);
+        if best.is_finite() {
+            cost += best / 60.0;
+        }
+    }
+    cost
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One policy's run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub policy: String,
+    pub cost: f64,
+    pub requests: usize,
+    pub finished: usize,
+    /// Requests that lost their replica and started over elsewhere.
+    pub restarted: usize,
+    /// Requests never served by the end of the run.
+    pub unserved: usize,
+    pub tokens: u64,
+    pub cost_per_million_tokens: f64,
+    pub ttft_ms: [f64; 3],
+    pub tpot_ms: [f64; 3],
+    /// Share of requests with TTFT within the objective (unserved count as misses).
+    pub slo_attainment: f64,
+    /// Replica-hours by "type (capacity)".
+    pub replica_hours: BTreeMap<String, f64>,
+    pub preemptions: usize,
+    /// Per minute: token demand, ready capacity (tokens/s), replicas, cost so far.
+    pub timeline: Vec<(f64, f64, u32, f64)>,
+}
+
+/// Replays the scenario's trace against `policy`; runs on past the last
+/// arrival until every request is served (or `tail` more has passed).
+pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> Outcome {
+    let mut cloud = SimProvider::new(s.cloud.clone());
+    let profiles: HashMap<&str, &InstanceType> = s
+        .offers
+        .iter()
+        .map(|(o, t)| (o.instance_type.as_str(), t))
+        .collect();
+    let last = s.trace.last().map_or(Duration::ZERO, |r| r.at);
+    let mut next = 0;
+    let mut queue: VecDeque<Running> = VecDeque::new();
+    let mut models: HashMap<String, ReplicaModel> = HashMap::new();
+    let mut done: Vec<Finished> = Vec::new();
+    let mut restarted = 0;
+    let mut load = Load::default();
+    let mut recent: VecDeque<(Duration, f64, Option<f64>)> = VecDeque::new();
+    let mut timeline = Vec::new();
+    let demand = s.demand(Duration::from_secs(60));
+    let mut now = Duration::ZERO;
+    loop {
+        let idle = next == s.trace.len()
+            && queue.is_empty()
+            && models.values().all(|m| m.running.is_empty());
+        if now > last + tail || (idle && now > last) {
+            break;
+        }
+        cloud.advance_to(now);
+        policy.tick(now, &load, &mut cloud).await;
+        let view = cloud.view();
+        // Replicas gone: what they ran starts over.
+        models.retain(|id, m| {
+            if view.iter().any(|v| &v.id == id) {
+                return true;
+            }
+            restarted += m.running.len();
+            for r in m.running.drain(..).rev() {
+                queue.push_front(Running::new(
+                    r.id,
+                    r.arrived,
+                    r.prompt_tokens,
+                    r.output_tokens,
+                ));
+            }
+            false
+        });
+        for v in &view {
+            if v.ready && !models.contains_key(&v.id) {
+                if let Some(p) = profiles.get(v.offer.instance_type.as_str()) {
+                    models.insert(v.id.clone(), ReplicaModel::new(p));
+                }
+            }
+        }
+        // Arrivals.
+        while next < s.trace.len() && s.trace[next].at <= now {
+            let r = &s.trace[next];
+            queue.push_back(Running::new(next, r.at, r.prompt_tokens, r.output_tokens));
+            next += 1;
+        }
+        // Routing: the least busy replica with a free slot, FIFO.
+        let open: Vec<&String> = view
+            .iter()
+            .filter(|v| v.ready && v.leaving_until.is_none())
+            .map(|v| &v.id)
+            .collect();
+        while !queue.is_empty() {
+            let Some(id) = open
+                .iter()
+                .filter(|id| models.get(**id).is_some_and(|m| m.free_slots() > 0))
+                .min_by(|a, b| {
+                    models[**a]
+                        .outstanding()
+                        .total_cmp(&models[**b].outstanding())
+                })
+            else {
+                break;
+            };
+            let r = queue.pop_front().expect("not empty");
+            models.get_mut(*id).expect("open").running.push(r);
+        }
+        // Serve.
+        for (id, m) in models.iter_mut() {
+            let finished = m.step(now, s.dt);
+            for f in finished {
+                load.tokens_total += u64::from(f.prompt_tokens + f.output_tokens);
+                load.prompt_tokens_total += u64::from(f.prompt_tokens);
+                let tpot = (f.output_tokens > 1).then(|| f.tpot().as_secs_f64() * 1000.0);
+                recent.push_back((f.done, f.ttft().as_secs_f64() * 1000.0, tpot));
+                done.push(f);
+            }
+            let leaving = view
+                .iter()
+                .any(|v| &v.id == id && v.leaving_until.is_some());
+            if leaving && m.running.is_empty() {
+                cloud.release(id);
+            }
+        }
+        while recent
+            .front()
+            .is_some_and(|r| now.saturating_sub(r.0) > Duration::from_secs(30))
+        {
+            recent.pop_front();
+        }
+        let mut ttfts: Vec<f64> = recent.iter().map(|r| r.1).collect();
+        let mut tpots: Vec<f64> = recent.iter().filter_map(|r| r.2).collect();
+        ttfts.sort_by(f64::total_cmp);
+        tpots.sort_by(f64::total_cmp);
+        load.in_flight = models.values().map(|m| m.running.len()).sum();
+        load.waiting = queue.len();
+        load.routable = open.len();
+        load.ttft_p95_ms = (!ttfts.is_empty()).then(|| percentile(&ttfts, 0.95));
+        load.tpot_p95_ms = (!tpots.is_empty()).then(|| percentile(&tpots, 0.95));
+        if now.as_millis() % 60_000 < s.dt.as_millis() {
+            let minute = (now.as_secs() / 60) as usize;
+            timeline.push((
+                demand.get(minute).copied().unwrap_or(0.0),
+                cloud.ready_capacity(),
+                view.len() as u32,
+                cloud.bills().iter().map(|b| b.cost).sum(),
+            ));
+        }
+        now += s.dt;
+    }
+    let bills = cloud.bills();
+    let cost: f64 = bills.iter().map(|b| b.cost).sum();
+    let mut replica_hours = BTreeMap::new();
+    for b in &bills {
+        let hours = b
+            .gone
+            .unwrap_or(cloud.now())
+            .saturating_sub(b.launched)
+            .as_secs_f64()
+            / 3600.0;
+        *replica_hours
+            .entry(format!(
+                "{} ({})",
+                b.slot.instance_type,
+                b.slot.capacity.as_str()
+            ))
+            .or_insert(0.0) += hours;
+    }
+    let mut ttft: Vec<f64> = done
+        .iter()
+        .map(|f| f.ttft().as_secs_f64() * 1000.0)
+        .collect();
+    let mut tpot: Vec<f64> = done
+        .iter()
+        .filter(|f| f.output_tokens > 1)
+        .map(|f| f.tpot().as_secs_f64() * 1000.0)
+        .collect();
+    ttft.sort_by(f64::total_cmp);
+    tpot.sort_by(f64::total_cmp);
+    let slo_ms = s.slo_ttft.as_secs_f64() * 1000.0;
+    let tokens: u64 = done
+        .iter()
+        .map(|f| u64::from(f.prompt_tokens + f.output_tokens))
+        .sum();
+    let within = ttft.iter().filter(|&&t| t <= slo_ms).count();
+    Outcome {
+        policy: policy.name(),
+        cost,
+        requests: s.trace.len(),
+        finished: done.len(),
+        restarted,
+        unserved: s.trace.len() - done.len(),
+        tokens,
+        cost_per_million_tokens: if tokens > 0 {
+            cost / tokens as f64 * 1e6
+        } else {
+            f64::NAN
+        },
+        ttft_ms: [
+            percentile(&ttft, 0.5),
+            percentile(&ttft, 0.95),
+            percentile(&ttft, 0.99),
+        ],
+        tpot_ms: [
+            percentile(&tpot, 0.5),
+            percentile(&tpot, 0.95),
+            percentile(&tpot, 0.99),
+        ],
+        slo_attainment: within as f64 / s.trace.len().max(1) as f64,
+        replica_hours,
+        preemptions: bills.iter().filter(|b| b.preempted).count(),
+        timeline,
+    }
+}

@@ -1,0 +1,197 @@
+//! `strata simulate`: replays a request trace against the policies on the
+//! simulated cloud and prints what each would have cost and how it served.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use strata_control::controller::PoolSpec;
+use strata_control::planner::Offer;
+use strata_control::sim::{SimSettings, SpotTrace};
+use strata_control::simulate::{
+    self, lower_bound, replicas_for, Outcome, Scenario, Static, Strata,
+};
+use strata_core::config::{CapacityType, Config};
+
+#[derive(clap::Args)]
+pub struct SimulateArgs {
+    /// Request trace: the Azure LLM trace CSV, Mooncake JSON lines, or a
+    /// CSV with the header `at_s,prompt_tokens,output_tokens`.
+    #[arg(long)]
+    trace: PathBuf,
+    /// Directory of spot availability traces, one `<zone>_*.json` per zone
+    /// (the spot-traces format); zones without one always have spot.
+    #[arg(long)]
+    spot_dir: Option<PathBuf>,
+    /// Where the trace's start falls in the spot traces, in hours.
+    #[arg(long, default_value_t = 0.0)]
+    offset_hours: f64,
+    /// Stretch the trace's time by this factor (2: half the rate).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Multiply the request rate (each request repeated on average this often).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Launch to ready, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    launch_delay_secs: f64,
+    /// Spot preemption notice, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    notice_secs: f64,
+    /// Objective for time to first token, ms (default: pool.slo_ttft_p95_ms, else 2000).
+    #[arg(long)]
+    slo_ttft_ms: Option<f64>,
+    /// Simulation step, ms.
+    #[arg(long, default_value_t = 100)]
+    dt_ms: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+fn spot_traces(dir: &PathBuf) -> Result<std::collections::BTreeMap<String, SpotTrace>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let zone = stem.split('_').next().unwrap_or(stem).to_owned();
+        out.insert(zone, SpotTrace::load(&path)?);
+    }
+    if out.is_empty() {
+        bail!("no spot traces (*.json) in {}", dir.display());
+    }
+    Ok(out)
+}
+
+pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
+    for (flag, v) in [
+        ("--time-scale", args.time_scale),
+        ("--rate", args.rate),
+        ("--launch-delay-secs", args.launch_delay_secs + 1.0),
+        ("--notice-secs", args.notice_secs + 1.0),
+        ("--offset-hours", args.offset_hours + 1.0),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("{flag} must be a positive number");
+        }
+    }
+    if args.dt_ms == 0 || args.dt_ms > 10_000 {
+        bail!("--dt-ms must be between 1 and 10000");
+    }
+    let issues = config.check();
+    if let Some(i) = issues.first() {
+        bail!("config: {}: {}", i.key, i.message);
+    }
+    let trace = simulate::trace::load(&args.trace)?;
+    let trace = simulate::trace::reshape(&trace, args.time_scale, args.rate);
+    if trace.is_empty() {
+        bail!("the trace has no requests");
+    }
+    let spot = match &args.spot_dir {
+        Some(dir) => spot_traces(dir)?,
+        None => Default::default(),
+    };
+    let scenario = Scenario {
+        trace,
+        offers: PoolSpec::from_config(&config, 1).offers,
+        cloud: SimSettings {
+            spot,
+            offset: Duration::from_secs_f64(args.offset_hours * 3600.0),
+            launch_delay: Duration::from_secs_f64(args.launch_delay_secs),
+            notice: Duration::from_secs_f64(args.notice_secs),
+            drain: Duration::from_secs(30),
+        },
+        slo_ttft: Duration::from_secs_f64(
+            args.slo_ttft_ms
+                .or(config.pool.slo_ttft_p95_ms)
+                .unwrap_or(2000.0)
+                / 1000.0,
+        ),
+        dt: Duration::from_millis(args.dt_ms),
+    };
+    let offers = scenario.priced_offers();
+    let Some(on_demand) = cheapest(&offers, CapacityType::OnDemand) else {
+        bail!("the catalog offers no on-demand capacity to compare with");
+    };
+    let peak = scenario
+        .demand(Duration::from_secs(60))
+        .into_iter()
+        .fold(0.0, f64::max);
+    let mut strata_config = config.clone();
+    strata_config.pool.autoscale = true;
+    let tail = Duration::from_secs(1800);
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut static_peak = Static {
+        offer: on_demand.clone(),
+        replicas: replicas_for(peak, &on_demand).max(1),
+    };
+    outcomes.push(simulate::simulate(&scenario, &mut static_peak, tail).await);
+    let mut strata = Strata::new(PoolSpec::from_config(&strata_config, 1));
+    outcomes.push(simulate::simulate(&scenario, &mut strata, tail).await);
+    let bound = lower_bound(&scenario);
+    if args.json {
+        let v = serde_json::json!({
+            "requests": scenario.trace.len(),
+            "peak_tokens_per_s": peak,
+            "lower_bound_cost": bound,
+            "policies": outcomes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{} requests over {:.1} h, peak {:.0} tokens/s (60 s windows), TTFT objective {:.0} ms",
+        scenario.trace.len(),
+        scenario
+            .trace
+            .last()
+            .map_or(0.0, |r| r.at.as_secs_f64() / 3600.0),
+        peak,
+        scenario.slo_ttft.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| policy | cost $ | x lower bound | $/1M tokens | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | within TTFT SLO | restarted | unserved | replica-hours |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for o in &outcomes {
+        let hours: Vec<String> = o
+            .replica_hours
+            .iter()
+            .map(|(k, h)| format!("{k} {h:.2}"))
+            .collect();
+        println!(
+            "| {} | {:.2} | {:.2} | {:.3} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.2}% | {} | {} | {} |",
+            o.policy,
+            o.cost,
+            o.cost / bound,
+            o.cost_per_million_tokens,
+            o.ttft_ms[0],
+            o.ttft_ms[1],
+            o.ttft_ms[2],
+            o.tpot_ms[0],
+            o.tpot_ms[1],
+            o.tpot_ms[2],
+            o.slo_attainment * 100.0,
+            o.restarted,
+            o.unserved,
+            hours.join(", ")
+        );
+    }
+    println!("| lower bound (perfect foresight, no losses) | {bound:.2} | 1.00 | | | | | | | |");
+    Ok(())
+}
+
+fn cheapest(offers: &[Offer], capacity: CapacityType) -> Option<Offer> {
+    offers
+        .iter()
+        .filter(|o| o.capacity == capacity && o.tokens_per_s > 0.0)
+        .min_by(|a, b| {
+            (a.price_per_hour / a.tokens_per_s).total_cmp(&(b.price_per_hour / b.tokens_per_s))
+        })
+        .cloned()
+}
