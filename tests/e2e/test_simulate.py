@@ -53,7 +53,8 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     names = [p["policy"] for p in report["policies"]]
-    assert names[0].startswith("static") and "strata" in names, names
+    assert names[0].startswith("static") and names[1:] == [
+        "request-rate autoscaler (on demand)", "SpotHedge (request rate)", "strata"], names
     for p in report["policies"]:
         assert p["finished"] + p["unserved"] == report["requests"] == 1200
         assert p["cost"] > report["lower_bound_cost"] > 0

@@ -129,6 +129,8 @@ pub fn parse_moment(text: &str, now_ms: i64) -> Option<i64> {
 /// What a gateway sees of its load: the controller's signals.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Load {
+    /// Requests received since start (arrivals, before any queueing).
+    pub requests_total: u64,
     /// Prompt + completion tokens served since start.
     pub tokens_total: u64,
     /// Of those, prompt tokens.

@@ -342,6 +342,7 @@ async fn follow_capacity(
         if let Some(load) = &load {
             let (ttft_p95_ms, tpot_p95_ms) = metrics.recent.p95();
             load.send_replace(Load {
+                requests_total: metrics.arrived.get(),
                 tokens_total: metrics.tokens.get(),
                 prompt_tokens_total: metrics.prompt_tokens.get(),
                 in_flight,
@@ -530,6 +531,7 @@ async fn admit(
             .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
     };
     let pool = p.pool();
+    state.proxy.metrics.arrived.inc();
     if state.proxy.replicas.ready_in(pool) == 0 && !(state.hold_when_empty && pool.is_none()) {
         return Err(ApiError::unavailable(match pool {
             Some(_) => "No replica reserved for this tenant is ready; retry shortly.",

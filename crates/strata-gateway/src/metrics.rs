@@ -28,6 +28,8 @@ pub struct GatewayMetrics {
     /// Prompt + completion tokens served (the autoscaler's demand signal).
     pub tokens: Counter,
     pub prompt_tokens: Counter,
+    /// Generation requests received (before queueing), for request-rate signals.
+    pub arrived: Counter,
     /// Recent streamed requests' latencies, for the SLO signals.
     pub recent: LatencyWindow,
 }
@@ -90,6 +92,7 @@ impl GatewayMetrics {
             waiting: Gauge::default(),
             tokens: Counter::default(),
             prompt_tokens: Counter::default(),
+            arrived: Counter::default(),
             recent: LatencyWindow::default(),
         };
         let mut registry = Registry::with_prefix("strata_gateway");

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use strata_control::controller::PoolSpec;
 use strata_control::planner::Offer;
 use strata_control::sim::{SimSettings, SpotTrace};
+use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
 use strata_control::simulate::{
     self, lower_bound, replicas_for, Outcome, Scenario, Static, Strata,
 };
@@ -131,6 +132,36 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         replicas: replicas_for(peak, &on_demand).max(1),
     };
     outcomes.push(simulate::simulate(&scenario, &mut static_peak, tail).await);
+    // SkyServe's policies get the same capacity, by queries: a replica's
+    // tokens/s at the target utilisation over the mean tokens of a request.
+    let tokens_per_request = scenario
+        .trace
+        .iter()
+        .map(|r| f64::from(r.prompt_tokens + r.output_tokens))
+        .sum::<f64>()
+        / scenario.trace.len() as f64;
+    let qps = on_demand.tokens_per_s * config.pool.target_utilisation / tokens_per_request;
+    let pool = &config.pool;
+    let rate = || RateTarget::new(qps, pool.min_replicas.max(1), pool.max_replicas);
+    let mut request_rate = RequestRate {
+        rate: rate(),
+        offer: on_demand.clone(),
+        overprovision: pool.spot_hedge,
+    };
+    outcomes.push(simulate::simulate(&scenario, &mut request_rate, tail).await);
+    let mut spot_per_zone: Vec<Offer> = Vec::new();
+    for o in offers.iter().filter(|o| o.capacity == CapacityType::Spot) {
+        match spot_per_zone.iter_mut().find(|s| s.zone == o.zone) {
+            Some(s) if s.price_per_hour / s.tokens_per_s <= o.price_per_hour / o.tokens_per_s => {}
+            Some(s) => *s = o.clone(),
+            None => spot_per_zone.push(o.clone()),
+        }
+    }
+    if !spot_per_zone.is_empty() {
+        let mut hedge =
+            SpotHedge::new(rate(), spot_per_zone, on_demand.clone(), pool.spot_hedge, 0);
+        outcomes.push(simulate::simulate(&scenario, &mut hedge, tail).await);
+    }
     let mut strata = Strata::new(PoolSpec::from_config(&strata_config, 1));
     outcomes.push(simulate::simulate(&scenario, &mut strata, tail).await);
     let bound = lower_bound(&scenario);

@@ -7,6 +7,7 @@
 //! over elsewhere (counted as restarted). Everything runs on the virtual
 //! clock in steps of `dt`, so a run is deterministic.
 
+pub mod baselines;
 pub mod replica;
 pub mod trace;
 
@@ -256,6 +257,7 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
         while next < s.trace.len() && s.trace[next].at <= now {
             let r = &s.trace[next];
             queue.push_back(Running::new(next, r.at, r.prompt_tokens, r.output_tokens));
+            load.requests_total += 1;
             next += 1;
         }
         // Routing: the least busy replica with a free slot, FIFO.
