@@ -114,6 +114,7 @@ pub struct SimBill {
     pub launched: Duration,
     pub gone: Option<Duration>,
     pub preempted: bool,
+    pub price_per_hour: f64,
     pub cost: f64,
 }
 
@@ -165,6 +166,7 @@ impl SimProvider {
                     launched: i.launched,
                     gone: i.gone_at.filter(|g| *g <= self.now),
                     preempted: i.preempted,
+                    price_per_hour: i.offer.price_per_hour,
                     cost: i.offer.price_per_hour * hours,
                 }
             })

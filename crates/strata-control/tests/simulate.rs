@@ -40,6 +40,7 @@ fn scenario(trace: Vec<TraceRequest>) -> Scenario {
         },
         slo_ttft: Duration::from_secs(1),
         dt: Duration::from_millis(10),
+        warmup: Duration::ZERO,
     }
 }
 

@@ -42,6 +42,10 @@ pub struct SimulateArgs {
     /// Objective for time to first token, ms (default: pool.slo_ttft_p95_ms, else 2000).
     #[arg(long)]
     slo_ttft_ms: Option<f64>,
+    /// Minutes of the trace's start replayed first, unmeasured and
+    /// unbilled, so no policy meets the trace cold.
+    #[arg(long, default_value_t = 10.0)]
+    warmup_mins: f64,
     /// Simulation step, ms.
     #[arg(long, default_value_t = 100)]
     dt_ms: u64,
@@ -76,6 +80,7 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         ("--launch-delay-secs", args.launch_delay_secs + 1.0),
         ("--notice-secs", args.notice_secs + 1.0),
         ("--offset-hours", args.offset_hours + 1.0),
+        ("--warmup-mins", args.warmup_mins + 1.0),
     ] {
         if !(v.is_finite() && v > 0.0) {
             bail!("{flag} must be a positive number");
@@ -114,6 +119,7 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
                 / 1000.0,
         ),
         dt: Duration::from_millis(args.dt_ms),
+        warmup: Duration::from_secs_f64(args.warmup_mins * 60.0),
     };
     let offers = scenario.priced_offers();
     let Some(on_demand) = cheapest(&offers, CapacityType::OnDemand) else {

@@ -34,6 +34,9 @@ pub struct Scenario {
     pub cloud: SimSettings,
     pub slo_ttft: Duration,
     pub dt: Duration,
+    /// Before the trace, its first `warmup` is replayed once, unmeasured and
+    /// unbilled, so every policy meets the trace warmed up.
+    pub warmup: Duration,
 }
 
 impl Scenario {
@@ -151,7 +154,7 @@ pub fn lower_bound(s: &Scenario) -> f64 {
         if demand <= 0.0 {
             continue;
         }
-        let at = s.cloud.offset + window * i as u32;
+        let at = s.cloud.offset + s.warmup + window * i as u32;
         let available = |o: &&Offer| {
             o.capacity == CapacityType::OnDemand
                 || s.cloud.spot.get(&o.zone).is_none_or(|t| t.at(at) > 0)
@@ -200,6 +203,18 @@ pub struct Outcome {
     pub timeline: Vec<(f64, f64, u32, f64)>,
 }
 
+/// Dollars the instances cost within `[from, to]`.
+fn billed(bills: &[crate::sim::SimBill], from: Duration, to: Duration) -> f64 {
+    bills
+        .iter()
+        .map(|b| {
+            let start = b.launched.max(from);
+            let end = b.gone.unwrap_or(to).min(to);
+            b.price_per_hour * end.saturating_sub(start).as_secs_f64() / 3600.0
+        })
+        .sum()
+}
+
 /// Replays the scenario's trace against `policy`; runs on past the last
 /// arrival until every request is served (or `tail` more has passed).
 pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> Outcome {
@@ -209,7 +224,19 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
         .iter()
         .map(|(o, t)| (o.instance_type.as_str(), t))
         .collect();
-    let last = s.trace.last().map_or(Duration::ZERO, |r| r.at);
+    // The warm-up copy, then the trace itself (measured from `measured`).
+    let mut trace: Vec<TraceRequest> = s
+        .trace
+        .iter()
+        .filter(|r| r.at < s.warmup)
+        .copied()
+        .collect();
+    let measured = trace.len();
+    trace.extend(s.trace.iter().map(|r| TraceRequest {
+        at: r.at + s.warmup,
+        ..*r
+    }));
+    let last = trace.last().map_or(Duration::ZERO, |r| r.at);
     let mut next = 0;
     let mut queue: VecDeque<Running> = VecDeque::new();
     let mut models: HashMap<String, ReplicaModel> = HashMap::new();
@@ -221,7 +248,7 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
     let demand = s.demand(Duration::from_secs(60));
     let mut now = Duration::ZERO;
     loop {
-        let idle = next == s.trace.len()
+        let idle = next == trace.len()
             && queue.is_empty()
             && models.values().all(|m| m.running.is_empty());
         if now > last + tail || (idle && now > last) {
@@ -254,8 +281,8 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
             }
         }
         // Arrivals.
-        while next < s.trace.len() && s.trace[next].at <= now {
-            let r = &s.trace[next];
+        while next < trace.len() && trace[next].at <= now {
+            let r = &trace[next];
             queue.push_back(Running::new(next, r.at, r.prompt_tokens, r.output_tokens));
             load.requests_total += 1;
             next += 1;
@@ -289,7 +316,9 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
                 load.prompt_tokens_total += u64::from(f.prompt_tokens);
                 let tpot = (f.output_tokens > 1).then(|| f.tpot().as_secs_f64() * 1000.0);
                 recent.push_back((f.done, f.ttft().as_secs_f64() * 1000.0, tpot));
-                done.push(f);
+                if f.id >= measured {
+                    done.push(f);
+                }
             }
             let leaving = view
                 .iter()
@@ -313,25 +342,26 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
         load.routable = open.len();
         load.ttft_p95_ms = (!ttfts.is_empty()).then(|| percentile(&ttfts, 0.95));
         load.tpot_p95_ms = (!tpots.is_empty()).then(|| percentile(&tpots, 0.95));
-        if now.as_millis() % 60_000 < s.dt.as_millis() {
-            let minute = (now.as_secs() / 60) as usize;
+        if now >= s.warmup && (now - s.warmup).as_millis() % 60_000 < s.dt.as_millis() {
+            let minute = ((now - s.warmup).as_secs() / 60) as usize;
             timeline.push((
                 demand.get(minute).copied().unwrap_or(0.0),
                 cloud.ready_capacity(),
                 view.len() as u32,
-                cloud.bills().iter().map(|b| b.cost).sum(),
+                billed(&cloud.bills(), s.warmup, now),
             ));
         }
         now += s.dt;
     }
     let bills = cloud.bills();
-    let cost: f64 = bills.iter().map(|b| b.cost).sum();
+    let end = cloud.now();
+    let cost = billed(&bills, s.warmup, end);
     let mut replica_hours = BTreeMap::new();
     for b in &bills {
         let hours = b
             .gone
-            .unwrap_or(cloud.now())
-            .saturating_sub(b.launched)
+            .unwrap_or(end)
+            .saturating_sub(b.launched.max(s.warmup))
             .as_secs_f64()
             / 3600.0;
         *replica_hours
