@@ -61,8 +61,12 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
         assert p["ttft_ms"][0] <= p["ttft_ms"][1] <= p["ttft_ms"][2]
     again = run(d, "--trace", trace, "--spot-dir", SPOT, "--launch-delay-secs", "30", "--json")
     assert again.stdout == out.stdout
-    table = run(d, "--trace", trace)
+    plots = os.path.join(d, "plots")
+    table = run(d, "--trace", trace, "--plot", plots)
     assert table.returncode == 0 and "| strata |" in table.stdout and "lower bound" in table.stdout
+    for chart in ("demand_capacity.svg", "replicas.svg", "cost.svg"):
+        svg = open(os.path.join(plots, chart)).read()
+        assert svg.startswith("<svg") and svg.count("<polyline") >= 4, chart
 
     for args, message in [
         (["--trace", os.path.join(d, "missing.csv")], "missing.csv"),

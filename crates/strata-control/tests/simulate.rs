@@ -104,8 +104,8 @@ async fn strata_scales_a_step_of_load_up_and_back_down_and_runs_are_deterministi
     };
     let o = simulate(&s, &mut Strata::new(spec()), Duration::from_secs(60)).await;
     assert_eq!(o.unserved, 0);
-    let most = o.timeline.iter().map(|t| t.2).max().unwrap();
-    let last = o.timeline.last().unwrap().2;
+    let most = o.timeline.iter().map(|t| t.replicas).max().unwrap();
+    let last = o.timeline.last().unwrap().replicas;
     assert!(most >= 3, "scaled up: {:?}", o.timeline);
     assert!(last <= 2, "and back down: {:?}", o.timeline);
     // A static pool sized for the step costs more over the whole run.

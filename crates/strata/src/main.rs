@@ -421,6 +421,7 @@ fn main() -> Result<()> {
 
 mod admin;
 mod simulate;
+mod svg;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

@@ -51,6 +51,9 @@ pub struct SimulateArgs {
     dt_ms: u64,
     #[arg(long)]
     json: bool,
+    /// Write SVG charts here: demand vs capacity, replicas, cost over time.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 fn spot_traces(dir: &PathBuf) -> Result<std::collections::BTreeMap<String, SpotTrace>> {
@@ -137,7 +140,7 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         offer: on_demand.clone(),
         replicas: replicas_for(peak, &on_demand).max(1),
     };
-    outcomes.push(simulate::simulate(&scenario, &mut static_peak, tail).await);
+    outcomes.push(run_one(&scenario, &mut static_peak, tail).await);
     // SkyServe's policies get the same capacity, by queries: a replica's
     // tokens/s at the target utilisation over the mean tokens of a request.
     let tokens_per_request = scenario
@@ -154,7 +157,7 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         offer: on_demand.clone(),
         overprovision: pool.spot_hedge,
     };
-    outcomes.push(simulate::simulate(&scenario, &mut request_rate, tail).await);
+    outcomes.push(run_one(&scenario, &mut request_rate, tail).await);
     let mut spot_per_zone: Vec<Offer> = Vec::new();
     for o in offers.iter().filter(|o| o.capacity == CapacityType::Spot) {
         match spot_per_zone.iter_mut().find(|s| s.zone == o.zone) {
@@ -166,11 +169,14 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     if !spot_per_zone.is_empty() {
         let mut hedge =
             SpotHedge::new(rate(), spot_per_zone, on_demand.clone(), pool.spot_hedge, 0);
-        outcomes.push(simulate::simulate(&scenario, &mut hedge, tail).await);
+        outcomes.push(run_one(&scenario, &mut hedge, tail).await);
     }
     let mut strata = Strata::new(PoolSpec::from_config(&strata_config, 1));
-    outcomes.push(simulate::simulate(&scenario, &mut strata, tail).await);
+    outcomes.push(run_one(&scenario, &mut strata, tail).await);
     let bound = lower_bound(&scenario);
+    if let Some(dir) = &args.plot {
+        plot(dir, &outcomes)?;
+    }
     if args.json {
         let v = serde_json::json!({
             "requests": scenario.trace.len(),
@@ -220,6 +226,84 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         );
     }
     println!("| lower bound (perfect foresight, no losses) | {bound:.2} | 1.00 | | | | | | | |");
+    Ok(())
+}
+
+/// One policy's run, with a progress bar on a terminal.
+async fn run_one(s: &Scenario, policy: &mut dyn simulate::Policy, tail: Duration) -> Outcome {
+    use std::io::{IsTerminal, Write};
+    let name = policy.name();
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = -1i64;
+    let mut bar = |done: f64| {
+        let pct = (done * 100.0) as i64;
+        if tty && pct != shown {
+            shown = pct;
+            let filled = (done * 30.0) as usize;
+            eprint!(
+                "\r{name:<40} [{}{}] {pct:>3}%",
+                "#".repeat(filled),
+                "-".repeat(30 - filled.min(30))
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let outcome = simulate::simulate_with_progress(s, policy, tail, &mut bar).await;
+    if tty {
+        eprintln!("\r{name:<40} done{}", " ".repeat(34));
+    }
+    outcome
+}
+
+/// demand_capacity.svg, replicas.svg and cost.svg in `dir`.
+fn plot(dir: &PathBuf, outcomes: &[Outcome]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let minutes = |o: &Outcome, f: &dyn Fn(&simulate::Minute) -> f64| -> Vec<(f64, f64)> {
+        o.timeline
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i as f64, f(t)))
+            .collect()
+    };
+    let mut capacity = vec![(
+        "demand".to_string(),
+        outcomes
+            .first()
+            .map(|o| minutes(o, &|t| t.demand))
+            .unwrap_or_default(),
+    )];
+    capacity.extend(
+        outcomes
+            .iter()
+            .map(|o| (o.policy.clone(), minutes(o, &|t| t.capacity))),
+    );
+    let replicas: Vec<_> = outcomes
+        .iter()
+        .map(|o| (o.policy.clone(), minutes(o, &|t| f64::from(t.replicas))))
+        .collect();
+    let cost: Vec<_> = outcomes
+        .iter()
+        .map(|o| (o.policy.clone(), minutes(o, &|t| t.cost)))
+        .collect();
+    for (file, title, y, series) in [
+        (
+            "demand_capacity.svg",
+            "Token demand and ready capacity",
+            "tokens/s",
+            capacity,
+        ),
+        (
+            "replicas.svg",
+            "Replicas (starting, serving and draining)",
+            "replicas",
+            replicas,
+        ),
+        ("cost.svg", "Cost so far", "dollars", cost),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, crate::svg::chart(title, "minutes", y, &series))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }
 

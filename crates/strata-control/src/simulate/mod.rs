@@ -199,8 +199,20 @@ pub struct Outcome {
     /// Replica-hours by "type (capacity)".
     pub replica_hours: BTreeMap<String, f64>,
     pub preemptions: usize,
-    /// Per minute: token demand, ready capacity (tokens/s), replicas, cost so far.
-    pub timeline: Vec<(f64, f64, u32, f64)>,
+    pub timeline: Vec<Minute>,
+}
+
+/// One simulated minute of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Minute {
+    /// Tokens per second asked for (by arrival).
+    pub demand: f64,
+    /// Tokens per second the ready replicas serve.
+    pub capacity: f64,
+    /// Replicas starting, serving or draining.
+    pub replicas: u32,
+    /// Dollars so far.
+    pub cost: f64,
 }
 
 /// Dollars the instances cost within `[from, to]`.
@@ -218,6 +230,17 @@ fn billed(bills: &[crate::sim::SimBill], from: Duration, to: Duration) -> f64 {
 /// Replays the scenario's trace against `policy`; runs on past the last
 /// arrival until every request is served (or `tail` more has passed).
 pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> Outcome {
+    simulate_with_progress(s, policy, tail, &mut |_| {}).await
+}
+
+/// As `simulate`, calling `progress` with the share of the trace replayed
+/// (0–1) once per simulated minute.
+pub async fn simulate_with_progress(
+    s: &Scenario,
+    policy: &mut dyn Policy,
+    tail: Duration,
+    progress: &mut (dyn FnMut(f64) + Send),
+) -> Outcome {
     let mut cloud = SimProvider::new(s.cloud.clone());
     let profiles: HashMap<&str, &InstanceType> = s
         .offers
@@ -342,14 +365,17 @@ pub async fn simulate(s: &Scenario, policy: &mut dyn Policy, tail: Duration) -> 
         load.routable = open.len();
         load.ttft_p95_ms = (!ttfts.is_empty()).then(|| percentile(&ttfts, 0.95));
         load.tpot_p95_ms = (!tpots.is_empty()).then(|| percentile(&tpots, 0.95));
+        if now.as_millis() % 60_000 < s.dt.as_millis() {
+            progress((now.as_secs_f64() / last.as_secs_f64().max(1.0)).min(1.0));
+        }
         if now >= s.warmup && (now - s.warmup).as_millis() % 60_000 < s.dt.as_millis() {
             let minute = ((now - s.warmup).as_secs() / 60) as usize;
-            timeline.push((
-                demand.get(minute).copied().unwrap_or(0.0),
-                cloud.ready_capacity(),
-                view.len() as u32,
-                billed(&cloud.bills(), s.warmup, now),
-            ));
+            timeline.push(Minute {
+                demand: demand.get(minute).copied().unwrap_or(0.0),
+                capacity: cloud.ready_capacity(),
+                replicas: view.len() as u32,
+                cost: billed(&cloud.bills(), s.warmup, now),
+            });
         }
         now += s.dt;
     }
