@@ -72,8 +72,10 @@ pub struct Signal {
     pub capacity_per_replica: f64,
     /// Requests one replica takes at once (0: not known). Tokens are
     /// counted when requests end, so while long requests run the token
-    /// demand reads low; the requests holding or awaiting a slot then set
-    /// a floor: never fewer replicas than their slots need.
+    /// demand reads low; the requests holding a slot then set a floor:
+    /// never fewer replicas than their slots need, plus one while others
+    /// wait (a waiting queue asks for one more replica, not one per
+    /// `slots` waiting: a burst drains faster than replicas launch).
     pub slots_per_replica: u32,
     /// Recent p95 time to first token and per output token (milliseconds).
     pub ttft_p95_ms: Option<f64>,
@@ -212,7 +214,7 @@ impl Autoscaler {
         let clamp = |n: u32| n.clamp(floor, p.max_replicas.max(floor));
         let busy = last.map_or(0, |s| match s.slots_per_replica {
             0 => 0,
-            slots => (s.in_flight + s.queued).div_ceil(slots),
+            slots => s.in_flight.div_ceil(slots) + u32::from(s.queued > 0),
         });
         let (stable_need, panic_need) = (clamp(need(stable).max(busy)), clamp(need(burst)));
         let waiting = last.is_some_and(|s| s.in_flight > 0 || s.queued > 0);
@@ -475,6 +477,20 @@ mod tests {
             });
             assert_eq!(s.decide(at, n).desired, 4);
         }
+    }
+
+    #[test]
+    fn a_burst_queue_asks_for_one_more_replica_not_one_per_slots_waiting() {
+        let mut s = Autoscaler::new(policy());
+        // Two replicas' slots busy and 400 requests queued: three, not 52.
+        let at = Duration::from_secs(10);
+        s.observe(Signal {
+            in_flight: 16,
+            queued: 400,
+            slots_per_replica: 8,
+            ..Signal::demand(at, 0.0, CAP)
+        });
+        assert_eq!(s.decide(at, 2).desired, 3);
     }
 
     #[test]
