@@ -4,7 +4,8 @@
 //! Desired replicas = token demand / (target utilisation × measured capacity
 //! per replica), from the mean demand over a stable window (60 s) and, to
 //! catch bursts, a short panic window (6 s; scale up only, entered when it
-//! asks for more than `panic_threshold` × the current replicas). Going up
+//! asks for more than `panic_threshold` × the current replicas while
+//! requests wait). Going up
 //! happens at once; going down only to the highest count asked for during the
 //! last `scale_down_delay`, so a dip does not remove capacity a recovery
 //! needs. With `scale_to_zero_after`, a pool with no requests for that long
@@ -250,8 +251,14 @@ impl Autoscaler {
             return decision(stable_need.max(panic_need), Reason::FromZero);
         }
 
-        // A burst: scale up on the short window and stay there a while.
-        if f64::from(panic_need) >= p.panic_threshold * f64::from(current) && panic_need > current {
+        // A burst: scale up on the short window and stay there a while —
+        // when requests wait. (Tokens are counted when requests end, so a
+        // replica that just came up and cleared a queue reads as a burst.)
+        let pressed = last.is_some_and(|s| s.queued > 0);
+        if pressed
+            && f64::from(panic_need) >= p.panic_threshold * f64::from(current)
+            && panic_need > current
+        {
             self.panic_until = Some(now + p.stable_window);
         }
         let panicking = self.panic_until.is_some_and(|until| now < until);
@@ -338,8 +345,11 @@ mod tests {
         for t in (start..start + secs).step_by(2) {
             let d = demand(t);
             let at = Duration::from_secs(t);
+            // Demand beyond what the replicas serve queues.
+            let short = d > f64::from(*replicas) * CAP;
             scaler.observe(Signal {
                 in_flight: u32::from(d > 0.0),
+                queued: u32::from(short),
                 ..Signal::demand(at, d, CAP)
             });
             let decision = scaler.decide(at, *replicas);

@@ -44,7 +44,7 @@ pub struct SimulateArgs {
     slo_ttft_ms: Option<f64>,
     /// Minutes of the trace's start replayed first, unmeasured and
     /// unbilled, so no policy meets the trace cold.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 20.0)]
     warmup_mins: f64,
     /// Simulation step, ms.
     #[arg(long, default_value_t = 100)]
