@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use strata_core::config::{CapacityType, Config, InstanceType, Offering};
-use strata_core::store::{DecisionRecord, Store};
+use strata_core::store::{DecisionRecord, DecisionStore};
 use strata_core::Load;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -360,7 +360,7 @@ pub async fn run<P: Provider>(
     controller: Controller,
     mut provider: P,
     load: watch::Receiver<Load>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn DecisionStore>,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
     let started = tokio::time::Instant::now();
@@ -427,20 +427,35 @@ async fn converge<P: Provider>(provider: &mut P, target: &Plan, offers: &[Offer]
     }
 }
 
-async fn record(store: &dyn Store, c: &Controller, step: &Step, load: &Load, before: &Plan) {
-    let (from, to, reason) = match &step.decision {
-        Some(d) if d.desired != d.current || d.reason == Reason::FromZero => {
-            (d.current, d.desired, d.reason)
-        }
-        _ => (step.desired, step.desired, Reason::Hold),
-    };
-    let reason = match reason {
-        Reason::Hold => "replan".to_owned(),
-        r => serde_json::to_value(r)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-    };
+impl Step {
+    /// What changed, as stored: replicas from, to, and the reason (`replan`
+    /// for a change of mix at the same count).
+    pub fn change(&self) -> (u32, u32, String) {
+        let (from, to, reason) = match &self.decision {
+            Some(d) if d.desired != d.current || d.reason == Reason::FromZero => {
+                (d.current, d.desired, d.reason)
+            }
+            _ => (self.desired, self.desired, Reason::Hold),
+        };
+        let reason = match reason {
+            Reason::Hold => "replan".to_owned(),
+            r => serde_json::to_value(r)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        };
+        (from, to, reason)
+    }
+}
+
+async fn record(
+    store: &dyn DecisionStore,
+    c: &Controller,
+    step: &Step,
+    load: &Load,
+    before: &Plan,
+) {
+    let (from, to, reason) = step.change();
     let d = step.decision;
     let inputs = serde_json::json!({
         "stable_demand_tokens_per_s": d.map(|d| d.stable_demand),
