@@ -68,7 +68,16 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
         svg = open(os.path.join(plots, chart)).read()
         assert svg.startswith("<svg") and svg.count("<polyline") >= 4, chart
 
+    # SpotServe's node events cap the spot replicas of the catalog's spot zone.
+    events = os.path.join(os.path.dirname(SPOT), "../../../spotserve/g4dn_full.csv")
+    capped = run(d, "--trace", trace, "--spot-events", events, "--offset-hours", "1", "--json")
+    assert capped.returncode == 0, capped.stderr
+    assert len(json.loads(capped.stdout)["policies"]) == 4
+    with open(os.path.join(d, "events.csv"), "w") as f:
+        f.write("10,grow,n1\n")
+
     for args, message in [
+        (["--trace", trace, "--spot-events", os.path.join(d, "events.csv")], "neither add nor remove"),
         (["--trace", os.path.join(d, "missing.csv")], "missing.csv"),
         (["--trace", trace, "--rate", "0"], "--rate"),
         (["--trace", trace, "--dt-ms", "0"], "--dt-ms"),

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::{Autoscaler, Decision, Reason, ScalePolicy, Signal};
-use crate::planner::{diff, plan, Offer, Plan, PlanPolicy, Slot};
+use crate::planner::{diff, plan, Offer, Plan, PlanPolicy, Slot, SpotRoom};
 use crate::provider::{Provider, ProviderEvent};
 use crate::ControlError;
 
@@ -147,8 +147,9 @@ pub struct Controller {
     spec: PoolSpec,
     scaler: Option<Autoscaler>,
     desired: u32,
-    /// Zone → when it last reclaimed a spot replica.
-    preempted: BTreeMap<String, Duration>,
+    /// Zone → how many spot replicas it held after it last reclaimed one
+    /// or refused a launch, and when.
+    preempted: BTreeMap<String, (u32, Duration)>,
     prompt_share: f64,
     meter: CapacityMeter,
     last: Option<(Duration, Load)>,
@@ -175,23 +176,37 @@ impl Controller {
         self.desired
     }
 
-    /// A spot replica in `zone` got its preemption notice at `now`.
-    pub fn preempted(&mut self, zone: &str, now: Duration) {
-        self.preempted.insert(zone.to_owned(), now);
+    /// `zone` reclaimed a spot replica (or refused a launch) at `now`,
+    /// leaving `holding` spot replicas there: for the cooldown it gets no
+    /// more than that.
+    pub fn preempted(&mut self, zone: &str, holding: u32, now: Duration) {
+        self.preempted.insert(zone.to_owned(), (holding, now));
     }
 
-    /// Zones with spot offers that have not reclaimed a replica lately.
-    pub fn spot_zones(&self, now: Duration) -> BTreeSet<String> {
+    /// Spot room by zone: no limit, or at most what a zone held after it
+    /// last reclaimed or refused, during the cooldown.
+    pub fn spot_room(&self, now: Duration) -> SpotRoom {
         self.spec
             .offers
             .iter()
             .filter(|(o, _)| o.capacity == CapacityType::Spot)
-            .map(|(o, _)| o.zone.clone())
-            .filter(|z| {
-                self.preempted
-                    .get(z)
-                    .is_none_or(|at| now.saturating_sub(*at) >= self.spec.spot_cooldown)
+            .map(|(o, _)| {
+                let limit = self
+                    .preempted
+                    .get(&o.zone)
+                    .filter(|(_, at)| now.saturating_sub(*at) < self.spec.spot_cooldown)
+                    .map(|(holding, _)| *holding);
+                (o.zone.clone(), limit)
             })
+            .collect()
+    }
+
+    /// Zones where spot can be had now (room above zero).
+    pub fn spot_zones(&self, now: Duration) -> BTreeSet<String> {
+        self.spot_room(now)
+            .into_iter()
+            .filter(|(_, room)| *room != Some(0))
+            .map(|(z, _)| z)
             .collect()
     }
 
@@ -259,6 +274,7 @@ impl Controller {
             self.desired = d.desired;
         }
         let spot_zones = self.spot_zones(now);
+        let room = self.spot_room(now);
         let needed = f64::from(self.desired) * signal.capacity_per_replica;
         // The autoscaler already kept min/max; the planner only keeps one
         // replica while there is any demand.
@@ -270,7 +286,7 @@ impl Controller {
         };
         // Units of the profile's capacity: the plan's replicas of the unit
         // type match the count (no rounding up by a hair).
-        let plan = plan(needed * (1.0 - 1e-9), &self.offers(), &spot_zones, &policy);
+        let plan = plan(needed * (1.0 - 1e-9), &self.offers(), &room, &policy);
         Step {
             signal,
             decision,
@@ -325,7 +341,15 @@ impl Driver {
                 &event
             {
                 if slot.capacity == CapacityType::Spot {
-                    self.controller.preempted(&slot.zone, now);
+                    // What the zone still holds (the reclaimed replica has left the list).
+                    let holding = provider
+                        .list()
+                        .iter()
+                        .filter(|i| {
+                            i.slot.capacity == CapacityType::Spot && i.slot.zone == slot.zone
+                        })
+                        .count() as u32;
+                    self.controller.preempted(&slot.zone, holding, now);
                 }
                 // Plan again at once: the zone is out, the replacement goes elsewhere.
                 self.next_step = None;
@@ -549,7 +573,7 @@ mod tests {
         let zones: BTreeSet<&str> = s.plan.replicas.iter().map(|r| r.zone.as_str()).collect();
         assert_eq!(zones.len(), 2, "spread: {:?}", s.plan);
         // A storm in zone a: both spot replicas go to b.
-        c.preempted("a", Duration::from_secs(10));
+        c.preempted("a", 0, Duration::from_secs(10));
         let s = c.step(Duration::from_secs(11), &load(0));
         assert!(s
             .plan
@@ -557,7 +581,7 @@ mod tests {
             .iter()
             .all(|r| r.zone == "b" && r.capacity == CapacityType::Spot));
         // Then b reclaims too: on-demand carries the pool.
-        c.preempted("b", Duration::from_secs(20));
+        c.preempted("b", 0, Duration::from_secs(20));
         let s = c.step(Duration::from_secs(21), &load(0));
         assert_eq!(count(&s.plan, CapacityType::OnDemand), 2);
         // After the cooldown spot is back, and the diff replaces on-demand.

@@ -5,9 +5,9 @@
 //!
 //! Spot hedging (SpotHedge, "SkyServe", EuroSys 2025): spot replicas are
 //! spread over the zones that have spot, plus `spot_hedge` extra spot
-//! replicas against preemption; while no zone has spot, on-demand replicas
-//! carry the load; when spot returns the plan goes back to spot, and `diff`
-//! launches the spot replicas before it lets the on-demand ones go.
+//! replicas against preemption; what the zones' spot room cannot carry,
+//! on-demand replicas carry; when spot returns the plan goes back to spot,
+//! and `diff` launches the spot replicas before it lets the on-demand ones go.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,59 +79,73 @@ pub struct Plan {
     pub tokens_per_s: f64,
 }
 
-/// The cheapest replicas that serve `needed` tokens/s. Spot when any zone
-/// has it (spread over those zones, the cheapest type per token in each),
-/// else on-demand (the cheapest type per token). Zero demand: no replicas.
-pub fn plan(
-    needed: f64,
-    offers: &[Offer],
-    spot_zones: &BTreeSet<String>,
-    policy: &PlanPolicy,
-) -> Plan {
+/// Spot capacity by zone: `None` without a known limit, `Some(n)` for at
+/// most `n` spot replicas there (0: none now).
+pub type SpotRoom = BTreeMap<String, Option<u32>>;
+
+/// Every zone of `zones` with spot and no known limit.
+pub fn unlimited(zones: &BTreeSet<String>) -> SpotRoom {
+    zones.iter().map(|z| (z.clone(), None)).collect()
+}
+
+/// The cheapest replicas that serve `needed` tokens/s. Spot where zones
+/// have room (spread over them, the cheapest type per token in each,
+/// each zone up to its room), on-demand (the cheapest type per token) for
+/// what spot cannot carry. Zero demand: no replicas.
+pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy) -> Plan {
     if needed <= 0.0 {
         return Plan::default();
     }
-    let cheapest = |cap: Capacity, zone: Option<&str>| {
-        offers
-            .iter()
-            .filter(|o| o.capacity == cap && o.tokens_per_s > 0.0)
-            .filter(|o| zone.is_none_or(|z| o.zone == z))
-            .filter(|o| cap == Capacity::OnDemand || spot_zones.contains(&o.zone))
-            .min_by(|a, b| {
-                a.dollars_per_token_rate()
-                    .total_cmp(&b.dollars_per_token_rate())
-            })
+    let per_token = |a: &&Offer, b: &&Offer| {
+        a.dollars_per_token_rate()
+            .total_cmp(&b.dollars_per_token_rate())
     };
-    let zones: Vec<&String> = spot_zones
-        .iter()
-        .filter(|z| cheapest(Capacity::Spot, Some(z)).is_some())
-        .collect();
     let mut chosen: Vec<&Offer> = Vec::new();
-    if policy.allow_spot && !zones.is_empty() {
-        // Round-robin over the zones, cheapest zone first, until the demand is met.
-        let mut per_zone: Vec<&Offer> = zones
+    let mut served = 0.0;
+    if policy.allow_spot {
+        // The cheapest spot offer of each zone with room, cheapest zone first.
+        let mut zones: Vec<(&Offer, Option<u32>)> = spot
             .iter()
-            .filter_map(|z| cheapest(Capacity::Spot, Some(z)))
+            .filter(|(_, room)| **room != Some(0))
+            .filter_map(|(zone, room)| {
+                offers
+                    .iter()
+                    .filter(|o| o.capacity == Capacity::Spot && o.tokens_per_s > 0.0)
+                    .filter(|o| &o.zone == zone)
+                    .min_by(per_token)
+                    .map(|o| (o, *room))
+            })
             .collect();
-        per_zone.sort_by(|a, b| {
-            a.dollars_per_token_rate()
-                .total_cmp(&b.dollars_per_token_rate())
-        });
-        let mut served = 0.0;
+        zones.sort_by(|a, b| per_token(&a.0, &b.0));
+        // Round-robin over the zones that still have room.
         let mut i = 0;
-        while served < needed || (chosen.len() as u32) < policy.min_replicas {
-            let o = per_zone[i % per_zone.len()];
-            served += o.tokens_per_s;
-            chosen.push(o);
-            i += 1;
+        let next = next_zone;
+        if !zones.is_empty() {
+            while served < needed || (chosen.len() as u32) < policy.min_replicas {
+                let Some(o) = next(&mut zones, &mut i) else {
+                    break;
+                };
+                served += o.tokens_per_s;
+                chosen.push(o);
+            }
+            if served >= needed {
+                for _ in 0..policy.spot_hedge {
+                    if let Some(o) = next(&mut zones, &mut i) {
+                        chosen.push(o);
+                    }
+                }
+            }
         }
-        for _ in 0..policy.spot_hedge {
-            chosen.push(per_zone[i % per_zone.len()]);
-            i += 1;
-        }
-    } else if policy.allow_on_demand {
-        if let Some(o) = cheapest(Capacity::OnDemand, None) {
-            let n = ((needed / o.tokens_per_s).ceil() as u32).max(policy.min_replicas);
+    }
+    let short = served < needed || (chosen.len() as u32) < policy.min_replicas;
+    if short && policy.allow_on_demand {
+        let on_demand = offers
+            .iter()
+            .filter(|o| o.capacity == Capacity::OnDemand && o.tokens_per_s > 0.0)
+            .min_by(per_token);
+        if let Some(o) = on_demand {
+            let n = (((needed - served).max(0.0) / o.tokens_per_s).ceil() as u32)
+                .max(policy.min_replicas.saturating_sub(chosen.len() as u32));
             chosen.extend(std::iter::repeat_n(o, n as usize));
         }
     }
@@ -140,6 +154,22 @@ pub fn plan(
         tokens_per_s: chosen.iter().map(|o| o.tokens_per_s).sum(),
         replicas: chosen.into_iter().map(Slot::from).collect(),
     }
+}
+
+/// The next zone (round-robin from `*i`) with spot room left, taking one.
+fn next_zone<'a>(zones: &mut [(&'a Offer, Option<u32>)], i: &mut usize) -> Option<&'a Offer> {
+    for _ in 0..zones.len() {
+        let k = *i % zones.len();
+        *i += 1;
+        let (o, room) = &mut zones[k];
+        match room {
+            Some(0) => continue,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        return Some(*o);
+    }
+    None
 }
 
 /// What to change to go from `running` to `target`: replicas to launch,
@@ -204,8 +234,8 @@ mod tests {
         c
     }
 
-    fn zones(z: &[&str]) -> BTreeSet<String> {
-        z.iter().map(|s| s.to_string()).collect()
+    fn zones(z: &[&str]) -> SpotRoom {
+        z.iter().map(|s| (s.to_string(), None)).collect()
     }
 
     #[test]
@@ -267,6 +297,26 @@ mod tests {
     }
 
     #[test]
+    fn on_demand_fills_what_the_spot_room_cannot_carry() {
+        // 3,500 tokens/s = 4 l4 replicas; zone a has room for 1, b for 2, c none.
+        let room: SpotRoom = [("a", Some(1)), ("b", Some(2)), ("c", Some(0))]
+            .into_iter()
+            .map(|(z, r)| (z.to_string(), r))
+            .collect();
+        let p = plan(3500.0, &catalog(), &room, &PlanPolicy::default());
+        let spot: Vec<&str> = p
+            .replicas
+            .iter()
+            .filter(|s| s.capacity == Capacity::Spot)
+            .map(|s| s.zone.as_str())
+            .collect();
+        assert_eq!(spot.len(), 3, "{p:?}");
+        assert_eq!(spot.iter().filter(|z| **z == "b").count(), 2);
+        assert!(p.tokens_per_s >= 3500.0);
+        assert!(p.replicas.iter().any(|s| s.capacity == Capacity::OnDemand));
+    }
+
+    #[test]
     fn no_demand_no_replicas_and_min_replicas_otherwise() {
         assert!(
             plan(0.0, &catalog(), &zones(&["a"]), &PlanPolicy::default())
@@ -293,7 +343,7 @@ mod tests {
             hedge in 0u32..3,
         ) {
             let policy = PlanPolicy { spot_hedge: hedge, ..PlanPolicy::default() };
-            let p = plan(needed, &catalog(), &spot.iter().map(|s| s.to_string()).collect(), &policy);
+            let p = plan(needed, &catalog(), &spot.iter().map(|s| (s.to_string(), None)).collect(), &policy);
             let hedge_tps = if spot.is_empty() { 0.0 } else { f64::from(hedge) * 4000.0 };
             prop_assert!(p.tokens_per_s >= needed, "{} < {}", p.tokens_per_s, needed);
             prop_assert!(p.tokens_per_s - hedge_tps < needed + 4000.0, "over-provisioned: {:?}", p);
@@ -303,7 +353,7 @@ mod tests {
                 }
             }
             // Never dearer than serving it all on-demand with the cheapest type.
-            let on_demand = plan(needed, &catalog(), &BTreeSet::new(), &policy);
+            let on_demand = plan(needed, &catalog(), &SpotRoom::new(), &policy);
             prop_assert!(p.cost_per_hour <= on_demand.cost_per_hour + f64::from(hedge) * 1.40 + 1e-9);
             // diff from nothing launches exactly the plan.
             prop_assert_eq!(diff(&[], &p).launch.len(), p.replicas.len());

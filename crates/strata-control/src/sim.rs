@@ -27,6 +27,9 @@ use crate::ControlError;
 pub struct SpotTrace {
     pub gap: Duration,
     pub data: Vec<u32>,
+    /// The counts cap how many spot replicas the zone holds (node event
+    /// traces); otherwise any count above 0 means spot can be had.
+    pub capped: bool,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +52,59 @@ impl SpotTrace {
         Ok(SpotTrace {
             gap: Duration::from_secs_f64(f.metadata.gap_seconds),
             data: f.data.iter().map(|v| v.max(0.0).round() as u32).collect(),
+            capped: false,
+        })
+    }
+
+    /// Spot nodes alive over time from add/remove events (`time_ms,add|remove,node`
+    /// lines, as SpotServe's traces), sampled every `gap`; the counts cap
+    /// the zone's spot replicas.
+    pub fn from_node_events(text: &str, gap: Duration) -> Result<Self, String> {
+        let mut events: Vec<(u64, i64)> = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let mut f = line.split(',').map(str::trim);
+            let (Some(ms), Some(kind)) = (f.next(), f.next()) else {
+                return Err(format!("line {}: expected time_ms,add|remove,node", i + 1));
+            };
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| format!("line {}: `{ms}` is not a time in ms", i + 1))?;
+            let delta = match kind {
+                "add" => 1,
+                "remove" => -1,
+                _ => {
+                    return Err(format!(
+                        "line {}: `{kind}` is neither add nor remove",
+                        i + 1
+                    ))
+                }
+            };
+            events.push((ms, delta));
+        }
+        if events.is_empty() || gap.is_zero() {
+            return Err("no events".into());
+        }
+        events.sort_by_key(|e| e.0);
+        let end = events.last().expect("not empty").0;
+        let gap_ms = gap.as_millis().max(1) as u64;
+        let (mut alive, mut next, mut data) = (0i64, 0usize, Vec::new());
+        let mut t = 0;
+        while t <= end {
+            while next < events.len() && events[next].0 <= t {
+                alive += events[next].1;
+                next += 1;
+            }
+            data.push(alive.max(0) as u32);
+            t += gap_ms;
+        }
+        Ok(SpotTrace {
+            gap,
+            data,
+            capped: true,
         })
     }
 
@@ -146,11 +202,26 @@ impl SimProvider {
         self.now = self.now.max(t);
     }
 
-    pub fn spot_available(&self, zone: &str) -> bool {
-        self.settings
-            .spot
-            .get(zone)
-            .is_none_or(|trace| trace.at(self.settings.offset + self.now) > 0)
+    /// How many spot replicas `zone` can hold now (`None`: no limit).
+    pub fn spot_room(&self, zone: &str) -> Option<u32> {
+        let trace = self.settings.spot.get(zone)?;
+        let count = trace.at(self.settings.offset + self.now);
+        match (trace.capped, count) {
+            (true, n) => Some(n),
+            (false, 0) => Some(0),
+            (false, _) => None,
+        }
+    }
+
+    fn spot_running(&self, zone: &str) -> Vec<usize> {
+        (0..self.instances.len())
+            .filter(|&k| {
+                let i = &self.instances[k];
+                i.offer.capacity == CapacityType::Spot
+                    && i.offer.zone == zone
+                    && i.gone_at.is_none()
+            })
+            .collect()
     }
 
     /// Every instance's bill up to now.
@@ -214,7 +285,10 @@ impl Provider for SimProvider {
     async fn launch(&mut self, offer: &Offer) -> Result<String, ControlError> {
         let id = format!("sim-{}", self.next_id);
         self.next_id += 1;
-        if offer.capacity == CapacityType::Spot && !self.spot_available(&offer.zone) {
+        let full = self
+            .spot_room(&offer.zone)
+            .is_some_and(|room| self.spot_running(&offer.zone).len() >= room as usize);
+        if offer.capacity == CapacityType::Spot && full {
             self.events.push(ProviderEvent::Unavailable {
                 slot: Slot::from(offer),
             });
@@ -260,22 +334,28 @@ impl Provider for SimProvider {
     async fn poll(&mut self) -> Vec<ProviderEvent> {
         let now = self.now;
         let (delay, notice) = (self.settings.launch_delay, self.settings.notice);
-        let unavailable: Vec<String> = self
-            .instances
-            .iter()
-            .filter(|i| i.offer.capacity == CapacityType::Spot && i.gone_at.is_none())
-            .map(|i| i.offer.zone.clone())
-            .filter(|z| !self.spot_available(z))
-            .collect();
-        for i in &mut self.instances {
+        // Zones holding more spot replicas than they have room for reclaim
+        // the newest.
+        let mut reclaim = Vec::new();
+        let zones: std::collections::BTreeSet<String> =
+            self.settings.spot.keys().cloned().collect();
+        for zone in zones {
+            if let Some(room) = self.spot_room(&zone) {
+                let running = self.spot_running(&zone);
+                reclaim.extend(
+                    running
+                        .iter()
+                        .rev()
+                        .take(running.len().saturating_sub(room as usize)),
+                );
+            }
+        }
+        for (k, i) in self.instances.iter_mut().enumerate() {
             if i.gone_at.is_none() && !i.ready && now >= i.launched + delay {
                 i.ready = true;
                 self.events.push(ProviderEvent::Ready { id: i.id.clone() });
             }
-            if i.gone_at.is_none()
-                && i.offer.capacity == CapacityType::Spot
-                && unavailable.contains(&i.offer.zone)
-            {
+            if reclaim.contains(&k) {
                 i.gone_at = Some(now + notice);
                 i.preempted = true;
                 self.events.push(ProviderEvent::Preempting {
@@ -308,6 +388,61 @@ impl Provider for SimProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_events_become_a_capped_count_per_tick() {
+        let t = SpotTrace::from_node_events(
+            "0,add,n1\n0,add,n2\n60000,remove,n1\n120000,add,n3\n",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(t.capped);
+        assert_eq!(t.data, [2, 1, 2]);
+        assert!(SpotTrace::from_node_events("5,grow,n1\n", Duration::from_secs(1)).is_err());
+        assert!(SpotTrace::from_node_events("", Duration::from_secs(1)).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_capped_zone_refuses_launches_beyond_its_count_and_reclaims_the_newest() {
+        let trace = SpotTrace {
+            gap: Duration::from_secs(100),
+            data: vec![2, 1],
+            capped: true,
+        };
+        let mut p = SimProvider::new(SimSettings {
+            spot: BTreeMap::from([("a".to_string(), trace)]),
+            offset: Duration::ZERO,
+            launch_delay: Duration::ZERO,
+            notice: Duration::from_secs(10),
+            drain: Duration::ZERO,
+        });
+        let offer = Offer {
+            instance_type: "t".into(),
+            zone: "a".into(),
+            capacity: CapacityType::Spot,
+            price_per_hour: 1.0,
+            tokens_per_s: 1.0,
+        };
+        let first = p.launch(&offer).await.unwrap();
+        let second = p.launch(&offer).await.unwrap();
+        p.launch(&offer).await.unwrap();
+        let events = p.poll().await;
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, ProviderEvent::Unavailable { .. })));
+        assert_eq!(p.list().len(), 2);
+        p.advance_to(Duration::from_secs(100));
+        let events = p.poll().await;
+        assert!(events.contains(&ProviderEvent::Preempting {
+            id: second,
+            slot: Slot::from(&offer),
+            notice: Duration::from_secs(10),
+        }));
+        assert_eq!(
+            p.list().iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+            [first]
+        );
+    }
 
     #[test]
     fn a_trace_is_read_per_tick_and_wraps_around() {

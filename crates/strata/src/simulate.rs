@@ -24,6 +24,13 @@ pub struct SimulateArgs {
     /// (the spot-traces format); zones without one always have spot.
     #[arg(long)]
     spot_dir: Option<PathBuf>,
+    /// Spot nodes' add/remove events (`time_ms,add|remove,node`, SpotServe's
+    /// format): their count caps the spot replicas of `--spot-events-zone`.
+    #[arg(long)]
+    spot_events: Option<PathBuf>,
+    /// The zone the node events apply to (default: the first spot zone of the catalog).
+    #[arg(long, requires = "spot_events")]
+    spot_events_zone: Option<String>,
     /// Where the trace's start falls in the spot traces, in hours.
     #[arg(long, default_value_t = 0.0)]
     offset_hours: f64,
@@ -101,10 +108,26 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     if trace.is_empty() {
         bail!("the trace has no requests");
     }
-    let spot = match &args.spot_dir {
+    let mut spot = match &args.spot_dir {
         Some(dir) => spot_traces(dir)?,
         None => Default::default(),
     };
+    if let Some(path) = &args.spot_events {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let trace = SpotTrace::from_node_events(&text, Duration::from_secs(60))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let zone = match &args.spot_events_zone {
+            Some(z) => z.clone(),
+            None => config
+                .pool_offerings()
+                .into_iter()
+                .find(|o| o.capacity == CapacityType::Spot)
+                .map(|o| o.zone.clone())
+                .context("--spot-events needs a spot offer in the catalog")?,
+        };
+        spot.insert(zone, trace);
+    }
     let scenario = Scenario {
         trace,
         offers: PoolSpec::from_config(&config, 1).offers,

@@ -144,28 +144,45 @@ pub fn replicas_for(demand: f64, offer: &Offer) -> u32 {
 }
 
 /// The cheapest capacity that meets each minute's demand, with no launch
-/// delay and no preemption losses: spot at its price wherever the trace
-/// has it that minute, else on demand.
+/// delay and no preemption losses: offers cheapest per token first, spot
+/// as far as the trace has it that minute (a capped zone up to its count),
+/// the rest on demand. Whole replicas, so a minute of small demand still
+/// pays for one.
 pub fn lower_bound(s: &Scenario) -> f64 {
-    let offers = s.priced_offers();
+    let mut offers = s.priced_offers();
+    offers.retain(|o| o.tokens_per_s > 0.0);
+    offers.sort_by(|a, b| {
+        (a.price_per_hour / a.tokens_per_s).total_cmp(&(b.price_per_hour / b.tokens_per_s))
+    });
     let window = Duration::from_secs(60);
     let mut cost = 0.0;
     for (i, demand) in s.demand(window).into_iter().enumerate() {
-        if demand <= 0.0 {
-            continue;
-        }
         let at = s.cloud.offset + s.warmup + window * i as u32;
-        let available = |o: &&Offer| {
-            o.capacity == CapacityType::OnDemand
-                || s.cloud.spot.get(&o.zone).is_none_or(|t| t.at(at) > 0)
-        };
-        let best = offers
-            .iter()
-            .filter(available)
-            .map(|o| f64::from(replicas_for(demand, o)) * o.price_per_hour)
-            .fold(f64::INFINITY, f64::min);
-        if best.is_finite() {
-            cost += best / 60.0;
+        let mut left = demand;
+        // Replicas of each zone's spot taken so far this minute.
+        let mut taken: HashMap<&str, u32> = HashMap::new();
+        for o in &offers {
+            if left <= 0.0 {
+                break;
+            }
+            let room = match (o.capacity, s.cloud.spot.get(&o.zone)) {
+                (CapacityType::OnDemand, _) | (_, None) => u32::MAX,
+                (_, Some(t)) if t.capped => t.at(at),
+                (_, Some(t)) if t.at(at) > 0 => u32::MAX,
+                _ => 0,
+            };
+            let used = taken.entry(o.zone.as_str()).or_default();
+            let room = if o.capacity == CapacityType::Spot {
+                room.saturating_sub(*used)
+            } else {
+                room
+            };
+            let n = replicas_for(left, o).min(room);
+            if o.capacity == CapacityType::Spot {
+                *used += n;
+            }
+            left -= f64::from(n) * o.tokens_per_s;
+            cost += f64::from(n) * o.price_per_hour / 60.0;
         }
     }
     cost
