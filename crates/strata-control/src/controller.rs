@@ -143,13 +143,22 @@ pub struct Step {
     pub plan: Plan,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Cooling {
+    holding: u32,
+    at: Duration,
+    /// `spot_cooldown`, doubled for each reclaim that comes within two of
+    /// them of the last (a stormy zone), at most 16 times.
+    cooldown: Duration,
+}
+
 pub struct Controller {
     spec: PoolSpec,
     scaler: Option<Autoscaler>,
     desired: u32,
     /// Zone → how many spot replicas it held after it last reclaimed one
-    /// or refused a launch, and when.
-    preempted: BTreeMap<String, (u32, Duration)>,
+    /// or refused a launch, when, and for how long that holds.
+    preempted: BTreeMap<String, Cooling>,
     prompt_share: f64,
     meter: CapacityMeter,
     last: Option<(Duration, Load)>,
@@ -178,9 +187,31 @@ impl Controller {
 
     /// `zone` reclaimed a spot replica (or refused a launch) at `now`,
     /// leaving `holding` spot replicas there: for the cooldown it gets no
-    /// more than that.
+    /// more than that. A zone that reclaims again soon after its cooldown
+    /// cools down twice as long (up to 16 times `spot_cooldown`): spot
+    /// that is launched only to be reclaimed costs a launch and a notice
+    /// of billing for nothing.
     pub fn preempted(&mut self, zone: &str, holding: u32, now: Duration) {
-        self.preempted.insert(zone.to_owned(), (holding, now));
+        let base = self.spec.spot_cooldown;
+        let cooldown = match self.preempted.get(zone) {
+            Some(c) if now.saturating_sub(c.at) < 2 * c.cooldown => {
+                if now.saturating_sub(c.at) < c.cooldown {
+                    // The same storm (several replicas reclaimed together).
+                    c.cooldown
+                } else {
+                    (c.cooldown * 2).min(base * 16)
+                }
+            }
+            _ => base,
+        };
+        self.preempted.insert(
+            zone.to_owned(),
+            Cooling {
+                holding,
+                at: now,
+                cooldown,
+            },
+        );
     }
 
     /// Spot room by zone: no limit, or at most what a zone held after it
@@ -194,8 +225,8 @@ impl Controller {
                 let limit = self
                     .preempted
                     .get(&o.zone)
-                    .filter(|(_, at)| now.saturating_sub(*at) < self.spec.spot_cooldown)
-                    .map(|(holding, _)| *holding);
+                    .filter(|c| now.saturating_sub(c.at) < c.cooldown)
+                    .map(|c| c.holding);
                 (o.zone.clone(), limit)
             })
             .collect()
@@ -596,6 +627,23 @@ mod tests {
             .terminate
             .iter()
             .all(|s| s.capacity == CapacityType::OnDemand));
+    }
+
+    #[test]
+    fn a_zone_that_keeps_reclaiming_cools_down_longer_each_time() {
+        let mut c = Controller::new(spec(None));
+        let out = |c: &Controller, t: u64| !c.spot_zones(Duration::from_secs(t)).contains("a");
+        c.preempted("a", 0, Duration::from_secs(0));
+        assert!(out(&c, 299) && !out(&c, 300));
+        // Reclaimed again 400 s later (within two cooldowns): 600 s now.
+        c.preempted("a", 0, Duration::from_secs(400));
+        assert!(out(&c, 999) && !out(&c, 1000));
+        // A second replica reclaimed in the same storm does not double it again.
+        c.preempted("a", 0, Duration::from_secs(410));
+        assert!(!out(&c, 1010));
+        // Calm for long enough: back to the base cooldown.
+        c.preempted("a", 0, Duration::from_secs(10_000));
+        assert!(!out(&c, 10_300));
     }
 
     #[test]
