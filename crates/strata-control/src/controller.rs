@@ -248,13 +248,11 @@ impl Controller {
         self.spec
             .offers
             .iter()
-            .map(|(o, t)| Offer {
-                instance_type: o.instance_type.clone(),
-                zone: o.zone.clone(),
-                capacity: o.capacity,
-                price_per_hour: o.price_per_hour,
+            .map(|(o, t)| {
+                let mut offer = Offer::priced(o, t, self.prompt_share);
                 // A measured capacity corrects every profile alike.
-                tokens_per_s: t.tokens_per_s(self.prompt_share) * scale,
+                offer.tokens_per_s *= scale;
+                offer
             })
             .collect()
     }

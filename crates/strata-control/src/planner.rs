@@ -27,6 +27,22 @@ pub struct Offer {
 }
 
 impl Offer {
+    /// A catalog offering with its type's tokens/s when a share
+    /// `prompt_share` of the tokens are prompt tokens.
+    pub fn priced(
+        o: &strata_core::config::Offering,
+        t: &strata_core::config::InstanceType,
+        prompt_share: f64,
+    ) -> Self {
+        Offer {
+            instance_type: o.instance_type.clone(),
+            zone: o.zone.clone(),
+            capacity: o.capacity,
+            price_per_hour: o.price_per_hour,
+            tokens_per_s: t.tokens_per_s(prompt_share),
+        }
+    }
+
     fn dollars_per_token_rate(&self) -> f64 {
         self.price_per_hour / self.tokens_per_s.max(f64::MIN_POSITIVE)
     }

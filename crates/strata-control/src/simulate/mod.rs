@@ -45,13 +45,7 @@ impl Scenario {
         let share = self.prompt_share();
         self.offers
             .iter()
-            .map(|(o, t)| Offer {
-                instance_type: o.instance_type.clone(),
-                zone: o.zone.clone(),
-                capacity: o.capacity,
-                price_per_hour: o.price_per_hour,
-                tokens_per_s: t.tokens_per_s(share),
-            })
+            .map(|(o, t)| Offer::priced(o, t, share))
             .collect()
     }
 
