@@ -463,12 +463,14 @@ async fn converge<P: Provider>(provider: &mut P, target: &Plan, offers: &[Offer]
     }
     let mut taken = BTreeSet::new();
     for slot in &change.terminate {
-        // The newest replica of that kind goes first.
-        if let Some(i) = running
+        // The least busy replica of that kind goes first (the newest when
+        // the provider cannot tell): its requests have the least to lose.
+        let least_busy = running
             .iter()
             .rev()
-            .find(|i| i.slot == *slot && !taken.contains(&i.id))
-        {
+            .filter(|i| i.slot == *slot && !taken.contains(&i.id))
+            .min_by(|a, b| a.busy.unwrap_or(0.0).total_cmp(&b.busy.unwrap_or(0.0)));
+        if let Some(i) = least_busy {
             taken.insert(i.id.clone());
             let why = if target.replicas.len() < running.len() {
                 "scaled down"
@@ -625,6 +627,39 @@ mod tests {
             .terminate
             .iter()
             .all(|s| s.capacity == CapacityType::OnDemand));
+    }
+
+    #[tokio::test]
+    async fn scaling_down_lets_the_least_busy_replica_go() {
+        use crate::sim::{SimProvider, SimSettings};
+        let mut cloud = SimProvider::new(SimSettings {
+            spot: BTreeMap::new(),
+            offset: Duration::ZERO,
+            launch_delay: Duration::ZERO,
+            notice: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+        });
+        let c = Controller::new(spec(None));
+        let offer = c
+            .offers()
+            .into_iter()
+            .find(|o| o.capacity == CapacityType::Spot)
+            .unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(cloud.launch(&offer).await.unwrap());
+        }
+        cloud.poll().await;
+        for (id, busy) in ids.iter().zip([500.0, 20.0, 900.0]) {
+            cloud.set_busy(id, busy);
+        }
+        let keep_two = Plan {
+            replicas: vec![Slot::from(&offer); 2],
+            ..Plan::default()
+        };
+        converge(&mut cloud, &keep_two, &c.offers()).await;
+        let left: Vec<String> = cloud.list().into_iter().map(|i| i.id).collect();
+        assert_eq!(left, [ids[0].clone(), ids[2].clone()]);
     }
 
     #[test]

@@ -315,6 +315,7 @@ impl Provider for LocalProvider {
                     id: p.record.id.clone(),
                     slot: p.slot.clone()?,
                     ready: p.record.state == InstanceState::Ready,
+                    busy: None,
                 })
             })
             .collect()

@@ -18,6 +18,9 @@ pub struct Instance {
     pub id: String,
     pub slot: Slot,
     pub ready: bool,
+    /// Work it has in hand (tokens), when the provider knows; the least
+    /// busy replica of a kind is let go first.
+    pub busy: Option<f64>,
 }
 
 /// What happened to an instance.

@@ -150,6 +150,8 @@ struct SimInstance {
     preempted: bool,
     /// `Gone` was reported.
     reported: bool,
+    /// Work in hand, as the simulator's replica model last said.
+    busy: f64,
 }
 
 /// An instance as the simulator's gateway sees it.
@@ -258,6 +260,13 @@ impl SimProvider {
             .collect()
     }
 
+    /// The work a replica has in hand (for choosing which one to let go).
+    pub fn set_busy(&mut self, id: &str, tokens: f64) {
+        if let Some(i) = self.instances.iter_mut().find(|i| i.id == id) {
+            i.busy = tokens;
+        }
+    }
+
     /// A replica being let go finished its requests: it goes now.
     pub fn release(&mut self, id: &str) {
         let now = self.now;
@@ -302,6 +311,7 @@ impl Provider for SimProvider {
             gone_at: None,
             preempted: false,
             reported: false,
+            busy: 0.0,
         });
         Ok(id)
     }
@@ -327,6 +337,7 @@ impl Provider for SimProvider {
                 id: i.id.clone(),
                 slot: Slot::from(&i.offer),
                 ready: i.ready,
+                busy: Some(i.busy),
             })
             .collect()
     }
