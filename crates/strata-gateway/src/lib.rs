@@ -310,11 +310,7 @@ async fn serve_drains(
                 }
                 None => {
                     if let Some(r) = replicas.find(id) {
-                        r.set_draining(true);
-                        let deadline = Instant::now() + request.wait;
-                        while r.outstanding_tokens() > 0 && Instant::now() < deadline {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
+                        r.quiesce(request.wait).await;
                     }
                 }
             }

@@ -46,6 +46,16 @@ impl Replica {
         self.draining.store(draining, Ordering::Relaxed);
     }
 
+    /// Takes no new requests from now on and waits (up to `wait`) for the
+    /// ones it runs to end.
+    pub async fn quiesce(&self, wait: Duration) {
+        self.set_draining(true);
+        let deadline = std::time::Instant::now() + wait;
+        while self.outstanding_tokens() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Ready and not draining: may take a new request.
     pub fn is_routable(&self) -> bool {
         self.is_ready() && !self.is_draining()

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use strata_core::store::Store;
@@ -132,11 +132,7 @@ impl Snapshots {
         let replica = replicas
             .find(id)
             .ok_or_else(|| ApiError::not_found(format!("No replica with id `{id}`.")))?;
-        replica.set_draining(true);
-        let deadline = Instant::now() + wait;
-        while replica.outstanding_tokens() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        replica.quiesce(wait).await;
         let body = export(client, &replica).await?;
         let mut drained = Drained {
             replica: id.to_owned(),
