@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod latency;
 #[cfg(feature = "link")]
 pub mod link;
 pub mod openai;

@@ -34,45 +34,36 @@ pub struct GatewayMetrics {
     pub recent: LatencyWindow,
 }
 
-/// Time to first token and time per output token of the streamed requests
-/// of the last `LatencyWindow::SPAN`, for p95s against the pool's SLOs.
-#[derive(Default)]
+/// The gateway's latency window: `strata_core::latency::LatencyWindow` on
+/// the real clock, shared by the ledger (writer) and the load publisher.
 pub struct LatencyWindow {
-    samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, f64, Option<f64>)>>,
+    epoch: std::time::Instant,
+    window: std::sync::Mutex<strata_core::latency::LatencyWindow>,
+}
+
+impl Default for LatencyWindow {
+    fn default() -> Self {
+        LatencyWindow {
+            epoch: std::time::Instant::now(),
+            window: Default::default(),
+        }
+    }
 }
 
 impl LatencyWindow {
-    pub const SPAN: std::time::Duration = std::time::Duration::from_secs(30);
-    const MAX: usize = 8192;
-
     pub fn record(&self, ttft_ms: f64, tpot_ms: Option<f64>) {
-        let mut s = self.samples.lock().expect("latency window lock");
-        if s.len() == Self::MAX {
-            s.pop_front();
-        }
-        s.push_back((std::time::Instant::now(), ttft_ms, tpot_ms));
+        let at = self.epoch.elapsed();
+        self.window
+            .lock()
+            .expect("latency window lock")
+            .record(at, ttft_ms, tpot_ms);
     }
 
-    /// p95 TTFT and p95 TPOT (milliseconds) over the window.
+    /// p95 TTFT and p95 TPOT (milliseconds) over the last half minute.
     pub fn p95(&self) -> (Option<f64>, Option<f64>) {
-        let mut s = self.samples.lock().expect("latency window lock");
-        while s.front().is_some_and(|f| f.0.elapsed() > Self::SPAN) {
-            s.pop_front();
-        }
-        let ttft: Vec<f64> = s.iter().map(|x| x.1).collect();
-        let tpot: Vec<f64> = s.iter().filter_map(|x| x.2).collect();
-        drop(s);
-        (p95(ttft), p95(tpot))
+        let now = self.epoch.elapsed();
+        self.window.lock().expect("latency window lock").p95(now)
     }
-}
-
-fn p95(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let rank = ((v.len() as f64) * 0.95).ceil() as usize;
-    Some(v[rank.clamp(1, v.len()) - 1])
 }
 
 impl GatewayMetrics {
@@ -161,22 +152,5 @@ impl GatewayMetrics {
 impl Default for GatewayMetrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn p95_is_the_nearest_rank() {
-        assert_eq!(p95(vec![]), None);
-        assert_eq!(p95(vec![7.0]), Some(7.0));
-        let hundred: Vec<f64> = (1..=100).rev().map(f64::from).collect();
-        assert_eq!(p95(hundred), Some(95.0));
-        let w = LatencyWindow::default();
-        w.record(10.0, None);
-        w.record(30.0, Some(4.0));
-        assert_eq!(w.p95(), (Some(30.0), Some(4.0)));
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use strata_core::config::{CapacityType, InstanceType, Offering};
+use strata_core::latency::LatencyWindow;
 use strata_core::Load;
 
 use crate::controller::{Controller, Driver, PoolSpec};
@@ -182,12 +183,9 @@ pub fn lower_bound(s: &Scenario) -> f64 {
     cost
 }
 
+/// The `q` percentile of sorted values; NaN when there are none.
 fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted.len() as f64) * q).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    strata_core::latency::percentile(sorted, q).unwrap_or(f64::NAN)
 }
 
 /// One policy's run.
@@ -277,7 +275,7 @@ pub async fn simulate_with_progress(
     let mut done: Vec<Finished> = Vec::new();
     let mut restarted = 0;
     let mut load = Load::default();
-    let mut recent: VecDeque<(Duration, f64, Option<f64>)> = VecDeque::new();
+    let mut recent = LatencyWindow::default();
     let mut timeline = Vec::new();
     let demand = s.demand(Duration::from_secs(60));
     let mut now = Duration::ZERO;
@@ -349,7 +347,7 @@ pub async fn simulate_with_progress(
                 load.tokens_total += u64::from(f.prompt_tokens + f.output_tokens);
                 load.prompt_tokens_total += u64::from(f.prompt_tokens);
                 let tpot = (f.output_tokens > 1).then(|| f.tpot().as_secs_f64() * 1000.0);
-                recent.push_back((f.done, f.ttft().as_secs_f64() * 1000.0, tpot));
+                recent.record(f.done, f.ttft().as_secs_f64() * 1000.0, tpot);
                 if f.id >= measured {
                     done.push(f);
                 }
@@ -361,21 +359,10 @@ pub async fn simulate_with_progress(
                 cloud.release(id);
             }
         }
-        while recent
-            .front()
-            .is_some_and(|r| now.saturating_sub(r.0) > Duration::from_secs(30))
-        {
-            recent.pop_front();
-        }
-        let mut ttfts: Vec<f64> = recent.iter().map(|r| r.1).collect();
-        let mut tpots: Vec<f64> = recent.iter().filter_map(|r| r.2).collect();
-        ttfts.sort_by(f64::total_cmp);
-        tpots.sort_by(f64::total_cmp);
         load.in_flight = models.values().map(|m| m.running.len()).sum();
         load.waiting = queue.len();
         load.routable = open.len();
-        load.ttft_p95_ms = (!ttfts.is_empty()).then(|| percentile(&ttfts, 0.95));
-        load.tpot_p95_ms = (!tpots.is_empty()).then(|| percentile(&tpots, 0.95));
+        (load.ttft_p95_ms, load.tpot_p95_ms) = recent.p95(now);
         if now.as_millis() % 60_000 < s.dt.as_millis() {
             progress((now.as_secs_f64() / last.as_secs_f64().max(1.0)).min(1.0));
         }
