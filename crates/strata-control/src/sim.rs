@@ -176,6 +176,23 @@ pub struct SimBill {
     pub cost: f64,
 }
 
+impl SimBill {
+    /// How long it ran within `[from, to]`.
+    fn ran_within(&self, from: Duration, to: Duration) -> Duration {
+        let end = self.gone.unwrap_or(to).min(to);
+        end.saturating_sub(self.launched.max(from))
+    }
+
+    pub fn hours_within(&self, from: Duration, to: Duration) -> f64 {
+        self.ran_within(from, to).as_secs_f64() / 3600.0
+    }
+
+    /// Dollars it cost within `[from, to]`.
+    pub fn cost_within(&self, from: Duration, to: Duration) -> f64 {
+        self.price_per_hour * self.ran_within(from, to).as_secs_f64() / 3600.0
+    }
+}
+
 pub struct SimProvider {
     settings: SimSettings,
     now: Duration,
@@ -231,17 +248,17 @@ impl SimProvider {
         self.instances
             .iter()
             .map(|i| {
-                let end = i.gone_at.unwrap_or(self.now).min(self.now);
-                let hours = end.saturating_sub(i.launched).as_secs_f64() / 3600.0;
-                SimBill {
+                let mut bill = SimBill {
                     id: i.id.clone(),
                     slot: Slot::from(&i.offer),
                     launched: i.launched,
                     gone: i.gone_at.filter(|g| *g <= self.now),
                     preempted: i.preempted,
                     price_per_hour: i.offer.price_per_hour,
-                    cost: i.offer.price_per_hour * hours,
-                }
+                    cost: 0.0,
+                };
+                bill.cost = bill.cost_within(Duration::ZERO, self.now);
+                bill
             })
             .collect()
     }

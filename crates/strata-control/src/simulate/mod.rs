@@ -226,14 +226,7 @@ pub struct Minute {
 
 /// Dollars the instances cost within `[from, to]`.
 fn billed(bills: &[crate::sim::SimBill], from: Duration, to: Duration) -> f64 {
-    bills
-        .iter()
-        .map(|b| {
-            let start = b.launched.max(from);
-            let end = b.gone.unwrap_or(to).min(to);
-            b.price_per_hour * end.saturating_sub(start).as_secs_f64() / 3600.0
-        })
-        .sum()
+    bills.iter().map(|b| b.cost_within(from, to)).sum()
 }
 
 /// Replays the scenario's trace against `policy`; runs on past the last
@@ -382,12 +375,7 @@ pub async fn simulate_with_progress(
     let cost = billed(&bills, s.warmup, end);
     let mut replica_hours = BTreeMap::new();
     for b in &bills {
-        let hours = b
-            .gone
-            .unwrap_or(end)
-            .saturating_sub(b.launched.max(s.warmup))
-            .as_secs_f64()
-            / 3600.0;
+        let hours = b.hours_within(s.warmup, end);
         *replica_hours
             .entry(format!(
                 "{} ({})",
