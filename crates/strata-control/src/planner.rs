@@ -43,9 +43,27 @@ impl Offer {
         }
     }
 
-    fn dollars_per_token_rate(&self) -> f64 {
+    /// Dollars per hour for each token per second it serves.
+    pub fn dollars_per_token_rate(&self) -> f64 {
         self.price_per_hour / self.tokens_per_s.max(f64::MIN_POSITIVE)
     }
+}
+
+/// The offer of `capacity` (in `zone`, when given) that costs least per
+/// token; the first of equals.
+pub fn cheapest<'a>(
+    offers: &'a [Offer],
+    capacity: Capacity,
+    zone: Option<&str>,
+) -> Option<&'a Offer> {
+    offers
+        .iter()
+        .filter(|o| o.capacity == capacity && o.tokens_per_s > 0.0)
+        .filter(|o| zone.is_none_or(|z| o.zone == z))
+        .min_by(|a, b| {
+            a.dollars_per_token_rate()
+                .total_cmp(&b.dollars_per_token_rate())
+        })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,10 +130,6 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
     if needed <= 0.0 {
         return Plan::default();
     }
-    let per_token = |a: &&Offer, b: &&Offer| {
-        a.dollars_per_token_rate()
-            .total_cmp(&b.dollars_per_token_rate())
-    };
     let mut chosen: Vec<&Offer> = Vec::new();
     let mut served = 0.0;
     if policy.allow_spot {
@@ -123,22 +137,17 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
         let mut zones: Vec<(&Offer, Option<u32>)> = spot
             .iter()
             .filter(|(_, room)| **room != Some(0))
-            .filter_map(|(zone, room)| {
-                offers
-                    .iter()
-                    .filter(|o| o.capacity == Capacity::Spot && o.tokens_per_s > 0.0)
-                    .filter(|o| &o.zone == zone)
-                    .min_by(per_token)
-                    .map(|o| (o, *room))
-            })
+            .filter_map(|(zone, room)| Some((cheapest(offers, Capacity::Spot, Some(zone))?, *room)))
             .collect();
-        zones.sort_by(|a, b| per_token(&a.0, &b.0));
+        zones.sort_by(|a, b| {
+            a.0.dollars_per_token_rate()
+                .total_cmp(&b.0.dollars_per_token_rate())
+        });
         // Round-robin over the zones that still have room.
         let mut i = 0;
-        let next = next_zone;
         if !zones.is_empty() {
             while served < needed || (chosen.len() as u32) < policy.min_replicas {
-                let Some(o) = next(&mut zones, &mut i) else {
+                let Some(o) = next_zone(&mut zones, &mut i) else {
                     break;
                 };
                 served += o.tokens_per_s;
@@ -146,7 +155,7 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
             }
             if served >= needed {
                 for _ in 0..policy.spot_hedge {
-                    if let Some(o) = next(&mut zones, &mut i) {
+                    if let Some(o) = next_zone(&mut zones, &mut i) {
                         chosen.push(o);
                     }
                 }
@@ -155,11 +164,7 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
     }
     let short = served < needed || (chosen.len() as u32) < policy.min_replicas;
     if short && policy.allow_on_demand {
-        let on_demand = offers
-            .iter()
-            .filter(|o| o.capacity == Capacity::OnDemand && o.tokens_per_s > 0.0)
-            .min_by(per_token);
-        if let Some(o) = on_demand {
+        if let Some(o) = cheapest(offers, Capacity::OnDemand, None) {
             let n = (((needed - served).max(0.0) / o.tokens_per_s).ceil() as u32)
                 .max(policy.min_replicas.saturating_sub(chosen.len() as u32));
             chosen.extend(std::iter::repeat_n(o, n as usize));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use strata_control::controller::PoolSpec;
-use strata_control::planner::Offer;
+use strata_control::planner::{cheapest, Offer};
 use strata_control::sim::{SimSettings, SpotTrace};
 use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
 use strata_control::simulate::{
@@ -148,7 +148,7 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         warmup: Duration::from_secs_f64(args.warmup_mins * 60.0),
     };
     let offers = scenario.priced_offers();
-    let Some(on_demand) = cheapest(&offers, CapacityType::OnDemand) else {
+    let Some(on_demand) = cheapest(&offers, CapacityType::OnDemand, None).cloned() else {
         bail!("the catalog offers no on-demand capacity to compare with");
     };
     let peak = scenario
@@ -181,12 +181,13 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         overprovision: pool.spot_hedge,
     };
     outcomes.push(run_one(&scenario, &mut request_rate, tail).await);
+    // The cheapest spot offer of each zone, zones in catalog order.
     let mut spot_per_zone: Vec<Offer> = Vec::new();
     for o in offers.iter().filter(|o| o.capacity == CapacityType::Spot) {
-        match spot_per_zone.iter_mut().find(|s| s.zone == o.zone) {
-            Some(s) if s.price_per_hour / s.tokens_per_s <= o.price_per_hour / o.tokens_per_s => {}
-            Some(s) => *s = o.clone(),
-            None => spot_per_zone.push(o.clone()),
+        if spot_per_zone.iter().all(|s| s.zone != o.zone) {
+            if let Some(best) = cheapest(&offers, CapacityType::Spot, Some(&o.zone)) {
+                spot_per_zone.push(best.clone());
+            }
         }
     }
     if !spot_per_zone.is_empty() {
@@ -328,14 +329,4 @@ fn plot(dir: &PathBuf, outcomes: &[Outcome]) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
-}
-
-fn cheapest(offers: &[Offer], capacity: CapacityType) -> Option<Offer> {
-    offers
-        .iter()
-        .filter(|o| o.capacity == capacity && o.tokens_per_s > 0.0)
-        .min_by(|a, b| {
-            (a.price_per_hour / a.tokens_per_s).total_cmp(&(b.price_per_hour / b.tokens_per_s))
-        })
-        .cloned()
 }

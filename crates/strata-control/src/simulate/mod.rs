@@ -147,7 +147,8 @@ pub fn lower_bound(s: &Scenario) -> f64 {
     let mut offers = s.priced_offers();
     offers.retain(|o| o.tokens_per_s > 0.0);
     offers.sort_by(|a, b| {
-        (a.price_per_hour / a.tokens_per_s).total_cmp(&(b.price_per_hour / b.tokens_per_s))
+        a.dollars_per_token_rate()
+            .total_cmp(&b.dollars_per_token_rate())
     });
     let window = Duration::from_secs(60);
     let mut cost = 0.0;
