@@ -341,11 +341,14 @@ pub async fn cost_report(
         )
         .await?;
     let lines = charges(&instances, &usage, since, until, strata_core::now_ms());
+    if let Format::Csv = format {
+        print!("{}", focus_csv(&lines));
+        return Ok(());
+    }
+    let rows = report(&lines, by);
+    let total: f64 = rows.iter().map(|r| r.cost).sum();
     match format {
-        Format::Csv => print!("{}", focus_csv(&lines)),
         Format::Json => {
-            let rows = report(&lines, by);
-            let total: f64 = rows.iter().map(|r| r.cost).sum();
             let v = json!({
                 "since": strata_core::utc_timestamp(since),
                 "until": strata_core::utc_timestamp(until),
@@ -355,8 +358,6 @@ pub async fn cost_report(
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Format::Table => {
-            let rows = report(&lines, by);
-            let total: f64 = rows.iter().map(|r| r.cost).sum();
             println!(
                 "cost {} .. {} (UTC)",
                 strata_core::utc_timestamp(since),
@@ -379,6 +380,7 @@ pub async fn cost_report(
             }
             println!("{:<32} {:>12.6}", "total", total);
         }
+        Format::Csv => {}
     }
     Ok(())
 }
