@@ -177,10 +177,6 @@ impl Controller {
         }
     }
 
-    pub fn spec(&self) -> &PoolSpec {
-        &self.spec
-    }
-
     pub fn desired(&self) -> u32 {
         self.desired
     }

@@ -107,11 +107,6 @@ impl InstanceType {
         }
         1.0 / (p / self.prefill_tokens_per_s + (1.0 - p) / decode)
     }
-
-    /// Requests one replica runs at once.
-    pub fn max_sequences(&self) -> u32 {
-        self.decode_tokens_per_s.len() as u32
-    }
 }
 
 /// One way to get a replica: an instance type in a zone, spot or on demand.
