@@ -64,9 +64,25 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     plots = os.path.join(d, "plots")
     table = run(d, "--trace", trace, "--plot", plots)
     assert table.returncode == 0 and "| strata |" in table.stdout and "lower bound" in table.stdout
-    for chart in ("demand_capacity.svg", "replicas.svg", "cost.svg"):
-        svg = open(os.path.join(plots, chart)).read()
+    for chart in ("demand_capacity", "replicas", "cost"):
+        svg = open(os.path.join(plots, chart + ".svg")).read()
         assert svg.startswith("<svg") and svg.count("<polyline") >= 4, chart
+        png = open(os.path.join(plots, chart + ".png"), "rb").read()
+        # PNG signature, then the IHDR chunk with the chart's 960 x 420 size.
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", chart
+        assert int.from_bytes(png[16:20], "big") == 960 and int.from_bytes(png[20:24], "big") == 420
+
+    # A trace mapped onto a zone by name: us-east-1a's record (sold out for
+    # the first hours) replaces us-west-2a's, so no policy gets spot there.
+    def spot_hours(report):
+        return {p["policy"]: sum(h for k, h in p["replica_hours"].items() if "(spot)" in k)
+                for p in report["policies"]}
+    assert spot_hours(report)["strata"] > 0 and spot_hours(report)["SpotHedge (request rate)"] > 0
+    sold_out = os.path.join(SPOT, "us-east-1a_v100_1.json")
+    mapped = run(d, "--trace", trace, "--spot-dir", SPOT, "--spot-trace", f"us-west-2a={sold_out}",
+                 "--launch-delay-secs", "30", "--json")
+    assert mapped.returncode == 0, mapped.stderr
+    assert all(h == 0 for h in spot_hours(json.loads(mapped.stdout)).values())
 
     # SpotServe's node events cap the spot replicas of the catalog's spot zone.
     events = os.path.join(os.path.dirname(SPOT), "../../../spotserve/g4dn_full.csv")
@@ -83,6 +99,8 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
         (["--trace", trace, "--dt-ms", "0"], "--dt-ms"),
         (["--trace", os.path.join(d, "strata.toml")], "header"),
         (["--trace", trace, "--spot-dir", d], "no spot traces"),
+        (["--trace", trace, "--spot-trace", "us-west-2a"], "ZONE=FILE"),
+        (["--trace", trace, "--spot-trace", "us-west-2a=" + os.path.join(d, "gone.json")], "gone.json"),
     ]:
         bad = run(d, *args)
         assert bad.returncode != 0 and message in bad.stderr, (args, bad.stderr)

@@ -81,6 +81,10 @@ pub struct Signal {
     /// Recent p95 time to first token and per output token (milliseconds).
     pub ttft_p95_ms: Option<f64>,
     pub tpot_p95_ms: Option<f64>,
+    /// Replicas taking requests (None: not known). A missed objective
+    /// adds a replica only once the replicas asked for serve: a launch
+    /// takes minutes, and a step per panic window meanwhile overshoots.
+    pub ready: Option<u32>,
 }
 
 impl Signal {
@@ -95,6 +99,7 @@ impl Signal {
             slots_per_replica: 0,
             ttft_p95_ms: None,
             tpot_p95_ms: None,
+            ready: None,
         }
     }
 }
@@ -139,6 +144,8 @@ pub struct Autoscaler {
     panic_until: Option<Duration>,
     last_request: Option<Duration>,
     last_slo_step: Option<Duration>,
+    /// How far over its objective the latency was at that step.
+    last_slo_miss: Option<f64>,
 }
 
 impl Autoscaler {
@@ -150,6 +157,7 @@ impl Autoscaler {
             panic_until: None,
             last_request: None,
             last_slo_step: None,
+            last_slo_miss: None,
         }
     }
 
@@ -186,16 +194,18 @@ impl Autoscaler {
         }
     }
 
-    /// The last signal shows requests waiting for a slot and a p95 latency
-    /// above its objective.
-    fn slo_missed(&self) -> bool {
-        let Some(s) = self.signals.back() else {
-            return false;
+    /// When the last signal shows requests waiting for a slot and a p95
+    /// latency above its objective: how far above (the larger ratio of
+    /// measured to objective).
+    fn slo_miss(&self) -> Option<f64> {
+        let s = self.signals.back()?;
+        let ratio = |measured: Option<f64>, goal: Option<f64>| match (measured, goal) {
+            (Some(m), Some(g)) if g > 0.0 && m > g => m / g,
+            _ => 0.0,
         };
-        let over = |measured: Option<f64>, goal: Option<f64>| matches!((measured, goal), (Some(m), Some(g)) if m > g);
-        s.queued > 0
-            && (over(s.ttft_p95_ms, self.policy.slo_ttft_p95_ms)
-                || over(s.tpot_p95_ms, self.policy.slo_tpot_p95_ms))
+        let worst = ratio(s.ttft_p95_ms, self.policy.slo_ttft_p95_ms)
+            .max(ratio(s.tpot_p95_ms, self.policy.slo_tpot_p95_ms));
+        (s.queued > 0 && worst > 0.0).then_some(worst)
     }
 
     /// The replicas the pool should have now, given it has `current`.
@@ -287,12 +297,29 @@ impl Autoscaler {
         if stable_need > current {
             return decision(stable_need, Reason::ScaleUp);
         }
-        if self.slo_missed() && current < p.max_replicas {
-            let due = self
-                .last_slo_step
-                .is_none_or(|at| now.saturating_sub(at) >= p.panic_window);
-            if due {
+        let started = last.is_none_or(|s| s.ready.is_none_or(|r| r >= current));
+        let miss = self.slo_miss();
+        if miss.is_none() {
+            self.last_slo_miss = None;
+        }
+        if let Some(miss) = miss.filter(|_| started && current < p.max_replicas) {
+            let since = self.last_slo_step.map(|at| now.saturating_sub(at));
+            let due = since.is_none_or(|s| s >= p.panic_window);
+            // Judged once a latency window has passed since the last step:
+            // not 10% better means the latency is not queueing (long
+            // prompts' prefill, say) and more replicas would not bring it
+            // down; tried again after the scale-down delay.
+            let futile = match (since, self.last_slo_miss) {
+                (Some(s), Some(before)) => {
+                    s >= strata_core::latency::LatencyWindow::SPAN
+                        && s < p.scale_down_delay
+                        && miss > 0.9 * before
+                }
+                _ => false,
+            };
+            if due && !futile {
                 self.last_slo_step = Some(now);
+                self.last_slo_miss = Some(miss);
                 if let Some(last) = self.wanted.back_mut() {
                     last.1 = last.1.max(current + 1);
                 }
@@ -476,17 +503,70 @@ mod tests {
         assert_eq!(n, 4, "{reasons:?}");
         assert_eq!(reasons.iter().filter(|r| **r == Reason::SloMiss).count(), 3);
         assert_eq!(reasons[1], Reason::Hold);
-        // Latency back under the objective, or nobody waiting: no more steps.
-        for (t, queued, ttft) in [(20, 0, 3000.0), (27, 3, 500.0)] {
+        // Latency back under the objective, nobody waiting, or the last
+        // replica asked for not serving yet: no more steps.
+        for (t, queued, ttft, ready) in [
+            (20, 0, 3000.0, None),
+            (27, 3, 500.0, None),
+            (34, 3, 3000.0, Some(3)),
+        ] {
             let at = Duration::from_secs(t);
             s.observe(Signal {
                 in_flight: 4,
                 queued,
                 ttft_p95_ms: Some(ttft),
+                ready,
                 ..Signal::demand(at, 10.0, CAP)
             });
             assert_eq!(s.decide(at, n).desired, 4);
         }
+        // Once it serves, the objective still missed: the next step.
+        let at = Duration::from_secs(41);
+        s.observe(Signal {
+            in_flight: 4,
+            queued: 3,
+            ttft_p95_ms: Some(3000.0),
+            ready: Some(4),
+            ..Signal::demand(at, 10.0, CAP)
+        });
+        assert_eq!(
+            (s.decide(at, n).desired, s.decide(at, 5).reason),
+            (5, Reason::Hold)
+        );
+    }
+
+    #[test]
+    fn a_step_that_did_not_bring_the_latency_down_is_not_repeated_until_the_delay() {
+        let mut s = Autoscaler::new(ScalePolicy {
+            slo_ttft_p95_ms: Some(1000.0),
+            ..policy()
+        });
+        let mut n = 1;
+        let at_ttft = |s: &mut Autoscaler, t: u64, ttft: f64, n: u32| {
+            let at = Duration::from_secs(t);
+            s.observe(Signal {
+                in_flight: 4,
+                queued: 3,
+                ttft_p95_ms: Some(ttft),
+                ready: Some(n),
+                ..Signal::demand(at, 10.0, CAP)
+            });
+            s.decide(at, n)
+        };
+        // A step at 0 s; 40 s later (its replica serving, a latency window
+        // judged) p95 is as bad: long prefills, not queueing. No step.
+        n = at_ttft(&mut s, 0, 5000.0, n).desired;
+        assert_eq!(n, 2);
+        for t in [40, 60, 100] {
+            assert_eq!(at_ttft(&mut s, t, 4800.0, n).desired, 2, "at {t} s");
+        }
+        // After the scale-down delay (120 s) it is tried again.
+        let d = at_ttft(&mut s, 130, 4800.0, n);
+        assert_eq!((d.desired, d.reason), (3, Reason::SloMiss));
+        n = d.desired;
+        // That step helped (p95 down by a third): the next one is taken.
+        let d = at_ttft(&mut s, 170, 3200.0, n);
+        assert_eq!((d.desired, d.reason), (4, Reason::SloMiss));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! `Controller` is the pure part (no clock, no I/O) and is what the
 //! simulator drives; `run` is the live loop around a `Provider`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,11 @@ pub struct PoolSpec {
     pub spot_hedge: u32,
     /// A zone that just reclaimed a spot replica gets no new one for this long.
     pub spot_cooldown: Duration,
+    /// Spot zones dearer per token than the cheapest by more than this
+    /// share are used only when the cheaper ones have no room.
+    pub spot_zone_premium: f64,
+    /// At most this share of the replicas on one zone's spot.
+    pub spot_max_zone_share: f64,
     /// Requests one replica runs at once (the in-flight floor).
     pub slots_per_replica: u32,
 }
@@ -79,6 +84,8 @@ impl PoolSpec {
             fixed_replicas,
             spot_hedge: config.pool.spot_hedge,
             spot_cooldown: Duration::from_secs_f64(config.pool.spot_cooldown_secs),
+            spot_zone_premium: config.pool.spot_zone_premium,
+            spot_max_zone_share: config.pool.spot_max_zone_share,
             slots_per_replica: config.gateway.slots_per_replica,
         }
     }
@@ -93,42 +100,70 @@ impl PoolSpec {
     }
 }
 
-/// A replica's capacity as measured: tokens per second per replica while
-/// every slot was busy and requests waited (so the pool served all it
-/// could), smoothed; the profile's figure until enough such moments.
+/// A replica's capacity as measured: tokens served per replica-second
+/// while every slot was busy or requests waited (so the pool served all
+/// it could), over the last `KEPT` such moments; the profile's figure until
+/// there are enough. Tokens are counted as requests end, so one second can
+/// hold a lump of them: the ratio of sums over minutes of saturation
+/// measures what an average of per-second rates would overstate. The first
+/// `SETTLE` of each saturated stretch is left out: the requests that fill
+/// the slots end only later, so its tokens read low.
 #[derive(Debug, Clone, Default)]
 pub struct CapacityMeter {
-    estimate: Option<f64>,
-    samples: u32,
+    /// (tokens, replica-seconds) of each saturated moment, oldest first.
+    samples: VecDeque<(f64, f64)>,
+    saturated_since: Option<Duration>,
 }
 
 impl CapacityMeter {
-    const ENOUGH: u32 = 10;
+    const ENOUGH: usize = 10;
+    const KEPT: usize = 300;
+    const SETTLE: Duration = Duration::from_secs(60);
 
-    pub fn sample(&mut self, tokens_per_s_per_replica: f64) {
-        if !(tokens_per_s_per_replica.is_finite() && tokens_per_s_per_replica > 0.0) {
+    /// What the pool served since the last observation, and whether every
+    /// slot was busy (or requests waited) at `now`.
+    pub fn observe(&mut self, now: Duration, saturated: bool, tokens: f64, replica_seconds: f64) {
+        if !saturated {
+            self.saturated_since = None;
             return;
         }
-        self.samples += 1;
-        self.estimate = Some(match self.estimate {
-            None => tokens_per_s_per_replica,
-            Some(e) => 0.8 * e + 0.2 * tokens_per_s_per_replica,
-        });
+        let since = *self.saturated_since.get_or_insert(now);
+        if now.saturating_sub(since) >= Self::SETTLE {
+            self.sample(tokens, replica_seconds);
+        }
+    }
+
+    /// `tokens` served by `replica_seconds` of replicas (replicas × seconds).
+    pub fn sample(&mut self, tokens: f64, replica_seconds: f64) {
+        if !(tokens.is_finite()
+            && tokens >= 0.0
+            && replica_seconds.is_finite()
+            && replica_seconds > 0.0)
+        {
+            return;
+        }
+        if self.samples.len() == Self::KEPT {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((tokens, replica_seconds));
     }
 
     /// The measured capacity once there are enough samples (kept within a
-    /// factor of 4 of the profile, against a mis-measured burst), else `profile`.
+    /// factor of 4 of the profile, against a mis-measurement), else `profile`.
     pub fn capacity(&self, profile: f64) -> f64 {
-        match self.estimate {
-            Some(e) if self.samples >= Self::ENOUGH && profile > 0.0 => {
-                e.clamp(profile / 4.0, profile * 4.0)
-            }
-            _ => profile,
+        let (tokens, time) = self
+            .samples
+            .iter()
+            .fold((0.0, 0.0), |(t, s), (k, r)| (t + k, s + r));
+        if self.measured() && profile > 0.0 && tokens > 0.0 {
+            (tokens / time).clamp(profile / 4.0, profile * 4.0)
+        } else {
+            profile
         }
     }
 
     pub fn measured(&self) -> bool {
-        self.samples >= Self::ENOUGH
+        self.samples.len() >= Self::ENOUGH
     }
 }
 
@@ -162,6 +197,8 @@ pub struct Controller {
     prompt_share: f64,
     meter: CapacityMeter,
     last: Option<(Duration, Load)>,
+    /// Spot replicas running by zone, as the provider last listed them.
+    spot_held: BTreeMap<String, u32>,
 }
 
 impl Controller {
@@ -174,6 +211,7 @@ impl Controller {
             prompt_share: 0.5,
             meter: CapacityMeter::default(),
             last: None,
+            spot_held: BTreeMap::new(),
         }
     }
 
@@ -271,8 +309,12 @@ impl Controller {
             }
             _ => (0.0, 0.0),
         };
-        if dt > 0.0 && load.waiting > 0 && load.routable > 0 {
-            self.meter.sample(demand / load.routable as f64);
+        let slots = self.spec.slots_per_replica as usize;
+        let full = slots > 0 && load.in_flight >= load.routable * slots;
+        let saturated = (load.waiting > 0 || full) && load.routable > 0;
+        if dt > 0.0 {
+            self.meter
+                .observe(now, saturated, demand * dt, load.routable as f64 * dt);
         }
         self.last = Some((now, *load));
         let unit_profile = self.spec.unit.tokens_per_s(self.prompt_share);
@@ -285,6 +327,7 @@ impl Controller {
             slots_per_replica: self.spec.slots_per_replica,
             ttft_p95_ms: load.ttft_p95_ms,
             tpot_p95_ms: load.tpot_p95_ms,
+            ready: Some(load.routable as u32),
         }
     }
 
@@ -308,6 +351,9 @@ impl Controller {
             allow_on_demand: true,
             spot_hedge: self.spec.spot_hedge,
             min_replicas: 1,
+            spot_zone_premium: self.spec.spot_zone_premium,
+            spot_held: self.spot_held.clone(),
+            spot_max_zone_share: self.spec.spot_max_zone_share,
         };
         // Units of the profile's capacity: the plan's replicas of the unit
         // type match the count (no rounding up by a hair).
@@ -384,6 +430,13 @@ impl Driver {
         let mut ticked = None;
         if self.next_step.is_none_or(|t| now >= t) {
             self.next_step = Some(now + Duration::from_secs(1));
+            let mut held = BTreeMap::new();
+            for i in provider.list() {
+                if i.slot.capacity == CapacityType::Spot {
+                    *held.entry(i.slot.zone).or_default() += 1;
+                }
+            }
+            self.controller.spot_held = held;
             let step = self.controller.step(now, load);
             let count_changed = step
                 .decision
@@ -548,6 +601,7 @@ mod tests {
             threads: 1,
             prefill_tokens_per_s: 1000.0,
             decode_tokens_per_s: vec![decode],
+            launch_secs: None,
         }
     }
 
@@ -576,6 +630,8 @@ mod tests {
             fixed_replicas: 2,
             spot_hedge: 0,
             spot_cooldown: Duration::from_secs(300),
+            spot_zone_premium: 0.25,
+            spot_max_zone_share: 1.0,
             slots_per_replica: 4,
         }
     }
@@ -632,6 +688,7 @@ mod tests {
             spot: BTreeMap::new(),
             offset: Duration::ZERO,
             launch_delay: Duration::ZERO,
+            launch_delays: Default::default(),
             notice: Duration::from_secs(60),
             drain: Duration::from_secs(30),
         });
@@ -725,17 +782,38 @@ mod tests {
             l.tokens_total += 120; // 60 tokens/s a replica, but nobody waits
         }
         assert!(!c.meter.measured());
+        // Requests wait from 20 s: the first minute of it is left out.
         l.waiting = 3;
-        for t in 20..40 {
+        for t in 20..85 {
+            c.step(Duration::from_secs(t), &l);
+            l.tokens_total += 120;
+        }
+        assert!(!c.meter.measured());
+        for t in 85..100 {
             c.step(Duration::from_secs(t), &l);
             l.tokens_total += 120;
         }
         assert!(c.meter.measured());
-        let s = c.step(Duration::from_secs(40), &l);
+        let s = c.step(Duration::from_secs(100), &l);
         assert!(
             (s.signal.capacity_per_replica - 60.0).abs() < 5.0,
             "{:?}",
             s.signal
         );
+    }
+
+    #[test]
+    fn lumps_of_tokens_from_requests_ending_together_do_not_inflate_the_capacity() {
+        let mut m = CapacityMeter::default();
+        // Two replicas serve 100 tokens/s each, but requests end in lumps:
+        // 1,000 tokens every fifth second, nothing in between.
+        for t in 0..200 {
+            m.sample(if t % 5 == 4 { 1000.0 } else { 0.0 }, 2.0);
+        }
+        assert!((m.capacity(150.0) - 100.0).abs() < 1e-9);
+        // A backlog clearing in one second (10x) moves it by a few percent.
+        m.sample(2000.0, 2.0);
+        let c = m.capacity(150.0);
+        assert!(c > 100.0 && c < 110.0, "{c}");
     }
 }

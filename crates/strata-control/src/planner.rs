@@ -74,6 +74,18 @@ pub struct PlanPolicy {
     pub spot_hedge: u32,
     /// Never fewer replicas than this while there is demand.
     pub min_replicas: u32,
+    /// Spot goes first to the zones within this share of the cheapest
+    /// zone's cost per token, spread evenly; dearer zones only take what
+    /// those have no room for.
+    pub spot_zone_premium: f64,
+    /// Spot replicas running now, by zone: kept where the plan still wants
+    /// spot there, so a cheaper zone coming back moves none of them.
+    pub spot_held: BTreeMap<String, u32>,
+    /// At most this share of the replicas in any one zone's spot (at least
+    /// one): a zone reclaims all its spot at once, and with a launch
+    /// slower than the notice the pool would stand empty for minutes;
+    /// what no zone may take runs on demand.
+    pub spot_max_zone_share: f64,
 }
 
 impl Default for PlanPolicy {
@@ -83,6 +95,9 @@ impl Default for PlanPolicy {
             allow_on_demand: true,
             spot_hedge: 1,
             min_replicas: 1,
+            spot_zone_premium: 0.25,
+            spot_held: BTreeMap::new(),
+            spot_max_zone_share: 1.0,
         }
     }
 }
@@ -134,30 +149,52 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
     let mut served = 0.0;
     if policy.allow_spot {
         // The cheapest spot offer of each zone with room, cheapest zone first.
-        let mut zones: Vec<(&Offer, Option<u32>)> = spot
+        let mut zones: Vec<ZonePick> = spot
             .iter()
             .filter(|(_, room)| **room != Some(0))
-            .filter_map(|(zone, room)| Some((cheapest(offers, Capacity::Spot, Some(zone))?, *room)))
+            .filter_map(|(zone, room)| {
+                Some(ZonePick {
+                    offer: cheapest(offers, Capacity::Spot, Some(zone))?,
+                    room: *room,
+                    held: policy.spot_held.get(zone).copied().unwrap_or(0),
+                    near: false,
+                    taken: 0,
+                })
+            })
             .collect();
         zones.sort_by(|a, b| {
-            a.0.dollars_per_token_rate()
-                .total_cmp(&b.0.dollars_per_token_rate())
+            a.offer
+                .dollars_per_token_rate()
+                .total_cmp(&b.offer.dollars_per_token_rate())
         });
-        // Round-robin over the zones that still have room.
-        let mut i = 0;
-        if !zones.is_empty() {
-            while served < needed || (chosen.len() as u32) < policy.min_replicas {
-                let Some(o) = next_zone(&mut zones, &mut i) else {
-                    break;
-                };
-                served += o.tokens_per_s;
-                chosen.push(o);
-            }
-            if served >= needed {
-                for _ in 0..policy.spot_hedge {
-                    if let Some(o) = next_zone(&mut zones, &mut i) {
-                        chosen.push(o);
-                    }
+        let limit = zones.first().map_or(0.0, |z| {
+            z.offer.dollars_per_token_rate() * (1.0 + policy.spot_zone_premium)
+        });
+        // Replicas the plan will hold, counted in the cheapest zone's size.
+        let units = zones.first().map_or(0.0, |z| {
+            (needed / z.offer.tokens_per_s)
+                .ceil()
+                .max(f64::from(policy.min_replicas))
+                + f64::from(policy.spot_hedge)
+        });
+        let cap = (units * policy.spot_max_zone_share.clamp(0.0, 1.0))
+            .ceil()
+            .max(1.0) as u32;
+        for z in &mut zones {
+            z.near = z.offer.dollars_per_token_rate() <= limit;
+            z.room = Some(z.room.map_or(cap, |r| r.min(cap)));
+        }
+        while served < needed || (chosen.len() as u32) < policy.min_replicas {
+            let Some(o) = next_zone(&mut zones) else {
+                break;
+            };
+            served += o.tokens_per_s;
+            chosen.push(o);
+        }
+        if served >= needed {
+            for _ in 0..policy.spot_hedge {
+                if let Some(o) = next_zone(&mut zones) {
+                    chosen.push(o);
                 }
             }
         }
@@ -177,20 +214,31 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
     }
 }
 
-/// The next zone (round-robin from `*i`) with spot room left, taking one.
-fn next_zone<'a>(zones: &mut [(&'a Offer, Option<u32>)], i: &mut usize) -> Option<&'a Offer> {
-    for _ in 0..zones.len() {
-        let k = *i % zones.len();
-        *i += 1;
-        let (o, room) = &mut zones[k];
-        match room {
-            Some(0) => continue,
-            Some(n) => *n -= 1,
-            None => {}
-        }
-        return Some(*o);
-    }
-    None
+/// A zone's cheapest spot offer while a plan is made.
+struct ZonePick<'a> {
+    offer: &'a Offer,
+    room: Option<u32>,
+    /// Spot replicas running there now.
+    held: u32,
+    /// Within the premium of the cheapest zone.
+    near: bool,
+    taken: u32,
+}
+
+/// The zone for the next spot replica, taking one: zones within the
+/// premium before dearer ones; there, one that keeps a replica already
+/// running (none moves for a saving within the premium) before one that
+/// needs a launch; then the zone with the fewest taken (an even spread),
+/// the cheapest of equals. `None` when no zone has room left.
+fn next_zone<'a>(zones: &mut [ZonePick<'a>]) -> Option<&'a Offer> {
+    let z = zones
+        .iter_mut()
+        .filter(|z| z.room.is_none_or(|r| z.taken < r))
+        .enumerate()
+        .min_by_key(|(i, z)| (!z.near, z.taken >= z.held, z.taken, *i))
+        .map(|(_, z)| z)?;
+    z.taken += 1;
+    Some(z.offer)
 }
 
 /// What to change to go from `running` to `target`: replicas to launch,
@@ -354,6 +402,74 @@ mod tests {
             },
         );
         assert_eq!(p.replicas.len(), 2);
+    }
+
+    #[test]
+    fn spot_zones_dearer_than_the_premium_take_only_what_the_cheaper_ones_cannot() {
+        let mut c = catalog();
+        // Zone c's only spot is twice the price.
+        c.retain(|o| !(o.zone == "c" && o.capacity == Capacity::Spot));
+        c.push(offer("l4", "c", Capacity::Spot, 0.60, 1000.0));
+        let p = plan(3500.0, &c, &zones(&["a", "b", "c"]), &PlanPolicy::default());
+        let in_zone = |p: &Plan, z: &str| p.replicas.iter().filter(|s| s.zone == z).count();
+        assert_eq!(
+            (in_zone(&p, "a"), in_zone(&p, "b"), in_zone(&p, "c")),
+            (3, 2, 0)
+        );
+        // a and b hold two each at most: c takes the rest.
+        let room: SpotRoom = [("a", Some(2)), ("b", Some(2)), ("c", None)]
+            .into_iter()
+            .map(|(z, r)| (z.to_string(), r))
+            .collect();
+        let p = plan(3500.0, &c, &room, &PlanPolicy::default());
+        assert_eq!(
+            (in_zone(&p, "a"), in_zone(&p, "b"), in_zone(&p, "c")),
+            (2, 2, 1)
+        );
+    }
+
+    #[test]
+    fn running_spot_replicas_stay_put_when_a_cheaper_zone_comes_back() {
+        let mut c = catalog();
+        // Zone a is 5% cheaper than b, within the premium.
+        for o in &mut c {
+            if o.zone == "a" && o.capacity == Capacity::Spot && o.instance_type == "l4" {
+                o.price_per_hour = 0.285;
+            }
+        }
+        let fresh = plan(3500.0, &c, &zones(&["a", "b"]), &PlanPolicy::default());
+        let in_zone = |p: &Plan, z: &str| p.replicas.iter().filter(|s| s.zone == z).count();
+        assert_eq!((in_zone(&fresh, "a"), in_zone(&fresh, "b")), (3, 2));
+        // Four run in b (a was sold out): they stay; the hedge goes to a.
+        let policy = PlanPolicy {
+            spot_held: [("b".to_string(), 4)].into(),
+            ..PlanPolicy::default()
+        };
+        let kept = plan(3500.0, &c, &zones(&["a", "b"]), &policy);
+        assert_eq!((in_zone(&kept, "a"), in_zone(&kept, "b")), (1, 4));
+        assert!(diff(&vec![Slot::from(&c[6]); 4], &kept)
+            .terminate
+            .is_empty());
+    }
+
+    #[test]
+    fn a_zone_share_cap_puts_what_one_zone_may_not_hold_on_demand() {
+        let policy = PlanPolicy {
+            spot_max_zone_share: 0.5,
+            ..PlanPolicy::default()
+        };
+        // 4 replicas + 1 hedge planned: at most 3 in any one zone.
+        let one = plan(3500.0, &catalog(), &zones(&["a"]), &policy);
+        let spot = |p: &Plan| {
+            p.replicas
+                .iter()
+                .filter(|s| s.capacity == Capacity::Spot)
+                .count()
+        };
+        assert_eq!((spot(&one), one.replicas.len()), (3, 4));
+        // With three zones the spread never reaches the cap.
+        let three = plan(3500.0, &catalog(), &zones(&["a", "b", "c"]), &policy);
+        assert_eq!((spot(&three), three.replicas.len()), (5, 5));
     }
 
     proptest! {

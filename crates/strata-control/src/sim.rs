@@ -133,6 +133,8 @@ pub struct SimSettings {
     pub offset: Duration,
     /// Launch to ready.
     pub launch_delay: Duration,
+    /// Launch to ready for these instance types (others: `launch_delay`).
+    pub launch_delays: BTreeMap<String, Duration>,
     /// Preemption notice (AWS gives two minutes).
     pub notice: Duration,
     /// Longest a replica being let go drains (its requests finish first).
@@ -361,7 +363,7 @@ impl Provider for SimProvider {
 
     async fn poll(&mut self) -> Vec<ProviderEvent> {
         let now = self.now;
-        let (delay, notice) = (self.settings.launch_delay, self.settings.notice);
+        let notice = self.settings.notice;
         // Zones holding more spot replicas than they have room for reclaim
         // the newest.
         let mut reclaim = Vec::new();
@@ -379,6 +381,12 @@ impl Provider for SimProvider {
             }
         }
         for (k, i) in self.instances.iter_mut().enumerate() {
+            let delay = self
+                .settings
+                .launch_delays
+                .get(&i.offer.instance_type)
+                .copied()
+                .unwrap_or(self.settings.launch_delay);
             if i.gone_at.is_none() && !i.ready && now >= i.launched + delay {
                 i.ready = true;
                 self.events.push(ProviderEvent::Ready { id: i.id.clone() });
@@ -441,6 +449,7 @@ mod tests {
             spot: BTreeMap::from([("a".to_string(), trace)]),
             offset: Duration::ZERO,
             launch_delay: Duration::ZERO,
+            launch_delays: BTreeMap::new(),
             notice: Duration::from_secs(10),
             drain: Duration::ZERO,
         });
@@ -499,6 +508,7 @@ mod tests {
             spot: BTreeMap::from([("a".to_string(), trace)]),
             offset: Duration::ZERO,
             launch_delay: Duration::from_secs(30),
+            launch_delays: BTreeMap::new(),
             notice: Duration::from_secs(20),
             drain: Duration::from_secs(30),
         });
@@ -534,5 +544,32 @@ mod tests {
         let bills = p.bills();
         assert_eq!(bills.len(), 1);
         assert!((bills[0].cost - 0.12).abs() < 1e-9 && bills[0].preempted);
+    }
+
+    #[tokio::test]
+    async fn an_instance_type_with_its_own_launch_delay_is_ready_after_that() {
+        let mut p = SimProvider::new(SimSettings {
+            spot: BTreeMap::new(),
+            offset: Duration::ZERO,
+            launch_delay: Duration::from_secs(30),
+            launch_delays: BTreeMap::from([("gpu".to_string(), Duration::from_secs(200))]),
+            notice: Duration::from_secs(20),
+            drain: Duration::ZERO,
+        });
+        let offer = |t: &str| Offer {
+            instance_type: t.into(),
+            zone: "a".into(),
+            capacity: CapacityType::OnDemand,
+            price_per_hour: 1.0,
+            tokens_per_s: 10.0,
+        };
+        let cpu = p.launch(&offer("cpu")).await.unwrap();
+        let gpu = p.launch(&offer("gpu")).await.unwrap();
+        p.advance_to(Duration::from_secs(30));
+        assert_eq!(p.poll().await, [ProviderEvent::Ready { id: cpu }]);
+        p.advance_to(Duration::from_secs(199));
+        assert!(p.poll().await.is_empty());
+        p.advance_to(Duration::from_secs(200));
+        assert_eq!(p.poll().await, [ProviderEvent::Ready { id: gpu }]);
     }
 }

@@ -37,6 +37,7 @@ fn spec() -> PoolSpec {
         threads: 0,
         prefill_tokens_per_s: 1000.0,
         decode_tokens_per_s: vec![100.0],
+        launch_secs: None,
     };
     let offer = |zone: &str, capacity, price| {
         (
@@ -69,6 +70,8 @@ fn spec() -> PoolSpec {
         fixed_replicas: 1,
         spot_hedge: 0,
         spot_cooldown: Duration::from_secs(60),
+        spot_zone_premium: 0.25,
+        spot_max_zone_share: 1.0,
         slots_per_replica: 4,
     }
 }
@@ -78,6 +81,7 @@ fn cloud() -> SimSettings {
         spot: BTreeMap::new(),
         offset: Duration::ZERO,
         launch_delay: Duration::from_secs(2),
+        launch_delays: Default::default(),
         notice: Duration::from_secs(30),
         drain: Duration::from_secs(5),
     }

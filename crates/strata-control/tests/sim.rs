@@ -35,6 +35,7 @@ fn spec(units: u32, hedge: u32) -> PoolSpec {
         threads: 0,
         prefill_tokens_per_s: 8000.0,
         decode_tokens_per_s: vec![1000.0],
+        launch_secs: None,
     };
     let mut offers = Vec::new();
     for zone in ZONES {
@@ -56,6 +57,8 @@ fn spec(units: u32, hedge: u32) -> PoolSpec {
         fixed_replicas: units,
         spot_hedge: hedge,
         spot_cooldown: Duration::from_secs(600),
+        spot_zone_premium: 0.25,
+        spot_max_zone_share: 1.0,
         slots_per_replica: 8,
     }
 }
@@ -75,6 +78,7 @@ async fn replay(units: u32, hedge: u32, hours: u64, offset: Duration) -> Outcome
         spot: traces(),
         offset,
         launch_delay: Duration::from_secs(180),
+        launch_delays: Default::default(),
         notice: Duration::from_secs(120),
         drain: Duration::ZERO,
     };
@@ -176,6 +180,7 @@ async fn a_spot_launch_into_a_sold_out_zone_is_replanned_elsewhere() {
         spot: t,
         offset,
         launch_delay: Duration::from_secs(180),
+        launch_delays: Default::default(),
         notice: Duration::from_secs(120),
         drain: Duration::ZERO,
     };

@@ -18,6 +18,7 @@ fn profile() -> InstanceType {
         threads: 0,
         prefill_tokens_per_s: 1000.0,
         decode_tokens_per_s: vec![50.0, 70.0, 85.0, 100.0],
+        launch_secs: None,
     }
 }
 
@@ -35,6 +36,7 @@ fn scenario(trace: Vec<TraceRequest>) -> Scenario {
             spot: BTreeMap::new(),
             offset: Duration::ZERO,
             launch_delay: Duration::from_secs(10),
+            launch_delays: Default::default(),
             notice: Duration::from_secs(60),
             drain: Duration::from_secs(30),
         },
@@ -97,6 +99,8 @@ async fn strata_scales_a_step_of_load_up_and_back_down_and_runs_are_deterministi
             fixed_replicas: 1,
             spot_hedge: 0,
             spot_cooldown: Duration::from_secs(300),
+            spot_zone_premium: 0.25,
+            spot_max_zone_share: 1.0,
             slots_per_replica: 4,
         };
         spec.scale.as_mut().unwrap().scale_to_zero_after = None;

@@ -81,6 +81,9 @@ pub struct InstanceType {
     /// Generated tokens per second summed over the batch, at batch sizes
     /// 1, 2, … (the last entry is the replica's full batch).
     pub decode_tokens_per_s: Vec<f64>,
+    /// Seconds from launch until a replica of this type serves (machine
+    /// boot, image, weights), for the simulated cloud; unset: its default.
+    pub launch_secs: Option<f64>,
 }
 
 impl Default for InstanceType {
@@ -92,6 +95,7 @@ impl Default for InstanceType {
             threads: 0,
             prefill_tokens_per_s: 480.0,
             decode_tokens_per_s: vec![40.7, 55.0, 70.0, 82.1, 86.0, 90.0, 94.0, 96.9],
+            launch_secs: None,
         }
     }
 }
@@ -151,6 +155,13 @@ pub struct PoolConfig {
     pub spot_hedge: u32,
     /// A zone whose spot replica was preempted gets no new spot replica for this long.
     pub spot_cooldown_secs: f64,
+    /// Spot is spread over the zones whose cheapest spot costs at most this
+    /// share more per token than the cheapest zone's; dearer zones get spot
+    /// only when those have no room.
+    pub spot_zone_premium: f64,
+    /// At most this share of the pool's replicas on one zone's spot (a
+    /// zone reclaims all of them at once); the rest on demand. 1: no limit.
+    pub spot_max_zone_share: f64,
     /// Service-level objectives: p95 time to first token, and p95 time per
     /// output token, in milliseconds. Missed while requests wait: one more replica.
     pub slo_ttft_p95_ms: Option<f64>,
@@ -185,6 +196,8 @@ impl Default for PoolConfig {
             zones: Vec::new(),
             spot_hedge: 0,
             spot_cooldown_secs: 300.0,
+            spot_zone_premium: 0.25,
+            spot_max_zone_share: 1.0,
             slo_ttft_p95_ms: None,
             slo_tpot_p95_ms: None,
             preemption_notice_secs: 30.0,
@@ -574,6 +587,14 @@ impl Config {
                     "must list 1 to 256 positive rates (batch 1, 2, ...)".into(),
                 );
             }
+            if t.launch_secs
+                .is_some_and(|v| !(at_least(v, 0.0) && v <= 86_400.0))
+            {
+                bad(
+                    &format!("instance_types.{name}.launch_secs"),
+                    "must be between 0 and 86400 seconds".into(),
+                );
+            }
         }
         for (i, o) in self.catalog.iter().enumerate() {
             if !self.instance_types.contains_key(&o.instance_type) {
@@ -623,6 +644,12 @@ impl Config {
         }
         if !at_least(p.spot_cooldown_secs, 0.0) {
             bad("pool.spot_cooldown_secs", "must not be negative".into());
+        }
+        if !(p.spot_max_zone_share > 0.0 && p.spot_max_zone_share <= 1.0) {
+            bad("pool.spot_max_zone_share", "must be in (0, 1]".into());
+        }
+        if !at_least(p.spot_zone_premium, 0.0) {
+            bad("pool.spot_zone_premium", "must not be negative".into());
         }
         if !at_least(p.preemption_notice_secs, 0.0) {
             bad("pool.preemption_notice_secs", "must not be negative".into());
@@ -779,7 +806,7 @@ mod tests {
     #[test]
     fn a_catalog_is_checked_against_its_instance_types_and_the_pool() {
         let text = "[instance_types.small]\nthreads = 1\nprefill_tokens_per_s = 300.0\ndecode_tokens_per_s = [20.0, 30.0]\n\
-            [instance_types.broken]\nprefill_tokens_per_s = 0.0\ndecode_tokens_per_s = []\n\
+            [instance_types.broken]\nprefill_tokens_per_s = 0.0\ndecode_tokens_per_s = []\nlaunch_secs = -1.0\n\
             [[catalog]]\ninstance_type = \"small\"\nzone = \"a\"\ncapacity = \"spot\"\nprice_per_hour = 0.02\n\
             [[catalog]]\ninstance_type = \"huge\"\nzone = \"\"\ncapacity = \"on_demand\"\nprice_per_hour = -1.0\n\
             [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n";
@@ -790,6 +817,7 @@ mod tests {
             [
                 "instance_types.broken.prefill_tokens_per_s",
                 "instance_types.broken.decode_tokens_per_s",
+                "instance_types.broken.launch_secs",
                 "catalog[1].instance_type",
                 "catalog[1].zone",
                 "catalog[1].price_per_hour",

@@ -420,8 +420,8 @@ fn main() -> Result<()> {
 }
 
 mod admin;
+mod chart;
 mod simulate;
-mod svg;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

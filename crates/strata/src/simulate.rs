@@ -24,6 +24,11 @@ pub struct SimulateArgs {
     /// (the spot-traces format); zones without one always have spot.
     #[arg(long)]
     spot_dir: Option<PathBuf>,
+    /// A zone's spot availability from one trace file, `ZONE=FILE.json`
+    /// (repeatable; replaces what --spot-dir gave that zone), for catalogs
+    /// whose zones are not named like the trace files.
+    #[arg(long, value_name = "ZONE=FILE")]
+    spot_trace: Vec<String>,
     /// Spot nodes' add/remove events (`time_ms,add|remove,node`, SpotServe's
     /// format): their count caps the spot replicas of `--spot-events-zone`.
     #[arg(long)]
@@ -40,7 +45,7 @@ pub struct SimulateArgs {
     /// Multiply the request rate (each request repeated on average this often).
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
-    /// Launch to ready, seconds.
+    /// Launch to ready, seconds, for instance types without `launch_secs`.
     #[arg(long, default_value_t = 120.0)]
     launch_delay_secs: f64,
     /// Spot preemption notice, seconds.
@@ -58,7 +63,7 @@ pub struct SimulateArgs {
     dt_ms: u64,
     #[arg(long)]
     json: bool,
-    /// Write SVG charts here: demand vs capacity, replicas, cost over time.
+    /// Write charts here (SVG and PNG): demand vs capacity, replicas, cost over time.
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -112,6 +117,18 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         Some(dir) => spot_traces(dir)?,
         None => Default::default(),
     };
+    for arg in &args.spot_trace {
+        let Some((zone, path)) = arg
+            .split_once('=')
+            .filter(|(z, p)| !z.is_empty() && !p.is_empty())
+        else {
+            bail!("--spot-trace takes ZONE=FILE, not `{arg}`");
+        };
+        spot.insert(
+            zone.to_owned(),
+            SpotTrace::load(std::path::Path::new(path))?,
+        );
+    }
     if let Some(path) = &args.spot_events {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -135,6 +152,13 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
             spot,
             offset: Duration::from_secs_f64(args.offset_hours * 3600.0),
             launch_delay: Duration::from_secs_f64(args.launch_delay_secs),
+            launch_delays: config
+                .instance_types
+                .iter()
+                .filter_map(|(name, t)| {
+                    Some((name.clone(), Duration::from_secs_f64(t.launch_secs?)))
+                })
+                .collect(),
             notice: Duration::from_secs_f64(args.notice_secs),
             drain: Duration::from_secs(30),
         },
@@ -157,6 +181,11 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         .fold(0.0, f64::max);
     let mut strata_config = config.clone();
     strata_config.pool.autoscale = true;
+    // A simulated replica takes as many requests at once as its profile
+    // lists batch sizes (live, the gateway's slots match the engine's).
+    if let Some((_, unit)) = config.unit_type() {
+        strata_config.gateway.slots_per_replica = unit.decode_tokens_per_s.len() as u32;
+    }
     let tail = Duration::from_secs(1800);
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut static_peak = Static {
@@ -279,7 +308,7 @@ async fn run_one(s: &Scenario, policy: &mut dyn simulate::Policy, tail: Duration
     outcome
 }
 
-/// demand_capacity.svg, replicas.svg and cost.svg in `dir`.
+/// demand_capacity, replicas and cost charts in `dir`, each as .svg and .png.
 fn plot(dir: &PathBuf, outcomes: &[Outcome]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let minutes = |o: &Outcome, f: &dyn Fn(&simulate::Minute) -> f64| -> Vec<(f64, f64)> {
@@ -311,22 +340,27 @@ fn plot(dir: &PathBuf, outcomes: &[Outcome]) -> Result<()> {
         .collect();
     for (file, title, y, series) in [
         (
-            "demand_capacity.svg",
+            "demand_capacity",
             "Token demand and ready capacity",
             "tokens/s",
             capacity,
         ),
         (
-            "replicas.svg",
+            "replicas",
             "Replicas (starting, serving and draining)",
             "replicas",
             replicas,
         ),
-        ("cost.svg", "Cost so far", "dollars", cost),
+        ("cost", "Cost so far", "dollars", cost),
     ] {
-        let path = dir.join(file);
-        std::fs::write(&path, crate::svg::chart(title, "minutes", y, &series))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let chart = crate::chart::chart(title, "minutes", y, &series);
+        for (path, bytes) in [
+            (dir.join(format!("{file}.svg")), chart.svg().into_bytes()),
+            (dir.join(format!("{file}.png")), chart.png()),
+        ] {
+            std::fs::write(&path, bytes)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
     }
     Ok(())
 }

@@ -189,6 +189,7 @@ mod tests {
             threads: 0,
             prefill_tokens_per_s: 1000.0,
             decode_tokens_per_s: vec![10.0, 16.0],
+            launch_secs: None,
         }
     }
 
