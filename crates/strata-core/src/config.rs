@@ -809,7 +809,8 @@ mod tests {
             [instance_types.broken]\nprefill_tokens_per_s = 0.0\ndecode_tokens_per_s = []\nlaunch_secs = -1.0\n\
             [[catalog]]\ninstance_type = \"small\"\nzone = \"a\"\ncapacity = \"spot\"\nprice_per_hour = 0.02\n\
             [[catalog]]\ninstance_type = \"huge\"\nzone = \"\"\ncapacity = \"on_demand\"\nprice_per_hour = -1.0\n\
-            [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n";
+            [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n\
+            spot_max_zone_share = 0.0\nspot_zone_premium = -0.1\n";
         let c = Config::from_toml(text).unwrap();
         let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
         assert_eq!(
@@ -823,6 +824,8 @@ mod tests {
                 "catalog[1].price_per_hour",
                 "pool.instance_types",
                 "pool.slo_ttft_p95_ms",
+                "pool.spot_max_zone_share",
+                "pool.spot_zone_premium",
             ]
         );
         // Only spot offered, only on-demand allowed: nothing to run.
