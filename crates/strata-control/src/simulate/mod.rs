@@ -217,7 +217,8 @@ pub struct Outcome {
 pub struct Minute {
     /// Tokens per second asked for (by arrival).
     pub demand: f64,
-    /// Tokens per second the ready replicas serve.
+    /// Tokens per second the ready replicas taking requests serve at full
+    /// batch (their profile at the trace's prompt share).
     pub capacity: f64,
     /// Replicas starting, serving or draining.
     pub replicas: u32,
@@ -272,6 +273,9 @@ pub async fn simulate_with_progress(
     let mut recent = LatencyWindow::default();
     let mut timeline = Vec::new();
     let demand = s.demand(Duration::from_secs(60));
+    // Every policy's ready replicas valued alike: the profile at the
+    // trace's prompt share (a policy's own offers may carry its estimate).
+    let share = s.prompt_share();
     let mut now = Duration::ZERO;
     loop {
         let idle = next == trace.len()
@@ -364,7 +368,12 @@ pub async fn simulate_with_progress(
             let minute = ((now - s.warmup).as_secs() / 60) as usize;
             timeline.push(Minute {
                 demand: demand.get(minute).copied().unwrap_or(0.0),
-                capacity: cloud.ready_capacity(),
+                capacity: view
+                    .iter()
+                    .filter(|v| v.ready && v.leaving_until.is_none())
+                    .filter_map(|v| profiles.get(v.offer.instance_type.as_str()))
+                    .map(|p| p.tokens_per_s(share))
+                    .sum(),
                 replicas: view.len() as u32,
                 cost: billed(&cloud.bills(), s.warmup, now),
             });
