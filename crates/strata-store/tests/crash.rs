@@ -51,6 +51,11 @@ async fn crash_writer_child() {
             .create_conversation(&tenant, &first, &[item(format!("first_{conv}"))])
             .await
             .unwrap();
+        if n == 0 {
+            // The parent's random kill moment counts from here: under load
+            // a child can take longer than that moment just to start.
+            std::fs::write(Path::new(&dir).join(format!("started_{run}")), b"").unwrap();
+        }
         for turn in 0..4 {
             let id = format!("resp_{conv}_{turn}");
             let response = StoredResponse {
@@ -133,6 +138,11 @@ async fn crash_many_times(db: &str, dir: &Path, kills: usize) {
             .env(CHILD_DIR, dir)
             .spawn()
             .unwrap();
+        let started = dir.join(format!("started_{}", child.id()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !started.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // xorshift: a different moment every round, the same run every time.
         seed ^= seed << 13;
         seed ^= seed >> 7;
