@@ -170,19 +170,26 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
         let limit = zones.first().map_or(0.0, |z| {
             z.offer.dollars_per_token_rate() * (1.0 + policy.spot_zone_premium)
         });
-        // Replicas the plan will hold, counted in the cheapest zone's size.
-        let units = zones.first().map_or(0.0, |z| {
-            (needed / z.offer.tokens_per_s)
-                .ceil()
-                .max(f64::from(policy.min_replicas))
-                + f64::from(policy.spot_hedge)
-        });
-        let cap = (units * policy.spot_max_zone_share.clamp(0.0, 1.0))
-            .ceil()
-            .max(1.0) as u32;
+        // A share below 1 caps each zone at that share of the replicas the
+        // plan will hold, counted in the cheapest zone's size (at 1 nothing
+        // is capped: a zone of smaller replicas may need more than that).
+        let cap = zones
+            .first()
+            .filter(|_| policy.spot_max_zone_share < 1.0)
+            .map(|z| {
+                let units = (needed / z.offer.tokens_per_s)
+                    .ceil()
+                    .max(f64::from(policy.min_replicas))
+                    + f64::from(policy.spot_hedge);
+                (units * policy.spot_max_zone_share.max(0.0))
+                    .ceil()
+                    .max(1.0) as u32
+            });
         for z in &mut zones {
             z.near = z.offer.dollars_per_token_rate() <= limit;
-            z.room = Some(z.room.map_or(cap, |r| r.min(cap)));
+            if let Some(cap) = cap {
+                z.room = Some(z.room.map_or(cap, |r| r.min(cap)));
+            }
         }
         while served < needed || (chosen.len() as u32) < policy.min_replicas {
             let Some(o) = next_zone(&mut zones) else {
@@ -470,6 +477,35 @@ mod tests {
         // With three zones the spread never reaches the cap.
         let three = plan(3500.0, &catalog(), &zones(&["a", "b", "c"]), &policy);
         assert_eq!((spot(&three), three.replicas.len()), (5, 5));
+    }
+
+    #[test]
+    fn without_a_zone_share_cap_a_zone_of_smaller_replicas_takes_all_it_needs() {
+        // Zone a: one a100 (4,000 tok/s), the cheapest per token; zone b:
+        // l4 only (1,000 tok/s). 9,000 tok/s: the a100, then five l4 and
+        // the hedge in b, all spot.
+        let mut c: Vec<Offer> = catalog()
+            .into_iter()
+            .filter(|o| {
+                o.capacity == Capacity::OnDemand || (o.zone == "a") == (o.instance_type == "a100")
+            })
+            .collect();
+        for o in &mut c {
+            if o.instance_type == "a100" && o.capacity == Capacity::Spot {
+                o.price_per_hour = 1.0;
+            }
+        }
+        let room: SpotRoom = [("a", Some(1)), ("b", None)]
+            .into_iter()
+            .map(|(z, r)| (z.to_string(), r))
+            .collect();
+        let p = plan(9000.0, &c, &room, &PlanPolicy::default());
+        let in_b = p.replicas.iter().filter(|s| s.zone == "b").count();
+        assert!(
+            p.replicas.iter().all(|s| s.capacity == Capacity::Spot),
+            "{p:?}"
+        );
+        assert_eq!((p.replicas.len(), in_b), (7, 6), "{p:?}");
     }
 
     proptest! {
