@@ -181,11 +181,6 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         .fold(0.0, f64::max);
     let mut strata_config = config.clone();
     strata_config.pool.autoscale = true;
-    // A simulated replica takes as many requests at once as its profile
-    // lists batch sizes (live, the gateway's slots match the engine's).
-    if let Some((_, unit)) = config.unit_type() {
-        strata_config.gateway.slots_per_replica = unit.decode_tokens_per_s.len() as u32;
-    }
     let tail = Duration::from_secs(1800);
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut static_peak = Static {

@@ -115,7 +115,11 @@ pub struct Strata {
 }
 
 impl Strata {
-    pub fn new(spec: PoolSpec) -> Self {
+    /// A simulated replica takes as many requests at once as its profile
+    /// lists batch sizes (`ReplicaModel`), so that is the controller's
+    /// slots per replica here (live, the gateway's match the engine's).
+    pub fn new(mut spec: PoolSpec) -> Self {
+        spec.slots_per_replica = spec.unit.decode_tokens_per_s.len().max(1) as u32;
         Strata {
             driver: Driver::new(Controller::new(spec)),
         }
