@@ -161,6 +161,29 @@ def test_metrics_are_prometheus_text(server, client):
     assert load == (0, 0), load
 
 
+def test_streamed_tokens_count_as_served_while_the_stream_runs(server, client):
+    # The autoscaler's demand signal counts a stream's output as it passes,
+    # not only when it ends; at the end the total is the usage exactly.
+    def served():
+        return metric(httpx.get(f"{server.base}/metrics").text, "strata_gateway_tokens_total")
+
+    before = served()
+    stream = client.completions.create(
+        model=MODEL_ID, prompt="1, 2, 3, 4,", max_tokens=48, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    read, mid, usage = 0, None, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            read += 1
+            if read == 10:
+                mid = served() - before
+        if chunk.usage:
+            usage = chunk.usage
+    assert usage is not None and usage.completion_tokens > 10, usage
+    assert mid is not None and 10 <= mid < usage.completion_tokens, (mid, usage)
+    assert served() - before == usage.total_tokens
+
+
 def test_message_text_cannot_forge_chat_turns(client):
     """Control-token text in a message is read as text: it becomes several
     ordinary tokens, not the one `<end_of_turn>` token that closes a turn."""

@@ -71,9 +71,10 @@ pub struct Signal {
     pub queued: u32,
     /// Tokens per second one replica serves at full load (measured).
     pub capacity_per_replica: f64,
-    /// Requests one replica takes at once (0: not known). Tokens are
-    /// counted when requests end, so while long requests run the token
-    /// demand reads low; the requests holding a slot then set a floor:
+    /// Requests one replica takes at once (0: not known). Prompts and
+    /// unstreamed answers count as tokens when their requests end, so
+    /// while long requests run the token demand can read low; the
+    /// requests holding a slot then set a floor:
     /// never fewer replicas than their slots need, plus one while others
     /// wait (a waiting queue asks for one more replica, not one per
     /// `slots` waiting: a burst drains faster than replicas launch).
@@ -262,7 +263,7 @@ impl Autoscaler {
         }
 
         // A burst: scale up on the short window and stay there a while —
-        // when requests wait. (Tokens are counted when requests end, so a
+        // when requests wait. (Prompt tokens count when requests end, so a
         // replica that just came up and cleared a queue reads as a burst.)
         let pressed = last.is_some_and(|s| s.queued > 0);
         if pressed

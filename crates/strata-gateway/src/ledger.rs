@@ -27,9 +27,21 @@ impl Ledger {
     /// Never blocks a request: when the writer is far behind, the row is
     /// dropped and counted in `strata_gateway_ledger_dropped_total`.
     pub fn record(&self, row: UsageRecord) {
-        self.metrics
-            .tokens
-            .inc_by(u64::from(row.prompt_tokens) + u64::from(row.completion_tokens));
+        self.record_streamed(row, 0);
+    }
+
+    /// One output token passed on mid-stream: served tokens (the
+    /// autoscaler's demand signal) count it now, so a long stream is demand
+    /// while it runs; `record_streamed` settles the rest at the end.
+    pub fn streamed_token(&self) {
+        self.metrics.tokens.inc();
+    }
+
+    /// As `record`, for a request whose `counted` tokens went through
+    /// `streamed_token` already.
+    pub fn record_streamed(&self, row: UsageRecord, counted: u64) {
+        let tokens = u64::from(row.prompt_tokens) + u64::from(row.completion_tokens);
+        self.metrics.tokens.inc_by(tokens.saturating_sub(counted));
         self.metrics
             .prompt_tokens
             .inc_by(u64::from(row.prompt_tokens));

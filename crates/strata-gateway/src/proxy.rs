@@ -213,6 +213,7 @@ impl Proxy {
             inner: Box::pin(upstream.bytes_stream()),
             events,
             first_byte: None,
+            counted: 0,
             done: false,
             ledger: self.ledger.clone(),
             metrics: self.metrics.clone(),
@@ -284,6 +285,9 @@ pub struct SseEvents {
     buf: BytesMut,
     strip_usage: bool,
     pub usage: Option<Usage>,
+    /// Events with generated text so far (one token each from strata's
+    /// engine).
+    pub deltas: u64,
     /// Assembles the answer from the chunks when it is to be stored.
     pub transcript: Option<Transcript>,
 }
@@ -294,6 +298,7 @@ impl SseEvents {
             buf: BytesMut::new(),
             strip_usage,
             usage: None,
+            deltas: 0,
             transcript: None,
         }
     }
@@ -330,6 +335,13 @@ impl SseEvents {
         if let Some(t) = self.transcript.as_mut() {
             t.observe(&v);
         }
+        let choice = &v["choices"][0];
+        let text = choice["delta"]["content"]
+            .as_str()
+            .or(choice["text"].as_str());
+        if text.is_some_and(|t| !t.is_empty()) {
+            self.deltas += 1;
+        }
         let is_usage = v["choices"].as_array().is_some_and(|c| c.is_empty());
         if let Ok(u) = serde_json::from_value::<Usage>(v["usage"].clone()) {
             self.usage = Some(u);
@@ -354,6 +366,8 @@ struct Metered {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     events: SseEvents,
     first_byte: Option<f64>,
+    /// Output tokens counted as served while streaming.
+    counted: u64,
     done: bool,
     ledger: Ledger,
     metrics: Arc<GatewayMetrics>,
@@ -373,6 +387,10 @@ impl Stream for Metered {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     let out = self.events.push(&chunk);
+                    for _ in self.counted..self.events.deltas {
+                        self.ledger.streamed_token();
+                    }
+                    self.counted = self.events.deltas;
                     if out.is_empty() {
                         continue;
                     }
@@ -435,7 +453,7 @@ impl Drop for Metered {
             self.first_byte.unwrap_or(latency),
             latency,
         );
-        self.ledger.record(row);
+        self.ledger.record_streamed(row, self.counted);
     }
 }
 

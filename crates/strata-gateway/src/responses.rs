@@ -328,6 +328,9 @@ struct Answer {
     text: String,
     /// Seconds from arrival to the first text.
     first_byte: Option<f64>,
+    /// Text deltas streamed (each one token or more), counted as served
+    /// tokens as they pass.
+    deltas: u32,
     outcome: Outcome,
     usage: Option<Usage>,
 }
@@ -364,12 +367,16 @@ impl Turn {
             item_id: new_id("msg"),
             text: String::new(),
             first_byte: None,
+            deltas: 0,
             outcome: Outcome::InProgress,
             usage: None,
         };
         let streamed = self.stream_answer(upstream, &mut answer).await;
         let Answer {
-            first_byte, usage, ..
+            first_byte,
+            usage,
+            deltas,
+            ..
         } = answer;
         let latency = self.forward.arrived.elapsed().as_secs_f64();
         if streamed.is_err() {
@@ -382,7 +389,7 @@ impl Turn {
                 first_byte.unwrap_or(latency),
                 latency,
             );
-            self.state.proxy.ledger.record(row);
+            self.state.proxy.ledger.record_streamed(row, deltas.into());
             return Err(ApiError::bad_gateway("The client went away."));
         }
         let output = match answer.outcome {
@@ -407,7 +414,7 @@ impl Turn {
             first_byte.unwrap_or(latency),
             latency,
         );
-        self.state.proxy.ledger.record(row);
+        self.state.proxy.ledger.record_streamed(row, deltas.into());
         let response = response_object(&self.meta, &outcome, &output, usage);
         let last = match &outcome {
             Outcome::Incomplete => "response.incomplete",
@@ -448,9 +455,8 @@ impl Turn {
         let mut sse = SseEvents::new(false);
         let mut body = upstream.bytes_stream().boxed();
         let mut finish: Option<String> = None;
-        // Deltas streamed so far (each one token or more), and before the
-        // latest resumption.
-        let (mut deltas, mut before_resume, mut resumes) = (0u32, 0u32, 0);
+        // Deltas streamed before the latest resumption.
+        let (mut before_resume, mut resumes) = (0u32, 0);
         loop {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
@@ -466,12 +472,12 @@ impl Turn {
                         replica.mark_down();
                     }
                     if resumes < MAX_RESUMES {
-                        if let Some(next) = self.resume(&a.text, deltas).await {
+                        if let Some(next) = self.resume(&a.text, a.deltas).await {
                             tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
                             self.state.proxy.metrics.retries.inc();
                             body = next.bytes_stream().boxed();
                             sse = SseEvents::new(false);
-                            before_resume = deltas;
+                            before_resume = a.deltas;
                             resumes += 1;
                             continue;
                         }
@@ -509,7 +515,8 @@ impl Turn {
                         a.first_byte = Some(t);
                     }
                     a.text.push_str(delta);
-                    deltas += 1;
+                    a.deltas += 1;
+                    self.state.proxy.ledger.streamed_token();
                     self.emit(
                         "response.output_text.delta",
                         json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),

@@ -24,7 +24,7 @@ use crate::controller::{Controller, Driver, PoolSpec};
 use crate::planner::Offer;
 use crate::provider::Provider;
 use crate::sim::{SimProvider, SimSettings};
-use replica::{Finished, ReplicaModel, Running};
+use replica::{Finished, ReplicaModel, Running, Served};
 use trace::TraceRequest;
 
 /// What to simulate: the trace, the catalog, the cloud, the objectives.
@@ -274,6 +274,10 @@ pub async fn simulate_with_progress(
     let mut done: Vec<Finished> = Vec::new();
     let mut restarted = 0;
     let mut load = Load::default();
+    // Tokens served by every replica so far, counted as they are produced
+    // (the live gateway counts streamed output so, prompts when their
+    // requests end), so a long request is demand while it runs.
+    let mut served = Served::default();
     let mut recent = LatencyWindow::default();
     let mut timeline = Vec::new();
     let demand = s.demand(Duration::from_secs(60));
@@ -344,10 +348,11 @@ pub async fn simulate_with_progress(
         }
         // Serve.
         for (id, m) in models.iter_mut() {
+            let before = m.served;
             let finished = m.step(now, s.dt);
+            served.prompt += m.served.prompt - before.prompt;
+            served.output += m.served.output - before.output;
             for f in finished {
-                load.tokens_total += u64::from(f.prompt_tokens + f.output_tokens);
-                load.prompt_tokens_total += u64::from(f.prompt_tokens);
                 let tpot = (f.output_tokens > 1).then(|| f.tpot().as_secs_f64() * 1000.0);
                 recent.record(f.done, f.ttft().as_secs_f64() * 1000.0, tpot);
                 if f.id >= measured {
@@ -361,6 +366,8 @@ pub async fn simulate_with_progress(
                 cloud.release(id);
             }
         }
+        load.tokens_total = (served.prompt + served.output) as u64;
+        load.prompt_tokens_total = served.prompt as u64;
         load.in_flight = models.values().map(|m| m.running.len()).sum();
         load.waiting = queue.len();
         load.routable = open.len();

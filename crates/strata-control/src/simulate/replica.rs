@@ -72,6 +72,16 @@ pub struct ReplicaModel {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: Vec<f64>,
     pub running: Vec<Running>,
+    /// Tokens served so far, as they are produced: prompt tokens as they
+    /// are prefilled, output tokens as they are decoded.
+    pub served: Served,
+}
+
+/// Running totals of tokens served by a replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Served {
+    pub prompt: f64,
+    pub output: f64,
 }
 
 impl ReplicaModel {
@@ -80,6 +90,7 @@ impl ReplicaModel {
             prefill_tokens_per_s: profile.prefill_tokens_per_s.max(f64::MIN_POSITIVE),
             decode_tokens_per_s: profile.decode_tokens_per_s.clone(),
             running: Vec::new(),
+            served: Served::default(),
         }
     }
 
@@ -120,8 +131,11 @@ impl ReplicaModel {
                 r.prefilled = f64::from(r.prompt_tokens);
                 r.generated = 1.0;
                 r.first_token = Some(Duration::from_secs_f64(clock));
+                self.served.prompt += left;
+                self.served.output += 1.0;
             } else {
                 r.prefilled += budget * self.prefill_tokens_per_s;
+                self.served.prompt += budget * self.prefill_tokens_per_s;
                 clock += budget;
                 budget = 0.0;
             }
@@ -151,9 +165,11 @@ impl ReplicaModel {
                 let need = left / per_request;
                 if need <= budget {
                     r.generated = f64::from(r.output_tokens);
+                    self.served.output += left;
                     done_at[i] = Some(clock + need);
                 } else {
                     r.generated += budget * per_request;
+                    self.served.output += budget * per_request;
                 }
             }
         }
@@ -238,6 +254,23 @@ mod tests {
             );
         }
         assert_eq!(m.free_slots(), 2);
+    }
+
+    #[test]
+    fn tokens_count_as_served_while_the_request_runs() {
+        // 500 prompt tokens at 1,000/s: 400 prefilled at 0.4 s; done at
+        // 0.5 s with the first output token; then 10 tokens/s. At 1.0 s:
+        // the prompt and 1 + 5 output tokens.
+        let mut m = ReplicaModel::new(&profile());
+        m.running.push(Running::new(0, Duration::ZERO, 500, 11));
+        m.step(Duration::ZERO, Duration::from_millis(400));
+        assert!((m.served.prompt - 400.0).abs() < 1e-9, "{:?}", m.served);
+        assert_eq!(m.served.output, 0.0);
+        m.step(Duration::from_millis(400), Duration::from_millis(600));
+        assert!((m.served.prompt - 500.0).abs() < 1e-9, "{:?}", m.served);
+        assert!((m.served.output - 6.0).abs() < 1e-9, "{:?}", m.served);
+        run_until_empty(&mut m, Duration::from_millis(100));
+        assert!((m.served.output - 11.0).abs() < 1e-9, "{:?}", m.served);
     }
 
     #[test]
