@@ -103,7 +103,8 @@ impl PoolSpec {
 /// A replica's capacity as measured: tokens served per replica-second
 /// while every slot was busy or requests waited (so the pool served all
 /// it could), over the last `KEPT` such moments; the profile's figure until
-/// there are enough. Tokens are counted as requests end, so one second can
+/// there are enough. Streamed output counts as it passes, but prompts and
+/// unstreamed answers count when their requests end, so one second can
 /// hold a lump of them: the ratio of sums over minutes of saturation
 /// measures what an average of per-second rates would overstate. The first
 /// `SETTLE` of each saturated stretch is left out: the requests that fill
@@ -167,6 +168,48 @@ impl CapacityMeter {
     }
 }
 
+/// Tokens per request, from the requests that ended over the last
+/// `WINDOW` (tokens served over requests done), kept when too few ended to
+/// tell. While requests wait, the tokens served are what the replicas could
+/// do, not what was asked: arrivals × tokens per request is the demand then.
+#[derive(Debug, Clone, Default)]
+pub struct RequestSize {
+    /// (time, tokens served, requests done) at each observation, oldest first.
+    history: VecDeque<(Duration, u64, u64)>,
+    tokens_per_request: Option<f64>,
+}
+
+impl RequestSize {
+    const WINDOW: Duration = Duration::from_secs(300);
+    /// Requests that must have ended within the window to update the figure.
+    const ENOUGH: u64 = 10;
+
+    pub fn observe(&mut self, now: Duration, load: &Load) {
+        let done = load
+            .requests_total
+            .saturating_sub((load.in_flight + load.waiting) as u64);
+        while self
+            .history
+            .front()
+            .is_some_and(|(at, _, _)| now.saturating_sub(*at) > Self::WINDOW)
+        {
+            self.history.pop_front();
+        }
+        self.history.push_back((now, load.tokens_total, done));
+        if let Some((_, tokens, requests)) = self.history.front() {
+            let ended = done.saturating_sub(*requests);
+            if ended >= Self::ENOUGH {
+                let tokens = load.tokens_total.saturating_sub(*tokens);
+                self.tokens_per_request = Some(tokens as f64 / ended as f64);
+            }
+        }
+    }
+
+    pub fn tokens_per_request(&self) -> Option<f64> {
+        self.tokens_per_request
+    }
+}
+
 /// One step's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Step {
@@ -196,6 +239,7 @@ pub struct Controller {
     preempted: BTreeMap<String, Cooling>,
     prompt_share: f64,
     meter: CapacityMeter,
+    size: RequestSize,
     last: Option<(Duration, Load)>,
     /// Spot replicas running by zone, as the provider last listed them.
     spot_held: BTreeMap<String, u32>,
@@ -210,6 +254,7 @@ impl Controller {
             preempted: BTreeMap::new(),
             prompt_share: 0.5,
             meter: CapacityMeter::default(),
+            size: RequestSize::default(),
             last: None,
             spot_held: BTreeMap::new(),
         }
@@ -292,10 +337,12 @@ impl Controller {
     }
 
     /// Turns the gateway's load at `now` into a signal: demand and mix
-    /// from the token counters since the last call, capacity measured
+    /// from the token counters since the last call (while requests wait,
+    /// at least the arrivals × tokens per request), capacity measured
     /// while the pool was saturated.
     pub fn signal(&mut self, now: Duration, load: &Load) -> Signal {
-        let (demand, dt) = match &self.last {
+        self.size.observe(now, load);
+        let (served, demand, dt) = match &self.last {
             Some((at, prev)) if now > *at => {
                 let dt = (now - *at).as_secs_f64();
                 let tokens = load.tokens_total.saturating_sub(prev.tokens_total) as f64;
@@ -305,16 +352,25 @@ impl Controller {
                 if tokens > 0.0 {
                     self.prompt_share = 0.8 * self.prompt_share + 0.2 * (prompt / tokens);
                 }
-                (tokens / dt, dt)
+                let served = tokens / dt;
+                // Served tokens read what the replicas could do while
+                // requests wait (nothing at all while none is ready).
+                let asked = match self.size.tokens_per_request() {
+                    Some(size) if load.waiting > 0 => {
+                        load.requests_total.saturating_sub(prev.requests_total) as f64 * size / dt
+                    }
+                    _ => 0.0,
+                };
+                (served, served.max(asked), dt)
             }
-            _ => (0.0, 0.0),
+            _ => (0.0, 0.0, 0.0),
         };
         let slots = self.spec.slots_per_replica as usize;
         let full = slots > 0 && load.in_flight >= load.routable * slots;
         let saturated = (load.waiting > 0 || full) && load.routable > 0;
         if dt > 0.0 {
             self.meter
-                .observe(now, saturated, demand * dt, load.routable as f64 * dt);
+                .observe(now, saturated, served * dt, load.routable as f64 * dt);
         }
         self.last = Some((now, *load));
         let unit_profile = self.spec.unit.tokens_per_s(self.prompt_share);
@@ -770,6 +826,42 @@ mod tests {
         }
         assert!(c.prompt_share > 0.99);
         assert_eq!(c.desired(), 1);
+    }
+
+    #[test]
+    fn while_requests_wait_demand_is_what_arrives_not_what_was_served() {
+        let mut c = Controller::new(spec(Some(ScalePolicy {
+            min_replicas: 1,
+            max_replicas: 20,
+            target_utilisation: 1.0,
+            ..ScalePolicy::default()
+        })));
+        // Two requests a second of 150 tokens each, all served: 300 tokens/s.
+        let mut l = load(0);
+        l.routable = 3;
+        for t in 0..120 {
+            c.step(Duration::from_secs(t), &l);
+            l.requests_total += 2;
+            l.tokens_total += 300;
+        }
+        assert_eq!(c.desired(), 3);
+        // The replicas are reclaimed: nothing is served while the same
+        // requests keep arriving and wait. Served tokens would read zero
+        // and let the pool shrink; the demand stays 300 tokens/s.
+        l.routable = 0;
+        for t in 120..400 {
+            let s = c.step(Duration::from_secs(t), &l);
+            l.requests_total += 2;
+            l.waiting += 2;
+            if t > 125 {
+                assert!(
+                    (s.signal.demand_tokens_per_s - 300.0).abs() < 1.0,
+                    "{:?}",
+                    s.signal
+                );
+            }
+        }
+        assert_eq!(c.desired(), 3);
     }
 
     #[test]
