@@ -6,6 +6,7 @@
 pub mod autoscale;
 pub mod controller;
 pub mod cost;
+pub mod leader;
 pub mod local;
 pub mod model;
 pub mod planner;

@@ -387,6 +387,31 @@ pub trait DecisionStore: Send + Sync {
     async fn decisions(&self, limit: u32) -> Result<Vec<DecisionRecord>, StoreError>;
 }
 
+/// Who holds a lease, until when (on the store's clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub expires_at_ms: i64,
+    /// How many times the lease changed hands.
+    pub transitions: i64,
+}
+
+/// Leases for leader election: one holder per name at a time, for a term
+/// measured on the store's own clock (so the contenders' clocks need not
+/// agree).
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Takes `name` for `holder` for `ttl_ms`, or extends it when `holder`
+    /// has it already; `true` when `holder` holds it now. Refused while
+    /// another holder's term runs.
+    async fn claim_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
+    /// Ends `holder`'s term at once (nothing when it does not hold it), so a
+    /// standby need not wait for the term to run out.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
     UsageStore
@@ -398,6 +423,7 @@ pub trait Store:
     + ConversationStore
     + SnapshotStore
     + DecisionStore
+    + LeaseStore
     + 'static
 {
 }
@@ -412,6 +438,7 @@ impl<T> Store for T where
         + ConversationStore
         + SnapshotStore
         + DecisionStore
+        + LeaseStore
         + 'static
 {
 }

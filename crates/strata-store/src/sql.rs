@@ -15,8 +15,8 @@ use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 use strata_core::config::{is_postgres_url, CapacityType};
 use strata_core::store::{
     AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceKind, InstanceRecord,
-    InstanceState, InstanceStore, KeyStore, ReplicaUsage, StoreError, StoredCompletion,
-    TenantStore, UsageRecord, UsageStore, UsageTotals,
+    InstanceState, InstanceStore, KeyStore, Lease, LeaseStore, ReplicaUsage, StoreError,
+    StoredCompletion, TenantStore, UsageRecord, UsageStore, UsageTotals,
 };
 use strata_core::tenant::{
     audit_hash, digest_lookup, ApiKeyRecord, AuditEntry, AuditRecord, Isolation, RateLimits, Role,
@@ -136,6 +136,14 @@ impl SqlStore {
 
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// The database's clock in Unix milliseconds, as an SQL expression.
+    fn now_ms_sql(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
     }
 
     /// The connection pool, for tools and tests that read the database
@@ -834,6 +842,58 @@ impl CompletionStore for SqlStore {
 
     async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
         self.delete_row(COMPLETIONS, tenant, id).await
+    }
+}
+
+#[async_trait]
+impl LeaseStore for SqlStore {
+    async fn claim_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
+        // One statement: insert, or take over an expired term, or extend
+        // one's own; a row comes back only when `holder` holds it after.
+        let now = self.now_ms_sql();
+        let q = format!(
+            "INSERT INTO leases (name, holder, expires_at_ms, transitions) VALUES (?, ?, {now} + ?, 0) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             expires_at_ms = excluded.expires_at_ms, \
+             transitions = leases.transitions + CASE WHEN leases.holder = excluded.holder THEN 0 ELSE 1 END \
+             WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= {now} \
+             RETURNING holder"
+        );
+        let row = sqlx::query(&self.sql(&q))
+            .bind(name)
+            .bind(holder)
+            .bind(ttl_ms.max(1))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err)?;
+        Ok(row.is_some())
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let now = self.now_ms_sql();
+        sqlx::query(&self.sql(&format!(
+            "UPDATE leases SET expires_at_ms = {now} - 1 WHERE name = ? AND holder = ?"
+        )))
+        .bind(name)
+        .bind(holder)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(())
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query(&self.sql("SELECT * FROM leases WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err)?;
+        Ok(row.map(|r| Lease {
+            name: r.get("name"),
+            holder: r.get("holder"),
+            expires_at_ms: r.get("expires_at_ms"),
+            transitions: r.get("transitions"),
+        }))
     }
 }
 

@@ -11,8 +11,8 @@ use common::{tenant, vault, Backend};
 use strata_core::config::CapacityType;
 use strata_core::store::{
     AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceKind, InstanceRecord,
-    InstanceState, InstanceStore, KeyStore, SnapshotStore, StoreError, StoredCompletion,
-    TenantStore, UsageRecord, UsageStore,
+    InstanceState, InstanceStore, KeyStore, LeaseStore, SnapshotStore, StoreError,
+    StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
     digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, NewKey, RateLimits, Role, TenantId,
@@ -454,7 +454,30 @@ async fn decisions_come_back_newest_last(backend: &Backend, dir: &Path) {
     );
 }
 
+async fn a_lease_has_one_holder_until_it_runs_out_or_is_released(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
+    let name = format!("controller-{}", std::process::id());
+    assert!(store.claim_lease(&name, "a", 60_000).await.unwrap());
+    // Taken: the other contender is refused; the holder extends its term.
+    assert!(!store.claim_lease(&name, "b", 60_000).await.unwrap());
+    assert!(store.claim_lease(&name, "a", 60_000).await.unwrap());
+    let held = store.lease(&name).await.unwrap().unwrap();
+    assert_eq!((held.holder.as_str(), held.transitions), ("a", 0));
+    // Released: the standby takes it at once.
+    store.release_lease(&name, "b").await.unwrap(); // not b's: nothing
+    assert!(!store.claim_lease(&name, "b", 60_000).await.unwrap());
+    store.release_lease(&name, "a").await.unwrap();
+    assert!(store.claim_lease(&name, "b", 200).await.unwrap());
+    assert!(!store.claim_lease(&name, "a", 60_000).await.unwrap());
+    // A term that runs out (b stopped renewing) goes to whoever asks next.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(store.claim_lease(&name, "a", 60_000).await.unwrap());
+    let held = store.lease(&name).await.unwrap().unwrap();
+    assert_eq!((held.holder.as_str(), held.transitions), ("a", 2));
+}
+
 on_every_backend!(
+    a_lease_has_one_holder_until_it_runs_out_or_is_released,
     decisions_come_back_newest_last,
     snapshots_are_sealed_and_taken_once,
     ledger_rows_survive_reopening_and_sum_per_model,
