@@ -8,6 +8,11 @@ measurement on another GPU and the two GPUs' published specifications.
 Every input is named below with its source; change one and rerun:
 
     python3 bench/scenarios/gpu_profile.py
+
+It also prints the profile of AWS p4d.24xlarge (eight A100 40GB, the
+anchor measurement's own GPU) for bench/scenarios/gpu-fleet-p4d.toml: one
+replica there is eight vLLM engines behind one endpoint, requests spread
+evenly over them.
 """
 
 GB = 1e9
@@ -48,22 +53,47 @@ ACTIVATIONS = 1 * GB
 TOKENS_PER_REQUEST = 1366
 
 
-def profile():
+# A100 40GB (SXM4, as in p4d.24xlarge): 1,555 GB/s of HBM2 and 312 dense
+# BF16 tensor TFLOPS (NVIDIA A100 datasheet). The anchor ran on this GPU,
+# so its decode needs no scaling by bandwidth.
+A100_BANDWIDTH = 1555 * GB
+A100_MEMORY = 40 * GB
+A100_TENSOR_FLOPS = 312e12
+P4D_GPUS = 8
+
+
+def profile(bandwidth=A10G_BANDWIDTH, memory=A10G_MEMORY, flops=A10G_TENSOR_FLOPS):
     # Decode is memory-bound: one step reads the weights once.
-    batch1 = ANCHOR_BATCH1_EFFICIENCY * A10G_BANDWIDTH / WEIGHT_BYTES
+    batch1 = ANCHOR_BATCH1_EFFICIENCY * bandwidth / WEIGHT_BYTES
     # A step's time grows linearly with the batch, fitted so that batch 8
     # gives the anchor's gain: t(b) = t(1) * (1 + k (b - 1)).
     k = (8 / ANCHOR_GAIN_AT_8 - 1) / 7
-    kv_room = A10G_MEMORY * GPU_MEMORY_UTILISATION - WEIGHT_BYTES - ACTIVATIONS
+    kv_room = memory * GPU_MEMORY_UTILISATION - WEIGHT_BYTES - ACTIVATIONS
     max_batch = int(kv_room / KV_BYTES_PER_TOKEN / TOKENS_PER_REQUEST)
     decode = [b * batch1 / (1 + k * (b - 1)) for b in range(1, max_batch + 1)]
     # Prefill is compute-bound: 2 FLOPs per parameter per prompt token.
-    prefill = A10G_TENSOR_FLOPS * PREFILL_UTILISATION / (2 * PARAMS)
+    prefill = flops * PREFILL_UTILISATION / (2 * PARAMS)
     return prefill, decode, kv_room
 
 
-if __name__ == "__main__":
-    prefill, decode, kv_room = profile()
-    print(f"# KV room {kv_room / GB:.2f} GB = {kv_room / KV_BYTES_PER_TOKEN:,.0f} tokens")
+def spread(prefill, decode, engines):
+    """One replica of `engines` engines: n requests spread evenly, each
+    engine decoding its share at its own batch-size rate."""
+    def rate(n):
+        per, extra = divmod(n, engines)
+        def at(b):
+            return decode[b - 1] if b > 0 else 0.0
+        return (engines - extra) * at(per) + (extra * at(per + 1) if extra else 0.0)
+    return prefill * engines, [rate(n) for n in range(1, engines * len(decode) + 1)]
+
+
+def show(name, prefill, decode, kv_room):
+    print(f"# {name}: KV room {kv_room / GB:.2f} GB = {kv_room / KV_BYTES_PER_TOKEN:,.0f} tokens a GPU")
     print(f"prefill_tokens_per_s = {prefill:.0f}")
     print("decode_tokens_per_s = [" + ", ".join(f"{v:.1f}" for v in decode) + "]")
+
+
+if __name__ == "__main__":
+    show("g5.xlarge (A10G)", *profile())
+    prefill, decode, kv_room = profile(A100_BANDWIDTH, A100_MEMORY, A100_TENSOR_FLOPS)
+    show(f"p4d.24xlarge ({P4D_GPUS} x A100 40GB)", *spread(prefill, decode, P4D_GPUS), kv_room)

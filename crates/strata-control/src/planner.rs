@@ -66,6 +66,40 @@ pub fn cheapest<'a>(
         })
 }
 
+/// The least-cost whole replicas of `capacity` (in `zone`, when given)
+/// that serve `need` tokens/s: full replicas of the offer that costs least
+/// per token, and what is left by whichever offer covers it alone for the
+/// least (a big machine that is cheapest per token is no bargain when it
+/// would run a quarter full). At least one replica, the cheapest per hour,
+/// for a need of zero or less.
+pub fn cover<'a>(
+    offers: &'a [Offer],
+    capacity: Capacity,
+    zone: Option<&str>,
+    need: f64,
+) -> Vec<&'a Offer> {
+    let usable = || {
+        offers
+            .iter()
+            .filter(|o| o.capacity == capacity && o.tokens_per_s > 0.0)
+            .filter(|o| zone.is_none_or(|z| o.zone == z))
+    };
+    let Some(best) = cheapest(offers, capacity, zone) else {
+        return Vec::new();
+    };
+    let full = (need.max(0.0) / best.tokens_per_s).floor();
+    let left = need - full * best.tokens_per_s;
+    let mut out = vec![best; full as usize];
+    if left > 1e-9 * need.abs().max(1.0) || out.is_empty() {
+        let alone = |o: &Offer| (left.max(0.0) / o.tokens_per_s).ceil().max(1.0) * o.price_per_hour;
+        if let Some(o) = usable().min_by(|a, b| alone(a).total_cmp(&alone(b))) {
+            let n = (left.max(0.0) / o.tokens_per_s).ceil().max(1.0) as usize;
+            out.extend(std::iter::repeat_n(o, n));
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanPolicy {
     pub allow_spot: bool,
@@ -208,10 +242,11 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
     }
     let short = served < needed || (chosen.len() as u32) < policy.min_replicas;
     if short && policy.allow_on_demand {
-        if let Some(o) = cheapest(offers, Capacity::OnDemand, None) {
-            let n = (((needed - served).max(0.0) / o.tokens_per_s).ceil() as u32)
-                .max(policy.min_replicas.saturating_sub(chosen.len() as u32));
-            chosen.extend(std::iter::repeat_n(o, n as usize));
+        let fill = cover(offers, Capacity::OnDemand, None, needed - served);
+        let pad = (policy.min_replicas as usize).saturating_sub(chosen.len() + fill.len());
+        if let Some(&small) = fill.last() {
+            chosen.extend(fill.iter().copied());
+            chosen.extend(std::iter::repeat_n(small, pad));
         }
     }
     Plan {
@@ -390,6 +425,35 @@ mod tests {
         assert_eq!(spot.iter().filter(|z| **z == "b").count(), 2);
         assert!(p.tokens_per_s >= 3500.0);
         assert!(p.replicas.iter().any(|s| s.capacity == Capacity::OnDemand));
+    }
+
+    #[test]
+    fn a_big_machine_cheapest_per_token_is_bought_only_as_far_as_it_fills() {
+        // Eight GPUs at $22/h for 40,000 tokens/s beat one at $1/h for
+        // 1,700 per token, but not for 5,000 tokens/s: 3 small ones ($3)
+        // instead of the big one ($22).
+        let offers = [
+            offer("big", "a", Capacity::OnDemand, 22.0, 40_000.0),
+            offer("small", "a", Capacity::OnDemand, 1.0, 1_700.0),
+        ];
+        let no_spot = SpotRoom::new();
+        let p = plan(5_000.0, &offers, &no_spot, &PlanPolicy::default());
+        assert_eq!(p.replicas.len(), 3, "{p:?}");
+        assert!(p.replicas.iter().all(|s| s.instance_type == "small"));
+        assert!((p.cost_per_hour - 3.0).abs() < 1e-9);
+        // 90,000 tokens/s: two big ones full, and the 10,000 left on six
+        // small ones ($6) rather than a third big one ($22).
+        let p = plan(90_000.0, &offers, &no_spot, &PlanPolicy::default());
+        let big = p
+            .replicas
+            .iter()
+            .filter(|s| s.instance_type == "big")
+            .count();
+        assert_eq!((big, p.replicas.len() - big), (2, 6), "{p:?}");
+        // 38,000 tokens/s: the big one alone ($22) is cheaper than 23 small.
+        let p = plan(38_000.0, &offers, &no_spot, &PlanPolicy::default());
+        assert_eq!(p.replicas.len(), 1);
+        assert_eq!(p.replicas[0].instance_type, "big");
     }
 
     #[test]

@@ -575,8 +575,10 @@ impl Config {
                     "must be positive".into(),
                 );
             }
+            // A replica may be several engines behind one endpoint (eight
+            // GPUs of one machine), so more than one engine's 256 sequences.
             if t.decode_tokens_per_s.is_empty()
-                || t.decode_tokens_per_s.len() > 256
+                || t.decode_tokens_per_s.len() > 2048
                 || !t
                     .decode_tokens_per_s
                     .iter()
@@ -584,7 +586,7 @@ impl Config {
             {
                 bad(
                     &format!("instance_types.{name}.decode_tokens_per_s"),
-                    "must list 1 to 256 positive rates (batch 1, 2, ...)".into(),
+                    "must list 1 to 2048 positive rates (batch 1, 2, ...)".into(),
                 );
             }
             if t.launch_secs

@@ -172,13 +172,24 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         warmup: Duration::from_secs_f64(args.warmup_mins * 60.0),
     };
     let offers = scenario.priced_offers();
-    let Some(on_demand) = cheapest(&offers, CapacityType::OnDemand, None).cloned() else {
-        bail!("the catalog offers no on-demand capacity to compare with");
-    };
     let peak = scenario
         .demand(Duration::from_secs(60))
         .into_iter()
         .fold(0.0, f64::max);
+    // The baselines run one on-demand type (SkyServe's replica): the one
+    // that covers the peak alone for least (the cheapest per token may be
+    // a big machine the trace would run mostly idle).
+    let Some(on_demand) = offers
+        .iter()
+        .filter(|o| o.capacity == CapacityType::OnDemand && o.tokens_per_s > 0.0)
+        .min_by(|a, b| {
+            let peak_cost = |o: &Offer| f64::from(replicas_for(peak, o).max(1)) * o.price_per_hour;
+            peak_cost(a).total_cmp(&peak_cost(b))
+        })
+        .cloned()
+    else {
+        bail!("the catalog offers no on-demand capacity to compare with");
+    };
     let mut strata_config = config.clone();
     strata_config.pool.autoscale = true;
     let tail = Duration::from_secs(1800);

@@ -145,8 +145,8 @@ pub fn replicas_for(demand: f64, offer: &Offer) -> u32 {
 /// The cheapest capacity that meets each minute's demand, with no launch
 /// delay and no preemption losses: offers cheapest per token first, spot
 /// as far as the trace has it that minute (a capped zone up to its count),
-/// the rest on demand. Whole replicas, so a minute of small demand still
-/// pays for one.
+/// the rest on demand (`planner::cover`). Whole replicas, so a minute of
+/// small demand still pays for one.
 pub fn lower_bound(s: &Scenario) -> f64 {
     let mut offers = s.priced_offers();
     offers.retain(|o| o.tokens_per_s > 0.0);
@@ -165,22 +165,21 @@ pub fn lower_bound(s: &Scenario) -> f64 {
             if left <= 0.0 {
                 break;
             }
-            let room = match (o.capacity, s.cloud.spot.get(&o.zone)) {
-                (CapacityType::OnDemand, _) | (_, None) => u32::MAX,
-                (_, Some(t)) if t.capped => t.at(at),
-                (_, Some(t)) if t.at(at) > 0 => u32::MAX,
+            if o.capacity == CapacityType::OnDemand {
+                // What spot could not carry: the least-cost on-demand cover.
+                let fill = crate::planner::cover(&offers, CapacityType::OnDemand, None, left);
+                cost += fill.iter().map(|o| o.price_per_hour / 60.0).sum::<f64>();
+                break;
+            }
+            let room = match s.cloud.spot.get(&o.zone) {
+                None => u32::MAX,
+                Some(t) if t.capped => t.at(at),
+                Some(t) if t.at(at) > 0 => u32::MAX,
                 _ => 0,
             };
             let used = taken.entry(o.zone.as_str()).or_default();
-            let room = if o.capacity == CapacityType::Spot {
-                room.saturating_sub(*used)
-            } else {
-                room
-            };
-            let n = replicas_for(left, o).min(room);
-            if o.capacity == CapacityType::Spot {
-                *used += n;
-            }
+            let n = replicas_for(left, o).min(room.saturating_sub(*used));
+            *used += n;
             left -= f64::from(n) * o.tokens_per_s;
             cost += f64::from(n) * o.price_per_hour / 60.0;
         }
