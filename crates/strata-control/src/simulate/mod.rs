@@ -269,7 +269,7 @@ pub async fn simulate_with_progress(
     let last = trace.last().map_or(Duration::ZERO, |r| r.at);
     let mut next = 0;
     let mut queue: VecDeque<Running> = VecDeque::new();
-    let mut models: HashMap<String, ReplicaModel> = HashMap::new();
+    let mut models: BTreeMap<String, ReplicaModel> = BTreeMap::new();
     let mut done: Vec<Finished> = Vec::new();
     let mut restarted = 0;
     let mut load = Load::default();
