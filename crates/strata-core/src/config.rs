@@ -847,6 +847,28 @@ mod tests {
     }
 
     #[test]
+    fn a_profile_may_list_several_engines_worth_of_batch_sizes() {
+        // Eight engines of 105 sequences behind one endpoint: 840 rates.
+        let rates = |n: usize| vec!["1.0"; n].join(", ");
+        let text = |n| {
+            format!(
+                "[instance_types.p4d]\nprefill_tokens_per_s = 1.0\ndecode_tokens_per_s = [{}]\n",
+                rates(n)
+            )
+        };
+        let keys = |n| -> Vec<String> {
+            let c = Config::from_toml(&text(n)).unwrap();
+            c.check()
+                .into_iter()
+                .map(|i| i.key)
+                .filter(|k| k.starts_with("instance_types"))
+                .collect()
+        };
+        assert!(keys(840).is_empty(), "{:?}", keys(840));
+        assert_eq!(keys(2049), ["instance_types.p4d.decode_tokens_per_s"]);
+    }
+
+    #[test]
     fn bad_pool_values_are_named() {
         let c = Config::from_toml(
             "[pool]\nmin_replicas = 3\nmax_replicas = 2\ntarget_utilisation = 1.5\npanic_window_secs = 90.0\npanic_threshold = 0.5\nscale_to_zero_after_secs = 0.0\n",
