@@ -115,6 +115,30 @@ async fn check(store: &SqlStore, run: Option<u32>) -> (usize, usize) {
     (convs.len(), responses)
 }
 
+/// Waits until no other session of the database is inside a transaction.
+/// A killed client's last COMMIT may still be running on the PostgreSQL
+/// server after the process is gone; a check that read the items before
+/// it and the response after it would see half a turn that no reader of
+/// one snapshot can see.
+async fn settled(store: &SqlStore) {
+    if store.dialect() != strata_store::Dialect::Postgres {
+        return;
+    }
+    let busy = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')";
+    for _ in 0..1000 {
+        let n: i64 = sqlx::query_scalar(busy)
+            .fetch_one(&store.raw_pool())
+            .await
+            .unwrap();
+        if n == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("another session stayed inside a transaction for 10 s");
+}
+
 async fn crash_many_times(db: &str, dir: &Path, kills: usize) {
     let store = SqlStore::open_any(db, Some(common::vault(dir)))
         .await
@@ -150,6 +174,7 @@ async fn crash_many_times(db: &str, dir: &Path, kills: usize) {
         tokio::time::sleep(Duration::from_millis(60 + seed % 240)).await;
         child.kill().unwrap();
         child.wait().unwrap();
+        settled(&store).await;
         let (convs, responses) = check(&store, Some(child.id())).await;
         assert!(convs > 0, "the writer never started a conversation");
         eprintln!("kill {round}: {convs} conversations, {responses} whole turns");
