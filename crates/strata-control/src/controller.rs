@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::{Autoscaler, Decision, Reason, ScalePolicy, Signal};
 use crate::planner::{diff, plan, Offer, Plan, PlanPolicy, Slot, SpotRoom};
-use crate::provider::{Provider, ProviderEvent};
+use crate::provider::{Instance, Provider, ProviderEvent};
 use crate::ControlError;
 
 /// What the controller needs to know about its pool.
@@ -469,13 +469,10 @@ impl Driver {
             {
                 if slot.capacity == CapacityType::Spot {
                     // What the zone still holds (the reclaimed replica has left the list).
-                    let holding = provider
-                        .list()
-                        .iter()
-                        .filter(|i| {
-                            i.slot.capacity == CapacityType::Spot && i.slot.zone == slot.zone
-                        })
-                        .count() as u32;
+                    let holding = spot_by_zone(&provider.list())
+                        .get(&slot.zone)
+                        .copied()
+                        .unwrap_or(0);
                     self.controller.preempted(&slot.zone, holding, now);
                 }
                 // Plan again at once: the zone is out, the replacement goes elsewhere.
@@ -486,13 +483,7 @@ impl Driver {
         let mut ticked = None;
         if self.next_step.is_none_or(|t| now >= t) {
             self.next_step = Some(now + Duration::from_secs(1));
-            let mut held = BTreeMap::new();
-            for i in provider.list() {
-                if i.slot.capacity == CapacityType::Spot {
-                    *held.entry(i.slot.zone).or_default() += 1;
-                }
-            }
-            self.controller.spot_held = held;
+            self.controller.spot_held = spot_by_zone(&provider.list());
             let step = self.controller.step(now, load);
             let count_changed = step
                 .decision
@@ -538,6 +529,18 @@ pub async fn run<P: Provider>(
     }
     provider.shutdown().await;
     Ok(())
+}
+
+/// Spot instances by zone.
+fn spot_by_zone(instances: &[Instance]) -> BTreeMap<String, u32> {
+    let mut held = BTreeMap::new();
+    for i in instances
+        .iter()
+        .filter(|i| i.slot.capacity == CapacityType::Spot)
+    {
+        *held.entry(i.slot.zone.clone()).or_default() += 1;
+    }
+    held
 }
 
 /// The plan's replicas by slot, for noticing a change of mix.

@@ -49,6 +49,21 @@ impl Offer {
     }
 }
 
+/// The offers of `capacity` (in `zone`, when given) that serve anything.
+fn of_kind<'a, 'z>(
+    offers: &'a [Offer],
+    capacity: Capacity,
+    zone: Option<&'z str>,
+) -> impl Iterator<Item = &'a Offer> + 'z
+where
+    'a: 'z,
+{
+    offers
+        .iter()
+        .filter(move |o| o.capacity == capacity && o.tokens_per_s > 0.0)
+        .filter(move |o| zone.is_none_or(|z| o.zone == z))
+}
+
 /// The offer of `capacity` (in `zone`, when given) that costs least per
 /// token; the first of equals.
 pub fn cheapest<'a>(
@@ -56,14 +71,26 @@ pub fn cheapest<'a>(
     capacity: Capacity,
     zone: Option<&str>,
 ) -> Option<&'a Offer> {
-    offers
-        .iter()
-        .filter(|o| o.capacity == capacity && o.tokens_per_s > 0.0)
-        .filter(|o| zone.is_none_or(|z| o.zone == z))
-        .min_by(|a, b| {
-            a.dollars_per_token_rate()
-                .total_cmp(&b.dollars_per_token_rate())
-        })
+    of_kind(offers, capacity, zone).min_by(|a, b| {
+        a.dollars_per_token_rate()
+            .total_cmp(&b.dollars_per_token_rate())
+    })
+}
+
+/// The offer of `capacity` (in `zone`, when given) whose whole replicas
+/// serve `need` tokens/s alone for least, with how many (at least one);
+/// the first of equals.
+pub fn cheapest_alone<'a>(
+    offers: &'a [Offer],
+    capacity: Capacity,
+    zone: Option<&str>,
+    need: f64,
+) -> Option<(&'a Offer, u32)> {
+    let count = |o: &Offer| (need.max(0.0) / o.tokens_per_s).ceil().max(1.0) as u32;
+    let cost = |o: &Offer| f64::from(count(o)) * o.price_per_hour;
+    of_kind(offers, capacity, zone)
+        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
+        .map(|o| (o, count(o)))
 }
 
 /// The least-cost whole replicas of `capacity` (in `zone`, when given)
@@ -78,12 +105,6 @@ pub fn cover<'a>(
     zone: Option<&str>,
     need: f64,
 ) -> Vec<&'a Offer> {
-    let usable = || {
-        offers
-            .iter()
-            .filter(|o| o.capacity == capacity && o.tokens_per_s > 0.0)
-            .filter(|o| zone.is_none_or(|z| o.zone == z))
-    };
     let Some(best) = cheapest(offers, capacity, zone) else {
         return Vec::new();
     };
@@ -91,10 +112,8 @@ pub fn cover<'a>(
     let left = need - full * best.tokens_per_s;
     let mut out = vec![best; full as usize];
     if left > 1e-9 * need.abs().max(1.0) || out.is_empty() {
-        let alone = |o: &Offer| (left.max(0.0) / o.tokens_per_s).ceil().max(1.0) * o.price_per_hour;
-        if let Some(o) = usable().min_by(|a, b| alone(a).total_cmp(&alone(b))) {
-            let n = (left.max(0.0) / o.tokens_per_s).ceil().max(1.0) as usize;
-            out.extend(std::iter::repeat_n(o, n));
+        if let Some((o, n)) = cheapest_alone(offers, capacity, zone, left) {
+            out.extend(std::iter::repeat_n(o, n as usize));
         }
     }
     out

@@ -6,12 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use strata_control::controller::PoolSpec;
-use strata_control::planner::{cheapest, Offer};
+use strata_control::planner::{cheapest, cheapest_alone, Offer};
 use strata_control::sim::{SimSettings, SpotTrace};
 use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
-use strata_control::simulate::{
-    self, lower_bound, replicas_for, Outcome, Scenario, Static, Strata,
-};
+use strata_control::simulate::{self, lower_bound, Outcome, Scenario, Static, Strata};
 use strata_core::config::{CapacityType, Config};
 
 #[derive(clap::Args)]
@@ -179,24 +177,19 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     // The baselines run one on-demand type (SkyServe's replica): the one
     // that covers the peak alone for least (the cheapest per token may be
     // a big machine the trace would run mostly idle).
-    let Some(on_demand) = offers
-        .iter()
-        .filter(|o| o.capacity == CapacityType::OnDemand && o.tokens_per_s > 0.0)
-        .min_by(|a, b| {
-            let peak_cost = |o: &Offer| f64::from(replicas_for(peak, o).max(1)) * o.price_per_hour;
-            peak_cost(a).total_cmp(&peak_cost(b))
-        })
-        .cloned()
+    let Some((on_demand, peak_replicas)) =
+        cheapest_alone(&offers, CapacityType::OnDemand, None, peak)
     else {
         bail!("the catalog offers no on-demand capacity to compare with");
     };
+    let on_demand = on_demand.clone();
     let mut strata_config = config.clone();
     strata_config.pool.autoscale = true;
     let tail = Duration::from_secs(1800);
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut static_peak = Static {
         offer: on_demand.clone(),
-        replicas: replicas_for(peak, &on_demand).max(1),
+        replicas: peak_replicas,
     };
     outcomes.push(run_one(&scenario, &mut static_peak, tail).await);
     // SkyServe's policies get the same capacity, by queries: a replica's
