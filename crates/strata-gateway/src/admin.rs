@@ -673,7 +673,7 @@ async fn rotate_kek(
         };
         let old = vault.kek_id();
         let new = Kek::generate();
-        let id = vault.rotate_kek_to_file(new, &path).map_err(|e| {
+        let id = vault.rotate_kek_to_file(new, &path).await.map_err(|e| {
             tracing::error!(error = %e, "KEK rotation failed");
             ApiError::internal("KEK rotation failed; the old KEK is still in use.")
         })?;

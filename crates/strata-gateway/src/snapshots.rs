@@ -69,7 +69,7 @@ impl Snapshots {
                     table: TABLE,
                     row: session,
                 };
-                let sealed = vault.seal(at, bytes).map_err(|e| e.to_string())?;
+                let sealed = vault.seal(at, bytes).await.map_err(|e| e.to_string())?;
                 write_atomically(&path, &sealed).map_err(|e| format!("{}: {e}", path.display()))
             }
             Snapshots::Store(store) => store
@@ -91,7 +91,10 @@ impl Snapshots {
                     table: TABLE,
                     row: session,
                 };
-                vault.open_sealed(at, &sealed).map_err(|e| e.to_string())
+                vault
+                    .open_sealed(at, &sealed)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Snapshots::Store(store) => store
                 .take_snapshot(&TenantId(tenant.to_owned()), session)
@@ -272,7 +275,7 @@ mod tests {
             )
             .unwrap(),
         );
-        vault.create_tenant_key("ten_a").unwrap();
+        vault.create_tenant_key("ten_a").await.unwrap();
         let s = Snapshots::new(dir.path().join("snapshots"), vault);
         s.save("ten_a", "conv_1", b"SKV1 kv cells CANARY")
             .await

@@ -23,7 +23,7 @@ use strata_core::tenant::{
     Tenant, TenantId, AUDIT_GENESIS,
 };
 
-use crate::vault::{Binding, Vault};
+use crate::vault::{Binding, Kek, KekSource, Vault};
 
 mod conversations;
 
@@ -68,6 +68,30 @@ impl SqlStore {
             SqlStore::connect_postgres(db, vault).await
         } else {
             SqlStore::open_sqlite(Path::new(db), vault).await
+        }
+    }
+
+    /// Opens `db` with the keyring that belongs to it: on SQLite the file
+    /// `keyring_file`; on PostgreSQL the shared table (a `keyring_file` left
+    /// from a single-machine start is imported into it once).
+    pub async fn open_with_keyring(
+        db: &str,
+        kek: Kek,
+        source: KekSource,
+        keyring_file: &Path,
+    ) -> Result<(SqlStore, Arc<Vault>), StoreError> {
+        let crypto = |e: crate::vault::VaultError| StoreError::Crypto(e.to_string());
+        if is_postgres_url(db) {
+            let store = SqlStore::connect_postgres(db, None).await?;
+            let vault = Vault::open_shared(store.raw_pool(), kek, source, Some(keyring_file))
+                .await
+                .map_err(crypto)?;
+            let vault = Arc::new(vault);
+            Ok((store.with_vault(vault.clone()), vault))
+        } else {
+            let vault = Arc::new(Vault::open(keyring_file, kek, source).map_err(crypto)?);
+            let store = SqlStore::open_sqlite(Path::new(db), Some(vault.clone())).await?;
+            Ok((store, vault))
         }
     }
 
@@ -132,6 +156,13 @@ impl SqlStore {
             audit_lock: tokio::sync::Mutex::new(()),
             items_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// This store with `vault` sealing its tenant content (a shared keyring
+    /// is opened on the store's own pool, after its migrations).
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> SqlStore {
+        self.vault = Some(vault);
+        self
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -222,7 +253,7 @@ impl SqlStore {
     }
 
     /// Seals tenant content for row `row` of `table`.
-    pub(crate) fn seal(
+    pub(crate) async fn seal(
         &self,
         tenant: &TenantId,
         table: &str,
@@ -236,10 +267,12 @@ impl SqlStore {
         };
         self.vault()?
             .seal(at, plaintext)
+            .await
             .map_err(|e| StoreError::Crypto(e.to_string()))
     }
 
-    /// Opens what `seal` sealed for the same tenant, table and row.
+    /// Opens what `seal` sealed for the same tenant, table and row, with the
+    /// keys in memory: callers run it inside `unsealing`.
     pub(crate) fn unseal(
         &self,
         tenant: &TenantId,
@@ -253,8 +286,26 @@ impl SqlStore {
             row,
         };
         self.vault()?
-            .open_sealed(at, sealed)
+            .open_cached(at, sealed)
             .map_err(|e| StoreError::Crypto(e.to_string()))
+    }
+
+    /// Runs `open` (which unseals the tenant's rows) with the tenant's keys
+    /// ready, and once more if it failed and a shared keyring then read
+    /// newer keys (a version another gateway added).
+    pub(crate) async fn unsealing<T>(
+        &self,
+        tenant: &TenantId,
+        open: impl Fn() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let vault = self.vault()?;
+        let crypto = |e: crate::vault::VaultError| StoreError::Crypto(e.to_string());
+        vault.ready(tenant.as_str()).await.map_err(crypto)?;
+        let first = open();
+        if first.is_err() && vault.ready(tenant.as_str()).await.map_err(crypto)? {
+            return open();
+        }
+        first
     }
 }
 
@@ -552,6 +603,7 @@ impl TenantStore for SqlStore {
     async fn create_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
         self.vault()?
             .create_tenant_key(t.id.as_str())
+            .await
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let inserted = sqlx::query(&self.sql(
             "INSERT INTO tenants (id, name, isolation, requests_per_minute, tokens_per_minute, \
@@ -614,6 +666,7 @@ impl TenantStore for SqlStore {
         // Shred first: once the key is gone, no copy of the rows can be read.
         self.vault()?
             .destroy_tenant_key(id.as_str())
+            .await
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
         let tables = [
@@ -789,7 +842,7 @@ impl CompletionStore for SqlStore {
         tenant: &TenantId,
         c: &StoredCompletion,
     ) -> Result<(), StoreError> {
-        let sealed = self.seal(tenant, COMPLETIONS, &c.id, &c.content)?;
+        let sealed = self.seal(tenant, COMPLETIONS, &c.id, &c.content).await?;
         sqlx::query(
             &self.sql("INSERT INTO stored_completions (tenant_id, id, created_at_ms, model, sealed) \
              VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO UPDATE SET \
@@ -811,10 +864,13 @@ impl CompletionStore for SqlStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredCompletion>, StoreError> {
-        self.row(COMPLETIONS, tenant, id)
-            .await?
-            .map(|r| self.open_completion(tenant, &r))
-            .transpose()
+        let row = self.row(COMPLETIONS, tenant, id).await?;
+        self.unsealing(tenant, || {
+            row.as_ref()
+                .map(|r| self.open_completion(tenant, r))
+                .transpose()
+        })
+        .await
     }
 
     async fn completions(
@@ -823,7 +879,7 @@ impl CompletionStore for SqlStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredCompletion>, StoreError> {
-        sqlx::query(&self.sql(
+        let rows = sqlx::query(&self.sql(
             "SELECT * FROM stored_completions WHERE tenant_id = ?1 AND (?2 IS NULL OR \
              (created_at_ms, id) < (SELECT created_at_ms, id FROM stored_completions \
               WHERE tenant_id = ?1 AND id = ?2)) \
@@ -834,10 +890,13 @@ impl CompletionStore for SqlStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(query_err)?
-        .iter()
-        .map(|r| self.open_completion(tenant, r))
-        .collect()
+        .map_err(query_err)?;
+        self.unsealing(tenant, || {
+            rows.iter()
+                .map(|r| self.open_completion(tenant, r))
+                .collect()
+        })
+        .await
     }
 
     async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {

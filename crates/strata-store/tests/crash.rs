@@ -35,9 +35,7 @@ async fn crash_writer_child() {
     let (Ok(db), Ok(dir)) = (std::env::var(CHILD_DB), std::env::var(CHILD_DIR)) else {
         return;
     };
-    let store = SqlStore::open_any(&db, Some(common::vault(Path::new(&dir))))
-        .await
-        .unwrap();
+    let store = common::open(&db, Path::new(&dir)).await;
     let tenant = TenantId(TENANT.into());
     let run = std::process::id();
     for n in 0.. {
@@ -140,9 +138,7 @@ async fn settled(store: &SqlStore) {
 }
 
 async fn crash_many_times(db: &str, dir: &Path, kills: usize) {
-    let store = SqlStore::open_any(db, Some(common::vault(dir)))
-        .await
-        .unwrap();
+    let store = common::open(db, dir).await;
     store
         .create_tenant(&Tenant {
             id: TenantId(TENANT.into()),

@@ -615,8 +615,14 @@ fn gateway_settings(
 }
 
 /// The KEK (from `STRATA_KEK`, `security.kek_file`, or generated beside the
-/// database) and the keyring it opens.
-fn open_vault(config: &Config, dir: &Path) -> Result<Arc<Vault>> {
+/// database), the store and the keyring the KEK opens: a file beside a
+/// SQLite database, the shared table in PostgreSQL.
+async fn open_store_with_keyring(
+    config: &Config,
+    db: Option<&PathBuf>,
+) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
+    let dir = config.store.data_dir(db);
+    let database = config.store.database(db);
     let default_kek = dir.join("kek");
     let env = std::env::var("STRATA_KEK").ok();
     let (kek, source, generated) = Kek::load(
@@ -632,19 +638,23 @@ fn open_vault(config: &Config, dir: &Path) -> Result<Arc<Vault>> {
         );
     }
     let keyring = dir.join("keyring.json");
-    match Vault::open(&keyring, kek, source.clone()) {
-        Ok(v) => Ok(Arc::new(v)),
+    let pending = match &source {
+        KekSource::File(file) => Kek::pending_rotation(file).map(|p| (file.clone(), p)),
+        KekSource::Environment => None,
+    };
+    match SqlStore::open_with_keyring(&database, kek, source.clone(), &keyring).await {
+        Ok((store, vault)) => Ok((Arc::new(store), vault)),
         Err(first) => {
             // A KEK rotation interrupted between re-wrapping and renaming.
-            if let KekSource::File(file) = &source {
-                if let Some((new, pending)) = Kek::pending_rotation(file) {
-                    if let Ok(v) = Vault::open(&keyring, new, source.clone()) {
-                        std::fs::rename(&pending, file).with_context(|| {
-                            format!("cannot finish the KEK rotation into {}", file.display())
-                        })?;
-                        tracing::warn!("finished an interrupted KEK rotation");
-                        return Ok(Arc::new(v));
-                    }
+            if let Some((file, (new, pending))) = pending {
+                if let Ok((store, vault)) =
+                    SqlStore::open_with_keyring(&database, new, source, &keyring).await
+                {
+                    std::fs::rename(&pending, &file).with_context(|| {
+                        format!("cannot finish the KEK rotation into {}", file.display())
+                    })?;
+                    tracing::warn!("finished an interrupted KEK rotation");
+                    return Ok((Arc::new(store), vault));
                 }
             }
             Err(first.into())
@@ -655,9 +665,7 @@ fn open_vault(config: &Config, dir: &Path) -> Result<Arc<Vault>> {
 /// Opens the store and makes sure a platform admin key exists; a new one is
 /// printed once on stdout.
 async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
-    let vault = open_vault(config, &config.store.data_dir(db))?;
-    let database = config.store.database(db);
-    let store: Arc<dyn Store> = Arc::new(SqlStore::open_any(&database, Some(vault.clone())).await?);
+    let (store, vault) = open_store_with_keyring(config, db).await?;
     let admin_key =
         strata_gateway::admin::bootstrap(&*store, config.security.admin_key_file.as_deref())
             .await

@@ -82,7 +82,7 @@ impl SqlStore {
         .await
         .map_err(query_err)?;
         for (i, item) in items.iter().enumerate() {
-            let sealed = self.seal(tenant, ITEMS, &item.id, &item.content)?;
+            let sealed = self.seal(tenant, ITEMS, &item.id, &item.content).await?;
             sqlx::query(&self.sql(
                 "INSERT INTO conversation_items \
                  (tenant_id, conversation_id, seq, id, created_at_ms, sealed) \
@@ -110,7 +110,9 @@ impl ConversationStore for SqlStore {
         response: &StoredResponse,
         items: &[StoredItem],
     ) -> Result<bool, StoreError> {
-        let sealed = self.seal(tenant, RESPONSES, &response.id, &response.content)?;
+        let sealed = self
+            .seal(tenant, RESPONSES, &response.id, &response.content)
+            .await?;
         let _writer = self.items_lock.lock().await;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
         if let Some(conversation) = &response.conversation_id {
@@ -145,10 +147,13 @@ impl ConversationStore for SqlStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredResponse>, StoreError> {
-        self.row(RESPONSES, tenant, id)
-            .await?
-            .map(|r| self.response_from(tenant, &r))
-            .transpose()
+        let row = self.row(RESPONSES, tenant, id).await?;
+        self.unsealing(tenant, || {
+            row.as_ref()
+                .map(|r| self.response_from(tenant, r))
+                .transpose()
+        })
+        .await
     }
 
     async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
@@ -178,12 +183,14 @@ impl ConversationStore for SqlStore {
         conversation: &StoredConversation,
         items: &[StoredItem],
     ) -> Result<(), StoreError> {
-        let sealed = self.seal(
-            tenant,
-            CONVERSATIONS,
-            &conversation.id,
-            &conversation.content,
-        )?;
+        let sealed = self
+            .seal(
+                tenant,
+                CONVERSATIONS,
+                &conversation.id,
+                &conversation.content,
+            )
+            .await?;
         let _writer = self.items_lock.lock().await;
         let mut tx = self.pool.begin().await.map_err(query_err)?;
         sqlx::query(&self.sql(
@@ -207,10 +214,13 @@ impl ConversationStore for SqlStore {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredConversation>, StoreError> {
-        self.row(CONVERSATIONS, tenant, id)
-            .await?
-            .map(|r| self.conversation_from(tenant, &r))
-            .transpose()
+        let row = self.row(CONVERSATIONS, tenant, id).await?;
+        self.unsealing(tenant, || {
+            row.as_ref()
+                .map(|r| self.conversation_from(tenant, r))
+                .transpose()
+        })
+        .await
     }
 
     async fn update_conversation(
@@ -218,12 +228,14 @@ impl ConversationStore for SqlStore {
         tenant: &TenantId,
         conversation: &StoredConversation,
     ) -> Result<bool, StoreError> {
-        let sealed = self.seal(
-            tenant,
-            CONVERSATIONS,
-            &conversation.id,
-            &conversation.content,
-        )?;
+        let sealed = self
+            .seal(
+                tenant,
+                CONVERSATIONS,
+                &conversation.id,
+                &conversation.content,
+            )
+            .await?;
         let done = sqlx::query(
             &self.sql("UPDATE conversations SET sealed = ? WHERE tenant_id = ? AND id = ?"),
         )
@@ -301,10 +313,13 @@ impl ConversationStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err)?;
-        rows.iter()
-            .map(|r| self.item_from(tenant, r))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        self.unsealing(tenant, || {
+            rows.iter()
+                .map(|r| self.item_from(tenant, r))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map(Some)
     }
 
     async fn item(
@@ -313,7 +328,7 @@ impl ConversationStore for SqlStore {
         conversation: &str,
         id: &str,
     ) -> Result<Option<StoredItem>, StoreError> {
-        sqlx::query(&self.sql(
+        let row = sqlx::query(&self.sql(
             "SELECT * FROM conversation_items \
              WHERE tenant_id = ? AND conversation_id = ? AND id = ?",
         ))
@@ -322,9 +337,11 @@ impl ConversationStore for SqlStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(query_err)?
-        .map(|r| self.item_from(tenant, &r))
-        .transpose()
+        .map_err(query_err)?;
+        self.unsealing(tenant, || {
+            row.as_ref().map(|r| self.item_from(tenant, r)).transpose()
+        })
+        .await
     }
 
     async fn delete_item(
@@ -357,7 +374,7 @@ impl SnapshotStore for SqlStore {
         session: &str,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let sealed = self.seal(tenant, SNAPSHOTS, session, bytes)?;
+        let sealed = self.seal(tenant, SNAPSHOTS, session, bytes).await?;
         sqlx::query(&self.sql(
             "INSERT INTO kv_snapshots (tenant_id, session, created_at_ms, sealed) VALUES (?, ?, ?, ?) \
              ON CONFLICT (tenant_id, session) DO UPDATE SET \
@@ -402,7 +419,9 @@ impl SnapshotStore for SqlStore {
         if done.rows_affected() != 1 {
             return Ok(None);
         }
-        self.unseal(tenant, SNAPSHOTS, session, &sealed).map(Some)
+        self.unsealing(tenant, || self.unseal(tenant, SNAPSHOTS, session, &sealed))
+            .await
+            .map(Some)
     }
 
     async fn has_snapshot(&self, tenant: &TenantId, session: &str) -> Result<bool, StoreError> {

@@ -24,9 +24,21 @@ pub fn tenant(name: &str) -> strata_core::tenant::Tenant {
     }
 }
 
+pub fn kek() -> Kek {
+    Kek::from_hex(&"3c".repeat(32)).unwrap()
+}
+
 pub fn vault(dir: &Path) -> Arc<Vault> {
-    let kek = Kek::from_hex(&"3c".repeat(32)).unwrap();
-    Arc::new(Vault::open(&dir.join("keyring.json"), kek, KekSource::Environment).unwrap())
+    Arc::new(Vault::open(&dir.join("keyring.json"), kek(), KekSource::Environment).unwrap())
+}
+
+/// The store at `db` (SQLite path or PostgreSQL URL) with its keyring: the
+/// file in `dir`, or the table of a shared PostgreSQL.
+pub async fn open(db: &str, dir: &Path) -> SqlStore {
+    SqlStore::open_with_keyring(db, kek(), KekSource::Environment, &dir.join("keyring.json"))
+        .await
+        .unwrap()
+        .0
 }
 
 /// A PostgreSQL database for one test: a fresh schema.
@@ -66,10 +78,10 @@ impl PgSchema {
         )
     }
 
+    /// A store on this schema with the keyring kept in it (as every
+    /// gateway of a cluster opens it).
     pub async fn store(&self, dir: &Path) -> SqlStore {
-        SqlStore::connect_postgres(&self.url(), Some(vault(dir)))
-            .await
-            .unwrap()
+        open(&self.url(), dir).await
     }
 
     pub async fn drop(self) {
