@@ -267,6 +267,12 @@ pub struct GatewayConfig {
     pub require_tls: bool,
     /// How a request without a session picks its replica.
     pub routing: Routing,
+    /// `redis://host:port/db` where every gateway of a cluster keeps the
+    /// rate limits (exact across gateways); unset: each gateway limits alone.
+    pub shared_limits_url: Option<String>,
+    /// Seconds a tenant's month spend, read from a shared (PostgreSQL)
+    /// ledger, is trusted before it is read again.
+    pub budget_refresh_secs: f64,
 }
 
 /// `prefix`: where the longest prefix of the prompt went before (its KV
@@ -295,6 +301,8 @@ impl Default for GatewayConfig {
             tls_key_file: None,
             require_tls: false,
             routing: Routing::Prefix,
+            shared_limits_url: None,
+            budget_refresh_secs: 5.0,
         }
     }
 }
@@ -525,6 +533,20 @@ impl Config {
         if !positive(self.gateway.queue_timeout_secs) {
             bad(
                 "gateway.queue_timeout_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        if let Some(url) = &self.gateway.shared_limits_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                bad(
+                    "gateway.shared_limits_url",
+                    format!("`{url}` is not a redis:// or rediss:// URL"),
+                );
+            }
+        }
+        if !positive(self.gateway.budget_refresh_secs) {
+            bad(
+                "gateway.budget_refresh_secs",
                 "must be greater than 0".into(),
             );
         }

@@ -72,7 +72,10 @@ async fn main() {
     );
     let policy = Arc::new(Policy {
         limiter: Default::default(),
+        shared_limits: None,
         budgets: Default::default(),
+        budget_refresh: None,
+        metrics: Default::default(),
         pools: Pools::new(1024),
         replicas: Arc::new(ReplicaSet::default()),
         slots_per_replica: 64,

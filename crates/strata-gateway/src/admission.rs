@@ -17,11 +17,21 @@ use crate::auth::Principal;
 use crate::budget::{month_start_ms, Budgets};
 use crate::fairq::{Admission, FairPermit, FairQueue, Pools, OUTPUT_WEIGHT, PROMPT_WEIGHT};
 use crate::limits::{Bucket, Limited, Limiter, Refusal};
+use crate::metrics::GatewayMetrics;
 use crate::replicas::ReplicaSet;
+use crate::shared_limits::SharedLimiter;
 
 pub struct Policy {
     pub limiter: Limiter,
+    /// Limits kept in Redis for every gateway of a cluster; `limiter` is
+    /// used when there is none or it cannot be reached.
+    pub shared_limits: Option<SharedLimiter>,
     pub budgets: Budgets,
+    /// Where several gateways spend from one budget: how old a tenant's
+    /// month spend (read from the shared ledger) may get before it is read
+    /// again. `None`: this gateway is the only one, its own count is exact.
+    pub budget_refresh: Option<Duration>,
+    pub metrics: Arc<GatewayMetrics>,
     pub pools: Pools,
     pub replicas: Arc<ReplicaSet>,
     pub slots_per_replica: usize,
@@ -92,6 +102,21 @@ impl Policy {
         self.pricing.get(model).copied().unwrap_or_default()
     }
 
+    /// Checks the buckets in Redis when limits are shared, else (or when
+    /// Redis fails) here; the bool says Redis admitted it.
+    async fn check_limits(&self, buckets: &[Bucket]) -> (Result<(), Limited>, bool) {
+        if let Some(shared) = &self.shared_limits {
+            match shared.check(buckets).await {
+                Ok(verdict) => return (verdict, true),
+                Err(e) => {
+                    self.metrics.limits_fallback.inc();
+                    tracing::warn!(error = %e, "shared rate limits unreachable; limiting on this gateway alone");
+                }
+            }
+        }
+        (self.limiter.check(self.now(), buckets), false)
+    }
+
     /// Checks access, limits and budget, then waits for a slot in the fair
     /// queue. The returned `Charge` settles everything when dropped.
     pub async fn admit(
@@ -116,7 +141,8 @@ impl Policy {
         }
         let tokens = estimate.tokens();
         let buckets = limit_buckets(p, tokens);
-        if let Err(Limited { bucket, refusal }) = self.limiter.check(self.now(), &buckets) {
+        let (verdict, shared) = self.check_limits(&buckets).await;
+        if let Err(Limited { bucket, refusal }) = verdict {
             let what = if bucket.ends_with(":rpm") {
                 "requests"
             } else {
@@ -152,19 +178,23 @@ impl Policy {
             estimate,
             price: self.price(model),
             budgeted: false,
+            shared,
             permit: None,
             usage: None,
         };
         if let Some(budget) = p.tenant.monthly_budget_usd {
             let now_ms = crate::now_ms();
-            if self.budgets.known(charge.tenant.as_str(), now_ms).is_none() {
+            if self
+                .budgets
+                .needs_read(&charge.tenant, now_ms, self.budget_refresh)
+            {
                 let start = month_start_ms(now_ms);
                 let spent = self
                     .store
                     .tenant_spend(&p.tenant.id, start)
                     .await
                     .map_err(crate::admin::store_error)?;
-                self.budgets.load(&charge.tenant, start, spent);
+                self.budgets.load(&charge.tenant, start, spent, now_ms);
             }
             let cost = charge.estimated_cost();
             if let Err(over) = self.budgets.reserve(&charge.tenant, budget, cost) {
@@ -209,6 +239,8 @@ pub struct Charge {
     estimate: Estimate,
     price: ModelPrice,
     budgeted: bool,
+    /// The limits were checked in Redis (so they are settled there).
+    shared: bool,
     permit: Option<FairPermit>,
     usage: Option<Usage>,
 }
@@ -234,8 +266,24 @@ impl Drop for Charge {
     fn drop(&mut self) {
         let used = Estimate::from(self.usage.take().unwrap_or_default());
         let delta = used.tokens() as i64 - self.estimate.tokens() as i64;
-        for b in &self.buckets {
-            self.policy.limiter.adjust(&b.name, b.per_minute, delta);
+        match (&self.policy.shared_limits, self.shared) {
+            (Some(shared), true) if delta != 0 => {
+                let (shared, buckets) = (shared.clone(), std::mem::take(&mut self.buckets));
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        for b in buckets {
+                            if let Err(e) = shared.adjust(&b.name, b.per_minute, delta).await {
+                                tracing::warn!(error = %e, bucket = %b.name, "shared rate limit not settled");
+                            }
+                        }
+                    });
+                }
+            }
+            _ => {
+                for b in &self.buckets {
+                    self.policy.limiter.adjust(&b.name, b.per_minute, delta);
+                }
+            }
         }
         if self.budgeted {
             let (estimated, actual) = (self.estimated_cost(), self.cost_of(used));

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Unix milliseconds of the start of the UTC calendar month holding `now_ms`.
 pub fn month_start_ms(now_ms: i64) -> i64 {
@@ -31,6 +32,8 @@ pub struct MonthSpend {
     pub month_start_ms: i64,
     pub spent: f64,
     pub reserved: f64,
+    /// When `spent` was read from the ledger.
+    pub read_at_ms: i64,
 }
 
 /// Why a request may not start.
@@ -77,20 +80,32 @@ impl Budgets {
             .copied()
     }
 
-    /// Records the ledger's figure for a month (unless a newer one is there).
-    pub fn load(&self, tenant: &str, month_start_ms: i64, spent: f64) {
+    /// Whether the tenant's spend must be read from the ledger: not known
+    /// for this month, or (where other gateways spend too) read longer
+    /// than `refresh` ago.
+    pub fn needs_read(&self, tenant: &str, now_ms: i64, refresh: Option<Duration>) -> bool {
+        match self.known(tenant, now_ms) {
+            None => true,
+            Some(m) => refresh.is_some_and(|r| now_ms - m.read_at_ms >= r.as_millis() as i64),
+        }
+    }
+
+    /// Records the ledger's figure for a month read at `now_ms`; requests in
+    /// flight keep their reservations within the same month.
+    pub fn load(&self, tenant: &str, month_start_ms: i64, spent: f64, now_ms: i64) {
         let mut months = self.months.lock().expect("budget lock");
-        let m = months.entry(tenant.to_owned()).or_insert(MonthSpend {
+        let fresh = MonthSpend {
             month_start_ms,
             spent,
             reserved: 0.0,
-        });
+            read_at_ms: now_ms,
+        };
+        let m = months.entry(tenant.to_owned()).or_insert(fresh);
         if m.month_start_ms != month_start_ms {
-            *m = MonthSpend {
-                month_start_ms,
-                spent,
-                reserved: 0.0,
-            };
+            *m = fresh;
+        } else {
+            m.spent = spent;
+            m.read_at_ms = now_ms;
         }
     }
 
@@ -131,6 +146,7 @@ mod tests {
             month_start_ms: 0,
             spent: 0.0,
             reserved: 0.0,
+            read_at_ms: 0,
         };
         m.reserve(1.0, 0.6).unwrap();
         assert!(
@@ -148,6 +164,26 @@ mod tests {
                 spent: m.spent
             })
         );
+    }
+
+    #[test]
+    fn shared_budgets_are_read_again_after_the_refresh() {
+        let b = Budgets::default();
+        let t0 = 1_796_005_521_000;
+        assert!(b.needs_read("t", t0, None));
+        b.load("t", month_start_ms(t0), 0.5, t0);
+        b.reserve("t", 1.0, 0.3).unwrap();
+        // One gateway alone never reads again within the month.
+        assert!(!b.needs_read("t", t0 + 3_600_000, None));
+        let refresh = Some(Duration::from_secs(5));
+        assert!(!b.needs_read("t", t0 + 4_999, refresh));
+        assert!(b.needs_read("t", t0 + 5_000, refresh));
+        // Another gateway spent 0.4 meanwhile: the ledger says 0.9, and the
+        // reservation in flight here still counts.
+        b.load("t", month_start_ms(t0), 0.9, t0 + 5_000);
+        assert!(b.reserve("t", 1.0, 0.05).is_err());
+        b.settle("t", 0.3, 0.0);
+        b.reserve("t", 1.0, 0.05).unwrap();
     }
 
     proptest! {

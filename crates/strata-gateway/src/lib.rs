@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod replicas;
 mod responses;
 pub mod router;
+pub mod shared_limits;
 pub mod snapshots;
 pub mod stored;
 
@@ -58,6 +59,8 @@ pub enum GatewayError {
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("gateway.shared_limits_url: {0}")]
+    SharedLimits(String),
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +94,12 @@ pub struct GatewaySettings {
     /// The controller of the replicas, when it runs beside this gateway:
     /// it asks for drains, and takes preemption notices from the admin API.
     pub link: Option<strata_core::link::GatewayLink>,
+    /// Redis URL where every gateway of a cluster keeps the rate limits.
+    pub shared_limits_url: Option<String>,
+    /// How old a tenant's month spend may get before it is read again from
+    /// the ledger (other gateways spend from the same budget); `None` on
+    /// one machine.
+    pub budget_refresh: Option<Duration>,
 }
 
 pub use strata_core::Load;
@@ -173,9 +182,20 @@ pub async fn serve(
     replicas.set_prefix_routing(settings.routing == strata_core::config::Routing::Prefix);
     let client = replica_client(settings.replica_tls.as_ref(), settings.connect_timeout)?;
     let (ledger, ledger_task) = Ledger::spawn(store.clone(), metrics.clone());
+    let shared_limits = match &settings.shared_limits_url {
+        Some(url) => Some(
+            shared_limits::SharedLimiter::connect(url)
+                .await
+                .map_err(GatewayError::SharedLimits)?,
+        ),
+        None => None,
+    };
     let policy = Arc::new(Policy {
         limiter: Default::default(),
+        shared_limits,
         budgets: Default::default(),
+        budget_refresh: settings.budget_refresh,
+        metrics: metrics.clone(),
         pools: fairq::Pools::new(settings.max_waiting_per_tenant),
         replicas: replicas.clone(),
         slots_per_replica: settings.slots_per_replica,

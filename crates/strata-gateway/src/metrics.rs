@@ -19,6 +19,9 @@ pub struct GatewayMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Counter,
     pub ledger_dropped: Counter,
+    /// Requests checked by this gateway's own limiter because the shared
+    /// (Redis) one could not be reached.
+    pub limits_fallback: Counter,
     pub replicas_ready: Gauge,
     pub latency: Histogram,
     pub first_byte: Histogram,
@@ -76,6 +79,7 @@ impl GatewayMetrics {
             requests: Family::default(),
             retries: Counter::default(),
             ledger_dropped: Counter::default(),
+            limits_fallback: Counter::default(),
             replicas_ready: Gauge::default(),
             latency: Histogram::new(buckets),
             first_byte: Histogram::new(buckets),
@@ -101,6 +105,11 @@ impl GatewayMetrics {
             "ledger_dropped",
             "Usage rows dropped because the writer fell behind",
             m.ledger_dropped.clone(),
+        );
+        registry.register(
+            "shared_limits_fallback",
+            "Requests rate-limited by this gateway alone because Redis was unreachable",
+            m.limits_fallback.clone(),
         );
         registry.register(
             "replicas_ready",

@@ -27,7 +27,10 @@ async fn policy(dir: &std::path::Path) -> Arc<Policy> {
     );
     Arc::new(Policy {
         limiter: Default::default(),
+        shared_limits: None,
         budgets: Default::default(),
+        budget_refresh: None,
+        metrics: Default::default(),
         pools: Pools::new(1),
         replicas: Arc::new(ReplicaSet::default()),
         slots_per_replica: 1,

@@ -611,6 +611,10 @@ fn gateway_settings(
         load: None,
         hold_when_empty: false,
         link: None,
+        shared_limits_url: config.gateway.shared_limits_url.clone(),
+        // Other gateways spend from the same budgets only on a shared database.
+        budget_refresh: strata_core::config::is_postgres_url(&config.store.database(db))
+            .then(|| Duration::from_secs_f64(config.gateway.budget_refresh_secs)),
     })
 }
 
