@@ -4,6 +4,7 @@
 //! the cost ledger, and model provisioning (`strata model fetch`).
 
 pub mod autoscale;
+pub mod cluster;
 pub mod controller;
 pub mod cost;
 pub mod leader;

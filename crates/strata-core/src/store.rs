@@ -412,6 +412,25 @@ pub trait LeaseStore: Send + Sync {
     async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError>;
 }
 
+/// One gateway's last report of its load (a cluster's gateways report to
+/// the controller through the store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayLoad {
+    pub gateway: String,
+    pub load: crate::Load,
+    /// How long ago it reported, on the store's clock.
+    pub age_ms: i64,
+}
+
+#[async_trait]
+pub trait LoadStore: Send + Sync {
+    /// Replaces `gateway`'s report, stamped with the store's clock.
+    async fn report_load(&self, gateway: &str, load: &crate::Load) -> Result<(), StoreError>;
+    /// Every gateway's last report; reports older than `forget_ms` are
+    /// deleted first (gateways that went away).
+    async fn gateway_loads(&self, forget_ms: i64) -> Result<Vec<GatewayLoad>, StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
     UsageStore
@@ -424,6 +443,7 @@ pub trait Store:
     + SnapshotStore
     + DecisionStore
     + LeaseStore
+    + LoadStore
     + 'static
 {
 }
@@ -439,6 +459,7 @@ impl<T> Store for T where
         + SnapshotStore
         + DecisionStore
         + LeaseStore
+        + LoadStore
         + 'static
 {
 }

@@ -14,14 +14,15 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 use strata_core::config::{is_postgres_url, CapacityType};
 use strata_core::store::{
-    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceKind, InstanceRecord,
-    InstanceState, InstanceStore, KeyStore, Lease, LeaseStore, ReplicaUsage, StoreError,
-    StoredCompletion, TenantStore, UsageRecord, UsageStore, UsageTotals,
+    AuditStore, CompletionStore, DecisionRecord, DecisionStore, GatewayLoad, InstanceKind,
+    InstanceRecord, InstanceState, InstanceStore, KeyStore, Lease, LeaseStore, LoadStore,
+    ReplicaUsage, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore, UsageTotals,
 };
 use strata_core::tenant::{
     audit_hash, digest_lookup, ApiKeyRecord, AuditEntry, AuditRecord, Isolation, RateLimits, Role,
     Tenant, TenantId, AUDIT_GENESIS,
 };
+use strata_core::Load;
 
 use crate::vault::{Binding, Kek, KekSource, Vault};
 
@@ -953,6 +954,71 @@ impl LeaseStore for SqlStore {
             expires_at_ms: r.get("expires_at_ms"),
             transitions: r.get("transitions"),
         }))
+    }
+}
+
+#[async_trait]
+impl LoadStore for SqlStore {
+    async fn report_load(&self, gateway: &str, l: &Load) -> Result<(), StoreError> {
+        let now = self.now_ms_sql();
+        let q = format!(
+            "INSERT INTO gateway_loads (gateway, reported_at_ms, requests_total, tokens_total, \
+             prompt_tokens_total, in_flight, waiting, routable, ttft_p95_ms, tpot_p95_ms) \
+             VALUES (?, {now}, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET \
+             reported_at_ms = excluded.reported_at_ms, requests_total = excluded.requests_total, \
+             tokens_total = excluded.tokens_total, prompt_tokens_total = excluded.prompt_tokens_total, \
+             in_flight = excluded.in_flight, waiting = excluded.waiting, routable = excluded.routable, \
+             ttft_p95_ms = excluded.ttft_p95_ms, tpot_p95_ms = excluded.tpot_p95_ms"
+        );
+        sqlx::query(&self.sql(&q))
+            .bind(gateway)
+            .bind(l.requests_total as i64)
+            .bind(l.tokens_total as i64)
+            .bind(l.prompt_tokens_total as i64)
+            .bind(l.in_flight as i64)
+            .bind(l.waiting as i64)
+            .bind(l.routable as i64)
+            .bind(l.ttft_p95_ms)
+            .bind(l.tpot_p95_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err)?;
+        Ok(())
+    }
+
+    async fn gateway_loads(&self, forget_ms: i64) -> Result<Vec<GatewayLoad>, StoreError> {
+        let now = self.now_ms_sql();
+        sqlx::query(&self.sql(&format!(
+            "DELETE FROM gateway_loads WHERE reported_at_ms < {now} - ?"
+        )))
+        .bind(forget_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err)?;
+        let rows = sqlx::query(&format!(
+            "SELECT *, {now} - reported_at_ms AS age_ms FROM gateway_loads ORDER BY gateway"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        let count = |r: &AnyRow, col: &str| r.get::<i64, _>(col).max(0) as u64;
+        Ok(rows
+            .iter()
+            .map(|r| GatewayLoad {
+                gateway: r.get("gateway"),
+                age_ms: r.get("age_ms"),
+                load: Load {
+                    requests_total: count(r, "requests_total"),
+                    tokens_total: count(r, "tokens_total"),
+                    prompt_tokens_total: count(r, "prompt_tokens_total"),
+                    in_flight: count(r, "in_flight") as usize,
+                    waiting: count(r, "waiting") as usize,
+                    routable: count(r, "routable") as usize,
+                    ttft_p95_ms: r.get("ttft_p95_ms"),
+                    tpot_p95_ms: r.get("tpot_p95_ms"),
+                },
+            })
+            .collect())
     }
 }
 

@@ -42,8 +42,13 @@ struct Cli {
 enum Command {
     /// Everything on this machine: gateway + engine replicas + SQLite store.
     Serve(ServeArgs),
-    /// The gateway alone, in front of OpenAI-compatible replicas given by URL.
+    /// The gateway alone, in front of OpenAI-compatible replicas given by
+    /// URL, or (with a PostgreSQL database and no --replica) of a cluster's
+    /// replicas, as `strata controller` records them.
     Gateway(GatewayArgs),
+    /// The pool's controller as a process of its own, for a cluster of
+    /// gateways on one PostgreSQL; the copy that holds the lease acts.
+    Controller(cluster::ControllerArgs),
     /// One engine replica: the embedded llama.cpp engine and its HTTP server.
     Engine(EngineArgs),
     /// Model files.
@@ -361,6 +366,11 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             runtime()?.block_on(run_serve(load_config(&cli.config)?, &cli.config, args))
         }
+        Command::Controller(args) => runtime()?.block_on(cluster::run_controller(
+            load_config(&cli.config)?,
+            &cli.config,
+            args,
+        )),
         Command::Tenant(args) => runtime()?.block_on(admin::tenant(args)),
         Command::Key(args) => runtime()?.block_on(admin::key(args)),
         Command::Keys(args) => runtime()?.block_on(admin::keys(args)),
@@ -421,6 +431,7 @@ fn main() -> Result<()> {
 
 mod admin;
 mod chart;
+mod cluster;
 mod simulate;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -670,10 +681,16 @@ async fn open_store_with_keyring(
 /// printed once on stdout.
 async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
     let (store, vault) = open_store_with_keyring(config, db).await?;
+    // Gateways of a cluster may start together: one bootstraps at a time
+    // (the lease runs out by itself if this one dies half-way).
+    let me = cluster::process_name();
+    while !store.claim_lease("bootstrap", &me, 30_000).await? {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let admin_key =
-        strata_gateway::admin::bootstrap(&*store, config.security.admin_key_file.as_deref())
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        strata_gateway::admin::bootstrap(&*store, config.security.admin_key_file.as_deref()).await;
+    store.release_lease("bootstrap", &me).await?;
+    let admin_key = admin_key.map_err(|e| anyhow::anyhow!(e))?;
     if let Some(secret) = admin_key {
         println!("strata: platform admin key (shown once, keep it safe): {secret}");
     }
@@ -689,8 +706,10 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
         .chain(&args.replicas)
         .cloned()
         .collect();
-    if urls.is_empty() {
-        bail!("no replicas: pass --replica URL (repeatable) or set gateway.replicas");
+    let in_cluster = urls.is_empty()
+        && strata_core::config::is_postgres_url(&config.store.database(args.db.as_ref()));
+    if urls.is_empty() && !in_cluster {
+        bail!("no replicas: pass --replica URL (repeatable), set gateway.replicas, or use a PostgreSQL database where `strata controller` records them");
     }
     let endpoints = urls
         .iter()
@@ -698,7 +717,14 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let (_keep, rx) = watch::channel(endpoints);
     let (store, vault) = open_store(&config, args.db.as_ref()).await?;
-    strata_gateway::serve(settings, rx, store, Some(vault), shutdown_on_signal()).await?;
+    let shutdown = shutdown_on_signal();
+    let mut settings = settings;
+    let rx = if in_cluster {
+        cluster::gateway_in_cluster(&store, &mut settings, &shutdown)
+    } else {
+        rx
+    };
+    strata_gateway::serve(settings, rx, store, Some(vault), shutdown).await?;
     Ok(())
 }
 
@@ -722,31 +748,31 @@ fn parse_replica(arg: &str) -> Result<ReplicaEndpoint> {
     })
 }
 
-async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Result<()> {
-    let replicas = args.replicas.unwrap_or(config.serve.replicas);
-    if !(1..=64).contains(&replicas) {
-        bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
-    }
-    let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
-    // The engines are this process's children and stop with it.
-    gateway.drain_on_shutdown = true;
-    // Dedicated tenants' replicas share the cores too, and an autoscaled
-    // pool may grow to its maximum: threads are split so it never
-    // oversubscribes them (llama.cpp's threads spin).
-    let pool = if config.pool.autoscale {
-        config.pool.max_replicas
-    } else {
-        replicas
-    };
-    let processes = pool + config.serve.dedicated.values().sum::<u32>();
-    let engine = engine_settings(&config, &args.engine, processes);
+/// How this machine launches engine replicas (the `local` provider): the
+/// settings, the replicas' mutual-TLS certificates when `serve.replica_mtls`
+/// is on, and the client that checks their health.
+struct LocalLaunch {
+    settings: LocalSettings,
+    replica_tls: Option<strata_core::tls::ReplicaPki>,
+    health: reqwest::Client,
+}
+
+/// Engine processes of at most `processes` at once (threads are split so
+/// they never oversubscribe the cores: llama.cpp's threads spin).
+fn local_launch(
+    config: &Config,
+    config_path: &Path,
+    flags: &EngineFlags,
+    processes: u32,
+    db: Option<&PathBuf>,
+) -> Result<LocalLaunch> {
+    let engine = engine_settings(config, flags, processes);
     if !engine.model_path.is_file() {
         bail!(
             "model file {} does not exist; run `strata model fetch` or pass --model",
             engine.model_path.display()
         );
     }
-    let (store, vault) = open_store(&config, args.db.as_ref()).await?;
     let mut engine_args = vec![
         "--model".to_string(),
         engine.model_path.display().to_string(),
@@ -757,12 +783,9 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         "--context-size".into(),
         engine.context_size.to_string(),
     ];
+    let mut replica_tls = None;
     if config.serve.replica_mtls {
-        let dir = config
-            .store
-            .data_dir(args.db.as_ref())
-            .join("tls")
-            .join("replicas");
+        let dir = config.store.data_dir(db).join("tls").join("replicas");
         let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
         for (flag, path) in [
             ("--tls-cert", &pki.server.cert),
@@ -772,35 +795,74 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
             engine_args.push(flag.into());
             engine_args.push(path.display().to_string());
         }
-        gateway.replica_tls = Some(pki);
+        replica_tls = Some(pki);
     }
-    let health_client =
-        strata_gateway::replica_client(gateway.replica_tls.as_ref(), Duration::from_secs(2))?;
+    let health = strata_gateway::replica_client(replica_tls.as_ref(), Duration::from_secs(2))?;
     // Engine children read the same config file, when there is one.
     if let Ok(path) = std::fs::canonicalize(config_path) {
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
     }
+    let settings = LocalSettings {
+        program: std::env::current_exe().context("cannot find this program's path")?,
+        engine_args,
+        default_threads: engine.threads,
+        instance_types: config.instance_types.clone(),
+        pool: "default".into(),
+        model: engine.model_name.clone(),
+        https: replica_tls.is_some(),
+        dedicated: config.serve.dedicated.clone(),
+        startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
+        preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
+        random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
+        drain_wait: Duration::from_secs(30),
+    };
+    Ok(LocalLaunch {
+        settings,
+        replica_tls,
+        health,
+    })
+}
+
+/// The engine processes a pool of `replicas` may need at once.
+fn pool_processes(config: &Config, replicas: u32) -> Result<(u32, u32)> {
+    if !(1..=64).contains(&replicas) {
+        bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
+    }
+    // An autoscaled pool may grow to its maximum.
+    let pool = if config.pool.autoscale {
+        config.pool.max_replicas
+    } else {
+        replicas
+    };
+    Ok((
+        replicas,
+        pool + config.serve.dedicated.values().sum::<u32>(),
+    ))
+}
+
+async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Result<()> {
+    let (replicas, processes) =
+        pool_processes(&config, args.replicas.unwrap_or(config.serve.replicas))?;
+    let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
+    // The engines are this process's children and stop with it.
+    gateway.drain_on_shutdown = true;
+    let launch = local_launch(
+        &config,
+        config_path,
+        &args.engine,
+        processes,
+        args.db.as_ref(),
+    )?;
+    let (store, vault) = open_store(&config, args.db.as_ref()).await?;
+    gateway.replica_tls = launch.replica_tls.clone();
     let (publish, endpoints) = watch::channel(Vec::new());
     let (gateway_link, controller_link) = strata_core::link::link();
     gateway.link = Some(gateway_link);
     let provider = LocalProvider::new(
-        LocalSettings {
-            program: std::env::current_exe().context("cannot find this program's path")?,
-            engine_args,
-            default_threads: engine.threads,
-            instance_types: config.instance_types.clone(),
-            pool: "default".into(),
-            model: engine.model_name.clone(),
-            https: gateway.replica_tls.is_some(),
-            dedicated: config.serve.dedicated.clone(),
-            startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
-            preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
-            random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
-            drain_wait: Duration::from_secs(30),
-        },
+        launch.settings,
         store.clone(),
         publish,
-        health_client,
+        launch.health,
         controller_link,
     );
     let shutdown = shutdown_on_signal();

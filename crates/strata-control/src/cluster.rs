@@ -1,0 +1,271 @@
+//! The controller and the gateways as separate processes sharing one
+//! PostgreSQL (cluster mode): the gateways report their load to the store
+//! every second and read the replicas' endpoints from the instances the
+//! controller records; the controller sums the gateways' reports into the
+//! one `Load` its autoscaler reads.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_core::store::{GatewayLoad, InstanceRecord, InstanceState, Store};
+use strata_core::{Load, ReplicaEndpoint};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How often gateways report and the controller reads.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A report older than this no longer counts for the gauges (in flight,
+/// waiting, latency): its gateway is gone or cut off.
+pub const FRESH_MS: i64 = 5_000;
+/// Reports older than this are deleted.
+pub const FORGET_MS: i64 = 3_600_000;
+
+/// The cluster's load from the gateways' reports. Counters (requests,
+/// tokens) are each gateway's own totals since it started, so the sum
+/// grows by every gateway's increase since the last read: a gateway seen
+/// for the first time counts from then on, one that restarted (its total
+/// went down) from zero, and one that went away stops adding.
+#[derive(Debug, Default)]
+pub struct ClusterLoad {
+    last: BTreeMap<String, Load>,
+    total: Load,
+}
+
+impl ClusterLoad {
+    pub fn update(&mut self, reports: &[GatewayLoad]) -> Load {
+        let mut now = Load {
+            requests_total: self.total.requests_total,
+            tokens_total: self.total.tokens_total,
+            prompt_tokens_total: self.total.prompt_tokens_total,
+            ..Load::default()
+        };
+        for r in reports {
+            let l = &r.load;
+            if let Some(before) = self.last.get(&r.gateway) {
+                let grew = |new: u64, old: u64| if new >= old { new - old } else { new };
+                now.requests_total += grew(l.requests_total, before.requests_total);
+                now.tokens_total += grew(l.tokens_total, before.tokens_total);
+                now.prompt_tokens_total += grew(l.prompt_tokens_total, before.prompt_tokens_total);
+            }
+            self.last.insert(r.gateway.clone(), *l);
+            if r.age_ms > FRESH_MS {
+                continue;
+            }
+            now.in_flight += l.in_flight;
+            now.waiting += l.waiting;
+            // Every gateway sees the same replicas; the most any sees.
+            now.routable = now.routable.max(l.routable);
+            now.ttft_p95_ms = max_of(now.ttft_p95_ms, l.ttft_p95_ms);
+            now.tpot_p95_ms = max_of(now.tpot_p95_ms, l.tpot_p95_ms);
+        }
+        self.last
+            .retain(|g, _| reports.iter().any(|r| &r.gateway == g));
+        self.total = now;
+        now
+    }
+}
+
+fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// The replicas a gateway should route to: instances that have not ended
+/// (the gateway's health checks decide which of them take requests).
+pub fn endpoints(instances: &[InstanceRecord]) -> Vec<ReplicaEndpoint> {
+    let mut out: Vec<ReplicaEndpoint> = instances
+        .iter()
+        .filter(|i| {
+            i.ended_at_ms.is_none()
+                && matches!(i.state, InstanceState::Starting | InstanceState::Ready)
+        })
+        .map(|i| ReplicaEndpoint {
+            id: i.id.clone(),
+            url: i.endpoint.clone(),
+            reserved_for: None,
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// Gateway side: reports this gateway's load every `REPORT_EVERY` until
+/// `cancel`.
+pub async fn report_load(
+    store: Arc<dyn Store>,
+    gateway: String,
+    load: watch::Receiver<Load>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let l = *load.borrow();
+        if let Err(e) = store.report_load(&gateway, &l).await {
+            tracing::warn!(error = %e, "cannot report this gateway's load");
+        }
+    }
+}
+
+/// Gateway side: publishes the recorded replicas every `REPORT_EVERY`
+/// until `cancel` (the last list stays when the store cannot be read).
+pub async fn discover_replicas(
+    store: Arc<dyn Store>,
+    publish: watch::Sender<Vec<ReplicaEndpoint>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match store.instances().await {
+            Ok(instances) => {
+                let found = endpoints(&instances);
+                publish.send_if_modified(|now| {
+                    let changed = *now != found;
+                    if changed {
+                        tracing::info!(replicas = found.len(), "replicas changed");
+                        *now = found;
+                    }
+                    changed
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the replicas"),
+        }
+    }
+}
+
+/// Controller side: publishes the cluster's load every `REPORT_EVERY`
+/// until `cancel`.
+pub async fn gather_load(
+    store: Arc<dyn Store>,
+    publish: watch::Sender<Load>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    let mut sum = ClusterLoad::default();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match store.gateway_loads(FORGET_MS).await {
+            Ok(reports) => {
+                publish.send_replace(sum.update(&reports));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the gateways' load"),
+        }
+    }
+}
+
+/// Controller side, on taking over: instances a previous leader left
+/// running are recorded as ended (its engines stopped with it, or it was
+/// cut off and stops acting); `own` says which ids are this process's.
+pub async fn close_orphans(store: &dyn Store, own: impl Fn(&str) -> bool) -> usize {
+    let Ok(instances) = store.instances().await else {
+        return 0;
+    };
+    let mut closed = 0;
+    for mut i in instances
+        .into_iter()
+        .filter(|i| i.ended_at_ms.is_none() && !own(&i.id))
+    {
+        i.state = InstanceState::Exited;
+        i.ended_at_ms = Some(strata_core::now_ms());
+        i.detail = Some("its controller lost the lease".into());
+        if store.upsert_instance(&i).await.is_ok() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(gateway: &str, requests: u64, in_flight: usize, age_ms: i64) -> GatewayLoad {
+        GatewayLoad {
+            gateway: gateway.into(),
+            age_ms,
+            load: Load {
+                requests_total: requests,
+                tokens_total: requests * 10,
+                prompt_tokens_total: requests * 4,
+                in_flight,
+                waiting: 1,
+                routable: 2,
+                ttft_p95_ms: Some(requests as f64),
+                tpot_p95_ms: None,
+            },
+        }
+    }
+
+    #[test]
+    fn counters_grow_by_each_gateways_increase_and_never_fall() {
+        let mut c = ClusterLoad::default();
+        // First sight: a gateway's past is not this controller's load.
+        let l = c.update(&[report("a", 100, 3, 0), report("b", 50, 2, 0)]);
+        assert_eq!((l.requests_total, l.in_flight, l.waiting), (0, 5, 2));
+        let l = c.update(&[report("a", 110, 3, 0), report("b", 55, 2, 0)]);
+        assert_eq!(l.requests_total, 15);
+        assert_eq!(l.tokens_total, 150);
+        assert_eq!(l.ttft_p95_ms, Some(110.0));
+        // b restarted (its total went down) and c appeared.
+        let l = c.update(&[
+            report("a", 120, 3, 0),
+            report("b", 4, 2, 0),
+            report("c", 7, 1, 0),
+        ]);
+        assert_eq!(l.requests_total, 15 + 10 + 4);
+        // a went silent: its gauges stop counting, the total stays.
+        let l = c.update(&[report("a", 120, 3, FRESH_MS + 1), report("b", 6, 2, 0)]);
+        assert_eq!(l.requests_total, 29 + 2);
+        assert_eq!((l.in_flight, l.routable), (2, 2));
+        // c reappears after being forgotten: counted from then on.
+        let l = c.update(&[report("b", 6, 0, 0), report("c", 9, 0, 0)]);
+        assert_eq!(l.requests_total, 31);
+    }
+
+    #[test]
+    fn only_instances_that_have_not_ended_are_routed_to() {
+        use strata_core::config::CapacityType;
+        use strata_core::store::InstanceKind;
+        let kind = InstanceKind {
+            pool: "default".into(),
+            model: "m".into(),
+            instance_type: "local".into(),
+            zone: "local".into(),
+            capacity: CapacityType::OnDemand,
+            price_per_hour: 0.0,
+            tokens_per_s: 1.0,
+        };
+        let rec = |id: &str, state, ended: Option<i64>| InstanceRecord {
+            id: id.into(),
+            provider: "local".into(),
+            endpoint: format!("http://127.0.0.1:1/{id}"),
+            state,
+            started_at_ms: 1,
+            ended_at_ms: ended,
+            detail: None,
+            kind: kind.clone(),
+        };
+        let found = endpoints(&[
+            rec("r2", InstanceState::Ready, None),
+            rec("r1", InstanceState::Starting, None),
+            rec("r3", InstanceState::Exited, Some(5)),
+            rec("r4", InstanceState::Preempted, Some(5)),
+        ]);
+        let ids: Vec<&str> = found.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+    }
+}

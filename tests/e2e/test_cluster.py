@@ -1,0 +1,210 @@
+"""Cluster mode on one machine: three `strata gateway` processes and two
+`strata controller` copies (one acting, one standby) on the machine's real
+PostgreSQL (a fresh schema) and Redis, with real engine replicas serving the
+real model. A conversation alternates between gateways, rate limits hold
+across them, a gateway is killed, then the acting controller is killed and
+the standby takes over."""
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+import httpx
+import pytest
+from conftest import MODEL_ID, STRATA, bearer, free_port, new_key, postgres_url
+
+KEK = "5a" * 32
+LEASE_SECS = 3
+
+
+def redis_url():
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        if os.environ.get("STRATA_REQUIRE_REDIS"):
+            raise AssertionError("STRATA_REQUIRE_REDIS is set but REDIS_URL is not")
+        pytest.skip("REDIS_URL not set")
+    return url
+
+
+def psql(db, query):
+    schema = db.split("search_path%3D")[1]
+    out = subprocess.run(["psql", os.environ["DATABASE_URL"], "-tAc", f"SET search_path = {schema}; {query}"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out.strip() else ""
+
+
+def wait_for(what, check, timeout):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.HTTPError, subprocess.CalledProcessError, IndexError, KeyError) as e:
+            last = repr(e)
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last})")
+
+
+class Cluster:
+    def __init__(self):
+        self.db = postgres_url("cluster")
+        self.dir = tempfile.mkdtemp(prefix="strata-cluster-")
+        self.admin_key = new_key()
+        key_file = os.path.join(self.dir, "admin.key")
+        with open(key_file, "w") as f:
+            f.write(self.admin_key + "\n")
+        self.config = os.path.join(self.dir, "strata.toml")
+        with open(self.config, "w") as f:
+            f.write(f'[security]\nadmin_key_file = "{key_file}"\n'
+                    f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n')
+        self.env = {**os.environ, "STRATA_KEK": KEK}
+        self.procs = []
+        self.controllers = {name: self.start(name, "controller", "--db", self.db, "--replicas", "2",
+                                             "--lease-secs", str(LEASE_SECS), "--holder", name)
+                            for name in ("ctl-a", "ctl-b")}
+        self.gateways = []
+        for i in range(3):
+            port = free_port()
+            proc = self.start(f"gw{i}", "gateway", "--listen", f"127.0.0.1:{port}", "--db", self.db)
+            self.gateways.append((f"http://127.0.0.1:{port}", proc))
+
+    def start(self, name, *args):
+        log = open(os.path.join(self.dir, f"{name}.log"), "w")
+        cwd = os.path.join(self.dir, name)
+        os.makedirs(cwd)
+        proc = subprocess.Popen([STRATA, "--config", self.config, *args], cwd=cwd, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name):
+        with open(os.path.join(self.dir, f"{name}.log")) as f:
+            return f.read()
+
+    def leader(self):
+        return psql(self.db, "SELECT holder FROM leases WHERE name = 'controller/default' "
+                             "AND expires_at_ms > EXTRACT(EPOCH FROM clock_timestamp()) * 1000")
+
+    def ready_ids(self, base):
+        h = httpx.get(f"{base}/health", timeout=2).json()
+        return sorted(r["id"] for r in h["replicas"] if r["ready"])
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        for base, _ in c.gateways:
+            wait_for(f"two replicas ready at {base}", lambda: len(c.ready_ids(base)) == 2, 180)
+        yield c
+    finally:
+        c.stop()
+
+
+def client(base, key):
+    from openai import OpenAI
+    return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def turn(base, key, conv, word):
+    """One turn of the conversation through the gateway at `base`."""
+    resp = client(base, key).responses.create(
+        model=MODEL_ID, conversation=conv, input=f"Remember the word {word}.", max_output_tokens=4,
+        temperature=0)
+    # Four tokens end it early ("incomplete"), but never with an error.
+    assert resp.error is None and resp.output_text, resp
+    return resp
+
+
+def test_cluster_survives_a_gateway_and_a_controller(cluster):
+    c = cluster
+    (g0, _), (g1, g1_proc), (g2, _) = c.gateways
+    # Exactly one controller acts; every gateway routes to the same replicas.
+    leader = c.leader()
+    assert leader in ("ctl-a", "ctl-b"), leader
+    first_replicas = c.ready_ids(g0)
+    assert c.ready_ids(g1) == first_replicas == c.ready_ids(g2)
+    assert int(psql(c.db, "SELECT COUNT(*) FROM instances WHERE ended_at_ms IS NULL")) == 2
+
+    # Admin state is shared: a tenant made on one gateway gets a key on another.
+    admin = lambda base, method, path, body=None: httpx.request(  # noqa: E731
+        method, f"{base}{path}", json=body, headers=bearer(c.admin_key), timeout=30)
+    tenant = admin(g0, "POST", "/admin/v1/tenants", {"name": "cluster"}).json()
+    r = admin(g1, "POST", f"/admin/v1/tenants/{tenant['id']}/keys", {"name": "k", "role": "member"})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+
+    # One conversation, each turn on another gateway.
+    conv = client(g0, key).conversations.create()
+    words = ["apple", "river", "stone"]
+    for base, word in zip([g1, g2, g0], words):
+        turn(base, key, conv.id, word)
+    items = client(g2, key).conversations.items.list(conv.id, order="asc").data
+    said = [i.content[0].text for i in items if i.role == "user"]
+    assert said == [f"Remember the word {w}." for w in words]
+    assert len([i for i in items if i.role == "assistant"]) == 3
+
+    # Rate limits hold across gateways: 6 requests a minute for this key,
+    # whichever gateway they reach (each gateway alone would admit 6).
+    limited = admin(g0, "POST", f"/admin/v1/tenants/{tenant['id']}/keys",
+                    {"name": "limited", "role": "member", "requests_per_minute": 6}).json()["key"]
+    codes = []
+    for i in range(12):
+        base = c.gateways[i % 3][0]
+        r = httpx.post(f"{base}/v1/completions", headers=bearer(limited), timeout=120,
+                       json={"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1})
+        codes.append(r.status_code)
+    assert codes.count(200) == 6 and codes.count(429) == 6, codes
+
+    # A gateway dies; the conversation goes on through the others.
+    g1_proc.send_signal(signal.SIGKILL)
+    g1_proc.wait(timeout=10)
+    turn(g2, key, conv.id, "cloud")
+
+    # The acting controller dies (its engines with it); the standby takes
+    # the lease once its term runs out and starts replicas of its own.
+    killed_at = time.time()
+    c.controllers[leader].send_signal(signal.SIGKILL)
+    c.controllers[leader].wait(timeout=10)
+    standby = "ctl-b" if leader == "ctl-a" else "ctl-a"
+    wait_for("the standby to lead", lambda: c.leader() == standby, LEASE_SECS * 4)
+    took_over = time.time() - killed_at
+    assert took_over <= LEASE_SECS * 3, took_over
+    new_replicas = wait_for("new replicas at every gateway", lambda: all(
+        len(ids := c.ready_ids(base)) == 2 and not set(ids) & set(first_replicas)
+        for base in (g0, g2)), 120)
+    assert new_replicas
+    # The dead leader's instances are recorded as ended; two run now.
+    assert int(psql(c.db, "SELECT COUNT(*) FROM instances WHERE ended_at_ms IS NULL")) == 2
+    assert int(psql(c.db, "SELECT COUNT(*) FROM instances WHERE detail = 'its controller lost the lease'")) == 2
+
+    # The conversation, stored in PostgreSQL, continues on the new replicas.
+    turn(g0, key, conv.id, "flame")
+    items = client(g2, key).conversations.items.list(conv.id, order="asc").data
+    assert [i.content[0].text for i in items if i.role == "user"][-2:] == [
+        "Remember the word cloud.", "Remember the word flame."]
+    assert "leading: this controller acts now" in c.log(standby)
+
+
+def test_a_controller_without_postgres_and_a_bad_lease_are_refused(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    for args, needle in [
+        (["controller", "--db", str(tmp_path / "x.db")], "PostgreSQL"),
+        (["controller", "--db", "postgres://127.0.0.1:1/x", "--lease-secs", "0"], "--lease-secs"),
+    ]:
+        r = subprocess.run([STRATA, "--config", str(tmp_path / "none.toml"), *args],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and needle in r.stderr, r.stderr
