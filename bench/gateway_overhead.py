@@ -8,66 +8,33 @@ Runs alternate, so the shared machine's noise hits all of them alike.
 Run: OLD_STRATA=/path/to/old/strata .venv/bin/python bench/gateway_overhead.py
 Needs nginx and wrk (apt-get install nginx-light wrk) and a release build.
 """
-import base64
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 
 import httpx
+from benchlib import STUB, median, new_key, port, start_stub, wait
+from benchlib import wrk as run_wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "bench")
 NEW = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
 OLD = os.environ["OLD_STRATA"]
 DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
 
 
-def port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(url, headers=None):
-    for _ in range(200):
-        try:
-            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def wrk(url, key=None):
-    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency", "-s", os.path.join(SHARED, "chat.lua"), url]
-    if key:
-        cmd[1:1] = ["-H", f"Authorization: Bearer {key}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    pct = {p: v for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
-
-    def ms(v):
-        n = float(re.match(r"[\d.]+", v).group())
-        return n / 1000 if v.endswith("us") else n * 1000 if v.endswith("s") and not v.endswith("ms") else n
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50": ms(pct["50"]), "p99": ms(pct["99"]), "errors": int(non2xx.group(1)) if non2xx else 0}
+    return run_wrk(url, key, CONNECTIONS, DURATION)
 
 
 def main():
     d = tempfile.mkdtemp(prefix="strata-bench-")
-    os.makedirs(os.path.join(d, "nginx"))
-    nginx = subprocess.Popen(["nginx", "-c", os.path.join(SHARED, "stub-nginx.conf"), "-p", os.path.join(d, "nginx") + "/"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stub = "http://127.0.0.1:18001"
-    wait(f"{stub}/health")
-    admin = "sk-strata-" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    nginx = start_stub(d)
+    stub = STUB
+    admin = new_key()
     with open(os.path.join(d, "admin.key"), "w") as f:
         f.write(admin)
     with open(os.path.join(d, "new.toml"), "w") as f:
@@ -99,7 +66,7 @@ def main():
             runs["gateway before tenancy"].append(wrk(f"http://127.0.0.1:{old_port}/v1/chat/completions"))
             runs["gateway with tenancy"].append(wrk(f"{base}/v1/chat/completions", key))
         print(json.dumps(runs, indent=1))
-        med = lambda xs: sorted(xs)[len(xs) // 2]
+        med = median
         print("\n| path | req/s (median) | p50 ms | p99 ms | non-2xx |")
         print("|---|---|---|---|---|")
         summary = {}

@@ -38,6 +38,9 @@ pub enum ControlError {
     Launch(std::io::Error),
     #[error("store: {0}")]
     Store(#[from] strata_core::store::StoreError),
+    /// A cloud or cluster API refused or failed a call.
+    #[error("provider: {0}")]
+    Provider(String),
 }
 
 pub(crate) fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ControlError + '_ {

@@ -23,6 +23,9 @@ pub struct Config {
     pub instance_types: BTreeMap<String, InstanceType>,
     /// Where each instance type can be had, as spot or on demand, at what price.
     pub catalog: Vec<Offering>,
+    /// How strata runs on a Kubernetes cluster (`strata k8s render`, the
+    /// `kubernetes` provider of `strata controller`).
+    pub kubernetes: KubernetesConfig,
 }
 
 impl Default for Config {
@@ -37,6 +40,76 @@ impl Default for Config {
             pricing: BTreeMap::new(),
             instance_types: BTreeMap::from([(LOCAL_TYPE.to_owned(), InstanceType::default())]),
             catalog: vec![Offering::default()],
+            kubernetes: KubernetesConfig::default(),
+        }
+    }
+}
+
+/// strata on Kubernetes: where it runs, which image, how replicas find
+/// their nodes (the well-known instance-type and zone labels, plus a label
+/// for spot vs on-demand), and which node taints mean "reclaimed soon".
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    pub namespace: String,
+    /// The container image holding the `strata` binary.
+    pub image: String,
+    /// Port the engine containers listen on.
+    pub engine_port: u16,
+    /// Resources of one engine replica (Kubernetes quantities).
+    pub engine_cpu: String,
+    pub engine_memory: String,
+    /// GPUs per replica (`nvidia.com/gpu`); 0 for CPU replicas.
+    pub engine_gpus: u32,
+    /// A PersistentVolumeClaim holding the model file; unset: an init
+    /// container fetches it into an emptyDir (`strata model fetch`).
+    pub model_pvc: Option<String>,
+    /// Node label telling spot from on-demand capacity, and its values
+    /// (Karpenter: `karpenter.sh/capacity-type` = spot / on-demand; GKE:
+    /// `cloud.google.com/gke-spot` = "true", with no on-demand value).
+    pub capacity_label: String,
+    pub spot_value: String,
+    pub on_demand_value: Option<String>,
+    /// Taint keys spot nodes carry, tolerated by spot replicas.
+    pub spot_taints: Vec<String>,
+    /// Taint keys that mark a node as about to be reclaimed (set by spot
+    /// interruption handlers): its replicas drain and are replaced.
+    pub preemption_taints: Vec<String>,
+    /// Seconds of notice a tainted node's replicas get.
+    pub preemption_notice_secs: f64,
+    /// Gateway replicas, and the most the gateway's autoscaler may run.
+    pub gateway_replicas: u32,
+    pub gateway_max_replicas: u32,
+    pub gateway_cpu: String,
+    pub gateway_memory: String,
+    /// Controller copies (one acts, the others stand by).
+    pub controller_replicas: u32,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: "strata".into(),
+            image: "strata:latest".into(),
+            engine_port: 8000,
+            engine_cpu: "2".into(),
+            engine_memory: "4Gi".into(),
+            engine_gpus: 0,
+            model_pvc: None,
+            capacity_label: "karpenter.sh/capacity-type".into(),
+            spot_value: "spot".into(),
+            on_demand_value: Some("on-demand".into()),
+            spot_taints: vec!["karpenter.sh/capacity-type".into()],
+            preemption_taints: vec![
+                "aws-node-termination-handler/spot-itn".into(),
+                "karpenter.sh/disrupted".into(),
+            ],
+            preemption_notice_secs: 120.0,
+            gateway_replicas: 2,
+            gateway_max_replicas: 10,
+            gateway_cpu: "1".into(),
+            gateway_memory: "512Mi".into(),
+            controller_replicas: 2,
         }
     }
 }
@@ -420,6 +493,17 @@ impl StoreConfig {
     }
 }
 
+/// A Kubernetes DNS label: lower-case letters, digits and `-`, starting and
+/// ending with a letter or digit, at most 63 characters.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// Whether `db` names a PostgreSQL database (a URL) rather than a SQLite file.
 pub fn is_postgres_url(db: &str) -> bool {
     db.starts_with("postgres://") || db.starts_with("postgresql://")
@@ -533,6 +617,40 @@ impl Config {
         if !positive(self.gateway.queue_timeout_secs) {
             bad(
                 "gateway.queue_timeout_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        let k = &self.kubernetes;
+        if !is_dns_label(&k.namespace) {
+            bad(
+                "kubernetes.namespace",
+                format!(
+                    "`{}` is not a DNS label (a-z, 0-9, -; at most 63)",
+                    k.namespace
+                ),
+            );
+        }
+        if k.image.trim().is_empty() {
+            bad("kubernetes.image", "must name a container image".into());
+        }
+        if k.engine_port == 0 {
+            bad("kubernetes.engine_port", "must be a port (1-65535)".into());
+        }
+        if k.gateway_replicas == 0 || k.gateway_max_replicas < k.gateway_replicas {
+            bad(
+                "kubernetes.gateway_max_replicas",
+                "gateway_replicas must be at least 1 and at most gateway_max_replicas".into(),
+            );
+        }
+        if k.controller_replicas == 0 {
+            bad(
+                "kubernetes.controller_replicas",
+                "must be at least 1".into(),
+            );
+        }
+        if !positive(k.preemption_notice_secs) {
+            bad(
+                "kubernetes.preemption_notice_secs",
                 "must be greater than 0".into(),
             );
         }

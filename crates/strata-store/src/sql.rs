@@ -531,7 +531,7 @@ impl InstanceStore for SqlStore {
         sqlx::query(
             &self.sql("INSERT INTO instances (id, provider, endpoint, state, started_at_ms, ended_at_ms, detail, \
              pool, model, instance_type, zone, capacity, price_per_hour, tokens_per_s) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET endpoint = excluded.endpoint, state = excluded.state, \
              ended_at_ms = excluded.ended_at_ms, detail = excluded.detail",)
         )
         .bind(&i.id)

@@ -14,8 +14,10 @@ use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
 use strata_control::local::LocalProvider;
 use strata_core::config::{is_postgres_url, Config};
-use strata_core::store::Store;
+use strata_core::store::{LeaseStore, Store};
 use strata_core::Load;
+use strata_k8s::lease::KubeLeases;
+use strata_k8s::provider::KubeProvider;
 use strata_store::SqlStore;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +27,21 @@ use crate::{local_launch, pool_processes, shutdown_on_signal, EngineFlags};
 /// The lease the controller copies contend for.
 const LEASE: &str = "controller/default";
 
+/// Who owns the replicas' machines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderKind {
+    /// Engine processes on this machine.
+    Local,
+    /// One Deployment per pool variant in the cluster this runs in.
+    Kubernetes,
+}
+
 #[derive(Args)]
 pub struct ControllerArgs {
+    /// Where replicas run: `local` (child processes) or `kubernetes`
+    /// (Deployments; the lease is a coordination.k8s.io Lease).
+    #[arg(long, value_enum, default_value = "local")]
+    provider: ProviderKind,
     /// PostgreSQL URL shared with the gateways (default: store.url).
     #[arg(long)]
     db: Option<PathBuf>,
@@ -75,13 +90,25 @@ pub async fn run_controller(
     }
     let (replicas, processes) =
         pool_processes(&config, args.replicas.unwrap_or(config.serve.replicas))?;
-    let launch = local_launch(
-        &config,
-        config_path,
-        &args.engine,
-        processes,
-        args.db.as_ref(),
-    )?;
+    let kube = match args.provider {
+        ProviderKind::Kubernetes => Some(strata_k8s::connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "--provider kubernetes: no Kubernetes API to talk to (in a Pod, its service \
+                 account; elsewhere, a kubeconfig): {e}"
+            )
+        })?),
+        ProviderKind::Local => None,
+    };
+    let launch = match args.provider {
+        ProviderKind::Local => Some(local_launch(
+            &config,
+            config_path,
+            &args.engine,
+            processes,
+            args.db.as_ref(),
+        )?),
+        ProviderKind::Kubernetes => None,
+    };
     // The controller holds no KEK: it never reads tenant content.
     let store: Arc<dyn Store> = Arc::new(
         SqlStore::open_any(&database, None)
@@ -89,9 +116,16 @@ pub async fn run_controller(
             .context("opening the database")?,
     );
     let holder = args.holder.unwrap_or_else(process_name);
+    let leases: Arc<dyn LeaseStore> = match &kube {
+        Some(client) => Arc::new(KubeLeases::new(
+            client.clone(),
+            &config.kubernetes.namespace,
+        )),
+        None => store.clone(),
+    };
     let shutdown = shutdown_on_signal();
     let (mut leading, elector) = Elector {
-        store: store.clone(),
+        store: leases,
         name: LEASE.into(),
         holder: holder.clone(),
         term: Duration::from_secs_f64(args.lease_secs),
@@ -103,40 +137,65 @@ pub async fn run_controller(
         load_tx,
         shutdown.clone(),
     ));
-    tracing::info!(%holder, lease = LEASE, "controller standing by");
+    let config = Arc::new(config);
+    tracing::info!(%holder, lease = LEASE, provider = ?args.provider, "controller standing by");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             led = leading.wait_for(|l| *l) => if led.is_err() { break },
         }
         // This copy runs no replica yet: whatever is recorded as running
-        // was the previous leader's (its engines stopped with it).
+        // was the previous leader's (local engines stopped with it;
+        // Kubernetes Pods are adopted under new ids).
         let closed = cluster::close_orphans(&*store, |_| false).await;
         tracing::info!(%holder, closed, "leading: this controller acts now");
-        // Gateways read the replicas from the store, so the endpoints
-        // published here go nowhere; with no gateway on the link, replicas
-        // that go are stopped without a drain.
-        let (publish, _) = watch::channel(Vec::new());
-        let (_, link) = strata_core::link::link();
-        let provider = LocalProvider::new(
-            launch.settings.clone(),
-            store.clone(),
-            publish,
-            launch.health.clone(),
-            link,
-        );
         let acting = CancellationToken::new();
-        let task = tokio::spawn(strata_control::controller::run(
-            Controller::new(PoolSpec::from_config(&config, replicas)),
-            provider,
-            load_rx.clone(),
-            store.clone(),
-            acting.clone(),
-        ));
+        let controller = Controller::new(PoolSpec::from_config(&config, replicas));
+        let task = match (&kube, &launch) {
+            (Some(client), _) => {
+                let model = args
+                    .engine
+                    .model_name
+                    .clone()
+                    .or_else(|| config.engine.model_name.clone())
+                    .unwrap_or_else(|| strata_k8s::MODEL_FILE.trim_end_matches(".gguf").into());
+                let provider =
+                    KubeProvider::new(client.clone(), config.clone(), model, store.clone());
+                tokio::spawn(strata_control::controller::run(
+                    controller,
+                    provider,
+                    load_rx.clone(),
+                    store.clone(),
+                    acting.clone(),
+                ))
+            }
+            (None, Some(launch)) => {
+                // Gateways read the replicas from the store, so the
+                // endpoints published here go nowhere; with no gateway on
+                // the link, replicas that go are stopped without a drain.
+                let (publish, _) = watch::channel(Vec::new());
+                let (_, link) = strata_core::link::link();
+                let provider = LocalProvider::new(
+                    launch.settings.clone(),
+                    store.clone(),
+                    publish,
+                    launch.health.clone(),
+                    link,
+                );
+                tokio::spawn(strata_control::controller::run(
+                    controller,
+                    provider,
+                    load_rx.clone(),
+                    store.clone(),
+                    acting.clone(),
+                ))
+            }
+            (None, None) => unreachable!("one provider is set up above"),
+        };
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = leading.wait_for(|l| !*l) => {
-                tracing::warn!(%holder, "lost the lease: stopping this controller's replicas");
+                tracing::warn!(%holder, "lost the lease: this controller stops acting");
             }
         }
         acting.cancel();
@@ -145,8 +204,8 @@ pub async fn run_controller(
             break;
         }
     }
-    // The replicas are stopped before the lease is let go (the elector
-    // releases it once `shutdown` is seen and it is not renewing).
+    // The replicas are stopped (local) before the lease is let go (the
+    // elector releases it once `shutdown` is seen).
     elector.await.context("elector task panicked")?;
     gather.await.context("load task panicked")?;
     tracing::info!("stopped");
@@ -178,4 +237,54 @@ pub fn gateway_in_cluster(
         shutdown.clone(),
     ));
     endpoints
+}
+
+#[derive(clap::Subcommand)]
+pub enum K8sCommand {
+    /// Print the Kubernetes manifests for the config (`--config`): the
+    /// gateway (Deployment, Service, PodDisruptionBudget, autoscaler), the
+    /// controller (Deployment, ServiceAccount, least-privilege Roles), the
+    /// config as a ConfigMap, and the `strata` Secret when STRATA_KEK and
+    /// STRATA_DATABASE_URL are set. Apply with `kubectl apply -f -`.
+    Render,
+}
+
+pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<()> {
+    match command {
+        K8sCommand::Render => {
+            let text = match std::fs::read_to_string(config_path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot read {}", config_path.display()))
+                }
+            };
+            let secrets = match (
+                std::env::var("STRATA_KEK").ok(),
+                std::env::var("STRATA_DATABASE_URL").ok(),
+            ) {
+                (Some(kek), Some(database_url)) => {
+                    strata_store::Kek::from_hex(&kek).context("STRATA_KEK")?;
+                    if !is_postgres_url(&database_url) {
+                        bail!("STRATA_DATABASE_URL must be a postgres:// URL");
+                    }
+                    Some(strata_k8s::render::Secrets { kek, database_url })
+                }
+                _ => {
+                    eprintln!(
+                        "strata k8s render: no Secret rendered (set STRATA_KEK and \
+                         STRATA_DATABASE_URL, or create it: kubectl -n {} create secret generic \
+                         strata --from-literal=kek=<64 hex> --from-literal=database-url=postgres://…)",
+                        config.kubernetes.namespace
+                    );
+                    None
+                }
+            };
+            let objects = strata_k8s::render::manifests(config, &text, secrets.as_ref());
+            strata_k8s::render::check(&objects)
+                .map_err(|e| anyhow::anyhow!("a rendered manifest is invalid: {e}"))?;
+            print!("{}", strata_k8s::render::to_yaml(&objects));
+            Ok(())
+        }
+    }
 }

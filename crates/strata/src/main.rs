@@ -49,6 +49,9 @@ enum Command {
     /// The pool's controller as a process of its own, for a cluster of
     /// gateways on one PostgreSQL; the copy that holds the lease acts.
     Controller(cluster::ControllerArgs),
+    /// Kubernetes manifests.
+    #[command(subcommand)]
+    K8s(cluster::K8sCommand),
     /// One engine replica: the embedded llama.cpp engine and its HTTP server.
     Engine(EngineArgs),
     /// Model files.
@@ -366,6 +369,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             runtime()?.block_on(run_serve(load_config(&cli.config)?, &cli.config, args))
         }
+        Command::K8s(command) => cluster::k8s(&load_config(&cli.config)?, &cli.config, command),
         Command::Controller(args) => runtime()?.block_on(cluster::run_controller(
             load_config(&cli.config)?,
             &cli.config,

@@ -1,0 +1,554 @@
+//! The `kubernetes` provider: one Deployment per pool variant (pool ×
+//! instance type × zone × capacity type), its replicas set as the planner
+//! launches and lets go of instances; a cluster autoscaler (Karpenter, a
+//! managed node pool) brings the nodes the Pods' node selectors ask for.
+//!
+//! The controller speaks of single instances; the provider maps them onto
+//! Pods: a launch raises its variant's replica count and names an instance
+//! that the next Pod of that variant fills; letting an instance go marks its
+//! Pod with the lowest `controller.kubernetes.io/pod-deletion-cost` and
+//! lowers the count, so that Pod is the one removed. Health comes from the
+//! Pods' Ready condition (the engine's `/health` as readiness probe),
+//! endpoints from Pod IPs (recorded in the store, where the gateways read
+//! them). A Pod on a node carrying one of the preemption taints (set by
+//! spot interruption handlers) is preempted: the controller replaces it at
+//! once and it leaves when its node does. A Pod that vanishes otherwise
+//! failed. On shutdown the Deployments stay: the next leader adopts them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use strata_control::planner::{Offer, Slot};
+use strata_control::provider::{Instance, Provider, ProviderEvent};
+use strata_control::ControlError;
+use strata_core::config::{CapacityType, Config};
+use strata_core::now_ms;
+use strata_core::store::{InstanceKind, InstanceRecord, InstanceState, Store};
+
+use crate::render::{
+    self, Variant, CAPACITY_LABEL, MANAGED_BY, POOL_LABEL, TYPE_LABEL, ZONE_LABEL,
+};
+
+/// The annotation that makes a Pod the first one a scale-down removes.
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+const FIELD_MANAGER: &str = "strata";
+
+/// One instance the controller knows, and the Pod that fills it.
+#[derive(Debug, Clone)]
+struct Tracked {
+    variant: Variant,
+    pod: Option<String>,
+    ready: bool,
+    record: InstanceRecord,
+}
+
+pub struct KubeProvider {
+    config: Arc<Config>,
+    pool: String,
+    model: String,
+    deployments: Api<Deployment>,
+    pods: Api<Pod>,
+    nodes: Api<Node>,
+    store: Arc<dyn Store>,
+    /// Replicas wanted per variant, as last applied.
+    desired: BTreeMap<Variant, u32>,
+    /// Price and throughput per variant, from the offers launched.
+    kinds: BTreeMap<Variant, (f64, f64)>,
+    running: BTreeMap<String, Tracked>,
+    /// Let go or preempted, waiting for their Pods to go.
+    leaving: BTreeMap<String, Tracked>,
+    events: Vec<ProviderEvent>,
+    next: u64,
+    poll_every: Duration,
+    last_poll: Option<Instant>,
+    adopted: bool,
+}
+
+fn api_err(what: &str) -> impl Fn(kube::Error) -> ControlError + '_ {
+    move |e| ControlError::Provider(format!("{what}: {e}"))
+}
+
+impl KubeProvider {
+    pub fn new(client: Client, config: Arc<Config>, model: String, store: Arc<dyn Store>) -> Self {
+        let ns = config.kubernetes.namespace.clone();
+        KubeProvider {
+            pool: "default".into(),
+            model,
+            deployments: Api::namespaced(client.clone(), &ns),
+            pods: Api::namespaced(client.clone(), &ns),
+            nodes: Api::all(client),
+            store,
+            config,
+            desired: BTreeMap::new(),
+            kinds: BTreeMap::new(),
+            running: BTreeMap::new(),
+            leaving: BTreeMap::new(),
+            events: Vec::new(),
+            next: 0,
+            poll_every: Duration::from_secs(2),
+            last_poll: None,
+            adopted: false,
+        }
+    }
+
+    /// How often `poll` reads the API (the controller ticks faster).
+    pub fn with_poll_every(mut self, every: Duration) -> Self {
+        self.poll_every = every;
+        self
+    }
+
+    fn selector(&self) -> String {
+        format!(
+            "{}={},{POOL_LABEL}={}",
+            MANAGED_BY.0,
+            MANAGED_BY.1,
+            render::label_value(&self.pool)
+        )
+    }
+
+    fn variant(&self, slot: &Slot) -> Variant {
+        Variant {
+            pool: self.pool.clone(),
+            instance_type: slot.instance_type.clone(),
+            zone: slot.zone.clone(),
+            capacity: slot.capacity,
+        }
+    }
+
+    fn new_id(&mut self, v: &Variant) -> String {
+        self.next += 1;
+        format!("{}-{:x}-{}", v.name(), now_ms(), self.next)
+    }
+
+    fn record(&self, id: &str, v: &Variant) -> InstanceRecord {
+        let (price, tokens) = self.kinds.get(v).copied().unwrap_or_else(|| {
+            let price = self
+                .config
+                .catalog
+                .iter()
+                .find(|o| {
+                    o.instance_type == v.instance_type
+                        && o.zone == v.zone
+                        && o.capacity == v.capacity
+                })
+                .map_or(0.0, |o| o.price_per_hour);
+            (price, 0.0)
+        });
+        InstanceRecord {
+            id: id.to_owned(),
+            provider: "kubernetes".into(),
+            endpoint: String::new(),
+            state: InstanceState::Starting,
+            started_at_ms: now_ms(),
+            ended_at_ms: None,
+            detail: None,
+            kind: InstanceKind {
+                pool: self.pool.clone(),
+                model: self.model.clone(),
+                instance_type: v.instance_type.clone(),
+                zone: v.zone.clone(),
+                capacity: v.capacity,
+                price_per_hour: price,
+                tokens_per_s: tokens,
+            },
+        }
+    }
+
+    async fn save(&self, r: &InstanceRecord) {
+        if let Err(e) = self.store.upsert_instance(r).await {
+            tracing::warn!(instance = %r.id, error = %e, "cannot record instance");
+        }
+    }
+
+    /// Makes the variant's Deployment say `desired[v]` replicas (server-side
+    /// apply: created when missing, only our fields changed).
+    async fn apply(&self, v: &Variant) -> Result<(), ControlError> {
+        let replicas = self.desired.get(v).copied().unwrap_or(0);
+        let deployment = render::engine_deployment(&self.config, v, replicas);
+        self.deployments
+            .patch(
+                &v.name(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&deployment),
+            )
+            .await
+            .map_err(api_err("applying a Deployment"))?;
+        Ok(())
+    }
+
+    /// The Pod goes first when its Deployment shrinks.
+    async fn mark_for_removal(&self, pod: &str) {
+        let patch = json!({"metadata": {"annotations": {DELETION_COST: "-1000"}}});
+        if let Err(e) = self
+            .pods
+            .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(%pod, error = %e, "cannot mark a Pod for removal");
+        }
+    }
+
+    /// One fewer replica of the instance's variant, removing its Pod.
+    async fn shrink(&mut self, t: &Tracked) {
+        if let Some(pod) = &t.pod {
+            self.mark_for_removal(pod).await;
+        }
+        let n = self.desired.entry(t.variant.clone()).or_default();
+        *n = n.saturating_sub(1);
+        if let Err(e) = self.apply(&t.variant).await {
+            tracing::warn!(error = %e, "cannot shrink a Deployment");
+        }
+    }
+
+    /// On first sight of the cluster: the Deployments a previous leader
+    /// left keep their replica counts (their Pods are adopted below).
+    async fn adopt(&mut self) -> Result<(), ControlError> {
+        let list = self
+            .deployments
+            .list(&ListParams::default().labels(&self.selector()))
+            .await
+            .map_err(api_err("listing Deployments"))?;
+        for d in list.items {
+            let labels = d.metadata.labels.clone().unwrap_or_default();
+            if let Some(v) = variant_of(&labels) {
+                let replicas = d.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
+                self.desired.insert(v, replicas);
+            }
+        }
+        self.adopted = true;
+        Ok(())
+    }
+
+    async fn observe(&mut self) -> Result<(), ControlError> {
+        if !self.adopted {
+            self.adopt().await?;
+        }
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels(&self.selector()))
+            .await
+            .map_err(api_err("listing Pods"))?
+            .items;
+        let nodes = self
+            .nodes
+            .list(&ListParams::default())
+            .await
+            .map_err(api_err("listing Nodes"))?
+            .items;
+        let reclaimed: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|taints| {
+                        taints.iter().any(|t| {
+                            self.config
+                                .kubernetes
+                                .preemption_taints
+                                .iter()
+                                .any(|k| k == &t.key)
+                        })
+                    })
+            })
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        let seen: BTreeMap<String, PodView> = pods
+            .iter()
+            .filter_map(PodView::of)
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        self.bind(&seen).await;
+        self.gone(&seen).await;
+        self.health(&seen, &reclaimed).await;
+        Ok(())
+    }
+
+    /// Pods not yet filling an instance fill the oldest unfilled instance
+    /// of their variant, or become instances of their own (adopted).
+    async fn bind(&mut self, seen: &BTreeMap<String, PodView>) {
+        let bound: BTreeSet<String> = self
+            .running
+            .values()
+            .chain(self.leaving.values())
+            .filter_map(|t| t.pod.clone())
+            .collect();
+        for p in seen.values().filter(|p| !bound.contains(&p.name)) {
+            if p.deleting {
+                continue;
+            }
+            let free = self
+                .running
+                .iter()
+                .filter(|(_, t)| t.pod.is_none() && t.variant == p.variant)
+                .map(|(id, t)| (t.record.started_at_ms, id.clone()))
+                .min();
+            let id = match free {
+                Some((_, id)) => id,
+                None => {
+                    let id = self.new_id(&p.variant);
+                    let record = self.record(&id, &p.variant);
+                    tracing::info!(instance = %id, pod = %p.name, "adopted a Pod");
+                    self.running.insert(
+                        id.clone(),
+                        Tracked {
+                            variant: p.variant.clone(),
+                            pod: None,
+                            ready: false,
+                            record,
+                        },
+                    );
+                    id
+                }
+            };
+            let t = self.running.get_mut(&id).expect("just found or made");
+            t.pod = Some(p.name.clone());
+            if let Some(ip) = &p.ip {
+                t.record.endpoint = format!("http://{ip}:{}", self.config.kubernetes.engine_port);
+            }
+            let record = t.record.clone();
+            self.save(&record).await;
+        }
+    }
+
+    /// Instances whose Pods vanished: those let go are gone; others failed
+    /// (deleted by someone else, evicted), and their variant shrinks by one
+    /// so that the controller's replacement does not come on top of the
+    /// Deployment's own.
+    async fn gone(&mut self, seen: &BTreeMap<String, PodView>) {
+        let left: Vec<String> = self
+            .leaving
+            .iter()
+            .filter(|(_, t)| t.pod.as_ref().is_none_or(|p| !seen.contains_key(p)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in left {
+            let mut t = self.leaving.remove(&id).expect("listed");
+            if t.record.state != InstanceState::Preempted {
+                t.record.state = InstanceState::Stopped;
+            }
+            t.record.ended_at_ms = Some(now_ms());
+            self.save(&t.record).await;
+            self.events.push(ProviderEvent::Gone { id });
+        }
+        let lost: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, t)| t.pod.as_ref().is_some_and(|p| !seen.contains_key(p)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            let mut t = self.running.remove(&id).expect("listed");
+            let n = self.desired.entry(t.variant.clone()).or_default();
+            *n = n.saturating_sub(1);
+            if let Err(e) = self.apply(&t.variant).await {
+                tracing::warn!(error = %e, "cannot shrink a Deployment");
+            }
+            t.record.state = InstanceState::Exited;
+            t.record.ended_at_ms = Some(now_ms());
+            t.record.detail = Some("its Pod was deleted".into());
+            self.save(&t.record).await;
+            self.events.push(ProviderEvent::Failed {
+                id,
+                detail: "its Pod was deleted".into(),
+            });
+        }
+    }
+
+    /// Readiness, failures and preemption notices of the bound Pods.
+    async fn health(&mut self, seen: &BTreeMap<String, PodView>, reclaimed: &BTreeSet<String>) {
+        let ids: Vec<String> = self.running.keys().cloned().collect();
+        for id in ids {
+            let t = self.running[&id].clone();
+            let Some(p) = t.pod.as_ref().and_then(|name| seen.get(name)) else {
+                continue;
+            };
+            if p.node.as_ref().is_some_and(|n| reclaimed.contains(n)) {
+                let mut t = self.running.remove(&id).expect("listed");
+                let notice = Duration::from_secs_f64(self.config.kubernetes.preemption_notice_secs);
+                tracing::warn!(instance = %id, pod = %p.name, node = ?p.node, "node marked for reclaim");
+                self.events.push(ProviderEvent::Preempting {
+                    id: id.clone(),
+                    slot: slot_of(&t.variant),
+                    notice,
+                });
+                t.record.state = InstanceState::Preempted;
+                t.record.detail = Some("its node was marked for reclaim".into());
+                self.shrink(&t).await;
+                self.leaving.insert(id, t);
+                continue;
+            }
+            if let Some(why) = &p.failed {
+                let mut t = self.running.remove(&id).expect("listed");
+                self.events.push(ProviderEvent::Failed {
+                    id: id.clone(),
+                    detail: why.clone(),
+                });
+                t.record.state = InstanceState::Exited;
+                t.record.detail = Some(why.clone());
+                self.shrink(&t).await;
+                self.leaving.insert(id, t);
+                continue;
+            }
+            if p.ready && !t.ready {
+                let t = self.running.get_mut(&id).expect("listed");
+                t.ready = true;
+                t.record.state = InstanceState::Ready;
+                if let Some(ip) = &p.ip {
+                    t.record.endpoint =
+                        format!("http://{ip}:{}", self.config.kubernetes.engine_port);
+                }
+                let record = t.record.clone();
+                self.save(&record).await;
+                self.events.push(ProviderEvent::Ready { id });
+            }
+        }
+    }
+}
+
+/// What the provider reads of a Pod.
+#[derive(Debug, Clone)]
+struct PodView {
+    name: String,
+    variant: Variant,
+    ready: bool,
+    ip: Option<String>,
+    node: Option<String>,
+    deleting: bool,
+    /// Why it cannot serve (failed, crash looping).
+    failed: Option<String>,
+}
+
+impl PodView {
+    fn of(p: &Pod) -> Option<PodView> {
+        let name = p.metadata.name.clone()?;
+        let variant = variant_of(p.metadata.labels.as_ref()?)?;
+        let status = p.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let crash = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| {
+                cs.iter().find_map(|c| {
+                    let waiting = c.state.as_ref()?.waiting.as_ref()?;
+                    (waiting.reason.as_deref() == Some("CrashLoopBackOff"))
+                        .then(|| format!("container {} is crash looping", c.name))
+                })
+            });
+        let failed = match status.and_then(|s| s.phase.as_deref()) {
+            Some("Failed") => Some(
+                status
+                    .and_then(|s| s.reason.clone())
+                    .unwrap_or_else(|| "the Pod failed".into()),
+            ),
+            _ => crash,
+        };
+        Some(PodView {
+            name,
+            variant,
+            ready,
+            ip: status.and_then(|s| s.pod_ip.clone()),
+            node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            deleting: p.metadata.deletion_timestamp.is_some(),
+            failed,
+        })
+    }
+}
+
+fn variant_of(labels: &BTreeMap<String, String>) -> Option<Variant> {
+    Some(Variant {
+        pool: labels.get(POOL_LABEL)?.clone(),
+        instance_type: labels.get(TYPE_LABEL)?.clone(),
+        zone: labels.get(ZONE_LABEL)?.clone(),
+        capacity: CapacityType::parse(labels.get(CAPACITY_LABEL)?)?,
+    })
+}
+
+fn slot_of(v: &Variant) -> Slot {
+    Slot {
+        instance_type: v.instance_type.clone(),
+        zone: v.zone.clone(),
+        capacity: v.capacity,
+    }
+}
+
+#[async_trait]
+impl Provider for KubeProvider {
+    async fn launch(&mut self, offer: &Offer) -> Result<String, ControlError> {
+        let v = self.variant(&Slot::from(offer));
+        self.kinds
+            .insert(v.clone(), (offer.price_per_hour, offer.tokens_per_s));
+        *self.desired.entry(v.clone()).or_default() += 1;
+        if let Err(e) = self.apply(&v).await {
+            *self.desired.entry(v.clone()).or_default() -= 1;
+            return Err(e);
+        }
+        let id = self.new_id(&v);
+        let record = self.record(&id, &v);
+        self.save(&record).await;
+        self.running.insert(
+            id.clone(),
+            Tracked {
+                variant: v,
+                pod: None,
+                ready: false,
+                record,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn terminate(&mut self, id: &str, why: &str) {
+        let Some(mut t) = self.running.remove(id) else {
+            return;
+        };
+        t.record.detail = Some(why.to_owned());
+        self.shrink(&t).await;
+        if t.pod.is_none() {
+            // No Pod filled it yet: nothing to wait for.
+            t.record.state = InstanceState::Stopped;
+            t.record.ended_at_ms = Some(now_ms());
+            self.save(&t.record).await;
+            self.events.push(ProviderEvent::Gone { id: id.to_owned() });
+        } else {
+            self.leaving.insert(id.to_owned(), t);
+        }
+    }
+
+    fn list(&self) -> Vec<Instance> {
+        self.running
+            .iter()
+            .map(|(id, t)| Instance {
+                id: id.clone(),
+                slot: slot_of(&t.variant),
+                ready: t.ready,
+                busy: None,
+            })
+            .collect()
+    }
+
+    async fn poll(&mut self) -> Vec<ProviderEvent> {
+        let due = self
+            .last_poll
+            .is_none_or(|at| at.elapsed() >= self.poll_every);
+        if due {
+            self.last_poll = Some(Instant::now());
+            if let Err(e) = self.observe().await {
+                tracing::warn!(error = %e, "cannot read the cluster");
+            }
+        }
+        std::mem::take(&mut self.events)
+    }
+
+    /// The Deployments outlive this controller: a standby that takes over
+    /// adopts them, so serving never stops for a controller restart.
+    async fn shutdown(&mut self) {}
+}

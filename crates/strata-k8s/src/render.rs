@@ -1,0 +1,738 @@
+//! The Kubernetes objects strata runs as, for a given config: what
+//! `strata k8s render` prints (gateway, controller, their permissions,
+//! config and secrets) and the engine Deployment the controller keeps per
+//! pool variant. Objects are written as JSON and each is checked by
+//! deserializing it into its k8s-openapi type (`check`), so a misspelled or
+//! misplaced field is an error here, not a surprise in the cluster.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Value};
+use strata_core::config::{CapacityType, Config, KubernetesConfig};
+
+/// Labels every strata object carries; the controller lists its engine
+/// Deployments and Pods by `MANAGED_BY` and `POOL_LABEL`.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "strata");
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+pub const POOL_LABEL: &str = "strata.dev/pool";
+pub const TYPE_LABEL: &str = "strata.dev/instance-type";
+pub const ZONE_LABEL: &str = "strata.dev/zone";
+pub const CAPACITY_LABEL: &str = "strata.dev/capacity";
+/// The well-known node labels replicas are placed by.
+pub const NODE_TYPE: &str = "node.kubernetes.io/instance-type";
+pub const NODE_ZONE: &str = "topology.kubernetes.io/zone";
+/// A zone name that leaves the choice to the scheduler.
+pub const ANY_ZONE: &str = "any";
+
+const CONFIG_MAP: &str = "strata-config";
+const SECRET: &str = "strata";
+const GATEWAY: &str = "strata-gateway";
+const CONTROLLER: &str = "strata-controller";
+const GATEWAY_PORT: u16 = 8080;
+const MODEL_DIR: &str = "/models";
+
+/// Secrets to render into the `strata` Secret; without them the Secret is
+/// left for the operator to create (`kubectl create secret`).
+pub struct Secrets {
+    /// 64 hex characters.
+    pub kek: String,
+    /// `postgres://…`
+    pub database_url: String,
+}
+
+/// One pool variant: the replicas of a pool on one instance type, in one
+/// zone, on one capacity type. One Deployment each.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Variant {
+    pub pool: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub capacity: CapacityType,
+}
+
+impl Variant {
+    /// The Deployment's name: a DNS label made of the variant's parts, with
+    /// a digest suffix when they do not fit (names stay unique).
+    pub fn name(&self) -> String {
+        let capacity = match self.capacity {
+            CapacityType::Spot => "spot",
+            CapacityType::OnDemand => "od",
+        };
+        let raw = format!(
+            "strata-engine-{}-{}-{}-{capacity}",
+            self.pool, self.instance_type, self.zone
+        );
+        let mut name: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        while name.contains("--") {
+            name = name.replace("--", "-");
+        }
+        if name.len() > 63 || name != raw {
+            // Different raw names may map to one cleaned name: the digest
+            // of the raw one keeps them apart.
+            let digest = fnv(&raw);
+            name.truncate(63 - 9);
+            name = format!("{}-{digest:08x}", name.trim_end_matches('-'));
+        }
+        name
+    }
+
+    /// The labels of its Deployment and Pods (the selector too).
+    pub fn labels(&self) -> Value {
+        json!({
+            "app.kubernetes.io/name": "strata",
+            COMPONENT: "engine",
+            MANAGED_BY.0: MANAGED_BY.1,
+            POOL_LABEL: label_value(&self.pool),
+            TYPE_LABEL: label_value(&self.instance_type),
+            ZONE_LABEL: label_value(&self.zone),
+            CAPACITY_LABEL: self.capacity.as_str(),
+        })
+    }
+}
+
+/// A label value: at most 63 of [A-Za-z0-9._-], starting and ending
+/// alphanumeric.
+pub fn label_value(s: &str) -> String {
+    let v: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    v.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+fn fnv(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn common_labels(component: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": "strata",
+        COMPONENT: component,
+        MANAGED_BY.0: MANAGED_BY.1,
+    })
+}
+
+fn metadata(name: &str, namespace: &str, labels: Value) -> Value {
+    json!({"name": name, "namespace": namespace, "labels": labels})
+}
+
+/// A container that runs as nobody, on a read-only root, with no
+/// capabilities.
+fn locked_down() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65534,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+/// The config (read-only) and a scratch /tmp (the root file system is
+/// read-only): the volumes and their mounts.
+fn base_volumes() -> (Vec<Value>, Vec<Value>) {
+    (
+        vec![
+            json!({"name": "config", "configMap": {"name": CONFIG_MAP}}),
+            json!({"name": "tmp", "emptyDir": {}}),
+        ],
+        vec![
+            json!({"name": "config", "mountPath": "/etc/strata", "readOnly": true}),
+            json!({"name": "tmp", "mountPath": "/tmp"}),
+        ],
+    )
+}
+
+fn secret_env(name: &str, key: &str) -> Value {
+    json!({"name": name, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}})
+}
+
+fn resources(cpu: &str, memory: &str, gpus: u32) -> Value {
+    let mut limits = json!({"memory": memory});
+    if gpus > 0 {
+        limits["nvidia.com/gpu"] = json!(gpus.to_string());
+    }
+    json!({"requests": {"cpu": cpu, "memory": memory}, "limits": limits})
+}
+
+/// Everything `strata k8s render` prints, in apply order.
+pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) -> Vec<Value> {
+    let k = &config.kubernetes;
+    let ns = k.namespace.as_str();
+    let mut out = vec![json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": ns, "labels": common_labels("namespace")},
+    })];
+    out.push(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(CONFIG_MAP, ns, common_labels("config")),
+        "data": {"strata.toml": config_text},
+    }));
+    if let Some(s) = secrets {
+        out.push(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(SECRET, ns, common_labels("secrets")),
+            "type": "Opaque",
+            "stringData": {"kek": s.kek, "database-url": s.database_url},
+        }));
+    }
+    out.extend(gateway(k));
+    out.extend(controller(k));
+    out
+}
+
+fn gateway(k: &KubernetesConfig) -> Vec<Value> {
+    let ns = k.namespace.as_str();
+    let labels = common_labels("gateway");
+    let (volumes, mounts) = base_volumes();
+    let probe = |delay: u32| {
+        json!({
+            "httpGet": {"path": "/health", "port": "http"},
+            "initialDelaySeconds": delay,
+            "periodSeconds": 5,
+        })
+    };
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": metadata(GATEWAY, ns, labels.clone()),
+            // The gateway never talks to the Kubernetes API.
+            "automountServiceAccountToken": false,
+        }),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(GATEWAY, ns, labels.clone()),
+            "spec": {
+                "replicas": k.gateway_replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": GATEWAY,
+                        "automountServiceAccountToken": false,
+                        "containers": [{
+                            "name": "gateway",
+                            "image": k.image,
+                            "args": ["--config", "/etc/strata/strata.toml", "gateway",
+                                     "--listen", format!("0.0.0.0:{GATEWAY_PORT}"),
+                                     "--db", "$(DATABASE_URL)"],
+                            "env": [secret_env("STRATA_KEK", "kek"),
+                                    secret_env("DATABASE_URL", "database-url"),
+                                    {"name": "STRATA_LOG", "value": "info"}],
+                            "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
+                            "readinessProbe": probe(2),
+                            "livenessProbe": probe(15),
+                            "resources": resources(&k.gateway_cpu, &k.gateway_memory, 0),
+                            "securityContext": locked_down(),
+                            "volumeMounts": mounts,
+                        }],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(GATEWAY, ns, labels.clone()),
+            "spec": {
+                "selector": labels,
+                "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+            },
+        }),
+        json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": metadata(GATEWAY, ns, labels.clone()),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
+        }),
+        json!({
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": metadata(GATEWAY, ns, labels.clone()),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": GATEWAY},
+                "minReplicas": k.gateway_replicas,
+                "maxReplicas": k.gateway_max_replicas,
+                "metrics": [{
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                }],
+            },
+        }),
+    ]
+}
+
+/// What the controller may do, and why (docs/cluster.md repeats it).
+fn controller_rules() -> Value {
+    json!([
+        // One Deployment per pool variant: create, resize, delete.
+        {"apiGroups": ["apps"], "resources": ["deployments"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        // Replica health and endpoints; the deletion-cost annotation picks
+        // which replica a scale-down removes.
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+        // Leader election among the controller copies.
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "create", "update"]},
+    ])
+}
+
+fn controller(k: &KubernetesConfig) -> Vec<Value> {
+    let ns = k.namespace.as_str();
+    let labels = common_labels("controller");
+    let (volumes, mounts) = base_volumes();
+    let nodes_role = format!("{CONTROLLER}-{ns}-nodes");
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": metadata(CONTROLLER, ns, labels.clone()),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata(CONTROLLER, ns, labels.clone()),
+            "rules": controller_rules(),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata(CONTROLLER, ns, labels.clone()),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROLLER},
+            "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": ns}],
+        }),
+        // Nodes are cluster-wide: read-only, for their labels and the
+        // taints spot interruption handlers set.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": nodes_role, "labels": labels},
+            "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": nodes_role, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": nodes_role},
+            "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": ns}],
+        }),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(CONTROLLER, ns, labels.clone()),
+            "spec": {
+                "replicas": k.controller_replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": CONTROLLER,
+                        "containers": [{
+                            "name": "controller",
+                            "image": k.image,
+                            // No KEK here: the controller never reads tenant content.
+                            "args": ["--config", "/etc/strata/strata.toml", "controller",
+                                     "--provider", "kubernetes", "--db", "$(DATABASE_URL)",
+                                     "--holder", "$(POD_NAME)"],
+                            "env": [secret_env("DATABASE_URL", "database-url"),
+                                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                    {"name": "STRATA_LOG", "value": "info"}],
+                            "resources": resources("100m", "128Mi", 0),
+                            "securityContext": locked_down(),
+                            "volumeMounts": mounts,
+                        }],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// The Deployment of one pool variant with `replicas` engine Pods.
+pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> Value {
+    let k = &config.kubernetes;
+    let labels = variant.labels();
+    let model_file = format!("{MODEL_DIR}/{}", crate::MODEL_FILE);
+    let mut node_selector = json!({ NODE_TYPE: variant.instance_type });
+    if variant.zone != ANY_ZONE {
+        node_selector[NODE_ZONE] = json!(variant.zone);
+    }
+    let mut tolerations = Vec::new();
+    match variant.capacity {
+        CapacityType::Spot => {
+            node_selector[k.capacity_label.as_str()] = json!(k.spot_value);
+            for key in &k.spot_taints {
+                tolerations.push(json!({"key": key, "operator": "Exists"}));
+            }
+        }
+        CapacityType::OnDemand => {
+            if let Some(v) = &k.on_demand_value {
+                node_selector[k.capacity_label.as_str()] = json!(v);
+            }
+        }
+    }
+    let (mut volumes, mut mounts) = base_volumes();
+    let model_vol = match &k.model_pvc {
+        Some(claim) => {
+            json!({"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}})
+        }
+        None => json!({"name": "models", "emptyDir": {}}),
+    };
+    let model_mount = json!({"name": "models", "mountPath": MODEL_DIR});
+    volumes.push(model_vol);
+    mounts.push(model_mount);
+    let init: Vec<Value> = if k.model_pvc.is_none() {
+        // pip writes to a home and a cache: a writable emptyDir for both.
+        vec![json!({
+            "name": "model-fetch",
+            "image": k.image,
+            "args": ["model", "fetch", "--dest", model_file],
+            "env": [{"name": "HOME", "value": MODEL_DIR}],
+            "securityContext": locked_down(),
+            "volumeMounts": mounts,
+        })]
+    } else {
+        Vec::new()
+    };
+    let probe = |delay: u32| {
+        json!({
+            "httpGet": {"path": "/health", "port": "http"},
+            "initialDelaySeconds": delay,
+            "periodSeconds": 5,
+        })
+    };
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(&variant.name(), &k.namespace, labels.clone()),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "nodeSelector": node_selector,
+                    "tolerations": tolerations,
+                    "terminationGracePeriodSeconds": 30,
+                    "initContainers": init,
+                    "containers": [{
+                        "name": "engine",
+                        "image": k.image,
+                        "args": ["--config", "/etc/strata/strata.toml", "engine",
+                                 "--host", "0.0.0.0", "--port", k.engine_port.to_string(),
+                                 "--model", model_file],
+                        "ports": [{"name": "http", "containerPort": k.engine_port}],
+                        "readinessProbe": probe(2),
+                        "livenessProbe": probe(60),
+                        "resources": resources(&k.engine_cpu, &k.engine_memory, k.engine_gpus),
+                        "securityContext": locked_down(),
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": volumes,
+                },
+            },
+        },
+    })
+}
+
+/// Checks every object: it deserializes into its k8s-openapi type and
+/// nothing of it is lost on the way back (no unknown or misplaced field);
+/// names are DNS names; selectors match their Pod templates; what the
+/// objects refer to (ConfigMap, Secret, ServiceAccount, Role, Deployment)
+/// is among them or is the Secret the operator creates.
+pub fn check(objects: &[Value]) -> Result<(), String> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+
+    fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> Result<(), String> {
+        let t: T = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        let back = serde_json::to_value(&t).map_err(|e| e.to_string())?;
+        match lost(v, &back, "") {
+            Some(path) => Err(format!("`{path}` is not a field of this kind")),
+            None => Ok(()),
+        }
+    }
+    let mut names = BTreeSet::new();
+    for v in objects {
+        let kind = v["kind"].as_str().unwrap_or_default();
+        let name = v["metadata"]["name"].as_str().unwrap_or_default();
+        let what = format!("{kind} {name}");
+        if !dns_subdomain(name) {
+            return Err(format!("{what}: the name is not a DNS name"));
+        }
+        match kind {
+            "Namespace" => typed::<Namespace>(v),
+            "ConfigMap" => typed::<ConfigMap>(v),
+            "Secret" => typed::<Secret>(v),
+            "ServiceAccount" => typed::<ServiceAccount>(v),
+            "Service" => typed::<Service>(v),
+            "Deployment" => typed::<Deployment>(v).and_then(|_| {
+                let selector = &v["spec"]["selector"]["matchLabels"];
+                let labels = &v["spec"]["template"]["metadata"]["labels"];
+                let matches = selector
+                    .as_object()
+                    .is_some_and(|s| s.iter().all(|(k, val)| &labels[k] == val));
+                matches
+                    .then_some(())
+                    .ok_or_else(|| "the selector does not match the Pod template".into())
+            }),
+            "PodDisruptionBudget" => typed::<PodDisruptionBudget>(v),
+            "HorizontalPodAutoscaler" => typed::<HorizontalPodAutoscaler>(v),
+            "Role" => typed::<Role>(v),
+            "RoleBinding" => typed::<RoleBinding>(v),
+            "ClusterRole" => typed::<ClusterRole>(v),
+            "ClusterRoleBinding" => typed::<ClusterRoleBinding>(v),
+            other => Err(format!("unexpected kind {other}")),
+        }
+        .map_err(|e| format!("{what}: {e}"))?;
+        names.insert((kind.to_owned(), name.to_owned()));
+    }
+    let has = |kind: &str, name: &str| names.contains(&(kind.to_owned(), name.to_owned()));
+    for v in objects {
+        let what = format!("{} {}", v["kind"], v["metadata"]["name"]);
+        let mut refs = Vec::new();
+        collect_refs(v, &mut refs);
+        for (kind, name) in refs {
+            // The Secret may be the operator's, created apart.
+            if !(has(&kind, &name) || kind == "Secret" && name == SECRET) {
+                return Err(format!(
+                    "{what} refers to {kind} {name}, which is not rendered"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The first path of `want` that `got` does not have (a field dropped on
+/// the way through the typed form).
+fn lost(want: &Value, got: &Value, path: &str) -> Option<String> {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => w.iter().find_map(|(k, v)| {
+            let p = format!("{path}.{k}");
+            match g.get(k) {
+                None if !v.is_null() && v != &json!([]) && v != &json!({}) => Some(p),
+                None => None,
+                Some(gv) => lost(v, gv, &p),
+            }
+        }),
+        (Value::Array(w), Value::Array(g)) => w
+            .iter()
+            .zip(g)
+            .enumerate()
+            .find_map(|(i, (a, b))| lost(a, b, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// ConfigMaps, Secrets, ServiceAccounts, Roles and scale targets an object
+/// names.
+fn collect_refs(v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                let name = || val["name"].as_str().unwrap_or_default().to_owned();
+                match k.as_str() {
+                    "configMap" => out.push(("ConfigMap".into(), name())),
+                    "secretKeyRef" => out.push(("Secret".into(), name())),
+                    "serviceAccountName" => out.push((
+                        "ServiceAccount".into(),
+                        val.as_str().unwrap_or_default().to_owned(),
+                    )),
+                    "roleRef" | "scaleTargetRef" => {
+                        out.push((val["kind"].as_str().unwrap_or_default().to_owned(), name()))
+                    }
+                    _ => {}
+                }
+                collect_refs(val, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(strata_core::config::is_dns_label)
+}
+
+/// The objects as one YAML stream (`kubectl apply -f -`).
+pub fn to_yaml(objects: &[Value]) -> String {
+    objects
+        .iter()
+        .map(|o| serde_saphyr::to_string(o).expect("JSON values serialise as YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(zone: &str, capacity: CapacityType) -> Variant {
+        Variant {
+            pool: "default".into(),
+            instance_type: "g5.xlarge".into(),
+            zone: zone.into(),
+            capacity,
+        }
+    }
+
+    fn rendered() -> Vec<Value> {
+        let config = Config::default();
+        let secrets = Secrets {
+            kek: "ab".repeat(32),
+            database_url: "postgres://strata@db/strata".into(),
+        };
+        let mut all = manifests(&config, "[pool]\n", Some(&secrets));
+        all.push(engine_deployment(
+            &config,
+            &variant("us-east-1a", CapacityType::Spot),
+            3,
+        ));
+        all.push(engine_deployment(
+            &config,
+            &variant(ANY_ZONE, CapacityType::OnDemand),
+            1,
+        ));
+        all
+    }
+
+    #[test]
+    fn every_object_is_a_valid_kubernetes_object() {
+        check(&rendered()).unwrap();
+    }
+
+    #[test]
+    fn the_yaml_stream_parses_back_into_the_same_objects() {
+        let all = rendered();
+        let yaml = to_yaml(&all);
+        let back: Vec<Value> = serde_saphyr::from_str_multiple(&yaml).unwrap();
+        assert_eq!(back, all);
+        check(&back).unwrap();
+    }
+
+    #[test]
+    fn the_check_finds_a_misspelled_field_and_a_dangling_reference() {
+        let mut all = rendered();
+        let gw = all
+            .iter_mut()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == GATEWAY)
+            .unwrap();
+        gw["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = json!("Always");
+        let err = check(&all).unwrap_err();
+        assert!(err.contains("imagePullPolicyy"), "{err}");
+        let mut all = rendered();
+        all.retain(|o| o["kind"] != "ConfigMap");
+        let err = check(&all).unwrap_err();
+        assert!(err.contains("ConfigMap strata-config"), "{err}");
+        let mut all = rendered();
+        all[0]["metadata"]["name"] = json!("Not_A_Name");
+        assert!(check(&all).is_err());
+    }
+
+    #[test]
+    fn spot_replicas_go_to_spot_nodes_of_their_type_and_zone() {
+        let config = Config::default();
+        let d = engine_deployment(&config, &variant("us-east-1a", CapacityType::Spot), 3);
+        let spec = &d["spec"]["template"]["spec"];
+        assert_eq!(d["spec"]["replicas"], 3);
+        assert_eq!(spec["nodeSelector"][NODE_TYPE], "g5.xlarge");
+        assert_eq!(spec["nodeSelector"][NODE_ZONE], "us-east-1a");
+        assert_eq!(spec["nodeSelector"]["karpenter.sh/capacity-type"], "spot");
+        assert_eq!(spec["tolerations"][0]["key"], "karpenter.sh/capacity-type");
+        let od = engine_deployment(&config, &variant(ANY_ZONE, CapacityType::OnDemand), 1);
+        let spec = &od["spec"]["template"]["spec"];
+        assert!(spec["nodeSelector"].get(NODE_ZONE).is_none());
+        assert_eq!(
+            spec["nodeSelector"]["karpenter.sh/capacity-type"],
+            "on-demand"
+        );
+        assert_eq!(spec["tolerations"], json!([]));
+        assert_ne!(d["metadata"]["name"], od["metadata"]["name"]);
+    }
+
+    #[test]
+    fn variant_names_are_dns_labels_and_stay_apart() {
+        let a = variant("us-east-1a", CapacityType::Spot).name();
+        assert!(strata_core::config::is_dns_label(&a), "{a}");
+        let long = Variant {
+            pool: "p".repeat(80),
+            ..variant("us-east-1a", CapacityType::Spot)
+        };
+        let n = long.name();
+        assert!(
+            strata_core::config::is_dns_label(&n) && n.len() <= 63,
+            "{n}"
+        );
+        let (x, y) = (
+            Variant {
+                instance_type: "a.b".into(),
+                ..variant("z", CapacityType::Spot)
+            },
+            Variant {
+                instance_type: "a-b".into(),
+                ..variant("z", CapacityType::Spot)
+            },
+        );
+        assert_ne!(x.name(), y.name());
+    }
+
+    #[test]
+    fn the_controller_holds_no_kek_and_the_gateway_no_api_token() {
+        let all = rendered();
+        let find = |name: &str| {
+            all.iter()
+                .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        let ctl = find(CONTROLLER).to_string();
+        assert!(!ctl.contains("STRATA_KEK") && !ctl.contains("\"kek\""));
+        let gw = find(GATEWAY);
+        assert_eq!(
+            gw["spec"]["template"]["spec"]["automountServiceAccountToken"],
+            false
+        );
+        // The controller's Role grants nothing beyond its three resources.
+        let role = all.iter().find(|o| o["kind"] == "Role").unwrap();
+        let resources: Vec<&str> = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["resources"].as_array().unwrap())
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        assert_eq!(resources, ["deployments", "pods", "leases"]);
+    }
+}

@@ -1,0 +1,449 @@
+//! The Kubernetes provider and Lease election against the fake API server
+//! (`fake_api`: kube's tower-test mock with an in-memory cluster), asserting
+//! the exact calls for scale-up, scale-down, a preemption taint, a Pod
+//! deleted by someone else, adoption by a new leader, and leader hand-over.
+
+mod fake_api;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_api::{Cluster, Shared};
+use strata_control::leader::Elector;
+use strata_control::planner::{Offer, Slot};
+use strata_control::provider::{Provider, ProviderEvent};
+use strata_core::config::{CapacityType, Config};
+use strata_core::store::{InstanceState, InstanceStore, LeaseStore};
+use strata_k8s::lease::KubeLeases;
+use strata_k8s::provider::KubeProvider;
+use strata_k8s::render::Variant;
+use strata_store::SqlStore;
+use tokio_util::sync::CancellationToken;
+
+const SPOT_TAINT: &str = "aws-node-termination-handler/spot-itn";
+
+fn offer(zone: &str, capacity: CapacityType, price: f64) -> Offer {
+    Offer {
+        instance_type: "g5.xlarge".into(),
+        zone: zone.into(),
+        capacity,
+        price_per_hour: price,
+        tokens_per_s: 900.0,
+    }
+}
+
+fn deployment(zone: &str, capacity: CapacityType) -> String {
+    Variant {
+        pool: "default".into(),
+        instance_type: "g5.xlarge".into(),
+        zone: zone.into(),
+        capacity,
+    }
+    .name()
+}
+
+struct Setup {
+    cluster: Shared,
+    provider: KubeProvider,
+    store: Arc<SqlStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let cluster = Cluster::shared();
+    {
+        let mut c = cluster.lock().unwrap();
+        c.add_node("ip-10-0-1-10", "g5.xlarge", "us-east-1a", "spot");
+        c.add_node("ip-10-0-2-20", "g5.xlarge", "us-east-1b", "on-demand");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqlStore::open_without_vault(&dir.path().join("s.db"))
+            .await
+            .unwrap(),
+    );
+    let provider = KubeProvider::new(
+        fake_api::client(cluster.clone()),
+        Arc::new(Config::default()),
+        "gemma-3-270m-q4_k_m".into(),
+        store.clone(),
+    )
+    .with_poll_every(Duration::ZERO);
+    Setup {
+        cluster,
+        provider,
+        store,
+        _dir: dir,
+    }
+}
+
+fn calls(s: &Setup) -> Vec<String> {
+    s.cluster.lock().unwrap().take_calls()
+}
+
+fn reconcile(s: &Setup, ready: bool) {
+    s.cluster.lock().unwrap().reconcile(ready);
+}
+
+fn ready_ids(events: &[ProviderEvent]) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            ProviderEvent::Ready { id } => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Three replicas: two spot in us-east-1a, one on demand in us-east-1b.
+async fn three_ready(s: &mut Setup) -> Vec<String> {
+    let spot = offer("us-east-1a", CapacityType::Spot, 0.45);
+    let od = offer("us-east-1b", CapacityType::OnDemand, 1.006);
+    let a = s.provider.launch(&spot).await.unwrap();
+    let b = s.provider.launch(&spot).await.unwrap();
+    let c = s.provider.launch(&od).await.unwrap();
+    reconcile(s, true);
+    let events = s.provider.poll().await;
+    let mut ids = vec![a, b, c];
+    ids.sort();
+    assert_eq!(ready_ids(&events), ids);
+    ids
+}
+
+#[tokio::test]
+async fn scale_up_applies_one_deployment_per_variant_and_records_pod_endpoints() {
+    let mut s = setup().await;
+    let spot = offer("us-east-1a", CapacityType::Spot, 0.45);
+    let od = offer("us-east-1b", CapacityType::OnDemand, 1.006);
+    let a = s.provider.launch(&spot).await.unwrap();
+    s.provider.launch(&spot).await.unwrap();
+    s.provider.launch(&od).await.unwrap();
+    let (ds, dod) = (
+        deployment("us-east-1a", CapacityType::Spot),
+        deployment("us-east-1b", CapacityType::OnDemand),
+    );
+    assert_eq!(
+        calls(&s),
+        [
+            format!("apply {ds} replicas=1"),
+            format!("apply {ds} replicas=2"),
+            format!("apply {dod} replicas=1"),
+        ]
+    );
+    // Launched, not ready yet; no Pod exists.
+    assert_eq!(s.provider.list().len(), 3);
+    assert!(s.provider.list().iter().all(|i| !i.ready));
+
+    // The Pods come up, not ready: bound, still not ready.
+    reconcile(&s, false);
+    assert!(ready_ids(&s.provider.poll().await).is_empty());
+    assert_eq!(calls(&s), ["list deployments", "list pods", "list nodes"]);
+    // Ready: one event each, endpoints from the Pod IPs in the store.
+    {
+        let mut c = s.cluster.lock().unwrap();
+        let names: Vec<String> = c.pods.keys().cloned().collect();
+        for n in names {
+            let p = c.pods.get_mut(&n).unwrap();
+            p["status"]["conditions"][2]["status"] = serde_json::json!("True");
+        }
+    }
+    assert_eq!(ready_ids(&s.provider.poll().await).len(), 3);
+    assert_eq!(calls(&s), ["list pods", "list nodes"]);
+    assert!(s.provider.list().iter().all(|i| i.ready));
+    let recorded = s.store.instances().await.unwrap();
+    let first = recorded.iter().find(|r| r.id == a).unwrap();
+    assert_eq!(first.state, InstanceState::Ready);
+    assert!(
+        first.endpoint.starts_with("http://10.244.1."),
+        "{}",
+        first.endpoint
+    );
+    assert!(first.endpoint.ends_with(":8000"));
+    assert_eq!(first.kind.price_per_hour, 0.45);
+    assert_eq!(first.kind.capacity, CapacityType::Spot);
+    // The spot Pods sit on the spot node of their zone.
+    let c = s.cluster.lock().unwrap();
+    for pod in c.pods_of(&ds) {
+        assert_eq!(c.pods[&pod]["spec"]["nodeName"], "ip-10-0-1-10");
+    }
+}
+
+#[tokio::test]
+async fn scale_down_removes_the_pod_of_the_instance_let_go() {
+    let mut s = setup().await;
+    let ids = three_ready(&mut s).await;
+    calls(&s);
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    // Which Pod fills which instance: the one let go must be the one removed.
+    let before = s.cluster.lock().unwrap().pods_of(&ds);
+    assert_eq!(before.len(), 2);
+    let spot_ids: Vec<String> = s
+        .provider
+        .list()
+        .into_iter()
+        .filter(|i| i.slot.capacity == CapacityType::Spot)
+        .map(|i| i.id)
+        .collect();
+    let victim = spot_ids[1].clone();
+    let recorded = s.store.instances().await.unwrap();
+    let victim_ip = recorded
+        .iter()
+        .find(|r| r.id == victim)
+        .unwrap()
+        .endpoint
+        .clone();
+    s.provider.terminate(&victim, "scale down").await;
+    let c = calls(&s);
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert!(
+        c[0].starts_with("annotate ") && c[0].ends_with(" deletion-cost=-1000"),
+        "{c:?}"
+    );
+    assert_eq!(c[1], format!("apply {ds} replicas=1"));
+    assert!(!s.provider.list().iter().any(|i| i.id == victim));
+    reconcile(&s, true);
+    let events = s.provider.poll().await;
+    assert_eq!(events, [ProviderEvent::Gone { id: victim.clone() }]);
+    // The Pod that stayed is the other instance's: its endpoint is unchanged.
+    let after = s.cluster.lock().unwrap().pods_of(&ds);
+    assert_eq!(after.len(), 1);
+    let removed: Vec<&String> = before.iter().filter(|p| !after.contains(p)).collect();
+    assert_eq!(format!("annotate {} deletion-cost=-1000", removed[0]), c[0]);
+    let recorded = s.store.instances().await.unwrap();
+    let gone = recorded.iter().find(|r| r.id == victim).unwrap();
+    assert_eq!(gone.state, InstanceState::Stopped);
+    assert!(gone.ended_at_ms.is_some());
+    assert_eq!(gone.endpoint, victim_ip);
+    assert_eq!(s.provider.list().len(), ids.len() - 1);
+}
+
+#[tokio::test]
+async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
+    let mut s = setup().await;
+    three_ready(&mut s).await;
+    calls(&s);
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
+    let events = s.provider.poll().await;
+    let preempted: Vec<(&String, &Slot, Duration)> = events
+        .iter()
+        .filter_map(|e| match e {
+            ProviderEvent::Preempting { id, slot, notice } => Some((id, slot, *notice)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(preempted.len(), 2, "{events:?}");
+    for (_, slot, notice) in &preempted {
+        assert_eq!(slot.zone, "us-east-1a");
+        assert_eq!(slot.capacity, CapacityType::Spot);
+        assert_eq!(*notice, Duration::from_secs(120));
+    }
+    let c = calls(&s);
+    assert_eq!(&c[..3], ["list pods", "list nodes", c[2].as_str()]);
+    assert_eq!(
+        c.iter().filter(|x| x.starts_with("annotate ")).count(),
+        2,
+        "{c:?}"
+    );
+    assert_eq!(c.last().unwrap(), &format!("apply {ds} replicas=0"));
+    // Only the on-demand replica is left in the pool; the controller plans
+    // the replacements. The Pods go with their node.
+    assert_eq!(s.provider.list().len(), 1);
+    reconcile(&s, true);
+    let gone: Vec<ProviderEvent> = s.provider.poll().await;
+    assert_eq!(gone.len(), 2);
+    assert!(gone.iter().all(|e| matches!(e, ProviderEvent::Gone { .. })));
+    let recorded = s.store.instances().await.unwrap();
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|r| r.state == InstanceState::Preempted && r.ended_at_ms.is_some())
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_pod_deleted_by_someone_else_is_a_failure_replaced_once() {
+    let mut s = setup().await;
+    three_ready(&mut s).await;
+    calls(&s);
+    let dod = deployment("us-east-1b", CapacityType::OnDemand);
+    let pod = s.cluster.lock().unwrap().pods_of(&dod)[0].clone();
+    s.cluster.lock().unwrap().pods.remove(&pod);
+    let events = s.provider.poll().await;
+    assert!(
+        matches!(events.as_slice(), [ProviderEvent::Failed { detail, .. }] if detail.contains("deleted")),
+        "{events:?}"
+    );
+    // The variant shrinks, so the controller's replacement is the only one.
+    assert_eq!(
+        calls(&s),
+        [
+            "list pods".to_string(),
+            "list nodes".to_string(),
+            format!("apply {dod} replicas=0")
+        ]
+    );
+    assert_eq!(s.provider.list().len(), 2);
+}
+
+#[tokio::test]
+async fn a_new_leader_adopts_the_deployments_and_pods_it_finds() {
+    let mut s = setup().await;
+    three_ready(&mut s).await;
+    // Another controller process: same cluster, nothing in memory.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqlStore::open_without_vault(&dir.path().join("s.db"))
+            .await
+            .unwrap(),
+    );
+    let mut next = KubeProvider::new(
+        fake_api::client(s.cluster.clone()),
+        Arc::new(Config::default()),
+        "gemma-3-270m-q4_k_m".into(),
+        store,
+    )
+    .with_poll_every(Duration::ZERO);
+    calls(&s);
+    let events = next.poll().await;
+    assert_eq!(ready_ids(&events).len(), 3);
+    assert_eq!(calls(&s), ["list deployments", "list pods", "list nodes"]);
+    // It counts on from the replicas it found, not from zero.
+    next.launch(&offer("us-east-1a", CapacityType::Spot, 0.45))
+        .await
+        .unwrap();
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    assert_eq!(calls(&s), [format!("apply {ds} replicas=3")]);
+}
+
+#[tokio::test]
+async fn the_lease_has_one_holder_and_passes_on_release_and_on_expiry() {
+    let cluster = Cluster::shared();
+    let leases = |c: &Shared| Arc::new(KubeLeases::new(fake_api::client(c.clone()), "strata"));
+    let (a, b) = (leases(&cluster), leases(&cluster));
+    assert!(a
+        .claim_lease("controller/default", "ctl-a", 1000)
+        .await
+        .unwrap());
+    assert!(!b
+        .claim_lease("controller/default", "ctl-b", 1000)
+        .await
+        .unwrap());
+    assert!(a
+        .claim_lease("controller/default", "ctl-a", 1000)
+        .await
+        .unwrap());
+    assert_eq!(
+        cluster.lock().unwrap().take_calls(),
+        [
+            "get lease strata-controller-default",
+            "create lease strata-controller-default holder=ctl-a",
+            "get lease strata-controller-default",
+            "get lease strata-controller-default",
+            "replace lease strata-controller-default holder=ctl-a",
+        ]
+    );
+    // The term ran out (its renewal is long past).
+    {
+        let mut c = cluster.lock().unwrap();
+        let l = c.leases.get_mut("strata-controller-default").unwrap();
+        l["spec"]["renewTime"] = serde_json::json!("2020-01-01T00:00:00.000000Z");
+    }
+    // Expired: b takes it (one transition).
+    assert!(b
+        .claim_lease("controller/default", "ctl-b", 1000)
+        .await
+        .unwrap());
+    let held = b.lease("controller/default").await.unwrap().unwrap();
+    assert_eq!((held.holder.as_str(), held.transitions), ("ctl-b", 1));
+    assert!(!a
+        .claim_lease("controller/default", "ctl-a", 1000)
+        .await
+        .unwrap());
+    // Released: a gets it at once.
+    b.release_lease("controller/default", "ctl-b")
+        .await
+        .unwrap();
+    assert!(a
+        .claim_lease("controller/default", "ctl-a", 1000)
+        .await
+        .unwrap());
+    assert_eq!(
+        a.lease("controller/default")
+            .await
+            .unwrap()
+            .unwrap()
+            .transitions,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_write_that_loses_a_race_does_not_lead() {
+    let cluster = Cluster::shared();
+    let a = KubeLeases::new(fake_api::client(cluster.clone()), "strata");
+    let b = KubeLeases::new(fake_api::client(cluster.clone()), "strata");
+    assert!(a
+        .claim_lease("controller/default", "ctl-a", 1000)
+        .await
+        .unwrap());
+    {
+        let mut c = cluster.lock().unwrap();
+        let l = c.leases.get_mut("strata-controller-default").unwrap();
+        l["spec"]["renewTime"] = serde_json::json!("2020-01-01T00:00:00.000000Z");
+        // Someone else writes between b's read and b's write.
+        c.race_next_replace = true;
+    }
+    assert!(!b
+        .claim_lease("controller/default", "ctl-b", 1000)
+        .await
+        .unwrap());
+    let calls = cluster.lock().unwrap().take_calls();
+    assert_eq!(
+        calls.last().unwrap(),
+        "replace lease strata-controller-default holder=ctl-b"
+    );
+    // Nothing changed hands: the holder is still a.
+    assert_eq!(
+        b.lease("controller/default").await.unwrap().unwrap().holder,
+        "ctl-a"
+    );
+}
+
+#[tokio::test]
+async fn electors_hand_over_when_the_leader_stops() {
+    let cluster = Cluster::shared();
+    let elector = |holder: &str| Elector {
+        store: Arc::new(KubeLeases::new(fake_api::client(cluster.clone()), "strata")),
+        name: "controller/default".into(),
+        holder: holder.into(),
+        term: Duration::from_millis(1500),
+    };
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let (mut a, task_a) = elector("ctl-a").spawn(stop_a.clone());
+    a.wait_for(|l| *l).await.unwrap();
+    let (mut b, task_b) = elector("ctl-b").spawn(stop_b.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!*b.borrow(), "two leaders at once");
+    // The leader shuts down: it lets go and the standby leads within a
+    // renewal period (a third of the term), not a whole term.
+    let stopped = std::time::Instant::now();
+    stop_a.cancel();
+    task_a.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), b.wait_for(|l| *l))
+        .await
+        .expect("the standby took over")
+        .unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert!(!*a.borrow());
+    stop_b.cancel();
+    task_b.await.unwrap();
+}
