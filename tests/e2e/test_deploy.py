@@ -1,0 +1,79 @@
+"""Deployment artefacts: `strata k8s render` (the committed manifests stay
+equal to it, secrets only when given, bad config named), the controller's
+refusal without a cluster, and the Grafana dashboard, whose every metric a
+running `strata serve` (gateway and engine) exports."""
+import json
+import os
+import re
+import subprocess
+
+import httpx
+from conftest import STRATA, bearer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+DEPLOY = os.path.join(ROOT, "deploy")
+
+
+def render(config, env=None):
+    return subprocess.run([STRATA, "--config", config, "k8s", "render"], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "RUST_BACKTRACE": "0", **(env or {})})
+
+
+def test_the_committed_manifests_are_what_render_prints():
+    r = render(os.path.join(DEPLOY, "kubernetes", "strata.toml"))
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(DEPLOY, "kubernetes", "strata.yaml")) as f:
+        committed = "".join(line for line in f if not line.startswith("#"))
+    assert r.stdout == committed
+    kinds = re.findall(r"^kind: (\w+)$", r.stdout, re.M)
+    for kind in ["Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+                 "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding", "ClusterRole"]:
+        assert kind in kinds, kind
+    # Without the secrets in the environment, none is printed, and stderr says how to make it.
+    assert "Secret" not in kinds and "kubectl -n strata create secret" in r.stderr
+
+
+def test_render_includes_the_secret_only_when_given_and_checks_it(tmp_path):
+    config = tmp_path / "strata.toml"
+    config.write_text('[kubernetes]\nnamespace = "llm"\n')
+    kek = "ab" * 32
+    r = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s"})
+    assert r.returncode == 0, r.stderr
+    assert "kind: Secret" in r.stdout and kek in r.stdout and "namespace: llm" in r.stdout
+    r = render(str(config), {"STRATA_KEK": "nothex", "STRATA_DATABASE_URL": "postgres://s@db/s"})
+    assert r.returncode != 0 and "STRATA_KEK" in r.stderr
+    config.write_text('[kubernetes]\nnamespace = "Not A Name"\n')
+    r = render(str(config))
+    assert r.returncode != 0 and "kubernetes.namespace" in r.stderr
+    config.write_text('[kubernetes]\nimagee = "x"\n')
+    r = render(str(config))
+    assert r.returncode != 0 and "imagee" in r.stderr
+
+
+def test_the_kubernetes_controller_says_when_there_is_no_cluster(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    env.update({"RUST_BACKTRACE": "0", "KUBECONFIG": str(tmp_path / "no-kubeconfig")})
+    r = subprocess.run([STRATA, "--config", str(tmp_path / "none.toml"), "controller", "--provider", "kubernetes",
+                        "--db", "postgres://127.0.0.1:1/x"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode != 0 and "--provider kubernetes" in r.stderr, r.stderr
+
+
+def test_every_dashboard_metric_is_exported(server):
+    with open(os.path.join(DEPLOY, "grafana", "strata.json")) as f:
+        dashboard = json.load(f)
+    wanted = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            for name in re.findall(r"strata_[a-z_]+", t["expr"]):
+                wanted.add(re.sub(r"_(bucket|sum|count)$", "", name))
+    exported = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key), timeout=10).text
+    replica = httpx.get(f"{server.base}/health", timeout=10).json()["replicas"][0]["url"]
+    exported += httpx.get(f"{replica}/metrics", timeout=10).text
+    names = set(re.findall(r"^# TYPE (\S+)", exported, re.M))
+    names |= {n + "_total" for n in names}
+    names |= {n + "_seconds" for n in names}
+    missing = sorted(w for w in wanted if w not in names and re.sub(r"_total$", "", w) not in names)
+    assert not missing, missing
+    assert len(wanted) >= 15
