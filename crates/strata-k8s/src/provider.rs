@@ -331,7 +331,7 @@ impl KubeProvider {
             .collect();
         for id in left {
             let mut t = self.leaving.remove(&id).expect("listed");
-            if t.record.state != InstanceState::Preempted {
+            if matches!(t.record.state, InstanceState::Starting | InstanceState::Ready) {
                 t.record.state = InstanceState::Stopped;
             }
             t.record.ended_at_ms = Some(now_ms());
@@ -379,8 +379,10 @@ impl KubeProvider {
                     slot: slot_of(&t.variant),
                     notice,
                 });
+                // Recorded at once: the gateways stop sending it new requests.
                 t.record.state = InstanceState::Preempted;
                 t.record.detail = Some("its node was marked for reclaim".into());
+                self.save(&t.record).await;
                 self.shrink(&t).await;
                 self.leaving.insert(id, t);
                 continue;
@@ -511,10 +513,13 @@ impl Provider for KubeProvider {
             return;
         };
         t.record.detail = Some(why.to_owned());
+        // Recorded as stopping at once, so the gateways send it nothing new
+        // while its Pod finishes what it has (its termination grace period).
+        t.record.state = InstanceState::Stopped;
+        self.save(&t.record).await;
         self.shrink(&t).await;
         if t.pod.is_none() {
             // No Pod filled it yet: nothing to wait for.
-            t.record.state = InstanceState::Stopped;
             t.record.ended_at_ms = Some(now_ms());
             self.save(&t.record).await;
             self.events.push(ProviderEvent::Gone { id: id.to_owned() });

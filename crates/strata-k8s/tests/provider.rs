@@ -203,6 +203,13 @@ async fn scale_down_removes_the_pod_of_the_instance_let_go() {
     );
     assert_eq!(c[1], format!("apply {ds} replicas=1"));
     assert!(!s.provider.list().iter().any(|i| i.id == victim));
+    // The gateways stop routing to it before its Pod goes.
+    let recorded = s.store.instances().await.unwrap();
+    let leaving = recorded.iter().find(|r| r.id == victim).unwrap();
+    assert_eq!((leaving.state, leaving.ended_at_ms), (InstanceState::Stopped, None));
+    assert!(!strata_control::cluster::endpoints(&recorded)
+        .iter()
+        .any(|e| e.id == victim));
     reconcile(&s, true);
     let events = s.provider.poll().await;
     assert_eq!(events, [ProviderEvent::Gone { id: victim.clone() }]);
@@ -249,8 +256,11 @@ async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
     );
     assert_eq!(c.last().unwrap(), &format!("apply {ds} replicas=0"));
     // Only the on-demand replica is left in the pool; the controller plans
-    // the replacements. The Pods go with their node.
+    // the replacements, and the gateways route to the on-demand one alone
+    // while the preempted Pods wait for their node to go.
     assert_eq!(s.provider.list().len(), 1);
+    let recorded = s.store.instances().await.unwrap();
+    assert_eq!(strata_control::cluster::endpoints(&recorded).len(), 1);
     reconcile(&s, true);
     let gone: Vec<ProviderEvent> = s.provider.poll().await;
     assert_eq!(gone.len(), 2);
