@@ -63,3 +63,15 @@ def wrk(url, key=None, connections=32, duration="10s"):
 
 def median(xs):
     return sorted(xs)[len(xs) // 2]
+
+
+def summarize(runs):
+    """Prints wrk runs by path as a table of medians; returns the medians."""
+    print("\n| path | req/s (median) | p50 ms | p99 ms | non-2xx |")
+    print("|---|---|---|---|---|")
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {k: median([r[k] for r in rs]) for k in ("rps", "p50", "p99")}
+        print(f"| {name} | {summary[name]['rps']:.0f} | {summary[name]['p50']:.3f} | "
+              f"{summary[name]['p99']:.3f} | {sum(r['errors'] for r in rs)} |")
+    return summary

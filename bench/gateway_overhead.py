@@ -16,7 +16,7 @@ import tempfile
 import time
 
 import httpx
-from benchlib import STUB, median, new_key, port, start_stub, wait
+from benchlib import STUB, new_key, port, start_stub, summarize, wait
 from benchlib import wrk as run_wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,14 +66,7 @@ def main():
             runs["gateway before tenancy"].append(wrk(f"http://127.0.0.1:{old_port}/v1/chat/completions"))
             runs["gateway with tenancy"].append(wrk(f"{base}/v1/chat/completions", key))
         print(json.dumps(runs, indent=1))
-        med = median
-        print("\n| path | req/s (median) | p50 ms | p99 ms | non-2xx |")
-        print("|---|---|---|---|---|")
-        summary = {}
-        for name, rs in runs.items():
-            summary[name] = {k: med([r[k] for r in rs]) for k in ("rps", "p50", "p99")}
-            print(f"| {name} | {summary[name]['rps']:.0f} | {summary[name]['p50']:.3f} | {summary[name]['p99']:.3f} | "
-                  f"{sum(r['errors'] for r in rs)} |")
+        summary = summarize(runs)
         before, after = summary["gateway before tenancy"], summary["gateway with tenancy"]
         print(f"\nadded by tenancy: p50 {1000 * (after['p50'] - before['p50']):+.0f} us, "
               f"p99 {1000 * (after['p99'] - before['p99']):+.0f} us, throughput x{after['rps'] / before['rps']:.2f}")

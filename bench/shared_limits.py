@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import httpx
-from benchlib import STUB, median, new_key, port, start_stub, wait, wrk
+from benchlib import STUB, new_key, port, start_stub, summarize, wait, wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
@@ -109,13 +109,7 @@ def main():
             runs["gateway, own limiter"].append(wrk(f"{local}/v1/chat/completions", keys[local], duration=DURATION))
             runs["gateway, limits in Redis"].append(wrk(f"{shared}/v1/chat/completions", keys[shared], duration=DURATION))
         print(json.dumps(runs, indent=1))
-        print("\n| path | req/s (median) | p50 ms | p99 ms | non-2xx |")
-        print("|---|---|---|---|---|")
-        summary = {}
-        for name, rs in runs.items():
-            summary[name] = {k: median([r[k] for r in rs]) for k in ("rps", "p50", "p99")}
-            print(f"| {name} | {summary[name]['rps']:.0f} | {summary[name]['p50']:.3f} | "
-                  f"{summary[name]['p99']:.3f} | {sum(r['errors'] for r in rs)} |")
+        summary = summarize(runs)
         a, b = summary["gateway, own limiter"], summary["gateway, limits in Redis"]
         print(f"\nshared limits: throughput x{b['rps'] / a['rps']:.2f}, p50 {1000 * (b['p50'] - a['p50']):+.0f} us, "
               f"p99 {1000 * (b['p99'] - a['p99']):+.0f} us")

@@ -93,6 +93,29 @@ pub fn endpoints(instances: &[InstanceRecord]) -> Vec<ReplicaEndpoint> {
     out
 }
 
+/// Ticks every `REPORT_EVERY` (the first at once) until `cancel`.
+struct Every {
+    interval: tokio::time::Interval,
+    cancel: CancellationToken,
+}
+
+impl Every {
+    fn new(cancel: CancellationToken) -> Every {
+        Every {
+            interval: tokio::time::interval(REPORT_EVERY),
+            cancel,
+        }
+    }
+
+    /// False once cancelled.
+    async fn tick(&mut self) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
+}
+
 /// Gateway side: reports this gateway's load every `REPORT_EVERY` until
 /// `cancel`.
 pub async fn report_load(
@@ -101,12 +124,8 @@ pub async fn report_load(
     load: watch::Receiver<Load>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(REPORT_EVERY);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut every = Every::new(cancel);
+    while every.tick().await {
         let l = *load.borrow();
         if let Err(e) = store.report_load(&gateway, &l).await {
             tracing::warn!(error = %e, "cannot report this gateway's load");
@@ -121,12 +140,8 @@ pub async fn discover_replicas(
     publish: watch::Sender<Vec<ReplicaEndpoint>>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(REPORT_EVERY);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut every = Every::new(cancel);
+    while every.tick().await {
         match store.instances().await {
             Ok(instances) => {
                 let found = endpoints(&instances);
@@ -151,13 +166,9 @@ pub async fn gather_load(
     publish: watch::Sender<Load>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(REPORT_EVERY);
+    let mut every = Every::new(cancel);
     let mut sum = ClusterLoad::default();
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    while every.tick().await {
         match store.gateway_loads(FORGET_MS).await {
             Ok(reports) => {
                 publish.send_replace(sum.update(&reports));

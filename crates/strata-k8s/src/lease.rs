@@ -30,17 +30,7 @@ impl KubeLeases {
 /// A Lease's object name for a lease name (`controller/default` →
 /// `strata-controller-default`).
 pub fn object_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("strata-{}", cleaned.trim_matches('-'))
+    format!("strata-{}", crate::render::dns_chars(name))
 }
 
 fn err(e: kube::Error) -> StoreError {

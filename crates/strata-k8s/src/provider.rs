@@ -200,11 +200,37 @@ impl KubeProvider {
         if let Some(pod) = &t.pod {
             self.mark_for_removal(pod).await;
         }
-        let n = self.desired.entry(t.variant.clone()).or_default();
+        self.lower(&t.variant).await;
+    }
+
+    /// One fewer replica of `v` (whichever Pod the Deployment picks).
+    async fn lower(&mut self, v: &Variant) {
+        let n = self.desired.entry(v.clone()).or_default();
         *n = n.saturating_sub(1);
-        if let Err(e) = self.apply(&t.variant).await {
+        if let Err(e) = self.apply(v).await {
             tracing::warn!(error = %e, "cannot shrink a Deployment");
         }
+    }
+
+    /// Takes a running instance out of the pool with `event`: recorded at
+    /// once as `state` (the gateways stop routing to it), its Pod removed,
+    /// and `Gone` once the Pod has gone.
+    async fn retire(
+        &mut self,
+        id: &str,
+        state: InstanceState,
+        detail: String,
+        event: ProviderEvent,
+    ) {
+        let Some(mut t) = self.running.remove(id) else {
+            return;
+        };
+        self.events.push(event);
+        t.record.state = state;
+        t.record.detail = Some(detail);
+        self.save(&t.record).await;
+        self.shrink(&t).await;
+        self.leaving.insert(id.to_owned(), t);
     }
 
     /// On first sight of the cluster: the Deployments a previous leader
@@ -331,7 +357,10 @@ impl KubeProvider {
             .collect();
         for id in left {
             let mut t = self.leaving.remove(&id).expect("listed");
-            if matches!(t.record.state, InstanceState::Starting | InstanceState::Ready) {
+            if matches!(
+                t.record.state,
+                InstanceState::Starting | InstanceState::Ready
+            ) {
                 t.record.state = InstanceState::Stopped;
             }
             t.record.ended_at_ms = Some(now_ms());
@@ -346,11 +375,7 @@ impl KubeProvider {
             .collect();
         for id in lost {
             let mut t = self.running.remove(&id).expect("listed");
-            let n = self.desired.entry(t.variant.clone()).or_default();
-            *n = n.saturating_sub(1);
-            if let Err(e) = self.apply(&t.variant).await {
-                tracing::warn!(error = %e, "cannot shrink a Deployment");
-            }
+            self.lower(&t.variant).await;
             t.record.state = InstanceState::Exited;
             t.record.ended_at_ms = Some(now_ms());
             t.record.detail = Some("its Pod was deleted".into());
@@ -371,32 +396,24 @@ impl KubeProvider {
                 continue;
             };
             if p.node.as_ref().is_some_and(|n| reclaimed.contains(n)) {
-                let mut t = self.running.remove(&id).expect("listed");
-                let notice = Duration::from_secs_f64(self.config.kubernetes.preemption_notice_secs);
                 tracing::warn!(instance = %id, pod = %p.name, node = ?p.node, "node marked for reclaim");
-                self.events.push(ProviderEvent::Preempting {
+                let notice = Duration::from_secs_f64(self.config.kubernetes.preemption_notice_secs);
+                let event = ProviderEvent::Preempting {
                     id: id.clone(),
                     slot: slot_of(&t.variant),
                     notice,
-                });
-                // Recorded at once: the gateways stop sending it new requests.
-                t.record.state = InstanceState::Preempted;
-                t.record.detail = Some("its node was marked for reclaim".into());
-                self.save(&t.record).await;
-                self.shrink(&t).await;
-                self.leaving.insert(id, t);
+                };
+                let why = "its node was marked for reclaim".to_owned();
+                self.retire(&id, InstanceState::Preempted, why, event).await;
                 continue;
             }
             if let Some(why) = &p.failed {
-                let mut t = self.running.remove(&id).expect("listed");
-                self.events.push(ProviderEvent::Failed {
+                let event = ProviderEvent::Failed {
                     id: id.clone(),
                     detail: why.clone(),
-                });
-                t.record.state = InstanceState::Exited;
-                t.record.detail = Some(why.clone());
-                self.shrink(&t).await;
-                self.leaving.insert(id, t);
+                };
+                self.retire(&id, InstanceState::Exited, why.clone(), event)
+                    .await;
                 continue;
             }
             if p.ready && !t.ready {

@@ -62,19 +62,7 @@ impl Variant {
             "strata-engine-{}-{}-{}-{capacity}",
             self.pool, self.instance_type, self.zone
         );
-        let mut name: String = raw
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        while name.contains("--") {
-            name = name.replace("--", "-");
-        }
+        let mut name = dns_chars(&raw);
         if name.len() > 63 || name != raw {
             // Different raw names may map to one cleaned name: the digest
             // of the raw one keeps them apart.
@@ -97,6 +85,20 @@ impl Variant {
             CAPACITY_LABEL: self.capacity.as_str(),
         })
     }
+}
+
+/// `raw` in the characters of a DNS label: lower-case letters and digits,
+/// every run of anything else one `-`, none at either end.
+pub fn dns_chars(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_owned()
 }
 
 /// A label value: at most 63 of [A-Za-z0-9._-], starting and ending
@@ -162,6 +164,30 @@ fn base_volumes() -> (Vec<Value>, Vec<Value>) {
     )
 }
 
+/// A Deployment of `replicas` Pods with `labels` (its selector) and `pod`
+/// as their spec.
+fn deployment(name: &str, ns: &str, labels: &Value, replicas: u32, pod: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(name, ns, labels.clone()),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    })
+}
+
+/// `GET /health` on the `http` port every 5 s, from `delay` seconds on.
+fn probe(delay: u32) -> Value {
+    json!({
+        "httpGet": {"path": "/health", "port": "http"},
+        "initialDelaySeconds": delay,
+        "periodSeconds": 5,
+    })
+}
+
 fn secret_env(name: &str, key: &str) -> Value {
     json!({"name": name, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}})
 }
@@ -207,13 +233,6 @@ fn gateway(k: &KubernetesConfig) -> Vec<Value> {
     let ns = k.namespace.as_str();
     let labels = common_labels("gateway");
     let (volumes, mounts) = base_volumes();
-    let probe = |delay: u32| {
-        json!({
-            "httpGet": {"path": "/health", "port": "http"},
-            "initialDelaySeconds": delay,
-            "periodSeconds": 5,
-        })
-    };
     vec![
         json!({
             "apiVersion": "v1",
@@ -222,39 +241,33 @@ fn gateway(k: &KubernetesConfig) -> Vec<Value> {
             // The gateway never talks to the Kubernetes API.
             "automountServiceAccountToken": false,
         }),
-        json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": metadata(GATEWAY, ns, labels.clone()),
-            "spec": {
-                "replicas": k.gateway_replicas,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "serviceAccountName": GATEWAY,
-                        "automountServiceAccountToken": false,
-                        "containers": [{
-                            "name": "gateway",
-                            "image": k.image,
-                            "args": ["--config", "/etc/strata/strata.toml", "gateway",
-                                     "--listen", format!("0.0.0.0:{GATEWAY_PORT}"),
-                                     "--db", "$(DATABASE_URL)"],
-                            "env": [secret_env("STRATA_KEK", "kek"),
-                                    secret_env("DATABASE_URL", "database-url"),
-                                    {"name": "STRATA_LOG", "value": "info"}],
-                            "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
-                            "readinessProbe": probe(2),
-                            "livenessProbe": probe(15),
-                            "resources": resources(&k.gateway_cpu, &k.gateway_memory, 0),
-                            "securityContext": locked_down(),
-                            "volumeMounts": mounts,
-                        }],
-                        "volumes": volumes,
-                    },
-                },
-            },
-        }),
+        deployment(
+            GATEWAY,
+            ns,
+            &labels,
+            k.gateway_replicas,
+            json!({
+                            "serviceAccountName": GATEWAY,
+                            "automountServiceAccountToken": false,
+                            "containers": [{
+                                "name": "gateway",
+                                "image": k.image,
+                                "args": ["--config", "/etc/strata/strata.toml", "gateway",
+                                         "--listen", format!("0.0.0.0:{GATEWAY_PORT}"),
+                                         "--db", "$(DATABASE_URL)"],
+                                "env": [secret_env("STRATA_KEK", "kek"),
+                                        secret_env("DATABASE_URL", "database-url"),
+                                        {"name": "STRATA_LOG", "value": "info"}],
+                                "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
+                                "readinessProbe": probe(2),
+                                "livenessProbe": probe(15),
+                                "resources": resources(&k.gateway_cpu, &k.gateway_memory, 0),
+                                "securityContext": locked_down(),
+                                "volumeMounts": mounts,
+                            }],
+                            "volumes": volumes,
+            }),
+        ),
         json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -341,36 +354,30 @@ fn controller(k: &KubernetesConfig) -> Vec<Value> {
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": nodes_role},
             "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": ns}],
         }),
-        json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": metadata(CONTROLLER, ns, labels.clone()),
-            "spec": {
-                "replicas": k.controller_replicas,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "serviceAccountName": CONTROLLER,
-                        "containers": [{
-                            "name": "controller",
-                            "image": k.image,
-                            // No KEK here: the controller never reads tenant content.
-                            "args": ["--config", "/etc/strata/strata.toml", "controller",
-                                     "--provider", "kubernetes", "--db", "$(DATABASE_URL)",
-                                     "--holder", "$(POD_NAME)"],
-                            "env": [secret_env("DATABASE_URL", "database-url"),
-                                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                                    {"name": "STRATA_LOG", "value": "info"}],
-                            "resources": resources("100m", "128Mi", 0),
-                            "securityContext": locked_down(),
-                            "volumeMounts": mounts,
-                        }],
-                        "volumes": volumes,
-                    },
-                },
-            },
-        }),
+        deployment(
+            CONTROLLER,
+            ns,
+            &labels,
+            k.controller_replicas,
+            json!({
+                            "serviceAccountName": CONTROLLER,
+                            "containers": [{
+                                "name": "controller",
+                                "image": k.image,
+                                // No KEK here: the controller never reads tenant content.
+                                "args": ["--config", "/etc/strata/strata.toml", "controller",
+                                         "--provider", "kubernetes", "--db", "$(DATABASE_URL)",
+                                         "--holder", "$(POD_NAME)"],
+                                "env": [secret_env("DATABASE_URL", "database-url"),
+                                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                        {"name": "STRATA_LOG", "value": "info"}],
+                                "resources": resources("100m", "128Mi", 0),
+                                "securityContext": locked_down(),
+                                "volumeMounts": mounts,
+                            }],
+                            "volumes": volumes,
+            }),
+        ),
     ]
 }
 
@@ -420,46 +427,33 @@ pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> V
     } else {
         Vec::new()
     };
-    let probe = |delay: u32| {
+    deployment(
+        &variant.name(),
+        &k.namespace,
+        &labels,
+        replicas,
         json!({
-            "httpGet": {"path": "/health", "port": "http"},
-            "initialDelaySeconds": delay,
-            "periodSeconds": 5,
-        })
-    };
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(&variant.name(), &k.namespace, labels.clone()),
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    "nodeSelector": node_selector,
-                    "tolerations": tolerations,
-                    "terminationGracePeriodSeconds": 30,
-                    "initContainers": init,
-                    "containers": [{
-                        "name": "engine",
-                        "image": k.image,
-                        "args": ["--config", "/etc/strata/strata.toml", "engine",
-                                 "--host", "0.0.0.0", "--port", k.engine_port.to_string(),
-                                 "--model", model_file],
-                        "ports": [{"name": "http", "containerPort": k.engine_port}],
-                        "readinessProbe": probe(2),
-                        "livenessProbe": probe(60),
-                        "resources": resources(&k.engine_cpu, &k.engine_memory, k.engine_gpus),
-                        "securityContext": locked_down(),
-                        "volumeMounts": mounts,
-                    }],
-                    "volumes": volumes,
-                },
-            },
-        },
-    })
+                        "automountServiceAccountToken": false,
+                        "nodeSelector": node_selector,
+                        "tolerations": tolerations,
+                        "terminationGracePeriodSeconds": 30,
+                        "initContainers": init,
+                        "containers": [{
+                            "name": "engine",
+                            "image": k.image,
+                            "args": ["--config", "/etc/strata/strata.toml", "engine",
+                                     "--host", "0.0.0.0", "--port", k.engine_port.to_string(),
+                                     "--model", model_file],
+                            "ports": [{"name": "http", "containerPort": k.engine_port}],
+                            "readinessProbe": probe(2),
+                            "livenessProbe": probe(60),
+                            "resources": resources(&k.engine_cpu, &k.engine_memory, k.engine_gpus),
+                            "securityContext": locked_down(),
+                            "volumeMounts": mounts,
+                        }],
+                        "volumes": volumes,
+        }),
+    )
 }
 
 /// Checks every object: it deserializes into its k8s-openapi type and

@@ -206,7 +206,10 @@ async fn scale_down_removes_the_pod_of_the_instance_let_go() {
     // The gateways stop routing to it before its Pod goes.
     let recorded = s.store.instances().await.unwrap();
     let leaving = recorded.iter().find(|r| r.id == victim).unwrap();
-    assert_eq!((leaving.state, leaving.ended_at_ms), (InstanceState::Stopped, None));
+    assert_eq!(
+        (leaving.state, leaving.ended_at_ms),
+        (InstanceState::Stopped, None)
+    );
     assert!(!strata_control::cluster::endpoints(&recorded)
         .iter()
         .any(|e| e.id == victim));

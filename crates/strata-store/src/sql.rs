@@ -291,6 +291,28 @@ impl SqlStore {
             .map_err(|e| StoreError::Crypto(e.to_string()))
     }
 
+    /// `open` applied to the tenant's row, if there is one (see `unsealing`).
+    pub(crate) async fn open_row<T>(
+        &self,
+        tenant: &TenantId,
+        row: Option<AnyRow>,
+        open: impl Fn(&AnyRow) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        self.unsealing(tenant, || row.as_ref().map(&open).transpose())
+            .await
+    }
+
+    /// `open` applied to each of the tenant's rows (see `unsealing`).
+    pub(crate) async fn open_rows<T>(
+        &self,
+        tenant: &TenantId,
+        rows: &[AnyRow],
+        open: impl Fn(&AnyRow) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.unsealing(tenant, || rows.iter().map(&open).collect())
+            .await
+    }
+
     /// Runs `open` (which unseals the tenant's rows) with the tenant's keys
     /// ready, and once more if it failed and a shared keyring then read
     /// newer keys (a version another gateway added).
@@ -866,12 +888,8 @@ impl CompletionStore for SqlStore {
         id: &str,
     ) -> Result<Option<StoredCompletion>, StoreError> {
         let row = self.row(COMPLETIONS, tenant, id).await?;
-        self.unsealing(tenant, || {
-            row.as_ref()
-                .map(|r| self.open_completion(tenant, r))
-                .transpose()
-        })
-        .await
+        self.open_row(tenant, row, |r| self.open_completion(tenant, r))
+            .await
     }
 
     async fn completions(
@@ -892,12 +910,8 @@ impl CompletionStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err)?;
-        self.unsealing(tenant, || {
-            rows.iter()
-                .map(|r| self.open_completion(tenant, r))
-                .collect()
-        })
-        .await
+        self.open_rows(tenant, &rows, |r| self.open_completion(tenant, r))
+            .await
     }
 
     async fn delete_completion(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {

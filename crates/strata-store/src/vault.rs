@@ -215,6 +215,14 @@ enum Need {
 }
 
 impl Ring {
+    /// The tenant's newest key version here (0: none).
+    fn newest(&self, tenant: &str) -> u32 {
+        self.open
+            .get(tenant)
+            .and_then(|t| t.keys.last())
+            .map_or(0, |k| k.version)
+    }
+
     fn try_seal(
         &mut self,
         at: Binding<'_>,
@@ -506,12 +514,7 @@ impl Vault {
         match &self.backing {
             Backing::File(_) => {
                 let mut ring = self.lock();
-                let newest = ring
-                    .open
-                    .get(tenant)
-                    .and_then(|t| t.keys.last())
-                    .map_or(0, |k| k.version);
-                if newest >= version {
+                if ring.newest(tenant) >= version {
                     return Ok(());
                 }
                 let (key, wrapped) = new_data_key(&ring.kek, tenant, version);
@@ -535,12 +538,7 @@ impl Vault {
                 self.ready(tenant).await?;
                 let (kek_id, wrapped) = {
                     let ring = self.lock();
-                    let newest = ring
-                        .open
-                        .get(tenant)
-                        .and_then(|t| t.keys.last())
-                        .map_or(0, |k| k.version);
-                    if newest >= version {
+                    if ring.newest(tenant) >= version {
                         return Ok(());
                     }
                     let (_, wrapped) = new_data_key(&ring.kek, tenant, version);

@@ -13,6 +13,7 @@ use strata_control::cluster;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
 use strata_control::local::LocalProvider;
+use strata_control::provider::Provider;
 use strata_core::config::{is_postgres_url, Config};
 use strata_core::store::{LeaseStore, Store};
 use strata_core::Load;
@@ -151,6 +152,19 @@ pub async fn run_controller(
         tracing::info!(%holder, closed, "leading: this controller acts now");
         let acting = CancellationToken::new();
         let controller = Controller::new(PoolSpec::from_config(&config, replicas));
+        // The controller with `provider`, until `acting` is cancelled.
+        fn act<P: Provider + 'static>(
+            provider: P,
+            controller: Controller,
+            load: watch::Receiver<Load>,
+            store: Arc<dyn Store>,
+            acting: CancellationToken,
+        ) -> tokio::task::JoinHandle<Result<(), strata_control::ControlError>> {
+            tokio::spawn(strata_control::controller::run(
+                controller, provider, load, store, acting,
+            ))
+        }
+        let (load, acting_token) = (load_rx.clone(), acting.clone());
         let task = match (&kube, &launch) {
             (Some(client), _) => {
                 let model = args
@@ -161,13 +175,7 @@ pub async fn run_controller(
                     .unwrap_or_else(|| strata_k8s::MODEL_FILE.trim_end_matches(".gguf").into());
                 let provider =
                     KubeProvider::new(client.clone(), config.clone(), model, store.clone());
-                tokio::spawn(strata_control::controller::run(
-                    controller,
-                    provider,
-                    load_rx.clone(),
-                    store.clone(),
-                    acting.clone(),
-                ))
+                act(provider, controller, load, store.clone(), acting_token)
             }
             (None, Some(launch)) => {
                 // Gateways read the replicas from the store, so the
@@ -182,13 +190,7 @@ pub async fn run_controller(
                     launch.health.clone(),
                     link,
                 );
-                tokio::spawn(strata_control::controller::run(
-                    controller,
-                    provider,
-                    load_rx.clone(),
-                    store.clone(),
-                    acting.clone(),
-                ))
+                act(provider, controller, load, store.clone(), acting_token)
             }
             (None, None) => unreachable!("one provider is set up above"),
         };

@@ -148,12 +148,8 @@ impl ConversationStore for SqlStore {
         id: &str,
     ) -> Result<Option<StoredResponse>, StoreError> {
         let row = self.row(RESPONSES, tenant, id).await?;
-        self.unsealing(tenant, || {
-            row.as_ref()
-                .map(|r| self.response_from(tenant, r))
-                .transpose()
-        })
-        .await
+        self.open_row(tenant, row, |r| self.response_from(tenant, r))
+            .await
     }
 
     async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
@@ -215,12 +211,8 @@ impl ConversationStore for SqlStore {
         id: &str,
     ) -> Result<Option<StoredConversation>, StoreError> {
         let row = self.row(CONVERSATIONS, tenant, id).await?;
-        self.unsealing(tenant, || {
-            row.as_ref()
-                .map(|r| self.conversation_from(tenant, r))
-                .transpose()
-        })
-        .await
+        self.open_row(tenant, row, |r| self.conversation_from(tenant, r))
+            .await
     }
 
     async fn update_conversation(
@@ -313,13 +305,9 @@ impl ConversationStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err)?;
-        self.unsealing(tenant, || {
-            rows.iter()
-                .map(|r| self.item_from(tenant, r))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map(Some)
+        self.open_rows(tenant, &rows, |r| self.item_from(tenant, r))
+            .await
+            .map(Some)
     }
 
     async fn item(
@@ -338,10 +326,8 @@ impl ConversationStore for SqlStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(query_err)?;
-        self.unsealing(tenant, || {
-            row.as_ref().map(|r| self.item_from(tenant, r)).transpose()
-        })
-        .await
+        self.open_row(tenant, row, |r| self.item_from(tenant, r))
+            .await
     }
 
     async fn delete_item(
