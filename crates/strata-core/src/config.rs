@@ -75,6 +75,9 @@ pub struct KubernetesConfig {
     /// Taint keys that mark a node as about to be reclaimed (set by spot
     /// interruption handlers): its replicas drain and are replaced.
     pub preemption_taints: Vec<String>,
+    /// Node condition types that, when "True", mark a node as about to be
+    /// reclaimed (for handlers that set a condition rather than a taint).
+    pub preemption_conditions: Vec<String>,
     /// Seconds of notice a tainted node's replicas get.
     pub preemption_notice_secs: f64,
     /// Gateway replicas, and the most the gateway's autoscaler may run.
@@ -104,6 +107,7 @@ impl Default for KubernetesConfig {
                 "aws-node-termination-handler/spot-itn".into(),
                 "karpenter.sh/disrupted".into(),
             ],
+            preemption_conditions: Vec::new(),
             preemption_notice_secs: 120.0,
             gateway_replicas: 2,
             gateway_max_replicas: 10,

@@ -268,21 +268,27 @@ impl KubeProvider {
             .await
             .map_err(api_err("listing Nodes"))?
             .items;
+        let k = &self.config.kubernetes;
         let reclaimed: BTreeSet<String> = nodes
             .iter()
             .filter(|n| {
-                n.spec
+                let tainted =
+                    n.spec
+                        .as_ref()
+                        .and_then(|s| s.taints.as_ref())
+                        .is_some_and(|taints| {
+                            taints.iter().any(|t| k.preemption_taints.contains(&t.key))
+                        });
+                let flagged = n
+                    .status
                     .as_ref()
-                    .and_then(|s| s.taints.as_ref())
-                    .is_some_and(|taints| {
-                        taints.iter().any(|t| {
-                            self.config
-                                .kubernetes
-                                .preemption_taints
-                                .iter()
-                                .any(|k| k == &t.key)
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|conditions| {
+                        conditions.iter().any(|c| {
+                            c.status == "True" && k.preemption_conditions.contains(&c.type_)
                         })
-                    })
+                    });
+                tainted || flagged
             })
             .filter_map(|n| n.metadata.name.clone())
             .collect();

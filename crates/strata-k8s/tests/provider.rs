@@ -279,6 +279,36 @@ async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
 }
 
 #[tokio::test]
+async fn a_configured_node_condition_also_preempts() {
+    let mut s = setup().await;
+    let mut config = Config::default();
+    config.kubernetes.preemption_conditions = vec!["SpotInterruption".into()];
+    s.provider = KubeProvider::new(
+        fake_api::client(s.cluster.clone()),
+        Arc::new(config),
+        "gemma-3-270m-q4_k_m".into(),
+        s.store.clone(),
+    )
+    .with_poll_every(Duration::ZERO);
+    three_ready(&mut s).await;
+    // A condition not configured means nothing.
+    s.cluster
+        .lock()
+        .unwrap()
+        .flag("ip-10-0-2-20", "SomethingElse");
+    assert!(s.provider.poll().await.is_empty());
+    s.cluster
+        .lock()
+        .unwrap()
+        .flag("ip-10-0-2-20", "SpotInterruption");
+    let events = s.provider.poll().await;
+    assert!(
+        matches!(events.as_slice(), [ProviderEvent::Preempting { slot, .. }] if slot.capacity == CapacityType::OnDemand),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_pod_deleted_by_someone_else_is_a_failure_replaced_once() {
     let mut s = setup().await;
     three_ready(&mut s).await;

@@ -235,6 +235,18 @@ impl Cluster {
                     "timeAdded": "2026-11-29T10:05:00Z"}]);
     }
 
+    /// What a handler that reports by condition does to a node about to go.
+    pub fn flag(&mut self, node: &str, condition: &str) {
+        let conditions = self.nodes.get_mut(node).unwrap()["status"]["conditions"]
+            .as_array_mut()
+            .unwrap();
+        conditions.push(
+            json!({"type": condition, "status": "True", "reason": "Rebalance",
+                               "lastHeartbeatTime": "2026-11-29T10:05:00Z",
+                               "lastTransitionTime": "2026-11-29T10:05:00Z"}),
+        );
+    }
+
     /// The ReplicaSet controller and the scheduler: each Deployment gets
     /// as many Pods as its replicas (extra ones go lowest deletion cost
     /// first, then newest), placed on a node its selector matches.
