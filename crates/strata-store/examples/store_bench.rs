@@ -7,6 +7,8 @@
 //!         --db /tmp/bench.db --conversations 100000
 //!     cargo run --release -p strata-store --example store_bench -- \
 //!         --db 'postgres://postgres@127.0.0.1:5432/test' --conversations 100000
+//! (`--keyring file` keeps the keyring in a file on PostgreSQL too, as
+//! before the shared keyring, for comparison.)
 //!
 //! A PostgreSQL run works in a fresh schema of its own and drops it after.
 
@@ -25,6 +27,9 @@ struct Args {
     conversations: usize,
     writers: usize,
     reads: usize,
+    /// `file`: the keyring file beside the store even on PostgreSQL (as
+    /// before the shared keyring), for comparison; default: as strata opens it.
+    file_keyring: bool,
 }
 
 fn args() -> Args {
@@ -33,6 +38,7 @@ fn args() -> Args {
         conversations: 100_000,
         writers: 8,
         reads: 2000,
+        file_keyring: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -42,6 +48,7 @@ fn args() -> Args {
             "--conversations" => a.conversations = value.parse().expect("a number"),
             "--writers" => a.writers = value.parse().expect("a number"),
             "--reads" => a.reads = value.parse().expect("a number"),
+            "--keyring" => a.file_keyring = value == "file",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -67,15 +74,6 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn main() {
     let a = args();
     let dir = tempfile::tempdir().unwrap();
-    let kek = Kek::from_hex(&"42".repeat(32)).unwrap();
-    let vault = Arc::new(
-        Vault::open(
-            &dir.path().join("keyring.json"),
-            kek,
-            KekSource::Environment,
-        )
-        .unwrap(),
-    );
     let mut schema = None;
     let url = if a.db.starts_with("postgres") {
         let name = format!("strata_store_bench_{}", std::process::id());
@@ -91,7 +89,18 @@ async fn main() {
         let _ = std::fs::remove_file(&a.db);
         a.db.clone()
     };
-    let store = Arc::new(SqlStore::open_any(&url, Some(vault)).await.unwrap());
+    let kek = || Kek::from_hex(&"42".repeat(32)).unwrap();
+    let keyring = dir.path().join("keyring.json");
+    let store = if a.file_keyring {
+        let vault = Vault::open(&keyring, kek(), KekSource::Environment).unwrap();
+        SqlStore::open_any(&url, Some(Arc::new(vault))).await.unwrap()
+    } else {
+        SqlStore::open_with_keyring(&url, kek(), KekSource::Environment, &keyring)
+            .await
+            .unwrap()
+            .0
+    };
+    let store = Arc::new(store);
     let tenant = Tenant {
         id: TenantId::new(),
         name: "bench".into(),
