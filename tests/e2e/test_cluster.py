@@ -49,7 +49,7 @@ def wait_for(what, check, timeout):
 
 
 class Cluster:
-    def __init__(self):
+    def __init__(self, gateways=3, replicas=2):
         self.db = postgres_url("cluster")
         self.dir = tempfile.mkdtemp(prefix="strata-cluster-")
         self.admin_key = new_key()
@@ -62,11 +62,11 @@ class Cluster:
                     f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n')
         self.env = {**os.environ, "STRATA_KEK": KEK}
         self.procs = []
-        self.controllers = {name: self.start(name, "controller", "--db", self.db, "--replicas", "2",
+        self.controllers = {name: self.start(name, "controller", "--db", self.db, "--replicas", str(replicas),
                                              "--lease-secs", str(LEASE_SECS), "--holder", name)
                             for name in ("ctl-a", "ctl-b")}
         self.gateways = []
-        for i in range(3):
+        for i in range(gateways):
             port = free_port()
             proc = self.start(f"gw{i}", "gateway", "--listen", f"127.0.0.1:{port}", "--db", self.db)
             self.gateways.append((f"http://127.0.0.1:{port}", proc))
@@ -93,14 +93,19 @@ class Cluster:
         return sorted(r["id"] for r in h["replicas"] if r["ready"])
 
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        # Controllers first: the acting one drains its replicas through the
+        # gateways still running, instead of waiting for them in vain.
+        controllers = list(self.controllers.values())
+        others = [p for p in self.procs if p not in controllers]
+        for group in (controllers, others):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +202,43 @@ def test_cluster_survives_a_gateway_and_a_controller(cluster):
     assert [i.content[0].text for i in items if i.role == "user"][-2:] == [
         "Remember the word cloud.", "Remember the word flame."]
     assert "leading: this controller acts now" in c.log(standby)
+
+
+SYSTEM = "You are the support assistant of a cloud platform team; answer briefly. " * 6
+
+
+def test_a_controller_that_stops_hands_its_sessions_caches_to_the_next(tmp_path):
+    """A graceful stop of the acting controller: a gateway keeps its
+    replicas' sessions as sealed snapshots in PostgreSQL before they stop,
+    and the next turn, on the standby's replica, starts from the snapshot."""
+    c = Cluster(gateways=2, replicas=1)
+    try:
+        (g0, _), (g1, _) = c.gateways
+        for base in (g0, g1):
+            wait_for(f"a replica ready at {base}", lambda: len(c.ready_ids(base)) == 1, 180)
+        first_replicas = c.ready_ids(g0)
+        headers = bearer(c.admin_key)
+        tenant = httpx.post(f"{g0}/admin/v1/tenants", json={"name": "drain"}, headers=headers).json()
+        key = httpx.post(f"{g0}/admin/v1/tenants/{tenant['id']}/keys", json={"name": "k", "role": "member"},
+                         headers=headers).json()["key"]
+        greedy = {"model": MODEL_ID, "temperature": 0, "max_output_tokens": 8, "instructions": SYSTEM}
+        first = client(g0, key).responses.create(input="My name is Ada. CANARY-drain-2291", **greedy)
+        leader = c.leader()
+        c.controllers[leader].send_signal(signal.SIGTERM)
+        assert c.controllers[leader].wait(timeout=60) == 0, c.log(leader)
+        # One gateway drained the replica before it stopped.
+        drained = [name for name in ("gw0", "gw1") if "replica drained" in c.log(name)]
+        assert len(drained) == 1, drained
+        assert int(psql(c.db, "SELECT COUNT(*) FROM kv_snapshots")) >= 1
+        standby = "ctl-b" if leader == "ctl-a" else "ctl-a"
+        wait_for("the standby to lead", lambda: c.leader() == standby, 10)
+        wait_for("the standby's replica", lambda: (ids := c.ready_ids(g1)) and ids != first_replicas, 120)
+        moved = client(g1, key).responses.create(input="What is my name?", previous_response_id=first.id, **greedy)
+        # The whole first turn came back from the snapshot, not from prefill.
+        assert moved.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens, moved.usage
+        assert int(psql(c.db, "SELECT COUNT(*) FROM kv_snapshots")) == 0, "a snapshot is used once"
+    finally:
+        c.stop()
 
 
 def test_a_controller_without_postgres_and_a_bad_lease_are_refused(tmp_path):

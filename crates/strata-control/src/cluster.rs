@@ -74,19 +74,25 @@ fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-/// The replicas a gateway should route to: instances that have not ended
-/// (the gateway's health checks decide which of them take requests).
+/// The replicas a gateway knows: instances that have not ended (the
+/// gateway's health checks decide which of them take requests); those on
+/// their way out (stopping, preempted) as draining.
 pub fn endpoints(instances: &[InstanceRecord]) -> Vec<ReplicaEndpoint> {
     let mut out: Vec<ReplicaEndpoint> = instances
         .iter()
-        .filter(|i| {
-            i.ended_at_ms.is_none()
-                && matches!(i.state, InstanceState::Starting | InstanceState::Ready)
-        })
-        .map(|i| ReplicaEndpoint {
-            id: i.id.clone(),
-            url: i.endpoint.clone(),
-            reserved_for: None,
+        .filter(|i| i.ended_at_ms.is_none() && !i.endpoint.is_empty())
+        .filter_map(|i| {
+            let draining = match i.state {
+                InstanceState::Starting | InstanceState::Ready => false,
+                InstanceState::Stopped | InstanceState::Preempted => true,
+                InstanceState::Exited => return None,
+            };
+            Some(ReplicaEndpoint {
+                id: i.id.clone(),
+                url: i.endpoint.clone(),
+                reserved_for: None,
+                draining,
+            })
         })
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -248,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn only_instances_that_have_not_ended_are_routed_to() {
+    fn instances_that_have_not_ended_are_known_and_leaving_ones_drain() {
         use strata_core::config::CapacityType;
         use strata_core::store::InstanceKind;
         let kind = InstanceKind {
@@ -275,8 +281,10 @@ mod tests {
             rec("r1", InstanceState::Starting, None),
             rec("r3", InstanceState::Exited, Some(5)),
             rec("r4", InstanceState::Preempted, Some(5)),
+            rec("r5", InstanceState::Stopped, None),
+            rec("r6", InstanceState::Exited, None),
         ]);
-        let ids: Vec<&str> = found.iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(ids, ["r1", "r2"]);
+        let ids: Vec<(&str, bool)> = found.iter().map(|e| (e.id.as_str(), e.draining)).collect();
+        assert_eq!(ids, [("r1", false), ("r2", false), ("r5", true)]);
     }
 }

@@ -50,6 +50,10 @@ pub struct LocalSettings {
     pub random_preemptions_per_hour: f64,
     /// Longest a replica being let go waits for its requests to end.
     pub drain_wait: Duration,
+    /// Cluster mode: no gateway shares this process, so a replica that goes
+    /// is recorded as stopping and stopped once a gateway has kept its
+    /// sessions (the `drained/<id>` lease), or after `drain_wait`.
+    pub drain_via_store: bool,
 }
 
 struct Proc {
@@ -67,6 +71,7 @@ impl Proc {
             id: self.record.id.clone(),
             url: self.record.endpoint.clone(),
             reserved_for: self.reserved_for.clone(),
+            draining: false,
         }
     }
 }
@@ -219,7 +224,19 @@ impl LocalProvider {
         let drains = self.link.drains.clone();
         let store = self.store.clone();
         let stop_all = self.stop_all.clone();
+        let via_store = self.settings.drain_via_store;
         self.exits.spawn(async move {
+            if via_store {
+                p.record.state = end;
+                record_instance(&*store, &p.record).await;
+                wait_drained(&*store, &[p.record.id.clone()], wait, &stop_all).await;
+                stop_child(&mut p.child).await;
+                p.record.ended_at_ms = Some(now_ms());
+                p.record.detail = Some(why);
+                record_instance(&*store, &p.record).await;
+                tracing::info!(instance = %p.record.id, state = end.as_str(), "engine replica gone");
+                return p.record.id;
+            }
             let (done, drained) = oneshot::channel();
             let request = DrainRequest {
                 replica: p.record.id.clone(),
@@ -433,6 +450,16 @@ impl Provider for LocalProvider {
     }
 
     async fn shutdown(&mut self) {
+        if self.settings.drain_via_store && !self.running.is_empty() {
+            // Every replica goes: gateways keep their sessions first.
+            for p in &mut self.running {
+                p.record.state = InstanceState::Stopped;
+                record_instance(&*self.store, &p.record).await;
+            }
+            let ids: Vec<String> = self.running.iter().map(|p| p.record.id.clone()).collect();
+            let never = CancellationToken::new();
+            wait_drained(&*self.store, &ids, self.settings.drain_wait, &never).await;
+        }
         self.stop_all.cancel();
         self.publish.send_replace(Vec::new());
         for p in &mut self.running {
@@ -446,6 +473,43 @@ impl Provider for LocalProvider {
         while self.exits.join_next().await.is_some() {}
         self.leaving.clear();
     }
+}
+
+/// Waits until a gateway has kept the sessions of every replica of `ids`
+/// (it took their `drained/<id>` leases), for `wait` at most, or until
+/// `stop`; true when all were kept.
+pub async fn wait_drained(
+    store: &dyn Store,
+    ids: &[String],
+    wait: Duration,
+    stop: &CancellationToken,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut left: Vec<&String> = ids.iter().collect();
+    while !left.is_empty() {
+        let mut still = Vec::new();
+        for id in left {
+            if !matches!(
+                store.lease(&strata_core::drained_lease(id)).await,
+                Ok(Some(_))
+            ) {
+                still.push(id);
+            }
+        }
+        left = still;
+        if left.is_empty() {
+            return true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(replicas = ?left, "no gateway kept these replicas' sessions in time");
+                return false;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    true
 }
 
 async fn record_instance(store: &dyn Store, instance: &InstanceRecord) {

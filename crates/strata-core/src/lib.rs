@@ -166,6 +166,20 @@ pub struct ReplicaEndpoint {
     /// shared pool. Dedicated tenants use only their replicas, and no other
     /// tenant's request ever reaches those.
     pub reserved_for: Option<String>,
+    /// On its way out (a cluster's controller let it go): it takes no new
+    /// request, and one gateway keeps its sessions' caches as snapshots.
+    pub draining: bool,
+}
+
+/// The lease a gateway takes to drain a leaving replica (one gateway does).
+pub fn drain_lease(replica: &str) -> String {
+    format!("drain/{replica}")
+}
+
+/// The lease a gateway takes once a leaving replica's sessions are kept:
+/// the controller waits for it before it stops the replica.
+pub fn drained_lease(replica: &str) -> String {
+    format!("drained/{replica}")
 }
 
 #[cfg(test)]

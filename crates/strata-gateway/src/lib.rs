@@ -224,6 +224,16 @@ pub async fn serve(
     });
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(snapshots) = &snapshots {
+        tasks.spawn(drain_leaving(
+            endpoints.clone(),
+            replicas.clone(),
+            client.clone(),
+            snapshots.clone(),
+            store.clone(),
+            background.clone(),
+        ));
+    }
     tasks.spawn(replicas::follow_endpoints(
         replicas.clone(),
         endpoints,
@@ -337,6 +347,62 @@ async fn serve_drains(
             tracing::info!(replica = %id, secs = started.elapsed().as_secs_f64(), "drained for the controller");
             let _ = request.done.send(());
         });
+    }
+}
+
+/// Cluster mode: replicas the controller lets go arrive marked `draining`
+/// (every gateway stops sending them new requests). The gateway that takes
+/// the replica's drain lease first keeps its sessions' caches as snapshots
+/// in the database, then takes its drained lease, which the controller
+/// waits for before it stops the replica.
+async fn drain_leaving(
+    mut endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
+    replicas: Arc<ReplicaSet>,
+    client: reqwest::Client,
+    snapshots: Arc<Snapshots>,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+) {
+    let me = format!("gateway-{}", uuid::Uuid::new_v4().simple());
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let leaving: Vec<String> = endpoints
+            .borrow_and_update()
+            .iter()
+            .filter(|e| e.draining && seen.insert(e.id.clone()))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in leaving {
+            let (replicas, client, snapshots, store, me) = (
+                replicas.clone(),
+                client.clone(),
+                snapshots.clone(),
+                store.clone(),
+                me.clone(),
+            );
+            tokio::spawn(async move {
+                let lease = strata_core::drain_lease(&id);
+                if !matches!(store.claim_lease(&lease, &me, 120_000).await, Ok(true)) {
+                    return;
+                }
+                // Every gateway saw it leave; give their last requests a moment.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let kept = snapshots
+                    .drain(&replicas, &client, &id, Duration::from_secs(20))
+                    .await;
+                if let Err(e) = &kept {
+                    tracing::warn!(replica = %id, error = %e.message, "drain incomplete");
+                }
+                let done = strata_core::drained_lease(&id);
+                if let Err(e) = store.claim_lease(&done, &me, 3_600_000).await {
+                    tracing::warn!(replica = %id, error = %e, "cannot tell the controller the drain is done");
+                }
+            });
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = endpoints.changed() => if changed.is_err() { return },
+        }
     }
 }
 

@@ -129,10 +129,21 @@ impl ReplicaSet {
         let next = endpoints
             .iter()
             .map(|e| {
-                old.iter()
-                    .find(|r| &r.endpoint == e)
+                let same = |r: &&Arc<Replica>| {
+                    r.endpoint.id == e.id
+                        && r.endpoint.url == e.url
+                        && r.endpoint.reserved_for == e.reserved_for
+                };
+                let r = old
+                    .iter()
+                    .find(same)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Replica::new(e.clone())))
+                    .unwrap_or_else(|| Arc::new(Replica::new(e.clone())));
+                // Once leaving, always leaving: no new request goes there.
+                if e.draining {
+                    r.set_draining(true);
+                }
+                r
             })
             .collect();
         let live: Vec<&str> = endpoints.iter().map(|e| e.id.as_str()).collect();

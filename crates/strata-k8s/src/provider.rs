@@ -13,7 +13,11 @@
 //! them). A Pod on a node carrying one of the preemption taints (set by
 //! spot interruption handlers) is preempted: the controller replaces it at
 //! once and it leaves when its node does. A Pod that vanishes otherwise
-//! failed. On shutdown the Deployments stay: the next leader adopts them.
+//! failed. A replica let go or preempted is recorded as leaving at once (the
+//! gateways stop routing to it and one of them keeps its sessions' KV
+//! caches); its Pod is removed once that gateway says so (the
+//! `drained/<id>` lease) or after the drain wait. On shutdown the
+//! Deployments stay: the next leader adopts them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -69,6 +73,10 @@ pub struct KubeProvider {
     poll_every: Duration,
     last_poll: Option<Instant>,
     adopted: bool,
+    /// Leaving instances whose Pods stay until a gateway has kept their
+    /// sessions (the `drained/<id>` lease) or the deadline passes.
+    drains: BTreeMap<String, Instant>,
+    drain_wait: Duration,
 }
 
 fn api_err(what: &str) -> impl Fn(kube::Error) -> ControlError + '_ {
@@ -95,6 +103,45 @@ impl KubeProvider {
             poll_every: Duration::from_secs(2),
             last_poll: None,
             adopted: false,
+            drains: BTreeMap::new(),
+            drain_wait: Duration::from_secs(30),
+        }
+    }
+
+    /// Longest a leaving replica's Pod waits for a gateway to keep its
+    /// sessions before it is removed (zero: removed at once).
+    pub fn with_drain_wait(mut self, wait: Duration) -> Self {
+        self.drain_wait = wait;
+        self
+    }
+
+    /// Removes the Pod of a leaving instance now, or once drained.
+    async fn let_go(&mut self, id: &str, t: &Tracked) {
+        if self.drain_wait.is_zero() || t.pod.is_none() {
+            self.shrink(t).await;
+        } else {
+            self.drains
+                .insert(id.to_owned(), Instant::now() + self.drain_wait);
+        }
+    }
+
+    /// Shrinks the variants of leaving instances that are drained (or
+    /// waited long enough).
+    async fn finish_drains(&mut self) {
+        let ids: Vec<(String, Instant)> =
+            self.drains.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (id, deadline) in ids {
+            let drained = matches!(
+                self.store.lease(&strata_core::drained_lease(&id)).await,
+                Ok(Some(_))
+            );
+            if !drained && Instant::now() < deadline {
+                continue;
+            }
+            self.drains.remove(&id);
+            if let Some(t) = self.leaving.get(&id).cloned() {
+                self.shrink(&t).await;
+            }
         }
     }
 
@@ -229,7 +276,7 @@ impl KubeProvider {
         t.record.state = state;
         t.record.detail = Some(detail);
         self.save(&t.record).await;
-        self.shrink(&t).await;
+        self.let_go(id, &t).await;
         self.leaving.insert(id.to_owned(), t);
     }
 
@@ -256,6 +303,7 @@ impl KubeProvider {
         if !self.adopted {
             self.adopt().await?;
         }
+        self.finish_drains().await;
         let pods = self
             .pods
             .list(&ListParams::default().labels(&self.selector()))
@@ -363,6 +411,7 @@ impl KubeProvider {
             .collect();
         for id in left {
             let mut t = self.leaving.remove(&id).expect("listed");
+            self.drains.remove(&id);
             if matches!(
                 t.record.state,
                 InstanceState::Starting | InstanceState::Ready
@@ -540,7 +589,7 @@ impl Provider for KubeProvider {
         // while its Pod finishes what it has (its termination grace period).
         t.record.state = InstanceState::Stopped;
         self.save(&t.record).await;
-        self.shrink(&t).await;
+        self.let_go(id, &t).await;
         if t.pod.is_none() {
             // No Pod filled it yet: nothing to wait for.
             t.record.ended_at_ms = Some(now_ms());

@@ -68,7 +68,8 @@ async fn setup() -> Setup {
         "gemma-3-270m-q4_k_m".into(),
         store.clone(),
     )
-    .with_poll_every(Duration::ZERO);
+    .with_poll_every(Duration::ZERO)
+    .with_drain_wait(Duration::ZERO);
     Setup {
         cluster,
         provider,
@@ -203,16 +204,16 @@ async fn scale_down_removes_the_pod_of_the_instance_let_go() {
     );
     assert_eq!(c[1], format!("apply {ds} replicas=1"));
     assert!(!s.provider.list().iter().any(|i| i.id == victim));
-    // The gateways stop routing to it before its Pod goes.
+    // The gateways drain it (no new requests) before its Pod goes.
     let recorded = s.store.instances().await.unwrap();
     let leaving = recorded.iter().find(|r| r.id == victim).unwrap();
     assert_eq!(
         (leaving.state, leaving.ended_at_ms),
         (InstanceState::Stopped, None)
     );
-    assert!(!strata_control::cluster::endpoints(&recorded)
+    assert!(strata_control::cluster::endpoints(&recorded)
         .iter()
-        .any(|e| e.id == victim));
+        .any(|e| e.id == victim && e.draining));
     reconcile(&s, true);
     let events = s.provider.poll().await;
     assert_eq!(events, [ProviderEvent::Gone { id: victim.clone() }]);
@@ -227,6 +228,47 @@ async fn scale_down_removes_the_pod_of_the_instance_let_go() {
     assert!(gone.ended_at_ms.is_some());
     assert_eq!(gone.endpoint, victim_ip);
     assert_eq!(s.provider.list().len(), ids.len() - 1);
+}
+
+#[tokio::test]
+async fn a_pod_let_go_stays_until_a_gateway_has_kept_its_sessions() {
+    let mut s = setup().await;
+    s.provider = KubeProvider::new(
+        fake_api::client(s.cluster.clone()),
+        Arc::new(Config::default()),
+        "gemma-3-270m-q4_k_m".into(),
+        s.store.clone(),
+    )
+    .with_poll_every(Duration::ZERO)
+    .with_drain_wait(Duration::from_secs(60));
+    three_ready(&mut s).await;
+    calls(&s);
+    let victim = s.provider.list()[0].id.clone();
+    s.provider.terminate(&victim, "scale down").await;
+    // Recorded as leaving (gateways drain it), the Pod untouched.
+    assert!(calls(&s).is_empty());
+    let recorded = s.store.instances().await.unwrap();
+    let leaving = strata_control::cluster::endpoints(&recorded);
+    assert!(leaving.iter().any(|e| e.id == victim && e.draining));
+    assert!(s.provider.poll().await.is_empty());
+    assert_eq!(calls(&s), ["list pods", "list nodes"]);
+    // A gateway kept its sessions: now the Pod goes.
+    assert!(s
+        .store
+        .claim_lease(&strata_core::drained_lease(&victim), "gateway-1", 60_000)
+        .await
+        .unwrap());
+    s.provider.poll().await;
+    let c = calls(&s);
+    assert!(
+        c[0].starts_with("annotate ") && c[1].starts_with("apply "),
+        "{c:?}"
+    );
+    reconcile(&s, true);
+    assert_eq!(
+        s.provider.poll().await,
+        [ProviderEvent::Gone { id: victim }]
+    );
 }
 
 #[tokio::test]
@@ -263,7 +305,9 @@ async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
     // while the preempted Pods wait for their node to go.
     assert_eq!(s.provider.list().len(), 1);
     let recorded = s.store.instances().await.unwrap();
-    assert_eq!(strata_control::cluster::endpoints(&recorded).len(), 1);
+    let known = strata_control::cluster::endpoints(&recorded);
+    assert_eq!(known.iter().filter(|e| !e.draining).count(), 1);
+    assert_eq!(known.iter().filter(|e| e.draining).count(), 2);
     reconcile(&s, true);
     let gone: Vec<ProviderEvent> = s.provider.poll().await;
     assert_eq!(gone.len(), 2);
@@ -289,7 +333,8 @@ async fn a_configured_node_condition_also_preempts() {
         "gemma-3-270m-q4_k_m".into(),
         s.store.clone(),
     )
-    .with_poll_every(Duration::ZERO);
+    .with_poll_every(Duration::ZERO)
+    .with_drain_wait(Duration::ZERO);
     three_ready(&mut s).await;
     // A condition not configured means nothing.
     s.cluster

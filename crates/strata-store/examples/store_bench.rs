@@ -93,7 +93,9 @@ async fn main() {
     let keyring = dir.path().join("keyring.json");
     let store = if a.file_keyring {
         let vault = Vault::open(&keyring, kek(), KekSource::Environment).unwrap();
-        SqlStore::open_any(&url, Some(Arc::new(vault))).await.unwrap()
+        SqlStore::open_any(&url, Some(Arc::new(vault)))
+            .await
+            .unwrap()
     } else {
         SqlStore::open_with_keyring(&url, kek(), KekSource::Environment, &keyring)
             .await

@@ -125,13 +125,16 @@ pub async fn run_controller(
         None => store.clone(),
     };
     let shutdown = shutdown_on_signal();
+    // The lease is let go only after this copy's replicas are gone (or
+    // drained, in a cluster), so a standby never starts beside them.
+    let release = CancellationToken::new();
     let (mut leading, elector) = Elector {
         store: leases,
         name: LEASE.into(),
         holder: holder.clone(),
         term: Duration::from_secs_f64(args.lease_secs),
     }
-    .spawn(shutdown.clone());
+    .spawn(release.clone());
     let (load_tx, load_rx) = watch::channel(Load::default());
     let gather = tokio::spawn(cluster::gather_load(
         store.clone(),
@@ -179,12 +182,16 @@ pub async fn run_controller(
             }
             (None, Some(launch)) => {
                 // Gateways read the replicas from the store, so the
-                // endpoints published here go nowhere; with no gateway on
-                // the link, replicas that go are stopped without a drain.
+                // endpoints published here go nowhere, and a replica that
+                // goes is drained by a gateway through the store.
                 let (publish, _) = watch::channel(Vec::new());
                 let (_, link) = strata_core::link::link();
+                let settings = strata_control::local::LocalSettings {
+                    drain_via_store: true,
+                    ..launch.settings.clone()
+                };
                 let provider = LocalProvider::new(
-                    launch.settings.clone(),
+                    settings,
                     store.clone(),
                     publish,
                     launch.health.clone(),
@@ -206,8 +213,7 @@ pub async fn run_controller(
             break;
         }
     }
-    // The replicas are stopped (local) before the lease is let go (the
-    // elector releases it once `shutdown` is seen).
+    release.cancel();
     elector.await.context("elector task panicked")?;
     gather.await.context("load task panicked")?;
     tracing::info!("stopped");

@@ -749,6 +749,7 @@ fn parse_replica(arg: &str) -> Result<ReplicaEndpoint> {
         id: url.clone(),
         url,
         reserved_for: tenant.map(str::to_owned),
+        draining: false,
     })
 }
 
@@ -819,6 +820,7 @@ fn local_launch(
         preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
         random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
         drain_wait: Duration::from_secs(30),
+        drain_via_store: false,
     };
     Ok(LocalLaunch {
         settings,
