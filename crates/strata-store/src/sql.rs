@@ -228,6 +228,18 @@ impl SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// A transaction that writes. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`, waiting out `busy_timeout`): a deferred one that
+    /// reads first fails to upgrade with SQLITE_BUSY_SNAPSHOT when another
+    /// connection wrote in between, which no timeout cures.
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => self.pool.begin().await,
+        }
+        .map_err(query_err)
+    }
+
     /// Inside `tx`, waits for other writers of `key` in other processes
     /// (PostgreSQL advisory lock, released at commit); in-process writers
     /// are already serialised by the caller's mutex, and SQLite has one
@@ -449,7 +461,7 @@ impl UsageStore for SqlStore {
         // Many rows per statement: one round trip per chunk instead of per
         // row (13 binds a row, well under either backend's limit). A row
         // written twice (a retried batch) is kept once.
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         for chunk in rows.chunks(256) {
             let row = format!("({})", ["?"; 13].join(", "));
             let statement = format!(
@@ -691,7 +703,7 @@ impl TenantStore for SqlStore {
             .destroy_tenant_key(id.as_str())
             .await
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         let tables = [
             "stored_completions",
             "responses",
@@ -806,7 +818,7 @@ impl KeyStore for SqlStore {
 impl AuditStore for SqlStore {
     async fn append_audit(&self, e: &AuditEntry) -> Result<AuditRecord, StoreError> {
         let _one_at_a_time = self.audit_lock.lock().await;
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         self.lock_in(&mut tx, "strata-audit").await?;
         let last: Option<(i64, String)> =
             sqlx::query_as(&self.sql("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"))

@@ -191,3 +191,80 @@ async fn postgres_conversations_behave() {
     conversations_behave(&pg.store(dir.path()).await).await;
     pg.drop().await;
 }
+
+/// Turns (which read the conversation before they write) and ledger rows
+/// written at once from many tasks over SQLite's connection pool: none may
+/// fail. A deferred transaction that reads first cannot take the write lock
+/// once another connection has written (SQLITE_BUSY_SNAPSHOT), so writes
+/// begin `IMMEDIATE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_turns_and_ledger_writes_all_succeed_on_sqlite() {
+    use std::sync::Arc;
+    use strata_core::store::{ConversationStore, TenantStore, UsageRecord, UsageStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqlStore::open(&dir.path().join("s.db"), common::vault(dir.path()))
+            .await
+            .unwrap(),
+    );
+    let t = tenant("busy");
+    store.create_tenant(&t).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..6 {
+        let (store, tid) = (store.clone(), t.id.clone());
+        tasks.spawn(async move {
+            let conv = StoredConversation {
+                id: format!("conv_{c}"),
+                created_at_ms: 1,
+                content: b"{}".to_vec(),
+            };
+            store.create_conversation(&tid, &conv, &[]).await.unwrap();
+            for n in 0..40 {
+                let turn = [item(&format!("m_{c}_{n}"), "x")];
+                assert!(store
+                    .append_items(&tid, &conv.id, &turn)
+                    .await
+                    .unwrap_or_else(|e| panic!("turn {n} of conversation {c}: {e}")));
+            }
+        });
+    }
+    for w in 0..4 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for b in 0..60 {
+                let rows: Vec<UsageRecord> = (0..5)
+                    .map(|i| UsageRecord {
+                        request_id: format!("r{w}_{b}_{i}"),
+                        tenant_id: "busy".into(),
+                        key_id: "k".into(),
+                        at_ms: 1,
+                        model: "m".into(),
+                        replica: "r".into(),
+                        status: 200,
+                        prompt_tokens: 1,
+                        completion_tokens: 1,
+                        ttft_ms: 1.0,
+                        latency_ms: 1.0,
+                        stream: false,
+                        cost_usd: 0.0,
+                    })
+                    .collect();
+                store
+                    .record_usage(&rows)
+                    .await
+                    .unwrap_or_else(|e| panic!("ledger batch {b}: {e}"));
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    for c in 0..6 {
+        let items = store
+            .items(&t.id, &format!("conv_{c}"), None, 100, Order::Asc)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(items.len(), 40);
+    }
+}

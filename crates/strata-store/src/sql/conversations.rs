@@ -114,7 +114,7 @@ impl ConversationStore for SqlStore {
             .seal(tenant, RESPONSES, &response.id, &response.content)
             .await?;
         let _writer = self.items_lock.lock().await;
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         if let Some(conversation) = &response.conversation_id {
             if !self.append_in(&mut tx, tenant, conversation, items).await? {
                 return Ok(false);
@@ -188,7 +188,7 @@ impl ConversationStore for SqlStore {
             )
             .await?;
         let _writer = self.items_lock.lock().await;
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
             "INSERT INTO conversations (tenant_id, id, created_at_ms, sealed) VALUES (?, ?, ?, ?)",
         ))
@@ -242,7 +242,7 @@ impl ConversationStore for SqlStore {
 
     async fn delete_conversation(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
         let _writer = self.items_lock.lock().await;
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             &self.sql("DELETE FROM conversation_items WHERE tenant_id = ? AND conversation_id = ?"),
         )
@@ -269,7 +269,7 @@ impl ConversationStore for SqlStore {
         items: &[StoredItem],
     ) -> Result<bool, StoreError> {
         let _writer = self.items_lock.lock().await;
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         if !self.append_in(&mut tx, tenant, conversation, items).await? {
             return Ok(false);
         }
@@ -381,7 +381,7 @@ impl SnapshotStore for SqlStore {
         tenant: &TenantId,
         session: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(query_err)?;
+        let mut tx = self.begin_write().await?;
         let sealed: Option<Vec<u8>> = sqlx::query_scalar(
             &self.sql("SELECT sealed FROM kv_snapshots WHERE tenant_id = ? AND session = ?"),
         )
