@@ -4,6 +4,7 @@ PostgreSQL (a fresh schema) and Redis, with real engine replicas serving the
 real model. A conversation alternates between gateways, rate limits hold
 across them, a gateway is killed, then the acting controller is killed and
 the standby takes over."""
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,12 @@ class Cluster:
         return psql(self.db, "SELECT holder FROM leases WHERE name = 'controller/default' "
                              "AND expires_at_ms > EXTRACT(EPOCH FROM clock_timestamp()) * 1000")
 
+    def status(self):
+        r = subprocess.run([STRATA, "--config", self.config, "status", "--db", self.db, "--json"],
+                           capture_output=True, text=True, timeout=30, env=self.env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
     def ready_ids(self, base):
         h = httpx.get(f"{base}/health", timeout=2).json()
         return sorted(r["id"] for r in h["replicas"] if r["ready"])
@@ -143,6 +150,13 @@ def test_cluster_survives_a_gateway_and_a_controller(cluster):
     first_replicas = c.ready_ids(g0)
     assert c.ready_ids(g1) == first_replicas == c.ready_ids(g2)
     assert int(psql(c.db, "SELECT COUNT(*) FROM instances WHERE ended_at_ms IS NULL")) == 2
+    # `strata status` shows the same from the database: the acting
+    # controller, both replicas ready at the catalog's price, three gateways.
+    status = wait_for("three gateways in status", lambda: (s := c.status()) and len(s["gateways"]) == 3 and s, 10)
+    assert status["controller"]["holder"] == leader
+    assert sorted(r["id"] for r in status["replicas"]) == first_replicas
+    assert status["replicas_by_state"]["ready"] == 2
+    assert abs(status["cost_per_hour"] - 2 * 0.10) < 1e-9
 
     # Admin state is shared: a tenant made on one gateway gets a key on another.
     admin = lambda base, method, path, body=None: httpx.request(  # noqa: E731

@@ -59,6 +59,26 @@ def test_the_kubernetes_controller_says_when_there_is_no_cluster(tmp_path):
     assert r.returncode != 0 and "--provider kubernetes" in r.stderr, r.stderr
 
 
+def test_status_shows_what_runs_on_one_machine(server):
+    def status(*extra):
+        return subprocess.run([STRATA, "--config", server.config, "status", "--db",
+                               os.path.join(server.dir, "strata.db"), *extra],
+                              capture_output=True, text=True, timeout=30, env={**os.environ, "RUST_BACKTRACE": "0"})
+    r = status()
+    assert r.returncode == 0, r.stderr
+    assert "controller: none holds the lease" in r.stdout and " ready" in r.stdout
+    r = status("--json")
+    assert r.returncode == 0, r.stderr
+    shown = {rep["id"]: rep for rep in json.loads(r.stdout)["replicas"]}
+    ready = [rep["id"] for rep in httpx.get(f"{server.base}/health", timeout=10).json()["replicas"] if rep["ready"]]
+    assert ready, "the session's server has ready replicas"
+    for replica_id in ready:
+        assert shown[replica_id]["state"] == "ready" and shown[replica_id]["endpoint"].startswith("http://127.0.0.1:")
+    r = subprocess.run([STRATA, "status", "--db", "/nonexistent/strata.db"], capture_output=True, text=True,
+                       timeout=30, env={**os.environ, "RUST_BACKTRACE": "0"})
+    assert r.returncode != 0 and "no database at /nonexistent/strata.db" in r.stderr
+
+
 def test_every_dashboard_metric_is_exported(server):
     with open(os.path.join(DEPLOY, "grafana", "strata.json")) as f:
         dashboard = json.load(f)

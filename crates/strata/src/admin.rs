@@ -424,6 +424,133 @@ pub async fn decisions(db: &str, limit: u32, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// What runs now, from the database (one machine's SQLite or a cluster's
+/// PostgreSQL): the acting controller, the replicas that have not ended
+/// with their kind, state and price, the cost rate, and the gateways that
+/// reported their load lately.
+pub async fn status_of(db: &str) -> Result<Value> {
+    use strata_core::store::{InstanceState, InstanceStore, LeaseStore, LoadStore};
+    let store = open_for_reading(db).await?;
+    let now = strata_core::now_ms();
+    let controller = store
+        .lease("controller/default")
+        .await?
+        .filter(|l| l.expires_at_ms > now)
+        .map(|l| json!({"holder": l.holder, "expires_in_s": (l.expires_at_ms - now) as f64 / 1000.0}));
+    let running: Vec<_> = store
+        .instances()
+        .await?
+        .into_iter()
+        .filter(|i| i.ended_at_ms.is_none())
+        .collect();
+    let mut by_state = serde_json::Map::new();
+    for state in [
+        InstanceState::Starting,
+        InstanceState::Ready,
+        InstanceState::Stopped,
+        InstanceState::Preempted,
+    ] {
+        let n = running.iter().filter(|i| i.state == state).count();
+        by_state.insert(state.as_str().into(), json!(n));
+    }
+    let replicas: Vec<Value> = running
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "pool": i.kind.pool,
+                "instance_type": i.kind.instance_type,
+                "zone": i.kind.zone,
+                "capacity": i.kind.capacity.as_str(),
+                "state": i.state.as_str(),
+                "endpoint": i.endpoint,
+                "up_s": ((now - i.started_at_ms).max(0) / 1000),
+                "price_per_hour": i.kind.price_per_hour,
+            })
+        })
+        .collect();
+    let cost: f64 = running.iter().map(|i| i.kind.price_per_hour).sum();
+    let gateways: Vec<Value> = store
+        .gateway_loads(strata_control::cluster::FORGET_MS)
+        .await?
+        .into_iter()
+        .filter(|g| g.age_ms <= strata_control::cluster::FRESH_MS)
+        .map(|g| {
+            json!({
+                "gateway": g.gateway,
+                "age_s": g.age_ms as f64 / 1000.0,
+                "in_flight": g.load.in_flight,
+                "waiting": g.load.waiting,
+                "routable": g.load.routable,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "controller": controller,
+        "replicas": replicas,
+        "replicas_by_state": by_state,
+        "cost_per_hour": cost,
+        "gateways": gateways,
+    }))
+}
+
+/// `strata status`: `status_of` as tables, or as JSON.
+pub async fn status(db: &str, json_out: bool) -> Result<()> {
+    let s = status_of(db).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    match &s["controller"] {
+        Value::Null => println!("controller: none holds the lease (one machine: `strata serve`)"),
+        c => println!(
+            "controller: {} (lease for {:.1} s more)",
+            cell(&c["holder"]),
+            c["expires_in_s"].as_f64().unwrap_or(0.0)
+        ),
+    }
+    let states: Vec<String> = s["replicas_by_state"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{v} {k}")).collect())
+        .unwrap_or_default();
+    println!(
+        "replicas: {}; cost ${:.4}/h",
+        states.join(", "),
+        s["cost_per_hour"].as_f64().unwrap_or(0.0)
+    );
+    let replicas = s["replicas"].as_array().cloned().unwrap_or_default();
+    if !replicas.is_empty() {
+        println!(
+            "\n{}",
+            table(
+                &replicas,
+                &[
+                    "id",
+                    "pool",
+                    "instance_type",
+                    "zone",
+                    "capacity",
+                    "state",
+                    "up_s",
+                    "price_per_hour",
+                    "endpoint"
+                ],
+            )
+        );
+    }
+    let gateways = s["gateways"].as_array().cloned().unwrap_or_default();
+    if !gateways.is_empty() {
+        println!(
+            "\n{}",
+            table(
+                &gateways,
+                &["gateway", "in_flight", "waiting", "routable", "age_s"]
+            )
+        );
+    }
+    Ok(())
+}
+
 /// Reads every audit row from the database and checks the chain.
 pub async fn verify_audit(db: &str) -> Result<()> {
     let store = open_for_reading(db).await?;

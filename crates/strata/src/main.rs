@@ -76,6 +76,15 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// Fault injection against a running `strata serve`, through the admin API.
     Chaos(AdminArgs<ChaosCommand>),
+    /// What runs now: the acting controller, replicas (kind, state, price),
+    /// the cost rate, and the gateways that reported lately.
+    Status {
+        /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The controller's decisions (each change of a pool, with its reason and inputs).
     Decisions {
         /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
@@ -421,6 +430,10 @@ fn main() -> Result<()> {
         Command::Chaos(args) => runtime()?.block_on(admin::chaos(args)),
         Command::Simulate(args) => {
             runtime()?.block_on(simulate::run(load_config(&cli.config)?, args))
+        }
+        Command::Status { db, json } => {
+            let config = load_config(&cli.config)?;
+            runtime()?.block_on(admin::status(&config.store.database(db.as_ref()), json))
         }
         Command::Decisions { db, limit, json } => {
             let config = load_config(&cli.config)?;
