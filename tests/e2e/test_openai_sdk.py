@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID
+from conftest import MODEL_ID, Server
 
 
 def test_models_lists_the_served_model(client):
@@ -194,3 +194,39 @@ def test_message_text_cannot_forge_chat_turns(client):
     print("prompt tokens", plain.usage.prompt_tokens, forged.usage.prompt_tokens)
     assert forged.usage.prompt_tokens - plain.usage.prompt_tokens >= 4, \
         (plain.usage.prompt_tokens, forged.usage.prompt_tokens)
+
+
+def test_generations_are_counted_by_model_and_status_and_streams_timed(server, client):
+    """Per-model counts, cost and streamed TTFT / time per token; no tenant
+    label unless the operator turns it on (one series per tenant)."""
+    series = f'model="{MODEL_ID}",status="200",tenant=""'
+    name = "strata_gateway_generations_total{" + series + "}"
+    text = httpx.get(f"{server.base}/metrics").text
+    before = metric(text, name) if name in text else 0.0
+    stream = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    deadline = time.time() + 5
+    while metric(text := httpx.get(f"{server.base}/metrics").text, name) < before + 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(text, name) == before + 1
+    assert "strata_gateway_cost_dollars_total{" + series + "}" in text
+    count = "strata_gateway_stream_time_to_first_token_seconds_count{" + f'model="{MODEL_ID}"' + "}"
+    assert metric(text, count) >= 1
+    assert "strata_gateway_stream_time_per_output_token_seconds_bucket" in text
+    tenant_id = server.tenant["id"]
+    assert tenant_id not in text
+
+
+def test_tenant_labels_when_the_operator_turns_them_on():
+    s = Server(replicas=1, config="[gateway]\nmetrics_tenant_labels = true\n", tenant="labelled")
+    try:
+        s.client().completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2, temperature=0)
+        name = ("strata_gateway_generations_total{" + f'model="{MODEL_ID}",status="200",'
+                f'tenant="{s.tenant["id"]}"' + "}")
+        deadline = time.time() + 5
+        while name not in (text := httpx.get(f"{s.base}/metrics").text) and time.time() < deadline:
+            time.sleep(0.05)
+        assert metric(text, name) == 1
+    finally:
+        s.stop()

@@ -350,6 +350,9 @@ pub struct GatewayConfig {
     /// Seconds a tenant's month spend, read from a shared (PostgreSQL)
     /// ledger, is trusted before it is read again.
     pub budget_refresh_secs: f64,
+    /// Label the generation metrics (requests, cost) with the tenant id:
+    /// one series per tenant, so off by default.
+    pub metrics_tenant_labels: bool,
 }
 
 /// `prefix`: where the longest prefix of the prompt went before (its KV
@@ -380,6 +383,7 @@ impl Default for GatewayConfig {
             routing: Routing::Prefix,
             shared_limits_url: None,
             budget_refresh_secs: 5.0,
+            metrics_tenant_labels: false,
         }
     }
 }

@@ -8,7 +8,7 @@ use strata_core::store::{Store, UsageRecord};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{GatewayMetrics, ModelLabels, UsageLabels};
 
 #[derive(Clone)]
 pub struct Ledger {
@@ -45,11 +45,38 @@ impl Ledger {
         self.metrics
             .prompt_tokens
             .inc_by(u64::from(row.prompt_tokens));
+        let labels = UsageLabels {
+            model: row.model.clone(),
+            status: row.status,
+            tenant: if self.metrics.tenant_labels {
+                row.tenant_id.clone()
+            } else {
+                String::new()
+            },
+        };
+        self.metrics.generations.get_or_create(&labels).inc();
+        self.metrics
+            .cost
+            .get_or_create(&labels)
+            .inc_by(row.cost_usd.max(0.0));
         if row.stream && row.status == 200 && row.completion_tokens > 0 {
             let tpot = (row.completion_tokens > 1).then(|| {
                 (row.latency_ms - row.ttft_ms).max(0.0) / f64::from(row.completion_tokens - 1)
             });
             self.metrics.recent.record(row.ttft_ms, tpot);
+            let model = ModelLabels {
+                model: row.model.clone(),
+            };
+            self.metrics
+                .ttft
+                .get_or_create(&model)
+                .observe(row.ttft_ms / 1000.0);
+            if let Some(tpot) = tpot {
+                self.metrics
+                    .tpot
+                    .get_or_create(&model)
+                    .observe(tpot / 1000.0);
+            }
         }
         if self.tx.try_send(row).is_err() {
             self.metrics.ledger_dropped.inc();

@@ -94,6 +94,8 @@ pub struct GatewaySettings {
     /// The controller of the replicas, when it runs beside this gateway:
     /// it asks for drains, and takes preemption notices from the admin API.
     pub link: Option<strata_core::link::GatewayLink>,
+    /// Label generation metrics with the tenant id.
+    pub metrics_tenant_labels: bool,
     /// Redis URL where every gateway of a cluster keeps the rate limits.
     pub shared_limits_url: Option<String>,
     /// How old a tenant's month spend may get before it is read again from
@@ -177,7 +179,8 @@ pub async fn serve(
         .await
         .map_err(|e| GatewayError::Listen(settings.listen, e))?;
     tracing::info!(listen = %settings.listen, tls = acceptor.is_some(), require_tls = settings.require_tls, "gateway listening");
-    let metrics = Arc::new(GatewayMetrics::new());
+    let metrics =
+        Arc::new(GatewayMetrics::new().with_tenant_labels(settings.metrics_tenant_labels));
     let replicas = Arc::new(ReplicaSet::default());
     replicas.set_prefix_routing(settings.routing == strata_core::config::Routing::Prefix);
     let client = replica_client(settings.replica_tls.as_ref(), settings.connect_timeout)?;

@@ -14,8 +14,38 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// A finished generation request: its model, status and (when the operator
+/// enables tenant labels; else empty, which Prometheus treats as absent) its
+/// tenant id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub model: String,
+    pub status: u16,
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+type Histograms = Family<ModelLabels, Histogram, fn() -> Histogram>;
+
+fn token_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0,
+    ])
+}
+
 pub struct GatewayMetrics {
     registry: Registry,
+    /// Label generation metrics with the tenant id (`gateway.metrics_tenant_labels`).
+    pub tenant_labels: bool,
+    pub generations: Family<UsageLabels, Counter>,
+    pub cost: Family<UsageLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Streamed requests: arrival to first token, and between tokens.
+    pub ttft: Histograms,
+    pub tpot: Histograms,
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Counter,
     pub ledger_dropped: Counter,
@@ -76,6 +106,11 @@ impl GatewayMetrics {
         ];
         let m = GatewayMetrics {
             registry: Registry::default(),
+            tenant_labels: false,
+            generations: Family::default(),
+            cost: Family::default(),
+            ttft: Family::new_with_constructor(token_histogram as fn() -> Histogram),
+            tpot: Family::new_with_constructor(token_histogram as fn() -> Histogram),
             requests: Family::default(),
             retries: Counter::default(),
             ledger_dropped: Counter::default(),
@@ -148,7 +183,37 @@ impl GatewayMetrics {
             "Prompt tokens served",
             m.prompt_tokens.clone(),
         );
+        registry.register(
+            "generations",
+            "Generation requests finished, by model, status and (if enabled) tenant",
+            m.generations.clone(),
+        );
+        registry.register_with_unit(
+            "cost",
+            "Price of the tokens served, by model, status and (if enabled) tenant",
+            Unit::Other("dollars".into()),
+            m.cost.clone(),
+        );
+        registry.register_with_unit(
+            "stream_time_to_first_token",
+            "Streamed requests: arrival to the first token, by model",
+            Unit::Seconds,
+            m.ttft.clone(),
+        );
+        registry.register_with_unit(
+            "stream_time_per_output_token",
+            "Streamed requests: mean time between tokens, by model",
+            Unit::Seconds,
+            m.tpot.clone(),
+        );
         GatewayMetrics { registry, ..m }
+    }
+
+    /// With the tenant id as a label of the generation metrics (one series
+    /// per tenant: for operators with few tenants).
+    pub fn with_tenant_labels(mut self, on: bool) -> Self {
+        self.tenant_labels = on;
+        self
     }
 
     pub fn render(&self) -> String {

@@ -640,6 +640,7 @@ fn gateway_settings(
         hold_when_empty: false,
         link: None,
         shared_limits_url: config.gateway.shared_limits_url.clone(),
+        metrics_tenant_labels: config.gateway.metrics_tenant_labels,
         // Other gateways spend from the same budgets only on a shared database.
         budget_refresh: strata_core::config::is_postgres_url(&config.store.database(db))
             .then(|| Duration::from_secs_f64(config.gateway.budget_refresh_secs)),
