@@ -62,6 +62,22 @@ def test_config_check_names_the_bad_key():
         assert r.returncode == 0, r.stderr
 
 
+def test_shell_completions_name_every_command():
+    r = subprocess.run(["bash", "-c", f"source <({STRATA} completions bash) && complete -p strata"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "_strata" in r.stdout, r.stderr
+    script = subprocess.run([STRATA, "completions", "bash"], capture_output=True, text=True, timeout=30).stdout
+    for command in ["serve", "gateway", "controller", "engine", "status", "k8s", "simulate", "tenant"]:
+        assert command in script, command
+    fish = subprocess.run([STRATA, "completions", "fish"], capture_output=True, text=True, timeout=30)
+    assert fish.returncode == 0 and "complete -c strata" in fish.stdout
+    # A reader that stops early is not a crash.
+    r = subprocess.run(f"{STRATA} completions zsh | head -1", shell=True, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "panicked" not in r.stderr, r.stderr
+    bad = subprocess.run([STRATA, "completions", "tcsh"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "possible values" in bad.stderr
+
+
 def test_model_fetch_without_pip_fails_clearly_and_leaves_nothing():
     with tempfile.TemporaryDirectory() as d:
         dest = os.path.join(d, "models", "m.gguf")

@@ -52,6 +52,9 @@ enum Command {
     /// Kubernetes manifests.
     #[command(subcommand)]
     K8s(cluster::K8sCommand),
+    /// Shell completions on stdout, e.g. `strata completions bash >
+    /// /etc/bash_completion.d/strata`.
+    Completions { shell: clap_complete::Shell },
     /// One engine replica: the embedded llama.cpp engine and its HTTP server.
     Engine(EngineArgs),
     /// Model files.
@@ -377,6 +380,17 @@ fn main() -> Result<()> {
         Command::Gateway(args) => runtime()?.block_on(run_gateway(load_config(&cli.config)?, args)),
         Command::Serve(args) => {
             runtime()?.block_on(run_serve(load_config(&cli.config)?, &cli.config, args))
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "strata", &mut script);
+            match std::io::stdout().write_all(&script) {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Command::K8s(command) => cluster::k8s(&load_config(&cli.config)?, &cli.config, command),
         Command::Controller(args) => runtime()?.block_on(cluster::run_controller(
