@@ -77,6 +77,27 @@ def postgres_url(name):
     return f"{base}{sep}options=-c%20search_path%3D{schema}"
 
 
+def psql(db, query):
+    """The last line `query` prints in the schema of `db` (a postgres_url), or ''."""
+    schema = db.split("search_path%3D")[1]
+    out = subprocess.run(["psql", os.environ["DATABASE_URL"], "-tAc", f"SET search_path = {schema}; {query}"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return out.splitlines()[-1] if out else ""
+
+
+def write_config(d, extra=""):
+    """A fresh platform admin key in a key file and `strata.toml` in `d`
+    naming it, plus `extra`; returns the key and the config's path."""
+    admin_key = new_key()
+    key_file = os.path.join(d, "admin.key")
+    with open(key_file, "w") as f:
+        f.write(admin_key + "\n")
+    config = os.path.join(d, "strata.toml")
+    with open(config, "w") as f:
+        f.write(f'[security]\nadmin_key_file = "{key_file}"\n{extra}')
+    return admin_key, config
+
+
 class Server:
     def __init__(self, replicas=2, config="", tenant="e2e", ready=None, db=None):
         self.dir = tempfile.mkdtemp(prefix="strata-e2e-")
@@ -84,13 +105,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas
         self.db = db
-        self.admin_key = new_key()
-        key_file = os.path.join(self.dir, "admin.key")
-        with open(key_file, "w") as f:
-            f.write(self.admin_key + "\n")
-        self.config = os.path.join(self.dir, "strata.toml")
-        with open(self.config, "w") as f:
-            f.write(f'[security]\nadmin_key_file = "{key_file}"\n{config}')
+        self.admin_key, self.config = write_config(self.dir, config)
         self.log_path = os.path.join(self.dir, "serve.log")
         self.log = open(self.log_path, "w")
         self.args = [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_ID, STRATA, bearer, free_port, new_key, postgres_url
+from conftest import MODEL_ID, STRATA, bearer, free_port, postgres_url, psql, write_config
 
 KEK = "5a" * 32
 LEASE_SECS = 3
@@ -26,13 +26,6 @@ def redis_url():
             raise AssertionError("STRATA_REQUIRE_REDIS is set but REDIS_URL is not")
         pytest.skip("REDIS_URL not set")
     return url
-
-
-def psql(db, query):
-    schema = db.split("search_path%3D")[1]
-    out = subprocess.run(["psql", os.environ["DATABASE_URL"], "-tAc", f"SET search_path = {schema}; {query}"],
-                         check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1] if out.strip() else ""
 
 
 def wait_for(what, check, timeout):
@@ -53,14 +46,8 @@ class Cluster:
     def __init__(self, gateways=3, replicas=2):
         self.db = postgres_url("cluster")
         self.dir = tempfile.mkdtemp(prefix="strata-cluster-")
-        self.admin_key = new_key()
-        key_file = os.path.join(self.dir, "admin.key")
-        with open(key_file, "w") as f:
-            f.write(self.admin_key + "\n")
-        self.config = os.path.join(self.dir, "strata.toml")
-        with open(self.config, "w") as f:
-            f.write(f'[security]\nadmin_key_file = "{key_file}"\n'
-                    f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n')
+        self.admin_key, self.config = write_config(
+            self.dir, f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n')
         self.env = {**os.environ, "STRATA_KEK": KEK}
         self.procs = []
         self.controllers = {name: self.start(name, "controller", "--db", self.db, "--replicas", str(replicas),

@@ -12,21 +12,15 @@ import subprocess
 import httpx
 import pytest
 
-from conftest import MODEL_ID, Server, postgres_url
+from conftest import MODEL_ID, Server, postgres_url, psql
 
 SYSTEM = "You are the support assistant of a cloud platform team; answer briefly. " * 6
 GREEDY = {"model": MODEL_ID, "temperature": 0, "max_output_tokens": 12, "instructions": SYSTEM}
 
 
-def psql(server, query):
-    schema = server.db.split("search_path%3D")[1]
-    return subprocess.run(["psql", os.environ["DATABASE_URL"], "-tAc", f"SET search_path = {schema}; {query}"],
-                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-
-
 def served_by(server, response_id):
     if server.db:
-        return psql(server, f"SELECT replica FROM responses WHERE id = '{response_id}'")
+        return psql(server.db, f"SELECT replica FROM responses WHERE id = '{response_id}'")
     db = sqlite3.connect(os.path.join(server.dir, "strata.db"))
     return db.execute("SELECT replica FROM responses WHERE id = ?", (response_id,)).fetchone()[0]
 
@@ -37,7 +31,7 @@ def kept_snapshots(server):
         schema = server.db.split("search_path%3D")[1]
         dump = subprocess.run(["pg_dump", "--data-only", "-t", f"{schema}.kv_snapshots", os.environ["DATABASE_URL"]],
                               check=True, capture_output=True).stdout
-        rows = int(psql(server, "SELECT COUNT(*) FROM kv_snapshots"))
+        rows = int(psql(server.db, "SELECT COUNT(*) FROM kv_snapshots"))
         return [dump] * rows
     return [open(f, "rb").read() for f in glob.glob(os.path.join(server.dir, "snapshots", "*", "*.kv"))]
 

@@ -148,7 +148,7 @@ pub async fn discover_replicas(
 ) {
     let mut every = Every::new(cancel);
     while every.tick().await {
-        match store.instances().await {
+        match store.running_instances().await {
             Ok(instances) => {
                 let found = endpoints(&instances);
                 publish.send_if_modified(|now| {
@@ -184,18 +184,15 @@ pub async fn gather_load(
     }
 }
 
-/// Controller side, on taking over: instances a previous leader left
-/// running are recorded as ended (its engines stopped with it, or it was
-/// cut off and stops acting); `own` says which ids are this process's.
-pub async fn close_orphans(store: &dyn Store, own: impl Fn(&str) -> bool) -> usize {
-    let Ok(instances) = store.instances().await else {
+/// Controller side, on taking over (before it runs any replica itself):
+/// instances a previous leader left running are recorded as ended (its
+/// engines stopped with it, or it was cut off and stops acting).
+pub async fn close_orphans(store: &dyn Store) -> usize {
+    let Ok(instances) = store.running_instances().await else {
         return 0;
     };
     let mut closed = 0;
-    for mut i in instances
-        .into_iter()
-        .filter(|i| i.ended_at_ms.is_none() && !own(&i.id))
-    {
+    for mut i in instances {
         i.state = InstanceState::Exited;
         i.ended_at_ms = Some(strata_core::now_ms());
         i.detail = Some("its controller lost the lease".into());

@@ -177,6 +177,9 @@ pub trait InstanceStore: Send + Sync {
     async fn upsert_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError>;
     /// All instances, newest first.
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// The instances that have not ended, newest first (what a cluster's
+    /// gateways route to, read every second).
+    async fn running_instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
 }
 
 #[async_trait]

@@ -589,11 +589,23 @@ impl InstanceStore for SqlStore {
     }
 
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let rows =
-            sqlx::query(&self.sql("SELECT * FROM instances ORDER BY started_at_ms DESC, id DESC"))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(query_err)?;
+        self.select_instances("").await
+    }
+
+    async fn running_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.select_instances("WHERE ended_at_ms IS NULL").await
+    }
+}
+
+impl SqlStore {
+    /// Instances matching `filter` (a `WHERE` clause or nothing), newest first.
+    async fn select_instances(&self, filter: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT * FROM instances {filter} ORDER BY started_at_ms DESC, id DESC"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
         rows.into_iter()
             .map(|r| {
                 let state: String = r.get("state");

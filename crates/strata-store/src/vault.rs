@@ -198,6 +198,17 @@ struct TenantKeys {
     stale: bool,
 }
 
+impl TenantKeys {
+    /// Keys read (or made) just now.
+    fn fresh(keys: Vec<DataKey>) -> TenantKeys {
+        TenantKeys {
+            keys,
+            loaded_at: Instant::now(),
+            stale: false,
+        }
+    }
+}
+
 struct Ring {
     kek: Kek,
     source: KekSource,
@@ -324,14 +335,7 @@ impl Ring {
             });
         }
         keys.sort_by_key(|k| k.version);
-        self.open.insert(
-            tenant.to_owned(),
-            TenantKeys {
-                keys,
-                loaded_at: Instant::now(),
-                stale: false,
-            },
-        );
+        self.open.insert(tenant.to_owned(), TenantKeys::fresh(keys));
         Ok(())
     }
 }
@@ -389,14 +393,7 @@ impl Vault {
                     limit: w.reserved,
                 });
             }
-            ring.open.insert(
-                tenant.clone(),
-                TenantKeys {
-                    keys,
-                    loaded_at: Instant::now(),
-                    stale: false,
-                },
-            );
+            ring.open.insert(tenant.clone(), TenantKeys::fresh(keys));
         }
         let vault = Vault {
             backing: Backing::File(path.to_owned()),
@@ -464,10 +461,6 @@ impl Vault {
         self
     }
 
-    pub fn is_shared(&self) -> bool {
-        matches!(self.backing, Backing::Shared(_))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
         // A panic while holding the lock leaves the ring consistent (every
         // mutation saves before it returns), so poisoning is not fatal.
@@ -525,11 +518,7 @@ impl Vault {
                     .push(wrapped);
                 ring.open
                     .entry(tenant.to_owned())
-                    .or_insert_with(|| TenantKeys {
-                        keys: Vec::new(),
-                        loaded_at: Instant::now(),
-                        stale: false,
-                    })
+                    .or_insert_with(|| TenantKeys::fresh(Vec::new()))
                     .keys
                     .push(key);
                 self.save(&ring)

@@ -141,11 +141,13 @@ async fn an_instance_is_updated_in_place(backend: &Backend, dir: &Path) {
         },
     };
     store.upsert_instance(&i).await.unwrap();
+    assert_eq!(store.running_instances().await.unwrap(), vec![i.clone()]);
     i.state = InstanceState::Exited;
     i.ended_at_ms = Some(9);
     i.detail = Some("signal: 9 (SIGKILL)".into());
     store.upsert_instance(&i).await.unwrap();
     assert_eq!(store.instances().await.unwrap(), vec![i]);
+    assert!(store.running_instances().await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -437,12 +437,7 @@ pub async fn status_of(db: &str) -> Result<Value> {
         .await?
         .filter(|l| l.expires_at_ms > now)
         .map(|l| json!({"holder": l.holder, "expires_in_s": (l.expires_at_ms - now) as f64 / 1000.0}));
-    let running: Vec<_> = store
-        .instances()
-        .await?
-        .into_iter()
-        .filter(|i| i.ended_at_ms.is_none())
-        .collect();
+    let running = store.running_instances().await?;
     let mut by_state = serde_json::Map::new();
     for state in [
         InstanceState::Starting,

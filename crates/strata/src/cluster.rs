@@ -151,7 +151,7 @@ pub async fn run_controller(
         // This copy runs no replica yet: whatever is recorded as running
         // was the previous leader's (local engines stopped with it;
         // Kubernetes Pods are adopted under new ids).
-        let closed = cluster::close_orphans(&*store, |_| false).await;
+        let closed = cluster::close_orphans(&*store).await;
         tracing::info!(%holder, closed, "leading: this controller acts now");
         let acting = CancellationToken::new();
         let controller = Controller::new(PoolSpec::from_config(&config, replicas));

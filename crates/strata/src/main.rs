@@ -730,7 +730,8 @@ async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn St
 }
 
 async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
-    let settings = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
+    let mut settings =
+        gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     let urls: Vec<String> = config
         .gateway
         .replicas
@@ -747,14 +748,14 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
         .iter()
         .map(|u| parse_replica(u))
         .collect::<Result<Vec<_>>>()?;
-    let (_keep, rx) = watch::channel(endpoints);
     let (store, vault) = open_store(&config, args.db.as_ref()).await?;
     let shutdown = shutdown_on_signal();
-    let mut settings = settings;
+    // The given replicas, or (a cluster's gateway) those the controller records.
+    let (_fixed, fixed) = watch::channel(endpoints);
     let rx = if in_cluster {
         cluster::gateway_in_cluster(&store, &mut settings, &shutdown)
     } else {
-        rx
+        fixed
     };
     strata_gateway::serve(settings, rx, store, Some(vault), shutdown).await?;
     Ok(())
