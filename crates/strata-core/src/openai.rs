@@ -58,12 +58,14 @@ fn join_path(parent: &str, field: &str) -> String {
 /// `stop`: one string or a list of up to four.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -72,6 +74,7 @@ pub struct StreamOptions {
 /// `prompt` of a completion: a string, or a list holding one string.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Prompt {
     Text(String),
     Texts(Vec<String>),
@@ -79,6 +82,7 @@ pub enum Prompt {
 
 /// Sampling fields shared by both request kinds.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SamplingFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
@@ -96,6 +100,7 @@ pub struct SamplingFields {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
@@ -110,6 +115,7 @@ pub struct CompletionRequest {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
@@ -162,6 +168,7 @@ pub fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiErro
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -170,12 +177,14 @@ pub struct ChatMessage {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -457,6 +466,7 @@ fn include_usage(stream: bool, options: Option<&StreamOptions>) -> Result<bool, 
 // ---- responses -------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -467,6 +477,7 @@ pub struct Usage {
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PromptTokensDetails {
     pub cached_tokens: u32,
 }
@@ -494,12 +505,14 @@ impl Usage {
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FinishReason {
     Stop,
     Length,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Completion {
     pub id: String,
     pub object: String,
@@ -511,6 +524,7 @@ pub struct Completion {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
@@ -519,6 +533,7 @@ pub struct CompletionChoice {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletion {
     pub id: String,
     pub object: String,
@@ -530,6 +545,7 @@ pub struct ChatCompletion {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatChoice {
     pub index: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -541,12 +557,14 @@ pub struct ChatChoice {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AssistantMessage {
     pub role: String,
     pub content: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -555,12 +573,14 @@ pub struct Delta {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelList {
     pub object: String,
     pub data: Vec<ModelCard>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelCard {
     pub id: String,
     pub object: String,

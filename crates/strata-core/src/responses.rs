@@ -14,6 +14,7 @@ use crate::ApiError;
 /// `POST /v1/responses`. Fields strata does not implement (tools, background
 /// mode) are refused rather than ignored.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResponsesRequest {
     pub model: String,
     pub input: Input,
@@ -43,6 +44,7 @@ pub struct ResponsesRequest {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Input {
     Text(String),
     Items(Vec<Value>),
@@ -51,6 +53,7 @@ pub enum Input {
 /// `conversation`: an id, or an object holding one.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ConversationRef {
     Id(String),
     Object { id: String },

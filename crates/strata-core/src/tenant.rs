@@ -46,6 +46,7 @@ impl std::fmt::Display for TenantId {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Manages its own tenant's keys and settings (every tenant, on the platform tenant).
     Admin,
@@ -82,6 +83,7 @@ impl Role {
 /// `shared` tenants use the common replicas; `dedicated` ones only replicas reserved for them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Isolation {
     #[default]
     Shared,

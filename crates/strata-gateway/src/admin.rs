@@ -9,8 +9,7 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use strata_core::openai::parse_body;
@@ -21,6 +20,8 @@ use strata_core::tenant::{
 };
 use strata_core::{read_body, ApiError};
 use strata_store::{Kek, KekSource, Vault};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{Authenticator, Principal};
 use crate::replicas::ReplicaSet;
@@ -38,28 +39,19 @@ pub struct AdminState {
     pub notices: Option<tokio::sync::mpsc::Sender<strata_core::link::PreemptNotice>>,
 }
 
-pub fn routes(state: Arc<AdminState>) -> Router {
-    Router::new()
-        .route("/admin/v1/tenants", post(create_tenant).get(list_tenants))
-        .route(
-            "/admin/v1/tenants/{tenant}",
-            get(show_tenant).patch(update_tenant).delete(delete_tenant),
-        )
-        .route(
-            "/admin/v1/tenants/{tenant}/keys",
-            post(create_key).get(list_keys),
-        )
-        .route(
-            "/admin/v1/tenants/{tenant}/keys/{key}",
-            get(show_key).delete(revoke_key),
-        )
-        .route("/admin/v1/tenants/{tenant}/usage", get(tenant_usage))
-        .route("/admin/v1/usage", get(all_usage))
-        .route("/admin/v1/audit", get(audit))
-        .route("/admin/v1/kek/rotate", post(rotate_kek))
-        .route("/admin/v1/replicas/{id}/drain", post(drain_replica))
-        .route("/admin/v1/replicas/{id}/undrain", post(undrain_replica))
-        .route("/admin/v1/replicas/{id}/preempt", post(preempt_replica))
+pub fn routes(state: Arc<AdminState>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(create_tenant, list_tenants))
+        .routes(routes!(show_tenant, update_tenant, delete_tenant))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(show_key, revoke_key))
+        .routes(routes!(tenant_usage))
+        .routes(routes!(all_usage))
+        .routes(routes!(audit))
+        .routes(routes!(rotate_kek))
+        .routes(routes!(drain_replica))
+        .routes(routes!(undrain_replica))
+        .routes(routes!(preempt_replica))
         .with_state(state)
 }
 
@@ -268,7 +260,7 @@ async fn body_of<T: serde::de::DeserializeOwned>(
     parse_body(&body)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateTenant {
     name: String,
@@ -279,6 +271,15 @@ struct CreateTenant {
     monthly_budget_usd: Option<f64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/v1/tenants",
+    tag = "admin",
+    summary = "Create a tenant (platform admin)",
+    request_body = CreateTenant,
+    responses((status = 201, description = "Created", body = crate::openapi::Tenant), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn create_tenant(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -316,6 +317,14 @@ async fn create_tenant(
     finish(&*state.store, &p, "tenant.create", &target, &target, result).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants",
+    tag = "admin",
+    summary = "The tenants the key may see",
+    responses((status = 200, description = "OK", body = crate::openapi::List), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn list_tenants(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -350,6 +359,15 @@ async fn list_tenants(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants/{tenant}",
+    tag = "admin",
+    summary = "A tenant",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Tenant), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn show_tenant(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -361,7 +379,7 @@ async fn show_tenant(
     finish(&*state.store, &p, "tenant.read", &id, &id, result).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateTenant {
     name: Option<String>,
@@ -374,6 +392,16 @@ struct UpdateTenant {
     monthly_budget_usd: Option<Option<f64>>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/admin/v1/tenants/{tenant}",
+    tag = "admin",
+    summary = "Change a tenant's name, isolation, limits or budget",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
+    request_body = UpdateTenant,
+    responses((status = 200, description = "OK", body = crate::openapi::Tenant), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn update_tenant(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -412,6 +440,15 @@ async fn update_tenant(
     finish(&*state.store, &p, "tenant.update", &id, &id, result).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/tenants/{tenant}",
+    tag = "admin",
+    summary = "Delete a tenant and shred its data key",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn delete_tenant(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -439,7 +476,7 @@ async fn delete_tenant(
     finish(&*state.store, &p, "tenant.delete", &id, &id, result).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
     name: String,
@@ -471,6 +508,16 @@ pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRec
     (record, new.secret)
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/v1/tenants/{tenant}/keys",
+    tag = "admin",
+    summary = "Create a key (its secret is shown once)",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
+    request_body = CreateKey,
+    responses((status = 201, description = "Created", body = crate::openapi::ApiKey), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn create_key(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -514,6 +561,15 @@ async fn create_key(
     finish(&*state.store, &p, "key.create", &id, &target, result).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants/{tenant}/keys",
+    tag = "admin",
+    summary = "A tenant's keys (no secrets)",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::List), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn list_keys(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -531,6 +587,15 @@ async fn list_keys(
     finish(&*state.store, &p, "key.list", &id, "", result).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants/{tenant}/keys/{key}",
+    tag = "admin",
+    summary = "A key (no secret)",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)"), ("key" = String, Path, description = "A key id (`key_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn show_key(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -550,6 +615,15 @@ async fn show_key(
     finish(&*state.store, &p, "key.read", &id, &key, result).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/tenants/{tenant}/keys/{key}",
+    tag = "admin",
+    summary = "Revoke a key",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)"), ("key" = String, Path, description = "A key id (`key_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn revoke_key(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -593,6 +667,15 @@ fn usage_json(totals: Vec<strata_core::store::UsageTotals>) -> Value {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants/{tenant}/usage",
+    tag = "admin",
+    summary = "A tenant's usage by model and its month's spend",
+    params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Usage), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn tenant_usage(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -620,6 +703,14 @@ async fn tenant_usage(
     finish(&*state.store, &p, "usage.read", &id, "", result).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/usage",
+    tag = "admin",
+    summary = "Usage by model over all tenants (platform admin)",
+    responses((status = 200, description = "OK", body = crate::openapi::Usage), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn all_usage(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -633,6 +724,14 @@ async fn all_usage(
     finish(&*state.store, &p, "usage.read", "*", "", result).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/audit",
+    tag = "admin",
+    summary = "The audit trail (a tenant admin sees its tenant's)",
+    responses((status = 200, description = "OK", body = crate::openapi::List), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn audit(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -655,6 +754,14 @@ async fn audit(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/v1/kek/rotate",
+    tag = "admin",
+    summary = "Re-wrap every data key under a new KEK (platform admin)",
+    responses((status = 200, description = "OK", body = Object, description = "`{object: kek, previous_id, id}`"), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn rotate_kek(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -686,6 +793,15 @@ async fn rotate_kek(
 /// `POST /admin/v1/replicas/{id}/drain` (platform admins): the replica
 /// takes no new requests; once its running ones end (up to 30 s) its
 /// sessions' KV caches are kept as sealed snapshots for the next turns.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/replicas/{id}/drain",
+    tag = "admin",
+    summary = "Drain a replica: no new requests, sessions kept as snapshots",
+    params(("id" = String, Path, description = "A replica id")),
+    responses((status = 200, description = "OK", body = Object, description = "What was drained"), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn drain_replica(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -707,6 +823,15 @@ async fn drain_replica(
 
 /// `POST /admin/v1/replicas/{id}/undrain` (platform admins): a drained
 /// replica that is still up takes requests again.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/replicas/{id}/undrain",
+    tag = "admin",
+    summary = "Route to a drained replica again",
+    params(("id" = String, Path, description = "A replica id")),
+    responses((status = 200, description = "OK", body = Object), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn undrain_replica(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -736,6 +861,15 @@ struct Preempt {
 /// spot reclaim of the replica, as a cloud's interruption notice would
 /// announce it: the provider drains it, plans a replacement at once, and
 /// stops it when the notice runs out (default: `pool.preemption_notice_secs`).
+#[utoipa::path(
+    post,
+    path = "/admin/v1/replicas/{id}/preempt",
+    tag = "admin",
+    summary = "Report a preemption notice for a replica",
+    params(("id" = String, Path, description = "A replica id")),
+    responses((status = 202, description = "Accepted", body = Object), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn preempt_replica(
     State(state): State<Arc<AdminState>>,
     Extension(p): Extension<Arc<Principal>>,

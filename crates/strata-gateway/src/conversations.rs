@@ -24,7 +24,7 @@ use crate::AppState;
 /// OpenAI's bound on items added in one request.
 const MAX_NEW_ITEMS: usize = 20;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewConversation {
     #[serde(default)]
@@ -33,13 +33,13 @@ struct NewConversation {
     metadata: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MetadataUpdate {
     metadata: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewItems {
     items: Vec<Value>,
@@ -92,6 +92,16 @@ async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<StoredConve
 }
 
 /// `POST /v1/conversations`.
+#[utoipa::path(
+    post,
+    operation_id = "create_conversation",
+    path = "/v1/conversations",
+    tag = "openai",
+    summary = "Create a conversation",
+    request_body = NewConversation,
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -124,6 +134,16 @@ pub(crate) async fn create(
 }
 
 /// `GET /v1/conversations/{id}`.
+#[utoipa::path(
+    get,
+    operation_id = "show_conversation",
+    path = "/v1/conversations/{id}",
+    tag = "openai",
+    summary = "A conversation",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -134,6 +154,17 @@ pub(crate) async fn show(
 }
 
 /// `POST /v1/conversations/{id}`: new metadata.
+#[utoipa::path(
+    post,
+    operation_id = "update_conversation",
+    path = "/v1/conversations/{id}",
+    tag = "openai",
+    summary = "Replace a conversation's metadata",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
+    request_body = MetadataUpdate,
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn update(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -162,6 +193,16 @@ pub(crate) async fn update(
 }
 
 /// `DELETE /v1/conversations/{id}`: the conversation and its items.
+#[utoipa::path(
+    delete,
+    operation_id = "delete_conversation",
+    path = "/v1/conversations/{id}",
+    tag = "openai",
+    summary = "Delete a conversation and its items",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -178,6 +219,16 @@ pub(crate) async fn delete(
 }
 
 /// `GET /v1/conversations/{id}/items`.
+#[utoipa::path(
+    get,
+    operation_id = "list_conversation_items",
+    path = "/v1/conversations/{id}/items",
+    tag = "openai",
+    summary = "A conversation's items",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)"), crate::openapi::PageParams),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn list_items(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -211,6 +262,17 @@ pub(crate) async fn list_items(
 }
 
 /// `POST /v1/conversations/{id}/items`.
+#[utoipa::path(
+    post,
+    operation_id = "add_conversation_items",
+    path = "/v1/conversations/{id}/items",
+    tag = "openai",
+    summary = "Append items to a conversation",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
+    request_body = NewItems,
+    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn add_items(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -242,6 +304,16 @@ fn item_not_found(id: &str) -> ApiError {
 }
 
 /// `GET /v1/conversations/{id}/items/{item_id}`.
+#[utoipa::path(
+    get,
+    operation_id = "show_conversation_item",
+    path = "/v1/conversations/{id}/items/{item_id}",
+    tag = "openai",
+    summary = "One item of a conversation",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)"), ("item_id" = String, Path, description = "An item id (`msg_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Item), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn show_item(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -261,6 +333,16 @@ pub(crate) async fn show_item(
 }
 
 /// `DELETE /v1/conversations/{id}/items/{item_id}`: answers with the conversation.
+#[utoipa::path(
+    delete,
+    operation_id = "delete_conversation_item",
+    path = "/v1/conversations/{id}/items/{item_id}",
+    tag = "openai",
+    summary = "Delete an item; answers the conversation",
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)"), ("item_id" = String, Path, description = "An item id (`msg_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn delete_item(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,

@@ -13,6 +13,7 @@ pub mod fairq;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod prefix_index;
 pub mod proxy;
 pub mod replicas;
@@ -30,7 +31,6 @@ use std::time::{Duration, Instant};
 use axum::extract::{Query, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use strata_core::config::ModelPrice;
@@ -43,6 +43,8 @@ use strata_store::Vault;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::admin::AdminState;
 use crate::admission::{Charge, Estimate, Policy};
@@ -159,6 +161,8 @@ struct AppState {
     policy: Arc<Policy>,
     max_body_bytes: usize,
     started: u64,
+    /// This gateway's OpenAPI document, as served at `/openapi.json`.
+    openapi: std::sync::OnceLock<String>,
 }
 
 /// Serves until `shutdown`; replica endpoints come from `endpoints`. The
@@ -279,6 +283,7 @@ pub async fn serve(
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        openapi: Default::default(),
     });
     let last = (settings.drain_on_shutdown).then(|| {
         (
@@ -289,7 +294,7 @@ pub async fn serve(
     });
     tls::serve(
         listener,
-        router(state, admin, auth),
+        router(state, admin, auth).0,
         acceptor,
         settings.require_tls,
         shutdown,
@@ -444,38 +449,32 @@ async fn follow_capacity(
     }
 }
 
-fn router(state: Arc<AppState>, admin: Arc<AdminState>, auth: Arc<Authenticator>) -> Router {
-    let authenticated = Router::new()
-        .route("/v1/completions", post(completions))
-        .route(
-            "/v1/chat/completions",
-            post(chat_completions).get(list_completions),
-        )
-        .route("/v1/models", get(models))
-        .route("/v1/responses", post(responses::create))
-        .route(
-            "/v1/responses/{id}",
-            get(responses::show).delete(responses::delete),
-        )
-        .route(
-            "/v1/responses/{id}/input_items",
-            get(responses::input_items),
-        )
-        .route("/v1/conversations", post(conversations::create))
-        .route(
-            "/v1/conversations/{id}",
-            get(conversations::show)
-                .post(conversations::update)
-                .delete(conversations::delete),
-        )
-        .route(
-            "/v1/conversations/{id}/items",
-            get(conversations::list_items).post(conversations::add_items),
-        )
-        .route(
-            "/v1/conversations/{id}/items/{item_id}",
-            get(conversations::show_item).delete(conversations::delete_item),
-        )
+/// The gateway's routes and the OpenAPI document describing them, both
+/// from the handlers' `#[utoipa::path]` attributes.
+pub(crate) fn router(
+    state: Arc<AppState>,
+    admin: Arc<AdminState>,
+    auth: Arc<Authenticator>,
+) -> (Router, utoipa::openapi::OpenApi) {
+    use utoipa_axum::routes;
+    let authenticated = OpenApiRouter::new()
+        .routes(routes!(completions))
+        .routes(routes!(chat_completions, list_completions))
+        .routes(routes!(models))
+        .routes(routes!(responses::create))
+        .routes(routes!(responses::show, responses::delete))
+        .routes(routes!(responses::input_items))
+        .routes(routes!(conversations::create))
+        .routes(routes!(
+            conversations::show,
+            conversations::update,
+            conversations::delete
+        ))
+        .routes(routes!(conversations::list_items, conversations::add_items))
+        .routes(routes!(
+            conversations::show_item,
+            conversations::delete_item
+        ))
         .with_state(state.clone())
         .merge(stored::routes(state.store.clone()))
         .merge(admin::routes(admin))
@@ -483,17 +482,35 @@ fn router(state: Arc<AppState>, admin: Arc<AdminState>, auth: Arc<Authenticator>
             auth,
             auth::require_key,
         ));
-    let public = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(state);
-    Router::new()
+    let public = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .routes(routes!(document))
+        .with_state(state.clone());
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::Frame::openapi())
         .merge(authenticated)
         .merge(public)
+        .split_for_parts();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let json = doc
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
+    state.openapi.set(json).expect("the router is built once");
+    let router = router
         .fallback(|| async { ApiError::not_found("Unknown route.") })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
+    (router, doc)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    summary = "Complete a prompt",
+    request_body = strata_core::openai::CompletionRequest,
+    responses((status = 200, description = "The completion, or server-sent events of `text_completion` chunks with `stream`", body = strata_core::openai::Completion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -502,6 +519,15 @@ async fn completions(
     route(state, p, req, "/v1/completions").await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    summary = "Answer a chat",
+    request_body = strata_core::openai::ChatCompletionRequest,
+    responses((status = 200, description = "The chat completion, or server-sent events of `chat.completion.chunk`s with `stream`", body = strata_core::openai::ChatCompletion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -510,6 +536,15 @@ async fn chat_completions(
     route(state, p, req, "/v1/chat/completions").await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    summary = "List stored chat completions",
+    params(("after" = Option<String>, Query, description = "The last id of the previous page"), ("limit" = Option<u32>, Query, description = "1 to 100 (20)")),
+    responses((status = 200, description = "Newest first", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn list_completions(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -630,6 +665,14 @@ async fn admit(
     Ok((charge, estimate.prompt_tokens + estimate.output_tokens))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    summary = "List the models this key may use",
+    responses((status = 200, description = "OK", body = strata_core::openai::ModelList), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn models(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -644,6 +687,28 @@ async fn models(
     Json(ModelList::of(visible, state.started))
 }
 
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    summary = "This document",
+    responses((status = 200, description = "OpenAPI 3 (JSON)", content_type = "application/json"))
+)]
+async fn document(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.get().cloned().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    summary = "Whether the gateway can serve",
+    responses((status = 200, description = "Ready, or scaled to zero", body = crate::openapi::Health), (status = 503, description = "No replica and no waiting allowed", body = crate::openapi::Health))
+)]
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let replicas: Vec<_> = state
         .proxy
@@ -673,6 +738,13 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.proxy.metrics;
     m.replicas_ready

@@ -122,6 +122,16 @@ async fn context(
 }
 
 /// `POST /v1/responses`.
+#[utoipa::path(
+    post,
+    operation_id = "create_response",
+    path = "/v1/responses",
+    tag = "openai",
+    summary = "Create a response (a turn)",
+    request_body = strata_core::responses::ResponsesRequest,
+    responses((status = 200, description = "The response, or its server-sent events with `stream`", body = crate::openapi::ResponseObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -668,6 +678,16 @@ fn sse_data(events: &[u8]) -> Vec<&str> {
 }
 
 /// `GET /v1/responses/{id}`.
+#[utoipa::path(
+    get,
+    operation_id = "show_response",
+    path = "/v1/responses/{id}",
+    tag = "openai",
+    summary = "A stored response",
+    params(("id" = String, Path, description = "A response id (`resp_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::ResponseObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -680,6 +700,16 @@ pub(crate) async fn show(
 }
 
 /// `DELETE /v1/responses/{id}`.
+#[utoipa::path(
+    delete,
+    operation_id = "delete_response",
+    path = "/v1/responses/{id}",
+    tag = "openai",
+    summary = "Delete a stored response",
+    params(("id" = String, Path, description = "A response id (`resp_…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -699,6 +729,16 @@ pub(crate) async fn delete(
 }
 
 /// `GET /v1/responses/{id}/input_items`.
+#[utoipa::path(
+    get,
+    operation_id = "list_response_input_items",
+    path = "/v1/responses/{id}/input_items",
+    tag = "openai",
+    summary = "The input items of a stored response",
+    params(("id" = String, Path, description = "A response id (`resp_…`)"), crate::openapi::PageParams),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 pub(crate) async fn input_items(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Arc<Principal>>,

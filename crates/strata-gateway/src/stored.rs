@@ -9,14 +9,15 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::openai::{check_metadata, parse_body};
 use strata_core::responses::{list_page, page_limit};
 use strata_core::store::{Store, StoreError, StoredCompletion};
 use strata_core::{read_body, ApiError};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::admin::{finish, record_audit, store_error};
 use crate::auth::Principal;
@@ -117,13 +118,10 @@ impl Transcript {
     }
 }
 
-pub fn routes(store: Arc<dyn Store>) -> Router {
-    Router::new()
-        .route(
-            "/v1/chat/completions/{id}",
-            get(show).post(update).delete(delete),
-        )
-        .route("/v1/chat/completions/{id}/messages", get(messages))
+pub fn routes(store: Arc<dyn Store>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(show, update, delete))
+        .routes(routes!(messages))
         .with_state(store)
 }
 
@@ -177,6 +175,16 @@ pub(crate) fn may_change(p: &Principal, what: &str) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "show_stored_completion",
+    path = "/v1/chat/completions/{id}",
+    tag = "openai",
+    summary = "A stored chat completion",
+    params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
+    responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn show(
     State(store): State<Arc<dyn Store>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -188,6 +196,16 @@ async fn show(
     answer(&*store, &p, "completion.read", &id, result).await
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "list_stored_completion_messages",
+    path = "/v1/chat/completions/{id}/messages",
+    tag = "openai",
+    summary = "The messages of a stored chat completion",
+    params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)"), crate::openapi::PageParams),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn messages(
     State(store): State<Arc<dyn Store>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -210,7 +228,7 @@ async fn messages(
     answer(&*store, &p, "completion.messages", &id, result).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Update {
     metadata: BTreeMap<String, String>,
@@ -218,6 +236,17 @@ struct Update {
 
 /// `POST /v1/chat/completions/{id}`: replaces the metadata, the one part of a
 /// stored completion OpenAI lets a caller change.
+#[utoipa::path(
+    post,
+    operation_id = "update_stored_completion",
+    path = "/v1/chat/completions/{id}",
+    tag = "openai",
+    summary = "Replace a stored completion's metadata",
+    params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
+    request_body = Update,
+    responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn update(
     State(store): State<Arc<dyn Store>>,
     Extension(p): Extension<Arc<Principal>>,
@@ -253,6 +282,16 @@ async fn update(
     answer(&*store, &p, "completion.update", &id, result).await
 }
 
+#[utoipa::path(
+    delete,
+    operation_id = "delete_stored_completion",
+    path = "/v1/chat/completions/{id}",
+    tag = "openai",
+    summary = "Delete a stored chat completion",
+    params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    security(("api_key" = []))
+)]
 async fn delete(
     State(store): State<Arc<dyn Store>>,
     Extension(p): Extension<Arc<Principal>>,

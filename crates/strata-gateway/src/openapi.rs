@@ -1,0 +1,186 @@
+//! The OpenAPI 3 description of the gateway's own API, served at
+//! `/openapi.json`. Every route is registered through
+//! `utoipa_axum::routes!` from its handler's `#[utoipa::path]`, so the
+//! document and the router come from the same lines; the shapes below are
+//! the JSON objects the handlers build by hand (the request and completion
+//! types derive their schemas in strata-core).
+
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+
+/// The document's frame: title, version, tags and the bearer-key scheme.
+/// The paths are added by the routers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "strata",
+        description = "OpenAI-compatible inference (completions, chat completions, Responses, Conversations) and strata's admin API. Every route but /health, /metrics and /openapi.json takes `Authorization: Bearer <key>`.",
+        license(name = "Apache-2.0"),
+    ),
+    modifiers(&BearerKey),
+    tags(
+        (name = "openai", description = "OpenAI-compatible routes"),
+        (name = "admin", description = "Tenants, keys, usage, audit, replicas (/admin/v1/)"),
+        (name = "operations", description = "Health, metrics and this document"),
+    ),
+)]
+pub struct Frame;
+
+struct BearerKey;
+
+impl Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("sk-strata-…")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// An OpenAI-shaped error.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorFields,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorFields {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// `{"id", "object", "deleted": true}` after a delete.
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    pub id: String,
+    pub object: String,
+    pub deleted: bool,
+}
+
+/// A page of a list route (`after`/`limit`/`order`).
+#[derive(Serialize, ToSchema)]
+pub struct Page {
+    pub object: String,
+    pub data: Vec<serde_json::Value>,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+    pub has_more: bool,
+}
+
+/// A whole list (admin routes).
+#[derive(Serialize, ToSchema)]
+pub struct List {
+    pub object: String,
+    pub data: Vec<serde_json::Value>,
+}
+
+/// A message item of a response or a conversation.
+#[derive(Serialize, ToSchema)]
+pub struct Item {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub role: String,
+    pub status: String,
+    /// `input_text` or `output_text` parts.
+    pub content: Vec<serde_json::Value>,
+}
+
+/// A response of the Responses API (or, streamed, its server-sent events).
+#[derive(Serialize, ToSchema)]
+pub struct ResponseObject {
+    pub id: String,
+    pub object: String,
+    pub created_at: i64,
+    /// `completed`, `incomplete`, `in_progress` or `failed`.
+    pub status: String,
+    pub model: String,
+    pub output: Vec<Item>,
+    pub usage: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub previous_response_id: Option<String>,
+    pub conversation: Option<serde_json::Value>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConversationObject {
+    pub id: String,
+    pub object: String,
+    pub created_at: i64,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Tenant {
+    pub object: String,
+    pub id: String,
+    pub name: String,
+    /// `shared` or `dedicated`.
+    pub isolation: String,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub monthly_budget_usd: Option<f64>,
+    pub created_at: i64,
+}
+
+/// A key as listed: never its secret.
+#[derive(Serialize, ToSchema)]
+pub struct ApiKey {
+    pub object: String,
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    /// `admin`, `member` or `reader`.
+    pub role: String,
+    pub models: Option<Vec<String>>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+    /// The secret, only in the answer that creates the key.
+    pub key: Option<String>,
+}
+
+/// Usage totals by model (and, for one tenant, its month's spend).
+#[derive(Serialize, ToSchema)]
+pub struct Usage {
+    pub object: String,
+    pub data: Vec<serde_json::Value>,
+    pub tenant_id: Option<String>,
+    pub month_spend_usd: Option<f64>,
+    pub monthly_budget_usd: Option<f64>,
+}
+
+/// `/health`: whether the gateway can serve, and its replicas.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, `idle` (scaled to zero; requests wait) or `unavailable`.
+    pub status: String,
+    pub replicas_ready: u32,
+    pub replicas: Vec<serde_json::Value>,
+}
+
+/// `after`, `limit` and `order` of a paged list.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct PageParams {
+    /// The last id of the previous page.
+    after: Option<String>,
+    /// 1 to 100 (20 when not given).
+    limit: Option<u32>,
+    /// `asc` or `desc` (the default).
+    order: Option<String>,
+}
