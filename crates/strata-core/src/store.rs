@@ -169,6 +169,9 @@ pub trait UsageStore: Send + Sync {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<ReplicaUsage>, StoreError>;
+    /// The newest `limit` rows of requests that arrived at or after
+    /// `since_ms`, oldest first (the dashboard's charts).
+    async fn usage_since(&self, since_ms: i64, limit: u32) -> Result<Vec<UsageRecord>, StoreError>;
 }
 
 #[async_trait]
@@ -180,6 +183,9 @@ pub trait InstanceStore: Send + Sync {
     /// The instances that have not ended, newest first (what a cluster's
     /// gateways route to, read every second).
     async fn running_instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// The instances that have not ended or ended at or after `since_ms`,
+    /// newest first.
+    async fn instances_since(&self, since_ms: i64) -> Result<Vec<InstanceRecord>, StoreError>;
 }
 
 #[async_trait]

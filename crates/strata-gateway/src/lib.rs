@@ -9,6 +9,7 @@ pub mod admission;
 pub mod auth;
 pub mod budget;
 mod conversations;
+pub mod dashboard;
 pub mod fairq;
 pub mod ledger;
 pub mod limits;
@@ -104,6 +105,8 @@ pub struct GatewaySettings {
     /// the ledger (other gateways spend from the same budget); `None` on
     /// one machine.
     pub budget_refresh: Option<Duration>,
+    /// The pool's latency objectives, drawn on the dashboard.
+    pub slo: dashboard::Slo,
 }
 
 pub use strata_core::Load;
@@ -229,6 +232,12 @@ pub async fn serve(
         snapshots: snapshots.clone(),
         notices: settings.link.as_ref().map(|l| l.notices.clone()),
     });
+    let dashboard = Arc::new(dashboard::Dashboard::new(
+        store.clone(),
+        auth.clone(),
+        settings.slo,
+        acceptor.is_some(),
+    ));
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(snapshots) = &snapshots {
@@ -265,6 +274,7 @@ pub async fn serve(
         policy.clone(),
         metrics.clone(),
         settings.load.clone(),
+        dashboard.clone(),
         background.clone(),
     ));
     let state = Arc::new(AppState {
@@ -294,7 +304,7 @@ pub async fn serve(
     });
     tls::serve(
         listener,
-        router(state, admin, auth).0,
+        router(state, admin, auth, dashboard).0,
         acceptor,
         settings.require_tls,
         shutdown,
@@ -415,13 +425,15 @@ async fn drain_leaving(
 }
 
 /// Keeps each pool's fair-queue capacity at its ready replicas × slots, and
-/// the load gauges current.
+/// the load gauges current; samples the load for the dashboard.
 async fn follow_capacity(
     policy: Arc<Policy>,
     metrics: Arc<GatewayMetrics>,
     load: Option<watch::Sender<Load>>,
+    dashboard: Arc<dashboard::Dashboard>,
     cancel: CancellationToken,
 ) {
+    let mut sampled = (Instant::now(), metrics.tokens.get());
     loop {
         policy
             .pools
@@ -429,6 +441,18 @@ async fn follow_capacity(
         let (in_flight, waiting) = policy.pools.load();
         metrics.in_flight.set(in_flight as i64);
         metrics.waiting.set(waiting as i64);
+        if sampled.0.elapsed() >= dashboard::SAMPLE_EVERY {
+            let tokens = metrics.tokens.get();
+            dashboard.record(dashboard::LoadSample {
+                at_ms: now_ms(),
+                in_flight,
+                waiting,
+                capacity: policy.replicas.ready_count() * policy.slots_per_replica,
+                tokens_per_s: tokens.saturating_sub(sampled.1) as f64
+                    / sampled.0.elapsed().as_secs_f64(),
+            });
+            sampled = (Instant::now(), tokens);
+        }
         if let Some(load) = &load {
             let (ttft_p95_ms, tpot_p95_ms) = metrics.recent.p95();
             load.send_replace(Load {
@@ -455,6 +479,7 @@ pub(crate) fn router(
     state: Arc<AppState>,
     admin: Arc<AdminState>,
     auth: Arc<Authenticator>,
+    dashboard: Arc<dashboard::Dashboard>,
 ) -> (Router, utoipa::openapi::OpenApi) {
     use utoipa_axum::routes;
     let authenticated = OpenApiRouter::new()
@@ -486,7 +511,8 @@ pub(crate) fn router(
         .routes(routes!(health))
         .routes(routes!(metrics))
         .routes(routes!(document))
-        .with_state(state.clone());
+        .with_state(state.clone())
+        .merge(dashboard::routes(dashboard));
     let (router, mut doc) = OpenApiRouter::with_openapi(openapi::Frame::openapi())
         .merge(authenticated)
         .merge(public)

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 #[openapi(
     info(
         title = "strata",
-        description = "OpenAI-compatible inference (completions, chat completions, Responses, Conversations) and strata's admin API. Every route but /health, /metrics and /openapi.json takes `Authorization: Bearer <key>`.",
+        description = "OpenAI-compatible inference (completions, chat completions, Responses, Conversations) and strata's admin API. Every route but /health, /metrics, /openapi.json and the dashboard's (/ui, which has its own login) takes `Authorization: Bearer <key>`.",
         license(name = "Apache-2.0"),
     ),
     modifiers(&BearerKey),
@@ -23,6 +23,7 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
         (name = "openai", description = "OpenAI-compatible routes"),
         (name = "admin", description = "Tenants, keys, usage, audit, replicas (/admin/v1/)"),
         (name = "operations", description = "Health, metrics and this document"),
+        (name = "dashboard", description = "The operators' web page at /ui (a platform admin key logs in)"),
     ),
 )]
 pub struct Frame;

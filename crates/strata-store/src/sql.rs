@@ -530,6 +530,40 @@ impl UsageStore for SqlStore {
         .map_err(query_err)
     }
 
+    async fn usage_since(&self, since_ms: i64, limit: u32) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT * FROM (SELECT * FROM usage WHERE at_ms >= ? ORDER BY at_ms DESC LIMIT ?) newest \
+             ORDER BY at_ms",
+        ))
+        .bind(since_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageRecord {
+                request_id: r.get("request_id"),
+                tenant_id: r.get("tenant_id"),
+                key_id: r.get("key_id"),
+                at_ms: r.get("at_ms"),
+                model: r.get("model"),
+                replica: r.get("replica"),
+                status: r.get::<i64, _>("status") as u16,
+                prompt_tokens: r.get::<i64, _>("prompt_tokens") as u32,
+                completion_tokens: r.get::<i64, _>("completion_tokens") as u32,
+                ttft_ms: r.get("ttft_ms"),
+                latency_ms: r.get("latency_ms"),
+                // BOOLEAN on PostgreSQL, an integer on SQLite.
+                stream: r
+                    .try_get::<bool, _>("stream")
+                    .or_else(|_| r.try_get::<i64, _>("stream").map(|v| v != 0))
+                    .unwrap_or(false),
+                cost_usd: r.get("cost_usd"),
+            })
+            .collect())
+    }
+
     async fn usage_by_replica(
         &self,
         since_ms: i64,
@@ -589,23 +623,38 @@ impl InstanceStore for SqlStore {
     }
 
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        self.select_instances("").await
+        self.select_instances("", None).await
     }
 
     async fn running_instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        self.select_instances("WHERE ended_at_ms IS NULL").await
+        self.select_instances("WHERE ended_at_ms IS NULL", None)
+            .await
+    }
+
+    async fn instances_since(&self, since_ms: i64) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.select_instances(
+            "WHERE ended_at_ms IS NULL OR ended_at_ms >= ?",
+            Some(since_ms),
+        )
+        .await
     }
 }
 
 impl SqlStore {
-    /// Instances matching `filter` (a `WHERE` clause or nothing), newest first.
-    async fn select_instances(&self, filter: &str) -> Result<Vec<InstanceRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT * FROM instances {filter} ORDER BY started_at_ms DESC, id DESC"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err)?;
+    /// Instances matching `filter` (a `WHERE` clause or nothing, with at
+    /// most one `?` for `bind`), newest first.
+    async fn select_instances(
+        &self,
+        filter: &str,
+        bind: Option<i64>,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        let sql = format!("SELECT * FROM instances {filter} ORDER BY started_at_ms DESC, id DESC");
+        let sql = self.sql(&sql);
+        let mut query = sqlx::query(&sql);
+        if let Some(b) = bind {
+            query = query.bind(b);
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(query_err)?;
         rows.into_iter()
             .map(|r| {
                 let state: String = r.get("state");

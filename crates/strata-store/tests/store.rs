@@ -118,6 +118,12 @@ async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, di
         ],
         "the row at 12 h is outside the range"
     );
+    // The dashboard's rows: the newest `limit` since a time, oldest first, whole.
+    let recent = store.usage_since(10 * hour + 7, 2).await.unwrap();
+    let ids: Vec<&str> = recent.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids, ["d", "e"]);
+    assert_eq!(recent[0], at("d", "ten_a", "r2", 11 * hour, 1));
+    assert_eq!(store.usage_since(10 * hour + 7, 10).await.unwrap().len(), 4);
 }
 
 async fn an_instance_is_updated_in_place(backend: &Backend, dir: &Path) {
@@ -146,8 +152,11 @@ async fn an_instance_is_updated_in_place(backend: &Backend, dir: &Path) {
     i.ended_at_ms = Some(9);
     i.detail = Some("signal: 9 (SIGKILL)".into());
     store.upsert_instance(&i).await.unwrap();
-    assert_eq!(store.instances().await.unwrap(), vec![i]);
+    assert_eq!(store.instances().await.unwrap(), vec![i.clone()]);
     assert!(store.running_instances().await.unwrap().is_empty());
+    // Ended at 9: in a window from 9, not in one from 10.
+    assert_eq!(store.instances_since(9).await.unwrap(), vec![i]);
+    assert!(store.instances_since(10).await.unwrap().is_empty());
 }
 
 #[tokio::test]

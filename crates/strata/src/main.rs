@@ -658,6 +658,10 @@ fn gateway_settings(
         // Other gateways spend from the same budgets only on a shared database.
         budget_refresh: strata_core::config::is_postgres_url(&config.store.database(db))
             .then(|| Duration::from_secs_f64(config.gateway.budget_refresh_secs)),
+        slo: strata_gateway::dashboard::Slo {
+            ttft_p95_ms: config.pool.slo_ttft_p95_ms,
+            tpot_p95_ms: config.pool.slo_tpot_p95_ms,
+        },
     })
 }
 
