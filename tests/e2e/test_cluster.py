@@ -50,8 +50,10 @@ class Cluster:
             self.dir, f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n')
         self.env = {**os.environ, "STRATA_KEK": KEK}
         self.procs = []
+        self.metrics = {name: f"http://127.0.0.1:{free_port()}" for name in ("ctl-a", "ctl-b")}
         self.controllers = {name: self.start(name, "controller", "--db", self.db, "--replicas", str(replicas),
-                                             "--lease-secs", str(LEASE_SECS), "--holder", name)
+                                             "--lease-secs", str(LEASE_SECS), "--holder", name,
+                                             "--metrics-listen", self.metrics[name].split("//")[1])
                             for name in ("ctl-a", "ctl-b")}
         self.gateways = []
         for i in range(gateways):
@@ -144,6 +146,16 @@ def test_cluster_survives_a_gateway_and_a_controller(cluster):
     assert sorted(r["id"] for r in status["replicas"]) == first_replicas
     assert status["replicas_by_state"]["ready"] == 2
     assert abs(status["cost_per_hour"] - 2 * 0.10) < 1e-9
+    # Each controller's own /metrics: the acting one holds two ready
+    # replicas at 0.20 $/h; the standby holds none.
+    standby = "ctl-b" if leader == "ctl-a" else "ctl-a"
+    acting = httpx.get(f"{c.metrics[leader]}/metrics", timeout=10).text
+    assert "strata_controller_leading 1" in acting
+    assert ('strata_controller_replicas{pool="default",instance_type="local",zone="local",'
+            'capacity="on_demand",state="ready"} 2') in acting
+    assert 'strata_controller_cost_rate_dollars_per_hour{pool="default"} 0.2' in acting
+    idle = httpx.get(f"{c.metrics[standby]}/metrics", timeout=10).text
+    assert "strata_controller_leading 0" in idle and "strata_controller_replicas{" not in idle
 
     # Admin state is shared: a tenant made on one gateway gets a key on another.
     admin = lambda base, method, path, body=None: httpx.request(  # noqa: E731
@@ -203,6 +215,7 @@ def test_cluster_survives_a_gateway_and_a_controller(cluster):
     assert [i.content[0].text for i in items if i.role == "user"][-2:] == [
         "Remember the word cloud.", "Remember the word flame."]
     assert "leading: this controller acts now" in c.log(standby)
+    assert "strata_controller_leading 1" in httpx.get(f"{c.metrics[standby]}/metrics", timeout=10).text
 
 
 SYSTEM = "You are the support assistant of a cloud platform team; answer briefly. " * 6

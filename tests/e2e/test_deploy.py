@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import httpx
 from conftest import STRATA, bearer
@@ -97,3 +98,22 @@ def test_every_dashboard_metric_is_exported(server):
     missing = sorted(w for w in wanted if w not in names and re.sub(r"_total$", "", w) not in names)
     assert not missing, missing
     assert len(wanted) >= 15
+
+
+def test_the_controller_metrics_show_on_the_gateway_of_strata_serve(server):
+    """Replicas by pool, instance type, zone, capacity type and state, the
+    plan's size, the cost rate and cost so far, leadership: from the
+    controller running in the same process."""
+    text = httpx.get(f"{server.base}/metrics", timeout=10).text
+    assert text.count("# EOF") == 1 and text.rstrip().endswith("# EOF")
+    ready = ('strata_controller_replicas{pool="default",instance_type="local",zone="local",'
+             'capacity="on_demand",state="ready"} 2')
+    assert ready in text
+    assert 'strata_controller_desired_replicas{pool="default"} 2' in text
+    assert 'strata_controller_cost_rate_dollars_per_hour{pool="default"} 0.2' in text
+    assert "strata_controller_leading 1" in text
+    spent = float(re.search(r'strata_controller_cost_dollars_total\{pool="default",capacity="on_demand"\} (\S+)', text)[1])
+    assert spent > 0
+    time.sleep(1.5)
+    later = httpx.get(f"{server.base}/metrics", timeout=10).text
+    assert float(re.search(r'strata_controller_cost_dollars_total\{pool="default",capacity="on_demand"\} (\S+)', later)[1]) > spent

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::{Autoscaler, Decision, Reason, ScalePolicy, Signal};
+use crate::metrics::ControllerMetrics;
 use crate::planner::{diff, plan, Offer, Plan, PlanPolicy, Slot, SpotRoom};
 use crate::provider::{Instance, Provider, ProviderEvent};
 use crate::ControlError;
@@ -503,28 +504,47 @@ impl Driver {
 }
 
 /// Runs the pool until `shutdown`: a tick every 250 ms; decisions that
-/// change the replica count or the plan's mix are logged and stored. Stops
-/// every instance at the end.
+/// change the replica count or the plan's mix are logged and stored (and
+/// counted in `metrics`, which also follows the replicas and their cost).
+/// Stops every instance at the end.
 pub async fn run<P: Provider>(
     controller: Controller,
     mut provider: P,
     load: watch::Receiver<Load>,
     store: Arc<dyn DecisionStore>,
+    metrics: Option<Arc<ControllerMetrics>>,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut driver = Driver::new(controller);
+    let mut last = started;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         let l = *load.borrow();
-        if let Some(t) = driver.tick(&mut provider, started.elapsed(), &l).await {
+        let ticked = driver.tick(&mut provider, started.elapsed(), &l).await;
+        let pool = driver.controller.spec.name.as_str();
+        if let Some(t) = &ticked {
             if t.changed {
                 record(&*store, &driver.controller, &t.step, &l, &t.previous).await;
+                if let Some(m) = &metrics {
+                    m.decided(pool, &t.step.change().2);
+                }
             }
+        }
+        if let Some(m) = &metrics {
+            let now = tokio::time::Instant::now();
+            m.observe(
+                pool,
+                &provider.list(),
+                driver.target().replicas.len(),
+                &driver.controller.offers(),
+                now - last,
+            );
+            last = now;
         }
     }
     provider.shutdown().await;

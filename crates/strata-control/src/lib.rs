@@ -9,6 +9,7 @@ pub mod controller;
 pub mod cost;
 pub mod leader;
 pub mod local;
+pub mod metrics;
 pub mod model;
 pub mod planner;
 pub mod provider;

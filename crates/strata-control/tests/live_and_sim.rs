@@ -123,11 +123,13 @@ async fn the_live_loop_and_the_simulators_take_the_same_decisions() {
     let (tx, rx) = watch::channel(load_at(Duration::ZERO));
     let stop = CancellationToken::new();
     let started = tokio::time::Instant::now();
+    let metrics = std::sync::Arc::new(strata_control::metrics::ControllerMetrics::new());
     let live = tokio::spawn(controller::run(
         Controller::new(spec()),
         SimProvider::new(cloud()),
         rx,
         store.clone() as std::sync::Arc<dyn DecisionStore>,
+        Some(metrics.clone()),
         stop.clone(),
     ));
     for at in load_times() {
@@ -168,4 +170,16 @@ async fn the_live_loop_and_the_simulators_take_the_same_decisions() {
         "the load makes the pool change: {sim_decisions:?}"
     );
     assert_eq!(live_decisions, sim_decisions);
+    // The metrics counted the same decisions, by reason.
+    let text = metrics.render();
+    let mut reasons = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, _, reason) in &live_decisions {
+        *reasons.entry(reason.as_str()).or_default() += 1;
+    }
+    for (reason, n) in reasons {
+        let line = format!(
+            "strata_controller_decisions_total{{pool=\"default\",reason=\"{reason}\"}} {n}"
+        );
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
 }

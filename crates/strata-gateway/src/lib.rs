@@ -107,6 +107,19 @@ pub struct GatewaySettings {
     pub budget_refresh: Option<Duration>,
     /// The pool's latency objectives, drawn on the dashboard.
     pub slo: dashboard::Slo,
+    /// More metrics for `/metrics` (the controller's, when it runs in this
+    /// process): OpenMetrics text ending in `# EOF`.
+    pub more_metrics: Option<MoreMetrics>,
+}
+
+/// Renders metrics kept elsewhere in the process.
+#[derive(Clone)]
+pub struct MoreMetrics(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for MoreMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MoreMetrics")
+    }
 }
 
 pub use strata_core::Load;
@@ -166,6 +179,7 @@ struct AppState {
     started: u64,
     /// This gateway's OpenAPI document, as served at `/openapi.json`.
     openapi: std::sync::OnceLock<String>,
+    more_metrics: Option<MoreMetrics>,
 }
 
 /// Serves until `shutdown`; replica endpoints come from `endpoints`. The
@@ -294,6 +308,7 @@ pub async fn serve(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         openapi: Default::default(),
+        more_metrics: settings.more_metrics.clone(),
     });
     let last = (settings.drain_on_shutdown).then(|| {
         (
@@ -775,12 +790,20 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.proxy.metrics;
     m.replicas_ready
         .set(state.proxy.replicas.ready_count() as i64);
+    let mut text = m.render();
+    if let Some(more) = &state.more_metrics {
+        // One exposition: a single `# EOF`, at the end.
+        if let Some(body) = text.strip_suffix("# EOF\n") {
+            text.truncate(body.len());
+        }
+        text.push_str(&(more.0)());
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        m.render(),
+        text,
     )
         .into_response()
 }

@@ -13,6 +13,7 @@ use strata_control::cluster;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
 use strata_control::local::LocalProvider;
+use strata_control::metrics::ControllerMetrics;
 use strata_control::provider::Provider;
 use strata_core::config::{is_postgres_url, Config};
 use strata_core::store::{LeaseStore, Store};
@@ -56,6 +57,10 @@ pub struct ControllerArgs {
     /// This copy's name in the lease (default: host name and process id).
     #[arg(long)]
     holder: Option<String>,
+    /// Serve the controller's Prometheus metrics at `/metrics` on this
+    /// address (replicas by kind and state, cost, decisions, leadership).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     engine: EngineFlags,
 }
@@ -125,6 +130,15 @@ pub async fn run_controller(
         None => store.clone(),
     };
     let shutdown = shutdown_on_signal();
+    let metrics = Arc::new(ControllerMetrics::new());
+    let metrics_server = match args.metrics_listen {
+        Some(addr) => Some(tokio::spawn(serve_metrics(
+            bind_metrics(addr).await?,
+            metrics.clone(),
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
     // The lease is let go only after this copy's replicas are gone (or
     // drained, in a cluster), so a standby never starts beside them.
     let release = CancellationToken::new();
@@ -152,6 +166,7 @@ pub async fn run_controller(
         // was the previous leader's (local engines stopped with it;
         // Kubernetes Pods are adopted under new ids).
         let closed = cluster::close_orphans(&*store).await;
+        metrics.leading.set(1);
         tracing::info!(%holder, closed, "leading: this controller acts now");
         let acting = CancellationToken::new();
         let controller = Controller::new(PoolSpec::from_config(&config, replicas));
@@ -160,14 +175,20 @@ pub async fn run_controller(
             provider: P,
             controller: Controller,
             load: watch::Receiver<Load>,
-            store: Arc<dyn Store>,
+            (store, metrics): (Arc<dyn Store>, Arc<ControllerMetrics>),
             acting: CancellationToken,
         ) -> tokio::task::JoinHandle<Result<(), strata_control::ControlError>> {
             tokio::spawn(strata_control::controller::run(
-                controller, provider, load, store, acting,
+                controller,
+                provider,
+                load,
+                store,
+                Some(metrics),
+                acting,
             ))
         }
         let (load, acting_token) = (load_rx.clone(), acting.clone());
+        let kept = (store.clone(), metrics.clone());
         let task = match (&kube, &launch) {
             (Some(client), _) => {
                 let model = args
@@ -178,7 +199,7 @@ pub async fn run_controller(
                     .unwrap_or_else(|| strata_k8s::MODEL_FILE.trim_end_matches(".gguf").into());
                 let provider =
                     KubeProvider::new(client.clone(), config.clone(), model, store.clone());
-                act(provider, controller, load, store.clone(), acting_token)
+                act(provider, controller, load, kept, acting_token)
             }
             (None, Some(launch)) => {
                 // Gateways read the replicas from the store, so the
@@ -197,7 +218,7 @@ pub async fn run_controller(
                     launch.health.clone(),
                     link,
                 );
-                act(provider, controller, load, store.clone(), acting_token)
+                act(provider, controller, load, kept, acting_token)
             }
             (None, None) => unreachable!("one provider is set up above"),
         };
@@ -209,6 +230,7 @@ pub async fn run_controller(
         }
         acting.cancel();
         task.await.context("controller task panicked")??;
+        metrics.leading.set(0);
         if shutdown.is_cancelled() {
             break;
         }
@@ -216,8 +238,46 @@ pub async fn run_controller(
     release.cancel();
     elector.await.context("elector task panicked")?;
     gather.await.context("load task panicked")?;
+    if let Some(server) = metrics_server {
+        server.await.context("metrics server panicked")?;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen {addr}: cannot listen"))
+}
+
+/// `/metrics` (the controller's) and `/health` until `shutdown`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<ControllerMetrics>,
+    shutdown: CancellationToken,
+) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }),
+        )
+        .route("/health", get(|| async { "ok" }));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the metrics listener failed");
+    }
 }
 
 /// A gateway of a cluster: the replicas come from the store (recorded by

@@ -662,6 +662,7 @@ fn gateway_settings(
             ttft_p95_ms: config.pool.slo_ttft_p95_ms,
             tpot_p95_ms: config.pool.slo_tpot_p95_ms,
         },
+        more_metrics: None,
     })
 }
 
@@ -913,6 +914,13 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     gateway.load = Some(load_tx);
     gateway.hold_when_empty = true;
     let controller = Controller::new(PoolSpec::from_config(&config, replicas));
+    // The controller's metrics show on the gateway's /metrics.
+    let metrics = Arc::new(strata_control::metrics::ControllerMetrics::new());
+    metrics.leading.set(1);
+    let shown = metrics.clone();
+    gateway.more_metrics = Some(strata_gateway::MoreMetrics(Arc::new(move || {
+        shown.render()
+    })));
     // The engines stop after the gateway, which snapshots them on the way out.
     let engines_stop = CancellationToken::new();
     let provider_task = tokio::spawn(strata_control::controller::run(
@@ -920,6 +928,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         provider,
         load_rx,
         store.clone(),
+        Some(metrics),
         engines_stop.clone(),
     ));
     let served =
