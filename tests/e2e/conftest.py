@@ -99,7 +99,7 @@ def write_config(d, extra=""):
 
 
 class Server:
-    def __init__(self, replicas=2, config="", tenant="e2e", ready=None, db=None):
+    def __init__(self, replicas=2, config="", tenant="e2e", ready=None, db=None, env=None):
         self.dir = tempfile.mkdtemp(prefix="strata-e2e-")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -111,7 +111,8 @@ class Server:
         self.args = [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}",
                      "--replicas", str(replicas), "--db", db or os.path.join(self.dir, "strata.db")]
         self.ready = replicas if ready is None else ready
-        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         wait_ready(self.base, self.ready)
         self.tenant = self.admin("POST", "/admin/v1/tenants", {"name": tenant}).json()
         self.key = self.new_key(self.tenant["id"], "member")
@@ -147,7 +148,7 @@ class Server:
     def restart(self):
         """Stops the server and starts it again on the same port, config and database."""
         self.stop()
-        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         wait_ready(self.base, self.ready)
 
     def engine_pid(self, replica_id):

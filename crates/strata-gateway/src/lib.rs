@@ -636,11 +636,10 @@ async fn forward(
         _ => parse_body::<ChatCompletionRequest>(&body)?.validate()?,
     };
     let request_id = response_id("req");
-    let span = tracing::info_span!("request", id = %request_id, tenant = %p.tenant.id, model = %generation.model, path);
+    let span = request_span(&request_id, &p, &generation, path);
     let (charge, estimated_tokens) = admit(state, &p, &generation, body.len())
         .instrument(span.clone())
         .await?;
-    let _enter = span.enter();
     let keep = generation.store.then(|| {
         let messages = serde_json::from_slice::<serde_json::Value>(&body)
             .map(|v| v["messages"].clone())
@@ -671,8 +670,29 @@ async fn forward(
         request_id,
         arrived,
     };
-    drop(_enter);
-    state.proxy.forward(forward).await
+    state.proxy.forward(forward).instrument(span).await
+}
+
+/// A generation request's span: who asks for what; the proxy adds the
+/// replica that answered, how many it tried before, and its status.
+pub(crate) fn request_span(
+    request_id: &str,
+    p: &Principal,
+    generation: &Generation,
+    path: &'static str,
+) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        id = %request_id,
+        tenant = %p.tenant.id,
+        key = %p.key.id,
+        model = %generation.model,
+        path,
+        stream = generation.stream,
+        replica = tracing::field::Empty,
+        retries = tracing::field::Empty,
+        status = tracing::field::Empty,
+    )
 }
 
 /// Admission for a generation whose upstream body is `body_len` bytes: a

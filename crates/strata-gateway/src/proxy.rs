@@ -144,6 +144,10 @@ impl Proxy {
                 }
             };
             let status = upstream.status();
+            let span = tracing::Span::current();
+            span.record("replica", replica.endpoint.id.as_str());
+            span.record("retries", tried.len() - 1);
+            span.record("status", status.as_u16());
             // Overload and server errors may go better elsewhere; client errors will not.
             if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
                 let body = upstream.bytes().await.unwrap_or_default();

@@ -170,7 +170,7 @@ async fn start(
     // The same checks as a chat request (model name, sampling bounds).
     let generation = parse_body::<ChatCompletionRequest>(&chat)?.validate()?;
     let request_id = new_id("req");
-    let span = tracing::info_span!("request", id = %request_id, tenant = %p.tenant.id, model = %generation.model, path = ROUTE);
+    let span = crate::request_span(&request_id, &p, &generation, ROUTE);
     let (charge, estimated_tokens) = crate::admit(&state, &p, &generation, chat.len())
         .instrument(span.clone())
         .await?;
@@ -211,7 +211,12 @@ async fn start(
         request_id,
         arrived,
     };
-    let (flight, upstream) = match state.proxy.open(&forward, replica.as_deref()).await {
+    let (flight, upstream) = match state
+        .proxy
+        .open(&forward, replica.as_deref())
+        .instrument(span.clone())
+        .await
+    {
         Ok(opened) => opened,
         Err(refusal) => return Ok(refusal),
     };

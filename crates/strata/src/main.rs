@@ -358,13 +358,21 @@ struct EngineArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let otlp = otlp::endpoint_from_env()?.map(|url| {
+            let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "strata".into());
+            otlp::layer(url, &service).0
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(otlp)
+            .init();
+    }
     match cli.command {
         Command::Config(ConfigCommand::Check { file }) => {
             check_config(file.as_deref().unwrap_or(&cli.config))
@@ -463,6 +471,7 @@ fn main() -> Result<()> {
 mod admin;
 mod chart;
 mod cluster;
+mod otlp;
 mod simulate;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

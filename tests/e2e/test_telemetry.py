@@ -1,0 +1,87 @@
+"""Traces: with OpenTelemetry's OTLP endpoint variable set, `strata serve`
+sends each request's span (tenant, key, model, replica, retries, status) to
+a collector as OTLP/HTTP JSON. The collector here is a small HTTP server
+that keeps what it is sent."""
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+from conftest import MODEL_ID, STRATA, Server
+
+
+class Collector:
+    def __init__(self):
+        self.posts = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector.posts.append((self.path, self.headers["Content-Type"], json.loads(body)))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self):
+        for _, _, body in self.posts:
+            for rs in body["resourceSpans"]:
+                resource = attrs(rs["resource"])
+                for ss in rs["scopeSpans"]:
+                    for span in ss["spans"]:
+                        yield resource, span
+
+
+def attrs(span):
+    return {a["key"]: next(iter(a["value"].values())) for a in span["attributes"]}
+
+
+def test_each_request_is_a_span_at_the_collector():
+    collector = Collector()
+    s = Server(replicas=1, tenant="traced", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "strata-e2e"})
+    try:
+        replica = httpx.get(f"{s.base}/health").json()["replicas"][0]["id"]
+        chat = s.client().chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        wanted = None
+        deadline = time.time() + 15
+        while wanted is None and time.time() < deadline:
+            time.sleep(0.5)
+            for resource, span in collector.spans():
+                a = attrs(span)
+                if span["name"] == "request" and a.get("tenant") == s.tenant["id"]:
+                    wanted = resource, span, a
+        assert wanted, [sp["name"] for _, sp in collector.spans()]
+        resource, span, a = wanted
+        path, content_type, _ = collector.posts[0]
+        assert path == "/v1/traces" and content_type.startswith("application/json")
+        assert resource["service.name"] == "strata-e2e"
+        assert re.fullmatch(r"[0-9a-f]{32}", span["traceId"]) and re.fullmatch(r"[0-9a-f]{16}", span["spanId"])
+        assert int(span["endTimeUnixNano"]) > int(span["startTimeUnixNano"])
+        assert span["kind"] == 2 and span["status"]["code"] == 0
+        assert a["model"] == MODEL_ID and a["path"] == "/v1/chat/completions"
+        assert a["replica"] == replica and a["retries"] == "0" and a["status"] == "200"
+        assert a["key"].startswith("key_") and a["stream"] is False
+        assert chat.id  # the request itself went through
+    finally:
+        s.stop()
+
+
+def test_a_bad_endpoint_is_named_at_start():
+    out = subprocess.run([STRATA, "status"], capture_output=True, text=True,
+                         env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://collector", "RUST_BACKTRACE": "0"})
+    assert out.returncode != 0 and "OTEL_EXPORTER_OTLP_ENDPOINT" in out.stderr, out.stderr
