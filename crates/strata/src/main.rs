@@ -472,6 +472,7 @@ mod admin;
 mod chart;
 mod cluster;
 mod otlp;
+mod progress;
 mod simulate;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -520,9 +521,10 @@ fn check_config(path: &Path) -> Result<()> {
 fn fetch_model(dest: Option<PathBuf>) -> Result<()> {
     let source = ModelSource::gemma3_270m();
     let dest = dest.unwrap_or_else(|| default_model_path(&source.file_name));
-    let outcome = fetch(&source, &dest, &mut |line| {
-        eprintln!("strata model fetch: {line}")
-    })?;
+    let mut bar = progress::Bar::new("strata model fetch");
+    let outcome = fetch(&source, &dest, &mut |p| bar.set(p.done, p.stage));
+    bar.finish(if outcome.is_ok() { "done" } else { "failed" });
+    let outcome = outcome?;
     match outcome {
         Fetched::AlreadyPresent => {
             println!("{} (already present, sha256 verified)", dest.display())

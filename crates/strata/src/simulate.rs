@@ -283,27 +283,10 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
 
 /// One policy's run, with a progress bar on a terminal.
 async fn run_one(s: &Scenario, policy: &mut dyn simulate::Policy, tail: Duration) -> Outcome {
-    use std::io::{IsTerminal, Write};
-    let name = policy.name();
-    let tty = std::io::stderr().is_terminal();
-    let mut shown = -1i64;
-    let mut bar = |done: f64| {
-        let pct = (done * 100.0) as i64;
-        if tty && pct != shown {
-            shown = pct;
-            let filled = (done * 30.0) as usize;
-            eprint!(
-                "\r{name:<40} [{}{}] {pct:>3}%",
-                "#".repeat(filled),
-                "-".repeat(30 - filled.min(30))
-            );
-            let _ = std::io::stderr().flush();
-        }
-    };
-    let outcome = simulate::simulate_with_progress(s, policy, tail, &mut bar).await;
-    if tty {
-        eprintln!("\r{name:<40} done{}", " ".repeat(34));
-    }
+    let mut bar = crate::progress::Bar::new(format!("{:<40}", policy.name()));
+    let outcome =
+        simulate::simulate_with_progress(s, policy, tail, &mut |done| bar.set(done, "")).await;
+    bar.finish("done");
     outcome
 }
 
