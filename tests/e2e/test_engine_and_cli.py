@@ -1,4 +1,5 @@
 """An engine replica seen directly, and CLI verbs that fail clearly."""
+import json
 import os
 import subprocess
 import tempfile
@@ -56,6 +57,10 @@ def test_config_check_names_the_bad_key():
         r = subprocess.run([STRATA, "config", "check", path], capture_output=True, text=True)
         assert r.returncode != 0
         assert "engine.max_sequences" in r.stderr
+        r = subprocess.run([STRATA, "config", "check", path, "--json"], capture_output=True, text=True)
+        report = json.loads(r.stdout)
+        assert r.returncode == 1 and not report["ok"]
+        assert [p["key"] for p in report["problems"]] == ["engine.max_sequences"]
         with open(path, "w") as f:
             f.write("[serve]\nreplicas = 3\n")
         r = subprocess.run([STRATA, "config", "check", path], capture_output=True, text=True)
@@ -116,3 +121,19 @@ def test_model_fetch_shows_a_progress_bar_on_a_terminal_and_stages_in_a_log():
     assert piped.returncode == 0
     assert piped.stderr.splitlines()[0].startswith("strata model fetch: verifying existing"), piped.stderr
     assert "\r" not in piped.stderr and "%" not in piped.stderr
+    as_json = json.loads(subprocess.run([STRATA, "model", "fetch", "--json"], capture_output=True, text=True,
+                                        check=True).stdout)
+    assert as_json["verified"] and not as_json["fetched"] and as_json["path"].endswith(".gguf")
+    assert len(as_json["sha256"]) == 64
+
+
+def test_errors_name_the_flag_or_variable_at_fault():
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    for args, named in [
+        (["--config", "/nonexistent/strata.toml", "status"], "--config / STRATA_CONFIG"),
+        (["simulate", "--trace", "/nonexistent.csv"], "--trace /nonexistent.csv"),
+        (["serve", "--listen", "nope"], "--listen / gateway.listen"),
+        (["gateway", "--replica", "notaurl"], "--replica `notaurl`"),
+    ]:
+        r = subprocess.run([STRATA, *args], capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode != 0 and named in r.stderr.splitlines()[0], (args, r.stderr)

@@ -404,6 +404,9 @@ def test_audit_trail_records_and_verifies(mt):
     db = os.path.join(mt.dir, "strata.db")
     ok = subprocess.run([STRATA, "audit", "verify", "--db", db], capture_output=True, text=True)
     assert ok.returncode == 0 and "audit log ok" in ok.stdout, ok.stderr
+    as_json = subprocess.run([STRATA, "audit", "verify", "--db", db, "--json"], capture_output=True, text=True)
+    verdict = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and verdict["ok"] and verdict["rows"] >= len(rows) and verdict["broken_at"] is None
     # Edit one row (in a copy) and delete another: verify names the break.
     for tamper, seq in [("UPDATE audit SET result = 'tampered' WHERE seq = 3", 3), ("DELETE FROM audit WHERE seq = 5", 5)]:
         copy = os.path.join(mt.dir, "..", os.path.basename(mt.dir) + "-audit.db")
@@ -412,6 +415,9 @@ def test_audit_trail_records_and_verifies(mt):
             c.execute(tamper)
         bad = subprocess.run([STRATA, "audit", "verify", "--db", copy], capture_output=True, text=True)
         assert bad.returncode != 0 and f"row {seq}" in bad.stderr, (tamper, bad.stdout, bad.stderr)
+        bad = subprocess.run([STRATA, "audit", "verify", "--db", copy, "--json"], capture_output=True, text=True)
+        verdict = json.loads(bad.stdout)
+        assert bad.returncode == 1 and not verdict["ok"] and verdict["broken_at"]["seq"] == seq, bad.stdout
         os.remove(copy)
 
 

@@ -547,9 +547,24 @@ pub async fn status(db: &str, json_out: bool) -> Result<()> {
 }
 
 /// Reads every audit row from the database and checks the chain.
-pub async fn verify_audit(db: &str) -> Result<()> {
+pub async fn verify_audit(db: &str, json: bool) -> Result<()> {
     let store = open_for_reading(db).await?;
     let rows = store.audit(None).await?;
+    if json {
+        let (ok, broken) = match verify_chain(&rows) {
+            Ok(()) => (true, serde_json::Value::Null),
+            Err(b) => (false, serde_json::json!({"seq": b.seq, "reason": b.reason})),
+        };
+        let head = rows.last().map(|r| r.hash.as_str());
+        println!(
+            "{}",
+            serde_json::json!({"ok": ok, "rows": rows.len(), "head": head, "broken_at": broken})
+        );
+        if !ok {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     match verify_chain(&rows) {
         Ok(()) => {
             let head = rows.last().map_or("(empty)", |r| r.hash.as_str());

@@ -251,6 +251,9 @@ enum AuditCommand {
         /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
         #[arg(long)]
         db: Option<PathBuf>,
+        /// Print the outcome as JSON (a broken chain still exits 1).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -261,6 +264,9 @@ enum ModelCommand {
         /// Where to put the model file.
         #[arg(long, env = "STRATA_MODEL")]
         dest: Option<PathBuf>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -270,6 +276,10 @@ enum ConfigCommand {
     Check {
         /// File to check (default: --config).
         file: Option<PathBuf>,
+        /// Print `{"file", "ok", "problems": [{"key", "message"}]}`; still
+        /// exits 1 when there are problems.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -374,10 +384,10 @@ fn main() -> Result<()> {
             .init();
     }
     match cli.command {
-        Command::Config(ConfigCommand::Check { file }) => {
-            check_config(file.as_deref().unwrap_or(&cli.config))
+        Command::Config(ConfigCommand::Check { file, json }) => {
+            check_config(file.as_deref().unwrap_or(&cli.config), json)
         }
-        Command::Model(ModelCommand::Fetch { dest }) => fetch_model(dest),
+        Command::Model(ModelCommand::Fetch { dest, json }) => fetch_model(dest, json),
         // The engine's own threads (llama.cpp's) want the cores; its HTTP side
         // needs little, so it gets a single-threaded runtime.
         Command::Engine(args) => tokio::runtime::Builder::new_current_thread()
@@ -409,9 +419,12 @@ fn main() -> Result<()> {
         Command::Tenant(args) => runtime()?.block_on(admin::tenant(args)),
         Command::Key(args) => runtime()?.block_on(admin::key(args)),
         Command::Keys(args) => runtime()?.block_on(admin::keys(args)),
-        Command::Audit(AuditCommand::Verify { db }) => {
+        Command::Audit(AuditCommand::Verify { db, json }) => {
             let config = load_config(&cli.config)?;
-            runtime()?.block_on(admin::verify_audit(&config.store.database(db.as_ref())))
+            runtime()?.block_on(admin::verify_audit(
+                &config.store.database(db.as_ref()),
+                json,
+            ))
         }
         Command::Cost(CostCommand::Report {
             by,
@@ -489,7 +502,11 @@ fn load_config(path: &Path) -> Result<Config> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new("strata.toml") => {
             return Ok(Config::default())
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot read config {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("--config / STRATA_CONFIG: cannot read {}", path.display())
+            })
+        }
     };
     let config =
         Config::from_toml(&text).map_err(|i| anyhow::anyhow!("{}: {i}", path.display()))?;
@@ -501,13 +518,27 @@ fn load_config(path: &Path) -> Result<Config> {
     Ok(config)
 }
 
-fn check_config(path: &Path) -> Result<()> {
+fn check_config(path: &Path, json: bool) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let issues = match Config::from_toml(&text) {
         Ok(c) => c.check(),
         Err(issue) => vec![issue],
     };
+    if json {
+        let problems: Vec<_> = issues
+            .iter()
+            .map(|i| serde_json::json!({"key": i.key, "message": i.message}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"file": path, "ok": issues.is_empty(), "problems": problems})
+        );
+        if !issues.is_empty() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     if issues.is_empty() {
         println!("{}: ok", path.display());
         return Ok(());
@@ -518,13 +549,21 @@ fn check_config(path: &Path) -> Result<()> {
     bail!("{} problem(s) in {}", issues.len(), path.display())
 }
 
-fn fetch_model(dest: Option<PathBuf>) -> Result<()> {
+fn fetch_model(dest: Option<PathBuf>, json: bool) -> Result<()> {
     let source = ModelSource::gemma3_270m();
     let dest = dest.unwrap_or_else(|| default_model_path(&source.file_name));
     let mut bar = progress::Bar::new("strata model fetch");
     let outcome = fetch(&source, &dest, &mut |p| bar.set(p.done, p.stage));
     bar.finish(if outcome.is_ok() { "done" } else { "failed" });
     let outcome = outcome?;
+    if json {
+        let fetched = outcome == Fetched::Downloaded;
+        println!(
+            "{}",
+            serde_json::json!({"path": dest, "sha256": source.sha256, "verified": true, "fetched": fetched})
+        );
+        return Ok(());
+    }
     match outcome {
         Fetched::AlreadyPresent => {
             println!("{} (already present, sha256 verified)", dest.display())

@@ -106,7 +106,8 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     if let Some(i) = issues.first() {
         bail!("config: {}: {}", i.key, i.message);
     }
-    let trace = simulate::trace::load(&args.trace)?;
+    let trace = simulate::trace::load(&args.trace)
+        .with_context(|| format!("--trace {}: cannot load the trace", args.trace.display()))?;
     let trace = simulate::trace::reshape(&trace, args.time_scale, args.rate);
     if trace.is_empty() {
         bail!("the trace has no requests");
