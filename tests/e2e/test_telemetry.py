@@ -51,7 +51,8 @@ def attrs(span):
 
 def test_each_request_is_a_span_at_the_collector():
     collector = Collector()
-    s = Server(replicas=1, tenant="traced", env={
+    # Quiet logs (warn) do not quiet the traces.
+    s = Server(replicas=1, tenant="traced", env={"STRATA_LOG": "warn",
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "strata-e2e"})
     try:
         replica = httpx.get(f"{s.base}/health").json()["replicas"][0]["id"]

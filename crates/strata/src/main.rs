@@ -371,15 +371,23 @@ fn main() -> Result<()> {
     {
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer as _;
         let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Traces keep their own level: quieter logs (`STRATA_LOG=warn`)
+        // do not lose the request spans.
         let otlp = otlp::endpoint_from_env()?.map(|url| {
             let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "strata".into());
-            otlp::layer(url, &service).0
+            otlp::layer(url, &service)
+                .0
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
         });
         tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .with(otlp)
             .init();
     }

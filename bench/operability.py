@@ -1,0 +1,142 @@
+"""What the operators' view costs: the OTLP trace exporter on the request
+path, and the dashboard's data endpoint over a busy hour.
+
+Tracing: wrk drives small chat completions at the nginx stub engine
+(../shared/bench) directly, through a gateway as usual, and through a
+gateway exporting every request's span to a collector (a loopback HTTP
+server that reads and counts what it is sent). Runs alternate, so the
+machine's noise hits all paths alike. The spans the collector received are
+counted against the requests served (the exporter drops rather than waits).
+
+Dashboard: after those runs the traced gateway's ledger holds every request
+of the hour (SQLite); `GET /ui/data?minutes=60` (series and tables of the
+whole hour, the newest 50,000 ledger rows) is timed with a logged-in
+session, and again for a 15-minute window.
+
+Run: .venv/bin/python bench/operability.py
+Needs nginx and wrk (apt-get install nginx-light wrk) and a release build
+(STRATA_BIN, default target/release/strata).
+"""
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+from benchlib import STUB, new_key, port, start_stub, summarize, wait, wrk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
+DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS", "3"))
+
+
+class Collector:
+    """Counts the spans of each OTLP/HTTP JSON export it is sent."""
+
+    def __init__(self):
+        self.spans = 0
+        self.posts = 0
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                collector.posts += 1
+                collector.spans += sum(len(ss["spans"]) for rs in body["resourceSpans"] for ss in rs["scopeSpans"])
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def gateway(d, name, admin_file, env=None):
+    config = os.path.join(d, f"{name}.toml")
+    with open(config, "w") as f:
+        f.write(f'[security]\nadmin_key_file = "{admin_file}"\n[gateway]\nslots_per_replica = 64\n')
+    p = port()
+    proc = subprocess.Popen(
+        [STRATA, "--config", config, "gateway", "--replica", STUB, "--listen", f"127.0.0.1:{p}",
+         "--db", os.path.join(d, f"{name}.db")],
+        env={**os.environ, "STRATA_LOG": "warn", **(env or {})}, cwd=d,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{p}"
+    wait(f"{base}/health")
+    return proc, base
+
+
+def member_key(base, admin):
+    h = {"Authorization": f"Bearer {admin}"}
+    tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, json={"name": "wrk"}).json()["id"]
+    return httpx.post(f"{base}/admin/v1/tenants/{tenant}/keys", headers=h,
+                      json={"name": "wrk", "role": "member"}).json()["key"]
+
+
+def main():
+    d = tempfile.mkdtemp(prefix="strata-bench-ops-")
+    nginx = start_stub(d)
+    admin = new_key()
+    admin_file = os.path.join(d, "admin.key")
+    with open(admin_file, "w") as f:
+        f.write(admin)
+    collector = Collector()
+    procs = []
+    try:
+        plain_proc, plain = gateway(d, "plain", admin_file)
+        traced_proc, traced = gateway(d, "traced", admin_file, {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
+        procs = [plain_proc, traced_proc]
+        keys = {plain: member_key(plain, admin), traced: member_key(traced, admin)}
+        time.sleep(1.5)  # both gateways have seen the stub healthy
+        runs = {"nginx stub, direct": [], "gateway": [], "gateway, spans to OTLP": []}
+        for _ in range(ROUNDS):
+            runs["nginx stub, direct"].append(wrk(f"{STUB}/v1/chat/completions", duration=DURATION))
+            runs["gateway"].append(wrk(f"{plain}/v1/chat/completions", keys[plain], duration=DURATION))
+            runs["gateway, spans to OTLP"].append(wrk(f"{traced}/v1/chat/completions", keys[traced], duration=DURATION))
+        print(json.dumps(runs, indent=1))
+        summary = summarize(runs)
+        a, b = summary["gateway"], summary["gateway, spans to OTLP"]
+        print(f"\nOTLP export: throughput x{b['rps'] / a['rps']:.2f}, p50 {1000 * (b['p50'] - a['p50']):+.0f} us, "
+              f"p99 {1000 * (b['p99'] - a['p99']):+.0f} us")
+        time.sleep(2.5)  # the exporter's last batch
+        metrics = httpx.get(f"{traced}/metrics").text
+        served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith('strata_gateway_requests_total{route="/v1/chat/completions",status="200"}'))
+        print(f"requests served by the traced gateway: {served:.0f}; spans at the collector: {collector.spans} "
+              f"({collector.spans / max(served, 1):.3f} per request) in {collector.posts} exports")
+
+        # The dashboard's data over the hour just loaded into the traced gateway's ledger.
+        time.sleep(2)  # the ledger writer's last batch
+        login = httpx.post(f"{traced}/ui/login", data={"key": admin})
+        jar = {"strata_ui": login.cookies["strata_ui"]}
+        print("\n| /ui/data window | ledger rows in window | median ms | p90 ms | response KiB |")
+        print("|---|---|---|---|---|")
+        for minutes in (60, 15):
+            times, size = [], 0
+            for _ in range(10):
+                t = time.perf_counter()
+                r = httpx.get(f"{traced}/ui/data?minutes={minutes}", cookies=jar, timeout=60)
+                times.append(1000 * (time.perf_counter() - t))
+                r.raise_for_status()
+                size = len(r.content)
+            rows = sum(t["requests"] for t in r.json()["tenants_spend"])
+            times.sort()
+            print(f"| {minutes} min | {rows} | {statistics.median(times):.1f} | {times[8]:.1f} | {size / 1024:.1f} |")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+        nginx.terminate()
+
+
+if __name__ == "__main__":
+    main()
