@@ -277,7 +277,7 @@ struct CreateTenant {
     tag = "admin",
     summary = "Create a tenant (platform admin)",
     request_body = CreateTenant,
-    responses((status = 201, description = "Created", body = crate::openapi::Tenant), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 201, description = "Created", body = crate::openapi::Tenant), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn create_tenant(
@@ -322,7 +322,7 @@ async fn create_tenant(
     path = "/admin/v1/tenants",
     tag = "admin",
     summary = "The tenants the key may see",
-    responses((status = 200, description = "OK", body = crate::openapi::List), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::List), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn list_tenants(
@@ -365,7 +365,7 @@ async fn list_tenants(
     tag = "admin",
     summary = "A tenant",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Tenant), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Tenant), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn show_tenant(
@@ -399,7 +399,7 @@ struct UpdateTenant {
     summary = "Change a tenant's name, isolation, limits or budget",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
     request_body = UpdateTenant,
-    responses((status = 200, description = "OK", body = crate::openapi::Tenant), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Tenant), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn update_tenant(
@@ -446,7 +446,7 @@ async fn update_tenant(
     tag = "admin",
     summary = "Delete a tenant and shred its data key",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn delete_tenant(
@@ -515,7 +515,7 @@ pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRec
     summary = "Create a key (its secret is shown once)",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
     request_body = CreateKey,
-    responses((status = 201, description = "Created", body = crate::openapi::ApiKey), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 201, description = "Created", body = crate::openapi::ApiKey), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn create_key(
@@ -567,7 +567,7 @@ async fn create_key(
     tag = "admin",
     summary = "A tenant's keys (no secrets)",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::List), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::List), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn list_keys(
@@ -593,7 +593,7 @@ async fn list_keys(
     tag = "admin",
     summary = "A key (no secret)",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)"), ("key" = String, Path, description = "A key id (`key_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn show_key(
@@ -621,7 +621,7 @@ async fn show_key(
     tag = "admin",
     summary = "Revoke a key",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)"), ("key" = String, Path, description = "A key id (`key_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn revoke_key(
@@ -673,7 +673,7 @@ fn usage_json(totals: Vec<strata_core::store::UsageTotals>) -> Value {
     tag = "admin",
     summary = "A tenant's usage by model and its month's spend",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Usage), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Usage), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn tenant_usage(
@@ -708,7 +708,7 @@ async fn tenant_usage(
     path = "/admin/v1/usage",
     tag = "admin",
     summary = "Usage by model over all tenants (platform admin)",
-    responses((status = 200, description = "OK", body = crate::openapi::Usage), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Usage), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn all_usage(
@@ -729,7 +729,7 @@ async fn all_usage(
     path = "/admin/v1/audit",
     tag = "admin",
     summary = "The audit trail (a tenant admin sees its tenant's)",
-    responses((status = 200, description = "OK", body = crate::openapi::List), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::List), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn audit(
@@ -759,7 +759,7 @@ async fn audit(
     path = "/admin/v1/kek/rotate",
     tag = "admin",
     summary = "Re-wrap every data key under a new KEK (platform admin)",
-    responses((status = 200, description = "OK", body = Object, description = "`{object: kek, previous_id, id}`"), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = Object, description = "`{object: kek, previous_id, id}`"), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn rotate_kek(
@@ -799,7 +799,7 @@ async fn rotate_kek(
     tag = "admin",
     summary = "Drain a replica: no new requests, sessions kept as snapshots",
     params(("id" = String, Path, description = "A replica id")),
-    responses((status = 200, description = "OK", body = Object, description = "What was drained"), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = Object, description = "What was drained"), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn drain_replica(
@@ -829,7 +829,7 @@ async fn drain_replica(
     tag = "admin",
     summary = "Route to a drained replica again",
     params(("id" = String, Path, description = "A replica id")),
-    responses((status = 200, description = "OK", body = Object), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = Object), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn undrain_replica(
@@ -867,7 +867,7 @@ struct Preempt {
     tag = "admin",
     summary = "Report a preemption notice for a replica",
     params(("id" = String, Path, description = "A replica id")),
-    responses((status = 202, description = "Accepted", body = Object), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 202, description = "Accepted", body = Object), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn preempt_replica(

@@ -99,7 +99,7 @@ async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<StoredConve
     tag = "openai",
     summary = "Create a conversation",
     request_body = NewConversation,
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn create(
@@ -141,7 +141,7 @@ pub(crate) async fn create(
     tag = "openai",
     summary = "A conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show(
@@ -162,7 +162,7 @@ pub(crate) async fn show(
     summary = "Replace a conversation's metadata",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
     request_body = MetadataUpdate,
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn update(
@@ -200,7 +200,7 @@ pub(crate) async fn update(
     tag = "openai",
     summary = "Delete a conversation and its items",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn delete(
@@ -226,7 +226,7 @@ pub(crate) async fn delete(
     tag = "openai",
     summary = "A conversation's items",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)"), crate::openapi::PageParams),
-    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn list_items(
@@ -270,7 +270,7 @@ pub(crate) async fn list_items(
     summary = "Append items to a conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
     request_body = NewItems,
-    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn add_items(
@@ -311,7 +311,7 @@ fn item_not_found(id: &str) -> ApiError {
     tag = "openai",
     summary = "One item of a conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)"), ("item_id" = String, Path, description = "An item id (`msg_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Item), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Item), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show_item(
@@ -340,7 +340,7 @@ pub(crate) async fn show_item(
     tag = "openai",
     summary = "Delete an item; answers the conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)"), ("item_id" = String, Path, description = "An item id (`msg_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn delete_item(

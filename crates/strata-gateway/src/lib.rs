@@ -319,7 +319,7 @@ pub async fn serve(
     });
     tls::serve(
         listener,
-        router(state, admin, auth, dashboard).0,
+        router(state, admin, auth, dashboard),
         acceptor,
         settings.require_tls,
         shutdown,
@@ -488,14 +488,14 @@ async fn follow_capacity(
     }
 }
 
-/// The gateway's routes and the OpenAPI document describing them, both
-/// from the handlers' `#[utoipa::path]` attributes.
+/// The gateway's routes; the OpenAPI document describing them, built from
+/// the same handlers' `#[utoipa::path]` attributes, is kept for `/openapi.json`.
 pub(crate) fn router(
     state: Arc<AppState>,
     admin: Arc<AdminState>,
     auth: Arc<Authenticator>,
     dashboard: Arc<dashboard::Dashboard>,
-) -> (Router, utoipa::openapi::OpenApi) {
+) -> Router {
     use utoipa_axum::routes;
     let authenticated = OpenApiRouter::new()
         .routes(routes!(completions))
@@ -537,10 +537,9 @@ pub(crate) fn router(
         .to_pretty_json()
         .expect("the OpenAPI document serialises");
     state.openapi.set(json).expect("the router is built once");
-    let router = router
+    router
         .fallback(|| async { ApiError::not_found("Unknown route.") })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
-    (router, doc)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
 }
 
 #[utoipa::path(
@@ -549,7 +548,7 @@ pub(crate) fn router(
     tag = "openai",
     summary = "Complete a prompt",
     request_body = strata_core::openai::CompletionRequest,
-    responses((status = 200, description = "The completion, or server-sent events of `text_completion` chunks with `stream`", body = strata_core::openai::Completion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "The completion, or server-sent events of `text_completion` chunks with `stream`", body = strata_core::openai::Completion), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn completions(
@@ -566,7 +565,7 @@ async fn completions(
     tag = "openai",
     summary = "Answer a chat",
     request_body = strata_core::openai::ChatCompletionRequest,
-    responses((status = 200, description = "The chat completion, or server-sent events of `chat.completion.chunk`s with `stream`", body = strata_core::openai::ChatCompletion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "The chat completion, or server-sent events of `chat.completion.chunk`s with `stream`", body = strata_core::openai::ChatCompletion), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn chat_completions(
@@ -583,7 +582,7 @@ async fn chat_completions(
     tag = "openai",
     summary = "List stored chat completions",
     params(("after" = Option<String>, Query, description = "The last id of the previous page"), ("limit" = Option<u32>, Query, description = "1 to 100 (20)")),
-    responses((status = 200, description = "Newest first", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "Newest first", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn list_completions(
@@ -731,7 +730,7 @@ async fn admit(
     path = "/v1/models",
     tag = "openai",
     summary = "List the models this key may use",
-    responses((status = 200, description = "OK", body = strata_core::openai::ModelList), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = strata_core::openai::ModelList), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn models(

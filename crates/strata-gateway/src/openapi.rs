@@ -60,6 +60,18 @@ pub struct ErrorFields {
     pub code: Option<String>,
 }
 
+/// What every keyed route may answer besides its success: OpenAI-shaped errors.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Failures {
+    /// Bad input, no or wrong key, not allowed, not found, rate limited, over budget.
+    #[response(status = "4XX")]
+    Client(ErrorBody),
+    /// No replica, or a replica or the store failed.
+    #[response(status = "5XX")]
+    Server(ErrorBody),
+}
+
 /// `{"id", "object", "deleted": true}` after a delete.
 #[derive(Serialize, ToSchema)]
 pub struct Deleted {

@@ -129,7 +129,7 @@ async fn context(
     tag = "openai",
     summary = "Create a response (a turn)",
     request_body = strata_core::responses::ResponsesRequest,
-    responses((status = 200, description = "The response, or its server-sent events with `stream`", body = crate::openapi::ResponseObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "The response, or its server-sent events with `stream`", body = crate::openapi::ResponseObject), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn create(
@@ -690,7 +690,7 @@ fn sse_data(events: &[u8]) -> Vec<&str> {
     tag = "openai",
     summary = "A stored response",
     params(("id" = String, Path, description = "A response id (`resp_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ResponseObject), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::ResponseObject), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show(
@@ -712,7 +712,7 @@ pub(crate) async fn show(
     tag = "openai",
     summary = "Delete a stored response",
     params(("id" = String, Path, description = "A response id (`resp_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn delete(
@@ -741,7 +741,7 @@ pub(crate) async fn delete(
     tag = "openai",
     summary = "The input items of a stored response",
     params(("id" = String, Path, description = "A response id (`resp_…`)"), crate::openapi::PageParams),
-    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn input_items(

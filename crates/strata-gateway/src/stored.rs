@@ -182,7 +182,7 @@ pub(crate) fn may_change(p: &Principal, what: &str) -> Result<(), ApiError> {
     tag = "openai",
     summary = "A stored chat completion",
     params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
-    responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn show(
@@ -203,7 +203,7 @@ async fn show(
     tag = "openai",
     summary = "The messages of a stored chat completion",
     params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)"), crate::openapi::PageParams),
-    responses((status = 200, description = "OK", body = crate::openapi::Page), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn messages(
@@ -244,7 +244,7 @@ struct Update {
     summary = "Replace a stored completion's metadata",
     params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
     request_body = Update,
-    responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn update(
@@ -289,7 +289,7 @@ async fn update(
     tag = "openai",
     summary = "Delete a stored chat completion",
     params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), (status = "4XX", description = "Bad input, no or wrong key, not allowed, not found, rate limited", body = crate::openapi::ErrorBody), (status = "5XX", description = "Unavailable or failed", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn delete(
