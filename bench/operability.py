@@ -2,9 +2,10 @@
 path, and the dashboard's data endpoint over a busy hour.
 
 Tracing: wrk drives small chat completions at the nginx stub engine
-(../shared/bench) directly, through a gateway as usual, and through a
-gateway exporting every request's span to a collector (a loopback HTTP
-server that reads and counts what it is sent). Runs alternate, so the
+(../shared/bench) directly, through a gateway as usual, through a gateway
+exporting every request's span to a collector (a loopback HTTP server that
+reads and counts what it is sent), and through one sampling a tenth of the
+traces (OTEL_TRACES_SAMPLER=traceidratio, 0.1). Runs alternate, so the
 machine's noise hits all paths alike. The spans the collector received are
 counted against the requests served (the exporter drops rather than waits).
 
@@ -35,7 +36,8 @@ DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS
 
 
 class Collector:
-    """Counts the spans of each OTLP/HTTP JSON export it is sent."""
+    """Counts the spans of each OTLP/HTTP JSON export it is sent (a stand-in
+    for a collector: the real one would run elsewhere)."""
 
     def __init__(self):
         self.spans = 0
@@ -44,9 +46,10 @@ class Collector:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                # Counted, not parsed: the collector should cost the machine little.
+                body = self.rfile.read(int(self.headers["Content-Length"]))
                 collector.posts += 1
-                collector.spans += sum(len(ss["spans"]) for rs in body["resourceSpans"] for ss in rs["scopeSpans"])
+                collector.spans += body.count(b'"spanId"')
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -75,6 +78,13 @@ def gateway(d, name, admin_file, env=None):
     return proc, base
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def member_key(base, admin):
     h = {"Authorization": f"Bearer {admin}"}
     tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, json={"name": "wrk"}).json()["id"]
@@ -94,25 +104,47 @@ def main():
     try:
         plain_proc, plain = gateway(d, "plain", admin_file)
         traced_proc, traced = gateway(d, "traced", admin_file, {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
-        procs = [plain_proc, traced_proc]
-        keys = {plain: member_key(plain, admin), traced: member_key(traced, admin)}
+        sampled_proc, sampled = gateway(d, "sampled", admin_file, {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_TRACES_SAMPLER": "traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1"})
+        procs = [plain_proc, traced_proc, sampled_proc]
+        keys = {base: member_key(base, admin) for base in (plain, traced, sampled)}
         time.sleep(1.5)  # both gateways have seen the stub healthy
-        runs = {"nginx stub, direct": [], "gateway": [], "gateway, spans to OTLP": []}
+        runs = {"nginx stub, direct": [], "gateway": [], "gateway, spans to OTLP": [],
+                "gateway, 10% of spans to OTLP": []}
+        # CPU seconds spent by each gateway (and the collector) over its runs, and requests served.
+        cpu = {"gateway": [0.0, 0], "gateway, spans to OTLP": [0.0, 0], "gateway, 10% of spans to OTLP": [0.0, 0],
+               "collector": [0.0, 0]}
         for _ in range(ROUNDS):
             runs["nginx stub, direct"].append(wrk(f"{STUB}/v1/chat/completions", duration=DURATION))
-            runs["gateway"].append(wrk(f"{plain}/v1/chat/completions", keys[plain], duration=DURATION))
-            runs["gateway, spans to OTLP"].append(wrk(f"{traced}/v1/chat/completions", keys[traced], duration=DURATION))
+            for name, proc, base in (("gateway", plain_proc, plain), ("gateway, spans to OTLP", traced_proc, traced),
+                                     ("gateway, 10% of spans to OTLP", sampled_proc, sampled)):
+                before, collector_before = cpu_seconds(proc.pid), time.process_time()
+                r = wrk(f"{base}/v1/chat/completions", keys[base], duration=DURATION)
+                runs[name].append(r)
+                cpu[name][0] += cpu_seconds(proc.pid) - before
+                cpu[name][1] += int(r["rps"] * float(DURATION.rstrip("s")))
+                if proc is traced_proc:
+                    cpu["collector"][0] += time.process_time() - collector_before
         print(json.dumps(runs, indent=1))
         summary = summarize(runs)
-        a, b = summary["gateway"], summary["gateway, spans to OTLP"]
-        print(f"\nOTLP export: throughput x{b['rps'] / a['rps']:.2f}, p50 {1000 * (b['p50'] - a['p50']):+.0f} us, "
-              f"p99 {1000 * (b['p99'] - a['p99']):+.0f} us")
+        a = summary["gateway"]
+        for name in ("gateway, spans to OTLP", "gateway, 10% of spans to OTLP"):
+            b = summary[name]
+            print(f"\n{name}: throughput x{b['rps'] / a['rps']:.2f}, p50 {1000 * (b['p50'] - a['p50']):+.0f} us, "
+                  f"p99 {1000 * (b['p99'] - a['p99']):+.0f} us")
         time.sleep(2.5)  # the exporter's last batch
         metrics = httpx.get(f"{traced}/metrics").text
         served = sum(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith('strata_gateway_requests_total{route="/v1/chat/completions",status="200"}'))
         print(f"requests served by the traced gateway: {served:.0f}; spans at the collector: {collector.spans} "
               f"({collector.spans / max(served, 1):.3f} per request) in {collector.posts} exports")
+        per = {k: 1e6 * c / max(n, 1) for k, (c, n) in cpu.items() if k != "collector"}
+        print(f"gateway CPU per request: {per['gateway']:.0f} us plain, {per['gateway, spans to OTLP']:.0f} us all "
+              f"traced (x{per['gateway, spans to OTLP'] / per['gateway']:.2f}), "
+              f"{per['gateway, 10% of spans to OTLP']:.0f} us 10% traced "
+              f"(x{per['gateway, 10% of spans to OTLP'] / per['gateway']:.2f}); the loopback collector (this "
+              f"process) used {cpu['collector'][0]:.1f} CPU s over {ROUNDS} x {DURATION} of fully traced load")
 
         # The dashboard's data over the hour just loaded into the traced gateway's ledger.
         time.sleep(2)  # the ledger writer's last batch

@@ -86,3 +86,27 @@ def test_a_bad_endpoint_is_named_at_start():
     out = subprocess.run([STRATA, "status"], capture_output=True, text=True,
                          env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://collector", "RUST_BACKTRACE": "0"})
     assert out.returncode != 0 and "OTEL_EXPORTER_OTLP_ENDPOINT" in out.stderr, out.stderr
+
+
+def test_the_sampler_keeps_a_share_of_the_traces():
+    """OTEL_TRACES_SAMPLER=traceidratio with 0.25: about a quarter of 80
+    requests' spans reach the collector (binomial, mean 20, sd 3.9: 6..36 holds with
+    overwhelming probability: about 1 in 5,000 runs falls outside); a bad ratio is named at start."""
+    collector = Collector()
+    s = Server(replicas=1, tenant="sampled", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    try:
+        with httpx.Client(timeout=60) as c:
+            for _ in range(80):
+                r = c.post(f"{s.base}/v1/completions", headers={"Authorization": f"Bearer {s.key}"},
+                           json={"model": MODEL_ID, "prompt": "a", "max_tokens": 1})
+                assert r.status_code == 200
+        time.sleep(1.5)
+        kept = [sp for _, sp in collector.spans() if sp["name"] == "request" and attrs(sp).get("tenant") == s.tenant["id"]]
+        assert 6 <= len(kept) <= 36, len(kept)
+    finally:
+        s.stop()
+    out = subprocess.run([STRATA, "status"], capture_output=True, text=True, env={
+        **os.environ, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2", "RUST_BACKTRACE": "0"})
+    assert out.returncode != 0 and "OTEL_TRACES_SAMPLER_ARG" in out.stderr, out.stderr

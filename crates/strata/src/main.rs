@@ -376,9 +376,10 @@ fn main() -> Result<()> {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         // Traces keep their own level: quieter logs (`STRATA_LOG=warn`)
         // do not lose the request spans.
+        let ratio = otlp::sampler_from_env()?;
         let otlp = otlp::endpoint_from_env()?.map(|url| {
             let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "strata".into());
-            otlp::layer(url, &service)
+            otlp::layer(url, &service, ratio)
                 .0
                 .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
         });

@@ -2,19 +2,19 @@
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, the whole URL), every closed
 //! span (a gateway request with its tenant, key, model, replica, retries
 //! and status, say) goes to that collector as OTLP/HTTP JSON
-//! (`POST …/v1/traces`), in batches, from a thread of its own. Events
-//! inside a span (a retry's warning) travel as its span events. When the
-//! collector is slow or away, spans beyond a bounded queue are dropped and
-//! counted, never waited for.
+//! (`POST …/v1/traces`), in batches, from a thread of its own that takes
+//! them every 250 ms (closing a span is a push under a lock: no wake-up,
+//! no JSON on the request path). Events inside a span (a retry's warning)
+//! travel as its span events. When the collector is slow or away, spans
+//! beyond a bounded buffer are dropped and counted, never waited for.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
@@ -22,11 +22,37 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
-/// Spans waiting to be sent; more are dropped.
-const QUEUE: usize = 8192;
+/// Spans waiting to be sent (a quarter second of 65,000 a second); more are dropped.
+const QUEUE: usize = 16_384;
 /// Spans per export request.
 const BATCH: usize = 512;
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// The share of traces to keep, from `OTEL_TRACES_SAMPLER` (`always_on`,
+/// `always_off`, `traceidratio` or `parentbased_traceidratio`) and
+/// `OTEL_TRACES_SAMPLER_ARG`; all of them when neither is set.
+pub fn sampler_from_env() -> anyhow::Result<f64> {
+    let sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+    let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+    match sampler.as_str() {
+        "" | "always_on" | "parentbased_always_on" => Ok(1.0),
+        "always_off" | "parentbased_always_off" => Ok(0.0),
+        "traceidratio" | "parentbased_traceidratio" => {
+            match arg.as_deref().map(str::parse::<f64>) {
+                None => Ok(1.0),
+                Some(Ok(r)) if (0.0..=1.0).contains(&r) => Ok(r),
+                _ => anyhow::bail!(
+                    "OTEL_TRACES_SAMPLER_ARG: `{}` is not a ratio from 0 to 1",
+                    arg.unwrap_or_default()
+                ),
+            }
+        }
+        other => anyhow::bail!(
+            "OTEL_TRACES_SAMPLER: `{other}` is not one strata knows (always_on, always_off, \
+             traceidratio, parentbased_traceidratio)"
+        ),
+    }
+}
 
 /// Where to send spans, from OpenTelemetry's standard variables; `None`
 /// when neither is set.
@@ -57,14 +83,19 @@ struct Data {
 }
 
 pub struct OtlpLayer {
-    queue: mpsc::Sender<Value>,
+    buffer: Buffer,
     dropped: Arc<AtomicU64>,
+    /// A trace is kept when its root span's draw is below this (of u64::MAX).
+    keep_below: u64,
 }
+
+/// Marks a span (and so its children) left out by the sampler.
+struct Unsampled;
 
 /// The layer, and the thread that exports what it gathers (it ends when
 /// the layer is dropped, after sending what is left).
-pub fn layer(url: String, service: &str) -> (OtlpLayer, std::thread::JoinHandle<()>) {
-    let (queue, rx) = mpsc::channel(QUEUE);
+pub fn layer(url: String, service: &str, ratio: f64) -> (OtlpLayer, std::thread::JoinHandle<()>) {
+    let buffer = Buffer::default();
     let dropped = Arc::new(AtomicU64::new(0));
     let resource = json!({"attributes": [
         attribute("service.name", json!(service)),
@@ -74,9 +105,20 @@ pub fn layer(url: String, service: &str) -> (OtlpLayer, std::thread::JoinHandle<
     let counter = dropped.clone();
     let thread = std::thread::Builder::new()
         .name("otlp-export".into())
-        .spawn(move || export(url, resource, rx, counter))
+        .spawn({
+            let buffer = buffer.clone();
+            move || export(url, resource, buffer, counter)
+        })
         .expect("a thread can be started");
-    (OtlpLayer { queue, dropped }, thread)
+    let keep_below = (ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+    (
+        OtlpLayer {
+            buffer,
+            dropped,
+            keep_below,
+        },
+        thread,
+    )
 }
 
 fn attribute(key: &str, value: Value) -> Value {
@@ -104,10 +146,29 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Trace and span ids: unique, not secret, so a per-thread generator
+/// seeded once from the OS (splitmix64) rather than a system call per id.
 fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    getrandom::getrandom(&mut b).expect("the OS random source is available");
-    b
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let mut seed = [0u8; 8];
+            getrandom::getrandom(&mut seed).expect("the OS random source is available");
+            u64::from_le_bytes(seed)
+        });
+    }
+    let mut out = [0u8; N];
+    for chunk in out.chunks_mut(8) {
+        let z = STATE.with(|s| {
+            let next = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            s.set(next);
+            let mut z = next;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        });
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+    out
 }
 
 #[derive(Default)]
@@ -141,11 +202,22 @@ where
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        let parent = span.parent().and_then(|p| {
-            p.extensions()
+        let parent = match span.parent() {
+            Some(p) if p.extensions().get::<Unsampled>().is_some() => {
+                span.extensions_mut().insert(Unsampled);
+                return;
+            }
+            Some(p) => p
+                .extensions()
                 .get::<Data>()
-                .map(|d| (d.trace_id, d.span_id))
-        });
+                .map(|d| (d.trace_id, d.span_id)),
+            None => None,
+        };
+        // A trace's root decides for the whole trace.
+        if parent.is_none() && u64::from_le_bytes(random::<8>()) > self.keep_below {
+            span.extensions_mut().insert(Unsampled);
+            return;
+        }
         let mut fields = Fields::default();
         attrs.record(&mut fields);
         span.extensions_mut().insert(Data {
@@ -208,7 +280,32 @@ where
         let Some(data) = span.extensions_mut().remove::<Data>() else {
             return;
         };
-        let meta = span.metadata();
+        let closed = Closed {
+            data,
+            meta: span.metadata(),
+            end_ns: now_ns(),
+        };
+        // A lock held for a push: no wake-up per span; the exporter takes
+        // the whole buffer once a second.
+        let mut buffer = self.buffer.lock().expect("span buffer lock");
+        if buffer.len() < QUEUE {
+            buffer.push(closed);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A closed span, turned into OTLP JSON on the exporter's thread.
+struct Closed {
+    data: Data,
+    meta: &'static tracing::Metadata<'static>,
+    end_ns: u64,
+}
+
+impl Closed {
+    fn into_json(self) -> Value {
+        let Closed { data, meta, end_ns } = self;
         // An HTTP status of 500 or more marks the span an error.
         let failed = data
             .attributes
@@ -227,7 +324,7 @@ where
             // SERVER for the gateway's requests, INTERNAL for the rest.
             "kind": if meta.name() == "request" { 2 } else { 1 },
             "startTimeUnixNano": data.start_ns.to_string(),
-            "endTimeUnixNano": now_ns().to_string(),
+            "endTimeUnixNano": end_ns.to_string(),
             "attributes": attributes,
             "events": data.events,
             "status": {"code": if failed { 2 } else { 0 }},
@@ -235,14 +332,15 @@ where
         if let Some(parent) = data.parent {
             out["parentSpanId"] = json!(hex(&parent));
         }
-        if self.queue.try_send(out).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        out
     }
 }
 
-/// Sends batches until the layer is gone.
-fn export(url: String, resource: Value, mut rx: mpsc::Receiver<Value>, dropped: Arc<AtomicU64>) {
+type Buffer = Arc<Mutex<Vec<Closed>>>;
+
+/// Sends what the layer gathered every 250 ms, in batches, until the
+/// layer is gone (then once more).
+fn export(url: String, resource: Value, buffer: Buffer, dropped: Arc<AtomicU64>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -259,45 +357,39 @@ fn export(url: String, resource: Value, mut rx: mpsc::Receiver<Value>, dropped: 
             .build()
             .expect("a default HTTP client builds");
         let mut failures: HashMap<String, u64> = HashMap::new();
-        let mut open = true;
-        while open {
-            let mut batch = Vec::new();
-            let deadline = tokio::time::sleep(FLUSH_EVERY);
-            tokio::pin!(deadline);
-            while batch.len() < BATCH {
-                tokio::select! {
-                    got = rx.recv() => match got {
-                        Some(span) => batch.push(span),
-                        None => { open = false; break; }
-                    },
-                    _ = &mut deadline => break,
+        loop {
+            tokio::time::sleep(FLUSH_EVERY).await;
+            let last = Arc::strong_count(&buffer) == 1;
+            let spans = std::mem::take(&mut *buffer.lock().expect("span buffer lock"));
+            let mut spans = spans.into_iter().peekable();
+            while spans.peek().is_some() {
+                let batch: Vec<Value> = spans.by_ref().take(BATCH).map(Closed::into_json).collect();
+                let body = json!({"resourceSpans": [{
+                    "resource": resource,
+                    "scopeSpans": [{"scope": {"name": "strata", "version": env!("CARGO_PKG_VERSION")}, "spans": batch}],
+                }]});
+                let sent = client.post(&url).json(&body).send().await;
+                let problem = match sent {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) => Some(format!("the collector answered {}", r.status())),
+                    Err(e) => Some(format!("cannot reach the collector: {e}")),
+                };
+                // Say so once per kind of trouble, not once per batch.
+                if let Some(p) = problem {
+                    let seen = failures.entry(p.clone()).or_default();
+                    if *seen == 0 {
+                        eprintln!("strata: OTLP export to {url} failed ({p}); spans are dropped while it fails");
+                    }
+                    *seen += 1;
                 }
             }
-            if batch.is_empty() {
-                continue;
-            }
-            let body = json!({"resourceSpans": [{
-                "resource": resource,
-                "scopeSpans": [{"scope": {"name": "strata", "version": env!("CARGO_PKG_VERSION")}, "spans": batch}],
-            }]});
-            let sent = client.post(&url).json(&body).send().await;
-            let problem = match sent {
-                Ok(r) if r.status().is_success() => None,
-                Ok(r) => Some(format!("the collector answered {}", r.status())),
-                Err(e) => Some(format!("cannot reach the collector: {e}")),
-            };
-            // Say so once per kind of trouble, not once per batch.
-            if let Some(p) = problem {
-                let seen = failures.entry(p.clone()).or_default();
-                if *seen == 0 {
-                    eprintln!("strata: OTLP export to {url} failed ({p}); spans are dropped while it fails");
-                }
-                *seen += 1;
+            if last {
+                break;
             }
         }
         let lost = dropped.load(Ordering::Relaxed);
         if lost > 0 {
-            eprintln!("strata: {lost} spans were dropped (the OTLP queue was full)");
+            eprintln!("strata: {lost} spans were dropped (the OTLP buffer was full)");
         }
     });
 }
