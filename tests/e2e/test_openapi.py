@@ -71,3 +71,13 @@ def test_every_route_in_the_document_is_served(server):
     # And a route the document does not name is the fallback.
     r = httpx.get(f"{server.base}/v1/nothing-here", headers={"Authorization": f"Bearer {server.admin_key}"})
     assert r.status_code == 404 and r.json()["error"]["message"] == "Unknown route."
+
+
+def test_a_query_or_path_axum_cannot_parse_is_an_openai_shaped_400(server):
+    """Found by Schemathesis: a repeated query field got axum's plain-text 400."""
+    h = {"Authorization": f"Bearer {server.key}"}
+    for url in ("/v1/chat/completions?limit=1&limit=2", "/v1/conversations/x/items?order=asc&order=desc",
+                "/v1/responses/%FF%FE"):
+        r = httpx.get(f"{server.base}{url}", headers=h)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (url, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error", r.text

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Request, State};
+
+use crate::extract::Path as UrlPath;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -673,7 +675,7 @@ fn usage_json(totals: Vec<strata_core::store::UsageTotals>) -> Value {
     tag = "admin",
     summary = "A tenant's usage by model and its month's spend",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Usage), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::openapi::UsageReport), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn tenant_usage(
@@ -708,7 +710,7 @@ async fn tenant_usage(
     path = "/admin/v1/usage",
     tag = "admin",
     summary = "Usage by model over all tenants (platform admin)",
-    responses((status = 200, description = "OK", body = crate::openapi::Usage), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::openapi::UsageReport), crate::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn all_usage(

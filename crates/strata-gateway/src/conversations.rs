@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
+
+use crate::extract::{Path, Query};
 use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod budget;
 mod conversations;
 pub mod dashboard;
+mod extract;
 pub mod fairq;
 pub mod ledger;
 pub mod limits;
@@ -29,7 +30,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
+
+use crate::extract::Query;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};

@@ -168,7 +168,7 @@ pub struct ApiKey {
 
 /// Usage totals by model (and, for one tenant, its month's spend).
 #[derive(Serialize, ToSchema)]
-pub struct Usage {
+pub struct UsageReport {
     pub object: String,
     pub data: Vec<serde_json::Value>,
     pub tenant_id: Option<String>,
