@@ -1,0 +1,108 @@
+"""strata's gateway against the routers users would pick instead, in one
+run: wrk drives small chat completions at the nginx stub engine
+(../shared/bench) directly, through strata's gateway (auth, rate limits,
+budget, fair queue, routing and metering on: a key with limits far above
+the load, a monthly budget, usage written to the ledger), through
+vllm-router and through sglang-router (both from PyPI, round_robin over
+the same one stub). Same load tool, threads and connections; runs
+alternate, so the machine's noise hits all paths alike.
+
+Run:
+  python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install vllm-router sglang-router
+  PEERS_VENV=/work/peers-venv .venv/bin/python bench/peers.py
+Needs nginx and wrk (apt-get install nginx-light wrk) and a release build
+(STRATA_BIN, default target/release/strata). The peers' venv is not part
+of strata; nothing of theirs is committed.
+"""
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import httpx
+from benchlib import STUB, new_key, port, start_stub, summarize, wait, wrk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
+PEERS = os.environ.get("PEERS_VENV", "/work/peers-venv")
+DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS", "3"))
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
+
+
+def start(d, name, argv, ready):
+    log = open(os.path.join(d, f"{name}.log"), "w")
+    proc = subprocess.Popen(argv, cwd=d, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "STRATA_LOG": "warn"})
+    wait(ready)
+    return proc
+
+
+def strata_gateway(d):
+    admin = new_key()
+    with open(os.path.join(d, "admin.key"), "w") as f:
+        f.write(admin)
+    config = os.path.join(d, "strata.toml")
+    with open(config, "w") as f:
+        f.write(f'[security]\nadmin_key_file = "{d}/admin.key"\n[gateway]\nslots_per_replica = 64\n'
+                '[pricing.stub]\nprompt_per_million = 0.1\ncompletion_per_million = 0.2\n')
+    p = port()
+    base = f"http://127.0.0.1:{p}"
+    proc = start(d, "strata", [STRATA, "--config", config, "gateway", "--replica", STUB,
+                               "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")], f"{base}/health")
+    h = {"Authorization": f"Bearer {admin}"}
+    tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, json={
+        "name": "wrk", "requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000,
+        "monthly_budget_usd": 1_000_000.0}).json()["id"]
+    key = httpx.post(f"{base}/admin/v1/tenants/{tenant}/keys", headers=h,
+                     json={"name": "wrk", "role": "member"}).json()["key"]
+    return proc, base, key
+
+
+def main():
+    d = tempfile.mkdtemp(prefix="strata-bench-peers-")
+    nginx = start_stub(d)
+    procs = []
+    try:
+        proc, strata, key = strata_gateway(d)
+        procs.append(proc)
+        vp, sp = port(), port()
+        procs.append(start(d, "vllm-router", [os.path.join(PEERS, "bin", "vllm-router"), "--worker-urls", STUB,
+                                              "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(vp),
+                                              "--log-level", "warning", "--prometheus-host", "127.0.0.1",
+                                              "--prometheus-port", str(port())], f"http://127.0.0.1:{vp}/health"))
+        procs.append(start(d, "sglang-router", [os.path.join(PEERS, "bin", "python"), "-m", "sglang_router.launch_router",
+                                                "--worker-urls", STUB, "--policy", "round_robin", "--host", "127.0.0.1",
+                                                "--port", str(sp), "--log-level", "warn", "--prometheus-host",
+                                                "127.0.0.1", "--prometheus-port", str(port())],
+                                 f"http://127.0.0.1:{sp}/health"))
+        time.sleep(2)  # every router has seen the stub healthy
+        paths = {
+            "nginx stub, direct": (f"{STUB}/v1/chat/completions", None),
+            "strata gateway (auth, limits, budget, metering)": (f"{strata}/v1/chat/completions", key),
+            "vllm-router (round_robin)": (f"http://127.0.0.1:{vp}/v1/chat/completions", None),
+            "sglang-router (round_robin)": (f"http://127.0.0.1:{sp}/v1/chat/completions", None),
+        }
+        runs = {name: [] for name in paths}
+        for _ in range(ROUNDS):
+            for name, (url, k) in paths.items():
+                runs[name].append(wrk(url, k, connections=CONNECTIONS, duration=DURATION))
+        print(json.dumps(runs, indent=1))
+        summary = summarize(runs)
+        s, v, g = (summary[n] for n in list(paths)[1:])
+        print(f"\nstrata / vllm-router: req/s x{s['rps'] / v['rps']:.2f}, p99 x{s['p99'] / v['p99']:.2f}")
+        print(f"strata / sglang-router: req/s x{s['rps'] / g['rps']:.2f}, p99 x{s['p99'] / g['p99']:.2f}")
+        print(f"goal: req/s >= x2.00 and p99 <= x0.50 of vllm-router's")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        nginx.terminate()
+
+
+if __name__ == "__main__":
+    main()
