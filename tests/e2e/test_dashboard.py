@@ -99,6 +99,13 @@ def test_the_login_sets_a_strict_http_only_session_and_a_bad_window_is_a_400(bus
     # Logging out ends the session.
     httpx.post(f"{busy.base}/ui/logout", cookies=jar)
     assert httpx.get(f"{busy.base}/ui/data", cookies=jar).status_code == 401
+    # So does revoking the key it was made with.
+    second = busy.admin("POST", "/admin/v1/tenants/ten_platform/keys", {"name": "ops", "role": "admin"}, expect=201).json()
+    r = httpx.post(f"{busy.base}/ui/login", data={"key": second["key"]})
+    jar = {"strata_ui": r.cookies["strata_ui"]}
+    assert httpx.get(f"{busy.base}/ui/data", cookies=jar).status_code == 200
+    busy.admin("DELETE", f"/admin/v1/tenants/ten_platform/keys/{second['id']}", expect=200)
+    assert httpx.get(f"{busy.base}/ui/data", cookies=jar).status_code == 401
 
 
 def test_the_dashboard_in_chromium_draws_every_chart_from_the_running_server(busy):

@@ -122,8 +122,13 @@ impl Dashboard {
         };
         match self.store.key(&tenant, &key_id).await {
             Ok(Some(k)) if k.is_active(crate::now_ms()) => Some(key_id),
-            _ => {
+            Ok(_) => {
                 self.sessions.lock().expect("sessions lock").remove(&token);
+                None
+            }
+            // The store is away for a moment: refuse now, keep the session.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a dashboard session's key");
                 None
             }
         }
