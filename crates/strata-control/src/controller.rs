@@ -548,6 +548,10 @@ pub async fn run<P: Provider>(
         }
     }
     provider.shutdown().await;
+    if let Some(m) = &metrics {
+        // This copy holds nothing now (a standby, or stopping).
+        m.stopped(&driver.controller.spec.name);
+    }
     Ok(())
 }
 

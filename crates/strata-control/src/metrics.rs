@@ -167,6 +167,17 @@ impl ControllerMetrics {
         }
     }
 
+    /// The pool is no longer run from here: its replica and rate gauges go
+    /// (the counters stay, as counters do).
+    pub fn stopped(&self, pool: &str) {
+        self.replicas.clear();
+        let labels = PoolLabels {
+            pool: pool.to_owned(),
+        };
+        self.desired.get_or_create(&labels).set(0);
+        self.cost_rate.get_or_create(&labels).set(0.0);
+    }
+
     pub fn decided(&self, pool: &str, reason: &str) {
         self.decisions
             .get_or_create(&DecisionLabels {
