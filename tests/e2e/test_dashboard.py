@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -113,15 +114,20 @@ def test_the_dashboard_in_chromium_draws_every_chart_from_the_running_server(bus
     driver = browser()
     try:
         log_in(driver, busy.base, busy.key)
-        assert "Refused" in driver.find_element(By.CLASS_NAME, "refused").text
+        refused = WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.find_elements(By.CLASS_NAME, "refused"))
+        assert "Refused" in refused[0].text
         assert not driver.find_elements(By.ID, "chart-load")
 
         log_in(driver, busy.base, busy.admin_key)
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true")
+        # Asked by script, not through an element: the login's redirect
+        # replaces the page (an element of the old one would be stale).
+        WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.execute_script("return document.body && document.body.dataset.loaded") == "true")
         # Load samples come every 2 s; wait until each chart has drawn points.
         deadline = time.time() + 30
         while True:
-            points = {c: int(driver.find_element(By.ID, c).get_attribute("data-points")) for c in CHARTS}
+            points = {c: int(driver.execute_script(f"return document.getElementById('{c}').dataset.points")) for c in CHARTS}
             if all(points.values()) or time.time() > deadline:
                 break
             time.sleep(1)
