@@ -1,0 +1,203 @@
+"""A kill storm on `strata serve` (issue 9's fault injection, first part):
+three tenants hold conversations through the Responses API (stored turns,
+the real model) while a killer SIGKILLs a random engine replica every
+couple of seconds and, every tenth kill, the `strata serve` process itself
+(gateway and controller; its engines die with it), which is then started
+again on the same port and database. After KILLS kills the load stops and
+the survivors are checked:
+
+- every acknowledged turn (a 200 with a response id) is stored and intact:
+  its response reads back with the same input, and its conversation holds
+  the turn's user item followed by the assistant's;
+- no conversation is half-written: items alternate user, assistant;
+- the ledger balances: per tenant, the requests it records as served (200)
+  cover every acknowledged turn (none answered and left unmetered);
+- the audit chain verifies.
+
+Errors clients saw are counted by kind (a killed gateway drops its
+connections; a killed replica is retried elsewhere before the first byte).
+
+Run: STRATA_BIN=target/debug/strata .venv/bin/python chaos/kill_storm.py
+(KILLS=50 by default; loopback only; it stops by itself.)
+"""
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import httpx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "debug", "strata"))
+KILLS = int(os.environ.get("KILLS", "50"))
+MODEL = "gemma-3-270m-q4_k_m"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+class Serve:
+    def __init__(self, d):
+        self.d, self.port = d, free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.admin = "sk-strata-" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+        with open(os.path.join(d, "admin.key"), "w") as f:
+            f.write(self.admin)
+        self.config = os.path.join(d, "strata.toml")
+        with open(self.config, "w") as f:
+            f.write(f'[security]\nadmin_key_file = "{d}/admin.key"\n[gateway]\nqueue_timeout_secs = 60\n')
+        self.log = open(os.path.join(d, "serve.log"), "a")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [STRATA, "--config", self.config, "serve", "--listen", f"127.0.0.1:{self.port}", "--replicas", "2",
+             "--db", os.path.join(self.d, "strata.db")], cwd=self.d, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "STRATA_LOG": "warn"})
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).json().get("replicas_ready", 0) >= 1:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("strata serve did not come up")
+
+    def admin_call(self, method, path, body=None):
+        return httpx.request(method, f"{self.base}{path}", json=body, timeout=30,
+                             headers={"Authorization": f"Bearer {self.admin}"})
+
+
+def main():
+    d = tempfile.mkdtemp(prefix="strata-chaos-")
+    s = Serve(d)
+    tenants = {}
+    for name in ("alpha", "beta", "gamma"):
+        t = s.admin_call("POST", "/admin/v1/tenants", {"name": name}).json()["id"]
+        key = s.admin_call("POST", f"/admin/v1/tenants/{t}/keys", {"name": name, "role": "member"}).json()["key"]
+        tenants[name] = (t, key)
+    acked = []  # (tenant name, conversation, response id, input)
+    errors = Counter()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load(name):
+        t, key = tenants[name]
+        h = {"Authorization": f"Bearer {key}"}
+        conv = None
+        n = 0
+        with httpx.Client(timeout=90) as c:
+            while not stop.is_set():
+                try:
+                    if conv is None:
+                        conv = c.post(f"{s.base}/v1/conversations", headers=h, json={}).json()["id"]
+                    n += 1
+                    text = f"{name} turn {n}: remember the number {random.randint(0, 10**6)}"
+                    r = c.post(f"{s.base}/v1/responses", headers=h, json={
+                        "model": MODEL, "input": text, "conversation": conv, "max_output_tokens": 4})
+                    if r.status_code == 200:
+                        with lock:
+                            acked.append((name, conv, r.json()["id"], text))
+                    else:
+                        errors[f"http {r.status_code}"] += 1
+                        if n % 7 == 0:
+                            conv = None  # a fresh conversation now and then
+                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    errors[type(e).__name__] += 1
+                    time.sleep(0.2)
+
+    workers = [threading.Thread(target=load, args=(n,), daemon=True) for n in tenants]
+    for w in workers:
+        w.start()
+    kills = Counter()
+    started = time.time()
+    for i in range(1, KILLS + 1):
+        time.sleep(random.uniform(1.0, 3.0))
+        if i % 10 == 0:
+            s.proc.send_signal(signal.SIGKILL)
+            s.proc.wait()
+            kills["strata serve (gateway + controller)"] += 1
+            s.start()
+        else:
+            engines = children(s.proc.pid)
+            if engines:
+                os.kill(random.choice(engines), signal.SIGKILL)
+                kills["engine replica"] += 1
+    stop.set()
+    for w in workers:
+        w.join(timeout=120)
+    elapsed = time.time() - started
+    # Let the last ledger batch land, then check everything as it is stored.
+    time.sleep(2)
+    problems = []
+    by_conv = {}
+    for name, conv, rid, text in acked:
+        by_conv.setdefault((name, conv), []).append(text)
+    for name, conv, rid, text in acked:
+        key = tenants[name][1]
+        r = httpx.get(f"{s.base}/v1/responses/{rid}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        if r.status_code != 200:
+            problems.append(f"acknowledged response {rid} reads {r.status_code}")
+    for (name, conv), texts in by_conv.items():
+        key = tenants[name][1]
+        items, after = [], None
+        while True:
+            q = {"order": "asc", "limit": 100, **({"after": after} if after else {})}
+            page = httpx.get(f"{s.base}/v1/conversations/{conv}/items", params=q,
+                             headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+            items += page["data"]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        roles = [i["role"] for i in items]
+        if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
+            problems.append(f"conversation {conv} is half-written: {roles}")
+        stored = [i["content"][0]["text"] for i in items if i["role"] == "user"]
+        for t in texts:
+            if stored.count(t) != 1:
+                problems.append(f"conversation {conv}: acknowledged turn {t!r} stored {stored.count(t)} times")
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(timeout=60)
+    # The ledger, as stored: served (200) requests per tenant.
+    with sqlite3.connect(os.path.join(d, "strata.db")) as db:
+        served = dict(db.execute("SELECT tenant_id, COUNT(*) FROM usage WHERE status = 200 GROUP BY tenant_id"))
+    metered = {}
+    for name, (t, _) in tenants.items():
+        metered[name] = served.get(t, 0)
+        want = sum(1 for a in acked if a[0] == name)
+        if metered[name] < want:
+            problems.append(f"tenant {name}: {want} acknowledged turns, {metered[name]} metered as served")
+    audit = subprocess.run([STRATA, "--config", s.config, "audit", "verify", "--db", os.path.join(d, "strata.db"),
+                            "--json"], capture_output=True, text=True)
+    if audit.returncode != 0:
+        problems.append(f"audit chain: {audit.stdout or audit.stderr}")
+    report = {
+        "kills": dict(kills), "seconds": round(elapsed, 1), "acknowledged_turns": len(acked),
+        "conversations": len(by_conv), "client_errors": dict(errors), "metered_requests": metered,
+        "audit": json.loads(audit.stdout) if audit.stdout else None, "problems": problems,
+    }
+    print(json.dumps(report, indent=1))
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
