@@ -118,7 +118,11 @@ def main():
                         with lock:
                             acked.append((name, conv, r.json()["id"], text))
                     else:
-                        errors[f"http {r.status_code}"] += 1
+                        try:
+                            why = r.json()["error"]["message"][:80]
+                        except (ValueError, KeyError, TypeError):
+                            why = r.text[:80]
+                        errors[f"http {r.status_code}: {why}"] += 1
                         if n % 7 == 0:
                             conv = None  # a fresh conversation now and then
                 except (httpx.HTTPError, ValueError, KeyError) as e:
