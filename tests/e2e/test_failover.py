@@ -69,3 +69,30 @@ def test_a_stream_survives_its_replica_and_the_conversation_survives_a_restart()
         assert chained.previous_response_id == after.id
     finally:
         s.stop()
+
+
+def test_a_stream_waits_for_a_replica_when_every_replica_dies():
+    """Both replicas killed mid-answer: the turn waits for the controller's
+    replacements and finishes there, without an error event (found by
+    chaos/kill_storm.py: such turns ended in a 502)."""
+    s = Server(replicas=2, tenant="failover-all")
+    try:
+        c = s.client()
+        stream = c.responses.create(input="Tell me a long story about a datacenter.", max_output_tokens=120,
+                                    stream=True, **GREEDY)
+        events, killed = [], False
+        for event in stream:
+            events.append(event)
+            deltas = [e for e in events if e.type == "response.output_text.delta"]
+            if len(deltas) == 5 and not killed:
+                for pid in s.engine_pids():
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+        assert killed, "the answer ended before the replicas could be killed"
+        kinds = [e.type for e in events]
+        assert "error" not in kinds and "response.failed" not in kinds, kinds
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert events[-1].response.output_text == text and c.responses.retrieve(events[-1].response.id).output_text == text
+    finally:
+        s.stop()

@@ -6,7 +6,7 @@
 //! new items in the same transaction.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -40,6 +40,8 @@ const ROUTE: &str = "/v1/responses";
 
 /// Replicas a response may move to after the one serving it fails mid-stream.
 const MAX_RESUMES: u32 = 2;
+/// How long a resumption waits for a replica to take the rest of a turn.
+const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 /// What a stored response keeps: the response object, its own input items,
 /// and the context items before them (so a later `previous_response_id`
@@ -603,12 +605,20 @@ impl Turn {
             request["max_tokens"] = json!(max.saturating_sub(generated).max(1));
         }
         self.forward.body = Bytes::from(request.to_string());
-        match self.state.proxy.open(&self.forward, None).await {
-            Ok((flight, upstream)) if upstream.status().is_success() => {
-                self.flight = flight;
-                Some(upstream)
+        // Every replica may be down at once (the others lost too, or still
+        // starting): wait a while for one rather than fail the turn.
+        let deadline = Instant::now() + RESUME_WAIT;
+        loop {
+            match self.state.proxy.open(&self.forward, None).await {
+                Ok((flight, upstream)) if upstream.status().is_success() => {
+                    self.flight = flight;
+                    return Some(upstream);
+                }
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                _ => return None,
             }
-            _ => None,
         }
     }
 
