@@ -20,12 +20,10 @@ connections; a killed replica is retried elsewhere before the first byte).
 Run: STRATA_BIN=target/debug/strata .venv/bin/python chaos/kill_storm.py
 (KILLS=50 by default; loopback only; it stops by itself.)
 """
-import base64
 import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,27 +35,18 @@ from collections import Counter
 import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
+from conftest import children, free_port, new_key  # noqa: E402  (the e2e tests' helpers)
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "debug", "strata"))
 KILLS = int(os.environ.get("KILLS", "50"))
 MODEL = "gemma-3-270m-q4_k_m"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 class Serve:
     def __init__(self, d):
         self.d, self.port = d, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.admin = "sk-strata-" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+        self.admin = new_key()
         with open(os.path.join(d, "admin.key"), "w") as f:
             f.write(self.admin)
         self.config = os.path.join(d, "strata.toml")
