@@ -7,9 +7,16 @@ vllm-router and through sglang-router (both from PyPI, round_robin over
 the same one stub). Same load tool, threads and connections; runs
 alternate, so the machine's noise hits all paths alike.
 
+Streaming (`--streaming`): one strata engine replica with the real model
+(release build) directly and behind each router; N concurrent streamed
+completions (as ../shared/bench/stream_tokens.py counts them: chunks per
+second over all streams, and mean time to the first token), rounds
+alternating; what a router adds to time to first token and takes from the
+tokens relayed.
+
 Run:
   python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install vllm-router sglang-router
-  PEERS_VENV=/work/peers-venv .venv/bin/python bench/peers.py
+  PEERS_VENV=/work/peers-venv .venv/bin/python bench/peers.py [--streaming]
 Needs nginx and wrk (apt-get install nginx-light wrk) and a release build
 (STRATA_BIN, default target/release/strata). The peers' venv is not part
 of strata; nothing of theirs is committed.
@@ -38,7 +45,7 @@ def start(d, name, argv, ready):
     return proc
 
 
-def strata_gateway(d):
+def strata_gateway(d, replica=STUB):
     admin = new_key()
     with open(os.path.join(d, "admin.key"), "w") as f:
         f.write(admin)
@@ -48,7 +55,7 @@ def strata_gateway(d):
                 '[pricing.stub]\nprompt_per_million = 0.1\ncompletion_per_million = 0.2\n')
     p = port()
     base = f"http://127.0.0.1:{p}"
-    proc = start(d, "strata", [STRATA, "--config", config, "gateway", "--replica", STUB,
+    proc = start(d, "strata", [STRATA, "--config", config, "gateway", "--replica", replica,
                                "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")], f"{base}/health")
     h = {"Authorization": f"Bearer {admin}"}
     tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, json={
@@ -57,6 +64,76 @@ def strata_gateway(d):
     key = httpx.post(f"{base}/admin/v1/tenants/{tenant}/keys", headers=h,
                      json={"name": "wrk", "role": "member"}).json()["key"]
     return proc, base, key
+
+
+def stream_probe(base, key, n, max_tokens=64):
+    """Chunks per second over `n` concurrent streams, and mean seconds to the first."""
+    import concurrent.futures as cf
+    from openai import OpenAI
+    c = OpenAI(base_url=f"{base}/v1", api_key=key or "none", max_retries=0, timeout=600)
+
+    def one(i):
+        t0, first, chunks = time.time(), None, 0
+        for ch in c.completions.create(model="gemma-3-270m-q4_k_m", prompt=f"Story {i}: The history of cloud computing began",
+                                       max_tokens=max_tokens, temperature=0, stream=True):
+            if ch.choices and ch.choices[0].text:
+                chunks += 1
+                first = first if first is not None else time.time() - t0
+        return chunks, first or 0.0
+
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(n) as ex:
+        r = list(ex.map(one, range(n)))
+    wall = time.time() - t0
+    return {"tokens_per_s": sum(x[0] for x in r) / wall, "ttft_s": sum(x[1] for x in r) / n}
+
+
+def streaming():
+    d = tempfile.mkdtemp(prefix="strata-bench-peers-stream-")
+    procs = []
+    try:
+        ep = port()
+        engine = f"http://127.0.0.1:{ep}"
+        procs.append(start(d, "engine", [STRATA, "engine", "--port", str(ep)], f"{engine}/health"))
+        proc, strata, key = strata_gateway(d, replica=engine)
+        procs.append(proc)
+        vp, sp = port(), port()
+        procs.append(start(d, "vllm-router", [os.path.join(PEERS, "bin", "vllm-router"), "--worker-urls", engine,
+                                              "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(vp),
+                                              "--log-level", "warning", "--prometheus-host", "127.0.0.1",
+                                              "--prometheus-port", str(port())], f"http://127.0.0.1:{vp}/health"))
+        procs.append(start(d, "sglang-router", [os.path.join(PEERS, "bin", "python"), "-m", "sglang_router.launch_router",
+                                                "--worker-urls", engine, "--policy", "round_robin", "--host", "127.0.0.1",
+                                                "--port", str(sp), "--log-level", "warn", "--prometheus-host",
+                                                "127.0.0.1", "--prometheus-port", str(port())],
+                         f"http://127.0.0.1:{sp}/health"))
+        time.sleep(2)
+        paths = {"engine, direct": (engine, None), "strata gateway": (strata, key),
+                 "vllm-router": (f"http://127.0.0.1:{vp}", None), "sglang-router": (f"http://127.0.0.1:{sp}", None)}
+        streams = int(os.environ.get("STREAMS", "4"))
+        runs = {name: [] for name in paths}
+        stream_probe(engine, None, streams, 8)  # warm the engine
+        for _ in range(ROUNDS):
+            for name, (base, k) in paths.items():
+                runs[name].append(stream_probe(base, k, streams))
+        print(json.dumps(runs, indent=1))
+        direct = {k: sorted(r[k] for r in runs["engine, direct"])[len(runs["engine, direct"]) // 2]
+                  for k in ("tokens_per_s", "ttft_s")}
+        print(f"\n| path ({streams} streams, 64 tokens each) | tokens/s relayed (median) | x direct | TTFT ms (median) | added ms |")
+        print("|---|---|---|---|---|")
+        for name, rs in runs.items():
+            tps = sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2]
+            ttft = sorted(r["ttft_s"] for r in rs)[len(rs) // 2]
+            print(f"| {name} | {tps:.1f} | x{tps / direct['tokens_per_s']:.2f} | {1000 * ttft:.0f} | "
+                  f"{1000 * (ttft - direct['ttft_s']):+.0f} |")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main():
@@ -105,4 +182,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    streaming() if "--streaming" in sys.argv else main()
