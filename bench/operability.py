@@ -22,45 +22,18 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 from benchlib import STUB, new_key, port, start_stub, summarize, wait, wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
+from conftest import OtlpCollector  # noqa: E402  (the e2e tests' loopback collector)
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
 DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS", "3"))
-
-
-class Collector:
-    """Counts the spans of each OTLP/HTTP JSON export it is sent (a stand-in
-    for a collector: the real one would run elsewhere)."""
-
-    def __init__(self):
-        self.spans = 0
-        self.posts = 0
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                # Counted, not parsed: the collector should cost the machine little.
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                collector.posts += 1
-                collector.spans += body.count(b'"spanId"')
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def gateway(d, name, admin_file, env=None):
@@ -99,7 +72,7 @@ def main():
     admin_file = os.path.join(d, "admin.key")
     with open(admin_file, "w") as f:
         f.write(admin)
-    collector = Collector()
+    collector = OtlpCollector(keep=False)
     procs = []
     try:
         plain_proc, plain = gateway(d, "plain", admin_file)
@@ -137,8 +110,8 @@ def main():
         metrics = httpx.get(f"{traced}/metrics").text
         served = sum(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith('strata_gateway_requests_total{route="/v1/chat/completions",status="200"}'))
-        print(f"requests served by the traced gateway: {served:.0f}; spans at the collector: {collector.spans} "
-              f"({collector.spans / max(served, 1):.3f} per request) in {collector.posts} exports")
+        print(f"requests served by the traced gateway: {served:.0f}; spans at the collector: {collector.span_count} "
+              f"({collector.span_count / max(served, 1):.3f} per request) in {collector.exports} exports")
         per = {k: 1e6 * c / max(n, 1) for k, (c, n) in cpu.items() if k != "collector"}
         print(f"gateway CPU per request: {per['gateway']:.0f} us plain, {per['gateway, spans to OTLP']:.0f} us all "
               f"traced (x{per['gateway, spans to OTLP'] / per['gateway']:.2f}), "

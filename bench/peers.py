@@ -66,6 +66,30 @@ def strata_gateway(d, replica=STUB):
     return proc, base, key
 
 
+def routers(d, worker, procs):
+    """vllm-router and sglang-router, round_robin over `worker`; their base URLs."""
+    vp, sp = port(), port()
+    common = ["--worker-urls", worker, "--policy", "round_robin", "--host", "127.0.0.1",
+              "--prometheus-host", "127.0.0.1"]
+    procs.append(start(d, "vllm-router", [os.path.join(PEERS, "bin", "vllm-router"), *common, "--port", str(vp),
+                                          "--log-level", "warning", "--prometheus-port", str(port())],
+                       f"http://127.0.0.1:{vp}/health"))
+    procs.append(start(d, "sglang-router", [os.path.join(PEERS, "bin", "python"), "-m", "sglang_router.launch_router",
+                                            *common, "--port", str(sp), "--log-level", "warn",
+                                            "--prometheus-port", str(port())], f"http://127.0.0.1:{sp}/health"))
+    return f"http://127.0.0.1:{vp}", f"http://127.0.0.1:{sp}"
+
+
+def stop(procs):
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def stream_probe(base, key, n, max_tokens=64):
     """Chunks per second over `n` concurrent streams, and mean seconds to the first."""
     import concurrent.futures as cf
@@ -97,19 +121,10 @@ def streaming():
         procs.append(start(d, "engine", [STRATA, "engine", "--port", str(ep)], f"{engine}/health"))
         proc, strata, key = strata_gateway(d, replica=engine)
         procs.append(proc)
-        vp, sp = port(), port()
-        procs.append(start(d, "vllm-router", [os.path.join(PEERS, "bin", "vllm-router"), "--worker-urls", engine,
-                                              "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(vp),
-                                              "--log-level", "warning", "--prometheus-host", "127.0.0.1",
-                                              "--prometheus-port", str(port())], f"http://127.0.0.1:{vp}/health"))
-        procs.append(start(d, "sglang-router", [os.path.join(PEERS, "bin", "python"), "-m", "sglang_router.launch_router",
-                                                "--worker-urls", engine, "--policy", "round_robin", "--host", "127.0.0.1",
-                                                "--port", str(sp), "--log-level", "warn", "--prometheus-host",
-                                                "127.0.0.1", "--prometheus-port", str(port())],
-                         f"http://127.0.0.1:{sp}/health"))
+        vllm, sglang = routers(d, engine, procs)
         time.sleep(2)
         paths = {"engine, direct": (engine, None), "strata gateway": (strata, key),
-                 "vllm-router": (f"http://127.0.0.1:{vp}", None), "sglang-router": (f"http://127.0.0.1:{sp}", None)}
+                 "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
         streams = int(os.environ.get("STREAMS", "4"))
         runs = {name: [] for name in paths}
         stream_probe(engine, None, streams, 8)  # warm the engine
@@ -127,13 +142,7 @@ def streaming():
             print(f"| {name} | {tps:.1f} | x{tps / direct['tokens_per_s']:.2f} | {1000 * ttft:.0f} | "
                   f"{1000 * (ttft - direct['ttft_s']):+.0f} |")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 def main():
@@ -143,22 +152,13 @@ def main():
     try:
         proc, strata, key = strata_gateway(d)
         procs.append(proc)
-        vp, sp = port(), port()
-        procs.append(start(d, "vllm-router", [os.path.join(PEERS, "bin", "vllm-router"), "--worker-urls", STUB,
-                                              "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(vp),
-                                              "--log-level", "warning", "--prometheus-host", "127.0.0.1",
-                                              "--prometheus-port", str(port())], f"http://127.0.0.1:{vp}/health"))
-        procs.append(start(d, "sglang-router", [os.path.join(PEERS, "bin", "python"), "-m", "sglang_router.launch_router",
-                                                "--worker-urls", STUB, "--policy", "round_robin", "--host", "127.0.0.1",
-                                                "--port", str(sp), "--log-level", "warn", "--prometheus-host",
-                                                "127.0.0.1", "--prometheus-port", str(port())],
-                                 f"http://127.0.0.1:{sp}/health"))
+        vllm, sglang = routers(d, STUB, procs)
         time.sleep(2)  # every router has seen the stub healthy
         paths = {
             "nginx stub, direct": (f"{STUB}/v1/chat/completions", None),
             "strata gateway (auth, limits, budget, metering)": (f"{strata}/v1/chat/completions", key),
-            "vllm-router (round_robin)": (f"http://127.0.0.1:{vp}/v1/chat/completions", None),
-            "sglang-router (round_robin)": (f"http://127.0.0.1:{sp}/v1/chat/completions", None),
+            "vllm-router (round_robin)": (f"{vllm}/v1/chat/completions", None),
+            "sglang-router (round_robin)": (f"{sglang}/v1/chat/completions", None),
         }
         runs = {name: [] for name in paths}
         for _ in range(ROUNDS):
@@ -171,13 +171,7 @@ def main():
         print(f"strata / sglang-router: req/s x{s['rps'] / g['rps']:.2f}, p99 x{s['p99'] / g['p99']:.2f}")
         print(f"goal: req/s >= x2.00 and p99 <= x0.50 of vllm-router's")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         nginx.terminate()
 
 

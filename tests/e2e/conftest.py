@@ -2,12 +2,15 @@
 once for the session and hands its base URL to the tests, with a platform
 admin key (from a key file in the config) and a member key of a tenant."""
 import base64
+import json
 import os
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -96,6 +99,51 @@ def write_config(d, extra=""):
     with open(config, "w") as f:
         f.write(f'[security]\nadmin_key_file = "{key_file}"\n{extra}')
     return admin_key, config
+
+
+class OtlpCollector:
+    """A loopback OTLP/HTTP collector: counts the spans of every export it
+    is sent (without parsing them: a benchmark's collector should cost the
+    machine little) and, with `keep`, keeps each export's path, content
+    type and JSON body."""
+
+    def __init__(self, keep=True):
+        self.posts, self.exports, self.span_count = [], 0, 0
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector.exports += 1
+                collector.span_count += body.count(b'"spanId"')
+                if keep:
+                    collector.posts.append((self.path, self.headers["Content-Type"], json.loads(body)))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self):
+        """(resource attributes, span) of every kept export."""
+        for _, _, body in self.posts:
+            for rs in body["resourceSpans"]:
+                resource = otlp_attrs(rs["resource"])
+                for ss in rs["scopeSpans"]:
+                    for span in ss["spans"]:
+                        yield resource, span
+
+
+def otlp_attrs(item):
+    """An OTLP item's attributes as a plain dict of their values."""
+    return {a["key"]: next(iter(a["value"].values())) for a in item["attributes"]}
 
 
 class Server:

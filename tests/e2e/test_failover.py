@@ -18,6 +18,27 @@ def served_by(server, response_id):
     return db.execute("SELECT replica FROM responses WHERE id = ?", (response_id,)).fetchone()[0]
 
 
+def stream_through_kills(stream, victims):
+    """Reads a streamed turn, SIGKILLing `victims()` after its fifth delta;
+    asserts the client saw the whole turn without an error event and
+    returns its events and text."""
+    events, killed = [], False
+    for event in stream:
+        events.append(event)
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        if len(deltas) == 5 and not killed:
+            for pid in victims():
+                os.kill(pid, signal.SIGKILL)
+            killed = True
+    assert killed, "the answer ended before the replica could be killed"
+    kinds = [e.type for e in events]
+    assert "error" not in kinds and "response.failed" not in kinds, kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].response.output_text == text and len(text) > 0
+    return events, text
+
+
 def test_a_stream_survives_its_replica_and_the_conversation_survives_a_restart():
     s = Server(replicas=2, tenant="failover")
     try:
@@ -30,20 +51,8 @@ def test_a_stream_survives_its_replica_and_the_conversation_survives_a_restart()
 
         stream = c.responses.create(input="Tell me a long story about a GPU.", conversation=conv.id,
                                     max_output_tokens=120, stream=True, **GREEDY)
-        events, killed = [], False
-        for event in stream:
-            events.append(event)
-            deltas = [e for e in events if e.type == "response.output_text.delta"]
-            if len(deltas) == 5 and not killed:
-                os.kill(victim, signal.SIGKILL)
-                killed = True
-        assert killed, "the answer ended before the replica could be killed"
-        kinds = [e.type for e in events]
-        assert "error" not in kinds and "response.failed" not in kinds, kinds
-        assert kinds[-1] in ("response.completed", "response.incomplete")
-        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        events, text = stream_through_kills(stream, lambda: [victim])
         final = events[-1].response
-        assert final.output_text == text and len(text) > 0
         # Moved: the answer was finished by the other replica.
         assert served_by(s, final.id) != home
         assert final.usage.output_tokens >= 5
@@ -80,19 +89,7 @@ def test_a_stream_waits_for_a_replica_when_every_replica_dies():
         c = s.client()
         stream = c.responses.create(input="Tell me a long story about a datacenter.", max_output_tokens=120,
                                     stream=True, **GREEDY)
-        events, killed = [], False
-        for event in stream:
-            events.append(event)
-            deltas = [e for e in events if e.type == "response.output_text.delta"]
-            if len(deltas) == 5 and not killed:
-                for pid in s.engine_pids():
-                    os.kill(pid, signal.SIGKILL)
-                killed = True
-        assert killed, "the answer ended before the replicas could be killed"
-        kinds = [e.type for e in events]
-        assert "error" not in kinds and "response.failed" not in kinds, kinds
-        assert kinds[-1] in ("response.completed", "response.incomplete")
-        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-        assert events[-1].response.output_text == text and c.responses.retrieve(events[-1].response.id).output_text == text
+        events, text = stream_through_kills(stream, s.engine_pids)
+        assert c.responses.retrieve(events[-1].response.id).output_text == text
     finally:
         s.stop()

@@ -2,55 +2,18 @@
 sends each request's span (tenant, key, model, replica, retries, status) to
 a collector as OTLP/HTTP JSON. The collector here is a small HTTP server
 that keeps what it is sent."""
-import json
 import os
 import re
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-from conftest import MODEL_ID, STRATA, Server
-
-
-class Collector:
-    def __init__(self):
-        self.posts = []
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                collector.posts.append((self.path, self.headers["Content-Type"], json.loads(body)))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def spans(self):
-        for _, _, body in self.posts:
-            for rs in body["resourceSpans"]:
-                resource = attrs(rs["resource"])
-                for ss in rs["scopeSpans"]:
-                    for span in ss["spans"]:
-                        yield resource, span
-
-
-def attrs(span):
-    return {a["key"]: next(iter(a["value"].values())) for a in span["attributes"]}
+from conftest import MODEL_ID, STRATA, OtlpCollector, Server, otlp_attrs
 
 
 def test_each_request_is_a_span_at_the_collector():
-    collector = Collector()
+    collector = OtlpCollector()
     # Quiet logs (warn) do not quiet the traces.
     s = Server(replicas=1, tenant="traced", env={"STRATA_LOG": "warn",
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "strata-e2e"})
@@ -63,7 +26,7 @@ def test_each_request_is_a_span_at_the_collector():
         while wanted is None and time.time() < deadline:
             time.sleep(0.5)
             for resource, span in collector.spans():
-                a = attrs(span)
+                a = otlp_attrs(span)
                 if span["name"] == "request" and a.get("tenant") == s.tenant["id"]:
                     wanted = resource, span, a
         assert wanted, [sp["name"] for _, sp in collector.spans()]
@@ -92,7 +55,7 @@ def test_the_sampler_keeps_a_share_of_the_traces():
     """OTEL_TRACES_SAMPLER=traceidratio with 0.25: about a quarter of 80
     requests' spans reach the collector (binomial, mean 20, sd 3.9: 6..36 holds with
     overwhelming probability: about 1 in 5,000 runs falls outside); a bad ratio is named at start."""
-    collector = Collector()
+    collector = OtlpCollector()
     s = Server(replicas=1, tenant="sampled", env={
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_TRACES_SAMPLER": "traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0.25"})
@@ -103,7 +66,7 @@ def test_the_sampler_keeps_a_share_of_the_traces():
                            json={"model": MODEL_ID, "prompt": "a", "max_tokens": 1})
                 assert r.status_code == 200
         time.sleep(1.5)
-        kept = [sp for _, sp in collector.spans() if sp["name"] == "request" and attrs(sp).get("tenant") == s.tenant["id"]]
+        kept = [sp for _, sp in collector.spans() if sp["name"] == "request" and otlp_attrs(sp).get("tenant") == s.tenant["id"]]
         assert 6 <= len(kept) <= 36, len(kept)
     finally:
         s.stop()

@@ -852,7 +852,7 @@ async fn undrain_replica(
     finish(&*state.store, &p, "replica.undrain", "*", &id, result).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Preempt {
     /// Seconds between the notice and the machine going away.
@@ -869,6 +869,7 @@ struct Preempt {
     tag = "admin",
     summary = "Report a preemption notice for a replica",
     params(("id" = String, Path, description = "A replica id")),
+    request_body(content = Preempt, description = "Optional: no body takes `pool.preemption_notice_secs`"),
     responses((status = 202, description = "Accepted", body = Object), crate::openapi::Failures),
     security(("api_key" = []))
 )]

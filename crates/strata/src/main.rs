@@ -380,7 +380,6 @@ fn main() -> Result<()> {
         let otlp = otlp::endpoint_from_env()?.map(|url| {
             let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "strata".into());
             otlp::layer(url, &service, ratio)
-                .0
                 .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
         });
         tracing_subscriber::registry()

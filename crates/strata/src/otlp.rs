@@ -92,9 +92,9 @@ pub struct OtlpLayer {
 /// Marks a span (and so its children) left out by the sampler.
 struct Unsampled;
 
-/// The layer, and the thread that exports what it gathers (it ends when
-/// the layer is dropped, after sending what is left).
-pub fn layer(url: String, service: &str, ratio: f64) -> (OtlpLayer, std::thread::JoinHandle<()>) {
+/// The layer; a thread of its own exports what it gathers (and ends, after
+/// sending what is left, once the layer is dropped).
+pub fn layer(url: String, service: &str, ratio: f64) -> OtlpLayer {
     let buffer = Buffer::default();
     let dropped = Arc::new(AtomicU64::new(0));
     let resource = json!({"attributes": [
@@ -103,22 +103,18 @@ pub fn layer(url: String, service: &str, ratio: f64) -> (OtlpLayer, std::thread:
         attribute("process.pid", json!(std::process::id())),
     ]});
     let counter = dropped.clone();
-    let thread = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("otlp-export".into())
         .spawn({
             let buffer = buffer.clone();
             move || export(url, resource, buffer, counter)
         })
         .expect("a thread can be started");
-    let keep_below = (ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
-    (
-        OtlpLayer {
-            buffer,
-            dropped,
-            keep_below,
-        },
-        thread,
-    )
+    OtlpLayer {
+        buffer,
+        dropped,
+        keep_below: (ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
+    }
 }
 
 fn attribute(key: &str, value: Value) -> Value {
