@@ -13,6 +13,7 @@ pub mod link;
 pub mod openai;
 pub mod responses;
 pub mod sampling;
+pub mod snapshot;
 pub mod store;
 pub mod template;
 pub mod tenant;

@@ -21,6 +21,13 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "Request body is empty; expected a JSON object.",
         ));
     }
+    // serde would take `[…]` for a struct, field by field in order.
+    if !text.trim_start().starts_with('{') {
+        return Err(ApiError::invalid_request(
+            None,
+            "Request body must be a JSON object.",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -739,6 +746,13 @@ mod tests {
         assert!(e.message.contains("empty"));
         let e = parse_body::<ChatCompletionRequest>(b"{} trailing").unwrap_err();
         assert_eq!(e.status, 400);
+        // serde alone would fill the struct's fields from an array, in order.
+        let e = parse_body::<ChatCompletionRequest>(br#"["m", [{"role":"user","content":"x"}]]"#)
+            .unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (400, "Request body must be a JSON object.")
+        );
     }
 
     #[test]

@@ -26,9 +26,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::batch::{fits, plan_step, SlotView};
 use crate::metrics::EngineMetrics;
 use crate::prefix::PrefixCache;
-use crate::snapshot::Snapshot;
 use crate::stop::StopMatcher;
 use crate::EngineError;
+use strata_core::snapshot::Snapshot;
 
 /// How the engine is sized; see `strata_core::config::EngineConfig`.
 #[derive(Debug, Clone)]

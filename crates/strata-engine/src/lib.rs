@@ -7,7 +7,6 @@ pub mod engine;
 pub mod metrics;
 pub mod prefix;
 pub mod server;
-pub mod snapshot;
 pub mod stop;
 
 pub use engine::{

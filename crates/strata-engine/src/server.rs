@@ -25,8 +25,8 @@ use strata_core::{
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
-use crate::snapshot::{Snapshot, SnapshotError};
 use crate::{CacheTag, Engine, EngineError, EngineSettings, Event};
+use strata_core::snapshot::{frame, Snapshot, SnapshotError};
 
 struct ServerState {
     engine: OnceLock<Arc<Engine>>,
@@ -208,9 +208,7 @@ async fn export_snapshots(State(state): State<Arc<ServerState>>) -> Result<Respo
     let engine = ready_engine(&state)?;
     let mut body = Vec::new();
     for snapshot in engine.export().await? {
-        let bytes = snapshot.encode(engine.fingerprint());
-        body.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        body.extend_from_slice(&bytes);
+        frame(&mut body, &snapshot.encode(engine.fingerprint()));
     }
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }

@@ -251,26 +251,41 @@ fn check_budget(v: Option<f64>) -> Result<(), ApiError> {
     }
 }
 
-async fn body_of<T: serde::de::DeserializeOwned>(
-    state: &AdminState,
-    req: Request,
-) -> Result<T, ApiError> {
-    let body = read_body(req.into_body(), state.max_body_bytes).await?;
-    if body.is_empty() {
-        return parse_body(b"{}");
-    }
-    parse_body(&body)
+/// A body the admin routes take, checked on its own before the route
+/// touches the store: the route and the fuzz target parse it the same way.
+pub(crate) trait AdminBody: serde::de::DeserializeOwned {
+    fn check(&self) -> Result<(), ApiError>;
+}
+
+/// `bytes` as `T`, checked; an empty body is `{}`.
+pub(crate) fn parse_admin<T: AdminBody>(bytes: &[u8]) -> Result<T, ApiError> {
+    let body: T = parse_body(if bytes.is_empty() { b"{}" } else { bytes })?;
+    body.check()?;
+    Ok(body)
+}
+
+async fn body_of<T: AdminBody>(state: &AdminState, req: Request) -> Result<T, ApiError> {
+    parse_admin(&read_body(req.into_body(), state.max_body_bytes).await?)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateTenant {
+pub(crate) struct CreateTenant {
     name: String,
     #[serde(default)]
     isolation: Isolation,
     requests_per_minute: Option<u32>,
     tokens_per_minute: Option<u32>,
     monthly_budget_usd: Option<f64>,
+}
+
+impl AdminBody for CreateTenant {
+    fn check(&self) -> Result<(), ApiError> {
+        check_name(&self.name, "name")?;
+        check_limit(self.requests_per_minute, "requests_per_minute")?;
+        check_limit(self.tokens_per_minute, "tokens_per_minute")?;
+        check_budget(self.monthly_budget_usd)
+    }
 }
 
 #[utoipa::path(
@@ -290,10 +305,6 @@ async fn create_tenant(
     let result = async {
         role_allows(&p, Need::Platform)?;
         let c: CreateTenant = body_of(&state, req).await?;
-        check_name(&c.name, "name")?;
-        check_limit(c.requests_per_minute, "requests_per_minute")?;
-        check_limit(c.tokens_per_minute, "tokens_per_minute")?;
-        check_budget(c.monthly_budget_usd)?;
         let tenant = Tenant {
             id: TenantId::new(),
             name: c.name,
@@ -383,7 +394,7 @@ async fn show_tenant(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateTenant {
+pub(crate) struct UpdateTenant {
     name: Option<String>,
     isolation: Option<Isolation>,
     #[serde(default, deserialize_with = "present")]
@@ -392,6 +403,24 @@ struct UpdateTenant {
     tokens_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     monthly_budget_usd: Option<Option<f64>>,
+}
+
+impl AdminBody for UpdateTenant {
+    fn check(&self) -> Result<(), ApiError> {
+        if let Some(name) = &self.name {
+            check_name(name, "name")?;
+        }
+        if let Some(v) = self.requests_per_minute {
+            check_limit(v, "requests_per_minute")?;
+        }
+        if let Some(v) = self.tokens_per_minute {
+            check_limit(v, "tokens_per_minute")?;
+        }
+        if let Some(v) = self.monthly_budget_usd {
+            check_budget(v)?;
+        }
+        Ok(())
+    }
 }
 
 #[utoipa::path(
@@ -414,22 +443,18 @@ async fn update_tenant(
         let mut t = visible_tenant(&state, &p, &id, Need::Platform).await?;
         let u: UpdateTenant = body_of(&state, req).await?;
         if let Some(name) = u.name {
-            check_name(&name, "name")?;
             t.name = name;
         }
         if let Some(i) = u.isolation {
             t.isolation = i;
         }
         if let Some(v) = u.requests_per_minute {
-            check_limit(v, "requests_per_minute")?;
             t.limits.requests_per_minute = v;
         }
         if let Some(v) = u.tokens_per_minute {
-            check_limit(v, "tokens_per_minute")?;
             t.limits.tokens_per_minute = v;
         }
         if let Some(v) = u.monthly_budget_usd {
-            check_budget(v)?;
             t.monthly_budget_usd = v;
         }
         if !state.store.update_tenant(&t).await.map_err(store_error)? {
@@ -480,7 +505,7 @@ async fn delete_tenant(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+pub(crate) struct CreateKey {
     name: String,
     role: Role,
     models: Option<Vec<String>>,
@@ -488,6 +513,35 @@ struct CreateKey {
     tokens_per_minute: Option<u32>,
     /// Unix seconds; must be in the future.
     expires_at: Option<i64>,
+}
+
+impl AdminBody for CreateKey {
+    fn check(&self) -> Result<(), ApiError> {
+        check_name(&self.name, "name")?;
+        check_limit(self.requests_per_minute, "requests_per_minute")?;
+        check_limit(self.tokens_per_minute, "tokens_per_minute")?;
+        if let Some(models) = &self.models {
+            if models.is_empty()
+                || models.len() > MAX_MODELS
+                || models.iter().any(|m| m.is_empty() || m.len() > 256)
+            {
+                return Err(ApiError::invalid_request(
+                    Some("models"),
+                    format!("`models` must list 1 to {MAX_MODELS} model ids, or be null for all models."),
+                ));
+            }
+        }
+        if self
+            .expires_at
+            .is_some_and(|e| e.saturating_mul(1000) <= crate::now_ms())
+        {
+            return Err(ApiError::invalid_request(
+                Some("expires_at"),
+                "`expires_at` must be in the future (Unix seconds).",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A new random key for `tenant`, stored as a digest; the secret is returned once.
@@ -529,21 +583,6 @@ async fn create_key(
     let result = async {
         let t = visible_tenant(&state, &p, &id, Need::Manage).await?;
         let c: CreateKey = body_of(&state, req).await?;
-        check_name(&c.name, "name")?;
-        check_limit(c.requests_per_minute, "requests_per_minute")?;
-        check_limit(c.tokens_per_minute, "tokens_per_minute")?;
-        if let Some(models) = &c.models {
-            if models.is_empty() || models.len() > MAX_MODELS || models.iter().any(|m| m.is_empty() || m.len() > 256) {
-                return Err(ApiError::invalid_request(
-                    Some("models"),
-                    format!("`models` must list 1 to {MAX_MODELS} model ids, or be null for all models."),
-                ));
-            }
-        }
-        let now = crate::now_ms();
-        if c.expires_at.is_some_and(|e| e.saturating_mul(1000) <= now) {
-            return Err(ApiError::invalid_request(Some("expires_at"), "`expires_at` must be in the future (Unix seconds)."));
-        }
         let (mut record, secret) = new_key_record(&t.id, c.name, c.role);
         record.models = c.models;
         record.limits = RateLimits {
@@ -854,9 +893,23 @@ async fn undrain_replica(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Preempt {
+pub(crate) struct Preempt {
     /// Seconds between the notice and the machine going away.
     notice_secs: Option<f64>,
+}
+
+impl AdminBody for Preempt {
+    fn check(&self) -> Result<(), ApiError> {
+        match self.notice_secs {
+            Some(s) if !s.is_finite() || !(0.0..=3600.0).contains(&s) => {
+                Err(ApiError::invalid_request(
+                    Some("notice_secs"),
+                    "`notice_secs` must be between 0 and 3600.",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `POST /admin/v1/replicas/{id}/preempt` (platform admins): emulates a
@@ -888,18 +941,7 @@ async fn preempt_replica(
                 "This gateway's replicas have no provider here (`strata serve` has one).",
             )
         })?;
-        let notice = match b.notice_secs {
-            None => None,
-            Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => {
-                Some(Duration::from_secs_f64(s))
-            }
-            Some(_) => {
-                return Err(ApiError::invalid_request(
-                    Some("notice_secs"),
-                    "`notice_secs` must be between 0 and 3600.",
-                ))
-            }
-        };
+        let notice = b.notice_secs.map(Duration::from_secs_f64);
         if state.replicas.find(&id).is_none() {
             return Err(ApiError::not_found(format!("No replica with id `{id}`.")));
         }

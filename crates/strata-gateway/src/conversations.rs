@@ -37,7 +37,7 @@ struct NewConversation {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MetadataUpdate {
+pub(crate) struct MetadataUpdate {
     metadata: BTreeMap<String, String>,
 }
 
@@ -77,12 +77,27 @@ fn new_items(values: &[Value]) -> Result<Vec<Item>, ApiError> {
     parse_items(values, "items")
 }
 
-async fn body<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    req: Request,
-) -> Result<T, ApiError> {
-    let bytes = read_body(req.into_body(), state.max_body_bytes).await?;
-    parse_body(&bytes)
+/// A create body, checked: the metadata and the first items.
+pub(crate) fn parse_new(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Vec<Item>), ApiError> {
+    let new: NewConversation = parse_body(bytes)?;
+    let metadata = new.metadata.unwrap_or_default();
+    check_metadata(&metadata)?;
+    Ok((
+        metadata,
+        new_items(new.items.as_deref().unwrap_or_default())?,
+    ))
+}
+
+/// An update body, checked: the new metadata.
+pub(crate) fn parse_update(bytes: &[u8]) -> Result<BTreeMap<String, String>, ApiError> {
+    let u: MetadataUpdate = parse_body(bytes)?;
+    check_metadata(&u.metadata)?;
+    Ok(u.metadata)
+}
+
+/// An items body, checked.
+pub(crate) fn parse_new_items(bytes: &[u8]) -> Result<Vec<Item>, ApiError> {
+    new_items(&parse_body::<NewItems>(bytes)?.items)
 }
 
 async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<StoredConversation, ApiError> {
@@ -112,10 +127,8 @@ pub(crate) async fn create(
     let id = new_id("conv");
     let result = async {
         may_change(&p, "create conversations")?;
-        let new: NewConversation = body(&state, req).await?;
-        let metadata = new.metadata.unwrap_or_default();
-        check_metadata(&metadata)?;
-        let items = new_items(new.items.as_deref().unwrap_or_default())?;
+        let (metadata, items) =
+            parse_new(&read_body(req.into_body(), state.max_body_bytes).await?)?;
         let now = crate::now_ms();
         let conversation = StoredConversation {
             id: id.clone(),
@@ -175,11 +188,10 @@ pub(crate) async fn update(
 ) -> Response {
     let result = async {
         may_change(&p, "change conversations")?;
-        let u: MetadataUpdate = body(&state, req).await?;
-        check_metadata(&u.metadata)?;
+        let metadata = parse_update(&read_body(req.into_body(), state.max_body_bytes).await?)?;
         let mut c = fetch(&*state.store, &p, &id).await?;
         c.content =
-            serde_json::to_vec(&json!({"metadata": u.metadata})).expect("JSON values serialise");
+            serde_json::to_vec(&json!({"metadata": metadata})).expect("JSON values serialise");
         if !state
             .store
             .update_conversation(&p.tenant.id, &c)
@@ -283,8 +295,7 @@ pub(crate) async fn add_items(
 ) -> Response {
     let result = async {
         may_change(&p, "change conversations")?;
-        let new: NewItems = body(&state, req).await?;
-        let items = new_items(&new.items)?;
+        let items = parse_new_items(&read_body(req.into_body(), state.max_body_bytes).await?)?;
         let now = crate::now_ms();
         let stored: Vec<StoredItem> = items.iter().map(|i| stored_item(i, now)).collect();
         if !state

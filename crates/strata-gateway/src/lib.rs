@@ -12,6 +12,8 @@ mod conversations;
 pub mod dashboard;
 mod extract;
 pub mod fairq;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

@@ -18,7 +18,7 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use strata_core::openai::{parse_body, ChatCompletionRequest, Usage};
+use strata_core::openai::{parse_body, ChatCompletionRequest, Generation, Usage};
 use strata_core::responses::{
     chat_messages, new_id, response_object, EventWriter, Item, ItemRole, Outcome, PageQuery,
     ResponseMeta, ResponsesRequest, TurnRequest,
@@ -150,6 +150,27 @@ pub(crate) async fn create(
     response
 }
 
+/// The chat request a turn becomes for the replica, with `items` (the
+/// stored context, then the new input), checked as any chat request is
+/// (model name, sampling bounds).
+pub(crate) fn chat_request(
+    turn: &TurnRequest,
+    items: &[Item],
+) -> Result<(Value, Bytes, Generation), ApiError> {
+    let request = json!({
+        "model": turn.model,
+        "messages": chat_messages(turn.instructions.as_deref(), items),
+        "max_tokens": turn.max_output_tokens,
+        "temperature": turn.temperature,
+        "top_p": turn.top_p,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let chat = Bytes::from(request.to_string());
+    let generation = parse_body::<ChatCompletionRequest>(&chat)?.validate()?;
+    Ok((request, chat, generation))
+}
+
 async fn start(
     state: Arc<AppState>,
     p: Arc<Principal>,
@@ -161,18 +182,7 @@ async fn start(
     let (context, replica) = context(&*state.store, &p, &turn).await?;
     let mut items = context.clone();
     items.extend(turn.input.iter().cloned());
-    let request = json!({
-        "model": turn.model,
-        "messages": chat_messages(turn.instructions.as_deref(), &items),
-        "max_tokens": turn.max_output_tokens,
-        "temperature": turn.temperature,
-        "top_p": turn.top_p,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    let chat = Bytes::from(request.to_string());
-    // The same checks as a chat request (model name, sampling bounds).
-    let generation = parse_body::<ChatCompletionRequest>(&chat)?.validate()?;
+    let (request, chat, generation) = chat_request(&turn, &items)?;
     let request_id = new_id("req");
     let span = crate::request_span(&request_id, &p, &generation, ROUTE);
     let (charge, estimated_tokens) = crate::admit(&state, &p, &generation, chat.len())
@@ -685,7 +695,7 @@ pub(crate) fn stored_item(item: &Item, at_ms: i64) -> StoredItem {
 }
 
 /// The `data:` payloads of complete SSE events.
-fn sse_data(events: &[u8]) -> Vec<&str> {
+pub(crate) fn sse_data(events: &[u8]) -> Vec<&str> {
     std::str::from_utf8(events)
         .unwrap_or_default()
         .lines()

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use strata_core::snapshot::{frames, Snapshot};
 use strata_core::store::Store;
 use strata_core::tenant::TenantId;
 use strata_core::{ApiError, KV_EXPORT_PATH, KV_IMPORT_PATH};
@@ -143,7 +144,7 @@ impl Snapshots {
             bytes: 0,
         };
         for bytes in frames(&body) {
-            let Some((tenant, session)) = header_ids(bytes) else {
+            let Ok((tenant, session)) = Snapshot::ids(bytes) else {
                 continue;
             };
             match self.save(&tenant, &session, bytes).await {
@@ -205,32 +206,6 @@ async fn export(client: &reqwest::Client, replica: &Replica) -> Result<bytes::By
     r.bytes().await.map_err(|e| failed(e.to_string()))
 }
 
-/// The snapshots in an export body: each a u64 LE length and its bytes.
-fn frames(mut body: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    while body.len() >= 8 {
-        let len = u64::from_le_bytes(body[..8].try_into().expect("eight bytes")) as usize;
-        let rest = &body[8..];
-        if rest.len() < len {
-            break;
-        }
-        out.push(&rest[..len]);
-        body = &rest[len..];
-    }
-    out
-}
-
-/// Scope (tenant) and session from an encoded snapshot's header.
-fn header_ids(bytes: &[u8]) -> Option<(String, String)> {
-    let rest = bytes.strip_prefix(b"SKV1")?;
-    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(rest.get(4..4 + len)?).ok()?;
-    Some((
-        header["scope"].as_str()?.to_owned(),
-        header["session"].as_str()?.to_owned(),
-    ))
-}
-
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("snapshot paths have a directory");
     std::fs::create_dir_all(dir)?;
@@ -242,18 +217,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frames_split_an_export_and_stop_at_a_torn_end() {
-        let mut body = Vec::new();
-        for part in [&b"one"[..], b"second"] {
-            body.extend_from_slice(&(part.len() as u64).to_le_bytes());
-            body.extend_from_slice(part);
-        }
-        assert_eq!(frames(&body), vec![&b"one"[..], b"second"]);
-        assert_eq!(frames(&body[..body.len() - 1]), vec![&b"one"[..]]);
-        assert!(frames(&[]).is_empty());
-    }
 
     #[test]
     fn only_gateway_made_ids_become_paths() {

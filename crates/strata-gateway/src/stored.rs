@@ -14,7 +14,6 @@ use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use strata_core::openai::{check_metadata, parse_body};
 use strata_core::responses::{list_page, page_limit};
 use strata_core::store::{Store, StoreError, StoredCompletion};
 use strata_core::{read_body, ApiError};
@@ -230,12 +229,6 @@ async fn messages(
     answer(&*store, &p, "completion.messages", &id, result).await
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct Update {
-    metadata: BTreeMap<String, String>,
-}
-
 /// `POST /v1/chat/completions/{id}`: replaces the metadata, the one part of a
 /// stored completion OpenAI lets a caller change.
 #[utoipa::path(
@@ -245,7 +238,7 @@ struct Update {
     tag = "openai",
     summary = "Replace a stored completion's metadata",
     params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)")),
-    request_body = Update,
+    request_body = crate::conversations::MetadataUpdate,
     responses((status = 200, description = "OK", body = strata_core::openai::ChatCompletion), crate::openapi::Failures),
     security(("api_key" = []))
 )]
@@ -259,15 +252,14 @@ async fn update(
         may_change(&p, "change stored completions")?;
         // Sixteen pairs of at most 64 + 512 characters fit many times over.
         let body = read_body(req.into_body(), 64 * 1024).await?;
-        let u: Update = parse_body(&body)?;
-        check_metadata(&u.metadata)?;
+        let metadata = crate::conversations::parse_update(&body)?;
         let stored = store
             .completion(&p.tenant.id, &id)
             .await
             .map_err(store_error)?
             .ok_or_else(|| not_found(&id))?;
         let mut doc = content(&stored)?;
-        doc["completion"]["metadata"] = json!(u.metadata);
+        doc["completion"]["metadata"] = json!(metadata);
         store
             .put_completion(
                 &p.tenant.id,

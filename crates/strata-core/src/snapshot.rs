@@ -5,7 +5,8 @@
 //! its bytes reach llama.cpp.
 //!
 //! Layout: `SKV1`, header length (u32 LE), header JSON, the tokens (i32 LE
-//! each), then llama.cpp's per-sequence state.
+//! each), then llama.cpp's per-sequence state. An export of many snapshots
+//! frames each with its length (u64 LE): [`frame`] and [`frames`].
 
 use serde::{Deserialize, Serialize};
 
@@ -60,14 +61,16 @@ impl Snapshot {
         out
     }
 
+    /// Scope and session from the header alone, without reading the cells
+    /// (the gateway files a snapshot under them).
+    pub fn ids(bytes: &[u8]) -> Result<(String, String), SnapshotError> {
+        let (header, _) = header(bytes)?;
+        Ok((header.scope, header.session))
+    }
+
     /// Parses `bytes` and checks they come from an engine with `fingerprint`.
     pub fn decode(bytes: &[u8], fingerprint: &str) -> Result<Snapshot, SnapshotError> {
-        let rest = bytes.strip_prefix(MAGIC).ok_or(SnapshotError::Malformed)?;
-        let (len, rest) = split(rest, 4)?;
-        let len = u32::from_le_bytes(len.try_into().expect("four bytes")) as usize;
-        let (header, rest) = split(rest, len)?;
-        let header: Header =
-            serde_json::from_slice(header).map_err(|_| SnapshotError::Malformed)?;
+        let (header, rest) = header(bytes)?;
         if header.fingerprint != fingerprint {
             return Err(SnapshotError::Mismatch(header.fingerprint));
         }
@@ -91,6 +94,35 @@ impl Snapshot {
             state: state.to_vec(),
         })
     }
+}
+
+fn header(bytes: &[u8]) -> Result<(Header, &[u8]), SnapshotError> {
+    let rest = bytes.strip_prefix(MAGIC).ok_or(SnapshotError::Malformed)?;
+    let (len, rest) = split(rest, 4)?;
+    let len = u32::from_le_bytes(len.try_into().expect("four bytes")) as usize;
+    let (header, rest) = split(rest, len)?;
+    let header = serde_json::from_slice(header).map_err(|_| SnapshotError::Malformed)?;
+    Ok((header, rest))
+}
+
+/// Appends one encoded snapshot to an export body.
+pub fn frame(body: &mut Vec<u8>, snapshot: &[u8]) {
+    body.extend_from_slice(&(snapshot.len() as u64).to_le_bytes());
+    body.extend_from_slice(snapshot);
+}
+
+/// The encoded snapshots in an export body; a torn end is left out.
+pub fn frames(mut body: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while let Some((len, rest)) = body.split_first_chunk::<8>() {
+        let len = u64::from_le_bytes(*len);
+        let Some(part) = usize::try_from(len).ok().and_then(|n| rest.get(..n)) else {
+            break;
+        };
+        out.push(part);
+        body = &rest[part.len()..];
+    }
+    out
 }
 
 fn split(bytes: &[u8], n: usize) -> Result<(&[u8], &[u8]), SnapshotError> {
@@ -143,6 +175,35 @@ mod tests {
             Snapshot::decode(b"GGUF....", "f"),
             Err(SnapshotError::Malformed)
         );
+    }
+
+    #[test]
+    fn ids_come_from_the_header_alone() {
+        let bytes = snap().encode("f");
+        assert_eq!(
+            Snapshot::ids(&bytes[..40]),
+            Err(SnapshotError::Malformed),
+            "the header is cut"
+        );
+        let header_end = 8 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        assert_eq!(
+            Snapshot::ids(&bytes[..header_end]),
+            Ok(("ten_a".into(), "conv_1".into()))
+        );
+    }
+
+    #[test]
+    fn frames_split_an_export_and_stop_at_a_torn_end() {
+        let mut body = Vec::new();
+        for part in [&b"one"[..], b"second", b""] {
+            frame(&mut body, part);
+        }
+        assert_eq!(frames(&body), vec![&b"one"[..], b"second", b""]);
+        assert_eq!(frames(&body[..body.len() - 9]), vec![&b"one"[..]]);
+        assert!(frames(&[]).is_empty());
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"x");
+        assert!(frames(&huge).is_empty());
     }
 
     proptest! {

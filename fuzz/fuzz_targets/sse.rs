@@ -1,0 +1,5 @@
+#![no_main]
+
+use strata_gateway::fuzzing::Target;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| Target::Sse.run(data));
