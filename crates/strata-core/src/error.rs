@@ -12,7 +12,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
-    /// Seconds for `Retry-After` on a 429 (1 when not set).
+    /// Seconds for `Retry-After`: sent on a 429 (1 when not set) and on any
+    /// other status that sets it.
     pub retry_after_secs: Option<u64>,
 }
 
@@ -44,6 +45,11 @@ impl ApiError {
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs.max(1));
         self
     }
 
@@ -174,7 +180,7 @@ impl axum_core::response::IntoResponse for ApiError {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        if status == http::StatusCode::TOO_MANY_REQUESTS {
+        if status == http::StatusCode::TOO_MANY_REQUESTS || self.retry_after_secs.is_some() {
             response.headers_mut().insert(
                 http::header::RETRY_AFTER,
                 http::HeaderValue::from(self.retry_after_secs.unwrap_or(1)),

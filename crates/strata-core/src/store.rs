@@ -22,6 +22,13 @@ pub enum StoreError {
     /// Sealing or opening tenant content failed (no data key, tampering).
     #[error("tenant content cannot be sealed or opened: {0}")]
     Crypto(String),
+    /// The database cannot be reached (restarting, network, pool timeout):
+    /// the operation did not happen; retrying later may succeed.
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
+    /// The database's disk is full: nothing was written.
+    #[error("the database's disk is full: {0}")]
+    Full(String),
 }
 
 /// One served request, as metered by the gateway.

@@ -64,6 +64,22 @@ const MAX_LIMIT: u32 = 1_000_000_000;
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Conflict(what) => ApiError::conflict(format!("{what} already exists.")),
+        StoreError::Unavailable(_) => {
+            tracing::warn!(error = %e, "store unavailable");
+            ApiError::unavailable(
+                "The database is unreachable; the request was not carried out. Retry shortly.",
+            )
+            .with_code("store_unavailable")
+            .with_retry_after(2)
+        }
+        StoreError::Full(_) => {
+            tracing::error!(error = %e, "store full");
+            ApiError::unavailable(
+                "The database's disk is full; nothing was written. Retry once space is freed.",
+            )
+            .with_code("storage_full")
+            .with_retry_after(30)
+        }
         other => {
             tracing::error!(error = %other, "store error");
             ApiError::internal("The store failed; retry shortly.")

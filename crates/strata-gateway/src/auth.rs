@@ -84,10 +84,7 @@ impl Authenticator {
             .store
             .keys_by_lookup(digest_lookup(&digest))
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "key lookup failed");
-                ApiError::internal("Authentication is unavailable; retry shortly.")
-            })?;
+            .map_err(crate::admin::store_error)?;
         let key = candidates
             .into_iter()
             .find(|k| bool::from(k.digest.ct_eq(&digest)))
@@ -96,10 +93,7 @@ impl Authenticator {
             .store
             .tenant(&key.tenant_id)
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "tenant lookup failed");
-                ApiError::internal("Authentication is unavailable; retry shortly.")
-            })?
+            .map_err(crate::admin::store_error)?
             .ok_or_else(ApiError::unauthorized)?;
         let principal = Arc::new(Principal { key, tenant });
         self.cache

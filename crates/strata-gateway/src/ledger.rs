@@ -84,20 +84,57 @@ impl Ledger {
     }
 }
 
+/// Rows held for a store that is failing (PostgreSQL restarting, a full
+/// disk) before new ones are dropped and counted.
+const MAX_HELD: usize = 100_000;
+/// How long a stopping gateway keeps retrying rows the store refuses.
+const FINAL_RETRIES: Duration = Duration::from_secs(10);
+
 async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<UsageRecord>) {
     let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        // Let a burst gather into one transaction.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        while batch.len() < 1024 {
+    let mut backoff = Duration::ZERO;
+    let mut closed_at: Option<tokio::time::Instant> = None;
+    loop {
+        if batch.is_empty() {
+            if rx.recv_many(&mut batch, 256).await == 0 {
+                return;
+            }
+            // Let a burst gather into one transaction.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // While the store fails, rows gather here rather than in the channel.
+        let cap = if backoff.is_zero() { 1024 } else { MAX_HELD };
+        while batch.len() < cap {
             match rx.try_recv() {
                 Ok(row) => batch.push(row),
                 Err(_) => break,
             }
         }
-        if let Err(e) = store.record_usage(&batch).await {
-            tracing::warn!(error = %e, rows = batch.len(), "cannot write usage rows");
+        if rx.is_closed() {
+            closed_at.get_or_insert_with(tokio::time::Instant::now);
         }
-        batch.clear();
+        // A retried batch may have been written already (its commit's
+        // answer lost): rows are keyed by request id, so it counts once.
+        match store.record_usage(&batch).await {
+            Ok(()) => {
+                if !backoff.is_zero() {
+                    tracing::info!(
+                        rows = batch.len(),
+                        "usage rows written after the store recovered"
+                    );
+                }
+                backoff = Duration::ZERO;
+                batch.clear();
+            }
+            Err(e) if closed_at.is_some_and(|t| t.elapsed() > FINAL_RETRIES) => {
+                tracing::error!(error = %e, rows = batch.len(), "stopping with usage rows the store refused; they are lost");
+                return;
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
+                tracing::warn!(error = %e, rows = batch.len(), retry_in_ms = backoff.as_millis() as u64, "cannot write usage rows; keeping them to retry");
+                tokio::time::sleep(backoff).await;
+            }
+        }
     }
 }

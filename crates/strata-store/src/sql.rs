@@ -47,8 +47,30 @@ pub struct SqlStore {
     pub(crate) items_lock: tokio::sync::Mutex<()>,
 }
 
+/// Sorts a driver error into what the gateway tells clients: a database
+/// that is away or a full disk is a temporary 503, anything else a failure.
 pub(crate) fn query_err(e: sqlx::Error) -> StoreError {
-    StoreError::Query(e.to_string())
+    let message = e.to_string();
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(message),
+        sqlx::Error::Database(db) => match db.code().as_deref().unwrap_or_default() {
+            // PostgreSQL disk_full; SQLite's SQLITE_FULL (extended codes
+            // keep the primary code in the low byte).
+            "53100" => StoreError::Full(message),
+            code if code.parse::<u32>().is_ok_and(|c| c & 0xff == 13) => StoreError::Full(message),
+            // PostgreSQL connection_exception and operator intervention
+            // (admin_shutdown, crash_shutdown, cannot_connect_now).
+            code if code.starts_with("08") || code.starts_with("57P") => {
+                StoreError::Unavailable(message)
+            }
+            _ => StoreError::Query(message),
+        },
+        _ => StoreError::Query(message),
+    }
 }
 
 impl SqlStore {
@@ -133,6 +155,9 @@ impl SqlStore {
         let options: AnyConnectOptions = url.parse()?;
         AnyPoolOptions::new()
             .max_connections(if dialect == Dialect::Sqlite { 4 } else { 8 })
+            // A database that is away answers in seconds (a clear 503), not
+            // sqlx's default 30 s of waiting for a connection.
+            .acquire_timeout(std::time::Duration::from_secs(5))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
@@ -1147,5 +1172,26 @@ impl DecisionStore for SqlStore {
                 inputs: r.get("inputs"),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_errors_sort_into_what_clients_are_told() {
+        // A database that is away (the e2e store-fault tests see these from
+        // a stopped PostgreSQL and a full disk under SQLite).
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            assert!(matches!(query_err(e), StoreError::Unavailable(_)));
+        }
+        assert!(matches!(
+            query_err(sqlx::Error::RowNotFound),
+            StoreError::Query(_)
+        ));
     }
 }
