@@ -109,6 +109,7 @@ pub struct SamplingFields {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompletionRequest {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub model: String,
     pub prompt: Prompt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,7 +125,9 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionRequest {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub model: String,
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub messages: Vec<ChatMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<i64>,

@@ -16,6 +16,7 @@ use crate::ApiError;
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResponsesRequest {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub model: String,
     pub input: Input,
     #[serde(default)]
@@ -27,6 +28,7 @@ pub struct ResponsesRequest {
     #[serde(default)]
     pub store: Option<bool>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4294967295_i64))]
     pub max_output_tokens: Option<i64>,
     #[serde(default)]
     pub temperature: Option<f64>,
@@ -36,7 +38,9 @@ pub struct ResponsesRequest {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub stream: bool,
+    /// Not supported: absent or empty.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 0))]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
     pub background: Option<bool>,
@@ -47,7 +51,57 @@ pub struct ResponsesRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Input {
     Text(String),
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<InputItem>))]
     Items(Vec<Value>),
+}
+
+/// The one item shape strata takes (a message); for the OpenAPI document
+/// only: `parse_items` reads items from JSON values with the same rules.
+#[cfg(feature = "openapi")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct InputItem {
+    #[serde(rename = "type")]
+    #[schema(nullable = false)]
+    kind: Option<InputItemType>,
+    role: ItemRole,
+    content: InputContent,
+}
+
+#[cfg(feature = "openapi")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum InputItemType {
+    Message,
+}
+
+#[cfg(feature = "openapi")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum InputContent {
+    Text(String),
+    Parts(Vec<InputPart>),
+}
+
+#[cfg(feature = "openapi")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+struct InputPart {
+    #[serde(rename = "type")]
+    kind: InputPartType,
+    text: String,
+}
+
+#[cfg(feature = "openapi")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum InputPartType {
+    InputText,
+    OutputText,
+    Text,
 }
 
 /// `conversation`: an id, or an object holding one.
@@ -148,7 +202,9 @@ impl ResponsesRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ItemRole {
     User,
     Assistant,

@@ -287,11 +287,15 @@ async fn body_of<T: AdminBody>(state: &AdminState, req: Request) -> Result<T, Ap
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateTenant {
+    #[schema(value_type = crate::openapi::Name)]
     name: String,
     #[serde(default)]
     isolation: Isolation,
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     requests_per_minute: Option<u32>,
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<u32>,
+    #[schema(minimum = 0, maximum = 1e9)]
     monthly_budget_usd: Option<f64>,
 }
 
@@ -411,13 +415,17 @@ async fn show_tenant(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateTenant {
+    #[schema(value_type = Option<crate::openapi::Name>)]
     name: Option<String>,
     isolation: Option<Isolation>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     requests_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(minimum = 0, maximum = 1e9)]
     monthly_budget_usd: Option<Option<f64>>,
 }
 
@@ -445,7 +453,7 @@ impl AdminBody for UpdateTenant {
     tag = "admin",
     summary = "Change a tenant's name, isolation, limits or budget",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    request_body = UpdateTenant,
+    request_body(content = UpdateTenant, description = "The fields to change; none (or no body) changes nothing"),
     responses((status = 200, description = "OK", body = crate::openapi::Tenant), crate::openapi::Failures),
     security(("api_key" = []))
 )]
@@ -522,10 +530,14 @@ async fn delete_tenant(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
+    #[schema(value_type = crate::openapi::Name)]
     name: String,
     role: Role,
+    #[schema(value_type = Option<Vec<crate::openapi::ModelId>>, min_items = 1, max_items = 64)]
     models: Option<Vec<String>>,
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     requests_per_minute: Option<u32>,
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<u32>,
     /// Unix seconds; must be in the future.
     expires_at: Option<i64>,
@@ -911,6 +923,7 @@ async fn undrain_replica(
 #[serde(deny_unknown_fields)]
 pub(crate) struct Preempt {
     /// Seconds between the notice and the machine going away.
+    #[schema(minimum = 0, maximum = 3600)]
     notice_secs: Option<f64>,
 }
 

@@ -30,6 +30,7 @@ const MAX_NEW_ITEMS: usize = 20;
 #[serde(deny_unknown_fields)]
 struct NewConversation {
     #[serde(default)]
+    #[schema(value_type = Option<Vec<strata_core::responses::InputItem>>, max_items = 20)]
     items: Option<Vec<Value>>,
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
@@ -44,6 +45,7 @@ pub(crate) struct MetadataUpdate {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewItems {
+    #[schema(value_type = Vec<strata_core::responses::InputItem>, max_items = 20)]
     items: Vec<Value>,
 }
 

@@ -586,7 +586,7 @@ async fn chat_completions(
     path = "/v1/chat/completions",
     tag = "openai",
     summary = "List stored chat completions",
-    params(("after" = Option<String>, Query, description = "The last id of the previous page"), ("limit" = Option<u32>, Query, description = "1 to 100 (20)")),
+    params(("after" = Option<String>, Query, description = "The last id of the previous page"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1 to 100 (20)")),
     responses((status = 200, description = "Newest first", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
 )]

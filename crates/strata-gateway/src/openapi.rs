@@ -193,7 +193,26 @@ pub struct PageParams {
     /// The last id of the previous page.
     after: Option<String>,
     /// 1 to 100 (20 when not given).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
     /// `asc` or `desc` (the default).
+    #[param(pattern = "^(asc|desc)$")]
     order: Option<String>,
 }
+
+/// A tenant or key name as the admin routes take it: 1 to 64 characters,
+/// not only spaces, no control characters.
+#[derive(utoipa::ToSchema)]
+#[schema(
+    min_length = 1,
+    max_length = 64,
+    pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+)]
+#[allow(dead_code)]
+pub struct Name(String);
+
+/// A model id in a key's allow-list.
+#[derive(utoipa::ToSchema)]
+#[schema(min_length = 1, max_length = 256)]
+#[allow(dead_code)]
+pub struct ModelId(String);
