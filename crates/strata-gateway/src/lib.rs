@@ -148,7 +148,9 @@ pub fn replica_client(
     let mut builder = reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .pool_max_idle_per_host(256)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A replica never redirects; no redirect layer on every request.
+        .redirect(reqwest::redirect::Policy::none());
     if let Some(pki) = pki {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| tls::TlsError::Certificate(p.to_owned(), e.to_string()))

@@ -125,7 +125,11 @@ impl Proxy {
             }
             let replica = flight.replica().clone();
             tried.push(replica.endpoint.id.clone());
-            let url = format!("{}{}", replica.endpoint.url, req.path);
+            let Some(url) = replica.url(req.path) else {
+                tracing::warn!(replica = %replica.endpoint.id, url = %replica.endpoint.url, "replica URL does not parse; trying another");
+                replica.mark_down();
+                continue;
+            };
             let mut post = self
                 .client
                 .post(url)
@@ -181,13 +185,22 @@ impl Proxy {
                 ));
             }
         };
-        let parsed = serde_json::from_slice::<Value>(&body).ok();
-        let usage = parsed
-            .as_ref()
-            .and_then(|v| serde_json::from_value::<Usage>(v.get("usage")?.clone()).ok());
-        if let (Some(keep), Some(answer), true) = (&req.keep, parsed, status.is_success()) {
-            keep.save(answer).await;
-        }
+        let usage = match (&req.keep, status.is_success()) {
+            (Some(keep), true) => {
+                let answer = serde_json::from_slice::<Value>(&body).ok();
+                let usage = answer
+                    .as_ref()
+                    .and_then(|v| serde_json::from_value::<Usage>(v.get("usage")?.clone()).ok());
+                if let Some(answer) = answer {
+                    keep.save(answer).await;
+                }
+                usage
+            }
+            // Only the usage: no tree of the whole answer.
+            _ => serde_json::from_slice::<UsageOnly>(&body)
+                .ok()
+                .and_then(|u| u.usage),
+        };
         let elapsed = req.arrived.elapsed().as_secs_f64();
         self.metrics.latency.observe(elapsed);
         self.metrics.first_byte.observe(elapsed);
@@ -234,6 +247,13 @@ impl Proxy {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         response
     }
+}
+
+/// An answer's usage, the rest skipped unread.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 pub fn json_response(status: StatusCode, body: Bytes) -> Response {

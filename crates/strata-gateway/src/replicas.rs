@@ -21,6 +21,9 @@ pub struct Replica {
     draining: AtomicBool,
     outstanding: AtomicU64,
     models: RwLock<Vec<String>>,
+    /// Parsed URLs of the routes requests go to, so a request clones one
+    /// rather than parsing it again.
+    urls: Mutex<Vec<(&'static str, reqwest::Url)>>,
 }
 
 impl Replica {
@@ -31,7 +34,20 @@ impl Replica {
             draining: AtomicBool::new(false),
             outstanding: AtomicU64::new(0),
             models: RwLock::new(Vec::new()),
+            urls: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The replica's URL for `path`; `None` if the endpoint does not parse
+    /// as a URL's start.
+    pub fn url(&self, path: &'static str) -> Option<reqwest::Url> {
+        let mut urls = self.urls.lock().expect("replica urls lock");
+        if let Some((_, url)) = urls.iter().find(|(p, _)| *p == path) {
+            return Some(url.clone());
+        }
+        let url = reqwest::Url::parse(&format!("{}{path}", self.endpoint.url)).ok()?;
+        urls.push((path, url.clone()));
+        Some(url)
     }
 
     pub fn is_ready(&self) -> bool {
