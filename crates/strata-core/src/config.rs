@@ -563,7 +563,12 @@ impl Config {
                 .span()
                 .map(|s| key_at(text, s.start))
                 .unwrap_or_else(|| "(file)".into()),
-            message: e.message().to_string(),
+            // Some parse errors carry no message of their own (a control
+            // character in a comment); the whole report names line and column.
+            message: match e.message().trim() {
+                "" => e.to_string().trim().replace('\n', " "),
+                m => m.to_owned(),
+            },
         })
     }
 
@@ -880,10 +885,11 @@ fn positive(secs: f64) -> bool {
 fn key_at(text: &str, offset: usize) -> String {
     let mut table = String::new();
     let mut key = None;
-    for line in text[..offset.min(text.len())]
-        .lines()
-        .chain(text[offset.min(text.len())..].lines().take(1))
-    {
+    let offset = (0..=offset.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    for line in text[..offset].lines().chain(text[offset..].lines().take(1)) {
         let l = line.trim();
         if let Some(t) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             table = t.trim().to_string();
@@ -918,6 +924,13 @@ mod tests {
         let e = Config::from_toml("[serve]\nreplica = 2\n").unwrap_err();
         assert_eq!(e.key, "serve.replica");
         assert!(e.message.contains("unknown field"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_parse_error_without_a_message_of_its_own_still_says_where() {
+        // Found by the config fuzz target: a control character in a comment.
+        let e = Config::from_toml("# fine\n# not \u{1} fine\n").unwrap_err();
+        assert!(e.message.contains("line 2"), "{e}");
     }
 
     #[test]
