@@ -7,6 +7,11 @@ vllm-router and through sglang-router (both from PyPI, round_robin over
 the same one stub). Same load tool, threads and connections; runs
 alternate, so the machine's noise hits all paths alike.
 
+Relay (`--stream-stub`): bench/stream_stub.py, a fast streaming stand-in
+engine, directly and behind each router; N clients stream 256-chunk chat
+completions back to back; chunks per second relayed and time to the first
+chunk.
+
 Streaming (`--streaming`): one strata engine replica with the real model
 (release build) directly and behind each router; N concurrent streamed
 completions (as ../shared/bench/stream_tokens.py counts them: chunks per
@@ -175,6 +180,76 @@ def main():
         nginx.terminate()
 
 
+def relay_probe(base, key, streams, seconds, tokens=256):
+    """`streams` clients streaming `tokens`-chunk chat completions back to
+    back for `seconds`: chunks per second over all of them, and the mean
+    time to the first chunk. Plain httpx, the same for every path."""
+    import threading
+    import httpx
+    h = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True}
+    counts, firsts, end = [0] * streams, [], time.time() + seconds
+
+    def client(i):
+        with httpx.Client(timeout=60) as c:
+            while time.time() < end:
+                t0, first = time.time(), None
+                with c.stream("POST", f"{base}/v1/chat/completions", json=body, headers=h) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {") and '"content"' in line:
+                            first = first or time.time() - t0
+                            counts[i] += 1
+                firsts.append(first or 0.0)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"tokens_per_s": sum(counts) / (time.time() - t0), "ttfb_s": sum(firsts) / max(1, len(firsts))}
+
+
+def stream_stub():
+    """The relay alone: bench/stream_stub.py (a fast streaming stand-in
+    engine) directly and behind each router."""
+    d = tempfile.mkdtemp(prefix="strata-bench-peers-relay-")
+    procs = []
+    try:
+        sp = port()
+        stub = f"http://127.0.0.1:{sp}"
+        procs.append(start(d, "stream-stub", ["python3", os.path.join(HERE, "stream_stub.py"), str(sp)],
+                           f"{stub}/health"))
+        proc, strata, key = strata_gateway(d, replica=stub)
+        procs.append(proc)
+        vllm, sglang = routers(d, stub, procs)
+        time.sleep(2)
+        paths = {"stub, direct": (stub, None), "strata gateway": (strata, key),
+                 "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
+        streams, seconds = int(os.environ.get("STREAMS", "8")), float(os.environ.get("SECONDS", "8"))
+        runs = {name: [] for name in paths}
+        for _ in range(ROUNDS):
+            for name, (base, k) in paths.items():
+                runs[name].append(relay_probe(base, k, streams, seconds))
+        print(json.dumps(runs, indent=1))
+        med = {n: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in ("tokens_per_s", "ttfb_s")}
+               for n, rs in runs.items()}
+        direct = med["stub, direct"]
+        print(f"\n| path ({streams} streams of 256 chunks, back to back) | chunks/s relayed | x direct "
+              f"| time to first chunk ms | added ms |")
+        print("|---|---|---|---|---|")
+        for name, m in med.items():
+            print(f"| {name} | {m['tokens_per_s']:,.0f} | x{m['tokens_per_s'] / direct['tokens_per_s']:.2f} | "
+                  f"{1000 * m['ttfb_s']:.1f} | {1000 * (m['ttfb_s'] - direct['ttfb_s']):+.1f} |")
+    finally:
+        stop(procs)
+
+
 if __name__ == "__main__":
     import sys
-    streaming() if "--streaming" in sys.argv else main()
+    if "--streaming" in sys.argv:
+        streaming()
+    elif "--stream-stub" in sys.argv:
+        stream_stub()
+    else:
+        main()
