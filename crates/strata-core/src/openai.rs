@@ -28,6 +28,18 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "Request body must be a JSON object.",
         ));
     }
+    // Most bodies are good: parse without tracking the path, and go over a
+    // bad one again only to name the field at fault.
+    match serde_json::from_str::<T>(text) {
+        Ok(value) => return Ok(value),
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            return Err(ApiError::invalid_request(
+                None,
+                format!("Request body is not valid JSON: {e}"),
+            ))
+        }
+        Err(_) => {}
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

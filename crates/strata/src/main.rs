@@ -19,6 +19,9 @@ use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "strata",
