@@ -21,10 +21,11 @@ def port():
         return s.getsockname()[1]
 
 
-def wait(url, headers=None):
-    for _ in range(200):
+def wait(url, headers=None, seconds=10):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
         try:
-            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
+            if httpx.get(url, headers=headers, timeout=5).status_code < 500:
                 return
         except httpx.HTTPError:
             pass

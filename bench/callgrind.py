@@ -19,45 +19,18 @@ import sys
 import tempfile
 import time
 
-import httpx
-from benchlib import SHARED, STUB, new_key, port, start_stub, wait
+from benchlib import SHARED, start_stub
+from peers import strata_gateway
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
 SECONDS = os.environ.get("SECONDS_UNDER_LOAD", "20")
 
 
 def main():
     d = tempfile.mkdtemp(prefix="strata-callgrind-")
     nginx = start_stub(d)
-    admin = new_key()
-    with open(os.path.join(d, "admin.key"), "w") as f:
-        f.write(admin)
-    config = os.path.join(d, "strata.toml")
-    with open(config, "w") as f:
-        f.write(f'[security]\nadmin_key_file = "{d}/admin.key"\n[gateway]\nslots_per_replica = 64\n'
-                '[pricing.stub]\nprompt_per_million = 0.1\ncompletion_per_million = 0.2\n')
-    p = port()
-    base = f"http://127.0.0.1:{p}"
     out = os.path.join(d, "callgrind.out")
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", 
-                             "--instr-atstart=no", STRATA, "--config", config, "gateway", "--replica", STUB,
-                             "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")],
-                            cwd=d, stdout=open(os.path.join(d, "gateway.log"), "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "STRATA_LOG": "warn"})
-    for _ in range(60):
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    h = {"Authorization": f"Bearer {admin}"}
-    tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, timeout=60, json={
-        "name": "wrk", "requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000,
-        "monthly_budget_usd": 1_000_000.0}).json()["id"]
-    key = httpx.post(f"{base}/admin/v1/tenants/{tenant}/keys", headers=h, timeout=60,
-                     json={"name": "wrk", "role": "member"}).json()["key"]
-    wait(f"{base}/health")
+    proc, base, key = strata_gateway(d, wrap=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                              "--instr-atstart=no"])
     # Count from here: every thread's work while wrk runs (the ledger's too).
     subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
     run = subprocess.run(["wrk", "-t1", "-c8", f"-d{SECONDS}s", "-H", f"Authorization: Bearer {key}",

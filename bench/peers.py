@@ -42,15 +42,18 @@ DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
 
 
-def start(d, name, argv, ready):
+def start(d, name, argv, ready, seconds=10):
     log = open(os.path.join(d, f"{name}.log"), "w")
     proc = subprocess.Popen(argv, cwd=d, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "STRATA_LOG": "warn"})
-    wait(ready)
+    wait(ready, seconds=seconds)
     return proc
 
 
-def strata_gateway(d, replica=STUB):
+def strata_gateway(d, replica=STUB, wrap=()):
+    """strata's gateway with everything on in front of `replica` (run under
+    `wrap`, e.g. valgrind, if given); its process, base URL and a key of a
+    tenant with limits and a budget far above any load."""
     admin = new_key()
     with open(os.path.join(d, "admin.key"), "w") as f:
         f.write(admin)
@@ -60,13 +63,14 @@ def strata_gateway(d, replica=STUB):
                 '[pricing.stub]\nprompt_per_million = 0.1\ncompletion_per_million = 0.2\n')
     p = port()
     base = f"http://127.0.0.1:{p}"
-    proc = start(d, "strata", [STRATA, "--config", config, "gateway", "--replica", replica,
-                               "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")], f"{base}/health")
+    proc = start(d, "strata", [*wrap, STRATA, "--config", config, "gateway", "--replica", replica,
+                               "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")], f"{base}/health",
+                 seconds=120 if wrap else 10)
     h = {"Authorization": f"Bearer {admin}"}
-    tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, json={
+    tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, timeout=60, json={
         "name": "wrk", "requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000,
         "monthly_budget_usd": 1_000_000.0}).json()["id"]
-    key = httpx.post(f"{base}/admin/v1/tenants/{tenant}/keys", headers=h,
+    key = httpx.post(f"{base}/admin/v1/tenants/{tenant}/keys", headers=h, timeout=60,
                      json={"name": "wrk", "role": "member"}).json()["key"]
     return proc, base, key
 
