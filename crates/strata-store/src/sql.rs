@@ -58,10 +58,13 @@ pub(crate) fn query_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(message),
         sqlx::Error::Database(db) => match db.code().as_deref().unwrap_or_default() {
-            // PostgreSQL disk_full; SQLite's SQLITE_FULL (extended codes
-            // keep the primary code in the low byte).
+            // PostgreSQL disk_full; SQLite's SQLITE_FULL (SQLite codes have
+            // at most four digits, PostgreSQL's five characters; extended
+            // codes keep the primary code in the low byte).
             "53100" => StoreError::Full(message),
-            code if code.parse::<u32>().is_ok_and(|c| c & 0xff == 13) => StoreError::Full(message),
+            code if code.len() < 5 && code.parse::<u32>().is_ok_and(|c| c & 0xff == 13) => {
+                StoreError::Full(message)
+            }
             // PostgreSQL connection_exception and operator intervention
             // (admin_shutdown, crash_shutdown, cannot_connect_now).
             code if code.starts_with("08") || code.starts_with("57P") => {
