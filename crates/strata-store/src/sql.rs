@@ -11,7 +11,7 @@ use std::sync::{Arc, Once};
 
 use async_trait::async_trait;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+use sqlx::{Any, AnyPool, Connection, Executor, Row, Transaction};
 use strata_core::config::{is_postgres_url, CapacityType};
 use strata_core::store::{
     AuditStore, CompletionStore, DecisionRecord, DecisionStore, GatewayLoad, InstanceKind,
@@ -161,6 +161,11 @@ impl SqlStore {
             // A database that is away answers in seconds (a clear 503), not
             // sqlx's default 30 s of waiting for a connection.
             .acquire_timeout(std::time::Duration::from_secs(5))
+            // When SQLite rolls a transaction back by itself (a full disk),
+            // sqlx's ROLLBACK fails and it goes on counting the transaction
+            // as open: every later BEGIN on that connection fails ("non-zero
+            // transaction depth"). Such a connection is closed, not pooled.
+            .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
