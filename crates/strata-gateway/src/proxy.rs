@@ -312,6 +312,9 @@ pub struct SseEvents {
     /// Events with generated text so far (one token each from strata's
     /// engine).
     pub deltas: u64,
+    /// `data: [DONE]` has passed: the answer is whole, whatever happens to
+    /// the connection after it.
+    pub ended: bool,
     /// Assembles the answer from the chunks when it is to be stored.
     pub transcript: Option<Transcript>,
 }
@@ -323,6 +326,7 @@ impl SseEvents {
             strip_usage,
             usage: None,
             deltas: 0,
+            ended: false,
             transcript: None,
         }
     }
@@ -353,6 +357,10 @@ impl SseEvents {
         else {
             return false;
         };
+        if data.trim() == "[DONE]" {
+            self.ended = true;
+            return false;
+        }
         let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
             return false;
         };
@@ -453,8 +461,13 @@ impl Drop for Metered {
     fn drop(&mut self) {
         let latency = self.req.arrived.elapsed().as_secs_f64();
         self.metrics.latency.observe(latency);
-        // 499: the client went away before the end, as nginx logs it.
-        let status = if self.done { 200 } else { 499 };
+        // 499: the client went away before the end, as nginx logs it. A
+        // client that closes as soon as `[DONE]` arrives got it all.
+        let status = if self.done || self.events.ended {
+            200
+        } else {
+            499
+        };
         let finished = self
             .events
             .transcript
@@ -501,6 +514,15 @@ mod tests {
             format!("{TEXT}data: [DONE]\n\n")
         );
         assert_eq!(s.usage, Some(Usage::new(3, 2)));
+    }
+
+    #[test]
+    fn a_stream_is_whole_once_done_has_passed() {
+        let mut s = SseEvents::new(true);
+        s.push(TEXT.as_bytes());
+        assert!(!s.ended);
+        s.push(b"data: [DONE]\n\n");
+        assert!(s.ended, "a client closing now got the whole answer");
     }
 
     #[test]
