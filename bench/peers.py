@@ -33,7 +33,7 @@ import tempfile
 import time
 
 import httpx
-from benchlib import STUB, new_key, port, start_stub, summarize, wait, wrk
+from benchlib import STUB, median, new_key, port, start_stub, summarize, wait, wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
@@ -121,6 +121,28 @@ def stream_probe(base, key, n, max_tokens=64):
     return {"tokens_per_s": sum(x[0] for x in r) / wall, "ttft_s": sum(x[1] for x in r) / n}
 
 
+def behind_every_router(d, upstream, direct, procs):
+    """`upstream` directly (named `direct`) and behind strata's gateway,
+    vllm-router and sglang-router: {path name: (base URL, key)}."""
+    proc, strata, key = strata_gateway(d, replica=upstream)
+    procs.append(proc)
+    vllm, sglang = routers(d, upstream, procs)
+    time.sleep(2)  # every router has seen the upstream healthy
+    return {direct: (upstream, None), "strata gateway": (strata, key),
+            "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
+
+
+def alternate(paths, probe):
+    """ROUNDS of `probe(base, key)` over every path in turn (the machine's
+    noise hits all alike); prints every run, returns each path's medians."""
+    runs = {name: [] for name in paths}
+    for _ in range(ROUNDS):
+        for name, (base, k) in paths.items():
+            runs[name].append(probe(base, k))
+    print(json.dumps(runs, indent=1))
+    return {name: {k: median([r[k] for r in rs]) for k in rs[0]} for name, rs in runs.items()}
+
+
 def streaming():
     d = tempfile.mkdtemp(prefix="strata-bench-peers-stream-")
     procs = []
@@ -128,28 +150,16 @@ def streaming():
         ep = port()
         engine = f"http://127.0.0.1:{ep}"
         procs.append(start(d, "engine", [STRATA, "engine", "--port", str(ep)], f"{engine}/health"))
-        proc, strata, key = strata_gateway(d, replica=engine)
-        procs.append(proc)
-        vllm, sglang = routers(d, engine, procs)
-        time.sleep(2)
-        paths = {"engine, direct": (engine, None), "strata gateway": (strata, key),
-                 "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
+        paths = behind_every_router(d, engine, "engine, direct", procs)
         streams = int(os.environ.get("STREAMS", "4"))
-        runs = {name: [] for name in paths}
         stream_probe(engine, None, streams, 8)  # warm the engine
-        for _ in range(ROUNDS):
-            for name, (base, k) in paths.items():
-                runs[name].append(stream_probe(base, k, streams))
-        print(json.dumps(runs, indent=1))
-        direct = {k: sorted(r[k] for r in runs["engine, direct"])[len(runs["engine, direct"]) // 2]
-                  for k in ("tokens_per_s", "ttft_s")}
+        med = alternate(paths, lambda base, k: stream_probe(base, k, streams))
+        direct = med["engine, direct"]
         print(f"\n| path ({streams} streams, 64 tokens each) | tokens/s relayed (median) | x direct | TTFT ms (median) | added ms |")
         print("|---|---|---|---|---|")
-        for name, rs in runs.items():
-            tps = sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2]
-            ttft = sorted(r["ttft_s"] for r in rs)[len(rs) // 2]
-            print(f"| {name} | {tps:.1f} | x{tps / direct['tokens_per_s']:.2f} | {1000 * ttft:.0f} | "
-                  f"{1000 * (ttft - direct['ttft_s']):+.0f} |")
+        for name, m in med.items():
+            print(f"| {name} | {m['tokens_per_s']:.1f} | x{m['tokens_per_s'] / direct['tokens_per_s']:.2f} | "
+                  f"{1000 * m['ttft_s']:.0f} | {1000 * (m['ttft_s'] - direct['ttft_s']):+.0f} |")
     finally:
         stop(procs)
 
@@ -224,20 +234,9 @@ def stream_stub():
         stub = f"http://127.0.0.1:{sp}"
         procs.append(start(d, "stream-stub", ["python3", os.path.join(HERE, "stream_stub.py"), str(sp)],
                            f"{stub}/health"))
-        proc, strata, key = strata_gateway(d, replica=stub)
-        procs.append(proc)
-        vllm, sglang = routers(d, stub, procs)
-        time.sleep(2)
-        paths = {"stub, direct": (stub, None), "strata gateway": (strata, key),
-                 "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
+        paths = behind_every_router(d, stub, "stub, direct", procs)
         streams, seconds = int(os.environ.get("STREAMS", "8")), float(os.environ.get("SECONDS", "8"))
-        runs = {name: [] for name in paths}
-        for _ in range(ROUNDS):
-            for name, (base, k) in paths.items():
-                runs[name].append(relay_probe(base, k, streams, seconds))
-        print(json.dumps(runs, indent=1))
-        med = {n: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in ("tokens_per_s", "ttfb_s")}
-               for n, rs in runs.items()}
+        med = alternate(paths, lambda base, k: relay_probe(base, k, streams, seconds))
         direct = med["stub, direct"]
         print(f"\n| path ({streams} streams of 256 chunks, back to back) | chunks/s relayed | x direct "
               f"| time to first chunk ms | added ms |")
