@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 use strata_core::config::Config;
-use strata_core::openai::{parse_body, ChatCompletionRequest, CompletionRequest};
+use strata_core::openai::{parse_body, ChatCompletionRequest, CompletionRequest, Usage};
 use strata_core::responses::ResponsesRequest;
 use strata_core::snapshot::{frame, frames, Snapshot};
 use strata_core::ApiError;
@@ -241,7 +241,7 @@ pub fn sse(cuts: &[u8], stream: &[u8]) {
 #[derive(Debug, PartialEq)]
 struct Relayed {
     bytes: Vec<u8>,
-    usage: Option<String>,
+    usage: Option<Usage>,
     deltas: u64,
     transcript: Value,
 }
@@ -261,7 +261,7 @@ fn relay(stream: &[u8], cuts: &[u8], strip_usage: bool) -> Relayed {
     bytes.extend_from_slice(&events.finish());
     Relayed {
         bytes,
-        usage: events.usage.map(|u| format!("{u:?}")),
+        usage: events.usage,
         deltas: events.deltas,
         transcript: events
             .transcript
