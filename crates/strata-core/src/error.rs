@@ -127,9 +127,9 @@ impl ApiError {
 
     /// 429 from a rate limit, retryable after `retry_after_secs`.
     pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
-        let mut e = Self::new(429, "rate_limit_error", message).with_code("rate_limit_exceeded");
-        e.retry_after_secs = Some(retry_after_secs.max(1));
-        e
+        Self::new(429, "rate_limit_error", message)
+            .with_code("rate_limit_exceeded")
+            .with_retry_after(retry_after_secs)
     }
 
     /// 402: the tenant's monthly budget cannot cover the request.
