@@ -36,7 +36,7 @@ import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
-from conftest import children, free_port, new_key  # noqa: E402  (the e2e tests' helpers)
+from conftest import acknowledged_problems, children, free_port, new_key  # noqa: E402  (the e2e tests' helpers)
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "debug", "strata"))
 KILLS = int(os.environ.get("KILLS", "50"))
 MODEL = "gemma-3-270m-q4_k_m"
@@ -141,33 +141,9 @@ def main():
     elapsed = time.time() - started
     # Let the last ledger batch land, then check everything as it is stored.
     time.sleep(2)
-    problems = []
-    by_conv = {}
-    for name, conv, rid, text in acked:
-        by_conv.setdefault((name, conv), []).append(text)
-    for name, conv, rid, text in acked:
-        key = tenants[name][1]
-        r = httpx.get(f"{s.base}/v1/responses/{rid}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        if r.status_code != 200:
-            problems.append(f"acknowledged response {rid} reads {r.status_code}")
-    for (name, conv), texts in by_conv.items():
-        key = tenants[name][1]
-        items, after = [], None
-        while True:
-            q = {"order": "asc", "limit": 100, **({"after": after} if after else {})}
-            page = httpx.get(f"{s.base}/v1/conversations/{conv}/items", params=q,
-                             headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
-            items += page["data"]
-            if not page["has_more"]:
-                break
-            after = page["last_id"]
-        roles = [i["role"] for i in items]
-        if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
-            problems.append(f"conversation {conv} is half-written: {roles}")
-        stored = [i["content"][0]["text"] for i in items if i["role"] == "user"]
-        for t in texts:
-            if stored.count(t) != 1:
-                problems.append(f"conversation {conv}: acknowledged turn {t!r} stored {stored.count(t)} times")
+    problems = acknowledged_problems(s.base, [(tenants[name][1], conv, rid, text)
+                                              for name, conv, rid, text in acked])
+    by_conv = {(name, conv) for name, conv, _, _ in acked}
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=60)
     # The ledger, as stored: served (200) requests per tenant.

@@ -65,6 +65,39 @@ def wait_ready(base, replicas, timeout=180):
     raise AssertionError(f"strata serve not ready after {timeout}s: {last}")
 
 
+def acknowledged_problems(base, acked):
+    """What is wrong with the acknowledged Responses turns `acked` ((key,
+    conversation, response id, input text) each) as stored: a response
+    that does not read back, a conversation whose items do not alternate
+    user, assistant (half-written), an input stored other than once."""
+    problems, by_conv = [], {}
+    for key, conv, rid, text in acked:
+        r = httpx.get(f"{base}/v1/responses/{rid}", headers=bearer(key), timeout=30)
+        if r.status_code != 200:
+            problems.append(f"acknowledged response {rid} reads {r.status_code}: {r.text[:200]}")
+        by_conv.setdefault((key, conv), []).append(text)
+    for (key, conv), texts in by_conv.items():
+        items, after = [], None
+        while True:
+            q = {"order": "asc", "limit": 100, **({"after": after} if after else {})}
+            page = httpx.get(f"{base}/v1/conversations/{conv}/items", params=q, headers=bearer(key), timeout=30)
+            if page.status_code != 200:
+                problems.append(f"conversation {conv} reads {page.status_code}: {page.text[:200]}")
+                break
+            items += page.json()["data"]
+            if not page.json()["has_more"]:
+                break
+            after = page.json()["last_id"]
+        roles = [i["role"] for i in items]
+        if roles != ["user", "assistant"] * (len(roles) // 2):
+            problems.append(f"conversation {conv} is half-written: {roles}")
+        said = [i["content"][0]["text"] for i in items if i["role"] == "user"]
+        for t in texts:
+            if said.count(t) != 1:
+                problems.append(f"conversation {conv}: acknowledged turn {t!r} stored {said.count(t)} times")
+    return problems
+
+
 def postgres_url(name):
     """A PostgreSQL URL whose connections see only a fresh schema, or None
     (the test is skipped) when DATABASE_URL is not set; with
