@@ -31,7 +31,7 @@ import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
-from conftest import MODEL_ID, bearer, free_port, new_key  # noqa: E402  (the e2e tests' helpers)
+from conftest import MODEL_ID, bearer, free_port, wait_ready, write_config  # noqa: E402  (the e2e tests' helpers)
 
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "debug", "strata"))
 MINUTES = float(os.environ.get("SOAK_MINUTES", "30"))
@@ -72,27 +72,14 @@ def process_sample(pid):
 
 def main():
     d = tempfile.mkdtemp(prefix="strata-soak-")
-    admin = new_key()
-    with open(os.path.join(d, "admin.key"), "w") as f:
-        f.write(admin)
-    config = os.path.join(d, "strata.toml")
-    with open(config, "w") as f:
-        f.write(f'[security]\nadmin_key_file = "{d}/admin.key"\n{CONFIG}')
+    admin, config = write_config(d, CONFIG)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(os.path.join(d, "serve.log"), "w")
     proc = subprocess.Popen([STRATA, "--config", config, "serve", "--listen", f"127.0.0.1:{port}",
                              "--db", os.path.join(d, "strata.db")], cwd=d, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "STRATA_LOG": "warn"})
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline and proc.poll() is None, "strata serve did not start"
-        time.sleep(0.3)
+    wait_ready(base, 0, timeout=60)  # autoscaling from zero: no replica yet
     keys = []
     for name in ("alpha", "beta", "gamma"):
         t = httpx.post(f"{base}/admin/v1/tenants", json={"name": name}, headers=bearer(admin)).json()["id"]
