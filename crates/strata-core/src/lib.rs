@@ -19,6 +19,7 @@ pub mod template;
 pub mod tenant;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod whole;
 
 #[cfg(feature = "axum")]
 pub use error::read_body;

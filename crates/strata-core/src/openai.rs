@@ -104,17 +104,34 @@ pub enum Prompt {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SamplingFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 2))]
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0, maximum = 1))]
     pub top_p: Option<f64>,
     /// Not in OpenAI's schema; accepted as llama.cpp and vLLM servers do.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 2147483647))]
     pub top_k: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
     pub seed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Only 1 is supported.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1))]
     pub n: Option<i64>,
 }
 
@@ -123,8 +140,14 @@ pub struct SamplingFields {
 pub struct CompletionRequest {
     #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub model: String,
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::prompt))]
     pub prompt: Prompt,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4294967295_i64))]
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub stream: bool,
@@ -141,9 +164,19 @@ pub struct ChatCompletionRequest {
     pub model: String,
     #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub messages: Vec<ChatMessage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4294967295_i64))]
     pub max_tokens: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4294967295_i64))]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub stream: bool,
@@ -189,8 +222,8 @@ pub fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ApiErro
     Ok(())
 }
 
+/// Its OpenAPI schema is `schemas::message`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -209,8 +242,10 @@ pub enum MessageContent {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContentPart {
     #[serde(rename = "type")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^text$"))]
     pub kind: String,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true, nullable = false))]
     pub text: Option<String>,
 }
 
@@ -798,5 +833,72 @@ mod tests {
         let g = completion(r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true},"seed":-1}"#).unwrap();
         assert!(g.include_usage && g.stream);
         assert!(g.sampling.seed.is_some());
+    }
+}
+
+/// Schemas the derive cannot say: the rules `validate` applies to a
+/// prompt and to a message, for the OpenAPI document.
+#[cfg(feature = "openapi")]
+mod schemas {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    use utoipa::openapi::{RefOr, Schema};
+    use utoipa::{PartialSchema, ToSchema};
+
+    fn text() -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+    }
+
+    /// A non-empty string, or a list of exactly one.
+    pub fn prompt() -> Schema {
+        OneOfBuilder::new()
+            .item(text())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(1)),
+            )
+            .into()
+    }
+
+    /// A message of a known role; `content` may be left out only by the
+    /// assistant.
+    fn message() -> Schema {
+        let content: RefOr<Schema> = super::MessageContent::schema();
+        let of = |roles: &[&str], required: bool| {
+            let role = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(roles.iter().copied()));
+            let mut o = ObjectBuilder::new()
+                .property("role", role)
+                .required("role")
+                .property("content", content.clone());
+            if required {
+                o = o.required("content");
+            }
+            o
+        };
+        OneOfBuilder::new()
+            .item(of(&["system", "developer", "user"], true))
+            .item(of(&["assistant"], false))
+            .into()
+    }
+
+    impl PartialSchema for super::ChatMessage {
+        fn schema() -> RefOr<Schema> {
+            message().into()
+        }
+    }
+
+    impl ToSchema for super::ChatMessage {
+        fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+            schemas.push((
+                super::ContentPart::name().into_owned(),
+                super::ContentPart::schema(),
+            ));
+            <super::MessageContent as ToSchema>::schemas(schemas);
+        }
     }
 }

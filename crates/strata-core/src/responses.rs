@@ -27,12 +27,14 @@ pub struct ResponsesRequest {
     pub conversation: Option<ConversationRef>,
     #[serde(default)]
     pub store: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::opt")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4294967295_i64))]
     pub max_output_tokens: Option<i64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 2))]
     pub temperature: Option<f64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0, maximum = 1))]
     pub top_p: Option<f64>,
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
@@ -51,9 +53,16 @@ pub struct ResponsesRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Input {
     Text(String),
-    #[cfg_attr(feature = "openapi", schema(value_type = Vec<InputItem>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = InputItems))]
     Items(Vec<Value>),
 }
+
+/// A list of at least one item; for the OpenAPI document only.
+#[cfg(feature = "openapi")]
+#[derive(utoipa::ToSchema)]
+#[schema(min_items = 1)]
+#[allow(dead_code)]
+pub struct InputItems(Vec<InputItem>);
 
 /// The one item shape strata takes (a message); for the OpenAPI document
 /// only: `parse_items` reads items from JSON values with the same rules.

@@ -20,7 +20,7 @@ use strata_core::tenant::{
     key_digest, looks_like_key, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
     Tenant, TenantId,
 };
-use strata_core::{read_body, ApiError};
+use strata_core::{read_body, whole, ApiError};
 use strata_store::{Kek, KekSource, Vault};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -230,6 +230,11 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// `present` for an integer field, read as `whole::opt` reads one.
+fn present_whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    whole::opt(d).map(Some)
+}
+
 fn check_name(name: &str, param: &str) -> Result<(), ApiError> {
     if name.trim().is_empty()
         || name.chars().count() > MAX_NAME
@@ -274,8 +279,13 @@ pub(crate) trait AdminBody: serde::de::DeserializeOwned {
 }
 
 /// `bytes` as `T`, checked; an empty body is `{}`.
+/// No body, and a JSON `null` (what an optional body's schema allows), are
+/// read as `{}`: a route whose body is optional changes nothing; a route
+/// that needs one names the first missing field.
 pub(crate) fn parse_admin<T: AdminBody>(bytes: &[u8]) -> Result<T, ApiError> {
-    let body: T = parse_body(if bytes.is_empty() { b"{}" } else { bytes })?;
+    let trimmed = bytes.trim_ascii();
+    let none = trimmed.is_empty() || trimmed == b"null";
+    let body: T = parse_body(if none { b"{}" } else { bytes })?;
     body.check()?;
     Ok(body)
 }
@@ -291,8 +301,10 @@ pub(crate) struct CreateTenant {
     name: String,
     #[serde(default)]
     isolation: Isolation,
+    #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     requests_per_minute: Option<u32>,
+    #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<u32>,
     #[schema(minimum = 0, maximum = 1e9)]
@@ -418,10 +430,10 @@ pub(crate) struct UpdateTenant {
     #[schema(value_type = Option<crate::openapi::Name>)]
     name: Option<String>,
     isolation: Option<Isolation>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_whole")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     requests_per_minute: Option<Option<u32>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_whole")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
@@ -453,7 +465,7 @@ impl AdminBody for UpdateTenant {
     tag = "admin",
     summary = "Change a tenant's name, isolation, limits or budget",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    request_body(content = UpdateTenant, description = "The fields to change; none (or no body) changes nothing"),
+    request_body(content = Option<UpdateTenant>, description = "The fields to change; none (or no body) changes nothing"),
     responses((status = 200, description = "OK", body = crate::openapi::Tenant), crate::openapi::Failures),
     security(("api_key" = []))
 )]
@@ -535,11 +547,15 @@ pub(crate) struct CreateKey {
     role: Role,
     #[schema(value_type = Option<Vec<crate::openapi::ModelId>>, min_items = 1, max_items = 64)]
     models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     requests_per_minute: Option<u32>,
+    #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<u32>,
     /// Unix seconds; must be in the future.
+    #[serde(default, deserialize_with = "whole::opt")]
+    #[schema(minimum = 1)]
     expires_at: Option<i64>,
 }
 
@@ -951,7 +967,7 @@ impl AdminBody for Preempt {
     tag = "admin",
     summary = "Report a preemption notice for a replica",
     params(("id" = String, Path, description = "A replica id")),
-    request_body(content = Preempt, description = "Optional: no body takes `pool.preemption_notice_secs`"),
+    request_body(content = Option<Preempt>, description = "Optional: no body takes `pool.preemption_notice_secs`"),
     responses((status = 202, description = "Accepted", body = Object), crate::openapi::Failures),
     security(("api_key" = []))
 )]
@@ -1054,4 +1070,38 @@ pub async fn bootstrap(
     let (record, secret) = new_key_record(&platform, "platform admin".into(), Role::Admin);
     store.create_key(&record).await.map_err(|e| e.to_string())?;
     Ok(Some(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_optional_body_may_be_missing_or_null_and_integers_may_be_written_as_412_0() {
+        for none in [&b""[..], b"null", b" null\n"] {
+            let u: UpdateTenant = parse_admin(none).unwrap();
+            assert!(u.name.is_none() && u.tokens_per_minute.is_none());
+        }
+        let u: UpdateTenant =
+            parse_admin(br#"{"tokens_per_minute": 412.0, "requests_per_minute": null}"#).unwrap();
+        assert_eq!(u.tokens_per_minute, Some(Some(412)));
+        assert_eq!(u.requests_per_minute, Some(None));
+        // A body a route needs is still needed.
+        let e = parse_admin::<CreateTenant>(b"null").err().unwrap();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("name"), "{}", e.message);
+    }
+
+    #[test]
+    fn fractions_and_out_of_range_integers_are_refused_naming_the_field() {
+        for (body, field) in [
+            (&br#"{"tokens_per_minute": 1.5}"#[..], "tokens_per_minute"),
+            (br#"{"requests_per_minute": -1.0}"#, "requests_per_minute"),
+            (br#"{"requests_per_minute": 0}"#, "requests_per_minute"),
+        ] {
+            let e = parse_admin::<UpdateTenant>(body).err().unwrap();
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
+        }
+    }
 }
