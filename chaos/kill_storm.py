@@ -1,6 +1,6 @@
 """A kill storm on `strata serve` (issue 9's fault injection, first part):
 three tenants hold conversations through the Responses API (stored turns,
-the real model) while a killer SIGKILLs a random engine replica every
+the real model) and a fourth streams stored chat completions while a killer SIGKILLs a random engine replica every
 couple of seconds and, every tenth kill, the `strata serve` process itself
 (gateway and controller; its engines die with it), which is then started
 again on the same port and database. After KILLS kills the load stops and
@@ -9,6 +9,10 @@ the survivors are checked:
 - every acknowledged turn (a 200 with a response id) is stored and intact:
   its response reads back with the same input, and its conversation holds
   the turn's user item followed by the assistant's;
+- every streamed chat completion that ended (`[DONE]`) is stored as the
+  client read it, and none whose gateway lived got an error: a replica
+  killed under it is resumed on another (a killed gateway drops the
+  stream; those are counted apart);
 - no conversation is half-written: items alternate user, assistant;
 - the ledger balances: per tenant, the requests it records as served (200)
   cover every acknowledged turn (none answered and left unmetered);
@@ -80,7 +84,7 @@ def main():
     d = tempfile.mkdtemp(prefix="strata-chaos-")
     s = Serve(d)
     tenants = {}
-    for name in ("alpha", "beta", "gamma"):
+    for name in ("alpha", "beta", "gamma", "delta"):
         t = s.admin_call("POST", "/admin/v1/tenants", {"name": name}).json()["id"]
         key = s.admin_call("POST", f"/admin/v1/tenants/{t}/keys", {"name": name, "role": "member"}).json()["key"]
         tenants[name] = (t, key)
@@ -118,7 +122,57 @@ def main():
                     errors[type(e).__name__] += 1
                     time.sleep(0.2)
 
-    workers = [threading.Thread(target=load, args=(n,), daemon=True) for n in tenants]
+    streamed = []  # (chat completion id, text the client read)
+    lives = [0]  # how many times strata serve was started again
+
+    def stream_chats(name):
+        """Streamed, stored chat completions; each read to its end."""
+        _, key = tenants[name]
+        h = {"Authorization": f"Bearer {key}"}
+        n = 0
+        with httpx.Client(timeout=90) as c:
+            while not stop.is_set():
+                n += 1
+                life = lives[0]
+                try:
+                    with c.stream("POST", f"{s.base}/v1/chat/completions", headers=h, json={
+                            "model": MODEL, "stream": True, "store": True, "max_tokens": 24,
+                            "messages": [{"role": "user", "content": f"{name} story {n}: tell it."}]}) as r:
+                        if r.status_code != 200:
+                            r.read()
+                            errors[f"chat stream http {r.status_code}"] += 1
+                            continue
+                        ids, text, done, failed = set(), [], False, None
+                        for line in r.iter_lines():
+                            if not line.startswith("data: "):
+                                continue
+                            if line == "data: [DONE]":
+                                done = True
+                                continue
+                            chunk = json.loads(line[6:])
+                            if "error" in chunk:
+                                failed = chunk["error"].get("message", "")[:80]
+                                continue
+                            ids.add(chunk["id"])
+                            if chunk["choices"]:
+                                text.append(chunk["choices"][0]["delta"].get("content") or "")
+                        if failed is not None and "had moved to another replica" in failed:
+                            errors["chat stream lost its replica a third time (not moved again)"] += 1
+                        elif failed is not None or not done or len(ids) != 1:
+                            errors[f"chat stream broken (gateway lived): {failed or 'no [DONE]'}"] += 1
+                        else:
+                            with lock:
+                                streamed.append((ids.pop(), "".join(text)))
+                except httpx.ConnectError:
+                    errors["chat stream not connected (gateway down)"] += 1
+                    time.sleep(0.2)
+                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    gone = "gateway killed" if lives[0] != life else "gateway lived"
+                    errors[f"chat stream {type(e).__name__} ({gone})"] += 1
+                    time.sleep(0.2)
+
+    workers = [threading.Thread(target=load, args=(n,), daemon=True) for n in ("alpha", "beta", "gamma")]
+    workers.append(threading.Thread(target=stream_chats, args=("delta",), daemon=True))
     for w in workers:
         w.start()
     kills = Counter()
@@ -126,6 +180,7 @@ def main():
     for i in range(1, KILLS + 1):
         time.sleep(random.uniform(1.0, 3.0))
         if i % 10 == 0:
+            lives[0] += 1  # first: a stream it breaks must see it
             s.proc.send_signal(signal.SIGKILL)
             s.proc.wait()
             kills["strata serve (gateway + controller)"] += 1
@@ -144,6 +199,15 @@ def main():
     problems = acknowledged_problems(s.base, [(tenants[name][1], conv, rid, text)
                                               for name, conv, rid, text in acked])
     by_conv = {(name, conv) for name, conv, _, _ in acked}
+    delta_key = tenants["delta"][1]
+    for cid, text in streamed:
+        r = httpx.get(f"{s.base}/v1/chat/completions/{cid}", headers={"Authorization": f"Bearer {delta_key}"},
+                      timeout=30)
+        if r.status_code != 200:
+            problems.append(f"streamed chat completion {cid}: not stored ({r.status_code})")
+        elif r.json()["choices"][0]["message"]["content"] != text:
+            problems.append(f"streamed chat completion {cid}: stored text differs from the streamed one")
+    problems += [f"{n} x {kind}" for kind, n in errors.items() if "gateway lived" in kind]
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=60)
     # The ledger, as stored: served (200) requests per tenant.
@@ -161,7 +225,8 @@ def main():
         problems.append(f"audit chain: {audit.stdout or audit.stderr}")
     report = {
         "kills": dict(kills), "seconds": round(elapsed, 1), "acknowledged_turns": len(acked),
-        "conversations": len(by_conv), "client_errors": dict(errors), "metered_requests": metered,
+        "conversations": len(by_conv), "streamed_chat_completions": len(streamed),
+        "client_errors": dict(errors), "metered_requests": metered,
         "audit": json.loads(audit.stdout) if audit.stdout else None, "problems": problems,
     }
     print(json.dumps(report, indent=1))

@@ -7,7 +7,9 @@ snapshots taken at shutdown."""
 import os
 import signal
 import sqlite3
+import time
 
+import httpx
 from conftest import MODEL_ID, Server
 
 GREEDY = {"model": MODEL_ID, "temperature": 0}
@@ -91,5 +93,62 @@ def test_a_stream_waits_for_a_replica_when_every_replica_dies():
                                     stream=True, **GREEDY)
         events, text = stream_through_kills(stream, s.engine_pids)
         assert c.responses.retrieve(events[-1].response.id).output_text == text
+    finally:
+        s.stop()
+
+
+def serving_replica(server):
+    """The id of the replica with a request in flight."""
+    busy = [r["id"] for r in httpx.get(f"{server.base}/health").json()["replicas"] if r["outstanding_tokens"] > 0]
+    assert len(busy) == 1, busy
+    return busy[0]
+
+
+def test_chat_and_completion_streams_survive_their_replica():
+    """Streamed chat completions (stored and not) and completions whose
+    replica is SIGKILLed mid-answer go on from the other replica: the
+    client reads one stream, one id, no error, a finish reason, and usage
+    that counts every token it read; a stored one is stored whole."""
+    s = Server(replicas=2, tenant="failover-chat")
+    try:
+        c = s.client()
+        for kind in ("chat", "chat stored", "completion"):
+            if kind.startswith("chat"):
+                stream = c.chat.completions.create(
+                    messages=[{"role": "user", "content": "Tell me a long story about a GPU."}],
+                    max_tokens=120, stream=True, stream_options={"include_usage": True},
+                    store=kind == "chat stored", **GREEDY)
+            else:
+                stream = c.completions.create(prompt="Once upon a time, in a datacenter,", max_tokens=120,
+                                              stream=True, stream_options={"include_usage": True}, **GREEDY)
+            chunks, texts, killed = [], [], None
+            for chunk in stream:
+                chunks.append(chunk)
+                if chunk.choices:
+                    piece = chunk.choices[0].delta.content if kind.startswith("chat") else chunk.choices[0].text
+                    if piece:
+                        texts.append(piece)
+                if len(texts) == 5 and killed is None:
+                    killed = serving_replica(s)
+                    os.kill(s.engine_pid(killed), signal.SIGKILL)
+            assert killed, f"{kind}: the answer ended before the replica could be killed"
+            assert len({ch.id for ch in chunks}) == 1, f"{kind}: {set(ch.id for ch in chunks)}"
+            finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+            assert finishes in (["stop"], ["length"]), f"{kind}: {finishes}"
+            assert len(texts) > 5, f"{kind}: nothing came after the kill"
+            usage = chunks[-1].usage
+            # One token per chunk from strata's engine; the second replica's
+            # count of the first one's tokens moved from prompt to output.
+            assert usage.completion_tokens == len(texts), (kind, usage, len(texts))
+            assert usage.prompt_tokens < 40, (kind, usage)
+            if kind == "chat stored":
+                stored = c.chat.completions.retrieve(chunks[0].id)
+                assert stored.choices[0].message.content == "".join(texts)
+                assert stored.usage.completion_tokens == len(texts)
+            # Wait for the controller to bring the killed replica back.
+            deadline = time.time() + 120
+            while httpx.get(f"{s.base}/health").json()["replicas_ready"] < 2:
+                assert time.time() < deadline, "the killed replica did not come back"
+                time.sleep(0.5)
     finally:
         s.stop()

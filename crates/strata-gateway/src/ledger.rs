@@ -14,14 +14,15 @@ use crate::metrics::{GatewayMetrics, ModelLabels, UsageLabels};
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
     metrics: Arc<GatewayMetrics>,
+    store: Arc<dyn Store>,
 }
 
 impl Ledger {
     /// Starts the writer; it flushes and ends once every `Ledger` is dropped.
     pub fn spawn(store: Arc<dyn Store>, metrics: Arc<GatewayMetrics>) -> (Ledger, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(10_000);
-        let task = tokio::spawn(write_batches(store, rx));
-        (Ledger { tx, metrics }, task)
+        let task = tokio::spawn(write_batches(store.clone(), rx));
+        (Ledger { tx, metrics, store }, task)
     }
 
     /// Never blocks a request: when the writer is far behind, the row is
@@ -40,6 +41,30 @@ impl Ledger {
     /// As `record`, for a request whose `counted` tokens went through
     /// `streamed_token` already.
     pub fn record_streamed(&self, row: UsageRecord, counted: u64) {
+        self.count(&row, counted);
+        self.batch(row);
+    }
+
+    /// As `record_streamed`, written before it returns: for an answer that
+    /// is stored, so that once the client has it, its usage is metered
+    /// (a batch waits up to 50 ms, and a gateway killed meanwhile loses
+    /// it). A store that fails now gets the row in the next batch.
+    pub async fn record_now(&self, row: UsageRecord, counted: u64) {
+        self.count(&row, counted);
+        if let Err(e) = self.store.record_usage(std::slice::from_ref(&row)).await {
+            tracing::warn!(error = %e, "cannot write a usage row now; batching it");
+            self.batch(row);
+        }
+    }
+
+    fn batch(&self, row: UsageRecord) {
+        if self.tx.try_send(row).is_err() {
+            self.metrics.ledger_dropped.inc();
+        }
+    }
+
+    /// The row's share of the gateway's metrics.
+    fn count(&self, row: &UsageRecord, counted: u64) {
         let tokens = u64::from(row.prompt_tokens) + u64::from(row.completion_tokens);
         self.metrics.tokens.inc_by(tokens.saturating_sub(counted));
         self.metrics
@@ -77,9 +102,6 @@ impl Ledger {
                     .get_or_create(&model)
                     .observe(tpot / 1000.0);
             }
-        }
-        if self.tx.try_send(row).is_err() {
-            self.metrics.ledger_dropped.inc();
         }
     }
 }

@@ -57,7 +57,7 @@ use crate::admission::{Charge, Estimate, Policy};
 use crate::auth::{Authenticator, Principal};
 use crate::ledger::Ledger;
 use crate::metrics::{GatewayMetrics, RequestLabels};
-use crate::proxy::{Forward, Proxy};
+use crate::proxy::{Forward, Proxy, Route};
 use crate::replicas::ReplicaSet;
 use crate::snapshots::Snapshots;
 
@@ -662,17 +662,19 @@ async fn forward(
         .replicas
         .prefix_of(p.tenant.id.as_str(), &generation.input);
     let forward = Forward {
-        principal: p,
+        route: Route {
+            path,
+            principal: p,
+            session: None,
+            prefix,
+            body,
+            model: generation.model,
+            estimated_tokens,
+        },
         keep,
-        session: None,
-        prefix,
         charge,
-        path,
-        model: generation.model,
         stream: generation.stream,
         include_usage: generation.include_usage,
-        body,
-        estimated_tokens,
         request_id,
         arrived,
     };

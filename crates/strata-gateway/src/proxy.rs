@@ -2,10 +2,11 @@
 //! nothing has reached the client, stream SSE through event by event, and
 //! meter usage into the ledger.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -24,16 +25,13 @@ use crate::metrics::GatewayMetrics;
 use crate::replicas::{InFlight, NoReplica, ReplicaSet};
 use crate::stored::{Keep, Transcript};
 
-/// What the gateway learned about a request before forwarding it.
-pub struct Forward {
+/// Where a request goes and what it sends: what `Proxy::open` needs to
+/// pick a replica and send it there (again, to resume a stream elsewhere).
+#[derive(Clone)]
+pub struct Route {
     pub path: &'static str,
     /// Who asked: tenant and key for the ledger, and the replica pool.
     pub principal: Arc<Principal>,
-    /// Limits, budget and fair-queue slot held for this request; settled
-    /// with the metered usage when the request ends.
-    pub charge: Charge,
-    /// Where to keep the answer (`store: true`).
-    pub keep: Option<Keep>,
     /// The session (conversation or response chain) a stateful turn
     /// continues; the replica keeps its cells under it.
     pub session: Option<String>,
@@ -41,16 +39,27 @@ pub struct Forward {
     pub prefix: Vec<u64>,
     pub body: Bytes,
     pub model: String,
+    /// Prompt + output tokens the request may use, for load balancing.
+    pub estimated_tokens: u64,
+}
+
+/// What the gateway learned about a request before forwarding it.
+pub struct Forward {
+    pub route: Route,
+    /// Limits, budget and fair-queue slot held for this request; settled
+    /// with the metered usage when the request ends.
+    pub charge: Charge,
+    /// Where to keep the answer (`store: true`).
+    pub keep: Option<Keep>,
     pub stream: bool,
     /// The client asked for the usage chunk; otherwise the gateway asks the
     /// replica for it anyway (to meter) and removes it from the stream.
     pub include_usage: bool,
-    /// Prompt + output tokens the request may use, for load balancing.
-    pub estimated_tokens: u64,
     pub request_id: String,
     pub arrived: Instant,
 }
 
+#[derive(Clone)]
 pub struct Proxy {
     pub client: reqwest::Client,
     pub replicas: Arc<ReplicaSet>,
@@ -61,12 +70,17 @@ pub struct Proxy {
     pub hold: Option<std::time::Duration>,
 }
 
+/// Replicas an answer may move to after the one serving it fails mid-stream.
+pub const MAX_RESUMES: u32 = 2;
+/// How long a resumption waits for a replica to take the rest of an answer.
+pub const RESUME_WAIT: Duration = Duration::from_secs(30);
+
 impl Proxy {
     pub async fn forward(&self, mut req: Forward) -> Result<Response, ApiError> {
         if req.stream && !req.include_usage {
-            req.body = with_usage_requested(&req.body);
+            req.route.body = with_usage_requested(&req.route.body);
         }
-        let (flight, upstream) = match self.open(&req, None).await {
+        let (flight, upstream) = match self.open(&req.route, None).await {
             Ok(opened) => opened,
             Err(refusal) => return Ok(refusal),
         };
@@ -83,7 +97,7 @@ impl Proxy {
     /// client when every replica failed.
     pub async fn open(
         &self,
-        req: &Forward,
+        req: &Route,
         prefer: Option<&str>,
     ) -> Result<(InFlight, reqwest::Response), Response> {
         let mut tried: Vec<String> = Vec::new();
@@ -169,6 +183,24 @@ impl Proxy {
         })
     }
 
+    /// `route` sent again after its replica failed mid-answer. Every
+    /// replica may be down at once (the others lost too, or still
+    /// starting): waits up to `RESUME_WAIT` for one rather than fail.
+    pub async fn reopen(&self, route: &Route) -> Option<(InFlight, reqwest::Response)> {
+        let deadline = Instant::now() + RESUME_WAIT;
+        loop {
+            match self.open(route, None).await {
+                Ok((flight, upstream)) if upstream.status().is_success() => {
+                    return Some((flight, upstream))
+                }
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                _ => return None,
+            }
+        }
+    }
+
     async fn whole_response(
         &self,
         mut req: Forward,
@@ -204,14 +236,14 @@ impl Proxy {
         let elapsed = req.arrived.elapsed().as_secs_f64();
         self.metrics.latency.observe(elapsed);
         self.metrics.first_byte.observe(elapsed);
-        self.ledger.record(usage_row(
-            &mut req,
-            &flight,
-            status.as_u16(),
-            usage,
-            elapsed,
-            elapsed,
-        ));
+        let stored = req.keep.is_some();
+        let row = usage_row(&mut req, &flight, status.as_u16(), usage, elapsed, elapsed);
+        if stored {
+            // Metered before the client has the stored answer.
+            self.ledger.record_now(row, 0).await;
+        } else {
+            self.ledger.record(row);
+        }
         json_response(status, body)
     }
 
@@ -232,8 +264,9 @@ impl Proxy {
             first_byte: None,
             counted: 0,
             done: false,
-            ledger: self.ledger.clone(),
-            metrics: self.metrics.clone(),
+            proxy: self.clone(),
+            resuming: None,
+            resumes: 0,
             flight,
             req,
         };
@@ -288,11 +321,11 @@ pub fn usage_row(
     let at_ms = strata_core::now_ms() - (latency * 1000.0) as i64;
     UsageRecord {
         request_id: req.request_id.clone(),
-        tenant_id: req.principal.tenant.id.to_string(),
-        key_id: req.principal.key.id.clone(),
+        tenant_id: req.route.principal.tenant.id.to_string(),
+        key_id: req.route.principal.key.id.clone(),
         cost_usd,
         at_ms,
-        model: req.model.clone(),
+        model: req.route.model.clone(),
         replica: flight.replica().endpoint.id.clone(),
         status,
         prompt_tokens: usage.prompt_tokens,
@@ -304,7 +337,9 @@ pub fn usage_row(
 }
 
 /// Splits an SSE byte stream into whole events, picks out the usage chunk,
-/// and drops it when the client did not ask for it.
+/// and drops it when the client did not ask for it. Keeps what a resumption
+/// needs (the text so far) and, after one, makes the new replica's chunks
+/// read as the first one's.
 pub struct SseEvents {
     buf: BytesMut,
     strip_usage: bool,
@@ -312,11 +347,29 @@ pub struct SseEvents {
     /// Events with generated text so far (one token each from strata's
     /// engine).
     pub deltas: u64,
+    /// The generated text so far.
+    pub text: String,
+    /// A choice has a finish reason: the answer is complete, even if the
+    /// stream breaks before `[DONE]`.
+    pub finished: bool,
     /// `data: [DONE]` has passed: the answer is whole, whatever happens to
     /// the connection after it.
     pub ended: bool,
     /// Assembles the answer from the chunks when it is to be stored.
     pub transcript: Option<Transcript>,
+    /// The first replica's chunk id and creation time.
+    id: Value,
+    created: Value,
+    /// Set once the answer moved to another replica: the deltas streamed
+    /// before the latest move.
+    resumed_after: Option<u32>,
+}
+
+/// What becomes of one event on its way to the client.
+enum Verdict {
+    Pass,
+    Drop,
+    Replace(String),
 }
 
 impl SseEvents {
@@ -326,8 +379,13 @@ impl SseEvents {
             strip_usage,
             usage: None,
             deltas: 0,
+            text: String::new(),
+            finished: false,
             ended: false,
             transcript: None,
+            id: Value::Null,
+            created: Value::Null,
+            resumed_after: None,
         }
     }
 
@@ -337,10 +395,15 @@ impl SseEvents {
         let mut out = BytesMut::new();
         while let Some(end) = find_event_end(&self.buf) {
             let event = self.buf.split_to(end);
-            if self.is_usage_event(&event) && self.strip_usage {
-                continue;
+            match self.inspect(&event) {
+                Verdict::Pass => out.extend_from_slice(&event),
+                Verdict::Drop => {}
+                Verdict::Replace(data) => {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(data.as_bytes());
+                    out.extend_from_slice(b"\n\n");
+                }
             }
-            out.extend_from_slice(&event);
         }
         out.freeze()
     }
@@ -350,36 +413,136 @@ impl SseEvents {
         self.buf.split().freeze()
     }
 
-    fn is_usage_event(&mut self, event: &[u8]) -> bool {
+    /// The answer goes on from another replica: a broken event of the
+    /// failed one is dropped, and the new one's chunks are read as the
+    /// continuation of this answer.
+    pub fn resume(&mut self) {
+        self.buf.clear();
+        self.resumed_after = Some(self.deltas as u32);
+    }
+
+    fn inspect(&mut self, event: &[u8]) -> Verdict {
         let Some(data) = std::str::from_utf8(event)
             .ok()
             .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data:")))
         else {
-            return false;
+            return Verdict::Pass;
         };
         if data.trim() == "[DONE]" {
             self.ended = true;
-            return false;
+            return Verdict::Pass;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
-            return false;
+        let Ok(mut v) = serde_json::from_str::<Value>(data.trim()) else {
+            return Verdict::Pass;
         };
-        if let Some(t) = self.transcript.as_mut() {
-            t.observe(&v);
-        }
         let choice = &v["choices"][0];
         let text = choice["delta"]["content"]
             .as_str()
-            .or(choice["text"].as_str());
-        if text.is_some_and(|t| !t.is_empty()) {
+            .or(choice["text"].as_str())
+            .filter(|t| !t.is_empty());
+        let has_text = text.is_some();
+        if let Some(t) = text {
             self.deltas += 1;
+            self.text.push_str(t);
         }
+        let finishes = !choice["finish_reason"].is_null();
+        self.finished |= finishes;
         let is_usage = v["choices"].as_array().is_some_and(|c| c.is_empty());
-        if let Ok(u) = serde_json::from_value::<Usage>(v["usage"].clone()) {
-            self.usage = Some(u);
+        let mut usage = serde_json::from_value::<Usage>(v["usage"].clone()).ok();
+        let verdict = match self.resumed_after {
+            None => {
+                if self.id.is_null() {
+                    self.id = v["id"].clone();
+                    self.created = v["created"].clone();
+                }
+                Verdict::Pass
+            }
+            // The new replica's opening chunk (the role, no text) was sent
+            // already by the first.
+            Some(_) if !has_text && !finishes && !is_usage => return Verdict::Drop,
+            Some(before) => {
+                usage = usage.map(|u| resumed_usage(u, before));
+                v["id"] = self.id.clone();
+                v["created"] = self.created.clone();
+                if let Some(u) = usage {
+                    v["usage"] = serde_json::to_value(u).expect("usage serialises");
+                }
+                Verdict::Replace(v.to_string())
+            }
+        };
+        if usage.is_some() {
+            self.usage = usage;
         }
-        is_usage
+        if let Some(t) = self.transcript.as_mut() {
+            t.observe(&v);
+        }
+        if is_usage && self.strip_usage {
+            return Verdict::Drop;
+        }
+        verdict
     }
+}
+
+/// What the client hears when its replica failed mid-answer, `moves` times
+/// moved already, and the answer cannot go on.
+pub fn lost_answer(moves: u32) -> ApiError {
+    ApiError::bad_gateway(if moves >= MAX_RESUMES {
+        format!("The replica failed mid-answer, and the answer had moved to another replica {MAX_RESUMES} times already; it is not moved again.")
+    } else {
+        format!(
+            "The replica failed mid-answer, and no other replica took the rest within {} s.",
+            RESUME_WAIT.as_secs()
+        )
+    })
+}
+
+/// An answer's usage as the replica that finished it reports it, counted
+/// for the whole answer: that replica read the `before` tokens streamed by
+/// the earlier ones as prompt, so they count as output again.
+pub fn resumed_usage(u: Usage, before: u32) -> Usage {
+    let prompt = u.prompt_tokens.saturating_sub(before);
+    Usage::new(prompt, u.completion_tokens + before).with_cached(u.cached_tokens().min(prompt))
+}
+
+/// `request` (a chat or completion request as first sent) asking for the
+/// rest of an answer of which `partial`, `generated` tokens, has streamed:
+/// the chat continues it as an open assistant message
+/// (`continue_final_message`), the completion as the end of its prompt,
+/// with what is left of `max_tokens`.
+pub fn continued(request: &Value, partial: &str, generated: u32) -> Value {
+    let mut request = request.clone();
+    if !partial.is_empty() {
+        let continues = request["continue_final_message"] == Value::Bool(true);
+        if let Some(messages) = request.get_mut("messages").and_then(Value::as_array_mut) {
+            match messages.last_mut() {
+                Some(last) if continues => match &mut last["content"] {
+                    Value::String(s) => s.push_str(partial),
+                    Value::Array(parts) => {
+                        parts.push(serde_json::json!({"type": "text", "text": partial}))
+                    }
+                    other => *other = Value::from(partial),
+                },
+                _ => messages.push(serde_json::json!({"role": "assistant", "content": partial})),
+            }
+            request["continue_final_message"] = Value::Bool(true);
+        } else {
+            match request.get_mut("prompt") {
+                Some(Value::String(s)) => s.push_str(partial),
+                Some(Value::Array(a)) => {
+                    if let Some(Value::String(s)) = a.first_mut() {
+                        s.push_str(partial);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for field in ["max_tokens", "max_completion_tokens"] {
+        if let Some(max) = request.get(field).and_then(Value::as_u64) {
+            request[field] = Value::from(max.saturating_sub(generated.into()).max(1));
+        }
+    }
+    request
 }
 
 /// End (exclusive) of the first complete event: after a blank line.
@@ -392,8 +555,12 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
+type Reopening = Pin<Box<dyn Future<Output = Option<(InFlight, reqwest::Response)>> + Send>>;
+
 /// The client-facing stream: upstream bytes through `SseEvents`, metered
-/// when it ends or the client goes away.
+/// when it ends or the client goes away. When the replica fails mid-answer
+/// the answer goes on from another one (`MAX_RESUMES` times at most): the
+/// client reads one stream.
 struct Metered {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     events: SseEvents,
@@ -401,10 +568,35 @@ struct Metered {
     /// Output tokens counted as served while streaming.
     counted: u64,
     done: bool,
-    ledger: Ledger,
-    metrics: Arc<GatewayMetrics>,
+    proxy: Proxy,
+    /// Another replica being asked for the rest of the answer.
+    resuming: Option<Reopening>,
+    resumes: u32,
     flight: InFlight,
     req: Forward,
+}
+
+impl Metered {
+    /// Asks another replica for the rest of the answer, unless it moved
+    /// `MAX_RESUMES` times already.
+    fn resume(&mut self) -> Option<Reopening> {
+        if self.resumes >= MAX_RESUMES {
+            return None;
+        }
+        let first: Value = serde_json::from_slice(&self.req.route.body).ok()?;
+        let rest = continued(&first, &self.events.text, self.events.deltas as u32);
+        let mut route = self.req.route.clone();
+        route.body = Bytes::from(rest.to_string());
+        self.resumes += 1;
+        let proxy = self.proxy.clone();
+        Some(Box::pin(async move { proxy.reopen(&route).await }))
+    }
+
+    /// Ends the stream with an in-band error: no replica took the rest.
+    fn fail(&mut self) -> Bytes {
+        self.done = true;
+        Bytes::from(format!("data: {}\n\n", lost_answer(self.resumes).to_json()))
+    }
 }
 
 impl Stream for Metered {
@@ -415,12 +607,31 @@ impl Stream for Metered {
             if self.done {
                 return Poll::Ready(None);
             }
+            if let Some(reopening) = self.resuming.as_mut() {
+                match reopening.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some((flight, upstream))) => {
+                        tracing::info!(from = %self.flight.replica().endpoint.id, to = %flight.replica().endpoint.id, "stream resumed on another replica");
+                        self.proxy.metrics.retries.inc();
+                        self.resuming = None;
+                        self.flight = flight;
+                        self.inner = Box::pin(upstream.bytes_stream());
+                        self.events.resume();
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        self.resuming = None;
+                        self.resumes -= 1; // it did not move
+                        return Poll::Ready(Some(Ok(self.fail())));
+                    }
+                }
+            }
             match self.inner.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     let out = self.events.push(&chunk);
                     for _ in self.counted..self.events.deltas {
-                        self.ledger.streamed_token();
+                        self.proxy.ledger.streamed_token();
                     }
                     self.counted = self.events.deltas;
                     if out.is_empty() {
@@ -428,21 +639,31 @@ impl Stream for Metered {
                     }
                     if self.first_byte.is_none() {
                         let t = self.req.arrived.elapsed().as_secs_f64();
-                        self.metrics.first_byte.observe(t);
+                        self.proxy.metrics.first_byte.observe(t);
                         self.first_byte = Some(t);
                     }
                     return Poll::Ready(Some(Ok(out)));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    // The replica died mid-stream: tell the client in-band and end.
                     tracing::warn!(replica = %self.flight.replica().endpoint.id, error = %e, "replica failed mid-stream");
                     self.flight.replica().mark_down();
-                    self.done = true;
-                    let err = ApiError::bad_gateway("The replica failed during the stream.");
-                    return Poll::Ready(Some(Ok(Bytes::from(format!(
-                        "data: {}\n\n",
-                        err.to_json()
-                    )))));
+                    if self.events.finished {
+                        // Only the end (usage, `[DONE]`) was lost.
+                        self.done = true;
+                        return Poll::Ready(Some(Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
+                    }
+                    match self.resume() {
+                        Some(reopening) => self.resuming = Some(reopening),
+                        None => return Poll::Ready(Some(Ok(self.fail()))),
+                    }
+                }
+                // The replica ended the stream mid-answer (it was stopped).
+                Poll::Ready(None) if !self.events.finished && !self.events.ended => {
+                    tracing::warn!(replica = %self.flight.replica().endpoint.id, "replica ended the stream mid-answer");
+                    match self.resume() {
+                        Some(reopening) => self.resuming = Some(reopening),
+                        None => return Poll::Ready(Some(Ok(self.fail()))),
+                    }
                 }
                 Poll::Ready(None) => {
                     self.done = true;
@@ -460,7 +681,7 @@ impl Stream for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         let latency = self.req.arrived.elapsed().as_secs_f64();
-        self.metrics.latency.observe(latency);
+        self.proxy.metrics.latency.observe(latency);
         // 499: the client went away before the end, as nginx logs it. A
         // client that closes as soon as `[DONE]` arrives got it all.
         let status = if self.done || self.events.ended {
@@ -473,15 +694,6 @@ impl Drop for Metered {
             .transcript
             .as_ref()
             .is_some_and(Transcript::finished);
-        if let (true, Some(keep), Some(t)) = (
-            finished,
-            self.req.keep.take(),
-            self.events.transcript.take(),
-        ) {
-            // Written after the stream ends, so a read sent the moment
-            // `[DONE]` arrives may find it missing for a few milliseconds.
-            tokio::spawn(async move { keep.save(t.into_completion()).await });
-        }
         let row = usage_row(
             &mut self.req,
             &self.flight,
@@ -490,7 +702,21 @@ impl Drop for Metered {
             self.first_byte.unwrap_or(latency),
             latency,
         );
-        self.ledger.record_streamed(row, self.counted);
+        if let (true, Some(keep), Some(t)) = (
+            finished,
+            self.req.keep.take(),
+            self.events.transcript.take(),
+        ) {
+            // Written after the stream ends, so a read sent the moment
+            // `[DONE]` arrives may find it missing for a few milliseconds.
+            let (ledger, counted) = (self.proxy.ledger.clone(), self.counted);
+            tokio::spawn(async move {
+                keep.save(t.into_completion()).await;
+                ledger.record_now(row, counted).await;
+            });
+        } else {
+            self.proxy.ledger.record_streamed(row, self.counted);
+        }
     }
 }
 
@@ -534,6 +760,132 @@ mod tests {
             format!("{USAGE}data: [DONE]\n\n")
         );
         assert_eq!(s.usage, Some(Usage::new(3, 2)));
+    }
+
+    fn chunk(id: &str, created: u64, delta: Value, finish: Value) -> String {
+        let v = serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {v}\n\n")
+    }
+
+    fn data(out: &[u8]) -> Vec<Value> {
+        std::str::from_utf8(out)
+            .unwrap()
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_resumed_stream_reads_as_the_first_one() {
+        let null = Value::Null;
+        let mut s = SseEvents::new(false);
+        let first = [
+            chunk(
+                "a",
+                10,
+                serde_json::json!({"role": "assistant", "content": ""}),
+                null.clone(),
+            ),
+            chunk(
+                "a",
+                10,
+                serde_json::json!({"content": "Once"}),
+                null.clone(),
+            ),
+            chunk(
+                "a",
+                10,
+                serde_json::json!({"content": " upon"}),
+                null.clone(),
+            ),
+        ]
+        .concat();
+        let out = s.push(format!("{first}data: {{\"id\":\"a\",\"cho").as_bytes());
+        assert_eq!(data(&out).len(), 3);
+        assert_eq!(
+            (s.text.as_str(), s.deltas, s.finished),
+            ("Once upon", 2, false)
+        );
+
+        // The replica died with half an event sent: the rest comes from
+        // another, whose chunks carry their own id, a role opening and a
+        // usage that counts the first two tokens as prompt.
+        s.resume();
+        let usage = "data: {\"id\":\"b\",\"created\":20,\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3,\"total_tokens\":12}}\n\n";
+        let second = [
+            chunk(
+                "b",
+                20,
+                serde_json::json!({"role": "assistant", "content": ""}),
+                null.clone(),
+            ),
+            chunk("b", 20, serde_json::json!({"content": " a"}), null.clone()),
+            chunk(
+                "b",
+                20,
+                serde_json::json!({"content": " time"}),
+                null.clone(),
+            ),
+            chunk("b", 20, serde_json::json!({}), Value::from("stop")),
+            usage.to_owned(),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat();
+        let out = s.push(second.as_bytes());
+        let events = data(&out);
+        assert_eq!(events.len(), 4, "the second role opening is dropped");
+        assert!(
+            events.iter().all(|e| e["id"] == "a" && e["created"] == 10),
+            "{events:?}"
+        );
+        assert_eq!(events[0]["choices"][0]["delta"]["content"], " a");
+        assert_eq!(events[2]["choices"][0]["finish_reason"], "stop");
+        // 2 + 2 tokens out, the prompt as it was (7).
+        assert_eq!(events[3]["usage"]["prompt_tokens"], 7);
+        assert_eq!(events[3]["usage"]["completion_tokens"], 5);
+        assert_eq!(
+            s.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((7, 5))
+        );
+        assert_eq!(s.text, "Once upon a time");
+        assert!(s.finished && s.ended);
+        assert!(out.ends_with(b"data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn a_continued_chat_ends_in_the_partial_answer_and_a_completion_in_its_prompt() {
+        let chat = serde_json::json!({"model": "m", "max_tokens": 10, "stream": true,
+            "messages": [{"role": "user", "content": "Tell me"}]});
+        let once = continued(&chat, "Once", 1);
+        assert_eq!(
+            once["messages"][1],
+            serde_json::json!({"role": "assistant", "content": "Once"})
+        );
+        assert_eq!(once["continue_final_message"], true);
+        assert_eq!(once["max_tokens"], 9);
+        // A second move continues the same open message, from the request
+        // as first sent or as the client's own continuation.
+        let twice = continued(&once, " upon", 1);
+        assert_eq!(twice["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(twice["messages"][1]["content"], "Once upon");
+        assert_eq!(twice["max_tokens"], 8);
+        // Nothing streamed yet: the request as it was, but for the tokens.
+        let none = continued(&chat, "", 0);
+        assert_eq!(none, chat);
+
+        for prompt in [serde_json::json!("Hi"), serde_json::json!(["Hi"])] {
+            let c = serde_json::json!({"model": "m", "prompt": prompt, "max_completion_tokens": 2});
+            let next = continued(&c, " there", 5);
+            let text = next["prompt"].as_str().or(next["prompt"][0].as_str());
+            assert_eq!(text, Some("Hi there"));
+            assert_eq!(
+                next["max_completion_tokens"], 1,
+                "at least one token is left to ask for"
+            );
+        }
     }
 
     #[test]

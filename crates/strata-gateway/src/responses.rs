@@ -6,7 +6,7 @@
 //! new items in the same transaction.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -30,18 +30,16 @@ use tracing::Instrument;
 
 use crate::admin::{record_audit, store_error};
 use crate::auth::Principal;
-use crate::proxy::{json_response, usage_row, Forward, SseEvents};
+use crate::proxy::{
+    continued, json_response, lost_answer, resumed_usage, usage_row, Forward, Route, SseEvents,
+    MAX_RESUMES,
+};
 use crate::replicas::InFlight;
 use crate::snapshots::Snapshots;
 use crate::stored::{answer, deleted, may_change};
 use crate::AppState;
 
 const ROUTE: &str = "/v1/responses";
-
-/// Replicas a response may move to after the one serving it fails mid-stream.
-const MAX_RESUMES: u32 = 2;
-/// How long a resumption waits for a replica to take the rest of a turn.
-const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 /// What a stored response keeps: the response object, its own input items,
 /// and the context items before them (so a later `previous_response_id`
@@ -206,28 +204,30 @@ async fn start(
         .replicas
         .prefix_of(p.tenant.id.as_str(), &generation.input);
     let mut forward = Forward {
-        path: "/v1/chat/completions",
-        principal: p,
+        route: Route {
+            path: "/v1/chat/completions",
+            principal: p,
+            // A conversation's turns share its id; a chain's next turn names this response.
+            session: Some(
+                turn.conversation
+                    .clone()
+                    .unwrap_or_else(|| response_id.clone()),
+            ),
+            prefix,
+            body: chat,
+            model: generation.model,
+            estimated_tokens,
+        },
         charge,
         keep: None,
-        // A conversation's turns share its id; a chain's next turn names this response.
-        session: Some(
-            turn.conversation
-                .clone()
-                .unwrap_or_else(|| response_id.clone()),
-        ),
-        prefix,
-        body: chat,
-        model: generation.model,
         stream: true,
         include_usage: true,
-        estimated_tokens,
         request_id,
         arrived,
     };
     let (flight, upstream) = match state
         .proxy
-        .open(&forward, replica.as_deref())
+        .open(&forward.route, replica.as_deref())
         .instrument(span.clone())
         .await
     {
@@ -252,7 +252,7 @@ async fn start(
     let meta = ResponseMeta {
         id: response_id,
         created_at: crate::now_ms() / 1000,
-        model: forward.model.clone(),
+        model: forward.route.model.clone(),
         instructions: turn.instructions.clone(),
         previous_response_id: turn.previous_response_id.clone(),
         conversation: turn.conversation.clone(),
@@ -443,7 +443,12 @@ impl Turn {
             first_byte.unwrap_or(latency),
             latency,
         );
-        self.state.proxy.ledger.record_streamed(row, deltas.into());
+        if self.meta.store {
+            // Metered before the client hears the turn is done.
+            self.state.proxy.ledger.record_now(row, deltas.into()).await;
+        } else {
+            self.state.proxy.ledger.record_streamed(row, deltas.into());
+        }
         let response = response_object(&self.meta, &outcome, &output, usage);
         let last = match &outcome {
             Outcome::Incomplete => "response.incomplete",
@@ -511,9 +516,7 @@ impl Turn {
                             continue;
                         }
                     }
-                    a.outcome = Outcome::Failed(ApiError::bad_gateway(
-                        "The replica failed during the response.",
-                    ));
+                    a.outcome = Outcome::Failed(lost_answer(resumes));
                     return Ok(());
                 }
             };
@@ -559,16 +562,7 @@ impl Turn {
         }
         a.usage = sse.usage.map(|u| match resumes {
             0 => u,
-            // The last replica read the earlier output as prompt: count it
-            // as output again (deltas stand in for the lost usage).
-            _ => Usage::new(
-                u.prompt_tokens.saturating_sub(before_resume),
-                u.completion_tokens + before_resume,
-            )
-            .with_cached(
-                u.cached_tokens()
-                    .min(u.prompt_tokens.saturating_sub(before_resume)),
-            ),
+            _ => resumed_usage(u, before_resume),
         });
         a.outcome = match finish.as_deref() {
             Some("length") => Outcome::Incomplete,
@@ -600,36 +594,14 @@ impl Turn {
         Ok(())
     }
 
-    /// Sends the turn again, to another replica, with the answer so far as
-    /// an open assistant message to continue (`continue_final_message`) and
-    /// what is left of `max_output_tokens`.
+    /// Sends the turn again, to another replica, for the rest of the
+    /// answer (`proxy::continued`).
     async fn resume(&mut self, partial: &str, generated: u32) -> Option<reqwest::Response> {
-        let mut request = self.request.clone();
-        if !partial.is_empty() {
-            request["messages"]
-                .as_array_mut()?
-                .push(json!({"role": "assistant", "content": partial}));
-            request["continue_final_message"] = json!(true);
-        }
-        if let Some(max) = self.meta.max_output_tokens {
-            request["max_tokens"] = json!(max.saturating_sub(generated).max(1));
-        }
-        self.forward.body = Bytes::from(request.to_string());
-        // Every replica may be down at once (the others lost too, or still
-        // starting): wait a while for one rather than fail the turn.
-        let deadline = Instant::now() + RESUME_WAIT;
-        loop {
-            match self.state.proxy.open(&self.forward, None).await {
-                Ok((flight, upstream)) if upstream.status().is_success() => {
-                    self.flight = flight;
-                    return Some(upstream);
-                }
-                _ if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                _ => return None,
-            }
-        }
+        let rest = continued(&self.request, partial, generated);
+        self.forward.route.body = Bytes::from(rest.to_string());
+        let (flight, upstream) = self.state.proxy.reopen(&self.forward.route).await?;
+        self.flight = flight;
+        Some(upstream)
     }
 
     /// Stores the response, and its input and output as the conversation's
@@ -657,7 +629,7 @@ impl Turn {
             .chain(output)
             .map(|i| stored_item(i, now))
             .collect();
-        let p = &self.forward.principal;
+        let p = &self.forward.route.principal;
         let written = self
             .state
             .store
