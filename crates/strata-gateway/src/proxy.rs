@@ -762,7 +762,9 @@ mod tests {
         assert_eq!(s.usage, Some(Usage::new(3, 2)));
     }
 
-    fn chunk(id: &str, created: u64, delta: Value, finish: Value) -> String {
+    /// A chat chunk of replica `a` (created at 10) or `b` (at 20).
+    fn chunk(id: &str, delta: Value, finish: Value) -> String {
+        let created = if id == "a" { 10 } else { 20 };
         let v = serde_json::json!({"id": id, "object": "chat.completion.chunk", "created": created,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
         format!("data: {v}\n\n")
@@ -780,29 +782,16 @@ mod tests {
 
     #[test]
     fn a_resumed_stream_reads_as_the_first_one() {
-        let null = Value::Null;
-        let mut s = SseEvents::new(false);
-        let first = [
+        let opening = |id| {
             chunk(
-                "a",
-                10,
+                id,
                 serde_json::json!({"role": "assistant", "content": ""}),
-                null.clone(),
-            ),
-            chunk(
-                "a",
-                10,
-                serde_json::json!({"content": "Once"}),
-                null.clone(),
-            ),
-            chunk(
-                "a",
-                10,
-                serde_json::json!({"content": " upon"}),
-                null.clone(),
-            ),
-        ]
-        .concat();
+                Value::Null,
+            )
+        };
+        let says = |id, text| chunk(id, serde_json::json!({"content": text}), Value::Null);
+        let mut s = SseEvents::new(false);
+        let first = [opening("a"), says("a", "Once"), says("a", " upon")].concat();
         let out = s.push(format!("{first}data: {{\"id\":\"a\",\"cho").as_bytes());
         assert_eq!(data(&out).len(), 3);
         assert_eq!(
@@ -816,20 +805,10 @@ mod tests {
         s.resume();
         let usage = "data: {\"id\":\"b\",\"created\":20,\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3,\"total_tokens\":12}}\n\n";
         let second = [
-            chunk(
-                "b",
-                20,
-                serde_json::json!({"role": "assistant", "content": ""}),
-                null.clone(),
-            ),
-            chunk("b", 20, serde_json::json!({"content": " a"}), null.clone()),
-            chunk(
-                "b",
-                20,
-                serde_json::json!({"content": " time"}),
-                null.clone(),
-            ),
-            chunk("b", 20, serde_json::json!({}), Value::from("stop")),
+            opening("b"),
+            says("b", " a"),
+            says("b", " time"),
+            chunk("b", serde_json::json!({}), Value::from("stop")),
             usage.to_owned(),
             "data: [DONE]\n\n".to_owned(),
         ]
