@@ -70,8 +70,12 @@ pub struct Proxy {
     pub hold: Option<std::time::Duration>,
 }
 
-/// Replicas an answer may move to after the one serving it fails mid-stream.
-pub const MAX_RESUMES: u32 = 2;
+/// Moves an answer may make to another replica after the one serving it
+/// fails mid-stream, however well it goes.
+pub const MAX_MOVES: u32 = 8;
+/// Moves in a row that brought no new token, after which the answer is not
+/// moved again: a request that itself brings replicas down stops there.
+pub const MAX_STALLED_MOVES: u32 = 3;
 /// How long a resumption waits for a replica to take the rest of an answer.
 pub const RESUME_WAIT: Duration = Duration::from_secs(30);
 
@@ -266,7 +270,7 @@ impl Proxy {
             done: false,
             proxy: self.clone(),
             resuming: None,
-            resumes: 0,
+            moves: Moves::default(),
             flight,
             req,
         };
@@ -483,17 +487,50 @@ impl SseEvents {
     }
 }
 
-/// What the client hears when its replica failed mid-answer, `moves` times
-/// moved already, and the answer cannot go on.
-pub fn lost_answer(moves: u32) -> ApiError {
-    ApiError::bad_gateway(if moves >= MAX_RESUMES {
-        format!("The replica failed mid-answer, and the answer had moved to another replica {MAX_RESUMES} times already; it is not moved again.")
-    } else {
-        format!(
-            "The replica failed mid-answer, and no other replica took the rest within {} s.",
-            RESUME_WAIT.as_secs()
-        )
-    })
+/// The moves of one answer from a replica that failed mid-stream to
+/// another: as long as it makes progress, up to `MAX_MOVES`.
+#[derive(Debug, Default)]
+pub struct Moves {
+    pub count: u32,
+    /// Moves in a row after which no new token came.
+    stalled: u32,
+    /// Tokens streamed at the latest move.
+    at: u64,
+}
+
+impl Moves {
+    /// Whether the answer, `deltas` tokens into it, may move again; counts
+    /// the move if so.
+    pub fn allow(&mut self, deltas: u64) -> bool {
+        let stalled = if self.count > 0 && deltas == self.at {
+            self.stalled + 1
+        } else {
+            0
+        };
+        if self.count >= MAX_MOVES || stalled >= MAX_STALLED_MOVES {
+            return false;
+        }
+        (self.count, self.stalled, self.at) = (self.count + 1, stalled, deltas);
+        true
+    }
+
+    /// What the client hears when the answer may not move again.
+    pub fn exhausted(&self) -> ApiError {
+        ApiError::bad_gateway(if self.count >= MAX_MOVES {
+            format!("The replica failed mid-answer, and the answer had moved to another replica {MAX_MOVES} times already; it is not moved again.")
+        } else {
+            format!("The replica failed mid-answer, and the answer's last {MAX_STALLED_MOVES} moves to another replica brought no new token; it is not moved again.")
+        })
+    }
+}
+
+/// What the client hears when its replica failed mid-answer and no other
+/// replica took the rest.
+pub fn no_replica_for_the_rest() -> ApiError {
+    ApiError::bad_gateway(format!(
+        "The replica failed mid-answer, and no other replica took the rest within {} s.",
+        RESUME_WAIT.as_secs()
+    ))
 }
 
 /// An answer's usage as the replica that finished it reports it, counted
@@ -559,8 +596,8 @@ type Reopening = Pin<Box<dyn Future<Output = Option<(InFlight, reqwest::Response
 
 /// The client-facing stream: upstream bytes through `SseEvents`, metered
 /// when it ends or the client goes away. When the replica fails mid-answer
-/// the answer goes on from another one (`MAX_RESUMES` times at most): the
-/// client reads one stream.
+/// the answer goes on from another one (see `Moves`): the client reads one
+/// stream.
 struct Metered {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     events: SseEvents,
@@ -571,31 +608,31 @@ struct Metered {
     proxy: Proxy,
     /// Another replica being asked for the rest of the answer.
     resuming: Option<Reopening>,
-    resumes: u32,
+    moves: Moves,
     flight: InFlight,
     req: Forward,
 }
 
 impl Metered {
-    /// Asks another replica for the rest of the answer, unless it moved
-    /// `MAX_RESUMES` times already.
-    fn resume(&mut self) -> Option<Reopening> {
-        if self.resumes >= MAX_RESUMES {
-            return None;
-        }
-        let first: Value = serde_json::from_slice(&self.req.route.body).ok()?;
+    /// Asks another replica for the rest of the answer, or ends the stream
+    /// with an in-band error when it may not move again.
+    fn resume(&mut self) -> Option<Bytes> {
+        let first: Value = match serde_json::from_slice(&self.req.route.body) {
+            Ok(v) if self.moves.allow(self.events.deltas) => v,
+            _ => return Some(self.fail(self.moves.exhausted())),
+        };
         let rest = continued(&first, &self.events.text, self.events.deltas as u32);
         let mut route = self.req.route.clone();
         route.body = Bytes::from(rest.to_string());
-        self.resumes += 1;
         let proxy = self.proxy.clone();
-        Some(Box::pin(async move { proxy.reopen(&route).await }))
+        self.resuming = Some(Box::pin(async move { proxy.reopen(&route).await }));
+        None
     }
 
-    /// Ends the stream with an in-band error: no replica took the rest.
-    fn fail(&mut self) -> Bytes {
+    /// Ends the stream with `error` as an in-band event.
+    fn fail(&mut self, error: ApiError) -> Bytes {
         self.done = true;
-        Bytes::from(format!("data: {}\n\n", lost_answer(self.resumes).to_json()))
+        Bytes::from(format!("data: {}\n\n", error.to_json()))
     }
 }
 
@@ -621,8 +658,7 @@ impl Stream for Metered {
                     }
                     Poll::Ready(None) => {
                         self.resuming = None;
-                        self.resumes -= 1; // it did not move
-                        return Poll::Ready(Some(Ok(self.fail())));
+                        return Poll::Ready(Some(Ok(self.fail(no_replica_for_the_rest()))));
                     }
                 }
             }
@@ -652,17 +688,15 @@ impl Stream for Metered {
                         self.done = true;
                         return Poll::Ready(Some(Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
                     }
-                    match self.resume() {
-                        Some(reopening) => self.resuming = Some(reopening),
-                        None => return Poll::Ready(Some(Ok(self.fail()))),
+                    if let Some(error) = self.resume() {
+                        return Poll::Ready(Some(Ok(error)));
                     }
                 }
                 // The replica ended the stream mid-answer (it was stopped).
                 Poll::Ready(None) if !self.events.finished && !self.events.ended => {
                     tracing::warn!(replica = %self.flight.replica().endpoint.id, "replica ended the stream mid-answer");
-                    match self.resume() {
-                        Some(reopening) => self.resuming = Some(reopening),
-                        None => return Poll::Ready(Some(Ok(self.fail()))),
+                    if let Some(error) = self.resume() {
+                        return Poll::Ready(Some(Ok(error)));
                     }
                 }
                 Poll::Ready(None) => {
@@ -865,6 +899,29 @@ mod tests {
                 "at least one token is left to ask for"
             );
         }
+    }
+
+    #[test]
+    fn an_answer_moves_while_it_makes_progress() {
+        // Killed replica after replica, each after a few more tokens: it
+        // moves up to MAX_MOVES times.
+        let mut m = Moves::default();
+        for i in 0..MAX_MOVES {
+            assert!(m.allow(u64::from(i) * 3), "move {i}");
+        }
+        assert!(!m.allow(1000));
+        assert!(m.exhausted().message.contains("8 times"));
+
+        // A request whose replicas die before a new token (one that brings
+        // them down itself): three moves without progress, then no more.
+        let mut m = Moves::default();
+        assert!(m.allow(5)); // the first replica made 5 tokens
+        assert!(m.allow(5) && m.allow(5)); // the next two none
+        assert!(!m.allow(5), "the fourth stalled move is refused");
+        assert!(m.exhausted().message.contains("brought no new token"));
+        // Progress resets the count of stalled moves.
+        let mut m = Moves::default();
+        assert!(m.allow(0) && m.allow(0) && m.allow(1) && m.allow(1) && m.allow(2));
     }
 
     #[test]

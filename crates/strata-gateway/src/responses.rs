@@ -31,8 +31,8 @@ use tracing::Instrument;
 use crate::admin::{record_audit, store_error};
 use crate::auth::Principal;
 use crate::proxy::{
-    continued, json_response, lost_answer, resumed_usage, usage_row, Forward, Route, SseEvents,
-    MAX_RESUMES,
+    continued, json_response, no_replica_for_the_rest, resumed_usage, usage_row, Forward, Moves,
+    Route, SseEvents,
 };
 use crate::replicas::InFlight;
 use crate::snapshots::Snapshots;
@@ -490,7 +490,7 @@ impl Turn {
         let mut body = upstream.bytes_stream().boxed();
         let mut finish: Option<String> = None;
         // Deltas streamed before the latest resumption.
-        let (mut before_resume, mut resumes) = (0u32, 0);
+        let (mut before_resume, mut moves) = (0u32, Moves::default());
         loop {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
@@ -505,19 +505,20 @@ impl Turn {
                         tracing::warn!(replica = %replica.endpoint.id, error = %e, "replica failed mid-response");
                         replica.mark_down();
                     }
-                    if resumes < MAX_RESUMES {
-                        if let Some(next) = self.resume(&a.text, a.deltas).await {
-                            tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
-                            self.state.proxy.metrics.retries.inc();
-                            body = next.bytes_stream().boxed();
-                            sse = SseEvents::new(false);
-                            before_resume = a.deltas;
-                            resumes += 1;
-                            continue;
-                        }
+                    if !moves.allow(a.deltas.into()) {
+                        a.outcome = Outcome::Failed(moves.exhausted());
+                        return Ok(());
                     }
-                    a.outcome = Outcome::Failed(lost_answer(resumes));
-                    return Ok(());
+                    let Some(next) = self.resume(&a.text, a.deltas).await else {
+                        a.outcome = Outcome::Failed(no_replica_for_the_rest());
+                        return Ok(());
+                    };
+                    tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
+                    self.state.proxy.metrics.retries.inc();
+                    body = next.bytes_stream().boxed();
+                    sse = SseEvents::new(false);
+                    before_resume = a.deltas;
+                    continue;
                 }
             };
             let events = sse.push(&chunk);
@@ -560,7 +561,7 @@ impl Turn {
                 }
             }
         }
-        a.usage = sse.usage.map(|u| match resumes {
+        a.usage = sse.usage.map(|u| match moves.count {
             0 => u,
             _ => resumed_usage(u, before_resume),
         });
