@@ -75,14 +75,15 @@ fn limit_buckets(p: &Principal, tokens: u64) -> Vec<Bucket> {
     let mut add = |scope: &str, id: &str, limits: &RateLimits| {
         if let Some(rpm) = limits.requests_per_minute {
             out.push(Bucket {
-                name: format!("{scope}:{id}:rpm"),
+                // Per request: joined, not formatted.
+                name: [scope, ":", id, ":rpm"].concat(),
                 per_minute: rpm,
                 cost: 1,
             });
         }
         if let Some(tpm) = limits.tokens_per_minute {
             out.push(Bucket {
-                name: format!("{scope}:{id}:tpm"),
+                name: [scope, ":", id, ":tpm"].concat(),
                 per_minute: tpm,
                 cost: tokens,
             });

@@ -492,10 +492,12 @@ impl SqlStore {
 impl UsageStore for SqlStore {
     async fn record_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
         // Many rows per statement: one round trip per chunk instead of per
-        // row (13 binds a row, well under either backend's limit). A row
-        // written twice (a retried batch) is kept once.
+        // row (13 binds a row, well under either backend's limit). Chunks
+        // come in a few fixed sizes, so the statements are prepared once
+        // and cached rather than once per batch length. A row written twice
+        // (a retried batch) is kept once.
         let mut tx = self.begin_write().await?;
-        for chunk in rows.chunks(256) {
+        for chunk in usage_chunks(rows) {
             let row = format!("({})", ["?"; 13].join(", "));
             let statement = format!(
                 "INSERT INTO usage (request_id, tenant_id, key_id, at_ms, model, replica, \
@@ -1183,9 +1185,50 @@ impl DecisionStore for SqlStore {
     }
 }
 
+/// Sizes of the usage rows' INSERT statements, largest first.
+const USAGE_CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// `rows` cut into chunks of the sizes in `USAGE_CHUNKS`, largest first.
+fn usage_chunks(mut rows: &[UsageRecord]) -> impl Iterator<Item = &[UsageRecord]> {
+    std::iter::from_fn(move || {
+        let size = USAGE_CHUNKS.into_iter().find(|&n| n <= rows.len())?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_rows_go_in_chunks_of_a_few_fixed_sizes() {
+        let row = UsageRecord {
+            request_id: String::new(),
+            tenant_id: String::new(),
+            key_id: String::new(),
+            cost_usd: 0.0,
+            at_ms: 0,
+            model: String::new(),
+            replica: String::new(),
+            status: 200,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            ttft_ms: 0.0,
+            latency_ms: 0.0,
+            stream: false,
+        };
+        let rows = vec![row; 1000];
+        for n in [0, 1, 3, 17, 256, 600, 1000] {
+            let sizes: Vec<usize> = usage_chunks(&rows[..n]).map(<[_]>::len).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.iter().all(|s| USAGE_CHUNKS.contains(s)), "{sizes:?}");
+            assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{sizes:?}");
+        }
+        let sizes: Vec<usize> = usage_chunks(&rows[..600]).map(<[_]>::len).collect();
+        assert_eq!(sizes, [256, 256, 64, 16, 4, 4]);
+    }
 
     #[test]
     fn driver_errors_sort_into_what_clients_are_told() {
