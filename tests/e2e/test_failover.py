@@ -7,6 +7,7 @@ snapshots taken at shutdown."""
 import os
 import signal
 import sqlite3
+import threading
 import time
 
 import httpx
@@ -150,5 +151,42 @@ def test_chat_and_completion_streams_survive_their_replica():
             while httpx.get(f"{s.base}/health").json()["replicas_ready"] < 2:
                 assert time.time() < deadline, "the killed replica did not come back"
                 time.sleep(0.5)
+    finally:
+        s.stop()
+
+
+def test_a_whole_chat_completion_survives_its_replica():
+    """A chat completion answered whole (not streamed) whose replica is
+    SIGKILLed while it generates: nothing has gone back to the client (the
+    engine sends its headers with the whole answer), so the request is
+    sent to the other replica and answered there, without an error."""
+    s = Server(replicas=2, tenant="failover-whole")
+    try:
+        c = s.client()
+        result = {}
+
+        def ask():
+            result["answer"] = c.chat.completions.create(
+                messages=[{"role": "user", "content": "Tell me a long story about a GPU."}],
+                max_tokens=120, **GREEDY)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        deadline = time.time() + 60
+        while True:
+            busy = [r["id"] for r in httpx.get(f"{s.base}/health").json()["replicas"] if r["outstanding_tokens"] > 0]
+            if busy:
+                break
+            assert time.time() < deadline, "the request never reached a replica"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the generation
+        os.kill(s.engine_pid(busy[0]), signal.SIGKILL)
+        asking.join(timeout=120)
+        answer = result["answer"]
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        assert answer.choices[0].message.content
+        assert answer.usage.completion_tokens > 0
+        log = open(s.log_path).read()
+        assert "replica unreachable; trying another" in log, "the kill did not land mid-answer"
     finally:
         s.stop()
