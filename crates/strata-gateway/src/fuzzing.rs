@@ -196,7 +196,17 @@ impl Body {
     /// OpenAI-shaped 4xx naming what is wrong: bad input is the caller's
     /// error, never the server's.
     pub fn check(self, bytes: &[u8]) {
-        if let Err(e) = self.parse(bytes) {
+        let parsed = self.parse(bytes);
+        if parsed.is_ok() && matches!(self, Body::Chat | Body::Completions) {
+            // What a stream's answer becomes when it moves to another
+            // replica is a request the route takes too.
+            let v: Value = serde_json::from_slice(bytes).expect("it parsed");
+            let rest = crate::proxy::continued(&v, " and so", 2).to_string();
+            if let Err(e) = self.parse(rest.as_bytes()) {
+                panic!("{self:?}: the continued request is refused: {e}\n{rest}");
+            }
+        }
+        if let Err(e) = parsed {
             assert!(
                 (400..500).contains(&e.status),
                 "{self:?}: {} for bad input: {e}",
@@ -236,6 +246,22 @@ pub fn sse(cuts: &[u8], stream: &[u8]) {
     for data in crate::responses::sse_data(&whole.bytes) {
         let _ = serde_json::from_str::<Value>(data);
     }
+    // The same stream from a second replica after the first broke off
+    // somewhere: the text goes on from where it was, however it is cut.
+    let at = cuts
+        .first()
+        .map_or(0, |&c| usize::from(c) * stream.len() / 256);
+    let (first, _) = stream.split_at(at);
+    let moved = |cuts: &[u8]| {
+        let mut events = SseEvents::new(false);
+        events.push(first);
+        events.resume();
+        relay_into(&mut events, stream, cuts);
+        events.text
+    };
+    let expected = relay(first, &[], false).text + &whole.text;
+    assert_eq!(moved(&[]), expected, "a moved answer's text");
+    assert_eq!(moved(cuts), expected, "chunking changed a moved answer");
 }
 
 #[derive(Debug, PartialEq)]
@@ -243,12 +269,12 @@ struct Relayed {
     bytes: Vec<u8>,
     usage: Option<Usage>,
     deltas: u64,
+    text: String,
     transcript: Value,
 }
 
-fn relay(stream: &[u8], cuts: &[u8], strip_usage: bool) -> Relayed {
-    let mut events = SseEvents::new(strip_usage);
-    events.transcript = Some(Transcript::default());
+/// `stream` through `events` in chunks cut by `cuts`: the bytes passed on.
+fn relay_into(events: &mut SseEvents, stream: &[u8], cuts: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::new();
     let mut rest = stream;
     let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
@@ -259,10 +285,18 @@ fn relay(stream: &[u8], cuts: &[u8], strip_usage: bool) -> Relayed {
         rest = tail;
     }
     bytes.extend_from_slice(&events.finish());
+    bytes
+}
+
+fn relay(stream: &[u8], cuts: &[u8], strip_usage: bool) -> Relayed {
+    let mut events = SseEvents::new(strip_usage);
+    events.transcript = Some(Transcript::default());
+    let bytes = relay_into(&mut events, stream, cuts);
     Relayed {
         bytes,
         usage: events.usage,
         deltas: events.deltas,
+        text: std::mem::take(&mut events.text),
         transcript: events
             .transcript
             .take()
