@@ -10,14 +10,37 @@ import subprocess
 import sys
 import tempfile
 
-from conftest import Server
+import httpx
+from conftest import MODEL_ID, Server
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemathesis.toml")
+
+
+def stored_objects(s):
+    """A conversation with an item, a stored response and a stored chat
+    completion, made as the key the run uses: ids for the operations that
+    read or change one (schemathesis.toml names them), which would otherwise
+    see only 404s."""
+    h = {"Authorization": f"Bearer {s.admin_key}"}
+
+    def post(path, body):
+        r = httpx.post(f"{s.base}{path}", headers=h, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    conv = post("/v1/conversations", {"items": [{"role": "user", "content": "hi"}]})["id"]
+    item = httpx.get(f"{s.base}/v1/conversations/{conv}/items", headers=h).json()["data"][0]["id"]
+    response = post("/v1/responses", {"model": MODEL_ID, "input": "Hi.", "max_output_tokens": 2})["id"]
+    completion = post("/v1/chat/completions", {"model": MODEL_ID, "store": True, "max_tokens": 2,
+                                               "messages": [{"role": "user", "content": "Hi."}]})["id"]
+    return {"STRATA_ST_CONVERSATION": conv, "STRATA_ST_ITEM": item, "STRATA_ST_RESPONSE": response,
+            "STRATA_ST_COMPLETION": completion}
 
 
 def test_generated_requests_get_no_5xx_and_answers_match_the_document():
     s = Server(replicas=1, tenant="conformance")
     try:
+        ids = stored_objects(s)
         st = os.path.join(os.path.dirname(sys.executable), "st")
         out = subprocess.run(
             [st, "--config-file", CONFIG, "run", f"{s.base}/openapi.json",
@@ -29,7 +52,8 @@ def test_generated_requests_get_no_5xx_and_answers_match_the_document():
              "--exclude-path-regex", "^/ui/log|/kek/rotate|/replicas/",
              "--suppress-health-check", "all"],
             # Its cache goes to a scratch directory, not the checkout.
-            capture_output=True, text=True, timeout=900, cwd=tempfile.mkdtemp(prefix="strata-st-"))
+            capture_output=True, text=True, timeout=900, cwd=tempfile.mkdtemp(prefix="strata-st-"),
+            env={**os.environ, **ids})
         summary = out.stdout[-6000:]
         assert out.returncode == 0, summary
         assert "Tested: " in out.stdout and " generated" in out.stdout, summary

@@ -138,6 +138,24 @@ def test_every_role_on_every_route(mt):
     assert {a, b, "ten_platform"} <= everyone
 
 
+def test_a_stored_completions_messages_come_in_pages(mt):
+    c = mt.client(mt.keys["a_member"])
+    done = c.chat.completions.create(model=MODEL_ID, max_tokens=2, store=True, messages=[
+        {"role": "system", "content": "one"}, {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "three"}, {"role": "user", "content": "four"}])
+    every = c.chat.completions.messages.list(done.id)
+    assert [m.content for m in every.data] == ["one", "two", "three", "four"]  # oldest first
+    first = c.chat.completions.messages.list(done.id, limit=2)
+    assert [m.content for m in first.data] == ["one", "two"] and first.has_more
+    rest = c.chat.completions.messages.list(done.id, limit=2, after=first.data[-1].id)
+    assert [m.content for m in rest.data] == ["three", "four"] and not rest.has_more
+    newest = c.chat.completions.messages.list(done.id, order="desc", limit=1)
+    assert [m.content for m in newest.data] == ["four"]
+    for bad in ({"order": "sideways"}, {"limit": 0}):
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.messages.list(done.id, **bad)
+
+
 def test_another_tenants_objects_are_404_like_missing_ones(mt):
     a_client, b_client = mt.client(mt.keys["a_member"]), mt.client(mt.keys["b_member"])
     done = a_client.chat.completions.create(**chat_body(f"Keep this: {CANARY}", 4), store=True,

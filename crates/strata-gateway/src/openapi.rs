@@ -195,7 +195,7 @@ pub struct PageParams {
     /// 1 to 100 (20 when not given).
     #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
-    /// `asc` or `desc` (the default).
+    /// `asc` or `desc`: newest first unless the route says otherwise.
     #[param(pattern = "^(asc|desc)$")]
     order: Option<String>,
 }

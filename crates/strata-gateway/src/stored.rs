@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use axum::extract::State;
 
-use crate::extract::Path;
+use crate::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use strata_core::responses::{list_page, page_limit};
+use strata_core::responses::{list_page, page_limit, PageQuery};
 use strata_core::store::{Store, StoreError, StoredCompletion};
 use strata_core::{read_body, ApiError};
 use utoipa_axum::router::OpenApiRouter;
@@ -202,7 +202,7 @@ async fn show(
     operation_id = "list_stored_completion_messages",
     path = "/v1/chat/completions/{id}/messages",
     tag = "openai",
-    summary = "The messages of a stored chat completion",
+    summary = "The messages of a stored chat completion (oldest first unless `order=desc`)",
     params(("id" = String, Path, description = "A completion id (`chatcmpl-…`)"), crate::openapi::PageParams),
     responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
     security(("api_key" = []))
@@ -211,9 +211,14 @@ async fn messages(
     State(store): State<Arc<dyn Store>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(mut q): Query<PageQuery>,
 ) -> Response {
-    let result = fetch(&*store, &p, &id).await.map(|doc| {
-        let data: Vec<Value> = doc["messages"]
+    let result = async {
+        // Oldest first unless asked otherwise, as OpenAI lists them.
+        q.order.get_or_insert_with(|| "asc".to_owned());
+        let page = q.validate()?;
+        let doc = fetch(&*store, &p, &id).await?;
+        let all: Vec<Value> = doc["messages"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -224,8 +229,10 @@ async fn messages(
                 m
             })
             .collect();
-        list_page(data, false)
-    });
+        let (data, more) = page.slice(&all, |m| m["id"].as_str().unwrap_or_default());
+        Ok(list_page(data, more))
+    }
+    .await;
     answer(&*store, &p, "completion.messages", &id, result).await
 }
 
