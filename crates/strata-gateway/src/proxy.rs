@@ -261,6 +261,7 @@ impl Proxy {
         let mut events = SseEvents::new(!req.include_usage);
         if req.keep.is_some() {
             events.transcript = Some(Transcript::default());
+            events.hold_done = true;
         }
         let metered = Metered {
             inner: Box::pin(upstream.bytes_stream()),
@@ -271,6 +272,8 @@ impl Proxy {
             proxy: self.clone(),
             resuming: None,
             moves: Moves::default(),
+            saving: None,
+            settled: false,
             flight,
             req,
         };
@@ -359,6 +362,8 @@ pub struct SseEvents {
     /// `data: [DONE]` has passed: the answer is whole, whatever happens to
     /// the connection after it.
     pub ended: bool,
+    /// `[DONE]` is kept back (it is sent when the answer is stored).
+    pub hold_done: bool,
     /// Assembles the answer from the chunks when it is to be stored.
     pub transcript: Option<Transcript>,
     /// The first replica's chunk id and creation time.
@@ -386,6 +391,7 @@ impl SseEvents {
             text: String::new(),
             finished: false,
             ended: false,
+            hold_done: false,
             transcript: None,
             id: Value::Null,
             created: Value::Null,
@@ -434,7 +440,11 @@ impl SseEvents {
         };
         if data.trim() == "[DONE]" {
             self.ended = true;
-            return Verdict::Pass;
+            return if self.hold_done {
+                Verdict::Drop
+            } else {
+                Verdict::Pass
+            };
         }
         let Ok(mut v) = serde_json::from_str::<Value>(data.trim()) else {
             return Verdict::Pass;
@@ -592,6 +602,8 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
 type Reopening = Pin<Box<dyn Future<Output = Option<(InFlight, reqwest::Response)>> + Send>>;
 
 /// The client-facing stream: upstream bytes through `SseEvents`, metered
@@ -609,6 +621,10 @@ struct Metered {
     /// Another replica being asked for the rest of the answer.
     resuming: Option<Reopening>,
     moves: Moves,
+    /// A stored answer being written; `[DONE]` follows when it is.
+    saving: Option<tokio::task::JoinHandle<()>>,
+    /// The usage row is written (with the stored answer): not again on drop.
+    settled: bool,
     flight: InFlight,
     req: Forward,
 }
@@ -629,6 +645,37 @@ impl Metered {
         None
     }
 
+    /// The answer is whole and `[DONE]` held back: a stored answer is
+    /// written, with its usage row, before the client reads `[DONE]` (so a
+    /// read sent then finds it). The write runs as its own task: a client
+    /// that leaves now does not stop it. `None`: nothing to write.
+    fn settle(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let finished = self
+            .events
+            .transcript
+            .as_ref()
+            .is_some_and(Transcript::finished);
+        if !finished {
+            return None;
+        }
+        let (keep, transcript) = (self.req.keep.take()?, self.events.transcript.take()?);
+        let latency = self.req.arrived.elapsed().as_secs_f64();
+        let row = usage_row(
+            &mut self.req,
+            &self.flight,
+            200,
+            self.events.usage,
+            self.first_byte.unwrap_or(latency),
+            latency,
+        );
+        self.settled = true;
+        let (ledger, counted) = (self.proxy.ledger.clone(), self.counted);
+        Some(tokio::spawn(async move {
+            keep.save(transcript.into_completion()).await;
+            ledger.record_now(row, counted).await;
+        }))
+    }
+
     /// Ends the stream with `error` as an in-band event.
     fn fail(&mut self, error: ApiError) -> Bytes {
         self.done = true;
@@ -643,6 +690,16 @@ impl Stream for Metered {
         loop {
             if self.done {
                 return Poll::Ready(None);
+            }
+            if let Some(saving) = self.saving.as_mut() {
+                return match Pin::new(saving).poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(_) => {
+                        self.saving = None;
+                        self.done = true;
+                        Poll::Ready(Some(Ok(Bytes::from_static(DONE))))
+                    }
+                };
             }
             if let Some(reopening) = self.resuming.as_mut() {
                 match reopening.as_mut().poll(cx) {
@@ -665,11 +722,19 @@ impl Stream for Metered {
             match self.inner.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let out = self.events.push(&chunk);
+                    let mut out = self.events.push(&chunk);
                     for _ in self.counted..self.events.deltas {
                         self.proxy.ledger.streamed_token();
                     }
                     self.counted = self.events.deltas;
+                    if self.events.hold_done && self.events.ended && !self.settled {
+                        // Held back: after the stored answer is written.
+                        self.events.hold_done = false;
+                        match self.settle() {
+                            Some(saving) => self.saving = Some(saving),
+                            None => out = [&out[..], DONE].concat().into(),
+                        }
+                    }
                     if out.is_empty() {
                         continue;
                     }
@@ -685,8 +750,15 @@ impl Stream for Metered {
                     self.flight.replica().mark_down();
                     if self.events.finished {
                         // Only the end (usage, `[DONE]`) was lost.
+                        if self.events.hold_done && !self.settled {
+                            self.events.hold_done = false;
+                            if let Some(saving) = self.settle() {
+                                self.saving = Some(saving);
+                                continue;
+                            }
+                        }
                         self.done = true;
-                        return Poll::Ready(Some(Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
+                        return Poll::Ready(Some(Ok(Bytes::from_static(DONE))));
                     }
                     if let Some(error) = self.resume() {
                         return Poll::Ready(Some(Ok(error)));
@@ -716,6 +788,9 @@ impl Drop for Metered {
     fn drop(&mut self) {
         let latency = self.req.arrived.elapsed().as_secs_f64();
         self.proxy.metrics.latency.observe(latency);
+        if self.settled {
+            return;
+        }
         // 499: the client went away before the end, as nginx logs it. A
         // client that closes as soon as `[DONE]` arrives got it all.
         let status = if self.done || self.events.ended {
@@ -741,8 +816,7 @@ impl Drop for Metered {
             self.req.keep.take(),
             self.events.transcript.take(),
         ) {
-            // Written after the stream ends, so a read sent the moment
-            // `[DONE]` arrives may find it missing for a few milliseconds.
+            // The stream ended with a finished answer but no `[DONE]`.
             let (ledger, counted) = (self.proxy.ledger.clone(), self.counted);
             tokio::spawn(async move {
                 keep.save(t.into_completion()).await;
