@@ -98,9 +98,14 @@ def test_a_stream_waits_for_a_replica_when_every_replica_dies():
         s.stop()
 
 
+def busy_replicas(server):
+    """The ids of the replicas with a request in flight."""
+    return [r["id"] for r in httpx.get(f"{server.base}/health").json()["replicas"] if r["outstanding_tokens"] > 0]
+
+
 def serving_replica(server):
-    """The id of the replica with a request in flight."""
-    busy = [r["id"] for r in httpx.get(f"{server.base}/health").json()["replicas"] if r["outstanding_tokens"] > 0]
+    """The id of the one replica with a request in flight."""
+    busy = busy_replicas(server)
     assert len(busy) == 1, busy
     return busy[0]
 
@@ -174,7 +179,7 @@ def test_a_whole_chat_completion_survives_its_replica():
         asking.start()
         deadline = time.time() + 60
         while True:
-            busy = [r["id"] for r in httpx.get(f"{s.base}/health").json()["replicas"] if r["outstanding_tokens"] > 0]
+            busy = busy_replicas(s)
             if busy:
                 break
             assert time.time() < deadline, "the request never reached a replica"

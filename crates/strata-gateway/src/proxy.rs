@@ -676,6 +676,15 @@ impl Metered {
         }))
     }
 
+    /// The answer is whole and `[DONE]` was held back: writes a stored
+    /// answer (`settle`). True when `[DONE]` is to follow the write; false
+    /// when there is nothing to write and it is to be sent now.
+    fn release_done(&mut self) -> bool {
+        self.events.hold_done = false;
+        self.saving = self.settle();
+        self.saving.is_some()
+    }
+
     /// Ends the stream with `error` as an in-band event.
     fn fail(&mut self, error: ApiError) -> Bytes {
         self.done = true;
@@ -727,13 +736,8 @@ impl Stream for Metered {
                         self.proxy.ledger.streamed_token();
                     }
                     self.counted = self.events.deltas;
-                    if self.events.hold_done && self.events.ended && !self.settled {
-                        // Held back: after the stored answer is written.
-                        self.events.hold_done = false;
-                        match self.settle() {
-                            Some(saving) => self.saving = Some(saving),
-                            None => out = [&out[..], DONE].concat().into(),
-                        }
+                    if self.events.hold_done && self.events.ended && !self.release_done() {
+                        out = [&out[..], DONE].concat().into();
                     }
                     if out.is_empty() {
                         continue;
@@ -750,12 +754,8 @@ impl Stream for Metered {
                     self.flight.replica().mark_down();
                     if self.events.finished {
                         // Only the end (usage, `[DONE]`) was lost.
-                        if self.events.hold_done && !self.settled {
-                            self.events.hold_done = false;
-                            if let Some(saving) = self.settle() {
-                                self.saving = Some(saving);
-                                continue;
-                            }
+                        if self.events.hold_done && self.release_done() {
+                            continue;
                         }
                         self.done = true;
                         return Poll::Ready(Some(Ok(Bytes::from_static(DONE))));
