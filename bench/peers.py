@@ -22,6 +22,7 @@ tokens relayed.
 Run:
   python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install vllm-router sglang-router
   PEERS_VENV=/work/peers-venv .venv/bin/python bench/peers.py [--streaming]
+  (STRATA_BASELINE_BIN=another/strata adds that build as one more path)
 Needs nginx and wrk (apt-get install nginx-light wrk) and a release build
 (STRATA_BIN, default target/release/strata). The peers' venv is not part
 of strata; nothing of theirs is committed.
@@ -40,6 +41,10 @@ STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "releas
 PEERS = os.environ.get("PEERS_VENV", "/work/peers-venv")
 DURATION, ROUNDS = os.environ.get("DURATION", "10s"), int(os.environ.get("ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
+# Another strata binary (say, a build of the commit before a change) run as
+# one more path in the same rounds: the change's effect, on the same noise.
+BASELINE = os.environ.get("STRATA_BASELINE_BIN")
+STRATA_PATH = "strata gateway (auth, limits, budget, metering)"
 
 
 def start(d, name, argv, ready, seconds=10):
@@ -50,10 +55,11 @@ def start(d, name, argv, ready, seconds=10):
     return proc
 
 
-def strata_gateway(d, replica=STUB, wrap=()):
-    """strata's gateway with everything on in front of `replica` (run under
-    `wrap`, e.g. valgrind, if given); its process, base URL and a key of a
-    tenant with limits and a budget far above any load."""
+def strata_gateway(d, replica=STUB, wrap=(), binary=STRATA):
+    """strata's gateway (`binary`) with everything on in front of `replica`
+    (run under `wrap`, e.g. valgrind, if given); its process, base URL and
+    a key of a tenant with limits and a budget far above any load."""
+    d = tempfile.mkdtemp(dir=d)
     admin = new_key()
     with open(os.path.join(d, "admin.key"), "w") as f:
         f.write(admin)
@@ -63,7 +69,7 @@ def strata_gateway(d, replica=STUB, wrap=()):
                 '[pricing.stub]\nprompt_per_million = 0.1\ncompletion_per_million = 0.2\n')
     p = port()
     base = f"http://127.0.0.1:{p}"
-    proc = start(d, "strata", [*wrap, STRATA, "--config", config, "gateway", "--replica", replica,
+    proc = start(d, "strata", [*wrap, binary, "--config", config, "gateway", "--replica", replica,
                                "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")], f"{base}/health",
                  seconds=120 if wrap else 10)
     h = {"Authorization": f"Bearer {admin}"}
@@ -175,17 +181,21 @@ def main():
         time.sleep(2)  # every router has seen the stub healthy
         paths = {
             "nginx stub, direct": (f"{STUB}/v1/chat/completions", None),
-            "strata gateway (auth, limits, budget, metering)": (f"{strata}/v1/chat/completions", key),
+            STRATA_PATH: (f"{strata}/v1/chat/completions", key),
             "vllm-router (round_robin)": (f"{vllm}/v1/chat/completions", None),
             "sglang-router (round_robin)": (f"{sglang}/v1/chat/completions", None),
         }
+        if BASELINE:
+            proc, base, bkey = strata_gateway(d, binary=BASELINE)
+            procs.append(proc)
+            paths[f"strata gateway, baseline ({os.path.basename(BASELINE)})"] = (f"{base}/v1/chat/completions", bkey)
         runs = {name: [] for name in paths}
         for _ in range(ROUNDS):
             for name, (url, k) in paths.items():
                 runs[name].append(wrk(url, k, connections=CONNECTIONS, duration=DURATION))
         print(json.dumps(runs, indent=1))
         summary = summarize(runs)
-        s, v, g = (summary[n] for n in list(paths)[1:])
+        s, v, g = (summary[n] for n in (STRATA_PATH, "vllm-router (round_robin)", "sglang-router (round_robin)"))
         print(f"\nstrata / vllm-router: req/s x{s['rps'] / v['rps']:.2f}, p99 x{s['p99'] / v['p99']:.2f}")
         print(f"strata / sglang-router: req/s x{s['rps'] / g['rps']:.2f}, p99 x{s['p99'] / g['p99']:.2f}")
         print(f"goal: req/s >= x2.00 and p99 <= x0.50 of vllm-router's")

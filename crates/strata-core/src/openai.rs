@@ -667,12 +667,29 @@ pub fn response_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A generation request's id, `req-…`: ordered by time (UUIDv7), so the
+/// ledger's rows, keyed by it, go to the end of its index instead of onto
+/// pages all over it (at thousands of rows a second, random keys made
+/// each batch rewrite most of the index's leaf pages).
+pub fn request_id() -> String {
+    format!("req-{}", uuid::Uuid::now_v7().simple())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<Generation, ApiError> {
         parse_body::<ChatCompletionRequest>(body.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn request_ids_sort_in_the_order_they_were_made() {
+        let ids: Vec<String> = (0..1000).map(|_| request_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
+        assert!(ids
+            .iter()
+            .all(|id| id.starts_with("req-") && id.len() == 36));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 use strata_core::config::ModelPrice;
 use strata_core::openai::{
-    parse_body, response_id, ChatCompletionRequest, CompletionRequest, Generation, ModelList,
+    parse_body, request_id, ChatCompletionRequest, CompletionRequest, Generation, ModelList,
 };
 use strata_core::store::Store;
 use strata_core::{read_body, tls, ApiError, ReplicaEndpoint};
@@ -641,7 +641,7 @@ async fn forward(
         "/v1/completions" => parse_body::<CompletionRequest>(&body)?.validate()?,
         _ => parse_body::<ChatCompletionRequest>(&body)?.validate()?,
     };
-    let request_id = response_id("req");
+    let request_id = request_id();
     let span = request_span(&request_id, &p, &generation, path);
     let (charge, estimated_tokens) = admit(state, &p, &generation, body.len())
         .instrument(span.clone())

@@ -181,7 +181,7 @@ async fn start(
     let mut items = context.clone();
     items.extend(turn.input.iter().cloned());
     let (request, chat, generation) = chat_request(&turn, &items)?;
-    let request_id = new_id("req");
+    let request_id = strata_core::openai::request_id();
     let span = crate::request_span(&request_id, &p, &generation, ROUTE);
     let (charge, estimated_tokens) = crate::admit(&state, &p, &generation, chat.len())
         .instrument(span.clone())
