@@ -1,7 +1,6 @@
 //! Who is calling: the Bearer key becomes a `Principal` (key, role, tenant)
 //! before any handler runs. Every kind of bad key gets the same 401.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,8 @@ use strata_core::tenant::{
 };
 use strata_core::ApiError;
 use subtle::ConstantTimeEq;
+
+use crate::FastMap;
 
 /// The authenticated caller, in the request's extensions.
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ impl Principal {
 const CACHE_TTL: Duration = Duration::from_secs(2);
 
 /// Principals by key digest, with when they were looked up.
-type KeyCache = HashMap<[u8; 32], (Arc<Principal>, Instant)>;
+type KeyCache = FastMap<[u8; 32], (Arc<Principal>, Instant)>;
 
 pub struct Authenticator {
     store: Arc<dyn Store>,
@@ -57,7 +58,7 @@ impl Authenticator {
     pub fn new(store: Arc<dyn Store>) -> Authenticator {
         Authenticator {
             store,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(KeyCache::default()),
         }
     }
 

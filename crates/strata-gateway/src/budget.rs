@@ -1,7 +1,6 @@
 //! Monthly budgets in dollars per tenant: a request is checked against an
 //! estimate of its cost before it runs and settled with its real usage after.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +12,8 @@ pub fn month_start_ms(now_ms: i64) -> i64 {
 }
 
 use strata_core::civil_from_days;
+
+use crate::FastMap;
 
 // Howard Hinnant's civil-calendar algorithm (proleptic Gregorian, UTC).
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
@@ -67,7 +68,7 @@ impl MonthSpend {
 /// use and at each new month.
 #[derive(Default)]
 pub struct Budgets {
-    months: Mutex<HashMap<String, MonthSpend>>,
+    months: Mutex<FastMap<String, MonthSpend>>,
 }
 
 impl Budgets {

@@ -3,8 +3,9 @@
 //! burst of up to a minute's worth is allowed, and a refusal says exactly
 //! when the request would fit. Pure: every call takes `now` in seconds.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
+
+use crate::FastMap;
 
 /// Window a per-minute rate is measured over.
 const WINDOW_SECS: f64 = 60.0;
@@ -62,7 +63,7 @@ pub struct Bucket {
 /// its limits or by none.
 #[derive(Default)]
 pub struct Limiter {
-    buckets: Mutex<HashMap<String, Gcra>>,
+    buckets: Mutex<FastMap<String, Gcra>>,
 }
 
 /// Which limit refused, and how.

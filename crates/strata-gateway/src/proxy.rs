@@ -24,6 +24,7 @@ use crate::ledger::Ledger;
 use crate::metrics::GatewayMetrics;
 use crate::replicas::{InFlight, NoReplica, ReplicaSet};
 use crate::stored::{Keep, Transcript};
+use crate::upstream::{describe, ByteStream, Upstream, Upstreams};
 
 /// Where a request goes and what it sends: what `Proxy::open` needs to
 /// pick a replica and send it there (again, to resume a stream elsewhere).
@@ -61,7 +62,9 @@ pub struct Forward {
 
 #[derive(Clone)]
 pub struct Proxy {
+    /// For everything but generation requests (snapshots, probes).
     pub client: reqwest::Client,
+    pub upstreams: Upstreams,
     pub replicas: Arc<ReplicaSet>,
     pub metrics: Arc<GatewayMetrics>,
     pub ledger: Ledger,
@@ -103,7 +106,7 @@ impl Proxy {
         &self,
         req: &Route,
         prefer: Option<&str>,
-    ) -> Result<(InFlight, reqwest::Response), Response> {
+    ) -> Result<(InFlight, Upstream), Response> {
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<(StatusCode, Bytes)> = None;
         let hold_until = self.hold.map(|h| std::time::Instant::now() + h);
@@ -143,24 +146,21 @@ impl Proxy {
             }
             let replica = flight.replica().clone();
             tried.push(replica.endpoint.id.clone());
-            let Some(url) = replica.url(req.path) else {
+            let Some(target) = replica.target(req.path) else {
                 tracing::warn!(replica = %replica.endpoint.id, url = %replica.endpoint.url, "replica URL does not parse; trying another");
                 replica.mark_down();
                 continue;
             };
-            let mut post = self
-                .client
-                .post(url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str());
-            if let Some(session) = &req.session {
-                post = post.header(SESSION_HEADER, session);
-            }
-            let sent = post.body(req.body.clone()).send().await;
+            let scope = (CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str());
+            let headers = match &req.session {
+                Some(session) => &[scope, (SESSION_HEADER, session.as_str())][..],
+                None => &[scope][..],
+            };
+            let sent = self.upstreams.post(target, headers, req.body.clone()).await;
             let upstream = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(replica = %replica.endpoint.id, error = %e, "replica unreachable; trying another");
+                    tracing::warn!(replica = %replica.endpoint.id, error = %describe(&e), "replica unreachable; trying another");
                     replica.mark_down();
                     continue;
                 }
@@ -190,7 +190,7 @@ impl Proxy {
     /// `route` sent again after its replica failed mid-answer. Every
     /// replica may be down at once (the others lost too, or still
     /// starting): waits up to `RESUME_WAIT` for one rather than fail.
-    pub async fn reopen(&self, route: &Route) -> Option<(InFlight, reqwest::Response)> {
+    pub async fn reopen(&self, route: &Route) -> Option<(InFlight, Upstream)> {
         let deadline = Instant::now() + RESUME_WAIT;
         loop {
             match self.open(route, None).await {
@@ -209,7 +209,7 @@ impl Proxy {
         &self,
         mut req: Forward,
         flight: InFlight,
-        upstream: reqwest::Response,
+        upstream: Upstream,
     ) -> Response {
         let status = upstream.status();
         let body = match upstream.bytes().await {
@@ -217,7 +217,10 @@ impl Proxy {
             Err(e) => {
                 flight.replica().mark_down();
                 return axum::response::IntoResponse::into_response(ApiError::bad_gateway(
-                    format!("The replica failed while sending its response: {e}"),
+                    format!(
+                        "The replica failed while sending its response: {}",
+                        describe(&e)
+                    ),
                 ));
             }
         };
@@ -251,12 +254,7 @@ impl Proxy {
         json_response(status, body)
     }
 
-    fn stream_response(
-        &self,
-        req: Forward,
-        flight: InFlight,
-        upstream: reqwest::Response,
-    ) -> Response {
+    fn stream_response(&self, req: Forward, flight: InFlight, upstream: Upstream) -> Response {
         let status = upstream.status();
         let mut events = SseEvents::new(!req.include_usage);
         if req.keep.is_some() {
@@ -264,7 +262,7 @@ impl Proxy {
             events.hold_done = true;
         }
         let metered = Metered {
-            inner: Box::pin(upstream.bytes_stream()),
+            inner: upstream.bytes_stream(),
             events,
             first_byte: None,
             counted: 0,
@@ -604,14 +602,14 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
-type Reopening = Pin<Box<dyn Future<Output = Option<(InFlight, reqwest::Response)>> + Send>>;
+type Reopening = Pin<Box<dyn Future<Output = Option<(InFlight, Upstream)>> + Send>>;
 
 /// The client-facing stream: upstream bytes through `SseEvents`, metered
 /// when it ends or the client goes away. When the replica fails mid-answer
 /// the answer goes on from another one (see `Moves`): the client reads one
 /// stream.
 struct Metered {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    inner: ByteStream,
     events: SseEvents,
     first_byte: Option<f64>,
     /// Output tokens counted as served while streaming.
@@ -718,7 +716,7 @@ impl Stream for Metered {
                         self.proxy.metrics.retries.inc();
                         self.resuming = None;
                         self.flight = flight;
-                        self.inner = Box::pin(upstream.bytes_stream());
+                        self.inner = upstream.bytes_stream();
                         self.events.resume();
                         continue;
                     }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::prefix_index::{block_hashes, prompt_text, PrefixIndex};
 use crate::router::{pick_with_affinity, ReplicaLoad};
+use crate::upstream::Target;
 
 pub struct Replica {
     pub endpoint: ReplicaEndpoint,
@@ -23,7 +24,7 @@ pub struct Replica {
     models: RwLock<Vec<String>>,
     /// Parsed URLs of the routes requests go to, so a request clones one
     /// rather than parsing it again.
-    urls: Mutex<Vec<(&'static str, reqwest::Url)>>,
+    urls: Mutex<Vec<(&'static str, Target)>>,
 }
 
 impl Replica {
@@ -38,16 +39,16 @@ impl Replica {
         }
     }
 
-    /// The replica's URL for `path`; `None` if the endpoint does not parse
-    /// as a URL's start.
-    pub fn url(&self, path: &'static str) -> Option<reqwest::Url> {
+    /// Where a request for `path` goes on this replica; `None` if the
+    /// endpoint does not parse as a URL's start.
+    pub fn target(&self, path: &'static str) -> Option<Target> {
         let mut urls = self.urls.lock().expect("replica urls lock");
-        if let Some((_, url)) = urls.iter().find(|(p, _)| *p == path) {
-            return Some(url.clone());
+        if let Some((_, target)) = urls.iter().find(|(p, _)| *p == path) {
+            return Some(target.clone());
         }
-        let url = reqwest::Url::parse(&format!("{}{path}", self.endpoint.url)).ok()?;
-        urls.push((path, url.clone()));
-        Some(url)
+        let target = Target::parse(&format!("{}{path}", self.endpoint.url))?;
+        urls.push((path, target.clone()));
+        Some(target)
     }
 
     pub fn is_ready(&self) -> bool {

@@ -37,6 +37,7 @@ use crate::proxy::{
 use crate::replicas::InFlight;
 use crate::snapshots::Snapshots;
 use crate::stored::{answer, deleted, may_change};
+use crate::upstream::Upstream;
 use crate::AppState;
 
 const ROUTE: &str = "/v1/responses";
@@ -391,7 +392,7 @@ impl Turn {
 
     /// Reads the replica's chat stream through to the end, emitting events,
     /// then stores, meters and returns the final response object.
-    async fn pump(mut self, upstream: reqwest::Response) -> Result<Value, ApiError> {
+    async fn pump(mut self, upstream: Upstream) -> Result<Value, ApiError> {
         let mut answer = Answer {
             item_id: new_id("msg"),
             text: String::new(),
@@ -462,11 +463,7 @@ impl Turn {
         }
     }
 
-    async fn stream_answer(
-        &mut self,
-        upstream: reqwest::Response,
-        a: &mut Answer,
-    ) -> Result<(), Gone> {
+    async fn stream_answer(&mut self, upstream: Upstream, a: &mut Answer) -> Result<(), Gone> {
         let item_id = a.item_id.clone();
         let item_id = item_id.as_str();
         let in_progress = response_object(&self.meta, &Outcome::InProgress, &[], None);
@@ -487,7 +484,7 @@ impl Turn {
         )
         .await?;
         let mut sse = SseEvents::new(false);
-        let mut body = upstream.bytes_stream().boxed();
+        let mut body = upstream.bytes_stream();
         let mut finish: Option<String> = None;
         // Deltas streamed before the latest resumption.
         let (mut before_resume, mut moves) = (0u32, Moves::default());
@@ -515,7 +512,7 @@ impl Turn {
                     };
                     tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
                     self.state.proxy.metrics.retries.inc();
-                    body = next.bytes_stream().boxed();
+                    body = next.bytes_stream();
                     sse = SseEvents::new(false);
                     before_resume = a.deltas;
                     continue;
@@ -597,7 +594,7 @@ impl Turn {
 
     /// Sends the turn again, to another replica, for the rest of the
     /// answer (`proxy::continued`).
-    async fn resume(&mut self, partial: &str, generated: u32) -> Option<reqwest::Response> {
+    async fn resume(&mut self, partial: &str, generated: u32) -> Option<Upstream> {
         let rest = continued(&self.request, partial, generated);
         self.forward.route.body = Bytes::from(rest.to_string());
         let (flight, upstream) = self.state.proxy.reopen(&self.forward.route).await?;
