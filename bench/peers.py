@@ -81,6 +81,15 @@ def strata_gateway(d, replica=STUB, wrap=(), binary=STRATA):
     return proc, base, key
 
 
+def add_baseline(paths, d, upstream, procs, route=""):
+    """With STRATA_BASELINE_BIN, that build of strata's gateway in front of
+    `upstream` as one more of `paths`."""
+    if BASELINE:
+        proc, base, key = strata_gateway(d, replica=upstream, binary=BASELINE)
+        procs.append(proc)
+        paths[f"strata gateway, baseline ({os.path.basename(BASELINE)})"] = (base + route, key)
+
+
 def routers(d, worker, procs):
     """vllm-router and sglang-router, round_robin over `worker`; their base URLs."""
     vp, sp = port(), port()
@@ -133,9 +142,11 @@ def behind_every_router(d, upstream, direct, procs):
     proc, strata, key = strata_gateway(d, replica=upstream)
     procs.append(proc)
     vllm, sglang = routers(d, upstream, procs)
+    paths = {direct: (upstream, None), "strata gateway": (strata, key),
+             "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
+    add_baseline(paths, d, upstream, procs)
     time.sleep(2)  # every router has seen the upstream healthy
-    return {direct: (upstream, None), "strata gateway": (strata, key),
-            "vllm-router": (vllm, None), "sglang-router": (sglang, None)}
+    return paths
 
 
 def alternate(paths, probe):
@@ -185,10 +196,7 @@ def main():
             "vllm-router (round_robin)": (f"{vllm}/v1/chat/completions", None),
             "sglang-router (round_robin)": (f"{sglang}/v1/chat/completions", None),
         }
-        if BASELINE:
-            proc, base, bkey = strata_gateway(d, binary=BASELINE)
-            procs.append(proc)
-            paths[f"strata gateway, baseline ({os.path.basename(BASELINE)})"] = (f"{base}/v1/chat/completions", bkey)
+        add_baseline(paths, d, STUB, procs, route="/v1/chat/completions")
         runs = {name: [] for name in paths}
         for _ in range(ROUNDS):
             for name, (url, k) in paths.items():
