@@ -748,7 +748,7 @@ impl Stream for Metered {
                     return Poll::Ready(Some(Ok(out)));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(replica = %self.flight.replica().endpoint.id, error = %e, "replica failed mid-stream");
+                    tracing::warn!(replica = %self.flight.replica().endpoint.id, error = %describe(&e), "replica failed mid-stream");
                     self.flight.replica().mark_down();
                     if self.events.finished {
                         // Only the end (usage, `[DONE]`) was lost.

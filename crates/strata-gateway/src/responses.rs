@@ -499,7 +499,7 @@ impl Turn {
                     // answer on another one; the client sees one stream.
                     let replica = self.flight.replica().clone();
                     if let Some(Err(e)) = &ended {
-                        tracing::warn!(replica = %replica.endpoint.id, error = %e, "replica failed mid-response");
+                        tracing::warn!(replica = %replica.endpoint.id, error = %crate::upstream::describe(e), "replica failed mid-response");
                         replica.mark_down();
                     }
                     if !moves.allow(a.deltas.into()) {
