@@ -5,7 +5,10 @@ budget, fair queue, routing and metering on: a key with limits far above
 the load, a monthly budget, usage written to the ledger), through
 vllm-router and through sglang-router (both from PyPI, round_robin over
 the same one stub). Same load tool, threads and connections; runs
-alternate, so the machine's noise hits all paths alike.
+alternate, so the machine's noise hits all paths alike. Each run's CPU per
+request is counted too, user and system apart, for wrk, the stub and the
+router: on cores that all three share, that is what bounds a router's
+req/s.
 
 Relay (`--stream-stub`): bench/stream_stub.py, a fast streaming stand-in
 engine, directly and behind each router; N clients stream 256-chunk chat
@@ -197,12 +200,18 @@ def main():
             "sglang-router (round_robin)": (f"{sglang}/v1/chat/completions", None),
         }
         add_baseline(paths, d, STUB, procs, route="/v1/chat/completions")
+        # Whose CPU each path spends besides wrk's and the stub's: the router's.
+        owners = {STRATA_PATH: procs[0].pid, "vllm-router (round_robin)": procs[1].pid,
+                  "sglang-router (round_robin)": procs[2].pid}
+        if BASELINE:
+            owners[list(paths)[-1]] = procs[3].pid
         runs = {name: [] for name in paths}
         for _ in range(ROUNDS):
             for name, (url, k) in paths.items():
-                runs[name].append(wrk(url, k, connections=CONNECTIONS, duration=DURATION))
+                runs[name].append(wrk_with_cpu(url, k, nginx.pid, owners.get(name)))
         print(json.dumps(runs, indent=1))
         summary = summarize(runs)
+        cpu_table(runs)
         s, v, g = (summary[n] for n in (STRATA_PATH, "vllm-router (round_robin)", "sglang-router (round_robin)"))
         print(f"\nstrata / vllm-router: req/s x{s['rps'] / v['rps']:.2f}, p99 x{s['p99'] / v['p99']:.2f}")
         print(f"strata / sglang-router: req/s x{s['rps'] / g['rps']:.2f}, p99 x{s['p99'] / g['p99']:.2f}")
@@ -210,6 +219,72 @@ def main():
     finally:
         stop(procs)
         nginx.terminate()
+
+
+def process_tree(pid):
+    """`pid` and every process below it."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parents.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(parents.get(p, []))
+    return tree
+
+
+def cpu_seconds(pid):
+    """User and system CPU seconds of `pid`'s process tree so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for p in process_tree(pid):
+        try:
+            stat = open(f"/proc/{p}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / tick, system / tick
+
+
+def wrk_with_cpu(url, key, stub_pid, router_pid):
+    """A wrk run (benchlib.wrk) and the CPU it cost per request, in µs, user
+    and system apart: wrk's own, the stub's and the router's (if any)."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stub0 = cpu_seconds(stub_pid)
+    router0 = cpu_seconds(router_pid) if router_pid else (0, 0)
+    r = wrk(url, key, connections=CONNECTIONS, duration=DURATION)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stub1 = cpu_seconds(stub_pid)
+    router1 = cpu_seconds(router_pid) if router_pid else (0, 0)
+    n = r["rps"] * float(DURATION.rstrip("s"))
+    per = lambda a, b: 1e6 * (b - a) / n  # noqa: E731
+    r.update(wrk_user=per(before.ru_utime, after.ru_utime), wrk_sys=per(before.ru_stime, after.ru_stime),
+             stub_user=per(stub0[0], stub1[0]), stub_sys=per(stub0[1], stub1[1]),
+             router_user=per(router0[0], router1[0]), router_sys=per(router0[1], router1[1]))
+    return r
+
+
+def cpu_table(runs):
+    """CPU per request by path (medians over rounds), and what it bounds.
+    On a machine whose cores wrk, the stub and the router share, req/s is
+    about cores / (CPU per request of all three): a router can only be
+    faster by the CPU it saves."""
+    print("\n| path | wrk µs | stub µs | router user µs | router system µs | all µs |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        m = {k: median([r[k] for r in rs]) for k in ("wrk_user", "wrk_sys", "stub_user", "stub_sys",
+                                                      "router_user", "router_sys")}
+        total = sum(m.values())
+        print(f"| {name} | {m['wrk_user'] + m['wrk_sys']:.1f} | {m['stub_user'] + m['stub_sys']:.1f} | "
+              f"{m['router_user']:.1f} | {m['router_sys']:.1f} | {total:.1f} |")
 
 
 def relay_probe(base, key, streams, seconds, tokens=256):

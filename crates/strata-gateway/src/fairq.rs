@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use crate::FastMap;
+
 /// Weight of a prompt token and of a generated one in the counters; decode
 /// costs the engine far more per token than prefill.
 pub const PROMPT_WEIGHT: f64 = 1.0;
@@ -18,7 +20,7 @@ pub const OUTPUT_WEIGHT: f64 = 2.0;
 /// The counters, pure: which tenant goes next and how service is charged.
 #[derive(Debug, Default, Clone)]
 pub struct Vtc {
-    counters: HashMap<String, f64>,
+    counters: FastMap<String, f64>,
     /// Counter of the tenant served last, for lifting newcomers.
     last_served: f64,
 }
@@ -70,7 +72,7 @@ struct State {
     capacity: usize,
     in_flight: usize,
     vtc: Vtc,
-    queues: HashMap<String, VecDeque<Waiter>>,
+    queues: FastMap<String, VecDeque<Waiter>>,
 }
 
 pub struct FairQueue {
@@ -119,7 +121,7 @@ impl FairQueue {
                 capacity,
                 in_flight: 0,
                 vtc: Vtc::default(),
-                queues: HashMap::new(),
+                queues: FastMap::default(),
             }),
             max_waiting_per_tenant,
         })
@@ -233,14 +235,14 @@ impl FairQueue {
 /// One fair queue per replica pool: the shared pool and each dedicated
 /// tenant's, each sized by its own ready replicas.
 pub struct Pools {
-    queues: Mutex<HashMap<Option<String>, Arc<FairQueue>>>,
+    queues: Mutex<FastMap<Option<String>, Arc<FairQueue>>>,
     max_waiting_per_tenant: usize,
 }
 
 impl Pools {
     pub fn new(max_waiting_per_tenant: usize) -> Pools {
         Pools {
-            queues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(FastMap::default()),
             max_waiting_per_tenant,
         }
     }

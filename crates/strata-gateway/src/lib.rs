@@ -174,7 +174,8 @@ pub fn replica_client(
 
 pub(crate) use strata_core::now_ms;
 
-/// A map looked up on every request (limits, budgets, keys): foldhash
+/// A map looked up on every request (limits, budgets, keys, the fair
+/// queue's counters): foldhash
 /// instead of SipHash, which was ~3% of a proxied request's instructions.
 /// Its keys are strata's own ids and digests, not text a client chooses.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
