@@ -15,6 +15,14 @@ engine, directly and behind each router; N clients stream 256-chunk chat
 completions back to back; chunks per second relayed and time to the first
 chunk.
 
+At a fixed rate (`--fixed-rate`): the same paths driven by oha at RATE
+requests per second (default 10,000, below every router's saturation), 32
+connections, with latency correction (a late request counts from when it
+was due): the latency a router adds when it is not the bottleneck, which
+wrk's saturating run cannot show (there every path's tail is the
+machine's scheduling, the stub's own included). Needs oha (OHA, default
+`oha` on PATH; `cargo install oha --locked`).
+
 Streaming (`--streaming`): one strata engine replica with the real model
 (release build) directly and behind each router; N concurrent streamed
 completions (as ../shared/bench/stream_tokens.py counts them: chunks per
@@ -32,12 +40,13 @@ of strata; nothing of theirs is committed.
 """
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
 
 import httpx
-from benchlib import STUB, median, new_key, port, start_stub, summarize, wait, wrk
+from benchlib import SHARED, STUB, median, new_key, port, start_stub, summarize, wait, wrk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRATA = os.environ.get("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
@@ -221,6 +230,46 @@ def main():
         nginx.terminate()
 
 
+OHA = os.environ.get("OHA", "oha")
+RATE = int(os.environ.get("RATE", "10000"))
+# The body wrk sends (chat.lua), so that both load tools ask the same.
+CHAT_BODY = re.search(r"wrk\.body = '(.*)'", open(os.path.join(SHARED, "chat.lua")).read()).group(1)
+
+
+def oha(url, key):
+    """oha at RATE req/s over CONNECTIONS for DURATION: achieved req/s, p50
+    and p99 latency (ms) counted from when each request was due, non-2xx."""
+    cmd = [OHA, "--no-tui", "--output-format", "json", "-z", DURATION, "-c", str(CONNECTIONS), "-q", str(RATE),
+           "--latency-correction", "-m", "POST", "-H", "Content-Type: application/json", "-d", CHAT_BODY, url]
+    if key:
+        cmd[1:1] = ["-H", f"Authorization: Bearer {key}"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    codes = out.get("statusCodeDistribution", {})
+    return {"rps": out["summary"]["requestsPerSec"], "p50": 1000 * out["latencyPercentiles"]["p50"],
+            "p99": 1000 * out["latencyPercentiles"]["p99"],
+            "errors": sum(n for code, n in codes.items() if not code.startswith("2"))}
+
+
+def fixed_rate():
+    d = tempfile.mkdtemp(prefix="strata-bench-peers-rate-")
+    nginx = start_stub(d)
+    procs = []
+    try:
+        paths = behind_every_router(d, STUB, "nginx stub, direct", procs)
+        runs = {name: [] for name in paths}
+        for _ in range(ROUNDS):
+            for name, (base, k) in paths.items():
+                runs[name].append(oha(f"{base}/v1/chat/completions", k))
+        print(json.dumps(runs, indent=1))
+        print(f"\nat {RATE} req/s offered, {CONNECTIONS} connections:")
+        summary = summarize(runs)
+        s, v = summary["strata gateway"], summary["vllm-router"]
+        print(f"\nstrata / vllm-router: p50 x{s['p50'] / v['p50']:.2f}, p99 x{s['p99'] / v['p99']:.2f}")
+    finally:
+        stop(procs)
+        nginx.terminate()
+
+
 def process_tree(pid):
     """`pid` and every process below it."""
     parents = {}
@@ -343,7 +392,9 @@ def stream_stub():
 
 if __name__ == "__main__":
     import sys
-    if "--streaming" in sys.argv:
+    if "--fixed-rate" in sys.argv:
+        fixed_rate()
+    elif "--streaming" in sys.argv:
         streaming()
     elif "--stream-stub" in sys.argv:
         stream_stub()
