@@ -8,7 +8,8 @@ the same one stub). Same load tool, threads and connections; runs
 alternate, so the machine's noise hits all paths alike. Each run's CPU per
 request is counted too, user and system apart, for wrk, the stub and the
 router: on cores that all three share, that is what bounds a router's
-req/s.
+req/s. nginx as a plain reverse proxy to the stub runs as one more path:
+the floor of what relaying costs here.
 
 Relay (`--stream-stub`): bench/stream_stub.py, a fast streaming stand-in
 engine, directly and behind each router; N clients stream 256-chunk chat
@@ -214,6 +215,10 @@ def main():
                   "sglang-router (round_robin)": procs[2].pid}
         if BASELINE:
             owners[list(paths)[-1]] = procs[3].pid
+        proxy, proxy_url = nginx_proxy(d)
+        procs.append(proxy)
+        paths[PLAIN_PROXY] = (f"{proxy_url}/v1/chat/completions", None)
+        owners[PLAIN_PROXY] = proxy.pid
         runs = {name: [] for name in paths}
         for _ in range(ROUNDS):
             for name, (url, k) in paths.items():
@@ -334,6 +339,33 @@ def cpu_table(runs):
         total = sum(m.values())
         print(f"| {name} | {m['wrk_user'] + m['wrk_sys']:.1f} | {m['stub_user'] + m['stub_sys']:.1f} | "
               f"{m['router_user']:.1f} | {m['router_sys']:.1f} | {total:.1f} |")
+
+
+PLAIN_PROXY = "nginx as a plain reverse proxy (a floor)"
+
+
+def nginx_proxy(d):
+    """nginx relaying to the stub over kept-alive connections, doing nothing
+    else: about the least CPU per request that any proxy on this machine's
+    loopback can spend, so what bounds every router's req/s here."""
+    d = tempfile.mkdtemp(dir=d)
+    p = port()
+    conf = os.path.join(d, "proxy.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes auto; daemon off; pid nginx.pid; error_log error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream stub {{ server {STUB.removeprefix("http://")}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{p};
+    location = /health {{ return 200 'ok'; }}
+    location / {{ proxy_pass http://stub; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+""")
+    base = f"http://127.0.0.1:{p}"
+    return start(d, "nginx-proxy", ["nginx", "-c", conf, "-p", d + "/"], f"{base}/health"), base
 
 
 def relay_probe(base, key, streams, seconds, tokens=256):
