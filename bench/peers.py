@@ -261,6 +261,9 @@ def fixed_rate():
     procs = []
     try:
         paths = behind_every_router(d, STUB, "nginx stub, direct", procs)
+        proxy, proxy_url = nginx_proxy(d)
+        procs.append(proxy)
+        paths[PLAIN_PROXY] = (proxy_url, None)
         runs = {name: [] for name in paths}
         for _ in range(ROUNDS):
             for name, (base, k) in paths.items():
