@@ -42,6 +42,7 @@ of strata; nothing of theirs is committed.
 import json
 import os
 import re
+import resource
 import subprocess
 import tempfile
 import time
@@ -313,7 +314,6 @@ def cpu_seconds(pid):
 def wrk_with_cpu(url, key, stub_pid, router_pid):
     """A wrk run (benchlib.wrk) and the CPU it cost per request, in µs, user
     and system apart: wrk's own, the stub's and the router's (if any)."""
-    import resource
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     stub0 = cpu_seconds(stub_pid)
     router0 = cpu_seconds(router_pid) if router_pid else (0, 0)

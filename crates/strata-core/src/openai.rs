@@ -684,9 +684,7 @@ pub fn request_id() -> String {
         /// The millisecond of this thread's last id and its counter.
         static LAST: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = u64::try_from(crate::now_ms()).unwrap_or(0);
     let (ms, counter) = LAST.with(|last| {
         let (prev_ms, prev) = last.get();
         // 41 random bits leave room for 2^41 more ids in the same millisecond
