@@ -218,7 +218,7 @@ pub fn report(charges: &[Charge], by: GroupBy) -> Vec<ReportLine> {
 
 /// RFC 3339 UTC time for Unix milliseconds.
 fn rfc3339(ms: i64) -> String {
-    strata_core::utc_timestamp(ms).replacen(' ', "T", 1) + "Z"
+    strata_core::calendar::utc_timestamp(ms).replacen(' ', "T", 1) + "Z"
 }
 
 /// The charges as FOCUS-style CSV (FinOps Open Cost and Usage

@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 use strata_core::openai::Usage;
 use strata_core::store::Store;
 use strata_core::tenant::{Isolation, RateLimits, Role, Tenant, TenantId};
-use strata_gateway::admission::{Estimate, Policy};
-use strata_gateway::auth::Authenticator;
-use strata_gateway::fairq::Pools;
-use strata_gateway::replicas::ReplicaSet;
+use strata_gateway::tenancy::admission::{Estimate, Gate, GateSettings};
+use strata_gateway::tenancy::auth::Authenticator;
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 
 const TASKS: usize = 32;
@@ -57,7 +55,7 @@ async fn main() {
         };
         store.create_tenant(&tenant).await.expect("tenant");
         let (mut key, secret) =
-            strata_gateway::admin::new_key_record(&tenant.id, "bench".into(), Role::Member);
+            strata_gateway::tenancy::keys::new_key_record(&tenant.id, "bench".into(), Role::Member);
         key.limits = generous;
         store.create_key(&key).await.expect("key");
         secrets.push(format!("Bearer {secret}"));
@@ -70,23 +68,21 @@ async fn main() {
             completion_per_million: 0.4,
         },
     );
-    let policy = Arc::new(Policy {
-        limiter: Default::default(),
-        shared_limits: None,
-        budgets: Default::default(),
-        budget_refresh: None,
-        metrics: Default::default(),
-        pools: Pools::new(1024),
-        replicas: Arc::new(ReplicaSet::default()),
-        slots_per_replica: 64,
-        pricing,
-        store: store.clone(),
-        queue_timeout: Duration::from_secs(10),
-        epoch: Instant::now(),
-    });
+    let gate = Gate::new(
+        GateSettings {
+            slots_per_replica: 64,
+            max_waiting_per_tenant: 1024,
+            queue_timeout: Duration::from_secs(10),
+            pricing,
+            budget_refresh: None,
+        },
+        store.clone(),
+        None,
+        Default::default(),
+    );
     // The shared pool's queue with more slots than tasks: nobody waits.
-    policy.pools.queue(None, || 4 * TASKS);
-    let auth = Arc::new(Authenticator::new(store.clone()));
+    gate.pools().queue(None, || 4 * TASKS);
+    let auth = Arc::new(Authenticator::new(store.clone(), store.clone()));
     let estimate = Estimate {
         prompt_tokens: 40,
         output_tokens: 64,
@@ -96,16 +92,13 @@ async fn main() {
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for t in 0..TASKS {
-            let (auth, policy, header) = (auth.clone(), policy.clone(), secrets[t % 4].clone());
+            let (auth, gate, header) = (auth.clone(), gate.clone(), secrets[t % 4].clone());
             tasks.spawn(async move {
                 let mut took = Vec::with_capacity(PER_TASK);
                 for _ in 0..PER_TASK {
                     let t0 = Instant::now();
                     let p = auth.authenticate(Some(&header)).await.expect("valid key");
-                    let mut charge = policy
-                        .admit(&p, None, "m", estimate)
-                        .await
-                        .expect("admitted");
+                    let mut charge = gate.admit(&p, 1, "m", estimate).await.expect("admitted");
                     charge.record(Usage::new(38, 60));
                     drop(charge);
                     took.push(t0.elapsed());

@@ -11,9 +11,10 @@ use strata_core::responses::ResponsesRequest;
 use strata_core::snapshot::{frame, frames, Snapshot};
 use strata_core::ApiError;
 
-use crate::admin::{parse_admin, AdminBody};
-use crate::proxy::SseEvents;
-use crate::stored::Transcript;
+use crate::ops::admin::{parse_admin, AdminBody};
+use crate::relay::answer::Reader;
+use crate::relay::capture::Transcript;
+use crate::relay::passthrough::Output;
 
 /// One fuzz target: a parser strata runs on bytes it did not make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,17 +179,17 @@ impl Body {
             Body::Completions => parse_body::<CompletionRequest>(bytes)?.validate().map(drop),
             Body::Responses => {
                 let turn = parse_body::<ResponsesRequest>(bytes)?.validate()?;
-                crate::responses::chat_request(&turn, &turn.input).map(drop)
+                crate::api::responses::chat_request(&turn, &turn.input).map(drop)
             }
-            Body::NewConversation => crate::conversations::parse_new(bytes).map(drop),
+            Body::NewConversation => crate::api::conversations::parse_new(bytes).map(drop),
             Body::ConversationUpdate | Body::CompletionUpdate => {
-                crate::conversations::parse_update(bytes).map(drop)
+                crate::api::objects::parse_update(bytes).map(drop)
             }
-            Body::ConversationItems => crate::conversations::parse_new_items(bytes).map(drop),
-            Body::NewTenant => admin::<crate::admin::CreateTenant>(bytes),
-            Body::TenantUpdate => admin::<crate::admin::UpdateTenant>(bytes),
-            Body::NewKey => admin::<crate::admin::CreateKey>(bytes),
-            Body::Preempt => admin::<crate::admin::Preempt>(bytes),
+            Body::ConversationItems => crate::api::conversations::parse_new_items(bytes).map(drop),
+            Body::NewTenant => admin::<crate::ops::admin::CreateTenant>(bytes),
+            Body::TenantUpdate => admin::<crate::ops::admin::UpdateTenant>(bytes),
+            Body::NewKey => admin::<crate::ops::admin::CreateKey>(bytes),
+            Body::Preempt => admin::<crate::ops::admin::Preempt>(bytes),
         }
     }
 
@@ -201,7 +202,7 @@ impl Body {
             // What a stream's answer becomes when it moves to another
             // replica is a request the route takes too.
             let v: Value = serde_json::from_slice(bytes).expect("it parsed");
-            let rest = crate::proxy::continued(&v, " and so", 2).to_string();
+            let rest = crate::relay::resume::continued(&v, " and so", 2).to_string();
             if let Err(e) = self.parse(rest.as_bytes()) {
                 panic!("{self:?}: the continued request is refused: {e}\n{rest}");
             }
@@ -228,10 +229,11 @@ fn admin<T: AdminBody>(bytes: &[u8]) -> Result<(), ApiError> {
 }
 
 /// Runs a replica's SSE answer through the gateway's stream codec in the
-/// chunks `cuts` gives (chunk lengths, cycled), as the proxy and the
-/// Responses relay do, and panics unless chunking changes nothing: the
-/// same bytes come out as when it arrives whole, a client that asked for
-/// usage gets every byte back, and the metered usage and token count agree.
+/// chunks `cuts` gives (chunk lengths, cycled), as the chat relay and the
+/// Responses route read it, and panics unless chunking changes nothing:
+/// the same bytes come out as when it arrives whole, a client that asked
+/// for usage gets every byte back, and the metered usage and token count
+/// agree.
 pub fn sse(cuts: &[u8], stream: &[u8]) {
     let whole = relay(stream, &[], false);
     let chunked = relay(stream, cuts, false);
@@ -243,9 +245,6 @@ pub fn sse(cuts: &[u8], stream: &[u8]) {
         "stripping usage changed what is metered"
     );
     assert!(stripped.bytes.len() <= stream.len());
-    for data in crate::responses::sse_data(&whole.bytes) {
-        let _ = serde_json::from_str::<Value>(data);
-    }
     // The same stream from a second replica after the first broke off
     // somewhere: the text goes on from where it was, however it is cut.
     let at = cuts
@@ -253,11 +252,11 @@ pub fn sse(cuts: &[u8], stream: &[u8]) {
         .map_or(0, |&c| usize::from(c) * stream.len() / 256);
     let (first, _) = stream.split_at(at);
     let moved = |cuts: &[u8]| {
-        let mut events = SseEvents::new(false);
-        events.push(first);
-        events.resume();
-        relay_into(&mut events, stream, cuts);
-        events.text
+        let mut reader = Reader::default();
+        relay_into(&mut reader, &mut Output::new(false), first, &[]);
+        reader.resume();
+        relay_into(&mut reader, &mut Output::new(false), stream, cuts);
+        reader.text
     };
     let expected = relay(first, &[], false).text + &whole.text;
     assert_eq!(moved(&[]), expected, "a moved answer's text");
@@ -273,31 +272,36 @@ struct Relayed {
     transcript: Value,
 }
 
-/// `stream` through `events` in chunks cut by `cuts`: the bytes passed on.
-fn relay_into(events: &mut SseEvents, stream: &[u8], cuts: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::new();
+/// `stream` through `reader` and `output` in chunks cut by `cuts`: the
+/// bytes passed on.
+fn relay_into(reader: &mut Reader, output: &mut Output, stream: &[u8], cuts: &[u8]) -> Vec<u8> {
+    let mut bytes = bytes::BytesMut::new();
     let mut rest = stream;
     let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
     while !rest.is_empty() {
         let n = sizes.next().unwrap_or(rest.len()).min(rest.len());
         let (chunk, tail) = rest.split_at(n);
-        bytes.extend_from_slice(&events.push(&Bytes::copy_from_slice(chunk)));
+        reader.push(&Bytes::copy_from_slice(chunk));
+        while let Some(chunk) = reader.next_chunk() {
+            output.take(&chunk, &mut bytes);
+        }
         rest = tail;
     }
-    bytes.extend_from_slice(&events.finish());
-    bytes
+    bytes.extend_from_slice(&reader.rest());
+    bytes.to_vec()
 }
 
 fn relay(stream: &[u8], cuts: &[u8], strip_usage: bool) -> Relayed {
-    let mut events = SseEvents::new(strip_usage);
-    events.transcript = Some(Transcript::default());
-    let bytes = relay_into(&mut events, stream, cuts);
+    let mut reader = Reader::default();
+    let mut output = Output::new(strip_usage);
+    output.transcript = Some(Transcript::default());
+    let bytes = relay_into(&mut reader, &mut output, stream, cuts);
     Relayed {
         bytes,
-        usage: events.usage,
-        deltas: events.deltas,
-        text: std::mem::take(&mut events.text),
-        transcript: events
+        usage: reader.usage,
+        deltas: reader.deltas,
+        text: std::mem::take(&mut reader.text),
+        transcript: output
             .transcript
             .take()
             .map(Transcript::into_completion)

@@ -228,3 +228,15 @@ impl Default for GatewayMetrics {
         Self::new()
     }
 }
+
+/// Renders metrics kept elsewhere in the process (the controller's, when it
+/// runs beside the gateway): OpenMetrics text ending in `# EOF`, appended to
+/// `/metrics`.
+#[derive(Clone)]
+pub struct MoreMetrics(pub std::sync::Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for MoreMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MoreMetrics")
+    }
+}

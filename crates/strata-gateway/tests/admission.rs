@@ -2,18 +2,16 @@
 //! leaves behind in the limits and the fair queue.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use strata_core::openai::Usage;
 use strata_core::store::Store;
 use strata_core::tenant::{Isolation, RateLimits, Role, Tenant, TenantId};
-use strata_gateway::admission::{Estimate, Policy};
-use strata_gateway::auth::Principal;
-use strata_gateway::fairq::Pools;
-use strata_gateway::replicas::ReplicaSet;
+use strata_gateway::tenancy::admission::{Estimate, Gate, GateSettings};
+use strata_gateway::tenancy::principal::Principal;
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 
-async fn policy(dir: &std::path::Path) -> Arc<Policy> {
+async fn gate(dir: &std::path::Path) -> Arc<Gate> {
     let vault = Vault::open(
         &dir.join("keyring.json"),
         Kek::generate(),
@@ -25,20 +23,18 @@ async fn policy(dir: &std::path::Path) -> Arc<Policy> {
             .await
             .unwrap(),
     );
-    Arc::new(Policy {
-        limiter: Default::default(),
-        shared_limits: None,
-        budgets: Default::default(),
-        budget_refresh: None,
-        metrics: Default::default(),
-        pools: Pools::new(1),
-        replicas: Arc::new(ReplicaSet::default()),
-        slots_per_replica: 1,
-        pricing: Default::default(),
+    Gate::new(
+        GateSettings {
+            slots_per_replica: 1,
+            max_waiting_per_tenant: 1,
+            queue_timeout: Duration::from_millis(100),
+            pricing: Default::default(),
+            budget_refresh: None,
+        },
         store,
-        queue_timeout: Duration::from_millis(100),
-        epoch: Instant::now(),
-    })
+        None,
+        Default::default(),
+    )
 }
 
 fn principal() -> Arc<Principal> {
@@ -50,23 +46,24 @@ fn principal() -> Arc<Principal> {
         monthly_budget_usd: None,
         created_at_ms: 0,
     };
-    let (key, _) = strata_gateway::admin::new_key_record(&tenant.id, "k".into(), Role::Member);
+    let (key, _) =
+        strata_gateway::tenancy::keys::new_key_record(&tenant.id, "k".into(), Role::Member);
     Arc::new(Principal { key, tenant })
 }
 
 #[tokio::test]
 async fn a_refused_request_gives_the_tenant_no_fair_queue_credit() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = policy(dir.path()).await;
+    let gate = gate(dir.path()).await;
     let p = principal();
     let tenant = p.tenant.id.to_string();
-    let queue = policy.pools.queue(None, || 1);
+    let queue = gate.pools().queue(None, || 1);
     let estimate = Estimate {
         prompt_tokens: 10,
         output_tokens: 20,
     };
     // One request served exactly as estimated: the tenant's counter is its service.
-    let mut served = policy.admit(&p, None, "m", estimate).await.unwrap();
+    let mut served = gate.admit(&p, 1, "m", estimate).await.unwrap();
     served.record(Usage::new(10, 20));
     drop(served);
     let counted = queue.counter(&tenant);
@@ -74,11 +71,11 @@ async fn a_refused_request_gives_the_tenant_no_fair_queue_credit() {
     // No slots: one request waits until it times out, the next finds the queue full.
     queue.set_capacity(0);
     let waiting = {
-        let (policy, p) = (policy.clone(), p.clone());
-        tokio::spawn(async move { policy.admit(&p, None, "m", estimate).await.map(|_| ()) })
+        let (gate, p) = (gate.clone(), p.clone());
+        tokio::spawn(async move { gate.admit(&p, 1, "m", estimate).await.map(|_| ()) })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let full = policy.admit(&p, None, "m", estimate).await.err().unwrap();
+    let full = gate.admit(&p, 1, "m", estimate).await.err().unwrap();
     assert_eq!(full.status, 429);
     let timed_out = waiting.await.unwrap().unwrap_err();
     assert_eq!(timed_out.status, 429);

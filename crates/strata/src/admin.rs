@@ -350,8 +350,8 @@ pub async fn cost_report(
     match format {
         Format::Json => {
             let v = json!({
-                "since": strata_core::utc_timestamp(since),
-                "until": strata_core::utc_timestamp(until),
+                "since": strata_core::calendar::utc_timestamp(since),
+                "until": strata_core::calendar::utc_timestamp(until),
                 "total_usd": total,
                 "lines": rows,
             });
@@ -360,8 +360,8 @@ pub async fn cost_report(
         Format::Table => {
             println!(
                 "cost {} .. {} (UTC)",
-                strata_core::utc_timestamp(since),
-                strata_core::utc_timestamp(until)
+                strata_core::calendar::utc_timestamp(since),
+                strata_core::calendar::utc_timestamp(until)
             );
             println!(
                 "{:<32} {:>12} {:>12} {:>10}",
@@ -413,7 +413,7 @@ pub async fn decisions(db: &str, limit: u32, json: bool) -> Result<()> {
     for d in rows {
         println!(
             "{:<20} {:<8} {:>4} {:>4}  {:<10} {}",
-            strata_core::utc_timestamp(d.at_ms),
+            strata_core::calendar::utc_timestamp(d.at_ms),
             d.pool,
             d.from_replicas,
             d.to_replicas,

@@ -286,7 +286,7 @@ pub fn gateway_in_cluster(
     store: &Arc<dyn Store>,
     settings: &mut strata_gateway::GatewaySettings,
     shutdown: &CancellationToken,
-) -> watch::Receiver<Vec<strata_core::ReplicaEndpoint>> {
+) -> strata_gateway::Links {
     let (publish, endpoints) = watch::channel(Vec::new());
     tokio::spawn(cluster::discover_replicas(
         store.clone(),
@@ -294,7 +294,6 @@ pub fn gateway_in_cluster(
         shutdown.clone(),
     ));
     let (load_tx, load_rx) = watch::channel(Load::default());
-    settings.load = Some(load_tx);
     // While the controller replaces replicas (or a standby takes over),
     // requests wait for one instead of failing.
     settings.hold_when_empty = true;
@@ -304,7 +303,10 @@ pub fn gateway_in_cluster(
         load_rx,
         shutdown.clone(),
     ));
-    endpoints
+    strata_gateway::Links {
+        load: Some(load_tx),
+        ..strata_gateway::Links::endpoints(endpoints)
+    }
 }
 
 #[derive(clap::Subcommand)]

@@ -14,7 +14,7 @@ use strata_core::config::Config;
 use strata_core::store::Store;
 use strata_core::ReplicaEndpoint;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
-use strata_gateway::{GatewaySettings, SnapshotPlace};
+use strata_gateway::{GatewaySettings, Links, SnapshotPlace};
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -451,7 +451,7 @@ fn main() -> Result<()> {
             };
             let now = strata_core::now_ms();
             let moment = |flag: &str, text: &str| {
-                strata_core::parse_moment(text, now).with_context(|| {
+                strata_core::calendar::parse_moment(text, now).with_context(|| {
                     format!("--{flag} `{text}` is not a date, a UTC time or a span like 2h")
                 })
             };
@@ -711,19 +711,16 @@ fn gateway_settings(
         },
         routing: config.gateway.routing,
         drain_on_shutdown: false,
-        load: None,
         hold_when_empty: false,
-        link: None,
         shared_limits_url: config.gateway.shared_limits_url.clone(),
         metrics_tenant_labels: config.gateway.metrics_tenant_labels,
         // Other gateways spend from the same budgets only on a shared database.
         budget_refresh: strata_core::config::is_postgres_url(&config.store.database(db))
             .then(|| Duration::from_secs_f64(config.gateway.budget_refresh_secs)),
-        slo: strata_gateway::dashboard::Slo {
+        slo: strata_gateway::ops::dashboard::Slo {
             ttft_p95_ms: config.pool.slo_ttft_p95_ms,
             tpot_p95_ms: config.pool.slo_tpot_p95_ms,
         },
-        more_metrics: None,
     })
 }
 
@@ -785,8 +782,11 @@ async fn open_store(config: &Config, db: Option<&PathBuf>) -> Result<(Arc<dyn St
     while !store.claim_lease("bootstrap", &me, 30_000).await? {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let admin_key =
-        strata_gateway::admin::bootstrap(&*store, config.security.admin_key_file.as_deref()).await;
+    let admin_key = strata_gateway::tenancy::keys::bootstrap(
+        &*store,
+        config.security.admin_key_file.as_deref(),
+    )
+    .await;
     store.release_lease("bootstrap", &me).await?;
     let admin_key = admin_key.map_err(|e| anyhow::anyhow!(e))?;
     if let Some(secret) = admin_key {
@@ -818,12 +818,12 @@ async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
     // The given replicas, or (a cluster's gateway) those the controller records.
     let (_fixed, fixed) = watch::channel(endpoints);
-    let rx = if in_cluster {
+    let links = if in_cluster {
         cluster::gateway_in_cluster(&store, &mut settings, &shutdown)
     } else {
-        fixed
+        Links::endpoints(fixed)
     };
-    strata_gateway::serve(settings, rx, store, Some(vault), shutdown).await?;
+    strata_gateway::serve(settings, links, store, Some(vault), shutdown).await?;
     Ok(())
 }
 
@@ -897,7 +897,10 @@ fn local_launch(
         }
         replica_tls = Some(pki);
     }
-    let health = strata_gateway::replica_client(replica_tls.as_ref(), Duration::from_secs(2))?;
+    let health = strata_gateway::fleet::client::replica_client(
+        replica_tls.as_ref(),
+        Duration::from_secs(2),
+    )?;
     // Engine children read the same config file, when there is one.
     if let Ok(path) = std::fs::canonicalize(config_path) {
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
@@ -958,7 +961,6 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     gateway.replica_tls = launch.replica_tls.clone();
     let (publish, endpoints) = watch::channel(Vec::new());
     let (gateway_link, controller_link) = strata_core::link::link();
-    gateway.link = Some(gateway_link);
     let provider = LocalProvider::new(
         launch.settings,
         store.clone(),
@@ -972,16 +974,20 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
     // zero with `scale_to_zero_after_secs`). While none takes requests
     // (from zero, or a lone replica replaced), requests wait for one.
     let (load_tx, load_rx) = watch::channel(strata_gateway::Load::default());
-    gateway.load = Some(load_tx);
     gateway.hold_when_empty = true;
     let controller = Controller::new(PoolSpec::from_config(&config, replicas));
     // The controller's metrics show on the gateway's /metrics.
     let metrics = Arc::new(strata_control::metrics::ControllerMetrics::new());
     metrics.leading.set(1);
     let shown = metrics.clone();
-    gateway.more_metrics = Some(strata_gateway::MoreMetrics(Arc::new(move || {
-        shown.render()
-    })));
+    let links = Links {
+        endpoints,
+        load: Some(load_tx),
+        controller: Some(gateway_link),
+        more_metrics: Some(strata_gateway::MoreMetrics(Arc::new(move || {
+            shown.render()
+        }))),
+    };
     // The engines stop after the gateway, which snapshots them on the way out.
     let engines_stop = CancellationToken::new();
     let provider_task = tokio::spawn(strata_control::controller::run(
@@ -992,8 +998,7 @@ async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Resul
         Some(metrics),
         engines_stop.clone(),
     ));
-    let served =
-        strata_gateway::serve(gateway, endpoints, store, Some(vault), shutdown.clone()).await;
+    let served = strata_gateway::serve(gateway, links, store, Some(vault), shutdown.clone()).await;
     engines_stop.cancel();
     provider_task.await.context("provider task panicked")??;
     served?;

@@ -32,7 +32,8 @@ fn azure_time(text: &str) -> Option<f64> {
         t.next()?.parse::<f64>().ok()?,
         t.next()?.parse::<f64>().ok()?,
     );
-    let days = strata_core::days_from_civil(y, u32::try_from(m).ok()?, u32::try_from(day).ok()?);
+    let days =
+        strata_core::calendar::days_from_civil(y, u32::try_from(m).ok()?, u32::try_from(day).ok()?);
     Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
 }
 

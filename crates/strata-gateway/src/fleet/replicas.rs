@@ -1,19 +1,18 @@
 //! The gateway's view of its replicas: endpoints from a provider, readiness
-//! from health checks (and from failed requests), load from requests in flight.
+//! from health checks (and from failed requests), load from requests in
+//! flight; which pools can take a request now.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use serde_json::Value;
+use strata_core::config::Routing;
 use strata_core::openai::PromptInput;
-use strata_core::ReplicaEndpoint;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use strata_core::{ApiError, ReplicaEndpoint};
 
-use crate::prefix_index::{block_hashes, prompt_text, PrefixIndex};
-use crate::router::{pick_with_affinity, ReplicaLoad};
-use crate::upstream::Target;
+use crate::fleet::client::Target;
+use crate::fleet::pick::{pick_with_affinity, ReplicaLoad};
+use crate::fleet::prefix_index::{block_hashes, prompt_text, PrefixIndex};
 
 pub struct Replica {
     pub endpoint: ReplicaEndpoint,
@@ -94,6 +93,20 @@ impl Replica {
             .iter()
             .any(|m| m == model)
     }
+
+    /// Whether its models are known yet (a health check asks once).
+    pub(crate) fn knows_models(&self) -> bool {
+        !self.models.read().expect("models lock").is_empty()
+    }
+
+    pub(crate) fn set_models(&self, models: Vec<String>) {
+        *self.models.write().expect("models lock") = models;
+    }
+
+    /// Records a health check's verdict; returns the one before.
+    pub(crate) fn set_ready(&self, ready: bool) -> bool {
+        self.ready.swap(ready, Ordering::Relaxed)
+    }
 }
 
 /// Tokens charged to a replica while a request is in flight; released on drop.
@@ -120,8 +133,12 @@ impl Drop for InFlight {
 pub struct ReplicaSet {
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
     rotation: AtomicUsize,
-    prefix_routing: AtomicBool,
+    prefix_routing: bool,
     prefixes: Mutex<PrefixIndex>,
+    /// With no replica of the shared pool taking requests (all starting or
+    /// draining: scaled to zero, a lone replica replaced), requests wait
+    /// this long for one instead of a 503.
+    hold_when_empty: Option<Duration>,
 }
 
 /// Why no replica was chosen.
@@ -135,7 +152,48 @@ pub enum NoReplica {
     Exhausted,
 }
 
+/// What a request hears when its pool has no replica to take it.
+pub fn none_ready(pool: Option<&str>) -> ApiError {
+    ApiError::unavailable(match pool {
+        Some(_) => "No replica reserved for this tenant is ready; retry shortly.",
+        None => "No replica is ready to serve requests; retry shortly.",
+    })
+}
+
 impl ReplicaSet {
+    /// Routing by prompt prefix or by load only; the shared pool's requests
+    /// wait up to `hold_when_empty` for a replica when none is routable.
+    pub fn new(routing: Routing, hold_when_empty: Option<Duration>) -> ReplicaSet {
+        ReplicaSet {
+            prefix_routing: routing == Routing::Prefix,
+            hold_when_empty,
+            ..ReplicaSet::default()
+        }
+    }
+
+    /// How long a request of `pool` may wait for a replica when none is
+    /// routable: only the shared pool waits (for one its provider starts),
+    /// and only where the gateway is set to.
+    pub fn hold(&self, pool: Option<&str>) -> Option<Duration> {
+        self.hold_when_empty.filter(|_| pool.is_none())
+    }
+
+    /// Whether the gateway waits for replicas rather than refuse when none
+    /// is ready (what `/health` reports as `idle`).
+    pub fn holds_when_empty(&self) -> bool {
+        self.hold_when_empty.is_some()
+    }
+
+    /// The routable replicas of `pool`, or the 503 when it has none and its
+    /// requests may not wait for one.
+    pub fn available(&self, pool: Option<&str>) -> Result<usize, ApiError> {
+        let routable = self.ready_in(pool);
+        if routable == 0 && self.hold(pool).is_none() {
+            return Err(none_ready(pool));
+        }
+        Ok(routable)
+    }
+
     pub fn snapshot(&self) -> Arc<Vec<Arc<Replica>>> {
         self.replicas.read().expect("replica lock").clone()
     }
@@ -168,16 +226,10 @@ impl ReplicaSet {
         *self.replicas.write().expect("replica lock") = Arc::new(next);
     }
 
-    /// Routes by prompt prefix too (`gateway.routing = "prefix"`), or by
-    /// load and session only.
-    pub fn set_prefix_routing(&self, on: bool) {
-        self.prefix_routing.store(on, Ordering::Relaxed);
-    }
-
     /// The block hashes `choose` routes `input` by: none when routing by
     /// load only, so the prompt is not hashed for nothing.
     pub fn prefix_of(&self, tenant: &str, input: &PromptInput) -> Vec<u64> {
-        if !self.prefix_routing.load(Ordering::Relaxed) {
+        if !self.prefix_routing {
             return Vec::new();
         }
         block_hashes(tenant, &prompt_text(input))
@@ -223,7 +275,7 @@ impl ReplicaSet {
             .collect();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
         let preferred = prefer.and_then(|id| candidates.iter().position(|r| r.endpoint.id == id));
-        let by_prefix = !prefix.is_empty() && self.prefix_routing.load(Ordering::Relaxed);
+        let by_prefix = !prefix.is_empty() && self.prefix_routing;
         let ids: Vec<&str> = candidates.iter().map(|r| r.endpoint.id.as_str()).collect();
         let matches = match by_prefix {
             true => self
@@ -291,81 +343,5 @@ impl ReplicaSet {
                 usize::from(r.is_routable());
         }
         pools
-    }
-}
-
-/// Follows the provider's endpoint list until `cancel`.
-pub async fn follow_endpoints(
-    set: Arc<ReplicaSet>,
-    mut endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        set.set_endpoints(&endpoints.borrow_and_update().clone());
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = endpoints.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
-/// Checks every replica's `/health` (and learns its models) each `interval`.
-pub async fn check_health(
-    set: Arc<ReplicaSet>,
-    client: reqwest::Client,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let checks = set
-            .snapshot()
-            .iter()
-            .map(|r| probe(r.clone(), &client, interval))
-            .collect::<Vec<_>>();
-        futures_util::future::join_all(checks).await;
-    }
-}
-
-async fn probe(replica: Arc<Replica>, client: &reqwest::Client, timeout: Duration) {
-    let base = &replica.endpoint.url;
-    let timeout = timeout.max(Duration::from_secs(1));
-    let healthy = matches!(
-        client.get(format!("{base}/health")).timeout(timeout).send().await,
-        Ok(r) if r.status().is_success()
-    );
-    if healthy && replica.models.read().expect("models lock").is_empty() {
-        let models = async {
-            let v: Value = client
-                .get(format!("{base}/v1/models"))
-                .timeout(timeout)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            Some(
-                v["data"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(|m| m["id"].as_str().map(str::to_string))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        match models.await {
-            Some(m) if !m.is_empty() => *replica.models.write().expect("models lock") = m,
-            // Ready only once we know what it serves.
-            _ => return replica.mark_down(),
-        }
-    }
-    let was = replica.ready.swap(healthy, Ordering::Relaxed);
-    if was != healthy {
-        tracing::info!(replica = %replica.endpoint.id, url = %base, ready = healthy, "replica readiness changed");
     }
 }

@@ -4,27 +4,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Unix milliseconds of the start of the UTC calendar month holding `now_ms`.
-pub fn month_start_ms(now_ms: i64) -> i64 {
-    let days = now_ms.div_euclid(86_400_000);
-    let (y, m, _) = civil_from_days(days);
-    days_from_civil(y, m, 1) * 86_400_000
-}
+use strata_core::calendar::month_start_ms;
 
-use strata_core::civil_from_days;
-
-use crate::FastMap;
-
-// Howard Hinnant's civil-calendar algorithm (proleptic Gregorian, UTC).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
+use crate::tenancy::FastMap;
 
 /// One tenant's month: what the ledger says was spent, plus what requests in
 /// flight may still spend.
@@ -128,18 +110,6 @@ impl Budgets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn month_starts_are_calendar_months_in_utc() {
-        // 2026-11-29T02:25:21Z -> 2026-11-01T00:00:00Z
-        assert_eq!(month_start_ms(1_796_005_521_000), 1_793_491_200_000);
-        // 2024-02-29T23:59:59.999Z -> 2024-02-01
-        assert_eq!(month_start_ms(1_709_251_199_999), 1_706_745_600_000);
-        // 2024-03-01T00:00:00Z is its own month start.
-        assert_eq!(month_start_ms(1_709_251_200_000), 1_709_251_200_000);
-        assert_eq!(month_start_ms(0), 0);
-    }
 
     #[test]
     fn reservations_block_what_would_overspend_and_settle_to_real_cost() {
@@ -185,15 +155,5 @@ mod tests {
         assert!(b.reserve("t", 1.0, 0.05).is_err());
         b.settle("t", 0.3, 0.0);
         b.reserve("t", 1.0, 0.05).unwrap();
-    }
-
-    proptest! {
-        #[test]
-        fn month_start_is_at_most_31_days_back_and_idempotent(t in 0i64..4_102_444_800_000) {
-            let s = month_start_ms(t);
-            prop_assert!(s <= t && t - s < 31 * 86_400_000);
-            prop_assert_eq!(month_start_ms(s), s);
-            prop_assert_eq!(civil_from_days(s / 86_400_000).2, 1);
-        }
     }
 }

@@ -12,21 +12,23 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-
-use crate::extract::{Path, Query};
+use axum::extract::{FromRef, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use strata_core::store::{InstanceRecord, Store, UsageRecord};
+use strata_core::store::{
+    DecisionStore, InstanceRecord, InstanceStore, KeyStore, TenantStore, UsageRecord, UsageStore,
+};
 use strata_core::{read_body, ApiError};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::admin::record_audit;
-use crate::auth::Authenticator;
+use crate::http::error::store_error;
+use crate::http::extract::{Path, Query};
+use crate::tenancy::audit::Audit;
+use crate::tenancy::auth::Authenticator;
 
 const PAGE: &str = include_str!("dashboard/index.html");
 const LOGIN: &str = include_str!("dashboard/login.html");
@@ -69,8 +71,18 @@ struct Session {
     until: Instant,
 }
 
+/// What the dashboard reads from the store.
+pub struct Reads {
+    pub tenants: Arc<dyn TenantStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub usage: Arc<dyn UsageStore>,
+    pub instances: Arc<dyn InstanceStore>,
+    pub decisions: Arc<dyn DecisionStore>,
+}
+
 pub struct Dashboard {
-    store: Arc<dyn Store>,
+    reads: Reads,
+    audit: Audit,
     auth: Arc<Authenticator>,
     slo: Slo,
     /// Mark the cookie `Secure` (the gateway speaks TLS).
@@ -80,9 +92,16 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
-    pub fn new(store: Arc<dyn Store>, auth: Arc<Authenticator>, slo: Slo, secure: bool) -> Self {
+    pub fn new(
+        reads: Reads,
+        audit: Audit,
+        auth: Arc<Authenticator>,
+        slo: Slo,
+        secure: bool,
+    ) -> Self {
         Dashboard {
-            store,
+            reads,
+            audit,
             auth,
             slo,
             secure,
@@ -120,8 +139,8 @@ impl Dashboard {
             let s = sessions.get(&token)?;
             (s.tenant.clone(), s.key_id.clone())
         };
-        match self.store.key(&tenant, &key_id).await {
-            Ok(Some(k)) if k.is_active(crate::now_ms()) => Some(key_id),
+        match self.reads.keys.key(&tenant, &key_id).await {
+            Ok(Some(k)) if k.is_active(strata_core::now_ms()) => Some(key_id),
             Ok(_) => {
                 self.sessions.lock().expect("sessions lock").remove(&token);
                 None
@@ -143,14 +162,18 @@ impl Dashboard {
     }
 }
 
-pub fn routes(dashboard: Arc<Dashboard>) -> OpenApiRouter {
+/// The dashboard's routes, for a router whose state holds a `Dashboard`.
+pub fn routes<S>() -> OpenApiRouter<S>
+where
+    Arc<Dashboard>: FromRef<S>,
+    S: Clone + Send + Sync + 'static,
+{
     OpenApiRouter::new()
         .routes(routes!(page))
         .routes(routes!(login))
         .routes(routes!(logout))
         .routes(routes!(data))
         .routes(routes!(asset))
-        .with_state(dashboard)
 }
 
 /// Headers of every dashboard answer: nothing from elsewhere, no framing.
@@ -250,7 +273,9 @@ async fn login(State(d): State<Arc<Dashboard>>, req: Request) -> Response {
         Ok(p) if p.is_platform_admin() => p,
         Ok(p) => {
             let tenant = p.tenant.id.to_string();
-            record_audit(&*d.store, &p, "ui.login", &tenant, "/ui", "denied").await;
+            d.audit
+                .record(&p, "ui.login", &tenant, "/ui", "denied")
+                .await;
             return login_page(
                 StatusCode::UNAUTHORIZED,
                 "Refused: the dashboard takes a platform admin key.",
@@ -271,7 +296,9 @@ async fn login(State(d): State<Arc<Dashboard>>, req: Request) -> Response {
             until: Instant::now() + SESSION_TTL,
         },
     );
-    record_audit(&*d.store, &p, "ui.login", p.tenant.id.as_str(), "/ui", "ok").await;
+    d.audit
+        .record(&p, "ui.login", p.tenant.id.as_str(), "/ui", "ok")
+        .await;
     (
         StatusCode::SEE_OTHER,
         [
@@ -315,7 +342,7 @@ async fn logout(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response
     params(("name" = String, Path, description = "`app.js` or `app.css`")),
     responses(
         (status = 200, description = "The file", body = String),
-        (status = 404, description = "No such file", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such file", body = crate::http::openapi::ErrorBody),
     )
 )]
 async fn asset(Path(name): Path<String>) -> Response {
@@ -345,8 +372,8 @@ struct Window {
     params(Window),
     responses(
         (status = 200, description = "Series and tables for the charts", body = Object),
-        (status = "4XX", description = "No session, or a bad window", body = crate::openapi::ErrorBody),
-        (status = "5XX", description = "The store failed", body = crate::openapi::ErrorBody),
+        (status = "4XX", description = "No session, or a bad window", body = crate::http::openapi::ErrorBody),
+        (status = "5XX", description = "The store failed", body = crate::http::openapi::ErrorBody),
     )
 )]
 async fn data(
@@ -370,12 +397,12 @@ async fn data(
     };
     match gather(&d, minutes * 60_000).await {
         Ok(v) => ([(header::CACHE_CONTROL, "no-store")], Json(v)).into_response(),
-        Err(e) => crate::admin::store_error(e).into_response(),
+        Err(e) => store_error(e).into_response(),
     }
 }
 
 async fn gather(d: &Dashboard, window_ms: i64) -> Result<Value, strata_core::store::StoreError> {
-    let now = crate::now_ms();
+    let now = strata_core::now_ms();
     let since = now - window_ms;
     let load: Vec<LoadSample> = d
         .history
@@ -385,15 +412,15 @@ async fn gather(d: &Dashboard, window_ms: i64) -> Result<Value, strata_core::sto
         .filter(|s| s.at_ms >= since)
         .copied()
         .collect();
-    let instances = d.store.instances_since(since).await?;
-    let usage = d.store.usage_since(since, MAX_ROWS).await?;
-    let decisions = d.store.decisions(50).await?;
-    let tenants = d.store.tenants().await?;
+    let instances = d.reads.instances.instances_since(since).await?;
+    let usage = d.reads.usage.usage_since(since, MAX_ROWS).await?;
+    let decisions = d.reads.decisions.decisions(50).await?;
+    let tenants = d.reads.tenants.tenants().await?;
     let mut names = BTreeMap::new();
     let mut tenant_rows = Vec::new();
     for t in &tenants {
         names.insert(t.id.as_str().to_owned(), t.name.clone());
-        let keys = d.store.keys(&t.id).await?;
+        let keys = d.reads.keys.keys(&t.id).await?;
         tenant_rows.push(json!({
             "id": t.id, "name": t.name, "isolation": t.isolation,
             "requests_per_minute": t.limits.requests_per_minute,
@@ -462,7 +489,7 @@ fn cost_over_time(
     times: &[i64],
     step: i64,
 ) -> Value {
-    let now = crate::now_ms();
+    let now = strata_core::now_ms();
     let mut pools: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for i in instances {
         let dollars = pools

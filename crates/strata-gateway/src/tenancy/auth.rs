@@ -8,38 +8,14 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use strata_core::store::Store;
-use strata_core::tenant::{
-    digest_lookup, key_digest, looks_like_key, ApiKeyRecord, Isolation, Role, Tenant,
-};
+use strata_core::store::{KeyStore, TenantStore};
+use strata_core::tenant::{digest_lookup, key_digest, looks_like_key};
 use strata_core::ApiError;
 use subtle::ConstantTimeEq;
 
-use crate::FastMap;
-
-/// The authenticated caller, in the request's extensions.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub key: ApiKeyRecord,
-    pub tenant: Tenant,
-}
-
-impl Principal {
-    pub fn role(&self) -> Role {
-        self.key.role
-    }
-
-    /// The replica pool the tenant's requests go to: its own (by name) when
-    /// it is `dedicated`, else the shared one (`None`).
-    pub fn pool(&self) -> Option<&str> {
-        (self.tenant.isolation == Isolation::Dedicated).then_some(self.tenant.name.as_str())
-    }
-
-    /// An admin of the platform tenant: sees and manages every tenant.
-    pub fn is_platform_admin(&self) -> bool {
-        self.key.role == Role::Admin && self.tenant.id.is_platform()
-    }
-}
+use crate::http::error::store_error;
+use crate::tenancy::principal::Principal;
+use crate::tenancy::FastMap;
 
 /// How long a looked-up key is trusted before the store is asked again; a
 /// revocation through this gateway takes effect at once, one through another
@@ -50,14 +26,16 @@ const CACHE_TTL: Duration = Duration::from_secs(2);
 type KeyCache = FastMap<[u8; 32], (Arc<Principal>, Instant)>;
 
 pub struct Authenticator {
-    store: Arc<dyn Store>,
+    keys: Arc<dyn KeyStore>,
+    tenants: Arc<dyn TenantStore>,
     cache: Mutex<KeyCache>,
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>) -> Authenticator {
+    pub fn new(keys: Arc<dyn KeyStore>, tenants: Arc<dyn TenantStore>) -> Authenticator {
         Authenticator {
-            store,
+            keys,
+            tenants,
             cache: Mutex::new(KeyCache::default()),
         }
     }
@@ -73,7 +51,7 @@ impl Authenticator {
             .filter(|s| looks_like_key(s))
             .ok_or_else(ApiError::unauthorized)?;
         let digest = key_digest(secret);
-        let now_ms = crate::now_ms();
+        let now_ms = strata_core::now_ms();
         if let Some(p) = self.cached(&digest) {
             return if p.key.is_active(now_ms) {
                 Ok(p)
@@ -82,19 +60,19 @@ impl Authenticator {
             };
         }
         let candidates = self
-            .store
+            .keys
             .keys_by_lookup(digest_lookup(&digest))
             .await
-            .map_err(crate::admin::store_error)?;
+            .map_err(store_error)?;
         let key = candidates
             .into_iter()
             .find(|k| bool::from(k.digest.ct_eq(&digest)))
             .ok_or_else(ApiError::unauthorized)?;
         let tenant = self
-            .store
+            .tenants
             .tenant(&key.tenant_id)
             .await
-            .map_err(crate::admin::store_error)?
+            .map_err(store_error)?
             .ok_or_else(ApiError::unauthorized)?;
         let principal = Arc::new(Principal { key, tenant });
         self.cache

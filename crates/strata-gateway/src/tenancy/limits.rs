@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use crate::FastMap;
+use crate::tenancy::FastMap;
 
 /// Window a per-minute rate is measured over.
 const WINDOW_SECS: f64 = 60.0;

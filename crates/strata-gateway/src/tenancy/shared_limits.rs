@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use crate::limits::{Bucket, Limited, Refusal};
+use crate::tenancy::limits::{Bucket, Limited, Refusal};
 
 /// Keys share one hash tag, so a request's buckets sit in one slot of a
 /// Redis Cluster as the script needs.
@@ -165,7 +165,11 @@ mod tests {
     }
 
     fn unique(name: &str) -> String {
-        format!("test:{name}:{}:{}", std::process::id(), crate::now_ms())
+        format!(
+            "test:{name}:{}:{}",
+            std::process::id(),
+            strata_core::now_ms()
+        )
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_core::store::{Store, UsageRecord};
+use strata_core::store::{UsageRecord, UsageStore};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -14,12 +14,15 @@ use crate::metrics::{GatewayMetrics, ModelLabels, UsageLabels};
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
     metrics: Arc<GatewayMetrics>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn UsageStore>,
 }
 
 impl Ledger {
     /// Starts the writer; it flushes and ends once every `Ledger` is dropped.
-    pub fn spawn(store: Arc<dyn Store>, metrics: Arc<GatewayMetrics>) -> (Ledger, JoinHandle<()>) {
+    pub fn spawn(
+        store: Arc<dyn UsageStore>,
+        metrics: Arc<GatewayMetrics>,
+    ) -> (Ledger, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(10_000);
         let task = tokio::spawn(write_batches(store.clone(), rx));
         (Ledger { tx, metrics, store }, task)
@@ -112,7 +115,7 @@ const MAX_HELD: usize = 100_000;
 /// How long a stopping gateway keeps retrying rows the store refuses.
 const FINAL_RETRIES: Duration = Duration::from_secs(10);
 
-async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<UsageRecord>) {
+async fn write_batches(store: Arc<dyn UsageStore>, mut rx: mpsc::Receiver<UsageRecord>) {
     let mut batch = Vec::with_capacity(256);
     let mut backoff = Duration::ZERO;
     let mut closed_at: Option<tokio::time::Instant> = None;

@@ -1,8 +1,9 @@
-//! How generation requests reach a replica. Plain-HTTP replicas are asked
-//! through hyper's pooled HTTP/1 client directly; replicas behind mTLS
-//! through the gateway's reqwest client. reqwest parses the replica's URL
-//! twice per request (for its redirect layer and for its response) even
-//! with redirects off: about a fifth of a proxied request's instructions
+//! How requests reach a replica. Generation requests to plain-HTTP
+//! replicas go through hyper's pooled HTTP/1 client directly; to replicas
+//! behind mTLS, and probes and snapshots to all, through reqwest
+//! (`replica_client`). reqwest parses the replica's URL twice per request
+//! (for its redirect layer and for its response) even with redirects off:
+//! about a fifth of a proxied request's instructions
 //! (bench/results/peers.md).
 
 use std::pin::Pin;
@@ -16,9 +17,42 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use strata_core::tls;
 
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// An HTTP client for replicas: with `pki`, it trusts only strata's replica
+/// CA and presents the gateway's client certificate.
+pub fn replica_client(
+    pki: Option<&tls::ReplicaPki>,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, tls::TlsError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        // A replica never redirects; no redirect layer on every request.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pki) = pki {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| tls::TlsError::Certificate(p.to_owned(), e.to_string()))
+        };
+        let mut identity = read(&pki.client.cert)?;
+        identity.extend(read(&pki.client.key)?);
+        let bad = |e: reqwest::Error| tls::TlsError::Config(e.to_string());
+        builder = builder
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&read(&pki.ca_cert)?).map_err(bad)?,
+            )
+            .identity(reqwest::Identity::from_pem(&identity).map_err(bad)?);
+    }
+    builder
+        .build()
+        .map_err(|e| tls::TlsError::Config(e.to_string()))
+}
 
 /// Where a request for one route of one replica goes.
 #[derive(Clone, Debug)]

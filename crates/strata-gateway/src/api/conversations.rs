@@ -6,22 +6,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-
-use crate::extract::{Path, Query};
 use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::openai::{check_metadata, parse_body};
 use strata_core::responses::{list_page, new_id, parse_items, Item, PageQuery};
-use strata_core::store::{Store, StoredConversation, StoredItem};
+use strata_core::store::{ConversationStore, StoredConversation, StoredItem};
 use strata_core::{read_body, ApiError};
 
-use crate::admin::store_error;
-use crate::auth::Principal;
-use crate::responses::stored_item;
-use crate::stored::{answer, deleted, may_change};
-use crate::AppState;
+use crate::api::objects::{deleted, parse_update, stored_item, MetadataUpdate, Objects};
+use crate::http::error::store_error;
+use crate::http::extract::{Path, Query};
+use crate::tenancy::principal::Principal;
 
 /// OpenAI's bound on items added in one request.
 const MAX_NEW_ITEMS: usize = 20;
@@ -34,12 +31,6 @@ struct NewConversation {
     items: Option<Vec<Value>>,
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct MetadataUpdate {
-    metadata: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -90,19 +81,16 @@ pub(crate) fn parse_new(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Vec<I
     ))
 }
 
-/// An update body, checked: the new metadata.
-pub(crate) fn parse_update(bytes: &[u8]) -> Result<BTreeMap<String, String>, ApiError> {
-    let u: MetadataUpdate = parse_body(bytes)?;
-    check_metadata(&u.metadata)?;
-    Ok(u.metadata)
-}
-
 /// An items body, checked.
 pub(crate) fn parse_new_items(bytes: &[u8]) -> Result<Vec<Item>, ApiError> {
     new_items(&parse_body::<NewItems>(bytes)?.items)
 }
 
-async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<StoredConversation, ApiError> {
+async fn fetch(
+    store: &dyn ConversationStore,
+    p: &Principal,
+    id: &str,
+) -> Result<StoredConversation, ApiError> {
     store
         .conversation(&p.tenant.id, id)
         .await
@@ -118,20 +106,19 @@ async fn fetch(store: &dyn Store, p: &Principal, id: &str) -> Result<StoredConve
     tag = "openai",
     summary = "Create a conversation",
     request_body = NewConversation,
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ConversationObject), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn create(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     req: Request,
 ) -> Response {
     let id = new_id("conv");
     let result = async {
-        may_change(&p, "create conversations")?;
-        let (metadata, items) =
-            parse_new(&read_body(req.into_body(), state.max_body_bytes).await?)?;
-        let now = crate::now_ms();
+        p.may_change("create conversations")?;
+        let (metadata, items) = parse_new(&read_body(req.into_body(), o.max_body_bytes).await?)?;
+        let now = strata_core::now_ms();
         let conversation = StoredConversation {
             id: id.clone(),
             created_at_ms: now,
@@ -139,15 +126,14 @@ pub(crate) async fn create(
                 .expect("JSON values serialise"),
         };
         let items: Vec<StoredItem> = items.iter().map(|i| stored_item(i, now)).collect();
-        state
-            .store
+        o.conversations
             .create_conversation(&p.tenant.id, &conversation, &items)
             .await
             .map_err(store_error)?;
         object(&conversation)
     }
     .await;
-    answer(&*state.store, &p, "conversation.create", &id, result).await
+    o.audit.answer(&p, "conversation.create", &id, result).await
 }
 
 /// `GET /v1/conversations/{id}`.
@@ -158,16 +144,16 @@ pub(crate) async fn create(
     tag = "openai",
     summary = "A conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ConversationObject), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Response {
-    let result = async { object(&fetch(&*state.store, &p, &id).await?) }.await;
-    answer(&*state.store, &p, "conversation.read", &id, result).await
+    let result = async { object(&fetch(&*o.conversations, &p, &id).await?) }.await;
+    o.audit.answer(&p, "conversation.read", &id, result).await
 }
 
 /// `POST /v1/conversations/{id}`: new metadata.
@@ -179,23 +165,23 @@ pub(crate) async fn show(
     summary = "Replace a conversation's metadata",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
     request_body = MetadataUpdate,
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ConversationObject), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn update(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
     let result = async {
-        may_change(&p, "change conversations")?;
-        let metadata = parse_update(&read_body(req.into_body(), state.max_body_bytes).await?)?;
-        let mut c = fetch(&*state.store, &p, &id).await?;
+        p.may_change("change conversations")?;
+        let metadata = parse_update(&read_body(req.into_body(), o.max_body_bytes).await?)?;
+        let mut c = fetch(&*o.conversations, &p, &id).await?;
         c.content =
             serde_json::to_vec(&json!({"metadata": metadata})).expect("JSON values serialise");
-        if !state
-            .store
+        if !o
+            .conversations
             .update_conversation(&p.tenant.id, &c)
             .await
             .map_err(store_error)?
@@ -205,7 +191,7 @@ pub(crate) async fn update(
         object(&c)
     }
     .await;
-    answer(&*state.store, &p, "conversation.update", &id, result).await
+    o.audit.answer(&p, "conversation.update", &id, result).await
 }
 
 /// `DELETE /v1/conversations/{id}`: the conversation and its items.
@@ -216,22 +202,22 @@ pub(crate) async fn update(
     tag = "openai",
     summary = "Delete a conversation and its items",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Deleted), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn delete(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Response {
     let result = async {
-        may_change(&p, "delete conversations")?;
-        let done = state.store.delete_conversation(&p.tenant.id, &id).await;
+        p.may_change("delete conversations")?;
+        let done = o.conversations.delete_conversation(&p.tenant.id, &id).await;
         let body = json!({"id": id, "object": "conversation.deleted", "deleted": true});
         deleted(done, body, || not_found(&id))
     }
     .await;
-    answer(&*state.store, &p, "conversation.delete", &id, result).await
+    o.audit.answer(&p, "conversation.delete", &id, result).await
 }
 
 /// `GET /v1/conversations/{id}/items`.
@@ -241,20 +227,20 @@ pub(crate) async fn delete(
     path = "/v1/conversations/{id}/items",
     tag = "openai",
     summary = "A conversation's items",
-    params(("id" = String, Path, description = "A conversation id (`conv_…`)"), crate::openapi::PageParams),
-    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
+    params(("id" = String, Path, description = "A conversation id (`conv_…`)"), crate::http::openapi::PageParams),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Page), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn list_items(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> Response {
     let result = async {
         let page = q.validate()?;
-        let rows = state
-            .store
+        let rows = o
+            .conversations
             .items(
                 &p.tenant.id,
                 &id,
@@ -274,7 +260,9 @@ pub(crate) async fn list_items(
         Ok(list_page(data, more))
     }
     .await;
-    answer(&*state.store, &p, "conversation.items.list", &id, result).await
+    o.audit
+        .answer(&p, "conversation.items.list", &id, result)
+        .await
 }
 
 /// `POST /v1/conversations/{id}/items`.
@@ -286,22 +274,22 @@ pub(crate) async fn list_items(
     summary = "Append items to a conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)")),
     request_body = NewItems,
-    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Page), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn add_items(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
     let result = async {
-        may_change(&p, "change conversations")?;
-        let items = parse_new_items(&read_body(req.into_body(), state.max_body_bytes).await?)?;
-        let now = crate::now_ms();
+        p.may_change("change conversations")?;
+        let items = parse_new_items(&read_body(req.into_body(), o.max_body_bytes).await?)?;
+        let now = strata_core::now_ms();
         let stored: Vec<StoredItem> = items.iter().map(|i| stored_item(i, now)).collect();
-        if !state
-            .store
+        if !o
+            .conversations
             .append_items(&p.tenant.id, &id, &stored)
             .await
             .map_err(store_error)?
@@ -311,7 +299,9 @@ pub(crate) async fn add_items(
         Ok(list_page(items.iter().map(Item::to_json).collect(), false))
     }
     .await;
-    answer(&*state.store, &p, "conversation.items.create", &id, result).await
+    o.audit
+        .answer(&p, "conversation.items.create", &id, result)
+        .await
 }
 
 fn item_not_found(id: &str) -> ApiError {
@@ -326,17 +316,17 @@ fn item_not_found(id: &str) -> ApiError {
     tag = "openai",
     summary = "One item of a conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)"), ("item_id" = String, Path, description = "An item id (`msg_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Item), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Item), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show_item(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path((id, item)): Path<(String, String)>,
 ) -> Response {
     let result = async {
-        let stored = state
-            .store
+        let stored = o
+            .conversations
             .item(&p.tenant.id, &id, &item)
             .await
             .map_err(store_error)?
@@ -344,7 +334,9 @@ pub(crate) async fn show_item(
         item_json(&stored)
     }
     .await;
-    answer(&*state.store, &p, "conversation.items.read", &id, result).await
+    o.audit
+        .answer(&p, "conversation.items.read", &id, result)
+        .await
 }
 
 /// `DELETE /v1/conversations/{id}/items/{item_id}`: answers with the conversation.
@@ -355,26 +347,28 @@ pub(crate) async fn show_item(
     tag = "openai",
     summary = "Delete an item; answers the conversation",
     params(("id" = String, Path, description = "A conversation id (`conv_…`)"), ("item_id" = String, Path, description = "An item id (`msg_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ConversationObject), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ConversationObject), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn delete_item(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path((id, item)): Path<(String, String)>,
 ) -> Response {
     let result = async {
-        may_change(&p, "change conversations")?;
-        if !state
-            .store
+        p.may_change("change conversations")?;
+        if !o
+            .conversations
             .delete_item(&p.tenant.id, &id, &item)
             .await
             .map_err(store_error)?
         {
             return Err(item_not_found(&item));
         }
-        object(&fetch(&*state.store, &p, &id).await?)
+        object(&fetch(&*o.conversations, &p, &id).await?)
     }
     .await;
-    answer(&*state.store, &p, "conversation.items.delete", &id, result).await
+    o.audit
+        .answer(&p, "conversation.items.delete", &id, result)
+        .await
 }

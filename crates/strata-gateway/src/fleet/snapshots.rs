@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 use strata_core::snapshot::{frames, Snapshot};
-use strata_core::store::Store;
+use strata_core::store::SnapshotStore;
 use strata_core::tenant::TenantId;
 use strata_core::{ApiError, KV_EXPORT_PATH, KV_IMPORT_PATH};
 use strata_store::{Binding, Vault};
 
-use crate::replicas::{Replica, ReplicaSet};
+use crate::fleet::replicas::{Replica, ReplicaSet};
 
 const TABLE: &str = "kv_snapshots";
 
@@ -28,7 +28,7 @@ pub enum Snapshots {
     /// `<dir>/<tenant>/<session>.kv`.
     Dir { dir: PathBuf, vault: Arc<Vault> },
     /// The database, for every gateway of a cluster.
-    Store(Arc<dyn Store>),
+    Store(Arc<dyn SnapshotStore>),
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]

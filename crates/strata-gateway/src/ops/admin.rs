@@ -2,35 +2,40 @@
 //! usage and the audit trail. Visibility first (another tenant's id is a 404,
 //! exactly like an unknown one), then the role; every action is audited.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-
-use crate::extract::Path as UrlPath;
+use axum::extract::{FromRef, Request, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
+use axum::Extension;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use strata_core::openai::parse_body;
-use strata_core::store::{Store, StoreError};
-use strata_core::tenant::{
-    key_digest, looks_like_key, ApiKeyRecord, AuditEntry, Isolation, NewKey, RateLimits, Role,
-    Tenant, TenantId,
-};
+use strata_core::store::{AuditStore, KeyStore, TenantStore, UsageStore};
+use strata_core::tenant::{ApiKeyRecord, Isolation, RateLimits, Role, Tenant, TenantId};
 use strata_core::{read_body, whole, ApiError};
 use strata_store::{Kek, KekSource, Vault};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{Authenticator, Principal};
-use crate::replicas::ReplicaSet;
-use crate::snapshots::Snapshots;
+use crate::fleet::replicas::ReplicaSet;
+use crate::fleet::snapshots::Snapshots;
+use crate::http::error::store_error;
+use crate::http::extract::Path as UrlPath;
+use crate::tenancy::audit::Audit;
+use crate::tenancy::auth::Authenticator;
+use crate::tenancy::keys::new_key_record;
+use crate::tenancy::principal::Principal;
 
-pub struct AdminState {
-    pub store: Arc<dyn Store>,
+/// The state of the admin routes.
+pub struct Admin {
+    pub tenants: Arc<dyn TenantStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub usage: Arc<dyn UsageStore>,
+    /// The trail, to read; `audit` appends to it.
+    pub trail: Arc<dyn AuditStore>,
+    pub audit: Audit,
     pub auth: Arc<Authenticator>,
     pub vault: Option<Arc<Vault>>,
     pub max_body_bytes: usize,
@@ -41,7 +46,12 @@ pub struct AdminState {
     pub notices: Option<tokio::sync::mpsc::Sender<strata_core::link::PreemptNotice>>,
 }
 
-pub fn routes(state: Arc<AdminState>) -> OpenApiRouter {
+/// The admin routes, for a router whose state holds an `Admin`.
+pub fn routes<S>() -> OpenApiRouter<S>
+where
+    Arc<Admin>: FromRef<S>,
+    S: Clone + Send + Sync + 'static,
+{
     OpenApiRouter::new()
         .routes(routes!(create_tenant, list_tenants))
         .routes(routes!(show_tenant, update_tenant, delete_tenant))
@@ -54,38 +64,11 @@ pub fn routes(state: Arc<AdminState>) -> OpenApiRouter {
         .routes(routes!(drain_replica))
         .routes(routes!(undrain_replica))
         .routes(routes!(preempt_replica))
-        .with_state(state)
 }
 
 const MAX_NAME: usize = 64;
 const MAX_MODELS: usize = 64;
 const MAX_LIMIT: u32 = 1_000_000_000;
-
-pub fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Conflict(what) => ApiError::conflict(format!("{what} already exists.")),
-        StoreError::Unavailable(_) => {
-            tracing::warn!(error = %e, "store unavailable");
-            ApiError::unavailable(
-                "The database is unreachable; the request was not carried out. Retry shortly.",
-            )
-            .with_code("store_unavailable")
-            .with_retry_after(2)
-        }
-        StoreError::Full(_) => {
-            tracing::error!(error = %e, "store full");
-            ApiError::unavailable(
-                "The database's disk is full; nothing was written. Retry once space is freed.",
-            )
-            .with_code("storage_full")
-            .with_retry_after(30)
-        }
-        other => {
-            tracing::error!(error = %other, "store error");
-            ApiError::internal("The store failed; retry shortly.")
-        }
-    }
-}
 
 fn not_found(kind: &str, id: &str) -> ApiError {
     ApiError::not_found(format!("No {kind} with id `{id}`."))
@@ -154,7 +137,7 @@ fn role_allows(p: &Principal, need: Need) -> Result<(), ApiError> {
 
 /// The named tenant if the caller may see it: another tenant's id is a 404.
 async fn visible_tenant(
-    state: &AdminState,
+    state: &Admin,
     p: &Principal,
     id: &str,
     need: Need,
@@ -163,64 +146,13 @@ async fn visible_tenant(
         return Err(not_found("tenant", id));
     }
     let tenant = state
-        .store
+        .tenants
         .tenant(&TenantId(id.to_owned()))
         .await
         .map_err(store_error)?
         .ok_or_else(|| not_found("tenant", id))?;
     role_allows(p, need)?;
     Ok(tenant)
-}
-
-/// Appends the audit row for an action (admin or on a stored object) and
-/// renders its result.
-pub async fn finish(
-    store: &dyn Store,
-    p: &Principal,
-    action: &str,
-    tenant: &str,
-    target: &str,
-    result: Result<(StatusCode, Value), ApiError>,
-) -> Response {
-    record_audit(store, p, action, tenant, target, result_label(&result)).await;
-    match result {
-        Ok((status, body)) => (status, Json(body)).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-pub fn result_label<T>(result: &Result<T, ApiError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(e) => match e.status {
-            401 | 403 => "denied",
-            404 => "not_found",
-            400 | 409 | 413 | 422 => "invalid",
-            _ => "error",
-        },
-    }
-}
-
-pub async fn record_audit(
-    store: &dyn Store,
-    p: &Principal,
-    action: &str,
-    tenant: &str,
-    target: &str,
-    result: &str,
-) {
-    let entry = AuditEntry {
-        at_ms: crate::now_ms(),
-        actor_key: p.key.id.clone(),
-        actor_tenant: p.tenant.id.to_string(),
-        action: action.to_owned(),
-        tenant: tenant.to_owned(),
-        target: target.to_owned(),
-        result: result.to_owned(),
-    };
-    if let Err(e) = store.append_audit(&entry).await {
-        tracing::error!(error = %e, action, "cannot append the audit row");
-    }
 }
 
 /// `Some(None)` for an explicit `null`, `None` for a missing field.
@@ -290,14 +222,14 @@ pub(crate) fn parse_admin<T: AdminBody>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(body)
 }
 
-async fn body_of<T: AdminBody>(state: &AdminState, req: Request) -> Result<T, ApiError> {
+async fn body_of<T: AdminBody>(state: &Admin, req: Request) -> Result<T, ApiError> {
     parse_admin(&read_body(req.into_body(), state.max_body_bytes).await?)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateTenant {
-    #[schema(value_type = crate::openapi::Name)]
+    #[schema(value_type = crate::http::openapi::Name)]
     name: String,
     #[serde(default)]
     isolation: Isolation,
@@ -326,11 +258,11 @@ impl AdminBody for CreateTenant {
     tag = "admin",
     summary = "Create a tenant (platform admin)",
     request_body = CreateTenant,
-    responses((status = 201, description = "Created", body = crate::openapi::Tenant), crate::openapi::Failures),
+    responses((status = 201, description = "Created", body = crate::http::openapi::Tenant), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn create_tenant(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     req: Request,
 ) -> Response {
@@ -346,10 +278,10 @@ async fn create_tenant(
                 tokens_per_minute: c.tokens_per_minute,
             },
             monthly_budget_usd: c.monthly_budget_usd,
-            created_at_ms: crate::now_ms(),
+            created_at_ms: strata_core::now_ms(),
         };
         state
-            .store
+            .tenants
             .create_tenant(&tenant)
             .await
             .map_err(store_error)?;
@@ -359,7 +291,10 @@ async fn create_tenant(
     let target = result.as_ref().map_or(String::new(), |(_, v)| {
         v["id"].as_str().unwrap_or("").to_owned()
     });
-    finish(&*state.store, &p, "tenant.create", &target, &target, result).await
+    state
+        .audit
+        .finish(&p, "tenant.create", &target, &target, result)
+        .await
 }
 
 #[utoipa::path(
@@ -367,20 +302,20 @@ async fn create_tenant(
     path = "/admin/v1/tenants",
     tag = "admin",
     summary = "The tenants the key may see",
-    responses((status = 200, description = "OK", body = crate::openapi::List), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::List), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn list_tenants(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
 ) -> Response {
     let result = async {
         let tenants = if p.is_platform_admin() {
-            state.store.tenants().await.map_err(store_error)?
+            state.tenants.tenants().await.map_err(store_error)?
         } else {
             role_allows(&p, Need::Read)?;
             state
-                .store
+                .tenants
                 .tenant(&p.tenant.id)
                 .await
                 .map_err(store_error)?
@@ -393,15 +328,10 @@ async fn list_tenants(
         ))
     }
     .await;
-    finish(
-        &*state.store,
-        &p,
-        "tenant.list",
-        p.tenant.id.as_str(),
-        "",
-        result,
-    )
-    .await
+    state
+        .audit
+        .finish(&p, "tenant.list", p.tenant.id.as_str(), "", result)
+        .await
 }
 
 #[utoipa::path(
@@ -410,24 +340,27 @@ async fn list_tenants(
     tag = "admin",
     summary = "A tenant",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Tenant), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Tenant), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn show_tenant(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     let result = visible_tenant(&state, &p, &id, Need::Read)
         .await
         .map(|t| (StatusCode::OK, tenant_json(&t)));
-    finish(&*state.store, &p, "tenant.read", &id, &id, result).await
+    state
+        .audit
+        .finish(&p, "tenant.read", &id, &id, result)
+        .await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateTenant {
-    #[schema(value_type = Option<crate::openapi::Name>)]
+    #[schema(value_type = Option<crate::http::openapi::Name>)]
     name: Option<String>,
     isolation: Option<Isolation>,
     #[serde(default, deserialize_with = "present_whole")]
@@ -466,11 +399,11 @@ impl AdminBody for UpdateTenant {
     summary = "Change a tenant's name, isolation, limits or budget",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
     request_body(content = Option<UpdateTenant>, description = "The fields to change; none (or no body) changes nothing"),
-    responses((status = 200, description = "OK", body = crate::openapi::Tenant), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Tenant), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn update_tenant(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
     req: Request,
@@ -493,14 +426,17 @@ async fn update_tenant(
         if let Some(v) = u.monthly_budget_usd {
             t.monthly_budget_usd = v;
         }
-        if !state.store.update_tenant(&t).await.map_err(store_error)? {
+        if !state.tenants.update_tenant(&t).await.map_err(store_error)? {
             return Err(not_found("tenant", &id));
         }
         state.auth.forget_tenant(&id);
         Ok((StatusCode::OK, tenant_json(&t)))
     }
     .await;
-    finish(&*state.store, &p, "tenant.update", &id, &id, result).await
+    state
+        .audit
+        .finish(&p, "tenant.update", &id, &id, result)
+        .await
 }
 
 #[utoipa::path(
@@ -509,11 +445,11 @@ async fn update_tenant(
     tag = "admin",
     summary = "Delete a tenant and shred its data key",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Deleted), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn delete_tenant(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
@@ -525,7 +461,7 @@ async fn delete_tenant(
             ));
         }
         state
-            .store
+            .tenants
             .delete_tenant(&t.id)
             .await
             .map_err(store_error)?;
@@ -536,16 +472,19 @@ async fn delete_tenant(
         ))
     }
     .await;
-    finish(&*state.store, &p, "tenant.delete", &id, &id, result).await
+    state
+        .audit
+        .finish(&p, "tenant.delete", &id, &id, result)
+        .await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
-    #[schema(value_type = crate::openapi::Name)]
+    #[schema(value_type = crate::http::openapi::Name)]
     name: String,
     role: Role,
-    #[schema(value_type = Option<Vec<crate::openapi::ModelId>>, min_items = 1, max_items = 64)]
+    #[schema(value_type = Option<Vec<crate::http::openapi::ModelId>>, min_items = 1, max_items = 64)]
     models: Option<Vec<String>>,
     #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
@@ -577,7 +516,7 @@ impl AdminBody for CreateKey {
         }
         if self
             .expires_at
-            .is_some_and(|e| e.saturating_mul(1000) <= crate::now_ms())
+            .is_some_and(|e| e.saturating_mul(1000) <= strata_core::now_ms())
         {
             return Err(ApiError::invalid_request(
                 Some("expires_at"),
@@ -588,26 +527,6 @@ impl AdminBody for CreateKey {
     }
 }
 
-/// A new random key for `tenant`, stored as a digest; the secret is returned once.
-pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRecord, String) {
-    let mut random = [0u8; 32];
-    getrandom::getrandom(&mut random).expect("the OS random source is available");
-    let new = NewKey::from_random(random);
-    let record = ApiKeyRecord {
-        id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
-        tenant_id: tenant.clone(),
-        name,
-        role,
-        models: None,
-        limits: RateLimits::default(),
-        expires_at_ms: None,
-        revoked_at_ms: None,
-        created_at_ms: crate::now_ms(),
-        digest: new.digest,
-    };
-    (record, new.secret)
-}
-
 #[utoipa::path(
     post,
     path = "/admin/v1/tenants/{tenant}/keys",
@@ -615,11 +534,11 @@ pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRec
     summary = "Create a key (its secret is shown once)",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
     request_body = CreateKey,
-    responses((status = 201, description = "Created", body = crate::openapi::ApiKey), crate::openapi::Failures),
+    responses((status = 201, description = "Created", body = crate::http::openapi::ApiKey), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn create_key(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
     req: Request,
@@ -634,7 +553,7 @@ async fn create_key(
             tokens_per_minute: c.tokens_per_minute,
         };
         record.expires_at_ms = c.expires_at.map(|e| e.saturating_mul(1000));
-        state.store.create_key(&record).await.map_err(store_error)?;
+        state.keys.create_key(&record).await.map_err(store_error)?;
         let mut body = key_json(&record);
         body["key"] = Value::String(secret);
         Ok((StatusCode::CREATED, body))
@@ -643,7 +562,10 @@ async fn create_key(
     let target = result.as_ref().map_or(String::new(), |(_, v)| {
         v["id"].as_str().unwrap_or("").to_owned()
     });
-    finish(&*state.store, &p, "key.create", &id, &target, result).await
+    state
+        .audit
+        .finish(&p, "key.create", &id, &target, result)
+        .await
 }
 
 #[utoipa::path(
@@ -652,24 +574,24 @@ async fn create_key(
     tag = "admin",
     summary = "A tenant's keys (no secrets)",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::List), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::List), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn list_keys(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     let result = async {
         let t = visible_tenant(&state, &p, &id, Need::Read).await?;
-        let keys = state.store.keys(&t.id).await.map_err(store_error)?;
+        let keys = state.keys.keys(&t.id).await.map_err(store_error)?;
         Ok((
             StatusCode::OK,
             list_json(keys.iter().map(key_json).collect()),
         ))
     }
     .await;
-    finish(&*state.store, &p, "key.list", &id, "", result).await
+    state.audit.finish(&p, "key.list", &id, "", result).await
 }
 
 #[utoipa::path(
@@ -678,18 +600,18 @@ async fn list_keys(
     tag = "admin",
     summary = "A key (no secret)",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)"), ("key" = String, Path, description = "A key id (`key_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ApiKey), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn show_key(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath((id, key)): UrlPath<(String, String)>,
 ) -> Response {
     let result = async {
         let t = visible_tenant(&state, &p, &id, Need::Read).await?;
         let k = state
-            .store
+            .keys
             .key(&t.id, &key)
             .await
             .map_err(store_error)?
@@ -697,7 +619,7 @@ async fn show_key(
         Ok((StatusCode::OK, key_json(&k)))
     }
     .await;
-    finish(&*state.store, &p, "key.read", &id, &key, result).await
+    state.audit.finish(&p, "key.read", &id, &key, result).await
 }
 
 #[utoipa::path(
@@ -706,19 +628,19 @@ async fn show_key(
     tag = "admin",
     summary = "Revoke a key",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)"), ("key" = String, Path, description = "A key id (`key_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ApiKey), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ApiKey), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn revoke_key(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath((id, key)): UrlPath<(String, String)>,
 ) -> Response {
     let result = async {
         let t = visible_tenant(&state, &p, &id, Need::Manage).await?;
         if !state
-            .store
-            .revoke_key(&t.id, &key, crate::now_ms())
+            .keys
+            .revoke_key(&t.id, &key, strata_core::now_ms())
             .await
             .map_err(store_error)?
         {
@@ -726,7 +648,7 @@ async fn revoke_key(
         }
         state.auth.forget_tenant(&id);
         let k = state
-            .store
+            .keys
             .key(&t.id, &key)
             .await
             .map_err(store_error)?
@@ -734,7 +656,10 @@ async fn revoke_key(
         Ok((StatusCode::OK, key_json(&k)))
     }
     .await;
-    finish(&*state.store, &p, "key.revoke", &id, &key, result).await
+    state
+        .audit
+        .finish(&p, "key.revoke", &id, &key, result)
+        .await
 }
 
 fn usage_json(totals: Vec<strata_core::store::UsageTotals>) -> Value {
@@ -758,24 +683,27 @@ fn usage_json(totals: Vec<strata_core::store::UsageTotals>) -> Value {
     tag = "admin",
     summary = "A tenant's usage by model and its month's spend",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::UsageReport), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::UsageReport), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn tenant_usage(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     let result = async {
         let t = visible_tenant(&state, &p, &id, Need::Read).await?;
         let totals = state
-            .store
+            .usage
             .usage_totals(Some(&t.id))
             .await
             .map_err(store_error)?;
         let month = state
-            .store
-            .tenant_spend(&t.id, crate::budget::month_start_ms(crate::now_ms()))
+            .usage
+            .tenant_spend(
+                &t.id,
+                strata_core::calendar::month_start_ms(strata_core::now_ms()),
+            )
             .await
             .map_err(store_error)?;
         let mut body = usage_json(totals);
@@ -785,7 +713,7 @@ async fn tenant_usage(
         Ok((StatusCode::OK, body))
     }
     .await;
-    finish(&*state.store, &p, "usage.read", &id, "", result).await
+    state.audit.finish(&p, "usage.read", &id, "", result).await
 }
 
 #[utoipa::path(
@@ -793,20 +721,20 @@ async fn tenant_usage(
     path = "/admin/v1/usage",
     tag = "admin",
     summary = "Usage by model over all tenants (platform admin)",
-    responses((status = 200, description = "OK", body = crate::openapi::UsageReport), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::UsageReport), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn all_usage(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
 ) -> Response {
     let result = async {
         role_allows(&p, Need::Platform)?;
-        let totals = state.store.usage_totals(None).await.map_err(store_error)?;
+        let totals = state.usage.usage_totals(None).await.map_err(store_error)?;
         Ok((StatusCode::OK, usage_json(totals)))
     }
     .await;
-    finish(&*state.store, &p, "usage.read", "*", "", result).await
+    state.audit.finish(&p, "usage.read", "*", "", result).await
 }
 
 #[utoipa::path(
@@ -814,29 +742,24 @@ async fn all_usage(
     path = "/admin/v1/audit",
     tag = "admin",
     summary = "The audit trail (a tenant admin sees its tenant's)",
-    responses((status = 200, description = "OK", body = crate::openapi::List), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::List), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn audit(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
 ) -> Response {
     let result = async {
         role_allows(&p, Need::Manage)?;
         let scope = (!p.is_platform_admin()).then_some(&p.tenant.id);
-        let rows = state.store.audit(scope).await.map_err(store_error)?;
+        let rows = state.trail.audit(scope).await.map_err(store_error)?;
         Ok((StatusCode::OK, json!({"object": "list", "data": rows})))
     }
     .await;
-    finish(
-        &*state.store,
-        &p,
-        "audit.read",
-        p.tenant.id.as_str(),
-        "",
-        result,
-    )
-    .await
+    state
+        .audit
+        .finish(&p, "audit.read", p.tenant.id.as_str(), "", result)
+        .await
 }
 
 #[utoipa::path(
@@ -844,11 +767,11 @@ async fn audit(
     path = "/admin/v1/kek/rotate",
     tag = "admin",
     summary = "Re-wrap every data key under a new KEK (platform admin)",
-    responses((status = 200, description = "OK", body = Object, description = "`{object: kek, previous_id, id}`"), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = Object, description = "`{object: kek, previous_id, id}`"), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn rotate_kek(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
 ) -> Response {
     let result = async {
@@ -872,7 +795,7 @@ async fn rotate_kek(
         Ok((StatusCode::OK, json!({"object": "kek", "previous_id": old, "id": id})))
     }
     .await;
-    finish(&*state.store, &p, "kek.rotate", "*", "", result).await
+    state.audit.finish(&p, "kek.rotate", "*", "", result).await
 }
 
 /// `POST /admin/v1/replicas/{id}/drain` (platform admins): the replica
@@ -884,11 +807,11 @@ async fn rotate_kek(
     tag = "admin",
     summary = "Drain a replica: no new requests, sessions kept as snapshots",
     params(("id" = String, Path, description = "A replica id")),
-    responses((status = 200, description = "OK", body = Object, description = "What was drained"), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = Object, description = "What was drained"), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn drain_replica(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
@@ -903,7 +826,10 @@ async fn drain_replica(
         Ok((StatusCode::OK, json!(drained)))
     }
     .await;
-    finish(&*state.store, &p, "replica.drain", "*", &id, result).await
+    state
+        .audit
+        .finish(&p, "replica.drain", "*", &id, result)
+        .await
 }
 
 /// `POST /admin/v1/replicas/{id}/undrain` (platform admins): a drained
@@ -914,11 +840,11 @@ async fn drain_replica(
     tag = "admin",
     summary = "Route to a drained replica again",
     params(("id" = String, Path, description = "A replica id")),
-    responses((status = 200, description = "OK", body = Object), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = Object), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn undrain_replica(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
@@ -932,7 +858,10 @@ async fn undrain_replica(
         Ok((StatusCode::OK, json!({"replica": id, "draining": false})))
     }
     .await;
-    finish(&*state.store, &p, "replica.undrain", "*", &id, result).await
+    state
+        .audit
+        .finish(&p, "replica.undrain", "*", &id, result)
+        .await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -968,11 +897,11 @@ impl AdminBody for Preempt {
     summary = "Report a preemption notice for a replica",
     params(("id" = String, Path, description = "A replica id")),
     request_body(content = Option<Preempt>, description = "Optional: no body takes `pool.preemption_notice_secs`"),
-    responses((status = 202, description = "Accepted", body = Object), crate::openapi::Failures),
+    responses((status = 202, description = "Accepted", body = Object), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn preempt_replica(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
     UrlPath(id): UrlPath<String>,
     req: Request,
@@ -1003,73 +932,10 @@ async fn preempt_replica(
         ))
     }
     .await;
-    finish(&*state.store, &p, "replica.preempt", "*", &id, result).await
-}
-
-/// Makes sure the platform tenant and a platform admin key exist. With
-/// `admin_key_file`, that key is the admin key; otherwise, when no active
-/// admin key exists, a new one is made and returned to be shown once.
-pub async fn bootstrap(
-    store: &dyn Store,
-    admin_key_file: Option<&Path>,
-) -> Result<Option<String>, String> {
-    let platform = TenantId::platform();
-    if store
-        .tenant(&platform)
+    state
+        .audit
+        .finish(&p, "replica.preempt", "*", &id, result)
         .await
-        .map_err(|e| e.to_string())?
-        .is_none()
-    {
-        store
-            .create_tenant(&Tenant {
-                id: platform.clone(),
-                name: "platform".into(),
-                isolation: Isolation::Shared,
-                limits: RateLimits::default(),
-                monthly_budget_usd: None,
-                created_at_ms: crate::now_ms(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    if let Some(path) = admin_key_file {
-        let secret = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the admin key file {}: {e}", path.display()))?;
-        let secret = secret.trim();
-        if !looks_like_key(secret) {
-            return Err(format!(
-                "{} does not hold a strata key (sk-strata- followed by 43 base64url characters)",
-                path.display()
-            ));
-        }
-        let digest = key_digest(secret);
-        let known = store
-            .keys_by_lookup(strata_core::tenant::digest_lookup(&digest))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .any(|k| k.digest == digest);
-        if !known {
-            let (mut record, _) =
-                new_key_record(&platform, "platform admin (from file)".into(), Role::Admin);
-            record.digest = digest;
-            store.create_key(&record).await.map_err(|e| e.to_string())?;
-        }
-        return Ok(None);
-    }
-    let now = crate::now_ms();
-    let has_admin = store
-        .keys(&platform)
-        .await
-        .map_err(|e| e.to_string())?
-        .iter()
-        .any(|k| k.role == Role::Admin && k.is_active(now));
-    if has_admin {
-        return Ok(None);
-    }
-    let (record, secret) = new_key_record(&platform, "platform admin".into(), Role::Admin);
-    store.create_key(&record).await.map_err(|e| e.to_string())?;
-    Ok(Some(secret))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use crate::FastMap;
+use crate::tenancy::FastMap;
 
 /// Weight of a prompt token and of a generated one in the counters; decode
 /// costs the engine far more per token than prefill.

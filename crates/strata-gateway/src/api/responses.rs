@@ -10,9 +10,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-
-use crate::extract::{Path, Query};
-use axum::http::{header, HeaderValue};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
@@ -23,22 +21,19 @@ use strata_core::responses::{
     chat_messages, new_id, response_object, EventWriter, Item, ItemRole, Outcome, PageQuery,
     ResponseMeta, ResponsesRequest, TurnRequest,
 };
-use strata_core::store::{Store, StoredItem, StoredResponse};
+use strata_core::store::{ConversationStore, StoredItem, StoredResponse};
 use strata_core::{read_body, ApiError};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::admin::{record_audit, store_error};
-use crate::auth::Principal;
-use crate::proxy::{
-    continued, json_response, no_replica_for_the_rest, resumed_usage, usage_row, Forward, Moves,
-    Route, SseEvents,
-};
-use crate::replicas::InFlight;
-use crate::snapshots::Snapshots;
-use crate::stored::{answer, deleted, may_change};
-use crate::upstream::Upstream;
-use crate::AppState;
+use crate::api::generate::{span, Inference};
+use crate::api::objects::{deleted, stored_item, Objects};
+use crate::fleet::snapshots::Snapshots;
+use crate::http::error::{event_stream, json_response, store_error};
+use crate::http::extract::{Path, Query};
+use crate::relay::answer::{Answer, Piece};
+use crate::relay::forward::{Exchange, ReplicaRequest};
+use crate::tenancy::principal::Principal;
 
 const ROUTE: &str = "/v1/responses";
 
@@ -64,7 +59,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 async fn stored_doc(
-    store: &dyn Store,
+    store: &dyn ConversationStore,
     p: &Principal,
     id: &str,
 ) -> Result<(StoredResponse, Value), ApiError> {
@@ -81,7 +76,7 @@ async fn stored_doc(
 /// The items before this turn's input, and the replica that served the
 /// session's last turn.
 async fn context(
-    store: &dyn Store,
+    store: &dyn ConversationStore,
     p: &Principal,
     turn: &TurnRequest,
 ) -> Result<(Vec<Item>, Option<String>), ApiError> {
@@ -132,20 +127,20 @@ async fn context(
     tag = "openai",
     summary = "Create a response (a turn)",
     request_body = strata_core::responses::ResponsesRequest,
-    responses((status = 200, description = "The response, or its server-sent events with `stream`", body = crate::openapi::ResponseObject), crate::openapi::Failures),
+    responses((status = 200, description = "The response, or its server-sent events with `stream`", body = crate::http::openapi::ResponseObject), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn create(
-    State(state): State<Arc<AppState>>,
+    State(g): State<Arc<Inference>>,
     Extension(p): Extension<Arc<Principal>>,
     req: Request,
 ) -> Response {
     let arrived = Instant::now();
-    let response = match start(state.clone(), p, req, arrived).await {
+    let response = match start(g.clone(), p, req, arrived).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    crate::count_request(&state, ROUTE, &response);
+    g.count(ROUTE, &response);
     response
 }
 
@@ -155,7 +150,7 @@ pub(crate) async fn create(
 pub(crate) fn chat_request(
     turn: &TurnRequest,
     items: &[Item],
-) -> Result<(Value, Bytes, Generation), ApiError> {
+) -> Result<(Bytes, Generation), ApiError> {
     let request = json!({
         "model": turn.model,
         "messages": chat_messages(turn.instructions.as_deref(), items),
@@ -167,93 +162,87 @@ pub(crate) fn chat_request(
     });
     let chat = Bytes::from(request.to_string());
     let generation = parse_body::<ChatCompletionRequest>(&chat)?.validate()?;
-    Ok((request, chat, generation))
+    Ok((chat, generation))
 }
 
+/// A turn, phase by phase: the body, its stored context, admission, the
+/// replica holding the session, then the answer as events (or whole).
 async fn start(
-    state: Arc<AppState>,
+    g: Arc<Inference>,
     p: Arc<Principal>,
     req: Request,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let body = read_body(req.into_body(), state.max_body_bytes).await?;
+    let body = read_body(req.into_body(), g.max_body_bytes).await?;
     let turn = parse_body::<ResponsesRequest>(&body)?.validate()?;
-    let (context, replica) = context(&*state.store, &p, &turn).await?;
+    let (context, replica) = context(&*g.objects.conversations, &p, &turn).await?;
     let mut items = context.clone();
     items.extend(turn.input.iter().cloned());
-    let (request, chat, generation) = chat_request(&turn, &items)?;
+    let (chat, generation) = chat_request(&turn, &items)?;
     let request_id = strata_core::openai::request_id();
-    let span = crate::request_span(&request_id, &p, &generation, ROUTE);
-    let (charge, estimated_tokens) = crate::admit(&state, &p, &generation, chat.len())
+    let span = span(&request_id, &p, &generation, ROUTE);
+    let (charge, estimated_tokens) = g
+        .admit(&p, &generation, chat.len())
         .instrument(span.clone())
         .await?;
     let response_id = new_id("resp");
     // The replica holding the session's cache, or one it was moved to.
     let replica = match (
-        &state.snapshots,
+        &g.snapshots,
         turn.conversation
             .as_ref()
             .or(turn.previous_response_id.as_ref()),
     ) {
         (Some(snapshots), Some(session)) => {
-            restore_if_moved(&state, snapshots, &p, &generation.model, replica, session).await
+            restore_if_moved(&g, snapshots, &p, &generation.model, replica, session).await
         }
         _ => replica,
     };
-    let prefix = state
-        .proxy
-        .replicas
-        .prefix_of(p.tenant.id.as_str(), &generation.input);
-    let mut forward = Forward {
-        route: Route {
-            path: "/v1/chat/completions",
-            principal: p,
-            // A conversation's turns share its id; a chain's next turn names this response.
-            session: Some(
-                turn.conversation
-                    .clone()
-                    .unwrap_or_else(|| response_id.clone()),
-            ),
-            prefix,
-            body: chat,
-            model: generation.model,
-            estimated_tokens,
-        },
+    let request = ReplicaRequest {
+        path: "/v1/chat/completions",
+        prefix: g
+            .relay
+            .replicas
+            .prefix_of(p.tenant.id.as_str(), &generation.input),
+        principal: p,
+        // A conversation's turns share its id; a chain's next turn names this response.
+        session: Some(
+            turn.conversation
+                .clone()
+                .unwrap_or_else(|| response_id.clone()),
+        ),
+        body: chat,
+        model: generation.model,
+        estimated_tokens,
+    };
+    let mut exchange = Exchange {
         charge,
-        keep: None,
-        stream: true,
-        include_usage: true,
         request_id,
         arrived,
+        stream: true,
     };
-    let (flight, upstream) = match state
-        .proxy
-        .open(&forward.route, replica.as_deref())
+    let (flight, upstream) = match g
+        .relay
+        .send(&request, replica.as_deref())
         .instrument(span.clone())
         .await
     {
-        Ok(opened) => opened,
+        Ok(sent) => sent,
         Err(refusal) => return Ok(refusal),
     };
     let status = upstream.status();
     if !status.is_success() {
         // The replica refused (the context is too long, ...): its error, metered.
         let body = upstream.bytes().await.unwrap_or_default();
-        let t = arrived.elapsed().as_secs_f64();
-        state.proxy.ledger.record(usage_row(
-            &mut forward,
-            &flight,
-            status.as_u16(),
-            None,
-            t,
-            t,
-        ));
+        let t = exchange.elapsed();
+        let row = exchange.usage_row(&request, flight.replica(), status.as_u16(), None, t, t);
+        g.relay.ledger.record(row);
         return Ok(json_response(status, body));
     }
     let meta = ResponseMeta {
         id: response_id,
-        created_at: crate::now_ms() / 1000,
-        model: forward.route.model.clone(),
+        created_at: strata_core::now_ms() / 1000,
+        model: request.model.clone(),
         instructions: turn.instructions.clone(),
         previous_response_id: turn.previous_response_id.clone(),
         conversation: turn.conversation.clone(),
@@ -264,19 +253,18 @@ async fn start(
         store: turn.store,
     };
     let run = Turn {
-        state: state.clone(),
+        answer: Answer::new(g.relay.clone(), request, flight, upstream),
+        g,
         meta,
         input: turn.input,
         context,
-        request,
-        forward,
-        flight,
+        exchange,
         events: EventWriter::default(),
         sink: None,
     };
     if !turn.stream {
         return run
-            .pump(upstream)
+            .pump()
             .instrument(span)
             .await
             .map(|v| Json(v).into_response());
@@ -287,35 +275,28 @@ async fn start(
             sink: Some(tx),
             ..run
         }
-        .pump(upstream)
+        .pump()
         .instrument(span),
     );
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
         Some((Ok::<_, std::io::Error>(event), rx))
     });
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(response)
+    Ok(event_stream(StatusCode::OK, Body::from_stream(stream)))
 }
 
 /// When the replica that served the session's last turn can no longer take
 /// it (drained, gone) and a snapshot of the session was kept, restores it on
 /// the replica the turn will go to and prefers that one.
 async fn restore_if_moved(
-    state: &AppState,
+    g: &Inference,
     snapshots: &Snapshots,
     p: &Principal,
     model: &str,
     home: Option<String>,
     session: &str,
 ) -> Option<String> {
-    let replicas = &state.proxy.replicas;
+    let replicas = &g.relay.replicas;
     let tenant = p.tenant.id.as_str();
     if home.as_deref().is_some_and(|id| replicas.is_routable(id))
         || !snapshots.has(tenant, session).await
@@ -327,10 +308,7 @@ async fn restore_if_moved(
         .ok()?
         .replica()
         .clone();
-    if snapshots
-        .restore(&state.proxy.client, &target, tenant, session)
-        .await
-    {
+    if snapshots.restore(&g.client, &target, tenant, session).await {
         tracing::info!(%session, replica = %target.endpoint.id, "session's KV cache restored from a snapshot");
         return Some(target.endpoint.id.clone());
     }
@@ -339,21 +317,21 @@ async fn restore_if_moved(
 
 /// One turn in flight.
 struct Turn {
-    state: Arc<AppState>,
+    g: Arc<Inference>,
     meta: ResponseMeta,
-    /// The chat request sent upstream, kept to resume it elsewhere.
-    request: Value,
     input: Vec<Item>,
     context: Vec<Item>,
-    forward: Forward,
-    flight: InFlight,
+    exchange: Exchange,
+    /// The answer, from the replica that took the turn and any that took
+    /// the rest after one failed.
+    answer: Answer,
     events: EventWriter,
     /// The client's event stream; `None` when the answer is returned whole.
     sink: Option<mpsc::Sender<Bytes>>,
 }
 
 /// The answer as it streams in.
-struct Answer {
+struct Reply {
     item_id: String,
     text: String,
     /// Seconds from arrival to the first text.
@@ -365,7 +343,7 @@ struct Answer {
     usage: Option<Usage>,
 }
 
-impl Answer {
+impl Reply {
     /// The output message, as stored and shown.
     fn item(&self) -> Item {
         let mut item = Item::new(ItemRole::Assistant, self.text.clone());
@@ -390,10 +368,10 @@ impl Turn {
         }
     }
 
-    /// Reads the replica's chat stream through to the end, emitting events,
-    /// then stores, meters and returns the final response object.
-    async fn pump(mut self, upstream: Upstream) -> Result<Value, ApiError> {
-        let mut answer = Answer {
+    /// Reads the answer through to the end, emitting events, then stores,
+    /// meters and returns the final response object.
+    async fn pump(mut self) -> Result<Value, ApiError> {
+        let mut reply = Reply {
             item_id: new_id("msg"),
             text: String::new(),
             first_byte: None,
@@ -401,32 +379,25 @@ impl Turn {
             outcome: Outcome::InProgress,
             usage: None,
         };
-        let streamed = self.stream_answer(upstream, &mut answer).await;
-        let Answer {
+        let streamed = self.stream_reply(&mut reply).await;
+        let Reply {
             first_byte,
             usage,
             deltas,
             ..
-        } = answer;
-        let latency = self.forward.arrived.elapsed().as_secs_f64();
+        } = reply;
+        let latency = self.exchange.elapsed();
         if streamed.is_err() {
             // 499: the client went away before the end, as nginx logs it.
-            let row = usage_row(
-                &mut self.forward,
-                &self.flight,
-                499,
-                usage,
-                first_byte.unwrap_or(latency),
-                latency,
-            );
-            self.state.proxy.ledger.record_streamed(row, deltas.into());
+            let row = self.usage_row(499, usage, first_byte.unwrap_or(latency), latency);
+            self.g.relay.ledger.record_streamed(row, deltas.into());
             return Err(ApiError::bad_gateway("The client went away."));
         }
-        let output = match answer.outcome {
+        let output = match reply.outcome {
             Outcome::Failed(_) => Vec::new(),
-            _ => vec![answer.item()],
+            _ => vec![reply.item()],
         };
-        let mut outcome = answer.outcome;
+        let mut outcome = reply.outcome;
         if !matches!(outcome, Outcome::Failed(_)) && self.meta.store {
             if let Err(e) = self.save(&outcome, &output, usage).await {
                 outcome = Outcome::Failed(e);
@@ -436,19 +407,12 @@ impl Turn {
             Outcome::Failed(e) => e.status,
             _ => 200,
         };
-        let row = usage_row(
-            &mut self.forward,
-            &self.flight,
-            status,
-            usage,
-            first_byte.unwrap_or(latency),
-            latency,
-        );
+        let row = self.usage_row(status, usage, first_byte.unwrap_or(latency), latency);
         if self.meta.store {
             // Metered before the client hears the turn is done.
-            self.state.proxy.ledger.record_now(row, deltas.into()).await;
+            self.g.relay.ledger.record_now(row, deltas.into()).await;
         } else {
-            self.state.proxy.ledger.record_streamed(row, deltas.into());
+            self.g.relay.ledger.record_streamed(row, deltas.into());
         }
         let response = response_object(&self.meta, &outcome, &output, usage);
         let last = match &outcome {
@@ -463,7 +427,25 @@ impl Turn {
         }
     }
 
-    async fn stream_answer(&mut self, upstream: Upstream, a: &mut Answer) -> Result<(), Gone> {
+    fn usage_row(
+        &mut self,
+        status: u16,
+        usage: Option<Usage>,
+        ttft: f64,
+        latency: f64,
+    ) -> strata_core::store::UsageRecord {
+        self.exchange.usage_row(
+            self.answer.request(),
+            self.answer.replica(),
+            status,
+            usage,
+            ttft,
+            latency,
+        )
+    }
+
+    /// The answer's chunks as response events.
+    async fn stream_reply(&mut self, a: &mut Reply) -> Result<(), Gone> {
         let item_id = a.item_id.clone();
         let item_id = item_id.as_str();
         let in_progress = response_object(&self.meta, &Outcome::InProgress, &[], None);
@@ -483,85 +465,43 @@ impl Turn {
             json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": part}),
         )
         .await?;
-        let mut sse = SseEvents::new(false);
-        let mut body = upstream.bytes_stream();
         let mut finish: Option<String> = None;
-        // Deltas streamed before the latest resumption.
-        let (mut before_resume, mut moves) = (0u32, Moves::default());
-        loop {
-            let chunk = match body.next().await {
-                Some(Ok(c)) => c,
-                ended => {
-                    if finish.is_some() {
-                        break;
-                    }
-                    // The replica died (or ended) mid-answer: continue the
-                    // answer on another one; the client sees one stream.
-                    let replica = self.flight.replica().clone();
-                    if let Some(Err(e)) = &ended {
-                        tracing::warn!(replica = %replica.endpoint.id, error = %crate::upstream::describe(e), "replica failed mid-response");
-                        replica.mark_down();
-                    }
-                    if !moves.allow(a.deltas.into()) {
-                        a.outcome = Outcome::Failed(moves.exhausted());
-                        return Ok(());
-                    }
-                    let Some(next) = self.resume(&a.text, a.deltas).await else {
-                        a.outcome = Outcome::Failed(no_replica_for_the_rest());
-                        return Ok(());
-                    };
-                    tracing::info!(from = %replica.endpoint.id, to = %self.flight.replica().endpoint.id, "response resumed on another replica");
-                    self.state.proxy.metrics.retries.inc();
-                    body = next.bytes_stream();
-                    sse = SseEvents::new(false);
-                    before_resume = a.deltas;
-                    continue;
-                }
-            };
-            let events = sse.push(&chunk);
-            for data in sse_data(&events) {
-                if data == "[DONE]" {
-                    continue;
-                }
-                let Ok(v) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                if let Some(e) = v.get("error") {
-                    let message = e["message"]
-                        .as_str()
-                        .unwrap_or("generation failed")
-                        .to_owned();
-                    a.outcome = Outcome::Failed(ApiError::internal(message));
+        while let Some(piece) = self.answer.next().await {
+            let chunk = match piece {
+                Piece::Chunk(chunk) => chunk,
+                Piece::Failed(e) => {
+                    a.outcome = Outcome::Failed(e);
                     return Ok(());
                 }
-                let choice = &v["choices"][0];
-                if let Some(delta) = choice["delta"]["content"]
-                    .as_str()
-                    .filter(|d| !d.is_empty())
-                {
-                    if a.first_byte.is_none() {
-                        let t = self.forward.arrived.elapsed().as_secs_f64();
-                        self.state.proxy.metrics.first_byte.observe(t);
-                        a.first_byte = Some(t);
-                    }
-                    a.text.push_str(delta);
-                    a.deltas += 1;
-                    self.state.proxy.ledger.streamed_token();
-                    self.emit(
-                        "response.output_text.delta",
-                        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
-                    )
-                    .await?;
+            };
+            let Some(data) = chunk.data() else {
+                continue;
+            };
+            if let Some(message) = data.error() {
+                a.outcome = Outcome::Failed(ApiError::internal(message));
+                return Ok(());
+            }
+            if let Some(delta) = data.text() {
+                if a.first_byte.is_none() {
+                    let t = self.exchange.elapsed();
+                    self.g.relay.metrics.first_byte.observe(t);
+                    a.first_byte = Some(t);
                 }
-                if let Some(f) = choice["finish_reason"].as_str() {
-                    finish = Some(f.to_owned());
-                }
+                a.text.push_str(delta);
+                a.deltas += 1;
+                self.g.relay.ledger.streamed_token();
+                self.emit(
+                    "response.output_text.delta",
+                    json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
+                )
+                .await?;
+            }
+            if let Some(f) = data.finish_reason() {
+                finish = Some(f.to_owned());
             }
         }
-        a.usage = sse.usage.map(|u| match moves.count {
-            0 => u,
-            _ => resumed_usage(u, before_resume),
-        });
+        // Counted for the whole answer, however many replicas it took.
+        a.usage = self.answer.reader().usage;
         a.outcome = match finish.as_deref() {
             Some("length") => Outcome::Incomplete,
             Some(_) => Outcome::Completed,
@@ -592,33 +532,24 @@ impl Turn {
         Ok(())
     }
 
-    /// Sends the turn again, to another replica, for the rest of the
-    /// answer (`proxy::continued`).
-    async fn resume(&mut self, partial: &str, generated: u32) -> Option<Upstream> {
-        let rest = continued(&self.request, partial, generated);
-        self.forward.route.body = Bytes::from(rest.to_string());
-        let (flight, upstream) = self.state.proxy.reopen(&self.forward.route).await?;
-        self.flight = flight;
-        Some(upstream)
-    }
-
     /// Stores the response, and its input and output as the conversation's
-    /// next items, in one transaction.
+    /// next items, in one transaction. (`&mut`: a turn is `Send` but not
+    /// `Sync`, and is held across the writes.)
     async fn save(
-        &self,
+        &mut self,
         outcome: &Outcome,
         output: &[Item],
         usage: Option<Usage>,
     ) -> Result<(), ApiError> {
         let response = response_object(&self.meta, outcome, output, usage);
         let doc = document(&response, &self.input, &self.context);
-        let now = crate::now_ms();
+        let now = strata_core::now_ms();
         let record = StoredResponse {
             id: self.meta.id.clone(),
             created_at_ms: now,
             model: self.meta.model.clone(),
             conversation_id: self.meta.conversation.clone(),
-            replica: Some(self.flight.replica().endpoint.id.clone()),
+            replica: Some(self.answer.replica().endpoint.id.clone()),
             content: serde_json::to_vec(&doc).expect("JSON values serialise"),
         };
         let items: Vec<StoredItem> = self
@@ -627,25 +558,26 @@ impl Turn {
             .chain(output)
             .map(|i| stored_item(i, now))
             .collect();
-        let p = &self.forward.route.principal;
-        let written = self
-            .state
-            .store
+        let p = &self.answer.request().principal;
+        let objects = &self.g.objects;
+        let written = objects
+            .conversations
             .put_response(&p.tenant.id, &record, &items)
             .await;
         let result = match &written {
             Ok(true) => "ok",
             _ => "error",
         };
-        record_audit(
-            &*self.state.store,
-            p,
-            "response.create",
-            p.tenant.id.as_str(),
-            &record.id,
-            result,
-        )
-        .await;
+        objects
+            .audit
+            .record(
+                p,
+                "response.create",
+                p.tenant.id.as_str(),
+                &record.id,
+                result,
+            )
+            .await;
         match written {
             Ok(true) => Ok(()),
             Ok(false) => Err(ApiError::not_found(
@@ -656,24 +588,6 @@ impl Turn {
     }
 }
 
-pub(crate) fn stored_item(item: &Item, at_ms: i64) -> StoredItem {
-    StoredItem {
-        id: item.id.clone(),
-        created_at_ms: at_ms,
-        content: serde_json::to_vec(&item.to_json()).expect("JSON values serialise"),
-    }
-}
-
-/// The `data:` payloads of complete SSE events.
-pub(crate) fn sse_data(events: &[u8]) -> Vec<&str> {
-    std::str::from_utf8(events)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-        .collect()
-}
-
 /// `GET /v1/responses/{id}`.
 #[utoipa::path(
     get,
@@ -682,18 +596,18 @@ pub(crate) fn sse_data(events: &[u8]) -> Vec<&str> {
     tag = "openai",
     summary = "A stored response",
     params(("id" = String, Path, description = "A response id (`resp_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::ResponseObject), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::ResponseObject), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Response {
-    let result = stored_doc(&*state.store, &p, &id)
+    let result = stored_doc(&*o.conversations, &p, &id)
         .await
         .map(|(_, doc)| doc["response"].clone());
-    answer(&*state.store, &p, "response.read", &id, result).await
+    o.audit.answer(&p, "response.read", &id, result).await
 }
 
 /// `DELETE /v1/responses/{id}`.
@@ -704,17 +618,17 @@ pub(crate) async fn show(
     tag = "openai",
     summary = "Delete a stored response",
     params(("id" = String, Path, description = "A response id (`resp_…`)")),
-    responses((status = 200, description = "OK", body = crate::openapi::Deleted), crate::openapi::Failures),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Deleted), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn delete(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Response {
     let result = async {
-        may_change(&p, "delete stored responses")?;
-        let done = state.store.delete_response(&p.tenant.id, &id).await;
+        p.may_change("delete stored responses")?;
+        let done = o.conversations.delete_response(&p.tenant.id, &id).await;
         deleted(
             done,
             json!({"id": id, "object": "response", "deleted": true}),
@@ -722,7 +636,7 @@ pub(crate) async fn delete(
         )
     }
     .await;
-    answer(&*state.store, &p, "response.delete", &id, result).await
+    o.audit.answer(&p, "response.delete", &id, result).await
 }
 
 /// `GET /v1/responses/{id}/input_items`.
@@ -732,23 +646,25 @@ pub(crate) async fn delete(
     path = "/v1/responses/{id}/input_items",
     tag = "openai",
     summary = "The input items of a stored response",
-    params(("id" = String, Path, description = "A response id (`resp_…`)"), crate::openapi::PageParams),
-    responses((status = 200, description = "OK", body = crate::openapi::Page), crate::openapi::Failures),
+    params(("id" = String, Path, description = "A response id (`resp_…`)"), crate::http::openapi::PageParams),
+    responses((status = 200, description = "OK", body = crate::http::openapi::Page), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn input_items(
-    State(state): State<Arc<AppState>>,
+    State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> Response {
     let result = async {
         let page = q.validate()?;
-        let (_, doc) = stored_doc(&*state.store, &p, &id).await?;
+        let (_, doc) = stored_doc(&*o.conversations, &p, &id).await?;
         let items: Vec<Value> = doc["input"].as_array().cloned().unwrap_or_default();
         let (data, more) = page.slice(&items, |v| v["id"].as_str().unwrap_or_default());
         Ok(strata_core::responses::list_page(data, more))
     }
     .await;
-    answer(&*state.store, &p, "response.input_items", &id, result).await
+    o.audit
+        .answer(&p, "response.input_items", &id, result)
+        .await
 }

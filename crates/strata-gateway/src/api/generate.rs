@@ -1,0 +1,217 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`, in the order a
+//! request goes through them: read and check the body, admit it (a replica
+//! in the tenant's pool, limits, budget, fair-queue slot), make the request
+//! a replica gets, send it and relay the answer. The Responses route goes
+//! through the same admission (`Inference::admit`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::Bytes;
+use strata_core::openai::{
+    parse_body, request_id, ChatCompletionRequest, CompletionRequest, Generation,
+};
+use strata_core::{read_body, ApiError};
+use tracing::Instrument;
+
+use crate::api::objects::Objects;
+use crate::fleet::snapshots::Snapshots;
+use crate::metrics::RequestLabels;
+use crate::relay::capture::Keep;
+use crate::relay::forward::{Exchange, Relay, ReplicaRequest};
+use crate::relay::passthrough;
+use crate::tenancy::admission::{Charge, Estimate, Gate};
+use crate::tenancy::principal::Principal;
+
+/// Output tokens assumed for a request without `max_tokens`, for balancing only.
+const ASSUMED_OUTPUT_TOKENS: u64 = 256;
+
+/// The state of the generation routes (chat, completions, Responses, the
+/// model list).
+pub struct Inference {
+    pub gate: Arc<Gate>,
+    pub relay: Relay,
+    /// Where answers and turns are stored.
+    pub objects: Arc<Objects>,
+    /// Where drained replicas' sessions were kept, and the client that
+    /// restores them on another replica.
+    pub snapshots: Option<Arc<Snapshots>>,
+    pub client: reqwest::Client,
+    pub max_body_bytes: usize,
+    /// Unix seconds the gateway started (the models' `created`).
+    pub started: u64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    summary = "Complete a prompt",
+    request_body = strata_core::openai::CompletionRequest,
+    responses((status = 200, description = "The completion, or server-sent events of `text_completion` chunks with `stream`", body = strata_core::openai::Completion), crate::http::openapi::Failures),
+    security(("api_key" = []))
+)]
+pub(crate) async fn completions(
+    State(g): State<Arc<Inference>>,
+    Extension(p): Extension<Arc<Principal>>,
+    req: Request,
+) -> Response {
+    generate(&g, p, req, "/v1/completions").await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    summary = "Answer a chat",
+    request_body = strata_core::openai::ChatCompletionRequest,
+    responses((status = 200, description = "The chat completion, or server-sent events of `chat.completion.chunk`s with `stream`", body = strata_core::openai::ChatCompletion), crate::http::openapi::Failures),
+    security(("api_key" = []))
+)]
+pub(crate) async fn chat_completions(
+    State(g): State<Arc<Inference>>,
+    Extension(p): Extension<Arc<Principal>>,
+    req: Request,
+) -> Response {
+    generate(&g, p, req, "/v1/chat/completions").await
+}
+
+/// One chat completion or completion, counted by route and status.
+async fn generate(g: &Inference, p: Arc<Principal>, req: Request, path: &'static str) -> Response {
+    let arrived = Instant::now();
+    let response = match phases(g, p, req, path, arrived).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    g.count(path, &response);
+    response
+}
+
+async fn phases(
+    g: &Inference,
+    p: Arc<Principal>,
+    req: Request,
+    path: &'static str,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    // 1. The body, checked as far as a gateway can without the tokenizer;
+    //    the replica checks the context and its 4xx passes through.
+    let body = read_body(req.into_body(), g.max_body_bytes).await?;
+    let generation: Generation = match path {
+        "/v1/completions" => parse_body::<CompletionRequest>(&body)?.validate()?,
+        _ => parse_body::<ChatCompletionRequest>(&body)?.validate()?,
+    };
+    // 2. Admission.
+    let request_id = request_id();
+    let span = span(&request_id, &p, &generation, path);
+    let (charge, estimated_tokens) = g
+        .admit(&p, &generation, body.len())
+        .instrument(span.clone())
+        .await?;
+    // 3. What the replica gets, and where the answer is kept.
+    let keep = generation.store.then(|| keep(g, &p, &body, &generation));
+    let request = ReplicaRequest {
+        path,
+        prefix: g
+            .relay
+            .replicas
+            .prefix_of(p.tenant.id.as_str(), &generation.input),
+        principal: p,
+        session: None,
+        body,
+        model: generation.model,
+        estimated_tokens,
+    };
+    let exchange = Exchange {
+        charge,
+        request_id,
+        arrived,
+        stream: generation.stream,
+    };
+    // 4. Sent to a replica (another while one fails before answering), the
+    //    answer relayed back and metered.
+    Ok(
+        passthrough::relay(&g.relay, request, exchange, generation.include_usage, keep)
+            .instrument(span)
+            .await,
+    )
+}
+
+/// Where a `store: true` answer is kept, with the request's messages.
+fn keep(g: &Inference, p: &Arc<Principal>, body: &Bytes, generation: &Generation) -> Keep {
+    let messages = serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| v["messages"].clone())
+        .unwrap_or_default();
+    Keep {
+        completions: g.objects.completions.clone(),
+        audit: g.objects.audit.clone(),
+        principal: p.clone(),
+        messages,
+        metadata: generation.metadata.clone(),
+    }
+}
+
+/// A generation request's span: who asks for what; the relay adds the
+/// replica that answered, how many it tried before, and its status.
+pub(crate) fn span(
+    request_id: &str,
+    p: &Principal,
+    generation: &Generation,
+    path: &'static str,
+) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        id = %request_id,
+        tenant = %p.tenant.id,
+        key = %p.key.id,
+        model = %generation.model,
+        path,
+        stream = generation.stream,
+        replica = tracing::field::Empty,
+        retries = tracing::field::Empty,
+        status = tracing::field::Empty,
+    )
+}
+
+impl Inference {
+    /// Admission for a generation whose upstream body is `body_len` bytes:
+    /// a replica in the tenant's pool (or, where the gateway waits for
+    /// one, a pool that will have one), then the tenancy gate. Returns the
+    /// charge to settle and the tokens to balance load by.
+    pub(crate) async fn admit(
+        &self,
+        p: &Arc<Principal>,
+        generation: &Generation,
+        body_len: usize,
+    ) -> Result<(Charge, u64), ApiError> {
+        let estimate = Estimate {
+            // About four bytes of JSON per prompt token; the replica counts exactly.
+            prompt_tokens: body_len as u64 / 4,
+            output_tokens: generation
+                .max_tokens
+                .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
+        };
+        self.relay.metrics.arrived.inc();
+        let routable = self.relay.replicas.available(p.pool())?;
+        let charge = self
+            .gate
+            .admit(p, routable, &generation.model, estimate)
+            .await?;
+        Ok((charge, estimate.tokens()))
+    }
+
+    /// Counts a finished generation request by route and status.
+    pub(crate) fn count(&self, route: &'static str, response: &Response) {
+        self.relay
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route,
+                status: response.status().as_u16(),
+            })
+            .inc();
+    }
+}

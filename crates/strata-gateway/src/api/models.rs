@@ -1,0 +1,33 @@
+//! `GET /v1/models`: the models the ready replicas serve that the caller's
+//! key may use.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::{Extension, Json};
+use strata_core::openai::ModelList;
+
+use crate::api::generate::Inference;
+use crate::tenancy::principal::Principal;
+
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    summary = "List the models this key may use",
+    responses((status = 200, description = "OK", body = strata_core::openai::ModelList), crate::http::openapi::Failures),
+    security(("api_key" = []))
+)]
+pub(crate) async fn models(
+    State(g): State<Arc<Inference>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Json<ModelList> {
+    let visible = g
+        .relay
+        .replicas
+        .models()
+        .into_iter()
+        .filter(|m| p.key.allows_model(m))
+        .collect::<Vec<_>>();
+    Json(ModelList::of(visible, g.started))
+}

@@ -1,0 +1,61 @@
+//! What the routes of stored objects (stored chat completions, responses,
+//! conversations and their items) share: the stores they read, the audit
+//! trail every access goes to, metadata updates, items as rows, and the
+//! answer of a delete.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+use strata_core::openai::{check_metadata, parse_body};
+use strata_core::responses::Item;
+use strata_core::store::{CompletionStore, ConversationStore, StoreError, StoredItem};
+use strata_core::ApiError;
+
+use crate::http::error::store_error;
+use crate::tenancy::audit::Audit;
+
+/// The state of the stored-object routes.
+pub struct Objects {
+    pub completions: Arc<dyn CompletionStore>,
+    pub conversations: Arc<dyn ConversationStore>,
+    pub audit: Audit,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetadataUpdate {
+    metadata: BTreeMap<String, String>,
+}
+
+/// An update body, checked: the new metadata.
+pub(crate) fn parse_update(bytes: &[u8]) -> Result<BTreeMap<String, String>, ApiError> {
+    let u: MetadataUpdate = parse_body(bytes)?;
+    check_metadata(&u.metadata)?;
+    Ok(u.metadata)
+}
+
+/// An item as a conversation's row.
+pub(crate) fn stored_item(item: &Item, at_ms: i64) -> StoredItem {
+    StoredItem {
+        id: item.id.clone(),
+        created_at_ms: at_ms,
+        content: serde_json::to_vec(&item.to_json()).expect("JSON values serialise"),
+    }
+}
+
+/// What a delete route answers: `body` when the store deleted the object,
+/// else `missing`'s 404.
+pub(crate) fn deleted(
+    done: Result<bool, StoreError>,
+    body: Value,
+    missing: impl FnOnce() -> ApiError,
+) -> Result<Value, ApiError> {
+    if done.map_err(store_error)? {
+        Ok(body)
+    } else {
+        Err(missing())
+    }
+}

@@ -1,0 +1,7 @@
+//! The operators' routes beside the API: the admin API (`admin`), the
+//! dashboard (`dashboard`), and health, metrics and the OpenAPI document
+//! (`status`).
+
+pub mod admin;
+pub mod dashboard;
+pub mod status;
