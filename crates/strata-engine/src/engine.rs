@@ -24,10 +24,10 @@ use strata_core::{template, ApiError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::batch::{fits, plan_step, SlotView};
+use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::prefix::PrefixCache;
 use crate::stop::StopMatcher;
-use crate::EngineError;
 use strata_core::snapshot::Snapshot;
 
 /// How the engine is sized; see `strata_core::config::EngineConfig`.

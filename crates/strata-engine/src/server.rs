@@ -25,7 +25,8 @@ use strata_core::{
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CacheTag, Engine, EngineError, EngineSettings, Event};
+use crate::engine::{CacheTag, Engine, EngineSettings, Event};
+use crate::error::EngineError;
 use strata_core::snapshot::{frame, Snapshot, SnapshotError};
 
 struct ServerState {

@@ -25,7 +25,12 @@ use sha2::{Digest, Sha256};
 use sqlx::AnyPool;
 use zeroize::Zeroizing;
 
+mod error;
 mod shared;
+mod wrapped;
+
+pub use error::VaultError;
+use wrapped::{SharedRow, WrappedKey};
 
 /// Encryptions under one data key before a new key version takes over; far
 /// below the 2^32 random-nonce bound of AES-GCM.
@@ -37,21 +42,6 @@ const RESERVE_STEP: u64 = 1 << 16;
 pub const SHARED_REFRESH: Duration = Duration::from_secs(30);
 const SEALED_MAGIC: &[u8; 2] = b"S1";
 const NONCE_LEN: usize = 12;
-
-#[derive(Debug, thiserror::Error)]
-pub enum VaultError {
-    #[error("key-encryption key: {0}")]
-    Kek(String),
-    #[error("keyring {path}: {message}")]
-    Keyring { path: PathBuf, message: String },
-    #[error("shared keyring: {0}")]
-    Shared(String),
-    #[error("tenant {0} has no data key (deleted or never created)")]
-    NoDataKey(String),
-    /// Wrong tenant, table or row, a tampered ciphertext, or a key that is gone.
-    #[error("ciphertext cannot be opened")]
-    Open,
-}
 
 /// A 256-bit key-encryption key and its public id (a digest prefix).
 pub struct Kek {
@@ -169,15 +159,6 @@ impl Binding<'_> {
 struct KeyringFile {
     kek_id: String,
     tenants: BTreeMap<String, Vec<WrappedKey>>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct WrappedKey {
-    version: u32,
-    /// Nonce followed by the AES-GCM ciphertext of the data key, hex.
-    wrapped: String,
-    /// Encryptions this version may have made (reserved ahead in steps).
-    reserved: u64,
 }
 
 struct DataKey {
@@ -347,12 +328,6 @@ enum Backing {
     /// The `data_keys` table of a PostgreSQL database shared by every
     /// gateway of a cluster.
     Shared(AnyPool),
-}
-
-/// One row of the shared table.
-struct SharedRow {
-    kek_id: String,
-    key: WrappedKey,
 }
 
 /// The KEK, the wrapped data keys and the unwrapped ones in memory.

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use sqlx::{AnyPool, Row};
 
-use super::{SharedRow, VaultError, WrappedKey};
+use super::error::VaultError;
+use super::wrapped::{SharedRow, WrappedKey};
 
 fn db_err(e: sqlx::Error) -> VaultError {
     VaultError::Shared(e.to_string())
