@@ -9,7 +9,7 @@ use strata_core::store::AuditStore;
 use strata_core::tenant::verify_audit as verify_chain;
 use strata_store::SqlStore;
 
-use crate::{AdminArgs, ChaosCommand, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
+use crate::cli::{AdminArgs, ChaosCommand, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
 
 struct Api {
     client: reqwest::Client,

@@ -3,12 +3,11 @@
 //! holding the lease in the database acts) and the gateway's side of it
 //! (replicas read from the store, load reported to it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use strata_control::cluster;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
@@ -24,57 +23,11 @@ use strata_store::SqlStore;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{local_launch, pool_processes, shutdown_on_signal, EngineFlags};
+use crate::cli::{ControllerArgs, K8sCommand, ProviderKind};
+use crate::launch::{local_launch, pool_processes, process_name, shutdown_on_signal};
 
 /// The lease the controller copies contend for.
 const LEASE: &str = "controller/default";
-
-/// Who owns the replicas' machines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProviderKind {
-    /// Engine processes on this machine.
-    Local,
-    /// One Deployment per pool variant in the cluster this runs in.
-    Kubernetes,
-}
-
-#[derive(Args)]
-pub struct ControllerArgs {
-    /// Where replicas run: `local` (child processes) or `kubernetes`
-    /// (Deployments; the lease is a coordination.k8s.io Lease).
-    #[arg(long, value_enum, default_value = "local")]
-    provider: ProviderKind,
-    /// PostgreSQL URL shared with the gateways (default: store.url).
-    #[arg(long)]
-    db: Option<PathBuf>,
-    /// Engine replicas of a pool without autoscaling (default: serve.replicas).
-    #[arg(long, env = "STRATA_REPLICAS")]
-    replicas: Option<u32>,
-    /// Seconds a leader's lease lasts: a standby takes over at most this
-    /// long after the leader dies (at once when it shuts down).
-    #[arg(long, default_value_t = 15.0)]
-    lease_secs: f64,
-    /// This copy's name in the lease (default: host name and process id).
-    #[arg(long)]
-    holder: Option<String>,
-    /// Serve the controller's Prometheus metrics at `/metrics` on this
-    /// address (replicas by kind and state, cost, decisions, leadership).
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<std::net::SocketAddr>,
-    #[command(flatten)]
-    engine: EngineFlags,
-}
-
-/// A name for this process among a cluster's: host and process id.
-pub fn process_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "strata".into());
-    format!("{host}-{}", std::process::id())
-}
 
 pub async fn run_controller(
     config: Config,
@@ -307,16 +260,6 @@ pub fn gateway_in_cluster(
         load: Some(load_tx),
         ..strata_gateway::Links::endpoints(endpoints)
     }
-}
-
-#[derive(clap::Subcommand)]
-pub enum K8sCommand {
-    /// Print the Kubernetes manifests for the config (`--config`): the
-    /// gateway (Deployment, Service, PodDisruptionBudget, autoscaler), the
-    /// controller (Deployment, ServiceAccount, least-privilege Roles), the
-    /// config as a ConfigMap, and the `strata` Secret when STRATA_KEK and
-    /// STRATA_DATABASE_URL are set. Apply with `kubectl apply -f -`.
-    Render,
 }
 
 pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<()> {

@@ -12,59 +12,7 @@ use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
 use strata_control::simulate::{self, lower_bound, Outcome, Scenario, Static, Strata};
 use strata_core::config::{CapacityType, Config};
 
-#[derive(clap::Args)]
-pub struct SimulateArgs {
-    /// Request trace: the Azure LLM trace CSV, Mooncake JSON lines, or a
-    /// CSV with the header `at_s,prompt_tokens,output_tokens`.
-    #[arg(long)]
-    trace: PathBuf,
-    /// Directory of spot availability traces, one `<zone>_*.json` per zone
-    /// (the spot-traces format); zones without one always have spot.
-    #[arg(long)]
-    spot_dir: Option<PathBuf>,
-    /// A zone's spot availability from one trace file, `ZONE=FILE.json`
-    /// (repeatable; replaces what --spot-dir gave that zone), for catalogs
-    /// whose zones are not named like the trace files.
-    #[arg(long, value_name = "ZONE=FILE")]
-    spot_trace: Vec<String>,
-    /// Spot nodes' add/remove events (`time_ms,add|remove,node`, SpotServe's
-    /// format): their count caps the spot replicas of `--spot-events-zone`.
-    #[arg(long)]
-    spot_events: Option<PathBuf>,
-    /// The zone the node events apply to (default: the first spot zone of the catalog).
-    #[arg(long, requires = "spot_events")]
-    spot_events_zone: Option<String>,
-    /// Where the trace's start falls in the spot traces, in hours.
-    #[arg(long, default_value_t = 0.0)]
-    offset_hours: f64,
-    /// Stretch the trace's time by this factor (2: half the rate).
-    #[arg(long, default_value_t = 1.0)]
-    time_scale: f64,
-    /// Multiply the request rate (each request repeated on average this often).
-    #[arg(long, default_value_t = 1.0)]
-    rate: f64,
-    /// Launch to ready, seconds, for instance types without `launch_secs`.
-    #[arg(long, default_value_t = 120.0)]
-    launch_delay_secs: f64,
-    /// Spot preemption notice, seconds.
-    #[arg(long, default_value_t = 120.0)]
-    notice_secs: f64,
-    /// Objective for time to first token, ms (default: pool.slo_ttft_p95_ms, else 2000).
-    #[arg(long)]
-    slo_ttft_ms: Option<f64>,
-    /// Minutes of the trace's start replayed first, unmeasured and
-    /// unbilled, so no policy meets the trace cold.
-    #[arg(long, default_value_t = 20.0)]
-    warmup_mins: f64,
-    /// Simulation step, ms.
-    #[arg(long, default_value_t = 100)]
-    dt_ms: u64,
-    #[arg(long)]
-    json: bool,
-    /// Write charts here (SVG and PNG): demand vs capacity, replicas, cost over time.
-    #[arg(long)]
-    plot: Option<PathBuf>,
-}
+use crate::cli::SimulateArgs;
 
 fn spot_traces(dir: &PathBuf) -> Result<std::collections::BTreeMap<String, SpotTrace>> {
     let mut out = std::collections::BTreeMap::new();

@@ -1,0 +1,245 @@
+//! What every long-running command starts from: the store with its
+//! keyring, engine processes on this machine, a name among a cluster's
+//! processes, and shutdown on a signal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use strata_control::local::LocalSettings;
+use strata_control::model::{default_model_path, ModelSource};
+use strata_core::config::Config;
+use strata_core::store::Store;
+use strata_engine::{default_threads, model_name_for, EngineSettings};
+use strata_store::{Kek, KekSource, SqlStore, Vault};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::EngineFlags;
+
+pub fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> EngineSettings {
+    let e = &config.engine;
+    let model_path = flags
+        .model
+        .clone()
+        .or_else(|| e.model.clone())
+        .unwrap_or_else(|| default_model_path(&ModelSource::gemma3_270m().file_name));
+    let model_name = flags
+        .model_name
+        .clone()
+        .or_else(|| e.model_name.clone())
+        .unwrap_or_else(|| model_name_for(&model_path));
+    let threads = match flags.threads.unwrap_or(e.threads) {
+        0 => default_threads(replicas),
+        n => n,
+    };
+    EngineSettings {
+        model_path,
+        model_name,
+        context_size: flags.context_size.unwrap_or(e.context_size),
+        max_sequences: flags.max_sequences.unwrap_or(e.max_sequences),
+        max_queue: e.max_queue,
+        threads,
+        prefill_chunk: e.prefill_chunk,
+        default_max_tokens: e.default_max_tokens,
+        prefix_cache_entries: e.prefix_cache_entries,
+    }
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// The KEK (from `STRATA_KEK`, `security.kek_file`, or generated beside the
+/// database), the store and the keyring the KEK opens: a file beside a
+/// SQLite database, the shared table in PostgreSQL.
+pub async fn open_store_with_keyring(
+    config: &Config,
+    db: Option<&PathBuf>,
+) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
+    let dir = config.store.data_dir(db);
+    let database = config.store.database(db);
+    let default_kek = dir.join("kek");
+    let env = std::env::var("STRATA_KEK").ok();
+    let (kek, source, generated) = Kek::load(
+        env.as_deref(),
+        config.security.kek_file.as_deref(),
+        &default_kek,
+    )?;
+    if generated {
+        tracing::warn!(
+            file = %default_kek.display(),
+            "no KEK configured: generated one (mode 0600); keep it apart from database backups, \
+             or set security.kek_file / STRATA_KEK"
+        );
+    }
+    let keyring = dir.join("keyring.json");
+    let pending = match &source {
+        KekSource::File(file) => Kek::pending_rotation(file).map(|p| (file.clone(), p)),
+        KekSource::Environment => None,
+    };
+    match SqlStore::open_with_keyring(&database, kek, source.clone(), &keyring).await {
+        Ok((store, vault)) => Ok((Arc::new(store), vault)),
+        Err(first) => {
+            // A KEK rotation interrupted between re-wrapping and renaming.
+            if let Some((file, (new, pending))) = pending {
+                if let Ok((store, vault)) =
+                    SqlStore::open_with_keyring(&database, new, source, &keyring).await
+                {
+                    std::fs::rename(&pending, &file).with_context(|| {
+                        format!("cannot finish the KEK rotation into {}", file.display())
+                    })?;
+                    tracing::warn!("finished an interrupted KEK rotation");
+                    return Ok((Arc::new(store), vault));
+                }
+            }
+            Err(first.into())
+        }
+    }
+}
+
+/// Opens the store and makes sure a platform admin key exists; a new one is
+/// printed once on stdout.
+pub async fn open_store(
+    config: &Config,
+    db: Option<&PathBuf>,
+) -> Result<(Arc<dyn Store>, Arc<Vault>)> {
+    let (store, vault) = open_store_with_keyring(config, db).await?;
+    // Gateways of a cluster may start together: one bootstraps at a time
+    // (the lease runs out by itself if this one dies half-way).
+    let me = process_name();
+    while !store.claim_lease("bootstrap", &me, 30_000).await? {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let admin_key = strata_gateway::tenancy::keys::bootstrap(
+        &*store,
+        config.security.admin_key_file.as_deref(),
+    )
+    .await;
+    store.release_lease("bootstrap", &me).await?;
+    let admin_key = admin_key.map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(secret) = admin_key {
+        println!("strata: platform admin key (shown once, keep it safe): {secret}");
+    }
+    Ok((store, vault))
+}
+
+/// A name for this process among a cluster's: host and process id.
+pub fn process_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "strata".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// How this machine launches engine replicas (the `local` provider): the
+/// settings, the replicas' mutual-TLS certificates when `serve.replica_mtls`
+/// is on, and the client that checks their health.
+pub struct LocalLaunch {
+    pub settings: LocalSettings,
+    pub replica_tls: Option<strata_core::tls::ReplicaPki>,
+    pub health: reqwest::Client,
+}
+
+/// Engine processes of at most `processes` at once (threads are split so
+/// they never oversubscribe the cores: llama.cpp's threads spin).
+pub fn local_launch(
+    config: &Config,
+    config_path: &Path,
+    flags: &EngineFlags,
+    processes: u32,
+    db: Option<&PathBuf>,
+) -> Result<LocalLaunch> {
+    let engine = engine_settings(config, flags, processes);
+    if !engine.model_path.is_file() {
+        bail!(
+            "model file {} does not exist; run `strata model fetch` or pass --model",
+            engine.model_path.display()
+        );
+    }
+    let mut engine_args = vec![
+        "--model".to_string(),
+        engine.model_path.display().to_string(),
+        "--model-name".into(),
+        engine.model_name.clone(),
+        "--max-sequences".into(),
+        engine.max_sequences.to_string(),
+        "--context-size".into(),
+        engine.context_size.to_string(),
+    ];
+    let mut replica_tls = None;
+    if config.serve.replica_mtls {
+        let dir = config.store.data_dir(db).join("tls").join("replicas");
+        let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
+        for (flag, path) in [
+            ("--tls-cert", &pki.server.cert),
+            ("--tls-key", &pki.server.key),
+            ("--client-ca", &pki.ca_cert),
+        ] {
+            engine_args.push(flag.into());
+            engine_args.push(path.display().to_string());
+        }
+        replica_tls = Some(pki);
+    }
+    let health = strata_gateway::fleet::client::replica_client(
+        replica_tls.as_ref(),
+        Duration::from_secs(2),
+    )?;
+    // Engine children read the same config file, when there is one.
+    if let Ok(path) = std::fs::canonicalize(config_path) {
+        engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
+    }
+    let settings = LocalSettings {
+        program: std::env::current_exe().context("cannot find this program's path")?,
+        engine_args,
+        default_threads: engine.threads,
+        instance_types: config.instance_types.clone(),
+        pool: "default".into(),
+        model: engine.model_name.clone(),
+        https: replica_tls.is_some(),
+        dedicated: config.serve.dedicated.clone(),
+        startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
+        preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
+        random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
+        drain_wait: Duration::from_secs(30),
+        drain_via_store: false,
+    };
+    Ok(LocalLaunch {
+        settings,
+        replica_tls,
+        health,
+    })
+}
+
+/// The engine processes a pool of `replicas` may need at once.
+pub fn pool_processes(config: &Config, replicas: u32) -> Result<(u32, u32)> {
+    if !(1..=64).contains(&replicas) {
+        bail!("--replicas / serve.replicas must be between 1 and 64, got {replicas}");
+    }
+    // An autoscaled pool may grow to its maximum.
+    let pool = if config.pool.autoscale {
+        config.pool.max_replicas
+    } else {
+        replicas
+    };
+    Ok((
+        replicas,
+        pool + config.serve.dedicated.values().sum::<u32>(),
+    ))
+}

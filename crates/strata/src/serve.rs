@@ -1,0 +1,249 @@
+//! The processes of one machine: `strata serve` (gateway, controller and
+//! engine replicas together), `strata gateway` and `strata engine`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use strata_control::controller::{Controller, PoolSpec};
+use strata_control::local::LocalProvider;
+use strata_core::config::Config;
+use strata_core::ReplicaEndpoint;
+use strata_gateway::{GatewaySettings, Links, SnapshotPlace};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{EngineArgs, GatewayArgs, ServeArgs, TlsFlags};
+use crate::cluster;
+use crate::launch::{
+    engine_settings, local_launch, open_store, pool_processes, shutdown_on_signal,
+};
+
+pub async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
+    let settings = engine_settings(&config, &args.engine, 1);
+    let listen: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not an address",
+                args.host, args.port
+            )
+        })?;
+    let tls = match (args.tls_cert, args.tls_key, args.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(strata_engine::server::EngineTls {
+            files: strata_core::tls::TlsFiles { cert, key },
+            client_ca,
+        }),
+        _ => None,
+    };
+    let shutdown = shutdown_on_signal();
+    strata_engine::server::serve(
+        settings,
+        listen,
+        config.engine.max_body_bytes,
+        tls,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+fn gateway_settings(
+    config: &Config,
+    listen: Option<&String>,
+    tls_flags: &TlsFlags,
+    db: Option<&PathBuf>,
+) -> Result<GatewaySettings> {
+    let listen = listen.unwrap_or(&config.gateway.listen);
+    let g = &config.gateway;
+    let tls = if tls_flags.tls_self_signed {
+        let dir = config.store.data_dir(db).join("tls");
+        let files = strata_core::tls::self_signed(&dir)?;
+        println!(
+            "strata: TLS with a self-signed certificate {} (sha256 fingerprint {})",
+            files.cert.display(),
+            strata_core::tls::fingerprint(&files.cert)?
+        );
+        Some(files)
+    } else {
+        match (&g.tls_cert_file, &g.tls_key_file) {
+            (Some(cert), Some(key)) => Some(strata_core::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    };
+    let require_tls = tls_flags.require_tls || g.require_tls;
+    if require_tls && tls.is_none() {
+        bail!("require_tls needs certificates: set gateway.tls_cert_file and gateway.tls_key_file, or pass --tls-self-signed");
+    }
+    Ok(GatewaySettings {
+        tls,
+        require_tls,
+        replica_tls: None,
+        listen: listen
+            .parse()
+            .with_context(|| format!("--listen / gateway.listen `{listen}` is not an address"))?,
+        max_body_bytes: config.gateway.max_body_bytes,
+        health_interval: Duration::from_secs_f64(config.gateway.health_interval_secs),
+        connect_timeout: Duration::from_secs_f64(config.gateway.connect_timeout_secs),
+        slots_per_replica: config.gateway.slots_per_replica as usize,
+        max_waiting_per_tenant: config.gateway.max_waiting_per_tenant as usize,
+        queue_timeout: Duration::from_secs_f64(config.gateway.queue_timeout_secs),
+        pricing: config.pricing.clone(),
+        // Shared where the database is; else beside it.
+        snapshots: if strata_core::config::is_postgres_url(&config.store.database(db)) {
+            SnapshotPlace::Database
+        } else {
+            SnapshotPlace::Dir(config.store.data_dir(db).join("snapshots"))
+        },
+        routing: config.gateway.routing,
+        drain_on_shutdown: false,
+        hold_when_empty: false,
+        shared_limits_url: config.gateway.shared_limits_url.clone(),
+        metrics_tenant_labels: config.gateway.metrics_tenant_labels,
+        // Other gateways spend from the same budgets only on a shared database.
+        budget_refresh: strata_core::config::is_postgres_url(&config.store.database(db))
+            .then(|| Duration::from_secs_f64(config.gateway.budget_refresh_secs)),
+        slo: strata_gateway::ops::dashboard::Slo {
+            ttft_p95_ms: config.pool.slo_ttft_p95_ms,
+            tpot_p95_ms: config.pool.slo_tpot_p95_ms,
+        },
+    })
+}
+
+pub async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
+    let mut settings =
+        gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
+    let urls: Vec<String> = config
+        .gateway
+        .replicas
+        .iter()
+        .chain(&args.replicas)
+        .cloned()
+        .collect();
+    let in_cluster = urls.is_empty()
+        && strata_core::config::is_postgres_url(&config.store.database(args.db.as_ref()));
+    if urls.is_empty() && !in_cluster {
+        bail!("no replicas: pass --replica URL (repeatable), set gateway.replicas, or use a PostgreSQL database where `strata controller` records them");
+    }
+    let endpoints = urls
+        .iter()
+        .map(|u| parse_replica(u))
+        .collect::<Result<Vec<_>>>()?;
+    let (store, vault) = open_store(&config, args.db.as_ref()).await?;
+    let shutdown = shutdown_on_signal();
+    // The given replicas, or (a cluster's gateway) those the controller records.
+    let (_fixed, fixed) = watch::channel(endpoints);
+    let links = if in_cluster {
+        cluster::gateway_in_cluster(&store, &mut settings, &shutdown)
+    } else {
+        Links::endpoints(fixed)
+    };
+    strata_gateway::serve(settings, links, store, Some(vault), shutdown).await?;
+    Ok(())
+}
+
+/// `URL` (shared pool) or `TENANT=URL` (reserved for a dedicated tenant).
+fn parse_replica(arg: &str) -> Result<ReplicaEndpoint> {
+    let (tenant, url) = match arg.split_once('=') {
+        Some((tenant, url)) if !tenant.contains("://") => (Some(tenant.trim()), url.trim()),
+        _ => (None, arg.trim()),
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("--replica `{arg}`: the URL must start with http:// or https://");
+    }
+    if tenant.is_some_and(str::is_empty) {
+        bail!("--replica `{arg}`: the tenant name before `=` is empty");
+    }
+    let url = url.trim_end_matches('/').to_string();
+    Ok(ReplicaEndpoint {
+        id: url.clone(),
+        url,
+        reserved_for: tenant.map(str::to_owned),
+        draining: false,
+    })
+}
+
+pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Result<()> {
+    let (replicas, processes) =
+        pool_processes(&config, args.replicas.unwrap_or(config.serve.replicas))?;
+    let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
+    // The engines are this process's children and stop with it.
+    gateway.drain_on_shutdown = true;
+    let launch = local_launch(
+        &config,
+        config_path,
+        &args.engine,
+        processes,
+        args.db.as_ref(),
+    )?;
+    let (store, vault) = open_store(&config, args.db.as_ref()).await?;
+    gateway.replica_tls = launch.replica_tls.clone();
+    let (publish, endpoints) = watch::channel(Vec::new());
+    let (gateway_link, controller_link) = strata_core::link::link();
+    let provider = LocalProvider::new(
+        launch.settings,
+        store.clone(),
+        publish,
+        launch.health,
+        controller_link,
+    );
+    let shutdown = shutdown_on_signal();
+    // The controller keeps the pool's replicas: `serve.replicas` of them,
+    // or with `pool.autoscale` as many as the gateway's load needs (from
+    // zero with `scale_to_zero_after_secs`). While none takes requests
+    // (from zero, or a lone replica replaced), requests wait for one.
+    let (load_tx, load_rx) = watch::channel(strata_gateway::Load::default());
+    gateway.hold_when_empty = true;
+    let controller = Controller::new(PoolSpec::from_config(&config, replicas));
+    // The controller's metrics show on the gateway's /metrics.
+    let metrics = Arc::new(strata_control::metrics::ControllerMetrics::new());
+    metrics.leading.set(1);
+    let shown = metrics.clone();
+    let links = Links {
+        endpoints,
+        load: Some(load_tx),
+        controller: Some(gateway_link),
+        more_metrics: Some(strata_gateway::MoreMetrics(Arc::new(move || {
+            shown.render()
+        }))),
+    };
+    // The engines stop after the gateway, which snapshots them on the way out.
+    let engines_stop = CancellationToken::new();
+    let provider_task = tokio::spawn(strata_control::controller::run(
+        controller,
+        provider,
+        load_rx,
+        store.clone(),
+        Some(metrics),
+        engines_stop.clone(),
+    ));
+    let served = strata_gateway::serve(gateway, links, store, Some(vault), shutdown.clone()).await;
+    engines_stop.cancel();
+    provider_task.await.context("provider task panicked")??;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_shared_or_reserved_by_tenant_name() {
+        let shared = parse_replica("http://127.0.0.1:8001/").unwrap();
+        assert_eq!(shared.url, "http://127.0.0.1:8001");
+        assert_eq!(shared.reserved_for, None);
+        let vip = parse_replica("vip=https://10.0.0.5:8001").unwrap();
+        assert_eq!(vip.url, "https://10.0.0.5:8001");
+        assert_eq!(vip.reserved_for.as_deref(), Some("vip"));
+        assert!(parse_replica("=http://x").is_err());
+        assert!(parse_replica("vip=ftp://x").is_err());
+        assert!(parse_replica("127.0.0.1:8001").is_err());
+    }
+}
