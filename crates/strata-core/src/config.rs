@@ -572,70 +572,102 @@ impl Config {
         })
     }
 
-    /// Every value that parses but cannot work.
+    /// Every value that parses but cannot work, section by section.
     pub fn check(&self) -> Vec<ConfigIssue> {
-        let mut issues = Vec::new();
-        let mut bad = |key: &str, message: String| {
-            issues.push(ConfigIssue {
-                key: key.into(),
-                message,
-            })
-        };
-        if self.gateway.listen.parse::<SocketAddr>().is_err() {
-            bad(
+        let mut issues = Issues::default();
+        self.check_gateway(&mut issues);
+        self.check_kubernetes(&mut issues);
+        self.check_pricing(&mut issues);
+        self.check_instance_types(&mut issues);
+        self.check_catalog(&mut issues);
+        self.check_pool(&mut issues);
+        self.check_engine(&mut issues);
+        self.check_serve(&mut issues);
+        if self.store.path.as_os_str().is_empty() {
+            issues.bad("store.path", "must not be empty".into());
+        }
+        issues.0
+    }
+
+    /// `[gateway]`.
+    fn check_gateway(&self, issues: &mut Issues) {
+        let g = &self.gateway;
+        if g.listen.parse::<SocketAddr>().is_err() {
+            issues.bad(
                 "gateway.listen",
-                format!(
-                    "`{}` is not an address like 127.0.0.1:8080",
-                    self.gateway.listen
-                ),
+                format!("`{}` is not an address like 127.0.0.1:8080", g.listen),
             );
         }
-        if self.gateway.max_body_bytes < 1024 {
-            bad("gateway.max_body_bytes", "must be at least 1024".into());
+        if g.max_body_bytes < 1024 {
+            issues.bad("gateway.max_body_bytes", "must be at least 1024".into());
         }
-        for (i, replica) in self.gateway.replicas.iter().enumerate() {
+        for (i, replica) in g.replicas.iter().enumerate() {
             // `TENANT=URL` reserves the replica for a dedicated tenant.
             let url = match replica.split_once('=') {
                 Some((tenant, url)) if !tenant.contains("://") => url,
                 _ => replica,
             };
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                bad(
+                issues.bad(
                     &format!("gateway.replicas[{i}]"),
                     format!("`{url}` must start with http:// or https://"),
                 );
             }
         }
-        if !positive(self.gateway.health_interval_secs) {
-            bad(
+        if !positive(g.health_interval_secs) {
+            issues.bad(
                 "gateway.health_interval_secs",
                 "must be greater than 0".into(),
             );
         }
-        if !positive(self.gateway.connect_timeout_secs) {
-            bad(
+        if !positive(g.connect_timeout_secs) {
+            issues.bad(
                 "gateway.connect_timeout_secs",
                 "must be greater than 0".into(),
             );
         }
-        if self.gateway.slots_per_replica == 0 {
-            bad("gateway.slots_per_replica", "must be at least 1".into());
+        if g.slots_per_replica == 0 {
+            issues.bad("gateway.slots_per_replica", "must be at least 1".into());
         }
-        if self.gateway.max_waiting_per_tenant == 0 {
-            bad(
+        if g.max_waiting_per_tenant == 0 {
+            issues.bad(
                 "gateway.max_waiting_per_tenant",
                 "must be at least 1".into(),
             );
         }
-        if !positive(self.gateway.queue_timeout_secs) {
-            bad(
+        if !positive(g.queue_timeout_secs) {
+            issues.bad(
                 "gateway.queue_timeout_secs",
                 "must be greater than 0".into(),
             );
         }
+        if let Some(url) = &g.shared_limits_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                issues.bad(
+                    "gateway.shared_limits_url",
+                    format!("`{url}` is not a redis:// or rediss:// URL"),
+                );
+            }
+        }
+        if !positive(g.budget_refresh_secs) {
+            issues.bad(
+                "gateway.budget_refresh_secs",
+                "must be greater than 0".into(),
+            );
+        }
+        if g.tls_cert_file.is_some() != g.tls_key_file.is_some() {
+            issues.bad(
+                "gateway.tls_cert_file",
+                "give both tls_cert_file and tls_key_file, or neither".into(),
+            );
+        }
+    }
+
+    /// `[kubernetes]`.
+    fn check_kubernetes(&self, issues: &mut Issues) {
         let k = &self.kubernetes;
         if !is_dns_label(&k.namespace) {
-            bad(
+            issues.bad(
                 "kubernetes.namespace",
                 format!(
                     "`{}` is not a DNS label (a-z, 0-9, -; at most 63)",
@@ -644,86 +676,53 @@ impl Config {
             );
         }
         if k.image.trim().is_empty() {
-            bad("kubernetes.image", "must name a container image".into());
+            issues.bad("kubernetes.image", "must name a container image".into());
         }
         if k.engine_port == 0 {
-            bad("kubernetes.engine_port", "must be a port (1-65535)".into());
+            issues.bad("kubernetes.engine_port", "must be a port (1-65535)".into());
         }
         if k.gateway_replicas == 0 || k.gateway_max_replicas < k.gateway_replicas {
-            bad(
+            issues.bad(
                 "kubernetes.gateway_max_replicas",
                 "gateway_replicas must be at least 1 and at most gateway_max_replicas".into(),
             );
         }
         if k.controller_replicas == 0 {
-            bad(
+            issues.bad(
                 "kubernetes.controller_replicas",
                 "must be at least 1".into(),
             );
         }
         if !positive(k.preemption_notice_secs) {
-            bad(
+            issues.bad(
                 "kubernetes.preemption_notice_secs",
                 "must be greater than 0".into(),
             );
         }
-        if let Some(url) = &self.gateway.shared_limits_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                bad(
-                    "gateway.shared_limits_url",
-                    format!("`{url}` is not a redis:// or rediss:// URL"),
-                );
-            }
-        }
-        if !positive(self.gateway.budget_refresh_secs) {
-            bad(
-                "gateway.budget_refresh_secs",
-                "must be greater than 0".into(),
-            );
-        }
-        if self.gateway.tls_cert_file.is_some() != self.gateway.tls_key_file.is_some() {
-            bad(
-                "gateway.tls_cert_file",
-                "give both tls_cert_file and tls_key_file, or neither".into(),
-            );
-        }
+    }
+
+    /// `[pricing.MODEL]`.
+    fn check_pricing(&self, issues: &mut Issues) {
         for (model, price) in &self.pricing {
             for (field, v) in [
                 ("prompt_per_million", price.prompt_per_million),
                 ("completion_per_million", price.completion_per_million),
             ] {
                 if !v.is_finite() || v < 0.0 {
-                    bad(
+                    issues.bad(
                         &format!("pricing.{model}.{field}"),
                         "must be a price of 0 or more".into(),
                     );
                 }
             }
         }
-        let p = &self.pool;
-        if p.max_replicas == 0 || p.min_replicas > p.max_replicas {
-            bad(
-                "pool.max_replicas",
-                format!(
-                    "must be at least 1 and at least min_replicas ({})",
-                    p.min_replicas
-                ),
-            );
-        }
-        if !(p.target_utilisation > 0.0 && p.target_utilisation <= 1.0) {
-            bad("pool.target_utilisation", "must be in (0, 1]".into());
-        }
-        if !(p.panic_window_secs > 0.0 && p.panic_window_secs <= p.stable_window_secs) {
-            bad(
-                "pool.panic_window_secs",
-                "must be positive and at most stable_window_secs".into(),
-            );
-        }
-        // Written so NaN fails every check.
-        let at_least = |v: f64, min: f64| v >= min;
+    }
+
+    /// `[instance_types.NAME]`.
+    fn check_instance_types(&self, issues: &mut Issues) {
         for (name, t) in &self.instance_types {
             if !at_least(t.prefill_tokens_per_s, f64::MIN_POSITIVE) {
-                bad(
+                issues.bad(
                     &format!("instance_types.{name}.prefill_tokens_per_s"),
                     "must be positive".into(),
                 );
@@ -737,7 +736,7 @@ impl Config {
                     .iter()
                     .all(|&v| at_least(v, f64::MIN_POSITIVE))
             {
-                bad(
+                issues.bad(
                     &format!("instance_types.{name}.decode_tokens_per_s"),
                     "must list 1 to 2048 positive rates (batch 1, 2, ...)".into(),
                 );
@@ -745,136 +744,186 @@ impl Config {
             if t.launch_secs
                 .is_some_and(|v| !(at_least(v, 0.0) && v <= 86_400.0))
             {
-                bad(
+                issues.bad(
                     &format!("instance_types.{name}.launch_secs"),
                     "must be between 0 and 86400 seconds".into(),
                 );
             }
         }
+    }
+
+    /// `[[catalog]]`: offers of known instance types.
+    fn check_catalog(&self, issues: &mut Issues) {
         for (i, o) in self.catalog.iter().enumerate() {
             if !self.instance_types.contains_key(&o.instance_type) {
-                bad(
+                issues.bad(
                     &format!("catalog[{i}].instance_type"),
                     format!("`{}` is not in instance_types", o.instance_type),
                 );
             }
             if o.zone.trim().is_empty() {
-                bad(&format!("catalog[{i}].zone"), "must not be empty".into());
+                issues.bad(&format!("catalog[{i}].zone"), "must not be empty".into());
             }
             if !at_least(o.price_per_hour, 0.0) {
-                bad(
+                issues.bad(
                     &format!("catalog[{i}].price_per_hour"),
                     "must be a price of 0 or more".into(),
                 );
             }
         }
+    }
+
+    /// `[pool]`, and that the catalog offers it something.
+    fn check_pool(&self, issues: &mut Issues) {
+        let p = &self.pool;
+        if p.max_replicas == 0 || p.min_replicas > p.max_replicas {
+            issues.bad(
+                "pool.max_replicas",
+                format!(
+                    "must be at least 1 and at least min_replicas ({})",
+                    p.min_replicas
+                ),
+            );
+        }
+        if !(p.target_utilisation > 0.0 && p.target_utilisation <= 1.0) {
+            issues.bad("pool.target_utilisation", "must be in (0, 1]".into());
+        }
+        if !(p.panic_window_secs > 0.0 && p.panic_window_secs <= p.stable_window_secs) {
+            issues.bad(
+                "pool.panic_window_secs",
+                "must be positive and at most stable_window_secs".into(),
+            );
+        }
         for name in &p.instance_types {
             if !self.instance_types.contains_key(name) {
-                bad(
+                issues.bad(
                     "pool.instance_types",
                     format!("`{name}` is not in instance_types"),
                 );
             }
         }
         if p.capacity_types.is_empty() {
-            bad(
+            issues.bad(
                 "pool.capacity_types",
                 "must allow spot, on_demand or both".into(),
             );
         }
         if self.pool_offerings().is_empty() {
-            bad(
-                "catalog",
-                "offers nothing the pool may use (check pool.instance_types, capacity_types and zones)"
-                    .into(),
-            );
+            issues.bad(
+            "catalog",
+            "offers nothing the pool may use (check pool.instance_types, capacity_types and zones)"
+                .into(),
+        );
         }
         for (key, v) in [
             ("pool.slo_ttft_p95_ms", p.slo_ttft_p95_ms),
             ("pool.slo_tpot_p95_ms", p.slo_tpot_p95_ms),
         ] {
             if v.is_some_and(|v| !at_least(v, f64::MIN_POSITIVE)) {
-                bad(key, "must be positive".into());
+                issues.bad(key, "must be positive".into());
             }
         }
         if !at_least(p.spot_cooldown_secs, 0.0) {
-            bad("pool.spot_cooldown_secs", "must not be negative".into());
+            issues.bad("pool.spot_cooldown_secs", "must not be negative".into());
         }
         if !(p.spot_max_zone_share > 0.0 && p.spot_max_zone_share <= 1.0) {
-            bad("pool.spot_max_zone_share", "must be in (0, 1]".into());
+            issues.bad("pool.spot_max_zone_share", "must be in (0, 1]".into());
         }
         if !at_least(p.spot_zone_premium, 0.0) {
-            bad("pool.spot_zone_premium", "must not be negative".into());
+            issues.bad("pool.spot_zone_premium", "must not be negative".into());
         }
         if !at_least(p.preemption_notice_secs, 0.0) {
-            bad("pool.preemption_notice_secs", "must not be negative".into());
+            issues.bad("pool.preemption_notice_secs", "must not be negative".into());
         }
         if !at_least(p.random_preemptions_per_hour, 0.0) {
-            bad(
+            issues.bad(
                 "pool.random_preemptions_per_hour",
                 "must not be negative".into(),
             );
         }
         if !at_least(p.panic_threshold, 1.0) {
-            bad("pool.panic_threshold", "must be at least 1".into());
+            issues.bad("pool.panic_threshold", "must be at least 1".into());
         }
         if !at_least(p.scale_down_delay_secs, 0.0) {
-            bad("pool.scale_down_delay_secs", "must not be negative".into());
+            issues.bad("pool.scale_down_delay_secs", "must not be negative".into());
         }
         if p.scale_to_zero_after_secs
             .is_some_and(|s| !at_least(s, f64::MIN_POSITIVE))
         {
-            bad("pool.scale_to_zero_after_secs", "must be positive".into());
+            issues.bad("pool.scale_to_zero_after_secs", "must be positive".into());
         }
+    }
+
+    /// `[engine]`.
+    fn check_engine(&self, issues: &mut Issues) {
         let e = &self.engine;
         if e.context_size < 64 {
-            bad("engine.context_size", "must be at least 64".into());
+            issues.bad("engine.context_size", "must be at least 64".into());
         }
         if !(1..=256).contains(&e.max_sequences) {
-            bad("engine.max_sequences", "must be between 1 and 256".into());
+            issues.bad("engine.max_sequences", "must be between 1 and 256".into());
         }
         if e.max_sequences.saturating_add(e.prefix_cache_entries) > 256 {
-            bad(
+            issues.bad(
                 "engine.prefix_cache_entries",
                 "plus max_sequences must be at most 256 (llama.cpp's sequence limit)".into(),
             );
         }
         if e.prefill_chunk == 0 {
-            bad("engine.prefill_chunk", "must be at least 1".into());
+            issues.bad("engine.prefill_chunk", "must be at least 1".into());
         }
         if e.default_max_tokens == 0 {
-            bad("engine.default_max_tokens", "must be at least 1".into());
+            issues.bad("engine.default_max_tokens", "must be at least 1".into());
         }
         if e.max_body_bytes < 1024 {
-            bad("engine.max_body_bytes", "must be at least 1024".into());
+            issues.bad("engine.max_body_bytes", "must be at least 1024".into());
         }
         if let Some(name) = &e.model_name {
             if name.trim().is_empty() {
-                bad("engine.model_name", "must not be empty".into());
+                issues.bad("engine.model_name", "must not be empty".into());
             }
         }
-        if !(1..=64).contains(&self.serve.replicas) {
-            bad("serve.replicas", "must be between 1 and 64".into());
+    }
+
+    /// `[serve]`.
+    fn check_serve(&self, issues: &mut Issues) {
+        let s = &self.serve;
+        if !(1..=64).contains(&s.replicas) {
+            issues.bad("serve.replicas", "must be between 1 and 64".into());
         }
-        for (tenant, count) in &self.serve.dedicated {
+        for (tenant, count) in &s.dedicated {
             if tenant.trim().is_empty() || !(1..=16).contains(count) {
-                bad(
+                issues.bad(
                     &format!("serve.dedicated.{tenant}"),
                     "must name a tenant and reserve 1 to 16 replicas".into(),
                 );
             }
         }
-        if !positive(self.serve.startup_timeout_secs) {
-            bad(
+        if !positive(s.startup_timeout_secs) {
+            issues.bad(
                 "serve.startup_timeout_secs",
                 "must be greater than 0".into(),
             );
         }
-        if self.store.path.as_os_str().is_empty() {
-            bad("store.path", "must not be empty".into());
-        }
-        issues
     }
+}
+
+/// The issues found so far.
+#[derive(Default)]
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn bad(&mut self, key: &str, message: String) {
+        self.0.push(ConfigIssue {
+            key: key.into(),
+            message,
+        });
+    }
+}
+
+/// At least `min`; written so NaN fails every check.
+fn at_least(v: f64, min: f64) -> bool {
+    v >= min
 }
 
 fn positive(secs: f64) -> bool {
