@@ -766,7 +766,7 @@ mod tests {
 
     #[tokio::test]
     async fn scaling_down_lets_the_least_busy_replica_go() {
-        use crate::sim::{SimProvider, SimSettings};
+        use crate::provider::sim::{SimProvider, SimSettings};
         let mut cloud = SimProvider::new(SimSettings {
             spot: BTreeMap::new(),
             offset: Duration::ZERO,

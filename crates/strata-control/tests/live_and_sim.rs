@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use strata_control::autoscale::ScalePolicy;
 use strata_control::controller::{self, Controller, Driver, PoolSpec};
-use strata_control::sim::{SimProvider, SimSettings};
+use strata_control::provider::sim::{SimProvider, SimSettings};
 use strata_core::config::{CapacityType, InstanceType, Offering};
 use strata_core::store::{DecisionRecord, DecisionStore, StoreError};
 use strata_core::Load;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use strata_control::controller::{Controller, Driver, PoolSpec};
-use strata_control::sim::{SimProvider, SimSettings, SpotTrace};
+use strata_control::provider::sim::{SimProvider, SimSettings, SpotTrace};
 use strata_core::config::{CapacityType, InstanceType, Offering};
 use strata_core::Load;
 

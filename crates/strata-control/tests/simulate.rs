@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use strata_control::autoscale::ScalePolicy;
 use strata_control::controller::PoolSpec;
-use strata_control::sim::SimSettings;
+use strata_control::provider::sim::SimSettings;
 use strata_control::simulate::trace::TraceRequest;
 use strata_control::simulate::{lower_bound, simulate, Scenario, Static, Strata};
 use strata_core::config::{CapacityType, InstanceType, Offering};
@@ -139,7 +139,7 @@ async fn runs_with_reclaims_are_deterministic() {
     // (10 s notice): every replica goes at once with long requests on it,
     // which start over elsewhere. Two runs in one process (so two hash
     // seeds) give the same outcome to the last request.
-    use strata_control::sim::SpotTrace;
+    use strata_control::provider::sim::SpotTrace;
     let mut trace = steady(0, Duration::from_millis(500), 360, 400, 1000);
     for (i, r) in trace.iter_mut().enumerate() {
         r.output_tokens += (i as u32 * 37) % 800; // unlike, so order matters

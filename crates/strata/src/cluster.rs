@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use strata_control::cluster;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
-use strata_control::local::LocalProvider;
 use strata_control::metrics::ControllerMetrics;
+use strata_control::provider::local::LocalProvider;
 use strata_control::provider::Provider;
 use strata_core::config::{is_postgres_url, Config};
 use strata_core::store::{LeaseStore, Store};
@@ -160,7 +160,7 @@ pub async fn run_controller(
                 // goes is drained by a gateway through the store.
                 let (publish, _) = watch::channel(Vec::new());
                 let (_, link) = strata_core::link::link();
-                let settings = strata_control::local::LocalSettings {
+                let settings = strata_control::provider::local::LocalSettings {
                     drain_via_store: true,
                     ..launch.settings.clone()
                 };

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use strata_control::local::LocalSettings;
-use strata_control::model::{default_model_path, ModelSource};
+use strata_control::provider::local::LocalSettings;
 use strata_core::config::Config;
 use strata_core::store::Store;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
+use strata_models::fetch::{default_model_path, ModelSource};
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio_util::sync::CancellationToken;
 

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use strata_control::model::{default_model_path, fetch, Fetched, ModelSource};
 use strata_core::config::Config;
+use strata_models::fetch::{default_model_path, fetch, Fetched, ModelSource};
 
 use crate::cli::{AuditCommand, Cli, Command, ConfigCommand, CostCommand, ModelCommand};
 

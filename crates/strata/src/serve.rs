@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use strata_control::controller::{Controller, PoolSpec};
-use strata_control::local::LocalProvider;
+use strata_control::provider::local::LocalProvider;
 use strata_core::config::Config;
 use strata_core::ReplicaEndpoint;
 use strata_gateway::{GatewaySettings, Links, SnapshotPlace};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use strata_control::controller::PoolSpec;
 use strata_control::planner::{cheapest, cheapest_alone, Offer};
-use strata_control::sim::{SimSettings, SpotTrace};
+use strata_control::provider::sim::{SimSettings, SpotTrace};
 use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
 use strata_control::simulate::{self, lower_bound, Outcome, Scenario, Static, Strata};
 use strata_core::config::{CapacityType, Config};

@@ -21,8 +21,8 @@ use strata_core::Load;
 
 use super::Policy;
 use crate::planner::Offer;
+use crate::provider::sim::SimProvider;
 use crate::provider::{Provider, ProviderEvent};
-use crate::sim::SimProvider;
 
 /// SkyServe's request-rate target with its delays.
 #[derive(Debug, Clone)]

@@ -22,8 +22,8 @@ use strata_core::Load;
 
 use crate::controller::{Controller, Driver, PoolSpec};
 use crate::planner::Offer;
+use crate::provider::sim::{SimProvider, SimSettings};
 use crate::provider::Provider;
-use crate::sim::{SimProvider, SimSettings};
 use replica::{Finished, ReplicaModel, Running, Served};
 use trace::TraceRequest;
 
@@ -230,7 +230,7 @@ pub struct Minute {
 }
 
 /// Dollars the instances cost within `[from, to]`.
-fn billed(bills: &[crate::sim::SimBill], from: Duration, to: Duration) -> f64 {
+fn billed(bills: &[crate::provider::sim::SimBill], from: Duration, to: Duration) -> f64 {
     bills.iter().map(|b| b.cost_within(from, to)).sum()
 }
 

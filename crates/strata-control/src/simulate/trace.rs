@@ -18,7 +18,7 @@ pub struct TraceRequest {
 }
 
 fn bad(path: &Path, line: usize, what: &str) -> ControlError {
-    ControlError::BadPackage(format!("{}:{line}: {what}", path.display()))
+    ControlError::BadData(format!("{}:{line}: {what}", path.display()))
 }
 
 /// `2023-11-16 18:15:46.6805900` as seconds since 1970 (UTC).

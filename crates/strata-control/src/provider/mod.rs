@@ -1,8 +1,9 @@
 //! What the controller asks of a provider (the thing that owns machines):
 //! launch a replica from a catalog offer, let one go, list what runs, and
 //! report what happened since the last look (an event stream, polled).
-//! `local` runs engine child processes; a Kubernetes or simulated provider
-//! answers the same calls.
+//! `local` runs engine child processes, `sim` is a simulated cloud on a
+//! virtual clock; the Kubernetes provider (strata-k8s) answers the same
+//! calls.
 
 use std::time::Duration;
 
@@ -11,6 +12,9 @@ use serde::Serialize;
 
 use crate::planner::{Offer, Slot};
 use crate::ControlError;
+
+pub mod local;
+pub mod sim;
 
 /// A replica of the pool as the provider sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -110,7 +110,7 @@ impl SpotTrace {
 
     pub fn load(path: &Path) -> Result<Self, ControlError> {
         let text = std::fs::read_to_string(path).map_err(crate::io_at(path))?;
-        Self::parse(&text).map_err(|e| ControlError::BadPackage(format!("{}: {e}", path.display())))
+        Self::parse(&text).map_err(|e| ControlError::BadData(format!("{}: {e}", path.display())))
     }
 
     /// Spot instances obtainable at `t` (wrapping around the trace).

