@@ -1,6 +1,5 @@
 """`strata simulate` from the command line: a user's own trace (generic CSV)
-against the config's catalog, recorded spot availability from
-../shared/data, a table or JSON, the same numbers on every run, and clear
+against the config's catalog, recorded spot availability (testdata/), a table or JSON, the same numbers on every run, and clear
 errors for bad input."""
 import json
 import os
@@ -9,7 +8,8 @@ import tempfile
 
 from conftest import STRATA
 
-SPOT = os.path.join(os.path.dirname(__file__), "../../../shared/data/spot-traces/availability/1-node/aws-02-15-2023")
+TESTDATA = os.path.join(os.path.dirname(__file__), "../../testdata")
+SPOT = os.path.join(TESTDATA, "spot-traces/aws-02-15-2023")
 CONFIG = """
 [instance_types.small]
 prefill_tokens_per_s = 2000.0
@@ -85,7 +85,7 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     assert all(h == 0 for h in spot_hours(json.loads(mapped.stdout)).values())
 
     # SpotServe's node events cap the spot replicas of the catalog's spot zone.
-    events = os.path.join(os.path.dirname(SPOT), "../../../spotserve/g4dn_full.csv")
+    events = os.path.join(TESTDATA, "spotserve/g4dn_full.csv")
     capped = run(d, "--trace", trace, "--spot-events", events, "--offset-hours", "1", "--json")
     assert capped.returncode == 0, capped.stderr
     assert len(json.loads(capped.stdout)["policies"]) == 4
@@ -104,3 +104,17 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     ]:
         bad = run(d, *args)
         assert bad.returncode != 0 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_the_readme_example_runs_on_the_repositorys_own_data():
+    # README, Benchmarks: the simulator on testdata/ (no ../shared needed).
+    root = os.path.join(os.path.dirname(__file__), "../..")
+    out = subprocess.run(
+        [STRATA, "--config", "bench/scenarios/cpu-fleet.toml", "simulate",
+         "--trace", "testdata/traces/azure-conv-10min.csv",
+         "--spot-dir", "testdata/spot-traces/aws-02-15-2023", "--rate", "0.1", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert len(report["policies"]) == 4
+    assert all(p["finished"] + p["unserved"] == report["requests"] > 200 for p in report["policies"])

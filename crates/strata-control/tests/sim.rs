@@ -1,7 +1,7 @@
 //! The controller against real spot behaviour: the `sim` provider replays
 //! AWS spot availability recorded per zone (skypilot-org/spot-traces,
-//! p3.2xlarge in three us-east/us-west zones, one tick per 195 s, from
-//! ../shared/data) on a virtual clock, with a two-minute preemption notice
+//! p3.2xlarge in three us-east/us-west zones, one tick per 195 s, the first
+//! four days as testdata/ keeps them) on a virtual clock, with a two-minute preemption notice
 //! and three minutes from launch to ready. Prices are illustrative (spot at
 //! 30% of on-demand); the test asserts behaviour, not dollars.
 
@@ -18,7 +18,7 @@ const ZONES: [&str; 3] = ["us-east-1a", "us-east-1f", "us-west-2b"];
 
 fn traces() -> BTreeMap<String, SpotTrace> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/spot-traces/availability/1-node/aws-02-15-2023");
+        .join("../../testdata/spot-traces/aws-02-15-2023");
     ZONES
         .iter()
         .map(|z| {
