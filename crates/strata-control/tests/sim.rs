@@ -17,8 +17,8 @@ use strata_core::Load;
 const ZONES: [&str; 3] = ["us-east-1a", "us-east-1f", "us-west-2b"];
 
 fn traces() -> BTreeMap<String, SpotTrace> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/spot-traces/aws-02-15-2023");
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/spot-traces/aws-02-15-2023");
     ZONES
         .iter()
         .map(|z| {

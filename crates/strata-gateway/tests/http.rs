@@ -1,0 +1,524 @@
+//! The gateway's HTTP layer in-process: requests go to its router with
+//! tower's `oneshot` (no listener, no socket on the client side), against
+//! a real SQLite store with real keys. The replicas are scripted HTTP
+//! servers on loopback, not engines: these tests need a replica that
+//! answers 500, or breaks a stream at an exact event, on cue. (Real
+//! engines are killed under real clients in tests/e2e/test_failover.py.)
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use strata_core::config::{ModelPrice, Routing};
+use strata_core::store::Store;
+use strata_core::tenant::{Isolation, RateLimits, Role, Tenant, TenantId};
+use strata_core::ReplicaEndpoint;
+use strata_gateway::ops::dashboard::Slo;
+use strata_gateway::tenancy::keys::{bootstrap, new_key_record};
+use strata_gateway::{Gateway, GatewaySettings, Links, SnapshotPlace};
+use strata_store::{Kek, KekSource, SqlStore, Vault};
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+/// What a scripted replica does with a chat completion.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Script {
+    /// Answers: whole, or streamed as `words` chunks then a finish, usage
+    /// and `[DONE]`.
+    Answer,
+    /// 500 before anything is sent.
+    Fail,
+    /// Streams the role and two words, then breaks the connection.
+    DieMidStream,
+}
+
+/// A request a replica was sent: its body and its cache-scope header.
+type Sent = (Value, Option<String>);
+
+/// Scripts for the next chat requests, whichever replica they reach;
+/// then each replica's own.
+type Plan = Arc<Mutex<VecDeque<Script>>>;
+
+#[derive(Clone)]
+struct Stub {
+    name: &'static str,
+    script: Arc<Mutex<Script>>,
+    plan: Plan,
+    /// The bodies and cache-scope headers it was sent.
+    seen: Arc<Mutex<Vec<Sent>>>,
+}
+
+fn chunk(id: &str, delta: Value, finish: Value) -> String {
+    let v = json!({"id": id, "object": "chat.completion.chunk", "created": 7, "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    format!("data: {v}\n\n")
+}
+
+async fn chat(State(stub): State<Stub>, req: Request<Body>) -> Response {
+    let scope = req
+        .headers()
+        .get("x-strata-cache-scope")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    stub.seen.lock().unwrap().push((v.clone(), scope));
+    let planned = stub.plan.lock().unwrap().pop_front();
+    let script = planned.unwrap_or(*stub.script.lock().unwrap());
+    let id = format!("chatcmpl-{}", stub.name);
+    match script {
+        Script::Fail => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        Script::Answer if v["stream"] != json!(true) => Json(json!({
+            "id": id, "object": "chat.completion", "created": 7, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("from {}", stub.name)}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        }))
+        .into_response(),
+        Script::Answer => {
+            let events = [
+                chunk(&id, json!({"role": "assistant", "content": ""}), Value::Null),
+                chunk(&id, json!({"content": " a"}), Value::Null),
+                chunk(&id, json!({"content": " time"}), Value::Null),
+                chunk(&id, json!({}), json!("stop")),
+                format!("data: {}\n\n", json!({"id": id, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})),
+                "data: [DONE]\n\n".to_owned(),
+            ];
+            sse(events.into_iter().map(Ok).collect())
+        }
+        Script::DieMidStream => {
+            let events = vec![
+                Ok(chunk(&id, json!({"role": "assistant", "content": ""}), Value::Null)),
+                Ok(chunk(&id, json!({"content": "Once"}), Value::Null)),
+                Ok(chunk(&id, json!({"content": " upon"}), Value::Null)),
+                Err(std::io::Error::other("the replica died")),
+            ];
+            sse(events)
+        }
+    }
+}
+
+fn sse(events: Vec<Result<String, std::io::Error>>) -> Response {
+    use futures_util::StreamExt;
+    // A moment before each event, so that what was sent before a failure
+    // leaves the replica before its connection breaks.
+    let stream = futures_util::stream::iter(events).then(|e| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        e.map(Bytes::from)
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+/// A scripted replica on a loopback port.
+async fn replica(name: &'static str, script: Script) -> (Stub, ReplicaEndpoint) {
+    planned_replica(name, script, Plan::default()).await
+}
+
+async fn planned_replica(
+    name: &'static str,
+    script: Script,
+    plan: Plan,
+) -> (Stub, ReplicaEndpoint) {
+    let stub = Stub {
+        name,
+        plan,
+        script: Arc::new(Mutex::new(script)),
+        seen: Arc::default(),
+    };
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/v1/models",
+            get(|| async { Json(json!({"object": "list", "data": [{"id": "m"}]})) }),
+        )
+        .route("/v1/chat/completions", post(chat))
+        .with_state(stub.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let endpoint = ReplicaEndpoint {
+        id: name.into(),
+        url,
+        reserved_for: None,
+        draining: false,
+    };
+    (stub, endpoint)
+}
+
+struct Harness {
+    gateway: Gateway,
+    _endpoints: watch::Sender<Vec<ReplicaEndpoint>>,
+    store: Arc<dyn Store>,
+    /// A member key of tenant `acme`, and the tenant.
+    key: String,
+    tenant: Tenant,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new(replicas: Vec<ReplicaEndpoint>, limits: RateLimits, budget: Option<f64>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Arc::new(
+            Vault::open(
+                &dir.path().join("keyring.json"),
+                Kek::generate(),
+                KekSource::Environment,
+            )
+            .unwrap(),
+        );
+        let store: Arc<dyn Store> = Arc::new(
+            SqlStore::open(&dir.path().join("s.db"), vault.clone())
+                .await
+                .unwrap(),
+        );
+        bootstrap(&*store, None).await.unwrap();
+        let tenant = Tenant {
+            id: TenantId::new(),
+            name: "acme".into(),
+            isolation: Isolation::Shared,
+            limits,
+            monthly_budget_usd: budget,
+            created_at_ms: 0,
+        };
+        store.create_tenant(&tenant).await.unwrap();
+        let (record, key) = new_key_record(&tenant.id, "app".into(), Role::Member);
+        store.create_key(&record).await.unwrap();
+        let mut pricing = BTreeMap::new();
+        pricing.insert(
+            "m".to_owned(),
+            ModelPrice {
+                prompt_per_million: 1000.0,
+                completion_per_million: 1000.0,
+            },
+        );
+        let settings = GatewaySettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_body_bytes: 1 << 20,
+            health_interval: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            slots_per_replica: 4,
+            max_waiting_per_tenant: 8,
+            queue_timeout: Duration::from_secs(2),
+            pricing,
+            tls: None,
+            require_tls: false,
+            replica_tls: None,
+            snapshots: SnapshotPlace::Off,
+            drain_on_shutdown: false,
+            // Load only: which replica a request goes to first is the
+            // least loaded, ties rotating.
+            routing: Routing::LeastLoad,
+            hold_when_empty: false,
+            metrics_tenant_labels: false,
+            shared_limits_url: None,
+            budget_refresh: None,
+            slo: Slo::default(),
+        };
+        let (endpoints, rx) = watch::channel(replicas.clone());
+        let gateway = Gateway::start(settings, Links::endpoints(rx), store.clone(), Some(vault))
+            .await
+            .unwrap();
+        let h = Harness {
+            gateway,
+            _endpoints: endpoints,
+            store,
+            key,
+            tenant,
+            _dir: dir,
+        };
+        // Every replica ready (its health checked, its models known).
+        for _ in 0..100 {
+            let health = h
+                .call(Request::get("/health").body(Body::empty()).unwrap())
+                .await;
+            if health.1["replicas_ready"] == json!(replicas.len()) {
+                return h;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the replicas never became ready");
+    }
+
+    async fn call(&self, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let (status, bytes, headers) = self.raw(req).await;
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, v, headers)
+    }
+
+    async fn raw(&self, req: Request<Body>) -> (StatusCode, Bytes, axum::http::HeaderMap) {
+        let response = self.gateway.router().oneshot(req).await.unwrap();
+        let (parts, body) = response.into_parts();
+        (
+            parts.status,
+            body.collect().await.unwrap().to_bytes(),
+            parts.headers,
+        )
+    }
+
+    fn chat(&self, key: Option<&str>, body: Value) -> Request<Body> {
+        let mut req =
+            Request::post("/v1/chat/completions").header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        req.body(Body::from(body.to_string())).unwrap()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, text, _) = self
+            .raw(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await;
+        String::from_utf8(text.to_vec())
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+fn hello(stream: bool) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 16, "stream": stream})
+}
+
+fn assert_openai_error(status: StatusCode, body: &Value, expected: StatusCode) {
+    assert_eq!(status, expected, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "not an OpenAI error: {body}"
+    );
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_key_is_the_same_401_and_a_good_one_generates() {
+    let (_a, endpoint) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![endpoint], RateLimits::default(), None).await;
+    let mut refusals = Vec::new();
+    for key in [
+        None,
+        Some("sk-strata-short"),
+        Some(&*format!("{}x", &h.key[..h.key.len() - 1])),
+    ] {
+        let (status, body, _) = h.call(h.chat(key, hello(false))).await;
+        assert_openai_error(status, &body, StatusCode::UNAUTHORIZED);
+        refusals.push(body);
+    }
+    assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
+    let (status, body, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "from a");
+
+    // Revoked: refused at once on this gateway.
+    let keys = h.store.keys(&h.tenant.id).await.unwrap();
+    let (status, _, _) = h
+        .call(
+            Request::delete(format!(
+                "/admin/v1/tenants/{}/keys/{}",
+                h.tenant.id, keys[0].id
+            ))
+            .header(header::AUTHORIZATION, format!("Bearer {}", h.key))
+            .body(Body::empty())
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a member may not revoke keys"
+    );
+    h.store
+        .revoke_key(&h.tenant.id, &keys[0].id, strata_core::now_ms())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the key cache's TTL
+    let (status, body, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_openai_error(status, &body, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_replica_gets_the_tenant_from_the_key_never_from_the_client() {
+    let (a, endpoint) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![endpoint], RateLimits::default(), None).await;
+    let mut req = h.chat(Some(&h.key), hello(false));
+    req.headers_mut()
+        .insert("x-strata-cache-scope", "ten_victim".parse().unwrap());
+    let (status, _, _) = h.call(req).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = a.seen.lock().unwrap();
+    assert_eq!(seen[0].1.as_deref(), Some(h.tenant.id.as_str()));
+}
+
+#[tokio::test]
+async fn admission_refuses_with_rate_limits_and_budgets_as_openai_errors() {
+    let (_a, endpoint) = replica("a", Script::Answer).await;
+    let limited = RateLimits {
+        requests_per_minute: Some(1),
+        tokens_per_minute: None,
+    };
+    let h = Harness::new(vec![endpoint.clone()], limited, None).await;
+    let (status, _, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body, headers) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_openai_error(status, &body, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    // A budget smaller than one request's cost: 402, and nothing reaches a replica.
+    let (b, endpoint) = replica("b", Script::Answer).await;
+    let h = Harness::new(vec![endpoint], RateLimits::default(), Some(0.000_001)).await;
+    let (status, body, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_openai_error(status, &body, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(body["error"]["code"], "budget_exhausted");
+    assert!(b.seen.lock().unwrap().is_empty());
+
+    // Bad input: a 400 naming the field, and nothing reaches a replica.
+    let (status, body, _) = h
+        .call(h.chat(
+            Some(&h.key),
+            json!({"model": "m", "messages": [], "temperature": 9}),
+        ))
+        .await;
+    assert_openai_error(status, &body, StatusCode::BAD_REQUEST);
+    assert!(b.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_replica_that_fails_before_answering_is_replaced_by_another() {
+    let (a, ea) = replica("a", Script::Fail).await;
+    let (b, eb) = replica("b", Script::Fail).await;
+    let h = Harness::new(vec![ea, eb], RateLimits::default(), None).await;
+    // Both fail: the client gets the replica's failure, once each was tried.
+    let (status, _, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        (a.seen.lock().unwrap().len(), b.seen.lock().unwrap().len()),
+        (1, 1)
+    );
+    let retries = h.metric("strata_gateway_retries_total").await;
+    assert_eq!(retries, 1.0);
+    // One heals: whichever is asked first, the answer comes from it.
+    *b.script.lock().unwrap() = Script::Answer;
+    for _ in 0..4 {
+        let (status, body, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "from b");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_whose_replica_dies_goes_on_from_another_as_one_answer() {
+    // The first request, whichever replica takes it, dies after "Once
+    // upon"; the other, answering, takes the rest.
+    let plan = Plan::new(Mutex::new(VecDeque::from([Script::DieMidStream])));
+    let (a, ea) = planned_replica("a", Script::Answer, plan.clone()).await;
+    let (b, eb) = planned_replica("b", Script::Answer, plan).await;
+    let h = Harness::new(vec![ea, eb], RateLimits::default(), None).await;
+    let (status, bytes, headers) = h.raw(h.chat(Some(&h.key), hello(true))).await;
+    let first = if a.seen.lock().unwrap().is_empty() {
+        "b"
+    } else {
+        "a"
+    };
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    // One answer: the first replica's id throughout, its text then the rest.
+    assert!(
+        events
+            .iter()
+            .all(|e| e["id"] == format!("chatcmpl-{first}")),
+        "{events:?}"
+    );
+    let said: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(said, "Once upon a time");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["choices"][0]["delta"]["role"].is_string())
+            .count(),
+        1,
+        "one role opening"
+    );
+    // The client did not ask for usage: it gets none.
+    assert!(events.iter().all(|e| e["usage"].is_null()));
+    // The second replica was asked to continue the open answer, for what
+    // was left of max_tokens.
+    let second = if first == "a" { &b } else { &a };
+    let (continued, scope) = second.seen.lock().unwrap()[0].clone();
+    assert_eq!(continued["continue_final_message"], true);
+    assert_eq!(
+        continued["messages"][1],
+        json!({"role": "assistant", "content": "Once upon"})
+    );
+    assert_eq!(continued["max_tokens"], 14);
+    assert_eq!(scope.as_deref(), Some(h.tenant.id.as_str()));
+    assert_eq!(h.metric("strata_gateway_retries_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_stream_that_may_not_move_ends_with_an_error_event() {
+    // One replica, which dies mid-answer every time: after the stalled
+    // moves the stream ends with an in-band error, not a hang.
+    let (a, ea) = replica("a", Script::DieMidStream).await;
+    let h = Harness::new(vec![ea], RateLimits::default(), None).await;
+    let (status, bytes, _) = tokio::time::timeout(
+        Duration::from_secs(60),
+        h.raw(h.chat(Some(&h.key), hello(true))),
+    )
+    .await
+    .expect("the stream ends");
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let last: Value =
+        serde_json::from_str(text.trim_end().rsplit("data: ").next().unwrap()).unwrap();
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not moved again")),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"));
+    // The first try and the moves after it, each brought back by a health check.
+    assert!(a.seen.lock().unwrap().len() >= 2);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_openai_errors() {
+    let (_a, endpoint) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![endpoint], RateLimits::default(), None).await;
+    let (status, body, _) = h
+        .call(Request::get("/v1/nothing").body(Body::empty()).unwrap())
+        .await;
+    assert_openai_error(status, &body, StatusCode::NOT_FOUND);
+    let (status, body, _) = h
+        .call(Request::get("/v1/completions").body(Body::empty()).unwrap())
+        .await;
+    assert_openai_error(status, &body, StatusCode::METHOD_NOT_ALLOWED);
+}
