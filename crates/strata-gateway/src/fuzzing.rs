@@ -15,6 +15,7 @@ use crate::ops::admin::{parse_admin, AdminBody};
 use crate::relay::answer::Reader;
 use crate::relay::capture::Transcript;
 use crate::relay::passthrough::Output;
+use crate::relay::sse::Data;
 
 /// One fuzz target: a parser strata runs on bytes it did not make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,6 +284,14 @@ fn relay_into(reader: &mut Reader, output: &mut Output, stream: &[u8], cuts: &[u
         let (chunk, tail) = rest.split_at(n);
         reader.push(&Bytes::copy_from_slice(chunk));
         while let Some(chunk) = reader.next_chunk() {
+            if let Some(data) = chunk.data() {
+                let tree = Data::read_as_tree(data.json().clone());
+                assert_eq!(
+                    Some(data),
+                    tree.as_ref(),
+                    "read fast, a chunk means something else"
+                );
+            }
             output.take(&chunk, &mut bytes);
         }
         rest = tail;

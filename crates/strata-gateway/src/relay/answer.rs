@@ -96,31 +96,30 @@ impl Reader {
         match self.resumed_after {
             None => {
                 if self.id.is_null() {
-                    self.id = data.value["id"].clone();
-                    self.created = data.value["created"].clone();
+                    let v = data.value();
+                    self.id = v["id"].clone();
+                    self.created = v["created"].clone();
                 }
             }
-            Some(_) if !data.has_text && !data.finishes && !data.usage_only => return None,
+            Some(_) if !data.has_text() && !data.finishes && !data.usage_only => return None,
             Some(before) => {
-                data.usage = data.usage.map(|u| resumed_usage(u, before));
-                rewrite(data, &self.id, &self.created);
-                chunk.wire = data.wire();
+                // Read as the first replica's: its id, its creation time,
+                // and the usage of the whole answer.
+                let mut v = data.value();
+                v["id"] = self.id.clone();
+                v["created"] = self.created.clone();
+                if let Some(u) = data.usage.map(|u| resumed_usage(u, before)) {
+                    v["usage"] = serde_json::to_value(u).expect("usage serialises");
+                }
+                let (rewritten, wire) = Data::rewritten(&v);
+                *data = rewritten;
+                chunk.wire = wire;
             }
         }
         if data.usage.is_some() {
             self.usage = data.usage;
         }
         Some(chunk)
-    }
-}
-
-/// A moved answer's chunk as the first replica's: its id, its creation
-/// time, and the usage of the whole answer.
-fn rewrite(data: &mut Data, id: &Value, created: &Value) {
-    data.value["id"] = id.clone();
-    data.value["created"] = created.clone();
-    if let Some(u) = data.usage {
-        data.value["usage"] = serde_json::to_value(u).expect("usage serialises");
     }
 }
 
@@ -305,7 +304,7 @@ mod tests {
     fn values(chunks: &[Chunk]) -> Vec<Value> {
         chunks
             .iter()
-            .filter_map(|c| c.data().map(|d| d.value.clone()))
+            .filter_map(|c| c.data().map(Data::value))
             .collect()
     }
 

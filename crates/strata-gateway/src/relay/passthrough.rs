@@ -166,7 +166,7 @@ impl Output {
             Kind::Other => true,
             Kind::Data(data) => {
                 if let Some(t) = self.transcript.as_mut() {
-                    t.observe(&data.value);
+                    t.observe(&data.value());
                 }
                 !(data.usage_only && self.strip_usage)
             }
