@@ -43,7 +43,7 @@ def test_every_route_the_code_registers_is_in_the_document(server):
     handlers carry their path in `#[utoipa::path]`: no plain `.route(` may
     bypass the document, and the document holds one operation per handler."""
     handlers = 0
-    for path in glob.glob(os.path.join(SRC, "*.rs")):
+    for path in glob.glob(os.path.join(SRC, "**", "*.rs"), recursive=True):
         code = open(path).read()
         assert not re.search(r"\.(route|route_service|nest|nest_service)\(", code), \
             f"{path} registers a route outside routes!()"

@@ -284,13 +284,12 @@ fn relay_into(reader: &mut Reader, output: &mut Output, stream: &[u8], cuts: &[u
         let (chunk, tail) = rest.split_at(n);
         reader.push(&Bytes::copy_from_slice(chunk));
         while let Some(chunk) = reader.next_chunk() {
+            // Read fast, a chunk means what its tree says, where a tree
+            // can hold it.
             if let Some(data) = chunk.data() {
-                let tree = Data::read_as_tree(data.json().clone());
-                assert_eq!(
-                    Some(data),
-                    tree.as_ref(),
-                    "read fast, a chunk means something else"
-                );
+                if let Some(tree) = Data::read_as_tree(data.json().clone()) {
+                    assert_eq!(data, &tree, "read fast, a chunk means something else");
+                }
             }
             output.take(&chunk, &mut bytes);
         }

@@ -95,8 +95,7 @@ impl Reader {
         self.finished |= data.finishes;
         match self.resumed_after {
             None => {
-                if self.id.is_null() {
-                    let v = data.value();
+                if let (true, Some(v)) = (self.id.is_null(), data.value()) {
                     self.id = v["id"].clone();
                     self.created = v["created"].clone();
                 }
@@ -104,11 +103,19 @@ impl Reader {
             Some(_) if !data.has_text() && !data.finishes && !data.usage_only => return None,
             Some(before) => {
                 // Read as the first replica's: its id, its creation time,
-                // and the usage of the whole answer.
-                let mut v = data.value();
+                // and the usage of the whole answer. (A chunk no tree can
+                // hold goes on as it came, its usage still counted whole.)
+                let usage = data.usage.map(|u| resumed_usage(u, before));
+                let Some(mut v) = data.value() else {
+                    data.usage = usage;
+                    if usage.is_some() {
+                        self.usage = usage;
+                    }
+                    return Some(chunk);
+                };
                 v["id"] = self.id.clone();
                 v["created"] = self.created.clone();
-                if let Some(u) = data.usage.map(|u| resumed_usage(u, before)) {
+                if let Some(u) = usage {
                     v["usage"] = serde_json::to_value(u).expect("usage serialises");
                 }
                 let (rewritten, wire) = Data::rewritten(&v);
@@ -304,7 +311,7 @@ mod tests {
     fn values(chunks: &[Chunk]) -> Vec<Value> {
         chunks
             .iter()
-            .filter_map(|c| c.data().map(Data::value))
+            .filter_map(|c| c.data().and_then(Data::value))
             .collect()
     }
 

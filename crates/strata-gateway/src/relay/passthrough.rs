@@ -165,8 +165,8 @@ impl Output {
             Kind::Done => !self.hold_done,
             Kind::Other => true,
             Kind::Data(data) => {
-                if let Some(t) = self.transcript.as_mut() {
-                    t.observe(&data.value());
+                if let (Some(t), Some(v)) = (self.transcript.as_mut(), data.value()) {
+                    t.observe(&v);
                 }
                 !(data.usage_only && self.strip_usage)
             }

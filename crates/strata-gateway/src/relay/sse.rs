@@ -106,9 +106,11 @@ impl Data {
         self.error.as_deref()
     }
 
-    /// The chunk as a JSON tree.
-    pub fn value(&self) -> Value {
-        serde_json::from_slice(&self.json).expect("a chunk is read only from valid JSON")
+    /// The chunk as a JSON tree; `None` for the rare chunk a tree cannot
+    /// hold though it reads (a number beyond `f64` in a field the gateway
+    /// does not use).
+    pub fn value(&self) -> Option<Value> {
+        serde_json::from_slice(&self.json).ok()
     }
 
     /// The `data:` payload.
@@ -117,7 +119,8 @@ impl Data {
     }
 
     /// As `read`, always through a JSON tree: what the fast reading must
-    /// agree with (the tests and the fuzz target check it does).
+    /// agree with wherever a tree can hold the chunk (the tests and the
+    /// fuzz target check it does).
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn read_as_tree(json: Bytes) -> Option<Data> {
         let value = serde_json::from_slice::<Value>(&json).ok()?;
@@ -154,9 +157,13 @@ impl Data {
             text,
             finish_reason: string(choice.and_then(|c| c.finish_reason)),
             finishes: choice.is_some_and(|c| c.finish_reason.is_some()),
-            usage: w
-                .usage
-                .and_then(|u| serde_json::from_str::<Usage>(u.get()).ok()),
+            // Through a tree, as `from_value` reads it (a key given twice
+            // counts once, the last), and once per stream.
+            usage: w.usage.and_then(|u| {
+                serde_json::from_str::<Value>(u.get())
+                    .ok()
+                    .and_then(|v| serde_json::from_value::<Usage>(v).ok())
+            }),
             usage_only: w.choices.as_ref().is_some_and(Vec::is_empty),
             error: w.error.map(|e| {
                 serde_json::from_str::<Value>(e.get())
@@ -312,11 +319,22 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_no_tree_can_hold_is_still_read() {
+        let json = Bytes::from_static(
+            br#"{"x":1e999,"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}"#,
+        );
+        let d = Data::read(json.clone()).unwrap();
+        assert_eq!((d.text(), d.value()), (Some("hi"), None));
+        assert_eq!(Data::read_as_tree(json), None);
+    }
+
+    #[test]
     fn chunks_of_any_shape_mean_what_their_json_tree_says() {
         for json in [
             r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi \u00e9\n"},"finish_reason":null}]}"#,
             r#"{"choices":[{"text":"a","finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}}"#,
             r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":3,"total_tokens":4}}"#,
             r#"{"choices":[{"delta":{"content":["not","text"]},"finish_reason":7}]}"#,
             r#"{"choices":[{"delta":"odd","text":""}]}"#,
             r#"{"choices":{"0":{}},"usage":null}"#,
