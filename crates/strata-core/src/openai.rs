@@ -298,6 +298,25 @@ pub struct Generation {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// How many tokens a completion without `max_tokens` generates at most
+/// (OpenAI's default for `/v1/completions`).
+pub const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
+
+impl Generation {
+    /// The most tokens this request may generate: `max_tokens` as given,
+    /// else 16 for a completion and `chat_default` (`engine.default_max_tokens`)
+    /// for a chat. The engine generates no more (it may stop sooner where
+    /// the context ends), and the gateway reserves limits and budget for
+    /// this many: one rule for both.
+    pub fn max_output_tokens(&self, chat_default: u32) -> u32 {
+        match (self.max_tokens, &self.input) {
+            (Some(m), _) => m,
+            (None, PromptInput::Text(_)) => COMPLETION_DEFAULT_MAX_TOKENS,
+            (None, _) => chat_default,
+        }
+    }
+}
+
 /// Most stop strings a request may give, as OpenAI allows.
 pub const MAX_STOP_STRINGS: usize = 4;
 
@@ -714,6 +733,20 @@ mod tests {
 
     fn chat(body: &str) -> Result<Generation, ApiError> {
         parse_body::<ChatCompletionRequest>(body.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn a_request_generates_at_most_its_max_tokens_or_the_default_for_its_kind() {
+        let c = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert_eq!(c.max_output_tokens(512), 512);
+        let c = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7}"#)
+            .unwrap();
+        assert_eq!(c.max_output_tokens(512), 7);
+        let t = serde_json::from_str::<CompletionRequest>(r#"{"model":"m","prompt":"x"}"#)
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(t.max_output_tokens(512), COMPLETION_DEFAULT_MAX_TOKENS);
     }
 
     #[test]

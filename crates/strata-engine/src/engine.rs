@@ -305,7 +305,8 @@ impl Engine {
         tag: CacheTag,
     ) -> Result<Submitted, ApiError> {
         let this = self.clone();
-        let is_chat = !matches!(generation.input, PromptInput::Text(_));
+        // The gateway reserved limits and budget for the same number.
+        let cap = generation.max_output_tokens(self.settings.default_max_tokens);
         let input = generation.input;
         let tokens = tokio::task::spawn_blocking(move || this.tokenize(&input))
             .await
@@ -317,11 +318,10 @@ impl Engine {
                 "The prompt is {prompt_tokens} tokens; this model's context holds {ctx}."
             )));
         }
+        // Without `max_tokens` the answer also stops where the context ends.
         let max_tokens = match generation.max_tokens {
-            Some(m) => m,
-            // OpenAI's defaults: chat runs on (here: to a configured cap), completions stop at 16.
-            None if is_chat => self.settings.default_max_tokens.min(ctx - prompt_tokens),
-            None => 16.min(ctx - prompt_tokens),
+            Some(_) => cap,
+            None => cap.min(ctx - prompt_tokens),
         };
         if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(ctx) {
             return Err(ApiError::context_length_exceeded(format!(

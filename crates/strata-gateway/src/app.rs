@@ -57,6 +57,9 @@ pub enum GatewayError {
 pub struct GatewaySettings {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// What a chat without `max_tokens` may generate at most: the engines'
+    /// `engine.default_max_tokens`, reserved against limits and budget.
+    pub default_max_tokens: u32,
     pub health_interval: Duration,
     pub connect_timeout: Duration,
     pub slots_per_replica: usize,
@@ -269,6 +272,7 @@ impl Gateway {
             snapshots: snapshots.clone(),
             client: client.clone(),
             max_body_bytes: settings.max_body_bytes,
+            default_max_tokens: settings.default_max_tokens,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

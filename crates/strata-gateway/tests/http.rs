@@ -205,6 +205,7 @@ impl Harness {
         let settings = GatewaySettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             max_body_bytes: 1 << 20,
+            default_max_tokens: 512,
             health_interval: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(1),
             slots_per_replica: 4,
@@ -397,6 +398,33 @@ async fn admission_refuses_with_rate_limits_and_budgets_as_openai_errors() {
         .await;
     assert_openai_error(status, &body, StatusCode::BAD_REQUEST);
     assert!(b.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_chat_without_max_tokens_reserves_what_the_engine_may_generate() {
+    // The engines' default_max_tokens is 512: a chat without max_tokens
+    // may generate that many, so it counts that many against the
+    // tokens-per-minute allowance (it once counted 256, and a tenant's
+    // requests generated up to twice what its limits and budget allowed).
+    let (a, endpoint) = replica("a", Script::Answer).await;
+    let limited = RateLimits {
+        requests_per_minute: None,
+        tokens_per_minute: Some(400),
+    };
+    let h = Harness::new(vec![endpoint], limited, None).await;
+    let open = json!({"model": "m", "messages": [{"role": "user", "content": "Tell me a story."}]});
+    let (status, body, _) = h.call(h.chat(Some(&h.key), open)).await;
+    assert_openai_error(status, &body, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_tokens")),
+        "{body}"
+    );
+    assert!(a.seen.lock().unwrap().is_empty());
+    // With max_tokens set below the allowance it is served.
+    let (status, _, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]

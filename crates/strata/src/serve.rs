@@ -88,6 +88,7 @@ fn gateway_settings(
             .parse()
             .with_context(|| format!("--listen / gateway.listen `{listen}` is not an address"))?,
         max_body_bytes: config.gateway.max_body_bytes,
+        default_max_tokens: config.engine.default_max_tokens,
         health_interval: Duration::from_secs_f64(config.gateway.health_interval_secs),
         connect_timeout: Duration::from_secs_f64(config.gateway.connect_timeout_secs),
         slots_per_replica: config.gateway.slots_per_replica as usize,

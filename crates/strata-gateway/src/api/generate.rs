@@ -26,9 +26,6 @@ use crate::relay::passthrough;
 use crate::tenancy::admission::{Charge, Estimate, Gate};
 use crate::tenancy::principal::Principal;
 
-/// Output tokens assumed for a request without `max_tokens`, for balancing only.
-const ASSUMED_OUTPUT_TOKENS: u64 = 256;
-
 /// The state of the generation routes (chat, completions, Responses, the
 /// model list).
 pub struct Inference {
@@ -41,6 +38,8 @@ pub struct Inference {
     pub snapshots: Option<Arc<Snapshots>>,
     pub client: reqwest::Client,
     pub max_body_bytes: usize,
+    /// What a chat without `max_tokens` may generate at most.
+    pub default_max_tokens: u32,
     /// Unix seconds the gateway started (the models' `created`).
     pub started: u64,
 }
@@ -190,9 +189,9 @@ impl Inference {
         let estimate = Estimate {
             // About four bytes of JSON per prompt token; the replica counts exactly.
             prompt_tokens: body_len as u64 / 4,
-            output_tokens: generation
-                .max_tokens
-                .map_or(ASSUMED_OUTPUT_TOKENS, u64::from),
+            // As many as the engine may generate (the same rule decides
+            // both), so limits and budgets hold without `max_tokens` too.
+            output_tokens: u64::from(generation.max_output_tokens(self.default_max_tokens)),
         };
         self.relay.metrics.arrived.inc();
         let routable = self.relay.replicas.available(p.pool())?;
