@@ -105,22 +105,17 @@ impl Reader {
                 // Read as the first replica's: its id, its creation time,
                 // and the usage of the whole answer. (A chunk no tree can
                 // hold goes on as it came, its usage still counted whole.)
-                let usage = data.usage.map(|u| resumed_usage(u, before));
-                let Some(mut v) = data.value() else {
-                    data.usage = usage;
-                    if usage.is_some() {
-                        self.usage = usage;
+                data.usage = data.usage.map(|u| resumed_usage(u, before));
+                if let Some(mut v) = data.value() {
+                    v["id"] = self.id.clone();
+                    v["created"] = self.created.clone();
+                    if let Some(u) = data.usage {
+                        v["usage"] = serde_json::to_value(u).expect("usage serialises");
                     }
-                    return Some(chunk);
-                };
-                v["id"] = self.id.clone();
-                v["created"] = self.created.clone();
-                if let Some(u) = usage {
-                    v["usage"] = serde_json::to_value(u).expect("usage serialises");
+                    let (rewritten, wire) = Data::rewritten(&v);
+                    *data = rewritten;
+                    chunk.wire = wire;
                 }
-                let (rewritten, wire) = Data::rewritten(&v);
-                *data = rewritten;
-                chunk.wire = wire;
             }
         }
         if data.usage.is_some() {

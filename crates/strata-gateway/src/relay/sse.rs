@@ -67,6 +67,9 @@ pub enum Kind {
     Other,
 }
 
+/// An in-stream error's message when the replica gave none.
+const UNNAMED_ERROR: &str = "generation failed";
+
 /// A JSON chunk of a chat or completion stream, and what it says: read
 /// once, into only what the gateway uses (the whole JSON tree is built
 /// only where one is needed: a stored answer's transcript, a chunk
@@ -169,7 +172,7 @@ impl Data {
                 serde_json::from_str::<Value>(e.get())
                     .ok()
                     .and_then(|v| v["message"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "generation failed".into())
+                    .unwrap_or_else(|| UNNAMED_ERROR.into())
             }),
         }
     }
@@ -187,12 +190,9 @@ impl Data {
             finishes: !choice["finish_reason"].is_null(),
             usage: serde_json::from_value::<Usage>(v["usage"].clone()).ok(),
             usage_only: v["choices"].as_array().is_some_and(|c| c.is_empty()),
-            error: v.get("error").map(|e| {
-                e["message"]
-                    .as_str()
-                    .unwrap_or("generation failed")
-                    .to_owned()
-            }),
+            error: v
+                .get("error")
+                .map(|e| e["message"].as_str().unwrap_or(UNNAMED_ERROR).to_owned()),
         }
     }
 
