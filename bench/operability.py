@@ -107,7 +107,7 @@ def main():
             print(f"\n{name}: throughput x{b['rps'] / a['rps']:.2f}, p50 {1000 * (b['p50'] - a['p50']):+.0f} us, "
                   f"p99 {1000 * (b['p99'] - a['p99']):+.0f} us")
         time.sleep(2.5)  # the exporter's last batch
-        metrics = httpx.get(f"{traced}/metrics").text
+        metrics = httpx.get(f"{traced}/metrics", headers={"Authorization": f"Bearer {admin}"}).text
         served = sum(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith('strata_gateway_requests_total{route="/v1/chat/completions",status="200"}'))
         print(f"requests served by the traced gateway: {served:.0f}; spans at the collector: {collector.span_count} "

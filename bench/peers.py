@@ -24,6 +24,15 @@ wrk's saturating run cannot show (there every path's tail is the
 machine's scheduling, the stub's own included). Needs oha (OHA, default
 `oha` on PATH; `cargo install oha --locked`).
 
+Mutual TLS (`--mtls`): what talking to replicas over mutual TLS costs the
+gateway (issue 25's default) against plain HTTP: strata's gateway in front
+of the nginx stub over plain HTTP, and in front of the same stub serving
+HTTPS that requires the gateway's client certificate (a replica CA made
+with openssl as strata lays it out), wrk alternating between the two; CPU
+per request of the gateway and of each stub. `--mtls-streaming`: the same
+two transports to one real strata engine each (plain HTTP with the replica
+token; mutual TLS), N concurrent streamed completions, rounds alternating.
+
 Streaming (`--streaming`): one strata engine replica with the real model
 (release build) directly and behind each router; N concurrent streamed
 completions (as ../shared/bench/stream_tokens.py counts them: chunks per
@@ -33,7 +42,7 @@ tokens relayed.
 
 Run:
   python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install vllm-router sglang-router
-  PEERS_VENV=/work/peers-venv .venv/bin/python bench/peers.py [--streaming]
+  PEERS_VENV=/work/peers-venv .venv/bin/python bench/peers.py [--streaming | --mtls | --mtls-streaming]
   (STRATA_BASELINE_BIN=another/strata adds that build as one more path)
 Needs nginx and wrk (apt-get install nginx-light wrk) and a release build
 (STRATA_BIN, default target/release/strata). The peers' venv is not part
@@ -61,15 +70,15 @@ BASELINE = os.environ.get("STRATA_BASELINE_BIN")
 STRATA_PATH = "strata gateway (auth, limits, budget, metering)"
 
 
-def start(d, name, argv, ready, seconds=10):
+def start(d, name, argv, ready, seconds=10, env=None):
     log = open(os.path.join(d, f"{name}.log"), "w")
     proc = subprocess.Popen(argv, cwd=d, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "STRATA_LOG": "warn"})
+                            env={**os.environ, "STRATA_LOG": "warn", **(env or {})})
     wait(ready, seconds=seconds)
     return proc
 
 
-def strata_gateway(d, replica=STUB, wrap=(), binary=STRATA):
+def strata_gateway(d, replica=STUB, wrap=(), binary=STRATA, extra=(), env=None):
     """strata's gateway (`binary`) with everything on in front of `replica`
     (run under `wrap`, e.g. valgrind, if given); its process, base URL and
     a key of a tenant with limits and a budget far above any load."""
@@ -84,8 +93,8 @@ def strata_gateway(d, replica=STUB, wrap=(), binary=STRATA):
     p = port()
     base = f"http://127.0.0.1:{p}"
     proc = start(d, "strata", [*wrap, binary, "--config", config, "gateway", "--replica", replica,
-                               "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db")], f"{base}/health",
-                 seconds=120 if wrap else 10)
+                               "--listen", f"127.0.0.1:{p}", "--db", os.path.join(d, "strata.db"), *extra],
+                 f"{base}/health", seconds=120 if wrap else 10, env=env)
     h = {"Authorization": f"Bearer {admin}"}
     tenant = httpx.post(f"{base}/admin/v1/tenants", headers=h, timeout=60, json={
         "name": "wrk", "requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000,
@@ -425,9 +434,129 @@ def stream_stub():
         stop(procs)
 
 
+def replica_pki(d):
+    """A replica CA and its two leaves as strata lays them out (ca.pem,
+    replica.pem for the name strata-replica and 127.0.0.1, gateway.pem for
+    client auth), made with openssl; the directory."""
+    d = os.path.join(d, "replica-tls")
+    os.makedirs(d)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, cwd=d)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca.pem", "-subj", "/CN=strata replica CA", "-days", "2")
+    for leaf, usage, names in (("replica", "serverAuth", "DNS:strata-replica,IP:127.0.0.1"),
+                               ("gateway", "clientAuth", "DNS:strata-gateway")):
+        with open(os.path.join(d, f"{leaf}.ext"), "w") as f:
+            f.write(f"subjectAltName={names}\nextendedKeyUsage={usage}\n")
+        run("req", *ec, "-keyout", f"{leaf}-key.pem", "-out", f"{leaf}.csr", "-subj", f"/CN={leaf}")
+        run("x509", "-req", "-in", f"{leaf}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+            "-out", f"{leaf}.pem", "-days", "2", "-extfile", f"{leaf}.ext")
+    return d
+
+
+def tls_stub(d, pki):
+    """The nginx stub's routes over HTTPS that requires a client certificate
+    from `pki`'s CA; its process and base URL."""
+    d = tempfile.mkdtemp(dir=d)
+    p = port()
+    conf = open(os.path.join(SHARED, "stub-nginx.conf")).read()
+    conf = conf.replace("listen 127.0.0.1:18001;", f"""listen 127.0.0.1:{p} ssl;
+    ssl_certificate {pki}/replica.pem; ssl_certificate_key {pki}/replica-key.pem;
+    ssl_client_certificate {pki}/ca.pem; ssl_verify_client on;""")
+    assert f"127.0.0.1:{p} ssl" in conf
+    path = os.path.join(d, "stub-tls.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    base = f"https://127.0.0.1:{p}"
+    proc = subprocess.Popen(["nginx", "-c", path, "-p", d + "/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import ssl
+    ctx = ssl.create_default_context(cafile=f"{pki}/ca.pem")
+    ctx.load_cert_chain(f"{pki}/gateway.pem", f"{pki}/gateway-key.pem")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", verify=ctx, timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError("the TLS stub did not come up")
+
+
+def mtls():
+    d = tempfile.mkdtemp(prefix="strata-bench-peers-mtls-")
+    nginx = start_stub(d)
+    pki = replica_pki(d)
+    tls_nginx, tls_base = tls_stub(d, pki)
+    procs = []
+    try:
+        plain, plain_url, plain_key = strata_gateway(d, replica=STUB)
+        tls, tls_url, tls_key = strata_gateway(d, replica=tls_base, extra=("--replica-tls-dir", pki))
+        procs += [plain, tls]
+        time.sleep(2)
+        paths = {"strata gateway -> stub, plain HTTP": (plain_url, plain_key, nginx.pid, plain.pid),
+                 "strata gateway -> stub, mutual TLS": (tls_url, tls_key, tls_nginx.pid, tls.pid)}
+        runs = {name: [] for name in paths}
+        for _ in range(ROUNDS):
+            for name, (base, k, stub_pid, router_pid) in paths.items():
+                runs[name].append(wrk_with_cpu(f"{base}/v1/chat/completions", k, stub_pid, router_pid))
+        print(json.dumps(runs, indent=1))
+        summary = summarize(runs)
+        cpu_table(runs)
+        gw = {name: median([r["router_user"] + r["router_sys"] for r in rs]) for name, rs in runs.items()}
+        a, b = gw.values()
+        print(f"
+gateway CPU per request: plain {a:.1f} µs, mutual TLS {b:.1f} µs (x{b / a:.3f}); "
+              f"req/s x{list(summary.values())[1]['rps'] / list(summary.values())[0]['rps']:.3f}")
+        print("goal: mutual TLS costs under 10% more gateway CPU per request")
+    finally:
+        stop(procs)
+        nginx.terminate()
+        tls_nginx.terminate()
+
+
+def mtls_streaming():
+    d = tempfile.mkdtemp(prefix="strata-bench-peers-mtls-stream-")
+    procs = []
+    try:
+        pki = replica_pki(d)
+        token = new_key()
+        ep, tp = port(), port()
+        plain_engine, tls_engine = f"http://127.0.0.1:{ep}", f"https://127.0.0.1:{tp}"
+        procs.append(start(d, "engine-plain", [STRATA, "engine", "--port", str(ep)], f"{plain_engine}/health",
+                           seconds=120, env={"STRATA_REPLICA_TOKEN": token}))
+        procs.append(start(d, "engine-tls", [STRATA, "engine", "--port", str(tp), "--tls-cert", f"{pki}/replica.pem",
+                                             "--tls-key", f"{pki}/replica-key.pem", "--client-ca", f"{pki}/ca.pem"],
+                           f"http://127.0.0.1:{tp}/health", seconds=120))  # plain HTTP: its one 400, when listening
+        time.sleep(5)  # its model loads
+        plain, plain_url, plain_key = strata_gateway(d, replica=plain_engine, env={"STRATA_REPLICA_TOKEN": token})
+        tls, tls_url, tls_key = strata_gateway(d, replica=tls_engine, extra=("--replica-tls-dir", pki))
+        procs += [plain, tls]
+        time.sleep(3)
+        paths = {"strata gateway -> engine, plain HTTP + token": (plain_url, plain_key),
+                 "strata gateway -> engine, mutual TLS": (tls_url, tls_key)}
+        streams = int(os.environ.get("STREAMS", "4"))
+        for base, k in paths.values():
+            stream_probe(base, k, streams, 8)  # warm both engines, both paths
+        med = alternate(paths, lambda base, k: stream_probe(base, k, streams))
+        (pn, p), (tn, t) = med.items()
+        print(f"
+| path ({streams} streams, 64 tokens each) | tokens/s relayed (median) | TTFT ms (median) |")
+        print("|---|---|---|")
+        for name, m in med.items():
+            print(f"| {name} | {m['tokens_per_s']:.1f} | {1000 * m['ttft_s']:.0f} |")
+        print(f"
+mutual TLS / plain: tokens/s x{t['tokens_per_s'] / p['tokens_per_s']:.3f}, "
+              f"TTFT {1000 * (t['ttft_s'] - p['ttft_s']):+.0f} ms")
+    finally:
+        stop(procs)
+
+
 if __name__ == "__main__":
     import sys
-    if "--fixed-rate" in sys.argv:
+    if "--mtls" in sys.argv:
+        mtls()
+    elif "--mtls-streaming" in sys.argv:
+        mtls_streaming()
+    elif "--fixed-rate" in sys.argv:
         fixed_rate()
     elif "--streaming" in sys.argv:
         streaming()

@@ -134,6 +134,23 @@ def write_config(d, extra=""):
     return admin_key, config
 
 
+def replica_list(base, admin_key):
+    """`GET /admin/v1/replicas` of the gateway at `base`."""
+    r = httpx.get(f"{base}/admin/v1/replicas", headers=bearer(admin_key), timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def engine_client(pki_dir, **kw):
+    """An httpx client holding what a gateway holds to reach its engines:
+    strata's replica CA (`pki_dir`/ca.pem) and the gateway's client
+    certificate."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=os.path.join(pki_dir, "ca.pem"))
+    ctx.load_cert_chain(os.path.join(pki_dir, "gateway.pem"), os.path.join(pki_dir, "gateway-key.pem"))
+    return httpx.Client(verify=ctx, **kw)
+
+
 class OtlpCollector:
     """A loopback OTLP/HTTP collector: counts the spans of every export it
     is sent (without parsing them: a benchmark's collector should cost the
@@ -235,9 +252,19 @@ class Server:
         self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         wait_ready(self.base, self.ready)
 
+    def replica_list(self):
+        """The gateway's replicas (id, url, ready, draining, reserved_for,
+        outstanding_tokens), as a platform admin reads them."""
+        return replica_list(self.base, self.admin_key)
+
+    def engine_client(self, **kw):
+        """An HTTP client that is this server's gateway to its engines: the
+        replica CA and the gateway's client certificate strata made."""
+        return engine_client(os.path.join(self.dir, "tls", "replicas"), **kw)
+
     def engine_pid(self, replica_id):
         """The pid of the engine process behind replica `replica_id`."""
-        url = next(r["url"] for r in httpx.get(f"{self.base}/health").json()["replicas"] if r["id"] == replica_id)
+        url = next(r["url"] for r in self.replica_list() if r["id"] == replica_id)
         port = url.rsplit(":", 1)[1]
         for pid in self.engine_pids():
             with open(f"/proc/{pid}/cmdline", "rb") as f:

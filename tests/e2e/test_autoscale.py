@@ -39,7 +39,7 @@ scale_to_zero_after_secs = 12.0
 
 
 def replicas(s):
-    return len(httpx.get(f"{s.base}/health").json()["replicas"])
+    return len(s.replica_list())
 
 
 def wait_for(s, count, timeout):

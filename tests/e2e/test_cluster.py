@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_ID, STRATA, bearer, free_port, postgres_url, psql, write_config
+from conftest import MODEL_ID, STRATA, bearer, free_port, postgres_url, psql, replica_list, write_config
 
 KEK = "5a" * 32
 LEASE_SECS = 3
@@ -46,8 +46,11 @@ class Cluster:
     def __init__(self, gateways=3, replicas=2):
         self.db = postgres_url("cluster")
         self.dir = tempfile.mkdtemp(prefix="strata-cluster-")
+        # One replica CA for the cluster: the controllers' engines and the
+        # gateways each run in a directory of their own.
         self.admin_key, self.config = write_config(
-            self.dir, f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n')
+            self.dir, f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n'
+                      f'[serve]\nreplica_tls_dir = "{self.dir}/replica-tls"\n')
         self.env = {**os.environ, "STRATA_KEK": KEK}
         self.procs = []
         self.metrics = {name: f"http://127.0.0.1:{free_port()}" for name in ("ctl-a", "ctl-b")}
@@ -85,8 +88,7 @@ class Cluster:
         return json.loads(r.stdout)
 
     def ready_ids(self, base):
-        h = httpx.get(f"{base}/health", timeout=2).json()
-        return sorted(r["id"] for r in h["replicas"] if r["ready"])
+        return sorted(r["id"] for r in replica_list(base, self.admin_key) if r["ready"])
 
     def stop(self):
         # Controllers first: the acting one drains its replicas through the

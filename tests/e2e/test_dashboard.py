@@ -78,9 +78,17 @@ def test_without_an_admin_key_the_dashboard_and_its_data_are_refused(busy):
     # A made-up session cookie is no session.
     r = httpx.get(f"{busy.base}/ui/data", cookies={"strata_ui": "0" * 64})
     assert r.status_code == 401
-    # The refusals are audited.
-    audit = busy.admin("GET", "/admin/v1/audit", expect=200).json()["data"]
+    # The refusals are audited: the member key's as its own, the key that
+    # is not one with no actor.
+    audit, after = [], 0
+    while True:
+        page = busy.admin("GET", f"/admin/v1/audit?after={after}&limit=1000", expect=200).json()
+        audit += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
     assert any(a["action"] == "ui.login" and a["result"] == "denied" for a in audit)
+    assert any(a["action"] == "ui.login" and a["actor_key"] == "-" and a["result"] == "invalid_key" for a in audit)
 
 
 def test_the_login_sets_a_strict_http_only_session_and_a_bad_window_is_a_400(busy):

@@ -12,7 +12,7 @@ from conftest import MODEL_ID, Server
 def test_dedicated_tenants_have_their_own_replicas():
     s = Server(replicas=1, ready=2, config='[serve.dedicated]\nvip = 1\n', tenant="shared-co")
     try:
-        health = httpx.get(f"{s.base}/health").json()["replicas"]
+        health = s.replica_list()
         reserved = [r["id"] for r in health if r["reserved_for"] == "vip"]
         shared = [r["id"] for r in health if r["reserved_for"] is None]
         assert len(reserved) == 1 and len(shared) == 1, health

@@ -28,10 +28,11 @@ def test_the_committed_manifests_are_what_render_prints():
     assert r.stdout == committed
     kinds = re.findall(r"^kind: (\w+)$", r.stdout, re.M)
     for kind in ["Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
-                 "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding", "ClusterRole"]:
+                 "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "NetworkPolicy"]:
         assert kind in kinds, kind
-    # Without the secrets in the environment, none is printed, and stderr says how to make it.
+    # Without the secrets in the environment, none is printed, and stderr says how to make them.
     assert "Secret" not in kinds and "kubectl -n strata create secret" in r.stderr
+    assert "create secret generic strata-replica-tls" in r.stderr
 
 
 def test_render_includes_the_secret_only_when_given_and_checks_it(tmp_path):
@@ -41,6 +42,17 @@ def test_render_includes_the_secret_only_when_given_and_checks_it(tmp_path):
     r = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s"})
     assert r.returncode == 0, r.stderr
     assert "kind: Secret" in r.stdout and kek in r.stdout and "namespace: llm" in r.stdout
+    # The replica CA and certificates, made for this render: engines and
+    # gateways each mount their own pair and the CA.
+    assert "name: strata-replica-tls" in r.stdout and r.stdout.count("BEGIN CERTIFICATE") == 3
+    assert r.stdout.count("PRIVATE KEY-----") == 4  # two keys, each BEGIN and END
+    again = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s"}).stdout
+    assert re.findall(r"BEGIN CERTIFICATE", again) and again != r.stdout  # a fresh CA each time
+    # Without mutual TLS, a replica token instead.
+    config.write_text('[kubernetes]\nnamespace = "llm"\n[serve]\nreplica_mtls = false\n')
+    r = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s"})
+    assert r.returncode == 0 and "replica-token:" in r.stdout and "BEGIN CERTIFICATE" not in r.stdout
+    assert "STRATA_REPLICA_TOKEN" in r.stdout and "scheme: HTTPS" not in r.stdout
     r = render(str(config), {"STRATA_KEK": "nothex", "STRATA_DATABASE_URL": "postgres://s@db/s"})
     assert r.returncode != 0 and "STRATA_KEK" in r.stderr
     config.write_text('[kubernetes]\nnamespace = "Not A Name"\n')
@@ -71,10 +83,10 @@ def test_status_shows_what_runs_on_one_machine(server):
     r = status("--json")
     assert r.returncode == 0, r.stderr
     shown = {rep["id"]: rep for rep in json.loads(r.stdout)["replicas"]}
-    ready = [rep["id"] for rep in httpx.get(f"{server.base}/health", timeout=10).json()["replicas"] if rep["ready"]]
+    ready = [rep["id"] for rep in server.replica_list() if rep["ready"]]
     assert ready, "the session's server has ready replicas"
     for replica_id in ready:
-        assert shown[replica_id]["state"] == "ready" and shown[replica_id]["endpoint"].startswith("http://127.0.0.1:")
+        assert shown[replica_id]["state"] == "ready" and shown[replica_id]["endpoint"].startswith("https://127.0.0.1:")
     r = subprocess.run([STRATA, "status", "--db", "/nonexistent/strata.db"], capture_output=True, text=True,
                        timeout=30, env={**os.environ, "RUST_BACKTRACE": "0"})
     assert r.returncode != 0 and "no database at /nonexistent/strata.db" in r.stderr
@@ -90,8 +102,9 @@ def test_every_dashboard_metric_is_exported(server):
             for name in re.findall(r"strata_[a-z_]+", t["expr"]):
                 wanted.add(re.sub(r"_(bucket|sum|count)$", "", name))
     exported = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key), timeout=10).text
-    replica = httpx.get(f"{server.base}/health", timeout=10).json()["replicas"][0]["url"]
-    exported += httpx.get(f"{replica}/metrics", timeout=10).text
+    replica = server.replica_list()[0]["url"]
+    with server.engine_client(timeout=10) as engine:
+        exported += engine.get(f"{replica}/metrics").text
     names = set(re.findall(r"^# TYPE (\S+)", exported, re.M))
     names |= {n + "_total" for n in names}
     names |= {n + "_seconds" for n in names}
@@ -104,7 +117,7 @@ def test_the_controller_metrics_show_on_the_gateway_of_strata_serve(server):
     """Replicas by pool, instance type, zone, capacity type and state, the
     plan's size, the cost rate and cost so far, leadership: from the
     controller running in the same process."""
-    text = httpx.get(f"{server.base}/metrics", timeout=10).text
+    text = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key), timeout=10).text
     assert text.count("# EOF") == 1 and text.rstrip().endswith("# EOF")
     ready = ('strata_controller_replicas{pool="default",instance_type="local",zone="local",'
              'capacity="on_demand",state="ready"} 2')
@@ -115,5 +128,5 @@ def test_the_controller_metrics_show_on_the_gateway_of_strata_serve(server):
     spent = float(re.search(r'strata_controller_cost_dollars_total\{pool="default",capacity="on_demand"\} (\S+)', text)[1])
     assert spent > 0
     time.sleep(1.5)
-    later = httpx.get(f"{server.base}/metrics", timeout=10).text
+    later = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key), timeout=10).text
     assert float(re.search(r'strata_controller_cost_dollars_total\{pool="default",capacity="on_demand"\} (\S+)', later)[1]) > spent

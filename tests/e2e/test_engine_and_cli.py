@@ -11,11 +11,13 @@ from conftest import MODEL_ID, STRATA
 
 
 def engine_urls(server):
-    return [r["url"] for r in httpx.get(f"{server.base}/health").json()["replicas"]]
+    return [r["url"] for r in server.replica_list()]
 
 
-def running(url):
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+def running(server, url):
+    with server.engine_client() as engine:
+        text = engine.get(f"{url}/metrics").text
+    for line in text.splitlines():
         if line.startswith("strata_engine_running_sequences "):
             return float(line.split()[1])
     raise AssertionError("no running_sequences metric")
@@ -28,25 +30,26 @@ def test_client_that_goes_away_frees_its_sequence(server):
         lines = r.iter_lines()
         tokens = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
         assert len(tokens) == 3 and '"finish_reason":null' in tokens[-1]
-        assert sum(running(u) for u in engine_urls(server)) == 1
+        assert sum(running(server, u) for u in engine_urls(server)) == 1
     # The client is gone: the engine frees the sequence within a step.
     deadline = time.time() + 5
-    while time.time() < deadline and sum(running(u) for u in engine_urls(server)) > 0:
+    while time.time() < deadline and sum(running(server, u) for u in engine_urls(server)) > 0:
         time.sleep(0.1)
-    assert sum(running(u) for u in engine_urls(server)) == 0
+    assert sum(running(server, u) for u in engine_urls(server)) == 0
 
 
 def test_engine_metrics_and_its_own_validation(server):
     url = engine_urls(server)[0]
-    text = httpx.get(f"{url}/metrics").text
+    engine = server.engine_client()
+    text = engine.get(f"{url}/metrics").text
     for name in ["strata_engine_queued_requests", "strata_engine_kv_cache_total_tokens",
                  "strata_engine_prompt_tokens_total", "strata_engine_generation_tokens_total",
                  "strata_engine_time_to_first_token_seconds_bucket",
                  "strata_engine_time_per_output_token_seconds_bucket"]:
         assert name in text, name
-    r = httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=10)
+    r = engine.post(f"{url}/v1/completions", content=b"{not json", timeout=10)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert engine.get(f"{url}/health").json()["status"] == "ok"
 
 
 def test_config_check_names_the_bad_key():

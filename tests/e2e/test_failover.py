@@ -100,7 +100,7 @@ def test_a_stream_waits_for_a_replica_when_every_replica_dies():
 
 def busy_replicas(server):
     """The ids of the replicas with a request in flight."""
-    return [r["id"] for r in httpx.get(f"{server.base}/health").json()["replicas"] if r["outstanding_tokens"] > 0]
+    return [r["id"] for r in server.replica_list() if r["outstanding_tokens"] > 0]
 
 
 def serving_replica(server):

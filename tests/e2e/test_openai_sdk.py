@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, bearer
 
 
 def test_models_lists_the_served_model(client):
@@ -143,9 +143,9 @@ def metric(text, name):
 
 def test_metrics_are_prometheus_text(server, client):
     # The load the autoscaler reads: tokens served, requests in flight and waiting.
-    before = metric(httpx.get(f"{server.base}/metrics").text, "strata_gateway_tokens_total")
+    before = metric(httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key)).text, "strata_gateway_tokens_total")
     r = client.completions.create(model=MODEL_ID, prompt="Count the tokens", max_tokens=3, temperature=0)
-    text = httpx.get(f"{server.base}/metrics").text
+    text = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key)).text
     assert metric(text, "strata_gateway_tokens_total") - before == r.usage.total_tokens
     assert "strata_gateway_requests_total" in text
     assert 'status="200"' in text
@@ -153,7 +153,7 @@ def test_metrics_are_prometheus_text(server, client):
     # The gauges are refreshed every 100 ms; once the request is over, both are 0.
     deadline = time.time() + 2
     while True:
-        text = httpx.get(f"{server.base}/metrics").text
+        text = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key)).text
         load = (metric(text, "strata_gateway_requests_in_flight"), metric(text, "strata_gateway_requests_waiting"))
         if load == (0, 0) or time.time() > deadline:
             break
@@ -165,7 +165,7 @@ def test_streamed_tokens_count_as_served_while_the_stream_runs(server, client):
     # The autoscaler's demand signal counts a stream's output as it passes,
     # not only when it ends; at the end the total is the usage exactly.
     def served():
-        return metric(httpx.get(f"{server.base}/metrics").text, "strata_gateway_tokens_total")
+        return metric(httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key)).text, "strata_gateway_tokens_total")
 
     before = served()
     stream = client.completions.create(
@@ -201,13 +201,13 @@ def test_generations_are_counted_by_model_and_status_and_streams_timed(server, c
     label unless the operator turns it on (one series per tenant)."""
     series = f'model="{MODEL_ID}",status="200",tenant=""'
     name = "strata_gateway_generations_total{" + series + "}"
-    text = httpx.get(f"{server.base}/metrics").text
+    text = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key)).text
     before = metric(text, name) if name in text else 0.0
     stream = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=4, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     deadline = time.time() + 5
-    while metric(text := httpx.get(f"{server.base}/metrics").text, name) < before + 1 and time.time() < deadline:
+    while metric(text := httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key)).text, name) < before + 1 and time.time() < deadline:
         time.sleep(0.05)
     assert metric(text, name) == before + 1
     assert "strata_gateway_cost_dollars_total{" + series + "}" in text
@@ -225,7 +225,7 @@ def test_tenant_labels_when_the_operator_turns_them_on():
         name = ("strata_gateway_generations_total{" + f'model="{MODEL_ID}",status="200",'
                 f'tenant="{s.tenant["id"]}"' + "}")
         deadline = time.time() + 5
-        while name not in (text := httpx.get(f"{s.base}/metrics").text) and time.time() < deadline:
+        while name not in (text := httpx.get(f"{s.base}/metrics", headers=bearer(s.admin_key)).text) and time.time() < deadline:
             time.sleep(0.05)
         assert metric(text, name) == 1
     finally:

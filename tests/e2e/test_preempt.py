@@ -52,7 +52,7 @@ def instances(s):
 
 
 def replicas(s):
-    return httpx.get(f"{s.base}/health").json()["replicas"]
+    return s.replica_list()
 
 
 def wait_for_new_ready(s, old, timeout=120):

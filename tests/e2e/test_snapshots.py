@@ -50,7 +50,7 @@ def test_a_drained_replicas_sessions_continue_elsewhere_from_their_snapshots(bac
         home = served_by(s, first.id)
         drained = drain(s, home)
         assert drained["snapshots"] >= 1 and drained["bytes"] > 0, drained
-        health = {r["id"]: r for r in httpx.get(f"{s.base}/health").json()["replicas"]}
+        health = {r["id"]: r for r in s.replica_list()}
         assert health[home]["draining"] and health[home]["ready"]
         # Sealed at rest: the snapshot is not even recognisable as one.
         kept = kept_snapshots(s)
@@ -87,7 +87,7 @@ def test_a_drained_replicas_sessions_continue_elsewhere_from_their_snapshots(bac
         assert r.status in ("completed", "incomplete")
         # Undrained, a replica takes requests again; unknown ids are 404.
         s.admin("POST", f"/admin/v1/replicas/{home}/undrain", expect=200)
-        assert not {r["id"]: r for r in httpx.get(f"{s.base}/health").json()["replicas"]}[home]["draining"]
+        assert not {r["id"]: r for r in s.replica_list()}[home]["draining"]
         s.admin("POST", "/admin/v1/replicas/nope/undrain", expect=404)
         s.admin("POST", "/admin/v1/replicas/nope/drain", expect=404)
         s.admin("POST", f"/admin/v1/replicas/{home}/drain", key=s.key, expect=403)
@@ -98,18 +98,19 @@ def test_a_drained_replicas_sessions_continue_elsewhere_from_their_snapshots(bac
 def test_a_snapshot_from_other_settings_or_damaged_is_refused_by_the_engine():
     s = Server(replicas=1, tenant="snapshots-bad")
     try:
-        engine = httpx.get(f"{s.base}/health").json()["replicas"][0]["url"]
+        engine = s.replica_list()[0]["url"]
+        gateway = s.engine_client(timeout=30)
         for body, status in [(b"SKV1\x05\x00\x00\x00{bad}", 400), (b"GGUF", 400)]:
-            r = httpx.post(f"{engine}/internal/kv/import", content=body, timeout=30)
+            r = gateway.post(f"{engine}/internal/kv/import", content=body)
             assert r.status_code == status, r.text
         c = s.client()
         c.responses.create(input="Hello there, replica.", **GREEDY)
-        export = httpx.post(f"{engine}/internal/kv/export", timeout=30).content
+        export = gateway.post(f"{engine}/internal/kv/export").content
         length = int.from_bytes(export[:8], "little")
         snapshot = export[8:8 + length]
         assert snapshot.startswith(b"SKV1")
         other = snapshot.replace(b"ctx=8192", b"ctx=4096", 1)
-        r = httpx.post(f"{engine}/internal/kv/import", content=other, timeout=30)
+        r = gateway.post(f"{engine}/internal/kv/import", content=other)
         assert r.status_code == 409 and "another model or other context settings" in r.text
         # Still serving.
         assert c.responses.create(input="Still fine?", **GREEDY).status in ("completed", "incomplete")

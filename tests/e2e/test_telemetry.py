@@ -18,7 +18,7 @@ def test_each_request_is_a_span_at_the_collector():
     s = Server(replicas=1, tenant="traced", env={"STRATA_LOG": "warn",
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "strata-e2e"})
     try:
-        replica = httpx.get(f"{s.base}/health").json()["replicas"][0]["id"]
+        replica = s.replica_list()[0]["id"]
         chat = s.client().chat.completions.create(
             model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         wanted = None

@@ -2,6 +2,7 @@
 probes, sealed storage, limits, budgets, fair share and the audit trail,
 against a real `strata serve` (one replica, the real model, SQLite)."""
 import concurrent.futures as cf
+import hashlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import tempfile
 import time
 
 import httpx
@@ -19,7 +21,8 @@ from conftest import MODEL_ID, STRATA, Server, bearer, free_port, new_key
 
 # $0.01 per prompt token and $0.02 per completion token: budgets run out fast.
 PROMPT_PRICE, COMPLETION_PRICE = 0.01, 0.02
-CONFIG = f"""
+CONFIG = f"""audit_checkpoint_file = "audit-checkpoints.jsonl"
+audit_checkpoint_secs = 0.2
 [gateway]
 slots_per_replica = 1
 max_waiting_per_tenant = 8
@@ -400,8 +403,20 @@ def test_huge_admin_body_is_413(mt):
     assert_openai_error(r, 413)
 
 
+def audit_rows(s, key):
+    """Every audit row `key` may see, a page at a time."""
+    rows, after = [], 0
+    while True:
+        page = call(s, "GET", f"/admin/v1/audit?after={after}&limit=50", key)
+        assert page.status_code == 200, page.text
+        rows += page.json()["data"]
+        if not page.json()["has_more"]:
+            return rows
+        after = page.json()["last_id"]
+
+
 def test_audit_trail_records_and_verifies(mt):
-    rows = mt.admin("GET", "/admin/v1/audit", expect=200).json()["data"]
+    rows = audit_rows(mt, mt.admin_key)
     actions = {(r["action"], r["result"]) for r in rows}
     for expected in [("tenant.create", "ok"), ("key.create", "ok"), ("key.revoke", "ok"), ("tenant.delete", "ok"),
                      ("completion.create", "ok"), ("completion.read", "ok"), ("completion.read", "not_found"),
@@ -410,26 +425,74 @@ def test_audit_trail_records_and_verifies(mt):
         assert expected in actions, expected
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(CANARY not in json.dumps(r) for r in rows)
-    b_rows = call(mt, "GET", "/admin/v1/audit", mt.keys["b_admin"]).json()["data"]
+    b_rows = audit_rows(mt, mt.keys["b_admin"])
     assert b_rows and all(mt.b in (r["tenant"], r["actor_tenant"]) for r in b_rows)
     db = os.path.join(mt.dir, "strata.db")
+    checkpoints = os.path.join(mt.dir, "audit-checkpoints.jsonl")
     ok = subprocess.run([STRATA, "audit", "verify", "--db", db], capture_output=True, text=True)
     assert ok.returncode == 0 and "audit log ok" in ok.stdout, ok.stderr
     as_json = subprocess.run([STRATA, "audit", "verify", "--db", db, "--json"], capture_output=True, text=True)
     verdict = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and verdict["ok"] and verdict["rows"] >= len(rows) and verdict["broken_at"] is None
-    # Edit one row (in a copy) and delete another: verify names the break.
+    # The gateway has written keyed checkpoints of the head outside the database.
+    deadline = time.time() + 5
+    while time.time() < deadline and not os.path.exists(checkpoints):
+        time.sleep(0.1)
+    with_checkpoints = subprocess.run([STRATA, "audit", "verify", "--db", db, "--checkpoints", checkpoints, "--json"],
+                                      capture_output=True, text=True)
+    verdict = json.loads(with_checkpoints.stdout)
+    assert verdict["ok"] and verdict["checkpoints"] >= 1, with_checkpoints.stdout
+
+    def tampered(sql, *args):
+        """`strata audit verify` on a copy of the data directory (database,
+        KEK, keyring) after an insider ran `sql` on it; its JSON verdict."""
+        copy = tempfile.mkdtemp(prefix="strata-audit-copy-")
+        for f in ("kek", "keyring.json"):
+            shutil.copy(os.path.join(mt.dir, f), copy)
+        sqlite_copy(db, os.path.join(copy, "strata.db"))
+        with sqlite3.connect(os.path.join(copy, "strata.db")) as c:
+            sql(c)
+        r = subprocess.run([STRATA, "audit", "verify", "--db", os.path.join(copy, "strata.db"), "--json", *args],
+                           capture_output=True, text=True)
+        shutil.rmtree(copy)
+        return r.returncode, json.loads(r.stdout)
+
+    # Edit one row; delete another: verify names the break.
     for tamper, seq in [("UPDATE audit SET result = 'tampered' WHERE seq = 3", 3), ("DELETE FROM audit WHERE seq = 5", 5)]:
-        copy = os.path.join(mt.dir, "..", os.path.basename(mt.dir) + "-audit.db")
-        sqlite_copy(db, copy)
-        with sqlite3.connect(copy) as c:
-            c.execute(tamper)
-        bad = subprocess.run([STRATA, "audit", "verify", "--db", copy], capture_output=True, text=True)
-        assert bad.returncode != 0 and f"row {seq}" in bad.stderr, (tamper, bad.stdout, bad.stderr)
-        bad = subprocess.run([STRATA, "audit", "verify", "--db", copy, "--json"], capture_output=True, text=True)
-        verdict = json.loads(bad.stdout)
-        assert bad.returncode == 1 and not verdict["ok"] and verdict["broken_at"]["seq"] == seq, bad.stdout
-        os.remove(copy)
+        code, verdict = tampered(lambda c: c.execute(tamper))
+        assert code == 1 and not verdict["ok"] and verdict["broken_at"]["seq"] == seq, verdict
+
+    def rechain(c, edit_seq):
+        """What an insider with write access but not the audit key can do:
+        edit a row and chain every row from there again (SHA-256, the way
+        the chain was computed before it was keyed)."""
+        rows = c.execute("SELECT seq, at_ms, actor_key, actor_tenant, action, tenant, target, result, prev_hash "
+                         "FROM audit ORDER BY seq").fetchall()
+        prev = None
+        for seq, at_ms, *fields, prev_hash in rows:
+            if seq < edit_seq:
+                continue
+            if seq == edit_seq:
+                prev = prev_hash
+                fields[5] = "ok"  # result
+            h = hashlib.sha256(seq.to_bytes(8, "big", signed=True) + at_ms.to_bytes(8, "big", signed=True))
+            for part in [prev, *fields]:
+                h.update(len(part.encode()).to_bytes(8, "big") + part.encode())
+            c.execute("UPDATE audit SET result = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                      (fields[5], prev, h.hexdigest(), seq))
+            prev = h.hexdigest()
+
+    denied = next(r["seq"] for r in rows if r["result"] == "denied")
+    code, verdict = tampered(lambda c: rechain(c, denied))
+    assert code == 1 and verdict["broken_at"]["seq"] == denied, verdict
+    # The newest rows dropped: the chain alone still holds (that is what a
+    # chain cannot show), the checkpoints do not.
+    newest = int(verdict["rows"])
+    cut = lambda c: c.execute("DELETE FROM audit WHERE seq > ?", (newest - 3,))  # noqa: E731
+    code, verdict = tampered(cut)
+    assert code == 0 and verdict["ok"], verdict
+    code, verdict = tampered(cut, "--checkpoints", checkpoints)
+    assert code == 1 and "dropped from the end" in verdict["broken_at"]["reason"], verdict
 
 
 def test_cli_verbs_manage_tenants_and_keys(mt):

@@ -85,26 +85,28 @@ def test_plain_http_is_refused_with_a_clear_error(tls_server):
     assert httpx.get(f"{tls_server['base']}/health", verify=tls_server["ctx"], timeout=5).status_code == 200
 
 
-def test_gateway_and_replicas_speak_mutual_tls():
+def test_gateway_and_replicas_speak_mutual_tls_by_default():
     from conftest import Server
-    s = Server(replicas=1, config="[serve]\nreplica_mtls = true\n", tenant="mtls")
+    s = Server(replicas=1, tenant="mtls")
     try:
-        replicas = httpx.get(f"{s.base}/health").json()["replicas"]
+        replicas = s.replica_list()
         assert all(r["url"].startswith("https://127.0.0.1:") for r in replicas), replicas
         r = s.client().completions.create(model=MODEL_ID, prompt="Hello", max_tokens=3)
         assert r.usage.completion_tokens >= 1
         pki = os.path.join(s.dir, "tls", "replicas")
         engine = replicas[0]["url"]
         ca = ssl.create_default_context(cafile=os.path.join(pki, "ca.pem"))
-        # Without a client certificate the replica refuses the handshake.
-        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
-            httpx.get(f"{engine}/health", verify=ca, timeout=5)
+        # Without a client certificate: liveness, and nothing else.
+        assert httpx.get(f"{engine}/health", verify=ca, timeout=5).status_code == 200
+        refused = httpx.get(f"{engine}/v1/models", verify=ca, timeout=5)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "gateway_only"
         # Plain HTTP gets the one clear refusal.
         plain = httpx.get(engine.replace("https://", "http://") + "/health", timeout=5)
         assert plain.status_code == 400 and plain.json()["error"]["code"] == "tls_required"
         # With the gateway's certificate it answers.
         ca.load_cert_chain(os.path.join(pki, "gateway.pem"), os.path.join(pki, "gateway-key.pem"))
-        assert httpx.get(f"{engine}/health", verify=ca, timeout=5).status_code == 200
+        assert httpx.get(f"{engine}/v1/models", verify=ca, timeout=5).status_code == 200
         assert os.stat(os.path.join(pki, "replica-key.pem")).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.join(pki, "gateway-key.pem")).st_mode & 0o777 == 0o600
     finally:
         s.stop()

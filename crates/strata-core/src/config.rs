@@ -315,6 +315,12 @@ pub struct SecurityConfig {
     /// File holding the key-encryption key as 64 hex characters; `STRATA_KEK`
     /// overrides it; with neither, one is generated beside the database.
     pub kek_file: Option<PathBuf>,
+    /// Where each gateway appends keyed checkpoints of the audit trail's
+    /// head (JSON lines), outside the database; `strata audit verify
+    /// --checkpoints` reads them. Without it they go to the log only.
+    pub audit_checkpoint_file: Option<PathBuf>,
+    /// Seconds between checkpoints (default 60; 0: none).
+    pub audit_checkpoint_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -442,8 +448,14 @@ pub struct ServeConfig {
     /// Extra replicas reserved for `dedicated` tenants, by tenant name.
     pub dedicated: BTreeMap<String, u32>,
     /// Gateway and replicas talk mutual TLS with certificates strata makes
-    /// (a private CA under `<data>/tls/replicas/`).
+    /// (a private CA in `replica_tls_dir`). Off, they talk plain HTTP and
+    /// the gateway proves itself with a replica token
+    /// (`STRATA_REPLICA_TOKEN`, or one made for the run by `strata serve`).
     pub replica_mtls: bool,
+    /// Where the replica CA and certificates are (made there once by
+    /// `strata serve` and a local controller; read by `strata gateway`).
+    /// Default `<data>/tls/replicas`.
+    pub replica_tls_dir: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -452,7 +464,8 @@ impl Default for ServeConfig {
             replicas: 2,
             startup_timeout_secs: 120.0,
             dedicated: BTreeMap::new(),
-            replica_mtls: false,
+            replica_mtls: true,
+            replica_tls_dir: None,
         }
     }
 }
@@ -489,6 +502,15 @@ impl StoreConfig {
 
     /// Where strata keeps its files: the directory of the SQLite database
     /// in use, or of `path` when the database is PostgreSQL.
+    /// Where the replica certificates are: `serve.replica_tls_dir`, else
+    /// `<data>/tls/replicas`.
+    pub fn replica_tls_dir(&self, serve: &ServeConfig, flag: Option<&PathBuf>) -> PathBuf {
+        serve
+            .replica_tls_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir(flag).join("tls").join("replicas"))
+    }
+
     pub fn data_dir(&self, flag: Option<&PathBuf>) -> PathBuf {
         let file = match flag {
             Some(db) if !is_postgres_url(&db.to_string_lossy()) => db,

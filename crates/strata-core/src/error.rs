@@ -115,6 +115,16 @@ impl ApiError {
         .with_code("invalid_api_key")
     }
 
+    /// 401 from a replica to anyone but its gateway.
+    pub fn gateway_only() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            "This engine answers its gateway only.",
+        )
+        .with_code("gateway_only")
+    }
+
     /// 403: the key is valid but may not do this.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "permission_error", message).with_code("forbidden")

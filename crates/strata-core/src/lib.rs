@@ -26,9 +26,16 @@ pub mod whole;
 pub use error::read_body;
 pub use error::ApiError;
 
+/// The environment variable that hands a replica token to an engine and a
+/// gateway: the gateway sends it as `Authorization: Bearer`, engines take
+/// only that or a verified client certificate (`strata_engine::server::Trust`).
+pub const REPLICA_TOKEN_ENV: &str = "STRATA_REPLICA_TOKEN";
+
 /// Request header from the gateway to an engine naming whose cached prompt
 /// prefixes the request may reuse: the tenant id. Requests without it share
-/// one unnamed scope. The gateway always sets it, so a client cannot.
+/// one unnamed scope. The gateway always sets it, so a client cannot; an
+/// engine honours it only from its gateway (a verified client certificate
+/// or the replica token).
 pub const CACHE_SCOPE_HEADER: &str = "x-strata-cache-scope";
 
 /// Request header from the gateway to an engine naming the session (a

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::tenant::{ApiKeyRecord, AuditEntry, AuditRecord, Tenant, TenantId};
+use crate::tenant::{ApiKeyRecord, AuditEntry, AuditKey, AuditRecord, Tenant, TenantId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -223,10 +223,23 @@ pub trait KeyStore: Send + Sync {
 
 #[async_trait]
 pub trait AuditStore: Send + Sync {
-    /// Appends one row, chained to the previous one by hash.
+    /// Appends one row, chained to the previous one by a MAC under the
+    /// audit key (the keyring's, so it needs the KEK).
     async fn append_audit(&self, entry: &AuditEntry) -> Result<AuditRecord, StoreError>;
     /// Rows oldest first: every tenant's, or those about one tenant.
     async fn audit(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
+    /// At most `limit` rows after `after_seq`, oldest first: every
+    /// tenant's, or those about one tenant (as `audit`).
+    async fn audit_page(
+        &self,
+        tenant: Option<&TenantId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The newest row's place and hash, if any.
+    async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError>;
+    /// The key the chain is keyed with, for checkpoints and verification.
+    async fn audit_key(&self) -> Result<AuditKey, StoreError>;
 }
 
 #[async_trait]

@@ -231,11 +231,38 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
-/// Hex SHA-256 over the previous hash and every field, length-prefixed.
-pub fn audit_hash(seq: i64, prev_hash: &str, e: &AuditEntry) -> String {
-    let mut h = Sha256::new();
-    h.update(seq.to_be_bytes());
-    h.update(e.at_ms.to_be_bytes());
+/// The key the audit chain and its checkpoints are keyed with: 32 bytes
+/// kept apart from the database (like the KEK), so whoever can write the
+/// database cannot recompute the chain over rows they changed.
+#[derive(Clone)]
+pub struct AuditKey([u8; 32]);
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(..)")
+    }
+}
+
+impl AuditKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> AuditKey {
+        AuditKey(bytes)
+    }
+
+    fn mac(&self) -> hmac::Hmac<Sha256> {
+        use hmac::Mac;
+        hmac::Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length")
+    }
+}
+
+/// Every row's hash starts with this (the scheme: HMAC-SHA256 under the
+/// audit key); trails written before strata keyed them fail verification.
+pub const KEYED: &str = "k1:";
+
+/// Feeds every field of a row, length-prefixed, after its place and the
+/// hash before it.
+fn row_bytes(update: &mut dyn FnMut(&[u8]), seq: i64, prev_hash: &str, e: &AuditEntry) {
+    update(&seq.to_be_bytes());
+    update(&e.at_ms.to_be_bytes());
     for part in [
         prev_hash,
         &e.actor_key,
@@ -245,10 +272,18 @@ pub fn audit_hash(seq: i64, prev_hash: &str, e: &AuditEntry) -> String {
         &e.target,
         &e.result,
     ] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
+        update(&(part.len() as u64).to_be_bytes());
+        update(part.as_bytes());
     }
-    hex_lower(&h.finalize())
+}
+
+/// The hash a row is chained with: HMAC-SHA256 under the audit key over
+/// its place, the previous hash and every field (`k1:` and hex).
+pub fn audit_hash(key: &AuditKey, seq: i64, prev_hash: &str, e: &AuditEntry) -> String {
+    use hmac::Mac;
+    let mut mac = key.mac();
+    row_bytes(&mut |b| mac.update(b), seq, prev_hash, e);
+    format!("{KEYED}{}", hex_lower(&mac.finalize().into_bytes()))
 }
 
 /// The hash that precedes the first row.
@@ -261,10 +296,11 @@ pub struct AuditBreak {
     pub reason: String,
 }
 
-/// Checks that rows run 1, 2, 3... and each hashes the one before; an edited,
-/// deleted or inserted row breaks it. Truncation of the newest rows shows
-/// only against a head recorded elsewhere (`verify` prints it).
-pub fn verify_audit(rows: &[AuditRecord]) -> Result<(), AuditBreak> {
+/// Checks that rows run 1, 2, 3... and each is keyed to the one before; an
+/// edited, deleted or inserted row breaks it, and so does a chain
+/// recomputed without the key. Truncation of the newest rows shows only
+/// against a checkpoint kept elsewhere ([`verify_checkpoints`]).
+pub fn verify_audit(rows: &[AuditRecord], key: &AuditKey) -> Result<(), AuditBreak> {
     let mut prev = AUDIT_GENESIS.to_owned();
     for (i, row) in rows.iter().enumerate() {
         let expected_seq = i as i64 + 1;
@@ -280,13 +316,84 @@ pub fn verify_audit(rows: &[AuditRecord]) -> Result<(), AuditBreak> {
                 reason: "previous-hash link does not match the row before".into(),
             });
         }
-        if audit_hash(row.seq, &row.prev_hash, &row.entry) != row.hash {
+        if audit_hash(key, row.seq, &row.prev_hash, &row.entry) != row.hash {
             return Err(AuditBreak {
                 seq: row.seq,
-                reason: "row content does not match its hash (edited)".into(),
+                reason: "row content does not match its hash under the audit key (edited, or \
+                         chained with another key)"
+                    .into(),
             });
         }
         prev = row.hash.clone();
+    }
+    Ok(())
+}
+
+/// The trail's head as seen at one moment, keyed so that whoever holds the
+/// database alone cannot make one: kept outside the database (a file, the
+/// log), it shows rows dropped from the end and rows rewritten before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    pub seq: i64,
+    pub hash: String,
+    pub at_ms: i64,
+    pub mac: String,
+}
+
+impl AuditCheckpoint {
+    pub fn new(key: &AuditKey, seq: i64, hash: &str, at_ms: i64) -> AuditCheckpoint {
+        AuditCheckpoint {
+            seq,
+            hash: hash.to_owned(),
+            at_ms,
+            mac: checkpoint_mac(key, seq, hash, at_ms),
+        }
+    }
+}
+
+fn checkpoint_mac(key: &AuditKey, seq: i64, hash: &str, at_ms: i64) -> String {
+    use hmac::Mac;
+    let mut mac = key.mac();
+    mac.update(b"strata audit checkpoint");
+    mac.update(&seq.to_be_bytes());
+    mac.update(&at_ms.to_be_bytes());
+    mac.update(hash.as_bytes());
+    hex_lower(&mac.finalize().into_bytes())
+}
+
+/// Checks the trail against checkpoints: each must carry a good MAC, and
+/// the trail must still hold the row it names with the hash it names.
+pub fn verify_checkpoints(
+    rows: &[AuditRecord],
+    checkpoints: &[AuditCheckpoint],
+    key: &AuditKey,
+) -> Result<(), AuditBreak> {
+    for c in checkpoints {
+        if checkpoint_mac(key, c.seq, &c.hash, c.at_ms) != c.mac {
+            return Err(AuditBreak {
+                seq: c.seq,
+                reason: format!(
+                    "the checkpoint of {} is not keyed with the audit key (forged)",
+                    c.at_ms
+                ),
+            });
+        }
+        let Some(row) = usize::try_from(c.seq - 1).ok().and_then(|i| rows.get(i)) else {
+            return Err(AuditBreak {
+                seq: c.seq,
+                reason: format!(
+                    "the trail ends at row {} but a checkpoint saw row {} (rows dropped from the end)",
+                    rows.len(),
+                    c.seq
+                ),
+            });
+        };
+        if row.hash != c.hash {
+            return Err(AuditBreak {
+                seq: c.seq,
+                reason: "row differs from what a checkpoint saw (rewritten)".into(),
+            });
+        }
     }
     Ok(())
 }
@@ -299,6 +406,10 @@ fn hex_lower(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn key() -> AuditKey {
+        AuditKey::from_bytes([9; 32])
+    }
 
     fn chain(n: usize) -> Vec<AuditRecord> {
         let mut prev = AUDIT_GENESIS.to_owned();
@@ -313,7 +424,7 @@ mod tests {
                     target: format!("obj{seq}"),
                     result: "ok".into(),
                 };
-                let hash = audit_hash(seq, &prev, &entry);
+                let hash = audit_hash(&key(), seq, &prev, &entry);
                 let row = AuditRecord {
                     seq,
                     entry,
@@ -367,7 +478,7 @@ mod tests {
         #[test]
         fn any_single_edit_or_deletion_breaks_the_chain(n in 2usize..30, pick in 0usize..30, kind in 0u8..4) {
             let mut rows = chain(n);
-            prop_assert!(verify_audit(&rows).is_ok());
+            prop_assert!(verify_audit(&rows, &key()).is_ok());
             // Removing the newest row is truncation, which only a recorded head shows.
             let i = if kind == 2 { pick % (n - 1) } else { pick % n };
             match kind {
@@ -376,7 +487,47 @@ mod tests {
                 2 => { rows.remove(i); }
                 _ => rows.swap(i, (i + 1) % n),
             }
-            prop_assert!(verify_audit(&rows).is_err());
+            prop_assert!(verify_audit(&rows, &key()).is_err());
+        }
+
+        #[test]
+        fn a_chain_recomputed_without_the_key_or_cut_short_is_caught(n in 2usize..30, pick in 0usize..30) {
+            let rows = chain(n);
+            let checkpoint = AuditCheckpoint::new(&key(), n as i64, &rows[n - 1].hash, 7);
+            prop_assert!(verify_checkpoints(&rows, std::slice::from_ref(&checkpoint), &key()).is_ok());
+            // An insider edits a row and chains everything after it again,
+            // with another key (they do not hold this one) or with SHA-256.
+            let i = pick % n;
+            for other in [Some(AuditKey::from_bytes([1; 32])), None] {
+                let mut forged = rows.clone();
+                forged[i].entry.result = "ok".into();
+                forged[i].entry.target = "nothing to see".into();
+                let mut prev = forged[i].prev_hash.clone();
+                for row in &mut forged[i..] {
+                    row.prev_hash = prev.clone();
+                    row.hash = match &other {
+                        Some(k) => audit_hash(k, row.seq, &prev, &row.entry),
+                        // Plain SHA-256 of the same bytes, as the trail was
+                        // chained before it had a key.
+                        None => {
+                            let mut h = Sha256::new();
+                            row_bytes(&mut |b| h.update(b), row.seq, &prev, &row.entry);
+                            hex_lower(&h.finalize())
+                        }
+                    };
+                    prev = row.hash.clone();
+                }
+                prop_assert!(verify_audit(&forged, &key()).is_err());
+                prop_assert!(verify_checkpoints(&forged, std::slice::from_ref(&checkpoint), &key()).is_err());
+            }
+            // The newest rows dropped: the chain alone cannot tell, the checkpoint can.
+            let cut = &rows[..i];
+            prop_assert!(verify_audit(cut, &key()).is_ok());
+            prop_assert!(verify_checkpoints(cut, std::slice::from_ref(&checkpoint), &key()).is_err());
+            // A checkpoint made up without the key.
+            let mut made_up = checkpoint.clone();
+            made_up.seq = i as i64;
+            prop_assert!(verify_checkpoints(&rows, &[made_up], &key()).is_err());
         }
 
         #[test]

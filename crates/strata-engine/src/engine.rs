@@ -108,6 +108,29 @@ pub struct Engine {
     queued: Arc<AtomicUsize>,
     pub metrics: Arc<EngineMetrics>,
     scheduler: Option<std::thread::JoinHandle<()>>,
+    /// How many bytes llama.cpp's state of one sequence takes, measured at load.
+    state_size: StateSize,
+}
+
+/// llama.cpp's saved state of one sequence: a fixed part and a part per
+/// token, measured on this engine's own context at load (one and two
+/// tokens). A snapshot's state larger than this for its tokens did not come
+/// from an engine like this one and is refused before llama.cpp reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateSize {
+    pub fixed: usize,
+    pub per_token: usize,
+}
+
+impl StateSize {
+    /// The most bytes a state of `tokens` tokens may take: what was measured,
+    /// plus an eighth and 4 KiB for what llama.cpp may add.
+    pub fn bound(&self, tokens: usize) -> usize {
+        let exact = self
+            .fixed
+            .saturating_add(self.per_token.saturating_mul(tokens));
+        exact.saturating_add(exact / 8).saturating_add(4096)
+    }
 }
 
 fn backend() -> Result<&'static LlamaBackend, EngineError> {
@@ -170,7 +193,7 @@ impl Engine {
                 })
                 .map_err(|e| EngineError::Backend(e.to_string()))?
         };
-        ready_rx
+        let state_size = ready_rx
             .recv()
             .map_err(|_| EngineError::Backend("scheduler thread died".into()))??;
         Ok(Engine {
@@ -183,7 +206,13 @@ impl Engine {
             queued,
             metrics,
             scheduler: Some(scheduler),
+            state_size,
         })
+    }
+
+    /// The size of one sequence's saved state, as measured at load.
+    pub fn state_size(&self) -> StateSize {
+        self.state_size
     }
 
     pub fn model_name(&self) -> &str {
@@ -450,7 +479,7 @@ fn run_scheduler(
     (jobs, control): (Receiver<Job>, Receiver<Control>),
     metrics: &EngineMetrics,
     queued: &AtomicUsize,
-    ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
+    ready: std::sync::mpsc::Sender<Result<StateSize, EngineError>>,
 ) {
     let n_batch = settings.prefill_chunk + settings.max_sequences;
     let threads = settings.threads.max(1) as i32;
@@ -476,13 +505,24 @@ fn run_scheduler(
         }
     };
     metrics.kv_total.set(i64::from(settings.context_size));
-    let _ = ready.send(Ok(()));
+    let mut batch = LlamaBatch::new(n_batch as usize, settings.max_sequences as i32);
+    let state_size = match measure_state(&mut ctx, &mut batch) {
+        Ok(size) => {
+            let _ = ready.send(Ok(size));
+            size
+        }
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::Context(e)));
+            return;
+        }
+    };
     let mut scheduler = Scheduler {
         model,
         settings,
         metrics,
         queued,
-        batch: LlamaBatch::new(n_batch as usize, settings.max_sequences as i32),
+        batch,
+        state_size,
         running: Vec::new(),
         waiting: None,
         free_slots: (0..n_seq as i32).rev().collect(),
@@ -500,12 +540,46 @@ fn run_scheduler(
     }
 }
 
+/// Decodes one token, then two, into sequence 0 and reads the size of its
+/// saved state each time; leaves the context empty.
+fn measure_state(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'static>,
+) -> Result<StateSize, String> {
+    let token = LlamaToken(0);
+    let mut sizes = [0usize; 2];
+    for (n, size) in sizes.iter_mut().enumerate() {
+        batch.clear();
+        for pos in 0..=n {
+            batch
+                .add(token, pos as i32, &[0], pos == n)
+                .map_err(|e| e.to_string())?;
+        }
+        ctx.decode(batch).map_err(|e| e.to_string())?;
+        *size = ctx.state_seq_get_size_ext(0, LlamaStateSeqFlags::empty());
+        let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
+    }
+    batch.clear();
+    let per_token = sizes[1].saturating_sub(sizes[0]);
+    if per_token == 0 {
+        return Err(format!(
+            "llama.cpp's sequence state did not grow with a token ({} bytes)",
+            sizes[0]
+        ));
+    }
+    Ok(StateSize {
+        fixed: sizes[0] - per_token,
+        per_token,
+    })
+}
+
 struct Scheduler<'m> {
     model: &'m LlamaModel,
     settings: &'m EngineSettings,
     metrics: &'m EngineMetrics,
     queued: &'m AtomicUsize,
     batch: LlamaBatch<'static>,
+    state_size: StateSize,
     running: Vec<Sequence>,
     /// A job taken from the queue that does not fit in the KV cache yet.
     waiting: Option<Job>,
@@ -670,6 +744,13 @@ impl Scheduler<'_> {
     /// room) and keeps it under its scope and session.
     fn import(&mut self, ctx: &mut LlamaContext<'_>, snapshot: Snapshot) -> Result<usize, String> {
         let need = snapshot.tokens.len();
+        if snapshot.state.len() > self.state_size.bound(need) {
+            return Err(format!(
+                "{} bytes of state for {need} tokens; at most {} fit",
+                snapshot.state.len(),
+                self.state_size.bound(need)
+            ));
+        }
         let capacity = self.settings.context_size as usize;
         if !fits(self.reserved, need, capacity) {
             return Err("no room next to the running requests".into());

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{CacheTag, Engine, EngineSettings, Event};
 use crate::error::EngineError;
 use strata_core::snapshot::{frame, Snapshot, SnapshotError};
+use strata_core::tls::Caller;
 
 struct ServerState {
     engine: OnceLock<Arc<Engine>>,
@@ -35,6 +36,84 @@ struct ServerState {
     model_name: String,
     max_body_bytes: usize,
     started: u64,
+    trust: Trust,
+}
+
+/// Whom the engine takes for a gateway: a TLS client whose certificate the
+/// client CA signed (`mtls`), or one that sends the replica token
+/// (`Authorization: Bearer`; how an engine strata did not write is told the
+/// same). Where either is set, every route but `/health` answers only a
+/// gateway. Where neither is (an engine started by hand), anyone may
+/// generate, but cache scopes and session ids are not honoured (every
+/// request shares the one unscoped cache) and `/internal/*` is refused.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub mtls: bool,
+    /// SHA-256 of the replica token.
+    token: Option<[u8; 32]>,
+}
+
+impl Trust {
+    /// `mtls` when the listener asks for client certificates; `token` from
+    /// `STRATA_REPLICA_TOKEN` (never a command-line flag: those are public
+    /// to every process on the machine).
+    pub fn new(mtls: bool, token: Option<&str>) -> Trust {
+        use sha2::Digest;
+        Trust {
+            mtls,
+            token: token
+                .filter(|t| !t.is_empty())
+                .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
+        }
+    }
+
+    fn guarded(&self) -> bool {
+        self.mtls || self.token.is_some()
+    }
+
+    /// Whether `req` comes from a gateway: a verified client certificate, or
+    /// the token. Compared as SHA-256 digests, so how long the comparison
+    /// takes says nothing about the token's own bytes.
+    fn is_gateway(&self, req: &Request) -> bool {
+        use sha2::Digest;
+        if req.extensions().get::<Caller>() == Some(&Caller::Verified) {
+            return true;
+        }
+        let Some(want) = &self.token else {
+            return false;
+        };
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| sha2::Sha256::digest(t.as_bytes()).as_slice() == want)
+    }
+}
+
+/// Put on a request the trust layer let through: whether a gateway sent it.
+#[derive(Debug, Clone, Copy)]
+struct FromGateway(bool);
+
+async fn trust(
+    State(state): State<Arc<ServerState>>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let from_gateway = state.trust.is_gateway(&req);
+    if !from_gateway {
+        let path = req.uri().path();
+        if state.trust.guarded() && path != "/health" {
+            return ApiError::gateway_only().into_response();
+        }
+        if path.starts_with("/internal/") {
+            return ApiError::forbidden(
+                "KV snapshots move only between a gateway and its engines; this engine has no gateway credential configured.",
+            )
+            .into_response();
+        }
+    }
+    req.extensions_mut().insert(FromGateway(from_gateway));
+    next.run(req).await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,6 +142,7 @@ pub async fn serve(
     listen: SocketAddr,
     max_body_bytes: usize,
     tls: Option<EngineTls>,
+    token: Option<&str>,
     shutdown: CancellationToken,
 ) -> Result<(), EngineError> {
     let acceptor = tls
@@ -79,7 +159,11 @@ pub async fn serve(
         model_name: settings.model_name.clone(),
         max_body_bytes,
         started: unix_now(),
+        trust: Trust::new(tls.is_some(), token),
     });
+    if !state.trust.guarded() {
+        tracing::warn!("no client CA and no STRATA_REPLICA_TOKEN: this engine answers anyone, without cache scopes, sessions or snapshots");
+    }
     tracing::info!(%listen, model = %settings.model_path.display(), "engine listening; loading model");
     // A model that cannot load is fatal: the server stops and the supervisor sees the exit.
     let load_failed = CancellationToken::new();
@@ -131,6 +215,7 @@ fn router(state: Arc<ServerState>) -> Router {
         .route(KV_IMPORT_PATH, post(import_snapshot))
         .fallback(|| async { ApiError::not_found("Unknown route.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), trust))
         .with_state(state)
 }
 
@@ -221,19 +306,46 @@ async fn import_snapshot(
     req: Request,
 ) -> Result<Response, ApiError> {
     let engine = ready_engine(&state)?;
-    let body = read_body(req.into_body(), 1 << 30).await?;
+    // The largest snapshot this engine could have written: a header, the
+    // context's tokens and their state. Nothing longer is read.
+    let context = engine.settings().context_size as usize;
+    let most = 64 * 1024 + 4 * context + engine.state_size().bound(context);
+    let body = read_body(req.into_body(), most).await?;
     let snapshot = Snapshot::decode(&body, engine.fingerprint()).map_err(|e| match e {
         SnapshotError::Malformed => ApiError::invalid_request(None, e.to_string()),
         SnapshotError::Mismatch(_) => ApiError::conflict(e.to_string()),
     })?;
+    if snapshot.tokens.len() > context
+        || snapshot.state.len() > engine.state_size().bound(snapshot.tokens.len())
+    {
+        return Err(ApiError::invalid_request(
+            None,
+            format!(
+                "The snapshot holds {} bytes of state for {} tokens; an engine like this one writes at most {}.",
+                snapshot.state.len(),
+                snapshot.tokens.len(),
+                engine.state_size().bound(snapshot.tokens.len().min(context))
+            ),
+        ));
+    }
     let restored = engine.import(snapshot).await?;
     Ok(Json(json!({"restored_tokens": restored})).into_response())
 }
 
 async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Response, ApiError> {
-    let tag = CacheTag {
-        scope: header_value(&req, CACHE_SCOPE_HEADER)?.unwrap_or_default(),
-        session: header_value(&req, SESSION_HEADER)?,
+    // A scope or session only a gateway may name: from anyone else, the
+    // unscoped cache (no tenant's cells can be reached or probed from it).
+    let from_gateway = req.extensions().get::<FromGateway>().is_some_and(|g| g.0);
+    let tag = if from_gateway {
+        CacheTag {
+            scope: header_value(&req, CACHE_SCOPE_HEADER)?.unwrap_or_default(),
+            session: header_value(&req, SESSION_HEADER)?,
+        }
+    } else {
+        CacheTag {
+            scope: String::new(),
+            session: None,
+        }
     };
     let body = read_body(req.into_body(), state.max_body_bytes).await?;
     let generation: Generation = match api {
@@ -403,5 +515,55 @@ fn data(v: &Value) -> SseEvent {
     match v {
         Value::String(s) => SseEvent::default().data(s),
         other => SseEvent::default().data(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(caller: Option<Caller>, authorization: Option<&str>) -> Request {
+        let mut req = axum::http::Request::builder().uri("/v1/models");
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let mut req = req.body(axum::body::Body::empty()).unwrap();
+        if let Some(c) = caller {
+            req.extensions_mut().insert(c);
+        }
+        req
+    }
+
+    #[test]
+    fn a_gateway_is_a_verified_certificate_or_the_token_and_nothing_else() {
+        let token = Trust::new(false, Some("s3cret"));
+        assert!(token.guarded());
+        assert!(token.is_gateway(&request(None, Some("Bearer s3cret"))));
+        assert!(!token.is_gateway(&request(None, Some("Bearer s3cre"))));
+        assert!(!token.is_gateway(&request(None, Some("Bearer s3cret "))));
+        assert!(!token.is_gateway(&request(None, Some("s3cret"))));
+        assert!(!token.is_gateway(&request(Some(Caller::Anonymous), None)));
+        let mtls = Trust::new(true, None);
+        assert!(mtls.guarded());
+        assert!(mtls.is_gateway(&request(Some(Caller::Verified), None)));
+        assert!(!mtls.is_gateway(&request(Some(Caller::Anonymous), Some("Bearer "))));
+        // Nothing configured: nobody is the gateway, and an empty token is none.
+        for open in [Trust::default(), Trust::new(false, Some(""))] {
+            assert!(!open.guarded());
+            assert!(!open.is_gateway(&request(None, Some("Bearer "))));
+            assert!(!open.is_gateway(&request(Some(Caller::Anonymous), None)));
+        }
+    }
+
+    #[test]
+    fn a_state_bound_grows_with_tokens_and_leaves_room_for_what_was_measured() {
+        let size = crate::engine::StateSize {
+            fixed: 1000,
+            per_token: 18_432,
+        };
+        assert!(size.bound(1) >= 1000 + 18_432);
+        assert!(size.bound(100) >= 1000 + 100 * 18_432);
+        assert!(size.bound(100) < 1000 + 120 * 18_432);
+        assert_eq!(size.bound(usize::MAX), usize::MAX);
     }
 }

@@ -26,7 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
-use crate::fleet::client::{replica_client, Upstreams};
+use crate::fleet::client::{replica_client, ReplicaAuth, Upstreams};
 use crate::fleet::replicas::ReplicaSet;
 use crate::fleet::snapshots::Snapshots;
 use crate::fleet::{drains, health};
@@ -70,8 +70,9 @@ pub struct GatewaySettings {
     pub tls: Option<tls::TlsFiles>,
     /// Refuse plain HTTP (needs `tls`).
     pub require_tls: bool,
-    /// Mutual TLS to the replicas with strata's own certificates.
-    pub replica_tls: Option<tls::ReplicaPki>,
+    /// How the gateway proves itself to its replicas: mutual TLS with
+    /// strata's own certificates, and/or the replica token.
+    pub replica_auth: ReplicaAuth,
     /// Where drained replicas' KV snapshots are kept (sealed).
     pub snapshots: SnapshotPlace,
     /// At shutdown, drain every replica (their processes stop with this
@@ -92,6 +93,8 @@ pub struct GatewaySettings {
     pub budget_refresh: Option<Duration>,
     /// The pool's latency objectives, drawn on the dashboard.
     pub slo: Slo,
+    /// Keyed checkpoints of the audit trail's head, outside the database.
+    pub audit_checkpoints: Option<crate::tenancy::audit::Checkpoints>,
 }
 
 /// What the gateway is linked to in its process: where its replicas come
@@ -217,7 +220,7 @@ impl Gateway {
             Arc::new(GatewayMetrics::new().with_tenant_labels(settings.metrics_tenant_labels));
         let hold = settings.hold_when_empty.then_some(settings.queue_timeout);
         let replicas = Arc::new(ReplicaSet::new(settings.routing, hold));
-        let client = replica_client(settings.replica_tls.as_ref(), settings.connect_timeout)?;
+        let client = replica_client(&settings.replica_auth, settings.connect_timeout)?;
         let (ledger, ledger_task) = Ledger::spawn(stores.usage.clone(), metrics.clone());
         let shared_limits = match &settings.shared_limits_url {
             Some(url) => Some(
@@ -260,7 +263,7 @@ impl Gateway {
             max_body_bytes: settings.max_body_bytes,
         });
         let relay = Relay {
-            upstreams: Upstreams::new(client.clone(), settings.connect_timeout),
+            upstreams: Upstreams::new(&settings.replica_auth, settings.connect_timeout)?,
             replicas: replicas.clone(),
             metrics: metrics.clone(),
             ledger,
@@ -306,6 +309,7 @@ impl Gateway {
         ));
         let status = Arc::new(Status {
             replicas: replicas.clone(),
+            auth: auth.clone(),
             metrics: metrics.clone(),
             more_metrics: links.more_metrics.clone(),
             openapi: OnceLock::new(),
@@ -320,6 +324,13 @@ impl Gateway {
                 client.clone(),
                 snapshots.clone(),
                 stores.leases.clone(),
+                background.clone(),
+            ));
+        }
+        if let Some(place) = settings.audit_checkpoints.clone() {
+            tasks.spawn(crate::tenancy::audit::write_checkpoints(
+                stores.audit.clone(),
+                place,
                 background.clone(),
             ));
         }

@@ -163,6 +163,10 @@ struct Harness {
     /// A member key of tenant `acme`, and the tenant.
     key: String,
     tenant: Tenant,
+    /// A reader key of the platform tenant: what Prometheus scrapes with.
+    platform_reader: String,
+    /// The platform admin key.
+    admin: String,
     _dir: tempfile::TempDir,
 }
 
@@ -182,7 +186,10 @@ impl Harness {
                 .await
                 .unwrap(),
         );
-        bootstrap(&*store, None).await.unwrap();
+        let admin = bootstrap(&*store, None)
+            .await
+            .unwrap()
+            .expect("a new platform admin key");
         let tenant = Tenant {
             id: TenantId::new(),
             name: "acme".into(),
@@ -193,6 +200,9 @@ impl Harness {
         };
         store.create_tenant(&tenant).await.unwrap();
         let (record, key) = new_key_record(&tenant.id, "app".into(), Role::Member);
+        store.create_key(&record).await.unwrap();
+        let (record, platform_reader) =
+            new_key_record(&TenantId::platform(), "prometheus".into(), Role::Reader);
         store.create_key(&record).await.unwrap();
         let mut pricing = BTreeMap::new();
         pricing.insert(
@@ -214,7 +224,7 @@ impl Harness {
             pricing,
             tls: None,
             require_tls: false,
-            replica_tls: None,
+            replica_auth: Default::default(),
             snapshots: SnapshotPlace::Off,
             drain_on_shutdown: false,
             // Load only: which replica a request goes to first is the
@@ -225,6 +235,7 @@ impl Harness {
             shared_limits_url: None,
             budget_refresh: None,
             slo: Slo::default(),
+            audit_checkpoints: None,
         };
         let (endpoints, rx) = watch::channel(replicas.clone());
         let gateway = Gateway::start(settings, Links::endpoints(rx), store.clone(), Some(vault))
@@ -236,6 +247,8 @@ impl Harness {
             store,
             key,
             tenant,
+            platform_reader,
+            admin,
             _dir: dir,
         };
         // Every replica ready (its health checked, its models known).
@@ -277,9 +290,18 @@ impl Harness {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let (_, text, _) = self
-            .raw(Request::get("/metrics").body(Body::empty()).unwrap())
+        let (status, text, _) = self
+            .raw(
+                Request::get("/metrics")
+                    .header(
+                        header::AUTHORIZATION,
+                        format!("Bearer {}", self.platform_reader),
+                    )
+                    .body(Body::empty())
+                    .unwrap(),
+            )
             .await;
+        assert_eq!(status, StatusCode::OK);
         String::from_utf8(text.to_vec())
             .unwrap()
             .lines()
@@ -549,4 +571,197 @@ async fn unknown_routes_and_methods_are_openai_errors() {
         .call(Request::get("/v1/completions").body(Body::empty()).unwrap())
         .await;
     assert_openai_error(status, &body, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn health_says_only_whether_the_gateway_serves_and_metrics_need_a_platform_key() {
+    let (_a, ea) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![ea], RateLimits::default(), None).await;
+    let (status, health, _) = h
+        .call(Request::get("/health").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health, json!({"status": "ok", "replicas_ready": 1}));
+    let metrics = |key: Option<&str>| {
+        let mut req = Request::get("/metrics");
+        if let Some(k) = key {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    assert_eq!(h.raw(metrics(None)).await.0, StatusCode::UNAUTHORIZED);
+    // A tenant's own member key: valid, but metrics name other tenants.
+    assert_eq!(h.raw(metrics(Some(&h.key))).await.0, StatusCode::FORBIDDEN);
+    let (status, text, _) = h.raw(metrics(Some(&h.platform_reader))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&text).contains("strata_gateway_replicas_ready 1"));
+    // Replica detail is the platform admin's, not a reader's.
+    let (status, _, _) = h
+        .call(
+            Request::get("/admin/v1/replicas")
+                .header(
+                    header::AUTHORIZATION,
+                    format!("Bearer {}", h.platform_reader),
+                )
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+impl Harness {
+    fn get(&self, path: &str, key: &str) -> Request<Body> {
+        Request::get(path)
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    /// A tenant with an admin key: its id and the key.
+    async fn tenant_with_admin(&self, name: &str) -> (TenantId, String) {
+        let tenant = Tenant {
+            id: TenantId::new(),
+            name: name.into(),
+            isolation: Isolation::Shared,
+            limits: RateLimits::default(),
+            monthly_budget_usd: None,
+            created_at_ms: 0,
+        };
+        self.store.create_tenant(&tenant).await.unwrap();
+        let (record, key) = new_key_record(&tenant.id, "admin".into(), Role::Admin);
+        self.store.create_key(&record).await.unwrap();
+        (tenant.id, key)
+    }
+}
+
+#[tokio::test]
+async fn one_tenants_probes_of_another_land_in_its_own_trail_only() {
+    let (_a, ea) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![ea], RateLimits::default(), None).await;
+    let (a, a_admin) = h.tenant_with_admin("victim").await;
+    let (b, b_admin) = h.tenant_with_admin("prober").await;
+    // B reads A's tenant, keys and usage: 404 each (another tenant's ids).
+    for path in [
+        format!("/admin/v1/tenants/{a}"),
+        format!("/admin/v1/tenants/{a}/keys"),
+        format!("/admin/v1/tenants/{a}/usage"),
+    ] {
+        let (status, _, _) = h.call(h.get(&path, &b_admin)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    // A's own action, for A's trail to hold something.
+    let (status, _, _) = h
+        .call(h.get(&format!("/admin/v1/tenants/{a}/keys"), &a_admin))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, a_trail, _) = h.call(h.get("/admin/v1/audit", &a_admin)).await;
+    let text = a_trail.to_string();
+    assert!(!a_trail["data"].as_array().unwrap().is_empty());
+    assert!(
+        !text.contains(b.as_str()),
+        "B's probes are in A's trail: {text}"
+    );
+    // B sees its own probes, with where they aimed.
+    let (_, b_trail, _) = h.call(h.get("/admin/v1/audit", &b_admin)).await;
+    let probes: Vec<&Value> = b_trail["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["result"] == "not_found")
+        .collect();
+    assert_eq!(probes.len(), 3, "{b_trail}");
+    assert!(probes.iter().all(
+        |r| r["tenant"] == b.as_str() && r["target"].as_str().unwrap().starts_with(a.as_str())
+    ));
+}
+
+#[tokio::test]
+async fn the_audit_trail_comes_a_page_at_a_time() {
+    let (_a, ea) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![ea], RateLimits::default(), None).await;
+    for _ in 0..5 {
+        h.call(h.get("/admin/v1/tenants", &h.admin)).await;
+    }
+    let (status, first, _) = h.call(h.get("/admin/v1/audit?limit=2", &h.admin)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["data"].as_array().unwrap().len(), 2);
+    assert_eq!(first["has_more"], true);
+    let after = first["last_id"].as_i64().unwrap();
+    let (_, next, _) = h
+        .call(h.get(&format!("/admin/v1/audit?limit=2&after={after}"), &h.admin))
+        .await;
+    assert_eq!(next["first_id"].as_i64().unwrap(), after + 1);
+    // Every row, one page after another, and then no more.
+    let (mut seen, mut after) = (0, 0);
+    loop {
+        let (_, page, _) = h
+            .call(h.get(&format!("/admin/v1/audit?limit=3&after={after}"), &h.admin))
+            .await;
+        seen += page["data"].as_array().unwrap().len();
+        if page["has_more"] == false {
+            break;
+        }
+        after = page["last_id"].as_i64().unwrap();
+    }
+    assert!(seen >= 5, "{seen}");
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=many",
+        "after=x",
+        "colour=red",
+    ] {
+        let (status, body, _) = h
+            .call(h.get(&format!("/admin/v1/audit?{bad}"), &h.admin))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+}
+
+#[tokio::test]
+async fn dashboard_logins_with_bad_keys_are_audited_and_cookies_are_secure_behind_tls() {
+    let (_a, ea) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![ea], RateLimits::default(), None).await;
+    let login = |key: &str, forwarded: Option<&str>| {
+        let mut req = Request::post("/ui/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(proto) = forwarded {
+            req = req.header("x-forwarded-proto", proto);
+        }
+        req.body(Body::from(format!("key={key}"))).unwrap()
+    };
+    let cookie =
+        |headers: &axum::http::HeaderMap| headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+    let (status, _, plain) = h.raw(login(&h.admin, None)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(!cookie(&plain).contains("Secure"), "{}", cookie(&plain));
+    let (_, _, proxied) = h.raw(login(&h.admin, Some("https"))).await;
+    assert!(
+        cookie(&proxied).contains("; Secure"),
+        "{}",
+        cookie(&proxied)
+    );
+    // 30 refused logins with keys that do not exist: audited, a bounded
+    // number of rows a second (the rest counted in the next row).
+    for _ in 0..30 {
+        let (status, _, _) = h.raw(login("sk-strata-nonsense", None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (_, trail, _) = h.call(h.get("/admin/v1/audit?limit=1000", &h.admin)).await;
+    let refused: Vec<&Value> = trail["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "ui.login" && r["actor_key"] == "-")
+        .collect();
+    assert!(
+        !refused.is_empty() && refused.len() < 30,
+        "{}",
+        refused.len()
+    );
+    assert!(refused
+        .iter()
+        .all(|r| r["result"].as_str().unwrap().starts_with("invalid_key")));
 }

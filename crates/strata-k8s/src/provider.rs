@@ -83,6 +83,16 @@ fn api_err(what: &str) -> impl Fn(kube::Error) -> ControlError + '_ {
     move |e| ControlError::Provider(format!("{what}: {e}"))
 }
 
+/// Where gateways reach the replica at `ip`: HTTPS (mutual TLS) by default.
+fn endpoint(config: &Config, ip: &str) -> String {
+    let scheme = if config.serve.replica_mtls {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{ip}:{}", config.kubernetes.engine_port)
+}
+
 impl KubeProvider {
     pub fn new(client: Client, config: Arc<Config>, model: String, store: Arc<dyn Store>) -> Self {
         let ns = config.kubernetes.namespace.clone();
@@ -391,7 +401,7 @@ impl KubeProvider {
             let t = self.running.get_mut(&id).expect("just found or made");
             t.pod = Some(p.name.clone());
             if let Some(ip) = &p.ip {
-                t.record.endpoint = format!("http://{ip}:{}", self.config.kubernetes.engine_port);
+                t.record.endpoint = endpoint(&self.config, ip);
             }
             let record = t.record.clone();
             self.save(&record).await;
@@ -476,8 +486,7 @@ impl KubeProvider {
                 t.ready = true;
                 t.record.state = InstanceState::Ready;
                 if let Some(ip) = &p.ip {
-                    t.record.endpoint =
-                        format!("http://{ip}:{}", self.config.kubernetes.engine_port);
+                    t.record.endpoint = endpoint(&self.config, ip);
                 }
                 let record = t.record.clone();
                 self.save(&record).await;

@@ -26,18 +26,29 @@ pub const ANY_ZONE: &str = "any";
 
 const CONFIG_MAP: &str = "strata-config";
 const SECRET: &str = "strata";
+/// The replica CA and certificates (the files `ReplicaPki` writes); engines
+/// mount the CA and their own pair, gateways the CA and the client pair.
+pub const REPLICA_TLS_SECRET: &str = "strata-replica-tls";
+/// Where the replica certificates are mounted in gateway and engine Pods.
+pub const REPLICA_TLS_DIR: &str = "/etc/strata/replica-tls";
 const GATEWAY: &str = "strata-gateway";
 const CONTROLLER: &str = "strata-controller";
 const GATEWAY_PORT: u16 = 8080;
 const MODEL_DIR: &str = "/models";
 
-/// Secrets to render into the `strata` Secret; without them the Secret is
-/// left for the operator to create (`kubectl create secret`).
+/// Secrets to render into the `strata` Secret (and the replica
+/// certificates into theirs); without them the Secrets are left for the
+/// operator to create (`kubectl create secret`).
 pub struct Secrets {
     /// 64 hex characters.
     pub kek: String,
     /// `postgres://…`
     pub database_url: String,
+    /// File name → PEM of the replica CA and certificates, with
+    /// `serve.replica_mtls` (the names `ReplicaPki` uses).
+    pub replica_tls: Vec<(String, String)>,
+    /// The replica token gateways and engines share, without mutual TLS.
+    pub replica_token: Option<String>,
 }
 
 /// One pool variant: the replicas of a pool on one instance type, in one
@@ -164,6 +175,18 @@ fn base_volumes() -> (Vec<Value>, Vec<Value>) {
     )
 }
 
+/// The replica certificates a Pod needs (`files` of the Secret), mounted
+/// read-only at `REPLICA_TLS_DIR`, readable by the Pod's group only.
+fn replica_tls_volume(files: &[&str]) -> (Value, Value) {
+    let items: Vec<Value> = files.iter().map(|f| json!({"key": f, "path": f})).collect();
+    (
+        json!({"name": "replica-tls", "secret": {
+            "secretName": REPLICA_TLS_SECRET, "items": items, "defaultMode": 0o440,
+        }}),
+        json!({"name": "replica-tls", "mountPath": REPLICA_TLS_DIR, "readOnly": true}),
+    )
+}
+
 /// A Deployment of `replicas` Pods with `labels` (its selector) and `pod`
 /// as their spec.
 fn deployment(name: &str, ns: &str, labels: &Value, replicas: u32, pod: Value) -> Value {
@@ -179,10 +202,12 @@ fn deployment(name: &str, ns: &str, labels: &Value, replicas: u32, pod: Value) -
     })
 }
 
-/// `GET /health` on the `http` port every 5 s, from `delay` seconds on.
-fn probe(delay: u32) -> Value {
+/// `GET /health` on the `http` port every 5 s, from `delay` seconds on;
+/// over TLS (without a client certificate: `/health` is the one route an
+/// engine answers to anyone) where `https`.
+fn probe(delay: u32, https: bool) -> Value {
     json!({
-        "httpGet": {"path": "/health", "port": "http"},
+        "httpGet": {"path": "/health", "port": "http", "scheme": if https { "HTTPS" } else { "HTTP" }},
         "initialDelaySeconds": delay,
         "periodSeconds": 5,
     })
@@ -216,23 +241,96 @@ pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) 
         "data": {"strata.toml": config_text},
     }));
     if let Some(s) = secrets {
+        let mut data = json!({"kek": s.kek, "database-url": s.database_url});
+        if let Some(token) = &s.replica_token {
+            data["replica-token"] = json!(token);
+        }
         out.push(json!({
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": metadata(SECRET, ns, common_labels("secrets")),
             "type": "Opaque",
-            "stringData": {"kek": s.kek, "database-url": s.database_url},
+            "stringData": data,
         }));
+        if !s.replica_tls.is_empty() {
+            let files: serde_json::Map<String, Value> = s
+                .replica_tls
+                .iter()
+                .map(|(name, pem)| (name.clone(), json!(pem)))
+                .collect();
+            out.push(json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": metadata(REPLICA_TLS_SECRET, ns, common_labels("secrets")),
+                "type": "Opaque",
+                "stringData": files,
+            }));
+        }
     }
-    out.extend(gateway(k));
+    out.extend(gateway(config));
     out.extend(controller(k));
+    out.push(engine_network_policy(k));
     out
 }
 
-fn gateway(k: &KubernetesConfig) -> Vec<Value> {
+/// Only gateway Pods reach engine Pods, and only on the engine port: a pod
+/// elsewhere in the cluster cannot even open a connection to a replica.
+fn engine_network_policy(k: &KubernetesConfig) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata("strata-engines", &k.namespace, common_labels("engine")),
+        "spec": {
+            "podSelector": {"matchLabels": {COMPONENT: "engine", MANAGED_BY.0: MANAGED_BY.1}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": common_labels("gateway")}}],
+                "ports": [{"protocol": "TCP", "port": k.engine_port}],
+            }],
+        },
+    })
+}
+
+/// How a Pod of `component` proves itself or checks the other side:
+/// the replica certificates it mounts, or the replica token in its
+/// environment.
+fn replica_trust(config: &Config, files: &[&str]) -> (Option<(Value, Value)>, Vec<Value>) {
+    if config.serve.replica_mtls {
+        (Some(replica_tls_volume(files)), Vec::new())
+    } else {
+        (
+            None,
+            vec![secret_env(strata_core::REPLICA_TOKEN_ENV, "replica-token")],
+        )
+    }
+}
+
+fn gateway(config: &Config) -> Vec<Value> {
+    let k = &config.kubernetes;
     let ns = k.namespace.as_str();
     let labels = common_labels("gateway");
-    let (volumes, mounts) = base_volumes();
+    let (mut volumes, mut mounts) = base_volumes();
+    let (tls, token_env) = replica_trust(config, &["ca.pem", "gateway.pem", "gateway-key.pem"]);
+    let mut args = vec![
+        json!("--config"),
+        json!("/etc/strata/strata.toml"),
+        json!("gateway"),
+        json!("--listen"),
+        json!(format!("0.0.0.0:{GATEWAY_PORT}")),
+        json!("--db"),
+        json!("$(DATABASE_URL)"),
+    ];
+    if let Some((volume, mount)) = tls {
+        volumes.push(volume);
+        mounts.push(mount);
+        args.extend([json!("--replica-tls-dir"), json!(REPLICA_TLS_DIR)]);
+    }
+    let mut env = vec![
+        secret_env("STRATA_KEK", "kek"),
+        secret_env("DATABASE_URL", "database-url"),
+        json!({"name": "STRATA_LOG", "value": "info"}),
+    ];
+    env.extend(token_env);
     vec![
         json!({
             "apiVersion": "v1",
@@ -249,18 +347,15 @@ fn gateway(k: &KubernetesConfig) -> Vec<Value> {
             json!({
                             "serviceAccountName": GATEWAY,
                             "automountServiceAccountToken": false,
+                            "securityContext": {"fsGroup": 65534},
                             "containers": [{
                                 "name": "gateway",
                                 "image": k.image,
-                                "args": ["--config", "/etc/strata/strata.toml", "gateway",
-                                         "--listen", format!("0.0.0.0:{GATEWAY_PORT}"),
-                                         "--db", "$(DATABASE_URL)"],
-                                "env": [secret_env("STRATA_KEK", "kek"),
-                                        secret_env("DATABASE_URL", "database-url"),
-                                        {"name": "STRATA_LOG", "value": "info"}],
+                                "args": args,
+                                "env": env,
                                 "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
-                                "readinessProbe": probe(2),
-                                "livenessProbe": probe(15),
+                                "readinessProbe": probe(2, false),
+                                "livenessProbe": probe(15, false),
                                 "resources": resources(&k.gateway_cpu, &k.gateway_memory, 0),
                                 "securityContext": locked_down(),
                                 "volumeMounts": mounts,
@@ -414,6 +509,35 @@ pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> V
     let model_mount = json!({"name": "models", "mountPath": MODEL_DIR});
     volumes.push(model_vol);
     mounts.push(model_mount);
+    let https = config.serve.replica_mtls;
+    // The engine binds its Pod's address, not every interface.
+    let mut args = vec![
+        json!("--config"),
+        json!("/etc/strata/strata.toml"),
+        json!("engine"),
+        json!("--host"),
+        json!("$(POD_IP)"),
+        json!("--port"),
+        json!(k.engine_port.to_string()),
+        json!("--model"),
+        json!(model_file),
+    ];
+    let (tls, token_env) = replica_trust(config, &["ca.pem", "replica.pem", "replica-key.pem"]);
+    let mut engine_mounts = mounts.clone();
+    if let Some((volume, mount)) = tls {
+        volumes.push(volume);
+        engine_mounts.push(mount);
+        for (flag, file) in [
+            ("--tls-cert", "replica.pem"),
+            ("--tls-key", "replica-key.pem"),
+            ("--client-ca", "ca.pem"),
+        ] {
+            args.extend([json!(flag), json!(format!("{REPLICA_TLS_DIR}/{file}"))]);
+        }
+    }
+    let mut env =
+        vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
+    env.extend(token_env);
     let init: Vec<Value> = if k.model_pvc.is_none() {
         // pip writes to a home and a cache: a writable emptyDir for both.
         vec![json!({
@@ -434,6 +558,7 @@ pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> V
         replicas,
         json!({
                         "automountServiceAccountToken": false,
+                        "securityContext": {"fsGroup": 65534},
                         "nodeSelector": node_selector,
                         "tolerations": tolerations,
                         "terminationGracePeriodSeconds": 30,
@@ -441,15 +566,14 @@ pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> V
                         "containers": [{
                             "name": "engine",
                             "image": k.image,
-                            "args": ["--config", "/etc/strata/strata.toml", "engine",
-                                     "--host", "0.0.0.0", "--port", k.engine_port.to_string(),
-                                     "--model", model_file],
+                            "args": args,
+                            "env": env,
                             "ports": [{"name": "http", "containerPort": k.engine_port}],
-                            "readinessProbe": probe(2),
-                            "livenessProbe": probe(60),
+                            "readinessProbe": probe(2, https),
+                            "livenessProbe": probe(60, https),
                             "resources": resources(&k.engine_cpu, &k.engine_memory, k.engine_gpus),
                             "securityContext": locked_down(),
-                            "volumeMounts": mounts,
+                            "volumeMounts": engine_mounts,
                         }],
                         "volumes": volumes,
         }),
@@ -465,6 +589,7 @@ pub fn check(objects: &[Value]) -> Result<(), String> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
     use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use k8s_openapi::api::policy::v1::PodDisruptionBudget;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 
@@ -501,6 +626,7 @@ pub fn check(objects: &[Value]) -> Result<(), String> {
                     .ok_or_else(|| "the selector does not match the Pod template".into())
             }),
             "PodDisruptionBudget" => typed::<PodDisruptionBudget>(v),
+            "NetworkPolicy" => typed::<NetworkPolicy>(v),
             "HorizontalPodAutoscaler" => typed::<HorizontalPodAutoscaler>(v),
             "Role" => typed::<Role>(v),
             "RoleBinding" => typed::<RoleBinding>(v),
@@ -517,8 +643,9 @@ pub fn check(objects: &[Value]) -> Result<(), String> {
         let mut refs = Vec::new();
         collect_refs(v, &mut refs);
         for (kind, name) in refs {
-            // The Secret may be the operator's, created apart.
-            if !(has(&kind, &name) || kind == "Secret" && name == SECRET) {
+            // The Secrets may be the operator's, created apart.
+            let operators = kind == "Secret" && (name == SECRET || name == REPLICA_TLS_SECRET);
+            if !(has(&kind, &name) || operators) {
                 return Err(format!(
                     "{what} refers to {kind} {name}, which is not rendered"
                 ));
@@ -559,6 +686,10 @@ fn collect_refs(v: &Value, out: &mut Vec<(String, String)>) {
                 match k.as_str() {
                     "configMap" => out.push(("ConfigMap".into(), name())),
                     "secretKeyRef" => out.push(("Secret".into(), name())),
+                    "secret" => out.push((
+                        "Secret".into(),
+                        val["secretName"].as_str().unwrap_or_default().to_owned(),
+                    )),
                     "serviceAccountName" => out.push((
                         "ServiceAccount".into(),
                         val.as_str().unwrap_or_default().to_owned(),
@@ -607,6 +738,17 @@ mod tests {
         let secrets = Secrets {
             kek: "ab".repeat(32),
             database_url: "postgres://strata@db/strata".into(),
+            replica_tls: [
+                "ca.pem",
+                "replica.pem",
+                "replica-key.pem",
+                "gateway.pem",
+                "gateway-key.pem",
+            ]
+            .iter()
+            .map(|f| (f.to_string(), format!("PEM of {f}")))
+            .collect(),
+            replica_token: None,
         };
         let mut all = manifests(&config, "[pool]\n", Some(&secrets));
         all.push(engine_deployment(
@@ -700,6 +842,88 @@ mod tests {
             },
         );
         assert_ne!(x.name(), y.name());
+    }
+
+    /// The volume items a Deployment's Pods mount from the replica Secret.
+    fn replica_files(d: &Value) -> Vec<String> {
+        d["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["secret"]["secretName"] == REPLICA_TLS_SECRET)
+            .flat_map(|v| v["secret"]["items"].as_array().unwrap().clone())
+            .map(|i| i["key"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn only_gateways_reach_engines_and_each_side_holds_only_its_own_key() {
+        let all = rendered();
+        let policy = all
+            .iter()
+            .find(|o| o["kind"] == "NetworkPolicy")
+            .expect("a NetworkPolicy");
+        assert_eq!(
+            policy["spec"]["podSelector"]["matchLabels"][COMPONENT],
+            "engine"
+        );
+        assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+        let ingress = policy["spec"]["ingress"].as_array().unwrap();
+        assert_eq!(ingress.len(), 1);
+        assert_eq!(
+            ingress[0]["from"],
+            json!([{"podSelector": {"matchLabels": common_labels("gateway")}}])
+        );
+        let config = Config::default();
+        assert_eq!(
+            ingress[0]["ports"][0]["port"],
+            config.kubernetes.engine_port
+        );
+        // The engine Pods' labels are what the policy selects.
+        let engine = engine_deployment(&config, &variant("us-east-1a", CapacityType::Spot), 1);
+        let labels = &engine["spec"]["template"]["metadata"]["labels"];
+        assert!(policy["spec"]["podSelector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v));
+        let container = &engine["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(
+            args.windows(2).any(|w| w == ["--host", "$(POD_IP)"]),
+            "{args:?}"
+        );
+        assert!(!args.contains(&"0.0.0.0"));
+        assert!(args.windows(2).any(|w| w[0] == "--client-ca"));
+        assert_eq!(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+        assert_eq!(
+            replica_files(&engine),
+            ["ca.pem", "replica.pem", "replica-key.pem"]
+        );
+        let gw = all
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == GATEWAY)
+            .unwrap();
+        assert_eq!(
+            replica_files(gw),
+            ["ca.pem", "gateway.pem", "gateway-key.pem"]
+        );
+        // Without mutual TLS, both sides get the token from the Secret instead.
+        let mut plain = Config::default();
+        plain.serve.replica_mtls = false;
+        let engine = engine_deployment(&plain, &variant("us-east-1a", CapacityType::Spot), 1);
+        assert!(replica_files(&engine).is_empty());
+        assert!(engine.to_string().contains(strata_core::REPLICA_TOKEN_ENV));
+        let gw = gateway(&plain);
+        assert!(gw
+            .iter()
+            .any(|o| o.to_string().contains(strata_core::REPLICA_TOKEN_ENV)));
+        check(&rendered()).unwrap();
     }
 
     #[test]

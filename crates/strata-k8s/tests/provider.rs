@@ -157,7 +157,8 @@ async fn scale_up_applies_one_deployment_per_variant_and_records_pod_endpoints()
     let first = recorded.iter().find(|r| r.id == a).unwrap();
     assert_eq!(first.state, InstanceState::Ready);
     assert!(
-        first.endpoint.starts_with("http://10.244.1."),
+        // Mutual TLS by default: the gateway dials the Pod over HTTPS.
+        first.endpoint.starts_with("https://10.244.1."),
         "{}",
         first.endpoint
     );

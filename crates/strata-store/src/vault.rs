@@ -41,6 +41,9 @@ const RESERVE_STEP: u64 = 1 << 16;
 /// How long a gateway of a shared keyring trusts its copy of a tenant's keys.
 pub const SHARED_REFRESH: Duration = Duration::from_secs(30);
 const SEALED_MAGIC: &[u8; 2] = b"S1";
+/// The keyring entry whose data key keys the audit chain: not a tenant, so
+/// no shred destroys it.
+pub const AUDIT_KEY_OWNER: &str = "strata:audit";
 const NONCE_LEN: usize = 12;
 
 /// A 256-bit key-encryption key and its public id (a digest prefix).
@@ -164,6 +167,9 @@ struct KeyringFile {
 struct DataKey {
     version: u32,
     cipher: Aes256Gcm,
+    /// A MAC key derived from the data key (HMAC-SHA256 of a label), for
+    /// what must be keyed but not sealed: the audit chain.
+    mac: Zeroizing<[u8; 32]>,
     /// Encryptions counted so far, and how far this process may count
     /// before it reserves more (in the keyring file or the shared table).
     used: u64,
@@ -302,18 +308,14 @@ impl Ring {
                     self.kek.id()
                 )));
             }
-            keys.push(DataKey {
-                version: row.key.version,
-                cipher: unwrap_key(&self.kek, tenant, &row.key).map_err(|_| {
-                    VaultError::Kek(format!(
-                        "the data key of {tenant} does not open under this KEK"
-                    ))
-                })?,
-                // A reservation comes first: the shared count says where
-                // this process starts.
-                used: 0,
-                limit: 0,
-            });
+            let raw = unwrap_bytes(&self.kek, tenant, &row.key).map_err(|_| {
+                VaultError::Kek(format!(
+                    "the data key of {tenant} does not open under this KEK"
+                ))
+            })?;
+            // A reservation comes first: the shared count says where this
+            // process starts.
+            keys.push(DataKey::new(row.key.version, &raw, 0));
         }
         keys.sort_by_key(|k| k.version);
         self.open.insert(tenant.to_owned(), TenantKeys::fresh(keys));
@@ -358,15 +360,11 @@ impl Vault {
         for (tenant, versions) in &ring.file.tenants {
             let mut keys = Vec::new();
             for w in versions {
-                keys.push(DataKey {
-                    version: w.version,
-                    cipher: unwrap_key(&ring.kek, tenant, w).map_err(|_| {
-                        keyring_err(format!("data key of {tenant} does not open under this KEK"))
-                    })?,
-                    // Whatever was reserved may have been used before a restart.
-                    used: w.reserved,
-                    limit: w.reserved,
-                });
+                let raw = unwrap_bytes(&ring.kek, tenant, w).map_err(|_| {
+                    keyring_err(format!("data key of {tenant} does not open under this KEK"))
+                })?;
+                // Whatever was reserved may have been used before a restart.
+                keys.push(DataKey::new(w.version, &raw, w.reserved));
             }
             ring.open.insert(tenant.clone(), TenantKeys::fresh(keys));
         }
@@ -529,6 +527,24 @@ impl Vault {
             Backing::File(_) => self.save(&ring),
             Backing::Shared(_) => Ok(()),
         }
+    }
+
+    /// A MAC key of `owner`'s first data key (made if `owner` has none):
+    /// stable for as long as the key lives, wrapped by the KEK like every
+    /// data key (so a KEK rotation keeps it), and useless to whoever holds
+    /// the database but not the KEK. The audit chain is keyed with
+    /// [`AUDIT_KEY_OWNER`]'s.
+    pub async fn mac_key(&self, owner: &str) -> Result<[u8; 32], VaultError> {
+        self.ready(owner).await?;
+        if self.lock().newest(owner) == 0 {
+            self.create_tenant_key(owner).await?;
+        }
+        let ring = self.lock();
+        ring.open
+            .get(owner)
+            .and_then(|t| t.keys.first())
+            .map(|k| *k.mac)
+            .ok_or_else(|| VaultError::NoDataKey(owner.to_owned()))
     }
 
     /// Seals `plaintext` under the tenant's newest data key.
@@ -729,13 +745,23 @@ fn new_data_key(kek: &Kek, tenant: &str, version: u32) -> (DataKey, WrappedKey) 
         wrapped: wrap_bytes(kek, tenant, version, &key),
         reserved: 0,
     };
-    let open = DataKey {
-        version,
-        cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice())),
-        used: 0,
-        limit: 0,
-    };
-    (open, wrapped)
+    (DataKey::new(version, &key, 0), wrapped)
+}
+
+impl DataKey {
+    /// The opened form of `raw`, counted as used up to `used`.
+    fn new(version: u32, raw: &[u8; 32], used: u64) -> DataKey {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(raw).expect("any key length");
+        mac.update(b"strata-mac-key");
+        DataKey {
+            version,
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(raw.as_slice())),
+            mac: Zeroizing::new(mac.finalize().into_bytes().into()),
+            used,
+            limit: used,
+        }
+    }
 }
 
 fn wrap_aad(tenant: &str, version: u32) -> Vec<u8> {
@@ -777,11 +803,6 @@ fn unwrap_bytes(kek: &Kek, tenant: &str, w: &WrappedKey) -> Result<Zeroizing<[u8
     );
     let array: [u8; 32] = plain.as_slice().try_into().map_err(|_| ())?;
     Ok(Zeroizing::new(array))
-}
-
-fn unwrap_key(kek: &Kek, tenant: &str, w: &WrappedKey) -> Result<Aes256Gcm, ()> {
-    let key = unwrap_bytes(kek, tenant, w)?;
-    Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice())))
 }
 
 fn pending_path(file: &Path) -> PathBuf {

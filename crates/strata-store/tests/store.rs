@@ -15,7 +15,8 @@ use strata_core::store::{
     StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
-    digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, NewKey, RateLimits, Role, TenantId,
+    audit_hash, digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, AuditKey, NewKey,
+    RateLimits, Role, TenantId,
 };
 use strata_store::SqlStore;
 
@@ -357,10 +358,50 @@ async fn audit_rows_chain_and_an_edit_is_detected(backend: &Backend, dir: &Path)
     while tasks.join_next().await.is_some() {}
     let rows = store.audit(None).await.unwrap();
     assert_eq!(rows.len(), 20);
+    let key = store.audit_key().await.unwrap();
     assert_eq!(
-        verify_audit(&rows),
+        verify_audit(&rows, &key),
         Ok(()),
         "concurrent appends still form one chain"
+    );
+    // Pages of the same rows, and the head a checkpoint is made of.
+    let page = store.audit_page(None, 5, 4).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), [6, 7, 8, 9]);
+    let a_page = store
+        .audit_page(Some(&TenantId("ten_a".into())), 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(a_page.len(), 10);
+    assert_eq!(
+        store.audit_head().await.unwrap(),
+        Some((20, rows[19].hash.clone()))
+    );
+    // The key is the keyring's: the same from a second opening.
+    let again = backend.open(dir).await;
+    assert!(verify_audit(&rows, &again.audit_key().await.unwrap()).is_ok());
+    // An insider with write access to the database edits row 7 and chains
+    // everything after it again, with a key of their own: caught.
+    let forger = AuditKey::from_bytes([3; 32]);
+    let mut prev = rows[5].hash.clone();
+    for row in &rows[6..] {
+        let mut entry = row.entry.clone();
+        if row.seq == 7 {
+            entry.result = "denied".into();
+        }
+        let hash = audit_hash(&forger, row.seq, &prev, &entry);
+        backend
+            .execute_raw(&format!(
+                "UPDATE audit SET result = '{}', prev_hash = '{prev}', hash = '{hash}' WHERE seq = {}",
+                entry.result, row.seq
+            ))
+            .await;
+        prev = hash;
+    }
+    assert_eq!(
+        verify_audit(&store.audit(None).await.unwrap(), &key)
+            .unwrap_err()
+            .seq,
+        7
     );
     assert_eq!(
         store
@@ -369,15 +410,6 @@ async fn audit_rows_chain_and_an_edit_is_detected(backend: &Backend, dir: &Path)
             .unwrap()
             .len(),
         10
-    );
-    backend
-        .execute_raw("UPDATE audit SET result = 'denied' WHERE seq = 7")
-        .await;
-    assert_eq!(
-        verify_audit(&store.audit(None).await.unwrap())
-            .unwrap_err()
-            .seq,
-        7
     );
 }
 

@@ -1,12 +1,11 @@
 //! Admin verbs: thin clients of the gateway's `/admin/v1/` API (so roles and
 //! the audit trail apply to them too), and the offline audit check.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use strata_core::store::AuditStore;
-use strata_core::tenant::verify_audit as verify_chain;
+use strata_core::tenant::{verify_audit as verify_chain, verify_checkpoints};
 use strata_store::SqlStore;
 
 use crate::cli::{AdminArgs, ChaosCommand, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
@@ -546,31 +545,82 @@ pub async fn status(db: &str, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// Reads every audit row from the database and checks the chain.
-pub async fn verify_audit(db: &str, json: bool) -> Result<()> {
-    let store = open_for_reading(db).await?;
+/// Reads every audit row from the database and checks the chain under the
+/// audit key, then against every checkpoint in `checkpoint_files`.
+pub async fn verify_audit(
+    config: &strata_core::config::Config,
+    db: Option<&PathBuf>,
+    checkpoint_files: &[PathBuf],
+    json: bool,
+) -> Result<()> {
+    let database = config.store.database(db);
+    if !strata_core::config::is_postgres_url(&database) && !Path::new(&database).is_file() {
+        bail!("no database at {database}");
+    }
+    // The audit key is the keyring's: opened with the KEK, never a new one.
+    let generated_kek = config.store.data_dir(db).join("kek");
+    if std::env::var_os("STRATA_KEK").is_none()
+        && config.security.kek_file.is_none()
+        && !generated_kek.is_file()
+    {
+        bail!(
+            "the audit trail is keyed with the keyring: verifying it needs the KEK \
+             (STRATA_KEK, security.kek_file, or {})",
+            generated_kek.display()
+        );
+    }
+    let (store, _) = crate::launch::open_store_with_keyring(config, db).await?;
+    let key = store.audit_key().await?;
     let rows = store.audit(None).await?;
+    let mut checkpoints = Vec::new();
+    for file in checkpoint_files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        checkpoints.extend(read_checkpoints(&text));
+    }
+    let outcome =
+        verify_chain(&rows, &key).and_then(|()| verify_checkpoints(&rows, &checkpoints, &key));
+    let head = rows.last().map(|r| r.hash.as_str());
     if json {
-        let (ok, broken) = match verify_chain(&rows) {
+        let (ok, broken) = match &outcome {
             Ok(()) => (true, serde_json::Value::Null),
             Err(b) => (false, serde_json::json!({"seq": b.seq, "reason": b.reason})),
         };
-        let head = rows.last().map(|r| r.hash.as_str());
         println!(
             "{}",
-            serde_json::json!({"ok": ok, "rows": rows.len(), "head": head, "broken_at": broken})
+            serde_json::json!({"ok": ok, "rows": rows.len(), "checkpoints": checkpoints.len(),
+                "head": head, "broken_at": broken})
         );
         if !ok {
             std::process::exit(1);
         }
         return Ok(());
     }
-    match verify_chain(&rows) {
+    match outcome {
         Ok(()) => {
-            let head = rows.last().map_or("(empty)", |r| r.hash.as_str());
-            println!("audit log ok: {} rows, head {head}", rows.len());
+            println!(
+                "audit log ok: {} rows, head {}; {} checkpoints hold",
+                rows.len(),
+                head.unwrap_or("(empty)"),
+                checkpoints.len()
+            );
+            if checkpoints.is_empty() {
+                println!("without --checkpoints, rows dropped from the end cannot be seen");
+            }
             Ok(())
         }
         Err(b) => bail!("audit log broken at row {}: {}", b.seq, b.reason),
     }
+}
+
+/// Every checkpoint in `text`: lines holding one as JSON (a checkpoint file
+/// has one per line; a gateway's log has it after `audit_checkpoint=`).
+fn read_checkpoints(text: &str) -> Vec<strata_core::tenant::AuditCheckpoint> {
+    text.lines()
+        .filter_map(|line| {
+            let start = line.find("{\"seq\"")?;
+            let end = line[start..].find('}')? + start + 1;
+            serde_json::from_str(&line[start..end]).ok()
+        })
+        .collect()
 }

@@ -231,11 +231,18 @@ pub enum ChaosCommand {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check the audit log's hash chain in the database; exit 1 if broken.
+    /// Check the audit trail in the database: its chain under the audit key
+    /// (the keyring's, opened with the KEK as `strata serve` opens it), and
+    /// with --checkpoints, that it still holds every row a checkpoint saw;
+    /// exit 1 if broken.
     Verify {
         /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
         #[arg(long)]
         db: Option<PathBuf>,
+        /// Checkpoints the gateways wrote (security.audit_checkpoint_file, or
+        /// their logs): every line holding a checkpoint is read.
+        #[arg(long)]
+        checkpoints: Vec<PathBuf>,
         /// Print the outcome as JSON (a broken chain still exits 1).
         #[arg(long)]
         json: bool,
@@ -328,6 +335,10 @@ pub struct GatewayArgs {
     /// SQLite database file or PostgreSQL URL (default: store.url, then store.path).
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// Where the replica CA and the gateway's client certificate are
+    /// (default: serve.replica_tls_dir, then <data>/tls/replicas).
+    #[arg(long)]
+    pub replica_tls_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsFlags,
 }

@@ -3,7 +3,7 @@
 //! holding the lease in the database acts) and the gateway's side of it
 //! (replicas read from the store, load reported to it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +58,15 @@ pub async fn run_controller(
         })?),
         ProviderKind::Local => None,
     };
+    if matches!(args.provider, ProviderKind::Local)
+        && !config.serve.replica_mtls
+        && std::env::var(strata_core::REPLICA_TOKEN_ENV).map_or(true, |t| t.is_empty())
+    {
+        bail!(
+            "with serve.replica_mtls off, a cluster's controllers and gateways share the replica token: set {} for all of them",
+            strata_core::REPLICA_TOKEN_ENV
+        );
+    }
     let launch = match args.provider {
         ProviderKind::Local => Some(local_launch(
             &config,
@@ -262,6 +271,55 @@ pub fn gateway_in_cluster(
     }
 }
 
+/// The Secrets to render, with what gateways and engines prove themselves
+/// with on Kubernetes: a replica CA and certificates made now (with
+/// `serve.replica_mtls`), or a token.
+fn secrets(
+    config: &Config,
+    kek: String,
+    database_url: String,
+) -> Result<strata_k8s::render::Secrets> {
+    let mut secrets = strata_k8s::render::Secrets {
+        kek,
+        database_url,
+        replica_tls: Vec::new(),
+        replica_token: None,
+    };
+    if !config.serve.replica_mtls {
+        secrets.replica_token = Some(crate::launch::random_hex(32)?);
+        return Ok(secrets);
+    }
+    let dir = tempfile_dir()?;
+    let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
+    let mut files = Vec::new();
+    for path in [
+        &pki.ca_cert,
+        &pki.server.cert,
+        &pki.server.key,
+        &pki.client.cert,
+        &pki.client.key,
+    ] {
+        let name = path
+            .file_name()
+            .expect("a file")
+            .to_string_lossy()
+            .into_owned();
+        files.push((name, std::fs::read_to_string(path)?));
+    }
+    std::fs::remove_dir_all(&dir)?;
+    secrets.replica_tls = files;
+    Ok(secrets)
+}
+
+/// A fresh private directory for certificates that live only until printed.
+fn tempfile_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let name = crate::launch::random_hex(8)?;
+    let dir = std::env::temp_dir().join(format!("strata-render-{name}"));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
 pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<()> {
     match command {
         K8sCommand::Render => {
@@ -281,14 +339,18 @@ pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<(
                     if !is_postgres_url(&database_url) {
                         bail!("STRATA_DATABASE_URL must be a postgres:// URL");
                     }
-                    Some(strata_k8s::render::Secrets { kek, database_url })
+                    Some(secrets(config, kek, database_url)?)
                 }
                 _ => {
                     eprintln!(
                         "strata k8s render: no Secret rendered (set STRATA_KEK and \
-                         STRATA_DATABASE_URL, or create it: kubectl -n {} create secret generic \
-                         strata --from-literal=kek=<64 hex> --from-literal=database-url=postgres://…)",
-                        config.kubernetes.namespace
+                         STRATA_DATABASE_URL, or create it: kubectl -n {ns} create secret generic \
+                         strata --from-literal=kek=<64 hex> --from-literal=database-url=postgres://…; \
+                         and the replica certificates, e.g. the ones `strata serve` makes under \
+                         <data>/tls/replicas: kubectl -n {ns} create secret generic {tls} \
+                         --from-file=<data>/tls/replicas)",
+                        ns = config.kubernetes.namespace,
+                        tls = strata_k8s::render::REPLICA_TLS_SECRET,
                     );
                     None
                 }

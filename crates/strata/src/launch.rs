@@ -137,6 +137,13 @@ pub async fn open_store(
     Ok((store, vault))
 }
 
+/// `bytes` bytes from the OS random source, as hex.
+pub fn random_hex(bytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf).context("no random source")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A name for this process among a cluster's: host and process id.
 pub fn process_name() -> String {
     let host = std::env::var("HOSTNAME")
@@ -149,11 +156,12 @@ pub fn process_name() -> String {
 }
 
 /// How this machine launches engine replicas (the `local` provider): the
-/// settings, the replicas' mutual-TLS certificates when `serve.replica_mtls`
-/// is on, and the client that checks their health.
+/// settings, how the gateway proves itself to them (the replicas'
+/// mutual-TLS certificates when `serve.replica_mtls` is on, else a replica
+/// token made for this run), and the client that checks their health.
 pub struct LocalLaunch {
     pub settings: LocalSettings,
-    pub replica_tls: Option<strata_core::tls::ReplicaPki>,
+    pub replica_auth: strata_gateway::fleet::client::ReplicaAuth,
     pub health: reqwest::Client,
 }
 
@@ -183,9 +191,10 @@ pub fn local_launch(
         "--context-size".into(),
         engine.context_size.to_string(),
     ];
-    let mut replica_tls = None;
+    let mut replica_auth = strata_gateway::fleet::client::ReplicaAuth::default();
+    let mut engine_env = Vec::new();
     if config.serve.replica_mtls {
-        let dir = config.store.data_dir(db).join("tls").join("replicas");
+        let dir = config.store.replica_tls_dir(&config.serve, db);
         let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
         for (flag, path) in [
             ("--tls-cert", &pki.server.cert),
@@ -195,12 +204,21 @@ pub fn local_launch(
             engine_args.push(flag.into());
             engine_args.push(path.display().to_string());
         }
-        replica_tls = Some(pki);
+        replica_auth.pki = Some(pki);
+    } else {
+        // Plain HTTP: the engines still answer only their gateway, which
+        // proves itself with the token: `STRATA_REPLICA_TOKEN` where several
+        // processes must share it (a cluster), else one made for this run
+        // and kept in memory (handed to the engines in their environment).
+        let token = match std::env::var(strata_core::REPLICA_TOKEN_ENV) {
+            Ok(t) if !t.is_empty() => t,
+            _ => random_hex(32)?,
+        };
+        engine_env.push((strata_core::REPLICA_TOKEN_ENV.to_owned(), token.clone()));
+        replica_auth.token = Some(token);
     }
-    let health = strata_gateway::fleet::client::replica_client(
-        replica_tls.as_ref(),
-        Duration::from_secs(2),
-    )?;
+    let health =
+        strata_gateway::fleet::client::replica_client(&replica_auth, Duration::from_secs(2))?;
     // Engine children read the same config file, when there is one.
     if let Ok(path) = std::fs::canonicalize(config_path) {
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
@@ -212,7 +230,8 @@ pub fn local_launch(
         instance_types: config.instance_types.clone(),
         pool: "default".into(),
         model: engine.model_name.clone(),
-        https: replica_tls.is_some(),
+        https: replica_auth.pki.is_some(),
+        engine_env,
         dedicated: config.serve.dedicated.clone(),
         startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
         preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
@@ -222,7 +241,7 @@ pub fn local_launch(
     };
     Ok(LocalLaunch {
         settings,
-        replica_tls,
+        replica_auth,
         health,
     })
 }

@@ -89,10 +89,16 @@ fn main() -> Result<()> {
         Command::Tenant(args) => runtime()?.block_on(admin::tenant(args)),
         Command::Key(args) => runtime()?.block_on(admin::key(args)),
         Command::Keys(args) => runtime()?.block_on(admin::keys(args)),
-        Command::Audit(AuditCommand::Verify { db, json }) => {
+        Command::Audit(AuditCommand::Verify {
+            db,
+            checkpoints,
+            json,
+        }) => {
             let config = load_config(&cli.config)?;
             runtime()?.block_on(admin::verify_audit(
-                &config.store.database(db.as_ref()),
+                &config,
+                db.as_ref(),
+                &checkpoints,
                 json,
             ))
         }

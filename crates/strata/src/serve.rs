@@ -39,11 +39,13 @@ pub async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
         _ => None,
     };
     let shutdown = shutdown_on_signal();
+    let token = std::env::var(strata_core::REPLICA_TOKEN_ENV).ok();
     strata_engine::server::serve(
         settings,
         listen,
         config.engine.max_body_bytes,
         tls,
+        token.as_deref(),
         shutdown,
     )
     .await?;
@@ -83,7 +85,22 @@ fn gateway_settings(
     Ok(GatewaySettings {
         tls,
         require_tls,
-        replica_tls: None,
+        replica_auth: strata_gateway::fleet::client::ReplicaAuth {
+            // The certificates a local controller or `strata serve` made, or
+            // a Secret mounted there: used for `https://` replicas.
+            pki: config
+                .serve
+                .replica_mtls
+                .then(|| {
+                    strata_core::tls::ReplicaPki::at(
+                        &config.store.replica_tls_dir(&config.serve, db),
+                    )
+                })
+                .filter(|pki| pki.client.cert.is_file() && pki.client.key.is_file()),
+            token: std::env::var(strata_core::REPLICA_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty()),
+        },
         listen: listen
             .parse()
             .with_context(|| format!("--listen / gateway.listen `{listen}` is not an address"))?,
@@ -109,6 +126,13 @@ fn gateway_settings(
         // Other gateways spend from the same budgets only on a shared database.
         budget_refresh: strata_core::config::is_postgres_url(&config.store.database(db))
             .then(|| Duration::from_secs_f64(config.gateway.budget_refresh_secs)),
+        audit_checkpoints: match config.security.audit_checkpoint_secs.unwrap_or(60.0) {
+            secs if secs > 0.0 => Some(strata_gateway::tenancy::audit::Checkpoints {
+                file: config.security.audit_checkpoint_file.clone(),
+                every: Duration::from_secs_f64(secs),
+            }),
+            _ => None,
+        },
         slo: strata_gateway::ops::dashboard::Slo {
             ttft_p95_ms: config.pool.slo_ttft_p95_ms,
             tpot_p95_ms: config.pool.slo_tpot_p95_ms,
@@ -116,7 +140,10 @@ fn gateway_settings(
     })
 }
 
-pub async fn run_gateway(config: Config, args: GatewayArgs) -> Result<()> {
+pub async fn run_gateway(mut config: Config, args: GatewayArgs) -> Result<()> {
+    if let Some(dir) = args.replica_tls_dir {
+        config.serve.replica_tls_dir = Some(dir);
+    }
     let mut settings =
         gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     let urls: Vec<String> = config
@@ -183,7 +210,7 @@ pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> R
         args.db.as_ref(),
     )?;
     let (store, vault) = open_store(&config, args.db.as_ref()).await?;
-    gateway.replica_tls = launch.replica_tls.clone();
+    gateway.replica_auth = launch.replica_auth.clone();
     let (publish, endpoints) = watch::channel(Vec::new());
     let (gateway_link, controller_link) = strata_core::link::link();
     let provider = LocalProvider::new(

@@ -41,6 +41,9 @@ pub struct LocalSettings {
     pub model: String,
     /// Replicas speak HTTPS (mutual TLS; `engine_args` carry the certificates).
     pub https: bool,
+    /// Environment the engines get beside this process's own (the replica
+    /// token: never an argument, which every process may read).
+    pub engine_env: Vec<(String, String)>,
     /// Replicas reserved per dedicated tenant (by name), outside the pool.
     pub dedicated: BTreeMap<String, u32>,
     pub startup_timeout: Duration,
@@ -161,6 +164,7 @@ impl LocalProvider {
             .args(&self.settings.engine_args)
             .args(["--threads", &threads.to_string()])
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .envs(self.settings.engine_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only sets this child's

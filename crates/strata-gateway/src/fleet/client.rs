@@ -1,19 +1,22 @@
-//! How requests reach a replica. Generation requests to plain-HTTP
-//! replicas go through hyper's pooled HTTP/1 client directly; to replicas
-//! behind mTLS, and probes and snapshots to all, through reqwest
-//! (`replica_client`). reqwest parses the replica's URL twice per request
-//! (for its redirect layer and for its response) even with redirects off:
-//! about a fifth of a proxied request's instructions
-//! (bench/results/peers.md).
+//! How requests reach a replica, and how the gateway proves itself to it.
+//! Generation requests go through hyper's pooled HTTP/1 client directly,
+//! over plain HTTP or mutual TLS (hyper-rustls with strata's replica CA and
+//! the gateway's client certificate); probes and snapshots through reqwest
+//! with the same TLS settings. reqwest parses the replica's URL twice per
+//! request (for its redirect layer and for its response) even with
+//! redirects off: about a fifth of a proxied request's instructions
+//! (bench/results/peers.md). Every request carries the replica token when
+//! there is one.
 
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -22,10 +25,35 @@ use strata_core::tls;
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
 
-/// An HTTP client for replicas: with `pki`, it trusts only strata's replica
-/// CA and presents the gateway's client certificate.
+/// How the gateway proves to its replicas that it is their gateway: its
+/// client certificate from strata's replica CA (which also checks the
+/// replica), and/or the replica token sent as `Authorization: Bearer`.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaAuth {
+    pub pki: Option<tls::ReplicaPki>,
+    pub token: Option<String>,
+}
+
+impl ReplicaAuth {
+    /// The token as a header value, if there is one.
+    fn bearer(&self) -> Result<Option<HeaderValue>, tls::TlsError> {
+        self.token
+            .as_deref()
+            .map(|t| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| tls::TlsError::Config("the replica token is not ASCII".into()))?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()
+    }
+}
+
+/// An HTTP client for replicas' probes and snapshots: with a certificate,
+/// it trusts only strata's replica CA and presents the gateway's; with a
+/// token, it sends it on every request.
 pub fn replica_client(
-    pki: Option<&tls::ReplicaPki>,
+    auth: &ReplicaAuth,
     connect_timeout: Duration,
 ) -> Result<reqwest::Client, tls::TlsError> {
     let mut builder = reqwest::Client::builder()
@@ -34,20 +62,13 @@ pub fn replica_client(
         .tcp_nodelay(true)
         // A replica never redirects; no redirect layer on every request.
         .redirect(reqwest::redirect::Policy::none());
-    if let Some(pki) = pki {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| tls::TlsError::Certificate(p.to_owned(), e.to_string()))
-        };
-        let mut identity = read(&pki.client.cert)?;
-        identity.extend(read(&pki.client.key)?);
-        let bad = |e: reqwest::Error| tls::TlsError::Config(e.to_string());
-        builder = builder
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(&read(&pki.ca_cert)?).map_err(bad)?,
-            )
-            .identity(reqwest::Identity::from_pem(&identity).map_err(bad)?);
+    if let Some(bearer) = auth.bearer()? {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, bearer);
+        builder = builder.default_headers(headers);
+    }
+    if let Some(pki) = &auth.pki {
+        builder = builder.use_preconfigured_tls(pki.client_config()?);
     }
     builder
         .build()
@@ -56,94 +77,99 @@ pub fn replica_client(
 
 /// Where a request for one route of one replica goes.
 #[derive(Clone, Debug)]
-pub enum Target {
-    Plain(Uri),
-    Tls(reqwest::Url),
-}
+pub struct Target(Uri);
 
 impl Target {
-    /// `url` as a target; `None` if it does not parse.
+    /// `url` as a target; `None` if it does not parse or is not HTTP(S).
     pub fn parse(url: &str) -> Option<Target> {
-        let url = reqwest::Url::parse(url).ok()?;
-        Some(if url.scheme() == "http" {
-            Target::Plain(url.as_str().parse().ok()?)
-        } else {
-            Target::Tls(url)
-        })
+        let uri: Uri = url.parse().ok()?;
+        matches!(uri.scheme_str(), Some("http" | "https")).then_some(Target(uri))
     }
 }
 
+/// The pooled clients generation requests go through.
 #[derive(Clone)]
 pub struct Upstreams {
     plain: Client<HttpConnector, Full<Bytes>>,
-    tls: reqwest::Client,
+    /// For `https://` replicas: only with the replica certificates.
+    tls: Option<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>,
+    bearer: Option<HeaderValue>,
 }
 
 impl Upstreams {
-    /// Plain replicas through a pool of its own (as reqwest's: 256 idle
-    /// connections per replica, no Nagle, `connect_timeout`); TLS ones
-    /// through `tls`.
-    pub fn new(tls: reqwest::Client, connect_timeout: Duration) -> Upstreams {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let plain = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Upstreams { plain, tls }
+    /// Pools like reqwest's (256 idle connections per replica, no Nagle,
+    /// `connect_timeout`), one for plain replicas and, with `auth.pki`, one
+    /// for mutual-TLS ones.
+    pub fn new(auth: &ReplicaAuth, connect_timeout: Duration) -> Result<Upstreams, tls::TlsError> {
+        let connector = || {
+            let mut c = HttpConnector::new();
+            c.set_nodelay(true);
+            c.set_connect_timeout(Some(connect_timeout));
+            c
+        };
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_max_idle_per_host(256).pool_timer(TokioTimer::new());
+            b
+        };
+        let tls = match &auth.pki {
+            Some(pki) => {
+                let mut http = connector();
+                http.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(pki.client_config()?)
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(http);
+                Some(builder().build(https))
+            }
+            None => None,
+        };
+        Ok(Upstreams {
+            plain: builder().build(connector()),
+            tls,
+            bearer: auth.bearer()?,
+        })
     }
 
     /// POSTs a JSON `body` to `target` with `headers`; the replica's answer
     /// once its head has come.
     pub async fn post(
         &self,
-        target: Target,
+        Target(uri): Target,
         headers: &[(&'static str, &str)],
         body: Bytes,
     ) -> Result<Upstream, UpstreamError> {
-        match target {
-            Target::Plain(uri) => {
-                let mut req = Request::builder()
-                    .method(Method::POST)
-                    .uri(uri)
-                    .header(header::CONTENT_TYPE, "application/json");
-                for (name, value) in headers {
-                    req = req.header(*name, HeaderValue::from_str(value)?);
-                }
-                let answer = self.plain.request(req.body(Full::new(body))?).await?;
-                Ok(Upstream {
-                    status: answer.status(),
-                    body: Answer::Plain(answer.into_body()),
-                })
-            }
-            Target::Tls(url) => {
-                let mut post = self
-                    .tls
-                    .post(url)
-                    .header(header::CONTENT_TYPE, "application/json");
-                for (name, value) in headers {
-                    post = post.header(*name, *value);
-                }
-                let answer = post.body(body).send().await?;
-                Ok(Upstream {
-                    status: answer.status(),
-                    body: Answer::Tls(answer),
-                })
-            }
+        let https = uri.scheme_str() == Some("https");
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(bearer) = &self.bearer {
+            req = req.header(header::AUTHORIZATION, bearer.clone());
         }
+        for (name, value) in headers {
+            req = req.header(*name, HeaderValue::from_str(value)?);
+        }
+        let req = req.body(Full::new(body))?;
+        let answer = match (&self.tls, https) {
+            (_, false) => self.plain.request(req).await?,
+            (Some(tls), true) => tls.request(req).await?,
+            (None, true) => {
+                return Err("an https:// replica, and no replica certificates to reach it".into())
+            }
+        };
+        Ok(Upstream {
+            status: answer.status(),
+            body: answer.into_body(),
+        })
     }
 }
 
 /// A replica's answer: its status, and its body still to read.
 pub struct Upstream {
     status: StatusCode,
-    body: Answer,
-}
-
-enum Answer {
-    Plain(Incoming),
-    Tls(reqwest::Response),
+    body: Incoming,
 }
 
 impl Upstream {
@@ -153,18 +179,12 @@ impl Upstream {
 
     /// The whole body.
     pub async fn bytes(self) -> Result<Bytes, UpstreamError> {
-        match self.body {
-            Answer::Plain(body) => Ok(body.collect().await?.to_bytes()),
-            Answer::Tls(answer) => Ok(answer.bytes().await?),
-        }
+        Ok(self.body.collect().await?.to_bytes())
     }
 
     /// The body as it comes.
     pub fn bytes_stream(self) -> ByteStream {
-        match self.body {
-            Answer::Plain(body) => BodyDataStream::new(body).map_err(Into::into).boxed(),
-            Answer::Tls(answer) => answer.bytes_stream().map_err(Into::into).boxed(),
-        }
+        BodyDataStream::new(self.body).map_err(Into::into).boxed()
     }
 }
 
@@ -186,16 +206,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_http_goes_to_hyper_and_https_to_the_tls_client() {
+    fn targets_are_http_or_https_urls() {
         assert!(matches!(
             Target::parse("http://127.0.0.1:8001/v1/chat/completions"),
-            Some(Target::Plain(u)) if u.path() == "/v1/chat/completions" && u.port_u16() == Some(8001)
+            Some(Target(u)) if u.path() == "/v1/chat/completions" && u.port_u16() == Some(8001)
         ));
         assert!(matches!(
             Target::parse("https://replica-0:8443/v1/completions"),
-            Some(Target::Tls(u)) if u.path() == "/v1/completions"
+            Some(Target(u)) if u.path() == "/v1/completions"
         ));
         assert!(Target::parse("not a url/v1/completions").is_none());
+        assert!(Target::parse("ftp://replica-0/v1/completions").is_none());
     }
 
     #[tokio::test]
@@ -203,7 +224,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let upstreams = Upstreams::new(reqwest::Client::new(), Duration::from_secs(1));
+        let upstreams = Upstreams::new(&ReplicaAuth::default(), Duration::from_secs(1)).unwrap();
         let target = Target::parse(&format!("http://127.0.0.1:{port}/v1/completions")).unwrap();
         let err = match upstreams.post(target, &[], Bytes::new()).await {
             Err(e) => describe(&e),

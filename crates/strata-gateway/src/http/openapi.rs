@@ -182,7 +182,6 @@ pub struct Health {
     /// `ok`, `idle` (scaled to zero; requests wait) or `unavailable`.
     pub status: String,
     pub replicas_ready: u32,
-    pub replicas: Vec<serde_json::Value>,
 }
 
 /// `after`, `limit` and `order` of a paged list.

@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 use crate::fleet::replicas::ReplicaSet;
 use crate::fleet::snapshots::Snapshots;
 use crate::http::error::store_error;
-use crate::http::extract::Path as UrlPath;
+use crate::http::extract::{Path as UrlPath, Query};
 use crate::tenancy::audit::Audit;
 use crate::tenancy::auth::Authenticator;
 use crate::tenancy::keys::new_key_record;
@@ -61,6 +61,7 @@ where
         .routes(routes!(all_usage))
         .routes(routes!(audit))
         .routes(routes!(rotate_kek))
+        .routes(routes!(list_replicas))
         .routes(routes!(drain_replica))
         .routes(routes!(undrain_replica))
         .routes(routes!(preempt_replica))
@@ -741,25 +742,56 @@ async fn all_usage(
     get,
     path = "/admin/v1/audit",
     tag = "admin",
-    summary = "The audit trail (a tenant admin sees its tenant's)",
+    summary = "The audit trail (a tenant admin sees its tenant's), a page at a time",
+    params(
+        ("after" = Option<i64>, Query, description = "The `seq` of the last row of the previous page"),
+        ("limit" = Option<u32>, Query, description = "Rows per page, 1 to 1000 (default 100)"),
+    ),
     responses((status = 200, description = "OK", body = crate::http::openapi::List), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 async fn audit(
     State(state): State<Arc<Admin>>,
     Extension(p): Extension<Arc<Principal>>,
+    Query(page): Query<AuditPage>,
 ) -> Response {
     let result = async {
         role_allows(&p, Need::Manage)?;
+        let limit = page.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::invalid_request(
+                Some("limit"),
+                "limit must be between 1 and 1000.",
+            ));
+        }
         let scope = (!p.is_platform_admin()).then_some(&p.tenant.id);
-        let rows = state.trail.audit(scope).await.map_err(store_error)?;
-        Ok((StatusCode::OK, json!({"object": "list", "data": rows})))
+        // One more than asked: whether another page follows.
+        let mut rows = state
+            .trail
+            .audit_page(scope, page.after.unwrap_or(0), limit + 1)
+            .await
+            .map_err(store_error)?;
+        let has_more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        Ok((
+            StatusCode::OK,
+            json!({"object": "list", "data": rows, "has_more": has_more,
+                   "first_id": rows.first().map(|r| r.seq), "last_id": rows.last().map(|r| r.seq)}),
+        ))
     }
     .await;
     state
         .audit
         .finish(&p, "audit.read", p.tenant.id.as_str(), "", result)
         .await
+}
+
+/// `GET /admin/v1/audit`'s page.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditPage {
+    after: Option<i64>,
+    limit: Option<u32>,
 }
 
 #[utoipa::path(
@@ -796,6 +828,45 @@ async fn rotate_kek(
     }
     .await;
     state.audit.finish(&p, "kek.rotate", "*", "", result).await
+}
+
+/// `GET /admin/v1/replicas` (platform admins): this gateway's replicas, with
+/// their addresses, state, the dedicated tenant each is reserved for, and
+/// their outstanding tokens (what `/health` showed to anyone before).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replicas",
+    tag = "admin",
+    summary = "This gateway's replicas: address, state, reservation, load",
+    responses((status = 200, description = "OK", body = crate::http::openapi::List), crate::http::openapi::Failures),
+    security(("api_key" = []))
+)]
+async fn list_replicas(
+    State(state): State<Arc<Admin>>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Response {
+    let result = async {
+        role_allows(&p, Need::Platform)?;
+        let replicas = state
+            .replicas
+            .snapshot()
+            .iter()
+            .map(|r| {
+                json!({
+                    "object": "replica",
+                    "id": r.endpoint.id, "url": r.endpoint.url, "ready": r.is_ready(),
+                    "draining": r.is_draining(), "reserved_for": r.endpoint.reserved_for,
+                    "outstanding_tokens": r.outstanding_tokens(),
+                })
+            })
+            .collect();
+        Ok((StatusCode::OK, list_json(replicas)))
+    }
+    .await;
+    state
+        .audit
+        .finish(&p, "replica.list", p.tenant.id.as_str(), "", result)
+        .await
 }
 
 /// `POST /admin/v1/replicas/{id}/drain` (platform admins): the replica

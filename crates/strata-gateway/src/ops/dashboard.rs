@@ -153,8 +153,19 @@ impl Dashboard {
         }
     }
 
-    fn cookie(&self, value: &str, max_age: u64) -> HeaderValue {
-        let secure = if self.secure { "; Secure" } else { "" };
+    /// The session cookie: `Secure` when this gateway serves TLS or the
+    /// request reached a TLS-terminating proxy first (`X-Forwarded-Proto:
+    /// https`, which can only make the cookie stricter).
+    fn cookie(&self, value: &str, max_age: u64, headers: &axum::http::HeaderMap) -> HeaderValue {
+        let behind_tls = headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+        let secure = if self.secure || behind_tls {
+            "; Secure"
+        } else {
+            ""
+        };
         HeaderValue::from_str(&format!(
             "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
         ))
@@ -261,6 +272,7 @@ fn form_field(body: &[u8], name: &str) -> Option<String> {
     )
 )]
 async fn login(State(d): State<Arc<Dashboard>>, req: Request) -> Response {
+    let headers = req.headers().clone();
     let Ok(body) = read_body(req.into_body(), 4096).await else {
         return login_page(StatusCode::PAYLOAD_TOO_LARGE, "That is not a key.");
     };
@@ -282,6 +294,9 @@ async fn login(State(d): State<Arc<Dashboard>>, req: Request) -> Response {
             );
         }
         Err(_) => {
+            d.audit
+                .record_anonymous("ui.login", "/ui", "invalid_key")
+                .await;
             return login_page(StatusCode::UNAUTHORIZED, "Refused: that key is not valid.");
         }
     };
@@ -302,7 +317,10 @@ async fn login(State(d): State<Arc<Dashboard>>, req: Request) -> Response {
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, d.cookie(&token, SESSION_TTL.as_secs())),
+            (
+                header::SET_COOKIE,
+                d.cookie(&token, SESSION_TTL.as_secs(), &headers),
+            ),
             (header::LOCATION, HeaderValue::from_static("/ui")),
         ],
     )
@@ -327,7 +345,7 @@ async fn logout(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, d.cookie("", 0)),
+            (header::SET_COOKIE, d.cookie("", 0, &headers)),
             (header::LOCATION, HeaderValue::from_static("/ui")),
         ],
     )

@@ -1,5 +1,7 @@
-//! The routes without a key: `/health` (whether the gateway can serve, and
-//! its replicas), `/metrics` (Prometheus) and `/openapi.json`.
+//! The operations routes: `/health` and `/openapi.json` without a key
+//! (whether the gateway can serve; nothing about tenants or replicas), and
+//! `/metrics` (Prometheus) for a key of the platform tenant with the admin or
+//! reader role: its series may name tenants and show their spend.
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,10 +15,15 @@ use utoipa_axum::routes;
 
 use crate::fleet::replicas::ReplicaSet;
 use crate::metrics::{GatewayMetrics, MoreMetrics};
+use crate::tenancy::auth::Authenticator;
+use strata_core::tenant::Role;
+use strata_core::ApiError;
 
 /// The state of the status routes.
 pub struct Status {
     pub replicas: Arc<ReplicaSet>,
+    /// Who may read `/metrics`.
+    pub auth: Arc<Authenticator>,
     pub metrics: Arc<GatewayMetrics>,
     /// The controller's metrics, when it runs in this process.
     pub more_metrics: Option<MoreMetrics>,
@@ -59,18 +66,6 @@ async fn document(State(status): State<Arc<Status>>) -> Response {
     responses((status = 200, description = "Ready, or scaled to zero", body = crate::http::openapi::Health), (status = 503, description = "No replica and no waiting allowed", body = crate::http::openapi::Health))
 )]
 async fn health(State(status): State<Arc<Status>>) -> Response {
-    let replicas: Vec<_> = status
-        .replicas
-        .snapshot()
-        .iter()
-        .map(|r| {
-            json!({
-                "id": r.endpoint.id, "url": r.endpoint.url, "ready": r.is_ready(), "draining": r.is_draining(),
-                "reserved_for": r.endpoint.reserved_for,
-                "outstanding_tokens": r.outstanding_tokens(),
-            })
-        })
-        .collect();
     let ready = status.replicas.ready_count();
     let holds = status.replicas.holds_when_empty();
     // Scaled to zero, the gateway still takes requests: they wait for a replica.
@@ -79,7 +74,8 @@ async fn health(State(status): State<Arc<Status>>) -> Response {
         (0, true) => "idle",
         _ => "ok",
     };
-    let body = Json(json!({"status": state, "replicas_ready": ready, "replicas": replicas}));
+    // Replicas by name, address and load: `GET /admin/v1/replicas`.
+    let body = Json(json!({"status": state, "replicas_ready": ready}));
     if ready > 0 || holds {
         body.into_response()
     } else {
@@ -91,10 +87,26 @@ async fn health(State(status): State<Arc<Status>>) -> Response {
     get,
     path = "/metrics",
     tag = "operations",
-    summary = "Prometheus metrics",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+    summary = "Prometheus metrics (a platform admin or reader key)",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String), crate::http::openapi::Failures),
+    security(("api_key" = []))
 )]
-async fn metrics(State(status): State<Arc<Status>>) -> Response {
+async fn metrics(State(status): State<Arc<Status>>, headers: axum::http::HeaderMap) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = match status.auth.authenticate(authorization).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if !(principal.tenant.id.is_platform()
+        && matches!(principal.role(), Role::Admin | Role::Reader))
+    {
+        return ApiError::forbidden(
+            "Metrics name tenants: they need a key of the platform tenant (admin or reader).",
+        )
+        .into_response();
+    }
     let m = &status.metrics;
     m.replicas_ready.set(status.replicas.ready_count() as i64);
     let mut text = m.render();
