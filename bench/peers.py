@@ -503,8 +503,7 @@ def mtls():
         cpu_table(runs)
         gw = {name: median([r["router_user"] + r["router_sys"] for r in rs]) for name, rs in runs.items()}
         a, b = gw.values()
-        print(f"
-gateway CPU per request: plain {a:.1f} µs, mutual TLS {b:.1f} µs (x{b / a:.3f}); "
+        print(f"\ngateway CPU per request: plain {a:.1f} µs, mutual TLS {b:.1f} µs (x{b / a:.3f}); "
               f"req/s x{list(summary.values())[1]['rps'] / list(summary.values())[0]['rps']:.3f}")
         print("goal: mutual TLS costs under 10% more gateway CPU per request")
     finally:
@@ -538,13 +537,11 @@ def mtls_streaming():
             stream_probe(base, k, streams, 8)  # warm both engines, both paths
         med = alternate(paths, lambda base, k: stream_probe(base, k, streams))
         (pn, p), (tn, t) = med.items()
-        print(f"
-| path ({streams} streams, 64 tokens each) | tokens/s relayed (median) | TTFT ms (median) |")
+        print(f"\n| path ({streams} streams, 64 tokens each) | tokens/s relayed (median) | TTFT ms (median) |")
         print("|---|---|---|")
         for name, m in med.items():
             print(f"| {name} | {m['tokens_per_s']:.1f} | {1000 * m['ttft_s']:.0f} |")
-        print(f"
-mutual TLS / plain: tokens/s x{t['tokens_per_s'] / p['tokens_per_s']:.3f}, "
+        print(f"\nmutual TLS / plain: tokens/s x{t['tokens_per_s'] / p['tokens_per_s']:.3f}, "
               f"TTFT {1000 * (t['ttft_s'] - p['ttft_s']):+.0f} ms")
     finally:
         stop(procs)

@@ -21,6 +21,7 @@ ENGINE_ROUTES = [
     ("GET", "/metrics", None),
     ("POST", "/internal/kv/export", None),
     ("POST", "/internal/kv/import", None),
+    ("POST", "/internal/kv/forget", {"scope": "ten_victim"}),
 ]
 FORGED = {"x-strata-cache-scope": "ten_victim", "x-strata-session": "conv_victim"}
 
@@ -174,7 +175,7 @@ def test_an_engine_started_by_hand_honours_no_scope_and_moves_no_snapshot():
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.5)
-            for path in ("/internal/kv/export", "/internal/kv/import"):
+            for path in ("/internal/kv/export", "/internal/kv/import", "/internal/kv/forget"):
                 r = httpx.post(base + path, content=b"SKV1", timeout=10)
                 assert r.status_code == 403, r.text
             prompt = "The quick brown fox jumps over the lazy dog. " * 4

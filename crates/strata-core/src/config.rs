@@ -321,6 +321,11 @@ pub struct SecurityConfig {
     pub audit_checkpoint_file: Option<PathBuf>,
     /// Seconds between checkpoints (default 60; 0: none).
     pub audit_checkpoint_secs: Option<f64>,
+    /// Keep the KEK after a tenant is deleted (default: a KEK in a file is
+    /// replaced by a new one, the survivors' data keys re-wrapped, so a
+    /// backup from before the deletion does not open with the KEK in use).
+    /// For several gateways sharing one KEK file, which must then restart.
+    pub keep_kek_on_shred: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -46,6 +46,9 @@ pub const SESSION_HEADER: &str = "x-strata-session";
 /// Engine routes for KV snapshots, reached only by the gateway.
 pub const KV_EXPORT_PATH: &str = "/internal/kv/export";
 pub const KV_IMPORT_PATH: &str = "/internal/kv/import";
+/// Engine route: drops every kept sequence of the cache scope in the JSON
+/// body `{"scope": …}` (a deleted tenant's cells); gateway only.
+pub const KV_FORGET_PATH: &str = "/internal/kv/forget";
 
 /// What a gateway sees of its load: the controller's signals.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -94,6 +94,9 @@ enum Control {
         Snapshot,
         tokio::sync::oneshot::Sender<Result<usize, String>>,
     ),
+    /// Drops every kept sequence of a scope (a deleted tenant); answers the
+    /// cells freed.
+    Forget(String, tokio::sync::oneshot::Sender<usize>),
 }
 
 /// A loaded model and its scheduler. Dropping it stops the scheduler.
@@ -244,6 +247,15 @@ impl Engine {
         rx.await
             .map_err(|_| ApiError::unavailable("The engine has stopped."))?
             .map_err(|e| ApiError::conflict(format!("The snapshot was not restored: {e}")))
+    }
+
+    /// Drops every kept sequence of `scope` (a deleted tenant's cells);
+    /// answers the cells freed.
+    pub async fn forget_scope(&self, scope: &str) -> Result<usize, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_control(Control::Forget(scope.to_owned(), tx))?;
+        rx.await
+            .map_err(|_| ApiError::unavailable("The engine has stopped."))
     }
 
     fn send_control(&self, work: Control) -> Result<(), ApiError> {
@@ -715,6 +727,14 @@ impl Scheduler<'_> {
             }
             Control::Import(snapshot, reply) => {
                 let _ = reply.send(self.import(ctx, snapshot));
+            }
+            Control::Forget(scope, reply) => {
+                let (seqs, cells) = self.cache.forget_scope(&scope);
+                for seq in seqs {
+                    self.release(ctx, seq);
+                }
+                self.cache_gauges();
+                let _ = reply.send(cells);
             }
         }
     }

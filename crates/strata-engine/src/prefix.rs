@@ -177,6 +177,22 @@ impl<T: Copy + Eq> PrefixCache<T> {
             .collect()
     }
 
+    /// Drops every entry of `scope` (a deleted tenant's); their sequence
+    /// ids, for clearing, and the cells they held.
+    pub fn forget_scope(&mut self, scope: &str) -> (Vec<i32>, usize) {
+        let mut freed = (Vec::new(), 0);
+        self.entries.retain(|e| {
+            if e.scope != scope {
+                return true;
+            }
+            freed.0.push(e.seq);
+            freed.1 += e.tokens.len();
+            false
+        });
+        self.cells -= freed.1;
+        freed
+    }
+
     /// Drops the least recently used entry other than `keep`; its sequence
     /// id is returned for clearing.
     pub fn evict_lru(&mut self, keep: Option<i32>) -> Option<i32> {

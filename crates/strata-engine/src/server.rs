@@ -20,7 +20,8 @@ use strata_core::openai::{
     ModelList, Usage,
 };
 use strata_core::{
-    read_body, ApiError, CACHE_SCOPE_HEADER, KV_EXPORT_PATH, KV_IMPORT_PATH, SESSION_HEADER,
+    read_body, ApiError, CACHE_SCOPE_HEADER, KV_EXPORT_PATH, KV_FORGET_PATH, KV_IMPORT_PATH,
+    SESSION_HEADER,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -213,6 +214,7 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/metrics", get(metrics))
         .route(KV_EXPORT_PATH, post(export_snapshots))
         .route(KV_IMPORT_PATH, post(import_snapshot))
+        .route(KV_FORGET_PATH, post(forget_scope))
         .fallback(|| async { ApiError::not_found("Unknown route.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(state.clone(), trust))
@@ -330,6 +332,24 @@ async fn import_snapshot(
     }
     let restored = engine.import(snapshot).await?;
     Ok(Json(json!({"restored_tokens": restored})).into_response())
+}
+
+/// `POST /internal/kv/forget` `{"scope": …}`: a deleted tenant's kept
+/// cells leave the prefix cache.
+async fn forget_scope(
+    State(state): State<Arc<ServerState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Forget {
+        scope: String,
+    }
+    let engine = ready_engine(&state)?;
+    let body = read_body(req.into_body(), 4096).await?;
+    let forget: Forget = parse_body(&body)?;
+    let cells = engine.forget_scope(&forget.scope).await?;
+    Ok(Json(json!({"forgotten_tokens": cells})).into_response())
 }
 
 async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Response, ApiError> {

@@ -95,6 +95,8 @@ pub struct GatewaySettings {
     pub slo: Slo,
     /// Keyed checkpoints of the audit trail's head, outside the database.
     pub audit_checkpoints: Option<crate::tenancy::audit::Checkpoints>,
+    /// After a tenant is deleted, rotate the KEK (where it is a file).
+    pub rotate_kek_on_shred: bool,
 }
 
 /// What the gateway is linked to in its process: where its replicas come
@@ -293,6 +295,7 @@ impl Gateway {
             client: client.clone(),
             snapshots: snapshots.clone(),
             notices: links.controller.as_ref().map(|l| l.notices.clone()),
+            rotate_kek_on_shred: settings.rotate_kek_on_shred,
         });
         let dashboard = Arc::new(Dashboard::new(
             dashboard::Reads {

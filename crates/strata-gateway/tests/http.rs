@@ -236,6 +236,7 @@ impl Harness {
             budget_refresh: None,
             slo: Slo::default(),
             audit_checkpoints: None,
+            rotate_kek_on_shred: true,
         };
         let (endpoints, rx) = watch::channel(replicas.clone());
         let gateway = Gateway::start(settings, Links::endpoints(rx), store.clone(), Some(vault))

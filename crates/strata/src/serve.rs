@@ -133,6 +133,7 @@ fn gateway_settings(
             }),
             _ => None,
         },
+        rotate_kek_on_shred: !config.security.keep_kek_on_shred,
         slo: strata_gateway::ops::dashboard::Slo {
             ttft_p95_ms: config.pool.slo_ttft_p95_ms,
             tpot_p95_ms: config.pool.slo_tpot_p95_ms,

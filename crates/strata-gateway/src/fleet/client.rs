@@ -121,7 +121,11 @@ impl Upstreams {
                     .https_only()
                     .enable_http1()
                     .wrap_connector(http);
-                Some(builder().build(https))
+                // One buffer per request, so one TLS record: with vectored
+                // writes, head and body went out as a record each.
+                let mut b = builder();
+                b.http1_writev(false);
+                Some(b.build(https))
             }
             None => None,
         };

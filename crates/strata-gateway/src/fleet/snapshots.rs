@@ -112,6 +112,21 @@ impl Snapshots {
         }
     }
 
+    /// Removes a deleted tenant's snapshot files (sealed under its data key,
+    /// which is gone: unreadable, but still taking room and naming its
+    /// sessions). In the database they go with the tenant's rows.
+    pub fn forget_tenant(&self, tenant: &str) -> std::io::Result<()> {
+        match self {
+            Snapshots::Dir { dir, .. } if safe_name(tenant) => {
+                match std::fs::remove_dir_all(dir.join(tenant)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub async fn has(&self, tenant: &str, session: &str) -> bool {
         match self {
             Snapshots::Dir { dir, .. } => {

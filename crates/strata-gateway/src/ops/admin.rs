@@ -44,6 +44,9 @@ pub struct Admin {
     pub snapshots: Option<Arc<Snapshots>>,
     /// Preemption notices to the provider (`strata serve` only).
     pub notices: Option<tokio::sync::mpsc::Sender<strata_core::link::PreemptNotice>>,
+    /// After a tenant is deleted, re-wrap the survivors' data keys under a
+    /// new KEK and destroy the old one (where the KEK is a file).
+    pub rotate_kek_on_shred: bool,
 }
 
 /// The admin routes, for a router whose state holds an `Admin`.
@@ -467,9 +470,10 @@ async fn delete_tenant(
             .await
             .map_err(store_error)?;
         state.auth.forget_tenant(&id);
+        let kek_rotated = shred_after(&state, &id).await;
         Ok((
             StatusCode::OK,
-            json!({"object": "tenant.deleted", "id": id, "deleted": true}),
+            json!({"object": "tenant.deleted", "id": id, "deleted": true, "kek_rotated": kek_rotated}),
         ))
     }
     .await;
@@ -477,6 +481,52 @@ async fn delete_tenant(
         .audit
         .finish(&p, "tenant.delete", &id, &id, result)
         .await
+}
+
+/// What follows a tenant's deletion (its data key is already destroyed):
+/// its cells leave every replica's prefix cache, its snapshot files go,
+/// and, where the KEK is a file and `rotate_kek_on_shred` holds, every
+/// surviving data key is wrapped under a new KEK and the old one destroyed,
+/// so a backup taken before (database and keyring) no longer opens with the
+/// KEK in use. Whether the KEK was rotated.
+async fn shred_after(state: &Admin, tenant: &str) -> bool {
+    let body = json!({"scope": tenant});
+    for r in state.replicas.snapshot().iter() {
+        let url = format!("{}{}", r.endpoint.url, strata_core::KV_FORGET_PATH);
+        let sent = state
+            .client
+            .post(url)
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        // An engine without the route (not strata's) keeps its cache.
+        if let Err(e) = sent {
+            tracing::warn!(replica = %r.endpoint.id, error = %e, "cannot drop a deleted tenant's cells");
+        }
+    }
+    if let Some(snapshots) = &state.snapshots {
+        if let Err(e) = snapshots.forget_tenant(tenant) {
+            tracing::warn!(error = %e, "cannot remove a deleted tenant's snapshot files");
+        }
+    }
+    let Some(vault) = state.vault.as_ref().filter(|_| state.rotate_kek_on_shred) else {
+        return false;
+    };
+    let KekSource::File(path) = vault.kek_source() else {
+        tracing::warn!("the KEK comes from STRATA_KEK: not rotated after the shred");
+        return false;
+    };
+    match vault.rotate_kek_to_file(Kek::generate(), &path).await {
+        Ok(id) => {
+            tracing::info!(kek = %id, "KEK rotated after a shred");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "KEK rotation after a shred failed; the old KEK is still in use");
+            false
+        }
+    }
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
