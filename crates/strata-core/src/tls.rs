@@ -99,6 +99,11 @@ pub fn acceptor(files: &TlsFiles, client_ca: Option<&Path>) -> Result<TlsAccepto
 /// address, which no certificate made before the Pod can name.
 pub const REPLICA_SERVER_NAME: &str = "strata-replica";
 
+/// The address a connection came from, in every request's extensions (put
+/// there by [`serve`]). Behind a proxy it is the proxy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// Who is at the other end of a connection, as the listener knows it: put
 /// into every request's extensions by [`serve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,8 +406,9 @@ async fn connection(
     require_tls: bool,
     closing: CancellationToken,
 ) {
+    let peer = stream.peer_addr().ok().map(Peer);
     let Some(acceptor) = tls else {
-        return http(TokioIo::new(stream), app, Caller::Anonymous, closing).await;
+        return http(TokioIo::new(stream), app, Caller::Anonymous, peer, closing).await;
     };
     let mut first = [0u8; 1];
     // 0x16 starts a TLS handshake record.
@@ -415,7 +421,7 @@ async fn connection(
                     Some(certs) if !certs.is_empty() => Caller::Verified,
                     _ => Caller::Anonymous,
                 };
-                http(TokioIo::new(tls_stream), app, caller, closing).await
+                http(TokioIo::new(tls_stream), app, caller, peer, closing).await
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -423,17 +429,20 @@ async fn connection(
     } else if require_tls {
         refuse_plain(stream).await;
     } else {
-        http(TokioIo::new(stream), app, Caller::Anonymous, closing).await;
+        http(TokioIo::new(stream), app, Caller::Anonymous, peer, closing).await;
     }
 }
 
-async fn http<I>(io: I, app: Router, caller: Caller, closing: CancellationToken)
+async fn http<I>(io: I, app: Router, caller: Caller, peer: Option<Peer>, closing: CancellationToken)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     use tower::ServiceExt;
     let app = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(caller);
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(peer);
+        }
         req
     });
     let service = TowerToHyperService::new(app);

@@ -244,11 +244,11 @@ impl Gateway {
             shared_limits,
             metrics.clone(),
         );
-        let auth = Arc::new(Authenticator::new(
-            stores.keys.clone(),
-            stores.tenants.clone(),
-        ));
         let audit = Audit::new(stores.audit.clone());
+        let auth = Arc::new(
+            Authenticator::new(stores.keys.clone(), stores.tenants.clone())
+                .with_audit(audit.clone()),
+        );
         let snapshots = match (&settings.snapshots, &vault) {
             (SnapshotPlace::Dir(dir), Some(vault)) => {
                 Some(Arc::new(Snapshots::new(dir.clone(), vault.clone())))

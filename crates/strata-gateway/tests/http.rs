@@ -766,3 +766,57 @@ async fn dashboard_logins_with_bad_keys_are_audited_and_cookies_are_secure_behin
         .iter()
         .all(|r| r["result"].as_str().unwrap().starts_with("invalid_key")));
 }
+
+#[tokio::test]
+async fn an_address_sending_bad_keys_is_slowed_but_its_good_keys_still_pass() {
+    let (_a, ea) = replica("a", Script::Answer).await;
+    let h = Harness::new(vec![ea], RateLimits::default(), None).await;
+    let models = |key: &str, peer: &str| {
+        let mut req = Request::get("/v1/models")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(strata_core::tls::Peer(peer.parse().unwrap()));
+        req
+    };
+    // The good key once, so it is known.
+    assert_eq!(
+        h.raw(models(&h.key, "10.0.0.1:1000")).await.0,
+        StatusCode::OK
+    );
+    let mut statuses = Vec::new();
+    for i in 0..80 {
+        // Well-formed keys that do not exist: each would cost a lookup.
+        let bad = format!("sk-strata-{:0>43}", i);
+        statuses.push(h.raw(models(&bad, "10.0.0.1:1000")).await.0);
+    }
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let slowed = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(
+        (64..=65).contains(&refused) && refused + slowed == 80,
+        "{statuses:?}"
+    );
+    // The same address's good key still passes; another address is not slowed.
+    assert_eq!(
+        h.raw(models(&h.key, "10.0.0.1:1001")).await.0,
+        StatusCode::OK
+    );
+    let other = format!("sk-strata-{:0>43}", 99);
+    assert_eq!(
+        h.raw(models(&other, "10.0.0.2:1000")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The refusals are in the trail (a bounded number a second).
+    let (_, trail, _) = h.call(h.get("/admin/v1/audit?limit=1000", &h.admin)).await;
+    let rows = trail["data"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["action"] == "auth"
+        && r["actor_key"] == "-"
+        && r["target"] == "/v1/models from 10.0.0.1"));
+}

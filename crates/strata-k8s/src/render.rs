@@ -245,26 +245,23 @@ pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) 
         if let Some(token) = &s.replica_token {
             data["replica-token"] = json!(token);
         }
-        out.push(json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": metadata(SECRET, ns, common_labels("secrets")),
-            "type": "Opaque",
-            "stringData": data,
-        }));
+        let secret = |name: &str, data: Value| {
+            json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": metadata(name, ns, common_labels("secrets")),
+                "type": "Opaque",
+                "stringData": data,
+            })
+        };
+        out.push(secret(SECRET, data));
         if !s.replica_tls.is_empty() {
             let files: serde_json::Map<String, Value> = s
                 .replica_tls
                 .iter()
                 .map(|(name, pem)| (name.clone(), json!(pem)))
                 .collect();
-            out.push(json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": metadata(REPLICA_TLS_SECRET, ns, common_labels("secrets")),
-                "type": "Opaque",
-                "stringData": files,
-            }));
+            out.push(secret(REPLICA_TLS_SECRET, Value::Object(files)));
         }
     }
     out.extend(gateway(config));

@@ -795,7 +795,7 @@ async fn all_usage(
     summary = "The audit trail (a tenant admin sees its tenant's), a page at a time",
     params(
         ("after" = Option<i64>, Query, description = "The `seq` of the last row of the previous page"),
-        ("limit" = Option<u32>, Query, description = "Rows per page, 1 to 1000 (default 100)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Rows per page, 1 to 1000 (default 100)"),
     ),
     responses((status = 200, description = "OK", body = crate::http::openapi::List), crate::http::openapi::Failures),
     security(("api_key" = []))

@@ -29,7 +29,27 @@ pub struct Authenticator {
     keys: Arc<dyn KeyStore>,
     tenants: Arc<dyn TenantStore>,
     cache: Mutex<KeyCache>,
+    refusals: Mutex<Refusals>,
+    /// Where refused keys are recorded (bounded), when set.
+    audit: Option<crate::tenancy::audit::Audit>,
 }
+
+/// Refused keys per client address (a token bucket each), and digests of
+/// keys that authenticated lately: while an address is over its refusals,
+/// its requests get 429 before any store lookup, except those with a key
+/// known to be good (so a proxy's address, shared by many clients, does not
+/// lock out the ones with valid keys).
+#[derive(Default)]
+struct Refusals {
+    by_peer: FastMap<std::net::IpAddr, (f64, Instant)>,
+    known_good: FastMap<[u8; 32], Instant>,
+}
+
+/// Refused keys an address may send at once, and how many more a second.
+const REFUSAL_BURST: f64 = 64.0;
+const REFUSALS_PER_SEC: f64 = 2.0;
+/// How long a key that authenticated stays known to be good.
+const KNOWN_GOOD: Duration = Duration::from_secs(600);
 
 impl Authenticator {
     pub fn new(keys: Arc<dyn KeyStore>, tenants: Arc<dyn TenantStore>) -> Authenticator {
@@ -37,7 +57,58 @@ impl Authenticator {
             keys,
             tenants,
             cache: Mutex::new(KeyCache::default()),
+            refusals: Mutex::new(Refusals::default()),
+            audit: None,
         }
+    }
+
+    /// Records refused keys (at most a few rows a second) in `audit`.
+    pub fn with_audit(mut self, audit: crate::tenancy::audit::Audit) -> Authenticator {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Whether `peer` has used up its refusals and `authorization` is not a
+    /// key known to be good: then the request gets 429 without a lookup.
+    fn throttled(&self, peer: std::net::IpAddr, authorization: Option<&str>) -> bool {
+        let mut r = self.refusals.lock().expect("refusals lock");
+        let Some((tokens, at)) = r.by_peer.get(&peer).copied() else {
+            return false;
+        };
+        let tokens = (tokens + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST);
+        if tokens >= 1.0 {
+            return false;
+        }
+        let digest = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|s| key_digest(s.trim()));
+        !digest.is_some_and(|d| {
+            r.known_good
+                .get(&d)
+                .is_some_and(|t| t.elapsed() < KNOWN_GOOD)
+        }) && {
+            r.by_peer.insert(peer, (tokens, Instant::now()));
+            true
+        }
+    }
+
+    /// Counts one refused key from `peer`.
+    fn refused(&self, peer: std::net::IpAddr) {
+        let mut r = self.refusals.lock().expect("refusals lock");
+        if r.by_peer.len() > 100_000 {
+            // Many addresses: forget the ones whose buckets are full again.
+            r.by_peer.retain(|_, (t, at)| {
+                *t + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC < REFUSAL_BURST
+            });
+        }
+        let (tokens, at) = r
+            .by_peer
+            .get(&peer)
+            .copied()
+            .unwrap_or((REFUSAL_BURST, Instant::now()));
+        let tokens = (tokens + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST);
+        r.by_peer
+            .insert(peer, ((tokens - 1.0).max(0.0), Instant::now()));
     }
 
     /// The principal for `Authorization: Bearer <key>`, or the one 401.
@@ -75,6 +146,11 @@ impl Authenticator {
             .map_err(store_error)?
             .ok_or_else(ApiError::unauthorized)?;
         let principal = Arc::new(Principal { key, tenant });
+        self.refusals
+            .lock()
+            .expect("refusals lock")
+            .known_good
+            .insert(digest, Instant::now());
         self.cache
             .lock()
             .expect("auth cache lock")
@@ -116,11 +192,37 @@ pub async fn require_key(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let peer = req
+        .extensions()
+        .get::<strata_core::tls::Peer>()
+        .map(|p| p.0.ip());
+    if peer.is_some_and(|ip| auth.throttled(ip, header)) {
+        return ApiError::rate_limited(
+            "Too many requests with keys that are not valid from this address.",
+            1,
+        )
+        .into_response();
+    }
     match auth.authenticate(header).await {
         Ok(p) => {
             req.extensions_mut().insert(p);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if let Some(ip) = peer {
+                auth.refused(ip);
+            }
+            if let Some(audit) = &auth.audit {
+                let from = peer.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+                audit
+                    .record_anonymous(
+                        "auth",
+                        &format!("{} from {from}", req.uri().path()),
+                        "invalid_key",
+                    )
+                    .await;
+            }
+            e.into_response()
+        }
     }
 }

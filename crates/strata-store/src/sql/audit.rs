@@ -111,15 +111,6 @@ impl AuditStore for SqlStore {
     }
 
     async fn audit(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError> {
-        Ok(sqlx::query(&self.sql(
-            "SELECT * FROM audit WHERE ?1 IS NULL OR tenant = ?1 OR actor_tenant = ?1 ORDER BY seq",
-        ))
-        .bind(tenant.map(TenantId::as_str))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err)?
-        .iter()
-        .map(audit_from)
-        .collect())
+        self.audit_page(tenant, 0, u32::MAX).await
     }
 }
