@@ -535,16 +535,23 @@ impl Vault {
     /// the database but not the KEK. The audit chain is keyed with
     /// [`AUDIT_KEY_OWNER`]'s.
     pub async fn mac_key(&self, owner: &str) -> Result<[u8; 32], VaultError> {
+        let held = |v: &Vault| {
+            v.lock()
+                .open
+                .get(owner)
+                .and_then(|t| t.keys.first())
+                .map(|k| *k.mac)
+        };
+        // The first version never changes and no shred destroys it: once
+        // held, no need to ask the database again (it may be away).
+        if let Some(key) = held(self) {
+            return Ok(key);
+        }
         self.ready(owner).await?;
         if self.lock().newest(owner) == 0 {
             self.create_tenant_key(owner).await?;
         }
-        let ring = self.lock();
-        ring.open
-            .get(owner)
-            .and_then(|t| t.keys.first())
-            .map(|k| *k.mac)
-            .ok_or_else(|| VaultError::NoDataKey(owner.to_owned()))
+        held(self).ok_or_else(|| VaultError::NoDataKey(owner.to_owned()))
     }
 
     /// Seals `plaintext` under the tenant's newest data key.

@@ -208,6 +208,8 @@ pub async fn require_key(
             req.extensions_mut().insert(p);
             next.run(req).await
         }
+        // A store that is away is not a refused key.
+        Err(e) if e.status != 401 => e.into_response(),
         Err(e) => {
             if let Some(ip) = peer {
                 auth.refused(ip);
