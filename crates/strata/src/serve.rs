@@ -88,15 +88,21 @@ fn gateway_settings(
         replica_auth: strata_gateway::fleet::client::ReplicaAuth {
             // The certificates a local controller or `strata serve` made, or
             // a Secret mounted there: used for `https://` replicas.
-            pki: config
-                .serve
-                .replica_mtls
-                .then(|| {
-                    strata_core::tls::ReplicaPki::at(
+            // A cluster's gateway (replicas from the database) may start
+            // before its controller has made them: it makes the set itself
+            // (the first set placed is the one every process uses).
+            pki: match config.serve.replica_mtls {
+                false => None,
+                true if config.gateway.replicas.is_empty() => {
+                    Some(strata_core::tls::ReplicaPki::ensure(
                         &config.store.replica_tls_dir(&config.serve, db),
-                    )
-                })
+                    )?)
+                }
+                true => Some(strata_core::tls::ReplicaPki::at(
+                    &config.store.replica_tls_dir(&config.serve, db),
+                ))
                 .filter(|pki| pki.client.cert.is_file() && pki.client.key.is_file()),
+            },
             token: std::env::var(strata_core::REPLICA_TOKEN_ENV)
                 .ok()
                 .filter(|t| !t.is_empty()),
