@@ -8,7 +8,11 @@ the total instruction count of the gateway process, divided by the
 requests it served, is printed, and the profile is left for
 callgrind_annotate.
 
-Run: STRATA_BIN=/work/rel-target/release/strata .venv/bin/python bench/callgrind.py
+With `--mtls`, the stub serves HTTPS that requires the gateway's client
+certificate (as bench/peers.py --mtls sets it up), so the count includes
+what mutual TLS to the replica costs.
+
+Run: STRATA_BIN=/work/rel-target/release/strata .venv/bin/python bench/callgrind.py [--mtls]
 Needs valgrind, nginx and wrk.
 """
 import os
@@ -20,17 +24,22 @@ import tempfile
 import time
 
 from benchlib import SHARED, start_stub
-from peers import strata_gateway
+from peers import replica_pki, strata_gateway, tls_stub
 
 SECONDS = os.environ.get("SECONDS_UNDER_LOAD", "20")
 
 
 def main():
     d = tempfile.mkdtemp(prefix="strata-callgrind-")
-    nginx = start_stub(d)
     out = os.path.join(d, "callgrind.out")
-    proc, base, key = strata_gateway(d, wrap=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                                              "--instr-atstart=no"])
+    wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no"]
+    if "--mtls" in sys.argv:
+        pki = replica_pki(d)
+        nginx, replica = tls_stub(d, pki)
+        proc, base, key = strata_gateway(d, replica=replica, wrap=wrap, extra=("--replica-tls-dir", pki))
+    else:
+        nginx = start_stub(d)
+        proc, base, key = strata_gateway(d, wrap=wrap)
     # Count from here: every thread's work while wrk runs (the ledger's too).
     subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
     run = subprocess.run(["wrk", "-t1", "-c8", f"-d{SECONDS}s", "-H", f"Authorization: Bearer {key}",

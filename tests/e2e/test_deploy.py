@@ -33,6 +33,8 @@ def test_the_committed_manifests_are_what_render_prints():
     # Without the secrets in the environment, none is printed, and stderr says how to make them.
     assert "Secret" not in kinds and "kubectl -n strata create secret" in r.stderr
     assert "create secret generic strata-replica-tls" in r.stderr
+    # The platform admin key comes from that Secret (never made and printed by a gateway).
+    assert "--from-literal=admin-key=" in r.stderr and "STRATA_ADMIN_KEY" in r.stdout
 
 
 def test_render_includes_the_secret_only_when_given_and_checks_it(tmp_path):
@@ -48,6 +50,16 @@ def test_render_includes_the_secret_only_when_given_and_checks_it(tmp_path):
     assert r.stdout.count("PRIVATE KEY-----") == 4  # two keys, each BEGIN and END
     again = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s"}).stdout
     assert re.findall(r"BEGIN CERTIFICATE", again) and again != r.stdout  # a fresh CA each time
+    # A new platform admin key in the Secret each time, or the one given.
+    made = re.findall(r"admin-key: (sk-strata-[A-Za-z0-9_-]{43})$", r.stdout, re.M)
+    assert len(made) == 1 and made[0] not in again and "admin-key: sk-strata-" in again
+    given = "sk-strata-" + "Q" * 43
+    mine = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s",
+                                "STRATA_ADMIN_KEY": given})
+    assert mine.returncode == 0 and f"admin-key: {given}" in mine.stdout
+    bad = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s",
+                               "STRATA_ADMIN_KEY": "hunter2"})
+    assert bad.returncode != 0 and "STRATA_ADMIN_KEY" in bad.stderr and "hunter2" not in bad.stderr
     # Without mutual TLS, a replica token instead.
     config.write_text('[kubernetes]\nnamespace = "llm"\n[serve]\nreplica_mtls = false\n')
     r = render(str(config), {"STRATA_KEK": kek, "STRATA_DATABASE_URL": "postgres://s@db/s"})

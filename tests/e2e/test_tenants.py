@@ -556,3 +556,38 @@ def test_first_start_prints_an_admin_key_once_and_makes_a_private_kek(tmp_path):
     second.terminate()
     out2, _ = second.communicate(timeout=10)
     assert "sk-strata-" not in out2, "the admin key is shown only once"
+
+
+def test_an_admin_key_from_the_environment_is_never_printed(tmp_path):
+    # On Kubernetes the gateway's stdout is the container log: `strata k8s
+    # render` gives gateways the admin key from the Secret as
+    # STRATA_ADMIN_KEY, and a gateway given one makes none and prints none.
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [STRATA, "gateway", "--replica", "http://127.0.0.1:9", "--db", str(tmp_path / "s.db"),
+           "--listen", f"127.0.0.1:{port}"]
+    admin = new_key()
+    env = {**os.environ, "STRATA_ADMIN_KEY": admin}
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline and p.poll() is None, "gateway did not start"
+                time.sleep(0.1)
+        assert httpx.get(f"{base}/admin/v1/tenants", headers=bearer(admin), timeout=5).status_code == 200
+        # It is the one admin key: nothing else was made.
+        keys = httpx.get(f"{base}/admin/v1/tenants/ten_platform/keys", headers=bearer(admin), timeout=5)
+        assert keys.status_code == 200 and [k["role"] for k in keys.json()["data"]] == ["admin"], keys.text
+    finally:
+        p.terminate()
+        out, err = p.communicate(timeout=10)
+    assert "sk-strata-" not in out + err and "admin key" not in out
+    # A value that is not a key stops the start with a clear message.
+    bad = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                         env={**env, "STRATA_ADMIN_KEY": "hunter2"})
+    assert bad.returncode != 0 and "STRATA_ADMIN_KEY does not hold a strata key" in bad.stderr, bad.stderr
+    assert "hunter2" not in bad.stderr

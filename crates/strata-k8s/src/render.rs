@@ -44,6 +44,9 @@ pub struct Secrets {
     pub kek: String,
     /// `postgres://…`
     pub database_url: String,
+    /// The platform admin key (`sk-strata-…`), given to gateways as
+    /// `STRATA_ADMIN_KEY` so none generates one and prints it to its log.
+    pub admin_key: String,
     /// File name → PEM of the replica CA and certificates, with
     /// `serve.replica_mtls` (the names `ReplicaPki` uses).
     pub replica_tls: Vec<(String, String)>,
@@ -241,7 +244,11 @@ pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) 
         "data": {"strata.toml": config_text},
     }));
     if let Some(s) = secrets {
-        let mut data = json!({"kek": s.kek, "database-url": s.database_url});
+        let mut data = json!({
+            "kek": s.kek,
+            "database-url": s.database_url,
+            "admin-key": s.admin_key,
+        });
         if let Some(token) = &s.replica_token {
             data["replica-token"] = json!(token);
         }
@@ -325,6 +332,9 @@ fn gateway(config: &Config) -> Vec<Value> {
     let mut env = vec![
         secret_env("STRATA_KEK", "kek"),
         secret_env("DATABASE_URL", "database-url"),
+        // The platform admin key comes from the Secret: a gateway that made
+        // one would print it, and on Kubernetes that is the container log.
+        secret_env("STRATA_ADMIN_KEY", "admin-key"),
         json!({"name": "STRATA_LOG", "value": "info"}),
     ];
     env.extend(token_env);
@@ -746,6 +756,7 @@ mod tests {
             .map(|f| (f.to_string(), format!("PEM of {f}")))
             .collect(),
             replica_token: None,
+            admin_key: format!("sk-strata-{}", "A".repeat(43)),
         };
         let mut all = manifests(&config, "[pool]\n", Some(&secrets));
         all.push(engine_deployment(
@@ -934,7 +945,29 @@ mod tests {
         };
         let ctl = find(CONTROLLER).to_string();
         assert!(!ctl.contains("STRATA_KEK") && !ctl.contains("\"kek\""));
+        assert!(!ctl.contains("STRATA_ADMIN_KEY") && !ctl.contains("admin-key"));
         let gw = find(GATEWAY);
+        // The gateway takes the platform admin key from the Secret, so it
+        // never makes one and prints it into its container log.
+        let env = &gw["spec"]["template"]["spec"]["containers"][0]["env"];
+        let admin = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "STRATA_ADMIN_KEY")
+            .expect("the gateway is given the admin key");
+        assert_eq!(
+            admin["valueFrom"]["secretKeyRef"],
+            json!({"name": SECRET, "key": "admin-key"})
+        );
+        let secret = all
+            .iter()
+            .find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == SECRET)
+            .unwrap();
+        assert!(secret["stringData"]["admin-key"]
+            .as_str()
+            .unwrap()
+            .starts_with("sk-strata-"));
         assert_eq!(
             gw["spec"]["template"]["spec"]["automountServiceAccountToken"],
             false

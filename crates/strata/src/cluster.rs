@@ -16,6 +16,7 @@ use strata_control::provider::local::LocalProvider;
 use strata_control::provider::Provider;
 use strata_core::config::{is_postgres_url, Config};
 use strata_core::store::{LeaseStore, Store};
+use strata_core::tenant::{looks_like_key, NewKey};
 use strata_core::Load;
 use strata_k8s::lease::KubeLeases;
 use strata_k8s::provider::KubeProvider;
@@ -279,9 +280,24 @@ fn secrets(
     kek: String,
     database_url: String,
 ) -> Result<strata_k8s::render::Secrets> {
+    // The platform admin key: the one given, else a new one (it is in
+    // the printed Secret, and nowhere else).
+    let admin_key = match std::env::var(crate::launch::ADMIN_KEY_ENV) {
+        Ok(key) if looks_like_key(key.trim()) => key.trim().to_string(),
+        Ok(_) => bail!(
+            "{} does not hold a strata key (sk-strata- followed by 43 base64url characters)",
+            crate::launch::ADMIN_KEY_ENV
+        ),
+        Err(_) => {
+            let mut random = [0u8; 32];
+            getrandom::getrandom(&mut random).context("no random source")?;
+            NewKey::from_random(random).secret
+        }
+    };
     let mut secrets = strata_k8s::render::Secrets {
         kek,
         database_url,
+        admin_key,
         replica_tls: Vec::new(),
         replica_token: None,
     };
@@ -345,7 +361,8 @@ pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<(
                     eprintln!(
                         "strata k8s render: no Secret rendered (set STRATA_KEK and \
                          STRATA_DATABASE_URL, or create it: kubectl -n {ns} create secret generic \
-                         strata --from-literal=kek=<64 hex> --from-literal=database-url=postgres://…; \
+                         strata --from-literal=kek=<64 hex> --from-literal=database-url=postgres://… \
+                         --from-literal=admin-key=sk-strata-$(openssl rand -base64 32 | tr '+/' '-_' | tr -d =); \
                          and the replica certificates, e.g. the ones `strata serve` makes under \
                          <data>/tls/replicas: kubectl -n {ns} create secret generic {tls} \
                          --from-file=<data>/tls/replicas)",

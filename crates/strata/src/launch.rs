@@ -11,6 +11,7 @@ use strata_control::provider::local::LocalSettings;
 use strata_core::config::Config;
 use strata_core::store::Store;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
+use strata_gateway::tenancy::keys::AdminKey;
 use strata_models::fetch::{default_model_path, ModelSource};
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio_util::sync::CancellationToken;
@@ -111,7 +112,12 @@ pub async fn open_store_with_keyring(
     }
 }
 
-/// Opens the store and makes sure a platform admin key exists; a new one is
+/// The environment variable that gives the platform admin key (before
+/// `security.admin_key_file`).
+pub const ADMIN_KEY_ENV: &str = "STRATA_ADMIN_KEY";
+
+/// Opens the store and makes sure a platform admin key exists: the one
+/// `STRATA_ADMIN_KEY` or `security.admin_key_file` gives, else a new one
 /// printed once on stdout.
 pub async fn open_store(
     config: &Config,
@@ -124,11 +130,13 @@ pub async fn open_store(
     while !store.claim_lease("bootstrap", &me, 30_000).await? {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let admin_key = strata_gateway::tenancy::keys::bootstrap(
-        &*store,
-        config.security.admin_key_file.as_deref(),
-    )
-    .await;
+    let from_env = std::env::var(ADMIN_KEY_ENV).ok();
+    let given = match (&from_env, &config.security.admin_key_file) {
+        (Some(key), _) => Some(AdminKey::Value(key)),
+        (None, Some(path)) => Some(AdminKey::File(path)),
+        (None, None) => None,
+    };
+    let admin_key = strata_gateway::tenancy::keys::bootstrap(&*store, given).await;
     store.release_lease("bootstrap", &me).await?;
     let admin_key = admin_key.map_err(|e| anyhow::anyhow!(e))?;
     if let Some(secret) = admin_key {

@@ -29,12 +29,23 @@ pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRec
     (record, new.secret)
 }
 
-/// Makes sure the platform tenant and a platform admin key exist. With
-/// `admin_key_file`, that key is the admin key; otherwise, when no active
-/// admin key exists, a new one is made and returned to be shown once.
+/// Where a platform's own admin key comes from, when the operator gives one.
+#[derive(Debug, Clone, Copy)]
+pub enum AdminKey<'a> {
+    /// The key, e.g. from `STRATA_ADMIN_KEY` (on Kubernetes, from the
+    /// `strata` Secret: a key the gateway generated would land in the
+    /// container log).
+    Value(&'a str),
+    /// A file holding it (`security.admin_key_file`).
+    File(&'a Path),
+}
+
+/// Makes sure the platform tenant and a platform admin key exist. With an
+/// `admin_key`, that key is an admin key; otherwise, when no active admin
+/// key exists, a new one is made and returned to be shown once.
 pub async fn bootstrap<S: TenantStore + KeyStore + ?Sized>(
     store: &S,
-    admin_key_file: Option<&Path>,
+    admin_key: Option<AdminKey<'_>>,
 ) -> Result<Option<String>, String> {
     let platform = TenantId::platform();
     if store
@@ -55,14 +66,25 @@ pub async fn bootstrap<S: TenantStore + KeyStore + ?Sized>(
             .await
             .map_err(|e| e.to_string())?;
     }
-    if let Some(path) = admin_key_file {
-        let secret = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the admin key file {}: {e}", path.display()))?;
+    if let Some(given) = admin_key {
+        let (secret, source, name) = match given {
+            AdminKey::Value(secret) => (
+                secret.to_string(),
+                "STRATA_ADMIN_KEY".to_string(),
+                "platform admin (from the environment)",
+            ),
+            AdminKey::File(path) => (
+                std::fs::read_to_string(path).map_err(|e| {
+                    format!("cannot read the admin key file {}: {e}", path.display())
+                })?,
+                path.display().to_string(),
+                "platform admin (from file)",
+            ),
+        };
         let secret = secret.trim();
         if !looks_like_key(secret) {
             return Err(format!(
-                "{} does not hold a strata key (sk-strata- followed by 43 base64url characters)",
-                path.display()
+                "{source} does not hold a strata key (sk-strata- followed by 43 base64url characters)"
             ));
         }
         let digest = key_digest(secret);
@@ -73,8 +95,7 @@ pub async fn bootstrap<S: TenantStore + KeyStore + ?Sized>(
             .into_iter()
             .any(|k| k.digest == digest);
         if !known {
-            let (mut record, _) =
-                new_key_record(&platform, "platform admin (from file)".into(), Role::Admin);
+            let (mut record, _) = new_key_record(&platform, name.into(), Role::Admin);
             record.digest = digest;
             store.create_key(&record).await.map_err(|e| e.to_string())?;
         }
