@@ -6,6 +6,7 @@ import os
 import re
 
 import httpx
+from conftest import MODEL_ID
 from openapi_spec_validator import validate
 
 SRC = os.path.join(os.path.dirname(__file__), "../../crates/strata-gateway/src")
@@ -81,3 +82,59 @@ def test_a_query_or_path_axum_cannot_parse_is_an_openai_shaped_400(server):
         r = httpx.get(f"{server.base}{url}", headers=h)
         assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (url, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_the_documents_rules_between_fields_are_the_servers(server):
+    # Rules between fields are in the schemas (JSON Schema `if`/`then`,
+    # `not`, `contains`), so a client validating against the document
+    # agrees with the server: each body the schema refuses gets a 400, and
+    # its schema-valid twin is served.
+    from jsonschema import Draft202012Validator
+
+    doc = document(server)
+
+    def validator(name):
+        return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": doc["components"]})
+
+    chat, completion, responses = (validator(n) for n in ("ChatCompletionRequest", "CompletionRequest",
+                                                          "ResponsesRequest"))
+    h = {"Authorization": f"Bearer {server.key}"}
+    user = [{"role": "user", "content": "Hi."}]
+    m = {"model": MODEL_ID}
+    conv = httpx.post(f"{server.base}/v1/conversations", headers=h, json={}, timeout=30).json()["id"]
+    prev = httpx.post(f"{server.base}/v1/responses", headers=h, timeout=120,
+                      json={**m, "input": "Hi.", "max_output_tokens": 1}).json()["id"]
+    cases = [
+        ("/v1/completions", completion, {**m, "prompt": "Hi", "max_tokens": 1, "stream_options": {"include_usage": True}}),
+        ("/v1/completions", completion, {**m, "prompt": "Hi", "max_tokens": 1, "stream": False, "stream_options": {}}),
+        ("/v1/completions", completion, {**m, "prompt": "Hi", "max_tokens": 1, "stream_options": None}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": [{"role": "system", "content": "Be brief."}]}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": [{"role": "assistant", "content": "Hi."}]}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": user}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": user, "stream_options": {}}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": user, "metadata": {"k" * 64: "v" * 512}}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": user, "metadata": {"k" * 65: "v"}}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": user, "metadata": {"k": "v" * 513}}),
+        ("/v1/chat/completions", chat, {**m, "max_tokens": 1, "messages": user,
+                                        "metadata": {str(i): "v" for i in range(17)}}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "previous_response_id": prev,
+                                      "conversation": conv}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "previous_response_id": prev,
+                                      "conversation": None}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "conversation": {"id": conv},
+                                      "store": False}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "conversation": conv,
+                                      "store": None}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "conversation": None,
+                                      "store": False}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "background": True}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "background": False}),
+    ]
+    verdicts = []
+    for path, v, body in cases:
+        r = httpx.post(f"{server.base}{path}", headers=h, json=body, timeout=120)
+        assert r.status_code in (200, 400), (path, body, r.status_code, r.text)
+        verdicts.append((v.is_valid(body), r.status_code == 200))
+        assert v.is_valid(body) == (r.status_code == 200), (path, body, r.text)
+    # Both sides of every rule were tried.
+    assert verdicts.count((True, True)) == 7 and verdicts.count((False, False)) == 11

@@ -74,10 +74,10 @@ fn join_path(parent: &str, field: &str) -> String {
     }
 }
 
-/// `stop`: one string or a list of up to four.
+/// `stop`: one string or a list of up to four. Its OpenAPI schema is
+/// `schemas::stop`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
@@ -138,7 +138,7 @@ pub struct SamplingFields {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompletionRequest {
-    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = "\\S"))]
     pub model: String,
     #[cfg_attr(feature = "openapi", schema(schema_with = schemas::prompt))]
     pub prompt: Prompt,
@@ -160,7 +160,7 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionRequest {
-    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = "\\S"))]
     pub model: String,
     #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub messages: Vec<ChatMessage>,
@@ -978,6 +978,27 @@ mod schemas {
             )
             .into()
     }
+
+    /// Non-empty strings: one, or a list of at most `MAX_STOP_STRINGS`.
+    fn stop() -> Schema {
+        OneOfBuilder::new()
+            .item(text())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .max_items(Some(super::MAX_STOP_STRINGS)),
+            )
+            .description(Some("`stop`: one string or a list of up to four."))
+            .into()
+    }
+
+    impl PartialSchema for super::Stop {
+        fn schema() -> RefOr<Schema> {
+            stop().into()
+        }
+    }
+
+    impl ToSchema for super::Stop {}
 
     /// A message of a known role; `content` may be left out only by the
     /// assistant.

@@ -504,9 +504,9 @@ fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
         .merge(public)
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    let json = doc
-        .to_pretty_json()
-        .expect("the OpenAPI document serialises");
+    let mut doc = serde_json::to_value(&doc).expect("the OpenAPI document serialises");
+    crate::http::openapi::add_rules(&mut doc);
+    let json = serde_json::to_string_pretty(&doc).expect("the OpenAPI document serialises");
     state
         .status
         .openapi

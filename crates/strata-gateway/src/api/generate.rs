@@ -50,7 +50,7 @@ pub struct Inference {
     tag = "openai",
     summary = "Complete a prompt",
     request_body = strata_core::openai::CompletionRequest,
-    responses((status = 200, description = "The completion, or server-sent events of `text_completion` chunks with `stream`", body = strata_core::openai::Completion), crate::http::openapi::Failures),
+    responses((status = 200, description = "The completion, or server-sent events of `text_completion` chunks with `stream`", content((strata_core::openai::Completion = "application/json"), ("text/event-stream"))), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn completions(
@@ -67,7 +67,7 @@ pub(crate) async fn completions(
     tag = "openai",
     summary = "Answer a chat",
     request_body = strata_core::openai::ChatCompletionRequest,
-    responses((status = 200, description = "The chat completion, or server-sent events of `chat.completion.chunk`s with `stream`", body = strata_core::openai::ChatCompletion), crate::http::openapi::Failures),
+    responses((status = 200, description = "The chat completion, or server-sent events of `chat.completion.chunk`s with `stream`", content((strata_core::openai::ChatCompletion = "application/json"), ("text/event-stream"))), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn chat_completions(

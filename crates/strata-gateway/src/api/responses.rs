@@ -127,7 +127,7 @@ async fn context(
     tag = "openai",
     summary = "Create a response (a turn)",
     request_body = strata_core::responses::ResponsesRequest,
-    responses((status = 200, description = "The response, or its server-sent events with `stream`", body = crate::http::openapi::ResponseObject), crate::http::openapi::Failures),
+    responses((status = 200, description = "The response, or its server-sent events with `stream`", content((crate::http::openapi::ResponseObject = "application/json"), ("text/event-stream"))), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn create(

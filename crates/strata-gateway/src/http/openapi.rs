@@ -215,3 +215,81 @@ pub struct Name(String);
 #[schema(min_length = 1, max_length = 256)]
 #[allow(dead_code)]
 pub struct ModelId(String);
+
+/// Rules between fields that the request types' `validate` applies and
+/// their derived schemas cannot say, written into the document as JSON
+/// Schema 2020-12 keywords utoipa has no builder for (`if`/`then`, `not`,
+/// `contains`), so that a schema-valid request is one strata accepts.
+/// Two rules stay in words only, because no schema can hold them: a chat's
+/// `continue_final_message` needs an assistant message last, and a key's
+/// `expires_at` must be in the future.
+pub fn add_rules(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(|s| s.as_object_mut())
+    else {
+        return;
+    };
+    // `stream_options` only with `stream: true`.
+    let stream_options = json!({
+        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": true}}},
+    });
+    // A chat needs a user's message.
+    let a_user_message = json!({"properties": {"messages": {"contains": {
+        "type": "object", "required": ["role"], "properties": {"role": {"const": "user"}},
+    }}}});
+    // A turn continues a response or a conversation, not both; a turn in a
+    // conversation is stored; background mode is not served.
+    let one_thread = json!({"not": {
+        "required": ["previous_response_id", "conversation"],
+        "properties": {"previous_response_id": {"type": "string"}, "conversation": {"not": {"type": "null"}}},
+    }});
+    let stored_in_a_conversation = json!({
+        "if": {"required": ["conversation"], "properties": {"conversation": {"not": {"type": "null"}}}},
+        "then": {"properties": {"store": {"not": {"const": false}}}},
+    });
+    let no_background = json!({"properties": {"background": {"not": {"const": true}}}});
+    let rules = [
+        ("CompletionRequest", vec![stream_options.clone()]),
+        (
+            "ChatCompletionRequest",
+            vec![stream_options, a_user_message],
+        ),
+        (
+            "ResponsesRequest",
+            vec![one_thread, stored_in_a_conversation, no_background],
+        ),
+    ];
+    for (name, more) in rules {
+        let Some(schema) = schemas.get_mut(name) else {
+            continue;
+        };
+        let all = match schema.get_mut("allOf").and_then(|a| a.as_array_mut()) {
+            Some(all) => all,
+            None => {
+                *schema = json!({"allOf": [schema.take()]});
+                schema["allOf"].as_array_mut().expect("just made")
+            }
+        };
+        all.extend(more);
+    }
+    // OpenAI's bounds on `metadata` (`strata_core::openai::check_metadata`),
+    // wherever a schema has it.
+    for schema in schemas.values_mut() {
+        let parts = match schema.get_mut("allOf").and_then(|a| a.as_array_mut()) {
+            Some(all) => all.iter_mut().collect::<Vec<_>>(),
+            None => vec![schema],
+        };
+        for part in parts {
+            if let Some(metadata) = part.pointer_mut("/properties/metadata") {
+                metadata["maxProperties"] = json!(strata_core::openai::MAX_METADATA_PAIRS);
+                metadata["propertyNames"]["maxLength"] =
+                    json!(strata_core::openai::MAX_METADATA_KEY);
+                metadata["additionalProperties"]["maxLength"] =
+                    json!(strata_core::openai::MAX_METADATA_VALUE);
+            }
+        }
+    }
+}
