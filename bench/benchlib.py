@@ -40,6 +40,14 @@ def new_key():
 
 def start_stub(d):
     """nginx answering OpenAI routes with static JSON at STUB, run from `d`."""
+    # A stub left running by an earlier run would answer in this one's
+    # place (this one could not bind), its CPU uncounted.
+    try:
+        httpx.get(f"{STUB}/health", timeout=1)
+    except httpx.HTTPError:
+        pass
+    else:
+        raise RuntimeError(f"something already answers at {STUB} (a stub an earlier run left?); stop it first")
     os.makedirs(os.path.join(d, "nginx"))
     nginx = subprocess.Popen(["nginx", "-c", os.path.join(SHARED, "stub-nginx.conf"), "-p", os.path.join(d, "nginx") + "/"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -33,25 +33,34 @@ def main():
     d = tempfile.mkdtemp(prefix="strata-callgrind-")
     out = os.path.join(d, "callgrind.out")
     wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--instr-atstart=no"]
-    if "--mtls" in sys.argv:
+    mtls = "--mtls" in sys.argv
+    if mtls:
         pki = replica_pki(d)
         nginx, replica = tls_stub(d, pki)
-        proc, base, key = strata_gateway(d, replica=replica, wrap=wrap, extra=("--replica-tls-dir", pki))
     else:
         nginx = start_stub(d)
-        proc, base, key = strata_gateway(d, wrap=wrap)
-    # Count from here: every thread's work while wrk runs (the ledger's too).
-    subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
-    run = subprocess.run(["wrk", "-t1", "-c8", f"-d{SECONDS}s", "-H", f"Authorization: Bearer {key}",
-                          "-s", os.path.join(SHARED, "chat.lua"), f"{base}/v1/chat/completions"], capture_output=True, text=True, check=True)
-    served = int(re.search(r"(\d+) requests in", run.stdout).group(1))
-    if "Non-2xx" in run.stdout:
-        raise SystemExit(f"requests failed:\n{run.stdout}")
-    time.sleep(1)  # the last ledger batch
-    subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    nginx.terminate()
+    proc = None
+    try:
+        if mtls:
+            proc, base, key = strata_gateway(d, replica=replica, wrap=wrap, extra=("--replica-tls-dir", pki))
+        else:
+            proc, base, key = strata_gateway(d, wrap=wrap)
+        # Count from here: every thread's work while wrk runs (the ledger's too).
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        run = subprocess.run(["wrk", "-t1", "-c8", f"-d{SECONDS}s", "-H", f"Authorization: Bearer {key}",
+                              "-s", os.path.join(SHARED, "chat.lua"), f"{base}/v1/chat/completions"],
+                             capture_output=True, text=True, check=True)
+        served = int(re.search(r"(\d+) requests in", run.stdout).group(1))
+        if "Non-2xx" in run.stdout:
+            raise SystemExit(f"requests failed:\n{run.stdout}")
+        time.sleep(1)  # the last ledger batch
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        nginx.terminate()
     summary = subprocess.run(["callgrind_annotate", "--inclusive=yes", out], capture_output=True, text=True).stdout
     total = int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", summary).group(1).replace(",", ""))
     print(summary[:12000])

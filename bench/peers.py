@@ -455,13 +455,16 @@ def replica_pki(d):
 
 def tls_stub(d, pki):
     """The nginx stub's routes over HTTPS that requires a client certificate
-    from `pki`'s CA; its process and base URL."""
+    from `pki`'s CA, TLS 1.3 only (what strata's engines speak; nginx 1.22
+    would otherwise settle on TLS 1.2 with strata's client); its process
+    and base URL."""
     d = tempfile.mkdtemp(dir=d)
     p = port()
     conf = open(os.path.join(SHARED, "stub-nginx.conf")).read()
     conf = conf.replace("listen 127.0.0.1:18001;", f"""listen 127.0.0.1:{p} ssl;
     ssl_certificate {pki}/replica.pem; ssl_certificate_key {pki}/replica-key.pem;
-    ssl_client_certificate {pki}/ca.pem; ssl_verify_client on;""")
+    ssl_client_certificate {pki}/ca.pem; ssl_verify_client on;
+    ssl_protocols TLSv1.3;""")
     assert f"127.0.0.1:{p} ssl" in conf
     path = os.path.join(d, "stub-tls.conf")
     with open(path, "w") as f:
