@@ -197,7 +197,7 @@ def otlp_attrs(item):
 
 
 class Server:
-    def __init__(self, replicas=2, config="", tenant="e2e", ready=None, db=None, env=None):
+    def __init__(self, replicas=2, config="", tenant="e2e", ready=None, db=None, env=None, own_session=False):
         self.dir = tempfile.mkdtemp(prefix="strata-e2e-")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -210,7 +210,10 @@ class Server:
                      "--replicas", str(replicas), "--db", db or os.path.join(self.dir, "strata.db")]
         self.ready = replicas if ready is None else ready
         self.env = {**os.environ, **(env or {})}
-        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        # In a session (and process group) of its own, as a terminal runs it.
+        self.own_session = own_session
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=own_session)
         wait_ready(self.base, self.ready)
         self.tenant = self.admin("POST", "/admin/v1/tenants", {"name": tenant}).json()
         self.key = self.new_key(self.tenant["id"], "member")
@@ -249,7 +252,8 @@ class Server:
     def restart(self):
         """Stops the server and starts it again on the same port, config and database."""
         self.stop()
-        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.args, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=self.own_session)
         wait_ready(self.base, self.ready)
 
     def replica_list(self):

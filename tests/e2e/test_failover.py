@@ -11,7 +11,7 @@ import threading
 import time
 
 import httpx
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, alive
 
 GREEDY = {"model": MODEL_ID, "temperature": 0}
 
@@ -193,5 +193,36 @@ def test_a_whole_chat_completion_survives_its_replica():
         assert answer.usage.completion_tokens > 0
         log = open(s.log_path).read()
         assert "replica unreachable; trying another" in log, "the kill did not land mid-answer"
+    finally:
+        s.stop()
+
+
+def test_ctrl_c_in_a_terminal_lets_the_engines_hand_over_their_caches():
+    # A terminal's Ctrl-C sends SIGINT to its whole foreground process
+    # group: `strata serve` and, unless they have a group of their own, its
+    # engines, which then die before the shutdown drain snapshots them.
+    s = Server(replicas=2, tenant="ctrl-c", own_session=True)
+    try:
+        c = s.client()
+        conv = c.conversations.create()
+        first = c.responses.create(input="Let us talk about spot instances.", conversation=conv.id,
+                                   max_output_tokens=8, **GREEDY)
+        engines = s.engine_pids()
+        assert len(engines) == 2
+        os.killpg(s.proc.pid, signal.SIGINT)
+        assert s.proc.wait(timeout=90) == 0
+        with open(s.log_path) as f:
+            log = f.read()
+        assert "no snapshots taken at shutdown" not in log, log[-3000:]
+        # The engines stopped with it, after the drain.
+        deadline = time.time() + 10
+        while any(alive(p) for p in engines) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in engines)
+        # The next start restores the conversation's cache.
+        s.restart()
+        c = s.client()
+        resumed = c.responses.create(input="Sum it up.", conversation=conv.id, max_output_tokens=8, **GREEDY)
+        assert resumed.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens, resumed.usage
     finally:
         s.stop()

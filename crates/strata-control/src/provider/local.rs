@@ -166,6 +166,11 @@ impl LocalProvider {
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .envs(self.settings.engine_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
+            // A process group of its own: Ctrl-C in a terminal signals the
+            // whole foreground group, and an engine that died with
+            // `strata serve` could not hand over its KV cache in the
+            // shutdown drain. `strata serve` stops it after that drain.
+            .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only sets this child's
         // parent-death signal, so a SIGKILLed `strata serve` orphans nothing.
