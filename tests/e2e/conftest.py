@@ -17,6 +17,20 @@ import pytest
 
 STRATA = os.environ.get("STRATA_BIN", os.path.join(os.path.dirname(__file__), "../../target/debug/strata"))
 MODEL_ID = "gemma-3-270m-q4_k_m"
+# A model with a chat template of its own (the default model's GGUF has
+# none: the engine's built-in Gemma template applies).
+CHAT_MODEL = "SmolLM2-135M-Instruct.Q4_1"
+
+
+def model_config(model):
+    """The `[engine]` config serving `model` (MODEL_ID or CHAT_MODEL); the
+    file is fetched once per machine like the default model (scripts/test
+    fetches both first)."""
+    if model == MODEL_ID:
+        return ""
+    out = subprocess.run([STRATA, "model", "fetch", "--model", model, "--json"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    return f'[engine]\nmodel = "{json.loads(out.splitlines()[-1])["path"]}"\n'
 
 
 def free_port():

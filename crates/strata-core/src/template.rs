@@ -71,9 +71,45 @@ fn segments(turns: &[Turn], continue_last: bool) -> Vec<Segment> {
     out
 }
 
+/// A model's own chat template rendered with its last (assistant) turn
+/// closed, reopened for continuation: everything up to the end of that
+/// turn's text, the markup that closes it dropped (as Hugging Face's
+/// `continue_final_message` does). Templates often trim a message; a
+/// trailing space they cut is put back, so the model continues after it.
+/// `None` when the text is not in the rendering as written.
+pub fn reopen_final_turn(rendered: &str, final_text: &str) -> Option<String> {
+    let kept = final_text.trim_end();
+    if kept.trim_start().is_empty() {
+        return None;
+    }
+    let at = rendered.rfind(kept.trim_start())? + kept.trim_start().len();
+    let mut out = rendered[..at].to_string();
+    out.push_str(&final_text[kept.len()..]);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chatml_turn_is_reopened_where_its_text_ends() {
+        let closed =
+            "<|im_start|>user\nCount<|im_end|>\n<|im_start|>assistant\none, two,<|im_end|>\n";
+        assert_eq!(
+            reopen_final_turn(closed, "one, two, ").as_deref(),
+            Some("<|im_start|>user\nCount<|im_end|>\n<|im_start|>assistant\none, two, ")
+        );
+        // The last occurrence: an answer repeating the question is cut after
+        // the answer, not the question.
+        let echo = "<|im_start|>user\nsay hi<|im_end|>\n<|im_start|>assistant\nsay hi<|im_end|>\n";
+        assert!(reopen_final_turn(echo, "say hi")
+            .unwrap()
+            .ends_with("assistant\nsay hi"));
+        // A text the template changed, or none, cannot be reopened.
+        assert_eq!(reopen_final_turn(closed, "three"), None);
+        assert_eq!(reopen_final_turn(closed, "  "), None);
+    }
 
     fn turn(role: Role, text: &str) -> Turn {
         Turn {

@@ -275,30 +275,51 @@ impl Engine {
                         template::Segment::Markup(t) | template::Segment::Text(t) => t,
                     })
                     .collect()),
-                ChatTemplate::Gguf(_) => Err(ApiError::invalid_request(
-                    Some("continue_final_message"),
-                    "Continuing a message needs the built-in chat template; this model has its own.",
-                )),
+                ChatTemplate::Gguf(t) => {
+                    let (last, before) = turns.split_last().ok_or_else(|| {
+                        ApiError::invalid_request(Some("messages"), "No message to continue.")
+                    })?;
+                    if last.text.trim().is_empty() {
+                        // Nothing said yet: the answer starts as a new one.
+                        return self.render_gguf(t, before, true);
+                    }
+                    let closed = self.render_gguf(t, turns, false)?;
+                    template::reopen_final_turn(&closed, &last.text).ok_or_else(|| {
+                        ApiError::invalid_request(
+                            Some("continue_final_message"),
+                            "This model's chat template changes the final message, so it cannot be continued as written.",
+                        )
+                    })
+                }
             },
             PromptInput::Chat(turns) => match &self.template {
                 ChatTemplate::Gemma => Ok(template::render_gemma(turns)),
-                ChatTemplate::Gguf(t) => {
-                    let messages = turns
-                        .iter()
-                        .map(|m| LlamaChatMessage::new(m.role.as_str().into(), m.text.clone()))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|_| {
-                            ApiError::invalid_request(
-                                Some("messages"),
-                                "Message text must not contain NUL characters.",
-                            )
-                        })?;
-                    self.model
-                        .apply_chat_template(t, &messages, true)
-                        .map_err(|e| ApiError::internal(format!("chat template failed: {e}")))
-                }
+                ChatTemplate::Gguf(t) => self.render_gguf(t, turns, true),
             },
         }
+    }
+
+    /// `turns` through the model's own chat template, with the assistant's
+    /// turn opened after them when `open_answer`.
+    fn render_gguf(
+        &self,
+        t: &LlamaChatTemplate,
+        turns: &[strata_core::openai::Turn],
+        open_answer: bool,
+    ) -> Result<String, ApiError> {
+        let messages = turns
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.as_str().into(), m.text.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                ApiError::invalid_request(
+                    Some("messages"),
+                    "Message text must not contain NUL characters.",
+                )
+            })?;
+        self.model
+            .apply_chat_template(t, &messages, open_answer)
+            .map_err(|e| ApiError::internal(format!("chat template failed: {e}")))
     }
 
     /// Tokens of the input as the model sees them, BOS included.

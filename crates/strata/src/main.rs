@@ -53,7 +53,9 @@ fn main() -> Result<()> {
         Command::Config(ConfigCommand::Check { file, json }) => {
             check_config(file.as_deref().unwrap_or(&cli.config), json)
         }
-        Command::Model(ModelCommand::Fetch { dest, json }) => fetch_model(dest, json),
+        Command::Model(ModelCommand::Fetch { model, dest, json }) => {
+            fetch_model(&model, dest, json)
+        }
         // The engine's own threads (llama.cpp's) want the cores; its HTTP side
         // needs little, so it gets a single-threaded runtime.
         Command::Engine(args) => tokio::runtime::Builder::new_current_thread()
@@ -218,8 +220,10 @@ fn check_config(path: &Path, json: bool) -> Result<()> {
     bail!("{} problem(s) in {}", issues.len(), path.display())
 }
 
-fn fetch_model(dest: Option<PathBuf>, json: bool) -> Result<()> {
-    let source = ModelSource::gemma3_270m();
+fn fetch_model(model: &str, dest: Option<PathBuf>, json: bool) -> Result<()> {
+    let Some(source) = ModelSource::named(model) else {
+        bail!("no built-in model {model:?}: gemma-3-270m-q4_k_m or SmolLM2-135M-Instruct.Q4_1");
+    };
     let dest = dest.unwrap_or_else(|| default_model_path(&source.file_name));
     let mut bar = progress::Bar::new("strata model fetch");
     let outcome = fetch(&source, &dest, &mut |p| bar.set(p.done, p.stage));
