@@ -60,6 +60,8 @@ def test_scale_from_zero_up_down_and_to_zero_again():
         assert health.status_code == 200 and health.json()["status"] == "idle"
         assert replicas(s) == 0
         c = s.client()
+        # The model is listed though no replica runs: a request to it starts one.
+        assert [m.id for m in c.models.list().data] == [MODEL_ID]
         t0 = time.time()
         r = c.completions.create(model=MODEL_ID, prompt="Cold start:", max_tokens=4, temperature=0)
         cold = time.time() - t0

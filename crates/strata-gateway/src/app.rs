@@ -83,6 +83,10 @@ pub struct GatewaySettings {
     /// With no replica ready, requests wait in the fair queue (for a
     /// replica that is starting: scale from zero) instead of a 503.
     pub hold_when_empty: bool,
+    /// Models this gateway's own pool serves, listed by `/v1/models`
+    /// whether or not a replica is up (a pool at zero starts one for a
+    /// request); those the replicas report are listed too.
+    pub models: Vec<String>,
     /// Label generation metrics with the tenant id.
     pub metrics_tenant_labels: bool,
     /// Redis URL where every gateway of a cluster keeps the rate limits.
@@ -278,6 +282,7 @@ impl Gateway {
             client: client.clone(),
             max_body_bytes: settings.max_body_bytes,
             default_max_tokens: settings.default_max_tokens,
+            models: settings.models.clone(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -231,6 +231,7 @@ impl Harness {
             // least loaded, ties rotating.
             routing: Routing::LeastLoad,
             hold_when_empty: false,
+            models: Vec::new(),
             metrics_tenant_labels: false,
             shared_limits_url: None,
             budget_refresh: None,

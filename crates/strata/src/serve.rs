@@ -127,6 +127,7 @@ fn gateway_settings(
         routing: config.gateway.routing,
         drain_on_shutdown: false,
         hold_when_empty: false,
+        models: Vec::new(),
         shared_limits_url: config.gateway.shared_limits_url.clone(),
         metrics_tenant_labels: config.gateway.metrics_tenant_labels,
         // Other gateways spend from the same budgets only on a shared database.
@@ -209,6 +210,9 @@ pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> R
     let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     // The engines are this process's children and stop with it.
     gateway.drain_on_shutdown = true;
+    // Listed while the pool is at zero too.
+    gateway.models =
+        vec![crate::launch::engine_settings(&config, &args.engine, replicas).model_name];
     let launch = local_launch(
         &config,
         config_path,

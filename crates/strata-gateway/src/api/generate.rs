@@ -40,6 +40,8 @@ pub struct Inference {
     pub max_body_bytes: usize,
     /// What a chat without `max_tokens` may generate at most.
     pub default_max_tokens: u32,
+    /// The pool's models, listed even while no replica runs.
+    pub models: Vec<String>,
     /// Unix seconds the gateway started (the models' `created`).
     pub started: u64,
 }

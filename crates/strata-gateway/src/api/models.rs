@@ -1,5 +1,5 @@
-//! `GET /v1/models`: the models the ready replicas serve that the caller's
-//! key may use.
+//! `GET /v1/models`: the models the pool serves (whether or not a replica
+//! runs) and the ready replicas report, that the caller's key may use.
 
 use std::sync::Arc;
 
@@ -22,12 +22,15 @@ pub(crate) async fn models(
     State(g): State<Arc<Inference>>,
     Extension(p): Extension<Arc<Principal>>,
 ) -> Json<ModelList> {
-    let visible = g
+    let mut visible = g
         .relay
         .replicas
         .models()
         .into_iter()
+        .chain(g.models.iter().cloned())
         .filter(|m| p.key.allows_model(m))
         .collect::<Vec<_>>();
+    visible.sort();
+    visible.dedup();
     Json(ModelList::of(visible, g.started))
 }
