@@ -16,8 +16,9 @@ use strata_control::provider::local::LocalProvider;
 use strata_control::provider::Provider;
 use strata_core::config::{is_postgres_url, Config};
 use strata_core::store::{LeaseStore, Store};
-use strata_core::tenant::{looks_like_key, NewKey};
+use strata_core::tenant::looks_like_key;
 use strata_core::Load;
+use strata_gateway::tenancy::keys::{new_key, NOT_A_KEY};
 use strata_k8s::lease::KubeLeases;
 use strata_k8s::provider::KubeProvider;
 use strata_store::SqlStore;
@@ -284,15 +285,8 @@ fn secrets(
     // the printed Secret, and nowhere else).
     let admin_key = match std::env::var(crate::launch::ADMIN_KEY_ENV) {
         Ok(key) if looks_like_key(key.trim()) => key.trim().to_string(),
-        Ok(_) => bail!(
-            "{} does not hold a strata key (sk-strata- followed by 43 base64url characters)",
-            crate::launch::ADMIN_KEY_ENV
-        ),
-        Err(_) => {
-            let mut random = [0u8; 32];
-            getrandom::getrandom(&mut random).context("no random source")?;
-            NewKey::from_random(random).secret
-        }
+        Ok(_) => bail!("{} {NOT_A_KEY}", crate::launch::ADMIN_KEY_ENV),
+        Err(_) => new_key().secret,
     };
     let mut secrets = strata_k8s::render::Secrets {
         kek,

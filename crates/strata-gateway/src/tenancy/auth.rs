@@ -51,6 +51,11 @@ const REFUSALS_PER_SEC: f64 = 2.0;
 /// How long a key that authenticated stays known to be good.
 const KNOWN_GOOD: Duration = Duration::from_secs(600);
 
+/// An address's refusals left now: what its bucket held at `at`, refilled since.
+fn refilled((tokens, at): (f64, Instant)) -> f64 {
+    (tokens + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST)
+}
+
 impl Authenticator {
     pub fn new(keys: Arc<dyn KeyStore>, tenants: Arc<dyn TenantStore>) -> Authenticator {
         Authenticator {
@@ -72,10 +77,9 @@ impl Authenticator {
     /// key known to be good: then the request gets 429 without a lookup.
     fn throttled(&self, peer: std::net::IpAddr, authorization: Option<&str>) -> bool {
         let mut r = self.refusals.lock().expect("refusals lock");
-        let Some((tokens, at)) = r.by_peer.get(&peer).copied() else {
+        let Some(tokens) = r.by_peer.get(&peer).copied().map(refilled) else {
             return false;
         };
-        let tokens = (tokens + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST);
         if tokens >= 1.0 {
             return false;
         }
@@ -97,16 +101,14 @@ impl Authenticator {
         let mut r = self.refusals.lock().expect("refusals lock");
         if r.by_peer.len() > 100_000 {
             // Many addresses: forget the ones whose buckets are full again.
-            r.by_peer.retain(|_, (t, at)| {
-                *t + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC < REFUSAL_BURST
-            });
+            r.by_peer
+                .retain(|_, bucket| refilled(*bucket) < REFUSAL_BURST);
         }
-        let (tokens, at) = r
+        let tokens = r
             .by_peer
             .get(&peer)
             .copied()
-            .unwrap_or((REFUSAL_BURST, Instant::now()));
-        let tokens = (tokens + at.elapsed().as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST);
+            .map_or(REFUSAL_BURST, refilled);
         r.by_peer
             .insert(peer, ((tokens - 1.0).max(0.0), Instant::now()));
     }

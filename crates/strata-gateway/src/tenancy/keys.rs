@@ -9,11 +9,20 @@ use strata_core::tenant::{
     Tenant, TenantId,
 };
 
-/// A new random key for `tenant`, stored as a digest; the secret is returned once.
-pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRecord, String) {
+/// What follows a source's name when it gives something that is not a key.
+pub const NOT_A_KEY: &str =
+    "does not hold a strata key (sk-strata- followed by 43 base64url characters)";
+
+/// A new key from the OS random source: its secret and digest.
+pub fn new_key() -> NewKey {
     let mut random = [0u8; 32];
     getrandom::getrandom(&mut random).expect("the OS random source is available");
-    let new = NewKey::from_random(random);
+    NewKey::from_random(random)
+}
+
+/// A new random key for `tenant`, stored as a digest; the secret is returned once.
+pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRecord, String) {
+    let new = new_key();
     let record = ApiKeyRecord {
         id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
         tenant_id: tenant.clone(),
@@ -83,9 +92,7 @@ pub async fn bootstrap<S: TenantStore + KeyStore + ?Sized>(
         };
         let secret = secret.trim();
         if !looks_like_key(secret) {
-            return Err(format!(
-                "{source} does not hold a strata key (sk-strata- followed by 43 base64url characters)"
-            ));
+            return Err(format!("{source} {NOT_A_KEY}"));
         }
         let digest = key_digest(secret);
         let known = store
