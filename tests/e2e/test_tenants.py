@@ -273,8 +273,13 @@ def test_request_and_token_limits(mt):
 
 def test_model_allow_list(mt):
     key = mt.new_key(mt.a, "member", models=["some-other-model"])
-    err = assert_openai_error(call(mt, "POST", "/v1/chat/completions", key, body=chat_body()), 403)
-    assert err["code"] == "model_not_allowed" and err["param"] == "model"
+    # A model the key may not use answers as one that does not exist: the
+    # key learns nothing of what else is served.
+    refused = call(mt, "POST", "/v1/chat/completions", key, body=chat_body())
+    err = assert_openai_error(refused, 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    missing = call(mt, "POST", "/v1/chat/completions", mt.keys["a_member"], body=chat_body(model="no-such-model"))
+    assert refused.json() == {"error": {**missing.json()["error"], "message": missing.json()["error"]["message"].replace("no-such-model", MODEL_ID)}}
     assert call(mt, "GET", "/v1/models", key).json()["data"] == []
     allowed = mt.new_key(mt.a, "member", models=[MODEL_ID])
     assert [m["id"] for m in call(mt, "GET", "/v1/models", allowed).json()["data"]] == [MODEL_ID]

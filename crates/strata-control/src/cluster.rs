@@ -92,6 +92,7 @@ pub fn endpoints(instances: &[InstanceRecord]) -> Vec<ReplicaEndpoint> {
                 url: i.endpoint.clone(),
                 reserved_for: None,
                 draining,
+                model: None,
             })
         })
         .collect();

@@ -26,6 +26,49 @@ pub struct Config {
     /// How strata runs on a Kubernetes cluster (`strata k8s render`, the
     /// `kubernetes` provider of `strata controller`).
     pub kubernetes: KubernetesConfig,
+    /// The models to serve, each with a pool of its own (`[[models]]`).
+    /// Empty: `[engine]` and `[pool]` describe the one model.
+    pub models: Vec<ModelEntry>,
+}
+
+/// One model of the catalog: the id clients send, where its file comes
+/// from, and what it changes in `[engine]`, `[pool]` and `[serve]` for
+/// its own pool; everything it does not name comes from those sections.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The model id clients send (and the engine reports).
+    pub id: String,
+    /// A built-in source, by the id `strata model fetch --model` takes
+    /// (the file is looked for where that command puts it).
+    pub source: Option<String>,
+    /// A GGUF file on this machine (instead of `source`).
+    pub path: Option<PathBuf>,
+    /// The file's SHA-256 (hex), checked before a replica loads it.
+    pub sha256: Option<String>,
+    /// Replicas kept up when the pool does not autoscale (`serve.replicas`).
+    pub replicas: Option<u32>,
+    /// Dollars per million tokens (the same as a `[pricing]` entry).
+    pub price: Option<ModelPrice>,
+    /// `[engine]` keys this model sets for itself.
+    #[serde(default)]
+    pub engine: toml::Table,
+    /// `[pool]` keys this model's pool sets for itself.
+    #[serde(default)]
+    pub pool: toml::Table,
+}
+
+/// A model to serve with the configuration its pool and engines run on:
+/// the whole file with `[engine]`, `[pool]`, `serve.replicas` and
+/// `[pricing]` as the model's entry sets them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedModel {
+    /// `None`: the one model `[engine]` describes (its id is the engine's
+    /// `model_name`, or the file's name).
+    pub id: Option<String>,
+    pub source: Option<String>,
+    pub sha256: Option<String>,
+    pub config: Config,
 }
 
 impl Default for Config {
@@ -41,6 +84,7 @@ impl Default for Config {
             instance_types: BTreeMap::from([(LOCAL_TYPE.to_owned(), InstanceType::default())]),
             catalog: vec![Offering::default()],
             kubernetes: KubernetesConfig::default(),
+            models: Vec::new(),
         }
     }
 }
@@ -584,6 +628,67 @@ impl Config {
             .map(|(k, v)| (k.as_str(), v))
     }
 
+    /// The models to serve, in order (the first is the default model:
+    /// `serve.dedicated` replicas and command-line engine flags are its).
+    /// Without `[[models]]`, the one model of `[engine]` and `[pool]`.
+    pub fn served(&self) -> Result<Vec<ServedModel>, ConfigIssue> {
+        if self.models.is_empty() {
+            return Ok(vec![ServedModel {
+                id: None,
+                source: None,
+                sha256: None,
+                config: self.clone(),
+            }]);
+        }
+        self.models
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| self.serve_entry(i, entry))
+            .collect()
+    }
+
+    /// The served model `id` (the engine a pool's replica runs).
+    pub fn served_model(&self, id: &str) -> Result<ServedModel, ConfigIssue> {
+        self.served()?
+            .into_iter()
+            .find(|m| m.id.as_deref() == Some(id))
+            .ok_or_else(|| ConfigIssue {
+                key: "models".into(),
+                message: format!("no model `{id}` in [[models]]"),
+            })
+    }
+
+    fn serve_entry(&self, i: usize, entry: &ModelEntry) -> Result<ServedModel, ConfigIssue> {
+        let at = |section: &str, e: &dyn std::fmt::Display| ConfigIssue {
+            key: format!("models[{i}].{section}"),
+            message: e.to_string(),
+        };
+        let mut config = self.clone();
+        config.models.clear();
+        config.engine = overlay(&self.engine, &entry.engine).map_err(|e| at("engine", &e))?;
+        config.pool = overlay(&self.pool, &entry.pool).map_err(|e| at("pool", &e))?;
+        config.engine.model_name = Some(entry.id.clone());
+        if let Some(path) = &entry.path {
+            config.engine.model = Some(path.clone());
+        }
+        if let Some(replicas) = entry.replicas {
+            config.serve.replicas = replicas;
+        }
+        if let Some(price) = entry.price {
+            config.pricing.insert(entry.id.clone(), price);
+        }
+        // Dedicated tenants' replicas run the default model.
+        if i > 0 {
+            config.serve.dedicated.clear();
+        }
+        Ok(ServedModel {
+            id: Some(entry.id.clone()),
+            source: entry.source.clone(),
+            sha256: entry.sha256.clone(),
+            config,
+        })
+    }
+
     pub fn from_toml(text: &str) -> Result<Config, ConfigIssue> {
         toml::from_str(text).map_err(|e| ConfigIssue {
             key: e
@@ -610,6 +715,7 @@ impl Config {
         self.check_pool(&mut issues);
         self.check_engine(&mut issues);
         self.check_serve(&mut issues);
+        self.check_models(&mut issues);
         if self.store.path.as_os_str().is_empty() {
             issues.bad("store.path", "must not be empty".into());
         }
@@ -912,6 +1018,55 @@ impl Config {
         }
     }
 
+    /// `[[models]]`: ids, sources, and each model's pool and engine as
+    /// its overrides leave them.
+    fn check_models(&self, issues: &mut Issues) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| format!("models[{i}].{k}");
+            if m.id.trim().is_empty() || m.id.chars().any(char::is_whitespace) {
+                issues.bad(&key("id"), "must be a model id without spaces".into());
+            } else if !seen.insert(m.id.as_str()) {
+                issues.bad(&key("id"), format!("`{}` is named twice", m.id));
+            }
+            match (&m.source, &m.path) {
+                (None, None) => issues.bad(
+                    &key("source"),
+                    "give `source` (a built-in model) or `path` (a GGUF file)".into(),
+                ),
+                (Some(_), Some(_)) => {
+                    issues.bad(&key("path"), "give `source` or `path`, not both".into())
+                }
+                _ => {}
+            }
+            if let Some(hash) = &m.sha256 {
+                if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    issues.bad(&key("sha256"), "must be 64 hex digits".into());
+                }
+            }
+            for k in ["model", "model_name"] {
+                if m.engine.contains_key(k) {
+                    issues.bad(
+                        &key(&format!("engine.{k}")),
+                        "is the entry's `path` and `id`".into(),
+                    );
+                }
+            }
+            match self.serve_entry(i, m) {
+                Ok(served) => {
+                    let mut own = Issues::default();
+                    served.config.check_pool(&mut own);
+                    served.config.check_engine(&mut own);
+                    served.config.check_serve(&mut own);
+                    for issue in own.0 {
+                        issues.bad(&key(&issue.key), issue.message);
+                    }
+                }
+                Err(issue) => issues.0.push(issue),
+            }
+        }
+    }
+
     /// `[serve]`.
     fn check_serve(&self, issues: &mut Issues) {
         let s = &self.serve;
@@ -933,6 +1088,19 @@ impl Config {
             );
         }
     }
+}
+
+/// `base` with the keys of `keys` replaced (a model's own `[engine]` or
+/// `[pool]` over the file's).
+fn overlay<T: Serialize + serde::de::DeserializeOwned>(
+    base: &T,
+    keys: &toml::Table,
+) -> Result<T, toml::de::Error> {
+    let mut table = toml::Table::try_from(base).expect("a config section serialises");
+    for (k, v) in keys {
+        table.insert(k.clone(), v.clone());
+    }
+    T::deserialize(table)
 }
 
 /// The issues found so far.
@@ -1120,6 +1288,111 @@ mod tests {
                 "pool.panic_window_secs",
                 "pool.panic_threshold",
                 "pool.scale_to_zero_after_secs"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_model_runs_on_the_file_with_its_own_keys_over_the_shared_ones() {
+        let c = Config::from_toml(
+            r#"
+[engine]
+context_size = 4096
+default_max_tokens = 300
+[pool]
+max_replicas = 3
+[serve]
+replicas = 2
+dedicated = { vip = 1 }
+
+[[models]]
+id = "chat"
+source = "SmolLM2-135M-Instruct.Q4_1"
+
+[[models]]
+id = "base"
+path = "/models/base.gguf"
+sha256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+replicas = 1
+price = { prompt_per_million = 0.5, completion_per_million = 1.5 }
+[models.engine]
+default_max_tokens = 64
+[models.pool]
+autoscale = true
+min_replicas = 0
+scale_to_zero_after_secs = 60.0
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.check(), []);
+        let served = c.served().unwrap();
+        let (chat, base) = (&served[0], &served[1]);
+        assert_eq!(chat.id.as_deref(), Some("chat"));
+        assert_eq!(chat.config.engine.model_name.as_deref(), Some("chat"));
+        assert_eq!(chat.config.engine.default_max_tokens, 300);
+        assert_eq!(chat.config.serve.replicas, 2);
+        assert!(!chat.config.pool.autoscale);
+        // The default (first) model keeps the dedicated tenants' replicas.
+        assert_eq!(chat.config.serve.dedicated.len(), 1);
+        assert_eq!(
+            base.config.engine.model.as_deref(),
+            Some(std::path::Path::new("/models/base.gguf"))
+        );
+        assert_eq!(base.config.engine.default_max_tokens, 64);
+        // Keys the entry does not set come from the file's sections.
+        assert_eq!(base.config.engine.context_size, 4096);
+        assert_eq!(base.config.pool.max_replicas, 3);
+        assert!(base.config.pool.autoscale);
+        assert_eq!(base.config.pool.min_replicas, 0);
+        assert_eq!(base.config.serve.replicas, 1);
+        assert!(base.config.serve.dedicated.is_empty());
+        assert_eq!(base.config.pricing["base"].completion_per_million, 1.5);
+        assert!(base.config.models.is_empty());
+        assert_eq!(c.served_model("base").unwrap(), *base);
+        assert!(c.served_model("nope").is_err());
+        // Without [[models]], the one model of [engine].
+        let one = Config::default().served().unwrap();
+        assert_eq!((one.len(), one[0].id.clone()), (1, None));
+    }
+
+    #[test]
+    fn a_catalogs_mistakes_are_named_with_their_entry() {
+        let c = Config::from_toml(
+            r#"
+[[models]]
+id = "a"
+source = "x"
+[[models]]
+id = "a"
+[models.pool]
+max_replica = 2
+[[models]]
+id = "b c"
+source = "x"
+path = "/x.gguf"
+sha256 = "abc"
+[models.engine]
+model_name = "other"
+[[models]]
+id = "d"
+source = "x"
+[models.engine]
+context_size = 8
+"#,
+        )
+        .unwrap();
+        let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "models[1].id",
+                "models[1].source",
+                "models[1].pool",
+                "models[2].id",
+                "models[2].path",
+                "models[2].sha256",
+                "models[2].engine.model_name",
+                "models[3].engine.context_size",
             ]
         );
     }

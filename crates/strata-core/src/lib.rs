@@ -92,6 +92,11 @@ pub struct ReplicaEndpoint {
     /// On its way out (a cluster's controller let it go): it takes no new
     /// request, and one gateway keeps its sessions' caches as snapshots.
     pub draining: bool,
+    /// The model of the pool it belongs to, where the provider knows it
+    /// (one pool per model): the gateway routes that model's requests to
+    /// it, and counts it in that model's pool. `None`: whatever models the
+    /// replica reports.
+    pub model: Option<String>,
 }
 
 /// The lease a gateway takes to drain a leaving replica (one gateway does).

@@ -81,7 +81,7 @@ async fn main() {
         Default::default(),
     );
     // The shared pool's queue with more slots than tasks: nobody waits.
-    gate.pools().queue(None, || 4 * TASKS);
+    gate.pools().queue(None, None, || 4 * TASKS);
     let auth = Arc::new(Authenticator::new(store.clone(), store.clone()));
     let estimate = Estimate {
         prompt_tokens: 40,
@@ -98,7 +98,10 @@ async fn main() {
                 for _ in 0..PER_TASK {
                     let t0 = Instant::now();
                     let p = auth.authenticate(Some(&header)).await.expect("valid key");
-                    let mut charge = gate.admit(&p, 1, "m", estimate).await.expect("admitted");
+                    let mut charge = gate
+                        .admit(&p, 1, "m", None, estimate)
+                        .await
+                        .expect("admitted");
                     charge.record(Usage::new(38, 60));
                     drop(charge);
                     took.push(t0.elapsed());

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::api::generate::CatalogModel;
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
 use crate::fleet::client::{replica_client, ReplicaAuth, Upstreams};
@@ -83,10 +85,11 @@ pub struct GatewaySettings {
     /// With no replica ready, requests wait in the fair queue (for a
     /// replica that is starting: scale from zero) instead of a 503.
     pub hold_when_empty: bool,
-    /// Models this gateway's own pool serves, listed by `/v1/models`
-    /// whether or not a replica is up (a pool at zero starts one for a
-    /// request); those the replicas report are listed too.
-    pub models: Vec<String>,
+    /// The models of this gateway's own pools (one pool each), listed by
+    /// `/v1/models` whether or not a replica is up (a pool at zero starts
+    /// one for a request); a request for another model is a 404. Empty:
+    /// the models the replicas report.
+    pub models: Vec<CatalogModel>,
     /// Label generation metrics with the tenant id.
     pub metrics_tenant_labels: bool,
     /// Redis URL where every gateway of a cluster keeps the rate limits.
@@ -108,8 +111,8 @@ pub struct GatewaySettings {
 pub struct Links {
     /// The replica endpoints, as the provider (or discovery) publishes them.
     pub endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
-    /// Where to publish the load (every 100 ms), for an autoscaler.
-    pub load: Option<watch::Sender<Load>>,
+    /// Where to publish the load (every 100 ms), for autoscalers.
+    pub loads: Vec<LoadLink>,
     /// The controller of the replicas, when it runs beside this gateway:
     /// it asks for drains, and takes preemption notices from the admin API.
     pub controller: Option<GatewayLink>,
@@ -122,11 +125,19 @@ impl Links {
     pub fn endpoints(endpoints: watch::Receiver<Vec<ReplicaEndpoint>>) -> Links {
         Links {
             endpoints,
-            load: None,
+            loads: Vec::new(),
             controller: None,
             more_metrics: None,
         }
     }
+}
+
+/// Where one autoscaler reads its pool's load: `model`'s pool (requests
+/// for it, its queues, its replicas), or with `None` the whole gateway's.
+#[derive(Debug)]
+pub struct LoadLink {
+    pub model: Option<String>,
+    pub tx: watch::Sender<Load>,
 }
 
 /// Where KV snapshots of drained replicas' sessions go.
@@ -222,8 +233,11 @@ impl Gateway {
         vault: Option<Arc<Vault>>,
     ) -> Result<Gateway, GatewayError> {
         let stores = Stores::of(&store);
-        let metrics =
-            Arc::new(GatewayMetrics::new().with_tenant_labels(settings.metrics_tenant_labels));
+        let metrics = Arc::new(
+            GatewayMetrics::new()
+                .with_tenant_labels(settings.metrics_tenant_labels)
+                .with_models(settings.models.iter().map(|m| m.id.as_str())),
+        );
         let hold = settings.hold_when_empty.then_some(settings.queue_timeout);
         let replicas = Arc::new(ReplicaSet::new(settings.routing, hold));
         let client = replica_client(&settings.replica_auth, settings.connect_timeout)?;
@@ -366,7 +380,7 @@ impl Gateway {
             gate,
             replicas.clone(),
             metrics,
-            links.load,
+            links.loads,
             dashboard.clone(),
             background.clone(),
         ));
@@ -450,7 +464,7 @@ async fn follow_capacity(
     gate: Arc<Gate>,
     replicas: Arc<ReplicaSet>,
     metrics: Arc<GatewayMetrics>,
-    load: Option<watch::Sender<Load>>,
+    loads: Vec<LoadLink>,
     dashboard: Arc<Dashboard>,
     cancel: CancellationToken,
 ) {
@@ -474,23 +488,52 @@ async fn follow_capacity(
             });
             sampled = (Instant::now(), tokens);
         }
-        if let Some(load) = &load {
-            let (ttft_p95_ms, tpot_p95_ms) = metrics.recent.p95();
-            load.send_replace(Load {
-                requests_total: metrics.arrived.get(),
-                tokens_total: metrics.tokens.get(),
-                prompt_tokens_total: metrics.prompt_tokens.get(),
-                in_flight,
-                waiting,
-                routable: replicas.ready_in(None),
-                ttft_p95_ms,
-                tpot_p95_ms,
-            });
+        for link in &loads {
+            let model = link.model.as_deref();
+            link.tx
+                .send_replace(pool_load(&gate, &replicas, &metrics, model));
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
+    }
+}
+
+/// The load `model`'s pool sees (`None`: the whole gateway's, over every
+/// model and queue).
+fn pool_load(
+    gate: &Gate,
+    replicas: &ReplicaSet,
+    metrics: &GatewayMetrics,
+    model: Option<&str>,
+) -> Load {
+    let (in_flight, waiting) = gate.pools().load_of(model);
+    let routable = replicas.ready_in(None, model);
+    let demand = model.and_then(|m| metrics.demand(m));
+    let Some(d) = demand else {
+        let (ttft_p95_ms, tpot_p95_ms) = metrics.recent.p95();
+        return Load {
+            requests_total: metrics.arrived.get(),
+            tokens_total: metrics.tokens.get(),
+            prompt_tokens_total: metrics.prompt_tokens.get(),
+            in_flight,
+            waiting,
+            routable,
+            ttft_p95_ms,
+            tpot_p95_ms,
+        };
+    };
+    let (ttft_p95_ms, tpot_p95_ms) = d.recent.p95();
+    Load {
+        requests_total: d.arrived.load(Ordering::Relaxed),
+        tokens_total: d.tokens.load(Ordering::Relaxed),
+        prompt_tokens_total: d.prompt_tokens.load(Ordering::Relaxed),
+        in_flight,
+        waiting,
+        routable,
+        ttft_p95_ms,
+        tpot_p95_ms,
     }
 }
 

@@ -27,6 +27,7 @@ pub mod ops;
 pub mod relay;
 pub mod tenancy;
 
-pub use app::{serve, Gateway, GatewayError, GatewaySettings, Links, SnapshotPlace};
+pub use api::generate::CatalogModel;
+pub use app::{serve, Gateway, GatewayError, GatewaySettings, Links, LoadLink, SnapshotPlace};
 pub use metrics::MoreMetrics;
 pub use strata_core::Load;

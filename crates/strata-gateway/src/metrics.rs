@@ -1,5 +1,8 @@
 //! The gateway's Prometheus metrics.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -65,6 +68,18 @@ pub struct GatewayMetrics {
     pub arrived: Counter,
     /// Recent streamed requests' latencies, for the SLO signals.
     pub recent: LatencyWindow,
+    /// The same demand signals per model of the catalog, for each model's
+    /// pool (fixed at start; models outside it count only in the totals).
+    demand: std::collections::HashMap<String, Arc<Demand>>,
+}
+
+/// One model's demand signals: what its pool's autoscaler scales by.
+#[derive(Default)]
+pub struct Demand {
+    pub arrived: AtomicU64,
+    pub tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub recent: LatencyWindow,
 }
 
 /// The gateway's latency window: `strata_core::latency::LatencyWindow` on
@@ -124,6 +139,7 @@ impl GatewayMetrics {
             prompt_tokens: Counter::default(),
             arrived: Counter::default(),
             recent: LatencyWindow::default(),
+            demand: Default::default(),
         };
         let mut registry = Registry::with_prefix("strata_gateway");
         registry.register(
@@ -214,6 +230,20 @@ impl GatewayMetrics {
     pub fn with_tenant_labels(mut self, on: bool) -> Self {
         self.tenant_labels = on;
         self
+    }
+
+    /// Demand is kept per model too, for these models' pools.
+    pub fn with_models<'a>(mut self, models: impl IntoIterator<Item = &'a str>) -> Self {
+        self.demand = models
+            .into_iter()
+            .map(|m| (m.to_owned(), Arc::new(Demand::default())))
+            .collect();
+        self
+    }
+
+    /// `model`'s demand signals, when it is one of the catalog's.
+    pub fn demand(&self, model: &str) -> Option<&Demand> {
+        self.demand.get(model).map(|d| &**d)
     }
 
     pub fn render(&self) -> String {

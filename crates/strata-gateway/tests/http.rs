@@ -152,6 +152,7 @@ async fn planned_replica(
         url,
         reserved_for: None,
         draining: false,
+        model: None,
     };
     (stub, endpoint)
 }

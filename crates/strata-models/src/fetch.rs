@@ -50,9 +50,21 @@ impl ModelSource {
 
     /// The built-in sources by the model id each file serves as.
     pub fn named(id: &str) -> Option<Self> {
-        [Self::gemma3_270m(), Self::smollm2_135m_instruct()]
+        Self::builtin()
             .into_iter()
             .find(|s| s.file_name.strip_suffix(".gguf") == Some(id))
+    }
+
+    fn builtin() -> [Self; 2] {
+        [Self::gemma3_270m(), Self::smollm2_135m_instruct()]
+    }
+
+    /// The ids `named` knows, default model first.
+    pub fn builtin_ids() -> Vec<String> {
+        Self::builtin()
+            .iter()
+            .map(|s| s.file_name.trim_end_matches(".gguf").to_owned())
+            .collect()
     }
 }
 

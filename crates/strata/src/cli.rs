@@ -279,7 +279,7 @@ pub enum ConfigCommand {
     },
 }
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Default)]
 pub struct EngineFlags {
     /// GGUF model file (default: engine.model, then the `model fetch` path).
     #[arg(long, env = "STRATA_MODEL")]
@@ -362,6 +362,9 @@ pub struct EngineArgs {
     pub tls_key: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Run the engine of this `[[models]]` entry (its own `[engine]` keys).
+    #[arg(long)]
+    pub serve_model: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
 }

@@ -26,7 +26,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{ControllerArgs, K8sCommand, ProviderKind};
-use crate::launch::{local_launch, pool_processes, process_name, shutdown_on_signal};
+use crate::launch::{
+    local_launch, pool_processes, process_name, replica_trust, shutdown_on_signal,
+};
 
 /// The lease the controller copies contend for.
 const LEASE: &str = "controller/default";
@@ -41,6 +43,12 @@ pub async fn run_controller(
         bail!(
             "strata controller needs the PostgreSQL database its gateways use: \
              pass --db postgres://… or set store.url"
+        );
+    }
+    if !config.models.is_empty() {
+        bail!(
+            "strata controller runs one pool yet: a cluster serves the model of [engine] and \
+             [pool]; [[models]] (one pool per model) works under `strata serve`"
         );
     }
     if !(1.0..=600.0).contains(&args.lease_secs) {
@@ -70,13 +78,12 @@ pub async fn run_controller(
         );
     }
     let launch = match args.provider {
-        ProviderKind::Local => Some(local_launch(
-            &config,
-            config_path,
-            &args.engine,
-            processes,
-            args.db.as_ref(),
-        )?),
+        ProviderKind::Local => {
+            let trust = replica_trust(&config, args.db.as_ref())?;
+            let settings =
+                local_launch(&config, config_path, &args.engine, processes, &trust, None)?;
+            Some((settings, trust.health))
+        }
         ProviderKind::Kubernetes => None,
     };
     // The controller holds no KEK: it never reads tenant content.
@@ -173,15 +180,10 @@ pub async fn run_controller(
                 let (_, link) = strata_core::link::link();
                 let settings = strata_control::provider::local::LocalSettings {
                     drain_via_store: true,
-                    ..launch.settings.clone()
+                    ..launch.0.clone()
                 };
-                let provider = LocalProvider::new(
-                    settings,
-                    store.clone(),
-                    publish,
-                    launch.health.clone(),
-                    link,
-                );
+                let provider =
+                    LocalProvider::new(settings, store.clone(), publish, launch.1.clone(), link);
                 act(provider, controller, load, kept, acting_token)
             }
             (None, None) => unreachable!("one provider is set up above"),
@@ -268,7 +270,10 @@ pub fn gateway_in_cluster(
         shutdown.clone(),
     ));
     strata_gateway::Links {
-        load: Some(load_tx),
+        loads: vec![strata_gateway::LoadLink {
+            model: None,
+            tx: load_tx,
+        }],
         ..strata_gateway::Links::endpoints(endpoints)
     }
 }
@@ -333,6 +338,12 @@ fn tempfile_dir() -> Result<PathBuf> {
 pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<()> {
     match command {
         K8sCommand::Render => {
+            if !config.models.is_empty() {
+                bail!(
+                    "strata k8s render renders one pool yet (the model of [engine] and [pool]); \
+                     [[models]] runs under `strata serve`"
+                );
+            }
             let text = match std::fs::read_to_string(config_path) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),

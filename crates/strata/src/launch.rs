@@ -163,25 +163,68 @@ pub fn process_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// How this machine launches engine replicas (the `local` provider): the
-/// settings, how the gateway proves itself to them (the replicas'
-/// mutual-TLS certificates when `serve.replica_mtls` is on, else a replica
-/// token made for this run), and the client that checks their health.
-pub struct LocalLaunch {
-    pub settings: LocalSettings,
-    pub replica_auth: strata_gateway::fleet::client::ReplicaAuth,
+/// How the gateway proves itself to the replicas this machine launches:
+/// the replicas' mutual-TLS certificates when `serve.replica_mtls` is on,
+/// else a replica token made for this run; the engine arguments and
+/// environment that make them ask for it, and the client that checks
+/// their health. One for every pool, so one gateway reaches them all.
+pub struct ReplicaTrust {
+    pub auth: strata_gateway::fleet::client::ReplicaAuth,
+    engine_args: Vec<String>,
+    engine_env: Vec<(String, String)>,
     pub health: reqwest::Client,
 }
 
-/// Engine processes of at most `processes` at once (threads are split so
-/// they never oversubscribe the cores: llama.cpp's threads spin).
+pub fn replica_trust(config: &Config, db: Option<&PathBuf>) -> Result<ReplicaTrust> {
+    let mut auth = strata_gateway::fleet::client::ReplicaAuth::default();
+    let mut engine_args = Vec::new();
+    let mut engine_env = Vec::new();
+    if config.serve.replica_mtls {
+        let dir = config.store.replica_tls_dir(&config.serve, db);
+        let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
+        for (flag, path) in [
+            ("--tls-cert", &pki.server.cert),
+            ("--tls-key", &pki.server.key),
+            ("--client-ca", &pki.ca_cert),
+        ] {
+            engine_args.push(flag.into());
+            engine_args.push(path.display().to_string());
+        }
+        auth.pki = Some(pki);
+    } else {
+        // Plain HTTP: the engines still answer only their gateway, which
+        // proves itself with the token: `STRATA_REPLICA_TOKEN` where several
+        // processes must share it (a cluster), else one made for this run
+        // and kept in memory (handed to the engines in their environment).
+        let token = match std::env::var(strata_core::REPLICA_TOKEN_ENV) {
+            Ok(t) if !t.is_empty() => t,
+            _ => random_hex(32)?,
+        };
+        engine_env.push((strata_core::REPLICA_TOKEN_ENV.to_owned(), token.clone()));
+        auth.token = Some(token);
+    }
+    let health = strata_gateway::fleet::client::replica_client(&auth, Duration::from_secs(2))?;
+    Ok(ReplicaTrust {
+        auth,
+        engine_args,
+        engine_env,
+        health,
+    })
+}
+
+/// How this machine launches one pool's engine replicas (the `local`
+/// provider), at most `processes` engines on the machine at once (threads
+/// are split so they never oversubscribe the cores: llama.cpp's threads
+/// spin). `model` names the pool's entry in `[[models]]`, which the
+/// engines read their settings from; `None` for the one model of `[engine]`.
 pub fn local_launch(
     config: &Config,
     config_path: &Path,
     flags: &EngineFlags,
     processes: u32,
-    db: Option<&PathBuf>,
-) -> Result<LocalLaunch> {
+    trust: &ReplicaTrust,
+    model: Option<&str>,
+) -> Result<LocalSettings> {
     let engine = engine_settings(config, flags, processes);
     if !engine.model_path.is_file() {
         bail!(
@@ -199,58 +242,29 @@ pub fn local_launch(
         "--context-size".into(),
         engine.context_size.to_string(),
     ];
-    let mut replica_auth = strata_gateway::fleet::client::ReplicaAuth::default();
-    let mut engine_env = Vec::new();
-    if config.serve.replica_mtls {
-        let dir = config.store.replica_tls_dir(&config.serve, db);
-        let pki = strata_core::tls::ReplicaPki::ensure(&dir)?;
-        for (flag, path) in [
-            ("--tls-cert", &pki.server.cert),
-            ("--tls-key", &pki.server.key),
-            ("--client-ca", &pki.ca_cert),
-        ] {
-            engine_args.push(flag.into());
-            engine_args.push(path.display().to_string());
-        }
-        replica_auth.pki = Some(pki);
-    } else {
-        // Plain HTTP: the engines still answer only their gateway, which
-        // proves itself with the token: `STRATA_REPLICA_TOKEN` where several
-        // processes must share it (a cluster), else one made for this run
-        // and kept in memory (handed to the engines in their environment).
-        let token = match std::env::var(strata_core::REPLICA_TOKEN_ENV) {
-            Ok(t) if !t.is_empty() => t,
-            _ => random_hex(32)?,
-        };
-        engine_env.push((strata_core::REPLICA_TOKEN_ENV.to_owned(), token.clone()));
-        replica_auth.token = Some(token);
-    }
-    let health =
-        strata_gateway::fleet::client::replica_client(&replica_auth, Duration::from_secs(2))?;
+    engine_args.extend(trust.engine_args.iter().cloned());
     // Engine children read the same config file, when there is one.
     if let Ok(path) = std::fs::canonicalize(config_path) {
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
+        if let Some(id) = model {
+            engine_args.extend(["--serve-model".to_string(), id.to_owned()]);
+        }
     }
-    let settings = LocalSettings {
+    Ok(LocalSettings {
         program: std::env::current_exe().context("cannot find this program's path")?,
         engine_args,
         default_threads: engine.threads,
         instance_types: config.instance_types.clone(),
-        pool: "default".into(),
+        pool: model.unwrap_or("default").into(),
         model: engine.model_name.clone(),
-        https: replica_auth.pki.is_some(),
-        engine_env,
+        https: trust.auth.pki.is_some(),
+        engine_env: trust.engine_env.clone(),
         dedicated: config.serve.dedicated.clone(),
         startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
         preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
         random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
         drain_wait: Duration::from_secs(30),
         drain_via_store: false,
-    };
-    Ok(LocalLaunch {
-        settings,
-        replica_auth,
-        health,
     })
 }
 

@@ -222,7 +222,10 @@ fn check_config(path: &Path, json: bool) -> Result<()> {
 
 fn fetch_model(model: &str, dest: Option<PathBuf>, json: bool) -> Result<()> {
     let Some(source) = ModelSource::named(model) else {
-        bail!("no built-in model {model:?}: gemma-3-270m-q4_k_m or SmolLM2-135M-Instruct.Q4_1");
+        bail!(
+            "no built-in model {model:?}: {}",
+            ModelSource::builtin_ids().join(" or ")
+        );
     };
     let dest = dest.unwrap_or_else(|| default_model_path(&source.file_name));
     let mut bar = progress::Bar::new("strata model fetch");

@@ -69,12 +69,13 @@ struct Proc {
 }
 
 impl Proc {
-    fn endpoint(&self) -> ReplicaEndpoint {
+    fn endpoint(&self, model: &str) -> ReplicaEndpoint {
         ReplicaEndpoint {
             id: self.record.id.clone(),
             url: self.record.endpoint.clone(),
             reserved_for: self.reserved_for.clone(),
             draining: false,
+            model: Some(model.to_owned()),
         }
     }
 }
@@ -182,7 +183,11 @@ impl LocalProvider {
         }
         let child = cmd.spawn().map_err(ControlError::Launch)?;
         let record = InstanceRecord {
-            id: format!("local-{index}-{:x}", now_ms()),
+            // Pools of one process (one per model) name theirs apart.
+            id: match self.settings.pool.as_str() {
+                "default" => format!("local-{index}-{:x}", now_ms()),
+                pool => format!("local-{pool}-{index}-{:x}", now_ms()),
+            },
             provider: "local".into(),
             endpoint: format!(
                 "{}://127.0.0.1:{port}",
@@ -213,7 +218,7 @@ impl LocalProvider {
         let endpoints = self
             .running
             .iter()
-            .map(Proc::endpoint)
+            .map(|p| p.endpoint(&self.settings.model))
             .chain(self.leaving.iter().cloned())
             .collect();
         self.publish.send_replace(endpoints);
@@ -229,7 +234,7 @@ impl LocalProvider {
     /// the instance is recorded as `end`.
     fn let_go(&mut self, at: usize, wait: Duration, end: InstanceState, why: String) {
         let mut p = self.running.remove(at);
-        self.leaving.push(p.endpoint());
+        self.leaving.push(p.endpoint(&self.settings.model));
         let drains = self.link.drains.clone();
         let store = self.store.clone();
         let stop_all = self.stop_all.clone();
@@ -370,8 +375,9 @@ impl Provider for LocalProvider {
                     let notice = n.notice.unwrap_or(self.settings.preemption_notice);
                     self.preempt(at, notice);
                 }
+                // Another pool's (every pool of `strata serve` hears each notice).
                 None => {
-                    tracing::warn!(replica = %n.replica, "preemption notice for no running replica")
+                    tracing::debug!(replica = %n.replica, pool = %self.settings.pool, "preemption notice for no replica of this pool")
                 }
             }
         }

@@ -26,6 +26,16 @@ use crate::relay::passthrough;
 use crate::tenancy::admission::{Charge, Estimate, Gate};
 use crate::tenancy::principal::Principal;
 
+/// A model of the catalog this gateway's pools serve, one pool each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogModel {
+    /// The id clients send.
+    pub id: String,
+    /// What a chat without `max_tokens` may generate at most on its
+    /// engines (`engine.default_max_tokens` as the model sets it).
+    pub default_max_tokens: u32,
+}
+
 /// The state of the generation routes (chat, completions, Responses, the
 /// model list).
 pub struct Inference {
@@ -38,10 +48,13 @@ pub struct Inference {
     pub snapshots: Option<Arc<Snapshots>>,
     pub client: reqwest::Client,
     pub max_body_bytes: usize,
-    /// What a chat without `max_tokens` may generate at most.
+    /// What a chat without `max_tokens` may generate at most (a model of
+    /// the catalog: its own engines' figure).
     pub default_max_tokens: u32,
-    /// The pool's models, listed even while no replica runs.
-    pub models: Vec<String>,
+    /// The models of this gateway's pools, one pool each: listed even
+    /// while no replica runs; a request names one of them or gets a 404.
+    /// Empty: replicas report what they serve (a cluster's gateway).
+    pub models: Vec<CatalogModel>,
     /// Unix seconds the gateway started (the models' `created`).
     pub started: u64,
 }
@@ -188,18 +201,31 @@ impl Inference {
         generation: &Generation,
         body_len: usize,
     ) -> Result<(Charge, u64), ApiError> {
+        // A model of the catalog goes to its own pool; with a catalog,
+        // no other model is served.
+        let catalogued = self.models.iter().find(|m| m.id == generation.model);
+        if catalogued.is_none() && !self.models.is_empty() {
+            self.relay.metrics.arrived.inc();
+            return Err(ApiError::model_not_found(&generation.model));
+        }
+        let default_max_tokens =
+            catalogued.map_or(self.default_max_tokens, |m| m.default_max_tokens);
         let estimate = Estimate {
             // About four bytes of JSON per prompt token; the replica counts exactly.
             prompt_tokens: body_len as u64 / 4,
             // As many as the engine may generate (the same rule decides
             // both), so limits and budgets hold without `max_tokens` too.
-            output_tokens: u64::from(generation.max_output_tokens(self.default_max_tokens)),
+            output_tokens: u64::from(generation.max_output_tokens(default_max_tokens)),
         };
         self.relay.metrics.arrived.inc();
-        let routable = self.relay.replicas.available(p.pool())?;
+        if let Some(d) = self.relay.metrics.demand(&generation.model) {
+            d.arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let lane = catalogued.map(|m| m.id.as_str());
+        let routable = self.relay.replicas.available(p.pool(), lane)?;
         let charge = self
             .gate
-            .admit(p, routable, &generation.model, estimate)
+            .admit(p, routable, &generation.model, lane, estimate)
             .await?;
         Ok((charge, estimate.tokens()))
     }

@@ -27,7 +27,7 @@ pub(crate) async fn models(
         .replicas
         .models()
         .into_iter()
-        .chain(g.models.iter().cloned())
+        .chain(g.models.iter().map(|m| m.id.clone()))
         .filter(|m| p.key.allows_model(m))
         .collect::<Vec<_>>();
     visible.sort();

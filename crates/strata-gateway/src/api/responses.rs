@@ -489,7 +489,7 @@ impl Turn {
                 }
                 a.text.push_str(delta);
                 a.deltas += 1;
-                self.g.relay.ledger.streamed_token();
+                self.g.relay.ledger.streamed_token(&self.meta.model);
                 self.emit(
                     "response.output_text.delta",
                     json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),

@@ -86,7 +86,12 @@ impl Replica {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// Whether it is in `model`'s pool: the pool's model as its provider
+    /// published it, else any model it reports.
     fn serves(&self, model: &str) -> bool {
+        if let Some(own) = &self.endpoint.model {
+            return own == model;
+        }
         self.models
             .read()
             .expect("models lock")
@@ -106,6 +111,23 @@ impl Replica {
     /// Records a health check's verdict; returns the one before.
     pub(crate) fn set_ready(&self, ready: bool) -> bool {
         self.ready.swap(ready, Ordering::Relaxed)
+    }
+}
+
+/// A fair queue's replicas: a tenant's reserved ones (`None`: the shared
+/// pool) of one model's pool (`None`: replicas of no model's pool in
+/// particular, which take every model they report).
+pub type Lane = (Option<String>, Option<String>);
+
+impl Replica {
+    /// Whether it counts for `lane`'s model: every replica counts for no
+    /// model in particular, and one whose pool's model is not published
+    /// counts for every model.
+    fn in_lane(&self, lane: Option<&str>) -> bool {
+        match (lane, &self.endpoint.model) {
+            (Some(model), Some(own)) => own == model,
+            _ => true,
+        }
     }
 }
 
@@ -184,10 +206,11 @@ impl ReplicaSet {
         self.hold_when_empty.is_some()
     }
 
-    /// The routable replicas of `pool`, or the 503 when it has none and its
+    /// The routable replicas of `pool` for `lane` (a model of the
+    /// catalog: its own pool's), or the 503 when it has none and its
     /// requests may not wait for one.
-    pub fn available(&self, pool: Option<&str>) -> Result<usize, ApiError> {
-        let routable = self.ready_in(pool);
+    pub fn available(&self, pool: Option<&str>, lane: Option<&str>) -> Result<usize, ApiError> {
+        let routable = self.ready_in(pool, lane);
         if routable == 0 && self.hold(pool).is_none() {
             return Err(none_ready(pool));
         }
@@ -250,10 +273,12 @@ impl ReplicaSet {
         prefix: &[u64],
         tokens: u64,
     ) -> Result<InFlight, NoReplica> {
+        // Replicas of another model's pool are not this request's: with
+        // none of its own ready, it waits for one as a pool at zero does.
         let all: Vec<Arc<Replica>> = self
             .snapshot()
             .iter()
-            .filter(|r| r.endpoint.reserved_for.as_deref() == pool)
+            .filter(|r| r.endpoint.reserved_for.as_deref() == pool && r.in_lane(Some(model)))
             .cloned()
             .collect();
         if !all.iter().any(|r| r.is_routable()) {
@@ -327,20 +352,25 @@ impl ReplicaSet {
         self.snapshot().iter().filter(|r| r.is_ready()).count()
     }
 
-    /// Routable (ready, not draining) replicas of one pool (`None`: the shared pool).
-    pub fn ready_in(&self, pool: Option<&str>) -> usize {
+    /// Routable (ready, not draining) replicas of one pool (`None`: the
+    /// shared pool), of `lane`'s model where the replicas' pools are per
+    /// model (`None`: every model).
+    pub fn ready_in(&self, pool: Option<&str>, lane: Option<&str>) -> usize {
         self.snapshot()
             .iter()
-            .filter(|r| r.is_routable() && r.endpoint.reserved_for.as_deref() == pool)
+            .filter(|r| {
+                r.is_routable() && r.endpoint.reserved_for.as_deref() == pool && r.in_lane(lane)
+            })
             .count()
     }
 
-    /// Routable replicas per pool, every pool that has replicas included.
-    pub fn ready_by_pool(&self) -> std::collections::HashMap<Option<String>, usize> {
+    /// Routable replicas per pool and model (the model its provider
+    /// published, if any), every pool that has replicas included.
+    pub fn ready_by_pool(&self) -> std::collections::HashMap<Lane, usize> {
         let mut pools = std::collections::HashMap::new();
         for r in self.snapshot().iter() {
-            *pools.entry(r.endpoint.reserved_for.clone()).or_insert(0) +=
-                usize::from(r.is_routable());
+            let lane = (r.endpoint.reserved_for.clone(), r.endpoint.model.clone());
+            *pools.entry(lane).or_insert(0) += usize::from(r.is_routable());
         }
         pools
     }

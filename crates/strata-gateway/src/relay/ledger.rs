@@ -1,6 +1,7 @@
 //! Usage metering off the request path: records go through a bounded channel
 //! to one task that writes them to the store in batches.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,8 +38,11 @@ impl Ledger {
     /// One output token passed on mid-stream: served tokens (the
     /// autoscaler's demand signal) count it now, so a long stream is demand
     /// while it runs; `record_streamed` settles the rest at the end.
-    pub fn streamed_token(&self) {
+    pub fn streamed_token(&self, model: &str) {
         self.metrics.tokens.inc();
+        if let Some(d) = self.metrics.demand(model) {
+            d.tokens.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// As `record`, for a request whose `counted` tokens went through
@@ -73,6 +77,13 @@ impl Ledger {
         self.metrics
             .prompt_tokens
             .inc_by(u64::from(row.prompt_tokens));
+        let demand = self.metrics.demand(&row.model);
+        if let Some(d) = demand {
+            d.tokens
+                .fetch_add(tokens.saturating_sub(counted), Ordering::Relaxed);
+            d.prompt_tokens
+                .fetch_add(u64::from(row.prompt_tokens), Ordering::Relaxed);
+        }
         let labels = UsageLabels {
             model: row.model.clone(),
             status: row.status,
@@ -92,6 +103,9 @@ impl Ledger {
                 (row.latency_ms - row.ttft_ms).max(0.0) / f64::from(row.completion_tokens - 1)
             });
             self.metrics.recent.record(row.ttft_ms, tpot);
+            if let Some(d) = demand {
+                d.recent.record(row.ttft_ms, tpot);
+            }
             let model = ModelLabels {
                 model: row.model.clone(),
             };

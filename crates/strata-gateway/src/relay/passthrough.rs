@@ -203,7 +203,9 @@ impl Passthrough {
 
     fn take(&mut self, chunk: &Chunk, out: &mut BytesMut) {
         if chunk.text().is_some() {
-            self.relay.ledger.streamed_token();
+            self.relay
+                .ledger
+                .streamed_token(&self.answer.request().model);
         }
         self.output.take(chunk, out);
     }

@@ -119,12 +119,10 @@ pub fn decide(s: &Snapshot) -> Decision {
             s.role.as_str()
         )));
     }
+    // A model the key may not use is, to it, a model that does not exist:
+    // the same 404, so no key learns what else the platform serves.
     if !s.model_allowed {
-        return Decision::Refuse(
-            ApiError::forbidden(format!("This key may not use the model `{}`.", s.model))
-                .with_param("model")
-                .with_code("model_not_allowed"),
-        );
+        return Decision::Refuse(ApiError::model_not_found(s.model));
     }
     match &s.limits {
         None => return Decision::CheckLimits,
@@ -329,13 +327,15 @@ impl Gate {
     }
 
     /// Admits `p`'s request for `model` of `estimate`'s size to the pool of
-    /// its tenant, which has `routable` replicas now; waits for a slot in
-    /// the pool's fair queue. The `Charge` settles everything when dropped.
+    /// its tenant (the model's own, where `lane` names it), which has
+    /// `routable` replicas now; waits for a slot in the pool's fair queue.
+    /// The `Charge` settles everything when dropped.
     pub async fn admit(
         self: &Arc<Self>,
         p: &Arc<Principal>,
         routable: usize,
         model: &str,
+        lane: Option<&str>,
         estimate: Estimate,
     ) -> Result<Charge, ApiError> {
         let price = self.price(model);
@@ -391,7 +391,7 @@ impl Gate {
                     let pool = p.pool();
                     let fairq = self
                         .pools
-                        .queue(pool, || routable * self.settings.slots_per_replica);
+                        .queue(pool, lane, || routable * self.settings.slots_per_replica);
                     let slot = match fairq.admit(&c.tenant, service) {
                         Err(_) => Slot::QueueFull,
                         Ok(Admission::Now(permit)) => {
@@ -550,10 +550,7 @@ mod tests {
         let Decision::Refuse(e) = decide(&s) else {
             panic!("a key used a model it may not")
         };
-        assert_eq!(
-            (e.status, e.param.as_deref(), e.code),
-            (403, Some("model"), Some("model_not_allowed"))
-        );
+        assert_eq!(e, ApiError::model_not_found("m"));
     }
 
     #[test]
@@ -679,7 +676,8 @@ mod tests {
                 Decision::Refuse(e) => e.status,
                 other => return Err(TestCaseError::fail(format!("{other:?}"))),
             };
-            let first_failure = if !allowed { 403 }
+            let first_failure = if role == Role::Reader { 403 }
+                else if !model_allowed { 404 }
                 else if limits.is_err() { 429 }
                 else if !fits { 402 }
                 else { match slot { Slot::Granted => 200, Slot::Closed => 503, _ => 429 } };

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use crate::fleet::replicas::Lane;
 use crate::tenancy::FastMap;
 
 /// Weight of a prompt token and of a generated one in the counters; decode
@@ -233,9 +234,10 @@ impl FairQueue {
 }
 
 /// One fair queue per replica pool: the shared pool and each dedicated
-/// tenant's, each sized by its own ready replicas.
+/// tenant's, per model where each model has a pool of its own, each sized
+/// by its own ready replicas.
 pub struct Pools {
-    queues: Mutex<FastMap<Option<String>, Arc<FairQueue>>>,
+    queues: Mutex<FastMap<Lane, Arc<FairQueue>>>,
     max_waiting_per_tenant: usize,
 }
 
@@ -247,11 +249,18 @@ impl Pools {
         }
     }
 
-    /// The pool's queue, made with `capacity` slots on first use.
-    pub fn queue(&self, pool: Option<&str>, capacity: impl FnOnce() -> usize) -> Arc<FairQueue> {
+    /// The queue of `pool` (a dedicated tenant's, `None`: the shared one)
+    /// for `model`'s pool (`None`: no model's in particular), made with
+    /// `capacity` slots on first use.
+    pub fn queue(
+        &self,
+        pool: Option<&str>,
+        model: Option<&str>,
+        capacity: impl FnOnce() -> usize,
+    ) -> Arc<FairQueue> {
         let mut queues = self.queues.lock().expect("pools lock");
         queues
-            .entry(pool.map(str::to_owned))
+            .entry((pool.map(str::to_owned), model.map(str::to_owned)))
             .or_insert_with(|| FairQueue::new(capacity(), self.max_waiting_per_tenant))
             .clone()
     }
@@ -259,15 +268,23 @@ impl Pools {
     /// Requests holding a slot and requests waiting, over every pool: the
     /// load the autoscaler reads.
     pub fn load(&self) -> (usize, usize) {
+        self.load_of(None)
+    }
+
+    /// As `load`, over the queues of `model`'s pool only (`None`: every queue).
+    pub fn load_of(&self, model: Option<&str>) -> (usize, usize) {
         let queues = self.queues.lock().expect("pools lock");
         queues
-            .values()
-            .fold((0, 0), |(f, w), q| (f + q.in_flight(), w + q.waiting()))
+            .iter()
+            .filter(|((_, m), _)| model.is_none() || m.as_deref() == model)
+            .fold((0, 0), |(f, w), (_, q)| {
+                (f + q.in_flight(), w + q.waiting())
+            })
     }
 
     /// Sets every known pool's capacity from its ready replicas.
-    pub fn set_capacities(&self, ready: &HashMap<Option<String>, usize>, slots_per_replica: usize) {
-        let queues: Vec<(Option<String>, Arc<FairQueue>)> = self
+    pub fn set_capacities(&self, ready: &HashMap<Lane, usize>, slots_per_replica: usize) {
+        let queues: Vec<(Lane, Arc<FairQueue>)> = self
             .queues
             .lock()
             .expect("pools lock")

@@ -1,0 +1,135 @@
+"""A catalog of models under one `strata serve` (issue 26): each model in
+`[[models]]` has a pool of its own, the gateway routes by `model`, lists
+every model of the catalog whether or not a replica runs, and a key sees
+and uses only the models it may. Real engines, both built-in models, the
+official openai SDK."""
+import os
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import CHAT_MODEL, MODEL_ID, STRATA, Server, bearer, write_config
+
+CATALOG = f"""
+[[models]]
+id = "{CHAT_MODEL}"
+source = "{CHAT_MODEL}"
+
+[[models]]
+id = "{MODEL_ID}"
+source = "{MODEL_ID}"
+[models.engine]
+context_size = 2048
+[models.pool]
+autoscale = true
+min_replicas = 0
+max_replicas = 1
+scale_to_zero_after_secs = 600
+"""
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    # `--replicas 1` is the default (first) model's: the chat model runs
+    # one replica; the base model's pool starts at zero.
+    s = Server(replicas=1, config=CATALOG, tenant="catalog")
+    yield s
+    s.stop()
+
+
+def replicas_of(s, model):
+    return [r for r in s.replica_list() if model in r["id"]]
+
+
+def test_every_model_of_the_catalog_is_listed_while_its_pool_is_at_zero(catalog):
+    ids = sorted(m.id for m in catalog.client().models.list().data)
+    assert ids == sorted([CHAT_MODEL, MODEL_ID])
+    assert replicas_of(catalog, MODEL_ID) == [], "the base model's pool starts at zero"
+
+
+def test_a_pool_scales_by_its_own_models_load(catalog):
+    """Requests for the chat model are the chat pool's load only: the base
+    model's pool, autoscaled from zero, stays at zero while they run (one
+    load for the whole gateway would start it)."""
+    client = catalog.client()
+    for _ in range(3):
+        r = client.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)
+        assert r.model == CHAT_MODEL
+    time.sleep(3)
+    assert replicas_of(catalog, MODEL_ID) == []
+    assert len(replicas_of(catalog, CHAT_MODEL)) == 1
+
+
+def test_each_model_answers_from_its_own_pool(catalog):
+    client = catalog.client()
+    chat = client.chat.completions.create(
+        model=CHAT_MODEL, temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert chat.model == CHAT_MODEL
+    assert "Paris" in chat.choices[0].message.content
+    # The base model's pool is at zero: the request waits for the replica
+    # it starts, and is not sent to the chat model's ready replica.
+    started = time.monotonic()
+    completion = client.completions.create(model=MODEL_ID, prompt="The sky is", max_tokens=8)
+    assert completion.model == MODEL_ID
+    assert completion.choices[0].text
+    assert len(replicas_of(catalog, MODEL_ID)) == 1, f"after {time.monotonic() - started:.1f} s"
+    # Usage is metered per model.
+    usage = catalog.admin("GET", f"/admin/v1/tenants/{catalog.tenant['id']}/usage", expect=200).json()
+    assert {MODEL_ID, CHAT_MODEL} <= {row["model"] for row in usage["data"]}, usage
+
+
+def test_a_key_sees_and_uses_only_its_models(catalog):
+    key = catalog.new_key(catalog.tenant["id"], "member", models=[CHAT_MODEL])
+    client = catalog.client(key)
+    assert [m.id for m in client.models.list().data] == [CHAT_MODEL]
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.completions.create(model=MODEL_ID, prompt="The sky is", max_tokens=4)
+    assert refused.value.code == "model_not_found"
+    ok = client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+    assert ok.choices[0].message.content is not None
+
+
+def test_a_model_outside_the_catalog_is_a_404_and_starts_nothing(catalog):
+    before = catalog.replica_list()
+    with pytest.raises(openai.NotFoundError) as refused:
+        catalog.client().chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert refused.value.code == "model_not_found"
+    assert {r["id"] for r in catalog.replica_list()} == {r["id"] for r in before}
+
+
+def test_the_controller_reports_each_pool(catalog):
+    metrics = httpx.get(f"{catalog.base}/metrics", headers=bearer(catalog.admin_key), timeout=10).text
+    for model in (CHAT_MODEL, MODEL_ID):
+        assert f'pool="{model}"' in metrics, model
+
+
+def run_serve(tmp_path, extra):
+    _, config = write_config(str(tmp_path), extra)
+    return subprocess.run([STRATA, "--config", config, "serve", "--listen", "127.0.0.1:0",
+                           "--db", str(tmp_path / "strata.db")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_a_model_file_whose_hash_differs_is_not_served(tmp_path):
+    path = subprocess.run([STRATA, "model", "fetch", "--model", CHAT_MODEL, "--json"], capture_output=True,
+                          text=True, check=True, timeout=600).stdout.splitlines()[-1]
+    path = __import__("json").loads(path)["path"]
+    wrong = "0" * 64
+    done = run_serve(tmp_path, f'[[models]]\nid = "mine"\npath = "{path}"\nsha256 = "{wrong}"\n')
+    assert done.returncode != 0
+    assert "sha256" in done.stderr and wrong in done.stderr and "not serving it" in done.stderr, done.stderr
+
+
+def test_a_catalog_with_a_mistake_is_refused_with_its_place(tmp_path):
+    done = run_serve(tmp_path, f'[[models]]\nid = "a"\nsource = "{CHAT_MODEL}"\n'
+                               f'[[models]]\nid = "a"\nsource = "nope"\n[models.pool]\nmax_replica = 3\n')
+    assert done.returncode != 0
+    assert "models[1].id" in done.stderr and "named twice" in done.stderr, done.stderr
+    assert "models[1].pool" in done.stderr and "max_replica" in done.stderr, done.stderr
