@@ -3,6 +3,7 @@
 every model of the catalog whether or not a replica runs, and a key sees
 and uses only the models it may. Real engines, both built-in models, the
 official openai SDK."""
+import json
 import os
 import subprocess
 import time
@@ -78,9 +79,11 @@ def test_each_model_answers_from_its_own_pool(catalog):
     assert completion.model == MODEL_ID
     assert completion.choices[0].text
     assert len(replicas_of(catalog, MODEL_ID)) == 1, f"after {time.monotonic() - started:.1f} s"
-    # Usage is metered per model.
-    usage = catalog.admin("GET", f"/admin/v1/tenants/{catalog.tenant['id']}/usage", expect=200).json()
-    assert {MODEL_ID, CHAT_MODEL} <= {row["model"] for row in usage["data"]}, usage
+    # Usage is metered per model (the ledger writes in batches).
+    def metered():
+        usage = catalog.admin("GET", f"/admin/v1/tenants/{catalog.tenant['id']}/usage", expect=200).json()
+        return {MODEL_ID, CHAT_MODEL} <= {row["model"] for row in usage["data"]}
+    wait_for("usage of both models", metered, 10)
 
 
 def test_a_key_sees_and_uses_only_its_models(catalog):
@@ -133,3 +136,83 @@ def test_a_catalog_with_a_mistake_is_refused_with_its_place(tmp_path):
     assert done.returncode != 0
     assert "models[1].id" in done.stderr and "named twice" in done.stderr, done.stderr
     assert "models[1].pool" in done.stderr and "max_replica" in done.stderr, done.stderr
+
+
+def models_listed(s, key=None):
+    return sorted(m.id for m in s.client(key).models.list().data)
+
+
+def wait_for(what, check, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+def strata_cli(s, *args):
+    return subprocess.run([STRATA, "model", *args, "--url", s.base, "--api-key", s.admin_key],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_model_deployed_at_run_time_serves_from_its_own_pool_and_undeploys(catalog):
+    """Deployed with `strata model deploy` (the admin API), kept in the
+    database (there after a restart), served from a pool of its own that
+    scales from zero; undeployed, it leaves the catalog at once and its
+    replica drains and stops."""
+    done = strata_cli(catalog, "deploy", "chat-v2", "--source", CHAT_MODEL, "--set", "pool.autoscale=true",
+                      "--set", "pool.min_replicas=0", "--set", "pool.max_replicas=1",
+                      "--set", "pool.scale_to_zero_after_secs=600", "--set", "engine.context_size=2048")
+    assert done.returncode == 0, done.stderr
+    wait_for("chat-v2 listed", lambda: "chat-v2" in models_listed(catalog), 15)
+    listed = strata_cli(catalog, "list", "--json")
+    rows = {m["id"]: m for m in json.loads(listed.stdout)["data"]}
+    assert rows["chat-v2"]["managed_by"] == "api" and rows["chat-v2"]["spec"]["engine"] == {"context_size": 2048}
+    assert rows[CHAT_MODEL]["managed_by"] == "config"
+    chat = catalog.client().chat.completions.create(
+        model="chat-v2", temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert chat.model == "chat-v2" and "Paris" in chat.choices[0].message.content
+    assert len(replicas_of(catalog, "chat-v2")) == 1
+    # Kept in the database: a restarted strata serve serves it again.
+    catalog.restart()
+    assert "chat-v2" in models_listed(catalog)
+    catalog.client().chat.completions.create(
+        model="chat-v2", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    done = strata_cli(catalog, "undeploy", "chat-v2")
+    assert done.returncode == 0, done.stderr
+    assert "chat-v2" not in models_listed(catalog)
+    with pytest.raises(openai.NotFoundError):
+        catalog.client().chat.completions.create(
+            model="chat-v2", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    wait_for("chat-v2's replica gone", lambda: replicas_of(catalog, "chat-v2") == [], 60)
+    assert catalog.admin("GET", "/admin/v1/models/chat-v2").status_code == 404
+    # The other models' pools were not touched.
+    assert len(replicas_of(catalog, CHAT_MODEL)) == 1
+
+
+def test_only_a_platform_admin_deploys_and_a_bad_model_is_refused_whole(catalog, tmp_path):
+    member = catalog.key
+    body = {"id": "nope", "source": CHAT_MODEL}
+    r = httpx.post(f"{catalog.base}/admin/v1/models", json=body, headers=bearer(member), timeout=10)
+    assert r.status_code == 403, r.text
+    # A file whose hash is not the one named: refused, nothing stored.
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + os.urandom(1024))
+    r = catalog.admin("POST", "/admin/v1/models", {"id": "fake", "path": str(fake), "sha256": "0" * 64})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model", r.text
+    assert "sha256" in r.json()["error"]["message"]
+    assert catalog.admin("GET", "/admin/v1/models/fake").status_code == 404
+    # Keys the engine or pool does not have, a source that is not built in.
+    for bad in ({"id": "x", "source": CHAT_MODEL, "pool": {"max_replica": 2}},
+                {"id": "x", "source": "no-such-source"},
+                {"id": "x"},
+                {"id": "has space", "source": CHAT_MODEL}):
+        r = catalog.admin("POST", "/admin/v1/models", bad)
+        assert r.status_code == 400, (bad, r.text)
+    # The config file's models are changed there, not through the API.
+    assert catalog.admin("POST", "/admin/v1/models", {"id": CHAT_MODEL, "source": CHAT_MODEL}).status_code == 409
+    assert catalog.admin("PATCH", f"/admin/v1/models/{CHAT_MODEL}", {"replicas": 2}).status_code == 409
+    assert catalog.admin("DELETE", f"/admin/v1/models/{CHAT_MODEL}").status_code == 409
+    assert sorted(models_listed(catalog)) == sorted([CHAT_MODEL, MODEL_ID])

@@ -647,15 +647,30 @@ impl Config {
             .collect()
     }
 
-    /// The served model `id` (the engine a pool's replica runs).
-    pub fn served_model(&self, id: &str) -> Result<ServedModel, ConfigIssue> {
-        self.served()?
+    /// A model deployed beside the file's (through the admin API), served
+    /// with the file's sections under its own keys as any entry but the
+    /// first is.
+    pub fn served_entry(&self, entry: &ModelEntry) -> Result<ServedModel, ConfigIssue> {
+        self.serve_entry(self.models.len().max(1), entry)
+    }
+
+    /// What is wrong with `entry` as one more model of this file's catalog
+    /// (its id, source, keys and the pool and engine they make).
+    pub fn entry_issues(&self, entry: &ModelEntry) -> Vec<ConfigIssue> {
+        let mut with = self.clone();
+        with.models.push(entry.clone());
+        let at = format!("models[{}]", with.models.len() - 1);
+        let mut issues = Issues::default();
+        with.check_models(&mut issues);
+        issues
+            .0
             .into_iter()
-            .find(|m| m.id.as_deref() == Some(id))
-            .ok_or_else(|| ConfigIssue {
-                key: "models".into(),
-                message: format!("no model `{id}` in [[models]]"),
+            .filter(|i| i.key.starts_with(&at))
+            .map(|i| ConfigIssue {
+                key: i.key.replacen(&at, "model", 1),
+                message: i.message,
             })
+            .collect()
     }
 
     fn serve_entry(&self, i: usize, entry: &ModelEntry) -> Result<ServedModel, ConfigIssue> {
@@ -1348,8 +1363,21 @@ scale_to_zero_after_secs = 60.0
         assert!(base.config.serve.dedicated.is_empty());
         assert_eq!(base.config.pricing["base"].completion_per_million, 1.5);
         assert!(base.config.models.is_empty());
-        assert_eq!(c.served_model("base").unwrap(), *base);
-        assert!(c.served_model("nope").is_err());
+        // One more deployed beside them runs as the second does.
+        let mut extra: ModelEntry =
+            toml::from_str("id = \"x\"\nsource = \"y\"\n[pool]\nmax_replicas = 9").unwrap();
+        assert_eq!(c.entry_issues(&extra), []);
+        let x = c.served_entry(&extra).unwrap();
+        assert_eq!(
+            (x.config.pool.max_replicas, x.config.serve.dedicated.len()),
+            (9, 0)
+        );
+        extra.id = "chat".into();
+        extra
+            .pool
+            .insert("max_replicas".into(), toml::Value::Integer(0));
+        let keys: Vec<_> = c.entry_issues(&extra).into_iter().map(|i| i.key).collect();
+        assert_eq!(keys, ["model.id", "model.pool.max_replicas"]);
         // Without [[models]], the one model of [engine].
         let one = Config::default().served().unwrap();
         assert_eq!((one.len(), one[0].id.clone()), (1, None));

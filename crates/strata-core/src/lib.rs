@@ -71,6 +71,25 @@ pub struct Load {
     pub tpot_p95_ms: Option<f64>,
 }
 
+/// The load a gateway publishes: its whole load, and each catalog
+/// model's share (what that model's pool's autoscaler reads).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loads {
+    pub total: Load,
+    pub by_model: std::collections::BTreeMap<String, Load>,
+}
+
+impl Loads {
+    /// `model`'s pool's load (`None`: the whole gateway's); a model the
+    /// gateway does not serve yet has none.
+    pub fn of(&self, model: Option<&str>) -> Load {
+        match model {
+            None => self.total,
+            Some(m) => self.by_model.get(m).copied().unwrap_or_default(),
+        }
+    }
+}
+
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

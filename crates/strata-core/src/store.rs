@@ -460,6 +460,27 @@ pub trait LoadStore: Send + Sync {
     async fn gateway_loads(&self, forget_ms: i64) -> Result<Vec<GatewayLoad>, StoreError>;
 }
 
+/// A model deployed at run time: its `[[models]]` entry, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployedModel {
+    pub id: String,
+    pub spec: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// The models deployed at run time (beside those of the config file).
+#[async_trait]
+pub trait ModelStore: Send + Sync {
+    /// Adds `model`, or replaces the one with its id (keeping when it was
+    /// first deployed).
+    async fn put_model(&self, model: &DeployedModel) -> Result<(), StoreError>;
+    /// Every deployed model, by id.
+    async fn models(&self) -> Result<Vec<DeployedModel>, StoreError>;
+    /// `true` when a model was removed.
+    async fn delete_model(&self, id: &str) -> Result<bool, StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
     UsageStore
@@ -473,6 +494,7 @@ pub trait Store:
     + DecisionStore
     + LeaseStore
     + LoadStore
+    + ModelStore
     + 'static
 {
 }
@@ -489,6 +511,7 @@ impl<T> Store for T where
         + DecisionStore
         + LeaseStore
         + LoadStore
+        + ModelStore
         + 'static
 {
 }

@@ -15,9 +15,9 @@ use strata_core::config::{ModelPrice, Routing};
 use strata_core::link::GatewayLink;
 use strata_core::store::{
     AuditStore, CompletionStore, ConversationStore, DecisionStore, InstanceStore, KeyStore,
-    LeaseStore, SnapshotStore, Store, TenantStore, UsageStore,
+    LeaseStore, ModelStore, SnapshotStore, Store, TenantStore, UsageStore,
 };
-use strata_core::{tls, ApiError, Load, ReplicaEndpoint};
+use strata_core::{tls, ApiError, Load, Loads, ReplicaEndpoint};
 use strata_store::Vault;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -35,6 +35,7 @@ use crate::fleet::{drains, health};
 use crate::metrics::{GatewayMetrics, MoreMetrics};
 use crate::ops::admin::Admin;
 use crate::ops::dashboard::{self, Dashboard, Slo};
+use crate::ops::models::{ModelHost, Models};
 use crate::ops::status::Status;
 use crate::relay::forward::Relay;
 use crate::relay::ledger::Ledger;
@@ -85,11 +86,6 @@ pub struct GatewaySettings {
     /// With no replica ready, requests wait in the fair queue (for a
     /// replica that is starting: scale from zero) instead of a 503.
     pub hold_when_empty: bool,
-    /// The models of this gateway's own pools (one pool each), listed by
-    /// `/v1/models` whether or not a replica is up (a pool at zero starts
-    /// one for a request); a request for another model is a 404. Empty:
-    /// the models the replicas report.
-    pub models: Vec<CatalogModel>,
     /// Label generation metrics with the tenant id.
     pub metrics_tenant_labels: bool,
     /// Redis URL where every gateway of a cluster keeps the rate limits.
@@ -111,8 +107,18 @@ pub struct GatewaySettings {
 pub struct Links {
     /// The replica endpoints, as the provider (or discovery) publishes them.
     pub endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
-    /// Where to publish the load (every 100 ms), for autoscalers.
-    pub loads: Vec<LoadLink>,
+    /// Where to publish the load (every 100 ms), for autoscalers: the
+    /// whole gateway's, and each catalog model's.
+    pub load: Option<watch::Sender<Loads>>,
+    /// The models of this gateway's own pools (one pool each), as the
+    /// process running them publishes them: listed by `/v1/models` whether
+    /// or not a replica is up (a pool at zero starts one for a request); a
+    /// request for another model is a 404. `None`: no catalog, the models
+    /// the replicas report.
+    pub catalog: Option<watch::Receiver<Vec<CatalogModel>>>,
+    /// The process running the pools, which checks and applies the models
+    /// deployed through the admin API (`strata serve`).
+    pub model_host: Option<Arc<dyn ModelHost>>,
     /// The controller of the replicas, when it runs beside this gateway:
     /// it asks for drains, and takes preemption notices from the admin API.
     pub controller: Option<GatewayLink>,
@@ -125,19 +131,13 @@ impl Links {
     pub fn endpoints(endpoints: watch::Receiver<Vec<ReplicaEndpoint>>) -> Links {
         Links {
             endpoints,
-            loads: Vec::new(),
+            load: None,
+            catalog: None,
+            model_host: None,
             controller: None,
             more_metrics: None,
         }
     }
-}
-
-/// Where one autoscaler reads its pool's load: `model`'s pool (requests
-/// for it, its queues, its replicas), or with `None` the whole gateway's.
-#[derive(Debug)]
-pub struct LoadLink {
-    pub model: Option<String>,
-    pub tx: watch::Sender<Load>,
 }
 
 /// Where KV snapshots of drained replicas' sessions go.
@@ -163,6 +163,7 @@ struct Stores {
     snapshots: Arc<dyn SnapshotStore>,
     decisions: Arc<dyn DecisionStore>,
     leases: Arc<dyn LeaseStore>,
+    models: Arc<dyn ModelStore>,
 }
 
 impl Stores {
@@ -178,6 +179,7 @@ impl Stores {
             snapshots: store.clone(),
             decisions: store.clone(),
             leases: store.clone(),
+            models: store.clone(),
         }
     }
 }
@@ -188,6 +190,7 @@ pub(crate) struct AppState {
     inference: Arc<Inference>,
     objects: Arc<Objects>,
     admin: Arc<Admin>,
+    models: Arc<Models>,
     dashboard: Arc<Dashboard>,
     status: Arc<Status>,
 }
@@ -207,6 +210,7 @@ parts! {
     Inference => inference,
     Objects => objects,
     Admin => admin,
+    Models => models,
     Dashboard => dashboard,
     Status => status,
 }
@@ -233,11 +237,12 @@ impl Gateway {
         vault: Option<Arc<Vault>>,
     ) -> Result<Gateway, GatewayError> {
         let stores = Stores::of(&store);
-        let metrics = Arc::new(
-            GatewayMetrics::new()
-                .with_tenant_labels(settings.metrics_tenant_labels)
-                .with_models(settings.models.iter().map(|m| m.id.as_str())),
-        );
+        let metrics =
+            Arc::new(GatewayMetrics::new().with_tenant_labels(settings.metrics_tenant_labels));
+        let catalog = links
+            .catalog
+            .clone()
+            .unwrap_or_else(|| watch::channel(Vec::new()).1);
         let hold = settings.hold_when_empty.then_some(settings.queue_timeout);
         let replicas = Arc::new(ReplicaSet::new(settings.routing, hold));
         let client = replica_client(&settings.replica_auth, settings.connect_timeout)?;
@@ -296,7 +301,7 @@ impl Gateway {
             client: client.clone(),
             max_body_bytes: settings.max_body_bytes,
             default_max_tokens: settings.default_max_tokens,
-            models: settings.models.clone(),
+            models: catalog.clone(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -315,6 +320,14 @@ impl Gateway {
             snapshots: snapshots.clone(),
             notices: links.controller.as_ref().map(|l| l.notices.clone()),
             rotate_kek_on_shred: settings.rotate_kek_on_shred,
+        });
+        let models = Arc::new(Models {
+            store: stores.models.clone(),
+            host: links.model_host.clone(),
+            catalog: catalog.clone(),
+            replicas: replicas.clone(),
+            audit: audit.clone(),
+            max_body_bytes: settings.max_body_bytes,
         });
         let dashboard = Arc::new(Dashboard::new(
             dashboard::Reads {
@@ -380,7 +393,8 @@ impl Gateway {
             gate,
             replicas.clone(),
             metrics,
-            links.loads,
+            links.load,
+            catalog,
             dashboard.clone(),
             background.clone(),
         ));
@@ -392,6 +406,7 @@ impl Gateway {
             inference,
             objects,
             admin,
+            models,
             dashboard,
             status,
         };
@@ -464,7 +479,8 @@ async fn follow_capacity(
     gate: Arc<Gate>,
     replicas: Arc<ReplicaSet>,
     metrics: Arc<GatewayMetrics>,
-    loads: Vec<LoadLink>,
+    load: Option<watch::Sender<Loads>>,
+    mut catalog: watch::Receiver<Vec<CatalogModel>>,
     dashboard: Arc<Dashboard>,
     cancel: CancellationToken,
 ) {
@@ -488,10 +504,21 @@ async fn follow_capacity(
             });
             sampled = (Instant::now(), tokens);
         }
-        for link in &loads {
-            let model = link.model.as_deref();
-            link.tx
-                .send_replace(pool_load(&gate, &replicas, &metrics, model));
+        if let Some(load) = &load {
+            let models = catalog.borrow_and_update();
+            metrics.track_models(models.iter().map(|m| m.id.as_str()));
+            load.send_replace(Loads {
+                total: pool_load(&gate, &replicas, &metrics, None),
+                by_model: models
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.id.clone(),
+                            pool_load(&gate, &replicas, &metrics, Some(&m.id)),
+                        )
+                    })
+                    .collect(),
+            });
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -543,6 +570,7 @@ fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
     let authenticated = OpenApiRouter::<AppState>::new()
         .merge(api::routes())
         .merge(ops::admin::routes())
+        .merge(ops::models::routes())
         .route_layer(axum::middleware::from_fn_with_state(auth, require_key));
     let public = OpenApiRouter::<AppState>::new()
         .merge(ops::status::routes())

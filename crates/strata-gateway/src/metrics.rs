@@ -69,8 +69,8 @@ pub struct GatewayMetrics {
     /// Recent streamed requests' latencies, for the SLO signals.
     pub recent: LatencyWindow,
     /// The same demand signals per model of the catalog, for each model's
-    /// pool (fixed at start; models outside it count only in the totals).
-    demand: std::collections::HashMap<String, Arc<Demand>>,
+    /// pool (models outside it count only in the totals).
+    demand: std::sync::RwLock<std::collections::HashMap<String, Arc<Demand>>>,
 }
 
 /// One model's demand signals: what its pool's autoscaler scales by.
@@ -232,18 +232,26 @@ impl GatewayMetrics {
         self
     }
 
-    /// Demand is kept per model too, for these models' pools.
-    pub fn with_models<'a>(mut self, models: impl IntoIterator<Item = &'a str>) -> Self {
-        self.demand = models
-            .into_iter()
-            .map(|m| (m.to_owned(), Arc::new(Demand::default())))
-            .collect();
-        self
+    /// Demand is kept per model for these models' pools (the catalog as
+    /// it is now; a model that leaves it keeps its counters, should it
+    /// come back).
+    pub fn track_models<'a>(&self, models: impl IntoIterator<Item = &'a str> + Clone) {
+        let known = self.demand.read().expect("demand lock");
+        if models.clone().into_iter().all(|m| known.contains_key(m)) {
+            return;
+        }
+        drop(known);
+        let mut demand = self.demand.write().expect("demand lock");
+        for m in models {
+            if !demand.contains_key(m) {
+                demand.insert(m.to_owned(), Arc::new(Demand::default()));
+            }
+        }
     }
 
     /// `model`'s demand signals, when it is one of the catalog's.
-    pub fn demand(&self, model: &str) -> Option<&Demand> {
-        self.demand.get(model).map(|d| &**d)
+    pub fn demand(&self, model: &str) -> Option<Arc<Demand>> {
+        self.demand.read().expect("demand lock").get(model).cloned()
     }
 
     pub fn render(&self) -> String {

@@ -232,7 +232,6 @@ impl Harness {
             // least loaded, ties rotating.
             routing: Routing::LeastLoad,
             hold_when_empty: false,
-            models: Vec::new(),
             metrics_tenant_labels: false,
             shared_limits_url: None,
             budget_refresh: None,

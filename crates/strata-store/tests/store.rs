@@ -10,9 +10,9 @@ use std::sync::Arc;
 use common::{tenant, vault, Backend};
 use strata_core::config::CapacityType;
 use strata_core::store::{
-    AuditStore, CompletionStore, DecisionRecord, DecisionStore, InstanceKind, InstanceRecord,
-    InstanceState, InstanceStore, KeyStore, LeaseStore, SnapshotStore, StoreError,
-    StoredCompletion, TenantStore, UsageRecord, UsageStore,
+    AuditStore, CompletionStore, DecisionRecord, DecisionStore, DeployedModel, InstanceKind,
+    InstanceRecord, InstanceState, InstanceStore, KeyStore, LeaseStore, ModelStore, SnapshotStore,
+    StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
     audit_hash, digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, AuditKey, NewKey,
@@ -519,7 +519,38 @@ async fn a_lease_has_one_holder_until_it_runs_out_or_is_released(backend: &Backe
     assert_eq!((held.holder.as_str(), held.transitions), ("a", 2));
 }
 
+async fn deployed_models_are_kept_replaced_and_removed(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
+    let model = |id: &str, spec: &str, at| DeployedModel {
+        id: id.into(),
+        spec: spec.into(),
+        created_at_ms: at,
+        updated_at_ms: at,
+    };
+    store.put_model(&model("b", "{\"v\":1}", 10)).await.unwrap();
+    store.put_model(&model("a", "{}", 20)).await.unwrap();
+    // Deployed again: the new spec, the first deployment's time.
+    store.put_model(&model("b", "{\"v\":2}", 30)).await.unwrap();
+    let kept = store.models().await.unwrap();
+    assert_eq!(
+        kept.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(
+        (
+            kept[1].spec.as_str(),
+            kept[1].created_at_ms,
+            kept[1].updated_at_ms
+        ),
+        ("{\"v\":2}", 10, 30)
+    );
+    assert!(store.delete_model("b").await.unwrap());
+    assert!(!store.delete_model("b").await.unwrap());
+    assert_eq!(store.models().await.unwrap().len(), 1);
+}
+
 on_every_backend!(
+    deployed_models_are_kept_replaced_and_removed,
     a_lease_has_one_holder_until_it_runs_out_or_is_released,
     decisions_come_back_newest_last,
     snapshots_are_sealed_and_taken_once,

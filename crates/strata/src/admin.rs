@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use strata_core::tenant::{verify_audit as verify_chain, verify_checkpoints};
 use strata_store::SqlStore;
 
-use crate::cli::{AdminArgs, ChaosCommand, KeyCommand, KeysCommand, LimitFlags, TenantCommand};
+use crate::cli::{
+    AdminArgs, ChaosCommand, KeyCommand, KeysCommand, LimitFlags, ModelCommand, TenantCommand,
+};
 
 struct Api {
     client: reqwest::Client,
@@ -18,13 +20,17 @@ struct Api {
 
 impl Api {
     fn new<C: clap::Subcommand>(args: &AdminArgs<C>) -> Result<Api> {
-        let Some(key) = args.api_key.clone() else {
+        Api::at(&args.url, args.api_key.as_deref())
+    }
+
+    fn at(url: &str, key: Option<&str>) -> Result<Api> {
+        let Some(key) = key else {
             bail!("no admin key: pass --api-key or set STRATA_API_KEY");
         };
         Ok(Api {
             client: reqwest::Client::new(),
-            url: args.url.trim_end_matches('/').to_owned(),
-            key,
+            url: url.trim_end_matches('/').to_owned(),
+            key: key.to_owned(),
         })
     }
 
@@ -311,6 +317,91 @@ pub async fn chaos(args: AdminArgs<ChaosCommand>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+const MODEL_COLUMNS: &[&str] = &["id", "managed_by", "serving", "replicas", "replicas_ready"];
+
+/// `strata model deploy|list|undeploy`.
+pub async fn model(command: ModelCommand) -> Result<()> {
+    match command {
+        ModelCommand::Deploy {
+            id,
+            source,
+            path,
+            sha256,
+            replicas,
+            sets,
+            api,
+        } => {
+            let mut entry = json!({ "id": id });
+            let fields = [
+                ("source", source.map(Value::from)),
+                ("path", path.map(|p| Value::from(p.display().to_string()))),
+                ("sha256", sha256.map(Value::from)),
+                ("replicas", replicas.map(Value::from)),
+            ];
+            for (k, v) in fields {
+                if let Some(v) = v {
+                    entry[k] = v;
+                }
+            }
+            for set in &sets {
+                let (section, key, value) = parse_set(set)?;
+                entry[section][key] = value;
+            }
+            let v = Api::at(&api.url, api.api_key.as_deref())?
+                .call(reqwest::Method::POST, "/admin/v1/models", Some(entry))
+                .await?;
+            print(api.json, &v, MODEL_COLUMNS);
+        }
+        ModelCommand::List { api } => {
+            let v = Api::at(&api.url, api.api_key.as_deref())?
+                .call(reqwest::Method::GET, "/admin/v1/models", None)
+                .await?;
+            print(api.json, &v, MODEL_COLUMNS);
+        }
+        ModelCommand::Undeploy { id, api } => {
+            let v = Api::at(&api.url, api.api_key.as_deref())?
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/admin/v1/models/{id}"),
+                    None,
+                )
+                .await?;
+            if api.json {
+                println!("{v}");
+            } else {
+                println!("{id}: undeployed; its replicas drain and stop");
+            }
+        }
+        ModelCommand::Fetch { .. } => unreachable!("fetched without the API"),
+    }
+    Ok(())
+}
+
+/// `engine.KEY=VALUE` / `pool.KEY=VALUE`, the value read as TOML (a bare
+/// word that is not TOML is a string).
+fn parse_set(set: &str) -> Result<(&'static str, String, Value)> {
+    let Some((path, value)) = set.split_once('=') else {
+        bail!("--set `{set}`: give SECTION.KEY=VALUE");
+    };
+    let section = match path.split_once('.') {
+        Some(("engine", _)) => "engine",
+        Some(("pool", _)) => "pool",
+        _ => bail!("--set `{set}`: the key must start with `engine.` or `pool.`"),
+    };
+    let key = path
+        .split_once('.')
+        .map(|(_, k)| k.trim())
+        .unwrap_or_default();
+    if key.is_empty() {
+        bail!("--set `{set}`: no key after `{section}.`");
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => serde_json::to_value(t.remove("v")).context("--set value")?,
+        Err(_) => Value::from(value),
+    };
+    Ok((section, key.to_owned(), value))
 }
 
 pub enum Format {

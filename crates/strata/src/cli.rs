@@ -264,6 +264,56 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Deploy a model on a running `strata serve`, through the admin API:
+    /// its pool starts (or, scaling from zero, waits for a request).
+    Deploy {
+        /// The model id clients will send.
+        id: String,
+        /// A built-in model (`fetch --model` ids).
+        #[arg(long, conflicts_with = "path")]
+        source: Option<String>,
+        /// A GGUF file on the machine running `strata serve`.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// The file's SHA-256, checked before it is served.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Replicas kept up (a pool that does not autoscale).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// `engine.KEY=VALUE` or `pool.KEY=VALUE` (a TOML value), repeatable:
+        /// e.g. `--set pool.autoscale=true --set pool.min_replicas=0`.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        api: ApiFlags,
+    },
+    /// The catalog: each model, where it is declared, its pool's replicas.
+    List {
+        #[command(flatten)]
+        api: ApiFlags,
+    },
+    /// Undeploy a model deployed with `deploy`: it leaves the catalog, its
+    /// replicas drain (sessions kept) and stop.
+    Undeploy {
+        id: String,
+        #[command(flatten)]
+        api: ApiFlags,
+    },
+}
+
+/// Where the admin API is and the key to call it with.
+#[derive(Args)]
+pub struct ApiFlags {
+    /// Gateway base URL.
+    #[arg(long, env = "STRATA_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Admin key (sk-strata-...).
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -362,9 +412,10 @@ pub struct EngineArgs {
     pub tls_key: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// Run the engine of this `[[models]]` entry (its own `[engine]` keys).
-    #[arg(long)]
-    pub serve_model: Option<String>,
+    /// The `[engine]` section to run with, as JSON (a pool's model's own,
+    /// given by `strata serve`).
+    #[arg(long, hide = true)]
+    pub engine_config: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
 }

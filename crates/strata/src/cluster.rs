@@ -259,7 +259,20 @@ pub fn gateway_in_cluster(
         publish,
         shutdown.clone(),
     ));
-    let (load_tx, load_rx) = watch::channel(Load::default());
+    let (load_tx, mut loads) = watch::channel(strata_core::Loads::default());
+    // The store gets the gateway's whole load.
+    let (whole, load_rx) = watch::channel(Load::default());
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = loads.changed() => if changed.is_err() { return },
+            }
+            let total = loads.borrow_and_update().total;
+            whole.send_replace(total);
+        }
+    });
     // While the controller replaces replicas (or a standby takes over),
     // requests wait for one instead of failing.
     settings.hold_when_empty = true;
@@ -270,10 +283,7 @@ pub fn gateway_in_cluster(
         shutdown.clone(),
     ));
     strata_gateway::Links {
-        loads: vec![strata_gateway::LoadLink {
-            model: None,
-            tx: load_tx,
-        }],
+        load: Some(load_tx),
         ..strata_gateway::Links::endpoints(endpoints)
     }
 }

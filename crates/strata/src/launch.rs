@@ -215,8 +215,9 @@ pub fn replica_trust(config: &Config, db: Option<&PathBuf>) -> Result<ReplicaTru
 /// How this machine launches one pool's engine replicas (the `local`
 /// provider), at most `processes` engines on the machine at once (threads
 /// are split so they never oversubscribe the cores: llama.cpp's threads
-/// spin). `model` names the pool's entry in `[[models]]`, which the
-/// engines read their settings from; `None` for the one model of `[engine]`.
+/// spin). `model` names the pool's model of the catalog, whose own
+/// `[engine]` section (in `config`) its engines run with; `None` for the
+/// one model of `[engine]`.
 pub fn local_launch(
     config: &Config,
     config_path: &Path,
@@ -243,12 +244,14 @@ pub fn local_launch(
         engine.context_size.to_string(),
     ];
     engine_args.extend(trust.engine_args.iter().cloned());
-    // Engine children read the same config file, when there is one.
+    // Engine children read the same config file, when there is one, and
+    // a model of the catalog's pool its own `[engine]`.
     if let Ok(path) = std::fs::canonicalize(config_path) {
         engine_args.splice(0..0, ["--config".to_string(), path.display().to_string()]);
-        if let Some(id) = model {
-            engine_args.extend(["--serve-model".to_string(), id.to_owned()]);
-        }
+    }
+    if model.is_some() {
+        let own = serde_json::to_string(&config.engine).context("the engine section")?;
+        engine_args.extend(["--engine-config".to_string(), own]);
     }
     Ok(LocalSettings {
         program: std::env::current_exe().context("cannot find this program's path")?,

@@ -18,6 +18,7 @@ mod admin;
 mod chart;
 mod cli;
 mod cluster;
+mod fleet;
 mod launch;
 mod otlp;
 mod progress;
@@ -56,6 +57,7 @@ fn main() -> Result<()> {
         Command::Model(ModelCommand::Fetch { model, dest, json }) => {
             fetch_model(&model, dest, json)
         }
+        Command::Model(command) => runtime()?.block_on(admin::model(command)),
         // The engine's own threads (llama.cpp's) want the cores; its HTTP side
         // needs little, so it gets a single-threaded runtime.
         Command::Engine(args) => tokio::runtime::Builder::new_current_thread()

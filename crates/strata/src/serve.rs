@@ -7,33 +7,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use strata_control::controller::{Controller, PoolSpec};
-use strata_control::provider::local::LocalProvider;
-use strata_core::config::{Config, ServedModel};
-use strata_core::link::{ControllerLink, PreemptNotice};
+use strata_core::config::Config;
 use strata_core::ReplicaEndpoint;
-use strata_gateway::{CatalogModel, GatewaySettings, Links, LoadLink, SnapshotPlace};
-use strata_models::fetch::ModelSource;
+use strata_gateway::{GatewaySettings, Links, SnapshotPlace};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::EngineFlags;
 use crate::cli::{EngineArgs, GatewayArgs, ServeArgs, TlsFlags};
 use crate::cluster;
-use crate::launch::{
-    engine_settings, local_launch, open_store, pool_processes, replica_trust, shutdown_on_signal,
-};
+use crate::fleet::{Fleet, FleetParts};
+use crate::launch::{engine_settings, open_store, replica_trust, shutdown_on_signal};
 
 pub async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
-    let config = match &args.serve_model {
-        Some(id) => {
-            config
-                .served_model(id)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .config
-        }
-        None => config,
-    };
+    let mut config = config;
+    if let Some(engine) = &args.engine_config {
+        config.engine = serde_json::from_str(engine).context("--engine-config")?;
+    }
     let settings = engine_settings(&config, &args.engine, 1);
     let listen: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
@@ -139,7 +128,6 @@ fn gateway_settings(
         routing: config.gateway.routing,
         drain_on_shutdown: false,
         hold_when_empty: false,
-        models: Vec::new(),
         shared_limits_url: config.gateway.shared_limits_url.clone(),
         metrics_tenant_labels: config.gateway.metrics_tenant_labels,
         // Other gateways spend from the same budgets only on a shared database.
@@ -218,217 +206,58 @@ fn parse_replica(arg: &str) -> Result<ReplicaEndpoint> {
 }
 
 pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> Result<()> {
-    let served = config.served().map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The first model is the default one: `--replicas` and the engine
-    // flags are its own.
-    let mut pools = Vec::new();
-    for (i, model) in served.iter().enumerate() {
-        let replicas = match i {
-            0 => args.replicas.unwrap_or(model.config.serve.replicas),
-            _ => model.config.serve.replicas,
-        };
-        let (replicas, processes) = pool_processes(&model.config, replicas)
-            .with_context(|| model_context(model.id.as_deref()))?;
-        pools.push((model, replicas, processes));
-    }
-    // Engines of every pool share the cores.
-    let processes: u32 = pools.iter().map(|p| p.2).sum();
     let mut gateway = gateway_settings(&config, args.listen.as_ref(), &args.tls, args.db.as_ref())?;
     // The engines are this process's children and stop with it.
     gateway.drain_on_shutdown = true;
+    // While a pool has no replica taking requests (from zero, or a lone
+    // replica replaced), its requests wait for one.
+    gateway.hold_when_empty = true;
     let trust = replica_trust(&config, args.db.as_ref())?;
     gateway.replica_auth = trust.auth.clone();
-    let no_flags = EngineFlags::default();
-    let mut launches = Vec::new();
-    for (i, (model, replicas, _)) in pools.iter().enumerate() {
-        let flags = if i == 0 { &args.engine } else { &no_flags };
-        let config = resolve_source(model)?;
-        let settings = local_launch(
-            &config,
-            config_path,
-            flags,
-            processes,
-            &trust,
-            model.id.as_deref(),
-        )
-        .with_context(|| model_context(model.id.as_deref()))?;
-        // Listed while the pool is at zero too.
-        gateway.models.push(CatalogModel {
-            id: settings.model.clone(),
-            default_max_tokens: config.engine.default_max_tokens,
-        });
-        launches.push((config, settings, *replicas));
-    }
     let (store, vault) = open_store(&config, args.db.as_ref()).await?;
-    // One gateway, one controller per pool: drains from any controller go
-    // to the gateway; a preemption notice goes to every pool's provider
-    // (only the one running that replica acts on it).
-    let (gateway_link, ControllerLink { drains, notices }) = strata_core::link::link();
-    let mut notice_to = Vec::new();
-    let shutdown = shutdown_on_signal();
-    let engines_stop = CancellationToken::new();
     // The controllers' metrics (by pool) show on the gateway's /metrics.
     let metrics = Arc::new(strata_control::metrics::ControllerMetrics::new());
     metrics.leading.set(1);
-    let mut loads = Vec::new();
-    let mut controllers = Vec::new();
-    let mut published = Vec::new();
-    for (config, settings, replicas) in launches {
-        let (publish, endpoints) = watch::channel(Vec::new());
-        let (notice_tx, notice_rx) = tokio::sync::mpsc::channel(64);
-        notice_to.push(notice_tx);
-        let model = settings.model.clone();
-        let pool = settings.pool.clone();
-        let provider = LocalProvider::new(
-            settings,
-            store.clone(),
-            publish,
-            trust.health.clone(),
-            ControllerLink {
-                drains: drains.clone(),
-                notices: notice_rx,
-            },
-        );
-        // The controller keeps the pool's replicas: `serve.replicas` of
-        // them, or with `pool.autoscale` as many as the gateway's load for
-        // its model needs (from zero with `scale_to_zero_after_secs`).
-        // While none takes requests (from zero, or a lone replica
-        // replaced), requests wait for one.
-        let (load_tx, load_rx) = watch::channel(strata_gateway::Load::default());
-        loads.push(LoadLink {
-            model: Some(model),
-            tx: load_tx,
-        });
-        let controller = Controller::new(PoolSpec {
-            name: pool,
-            ..PoolSpec::from_config(&config, replicas)
-        });
-        controllers.push(tokio::spawn(strata_control::controller::run(
-            controller,
-            provider,
-            load_rx,
-            store.clone(),
-            Some(metrics.clone()),
-            engines_stop.clone(),
-        )));
-        published.push(endpoints);
+    let shown = metrics.clone();
+    let (gateway_link, controller_link) = strata_core::link::link();
+    let shutdown = shutdown_on_signal();
+    // The engines stop after the gateway, which snapshots them on the way out.
+    let engines_stop = CancellationToken::new();
+    let (mut fleet, links) = Fleet::new(
+        FleetParts {
+            config,
+            config_path: config_path.to_owned(),
+            flags: args.engine,
+            replicas: args.replicas,
+            trust,
+            store: store.clone(),
+            metrics,
+        },
+        controller_link,
+        engines_stop.clone(),
+    );
+    // The catalog's pools start before the gateway takes a request.
+    fleet.sync().await?;
+    if links.catalog.borrow().is_empty() {
+        bail!("no model's pool could start (see the errors above)");
     }
-    tokio::spawn(fan_out(notices, notice_to));
-    gateway.hold_when_empty = true;
+    let fleet = tokio::spawn(fleet.run());
     let links = Links {
-        endpoints: merged(published, engines_stop.clone()),
-        loads,
+        endpoints: links.endpoints,
+        load: Some(links.load),
+        catalog: Some(links.catalog),
+        model_host: Some(links.host),
         controller: Some(gateway_link),
         more_metrics: Some(strata_gateway::MoreMetrics(Arc::new(move || {
-            metrics.render()
+            shown.render()
         }))),
     };
-    // The engines stop after the gateway, which snapshots them on the way out.
     let served = strata_gateway::serve(gateway, links, store, Some(vault), shutdown.clone()).await;
     engines_stop.cancel();
-    for controller in controllers {
-        controller.await.context("provider task panicked")??;
-    }
+    fleet.await.context("the fleet's task panicked")??;
     served?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Every pool's replicas as one list, kept current as any pool publishes.
-fn merged(
-    mut pools: Vec<watch::Receiver<Vec<ReplicaEndpoint>>>,
-    stop: CancellationToken,
-) -> watch::Receiver<Vec<ReplicaEndpoint>> {
-    if pools.len() == 1 {
-        return pools.remove(0);
-    }
-    let all = |pools: &[watch::Receiver<Vec<ReplicaEndpoint>>]| {
-        pools
-            .iter()
-            .flat_map(|p| p.borrow().clone())
-            .collect::<Vec<_>>()
-    };
-    let publish = Arc::new(watch::Sender::new(all(&pools)));
-    let merged = publish.subscribe();
-    for mut pool in pools.clone() {
-        let (pools, publish, stop) = (pools.clone(), publish.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    changed = pool.changed() => if changed.is_err() { return },
-                }
-                publish.send_replace(all(&pools));
-            }
-        });
-    }
-    merged
-}
-
-/// Each preemption notice to every pool's provider.
-async fn fan_out(
-    mut notices: tokio::sync::mpsc::Receiver<PreemptNotice>,
-    to: Vec<tokio::sync::mpsc::Sender<PreemptNotice>>,
-) {
-    while let Some(notice) = notices.recv().await {
-        for pool in &to {
-            let _ = pool.send(notice.clone()).await;
-        }
-    }
-}
-
-/// The served model's configuration with its file's place: a built-in
-/// source where `strata model fetch --model` puts it, or its `path`,
-/// checked against its `sha256` when it names one.
-fn resolve_source(model: &ServedModel) -> Result<Config> {
-    let mut config = model.config.clone();
-    if let Some(source) = &model.source {
-        let Some(builtin) = ModelSource::named(source) else {
-            bail!(
-                "model `{}`: source `{source}` is not a built-in model ({})",
-                model.id.as_deref().unwrap_or_default(),
-                ModelSource::builtin_ids().join(", ")
-            );
-        };
-        let path = strata_models::fetch::default_model_path(&builtin.file_name);
-        if !path.is_file() {
-            bail!(
-                "model `{}`: {} does not exist; run `strata model fetch --model {source}`",
-                model.id.as_deref().unwrap_or_default(),
-                path.display()
-            );
-        }
-        if model
-            .sha256
-            .as_ref()
-            .is_some_and(|h| !h.eq_ignore_ascii_case(&builtin.sha256))
-        {
-            bail!(
-                "model `{}`: sha256 does not match the built-in source `{source}` ({})",
-                model.id.as_deref().unwrap_or_default(),
-                builtin.sha256
-            );
-        }
-        config.engine.model = Some(path);
-    } else if let (Some(path), Some(expected)) = (&config.engine.model, &model.sha256) {
-        let actual = strata_models::fetch::sha256_file(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if !actual.eq_ignore_ascii_case(expected) {
-            bail!(
-                "model `{}`: {} has sha256 {actual}, not the {expected} its entry names; not serving it",
-                model.id.as_deref().unwrap_or_default(),
-                path.display()
-            );
-        }
-    }
-    Ok(config)
-}
-
-fn model_context(id: Option<&str>) -> String {
-    match id {
-        Some(id) => format!("model `{id}`"),
-        None => "the model of [engine]".into(),
-    }
 }
 
 #[cfg(test)]

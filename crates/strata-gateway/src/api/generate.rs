@@ -15,6 +15,7 @@ use strata_core::openai::{
     parse_body, request_id, ChatCompletionRequest, CompletionRequest, Generation,
 };
 use strata_core::{read_body, ApiError};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::api::objects::Objects;
@@ -51,10 +52,11 @@ pub struct Inference {
     /// What a chat without `max_tokens` may generate at most (a model of
     /// the catalog: its own engines' figure).
     pub default_max_tokens: u32,
-    /// The models of this gateway's pools, one pool each: listed even
-    /// while no replica runs; a request names one of them or gets a 404.
-    /// Empty: replicas report what they serve (a cluster's gateway).
-    pub models: Vec<CatalogModel>,
+    /// The models of this gateway's pools, one pool each, as they are now:
+    /// listed even while no replica runs; a request names one of them or
+    /// gets a 404. Empty: replicas report what they serve (a cluster's
+    /// gateway).
+    pub models: watch::Receiver<Vec<CatalogModel>>,
     /// Unix seconds the gateway started (the models' `created`).
     pub started: u64,
 }
@@ -203,13 +205,18 @@ impl Inference {
     ) -> Result<(Charge, u64), ApiError> {
         // A model of the catalog goes to its own pool; with a catalog,
         // no other model is served.
-        let catalogued = self.models.iter().find(|m| m.id == generation.model);
-        if catalogued.is_none() && !self.models.is_empty() {
-            self.relay.metrics.arrived.inc();
-            return Err(ApiError::model_not_found(&generation.model));
-        }
-        let default_max_tokens =
-            catalogued.map_or(self.default_max_tokens, |m| m.default_max_tokens);
+        let catalogued = {
+            let models = self.models.borrow();
+            if !models.is_empty() && !models.iter().any(|m| m.id == generation.model) {
+                self.relay.metrics.arrived.inc();
+                return Err(ApiError::model_not_found(&generation.model));
+            }
+            models
+                .iter()
+                .find(|m| m.id == generation.model)
+                .map(|m| m.default_max_tokens)
+        };
+        let default_max_tokens = catalogued.unwrap_or(self.default_max_tokens);
         let estimate = Estimate {
             // About four bytes of JSON per prompt token; the replica counts exactly.
             prompt_tokens: body_len as u64 / 4,
@@ -221,7 +228,7 @@ impl Inference {
         if let Some(d) = self.relay.metrics.demand(&generation.model) {
             d.arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let lane = catalogued.map(|m| m.id.as_str());
+        let lane = catalogued.map(|_| generation.model.as_str());
         let routable = self.relay.replicas.available(p.pool(), lane)?;
         let charge = self
             .gate

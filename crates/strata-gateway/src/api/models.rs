@@ -1,5 +1,6 @@
-//! `GET /v1/models`: the models the pool serves (whether or not a replica
-//! runs) and the ready replicas report, that the caller's key may use.
+//! `GET /v1/models`: the models of the catalog (whether or not a replica
+//! runs), or without one those the ready replicas report, that the
+//! caller's key may use.
 
 use std::sync::Arc;
 
@@ -22,12 +23,15 @@ pub(crate) async fn models(
     State(g): State<Arc<Inference>>,
     Extension(p): Extension<Arc<Principal>>,
 ) -> Json<ModelList> {
-    let mut visible = g
-        .relay
-        .replicas
-        .models()
+    // With a catalog, its models only (a draining replica of a model just
+    // undeployed still reports it); else what ready replicas report.
+    let catalog: Vec<String> = g.models.borrow().iter().map(|m| m.id.clone()).collect();
+    let served = match catalog.is_empty() {
+        true => g.relay.replicas.models(),
+        false => catalog,
+    };
+    let mut visible = served
         .into_iter()
-        .chain(g.models.iter().map(|m| m.id.clone()))
         .filter(|m| p.key.allows_model(m))
         .collect::<Vec<_>>();
     visible.sort();

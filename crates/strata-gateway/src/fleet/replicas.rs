@@ -335,6 +335,17 @@ impl ReplicaSet {
         self.find(id).is_some_and(|r| r.is_routable())
     }
 
+    /// Replicas of `model`'s pool (as their provider published them):
+    /// listed, and ready.
+    pub fn of_model(&self, model: &str) -> (usize, usize) {
+        let all = self.snapshot();
+        let pool = all
+            .iter()
+            .filter(|r| r.endpoint.model.as_deref() == Some(model));
+        let ready = pool.clone().filter(|r| r.is_ready()).count();
+        (pool.count(), ready)
+    }
+
     /// Models served by ready replicas, sorted, without repeats.
     pub fn models(&self) -> Vec<String> {
         let mut models: Vec<String> = self

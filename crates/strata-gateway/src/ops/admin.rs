@@ -107,13 +107,13 @@ fn key_json(k: &ApiKeyRecord) -> Value {
     })
 }
 
-fn list_json(data: Vec<Value>) -> Value {
+pub(crate) fn list_json(data: Vec<Value>) -> Value {
     json!({"object": "list", "data": data})
 }
 
 /// What an admin route needs of the caller on the tenant it names.
 #[derive(Clone, Copy, PartialEq)]
-enum Need {
+pub(crate) enum Need {
     /// Admin or reader of the tenant (or the platform admin).
     Read,
     /// Admin of the tenant (or the platform admin).
@@ -122,7 +122,7 @@ enum Need {
     Platform,
 }
 
-fn role_allows(p: &Principal, need: Need) -> Result<(), ApiError> {
+pub(crate) fn role_allows(p: &Principal, need: Need) -> Result<(), ApiError> {
     let ok = p.is_platform_admin()
         || match need {
             Need::Read => matches!(p.role(), Role::Admin | Role::Reader),
@@ -906,6 +906,7 @@ async fn list_replicas(
                     "object": "replica",
                     "id": r.endpoint.id, "url": r.endpoint.url, "ready": r.is_ready(),
                     "draining": r.is_draining(), "reserved_for": r.endpoint.reserved_for,
+                    "model": r.endpoint.model,
                     "outstanding_tokens": r.outstanding_tokens(),
                 })
             })

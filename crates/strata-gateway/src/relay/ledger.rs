@@ -78,7 +78,7 @@ impl Ledger {
             .prompt_tokens
             .inc_by(u64::from(row.prompt_tokens));
         let demand = self.metrics.demand(&row.model);
-        if let Some(d) = demand {
+        if let Some(d) = &demand {
             d.tokens
                 .fetch_add(tokens.saturating_sub(counted), Ordering::Relaxed);
             d.prompt_tokens
@@ -103,7 +103,7 @@ impl Ledger {
                 (row.latency_ms - row.ttft_ms).max(0.0) / f64::from(row.completion_tokens - 1)
             });
             self.metrics.recent.record(row.ttft_ms, tpot);
-            if let Some(d) = demand {
+            if let Some(d) = &demand {
                 d.recent.record(row.ttft_ms, tpot);
             }
             let model = ModelLabels {

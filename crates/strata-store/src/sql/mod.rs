@@ -26,6 +26,7 @@ mod instances;
 mod keys;
 mod leases;
 mod loads;
+mod models;
 mod tenants;
 mod usage;
 

@@ -1,0 +1,550 @@
+//! `strata serve`'s pools: one per model of the catalog (the config file's
+//! `[[models]]`, or its one model of `[engine]`, then the models deployed
+//! through the admin API, kept in the database). Each pool is a `local`
+//! provider with its own controller, scaled by its own model's load. The
+//! fleet follows the stored catalog: a deployed model gets a pool, a
+//! changed one a new pool before the old one drains, an undeployed one
+//! leaves the catalog at once and its replicas drain (their sessions' KV
+//! caches kept as snapshots) before they stop.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use strata_control::controller::{Controller, PoolSpec};
+use strata_control::metrics::ControllerMetrics;
+use strata_control::provider::local::LocalProvider;
+use strata_core::config::{Config, ModelEntry, ServedModel};
+use strata_core::link::{ControllerLink, DrainRequest, PreemptNotice};
+use strata_core::store::Store;
+use strata_core::{Load, Loads, ReplicaEndpoint};
+use strata_gateway::ops::models::ModelHost;
+use strata_gateway::CatalogModel;
+use strata_models::fetch::ModelSource;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::EngineFlags;
+use crate::launch::{local_launch, pool_processes, ReplicaTrust};
+
+/// How long a leaving pool's replicas may take to finish their requests.
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// How often the stored catalog is read (besides the admin API's nudges).
+const LOOK_EVERY: Duration = Duration::from_secs(2);
+
+/// What every pool is made from.
+pub struct FleetParts {
+    pub config: Config,
+    pub config_path: PathBuf,
+    /// The default model's engine flags and `--replicas`.
+    pub flags: EngineFlags,
+    pub replicas: Option<u32>,
+    pub trust: ReplicaTrust,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<ControllerMetrics>,
+}
+
+/// One model's running pool.
+struct Pool {
+    /// Which entry it runs (changed: a new pool replaces it).
+    version: String,
+    /// Its key among the published endpoint lists.
+    instance: u64,
+    /// The model id and what it may generate at most without `max_tokens`.
+    catalog: CatalogModel,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), strata_control::ControlError>>,
+    endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
+}
+
+/// Each pool's published replicas, merged into the one list the gateway follows.
+#[derive(Clone)]
+struct Endpoints {
+    pools: Arc<Mutex<BTreeMap<u64, watch::Receiver<Vec<ReplicaEndpoint>>>>>,
+    publish: Arc<watch::Sender<Vec<ReplicaEndpoint>>>,
+}
+
+impl Endpoints {
+    fn republish(&self) {
+        let all = self
+            .pools
+            .lock()
+            .expect("endpoints lock")
+            .values()
+            .flat_map(|p| p.borrow().clone())
+            .collect();
+        self.publish.send_replace(all);
+    }
+
+    fn add(
+        &self,
+        instance: u64,
+        mut pool: watch::Receiver<Vec<ReplicaEndpoint>>,
+        stop: CancellationToken,
+    ) {
+        self.pools
+            .lock()
+            .expect("endpoints lock")
+            .insert(instance, pool.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                this.republish();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = pool.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+
+    fn remove(&self, instance: u64) {
+        self.pools.lock().expect("endpoints lock").remove(&instance);
+        self.republish();
+    }
+}
+
+pub struct Fleet {
+    parts: Arc<FleetParts>,
+    pools: BTreeMap<String, Pool>,
+    next_instance: u64,
+    endpoints: Endpoints,
+    catalog: watch::Sender<Vec<CatalogModel>>,
+    loads: watch::Receiver<Loads>,
+    drains: mpsc::Sender<DrainRequest>,
+    notices: Arc<Mutex<BTreeMap<u64, mpsc::Sender<PreemptNotice>>>>,
+    /// Cancelled when `strata serve` stops: every pool stops with it.
+    stop: CancellationToken,
+    wake: Arc<Notify>,
+    leaving: Vec<JoinHandle<()>>,
+}
+
+/// What the gateway gets of the fleet.
+pub struct FleetLinks {
+    pub endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
+    pub catalog: watch::Receiver<Vec<CatalogModel>>,
+    pub load: watch::Sender<Loads>,
+    pub host: Arc<dyn ModelHost>,
+}
+
+impl Fleet {
+    /// A fleet with no pool yet; `link` is the controllers' end of the
+    /// gateway link (drains to the gateway, preemption notices from it).
+    pub fn new(
+        parts: FleetParts,
+        link: ControllerLink,
+        stop: CancellationToken,
+    ) -> (Fleet, FleetLinks) {
+        let (publish, endpoints) = watch::channel(Vec::new());
+        let (catalog, catalog_rx) = watch::channel(Vec::new());
+        let (load, loads) = watch::channel(Loads::default());
+        let notices = Arc::new(Mutex::new(BTreeMap::new()));
+        tokio::spawn(fan_out(link.notices, notices.clone()));
+        let wake = Arc::new(Notify::new());
+        let parts = Arc::new(parts);
+        let host = Arc::new(Host {
+            parts: parts.clone(),
+            wake: wake.clone(),
+        });
+        let fleet = Fleet {
+            parts,
+            pools: BTreeMap::new(),
+            next_instance: 0,
+            endpoints: Endpoints {
+                pools: Default::default(),
+                publish: Arc::new(publish),
+            },
+            catalog,
+            loads,
+            drains: link.drains,
+            notices,
+            stop,
+            wake,
+            leaving: Vec::new(),
+        };
+        let links = FleetLinks {
+            endpoints,
+            catalog: catalog_rx,
+            load,
+            host,
+        };
+        (fleet, links)
+    }
+
+    /// Follows the stored catalog until `strata serve` stops, then waits
+    /// for every pool to stop.
+    pub async fn run(mut self) -> Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(LOOK_EVERY) => {}
+            }
+            if let Err(e) = self.sync().await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot follow the model catalog");
+            }
+        }
+        for (_, pool) in std::mem::take(&mut self.pools) {
+            pool.task.await.context("a pool's task panicked")??;
+        }
+        for task in self.leaving.drain(..) {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+
+    /// The models to serve now: the config file's, then the stored ones.
+    async fn desired(&self) -> Result<Vec<(ServedModel, String)>> {
+        let config = &self.parts.config;
+        let mut desired: Vec<(ServedModel, String)> = config
+            .served()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .into_iter()
+            .map(|m| (m, "config".to_owned()))
+            .collect();
+        for stored in self.parts.store.models().await? {
+            let entry: ModelEntry = match serde_json::from_str(&stored.spec) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(model = %stored.id, error = %e, "a stored model does not parse; not served");
+                    continue;
+                }
+            };
+            match config.served_entry(&entry) {
+                Ok(m) => desired.push((m, stored.spec)),
+                Err(e) => {
+                    tracing::warn!(model = %stored.id, error = %e, "a stored model is not valid here; not served")
+                }
+            }
+        }
+        Ok(desired)
+    }
+
+    /// Starts, replaces and stops pools until they match the catalog.
+    pub async fn sync(&mut self) -> Result<()> {
+        let desired = self.desired().await?;
+        // Engines of every pool share the cores.
+        let mut processes = 0;
+        for (model, _) in &desired {
+            processes += self.pool_size(model)?.1;
+        }
+        let ids: Vec<String> = desired
+            .iter()
+            .map(|(m, _)| pool_id(&self.parts.config, m))
+            .collect();
+        let gone: Vec<String> = self
+            .pools
+            .keys()
+            .filter(|k| !ids.contains(k))
+            .cloned()
+            .collect();
+        for id in gone {
+            let pool = self.pools.remove(&id).expect("a running pool");
+            tracing::info!(model = %id, "model undeployed: draining its pool");
+            self.publish_catalog();
+            self.retire(pool);
+        }
+        for ((model, version), id) in desired.into_iter().zip(ids) {
+            if self.pools.get(&id).is_some_and(|p| p.version == version) {
+                continue;
+            }
+            match self.start(&model, version, processes) {
+                Ok(pool) => {
+                    tracing::info!(model = %id, "pool started");
+                    if let Some(old) = self.pools.insert(id, pool) {
+                        self.retire(old);
+                    }
+                }
+                // The version before (if any) keeps serving.
+                Err(e) => {
+                    tracing::error!(model = %id, error = %format!("{e:#}"), "cannot start the model's pool")
+                }
+            }
+        }
+        self.publish_catalog();
+        Ok(())
+    }
+
+    fn publish_catalog(&self) {
+        self.catalog
+            .send_replace(self.pools.values().map(|p| p.catalog.clone()).collect());
+    }
+
+    /// The replicas a pool keeps to start with, and the engine processes it
+    /// may run at once.
+    fn pool_size(&self, model: &ServedModel) -> Result<(u32, u32)> {
+        let replicas = match self
+            .parts
+            .replicas
+            .filter(|_| is_default(&self.parts.config, model))
+        {
+            Some(r) => r,
+            None => model.config.serve.replicas,
+        };
+        pool_processes(&model.config, replicas).with_context(|| model_context(model.id.as_deref()))
+    }
+
+    fn start(&mut self, model: &ServedModel, version: String, processes: u32) -> Result<Pool> {
+        let parts = self.parts.clone();
+        let (replicas, _) = self.pool_size(model)?;
+        let config = resolve_source(model)?;
+        let no_flags = EngineFlags::default();
+        let flags = if is_default(&parts.config, model) {
+            &parts.flags
+        } else {
+            &no_flags
+        };
+        let settings = local_launch(
+            &config,
+            &parts.config_path,
+            flags,
+            processes,
+            &parts.trust,
+            model.id.as_deref(),
+        )
+        .with_context(|| model_context(model.id.as_deref()))?;
+        let instance = self.next_instance;
+        self.next_instance += 1;
+        let stop = self.stop.child_token();
+        let (publish, endpoints) = watch::channel(Vec::new());
+        let (notice_tx, notice_rx) = mpsc::channel(64);
+        self.notices
+            .lock()
+            .expect("notices lock")
+            .insert(instance, notice_tx);
+        let catalog = CatalogModel {
+            id: settings.model.clone(),
+            default_max_tokens: config.engine.default_max_tokens,
+        };
+        let pool_name = settings.pool.clone();
+        let provider = LocalProvider::new(
+            settings,
+            parts.store.clone(),
+            publish,
+            parts.trust.health.clone(),
+            ControllerLink {
+                drains: self.drains.clone(),
+                notices: notice_rx,
+            },
+        );
+        // The controller keeps the pool's replicas: `serve.replicas` of
+        // them, or with `pool.autoscale` as many as the gateway's load for
+        // its model needs (from zero with `scale_to_zero_after_secs`).
+        // While none takes requests, requests wait for one.
+        let load = model_load(self.loads.clone(), catalog.id.clone(), stop.clone());
+        let controller = Controller::new(PoolSpec {
+            name: pool_name,
+            ..PoolSpec::from_config(&config, replicas)
+        });
+        let task = tokio::spawn(strata_control::controller::run(
+            controller,
+            provider,
+            load,
+            parts.store.clone(),
+            Some(parts.metrics.clone()),
+            stop.clone(),
+        ));
+        self.endpoints
+            .add(instance, endpoints.clone(), stop.clone());
+        Ok(Pool {
+            version,
+            instance,
+            catalog,
+            stop,
+            task,
+            endpoints,
+        })
+    }
+
+    /// Lets a pool go in the background: the gateway drains its replicas
+    /// (their sessions kept), then its controller stops them.
+    fn retire(&mut self, pool: Pool) {
+        let drains = self.drains.clone();
+        let endpoints = self.endpoints.clone();
+        let notices = self.notices.clone();
+        self.leaving.push(tokio::spawn(async move {
+            let replicas: Vec<String> = pool.endpoints.borrow().iter().map(|e| e.id.clone()).collect();
+            let mut done = Vec::new();
+            for replica in replicas {
+                let (tx, rx) = oneshot::channel();
+                let asked = drains
+                    .send(DrainRequest {
+                        replica,
+                        wait: DRAIN_WAIT,
+                        done: tx,
+                    })
+                    .await;
+                if asked.is_ok() {
+                    done.push(rx);
+                }
+            }
+            for rx in done {
+                let _ = rx.await;
+            }
+            pool.stop.cancel();
+            match pool.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(model = %pool.catalog.id, error = %e, "a leaving pool's controller failed"),
+                Err(e) => tracing::warn!(model = %pool.catalog.id, error = %e, "a leaving pool's task panicked"),
+            }
+            notices.lock().expect("notices lock").remove(&pool.instance);
+            endpoints.remove(pool.instance);
+            tracing::info!(model = %pool.catalog.id, "pool stopped");
+        }));
+    }
+}
+
+/// The model that `--replicas` and the engine flags are for: the config's
+/// first (or only) one.
+fn is_default(config: &Config, model: &ServedModel) -> bool {
+    match (&model.id, config.models.first()) {
+        (None, _) => true,
+        (Some(id), Some(first)) => *id == first.id,
+        (Some(_), None) => false,
+    }
+}
+
+/// The key of a model's pool: its id (the engine's model name for the one
+/// model of `[engine]`).
+fn pool_id(config: &Config, model: &ServedModel) -> String {
+    match &model.id {
+        Some(id) => id.clone(),
+        None => config
+            .engine
+            .model_name
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    }
+}
+
+/// `model`'s share of the gateway's load, for its pool's controller.
+fn model_load(
+    mut all: watch::Receiver<Loads>,
+    model: String,
+    stop: CancellationToken,
+) -> watch::Receiver<Load> {
+    let (tx, rx) = watch::channel(all.borrow().of(Some(&model)));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = all.changed() => if changed.is_err() { return },
+            }
+            let load = all.borrow_and_update().of(Some(&model));
+            tx.send_replace(load);
+        }
+    });
+    rx
+}
+
+/// Each preemption notice to every pool's provider (only the one running
+/// that replica acts on it).
+async fn fan_out(
+    mut notices: mpsc::Receiver<PreemptNotice>,
+    to: Arc<Mutex<BTreeMap<u64, mpsc::Sender<PreemptNotice>>>>,
+) {
+    while let Some(notice) = notices.recv().await {
+        let pools: Vec<_> = to.lock().expect("notices lock").values().cloned().collect();
+        for pool in pools {
+            let _ = pool.send(notice.clone()).await;
+        }
+    }
+}
+
+/// Checks models deployed through the admin API, and nudges the fleet.
+struct Host {
+    parts: Arc<FleetParts>,
+    wake: Arc<Notify>,
+}
+
+#[async_trait]
+impl ModelHost for Host {
+    fn declared(&self) -> Vec<String> {
+        let config = &self.parts.config;
+        match config.served() {
+            Ok(models) => models.iter().map(|m| pool_id(config, m)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
+        let config = &self.parts.config;
+        if let Some(issue) = config.entry_issues(entry).into_iter().next() {
+            return Err(issue.to_string());
+        }
+        let served = config.served_entry(entry).map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || resolve_source(&served).map(|_| ()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn changed(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// The served model's configuration with its file's place: a built-in
+/// source where `strata model fetch --model` puts it, or its `path`,
+/// checked against its `sha256` when it names one.
+pub fn resolve_source(model: &ServedModel) -> Result<Config> {
+    let mut config = model.config.clone();
+    let id = model.id.as_deref().unwrap_or_default();
+    if let Some(source) = &model.source {
+        let Some(builtin) = ModelSource::named(source) else {
+            bail!(
+                "model `{id}`: source `{source}` is not a built-in model ({})",
+                ModelSource::builtin_ids().join(", ")
+            );
+        };
+        let path = strata_models::fetch::default_model_path(&builtin.file_name);
+        if !path.is_file() {
+            bail!(
+                "model `{id}`: {} does not exist; run `strata model fetch --model {source}`",
+                path.display()
+            );
+        }
+        if model
+            .sha256
+            .as_ref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case(&builtin.sha256))
+        {
+            bail!(
+                "model `{id}`: sha256 does not match the built-in source `{source}` ({})",
+                builtin.sha256
+            );
+        }
+        config.engine.model = Some(path);
+    } else if let Some(path) = &config.engine.model {
+        if !path.is_file() {
+            bail!("model `{id}`: {} is not a file", path.display());
+        }
+        if let Some(expected) = &model.sha256 {
+            check_sha256(id, path, expected)?;
+        }
+    }
+    Ok(config)
+}
+
+fn check_sha256(id: &str, path: &Path, expected: &str) -> Result<()> {
+    let actual = strata_models::fetch::sha256_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !actual.eq_ignore_ascii_case(expected) {
+        bail!(
+            "model `{id}`: {} has sha256 {actual}, not the {expected} its entry names; not serving it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn model_context(id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("model `{id}`"),
+        None => "the model of [engine]".into(),
+    }
+}
