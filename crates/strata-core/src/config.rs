@@ -41,20 +41,29 @@ pub struct ModelEntry {
     pub id: String,
     /// A built-in source, by the id `strata model fetch --model` takes
     /// (the file is looked for where that command puts it).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// A GGUF file on this machine (instead of `source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// A GGUF file to download (instead of `source`): `https://…`,
+    /// `http://…` or `s3://BUCKET/KEY`; needs `sha256`. Cached by hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// The file's SHA-256 (hex), checked before a replica loads it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// Replicas kept up when the pool does not autoscale (`serve.replicas`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
     /// Dollars per million tokens (the same as a `[pricing]` entry).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub price: Option<ModelPrice>,
     /// `[engine]` keys this model sets for itself.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub engine: toml::Table,
     /// `[pool]` keys this model's pool sets for itself.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub pool: toml::Table,
 }
 
@@ -67,6 +76,7 @@ pub struct ServedModel {
     /// `model_name`, or the file's name).
     pub id: Option<String>,
     pub source: Option<String>,
+    pub url: Option<String>,
     pub sha256: Option<String>,
     pub config: Config,
 }
@@ -636,6 +646,7 @@ impl Config {
             return Ok(vec![ServedModel {
                 id: None,
                 source: None,
+                url: None,
                 sha256: None,
                 config: self.clone(),
             }]);
@@ -699,6 +710,7 @@ impl Config {
         Ok(ServedModel {
             id: Some(entry.id.clone()),
             source: entry.source.clone(),
+            url: entry.url.clone(),
             sha256: entry.sha256.clone(),
             config,
         })
@@ -1044,15 +1056,33 @@ impl Config {
             } else if !seen.insert(m.id.as_str()) {
                 issues.bad(&key("id"), format!("`{}` is named twice", m.id));
             }
-            match (&m.source, &m.path) {
-                (None, None) => issues.bad(
+            let given = [m.source.is_some(), m.path.is_some(), m.url.is_some()];
+            match given.iter().filter(|g| **g).count() {
+                0 => issues.bad(
                     &key("source"),
-                    "give `source` (a built-in model) or `path` (a GGUF file)".into(),
+                    "give `source` (a built-in model), `path` (a GGUF file) or `url`".into(),
                 ),
-                (Some(_), Some(_)) => {
-                    issues.bad(&key("path"), "give `source` or `path`, not both".into())
+                1 => {}
+                _ => issues.bad(
+                    &key("path"),
+                    "give one of `source`, `path` and `url`".into(),
+                ),
+            }
+            if let Some(url) = &m.url {
+                if !["http://", "https://", "s3://"]
+                    .iter()
+                    .any(|s| url.starts_with(s))
+                {
+                    issues.bad(
+                        &key("url"),
+                        "must start with https://, http:// or s3://".into(),
+                    );
+                } else if m.sha256.is_none() {
+                    issues.bad(
+                        &key("sha256"),
+                        "is needed with `url`: a download is checked against it".into(),
+                    );
                 }
-                _ => {}
             }
             if let Some(hash) = &m.sha256 {
                 if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -1406,6 +1436,16 @@ id = "d"
 source = "x"
 [models.engine]
 context_size = 8
+[[models]]
+id = "e"
+url = "ftp://host/m.gguf"
+[[models]]
+id = "f"
+url = "s3://bucket/m.gguf"
+[[models]]
+id = "g"
+url = "https://host/m.gguf"
+sha256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 "#,
         )
         .unwrap();
@@ -1421,6 +1461,8 @@ context_size = 8
                 "models[2].sha256",
                 "models[2].engine.model_name",
                 "models[3].engine.context_size",
+                "models[4].url",
+                "models[5].sha256",
             ]
         );
     }

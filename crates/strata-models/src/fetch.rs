@@ -311,7 +311,7 @@ fn sha256_with_progress(path: &Path, progress: &mut dyn FnMut(f64)) -> Result<St
     Ok(hex(&hasher.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

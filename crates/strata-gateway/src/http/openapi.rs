@@ -220,7 +220,9 @@ pub struct ModelId(String);
 /// their derived schemas cannot say, written into the document as JSON
 /// Schema 2020-12 keywords utoipa has no builder for (`if`/`then`, `not`,
 /// `contains`), so that a schema-valid request is one strata accepts.
-/// Two rules stay in words only, because no schema can hold them: a chat's
+/// Two rules stay in words only, because no schema can hold them (and a
+/// deployed model's file, which only the machine running the pools can
+/// check: `ops::models`): a chat's
 /// `continue_final_message` needs an assistant message last, and a key's
 /// `expires_at` must be in the future.
 pub fn add_rules(doc: &mut serde_json::Value) {

@@ -77,6 +77,9 @@ pub(crate) struct ModelSpec {
     source: Option<String>,
     /// A GGUF file on the machine running the pools.
     path: Option<String>,
+    /// A GGUF file to download: `https://…`, `http://…` or
+    /// `s3://BUCKET/KEY` (needs `sha256`; cached by hash).
+    url: Option<String>,
     /// The file's SHA-256, checked before a replica loads it.
     #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     sha256: Option<String>,
@@ -165,6 +168,21 @@ impl Models {
             .await
             .map_err(|e| ApiError::invalid_request(None, e).with_code("invalid_model"))?;
         Ok(entry)
+    }
+
+    /// Audits an action on the catalog (the platform's, in the acting
+    /// platform admin's trail) and answers with its result.
+    async fn finish(
+        &self,
+        p: &Principal,
+        action: &str,
+        target: &str,
+        result: Result<(StatusCode, Value), ApiError>,
+    ) -> Response {
+        let platform = p.tenant.id.to_string();
+        self.audit
+            .finish(p, action, &platform, target, result)
+            .await
     }
 
     /// Waits (a few seconds at most) for the pools to apply the stored
@@ -256,11 +274,7 @@ async fn deploy(
         ))
     }
     .await;
-    let platform = p.tenant.id.to_string();
-    state
-        .audit
-        .finish(&p, "model.deploy", &platform, &target, result)
-        .await
+    state.finish(&p, "model.deploy", &target, result).await
 }
 
 /// `GET /admin/v1/models`: every model of the catalog, the config file's
@@ -291,11 +305,7 @@ async fn list(
         Ok((StatusCode::OK, list_json(data)))
     }
     .await;
-    let platform = p.tenant.id.to_string();
-    state
-        .audit
-        .finish(&p, "model.list", &platform, "", result)
-        .await
+    state.finish(&p, "model.list", "", result).await
 }
 
 async fn find(state: &Models, id: &str) -> Result<Value, ApiError> {
@@ -337,11 +347,7 @@ async fn show(
         Ok((StatusCode::OK, find(&state, &id).await?))
     }
     .await;
-    let platform = p.tenant.id.to_string();
-    state
-        .audit
-        .finish(&p, "model.read", &platform, &id, result)
-        .await
+    state.finish(&p, "model.read", &id, result).await
 }
 
 /// `PATCH /admin/v1/models/{id}`: a JSON merge patch of a deployed
@@ -391,11 +397,7 @@ async fn update(
         ))
     }
     .await;
-    let platform = p.tenant.id.to_string();
-    state
-        .audit
-        .finish(&p, "model.update", &platform, &id, result)
-        .await
+    state.finish(&p, "model.update", &id, result).await
 }
 
 /// `DELETE /admin/v1/models/{id}`: undeploys a model: it leaves the
@@ -432,11 +434,7 @@ async fn undeploy(
         ))
     }
     .await;
-    let platform = p.tenant.id.to_string();
-    state
-        .audit
-        .finish(&p, "model.undeploy", &platform, &id, result)
-        .await
+    state.finish(&p, "model.undeploy", &id, result).await
 }
 
 /// RFC 7396: objects merge key by key, `null` removes, anything else replaces.

@@ -1,0 +1,164 @@
+"""Models deployed from a URL (issue 26 §1): an HTTP server and an
+S3-compatible object store, both real servers on loopback (Python's
+http.server, and moto's S3 server from PyPI, standing in for a cloud's
+object store that this machine cannot reach). The file is downloaded once
+into the cache, checked by sha256 before anything loads it; a mismatch
+leaves nothing behind and serves nothing."""
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import CHAT_MODEL, STRATA, Server, free_port
+
+
+def model_file():
+    import json
+    out = subprocess.run([STRATA, "model", "fetch", "--model", CHAT_MODEL, "--json"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    return json.loads(out.splitlines()[-1])["path"]
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A directory served over HTTP holding the chat model, and the GETs it saw."""
+    d = tmp_path_factory.mktemp("http-models")
+    os.link(model_file(), d / "chat.gguf") if os.stat(model_file()).st_dev == os.stat(d).st_dev \
+        else shutil.copy(model_file(), d / "chat.gguf")
+    (d / "truncated.gguf").write_bytes(open(d / "chat.gguf", "rb").read(1 << 20))
+    gets = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(d)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", gets, sha256_of(d / "chat.gguf")
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server with a bucket holding the chat model."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    import boto3
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    client.create_bucket(Bucket="models")
+    client.upload_file(model_file(), "models", "smollm2/chat.gguf")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3):
+    """strata serve with an empty model cache of its own and the S3 store's
+    address and (test) credentials in its environment."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {"XDG_CACHE_HOME": str(cache), "AWS_ENDPOINT_URL": s3, "AWS_ALLOW_HTTP": "true",
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    # The default model comes from its usual cache: a path entry.
+    config = f'[[models]]\nid = "base"\npath = "{model_file()}"\n'
+    s = Server(replicas=1, config=config, tenant="sources", env=env)
+    s.cache = cache
+    yield s
+    s.stop()
+
+
+def cached(s):
+    return glob.glob(os.path.join(str(s.cache), "strata", "models", "*"))
+
+
+def ask(s, model):
+    r = s.client().chat.completions.create(
+        model=model, temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert r.model == model
+    return r.choices[0].message.content
+
+
+def deploy(s, body):
+    return s.admin("POST", "/admin/v1/models", {"pool": {"autoscale": True, "min_replicas": 0,
+                                                         "max_replicas": 1, "scale_to_zero_after_secs": 600},
+                                                **body})
+
+
+def test_a_download_that_does_not_match_leaves_nothing(server, files):
+    base, gets, digest = files
+    # Cached by hash: a file already here with this hash would be served
+    # whatever the URL; this one must be downloaded.
+    assert cached(server) == []
+    before = []
+    for body in ({"url": f"{base}/truncated.gguf", "sha256": digest},   # another file
+                 {"url": f"{base}/missing.gguf", "sha256": digest}):    # a 404
+        r = deploy(server, {"id": "broken", **body})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model", r.text
+        assert server.admin("GET", "/admin/v1/models/broken").status_code == 404
+    assert "sha256" in deploy(server, {"id": "broken", "url": f"{base}/truncated.gguf",
+                                       "sha256": digest}).json()["error"]["message"]
+    assert cached(server) == before, "a part file or a wrong file was left in the cache"
+    # A URL needs its hash.
+    r = deploy(server, {"id": "broken", "url": f"{base}/chat.gguf"})
+    assert r.status_code == 400 and "sha256" in r.json()["error"]["message"], r.text
+
+
+def test_a_model_from_an_http_url_is_downloaded_once_and_served(server, files):
+    base, gets, digest = files
+    r = deploy(server, {"id": "from-http", "url": f"{base}/chat.gguf", "sha256": digest})
+    assert r.status_code == 201, r.text
+    assert gets.count("/chat.gguf") == 1
+    assert [os.path.basename(p) for p in cached(server)] == [f"sha256-{digest}.gguf"]
+    assert "Paris" in ask(server, "from-http")
+    # The same file for another model: from the cache, not downloaded again.
+    r = deploy(server, {"id": "from-http-2", "url": f"{base}/chat.gguf", "sha256": digest})
+    assert r.status_code == 201, r.text
+    assert gets.count("/chat.gguf") == 1
+
+
+def test_a_model_from_an_s3_compatible_store_is_served(server, files):
+    _, _, digest = files
+    # Dropped from the cache: this one must come from the object store.
+    for p in cached(server):
+        os.remove(p)
+    r = deploy(server, {"id": "from-s3", "url": "s3://models/smollm2/chat.gguf", "sha256": digest})
+    assert r.status_code == 201, r.text
+    assert [os.path.basename(p) for p in cached(server)] == [f"sha256-{digest}.gguf"]
+    assert "Paris" in ask(server, "from-s3")
+    for p in cached(server):
+        os.remove(p)
+    r = deploy(server, {"id": "s3-missing", "url": "s3://models/nothing.gguf", "sha256": digest})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model", r.text
+    assert cached(server) == []
