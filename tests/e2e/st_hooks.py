@@ -26,7 +26,8 @@ def breaks_a_rule_in_words(label, body):
         return True
     if label == "POST /admin/v1/tenants/{tenant}/keys":
         at = body.get("expires_at")
-        return isinstance(at, int) and not isinstance(at, bool) and at <= time.time() + 60
+        # A whole number, as JSON may write it (`6449885.0` too).
+        return isinstance(at, (int, float)) and not isinstance(at, bool) and at <= time.time() + 60
     return False
 
 

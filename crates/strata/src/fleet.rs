@@ -35,6 +35,8 @@ use crate::launch::{local_launch, pool_processes, ReplicaTrust};
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// How often the stored catalog is read (besides the admin API's nudges).
 const LOOK_EVERY: Duration = Duration::from_secs(2);
+/// How long a model whose pool could not start waits before another try.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// What every pool is made from.
 pub struct FleetParts {
@@ -121,6 +123,8 @@ pub struct Fleet {
     stop: CancellationToken,
     wake: Arc<Notify>,
     leaving: Vec<JoinHandle<()>>,
+    /// Models whose pool could not start: the entry's version, and when.
+    failed: BTreeMap<String, (String, std::time::Instant)>,
 }
 
 /// What the gateway gets of the fleet.
@@ -165,6 +169,7 @@ impl Fleet {
             stop,
             wake,
             leaving: Vec::new(),
+            failed: BTreeMap::new(),
         };
         let links = FleetLinks {
             endpoints,
@@ -224,8 +229,19 @@ impl Fleet {
         Ok(desired)
     }
 
+    /// The first start: every pool of the catalog; a model of the config
+    /// file that cannot start stops `strata serve` with its reason (a
+    /// deployed one is logged and tried again later, as at run time).
+    pub async fn start(&mut self) -> Result<()> {
+        self.apply(true).await
+    }
+
     /// Starts, replaces and stops pools until they match the catalog.
-    pub async fn sync(&mut self) -> Result<()> {
+    async fn sync(&mut self) -> Result<()> {
+        self.apply(false).await
+    }
+
+    async fn apply(&mut self, strict: bool) -> Result<()> {
         let desired = self.desired().await?;
         // Engines of every pool share the cores.
         let mut processes = 0;
@@ -252,6 +268,14 @@ impl Fleet {
             if self.pools.get(&id).is_some_and(|p| p.version == version) {
                 continue;
             }
+            // One that failed is tried again a while later, not every look.
+            if self
+                .failed
+                .get(&id)
+                .is_some_and(|(v, at)| *v == version && at.elapsed() < RETRY_AFTER)
+            {
+                continue;
+            }
             // Files are found, hashed or downloaded off the async threads.
             let resolved = {
                 let model = model.clone();
@@ -259,18 +283,23 @@ impl Fleet {
                     .await
                     .context("resolving a model's file panicked")?
             };
-            let started =
-                resolved.and_then(|config| self.start(&model, config, version, processes));
+            let started = resolved
+                .and_then(|config| self.start_pool(&model, config, version.clone(), processes));
             match started {
                 Ok(pool) => {
                     tracing::info!(model = %id, "pool started");
+                    self.failed.remove(&id);
                     if let Some(old) = self.pools.insert(id, pool) {
                         self.retire(old);
                     }
                 }
+                Err(e) if strict && version == "config" => {
+                    return Err(e.context(format!("cannot start the pool of model `{id}`")))
+                }
                 // The version before (if any) keeps serving.
                 Err(e) => {
-                    tracing::error!(model = %id, error = %format!("{e:#}"), "cannot start the model's pool")
+                    tracing::error!(model = %id, error = %format!("{e:#}"), "cannot start the model's pool; trying again in a minute");
+                    self.failed.insert(id, (version, std::time::Instant::now()));
                 }
             }
         }
@@ -298,7 +327,7 @@ impl Fleet {
     }
 
     /// Starts `model`'s pool on `config` (its own, its file found).
-    fn start(
+    fn start_pool(
         &mut self,
         model: &ServedModel,
         config: Config,

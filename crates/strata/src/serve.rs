@@ -237,10 +237,7 @@ pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> R
         engines_stop.clone(),
     );
     // The catalog's pools start before the gateway takes a request.
-    fleet.sync().await?;
-    if links.catalog.borrow().is_empty() {
-        bail!("no model's pool could start (see the errors above)");
-    }
+    fleet.start().await?;
     let fleet = tokio::spawn(fleet.run());
     let links = Links {
         endpoints: links.endpoints,
