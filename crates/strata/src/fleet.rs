@@ -410,6 +410,7 @@ impl Fleet {
         let drains = self.drains.clone();
         let endpoints = self.endpoints.clone();
         let notices = self.notices.clone();
+        self.leaving.retain(|t| !t.is_finished());
         self.leaving.push(tokio::spawn(async move {
             let replicas: Vec<String> = pool.endpoints.borrow().iter().map(|e| e.id.clone()).collect();
             let mut done = Vec::new();
