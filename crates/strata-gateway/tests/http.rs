@@ -24,7 +24,7 @@ use strata_core::tenant::{Isolation, RateLimits, Role, Tenant, TenantId};
 use strata_core::ReplicaEndpoint;
 use strata_gateway::ops::dashboard::Slo;
 use strata_gateway::tenancy::keys::{bootstrap, new_key_record};
-use strata_gateway::{Gateway, GatewaySettings, Links, SnapshotPlace};
+use strata_gateway::{CatalogModel, Gateway, GatewaySettings, Links, SnapshotPlace};
 use strata_store::{Kek, KekSource, SqlStore, Vault};
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -173,6 +173,28 @@ struct Harness {
 
 impl Harness {
     async fn new(replicas: Vec<ReplicaEndpoint>, limits: RateLimits, budget: Option<f64>) -> Self {
+        Harness::build(replicas, limits, budget, None).await
+    }
+
+    /// A gateway whose pools serve a catalog of models, one pool each,
+    /// whose requests wait for a replica of their own pool when it has none.
+    async fn with_catalog(replicas: Vec<ReplicaEndpoint>, models: &[&str]) -> Self {
+        let catalog = models
+            .iter()
+            .map(|m| CatalogModel {
+                id: (*m).to_owned(),
+                default_max_tokens: 64,
+            })
+            .collect();
+        Harness::build(replicas, RateLimits::default(), None, Some(catalog)).await
+    }
+
+    async fn build(
+        replicas: Vec<ReplicaEndpoint>,
+        limits: RateLimits,
+        budget: Option<f64>,
+        catalog: Option<Vec<CatalogModel>>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let vault = Arc::new(
             Vault::open(
@@ -231,7 +253,7 @@ impl Harness {
             // Load only: which replica a request goes to first is the
             // least loaded, ties rotating.
             routing: Routing::LeastLoad,
-            hold_when_empty: false,
+            hold_when_empty: catalog.is_some(),
             metrics_tenant_labels: false,
             shared_limits_url: None,
             budget_refresh: None,
@@ -240,7 +262,11 @@ impl Harness {
             rotate_kek_on_shred: true,
         };
         let (endpoints, rx) = watch::channel(replicas.clone());
-        let gateway = Gateway::start(settings, Links::endpoints(rx), store.clone(), Some(vault))
+        let links = Links {
+            catalog: catalog.map(|c| watch::channel(c).1),
+            ..Links::endpoints(rx)
+        };
+        let gateway = Gateway::start(settings, links, store.clone(), Some(vault))
             .await
             .unwrap();
         let h = Harness {
@@ -820,4 +846,71 @@ async fn an_address_sending_bad_keys_is_slowed_but_its_good_keys_still_pass() {
     assert!(rows.iter().any(|r| r["action"] == "auth"
         && r["actor_key"] == "-"
         && r["target"] == "/v1/models from 10.0.0.1"));
+}
+
+/// The replica of `model`'s pool, as a provider of one pool per model publishes it.
+async fn replica_of(name: &'static str, model: &str) -> (Stub, ReplicaEndpoint) {
+    let (stub, endpoint) = replica(name, Script::Answer).await;
+    let endpoint = ReplicaEndpoint {
+        model: Some(model.to_owned()),
+        ..endpoint
+    };
+    (stub, endpoint)
+}
+
+#[tokio::test]
+async fn a_model_of_the_catalog_goes_to_its_own_pool_only() {
+    let (a, ea) = replica_of("a", "m").await;
+    let (b, eb) = replica_of("b", "n").await;
+    let h = Harness::with_catalog(vec![ea.clone(), eb.clone()], &["m", "n"]).await;
+    let ask = |model: &str| {
+        h.chat(Some(&h.key), json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}))
+    };
+    for _ in 0..3 {
+        for (model, from) in [("m", "from a"), ("n", "from b")] {
+            let (status, body, _) = h.call(ask(model)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["choices"][0]["message"]["content"], from, "{model}");
+        }
+    }
+    // A model outside the catalog: 404, and no replica hears of it.
+    let seen = a.seen.lock().unwrap().len() + b.seen.lock().unwrap().len();
+    let (status, body, _) = h.call(ask("x")).await;
+    assert_openai_error(status, &body, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(
+        a.seen.lock().unwrap().len() + b.seen.lock().unwrap().len(),
+        seen
+    );
+    let (_, list, _) = h
+        .call(
+            Request::get("/v1/models")
+                .header(header::AUTHORIZATION, format!("Bearer {}", h.key))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m", "n"]);
+    // `n`'s pool at zero: its request waits for `n`'s replica, and is not
+    // sent to `m`'s, which is ready.
+    h._endpoints.send_replace(vec![ea.clone()]);
+    let back = {
+        let endpoints = h._endpoints.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            endpoints.send_replace(vec![ea, eb]);
+        })
+    };
+    let a_before = a.seen.lock().unwrap().len();
+    let (status, body, _) = h.call(ask("n")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "from b");
+    assert_eq!(a.seen.lock().unwrap().len(), a_before);
+    back.await.unwrap();
 }

@@ -386,3 +386,49 @@ impl ReplicaSet {
         pools
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tagged(id: &str, model: Option<&str>) -> ReplicaEndpoint {
+        ReplicaEndpoint {
+            id: id.into(),
+            url: format!("http://{id}"),
+            reserved_for: None,
+            draining: false,
+            model: model.map(str::to_owned),
+        }
+    }
+
+    fn ready(set: &ReplicaSet, endpoints: &[ReplicaEndpoint], reported: &[&str]) {
+        set.set_endpoints(endpoints);
+        for r in set.snapshot().iter() {
+            r.set_ready(true);
+            r.set_models(reported.iter().map(|m| (*m).to_owned()).collect());
+        }
+    }
+
+    #[test]
+    fn a_model_whose_pool_has_no_replica_waits_rather_than_take_anothers() {
+        let set = ReplicaSet::new(Routing::LeastLoad, Some(Duration::from_secs(1)));
+        // Replica `a` is model m's pool; model n's pool is at zero. The
+        // replica reports both models (an engine would not, but a tag is
+        // what the provider says it runs).
+        ready(&set, &[tagged("a", Some("m"))], &["m", "n"]);
+        let none = set.choose(None, "n", &[], None, &[], 1).err();
+        assert_eq!(none, Some(NoReplica::NoneReady), "held for n's own replica");
+        assert_eq!(set.ready_in(None, Some("n")), 0);
+        assert_eq!(set.ready_in(None, Some("m")), 1);
+        let m = set.choose(None, "m", &[], None, &[], 1).unwrap();
+        assert_eq!(m.replica().endpoint.id, "a");
+        // Untagged replicas (a fixed list, a cluster) serve what they report.
+        ready(&set, &[tagged("u", None)], &["m"]);
+        assert_eq!(
+            set.choose(None, "n", &[], None, &[], 1).err(),
+            Some(NoReplica::UnknownModel)
+        );
+        assert!(set.choose(None, "m", &[], None, &[], 1).is_ok());
+        assert_eq!(set.ready_in(None, Some("m")), 1);
+    }
+}
