@@ -259,20 +259,9 @@ pub fn gateway_in_cluster(
         publish,
         shutdown.clone(),
     ));
-    let (load_tx, mut loads) = watch::channel(strata_core::Loads::default());
+    let (load_tx, loads) = watch::channel(strata_core::Loads::default());
     // The store gets the gateway's whole load.
-    let (whole, load_rx) = watch::channel(Load::default());
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                changed = loads.changed() => if changed.is_err() { return },
-            }
-            let total = loads.borrow_and_update().total;
-            whole.send_replace(total);
-        }
-    });
+    let load_rx = crate::fleet::model_load(loads, None, shutdown.clone());
     // While the controller replaces replicas (or a standby takes over),
     // requests wait for one instead of failing.
     settings.hold_when_empty = true;

@@ -379,7 +379,7 @@ impl Fleet {
         // them, or with `pool.autoscale` as many as the gateway's load for
         // its model needs (from zero with `scale_to_zero_after_secs`).
         // While none takes requests, requests wait for one.
-        let load = model_load(self.loads.clone(), catalog.id.clone(), stop.clone());
+        let load = model_load(self.loads.clone(), Some(catalog.id.clone()), stop.clone());
         let controller = Controller::new(PoolSpec {
             name: pool_name,
             ..PoolSpec::from_config(&config, replicas)
@@ -462,20 +462,21 @@ fn pool_id(flags: &EngineFlags, model: &ServedModel) -> String {
     }
 }
 
-/// `model`'s share of the gateway's load, for its pool's controller.
-fn model_load(
+/// `model`'s share of the gateway's load (`None`: the whole of it), for
+/// a pool's controller, kept current until `stop`.
+pub fn model_load(
     mut all: watch::Receiver<Loads>,
-    model: String,
+    model: Option<String>,
     stop: CancellationToken,
 ) -> watch::Receiver<Load> {
-    let (tx, rx) = watch::channel(all.borrow().of(Some(&model)));
+    let (tx, rx) = watch::channel(all.borrow().of(model.as_deref()));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = all.changed() => if changed.is_err() { return },
             }
-            let load = all.borrow_and_update().of(Some(&model));
+            let load = all.borrow_and_update().of(model.as_deref());
             tx.send_replace(load);
         }
     });
