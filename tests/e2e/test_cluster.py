@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_ID, STRATA, bearer, free_port, postgres_url, psql, write_config
+from conftest import CHAT_MODEL, MODEL_ID, STRATA, bearer, free_port, postgres_url, psql, write_config
 
 KEK = "5a" * 32
 LEASE_SECS = 3
@@ -43,14 +43,14 @@ def wait_for(what, check, timeout):
 
 
 class Cluster:
-    def __init__(self, gateways=3, replicas=2):
+    def __init__(self, gateways=3, replicas=2, extra=""):
         self.db = postgres_url("cluster")
         self.dir = tempfile.mkdtemp(prefix="strata-cluster-")
         # One replica CA for the cluster: the controllers' engines and the
         # gateways each run in a directory of their own.
         self.admin_key, self.config = write_config(
             self.dir, f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n'
-                      f'[serve]\nreplica_tls_dir = "{self.dir}/replica-tls"\n')
+                      f'[serve]\nreplica_tls_dir = "{self.dir}/replica-tls"\n{extra}')
         self.env = {**os.environ, "STRATA_KEK": KEK}
         self.procs = []
         self.metrics = {name: f"http://127.0.0.1:{free_port()}" for name in ("ctl-a", "ctl-b")}
@@ -258,6 +258,60 @@ def test_a_controller_that_stops_hands_its_sessions_caches_to_the_next(tmp_path)
         # The whole first turn came back from the snapshot, not from prefill.
         assert moved.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens, moved.usage
         assert int(psql(c.db, "SELECT COUNT(*) FROM kv_snapshots")) == 0, "a snapshot is used once"
+    finally:
+        c.stop()
+
+
+def test_a_clusters_gateways_and_acting_controller_share_one_catalog():
+    """[[models]] in a cluster: the acting controller runs a pool per model
+    of the config file and of the database; a model deployed (or an alias
+    made) through one gateway's admin API is listed and served through
+    every gateway, and an undeployed one drains and stops."""
+    c = Cluster(gateways=2, replicas=1, extra=f'[engine]\ncontext_size = 1024\n'
+                                              f'[[models]]\nid = "{CHAT_MODEL}"\nsource = "{CHAT_MODEL}"\n')
+    try:
+        (g0, _), (g1, _) = c.gateways
+        for base in (g0, g1):
+            wait_for(f"a replica ready at {base}", lambda: len(c.ready_ids(base)) == 1, 180)
+        headers = bearer(c.admin_key)
+        admin = lambda base, method, path, body=None: httpx.request(  # noqa: E731
+            method, f"{base}{path}", json=body, headers=headers, timeout=60)
+        tenant = admin(g0, "POST", "/admin/v1/tenants", {"name": "catalog"}).json()
+        key = admin(g0, "POST", f"/admin/v1/tenants/{tenant['id']}/keys", {"name": "k", "role": "member"}).json()["key"]
+        listed = lambda base: sorted(m.id for m in client(base, key).models.list().data)  # noqa: E731
+        assert listed(g0) == listed(g1) == [CHAT_MODEL]
+        # A model the file does not have: refused whole by the gateway.
+        r = admin(g1, "POST", "/admin/v1/models", {"id": "x", "source": "no-such-source"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model", r.text
+        r = admin(g0, "POST", "/admin/v1/models", {"id": "smollm2-b", "source": CHAT_MODEL, "replicas": 1})
+        assert r.status_code == 201, r.text
+        wait_for("smollm2-b listed at the other gateway", lambda: "smollm2-b" in listed(g1), 10)
+        # Served through the other gateway, by a replica of its own pool
+        # the acting controller started.
+        answer = client(g1, key).chat.completions.create(
+            model="smollm2-b", temperature=0, max_tokens=12,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert answer.model == "smollm2-b" and "Paris" in answer.choices[0].message.content
+        pools = psql(c.db, "SELECT string_agg(DISTINCT pool, ' ' ORDER BY pool) FROM instances "
+                           "WHERE ended_at_ms IS NULL")
+        assert pools.split() == sorted([CHAT_MODEL, "smollm2-b"]), pools
+        # An alias made at one gateway answers at the other.
+        r = admin(g1, "POST", "/admin/v1/models", {"id": "chat", "alias": {CHAT_MODEL: 1, "smollm2-b": 1}})
+        assert r.status_code == 201, r.text
+        wait_for("the alias at the other gateway", lambda: "chat" in listed(g0), 10)
+        models = {client(g0, key).chat.completions.create(
+            model="chat", max_tokens=2, messages=[{"role": "user", "content": f"Thread {i}"}]).model
+            for i in range(12)}
+        assert models == {CHAT_MODEL, "smollm2-b"}, models
+        assert admin(g0, "DELETE", "/admin/v1/models/smollm2-b").status_code == 409
+        assert admin(g0, "DELETE", "/admin/v1/models/chat").status_code == 200
+        assert admin(g0, "DELETE", "/admin/v1/models/smollm2-b").status_code == 200
+        wait_for("smollm2-b gone from the other gateway", lambda: "smollm2-b" not in listed(g1), 10)
+        wait_for("smollm2-b's replica stopped", lambda: psql(
+            c.db, "SELECT COUNT(*) FROM instances WHERE pool = 'smollm2-b' AND ended_at_ms IS NULL") == "0", 90)
+        # The config file's model serves on.
+        client(g1, key).chat.completions.create(
+            model=CHAT_MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
     finally:
         c.stop()
 

@@ -2,14 +2,14 @@
 //! PostgreSQL (cluster mode): the gateways report their load to the store
 //! every second and read the replicas' endpoints from the instances the
 //! controller records; the controller sums the gateways' reports into the
-//! one `Load` its autoscaler reads.
+//! `Loads` its autoscalers read (the whole, and each catalog model's).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use strata_core::store::{GatewayLoad, InstanceRecord, InstanceState, Store};
-use strata_core::{Load, ReplicaEndpoint};
+use strata_core::{Load, Loads, ReplicaEndpoint};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,8 @@ pub fn endpoints(instances: &[InstanceRecord]) -> Vec<ReplicaEndpoint> {
                 url: i.endpoint.clone(),
                 reserved_for: None,
                 draining,
-                model: None,
+                // Its pool's model, where the controller recorded one.
+                model: Some(i.kind.model.clone()).filter(|m| !m.is_empty()),
             })
         })
         .collect();
@@ -128,14 +129,19 @@ impl Every {
 pub async fn report_load(
     store: Arc<dyn Store>,
     gateway: String,
-    load: watch::Receiver<Load>,
+    load: watch::Receiver<Loads>,
     cancel: CancellationToken,
 ) {
     let mut every = Every::new(cancel);
     while every.tick().await {
-        let l = *load.borrow();
-        if let Err(e) = store.report_load(&gateway, &l).await {
-            tracing::warn!(error = %e, "cannot report this gateway's load");
+        let loads = load.borrow().clone();
+        let reports = std::iter::once(("", &loads.total))
+            .chain(loads.by_model.iter().map(|(m, l)| (m.as_str(), l)));
+        for (model, l) in reports {
+            if let Err(e) = store.report_load(&gateway, model, l).await {
+                tracing::warn!(error = %e, "cannot report this gateway's load");
+                break;
+            }
         }
     }
 }
@@ -167,18 +173,33 @@ pub async fn discover_replicas(
 }
 
 /// Controller side: publishes the cluster's load every `REPORT_EVERY`
-/// until `cancel`.
+/// until `cancel`: the gateways' whole loads summed, and each model's.
 pub async fn gather_load(
     store: Arc<dyn Store>,
-    publish: watch::Sender<Load>,
+    publish: watch::Sender<Loads>,
     cancel: CancellationToken,
 ) {
     let mut every = Every::new(cancel);
-    let mut sum = ClusterLoad::default();
+    let mut sums: BTreeMap<String, ClusterLoad> = BTreeMap::new();
     while every.tick().await {
         match store.gateway_loads(FORGET_MS).await {
             Ok(reports) => {
-                publish.send_replace(sum.update(&reports));
+                let mut by_model: BTreeMap<String, Vec<GatewayLoad>> = BTreeMap::new();
+                for r in reports {
+                    by_model.entry(r.model.clone()).or_default().push(r);
+                }
+                sums.retain(|model, _| by_model.contains_key(model));
+                let mut loads = Loads::default();
+                for (model, reports) in by_model {
+                    let load = sums.entry(model.clone()).or_default().update(&reports);
+                    match model.is_empty() {
+                        true => loads.total = load,
+                        false => {
+                            loads.by_model.insert(model, load);
+                        }
+                    }
+                }
+                publish.send_replace(loads);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the gateways' load"),
         }
@@ -211,6 +232,7 @@ mod tests {
     fn report(gateway: &str, requests: u64, in_flight: usize, age_ms: i64) -> GatewayLoad {
         GatewayLoad {
             gateway: gateway.into(),
+            model: String::new(),
             age_ms,
             load: Load {
                 requests_total: requests,

@@ -65,7 +65,73 @@ pub struct ModelEntry {
     /// `[pool]` keys this model's pool sets for itself.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub pool: toml::Table,
+    /// An alias instead of a model: the models of the catalog its id
+    /// stands for, by weight (a canary: `{ v1 = 90, v2 = 10 }`). A
+    /// conversation stays on the model its last turn used while the alias
+    /// names it (a weight of 0 takes no new conversations but keeps its
+    /// own); an alias has no source, pool or engine of its own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alias: BTreeMap<String, u32>,
 }
+
+impl ModelEntry {
+    /// An alias, not a model with a pool.
+    pub fn is_alias(&self) -> bool {
+        !self.alias.is_empty()
+    }
+
+    /// What is wrong with this alias, by key (`alias.v2`), where `model`
+    /// tells whether an id is a model of the catalog with a pool.
+    pub fn alias_issues(&self, model: &dyn Fn(&str) -> bool) -> Vec<ConfigIssue> {
+        let issue = |key: &str, message: String| ConfigIssue {
+            key: key.to_owned(),
+            message,
+        };
+        let mut issues = Vec::new();
+        let own = [
+            ("source", self.source.is_some()),
+            ("path", self.path.is_some()),
+            ("url", self.url.is_some()),
+            ("sha256", self.sha256.is_some()),
+            ("replicas", self.replicas.is_some()),
+            ("price", self.price.is_some()),
+            ("engine", !self.engine.is_empty()),
+            ("pool", !self.pool.is_empty()),
+        ];
+        for (key, given) in own {
+            if given {
+                issues.push(issue(
+                    key,
+                    "an alias has only `id` and `alias`: its models have the rest".into(),
+                ));
+            }
+        }
+        if self.alias.values().all(|w| *w == 0) {
+            issues.push(issue(
+                "alias",
+                "at least one model needs a weight above 0".into(),
+            ));
+        }
+        for (target, weight) in &self.alias {
+            if *target == self.id || !model(target) {
+                issues.push(issue(
+                    &format!("alias.{target}"),
+                    format!("`{target}` is not a model of the catalog (an alias names models, not aliases)"),
+                ));
+            } else if *weight > MAX_ALIAS_WEIGHT {
+                issues.push(issue(
+                    &format!("alias.{target}"),
+                    format!("a weight is at most {MAX_ALIAS_WEIGHT}"),
+                ));
+            }
+        }
+        issues
+    }
+}
+
+/// The largest weight of an alias's model (weights are relative: 90 and
+/// 10, or 9 and 1, split alike).
+pub const MAX_ALIAS_WEIGHT: u32 = 1_000_000;
 
 /// A model to serve with the configuration its pool and engines run on:
 /// the whole file with `[engine]`, `[pool]`, `serve.replicas` and
@@ -641,6 +707,7 @@ impl Config {
     /// The models to serve, in order (the first is the default model:
     /// `serve.dedicated` replicas and command-line engine flags are its).
     /// Without `[[models]]`, the one model of `[engine]` and `[pool]`.
+    /// Aliases are not served (see `aliases`).
     pub fn served(&self) -> Result<Vec<ServedModel>, ConfigIssue> {
         if self.models.is_empty() {
             return Ok(vec![ServedModel {
@@ -654,7 +721,17 @@ impl Config {
         self.models
             .iter()
             .enumerate()
+            .filter(|(_, entry)| !entry.is_alias())
             .map(|(i, entry)| self.serve_entry(i, entry))
+            .collect()
+    }
+
+    /// The aliases of `[[models]]`: each id with its models by weight.
+    pub fn aliases(&self) -> Vec<(String, BTreeMap<String, u32>)> {
+        self.models
+            .iter()
+            .filter(|m| m.is_alias())
+            .map(|m| (m.id.clone(), m.alias.clone()))
             .collect()
     }
 
@@ -1055,6 +1132,19 @@ impl Config {
                 issues.bad(&key("id"), "must be a model id without spaces".into());
             } else if !seen.insert(m.id.as_str()) {
                 issues.bad(&key("id"), format!("`{}` is named twice", m.id));
+            }
+            if m.is_alias() {
+                if i == 0 {
+                    issues.bad(
+                        &key("alias"),
+                        "the first entry is the default model: put aliases after the models they name".into(),
+                    );
+                }
+                let model = |id: &str| self.models.iter().any(|e| e.id == id && !e.is_alias());
+                for issue in m.alias_issues(&model) {
+                    issues.bad(&key(&issue.key), issue.message);
+                }
+                continue;
             }
             let given = [m.source.is_some(), m.path.is_some(), m.url.is_some()];
             match given.iter().filter(|g| **g).count() {
@@ -1463,6 +1553,68 @@ sha256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
                 "models[3].engine.context_size",
                 "models[4].url",
                 "models[5].sha256",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_alias_names_models_of_the_catalog_and_is_not_served() {
+        let c = Config::from_toml(
+            r#"
+[[models]]
+id = "v1"
+source = "x"
+[[models]]
+id = "v2"
+source = "x"
+[[models]]
+id = "chat"
+alias = { v1 = 90, v2 = 10 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.check(), []);
+        let served: Vec<_> = c.served().unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(served, [Some("v1".to_owned()), Some("v2".to_owned())]);
+        assert_eq!(
+            c.aliases(),
+            [(
+                "chat".to_owned(),
+                BTreeMap::from([("v1".to_owned(), 90), ("v2".to_owned(), 10)])
+            )]
+        );
+        let bad = Config::from_toml(
+            r#"
+[[models]]
+id = "first"
+alias = { v1 = 1 }
+[[models]]
+id = "v1"
+source = "x"
+[[models]]
+id = "a"
+alias = { v1 = 0, nope = 1, first = 1 }
+source = "x"
+[[models]]
+id = "b"
+alias = { v1 = 0 }
+[[models]]
+id = "c"
+alias = { c = 1, v1 = 2000000 }
+"#,
+        )
+        .unwrap();
+        let keys: Vec<_> = bad.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "models[0].alias",
+                "models[2].source",
+                "models[2].alias.first",
+                "models[2].alias.nope",
+                "models[3].alias",
+                "models[4].alias.c",
+                "models[4].alias.v1",
             ]
         );
     }

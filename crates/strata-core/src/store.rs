@@ -446,6 +446,8 @@ pub trait LeaseStore: Send + Sync {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayLoad {
     pub gateway: String,
+    /// Empty: the gateway's whole load; else one catalog model's share.
+    pub model: String,
     pub load: crate::Load,
     /// How long ago it reported, on the store's clock.
     pub age_ms: i64,
@@ -453,8 +455,14 @@ pub struct GatewayLoad {
 
 #[async_trait]
 pub trait LoadStore: Send + Sync {
-    /// Replaces `gateway`'s report, stamped with the store's clock.
-    async fn report_load(&self, gateway: &str, load: &crate::Load) -> Result<(), StoreError>;
+    /// Replaces `gateway`'s report of its load for `model` (empty: its
+    /// whole load), stamped with the store's clock.
+    async fn report_load(
+        &self,
+        gateway: &str,
+        model: &str,
+        load: &crate::Load,
+    ) -> Result<(), StoreError>;
     /// Every gateway's last report; reports older than `forget_ms` are
     /// deleted first (gateways that went away).
     async fn gateway_loads(&self, forget_ms: i64) -> Result<Vec<GatewayLoad>, StoreError>;

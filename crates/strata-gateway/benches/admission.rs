@@ -99,7 +99,7 @@ async fn main() {
                     let t0 = Instant::now();
                     let p = auth.authenticate(Some(&header)).await.expect("valid key");
                     let mut charge = gate
-                        .admit(&p, 1, "m", None, estimate)
+                        .admit(&p, 1, "m", "m", None, estimate)
                         .await
                         .expect("admitted");
                     charge.record(Usage::new(38, 60));

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::api::generate::CatalogModel;
+use crate::api::catalog::CatalogModel;
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
 use crate::fleet::client::{replica_client, ReplicaAuth, Upstreams};
@@ -505,12 +505,14 @@ async fn follow_capacity(
             sampled = (Instant::now(), tokens);
         }
         if let Some(load) = &load {
-            let models = catalog.borrow_and_update();
-            metrics.track_models(models.iter().map(|m| m.id.as_str()));
+            let catalog = catalog.borrow_and_update();
+            // Pools scale by their own model's load; an alias's requests
+            // count where they went.
+            let models = catalog.iter().filter(|m| !m.is_alias());
+            metrics.track_models(models.clone().map(|m| m.id.as_str()));
             load.send_replace(Loads {
                 total: pool_load(&gate, &replicas, &metrics, None),
                 by_model: models
-                    .iter()
                     .map(|m| {
                         (
                             m.id.clone(),

@@ -27,7 +27,7 @@ pub mod ops;
 pub mod relay;
 pub mod tenancy;
 
-pub use api::generate::CatalogModel;
+pub use api::catalog::CatalogModel;
 pub use app::{serve, Gateway, GatewayError, GatewaySettings, Links, SnapshotPlace};
 pub use metrics::MoreMetrics;
 pub use strata_core::{Load, Loads};

@@ -63,7 +63,7 @@ async fn a_refused_request_gives_the_tenant_no_fair_queue_credit() {
         output_tokens: 20,
     };
     // One request served exactly as estimated: the tenant's counter is its service.
-    let mut served = gate.admit(&p, 1, "m", None, estimate).await.unwrap();
+    let mut served = gate.admit(&p, 1, "m", "m", None, estimate).await.unwrap();
     served.record(Usage::new(10, 20));
     drop(served);
     let counted = queue.counter(&tenant);
@@ -72,10 +72,18 @@ async fn a_refused_request_gives_the_tenant_no_fair_queue_credit() {
     queue.set_capacity(0);
     let waiting = {
         let (gate, p) = (gate.clone(), p.clone());
-        tokio::spawn(async move { gate.admit(&p, 1, "m", None, estimate).await.map(|_| ()) })
+        tokio::spawn(async move {
+            gate.admit(&p, 1, "m", "m", None, estimate)
+                .await
+                .map(|_| ())
+        })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let full = gate.admit(&p, 1, "m", None, estimate).await.err().unwrap();
+    let full = gate
+        .admit(&p, 1, "m", "m", None, estimate)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(full.status, 429);
     let timed_out = waiting.await.unwrap().unwrap_err();
     assert_eq!(timed_out.status, 429);

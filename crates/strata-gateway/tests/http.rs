@@ -179,12 +179,20 @@ impl Harness {
     /// A gateway whose pools serve a catalog of models, one pool each,
     /// whose requests wait for a replica of their own pool when it has none.
     async fn with_catalog(replicas: Vec<ReplicaEndpoint>, models: &[&str]) -> Self {
+        let catalog = models.iter().map(|m| CatalogModel::model(*m, 64)).collect();
+        Harness::build(replicas, RateLimits::default(), None, Some(catalog)).await
+    }
+
+    /// `with_catalog`, plus aliases for its models.
+    async fn with_aliases(
+        replicas: Vec<ReplicaEndpoint>,
+        models: &[&str],
+        aliases: Vec<CatalogModel>,
+    ) -> Self {
         let catalog = models
             .iter()
-            .map(|m| CatalogModel {
-                id: (*m).to_owned(),
-                default_max_tokens: 64,
-            })
+            .map(|m| CatalogModel::model(*m, 64))
+            .chain(aliases)
             .collect();
         Harness::build(replicas, RateLimits::default(), None, Some(catalog)).await
     }
@@ -913,4 +921,48 @@ async fn a_model_of_the_catalog_goes_to_its_own_pool_only() {
     assert_eq!(body["choices"][0]["message"]["content"], "from b");
     assert_eq!(a.seen.lock().unwrap().len(), a_before);
     back.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_alias_sends_each_conversation_to_one_of_its_models_by_its_id() {
+    let (a, ea) = replica_of("a", "m").await;
+    let (b, eb) = replica_of("b", "n").await;
+    let alias = CatalogModel::alias("c", BTreeMap::from([("m".into(), 1), ("n".into(), 1)]));
+    let h = Harness::with_aliases(vec![ea, eb], &["m", "n"], vec![alias]).await;
+    let ask = |opening: String, turns: usize| {
+        let mut messages = vec![json!({"role": "user", "content": opening})];
+        for _ in 1..turns {
+            messages.push(json!({"role": "assistant", "content": "ok"}));
+            messages.push(json!({"role": "user", "content": "more"}));
+        }
+        h.chat(
+            Some(&h.key),
+            json!({"model": "c", "messages": messages, "max_tokens": 4}),
+        )
+    };
+    for i in 0..16 {
+        let mut answered = Vec::new();
+        for turns in 1..=3 {
+            let (status, body, _) = h.call(ask(format!("thread {i}"), turns)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            answered.push(body["choices"][0]["message"]["content"].clone());
+        }
+        assert!(answered.iter().all(|x| *x == answered[0]), "{answered:?}");
+    }
+    // Each replica got the model it serves, never the alias, and both
+    // versions took conversations.
+    for (stub, model) in [(&a, "m"), (&b, "n")] {
+        let seen = stub.seen.lock().unwrap();
+        assert!(!seen.is_empty(), "no conversation went to {model}");
+        assert!(seen.iter().all(|(body, _)| body["model"] == model));
+    }
+    let (_, list, _) = h
+        .call(
+            Request::get("/v1/models")
+                .header(header::AUTHORIZATION, format!("Bearer {}", h.key))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 3, "{list}");
 }

@@ -11,8 +11,8 @@ use common::{tenant, vault, Backend};
 use strata_core::config::CapacityType;
 use strata_core::store::{
     AuditStore, CompletionStore, DecisionRecord, DecisionStore, DeployedModel, InstanceKind,
-    InstanceRecord, InstanceState, InstanceStore, KeyStore, LeaseStore, ModelStore, SnapshotStore,
-    StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
+    InstanceRecord, InstanceState, InstanceStore, KeyStore, LeaseStore, LoadStore, ModelStore,
+    SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
     audit_hash, digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, AuditKey, NewKey,
@@ -549,7 +549,36 @@ async fn deployed_models_are_kept_replaced_and_removed(backend: &Backend, dir: &
     assert_eq!(store.models().await.unwrap().len(), 1);
 }
 
+async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Path) {
+    let store = backend.open(dir).await;
+    let load = |requests| strata_core::Load {
+        requests_total: requests,
+        ..Default::default()
+    };
+    store.report_load("gw", "", &load(5)).await.unwrap();
+    store.report_load("gw", "chat", &load(3)).await.unwrap();
+    store.report_load("gw", "code", &load(2)).await.unwrap();
+    // A newer report replaces the same gateway's for the same model only.
+    store.report_load("gw", "chat", &load(4)).await.unwrap();
+    let kept: Vec<(String, String, u64)> = store
+        .gateway_loads(60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.gateway, g.model, g.load.requests_total))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("gw".into(), "".into(), 5),
+            ("gw".into(), "chat".into(), 4),
+            ("gw".into(), "code".into(), 2)
+        ]
+    );
+}
+
 on_every_backend!(
+    a_gateways_load_is_kept_whole_and_per_model,
     deployed_models_are_kept_replaced_and_removed,
     a_lease_has_one_holder_until_it_runs_out_or_is_released,
     decisions_come_back_newest_last,

@@ -356,6 +356,50 @@ pub async fn model(command: ModelCommand) -> Result<()> {
                 .await?;
             print(api.json, &v, MODEL_COLUMNS);
         }
+        ModelCommand::Alias { id, weights, api } => {
+            let mut alias = serde_json::Map::new();
+            for w in &weights {
+                let parsed = w
+                    .split_once('=')
+                    .and_then(|(m, w)| Some((m, w.trim().parse::<u32>().ok()?)));
+                let Some((model, weight)) = parsed else {
+                    bail!("`{w}`: give MODEL=WEIGHT, a whole number weight");
+                };
+                alias.insert(model.to_owned(), json!(weight));
+            }
+            let api_at = Api::at(&api.url, api.api_key.as_deref())?;
+            let catalog = api_at
+                .call(reqwest::Method::GET, "/admin/v1/models", None)
+                .await?;
+            let existing = catalog["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["id"] == json!(id));
+            let v = match existing {
+                None => {
+                    let entry = json!({ "id": id, "alias": alias });
+                    api_at
+                        .call(reqwest::Method::POST, "/admin/v1/models", Some(entry))
+                        .await?
+                }
+                Some(m) => {
+                    // A merge patch: models no longer named are removed.
+                    let mut patch = alias.clone();
+                    for old in m["spec"]["alias"].as_object().into_iter().flatten() {
+                        patch.entry(old.0.clone()).or_insert(Value::Null);
+                    }
+                    api_at
+                        .call(
+                            reqwest::Method::PATCH,
+                            &format!("/admin/v1/models/{id}"),
+                            Some(json!({ "alias": patch })),
+                        )
+                        .await?
+                }
+            };
+            print(api.json, &v, MODEL_COLUMNS);
+        }
         ModelCommand::List { api } => {
             let v = Api::at(&api.url, api.api_key.as_deref())?
                 .call(reqwest::Method::GET, "/admin/v1/models", None)
@@ -561,7 +605,7 @@ pub async fn status_of(db: &str) -> Result<Value> {
         .gateway_loads(strata_control::cluster::FORGET_MS)
         .await?
         .into_iter()
-        .filter(|g| g.age_ms <= strata_control::cluster::FRESH_MS)
+        .filter(|g| g.model.is_empty() && g.age_ms <= strata_control::cluster::FRESH_MS)
         .map(|g| {
             json!({
                 "gateway": g.gateway,

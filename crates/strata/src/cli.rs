@@ -297,6 +297,19 @@ pub enum ModelCommand {
         #[command(flatten)]
         api: ApiFlags,
     },
+    /// Point an alias at models of the catalog by weight, creating it or
+    /// replacing its weights: `strata model alias chat v1=90 v2=10`. A
+    /// conversation stays on its model while the alias names it (weight 0:
+    /// no new conversations); a model left out moves its conversations.
+    Alias {
+        /// The alias clients send.
+        id: String,
+        /// `MODEL=WEIGHT`, one per model of the alias.
+        #[arg(required = true, value_name = "MODEL=WEIGHT")]
+        weights: Vec<String>,
+        #[command(flatten)]
+        api: ApiFlags,
+    },
     /// The catalog: each model, where it is declared, its pool's replicas.
     List {
         #[command(flatten)]

@@ -12,12 +12,10 @@ use strata_control::cluster;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
 use strata_control::metrics::ControllerMetrics;
-use strata_control::provider::local::LocalProvider;
-use strata_control::provider::Provider;
 use strata_core::config::{is_postgres_url, Config};
 use strata_core::store::{LeaseStore, Store};
 use strata_core::tenant::looks_like_key;
-use strata_core::Load;
+use strata_core::Loads;
 use strata_gateway::tenancy::keys::{new_key, NOT_A_KEY};
 use strata_k8s::lease::KubeLeases;
 use strata_k8s::provider::KubeProvider;
@@ -26,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{ControllerArgs, K8sCommand, ProviderKind};
+use crate::fleet::{Fleet, FleetParts};
 use crate::launch::{
     local_launch, pool_processes, process_name, replica_trust, shutdown_on_signal,
 };
@@ -45,10 +44,10 @@ pub async fn run_controller(
              pass --db postgres://… or set store.url"
         );
     }
-    if !config.models.is_empty() {
+    if !config.models.is_empty() && matches!(args.provider, ProviderKind::Kubernetes) {
         bail!(
-            "strata controller runs one pool yet: a cluster serves the model of [engine] and \
-             [pool]; [[models]] (one pool per model) works under `strata serve`"
+            "--provider kubernetes runs one pool yet (the model of [engine] and [pool]); \
+             [[models]] and deployed models run with --provider local"
         );
     }
     if !(1.0..=600.0).contains(&args.lease_secs) {
@@ -77,12 +76,14 @@ pub async fn run_controller(
             strata_core::REPLICA_TOKEN_ENV
         );
     }
-    let launch = match args.provider {
+    let trust = match args.provider {
         ProviderKind::Local => {
             let trust = replica_trust(&config, args.db.as_ref())?;
-            let settings =
+            // The one model's file is there before this copy stands by.
+            if config.models.is_empty() {
                 local_launch(&config, config_path, &args.engine, processes, &trust, None)?;
-            Some((settings, trust.health))
+            }
+            Some(trust)
         }
         ProviderKind::Kubernetes => None,
     };
@@ -120,7 +121,7 @@ pub async fn run_controller(
         term: Duration::from_secs_f64(args.lease_secs),
     }
     .spawn(release.clone());
-    let (load_tx, load_rx) = watch::channel(Load::default());
+    let (load_tx, load_rx) = watch::channel(Loads::default());
     let gather = tokio::spawn(cluster::gather_load(
         store.clone(),
         load_tx,
@@ -140,27 +141,7 @@ pub async fn run_controller(
         metrics.leading.set(1);
         tracing::info!(%holder, closed, "leading: this controller acts now");
         let acting = CancellationToken::new();
-        let controller = Controller::new(PoolSpec::from_config(&config, replicas));
-        // The controller with `provider`, until `acting` is cancelled.
-        fn act<P: Provider + 'static>(
-            provider: P,
-            controller: Controller,
-            load: watch::Receiver<Load>,
-            (store, metrics): (Arc<dyn Store>, Arc<ControllerMetrics>),
-            acting: CancellationToken,
-        ) -> tokio::task::JoinHandle<Result<(), strata_control::ControlError>> {
-            tokio::spawn(strata_control::controller::run(
-                controller,
-                provider,
-                load,
-                store,
-                Some(metrics),
-                acting,
-            ))
-        }
-        let (load, acting_token) = (load_rx.clone(), acting.clone());
-        let kept = (store.clone(), metrics.clone());
-        let task = match (&kube, &launch) {
+        let task = match (&kube, &trust) {
             (Some(client), _) => {
                 let model = args
                     .engine
@@ -170,21 +151,43 @@ pub async fn run_controller(
                     .unwrap_or_else(|| strata_k8s::MODEL_FILE.trim_end_matches(".gguf").into());
                 let provider =
                     KubeProvider::new(client.clone(), config.clone(), model, store.clone());
-                act(provider, controller, load, kept, acting_token)
+                let controller = Controller::new(PoolSpec::from_config(&config, replicas));
+                let load = crate::fleet::model_load(load_rx.clone(), None, acting.clone());
+                let run = strata_control::controller::run(
+                    controller,
+                    provider,
+                    load,
+                    store.clone(),
+                    Some(metrics.clone()),
+                    acting.clone(),
+                );
+                tokio::spawn(async move { run.await.map_err(anyhow::Error::from) })
             }
-            (None, Some(launch)) => {
-                // Gateways read the replicas from the store, so the
-                // endpoints published here go nowhere, and a replica that
-                // goes is drained by a gateway through the store.
-                let (publish, _) = watch::channel(Vec::new());
+            (None, Some(trust)) => {
+                // A pool per model of the catalog (the config file's, then
+                // those deployed through a gateway's admin API), each
+                // scaled by its model's share of the gateways' load.
+                // Gateways read the replicas from the store, so endpoints
+                // published here go nowhere, and a replica that goes is
+                // drained by a gateway through the store.
                 let (_, link) = strata_core::link::link();
-                let settings = strata_control::provider::local::LocalSettings {
-                    drain_via_store: true,
-                    ..launch.0.clone()
-                };
-                let provider =
-                    LocalProvider::new(settings, store.clone(), publish, launch.1.clone(), link);
-                act(provider, controller, load, kept, acting_token)
+                let (mut fleet, links) = Fleet::new(
+                    FleetParts {
+                        config: (*config).clone(),
+                        config_path: config_path.to_owned(),
+                        flags: args.engine.clone(),
+                        replicas: args.replicas,
+                        trust: trust.clone(),
+                        store: store.clone(),
+                        metrics: metrics.clone(),
+                        in_cluster: true,
+                    },
+                    link,
+                    acting.clone(),
+                );
+                tokio::spawn(forward(load_rx.clone(), links.load, acting.clone()));
+                fleet.start().await?;
+                tokio::spawn(fleet.run())
             }
             (None, None) => unreachable!("one provider is set up above"),
         };
@@ -209,6 +212,21 @@ pub async fn run_controller(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Copies the cluster's load into the fleet's until `stop`.
+async fn forward(
+    mut from: watch::Receiver<Loads>,
+    to: watch::Sender<Loads>,
+    stop: CancellationToken,
+) {
+    loop {
+        to.send_replace(from.borrow_and_update().clone());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = from.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 async fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
@@ -247,9 +265,12 @@ async fn serve_metrics(
 }
 
 /// A gateway of a cluster: the replicas come from the store (recorded by
-/// the controller) and this gateway's load goes to it every second.
+/// the controller), this gateway's load goes to it every second (the whole
+/// and each model's), and the catalog is the config file's and the
+/// database's, as the acting controller's pools serve it.
 pub fn gateway_in_cluster(
     store: &Arc<dyn Store>,
+    config: &Config,
     settings: &mut strata_gateway::GatewaySettings,
     shutdown: &CancellationToken,
 ) -> strata_gateway::Links {
@@ -260,19 +281,20 @@ pub fn gateway_in_cluster(
         shutdown.clone(),
     ));
     let (load_tx, loads) = watch::channel(strata_core::Loads::default());
-    // The store gets the gateway's whole load.
-    let load_rx = crate::fleet::model_load(loads, None, shutdown.clone());
     // While the controller replaces replicas (or a standby takes over),
     // requests wait for one instead of failing.
     settings.hold_when_empty = true;
     tokio::spawn(cluster::report_load(
         store.clone(),
         process_name(),
-        load_rx,
+        loads,
         shutdown.clone(),
     ));
+    let (catalog, host) = crate::fleet::follow_cluster_catalog(store.clone(), config, shutdown);
     strata_gateway::Links {
         load: Some(load_tx),
+        catalog: Some(catalog),
+        model_host: Some(host),
         ..strata_gateway::Links::endpoints(endpoints)
     }
 }

@@ -19,7 +19,7 @@ use strata_control::metrics::ControllerMetrics;
 use strata_control::provider::local::LocalProvider;
 use strata_core::config::{Config, ModelEntry, ServedModel};
 use strata_core::link::{ControllerLink, DrainRequest, PreemptNotice};
-use strata_core::store::Store;
+use strata_core::store::{DeployedModel, Store};
 use strata_core::{Load, Loads, ReplicaEndpoint};
 use strata_gateway::ops::models::ModelHost;
 use strata_gateway::CatalogModel;
@@ -48,6 +48,9 @@ pub struct FleetParts {
     pub trust: ReplicaTrust,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<ControllerMetrics>,
+    /// The acting controller of a cluster: no gateway shares this process,
+    /// so replicas that go are drained through the store.
+    pub in_cluster: bool,
 }
 
 /// One model's running pool.
@@ -125,6 +128,8 @@ pub struct Fleet {
     leaving: Vec<JoinHandle<()>>,
     /// Models whose pool could not start: the entry's version, and when.
     failed: BTreeMap<String, (String, std::time::Instant)>,
+    /// The catalog's aliases (no pool of their own).
+    aliases: Vec<CatalogModel>,
 }
 
 /// What the gateway gets of the fleet.
@@ -170,6 +175,7 @@ impl Fleet {
             wake,
             leaving: Vec::new(),
             failed: BTreeMap::new(),
+            aliases: Vec::new(),
         };
         let links = FleetLinks {
             endpoints,
@@ -202,31 +208,10 @@ impl Fleet {
         Ok(())
     }
 
-    /// The models to serve now: the config file's, then the stored ones.
-    async fn desired(&self) -> Result<Vec<(ServedModel, String)>> {
-        let config = &self.parts.config;
-        let mut desired: Vec<(ServedModel, String)> = config
-            .served()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .into_iter()
-            .map(|m| (m, "config".to_owned()))
-            .collect();
-        for stored in self.parts.store.models().await? {
-            let entry: ModelEntry = match serde_json::from_str(&stored.spec) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(model = %stored.id, error = %e, "a stored model does not parse; not served");
-                    continue;
-                }
-            };
-            match config.served_entry(&entry) {
-                Ok(m) => desired.push((m, stored.spec)),
-                Err(e) => {
-                    tracing::warn!(model = %stored.id, error = %e, "a stored model is not valid here; not served")
-                }
-            }
-        }
-        Ok(desired)
+    /// The models to serve now, the config file's then the stored ones,
+    /// and the aliases for them.
+    async fn desired(&self) -> Result<Desired> {
+        desired(&self.parts.config, &self.parts.store.models().await?)
     }
 
     /// The first start: every pool of the catalog; a model of the config
@@ -242,7 +227,8 @@ impl Fleet {
     }
 
     async fn apply(&mut self, strict: bool) -> Result<()> {
-        let desired = self.desired().await?;
+        let (desired, aliases) = self.desired().await?;
+        self.aliases = aliases;
         // Engines of every pool share the cores.
         let mut processes = 0;
         for (model, _) in &desired {
@@ -308,8 +294,9 @@ impl Fleet {
     }
 
     fn publish_catalog(&self) {
+        let pools = self.pools.values().map(|p| p.catalog.clone());
         self.catalog
-            .send_replace(self.pools.values().map(|p| p.catalog.clone()).collect());
+            .send_replace(pools.chain(self.aliases.iter().cloned()).collect());
     }
 
     /// The replicas a pool keeps to start with, and the engine processes it
@@ -342,7 +329,7 @@ impl Fleet {
         } else {
             &no_flags
         };
-        let settings = local_launch(
+        let mut settings = local_launch(
             &config,
             &parts.config_path,
             flags,
@@ -351,6 +338,7 @@ impl Fleet {
             model.id.as_deref(),
         )
         .with_context(|| model_context(model.id.as_deref()))?;
+        settings.drain_via_store = parts.in_cluster;
         let instance = self.next_instance;
         self.next_instance += 1;
         let stop = self.stop.child_token();
@@ -360,10 +348,7 @@ impl Fleet {
             .lock()
             .expect("notices lock")
             .insert(instance, notice_tx);
-        let catalog = CatalogModel {
-            id: settings.model.clone(),
-            default_max_tokens: config.engine.default_max_tokens,
-        };
+        let catalog = CatalogModel::model(settings.model.clone(), config.engine.default_max_tokens);
         let pool_name = settings.pool.clone();
         let provider = LocalProvider::new(
             settings,
@@ -379,7 +364,10 @@ impl Fleet {
         // them, or with `pool.autoscale` as many as the gateway's load for
         // its model needs (from zero with `scale_to_zero_after_secs`).
         // While none takes requests, requests wait for one.
-        let load = model_load(self.loads.clone(), Some(catalog.id.clone()), stop.clone());
+        // The one model of a file without `[[models]]` has the whole load
+        // (a cluster's gateways may not know its id).
+        let own = model.id.as_ref().map(|_| catalog.id.clone());
+        let load = model_load(self.loads.clone(), own, stop.clone());
         let controller = Controller::new(PoolSpec {
             name: pool_name,
             ..PoolSpec::from_config(&config, replicas)
@@ -441,6 +429,151 @@ impl Fleet {
             tracing::info!(model = %pool.catalog.id, "pool stopped");
         }));
     }
+}
+
+/// The catalog to serve: each model with its entry's version (`config`
+/// for the file's), and the aliases for them.
+type Desired = (Vec<(ServedModel, String)>, Vec<CatalogModel>);
+
+/// The config file's models, then the `stored` ones, and the aliases of
+/// both; a stored entry that does not parse or is not valid with this
+/// config is logged and left out.
+fn desired(config: &Config, stored: &[DeployedModel]) -> Result<Desired> {
+    let mut served: Vec<(ServedModel, String)> = config
+        .served()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_iter()
+        .map(|m| (m, "config".to_owned()))
+        .collect();
+    let mut aliases: Vec<CatalogModel> = config
+        .aliases()
+        .into_iter()
+        .map(|(id, alias)| CatalogModel::alias(id, alias))
+        .collect();
+    for stored in stored {
+        let entry: ModelEntry = match serde_json::from_str(&stored.spec) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(model = %stored.id, error = %e, "a stored model does not parse; not served");
+                continue;
+            }
+        };
+        if entry.is_alias() {
+            aliases.push(CatalogModel::alias(entry.id, entry.alias));
+            continue;
+        }
+        match config.served_entry(&entry) {
+            Ok(m) => served.push((m, stored.spec.clone())),
+            Err(e) => {
+                tracing::warn!(model = %stored.id, error = %e, "a stored model is not valid here; not served")
+            }
+        }
+    }
+    Ok((served, aliases))
+}
+
+/// The catalog a cluster's gateway serves, as the acting controller's
+/// pools do (from the same config file and database).
+fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<Vec<CatalogModel>> {
+    let (served, aliases) = desired(config, stored)?;
+    let flags = EngineFlags::default();
+    Ok(served
+        .iter()
+        .map(|(m, _)| CatalogModel::model(pool_id(&flags, m), m.config.engine.default_max_tokens))
+        .chain(aliases)
+        .collect())
+}
+
+/// A cluster's gateway: the catalog as the database holds it (read every
+/// `LOOK_EVERY`, and at once after this gateway's admin API changed it),
+/// and the admin API's host, which checks an entry's settings here and
+/// leaves its file to the acting controller (which logs a file it cannot
+/// serve and tries again later).
+pub fn follow_cluster_catalog(
+    store: Arc<dyn Store>,
+    config: &Config,
+    stop: &CancellationToken,
+) -> (watch::Receiver<Vec<CatalogModel>>, Arc<dyn ModelHost>) {
+    let config = Arc::new(config.clone());
+    let wake = Arc::new(Notify::new());
+    let (publish, catalog) = watch::channel(Vec::new());
+    let (look, stop) = (wake.clone(), stop.clone());
+    let file = config.clone();
+    tokio::spawn(async move {
+        loop {
+            let read = async { cluster_catalog(&file, &store.models().await?) };
+            match read.await {
+                Ok(now) => {
+                    publish.send_if_modified(|c| {
+                        let changed = *c != now;
+                        *c = now;
+                        changed
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the model catalog")
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = look.notified() => {}
+                _ = tokio::time::sleep(LOOK_EVERY) => {}
+            }
+        }
+    });
+    (catalog, Arc::new(ClusterHost { config, wake }))
+}
+
+/// The admin API's host on a cluster's gateway.
+struct ClusterHost {
+    config: Arc<Config>,
+    wake: Arc<Notify>,
+}
+
+#[async_trait]
+impl ModelHost for ClusterHost {
+    fn declared(&self) -> Vec<String> {
+        declared(&self.config, &EngineFlags::default())
+    }
+
+    async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
+        check_entry(&self.config, entry)?;
+        if let Some(source) = entry.source.as_deref() {
+            if ModelSource::named(source).is_none() {
+                return Err(format!(
+                    "source `{source}` is not a built-in model ({})",
+                    ModelSource::builtin_ids().join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn changed(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// The config file's model ids (pools and aliases), which the admin API
+/// lists but does not change.
+fn declared(config: &Config, flags: &EngineFlags) -> Vec<String> {
+    match config.served() {
+        Ok(models) => models
+            .iter()
+            .map(|m| pool_id(flags, m))
+            .chain(config.aliases().into_iter().map(|(id, _)| id))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// What is wrong with `entry`'s settings as one more model of `config`'s
+/// catalog, if anything.
+fn check_entry(config: &Config, entry: &ModelEntry) -> Result<ServedModel, String> {
+    if let Some(issue) = config.entry_issues(entry).into_iter().next() {
+        return Err(issue.to_string());
+    }
+    config.served_entry(entry).map_err(|e| e.to_string())
 }
 
 /// The model that `--replicas` and the engine flags are for: the config's
@@ -506,22 +639,11 @@ struct Host {
 #[async_trait]
 impl ModelHost for Host {
     fn declared(&self) -> Vec<String> {
-        let config = &self.parts.config;
-        match config.served() {
-            Ok(models) => models
-                .iter()
-                .map(|m| pool_id(&self.parts.flags, m))
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        declared(&self.parts.config, &self.parts.flags)
     }
 
     async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
-        let config = &self.parts.config;
-        if let Some(issue) = config.entry_issues(entry).into_iter().next() {
-            return Err(issue.to_string());
-        }
-        let served = config.served_entry(entry).map_err(|e| e.to_string())?;
+        let served = check_entry(&self.parts.config, entry)?;
         tokio::task::spawn_blocking(move || resolve_source(&served).map(|_| ()))
             .await
             .map_err(|e| e.to_string())?

@@ -168,6 +168,7 @@ pub fn process_name() -> String {
 /// else a replica token made for this run; the engine arguments and
 /// environment that make them ask for it, and the client that checks
 /// their health. One for every pool, so one gateway reaches them all.
+#[derive(Clone)]
 pub struct ReplicaTrust {
     pub auth: strata_gateway::fleet::client::ReplicaAuth,
     engine_args: Vec<String>,

@@ -175,7 +175,7 @@ pub async fn run_gateway(mut config: Config, args: GatewayArgs) -> Result<()> {
     // The given replicas, or (a cluster's gateway) those the controller records.
     let (_fixed, fixed) = watch::channel(endpoints);
     let links = if in_cluster {
-        cluster::gateway_in_cluster(&store, &mut settings, &shutdown)
+        cluster::gateway_in_cluster(&store, &config, &mut settings, &shutdown)
     } else {
         Links::endpoints(fixed)
     };
@@ -232,6 +232,7 @@ pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> R
             trust,
             store: store.clone(),
             metrics,
+            in_cluster: false,
         },
         controller_link,
         engines_stop.clone(),

@@ -18,6 +18,7 @@ use strata_core::{read_body, ApiError};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::api::catalog::{self, CatalogModel};
 use crate::api::objects::Objects;
 use crate::fleet::snapshots::Snapshots;
 use crate::metrics::RequestLabels;
@@ -26,16 +27,6 @@ use crate::relay::forward::{Exchange, Relay, ReplicaRequest};
 use crate::relay::passthrough;
 use crate::tenancy::admission::{Charge, Estimate, Gate};
 use crate::tenancy::principal::Principal;
-
-/// A model of the catalog this gateway's pools serve, one pool each.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CatalogModel {
-    /// The id clients send.
-    pub id: String,
-    /// What a chat without `max_tokens` may generate at most on its
-    /// engines (`engine.default_max_tokens` as the model sets it).
-    pub default_max_tokens: u32,
-}
 
 /// The state of the generation routes (chat, completions, Responses, the
 /// model list).
@@ -52,10 +43,10 @@ pub struct Inference {
     /// What a chat without `max_tokens` may generate at most (a model of
     /// the catalog: its own engines' figure).
     pub default_max_tokens: u32,
-    /// The models of this gateway's pools, one pool each, as they are now:
-    /// listed even while no replica runs; a request names one of them or
-    /// gets a 404. Empty: replicas report what they serve (a cluster's
-    /// gateway).
+    /// The models of this gateway's pools, one pool each, and the aliases
+    /// for them, as they are now: listed even while no replica runs; a
+    /// request names one of them or gets a 404. Empty: replicas report
+    /// what they serve (a cluster's gateway).
     pub models: watch::Receiver<Vec<CatalogModel>>,
     /// Unix seconds the gateway started (the models' `created`).
     pub started: u64,
@@ -116,15 +107,25 @@ async fn phases(
     // 1. The body, checked as far as a gateway can without the tokenizer;
     //    the replica checks the context and its 4xx passes through.
     let body = read_body(req.into_body(), g.max_body_bytes).await?;
-    let generation: Generation = match path {
+    let mut generation: Generation = match path {
         "/v1/completions" => parse_body::<CompletionRequest>(&body)?.validate()?,
         _ => parse_body::<ChatCompletionRequest>(&body)?.validate()?,
     };
-    // 2. Admission.
+    // 2. An alias's model for this conversation (the replica gets its id),
+    //    then admission.
+    let (body, asked) = match g.alias_target(&generation.model, None, || {
+        catalog::conversation_key(p.tenant.id.as_str(), &generation.input)
+    }) {
+        Some(target) => (
+            with_model(&body, &target)?,
+            Some(std::mem::replace(&mut generation.model, target)),
+        ),
+        None => (body, None),
+    };
     let request_id = request_id();
     let span = span(&request_id, &p, &generation, path);
     let (charge, estimated_tokens) = g
-        .admit(&p, &generation, body.len())
+        .admit(&p, &generation, asked.as_deref(), body.len())
         .instrument(span.clone())
         .await?;
     // 3. What the replica gets, and where the answer is kept.
@@ -154,6 +155,16 @@ async fn phases(
             .instrument(span)
             .await,
     )
+}
+
+/// `body` (a JSON object) with `model` set to `model`: what the replica of
+/// an alias's model gets, since an engine answers only for its own model.
+pub(crate) fn with_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
+    let mut object: serde_json::Map<String, serde_json::Value> = parse_body(body)?;
+    object.insert("model".into(), model.into());
+    serde_json::to_vec(&object)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Where a `store: true` answer is kept, with the request's messages.
@@ -193,28 +204,49 @@ pub(crate) fn span(
 }
 
 impl Inference {
+    /// The model a request for `asked` goes to where `asked` is an alias of
+    /// the catalog: the model of the conversation's last turn
+    /// (`previous`) while the alias names it, else the alias's weighted
+    /// pick for the conversation's `key`. `None`: not an alias, or none of
+    /// its models can take it (admission answers 404).
+    pub(crate) fn alias_target(
+        &self,
+        asked: &str,
+        previous: Option<&str>,
+        key: impl FnOnce() -> Vec<u8>,
+    ) -> Option<String> {
+        let models = self.models.borrow();
+        let alias = &models.iter().find(|m| m.id == asked && m.is_alias())?.alias;
+        let served = |id: &str| models.iter().any(|m| m.id == id && !m.is_alias());
+        catalog::pick(alias, served, previous, &key()).map(str::to_owned)
+    }
+
     /// Admission for a generation whose upstream body is `body_len` bytes:
     /// a replica in the tenant's pool (or, where the gateway waits for
     /// one, a pool that will have one), then the tenancy gate. Returns the
     /// charge to settle and the tokens to balance load by.
+    /// `asked` is the alias the client named, where `generation.model` is
+    /// one of its models: the key's allow-list is checked against it.
     pub(crate) async fn admit(
         &self,
         p: &Arc<Principal>,
         generation: &Generation,
+        asked: Option<&str>,
         body_len: usize,
     ) -> Result<(Charge, u64), ApiError> {
+        let asked = asked.unwrap_or(&generation.model);
         // A model of the catalog goes to its own pool; with a catalog,
         // no other model is served.
         let catalogued = {
             let models = self.models.borrow();
-            if !models.is_empty() && !models.iter().any(|m| m.id == generation.model) {
-                self.relay.metrics.arrived.inc();
-                return Err(ApiError::model_not_found(&generation.model));
-            }
-            models
+            let model = models
                 .iter()
-                .find(|m| m.id == generation.model)
-                .map(|m| m.default_max_tokens)
+                .find(|m| m.id == generation.model && !m.is_alias());
+            if !models.is_empty() && model.is_none() {
+                self.relay.metrics.arrived.inc();
+                return Err(ApiError::model_not_found(asked));
+            }
+            model.map(|m| m.default_max_tokens)
         };
         let default_max_tokens = catalogued.unwrap_or(self.default_max_tokens);
         let estimate = Estimate {
@@ -232,7 +264,7 @@ impl Inference {
         let routable = self.relay.replicas.available(p.pool(), lane)?;
         let charge = self
             .gate
-            .admit(p, routable, &generation.model, lane, estimate)
+            .admit(p, routable, asked, &generation.model, lane, estimate)
             .await?;
         Ok((charge, estimate.tokens()))
     }

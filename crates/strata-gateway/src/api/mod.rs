@@ -9,6 +9,7 @@ use axum::extract::FromRef;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub mod catalog;
 pub mod conversations;
 pub mod generate;
 pub mod models;

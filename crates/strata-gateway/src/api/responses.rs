@@ -26,7 +26,8 @@ use strata_core::{read_body, ApiError};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::api::generate::{span, Inference};
+use crate::api::catalog;
+use crate::api::generate::{span, with_model, Inference};
 use crate::api::objects::{deleted, stored_item, Objects};
 use crate::fleet::snapshots::Snapshots;
 use crate::http::error::{event_stream, json_response, store_error};
@@ -73,13 +74,22 @@ async fn stored_doc(
     Ok((r, doc))
 }
 
-/// The items before this turn's input, and the replica that served the
-/// session's last turn.
+/// What a turn continues: the items before its input, the replica that
+/// served the session's last turn, and the model that answered it.
+#[derive(Default)]
+struct Context {
+    items: Vec<Item>,
+    replica: Option<String>,
+    model: Option<String>,
+}
+
+/// The items before this turn's input, and where its session's last turn
+/// ran.
 async fn context(
     store: &dyn ConversationStore,
     p: &Principal,
     turn: &TurnRequest,
-) -> Result<(Vec<Item>, Option<String>), ApiError> {
+) -> Result<Context, ApiError> {
     if let Some(prev) = &turn.previous_response_id {
         let (stored, doc) = stored_doc(store, p, prev)
             .await
@@ -87,7 +97,11 @@ async fn context(
         let mut items = items_of(&doc["context"]);
         items.extend(items_of(&doc["input"]));
         items.extend(items_of(&doc["response"]["output"]));
-        return Ok((items, stored.replica));
+        return Ok(Context {
+            items,
+            replica: stored.replica,
+            model: doc["response"]["model"].as_str().map(str::to_owned),
+        });
     }
     if let Some(conv) = &turn.conversation {
         let missing = || {
@@ -114,9 +128,13 @@ async fn context(
             .conversation_replica(&p.tenant.id, conv)
             .await
             .map_err(store_error)?;
-        return Ok((items, replica));
+        return Ok(Context {
+            items,
+            replica,
+            model: None,
+        });
     }
-    Ok((Vec::new(), None))
+    Ok(Context::default())
 }
 
 /// `POST /v1/responses`.
@@ -175,14 +193,41 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let body = read_body(req.into_body(), g.max_body_bytes).await?;
     let turn = parse_body::<ResponsesRequest>(&body)?.validate()?;
-    let (context, replica) = context(&*g.objects.conversations, &p, &turn).await?;
+    let Context {
+        items: context,
+        replica,
+        model: previous,
+    } = context(&*g.objects.conversations, &p, &turn).await?;
     let mut items = context.clone();
     items.extend(turn.input.iter().cloned());
-    let (chat, generation) = chat_request(&turn, &items)?;
+    let (chat, mut generation) = chat_request(&turn, &items)?;
+    // An alias's model for this conversation: the one its last turn used
+    // (the stored response says; for a conversation, the model of the
+    // replica holding it) while the alias names it.
+    let tenant = p.tenant.id.as_str();
+    let previous = previous.or_else(|| {
+        let home = g.relay.replicas.find(replica.as_deref()?)?;
+        home.endpoint.model.clone()
+    });
+    let session = turn
+        .conversation
+        .as_ref()
+        .or(turn.previous_response_id.as_ref());
+    let (chat, asked) =
+        match g.alias_target(&generation.model, previous.as_deref(), || match session {
+            Some(s) => catalog::session_key(tenant, s),
+            None => catalog::conversation_key(tenant, &generation.input),
+        }) {
+            Some(target) => (
+                with_model(&chat, &target)?,
+                Some(std::mem::replace(&mut generation.model, target)),
+            ),
+            None => (chat, None),
+        };
     let request_id = strata_core::openai::request_id();
     let span = span(&request_id, &p, &generation, ROUTE);
     let (charge, estimated_tokens) = g
-        .admit(&p, &generation, chat.len())
+        .admit(&p, &generation, asked.as_deref(), chat.len())
         .instrument(span.clone())
         .await?;
     let response_id = new_id("resp");

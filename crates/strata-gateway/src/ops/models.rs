@@ -1,9 +1,11 @@
 //! `/admin/v1/models` (platform admins): the catalog of models this
 //! platform serves, one pool each. Models of the config file are listed
 //! and read-only here; models deployed through this API are kept in the
-//! database, checked by the process that runs the pools before they are
-//! stored (settings, file, sha256), and started, replaced or drained and
-//! stopped by it. Every action is audited.
+//! database, checked before they are stored (settings; under `strata
+//! serve`, which runs the pools, also the file and its sha256), and
+//! started, replaced or drained and stopped by whatever runs the pools
+//! (`strata serve`, or a cluster's acting controller). Aliases name models
+//! of the catalog by weight. Every action is audited.
 
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ use tokio::sync::watch;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::generate::CatalogModel;
+use crate::api::catalog::CatalogModel;
 use crate::fleet::replicas::ReplicaSet;
 use crate::http::error::store_error;
 use crate::http::extract::Path as UrlPath;
@@ -45,8 +47,8 @@ pub trait ModelHost: Send + Sync {
 /// The state of the model routes.
 pub struct Models {
     pub store: Arc<dyn ModelStore>,
-    /// `None`: this gateway runs no pools (a cluster's gateway, `strata
-    /// gateway`): the routes list, but deploy nothing.
+    /// `None`: no pools follow this gateway's catalog (`strata gateway`
+    /// with fixed `--replica`s): the routes list, but deploy nothing.
     pub host: Option<Arc<dyn ModelHost>>,
     /// The models the pools serve now.
     pub catalog: watch::Receiver<Vec<CatalogModel>>,
@@ -91,6 +93,9 @@ pub(crate) struct ModelSpec {
     engine: Option<Object>,
     /// `[pool]` keys this model's pool sets for itself.
     pool: Option<Object>,
+    /// An alias instead of a model: models of the catalog by weight
+    /// (`{"v1": 90, "v2": 10}`), nothing else but `id`.
+    alias: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 type Object = std::collections::BTreeMap<String, Value>;
@@ -109,7 +114,7 @@ impl Models {
         self.host.as_ref().ok_or_else(|| {
             ApiError::invalid_request(
                 None,
-                "This gateway runs no pools: models are deployed through the gateway of `strata serve`.",
+                "No pools follow this gateway's catalog (fixed replicas): models are deployed through `strata serve` or a cluster's gateways.",
             )
             .with_code("no_model_host")
         })
@@ -163,11 +168,29 @@ impl Models {
                 "`id` must be 1 to 256 characters without spaces.",
             ));
         }
-        self.host()?
-            .check(&entry)
-            .await
-            .map_err(|e| ApiError::invalid_request(None, e).with_code("invalid_model"))?;
+        let invalid = |e: String| ApiError::invalid_request(None, e).with_code("invalid_model");
+        let host = self.host()?;
+        if entry.is_alias() {
+            // An alias names models the pools serve now.
+            let catalog = self.catalog.borrow();
+            let served = |id: &str| catalog.iter().any(|m| m.id == id && !m.is_alias());
+            if let Some(issue) = entry.alias_issues(&served).into_iter().next() {
+                return Err(invalid(format!("alias: {issue}")));
+            }
+            return Ok(entry);
+        }
+        host.check(&entry).await.map_err(invalid)?;
         Ok(entry)
+    }
+
+    /// The aliases of the catalog that name `id`.
+    fn aliases_of(&self, id: &str) -> Vec<String> {
+        self.catalog
+            .borrow()
+            .iter()
+            .filter(|m| m.alias.contains_key(id))
+            .map(|m| m.id.clone())
+            .collect()
     }
 
     /// Audits an action on the catalog (the platform's, in the acting
@@ -186,12 +209,12 @@ impl Models {
     }
 
     /// Waits (a few seconds at most) for the pools to apply the stored
-    /// catalog: until `id` is served, or no longer is.
-    async fn applied(&self, id: &str, served: bool) {
+    /// catalog: until `entry` is served (an alias: with its weights).
+    async fn applied(&self, entry: &ModelEntry) {
         let mut catalog = self.catalog.clone();
         let _ = tokio::time::timeout(
             APPLY_WAIT,
-            catalog.wait_for(|c| c.iter().any(|m| m.id == id) == served),
+            catalog.wait_for(|c| c.iter().any(|m| m.id == entry.id && m.alias == entry.alias)),
         )
         .await;
     }
@@ -266,7 +289,7 @@ async fn deploy(
         }
         let entry = state.checked(entry).await?;
         state.keep(&entry, 0).await?;
-        state.applied(&entry.id, true).await;
+        state.applied(&entry).await;
         let stored = state.stored(&entry.id).await?;
         Ok((
             StatusCode::CREATED,
@@ -390,6 +413,10 @@ async fn update(
         }
         let entry = state.checked(entry).await?;
         state.keep(&entry, stored.created_at_ms).await?;
+        if entry.is_alias() {
+            // New weights apply to the next request once answered.
+            state.applied(&entry).await;
+        }
         let stored = state.stored(&id).await?;
         Ok((
             StatusCode::OK,
@@ -421,6 +448,13 @@ async fn undeploy(
         role_allows(&p, Need::Platform)?;
         if state.declared().contains(&id) {
             return Err(declared_here(&id));
+        }
+        // An alias's clients would get 404s: the alias moves first.
+        if let Some(alias) = state.aliases_of(&id).first() {
+            return Err(ApiError::conflict(format!(
+                "The alias `{alias}` names `{id}`; take `{id}` out of it first."
+            ))
+            .with_code("model_in_use"));
         }
         if !state.store.delete_model(&id).await.map_err(store_error)? {
             return Err(ApiError::model_not_found(&id));

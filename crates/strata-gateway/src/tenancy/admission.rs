@@ -326,14 +326,16 @@ impl Gate {
         Ok(self.budgets.reserve(tenant, budget, cost))
     }
 
-    /// Admits `p`'s request for `model` of `estimate`'s size to the pool of
-    /// its tenant (the model's own, where `lane` names it), which has
-    /// `routable` replicas now; waits for a slot in the pool's fair queue.
-    /// The `Charge` settles everything when dropped.
+    /// Admits `p`'s request for `model` (asked for as `asked`: the model,
+    /// or an alias for it) of `estimate`'s size to the pool of its tenant
+    /// (the model's own, where `lane` names it), which has `routable`
+    /// replicas now; waits for a slot in the pool's fair queue. The
+    /// `Charge` settles everything when dropped.
     pub async fn admit(
         self: &Arc<Self>,
         p: &Arc<Principal>,
         routable: usize,
+        asked: &str,
         model: &str,
         lane: Option<&str>,
         estimate: Estimate,
@@ -341,8 +343,8 @@ impl Gate {
         let price = self.price(model);
         let mut snapshot = Snapshot {
             role: p.role(),
-            model,
-            model_allowed: p.key.allows_model(model),
+            model: asked,
+            model_allowed: p.key.allows_model(asked),
             estimate,
             budget: p.tenant.monthly_budget_usd,
             cost: price.cost(estimate.prompt_tokens, estimate.output_tokens),

@@ -10,12 +10,12 @@ use crate::sql::{query_err, SqlStore};
 
 #[async_trait]
 impl LoadStore for SqlStore {
-    async fn report_load(&self, gateway: &str, l: &Load) -> Result<(), StoreError> {
+    async fn report_load(&self, gateway: &str, model: &str, l: &Load) -> Result<(), StoreError> {
         let now = self.now_ms_sql();
         let q = format!(
-            "INSERT INTO gateway_loads (gateway, reported_at_ms, requests_total, tokens_total, \
+            "INSERT INTO gateway_loads (gateway, model, reported_at_ms, requests_total, tokens_total, \
              prompt_tokens_total, in_flight, waiting, routable, ttft_p95_ms, tpot_p95_ms) \
-             VALUES (?, {now}, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET \
+             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
              reported_at_ms = excluded.reported_at_ms, requests_total = excluded.requests_total, \
              tokens_total = excluded.tokens_total, prompt_tokens_total = excluded.prompt_tokens_total, \
              in_flight = excluded.in_flight, waiting = excluded.waiting, routable = excluded.routable, \
@@ -23,6 +23,7 @@ impl LoadStore for SqlStore {
         );
         sqlx::query(&self.sql(&q))
             .bind(gateway)
+            .bind(model)
             .bind(l.requests_total as i64)
             .bind(l.tokens_total as i64)
             .bind(l.prompt_tokens_total as i64)
@@ -47,7 +48,7 @@ impl LoadStore for SqlStore {
         .await
         .map_err(query_err)?;
         let rows = sqlx::query(&format!(
-            "SELECT *, {now} - reported_at_ms AS age_ms FROM gateway_loads ORDER BY gateway"
+            "SELECT *, {now} - reported_at_ms AS age_ms FROM gateway_loads ORDER BY gateway, model"
         ))
         .fetch_all(&self.pool)
         .await
@@ -57,6 +58,7 @@ impl LoadStore for SqlStore {
             .iter()
             .map(|r| GatewayLoad {
                 gateway: r.get("gateway"),
+                model: r.get("model"),
                 age_ms: r.get("age_ms"),
                 load: Load {
                     requests_total: count(r, "requests_total"),
