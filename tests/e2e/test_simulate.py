@@ -118,3 +118,55 @@ def test_the_readme_example_runs_on_the_repositorys_own_data():
     report = json.loads(out.stdout)
     assert len(report["policies"]) == 4
     assert all(p["finished"] + p["unserved"] == report["requests"] > 200 for p in report["policies"])
+
+
+def test_several_models_each_on_its_own_trace_and_profile_make_a_fleet():
+    """`--model-trace MODEL=FILE` for each model of [[models]]: each pool,
+    with its own pool settings and throughput profile, replays its own
+    trace; the fleet's cost per policy is the models' sum, set against
+    static provisioning of each model at its own peak."""
+    d = tempfile.mkdtemp(prefix="strata-sim-fleet-")
+    with open(os.path.join(d, "strata.toml"), "w") as f:
+        # `slow` is a bigger model: a third of the decode rate on `small`.
+        f.write(CONFIG + '\n[[models]]\nid = "chat"\npath = "/models/chat.gguf"\n'
+                         '[[models]]\nid = "slow"\npath = "/models/slow.gguf"\n'
+                         '[models.instance_types.small]\ndecode_tokens_per_s = [16.7, 30.0, 40.0, 46.7]\n')
+    traces = {}
+    for name, busy in (("morning", range(0, 200)), ("evening", range(400, 600))):
+        traces[name] = os.path.join(d, f"{name}.csv")
+        with open(traces[name], "w") as f:
+            f.write("at_s,prompt_tokens,output_tokens\n")
+            for i in range(600):
+                for k in range(4 if i in busy else 1):
+                    f.write(f"{i * 2 + k * 0.5},{200 + i % 50},{40 + i % 30}\n")
+    # The same trace on both models: the slower one needs more replicas.
+    same = run(d, "--model-trace", f"chat={traces['morning']}", "--model-trace", f"slow={traces['morning']}",
+               "--launch-delay-secs", "30", "--json")
+    assert same.returncode == 0, same.stderr
+    chat, slow = json.loads(same.stdout)["models"]
+    assert (chat["model"], slow["model"]) == ("chat", "slow")
+    static = lambda m: m["policies"][0]  # noqa: E731
+    assert sum(static(slow)["replica_hours"].values()) > sum(static(chat)["replica_hours"].values())
+    # Two traces whose busy hours differ: the fleet's rows are the sums.
+    out = run(d, "--model-trace", f"chat={traces['morning']}", "--model-trace", f"slow={traces['evening']}",
+              "--launch-delay-secs", "30", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    fleet = {row["policy"]: row for row in report["fleet"]}
+    per_model = {m["model"]: {p["policy"]: p for p in m["policies"]} for m in report["models"]}
+    assert abs(fleet["strata"]["cost"] - sum(m["strata"]["cost"] for m in per_model.values())) < 1e-6
+    fixed = fleet["static per model at its peak (on demand)"]
+    assert abs(fixed["cost"] - sum(static(m)["cost"] for m in report["models"])) < 1e-6
+    assert fixed["x_static"] == 1.0 and 0 < fleet["strata"]["x_static"] < 1, fleet
+    assert report["lower_bound_cost"] == sum(m["lower_bound_cost"] for m in report["models"])
+    table = run(d, "--model-trace", f"chat={traces['morning']}", "--model-trace", f"slow={traces['evening']}")
+    assert "## The fleet (2 models)" in table.stdout and "| strata |" in table.stdout
+    for args, message in [
+        (["--model-trace", f"nope={traces['morning']}"], "not a model of the config"),
+        (["--model-trace", "chat"], "MODEL=FILE"),
+        (["--model-trace", f"chat={traces['morning']}", "--trace", traces["morning"]], "cannot be used with"),
+        (["--model-trace", f"chat={traces['morning']}", "--model-trace", f"chat={traces['evening']}"], "twice"),
+        ([], "--trace"),
+    ]:
+        bad = run(d, *args)
+        assert bad.returncode != 0 and message in bad.stderr, (args, bad.stderr)

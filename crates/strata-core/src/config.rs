@@ -65,6 +65,12 @@ pub struct ModelEntry {
     /// `[pool]` keys this model's pool sets for itself.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub pool: toml::Table,
+    /// This model's own throughput on instance types, key by key over
+    /// `[instance_types]` (`[models.instance_types."g5.xlarge"]
+    /// decode_tokens_per_s = […]`): a bigger model is slower on the same
+    /// machine, and its pool is planned and scaled by its own profile.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub instance_types: toml::Table,
     /// An alias instead of a model: the models of the catalog its id
     /// stands for, by weight (a canary: `{ v1 = 90, v2 = 10 }`). A
     /// conversation stays on the model its last turn used while the alias
@@ -97,6 +103,7 @@ impl ModelEntry {
             ("price", self.price.is_some()),
             ("engine", !self.engine.is_empty()),
             ("pool", !self.pool.is_empty()),
+            ("instance_types", !self.instance_types.is_empty()),
         ];
         for (key, given) in own {
             if given {
@@ -770,6 +777,15 @@ impl Config {
         config.models.clear();
         config.engine = overlay(&self.engine, &entry.engine).map_err(|e| at("engine", &e))?;
         config.pool = overlay(&self.pool, &entry.pool).map_err(|e| at("pool", &e))?;
+        for (name, keys) in &entry.instance_types {
+            let key = format!("instance_types.{name}");
+            let Some(keys) = keys.as_table() else {
+                return Err(at(&key, &"must be a table of profile keys"));
+            };
+            let base = self.instance_types.get(name).cloned().unwrap_or_default();
+            let own = overlay(&base, keys).map_err(|e| at(&key, &e))?;
+            config.instance_types.insert(name.clone(), own);
+        }
         config.engine.model_name = Some(entry.id.clone());
         if let Some(path) = &entry.path {
             config.engine.model = Some(path.clone());
@@ -1456,6 +1472,8 @@ default_max_tokens = 64
 autoscale = true
 min_replicas = 0
 scale_to_zero_after_secs = 60.0
+[models.instance_types.local]
+decode_tokens_per_s = [10.0, 18.0]
 "#,
         )
         .unwrap();
@@ -1482,6 +1500,14 @@ scale_to_zero_after_secs = 60.0
         assert_eq!(base.config.serve.replicas, 1);
         assert!(base.config.serve.dedicated.is_empty());
         assert_eq!(base.config.pricing["base"].completion_per_million, 1.5);
+        // Its own profile on `local`, key by key: the rest is the file's.
+        let (own, file) = (
+            &base.config.instance_types["local"],
+            &chat.config.instance_types["local"],
+        );
+        assert_eq!(own.decode_tokens_per_s, [10.0, 18.0]);
+        assert_eq!(own.prefill_tokens_per_s, file.prefill_tokens_per_s);
+        assert_ne!(file.decode_tokens_per_s, own.decode_tokens_per_s);
         assert!(base.config.models.is_empty());
         // One more deployed beside them runs as the second does.
         let mut extra: ModelEntry =

@@ -492,8 +492,18 @@ pub enum K8sCommand {
 pub struct SimulateArgs {
     /// Request trace: the Azure LLM trace CSV, Mooncake JSON lines, or a
     /// CSV with the header `at_s,prompt_tokens,output_tokens`.
-    #[arg(long)]
-    pub trace: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "model_trace",
+        conflicts_with = "model_trace"
+    )]
+    pub trace: Option<PathBuf>,
+    /// A model of the config's `[[models]]` and its own trace,
+    /// `MODEL=FILE` (repeatable): each model's pool (its pool settings and
+    /// throughput profile) replays its trace, and the fleet's cost under
+    /// each policy is set against static provisioning per model.
+    #[arg(long, value_name = "MODEL=FILE")]
+    pub model_trace: Vec<String>,
     /// Directory of spot availability traces, one `<zone>_*.json` per zone
     /// (the spot-traces format); zones without one always have spot.
     #[arg(long)]

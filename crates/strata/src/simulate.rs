@@ -54,12 +54,27 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     if let Some(i) = issues.first() {
         bail!("config: {}: {}", i.key, i.message);
     }
-    let trace = simulate::trace::load(&args.trace)
-        .with_context(|| format!("--trace {}: cannot load the trace", args.trace.display()))?;
-    let trace = simulate::trace::reshape(&trace, args.time_scale, args.rate);
-    if trace.is_empty() {
-        bail!("the trace has no requests");
+    let spot = spot_availability(&config, &args)?;
+    let Some(trace) = &args.trace else {
+        return run_fleet(&config, &args, &spot).await;
+    };
+    let report = simulate_pool(&config, trace, &args, spot).await?;
+    if let Some(dir) = &args.plot {
+        plot(dir, &report.outcomes)?;
     }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.json())?);
+        return Ok(());
+    }
+    report.print();
+    Ok(())
+}
+
+/// The spot availability the arguments give, by zone.
+fn spot_availability(
+    config: &Config,
+    args: &SimulateArgs,
+) -> Result<std::collections::BTreeMap<String, SpotTrace>> {
     let mut spot = match &args.spot_dir {
         Some(dir) => spot_traces(dir)?,
         None => Default::default(),
@@ -92,9 +107,234 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         };
         spot.insert(zone, trace);
     }
+    Ok(spot)
+}
+
+/// What one pool's trace cost under each policy.
+struct Report {
+    requests: usize,
+    hours: f64,
+    peak: f64,
+    bound: f64,
+    slo_ttft: Duration,
+    outcomes: Vec<Outcome>,
+}
+
+impl Report {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.requests,
+            "peak_tokens_per_s": self.peak,
+            "lower_bound_cost": self.bound,
+            "policies": self.outcomes,
+        })
+    }
+
+    fn print(&self) {
+        println!(
+            "{} requests over {:.1} h, peak {:.0} tokens/s (60 s windows), TTFT objective {:.0} ms",
+            self.requests,
+            self.hours,
+            self.peak,
+            self.slo_ttft.as_secs_f64() * 1000.0
+        );
+        println!(
+            "| policy | cost $ | x lower bound | $/1M tokens | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | within TTFT SLO | restarted | unserved | replica-hours |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for o in &self.outcomes {
+            let hours: Vec<String> = o
+                .replica_hours
+                .iter()
+                .map(|(k, h)| format!("{k} {h:.2}"))
+                .collect();
+            println!(
+                "| {} | {:.2} | {:.2} | {:.3} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.2}% | {} | {} | {} |",
+                o.policy,
+                o.cost,
+                o.cost / self.bound,
+                o.cost_per_million_tokens,
+                o.ttft_ms[0],
+                o.ttft_ms[1],
+                o.ttft_ms[2],
+                o.tpot_ms[0],
+                o.tpot_ms[1],
+                o.tpot_ms[2],
+                o.slo_attainment * 100.0,
+                o.restarted,
+                o.unserved,
+                hours.join(", ")
+            );
+        }
+        println!(
+            "| lower bound (perfect foresight, no losses) | {:.2} | 1.00 | | | | | | | |",
+            self.bound
+        );
+    }
+}
+
+/// Several models at once (`--model-trace MODEL=FILE`, repeated): each
+/// model's pool, as its `[[models]]` entry makes it (its own pool settings
+/// and throughput profile), replays its own trace under every policy; the
+/// fleet's cost under each policy is the sum, set against static
+/// provisioning of each model at its own peak.
+async fn run_fleet(
+    config: &Config,
+    args: &SimulateArgs,
+    spot: &std::collections::BTreeMap<String, SpotTrace>,
+) -> Result<()> {
+    let served = config.served().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut reports: Vec<(String, Report)> = Vec::new();
+    for arg in &args.model_trace {
+        let Some((model, path)) = arg
+            .split_once('=')
+            .filter(|(m, p)| !m.is_empty() && !p.is_empty())
+        else {
+            bail!("--model-trace takes MODEL=FILE, not `{arg}`");
+        };
+        let Some(entry) = served.iter().find(|m| m.id.as_deref() == Some(model)) else {
+            let ids: Vec<&str> = served.iter().filter_map(|m| m.id.as_deref()).collect();
+            bail!(
+                "--model-trace {model}: not a model of the config's [[models]] ({})",
+                ids.join(", ")
+            );
+        };
+        if reports.iter().any(|(m, _)| m == model) {
+            bail!("--model-trace {model}: given twice");
+        }
+        let report = simulate_pool(&entry.config, std::path::Path::new(path), args, spot.clone()).await?;
+        if let Some(dir) = &args.plot {
+            plot(&dir.join(model), &report.outcomes)?;
+        }
+        reports.push((model.to_owned(), report));
+    }
+    let fleet = fleet_rows(&reports);
+    let bound: f64 = reports.iter().map(|(_, r)| r.bound).sum();
+    if args.json {
+        let models: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|(model, r)| {
+                let mut v = r.json();
+                v["model"] = model.as_str().into();
+                v
+            })
+            .collect();
+        let fleet: Vec<serde_json::Value> = fleet
+            .iter()
+            .map(|row| {
+                serde_json::json!({
+                    "policy": row.policy,
+                    "cost": row.cost,
+                    "x_static": row.x_static,
+                    "slo_attainment": row.slo_attainment,
+                    "unserved": row.unserved,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "models": models,
+            "fleet": fleet,
+            "lower_bound_cost": bound,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for (model, r) in &reports {
+        println!("## {model}");
+        r.print();
+        println!();
+    }
+    println!("## The fleet ({} models)", reports.len());
+    println!(
+        "| policy | cost $ | x static per model | x lower bound | within TTFT SLO | unserved |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for row in &fleet {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2}% | {} |",
+            row.policy,
+            row.cost,
+            row.x_static,
+            row.cost / bound,
+            row.slo_attainment * 100.0,
+            row.unserved
+        );
+    }
+    println!("| lower bound (perfect foresight, no losses) | {bound:.2} | | 1.00 | | |");
+    Ok(())
+}
+
+/// One policy over every model of the fleet.
+struct FleetRow {
+    policy: String,
+    cost: f64,
+    /// Against static provisioning of each model at its own peak.
+    x_static: f64,
+    /// Of every model's requests, the share within its TTFT objective.
+    slo_attainment: f64,
+    unserved: u64,
+}
+
+/// Each policy's outcomes summed over the models (static provisioning,
+/// sized per model, is one row), in the order of the first model's.
+fn fleet_rows(reports: &[(String, Report)]) -> Vec<FleetRow> {
+    const STATIC: &str = "static per model at its peak (on demand)";
+    let name = |o: &Outcome| match o.policy.starts_with("static") {
+        true => STATIC.to_owned(),
+        false => o.policy.clone(),
+    };
+    let mut rows: Vec<FleetRow> = Vec::new();
+    for (_, r) in reports {
+        for o in &r.outcomes {
+            let policy = name(o);
+            let at = match rows.iter().position(|row| row.policy == policy) {
+                Some(at) => at,
+                None => {
+                    rows.push(FleetRow {
+                        policy,
+                        cost: 0.0,
+                        x_static: 0.0,
+                        slo_attainment: 0.0,
+                        unserved: 0,
+                    });
+                    rows.len() - 1
+                }
+            };
+            let row = &mut rows[at];
+            row.cost += o.cost;
+            row.slo_attainment += o.slo_attainment * r.requests as f64;
+            row.unserved += o.unserved as u64;
+        }
+    }
+    let requests: f64 = reports.iter().map(|(_, r)| r.requests as f64).sum();
+    let fixed = rows
+        .iter()
+        .find(|r| r.policy == STATIC)
+        .map_or(f64::NAN, |r| r.cost);
+    for row in &mut rows {
+        row.slo_attainment /= requests.max(1.0);
+        row.x_static = row.cost / fixed;
+    }
+    rows
+}
+
+/// Every policy on one pool's trace: `config` is the pool's (its catalog,
+/// instance types and `[pool]`).
+async fn simulate_pool(
+    config: &Config,
+    trace_path: &std::path::Path,
+    args: &SimulateArgs,
+    spot: std::collections::BTreeMap<String, SpotTrace>,
+) -> Result<Report> {
+    let trace = simulate::trace::load(trace_path)
+        .with_context(|| format!("{}: cannot load the trace", trace_path.display()))?;
+    let trace = simulate::trace::reshape(&trace, args.time_scale, args.rate);
+    if trace.is_empty() {
+        bail!("the trace {} has no requests", trace_path.display());
+    }
     let scenario = Scenario {
         trace,
-        offers: PoolSpec::from_config(&config, 1).offers,
+        offers: PoolSpec::from_config(config, 1).offers,
         cloud: SimSettings {
             spot,
             offset: Duration::from_secs_f64(args.offset_hours * 3600.0),
@@ -175,59 +415,17 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     let mut strata = Strata::new(PoolSpec::from_config(&strata_config, 1));
     outcomes.push(run_one(&scenario, &mut strata, tail).await);
     let bound = lower_bound(&scenario);
-    if let Some(dir) = &args.plot {
-        plot(dir, &outcomes)?;
-    }
-    if args.json {
-        let v = serde_json::json!({
-            "requests": scenario.trace.len(),
-            "peak_tokens_per_s": peak,
-            "lower_bound_cost": bound,
-            "policies": outcomes,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!(
-        "{} requests over {:.1} h, peak {:.0} tokens/s (60 s windows), TTFT objective {:.0} ms",
-        scenario.trace.len(),
-        scenario
+    Ok(Report {
+        requests: scenario.trace.len(),
+        hours: scenario
             .trace
             .last()
             .map_or(0.0, |r| r.at.as_secs_f64() / 3600.0),
         peak,
-        scenario.slo_ttft.as_secs_f64() * 1000.0
-    );
-    println!(
-        "| policy | cost $ | x lower bound | $/1M tokens | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | within TTFT SLO | restarted | unserved | replica-hours |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for o in &outcomes {
-        let hours: Vec<String> = o
-            .replica_hours
-            .iter()
-            .map(|(k, h)| format!("{k} {h:.2}"))
-            .collect();
-        println!(
-            "| {} | {:.2} | {:.2} | {:.3} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.2}% | {} | {} | {} |",
-            o.policy,
-            o.cost,
-            o.cost / bound,
-            o.cost_per_million_tokens,
-            o.ttft_ms[0],
-            o.ttft_ms[1],
-            o.ttft_ms[2],
-            o.tpot_ms[0],
-            o.tpot_ms[1],
-            o.tpot_ms[2],
-            o.slo_attainment * 100.0,
-            o.restarted,
-            o.unserved,
-            hours.join(", ")
-        );
-    }
-    println!("| lower bound (perfect foresight, no losses) | {bound:.2} | 1.00 | | | | | | | |");
-    Ok(())
+        bound,
+        slo_ttft: scenario.slo_ttft,
+        outcomes,
+    })
 }
 
 /// One policy's run, with a progress bar on a terminal.
