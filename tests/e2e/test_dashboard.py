@@ -105,6 +105,11 @@ def test_the_login_sets_a_strict_http_only_session_and_a_bad_window_is_a_400(bus
     assert any(d["reason"] == "from_zero" for d in data["decisions"])
     spend = {t["name"]: t for t in data["tenants_spend"]}
     assert spend["dashboard-tenant"]["requests"] == 6 and spend["dashboard-tenant"]["cost_usd"] > 0
+    # By model: its requests, what they were billed, its pool and replica.
+    model = {m["model"]: m for m in data["models"]}["gemma-3-270m-q4_k_m"]
+    assert model["requests"] == 6 and model["billed_usd"] == pytest.approx(spend["dashboard-tenant"]["cost_usd"])
+    assert model["pools"] == ["default"] and model["replicas_running"] == 1 and model["instances_usd"] >= 0
+    assert model["ttft_p95_ms"] is not None
     # Logging out ends the session.
     httpx.post(f"{busy.base}/ui/logout", cookies=jar)
     assert httpx.get(f"{busy.base}/ui/data", cookies=jar).status_code == 401
@@ -146,6 +151,7 @@ def test_the_dashboard_in_chromium_draws_every_chart_from_the_running_server(bus
         # The TTFT chart draws the pool's p95 objective.
         assert driver.find_elements(By.CSS_SELECTOR, "#chart-ttft svg line.slo")
         assert "dashboard-tenant" in driver.find_element(By.ID, "chart-tenants").text
+        assert "gemma-3-270m-q4_k_m" in driver.find_element(By.ID, "models").text
         decisions = driver.find_element(By.ID, "decisions").text
         assert "from_zero" in decisions and "0 → 1" in decisions
         tenants = driver.find_element(By.ID, "tenants").text

@@ -118,6 +118,12 @@ def test_the_controller_reports_and_bills_each_pool(catalog):
                              capture_output=True, text=True, check=True).stdout
         keys = {line["key"] for line in json.loads(out)["lines"]}
         assert {CHAT_MODEL, MODEL_ID} <= keys, (by, keys)
+    # The dashboard's data break down by model, each with its own pool.
+    login = httpx.post(f"{catalog.base}/ui/login", data={"key": catalog.admin_key})
+    data = httpx.get(f"{catalog.base}/ui/data?minutes=15", cookies={"strata_ui": login.cookies["strata_ui"]}).json()
+    rows = {m["model"]: m for m in data["models"]}
+    for model in (CHAT_MODEL, MODEL_ID):
+        assert rows[model]["pools"] == [model] and rows[model]["requests"] > 0, rows
 
 
 def run_serve(tmp_path, extra):

@@ -202,7 +202,13 @@ async fn run_fleet(
         if reports.iter().any(|(m, _)| m == model) {
             bail!("--model-trace {model}: given twice");
         }
-        let report = simulate_pool(&entry.config, std::path::Path::new(path), args, spot.clone()).await?;
+        let report = simulate_pool(
+            &entry.config,
+            std::path::Path::new(path),
+            args,
+            spot.clone(),
+        )
+        .await?;
         if let Some(dir) = &args.plot {
             plot(&dir.join(model), &report.outcomes)?;
         }

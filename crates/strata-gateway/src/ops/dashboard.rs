@@ -461,6 +461,7 @@ async fn gather(d: &Dashboard, window_ms: i64) -> Result<Value, strata_core::sto
         "replicas": replicas_over_time(&instances, &times),
         "cost": cost_over_time(&instances, &usage, &times, step),
         "tenants_spend": spend_by_tenant(&usage, &names),
+        "models": by_model(&instances, &usage, since, now),
         "latency": latency_over_time(&usage, &times, step),
         "decisions": decisions.iter().rev().map(|r| json!({
             "at_ms": r.at_ms, "pool": r.pool, "from": r.from_replicas, "to": r.to_replicas,
@@ -531,6 +532,52 @@ fn cost_over_time(
 fn bucket(at: i64, times: &[i64], step: i64) -> usize {
     let first = times[0];
     (((at - first) + step - 1).max(0) / step).min(times.len() as i64 - 1) as usize
+}
+
+/// Each model's window: requests, tokens, dollars billed to tenants and
+/// p95 time to first token (the ledger), its pools' instance dollars and
+/// the replicas running now (the instances).
+fn by_model(instances: &[InstanceRecord], usage: &[UsageRecord], since: i64, now: i64) -> Value {
+    #[derive(Default)]
+    struct Row {
+        pools: std::collections::BTreeSet<String>,
+        requests: u64,
+        tokens: u64,
+        billed: f64,
+        instances: f64,
+        running: u32,
+        ttft: Vec<f64>,
+    }
+    let mut rows: BTreeMap<&str, Row> = BTreeMap::new();
+    for u in usage {
+        let r = rows.entry(u.model.as_str()).or_default();
+        r.requests += 1;
+        r.tokens += u64::from(u.prompt_tokens + u.completion_tokens);
+        r.billed += u.cost_usd;
+        if u.stream && u.status < 400 {
+            r.ttft.push(u.ttft_ms);
+        }
+    }
+    for i in instances.iter().filter(|i| !i.kind.model.is_empty()) {
+        let r = rows.entry(i.kind.model.as_str()).or_default();
+        r.pools.insert(i.kind.pool.clone());
+        let end = i.ended_at_ms.unwrap_or(now);
+        let ran = (end.min(now) - i.started_at_ms.max(since)).max(0);
+        r.instances += i.kind.price_per_hour * ran as f64 / 3_600_000.0;
+        r.running += u32::from(i.ended_at_ms.is_none());
+    }
+    rows.into_iter()
+        .map(|(model, mut r)| {
+            r.ttft.sort_by(f64::total_cmp);
+            let p95 = (!r.ttft.is_empty())
+                .then(|| r.ttft[((r.ttft.len() - 1) as f64 * 0.95).round() as usize]);
+            json!({
+                "model": model, "pools": r.pools, "requests": r.requests, "tokens": r.tokens,
+                "billed_usd": r.billed, "instances_usd": r.instances,
+                "replicas_running": r.running, "ttft_p95_ms": p95,
+            })
+        })
+        .collect()
 }
 
 fn spend_by_tenant(usage: &[UsageRecord], names: &BTreeMap<String, String>) -> Value {

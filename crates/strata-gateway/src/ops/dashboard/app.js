@@ -155,6 +155,10 @@ function render(d) {
     { name: "p50", values: l.latency_ms.p50 }, { name: "p95", values: l.latency_ms.p95 }, { name: "p99", values: l.latency_ms.p99 },
   ]);
   bars(document.getElementById("chart-tenants"), d.tenants_spend);
+  table(document.getElementById("models"), d.models.map(m => [
+    m.model, m.pools.join(", ") || null, m.requests, number(m.tokens), m.billed_usd.toFixed(6),
+    m.instances_usd.toFixed(4), m.ttft_p95_ms === null ? null : Math.round(m.ttft_p95_ms), m.replicas_running,
+  ]));
   table(document.getElementById("decisions"), d.decisions.map(x => [
     new Date(x.at_ms).toLocaleString(), x.pool, `${x.from} → ${x.to}`, x.reason,
     x.inputs && x.inputs.stable_demand_tokens_per_s !== undefined ? number(x.inputs.stable_demand_tokens_per_s) : null,
