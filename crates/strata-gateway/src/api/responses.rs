@@ -34,6 +34,7 @@ use crate::http::error::{event_stream, json_response, store_error};
 use crate::http::extract::{Path, Query};
 use crate::relay::answer::{Answer, Piece};
 use crate::relay::forward::{Exchange, ReplicaRequest};
+use crate::relay::ledger::TokenMeter;
 use crate::tenancy::principal::Principal;
 
 const ROUTE: &str = "/v1/responses";
@@ -298,6 +299,7 @@ async fn start(
         store: turn.store,
     };
     let run = Turn {
+        meter: g.relay.ledger.meter(&request.model),
         answer: Answer::new(g.relay.clone(), request, flight, upstream),
         g,
         meta,
@@ -363,6 +365,8 @@ async fn restore_if_moved(
 /// One turn in flight.
 struct Turn {
     g: Arc<Inference>,
+    /// The model's demand counters, each streamed token counted there.
+    meter: TokenMeter,
     meta: ResponseMeta,
     input: Vec<Item>,
     context: Vec<Item>,
@@ -534,7 +538,7 @@ impl Turn {
                 }
                 a.text.push_str(delta);
                 a.deltas += 1;
-                self.g.relay.ledger.streamed_token(&self.meta.model);
+                self.g.relay.ledger.streamed_token(&self.meter);
                 self.emit(
                     "response.output_text.delta",
                     json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),

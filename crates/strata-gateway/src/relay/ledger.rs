@@ -11,6 +11,11 @@ use tokio::task::JoinHandle;
 
 use crate::metrics::{GatewayMetrics, ModelLabels, UsageLabels};
 
+/// A streamed answer's model's demand counters (`Ledger::meter`).
+pub struct TokenMeter {
+    demand: Option<std::sync::Arc<crate::metrics::Demand>>,
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
@@ -35,12 +40,20 @@ impl Ledger {
         self.record_streamed(row, 0);
     }
 
+    /// Where a streamed answer for `model` counts its tokens: looked up
+    /// once per request, not per token.
+    pub fn meter(&self, model: &str) -> TokenMeter {
+        TokenMeter {
+            demand: self.metrics.demand(model),
+        }
+    }
+
     /// One output token passed on mid-stream: served tokens (the
     /// autoscaler's demand signal) count it now, so a long stream is demand
     /// while it runs; `record_streamed` settles the rest at the end.
-    pub fn streamed_token(&self, model: &str) {
+    pub fn streamed_token(&self, meter: &TokenMeter) {
         self.metrics.tokens.inc();
-        if let Some(d) = self.metrics.demand(model) {
+        if let Some(d) = &meter.demand {
             d.tokens.fetch_add(1, Ordering::Relaxed);
         }
     }

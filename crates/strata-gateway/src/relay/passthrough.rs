@@ -24,6 +24,7 @@ use crate::http::error::{event_stream, json_response};
 use crate::relay::answer::{Answer, Piece};
 use crate::relay::capture::{Keep, Transcript};
 use crate::relay::forward::{Exchange, Relay, ReplicaRequest};
+use crate::relay::ledger::TokenMeter;
 use crate::relay::sse::{Chunk, Kind, DONE};
 
 /// Sends `request` to a replica and relays its answer. With `include_usage`
@@ -44,6 +45,7 @@ pub async fn relay(
         Err(refusal) => return refusal,
     };
     if exchange.stream && upstream.status().is_success() {
+        let meter = relay.ledger.meter(&request.model);
         let answer = Answer::new(relay.clone(), request, flight, upstream);
         let mut output = Output::new(!include_usage);
         if keep.is_some() {
@@ -51,6 +53,7 @@ pub async fn relay(
             output.hold_done = true;
         }
         let stream = Passthrough {
+            meter,
             answer,
             output,
             relay: relay.clone(),
@@ -180,6 +183,8 @@ impl Output {
 /// The client-facing stream of a streamed answer, metered when it ends or
 /// the client goes away.
 struct Passthrough {
+    /// The model's demand counters, each streamed token counted there.
+    meter: TokenMeter,
     answer: Answer,
     output: Output,
     relay: Relay,
@@ -203,9 +208,7 @@ impl Passthrough {
 
     fn take(&mut self, chunk: &Chunk, out: &mut BytesMut) {
         if chunk.text().is_some() {
-            self.relay
-                .ledger
-                .streamed_token(&self.answer.request().model);
+            self.relay.ledger.streamed_token(&self.meter);
         }
         self.output.take(chunk, out);
     }
