@@ -133,6 +133,15 @@ def test_a_download_that_does_not_match_leaves_nothing(server, files):
     # A URL needs its hash.
     r = deploy(server, {"id": "broken", "url": f"{base}/chat.gguf"})
     assert r.status_code == 400 and "sha256" in r.json()["error"]["message"], r.text
+    # Credentials in a URL would sit in the database and in every read of
+    # the catalog: refused before anything is fetched, the secret not echoed.
+    host, gets_before = base.split("://")[1], len(gets)
+    for url in (f"http://ops:hunter2@{host}/chat.gguf", f"{base}/chat.gguf?X-Amz-Signature=hunter2"):
+        r = deploy(server, {"id": "secret", "url": url, "sha256": digest})
+        assert r.status_code == 400 and "hunter2" not in r.text, r.text
+        assert "AWS_" in r.json()["error"]["message"], r.text
+    assert server.admin("GET", "/admin/v1/models/secret").status_code == 404
+    assert gets_before == len(gets), "nothing was fetched"
 
 
 def test_a_model_from_an_http_url_is_downloaded_once_and_served(server, files):

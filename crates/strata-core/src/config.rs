@@ -136,6 +136,32 @@ impl ModelEntry {
     }
 }
 
+/// What credentials a model's `url` carries, if any: a user or password
+/// before the host, or a signature or token in the query (a presigned URL).
+pub fn url_credentials(url: &str) -> Option<&'static str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Some("a user or password");
+    }
+    let query = rest.split_once('?').map(|(_, q)| q.to_ascii_lowercase())?;
+    const SIGNED: [&str; 9] = [
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "signature=",
+        "sig=",
+        "token=",
+        "password=",
+        "awsaccesskeyid=",
+    ];
+    SIGNED
+        .iter()
+        .any(|k| query.contains(k))
+        .then_some("a signature or token in its query")
+}
+
 /// The largest weight of an alias's model (weights are relative: 90 and
 /// 10, or 9 and 1, split alike).
 pub const MAX_ALIAS_WEIGHT: u32 = 1_000_000;
@@ -1183,6 +1209,15 @@ impl Config {
                         &key("url"),
                         "must start with https://, http:// or s3://".into(),
                     );
+                } else if let Some(what) = url_credentials(url) {
+                    issues.bad(
+                        &key("url"),
+                        format!(
+                            "carries {what}: the entry is kept in the database (and its backups) \
+                             and shown by the admin API; give S3 credentials as AWS_* on the \
+                             machine that runs the pools, or a URL without them"
+                        ),
+                    );
                 } else if m.sha256.is_none() {
                     issues.bad(
                         &key("sha256"),
@@ -1642,6 +1677,38 @@ alias = { c = 1, v1 = 2000000 }
                 "models[4].alias.c",
                 "models[4].alias.v1",
             ]
+        );
+    }
+
+    #[test]
+    fn a_model_url_with_credentials_is_named() {
+        for url in [
+            "https://user:secret@host/m.gguf",
+            "https://token@host/m.gguf",
+            "https://bucket.s3.amazonaws.com/m.gguf?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA&X-Amz-Signature=ab",
+            "https://acct.blob.core.windows.net/c/m.gguf?sv=2020&sig=abc",
+            "http://host/m.gguf?access_token=x",
+        ] {
+            assert!(url_credentials(url).is_some(), "{url}");
+        }
+        for url in [
+            "https://host/m.gguf",
+            "s3://bucket/models/m.gguf",
+            "https://host/path@v2/m.gguf",
+            "https://host/m.gguf?version=2",
+        ] {
+            assert_eq!(url_credentials(url), None, "{url}");
+        }
+        let c = Config::from_toml(
+            "[[models]]\nid = \"m\"\nurl = \"https://u:p@host/m.gguf\"\nsha256 = \"a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818\"\n",
+        )
+        .unwrap();
+        let issues = c.check();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "models[0].url");
+        assert!(
+            !issues[0].message.contains("u:p"),
+            "the secret is not echoed"
         );
     }
 }
