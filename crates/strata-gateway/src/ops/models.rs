@@ -93,6 +93,9 @@ pub(crate) struct ModelSpec {
     engine: Option<Object>,
     /// `[pool]` keys this model's pool sets for itself.
     pool: Option<Object>,
+    /// The model's own throughput profile on instance types, by type name,
+    /// key by key over `[instance_types]`.
+    instance_types: Option<Object>,
     /// An alias instead of a model: models of the catalog by weight
     /// (`{"v1": 90, "v2": 10}`), nothing else but `id`.
     alias: Option<std::collections::BTreeMap<String, u32>>,
