@@ -153,6 +153,7 @@ pub async fn run_controller(
                     KubeProvider::new(client.clone(), config.clone(), model, store.clone());
                 let controller = Controller::new(PoolSpec::from_config(&config, replicas));
                 let load = crate::fleet::model_load(load_rx.clone(), None, acting.clone());
+                tokio::spawn(warn_of_deployed_models(store.clone(), acting.clone()));
                 let run = strata_control::controller::run(
                     controller,
                     provider,
@@ -212,6 +213,24 @@ pub async fn run_controller(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// On Kubernetes a cluster runs one pool yet: models deployed through a
+/// gateway's admin API are listed by the gateways but not served. Says so
+/// in the acting controller's log, every minute while there are any.
+async fn warn_of_deployed_models(store: Arc<dyn Store>, stop: CancellationToken) {
+    loop {
+        if let Ok(models) = store.models().await {
+            let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            if !ids.is_empty() {
+                tracing::error!(models = ?ids, "deployed models are not served: --provider kubernetes runs the one pool of [engine] and [pool] yet; undeploy them or run the controller with --provider local");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
 }
 
 /// Copies the cluster's load into the fleet's until `stop`.

@@ -58,7 +58,7 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     let Some(trace) = &args.trace else {
         return run_fleet(&config, &args, &spot).await;
     };
-    let report = simulate_pool(&config, trace, &args, spot).await?;
+    let report = simulate_pool(&config, "--trace", trace, &args, spot).await?;
     if let Some(dir) = &args.plot {
         plot(dir, &report.outcomes)?;
     }
@@ -204,6 +204,7 @@ async fn run_fleet(
         }
         let report = simulate_pool(
             &entry.config,
+            &format!("--model-trace {model}="),
             std::path::Path::new(path),
             args,
             spot.clone(),
@@ -328,12 +329,13 @@ fn fleet_rows(reports: &[(String, Report)]) -> Vec<FleetRow> {
 /// instance types and `[pool]`).
 async fn simulate_pool(
     config: &Config,
+    flag: &str,
     trace_path: &std::path::Path,
     args: &SimulateArgs,
     spot: std::collections::BTreeMap<String, SpotTrace>,
 ) -> Result<Report> {
     let trace = simulate::trace::load(trace_path)
-        .with_context(|| format!("{}: cannot load the trace", trace_path.display()))?;
+        .with_context(|| format!("{flag} {}: cannot load the trace", trace_path.display()))?;
     let trace = simulate::trace::reshape(&trace, args.time_scale, args.rate);
     if trace.is_empty() {
         bail!("the trace {} has no requests", trace_path.display());
