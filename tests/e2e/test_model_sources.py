@@ -171,3 +171,42 @@ def test_a_model_from_an_s3_compatible_store_is_served(server, files):
     r = deploy(server, {"id": "s3-missing", "url": "s3://models/nothing.gguf", "sha256": digest})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model", r.text
     assert cached(server) == []
+
+
+def test_with_model_sources_set_a_deploy_comes_only_from_them(files, tmp_path):
+    """`security.model_sources`: what a platform admin key can make the
+    pools fetch or open. Outside: a 400 before anything is fetched or
+    opened, and a missing file reads like a forbidden one."""
+    base, gets, digest = files
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    shutil.copy(model_file(), allowed / "chat.gguf")
+    cache = tmp_path / "cache"
+    config = (f'model_sources = ["{base}/allowed/", "{allowed}"]\n'
+              f'[[models]]\nid = "base"\npath = "{model_file()}"\n')
+    s = Server(replicas=1, config=config, tenant="allow-list", env={"XDG_CACHE_HOME": str(cache)})
+    try:
+        seen = len(gets)
+        refused = {}
+        for name, body in {
+            "url outside": {"url": f"{base}/chat.gguf", "sha256": digest},
+            "url climbing out": {"url": f"{base}/allowed/../chat.gguf", "sha256": digest},
+            "metadata service": {"url": "http://169.254.169.254/latest/meta-data/x", "sha256": digest},
+            "file outside": {"path": "/etc/passwd"},
+            "missing file": {"path": str(tmp_path / "nope.gguf")},
+        }.items():
+            r = deploy(s, {"id": "x", **body})
+            assert r.status_code == 400 and "model_sources" in r.json()["error"]["message"], (name, r.text)
+            refused[name] = r.json()["error"]["message"]
+        assert refused["file outside"] == refused["missing file"]
+        assert len(gets) == seen, "nothing outside was fetched"
+        # Inside: a file of the directory is served; a URL under the prefix
+        # is fetched (this one is not there: the server's 404 is the answer).
+        r = deploy(s, {"id": "allowed-file", "path": str(allowed / "chat.gguf"), "sha256": digest})
+        assert r.status_code == 201, r.text
+        assert ask(s, "allowed-file")
+        r = deploy(s, {"id": "allowed-url", "url": f"{base}/allowed/chat.gguf", "sha256": digest})
+        assert r.status_code == 400 and "model_sources" not in r.text, r.text
+        assert gets[seen:] == ["/allowed/chat.gguf"]
+    finally:
+        s.stop()

@@ -136,6 +136,51 @@ impl ModelEntry {
     }
 }
 
+impl Config {
+    /// Why a model deployed through the admin API may not come from where
+    /// `entry` says (`security.model_sources`), if it may not. A file
+    /// outside the directories gets the same answer whether or not it
+    /// exists.
+    pub fn deploy_source_issue(&self, entry: &ModelEntry) -> Option<String> {
+        let allowed = &self.security.model_sources;
+        if allowed.is_empty() {
+            return None;
+        }
+        let outside = |what: &str| {
+            Some(format!(
+                "`{what}` is not under security.model_sources ({})",
+                allowed.join(", ")
+            ))
+        };
+        if let Some(url) = &entry.url {
+            let (_, rest) = url.split_once("://").unwrap_or(("", url));
+            let path = rest.split(['?', '#']).next().unwrap_or_default();
+            let climbs = path
+                .split('/')
+                .any(|seg| seg == ".." || seg == "." || seg.contains('%') || seg.contains('\\'));
+            let under = allowed
+                .iter()
+                .any(|p| !p.starts_with('/') && url.starts_with(p.as_str()));
+            if climbs || !under {
+                return outside("url");
+            }
+        }
+        if let Some(path) = &entry.path {
+            let under = std::fs::canonicalize(path).is_ok_and(|file| {
+                allowed
+                    .iter()
+                    .filter(|p| p.starts_with('/'))
+                    .filter_map(|dir| std::fs::canonicalize(dir).ok())
+                    .any(|dir| file.starts_with(dir))
+            });
+            if !under {
+                return outside("path");
+            }
+        }
+        None
+    }
+}
+
 /// What credentials a model's `url` carries, if any: a user or password
 /// before the host, or a signature or token in the query (a presigned URL).
 pub fn url_credentials(url: &str) -> Option<&'static str> {
@@ -479,6 +524,12 @@ pub struct SecurityConfig {
     /// backup from before the deletion does not open with the KEK in use).
     /// For several gateways sharing one KEK file, which must then restart.
     pub keep_kek_on_shred: bool,
+    /// Where models deployed through the admin API may come from: URL
+    /// prefixes ending in `/` (`https://models.internal/`,
+    /// `s3://bucket/models/`) and directories (`/srv/models`). Empty: any
+    /// URL the machine reaches and any file it can read. Built-in sources
+    /// and the config file's own models are always allowed.
+    pub model_sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -862,6 +913,18 @@ impl Config {
         self.check_engine(&mut issues);
         self.check_serve(&mut issues);
         self.check_models(&mut issues);
+        for (i, place) in self.security.model_sources.iter().enumerate() {
+            let dir = place.starts_with('/');
+            let prefix = ["http://", "https://", "s3://"]
+                .iter()
+                .any(|s| place.starts_with(s) && place.len() > s.len() && place.ends_with('/'));
+            if !dir && !prefix {
+                issues.bad(
+                    &format!("security.model_sources[{i}]"),
+                    "must be a directory (/srv/models) or a URL prefix ending in / (https://host/models/)".into(),
+                );
+            }
+        }
         if self.store.path.as_os_str().is_empty() {
             issues.bad("store.path", "must not be empty".into());
         }
@@ -1709,6 +1772,64 @@ alias = { c = 1, v1 = 2000000 }
         assert!(
             !issues[0].message.contains("u:p"),
             "the secret is not echoed"
+        );
+    }
+
+    #[test]
+    fn a_deployed_models_source_must_be_under_model_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("models");
+        std::fs::create_dir(&allowed).unwrap();
+        std::fs::write(allowed.join("m.gguf"), b"GGUF").unwrap();
+        std::fs::write(dir.path().join("secret.gguf"), b"GGUF").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.gguf"), allowed.join("link.gguf"))
+            .unwrap();
+        let mut c = Config::default();
+        let entry = |path: Option<std::path::PathBuf>, url: Option<&str>| ModelEntry {
+            id: "m".into(),
+            path,
+            url: url.map(str::to_owned),
+            ..Default::default()
+        };
+        // No list: anywhere.
+        assert_eq!(
+            c.deploy_source_issue(&entry(Some("/etc/passwd".into()), None)),
+            None
+        );
+        c.security.model_sources = vec![
+            allowed.display().to_string(),
+            "https://models.internal/llm/".into(),
+        ];
+        assert_eq!(c.check(), []);
+        let ok = |e: &ModelEntry| c.deploy_source_issue(e).is_none();
+        assert!(ok(&entry(Some(allowed.join("m.gguf")), None)));
+        assert!(ok(&entry(None, Some("https://models.internal/llm/a.gguf"))));
+        assert!(
+            ok(&entry(None, None)),
+            "a built-in source is always allowed"
+        );
+        for bad in [
+            entry(Some(dir.path().join("secret.gguf")), None),
+            entry(Some(allowed.join("../secret.gguf")), None),
+            entry(Some(allowed.join("link.gguf")), None),
+            entry(Some(allowed.join("missing.gguf")), None),
+            entry(None, Some("https://models.internal/llm/../admin")),
+            entry(None, Some("https://models.internal/llm/%2e%2e/admin")),
+            entry(None, Some("https://models.internal.evil.com/llm/a.gguf")),
+            entry(None, Some("http://169.254.169.254/latest/meta-data/")),
+        ] {
+            assert!(!ok(&bad), "{bad:?}");
+        }
+        // A missing file and a file outside get the same answer.
+        assert_eq!(
+            c.deploy_source_issue(&entry(Some(allowed.join("missing.gguf")), None)),
+            c.deploy_source_issue(&entry(Some("/etc/passwd".into()), None)),
+        );
+        c.security.model_sources = vec!["https://host".into(), "models".into()];
+        let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            ["security.model_sources[0]", "security.model_sources[1]"]
         );
     }
 }

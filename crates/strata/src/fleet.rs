@@ -573,6 +573,10 @@ fn check_entry(config: &Config, entry: &ModelEntry) -> Result<ServedModel, Strin
     if let Some(issue) = config.entry_issues(entry).into_iter().next() {
         return Err(issue.to_string());
     }
+    // Before anything is fetched or opened.
+    if let Some(issue) = config.deploy_source_issue(entry) {
+        return Err(issue);
+    }
     config.served_entry(entry).map_err(|e| e.to_string())
 }
 
