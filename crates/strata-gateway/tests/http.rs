@@ -183,6 +183,24 @@ impl Harness {
         Harness::build(replicas, RateLimits::default(), None, Some(catalog)).await
     }
 
+    /// The ids `GET /v1/models` lists for the member key.
+    async fn model_ids(&self) -> Vec<String> {
+        let (_, list, _) = self
+            .call(
+                Request::get("/v1/models")
+                    .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// `with_catalog`, plus aliases for its models.
     async fn with_aliases(
         replicas: Vec<ReplicaEndpoint>,
@@ -890,21 +908,7 @@ async fn a_model_of_the_catalog_goes_to_its_own_pool_only() {
         a.seen.lock().unwrap().len() + b.seen.lock().unwrap().len(),
         seen
     );
-    let (_, list, _) = h
-        .call(
-            Request::get("/v1/models")
-                .header(header::AUTHORIZATION, format!("Bearer {}", h.key))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["m", "n"]);
+    assert_eq!(h.model_ids().await, ["m", "n"]);
     // `n`'s pool at zero: its request waits for `n`'s replica, and is not
     // sent to `m`'s, which is ready.
     h._endpoints.send_replace(vec![ea.clone()]);
@@ -956,13 +960,5 @@ async fn an_alias_sends_each_conversation_to_one_of_its_models_by_its_id() {
         assert!(!seen.is_empty(), "no conversation went to {model}");
         assert!(seen.iter().all(|(body, _)| body["model"] == model));
     }
-    let (_, list, _) = h
-        .call(
-            Request::get("/v1/models")
-                .header(header::AUTHORIZATION, format!("Bearer {}", h.key))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(h.model_ids().await, ["c", "m", "n"]);
 }
