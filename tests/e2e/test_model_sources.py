@@ -210,3 +210,26 @@ def test_with_model_sources_set_a_deploy_comes_only_from_them(files, tmp_path):
         assert gets[seen:] == ["/allowed/chat.gguf"]
     finally:
         s.stop()
+
+
+def test_model_fetch_takes_a_url_and_keeps_nothing_that_does_not_match(files, tmp_path):
+    """`strata model fetch --url URL --sha256 H --dest FILE`: what an engine
+    Pod's init container needs for a model of the catalog with a `url`."""
+    base, gets, digest = files
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    dest = tmp_path / "m.gguf"
+    fetch = lambda *args: subprocess.run([STRATA, "model", "fetch", *args], capture_output=True,  # noqa: E731
+                                         text=True, timeout=120, env=env)
+    bad = fetch("--url", f"{base}/truncated.gguf", "--sha256", digest, "--dest", str(dest))
+    assert bad.returncode != 0 and "sha256" in bad.stderr, bad.stderr
+    assert not dest.exists() and not list((tmp_path).glob("*.part"))
+    assert fetch("--url", f"{base}/chat.gguf").returncode != 0, "a URL needs its sha256"
+    seen = len(gets)
+    done = fetch("--url", f"{base}/chat.gguf", "--sha256", digest, "--dest", str(dest), "--json")
+    assert done.returncode == 0, done.stderr
+    out = __import__("json").loads(done.stdout.splitlines()[-1])
+    assert out == {"path": str(dest), "sha256": digest, "verified": True, "fetched": True}
+    assert sha256_of(dest) == digest and gets[seen:] == ["/chat.gguf"]
+    again = fetch("--url", f"{base}/chat.gguf", "--sha256", digest, "--json")
+    assert __import__("json").loads(again.stdout.splitlines()[-1])["fetched"] is False
+    assert gets[seen:] == ["/chat.gguf"], "cached by hash: not downloaded twice"

@@ -257,6 +257,14 @@ pub enum ModelCommand {
         /// SmolLM2-135M-Instruct.Q4_1 (a chat model).
         #[arg(long, default_value = "gemma-3-270m-q4_k_m")]
         model: String,
+        /// A GGUF file to download instead (https://, http://,
+        /// s3://BUCKET/KEY with the AWS_* environment); needs --sha256.
+        /// Cached by hash, as a deployed model's `url` is.
+        #[arg(long, value_name = "URL", requires = "sha256")]
+        url: Option<String>,
+        /// The --url file's SHA-256, checked before it is kept.
+        #[arg(long, requires = "url")]
+        sha256: Option<String>,
         /// Where to put the model file.
         #[arg(long, env = "STRATA_MODEL")]
         dest: Option<PathBuf>,

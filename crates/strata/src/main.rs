@@ -54,9 +54,16 @@ fn main() -> Result<()> {
         Command::Config(ConfigCommand::Check { file, json }) => {
             check_config(file.as_deref().unwrap_or(&cli.config), json)
         }
-        Command::Model(ModelCommand::Fetch { model, dest, json }) => {
-            fetch_model(&model, dest, json)
-        }
+        Command::Model(ModelCommand::Fetch {
+            url: Some(url),
+            sha256: Some(sha256),
+            dest,
+            json,
+            ..
+        }) => fetch_url(&url, &sha256, dest, json),
+        Command::Model(ModelCommand::Fetch {
+            model, dest, json, ..
+        }) => fetch_model(&model, dest, json),
         Command::Model(command) => runtime()?.block_on(admin::model(command)),
         // The engine's own threads (llama.cpp's) want the cores; its HTTP side
         // needs little, so it gets a single-threaded runtime.
@@ -220,6 +227,43 @@ fn check_config(path: &Path, json: bool) -> Result<()> {
         eprintln!("{}: {i}", path.display());
     }
     bail!("{} problem(s) in {}", issues.len(), path.display())
+}
+
+/// `strata model fetch --url URL --sha256 H [--dest FILE]`: into the cache
+/// by hash (nothing partial is kept), then copied to `dest` if given.
+fn fetch_url(url: &str, sha256: &str, dest: Option<PathBuf>, json: bool) -> Result<()> {
+    let mut bar = progress::Bar::new("strata model fetch");
+    let fetched = runtime()?.block_on(strata_models::remote::fetch_url(url, sha256, &mut |p| {
+        bar.set(p.done, p.stage)
+    }));
+    bar.finish(if fetched.is_ok() { "done" } else { "failed" });
+    let (cached, outcome) = fetched.map_err(|e| anyhow::anyhow!("--url: {e}"))?;
+    let path = match dest {
+        Some(dest) if dest != cached => {
+            // Whole or not at all: a copy beside it, renamed into place.
+            let part = dest.with_extension("part");
+            std::fs::copy(&cached, &part)
+                .and_then(|_| std::fs::rename(&part, &dest))
+                .with_context(|| format!("--dest {}", dest.display()))?;
+            dest
+        }
+        _ => cached,
+    };
+    let fetched = outcome == Fetched::Downloaded;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"path": path, "sha256": sha256.to_ascii_lowercase(), "verified": true, "fetched": fetched})
+        );
+    } else {
+        let how = if fetched {
+            "fetched"
+        } else {
+            "already present"
+        };
+        println!("{} ({how}, sha256 verified)", path.display());
+    }
+    Ok(())
 }
 
 fn fetch_model(model: &str, dest: Option<PathBuf>, json: bool) -> Result<()> {
