@@ -539,12 +539,7 @@ impl ModelHost for ClusterHost {
     async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
         check_entry(&self.config, entry)?;
         if let Some(source) = entry.source.as_deref() {
-            if ModelSource::named(source).is_none() {
-                return Err(format!(
-                    "source `{source}` is not a built-in model ({})",
-                    ModelSource::builtin_ids().join(", ")
-                ));
-            }
+            builtin(source).map_err(|e| format!("{e:#}"))?;
         }
         Ok(())
     }
@@ -659,6 +654,16 @@ impl ModelHost for Host {
     }
 }
 
+/// The built-in model `source` names.
+fn builtin(source: &str) -> Result<ModelSource> {
+    ModelSource::named(source).with_context(|| {
+        format!(
+            "source `{source}` is not a built-in model ({})",
+            ModelSource::builtin_ids().join(", ")
+        )
+    })
+}
+
 /// The served model's configuration with its file's place: a built-in
 /// source where `strata model fetch --model` puts it, a `url`'s download
 /// (cached by hash), or its `path`, checked against its `sha256` when it
@@ -684,12 +689,7 @@ pub fn resolve_source(model: &ServedModel) -> Result<Config> {
             .map_err(|e| anyhow::anyhow!("model `{id}`: {e}"))?;
         config.engine.model = Some(path);
     } else if let Some(source) = &model.source {
-        let Some(builtin) = ModelSource::named(source) else {
-            bail!(
-                "model `{id}`: source `{source}` is not a built-in model ({})",
-                ModelSource::builtin_ids().join(", ")
-            );
-        };
+        let builtin = builtin(source).with_context(|| format!("model `{id}`"))?;
         let path = strata_models::fetch::default_model_path(&builtin.file_name);
         if !path.is_file() {
             bail!(

@@ -70,6 +70,13 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `NAME=FILE` as `flag` takes it (both sides given).
+fn named_file<'a>(arg: &'a str, flag: &str, name: &str) -> Result<(&'a str, &'a str)> {
+    arg.split_once('=')
+        .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+        .with_context(|| format!("{flag} takes {name}=FILE, not `{arg}`"))
+}
+
 /// The spot availability the arguments give, by zone.
 fn spot_availability(
     config: &Config,
@@ -80,12 +87,7 @@ fn spot_availability(
         None => Default::default(),
     };
     for arg in &args.spot_trace {
-        let Some((zone, path)) = arg
-            .split_once('=')
-            .filter(|(z, p)| !z.is_empty() && !p.is_empty())
-        else {
-            bail!("--spot-trace takes ZONE=FILE, not `{arg}`");
-        };
+        let (zone, path) = named_file(arg, "--spot-trace", "ZONE")?;
         spot.insert(
             zone.to_owned(),
             SpotTrace::load(std::path::Path::new(path))?,
@@ -186,12 +188,7 @@ async fn run_fleet(
     let served = config.served().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut reports: Vec<(String, Report)> = Vec::new();
     for arg in &args.model_trace {
-        let Some((model, path)) = arg
-            .split_once('=')
-            .filter(|(m, p)| !m.is_empty() && !p.is_empty())
-        else {
-            bail!("--model-trace takes MODEL=FILE, not `{arg}`");
-        };
+        let (model, path) = named_file(arg, "--model-trace", "MODEL")?;
         let Some(entry) = served.iter().find(|m| m.id.as_deref() == Some(model)) else {
             let ids: Vec<&str> = served.iter().filter_map(|m| m.id.as_deref()).collect();
             bail!(
