@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import httpx
-from conftest import STRATA, bearer
+from conftest import MODEL_ID, STRATA, bearer, free_port
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -73,6 +73,57 @@ def test_render_includes_the_secret_only_when_given_and_checks_it(tmp_path):
     config.write_text('[kubernetes]\nimagee = "x"\n')
     r = render(str(config))
     assert r.returncode != 0 and "imagee" in r.stderr
+
+
+def test_render_takes_a_catalog_and_names_a_model_its_engine_pods_could_not_get(tmp_path):
+    config = tmp_path / "models.toml"
+    sha = "ab" * 32
+    config.write_text('[[models]]\nid = "chat"\nsource = "SmolLM2-135M-Instruct.Q4_1"\n'
+                      f'[[models]]\nid = "code"\nurl = "https://models.example/code.gguf"\nsha256 = "{sha}"\n')
+    r = render(str(config))
+    assert r.returncode == 0, r.stderr
+    # The controller reads the catalog from the rendered config.
+    assert 'id = "code"' in r.stdout
+    # A `path` is read from the engine Pods' model volume.
+    config.write_text('[[models]]\nid = "mine"\npath = "/models/mine.gguf"\n')
+    r = render(str(config))
+    assert r.returncode != 0 and "kubernetes.model_pvc" in r.stderr and "`mine`" in r.stderr, r.stderr
+    config.write_text('[kubernetes]\nmodel_pvc = "models"\n[[models]]\nid = "mine"\npath = "/etc/mine.gguf"\n')
+    r = render(str(config))
+    assert r.returncode != 0 and "not under /models" in r.stderr, r.stderr
+    config.write_text('[kubernetes]\nmodel_pvc = "models"\n[[models]]\nid = "mine"\npath = "/models/mine.gguf"\n')
+    r = render(str(config))
+    assert r.returncode == 0, r.stderr
+
+
+def test_an_engine_given_a_sha256_loads_only_that_file():
+    """What an engine Pod reading its model from a volume does."""
+    out = subprocess.run([STRATA, "model", "fetch", "--model", MODEL_ID, "--json"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    fetched = json.loads(out.splitlines()[-1])
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    r = subprocess.run([STRATA, "engine", "--port", str(free_port()), "--model", fetched["path"],
+                        "--sha256", "00" * 32], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "not loading it" in r.stderr, r.stderr
+    port = free_port()
+    proc = subprocess.Popen([STRATA, "engine", "--port", str(port), "--model", fetched["path"],
+                             "--sha256", fetched["sha256"].upper()], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the engine with the right sha256 did not start")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_the_kubernetes_controller_says_when_there_is_no_cluster(tmp_path):

@@ -259,9 +259,17 @@ pub struct KubernetesConfig {
     pub engine_memory: String,
     /// GPUs per replica (`nvidia.com/gpu`); 0 for CPU replicas.
     pub engine_gpus: u32,
-    /// A PersistentVolumeClaim holding the model file; unset: an init
-    /// container fetches it into an emptyDir (`strata model fetch`).
+    /// A PersistentVolumeClaim holding the model files, mounted read-only
+    /// at `/models` (a built-in source as `/models/<its file name>`, a
+    /// `url`'s as `/models/sha256-<hash>.gguf`, a `path` where it names);
+    /// the engine checks the file's sha256 before loading it. Unset: an
+    /// init container fetches each Pod's model into an emptyDir
+    /// (`strata model fetch`), and `path` models cannot run.
     pub model_pvc: Option<String>,
+    /// A Secret whose keys the model-fetching init container gets as its
+    /// environment (e.g. `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_ENDPOINT_URL` for an `s3://` url).
+    pub model_fetch_secret: Option<String>,
     /// Node label telling spot from on-demand capacity, and its values
     /// (Karpenter: `karpenter.sh/capacity-type` = spot / on-demand; GKE:
     /// `cloud.google.com/gke-spot` = "true", with no on-demand value).
@@ -297,6 +305,7 @@ impl Default for KubernetesConfig {
             engine_memory: "4Gi".into(),
             engine_gpus: 0,
             model_pvc: None,
+            model_fetch_secret: None,
             capacity_label: "karpenter.sh/capacity-type".into(),
             spot_value: "spot".into(),
             on_demand_value: Some("on-demand".into()),
@@ -1019,6 +1028,15 @@ impl Config {
         }
         if k.image.trim().is_empty() {
             issues.bad("kubernetes.image", "must name a container image".into());
+        }
+        for (key, name) in [
+            ("kubernetes.model_pvc", &k.model_pvc),
+            ("kubernetes.model_fetch_secret", &k.model_fetch_secret),
+        ] {
+            let bad = |n: &str| n.len() > 253 || !n.split('.').all(is_dns_label);
+            if name.as_deref().is_some_and(bad) {
+                issues.bad(key, "must name an object (a-z, 0-9, - and .)".into());
+            }
         }
         if k.engine_port == 0 {
             issues.bad("kubernetes.engine_port", "must be a port (1-65535)".into());

@@ -17,7 +17,10 @@
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
 //! `drained/<id>` lease) or after the drain wait. On shutdown the
-//! Deployments stay: the next leader adopts them.
+//! Deployments stay (the next leader adopts them), unless the pool is
+//! retiring (its model left the catalog): then every replica drains and
+//! the pool's Deployments are deleted. `remove_other_pools` deletes the
+//! engine Deployments of pools whose model left while no controller acted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use strata_control::planner::{Offer, Slot};
@@ -36,8 +39,11 @@ use strata_core::config::{CapacityType, Config};
 use strata_core::now_ms;
 use strata_core::store::{InstanceKind, InstanceRecord, InstanceState, Store};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::render::{
-    self, Variant, CAPACITY_LABEL, MANAGED_BY, POOL_LABEL, TYPE_LABEL, ZONE_LABEL,
+    self, PoolModel, Variant, CAPACITY_LABEL, COMPONENT, MANAGED_BY, POOL_LABEL, TYPE_LABEL,
+    ZONE_LABEL,
 };
 
 /// The annotation that makes a Pod the first one a scale-down removes.
@@ -56,7 +62,7 @@ struct Tracked {
 pub struct KubeProvider {
     config: Arc<Config>,
     pool: String,
-    model: String,
+    model: PoolModel,
     deployments: Api<Deployment>,
     pods: Api<Pod>,
     nodes: Api<Node>,
@@ -77,6 +83,9 @@ pub struct KubeProvider {
     /// sessions (the `drained/<id>` lease) or the deadline passes.
     drains: BTreeMap<String, Instant>,
     drain_wait: Duration,
+    /// Cancelled when the pool's model leaves the catalog: shutdown then
+    /// drains every replica and deletes the pool's Deployments.
+    retiring: CancellationToken,
 }
 
 fn api_err(what: &str) -> impl Fn(kube::Error) -> ControlError + '_ {
@@ -94,10 +103,16 @@ fn endpoint(config: &Config, ip: &str) -> String {
 }
 
 impl KubeProvider {
-    pub fn new(client: Client, config: Arc<Config>, model: String, store: Arc<dyn Store>) -> Self {
+    /// The provider of `model`'s pool (`model.issue` must be `None`).
+    pub fn new(
+        client: Client,
+        config: Arc<Config>,
+        model: PoolModel,
+        store: Arc<dyn Store>,
+    ) -> Self {
         let ns = config.kubernetes.namespace.clone();
         KubeProvider {
-            pool: "default".into(),
+            pool: model.pool.clone(),
             model,
             deployments: Api::namespaced(client.clone(), &ns),
             pods: Api::namespaced(client.clone(), &ns),
@@ -115,7 +130,14 @@ impl KubeProvider {
             adopted: false,
             drains: BTreeMap::new(),
             drain_wait: Duration::from_secs(30),
+            retiring: CancellationToken::new(),
         }
+    }
+
+    /// `retiring`, once cancelled, makes shutdown end the pool for good.
+    pub fn retiring(mut self, retiring: CancellationToken) -> Self {
+        self.retiring = retiring;
+        self
     }
 
     /// Longest a leaving replica's Pod waits for a gateway to keep its
@@ -208,7 +230,7 @@ impl KubeProvider {
             detail: None,
             kind: InstanceKind {
                 pool: self.pool.clone(),
-                model: self.model.clone(),
+                model: self.model.name.clone(),
                 instance_type: v.instance_type.clone(),
                 zone: v.zone.clone(),
                 capacity: v.capacity,
@@ -228,7 +250,7 @@ impl KubeProvider {
     /// apply: created when missing, only our fields changed).
     async fn apply(&self, v: &Variant) -> Result<(), ControlError> {
         let replicas = self.desired.get(v).copied().unwrap_or(0);
-        let deployment = render::engine_deployment(&self.config, v, replicas);
+        let deployment = render::engine_deployment(&self.config, v, replicas, &self.model);
         self.deployments
             .patch(
                 &v.name(),
@@ -635,6 +657,111 @@ impl Provider for KubeProvider {
     }
 
     /// The Deployments outlive this controller: a standby that takes over
-    /// adopts them, so serving never stops for a controller restart.
-    async fn shutdown(&mut self) {}
+    /// adopts them, so serving never stops for a controller restart. A
+    /// retiring pool ends: its replicas drain (gateways keep their
+    /// sessions), then its Deployments are deleted.
+    async fn shutdown(&mut self) {
+        if !self.retiring.is_cancelled() {
+            return;
+        }
+        let ids: Vec<String> = self.running.keys().cloned().collect();
+        for id in &ids {
+            let t = self.running.get_mut(id).expect("listed");
+            t.record.state = InstanceState::Stopped;
+            t.record.detail = Some("its model was undeployed".into());
+            let record = t.record.clone();
+            self.save(&record).await;
+        }
+        let never = CancellationToken::new();
+        strata_control::provider::local::wait_drained(&*self.store, &ids, self.drain_wait, &never)
+            .await;
+        if let Err(e) = self.delete_deployments().await {
+            tracing::warn!(pool = %self.pool, error = %e, "cannot delete a retiring pool's Deployments");
+        }
+        let ended = now_ms();
+        let left: Vec<Tracked> = std::mem::take(&mut self.running)
+            .into_values()
+            .chain(std::mem::take(&mut self.leaving).into_values())
+            .collect();
+        for mut t in left {
+            t.record.ended_at_ms.get_or_insert(ended);
+            if matches!(
+                t.record.state,
+                InstanceState::Starting | InstanceState::Ready
+            ) {
+                t.record.state = InstanceState::Stopped;
+            }
+            self.save(&t.record).await;
+        }
+        self.desired.clear();
+        self.drains.clear();
+    }
+}
+
+impl KubeProvider {
+    /// Deletes every Deployment of this pool (their Pods go with them).
+    async fn delete_deployments(&self) -> Result<(), ControlError> {
+        let list = self
+            .deployments
+            .list(&ListParams::default().labels(&self.selector()))
+            .await
+            .map_err(api_err("listing Deployments"))?;
+        let names: BTreeSet<String> = list
+            .items
+            .into_iter()
+            .filter_map(|d| d.metadata.name)
+            .chain(self.desired.keys().map(Variant::name))
+            .collect();
+        for name in names {
+            delete_deployment(&self.deployments, &name).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes a Deployment and, in the background, its Pods; one already gone
+/// is no error.
+async fn delete_deployment(api: &Api<Deployment>, name: &str) -> Result<(), ControlError> {
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(api_err("deleting a Deployment")(e)),
+    }
+}
+
+/// Deletes the engine Deployments of every pool but `keep` (pool names,
+/// as `PoolModel::pool`): those of models that left the catalog while no
+/// controller acted. Returns the Deployments deleted.
+pub async fn remove_other_pools(
+    client: Client,
+    config: &Config,
+    keep: &[String],
+) -> Result<Vec<String>, ControlError> {
+    let api: Api<Deployment> = Api::namespaced(client, &config.kubernetes.namespace);
+    let selector = format!("{}={},{COMPONENT}=engine", MANAGED_BY.0, MANAGED_BY.1);
+    let keep: BTreeSet<String> = keep.iter().map(|p| render::label_value(p)).collect();
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(api_err("listing Deployments"))?;
+    let mut deleted = Vec::new();
+    for d in list.items {
+        let pool = d
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(POOL_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        let Some(name) = d.metadata.name else {
+            continue;
+        };
+        if keep.contains(&pool) {
+            continue;
+        }
+        delete_deployment(&api, &name).await?;
+        tracing::info!(deployment = %name, %pool, "deleted the engines of a model no longer deployed");
+        deleted.push(name);
+    }
+    Ok(deleted)
 }

@@ -54,6 +54,125 @@ pub struct Secrets {
     pub replica_token: Option<String>,
 }
 
+/// Where a pool's engine Pods find their model's file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelFile {
+    /// A built-in model (`strata model fetch --model NAME`): its file's
+    /// name and SHA-256.
+    Builtin {
+        name: String,
+        file_name: String,
+        sha256: String,
+    },
+    /// A file downloaded from `url` (HTTP(S) or S3), which must hash to
+    /// `sha256`.
+    Url { url: String, sha256: String },
+    /// A file on the model volume (`kubernetes.model_pvc`, mounted at
+    /// `/models`), checked against `sha256` where the entry names one.
+    Path {
+        path: String,
+        sha256: Option<String>,
+    },
+}
+
+/// What one pool's engine Pods serve: the model's id, its file, and its
+/// own `[engine]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolModel {
+    /// The pool's name (its Deployments' `strata.dev/pool` label): the
+    /// model's id, or `default` for the one model of `[engine]`.
+    pub pool: String,
+    /// The model id the engines answer to (`--model-name`).
+    pub name: String,
+    pub file: ModelFile,
+    /// The model's own `[engine]` section as JSON (`--engine-config`);
+    /// `None`: the config file's.
+    pub engine: Option<String>,
+}
+
+impl PoolModel {
+    /// The model file's place in the engine container.
+    pub fn file_in_pod(&self) -> String {
+        match &self.file {
+            ModelFile::Builtin { file_name, .. } => format!("{MODEL_DIR}/{file_name}"),
+            ModelFile::Url { sha256, .. } => {
+                format!("{MODEL_DIR}/sha256-{}.gguf", sha256.to_ascii_lowercase())
+            }
+            ModelFile::Path { path, .. } => path.clone(),
+        }
+    }
+
+    /// Why these engine Pods could not get their file, if they could not:
+    /// a `path` is read from the model volume, so it needs
+    /// `kubernetes.model_pvc` and must lie under its mount.
+    pub fn issue(&self, k: &KubernetesConfig) -> Option<String> {
+        let ModelFile::Path { path, .. } = &self.file else {
+            return None;
+        };
+        if k.model_pvc.is_none() {
+            return Some(format!(
+                "model `{}`: a `path` is read from the engine Pods' model volume on Kubernetes; \
+                 set kubernetes.model_pvc to a claim holding it (mounted at {MODEL_DIR}), or give a `url` or `source`",
+                self.name
+            ));
+        }
+        let under = std::path::Path::new(path).starts_with(MODEL_DIR)
+            && !path.split('/').any(|part| part == "..");
+        if !under {
+            return Some(format!(
+                "model `{}`: path {path} is not under {MODEL_DIR}, where the engine Pods mount kubernetes.model_pvc",
+                self.name
+            ));
+        }
+        None
+    }
+
+    /// The SHA-256 the engine checks its file against before loading it,
+    /// where no init container fetched and checked it.
+    fn sha256_at_start(&self, k: &KubernetesConfig) -> Option<&str> {
+        k.model_pvc.as_ref()?;
+        match &self.file {
+            ModelFile::Builtin { sha256, .. } | ModelFile::Url { sha256, .. } => Some(sha256),
+            ModelFile::Path { sha256, .. } => sha256.as_deref(),
+        }
+    }
+
+    /// The init container that fetches and checks the file into the
+    /// Pod's model volume (an emptyDir), where there is no model volume.
+    fn fetch(&self, k: &KubernetesConfig, mounts: &[Value]) -> Option<Value> {
+        if k.model_pvc.is_some() {
+            return None;
+        }
+        let dest = self.file_in_pod();
+        let args = match &self.file {
+            ModelFile::Builtin { name, .. } => {
+                vec!["model", "fetch", "--model", name, "--dest", &dest]
+            }
+            ModelFile::Url { url, sha256 } => vec![
+                "model", "fetch", "--url", url, "--sha256", sha256, "--dest", &dest,
+            ],
+            ModelFile::Path { .. } => return None,
+        };
+        // pip writes to a home and a cache, a download to the cache: a
+        // writable place on the model volume for both (the cached file is
+        // linked to its destination, not copied).
+        let mut container = json!({
+            "name": "model-fetch",
+            "image": k.image,
+            "args": args,
+            "env": [{"name": "HOME", "value": MODEL_DIR},
+                    {"name": "XDG_CACHE_HOME", "value": format!("{MODEL_DIR}/.cache")}],
+            "securityContext": locked_down(),
+            "volumeMounts": mounts,
+        });
+        if let (ModelFile::Url { .. }, Some(secret)) = (&self.file, &k.model_fetch_secret) {
+            // AWS_* credentials and endpoint for an s3:// URL.
+            container["envFrom"] = json!([{"secretRef": {"name": secret}}]);
+        }
+        Some(container)
+    }
+}
+
 /// One pool variant: the replicas of a pool on one instance type, in one
 /// zone, on one capacity type. One Deployment each.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -483,11 +602,16 @@ fn controller(k: &KubernetesConfig) -> Vec<Value> {
     ]
 }
 
-/// The Deployment of one pool variant with `replicas` engine Pods.
-pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> Value {
+/// The Deployment of one pool variant with `replicas` engine Pods serving
+/// `model` (whose `issue` must be `None`).
+pub fn engine_deployment(
+    config: &Config,
+    variant: &Variant,
+    replicas: u32,
+    model: &PoolModel,
+) -> Value {
     let k = &config.kubernetes;
     let labels = variant.labels();
-    let model_file = format!("{MODEL_DIR}/{}", crate::MODEL_FILE);
     let mut node_selector = json!({ NODE_TYPE: variant.instance_type });
     if variant.zone != ANY_ZONE {
         node_selector[NODE_ZONE] = json!(variant.zone);
@@ -527,8 +651,16 @@ pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> V
         json!("--port"),
         json!(k.engine_port.to_string()),
         json!("--model"),
-        json!(model_file),
+        json!(model.file_in_pod()),
+        json!("--model-name"),
+        json!(model.name),
     ];
+    if let Some(engine) = &model.engine {
+        args.extend([json!("--engine-config"), json!(engine)]);
+    }
+    if let Some(sha256) = model.sha256_at_start(k) {
+        args.extend([json!("--sha256"), json!(sha256)]);
+    }
     let (tls, token_env) = replica_trust(config, &["ca.pem", "replica.pem", "replica-key.pem"]);
     let mut engine_mounts = mounts.clone();
     if let Some((volume, mount)) = tls {
@@ -545,19 +677,7 @@ pub fn engine_deployment(config: &Config, variant: &Variant, replicas: u32) -> V
     let mut env =
         vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
     env.extend(token_env);
-    let init: Vec<Value> = if k.model_pvc.is_none() {
-        // pip writes to a home and a cache: a writable emptyDir for both.
-        vec![json!({
-            "name": "model-fetch",
-            "image": k.image,
-            "args": ["model", "fetch", "--dest", model_file],
-            "env": [{"name": "HOME", "value": MODEL_DIR}],
-            "securityContext": locked_down(),
-            "volumeMounts": mounts,
-        })]
-    } else {
-        Vec::new()
-    };
+    let init: Vec<Value> = model.fetch(k, &mounts).into_iter().collect();
     deployment(
         &variant.name(),
         &k.namespace,
@@ -740,6 +860,20 @@ mod tests {
         }
     }
 
+    /// The one model of `[engine]`, as the controller serves it.
+    fn gemma() -> PoolModel {
+        PoolModel {
+            pool: "default".into(),
+            name: "gemma-3-270m-q4_k_m".into(),
+            file: ModelFile::Builtin {
+                name: "gemma-3-270m-q4_k_m".into(),
+                file_name: "gemma-3-270m-q4_k_m.gguf".into(),
+                sha256: "a5".repeat(32),
+            },
+            engine: None,
+        }
+    }
+
     fn rendered() -> Vec<Value> {
         let config = Config::default();
         let secrets = Secrets {
@@ -763,11 +897,13 @@ mod tests {
             &config,
             &variant("us-east-1a", CapacityType::Spot),
             3,
+            &gemma(),
         ));
         all.push(engine_deployment(
             &config,
             &variant(ANY_ZONE, CapacityType::OnDemand),
             1,
+            &gemma(),
         ));
         all
     }
@@ -808,14 +944,24 @@ mod tests {
     #[test]
     fn spot_replicas_go_to_spot_nodes_of_their_type_and_zone() {
         let config = Config::default();
-        let d = engine_deployment(&config, &variant("us-east-1a", CapacityType::Spot), 3);
+        let d = engine_deployment(
+            &config,
+            &variant("us-east-1a", CapacityType::Spot),
+            3,
+            &gemma(),
+        );
         let spec = &d["spec"]["template"]["spec"];
         assert_eq!(d["spec"]["replicas"], 3);
         assert_eq!(spec["nodeSelector"][NODE_TYPE], "g5.xlarge");
         assert_eq!(spec["nodeSelector"][NODE_ZONE], "us-east-1a");
         assert_eq!(spec["nodeSelector"]["karpenter.sh/capacity-type"], "spot");
         assert_eq!(spec["tolerations"][0]["key"], "karpenter.sh/capacity-type");
-        let od = engine_deployment(&config, &variant(ANY_ZONE, CapacityType::OnDemand), 1);
+        let od = engine_deployment(
+            &config,
+            &variant(ANY_ZONE, CapacityType::OnDemand),
+            1,
+            &gemma(),
+        );
         let spec = &od["spec"]["template"]["spec"];
         assert!(spec["nodeSelector"].get(NODE_ZONE).is_none());
         assert_eq!(
@@ -888,7 +1034,12 @@ mod tests {
             config.kubernetes.engine_port
         );
         // The engine Pods' labels are what the policy selects.
-        let engine = engine_deployment(&config, &variant("us-east-1a", CapacityType::Spot), 1);
+        let engine = engine_deployment(
+            &config,
+            &variant("us-east-1a", CapacityType::Spot),
+            1,
+            &gemma(),
+        );
         let labels = &engine["spec"]["template"]["metadata"]["labels"];
         assert!(policy["spec"]["podSelector"]["matchLabels"]
             .as_object()
@@ -924,7 +1075,12 @@ mod tests {
         // Without mutual TLS, both sides get the token from the Secret instead.
         let mut plain = Config::default();
         plain.serve.replica_mtls = false;
-        let engine = engine_deployment(&plain, &variant("us-east-1a", CapacityType::Spot), 1);
+        let engine = engine_deployment(
+            &plain,
+            &variant("us-east-1a", CapacityType::Spot),
+            1,
+            &gemma(),
+        );
         assert!(replica_files(&engine).is_empty());
         assert!(engine.to_string().contains(strata_core::REPLICA_TOKEN_ENV));
         let gw = gateway(&plain);
@@ -982,5 +1138,150 @@ mod tests {
             .map(|r| r.as_str().unwrap())
             .collect();
         assert_eq!(resources, ["deployments", "pods", "leases"]);
+    }
+
+    fn args_of(d: &Value, container: &str) -> Vec<String> {
+        let spec = &d["spec"]["template"]["spec"];
+        spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(spec["initContainers"].as_array().unwrap())
+            .find(|c| c["name"] == container)
+            .map(|c| {
+                c["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+        args.windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+    }
+
+    #[test]
+    fn each_model_gets_its_own_engines_which_fetch_and_check_its_own_file() {
+        let mut config = Config::default();
+        config.kubernetes.model_fetch_secret = Some("model-store".into());
+        let sha = "0123456789abcdef".repeat(4);
+        let chat = PoolModel {
+            pool: "chat".into(),
+            name: "chat".into(),
+            file: ModelFile::Builtin {
+                name: "SmolLM2-135M-Instruct.Q4_1".into(),
+                file_name: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+                sha256: "b1".repeat(32),
+            },
+            engine: Some(r#"{"context_size":2048}"#.into()),
+        };
+        let code = PoolModel {
+            pool: "code/v2".into(),
+            name: "code/v2".into(),
+            file: ModelFile::Url {
+                url: "s3://models/code-v2.gguf".into(),
+                sha256: sha.to_uppercase(),
+            },
+            engine: Some("{}".into()),
+        };
+        let on = |pool: &str| Variant {
+            pool: pool.into(),
+            ..variant("us-east-1a", CapacityType::Spot)
+        };
+        let a = engine_deployment(&config, &on("chat"), 2, &chat);
+        let b = engine_deployment(&config, &on("code/v2"), 1, &code);
+        // Apart by name and by the pool label the provider selects them by.
+        assert_ne!(a["metadata"]["name"], b["metadata"]["name"]);
+        assert_eq!(
+            a["spec"]["template"]["metadata"]["labels"][POOL_LABEL],
+            "chat"
+        );
+        assert_eq!(
+            b["spec"]["template"]["metadata"]["labels"][POOL_LABEL],
+            "code_v2"
+        );
+        let engine = args_of(&a, "engine");
+        assert_eq!(flag(&engine, "--model-name"), Some("chat"));
+        assert_eq!(
+            flag(&engine, "--engine-config"),
+            Some(r#"{"context_size":2048}"#)
+        );
+        assert_eq!(
+            flag(&engine, "--model"),
+            Some("/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
+        let fetch = args_of(&a, "model-fetch");
+        assert_eq!(flag(&fetch, "--model"), Some("SmolLM2-135M-Instruct.Q4_1"));
+        assert_eq!(flag(&fetch, "--dest"), flag(&engine, "--model"));
+        // The init container checked the file: the engine does not hash it again.
+        assert_eq!(flag(&engine, "--sha256"), None);
+        let engine = args_of(&b, "engine");
+        let fetch = args_of(&b, "model-fetch");
+        let file = format!("/models/sha256-{sha}.gguf");
+        assert_eq!(flag(&engine, "--model"), Some(file.as_str()));
+        assert_eq!(flag(&engine, "--model-name"), Some("code/v2"));
+        assert_eq!(flag(&fetch, "--url"), Some("s3://models/code-v2.gguf"));
+        assert_eq!(flag(&fetch, "--sha256"), Some(sha.to_uppercase().as_str()));
+        assert_eq!(flag(&fetch, "--dest"), Some(file.as_str()));
+        // Only the download gets the store's credentials.
+        let env_from =
+            |d: &Value| d["spec"]["template"]["spec"]["initContainers"][0]["envFrom"].clone();
+        assert_eq!(
+            env_from(&b),
+            json!([{"secretRef": {"name": "model-store"}}])
+        );
+        assert_eq!(env_from(&a), Value::Null);
+        let mut all = manifests(&config, "", None);
+        all.extend([a, b]);
+        check(&all).unwrap();
+    }
+
+    #[test]
+    fn a_model_volume_serves_every_file_checked_by_the_engine_and_a_path_needs_one() {
+        let mut config = Config::default();
+        let path = PoolModel {
+            pool: "mine".into(),
+            name: "mine".into(),
+            file: ModelFile::Path {
+                path: "/models/team/mine.gguf".into(),
+                sha256: Some("cd".repeat(32)),
+            },
+            engine: Some("{}".into()),
+        };
+        let issue = path.issue(&config.kubernetes).expect("no model volume");
+        assert!(issue.contains("kubernetes.model_pvc"), "{issue}");
+        config.kubernetes.model_pvc = Some("models".into());
+        assert_eq!(path.issue(&config.kubernetes), None);
+        for outside in ["/etc/passwd", "/models/../etc/passwd", "models/x.gguf"] {
+            let mut p = path.clone();
+            p.file = ModelFile::Path {
+                path: outside.into(),
+                sha256: None,
+            };
+            assert!(p.issue(&config.kubernetes).is_some(), "{outside}");
+        }
+        let v = variant("us-east-1a", CapacityType::Spot);
+        let d = engine_deployment(&config, &v, 1, &path);
+        assert_eq!(d["spec"]["template"]["spec"]["initContainers"], json!([]));
+        let engine = args_of(&d, "engine");
+        assert_eq!(flag(&engine, "--model"), Some("/models/team/mine.gguf"));
+        let sha = "cd".repeat(32);
+        assert_eq!(flag(&engine, "--sha256"), Some(sha.as_str()));
+        // A built-in model on the volume is checked against its own hash.
+        let d = engine_deployment(&config, &v, 1, &gemma());
+        let engine = args_of(&d, "engine");
+        let sha = "a5".repeat(32);
+        assert_eq!(flag(&engine, "--sha256"), Some(sha.as_str()));
+        assert_eq!(
+            flag(&engine, "--model"),
+            Some("/models/gemma-3-270m-q4_k_m.gguf")
+        );
+        let volumes = d["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(volumes.contains(r#""claimName":"models""#), "{volumes}");
     }
 }

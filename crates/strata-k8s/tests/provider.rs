@@ -16,7 +16,7 @@ use strata_core::config::{CapacityType, Config};
 use strata_core::store::{InstanceState, InstanceStore, LeaseStore};
 use strata_k8s::lease::KubeLeases;
 use strata_k8s::provider::KubeProvider;
-use strata_k8s::render::Variant;
+use strata_k8s::render::{ModelFile, PoolModel, Variant};
 use strata_store::SqlStore;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,25 @@ fn offer(zone: &str, capacity: CapacityType, price: f64) -> Offer {
         capacity,
         price_per_hour: price,
         tokens_per_s: 900.0,
+    }
+}
+
+/// The one model of `[engine]`, as the controller serves it.
+fn gemma() -> PoolModel {
+    model("default", "gemma-3-270m-q4_k_m")
+}
+
+/// A pool serving the built-in `source` as `pool`.
+fn model(pool: &str, source: &str) -> PoolModel {
+    PoolModel {
+        pool: pool.into(),
+        name: if pool == "default" { source } else { pool }.into(),
+        file: ModelFile::Builtin {
+            name: source.into(),
+            file_name: format!("{source}.gguf"),
+            sha256: "00".repeat(32),
+        },
+        engine: (pool != "default").then(|| "{}".into()),
     }
 }
 
@@ -65,7 +84,7 @@ async fn setup() -> Setup {
     let provider = KubeProvider::new(
         fake_api::client(cluster.clone()),
         Arc::new(Config::default()),
-        "gemma-3-270m-q4_k_m".into(),
+        gemma(),
         store.clone(),
     )
     .with_poll_every(Duration::ZERO)
@@ -237,7 +256,7 @@ async fn a_pod_let_go_stays_until_a_gateway_has_kept_its_sessions() {
     s.provider = KubeProvider::new(
         fake_api::client(s.cluster.clone()),
         Arc::new(Config::default()),
-        "gemma-3-270m-q4_k_m".into(),
+        gemma(),
         s.store.clone(),
     )
     .with_poll_every(Duration::ZERO)
@@ -331,7 +350,7 @@ async fn a_configured_node_condition_also_preempts() {
     s.provider = KubeProvider::new(
         fake_api::client(s.cluster.clone()),
         Arc::new(config),
-        "gemma-3-270m-q4_k_m".into(),
+        gemma(),
         s.store.clone(),
     )
     .with_poll_every(Duration::ZERO)
@@ -393,7 +412,7 @@ async fn a_new_leader_adopts_the_deployments_and_pods_it_finds() {
     let mut next = KubeProvider::new(
         fake_api::client(s.cluster.clone()),
         Arc::new(Config::default()),
-        "gemma-3-270m-q4_k_m".into(),
+        gemma(),
         store,
     )
     .with_poll_every(Duration::ZERO);
@@ -535,4 +554,183 @@ async fn electors_hand_over_when_the_leader_stops() {
     assert!(!*a.borrow());
     stop_b.cancel();
     task_b.await.unwrap();
+}
+
+/// The provider of `pool` (serving SmolLM2) on `s`'s cluster and store.
+fn pool_on(s: &Setup, pool: &str, drain_wait: Duration) -> KubeProvider {
+    KubeProvider::new(
+        fake_api::client(s.cluster.clone()),
+        Arc::new(Config::default()),
+        model(pool, "SmolLM2-135M-Instruct.Q4_1"),
+        s.store.clone(),
+    )
+    .with_poll_every(Duration::ZERO)
+    .with_drain_wait(drain_wait)
+}
+
+fn pool_of(d: &serde_json::Value) -> &str {
+    d["metadata"]["labels"]["strata.dev/pool"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn each_model_has_its_own_pool_of_deployments_and_pods() {
+    let mut s = setup().await;
+    let mut chat = pool_on(&s, "chat", Duration::ZERO);
+    let spot = offer("us-east-1a", CapacityType::Spot, 0.45);
+    let a = s.provider.launch(&spot).await.unwrap();
+    let b = chat.launch(&spot).await.unwrap();
+    let c = chat.launch(&spot).await.unwrap();
+    reconcile(&s, true);
+    // Each provider sees its own Pods only, though they share a variant.
+    assert_eq!(
+        ready_ids(&s.provider.poll().await),
+        std::slice::from_ref(&a)
+    );
+    let mut mine = vec![b, c];
+    mine.sort();
+    assert_eq!(ready_ids(&chat.poll().await), mine);
+    let chat_args = {
+        let cluster = s.cluster.lock().unwrap();
+        let pools: Vec<(&str, u64)> = cluster
+            .deployments
+            .values()
+            .map(|d| (pool_of(d), d["spec"]["replicas"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(pools, [("chat", 2), ("default", 1)]);
+        cluster
+            .deployments
+            .values()
+            .find(|d| pool_of(d) == "chat")
+            .unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string()
+    };
+    assert!(
+        chat_args.contains(r#""--model-name","chat""#),
+        "{chat_args}"
+    );
+    // The ledger knows which model each replica served.
+    let recorded = s.store.instances().await.unwrap();
+    let model_of = |id: &str| {
+        let r = recorded.iter().find(|r| r.id == id).unwrap();
+        (r.kind.pool.clone(), r.kind.model.clone())
+    };
+    assert_eq!(
+        model_of(&a),
+        ("default".into(), "gemma-3-270m-q4_k_m".into())
+    );
+    assert_eq!(model_of(&mine[0]), ("chat".into(), "chat".into()));
+}
+
+#[tokio::test]
+async fn a_retiring_pool_drains_then_deletes_its_deployments_a_stopping_one_keeps_them() {
+    let mut s = setup().await;
+    let mut chat = pool_on(&s, "chat", Duration::from_secs(60));
+    let spot = offer("us-east-1a", CapacityType::Spot, 0.45);
+    s.provider.launch(&spot).await.unwrap();
+    chat.launch(&spot).await.unwrap();
+    chat.launch(&spot).await.unwrap();
+    reconcile(&s, true);
+    s.provider.poll().await;
+    chat.poll().await;
+    // A controller that stops (lost lease, restart) leaves the engines serving.
+    chat.shutdown().await;
+    calls(&s);
+    reconcile(&s, true);
+    assert_eq!(s.cluster.lock().unwrap().pods.len(), 3);
+    // Its model undeployed: the next leader's provider drains, then deletes.
+    let retiring = CancellationToken::new();
+    let mut chat = pool_on(&s, "chat", Duration::from_secs(60)).retiring(retiring.clone());
+    chat.poll().await;
+    let adopted: Vec<String> = chat.list().iter().map(|i| i.id.clone()).collect();
+    assert_eq!(adopted.len(), 2);
+    for id in &adopted {
+        s.store
+            .claim_lease(&strata_core::drained_lease(id), "gateway-1", 60_000)
+            .await
+            .unwrap();
+    }
+    calls(&s);
+    retiring.cancel();
+    let started = std::time::Instant::now();
+    chat.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it waited for drains already done"
+    );
+    let c = calls(&s);
+    let chat_deployment = Variant {
+        pool: "chat".into(),
+        instance_type: "g5.xlarge".into(),
+        zone: "us-east-1a".into(),
+        capacity: CapacityType::Spot,
+    }
+    .name();
+    assert_eq!(
+        c,
+        [
+            "list deployments".to_string(),
+            format!("delete {chat_deployment}")
+        ]
+    );
+    reconcile(&s, true);
+    {
+        let cluster = s.cluster.lock().unwrap();
+        let left: Vec<&str> = cluster.deployments.values().map(pool_of).collect();
+        assert_eq!(left, ["default"]);
+        assert_eq!(cluster.pods.len(), 1, "the pool's Pods went with it");
+    }
+    let recorded = s.store.instances().await.unwrap();
+    for id in adopted {
+        let r = recorded.iter().find(|r| r.id == id).unwrap();
+        assert_eq!(r.state, InstanceState::Stopped);
+        assert!(r.ended_at_ms.is_some());
+        assert_eq!(r.detail.as_deref(), Some("its model was undeployed"));
+    }
+}
+
+#[tokio::test]
+async fn engines_of_models_that_left_while_no_controller_acted_are_removed() {
+    let mut s = setup().await;
+    let spot = offer("us-east-1a", CapacityType::Spot, 0.45);
+    s.provider.launch(&spot).await.unwrap();
+    pool_on(&s, "chat", Duration::ZERO)
+        .launch(&spot)
+        .await
+        .unwrap();
+    pool_on(&s, "old/v1", Duration::ZERO)
+        .launch(&spot)
+        .await
+        .unwrap();
+    // Another object strata manages, not an engine: untouched.
+    s.cluster.lock().unwrap().deployments.insert(
+        "strata-gateway".into(),
+        serde_json::json!({"metadata": {"name": "strata-gateway", "labels": {
+            "app.kubernetes.io/managed-by": "strata", "app.kubernetes.io/component": "gateway"}},
+            "spec": {"replicas": 2}}),
+    );
+    calls(&s);
+    let deleted = strata_k8s::provider::remove_other_pools(
+        fake_api::client(s.cluster.clone()),
+        &Config::default(),
+        &["default".to_string(), "chat".to_string()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(
+        calls(&s),
+        [
+            "list deployments".to_string(),
+            format!("delete {}", deleted[0])
+        ]
+    );
+    let cluster = s.cluster.lock().unwrap();
+    let mut left: Vec<&str> = cluster.deployments.keys().map(String::as_str).collect();
+    left.retain(|d| *d != "strata-gateway");
+    assert_eq!(left.len(), 2);
+    assert!(cluster.deployments.contains_key("strata-gateway"));
+    assert!(cluster
+        .deployments
+        .values()
+        .all(|d| d["metadata"]["labels"]["strata.dev/pool"] != "old_v1"));
 }

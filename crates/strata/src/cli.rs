@@ -446,6 +446,10 @@ pub struct EngineArgs {
     /// given by `strata serve`).
     #[arg(long, hide = true)]
     pub engine_config: Option<String>,
+    /// Refuse to start unless the model file's SHA-256 is this one
+    /// (checked before the file is loaded).
+    #[arg(long)]
+    pub sha256: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use strata_control::cluster;
-use strata_control::controller::{Controller, PoolSpec};
 use strata_control::leader::Elector;
 use strata_control::metrics::ControllerMetrics;
 use strata_core::config::{is_postgres_url, Config};
@@ -18,13 +17,12 @@ use strata_core::tenant::looks_like_key;
 use strata_core::Loads;
 use strata_gateway::tenancy::keys::{new_key, NOT_A_KEY};
 use strata_k8s::lease::KubeLeases;
-use strata_k8s::provider::KubeProvider;
 use strata_store::SqlStore;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{ControllerArgs, K8sCommand, ProviderKind};
-use crate::fleet::{Fleet, FleetParts};
+use crate::fleet::{Fleet, FleetParts, Launcher};
 use crate::launch::{
     local_launch, pool_processes, process_name, replica_trust, shutdown_on_signal,
 };
@@ -44,20 +42,13 @@ pub async fn run_controller(
              pass --db postgres://… or set store.url"
         );
     }
-    if !config.models.is_empty() && matches!(args.provider, ProviderKind::Kubernetes) {
-        bail!(
-            "--provider kubernetes runs one pool yet (the model of [engine] and [pool]); \
-             [[models]] and deployed models run with --provider local"
-        );
-    }
     if !(1.0..=600.0).contains(&args.lease_secs) {
         bail!(
             "--lease-secs must be between 1 and 600, got {}",
             args.lease_secs
         );
     }
-    let (replicas, processes) =
-        pool_processes(&config, args.replicas.unwrap_or(config.serve.replicas))?;
+    let (_, processes) = pool_processes(&config, args.replicas.unwrap_or(config.serve.replicas))?;
     let kube = match args.provider {
         ProviderKind::Kubernetes => Some(strata_k8s::connect().await.map_err(|e| {
             anyhow::anyhow!(
@@ -141,57 +132,35 @@ pub async fn run_controller(
         metrics.leading.set(1);
         tracing::info!(%holder, closed, "leading: this controller acts now");
         let acting = CancellationToken::new();
-        let task = match (&kube, &trust) {
-            (Some(client), _) => {
-                let model = args
-                    .engine
-                    .model_name
-                    .clone()
-                    .or_else(|| config.engine.model_name.clone())
-                    .unwrap_or_else(|| strata_k8s::MODEL_FILE.trim_end_matches(".gguf").into());
-                let provider =
-                    KubeProvider::new(client.clone(), config.clone(), model, store.clone());
-                let controller = Controller::new(PoolSpec::from_config(&config, replicas));
-                let load = crate::fleet::model_load(load_rx.clone(), None, acting.clone());
-                tokio::spawn(warn_of_deployed_models(store.clone(), acting.clone()));
-                let run = strata_control::controller::run(
-                    controller,
-                    provider,
-                    load,
-                    store.clone(),
-                    Some(metrics.clone()),
-                    acting.clone(),
-                );
-                tokio::spawn(async move { run.await.map_err(anyhow::Error::from) })
-            }
-            (None, Some(trust)) => {
-                // A pool per model of the catalog (the config file's, then
-                // those deployed through a gateway's admin API), each
-                // scaled by its model's share of the gateways' load.
-                // Gateways read the replicas from the store, so endpoints
-                // published here go nowhere, and a replica that goes is
-                // drained by a gateway through the store.
-                let (_, link) = strata_core::link::link();
-                let (mut fleet, links) = Fleet::new(
-                    FleetParts {
-                        config: (*config).clone(),
-                        config_path: config_path.to_owned(),
-                        flags: args.engine.clone(),
-                        replicas: args.replicas,
-                        trust: trust.clone(),
-                        store: store.clone(),
-                        metrics: metrics.clone(),
-                        in_cluster: true,
-                    },
-                    link,
-                    acting.clone(),
-                );
-                tokio::spawn(forward(load_rx.clone(), links.load, acting.clone()));
-                fleet.start().await?;
-                tokio::spawn(fleet.run())
-            }
+        // A pool per model of the catalog (the config file's, then those
+        // deployed through a gateway's admin API), each scaled by its
+        // model's share of the gateways' load: engine processes on this
+        // machine, or engine Deployments in the cluster. Gateways read the
+        // replicas from the store, so endpoints published here go nowhere,
+        // and a replica that goes is drained by a gateway through the store.
+        let launcher = match (&kube, &trust) {
+            (Some(client), _) => Launcher::Kube(client.clone()),
+            (None, Some(trust)) => Launcher::Local(trust.clone()),
             (None, None) => unreachable!("one provider is set up above"),
         };
+        let (_, link) = strata_core::link::link();
+        let (mut fleet, links) = Fleet::new(
+            FleetParts {
+                config: (*config).clone(),
+                config_path: config_path.to_owned(),
+                flags: args.engine.clone(),
+                replicas: args.replicas,
+                launcher,
+                store: store.clone(),
+                metrics: metrics.clone(),
+                in_cluster: true,
+            },
+            link,
+            acting.clone(),
+        );
+        tokio::spawn(forward(load_rx.clone(), links.load, acting.clone()));
+        fleet.start().await?;
+        let task = tokio::spawn(fleet.run());
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = leading.wait_for(|l| !*l) => {
@@ -213,24 +182,6 @@ pub async fn run_controller(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// On Kubernetes a cluster runs one pool yet: models deployed through a
-/// gateway's admin API are listed by the gateways but not served. Says so
-/// in the acting controller's log, every minute while there are any.
-async fn warn_of_deployed_models(store: Arc<dyn Store>, stop: CancellationToken) {
-    loop {
-        if let Ok(models) = store.models().await {
-            let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
-            if !ids.is_empty() {
-                tracing::error!(models = ?ids, "deployed models are not served: --provider kubernetes runs the one pool of [engine] and [pool] yet; undeploy them or run the controller with --provider local");
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-        }
-    }
 }
 
 /// Copies the cluster's load into the fleet's until `stop`.
@@ -378,11 +329,10 @@ fn tempfile_dir() -> Result<PathBuf> {
 pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<()> {
     match command {
         K8sCommand::Render => {
-            if !config.models.is_empty() {
-                bail!(
-                    "strata k8s render renders one pool yet (the model of [engine] and [pool]); \
-                     [[models]] runs under `strata serve`"
-                );
+            // Every model's engine Pods must be able to get its file.
+            let flags = crate::cli::EngineFlags::default();
+            for model in config.served().map_err(|e| anyhow::anyhow!("{e}"))? {
+                crate::fleet::pool_model(&model, "config", &flags, &config.kubernetes)?;
             }
             let text = match std::fs::read_to_string(config_path) {
                 Ok(t) => t,

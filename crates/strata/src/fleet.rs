@@ -1,7 +1,9 @@
-//! `strata serve`'s pools: one per model of the catalog (the config file's
-//! `[[models]]`, or its one model of `[engine]`, then the models deployed
-//! through the admin API, kept in the database). Each pool is a `local`
-//! provider with its own controller, scaled by its own model's load. The
+//! The pools of `strata serve` and of a cluster's acting controller: one
+//! per model of the catalog (the config file's `[[models]]`, or its one
+//! model of `[engine]`, then the models deployed through the admin API,
+//! kept in the database). Each pool is a provider (`local` engine
+//! processes, or `kubernetes` engine Deployments) with its own
+//! controller, scaled by its own model's load. The
 //! fleet follows the stored catalog: a deployed model gets a pool, a
 //! changed one a new pool before the old one drains, an undeployed one
 //! leaves the catalog at once and its replicas drain (their sessions' KV
@@ -17,12 +19,14 @@ use async_trait::async_trait;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::metrics::ControllerMetrics;
 use strata_control::provider::local::LocalProvider;
-use strata_core::config::{Config, ModelEntry, ServedModel};
+use strata_core::config::{Config, KubernetesConfig, ModelEntry, ServedModel};
 use strata_core::link::{ControllerLink, DrainRequest, PreemptNotice};
 use strata_core::store::{DeployedModel, Store};
 use strata_core::{Load, Loads, ReplicaEndpoint};
 use strata_gateway::ops::models::ModelHost;
 use strata_gateway::CatalogModel;
+use strata_k8s::provider::KubeProvider;
+use strata_k8s::render::{ModelFile, PoolModel};
 use strata_models::fetch::ModelSource;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -38,6 +42,16 @@ const LOOK_EVERY: Duration = Duration::from_secs(2);
 /// How long a model whose pool could not start waits before another try.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// Where a fleet's pools run their engines.
+#[derive(Clone)]
+pub enum Launcher {
+    /// Engine processes on this machine, proving the gateway with `trust`.
+    Local(ReplicaTrust),
+    /// Engine Deployments in the cluster this client talks to; their Pods
+    /// fetch and check their model's file themselves.
+    Kube(strata_k8s::Client),
+}
+
 /// What every pool is made from.
 pub struct FleetParts {
     pub config: Config,
@@ -45,7 +59,7 @@ pub struct FleetParts {
     /// The default model's engine flags and `--replicas`.
     pub flags: EngineFlags,
     pub replicas: Option<u32>,
-    pub trust: ReplicaTrust,
+    pub launcher: Launcher,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<ControllerMetrics>,
     /// The acting controller of a cluster: no gateway shares this process,
@@ -62,6 +76,10 @@ struct Pool {
     /// The model id and what it may generate at most without `max_tokens`.
     catalog: CatalogModel,
     stop: CancellationToken,
+    /// Cancelled before `stop` when the pool leaves for good (its model
+    /// undeployed or changed): a Kubernetes pool then deletes its
+    /// Deployments, where stopping alone leaves them to the next leader.
+    retiring: CancellationToken,
     task: JoinHandle<Result<(), strata_control::ControlError>>,
     endpoints: watch::Receiver<Vec<ReplicaEndpoint>>,
 }
@@ -216,9 +234,19 @@ impl Fleet {
 
     /// The first start: every pool of the catalog; a model of the config
     /// file that cannot start stops `strata serve` with its reason (a
-    /// deployed one is logged and tried again later, as at run time).
+    /// deployed one is logged and tried again later, as at run time). On
+    /// Kubernetes, the engines of models that left the catalog while no
+    /// controller acted are removed.
     pub async fn start(&mut self) -> Result<()> {
-        self.apply(true).await
+        self.apply(true).await?;
+        if let Launcher::Kube(client) = &self.parts.launcher {
+            let (desired, _) = self.desired().await?;
+            let keep: Vec<String> = desired.iter().map(|(m, v)| kube_pool(m, v)).collect();
+            strata_k8s::provider::remove_other_pools(client.clone(), &self.parts.config, &keep)
+                .await
+                .context("removing the engines of undeployed models")?;
+        }
+        Ok(())
     }
 
     /// Starts, replaces and stops pools until they match the catalog.
@@ -262,12 +290,16 @@ impl Fleet {
             {
                 continue;
             }
-            // Files are found, hashed or downloaded off the async threads.
-            let resolved = {
-                let model = model.clone();
-                tokio::task::spawn_blocking(move || resolve_source(&model))
-                    .await
-                    .context("resolving a model's file panicked")?
+            // Files are found, hashed or downloaded off the async threads
+            // (on Kubernetes, by each engine Pod).
+            let resolved = match &self.parts.launcher {
+                Launcher::Local(_) => {
+                    let model = model.clone();
+                    tokio::task::spawn_blocking(move || resolve_source(&model))
+                        .await
+                        .context("resolving a model's file panicked")?
+                }
+                Launcher::Kube(_) => Ok(model.config.clone()),
             };
             let started = resolved
                 .and_then(|config| self.start_pool(&model, config, version.clone(), processes));
@@ -329,57 +361,65 @@ impl Fleet {
         } else {
             &no_flags
         };
-        let mut settings = local_launch(
-            &config,
-            &parts.config_path,
-            flags,
-            processes,
-            &parts.trust,
-            model.id.as_deref(),
-        )
-        .with_context(|| model_context(model.id.as_deref()))?;
-        settings.drain_via_store = parts.in_cluster;
         let instance = self.next_instance;
-        self.next_instance += 1;
         let stop = self.stop.child_token();
-        let (publish, endpoints) = watch::channel(Vec::new());
-        let (notice_tx, notice_rx) = mpsc::channel(64);
-        self.notices
-            .lock()
-            .expect("notices lock")
-            .insert(instance, notice_tx);
-        let catalog = CatalogModel::model(settings.model.clone(), config.engine.default_max_tokens);
-        let pool_name = settings.pool.clone();
-        let provider = LocalProvider::new(
-            settings,
-            parts.store.clone(),
-            publish,
-            parts.trust.health.clone(),
-            ControllerLink {
-                drains: self.drains.clone(),
-                notices: notice_rx,
-            },
-        );
-        // The controller keeps the pool's replicas: `serve.replicas` of
-        // them, or with `pool.autoscale` as many as the gateway's load for
-        // its model needs (from zero with `scale_to_zero_after_secs`).
-        // While none takes requests, requests wait for one.
+        let retiring = CancellationToken::new();
         // The one model of a file without `[[models]]` has the whole load
         // (a cluster's gateways may not know its id).
-        let own = model.id.as_ref().map(|_| catalog.id.clone());
-        let load = model_load(self.loads.clone(), own, stop.clone());
-        let controller = Controller::new(PoolSpec {
-            name: pool_name,
-            ..PoolSpec::from_config(&config, replicas)
-        });
-        let task = tokio::spawn(strata_control::controller::run(
-            controller,
-            provider,
-            load,
-            parts.store.clone(),
-            Some(parts.metrics.clone()),
-            stop.clone(),
-        ));
+        let load = || model_load(self.loads.clone(), model.id.clone(), stop.clone());
+        let (catalog, endpoints, task) = match &parts.launcher {
+            Launcher::Local(trust) => {
+                let mut settings = local_launch(
+                    &config,
+                    &parts.config_path,
+                    flags,
+                    processes,
+                    trust,
+                    model.id.as_deref(),
+                )
+                .with_context(|| model_context(model.id.as_deref()))?;
+                settings.drain_via_store = parts.in_cluster;
+                let (publish, endpoints) = watch::channel(Vec::new());
+                let (notice_tx, notice_rx) = mpsc::channel(64);
+                self.notices
+                    .lock()
+                    .expect("notices lock")
+                    .insert(instance, notice_tx);
+                let catalog =
+                    CatalogModel::model(settings.model.clone(), config.engine.default_max_tokens);
+                let pool_name = settings.pool.clone();
+                let provider = LocalProvider::new(
+                    settings,
+                    parts.store.clone(),
+                    publish,
+                    trust.health.clone(),
+                    ControllerLink {
+                        drains: self.drains.clone(),
+                        notices: notice_rx,
+                    },
+                );
+                let task = self.run_pool(pool_name, &config, replicas, provider, load(), &stop);
+                (catalog, endpoints, task)
+            }
+            Launcher::Kube(client) => {
+                let pool = pool_model(model, &version, flags, &config.kubernetes)?;
+                let catalog =
+                    CatalogModel::model(pool.name.clone(), config.engine.default_max_tokens);
+                let pool_name = pool.pool.clone();
+                let provider = KubeProvider::new(
+                    client.clone(),
+                    Arc::new(config.clone()),
+                    pool,
+                    parts.store.clone(),
+                )
+                .retiring(retiring.clone());
+                // Gateways find the replicas in the store.
+                let (_, endpoints) = watch::channel(Vec::new());
+                let task = self.run_pool(pool_name, &config, replicas, provider, load(), &stop);
+                (catalog, endpoints, task)
+            }
+        };
+        self.next_instance += 1;
         self.endpoints
             .add(instance, endpoints.clone(), stop.clone());
         Ok(Pool {
@@ -387,9 +427,37 @@ impl Fleet {
             instance,
             catalog,
             stop,
+            retiring,
             task,
             endpoints,
         })
+    }
+
+    /// The controller of one pool: it keeps the pool's replicas,
+    /// `serve.replicas` of them, or with `pool.autoscale` as many as its
+    /// model's load needs (from zero with `scale_to_zero_after_secs`).
+    /// While none takes requests, requests wait for one.
+    fn run_pool<P: strata_control::provider::Provider + 'static>(
+        &self,
+        name: String,
+        config: &Config,
+        replicas: u32,
+        provider: P,
+        load: watch::Receiver<Load>,
+        stop: &CancellationToken,
+    ) -> JoinHandle<Result<(), strata_control::ControlError>> {
+        let controller = Controller::new(PoolSpec {
+            name,
+            ..PoolSpec::from_config(config, replicas)
+        });
+        tokio::spawn(strata_control::controller::run(
+            controller,
+            provider,
+            load,
+            self.parts.store.clone(),
+            Some(self.parts.metrics.clone()),
+            stop.clone(),
+        ))
     }
 
     /// Lets a pool go in the background: the gateway drains its replicas
@@ -418,6 +486,7 @@ impl Fleet {
             for rx in done {
                 let _ = rx.await;
             }
+            pool.retiring.cancel();
             pool.stop.cancel();
             match pool.task.await {
                 Ok(Ok(())) => {}
@@ -594,6 +663,91 @@ fn pool_id(flags: &EngineFlags, model: &ServedModel) -> String {
     }
 }
 
+/// The name of `model`'s pool on Kubernetes (its Deployments' pool
+/// label): `default` for the one model of `[engine]`, a model's id for
+/// the config file's, and for a deployed one its id and its entry's
+/// version, so a changed entry's new pool starts beside the old one, which
+/// drains and deletes its own Deployments.
+fn kube_pool(model: &ServedModel, version: &str) -> String {
+    use sha2::{Digest, Sha256};
+    match (&model.id, version) {
+        (None, _) => "default".into(),
+        (Some(id), "config") => id.clone(),
+        (Some(id), spec) => {
+            let digest = Sha256::digest(spec.as_bytes());
+            let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+            format!("{id}-{short}")
+        }
+    }
+}
+
+/// What `model`'s engine Pods serve on Kubernetes: its id, its own
+/// `[engine]` section and where its file comes from (the Pods fetch and
+/// check it). The one model of `[engine]` is the built-in default model,
+/// as it has always been there.
+pub fn pool_model(
+    model: &ServedModel,
+    version: &str,
+    flags: &EngineFlags,
+    k: &KubernetesConfig,
+) -> Result<PoolModel> {
+    let id = model.id.as_deref().unwrap_or_default();
+    let builtin_file = |source: &str| -> Result<ModelFile> {
+        let b = builtin(source).with_context(|| model_context(model.id.as_deref()))?;
+        if model
+            .sha256
+            .as_ref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case(&b.sha256))
+        {
+            bail!(
+                "model `{id}`: sha256 does not match the built-in source `{source}` ({})",
+                b.sha256
+            );
+        }
+        Ok(ModelFile::Builtin {
+            name: source.to_owned(),
+            file_name: b.file_name,
+            sha256: b.sha256,
+        })
+    };
+    let file = match (&model.id, &model.url, &model.source) {
+        (None, _, _) => builtin_file(&ModelSource::builtin_ids()[0])?,
+        (Some(_), Some(url), _) => ModelFile::Url {
+            url: url.clone(),
+            sha256: model
+                .sha256
+                .clone()
+                .with_context(|| format!("model `{id}`: a `url` needs its `sha256`"))?,
+        },
+        (Some(_), None, Some(source)) => builtin_file(source)?,
+        (Some(_), None, None) => ModelFile::Path {
+            path: model
+                .config
+                .engine
+                .model
+                .as_ref()
+                .with_context(|| format!("model `{id}` names no file"))?
+                .display()
+                .to_string(),
+            sha256: model.sha256.clone(),
+        },
+    };
+    let engine = match model.id {
+        Some(_) => Some(serde_json::to_string(&model.config.engine).context("the engine section")?),
+        None => None,
+    };
+    let pool = PoolModel {
+        pool: kube_pool(model, version),
+        name: pool_id(flags, model),
+        file,
+        engine,
+    };
+    if let Some(issue) = pool.issue(k) {
+        bail!(issue);
+    }
+    Ok(pool)
+}
+
 /// `model`'s share of the gateway's load (`None`: the whole of it), for
 /// a pool's controller, kept current until `stop`.
 pub fn model_load(
@@ -735,5 +889,128 @@ pub fn model_context(id: Option<&str>) -> String {
     match id {
         Some(id) => format!("model `{id}`"),
         None => "the model of [engine]".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(text: &str) -> Config {
+        Config::from_toml(text).unwrap()
+    }
+
+    fn stored(id: &str, spec: &str) -> DeployedModel {
+        DeployedModel {
+            id: id.into(),
+            spec: spec.into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn on_kubernetes_each_model_has_a_pool_with_its_own_file_and_a_new_one_per_version() {
+        let sha = "ab".repeat(32);
+        let config = catalog(&format!(
+            r#"
+[[models]]
+id = "chat"
+source = "SmolLM2-135M-Instruct.Q4_1"
+[models.engine]
+context_size = 2048
+[[models]]
+id = "code"
+url = "https://models.example/code.gguf"
+sha256 = "{sha}"
+"#
+        ));
+        let deployed = stored(
+            "mine",
+            r#"{"id":"mine","url":"s3://bucket/mine.gguf","sha256":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"}"#,
+        );
+        let (served, _) = desired(&config, std::slice::from_ref(&deployed)).unwrap();
+        let k = &config.kubernetes;
+        let flags = EngineFlags::default();
+        let pools: Vec<PoolModel> = served
+            .iter()
+            .map(|(m, v)| pool_model(m, v, &flags, k).unwrap())
+            .collect();
+        let chat = &pools[0];
+        assert_eq!((chat.pool.as_str(), chat.name.as_str()), ("chat", "chat"));
+        assert!(
+            matches!(&chat.file, ModelFile::Builtin { name, .. } if name == "SmolLM2-135M-Instruct.Q4_1")
+        );
+        let engine: serde_json::Value =
+            serde_json::from_str(chat.engine.as_ref().unwrap()).unwrap();
+        assert_eq!(engine["context_size"], 2048);
+        assert_eq!(
+            pools[1].file,
+            ModelFile::Url {
+                url: "https://models.example/code.gguf".into(),
+                sha256: sha.clone()
+            }
+        );
+        // A deployed model's pool is named by its entry's version too: a
+        // changed entry's pool starts beside the old one, apart from it.
+        let mine = &pools[2];
+        assert_eq!(mine.name, "mine");
+        assert!(
+            mine.pool.starts_with("mine-") && mine.pool.len() == "mine-".len() + 8,
+            "{}",
+            mine.pool
+        );
+        let changed = stored(
+            "mine",
+            &deployed
+                .spec
+                .replace(r#""id":"mine","#, r#""id":"mine","replicas":2,"#),
+        );
+        let (again, _) = desired(&config, &[changed]).unwrap();
+        let next = pool_model(&again[2].0, &again[2].1, &flags, k).unwrap();
+        assert_ne!(next.pool, mine.pool);
+        let (same, _) = desired(&config, &[deployed]).unwrap();
+        assert_eq!(
+            pool_model(&same[2].0, &same[2].1, &flags, k).unwrap().pool,
+            mine.pool
+        );
+        // The one model of [engine] keeps the pool name it always had.
+        let plain = Config::default();
+        let (served, _) = desired(&plain, &[]).unwrap();
+        let one = pool_model(&served[0].0, &served[0].1, &flags, &plain.kubernetes).unwrap();
+        assert_eq!(
+            (one.pool.as_str(), one.name.as_str()),
+            ("default", "gemma-3-270m-q4_k_m")
+        );
+        assert_eq!(one.engine, None);
+    }
+
+    #[test]
+    fn a_model_its_engine_pods_could_not_get_is_refused_with_the_reason() {
+        let flags = EngineFlags::default();
+        let config = catalog("[[models]]\nid = \"mine\"\npath = \"/models/mine.gguf\"\n");
+        let (served, _) = desired(&config, &[]).unwrap();
+        let err = pool_model(&served[0].0, "config", &flags, &config.kubernetes).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kubernetes.model_pvc"),
+            "{err:#}"
+        );
+        let mut with_volume = config.clone();
+        with_volume.kubernetes.model_pvc = Some("models".into());
+        let pool = pool_model(&served[0].0, "config", &flags, &with_volume.kubernetes).unwrap();
+        assert_eq!(
+            pool.file,
+            ModelFile::Path {
+                path: "/models/mine.gguf".into(),
+                sha256: None
+            }
+        );
+        let wrong = catalog(&format!(
+            "[[models]]\nid = \"chat\"\nsource = \"SmolLM2-135M-Instruct.Q4_1\"\nsha256 = \"{}\"\n",
+            "00".repeat(32)
+        ));
+        let (served, _) = desired(&wrong, &[]).unwrap();
+        let err = pool_model(&served[0].0, "config", &flags, &wrong.kubernetes).unwrap_err();
+        assert!(format!("{err:#}").contains("does not match"), "{err:#}");
     }
 }

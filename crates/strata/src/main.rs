@@ -240,9 +240,12 @@ fn fetch_url(url: &str, sha256: &str, dest: Option<PathBuf>, json: bool) -> Resu
     let (cached, outcome) = fetched.map_err(|e| anyhow::anyhow!("--url: {e}"))?;
     let path = match dest {
         Some(dest) if dest != cached => {
-            // Whole or not at all: a copy beside it, renamed into place.
+            // Whole or not at all: a link (on the cache's file system, no
+            // second copy) or a copy beside it, renamed into place.
             let part = dest.with_extension("part");
-            std::fs::copy(&cached, &part)
+            let _ = std::fs::remove_file(&part);
+            std::fs::hard_link(&cached, &part)
+                .or_else(|_| std::fs::copy(&cached, &part).map(|_| ()))
                 .and_then(|_| std::fs::rename(&part, &dest))
                 .with_context(|| format!("--dest {}", dest.display()))?;
             dest

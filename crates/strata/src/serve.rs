@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{EngineArgs, GatewayArgs, ServeArgs, TlsFlags};
 use crate::cluster;
-use crate::fleet::{Fleet, FleetParts};
+use crate::fleet::{Fleet, FleetParts, Launcher};
 use crate::launch::{engine_settings, open_store, replica_trust, shutdown_on_signal};
 
 pub async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
@@ -24,6 +24,17 @@ pub async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
         config.engine = serde_json::from_str(engine).context("--engine-config")?;
     }
     let settings = engine_settings(&config, &args.engine, 1);
+    if let Some(expected) = &args.sha256 {
+        let path = settings.model_path.clone();
+        let actual = strata_models::fetch::sha256_file(&path)
+            .with_context(|| format!("--sha256: cannot read {}", path.display()))?;
+        if !actual.eq_ignore_ascii_case(expected) {
+            bail!(
+                "{} has sha256 {actual}, not the {expected} --sha256 names; not loading it",
+                path.display()
+            );
+        }
+    }
     let listen: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| {
@@ -229,7 +240,7 @@ pub async fn run_serve(config: Config, config_path: &Path, args: ServeArgs) -> R
             config_path: config_path.to_owned(),
             flags: args.engine,
             replicas: args.replicas,
-            trust,
+            launcher: Launcher::Local(trust),
             store: store.clone(),
             metrics,
             in_cluster: false,

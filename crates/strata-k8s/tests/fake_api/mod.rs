@@ -80,6 +80,44 @@ fn list(kind: &str, api_version: &str, items: Vec<Value>) -> (u16, Value) {
     )
 }
 
+/// The `labelSelector` of a list call (equality terms only, as strata
+/// sends), percent-decoded.
+fn selector(query: &str) -> Vec<(String, String)> {
+    let raw = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("labelSelector="))
+        .unwrap_or_else(|| panic!("a list call names a label selector: {query}"));
+    let decoded = percent_decode(raw);
+    decoded
+        .split(',')
+        .map(|term| {
+            let (k, v) = term.split_once('=').expect("key=value");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn selected(object: &Value, wanted: &[(String, String)]) -> bool {
+    let labels = &object["metadata"]["labels"];
+    wanted.iter().all(|(k, v)| labels[k] == json!(v))
+}
+
 impl Cluster {
     pub fn shared() -> Shared {
         Arc::new(Mutex::new(Cluster::default()))
@@ -106,15 +144,33 @@ impl Cluster {
                 (200, d)
             }
             ("GET", ["apis", "apps", "v1", "namespaces", _, "deployments"]) => {
-                assert!(query.contains("labelSelector="), "{query}");
+                let wanted = selector(query);
                 self.calls.push("list deployments".into());
-                let items = self.deployments.values().cloned().collect();
+                let items = self
+                    .deployments
+                    .values()
+                    .filter(|d| selected(d, &wanted))
+                    .cloned()
+                    .collect();
                 list("DeploymentList", "apps/v1", items)
             }
+            ("DELETE", ["apis", "apps", "v1", "namespaces", _, "deployments", name]) => {
+                assert_eq!(body["propagationPolicy"], "Background", "{body}");
+                self.calls.push(format!("delete {name}"));
+                match self.deployments.remove(*name) {
+                    Some(d) => (200, d),
+                    None => status(404, "NotFound", "deployments not found"),
+                }
+            }
             ("GET", ["api", "v1", "namespaces", _, "pods"]) => {
-                assert!(query.contains("labelSelector="), "{query}");
+                let wanted = selector(query);
                 self.calls.push("list pods".into());
-                let items = self.pods.values().cloned().collect();
+                let items = self
+                    .pods
+                    .values()
+                    .filter(|p| selected(p, &wanted))
+                    .cloned()
+                    .collect();
                 list("PodList", "v1", items)
             }
             ("PATCH", ["api", "v1", "namespaces", _, "pods", name]) => {
@@ -251,6 +307,13 @@ impl Cluster {
     /// as many Pods as its replicas (extra ones go lowest deletion cost
     /// first, then newest), placed on a node its selector matches.
     pub fn reconcile(&mut self, ready: bool) {
+        // The garbage collector: Pods of a deleted Deployment go.
+        let deployments = self.deployments.clone();
+        self.pods.retain(|_, p| {
+            p["metadata"]["labels"]["strata.dev/deployment"]
+                .as_str()
+                .is_some_and(|d| deployments.contains_key(d))
+        });
         let deployments: Vec<(String, Value)> = self
             .deployments
             .iter()
