@@ -664,13 +664,19 @@ impl Provider for KubeProvider {
         if !self.retiring.is_cancelled() {
             return;
         }
-        let ids: Vec<String> = self.running.keys().cloned().collect();
-        for id in &ids {
-            let t = self.running.get_mut(id).expect("listed");
+        // Replicas that were never ready hold no sessions: no wait for them.
+        let mut ids: Vec<String> = Vec::new();
+        for (id, t) in self.running.iter_mut() {
             t.record.state = InstanceState::Stopped;
             t.record.detail = Some("its model was undeployed".into());
-            let record = t.record.clone();
-            self.save(&record).await;
+            if t.ready {
+                ids.push(id.clone());
+            }
+        }
+        let records: Vec<InstanceRecord> =
+            self.running.values().map(|t| t.record.clone()).collect();
+        for record in &records {
+            self.save(record).await;
         }
         let never = CancellationToken::new();
         strata_control::provider::local::wait_drained(&*self.store, &ids, self.drain_wait, &never)

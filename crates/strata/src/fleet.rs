@@ -892,6 +892,11 @@ pub fn model_context(id: Option<&str>) -> String {
     }
 }
 
+/// strata-k8s's fake Kubernetes API server (no API server runs here).
+#[cfg(test)]
+#[path = "../../strata-k8s/tests/fake_api/mod.rs"]
+mod fake_api;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1012,5 +1017,130 @@ sha256 = "{sha}"
         let (served, _) = desired(&wrong, &[]).unwrap();
         let err = pool_model(&served[0].0, "config", &flags, &wrong.kubernetes).unwrap_err();
         assert!(format!("{err:#}").contains("does not match"), "{err:#}");
+    }
+
+    /// Each pool's Deployments' replicas, by pool label.
+    fn pools(cluster: &fake_api::Shared) -> BTreeMap<String, u64> {
+        let mut pools = BTreeMap::new();
+        for d in cluster.lock().unwrap().deployments.values() {
+            let pool = d["metadata"]["labels"]["strata.dev/pool"].as_str().unwrap();
+            *pools.entry(pool.to_owned()).or_default() += d["spec"]["replicas"].as_u64().unwrap();
+        }
+        pools
+    }
+
+    async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited 20 s for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kube_fleet(
+        cluster: &fake_api::Shared,
+        config: &Config,
+        store: &Arc<dyn Store>,
+        stop: &CancellationToken,
+    ) -> (Fleet, FleetLinks) {
+        // As in a cluster's controller: no gateway in this process.
+        let (_, link) = strata_core::link::link();
+        Fleet::new(
+            FleetParts {
+                config: config.clone(),
+                config_path: PathBuf::from("/nonexistent/strata.toml"),
+                flags: EngineFlags::default(),
+                replicas: None,
+                launcher: Launcher::Kube(fake_api::client(cluster.clone())),
+                store: store.clone(),
+                metrics: Arc::new(ControllerMetrics::new()),
+                in_cluster: true,
+            },
+            link,
+            stop.clone(),
+        )
+    }
+
+    #[tokio::test]
+    async fn on_kubernetes_deployed_models_get_engines_of_their_own_and_take_them_when_they_go() {
+        let cluster = fake_api::Cluster::shared();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            strata_store::SqlStore::open_without_vault(&dir.path().join("s.db"))
+                .await
+                .unwrap(),
+        );
+        let config = catalog(
+            "[pool]\nautoscale = false\n[[models]]\nid = \"chat\"\nsource = \"SmolLM2-135M-Instruct.Q4_1\"\nreplicas = 1\n",
+        );
+        let stop = CancellationToken::new();
+        let (mut fleet, links) = kube_fleet(&cluster, &config, &store, &stop);
+        fleet.start().await.unwrap();
+        let running = tokio::spawn(fleet.run());
+        until("the config file's model's engines", || {
+            pools(&cluster) == BTreeMap::from([("chat".into(), 1)])
+        })
+        .await;
+        // Deployed through the admin API (as a gateway stores it).
+        let spec = r#"{"id":"mine","source":"gemma-3-270m-q4_k_m"}"#;
+        store.put_model(&stored("mine", spec)).await.unwrap();
+        links.host.changed();
+        until("the deployed model's engines", || {
+            pools(&cluster).len() == 2
+        })
+        .await;
+        let first = pools(&cluster)
+            .into_keys()
+            .find(|p| p.starts_with("mine-"))
+            .expect("a pool of the deployed model's own");
+        let args = cluster
+            .lock()
+            .unwrap()
+            .deployments
+            .values()
+            .find(|d| d["metadata"]["labels"]["strata.dev/pool"] == first.as_str())
+            .unwrap()["spec"]["template"]["spec"]["initContainers"][0]["args"]
+            .to_string();
+        assert!(
+            args.contains(r#""--model","gemma-3-270m-q4_k_m""#),
+            "{args}"
+        );
+        // Changed: a new pool, and the old one's engines go.
+        let changed = r#"{"id":"mine","source":"gemma-3-270m-q4_k_m","replicas":2}"#;
+        store.put_model(&stored("mine", changed)).await.unwrap();
+        links.host.changed();
+        until("the changed model's engines, and the old ones gone", || {
+            let now = pools(&cluster);
+            now.len() == 2 && !now.contains_key(&first) && now.values().sum::<u64>() == 3
+        })
+        .await;
+        // Undeployed: its engines go.
+        store.delete_model("mine").await.unwrap();
+        links.host.changed();
+        until("the undeployed model's engines gone", || {
+            pools(&cluster) == BTreeMap::from([("chat".into(), 1)])
+        })
+        .await;
+        // The controller stops (its lease lost): the engines keep serving.
+        stop.cancel();
+        running.await.unwrap().unwrap();
+        assert_eq!(pools(&cluster), BTreeMap::from([("chat".into(), 1)]));
+        // A model undeployed while no controller acted: the next leader
+        // removes its engines and adopts the others.
+        cluster.lock().unwrap().deployments.insert(
+            "strata-engine-gone-local-any-od".into(),
+            serde_json::json!({"metadata": {"name": "strata-engine-gone-local-any-od", "labels": {
+                "app.kubernetes.io/managed-by": "strata", "app.kubernetes.io/component": "engine",
+                "strata.dev/pool": "gone"}}, "spec": {"replicas": 1}}),
+        );
+        let stop = CancellationToken::new();
+        let (mut fleet, _links) = kube_fleet(&cluster, &config, &store, &stop);
+        fleet.start().await.unwrap();
+        assert_eq!(pools(&cluster), BTreeMap::from([("chat".into(), 1)]));
+        stop.cancel();
+        fleet.run().await.unwrap();
     }
 }
