@@ -94,6 +94,8 @@ pub fn endpoints(instances: &[InstanceRecord]) -> Vec<ReplicaEndpoint> {
                 draining,
                 // Its pool's model, where the controller recorded one.
                 model: Some(i.kind.model.clone()).filter(|m| !m.is_empty()),
+                // An external engine's API key stays with the process that launched it.
+                external: None,
             })
         })
         .collect();

@@ -78,6 +78,11 @@ pub struct ModelEntry {
     /// own); an alias has no source, pool or engine of its own.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub alias: BTreeMap<String, u32>,
+    /// The one tenant (by name) whose keys may use this model; for the
+    /// others it does not exist (404). Needed where the model's engine
+    /// shares its prefix cache across requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl ModelEntry {
@@ -222,6 +227,8 @@ pub struct ServedModel {
     pub source: Option<String>,
     pub url: Option<String>,
     pub sha256: Option<String>,
+    /// The one tenant (by name) that may use it; `None`: every tenant.
+    pub tenant: Option<String>,
     pub config: Config,
 }
 
@@ -637,6 +644,71 @@ pub struct EngineConfig {
     pub prefix_cache_entries: u32,
     /// Largest request body accepted by the engine server, in bytes.
     pub max_body_bytes: usize,
+    /// Which server the replicas run: `strata` (its own llama.cpp engine)
+    /// or `openai` (any OpenAI-compatible server, from `command`).
+    pub kind: EngineKind,
+    /// `openai`: the server's command line, one argument per item, with
+    /// `{model_path}`, `{model}`, `{host}`, `{port}`, `{threads}` and
+    /// `{api_key}` filled in for each replica (no shell).
+    pub command: Vec<String>,
+    /// `openai`: the server's environment beside strata's own, its values
+    /// filled in alike (`{ API_KEY = "{api_key}" }`: a key in the
+    /// environment is not shown to every process as its arguments are).
+    pub env: BTreeMap<String, String>,
+    /// `openai`: the path that answers 200 (to the pool's API key) once
+    /// the server takes requests.
+    pub ready_path: String,
+    /// `openai`: what the server does, which decides what strata relies on.
+    pub capabilities: Capabilities,
+}
+
+/// Which server a model's replicas run.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// `strata engine`: tenant-scoped prefix cache, KV snapshots, answers
+    /// continued after a failure, usage in streams, mutual TLS.
+    #[default]
+    Strata,
+    /// Any OpenAI-compatible server (vLLM, SGLang, llama.cpp's server,
+    /// llama-cpp-python's, TGI), reached with an API key strata makes per
+    /// pool; no KV snapshots (a moved session is prefilled again).
+    Openai,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Strata => "strata",
+            EngineKind::Openai => "openai",
+        }
+    }
+}
+
+/// What an `openai` engine does (the `strata` engine does all of it, with
+/// its prefix cache scoped per tenant).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Capabilities {
+    /// The server reuses a cached prompt prefix for any later request,
+    /// whoever sent it (llama-cpp-python always; vLLM and SGLang unless
+    /// their prefix cache is turned off by their launch args): one tenant's
+    /// prompts would show in another's latency. Such a model serves one
+    /// tenant (its entry's `tenant`). `false`: the launch args turn it off.
+    pub shared_prefix_cache: bool,
+    /// The server takes `continue_final_message` (vLLM, SGLang): an answer
+    /// cut short by a failed replica continues on another. Otherwise the
+    /// stream ends with an error event.
+    pub continue_final_message: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            shared_prefix_cache: true,
+            continue_final_message: false,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -652,6 +724,11 @@ impl Default for EngineConfig {
             default_max_tokens: 512,
             prefix_cache_entries: 32,
             max_body_bytes: 4 * 1024 * 1024,
+            kind: EngineKind::Strata,
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            ready_path: "/v1/models".into(),
+            capabilities: Capabilities::default(),
         }
     }
 }
@@ -808,6 +885,7 @@ impl Config {
                 source: None,
                 url: None,
                 sha256: None,
+                tenant: None,
                 config: self.clone(),
             }]);
         }
@@ -891,6 +969,7 @@ impl Config {
             source: entry.source.clone(),
             url: entry.url.clone(),
             sha256: entry.sha256.clone(),
+            tenant: entry.tenant.clone(),
             config,
         })
     }
@@ -920,6 +999,19 @@ impl Config {
         self.check_catalog(&mut issues);
         self.check_pool(&mut issues);
         self.check_engine(&mut issues);
+        let e = &self.engine;
+        if self.models.is_empty()
+            && e.kind == EngineKind::Openai
+            && e.capabilities.shared_prefix_cache
+        {
+            issues.bad(
+                "engine.capabilities.shared_prefix_cache",
+                "an engine that shares its prefix cache across requests serves one tenant: \
+                 declare the model in [[models]] with `tenant`, or turn the cache off in its \
+                 command and set this to false"
+                    .into(),
+            );
+        }
         self.check_serve(&mut issues);
         self.check_models(&mut issues);
         for (i, place) in self.security.model_sources.iter().enumerate() {
@@ -1243,6 +1335,17 @@ impl Config {
                 issues.bad("engine.model_name", "must not be empty".into());
             }
         }
+        if e.kind == EngineKind::Openai {
+            if !e.command.iter().any(|a| a.contains("{port}")) {
+                issues.bad(
+                    "engine.command",
+                    "must start the server with `{port}` (and `{model_path}`, `{api_key}`) in its arguments".into(),
+                );
+            }
+            if !e.ready_path.starts_with('/') {
+                issues.bad("engine.ready_path", "must be a path starting with /".into());
+            }
+        }
     }
 
     /// `[[models]]`: ids, sources, and each model's pool and engine as
@@ -1319,8 +1422,25 @@ impl Config {
                     );
                 }
             }
+            if m.tenant.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                issues.bad(&key("tenant"), "must name a tenant".into());
+            }
             match self.serve_entry(i, m) {
                 Ok(served) => {
+                    let e = &served.config.engine;
+                    if e.kind == EngineKind::Openai
+                        && e.capabilities.shared_prefix_cache
+                        && m.tenant.is_none()
+                    {
+                        issues.bad(
+                            &key("tenant"),
+                            "is needed: the model's engine shares its prefix cache across \
+                             requests, so one tenant's prompts would show in another's latency; \
+                             name the one tenant it serves, or turn the cache off in its command \
+                             and set engine.capabilities.shared_prefix_cache = false"
+                                .into(),
+                        );
+                    }
                     let mut own = Issues::default();
                     served.config.check_pool(&mut own);
                     served.config.check_engine(&mut own);
@@ -1849,5 +1969,37 @@ alias = { c = 1, v1 = 2000000 }
             keys,
             ["security.model_sources[0]", "security.model_sources[1]"]
         );
+    }
+
+    #[test]
+    fn an_external_engine_needs_its_command_and_one_tenant_while_it_shares_its_cache() {
+        let model = |engine: &str, tenant: &str| {
+            format!(
+                "[[models]]\nid = \"a\"\nsource = \"gemma-3-270m-q4_k_m\"\n\
+                 [[models]]\nid = \"b\"\npath = \"/m.gguf\"\n{tenant}\n[models.engine]\nkind = \"openai\"\n{engine}\n"
+            )
+        };
+        let keys = |text: &str| -> Vec<String> {
+            Config::from_toml(text)
+                .unwrap()
+                .check()
+                .into_iter()
+                .map(|i| i.key)
+                .collect()
+        };
+        let command = r#"command = ["srv", "--port", "{port}", "--model", "{model_path}"]"#;
+        assert_eq!(
+            keys(&model("", "tenant = \"acme\"")),
+            ["models[1].engine.command"]
+        );
+        assert_eq!(keys(&model(command, "")), ["models[1].tenant"]);
+        assert!(keys(&model(command, "tenant = \"acme\"")).is_empty());
+        let off = format!("{command}\n[models.engine.capabilities]\nshared_prefix_cache = false");
+        assert!(keys(&model(&off, "")).is_empty());
+        // The one model of [engine] has no tenant to keep to.
+        let single = format!("[engine]\nkind = \"openai\"\n{command}\n");
+        assert_eq!(keys(&single), ["engine.capabilities.shared_prefix_cache"]);
+        let e = Config::from_toml("[engine]\nkind = \"vllm\"\n").unwrap_err();
+        assert_eq!(e.key, "engine.kind");
     }
 }

@@ -116,6 +116,34 @@ pub struct ReplicaEndpoint {
     /// it, and counts it in that model's pool. `None`: whatever models the
     /// replica reports.
     pub model: Option<String>,
+    /// A replica that is not `strata engine` (engine kind `openai`): how
+    /// the gateway reaches it and what it may rely on. `None`: strata's own.
+    pub external: Option<ExternalEngine>,
+}
+
+/// How the gateway talks to a replica of another server (engine kind
+/// `openai`), and what that server does not do: it keeps no KV snapshots,
+/// gets no cache scope or session headers, and only continues an answer
+/// cut short where it takes `continue_final_message`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ExternalEngine {
+    /// The pool's API key, sent as `Authorization: Bearer` (instead of
+    /// strata's replica token, which never leaves strata's own processes).
+    pub api_key: String,
+    /// The path that answers 200 once the server takes requests.
+    pub ready_path: String,
+    /// The server takes `continue_final_message`.
+    pub continues: bool,
+}
+
+impl std::fmt::Debug for ExternalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalEngine")
+            .field("api_key", &"(hidden)")
+            .field("ready_path", &self.ready_path)
+            .field("continues", &self.continues)
+            .finish()
+    }
 }
 
 /// The lease a gateway takes to drain a leaving replica (one gateway does).

@@ -153,6 +153,7 @@ async fn planned_replica(
         reserved_for: None,
         draining: false,
         model: None,
+        external: None,
     };
     (stub, endpoint)
 }
@@ -879,6 +880,7 @@ async fn replica_of(name: &'static str, model: &str) -> (Stub, ReplicaEndpoint) 
     let (stub, endpoint) = replica(name, Script::Answer).await;
     let endpoint = ReplicaEndpoint {
         model: Some(model.to_owned()),
+        external: None,
         ..endpoint
     };
     (stub, endpoint)

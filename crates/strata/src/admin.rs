@@ -564,9 +564,14 @@ pub async fn decisions(db: &str, limit: u32, json: bool) -> Result<()> {
 /// PostgreSQL): the acting controller, the replicas that have not ended
 /// with their kind, state and price, the cost rate, and the gateways that
 /// reported their load lately.
-pub async fn status_of(db: &str) -> Result<Value> {
-    use strata_core::store::{InstanceState, InstanceStore, LeaseStore, LoadStore};
+pub async fn status_of(config: &strata_core::config::Config, db: &str) -> Result<Value> {
+    use strata_core::store::{InstanceState, InstanceStore, LeaseStore, LoadStore, ModelStore};
     let store = open_for_reading(db).await?;
+    let (served, _) = crate::fleet::desired(config, &store.models().await?)?;
+    let engines: Vec<Value> = served
+        .iter()
+        .map(|(m, _)| crate::fleet::engine_report(m))
+        .collect();
     let now = strata_core::now_ms();
     let controller = store
         .lease("controller/default")
@@ -622,12 +627,13 @@ pub async fn status_of(db: &str) -> Result<Value> {
         "replicas_by_state": by_state,
         "cost_per_hour": cost,
         "gateways": gateways,
+        "engines": engines,
     }))
 }
 
 /// `strata status`: `status_of` as tables, or as JSON.
-pub async fn status(db: &str, json_out: bool) -> Result<()> {
-    let s = status_of(db).await?;
+pub async fn status(config: &strata_core::config::Config, db: &str, json_out: bool) -> Result<()> {
+    let s = status_of(config, db).await?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
@@ -666,6 +672,23 @@ pub async fn status(db: &str, json_out: bool) -> Result<()> {
                     "price_per_hour",
                     "endpoint"
                 ],
+            )
+        );
+    }
+    let engines = s["engines"].as_array().cloned().unwrap_or_default();
+    if !engines.is_empty() {
+        println!(
+            "\n{}",
+            table(
+                &engines,
+                &[
+                    "model",
+                    "kind",
+                    "prefix_cache",
+                    "snapshots",
+                    "cut_answers",
+                    "tenant"
+                ]
             )
         );
     }

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use strata_control::controller::{Controller, PoolSpec};
 use strata_control::metrics::ControllerMetrics;
 use strata_control::provider::local::LocalProvider;
-use strata_core::config::{Config, KubernetesConfig, ModelEntry, ServedModel};
+use strata_core::config::{Config, EngineKind, KubernetesConfig, ModelEntry, ServedModel};
 use strata_core::link::{ControllerLink, DrainRequest, PreemptNotice};
 use strata_core::store::{DeployedModel, Store};
 use strata_core::{Load, Loads, ReplicaEndpoint};
@@ -367,6 +367,9 @@ impl Fleet {
         // The one model of a file without `[[models]]` has the whole load
         // (a cluster's gateways may not know its id).
         let load = || model_load(self.loads.clone(), model.id.clone(), stop.clone());
+        if parts.in_cluster && config.engine.kind == EngineKind::Openai {
+            bail!("{}", cluster_refusal(model));
+        }
         let (catalog, endpoints, task) = match &parts.launcher {
             Launcher::Local(trust) => {
                 let mut settings = local_launch(
@@ -386,7 +389,8 @@ impl Fleet {
                     .expect("notices lock")
                     .insert(instance, notice_tx);
                 let catalog =
-                    CatalogModel::model(settings.model.clone(), config.engine.default_max_tokens);
+                    CatalogModel::model(settings.model.clone(), config.engine.default_max_tokens)
+                        .for_tenant(model.tenant.clone());
                 let pool_name = settings.pool.clone();
                 let provider = LocalProvider::new(
                     settings,
@@ -404,7 +408,8 @@ impl Fleet {
             Launcher::Kube(client) => {
                 let pool = pool_model(model, &version, flags, &config.kubernetes)?;
                 let catalog =
-                    CatalogModel::model(pool.name.clone(), config.engine.default_max_tokens);
+                    CatalogModel::model(pool.name.clone(), config.engine.default_max_tokens)
+                        .for_tenant(model.tenant.clone());
                 let pool_name = pool.pool.clone();
                 let provider = KubeProvider::new(
                     client.clone(),
@@ -502,12 +507,42 @@ impl Fleet {
 
 /// The catalog to serve: each model with its entry's version (`config`
 /// for the file's), and the aliases for them.
-type Desired = (Vec<(ServedModel, String)>, Vec<CatalogModel>);
+pub type Desired = (Vec<(ServedModel, String)>, Vec<CatalogModel>);
+
+/// What strata relies on of `model`'s engine, and where it degrades (for
+/// `strata status`).
+pub fn engine_report(model: &ServedModel) -> serde_json::Value {
+    let e = &model.config.engine;
+    let (prefix_cache, snapshots, cut_answers) = match e.kind {
+        EngineKind::Strata => ("per tenant", "kept", "continued"),
+        EngineKind::Openai => (
+            if e.capabilities.shared_prefix_cache {
+                "shared: one tenant"
+            } else {
+                "off"
+            },
+            "none: prefilled again",
+            if e.capabilities.continue_final_message {
+                "continued"
+            } else {
+                "error event"
+            },
+        ),
+    };
+    serde_json::json!({
+        "model": pool_id(&EngineFlags::default(), model),
+        "kind": e.kind.as_str(),
+        "prefix_cache": prefix_cache,
+        "snapshots": snapshots,
+        "cut_answers": cut_answers,
+        "tenant": model.tenant.as_deref().unwrap_or("any"),
+    })
+}
 
 /// The config file's models, then the `stored` ones, and the aliases of
 /// both; a stored entry that does not parse or is not valid with this
 /// config is logged and left out.
-fn desired(config: &Config, stored: &[DeployedModel]) -> Result<Desired> {
+pub fn desired(config: &Config, stored: &[DeployedModel]) -> Result<Desired> {
     let mut served: Vec<(ServedModel, String)> = config
         .served()
         .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -548,7 +583,10 @@ fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<Vec<Cata
     let flags = EngineFlags::default();
     Ok(served
         .iter()
-        .map(|(m, _)| CatalogModel::model(pool_id(&flags, m), m.config.engine.default_max_tokens))
+        .map(|(m, _)| {
+            CatalogModel::model(pool_id(&flags, m), m.config.engine.default_max_tokens)
+                .for_tenant(m.tenant.clone())
+        })
         .chain(aliases)
         .collect())
 }
@@ -606,7 +644,10 @@ impl ModelHost for ClusterHost {
     }
 
     async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
-        check_entry(&self.config, entry)?;
+        let served = check_entry(&self.config, entry)?;
+        if served.config.engine.kind == EngineKind::Openai {
+            return Err(cluster_refusal(&served));
+        }
         if let Some(source) = entry.source.as_deref() {
             builtin(source).map_err(|e| format!("{e:#}"))?;
         }
@@ -663,6 +704,16 @@ fn pool_id(flags: &EngineFlags, model: &ServedModel) -> String {
     }
 }
 
+/// Why a cluster does not run `model` (engine kind `openai`): its pool's
+/// API key lives in the process that launches its replicas, and a
+/// cluster's gateways are other processes.
+fn cluster_refusal(model: &ServedModel) -> String {
+    format!(
+        "{}: engine kind `openai` runs under `strata serve` yet, not in a cluster",
+        model_context(model.id.as_deref())
+    )
+}
+
 /// The name of `model`'s pool on Kubernetes (its Deployments' pool
 /// label): `default` for the one model of `[engine]`, a model's id for
 /// the config file's, and for a deployed one its id and its entry's
@@ -691,6 +742,9 @@ pub fn pool_model(
     flags: &EngineFlags,
     k: &KubernetesConfig,
 ) -> Result<PoolModel> {
+    if model.config.engine.kind == EngineKind::Openai {
+        bail!("{}", cluster_refusal(model));
+    }
     let id = model.id.as_deref().unwrap_or_default();
     let builtin_file = |source: &str| -> Result<ModelFile> {
         let b = builtin(source).with_context(|| model_context(model.id.as_deref()))?;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use strata_control::provider::local::LocalSettings;
-use strata_core::config::Config;
+use strata_control::provider::local::{ExternalLaunch, LocalSettings};
+use strata_core::config::{Config, EngineKind};
 use strata_core::store::Store;
 use strata_engine::{default_threads, model_name_for, EngineSettings};
 use strata_gateway::tenancy::keys::AdminKey;
@@ -254,6 +254,24 @@ pub fn local_launch(
         let own = serde_json::to_string(&config.engine).context("the engine section")?;
         engine_args.extend(["--engine-config".to_string(), own]);
     }
+    let external = match config.engine.kind {
+        EngineKind::Strata => None,
+        EngineKind::Openai => {
+            let e = &config.engine;
+            Some(ExternalLaunch {
+                command: e.command.clone(),
+                env: e.env.clone().into_iter().collect(),
+                model_path: engine.model_path.clone(),
+                engine: strata_core::ExternalEngine {
+                    // One per pool, made now; it lives in this process and
+                    // the replicas' environment or arguments only.
+                    api_key: random_hex(32)?,
+                    ready_path: e.ready_path.clone(),
+                    continues: e.capabilities.continue_final_message,
+                },
+            })
+        }
+    };
     Ok(LocalSettings {
         program: std::env::current_exe().context("cannot find this program's path")?,
         engine_args,
@@ -269,6 +287,7 @@ pub fn local_launch(
         random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
         drain_wait: Duration::from_secs(30),
         drain_via_store: false,
+        external,
     })
 }
 

@@ -155,7 +155,11 @@ fn main() -> Result<()> {
         }
         Command::Status { db, json } => {
             let config = load_config(&cli.config)?;
-            runtime()?.block_on(admin::status(&config.store.database(db.as_ref()), json))
+            runtime()?.block_on(admin::status(
+                &config,
+                &config.store.database(db.as_ref()),
+                json,
+            ))
         }
         Command::Decisions { db, limit, json } => {
             let config = load_config(&cli.config)?;

@@ -213,6 +213,7 @@ fn parse_replica(arg: &str) -> Result<ReplicaEndpoint> {
         reserved_for: tenant.map(str::to_owned),
         draining: false,
         model: None,
+        external: None,
     })
 }
 

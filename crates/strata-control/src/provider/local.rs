@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use strata_core::config::{CapacityType, InstanceType};
 use strata_core::link::{ControllerLink, DrainRequest};
 use strata_core::store::{InstanceKind, InstanceRecord, InstanceState, Store};
-use strata_core::{now_ms, ReplicaEndpoint};
+use strata_core::{now_ms, ExternalEngine, ReplicaEndpoint};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
@@ -57,6 +57,38 @@ pub struct LocalSettings {
     /// is recorded as stopping and stopped once a gateway has kept its
     /// sessions (the `drained/<id>` lease), or after `drain_wait`.
     pub drain_via_store: bool,
+    /// Replicas of another server (engine kind `openai`) instead of
+    /// `program engine …`.
+    pub external: Option<ExternalLaunch>,
+}
+
+/// How to launch another OpenAI-compatible server as a replica.
+#[derive(Debug, Clone)]
+pub struct ExternalLaunch {
+    /// Its command line, with `{model_path}`, `{model}`, `{host}`,
+    /// `{port}`, `{threads}` and `{api_key}` to fill in.
+    pub command: Vec<String>,
+    /// Its environment beside this process's own, filled in alike (an
+    /// API key is better here than in the arguments, which every process
+    /// on the machine may read).
+    pub env: Vec<(String, String)>,
+    pub model_path: PathBuf,
+    /// What the gateway gets: the pool's API key, the readiness path and
+    /// what the server does.
+    pub engine: ExternalEngine,
+}
+
+impl ExternalLaunch {
+    /// `template` with this replica's values in place of the placeholders.
+    fn fill(&self, template: &str, model: &str, port: u16, threads: u32) -> String {
+        template
+            .replace("{model_path}", &self.model_path.display().to_string())
+            .replace("{model}", model)
+            .replace("{host}", "127.0.0.1")
+            .replace("{port}", &port.to_string())
+            .replace("{threads}", &threads.to_string())
+            .replace("{api_key}", &self.engine.api_key)
+    }
 }
 
 struct Proc {
@@ -69,13 +101,14 @@ struct Proc {
 }
 
 impl Proc {
-    fn endpoint(&self, model: &str) -> ReplicaEndpoint {
+    fn endpoint(&self, settings: &LocalSettings) -> ReplicaEndpoint {
         ReplicaEndpoint {
             id: self.record.id.clone(),
             url: self.record.endpoint.clone(),
             reserved_for: self.reserved_for.clone(),
             draining: false,
-            model: Some(model.to_owned()),
+            model: Some(settings.model.clone()),
+            external: settings.external.as_ref().map(|x| x.engine.clone()),
         }
     }
 }
@@ -160,13 +193,27 @@ impl LocalProvider {
         self.next_index += 1;
         let port = free_port().map_err(ControlError::Launch)?;
         let threads = self.threads(&kind.instance_type);
-        let mut cmd = Command::new(&self.settings.program);
-        cmd.arg("engine")
-            .args(&self.settings.engine_args)
-            .args(["--threads", &threads.to_string()])
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .envs(self.settings.engine_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+        let mut cmd = match &self.settings.external {
+            Some(x) => {
+                let fill = |t: &String| x.fill(t, &self.settings.model, port, threads);
+                let mut cmd = Command::new(fill(&x.command[0]));
+                // Its own key only: strata's replica token never reaches
+                // another server.
+                cmd.args(x.command[1..].iter().map(fill))
+                    .envs(x.env.iter().map(|(k, v)| (k, fill(v))));
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(&self.settings.program);
+                cmd.arg("engine")
+                    .args(&self.settings.engine_args)
+                    .args(["--threads", &threads.to_string()])
+                    .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .envs(self.settings.engine_env.iter().map(|(k, v)| (k, v)));
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null())
             // A process group of its own: Ctrl-C in a terminal signals the
             // whole foreground group, and an engine that died with
             // `strata serve` could not hand over its KV cache in the
@@ -191,7 +238,11 @@ impl LocalProvider {
             provider: "local".into(),
             endpoint: format!(
                 "{}://127.0.0.1:{port}",
-                if self.settings.https { "https" } else { "http" }
+                if self.settings.https && self.settings.external.is_none() {
+                    "https"
+                } else {
+                    "http"
+                }
             ),
             state: InstanceState::Starting,
             started_at_ms: now_ms(),
@@ -218,15 +269,21 @@ impl LocalProvider {
         let endpoints = self
             .running
             .iter()
-            .map(|p| p.endpoint(&self.settings.model))
+            .map(|p| p.endpoint(&self.settings))
             .chain(self.leaving.iter().cloned())
             .collect();
         self.publish.send_replace(endpoints);
     }
 
     async fn healthy(&self, p: &Proc) -> bool {
-        let url = format!("{}/health", p.record.endpoint);
-        matches!(self.http.get(url).send().await, Ok(r) if r.status().is_success())
+        let check = match &self.settings.external {
+            Some(x) => self
+                .http
+                .get(format!("{}{}", p.record.endpoint, x.engine.ready_path))
+                .bearer_auth(&x.engine.api_key),
+            None => self.http.get(format!("{}/health", p.record.endpoint)),
+        };
+        matches!(check.send().await, Ok(r) if r.status().is_success())
     }
 
     /// Takes the replica out of the pool and lets it go in the background:
@@ -234,7 +291,7 @@ impl LocalProvider {
     /// the instance is recorded as `end`.
     fn let_go(&mut self, at: usize, wait: Duration, end: InstanceState, why: String) {
         let mut p = self.running.remove(at);
-        self.leaving.push(p.endpoint(&self.settings.model));
+        self.leaving.push(p.endpoint(&self.settings));
         let drains = self.link.drains.clone();
         let store = self.store.clone();
         let stop_all = self.stop_all.clone();

@@ -30,6 +30,9 @@ pub struct CatalogModel {
     pub default_max_tokens: u32,
     /// An alias's models by weight; empty for a model with a pool.
     pub alias: BTreeMap<String, u32>,
+    /// The one tenant (by name) that may use the model; for the others it
+    /// does not exist. `None`: every tenant.
+    pub tenant: Option<String>,
 }
 
 impl CatalogModel {
@@ -39,7 +42,19 @@ impl CatalogModel {
             id: id.into(),
             default_max_tokens,
             alias: BTreeMap::new(),
+            tenant: None,
         }
+    }
+
+    /// The model kept to one tenant (by name), or to none.
+    pub fn for_tenant(mut self, tenant: Option<String>) -> CatalogModel {
+        self.tenant = tenant;
+        self
+    }
+
+    /// Whether the tenant named `tenant` may see and use it.
+    pub fn visible_to(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
     }
 
     /// An alias for `alias`'s models, by weight.
@@ -48,6 +63,7 @@ impl CatalogModel {
             id: id.into(),
             default_max_tokens: 0,
             alias,
+            tenant: None,
         }
     }
 

@@ -239,9 +239,10 @@ impl Inference {
         // no other model is served.
         let catalogued = {
             let models = self.models.borrow();
-            let model = models
-                .iter()
-                .find(|m| m.id == generation.model && !m.is_alias());
+            // A model kept to another tenant does not exist for this one.
+            let model = models.iter().find(|m| {
+                m.id == generation.model && !m.is_alias() && m.visible_to(&p.tenant.name)
+            });
             if !models.is_empty() && model.is_none() {
                 self.relay.metrics.arrived.inc();
                 return Err(ApiError::model_not_found(asked));

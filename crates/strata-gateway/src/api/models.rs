@@ -25,10 +25,17 @@ pub(crate) async fn models(
 ) -> Json<ModelList> {
     // With a catalog, its models only (a draining replica of a model just
     // undeployed still reports it); else what ready replicas report.
-    let catalog: Vec<String> = g.models.borrow().iter().map(|m| m.id.clone()).collect();
-    let served = match catalog.is_empty() {
-        true => g.relay.replicas.models(),
-        false => catalog,
+    // A model kept to another tenant is not listed.
+    let served = {
+        let catalog = g.models.borrow();
+        match catalog.is_empty() {
+            true => g.relay.replicas.models(),
+            false => catalog
+                .iter()
+                .filter(|m| m.visible_to(&p.tenant.name))
+                .map(|m| m.id.clone())
+                .collect(),
+        }
     };
     let mut visible = served
         .into_iter()

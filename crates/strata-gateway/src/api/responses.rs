@@ -170,15 +170,22 @@ pub(crate) fn chat_request(
     turn: &TurnRequest,
     items: &[Item],
 ) -> Result<(Bytes, Generation), ApiError> {
-    let request = json!({
+    let mut request = json!({
         "model": turn.model,
         "messages": chat_messages(turn.instructions.as_deref(), items),
-        "max_tokens": turn.max_output_tokens,
-        "temperature": turn.temperature,
-        "top_p": turn.top_p,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    // Only what the turn sets: some servers refuse a `null` for a number.
+    for (key, value) in [
+        ("max_tokens", turn.max_output_tokens.map(|v| json!(v))),
+        ("temperature", turn.temperature.map(|v| json!(v))),
+        ("top_p", turn.top_p.map(|v| json!(v))),
+    ] {
+        if let Some(v) = value {
+            request[key] = v;
+        }
+    }
     let chat = Bytes::from(request.to_string());
     let generation = parse_body::<ChatCompletionRequest>(&chat)?.validate()?;
     Ok((chat, generation))
@@ -550,7 +557,11 @@ impl Turn {
             }
         }
         // Counted for the whole answer, however many replicas it took.
-        a.usage = self.answer.reader().usage;
+        a.usage = self.exchange.stream_usage(
+            self.answer.replica(),
+            self.answer.reader().usage,
+            self.answer.reader().deltas,
+        );
         a.outcome = match finish.as_deref() {
             Some("length") => Outcome::Incomplete,
             Some(_) => Outcome::Completed,

@@ -149,11 +149,16 @@ impl Upstreams {
             .method(Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json");
-        if let Some(bearer) = &self.bearer {
+        // A replica of another server gets its own key (in `headers`),
+        // never strata's replica token.
+        let own_key = headers.iter().any(|(name, _)| *name == "authorization");
+        if let Some(bearer) = self.bearer.as_ref().filter(|_| !own_key) {
             req = req.header(header::AUTHORIZATION, bearer.clone());
         }
         for (name, value) in headers {
-            req = req.header(*name, HeaderValue::from_str(value)?);
+            let mut value = HeaderValue::from_str(value)?;
+            value.set_sensitive(*name == "authorization");
+            req = req.header(*name, value);
         }
         let req = req.body(Full::new(body))?;
         let answer = match (&self.tls, https) {

@@ -52,10 +52,24 @@ pub async fn check_health(
 async fn probe(replica: Arc<Replica>, client: &reqwest::Client, timeout: Duration) {
     let base = &replica.endpoint.url;
     let timeout = timeout.max(Duration::from_secs(1));
+    let check = match &replica.endpoint.external {
+        // Another server: its readiness path, with its pool's key; it
+        // serves its pool's model.
+        Some(x) => client
+            .get(format!("{base}{}", x.ready_path))
+            .bearer_auth(&x.api_key),
+        None => client.get(format!("{base}/health")),
+    };
     let healthy = matches!(
-        client.get(format!("{base}/health")).timeout(timeout).send().await,
+        check.timeout(timeout).send().await,
         Ok(r) if r.status().is_success()
     );
+    if healthy && !replica.knows_models() && replica.endpoint.external.is_some() {
+        match &replica.endpoint.model {
+            Some(model) => replica.set_models(vec![model.clone()]),
+            None => return replica.mark_down(),
+        }
+    }
     if healthy && !replica.knows_models() {
         let models = async {
             let v: Value = client

@@ -398,6 +398,7 @@ mod tests {
             reserved_for: None,
             draining: false,
             model: model.map(str::to_owned),
+            external: None,
         }
     }
 

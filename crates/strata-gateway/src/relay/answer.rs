@@ -19,7 +19,9 @@ use strata_core::ApiError;
 use crate::fleet::client::{describe, ByteStream, Upstream};
 use crate::fleet::replicas::{InFlight, Replica};
 use crate::relay::forward::{Relay, ReplicaRequest};
-use crate::relay::resume::{continued, no_replica_for_the_rest, resumed_usage, Moves};
+use crate::relay::resume::{
+    cannot_continue, continued, no_replica_for_the_rest, resumed_usage, Moves,
+};
 use crate::relay::sse::{Chunk, Data, Events, Kind};
 
 /// An answer read from one or more replicas' event streams: what it says
@@ -213,6 +215,10 @@ impl Answer {
     /// Asks another replica for the rest of the answer, or says why it may
     /// not move again.
     fn resume(&mut self) -> Result<(), ApiError> {
+        let external = &self.flight.replica().endpoint.external;
+        if external.as_ref().is_some_and(|x| !x.continues) {
+            return Err(cannot_continue());
+        }
         let first: Value = match serde_json::from_slice(&self.request.body) {
             Ok(v) if self.moves.allow(self.reader.deltas) => v,
             _ => return Err(self.moves.exhausted()),

@@ -83,6 +83,24 @@ impl Exchange {
         }
     }
 
+    /// A stream's usage: as `replica` reported it; or, where another server
+    /// reports none in streams (llama-cpp-python ignores
+    /// `stream_options`), its `deltas` (one token each) and the prompt as
+    /// admission estimated it, so that nothing it generates goes unmetered.
+    pub fn stream_usage(
+        &self,
+        replica: &Replica,
+        usage: Option<Usage>,
+        deltas: u64,
+    ) -> Option<Usage> {
+        usage.or_else(|| {
+            (replica.endpoint.external.is_some() && deltas > 0).then(|| {
+                let prompt = self.charge.estimated_prompt().min(u64::from(u32::MAX)) as u32;
+                Usage::new(prompt, deltas.min(u64::from(u32::MAX)) as u32)
+            })
+        })
+    }
+
     /// Seconds since the request arrived.
     pub fn elapsed(&self) -> f64 {
         self.arrived.elapsed().as_secs_f64()
@@ -146,10 +164,18 @@ impl Relay {
                 replica.mark_down();
                 continue;
             };
+            // strata's engine scopes its cache by tenant and keeps a
+            // session's cells; another server gets neither header (no
+            // tenant id in its logs), only its pool's key.
+            let bearer;
             let scope = (CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str());
-            let headers = match &req.session {
-                Some(session) => &[scope, (SESSION_HEADER, session.as_str())][..],
-                None => &[scope][..],
+            let headers = match (&replica.endpoint.external, &req.session) {
+                (Some(x), _) => {
+                    bearer = format!("Bearer {}", x.api_key);
+                    &[("authorization", bearer.as_str())][..]
+                }
+                (None, Some(session)) => &[scope, (SESSION_HEADER, session.as_str())][..],
+                (None, None) => &[scope][..],
             };
             let sent = self.upstreams.post(target, headers, req.body.clone()).await;
             let upstream = match sent {

@@ -232,7 +232,11 @@ impl Passthrough {
             self.answer.request(),
             self.answer.replica(),
             200,
-            self.answer.reader().usage,
+            self.exchange.stream_usage(
+                self.answer.replica(),
+                self.answer.reader().usage,
+                self.answer.reader().deltas,
+            ),
             self.first_byte.unwrap_or(latency),
             latency,
         );
@@ -344,7 +348,11 @@ impl Drop for Passthrough {
             self.answer.request(),
             self.answer.replica(),
             status,
-            self.answer.reader().usage,
+            self.exchange.stream_usage(
+                self.answer.replica(),
+                self.answer.reader().usage,
+                self.answer.reader().deltas,
+            ),
             self.first_byte.unwrap_or(latency),
             latency,
         );

@@ -64,6 +64,14 @@ pub fn no_replica_for_the_rest() -> ApiError {
     ))
 }
 
+/// What the client hears when its replica failed mid-answer and its
+/// engine cannot continue an answer (no `continue_final_message`).
+pub fn cannot_continue() -> ApiError {
+    ApiError::bad_gateway(
+        "The replica failed mid-answer, and this model's engine cannot continue an answer on another replica; ask again.",
+    )
+}
+
 /// An answer's usage as the replica that finished it reports it, counted
 /// for the whole answer: that replica read the `before` tokens streamed by
 /// the earlier ones as prompt, so they count as output again.

@@ -438,6 +438,11 @@ pub struct Charge {
 }
 
 impl Charge {
+    /// The prompt tokens admission estimated.
+    pub fn estimated_prompt(&self) -> u64 {
+        self.estimate.prompt_tokens
+    }
+
     fn cost_of(&self, size: Estimate) -> f64 {
         self.price.cost(size.prompt_tokens, size.output_tokens)
     }

@@ -1,0 +1,164 @@
+"""Engine kind `openai` (issue 27): a real OpenAI-compatible server strata
+did not write, llama-cpp-python's, serving SmolLM2 as a second pool under
+`strata serve` beside strata's own engine. Routed by model, kept to its
+one tenant (its engine shares its prefix cache across requests), metered,
+reached only with its pool's API key, replaced when killed, its answers
+stored by the Responses API; a stream it cuts short ends with an error
+event, not a silent continuation (it takes no `continue_final_message`).
+The server is built once per machine by scripts/peer-engine (scripts/test
+runs it); without it this test fails rather than pass unseen."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import CHAT_MODEL, STRATA, Server, bearer, model_config
+
+PEER_PYTHON = os.environ.get(
+    "STRATA_PEER_PYTHON", os.path.expanduser("~/.cache/strata/peers/llama-cpp-python/bin/python"))
+EXTERNAL = "smol-py"
+
+
+def catalog():
+    assert os.path.exists(PEER_PYTHON), (
+        f"no llama-cpp-python at {PEER_PYTHON}: run scripts/peer-engine (scripts/test does)")
+    path = model_config(CHAT_MODEL).split('"')[1]
+    return f"""
+[[models]]
+id = "{CHAT_MODEL}"
+source = "{CHAT_MODEL}"
+
+[[models]]
+id = "{EXTERNAL}"
+path = "{path}"
+tenant = "ext"
+replicas = 1
+[models.engine]
+kind = "openai"
+command = ["{PEER_PYTHON}", "-m", "llama_cpp.server", "--model", "{{model_path}}",
+           "--model_alias", "{{model}}", "--host", "{{host}}", "--port", "{{port}}",
+           "--n_threads", "{{threads}}", "--n_ctx", "2048"]
+env = {{ API_KEY = "{{api_key}}" }}
+"""
+
+
+@pytest.fixture(scope="module")
+def ext():
+    s = Server(replicas=1, ready=2, config=catalog(), tenant="ext")
+    yield s
+    s.stop()
+
+
+def external_replicas(s):
+    return [r for r in s.replica_list() if EXTERNAL in r["id"]]
+
+
+def wait_for(what, ok, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ok():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"waited {timeout} s for {what}")
+
+
+def test_the_external_engine_answers_its_tenant_and_is_metered(ext):
+    client = ext.client()
+    assert sorted(m.id for m in client.models.list().data) == sorted([CHAT_MODEL, EXTERNAL])
+    r = client.chat.completions.create(
+        model=EXTERNAL, temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(
+        model=EXTERNAL, temperature=0, max_tokens=12, stream=True,
+        messages=[{"role": "user", "content": "Count from one to five."}])
+    pieces = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces).strip()
+
+    # llama-cpp-python reports no usage in streams: strata counts the
+    # streamed tokens itself, so nothing generated goes unmetered.
+    def metered():
+        usage = ext.admin("GET", f"/admin/v1/tenants/{ext.tenant['id']}/usage", expect=200).json()
+        rows = [row for row in usage["data"] if row["model"] == EXTERNAL]
+        return (len(rows) == 1 and rows[0]["requests"] == 2
+                and rows[0]["completion_tokens"] == r.usage.completion_tokens + len(pieces))
+    wait_for("both answers in the ledger, with their tokens", metered, 10)
+
+
+def test_another_tenant_does_not_see_a_model_kept_to_one(ext):
+    other = ext.admin("POST", "/admin/v1/tenants", {"name": "not-ext"}, expect=201).json()
+    client = ext.client(ext.new_key(other["id"], "member"))
+    assert [m.id for m in client.models.list().data] == [CHAT_MODEL]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=EXTERNAL, max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_the_engine_answers_only_its_pool_key(ext):
+    url = external_replicas(ext)[0]["url"]
+    assert url.startswith("http://127.0.0.1:")
+    body = {"model": EXTERNAL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    anyone = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert anyone.status_code == 401, anyone.text
+    # Nor the platform's keys: only the key strata made for the pool.
+    keyed = httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(ext.key), timeout=30)
+    assert keyed.status_code == 401, keyed.text
+    # The key is in the engine's environment, not its arguments, which
+    # every process on the machine may read.
+    pid = ext.engine_pid(external_replicas(ext)[0]["id"])
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"api_key" not in f.read().lower()
+
+
+def test_its_answers_are_stored_by_the_responses_api(ext):
+    client = ext.client()
+    first = client.responses.create(model=EXTERNAL, input="What is the capital of France?",
+                                    max_output_tokens=20, temperature=0)
+    assert "Paris" in first.output_text
+    again = client.responses.retrieve(first.id)
+    assert again.output_text == first.output_text and again.model == EXTERNAL
+
+
+def test_a_killed_replica_is_replaced_and_a_stream_it_cut_ends_with_an_error(ext):
+    client = ext.client()
+    before = external_replicas(ext)[0]["id"]
+    stream = client.chat.completions.create(
+        model=EXTERNAL, max_tokens=400, stream=True,
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}])
+    deltas = 0
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas += 1
+                if deltas == 5:
+                    os.kill(ext.engine_pid(before), signal.SIGKILL)
+    assert deltas >= 5
+    assert "cannot continue an answer" in str(e.value), str(e.value)
+
+    def replaced():
+        now = [r for r in external_replicas(ext) if r["ready"]]
+        return bool(now) and now[0]["id"] != before
+    wait_for("a new replica of the external pool", replaced)
+    r = client.chat.completions.create(
+        model=EXTERNAL, temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_status_says_what_each_engine_does(ext):
+    r = subprocess.run([STRATA, "--config", ext.config, "status", "--db", os.path.join(ext.dir, "strata.db"),
+                        "--json"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    engines = {e["model"]: e for e in json.loads(r.stdout)["engines"]}
+    assert engines[CHAT_MODEL] == {"model": CHAT_MODEL, "kind": "strata", "prefix_cache": "per tenant",
+                                   "snapshots": "kept", "cut_answers": "continued", "tenant": "any"}
+    assert engines[EXTERNAL] == {"model": EXTERNAL, "kind": "openai", "prefix_cache": "shared: one tenant",
+                                 "snapshots": "none: prefilled again", "cut_answers": "error event",
+                                 "tenant": "ext"}
