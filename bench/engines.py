@@ -14,8 +14,14 @@ tokens per second over the batch's wall time and TTFT (mean, p95). Engines
 get 2 threads each; only one case runs at a time, and the cases alternate
 within a round (ROUNDS rounds; medians of the rounds are reported).
 
-Run: .venv/bin/python bench/engines.py   (after `cargo build --release -p
-strata` and `scripts/peer-engine`, which builds llama-cpp-python once).
+`image`: the image deploy/image/build makes from the release binary: its
+size, and an engine's start to ready (`/health` 200) from the image
+(`buildah run`, chroot isolation, the model on a mounted volume) against
+the same binary started directly, alternating, ROUNDS each.
+
+Run: .venv/bin/python bench/engines.py [streams|image]   (after `cargo
+build --release -p strata` and `scripts/peer-engine`, which builds
+llama-cpp-python once).
 """
 import concurrent.futures as cf
 import datetime
@@ -60,7 +66,7 @@ replicas = 1
 [models.engine]
 kind = "openai"
 command = ["{PEER}", "-m", "llama_cpp.server", "--model", "{{model_path}}", "--model_alias", "{{model}}",
-           "--host", "{{host}}", "--port", "{{port}}", "--n_threads", "2", "--n_ctx", "4096"]
+           "--host", "{{host}}", "--port", "{{port}}", "--n_threads", "2", "--n_ctx", "4096", "--interrupt_requests", "false"]
 env = {{ API_KEY = "{{api_key}}" }}
 """
 
@@ -100,7 +106,7 @@ def main():
     port = free_port()
     direct_key = "bench-direct-key"
     direct = subprocess.Popen([PEER, "-m", "llama_cpp.server", "--model", path, "--model_alias", EXTERNAL,
-                               "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "4096"],
+                               "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "4096", "--interrupt_requests", "false"],
                               env={**os.environ, "API_KEY": direct_key},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -167,10 +173,86 @@ def main():
         f.write(out)
 
 
+def start_to_ready(cmd, port):
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, f"{cmd[0]} exited"
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.02)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def image():
+    import shutil
+    import tempfile
+    tag = "localhost/strata:bench"
+    buildah = ["buildah", "--storage-driver", "vfs"]
+    t0 = time.monotonic()
+    subprocess.run([os.path.join(HERE, "..", "deploy", "image", "build"), STRATA, tag], check=True,
+                   capture_output=True, timeout=1800)
+    build_s = time.monotonic() - t0
+    size = subprocess.run([*buildah, "images", "--format", "{{.Size}}", tag], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    models = tempfile.mkdtemp(prefix="strata-bench-")
+    os.chmod(models, 0o755)
+    shutil.copy(model_config(CHAT_MODEL).split('"')[1], os.path.join(models, "model.gguf"))
+    os.chmod(os.path.join(models, "model.gguf"), 0o644)
+    container = subprocess.run([*buildah, "from", tag], capture_output=True, text=True, check=True).stdout.strip()
+    engine = ["engine", "--model-name", CHAT_MODEL, "--threads", "2"]
+    times = {"image": [], "host": []}
+    try:
+        for _ in range(ROUNDS):
+            port = free_port()
+            times["image"].append(start_to_ready(
+                [*buildah, "run", "--isolation", "chroot", "--env", "STRATA_REPLICA_TOKEN=bench", "--volume",
+                 f"{models}:/models:ro", container, "--", "/usr/local/bin/strata", *engine, "--model",
+                 "/models/model.gguf", "--port", str(port)], port))
+            port = free_port()
+            times["host"].append(start_to_ready(
+                [STRATA, *engine, "--model", os.path.join(models, "model.gguf"), "--port", str(port)], port))
+    finally:
+        subprocess.run([*buildah, "rm", container], capture_output=True)
+        subprocess.run([*buildah, "rmi", "--force", tag], capture_output=True)
+        shutil.rmtree(models, ignore_errors=True)
+    img, host = statistics.median(times["image"]), statistics.median(times["host"])
+    out = "\n".join([
+        "",
+        "## The image",
+        "",
+        f"`ROUNDS={ROUNDS} .venv/bin/python bench/engines.py image`, release build, "
+        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+        f"{datetime.date.today().isoformat()}, commit {git_head()}.",
+        "",
+        f"- Size: {size} (Debian bookworm minbase with python3, pip, libgomp1, libstdc++6, and the stripped "
+        f"binary), as `buildah images` reports it; built in {build_s:.0f} s with the root file system cached.",
+        f"- An engine's start to ready (SmolLM2, 2 threads, `/health` 200), median of {ROUNDS}: from the image "
+        f"(`buildah run`, chroot isolation) {img:.2f} s, the same binary on the host {host:.2f} s "
+        f"(x{img / host:.2f}; runs: image {', '.join(f'{t:.2f}' for t in times['image'])}, host "
+        f"{', '.join(f'{t:.2f}' for t in times['host'])}). No image pull is counted: none can be made here.",
+        "",
+    ])
+    print(out)
+    with open(os.path.join(HERE, "results", "engines.md"), "a") as f:
+        f.write(out)
+
+
 def git_head():
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=HERE).stdout.strip()
 
 
 if __name__ == "__main__":
-    main()
+    what = sys.argv[1:] or ["streams", "image"]
+    if "streams" in what:
+        main()
+    if "image" in what:
+        image()

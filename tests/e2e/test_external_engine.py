@@ -7,6 +7,7 @@ stored by the Responses API; a stream it cuts short ends with an error
 event, not a silent continuation (it takes no `continue_final_message`).
 The server is built once per machine by scripts/peer-engine (scripts/test
 runs it); without it this test fails rather than pass unseen."""
+import concurrent.futures
 import json
 import os
 import signal
@@ -42,7 +43,7 @@ replicas = 1
 kind = "openai"
 command = ["{PEER_PYTHON}", "-m", "llama_cpp.server", "--model", "{{model_path}}",
            "--model_alias", "{{model}}", "--host", "{{host}}", "--port", "{{port}}",
-           "--n_threads", "{{threads}}", "--n_ctx", "2048"]
+           "--n_threads", "{{threads}}", "--n_ctx", "2048", "--interrupt_requests", "false"]
 env = {{ API_KEY = "{{api_key}}" }}
 """
 
@@ -89,6 +90,19 @@ def test_the_external_engine_answers_its_tenant_and_is_metered(ext):
         return (len(rows) == 1 and rows[0]["requests"] == 2
                 and rows[0]["completion_tokens"] == r.usage.completion_tokens + len(pieces))
     wait_for("both answers in the ledger, with their tokens", metered, 10)
+
+
+def test_streams_at_once_are_all_answered(ext):
+    client = ext.client()
+
+    def one(i):
+        stream = client.chat.completions.create(
+            model=EXTERNAL, max_tokens=8, stream=True,
+            messages=[{"role": "user", "content": f"Say a word about the number {i}."}])
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(one, range(4)))
+    assert all(a.strip() for a in answers), answers
 
 
 def test_another_tenant_does_not_see_a_model_kept_to_one(ext):
