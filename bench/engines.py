@@ -43,6 +43,7 @@ from conftest import CHAT_MODEL, STRATA, Server, free_port, model_config  # noqa
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 STREAMS = [1, 4, 8]
 TOKENS = 64
+THREADS = os.environ.get("THREADS", "2")
 PEER = subprocess.run([os.path.join(HERE, "..", "scripts", "peer-engine")], capture_output=True, text=True,
                       check=True).stdout.strip()
 EXTERNAL = "smol-py"
@@ -55,7 +56,7 @@ id = "{CHAT_MODEL}"
 source = "{CHAT_MODEL}"
 replicas = 1
 [models.engine]
-threads = 2
+threads = {THREADS}
 context_size = 4096
 
 [[models]]
@@ -66,7 +67,7 @@ replicas = 1
 [models.engine]
 kind = "openai"
 command = ["{PEER}", "-m", "llama_cpp.server", "--model", "{{model_path}}", "--model_alias", "{{model}}",
-           "--host", "{{host}}", "--port", "{{port}}", "--n_threads", "2", "--n_ctx", "4096", "--interrupt_requests", "false"]
+           "--host", "{{host}}", "--port", "{{port}}", "--n_threads", "{THREADS}", "--n_ctx", "4096", "--interrupt_requests", "false"]
 env = {{ API_KEY = "{{api_key}}" }}
 """
 
@@ -106,7 +107,7 @@ def main():
     port = free_port()
     direct_key = "bench-direct-key"
     direct = subprocess.Popen([PEER, "-m", "llama_cpp.server", "--model", path, "--model_alias", EXTERNAL,
-                               "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "4096", "--interrupt_requests", "false"],
+                               "--host", "127.0.0.1", "--port", str(port), "--n_threads", THREADS, "--n_ctx", "4096", "--interrupt_requests", "false"],
                               env={**os.environ, "API_KEY": direct_key},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -149,7 +150,7 @@ def main():
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
         f"{datetime.date.today().isoformat()}, commit {git_head()}.",
         "",
-        f"SmolLM2-135M-Instruct Q4_1 on every engine, 2 threads each, {TOKENS} tokens at most per stream, "
+        f"SmolLM2-135M-Instruct Q4_1 on every engine, {THREADS} thread(s) each, {TOKENS} tokens at most per stream, "
         f"temperature 0; medians of {ROUNDS} rounds, cases alternating within a round.",
         "",
         "| case | streams | tokens/s | TTFT mean (ms) | TTFT p95 (ms) |",
