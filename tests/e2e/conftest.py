@@ -64,6 +64,16 @@ def bearer(key):
     return {"Authorization": f"Bearer {key}"}
 
 
+def wait_for(what, check, timeout=60):
+    """Waits until `check()` is true, for `timeout` seconds at most."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def wait_ready(base, replicas, timeout=180):
     deadline = time.time() + timeout
     last = None

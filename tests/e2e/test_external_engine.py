@@ -12,13 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import CHAT_MODEL, STRATA, Server, bearer, model_config
+from conftest import CHAT_MODEL, STRATA, Server, bearer, model_config, wait_for
 
 PEER_PYTHON = os.environ.get(
     "STRATA_PEER_PYTHON", os.path.expanduser("~/.cache/strata/peers/llama-cpp-python/bin/python"))
@@ -59,13 +58,6 @@ def external_replicas(s):
     return [r for r in s.replica_list() if EXTERNAL in r["id"]]
 
 
-def wait_for(what, ok, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if ok():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"waited {timeout} s for {what}")
 
 
 def test_the_external_engine_answers_its_tenant_and_is_metered(ext):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import CHAT_MODEL, MODEL_ID, STRATA, Server, bearer, write_config
+from conftest import CHAT_MODEL, MODEL_ID, STRATA, Server, bearer, wait_for, write_config
 
 CATALOG = f"""
 [[models]]
@@ -155,13 +155,6 @@ def models_listed(s, key=None):
     return sorted(m.id for m in s.client(key).models.list().data)
 
 
-def wait_for(what, check, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 def strata_cli(s, *args):

@@ -20,7 +20,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from conftest import MODEL_ID, Server, acknowledged_problems, bearer, postgres_url, psql
+from conftest import MODEL_ID, Server, acknowledged_problems, bearer, postgres_url, psql, wait_for
 
 STORE_CODES = {"store_unavailable", "storage_full"}
 
@@ -117,13 +117,6 @@ def pg_ctl(action):
                    check=True, timeout=60)
 
 
-def wait_for(what, check, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def test_postgres_stopped_and_started_under_load():
