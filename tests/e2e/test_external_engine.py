@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import httpx
 import openai
@@ -121,6 +122,22 @@ def test_the_engine_answers_only_its_pool_key(ext):
     pid = ext.engine_pid(external_replicas(ext)[0]["id"])
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"api_key" not in f.read().lower()
+
+
+def test_no_admin_key_or_database_row_chooses_a_program_to_run(ext):
+    """The engine's kind and command are the config file's alone: a platform
+    admin key (or whoever steals one) deploying a model cannot run a
+    program of its choosing on the machine."""
+    marker = os.path.join(ext.dir, "pwned")
+    for engine in [{"kind": "openai", "command": ["/bin/sh", "-c", f"touch {marker}; sleep 60 # {{port}}"]},
+                   {"command": ["/bin/sh", "-c", f"touch {marker}"]},
+                   {"env": {"LD_PRELOAD": "/tmp/x.so"}}]:
+        r = ext.admin("POST", "/admin/v1/models", {"id": "evil", "source": CHAT_MODEL, "engine": engine})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_model" and "config file only" in r.json()["error"]["message"]
+    time.sleep(1)
+    assert not os.path.exists(marker)
+    assert "evil" not in [m["id"] for m in ext.admin("GET", "/admin/v1/models", expect=200).json()["data"]]
 
 
 def test_its_answers_are_stored_by_the_responses_api(ext):

@@ -662,6 +662,24 @@ pub struct EngineConfig {
     pub capabilities: Capabilities,
 }
 
+/// The `[engine]` keys that say which program runs and what strata relies
+/// on of it: the config file's alone (not a deployed model's).
+pub const ENGINE_KIND_KEYS: [&str; 5] = ["kind", "command", "env", "ready_path", "capabilities"];
+
+/// Why a model deployed beside the config file's (admin API, database)
+/// may not be served as it is: it sets one of `ENGINE_KIND_KEYS`.
+pub fn deployed_engine_issue(entry: &ModelEntry) -> Option<ConfigIssue> {
+    let key = ENGINE_KIND_KEYS
+        .iter()
+        .find(|k| entry.engine.contains_key(**k))?;
+    Some(ConfigIssue {
+        key: format!("model.engine.{key}"),
+        message: "is set in the config file only: a deployed model runs the engine the file \
+                  describes"
+            .into(),
+    })
+}
+
 /// Which server a model's replicas run.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -909,7 +927,14 @@ impl Config {
     /// A model deployed beside the file's (through the admin API), served
     /// with the file's sections under its own keys as any entry but the
     /// first is.
+    /// It may not choose what runs on the machine: the engine's kind,
+    /// command and environment (and what strata relies on of it) are the
+    /// config file's alone, so neither an admin key nor a row written into
+    /// the database can start a program of its choosing.
     pub fn served_entry(&self, entry: &ModelEntry) -> Result<ServedModel, ConfigIssue> {
+        if let Some(issue) = deployed_engine_issue(entry) {
+            return Err(issue);
+        }
         self.serve_entry(self.models.len().max(1), entry)
     }
 
@@ -2001,5 +2026,23 @@ alias = { c = 1, v1 = 2000000 }
         assert_eq!(keys(&single), ["engine.capabilities.shared_prefix_cache"]);
         let e = Config::from_toml("[engine]\nkind = \"vllm\"\n").unwrap_err();
         assert_eq!(e.key, "engine.kind");
+    }
+
+    #[test]
+    fn a_deployed_model_cannot_choose_the_program_that_runs() {
+        let config = Config::default();
+        for key in ENGINE_KIND_KEYS {
+            let entry: ModelEntry = serde_json::from_value(serde_json::json!({
+                "id": "x", "source": "gemma-3-270m-q4_k_m",
+                "engine": {key: if key == "command" { serde_json::json!(["/bin/sh", "-c", "id"]) } else { serde_json::json!("openai") }},
+            }))
+            .unwrap();
+            let issue = config.served_entry(&entry).unwrap_err();
+            assert_eq!(issue.key, format!("model.engine.{key}"));
+        }
+        let plain: ModelEntry =
+            serde_json::from_value(serde_json::json!({"id": "x", "source": "gemma-3-270m-q4_k_m"}))
+                .unwrap();
+        assert!(config.served_entry(&plain).is_ok());
     }
 }

@@ -675,6 +675,9 @@ fn declared(config: &Config, flags: &EngineFlags) -> Vec<String> {
 /// What is wrong with `entry`'s settings as one more model of `config`'s
 /// catalog, if anything.
 fn check_entry(config: &Config, entry: &ModelEntry) -> Result<ServedModel, String> {
+    if let Some(issue) = strata_core::config::deployed_engine_issue(entry) {
+        return Err(issue.to_string());
+    }
     if let Some(issue) = config.entry_issues(entry).into_iter().next() {
         return Err(issue.to_string());
     }

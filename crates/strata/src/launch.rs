@@ -258,6 +258,9 @@ pub fn local_launch(
         EngineKind::Strata => None,
         EngineKind::Openai => {
             let e = &config.engine;
+            if e.command.is_empty() {
+                bail!("engine kind `openai` needs engine.command");
+            }
             Some(ExternalLaunch {
                 command: e.command.clone(),
                 env: e.env.clone().into_iter().collect(),
