@@ -685,6 +685,7 @@ mod tests {
             prefill_tokens_per_s: 1000.0,
             decode_tokens_per_s: vec![decode],
             launch_secs: None,
+            gpus: 0,
         }
     }
 

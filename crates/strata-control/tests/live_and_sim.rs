@@ -38,6 +38,7 @@ fn spec() -> PoolSpec {
         prefill_tokens_per_s: 1000.0,
         decode_tokens_per_s: vec![100.0],
         launch_secs: None,
+        gpus: 0,
     };
     let offer = |zone: &str, capacity, price| {
         (

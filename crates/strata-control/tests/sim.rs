@@ -36,6 +36,7 @@ fn spec(units: u32, hedge: u32) -> PoolSpec {
         prefill_tokens_per_s: 8000.0,
         decode_tokens_per_s: vec![1000.0],
         launch_secs: None,
+        gpus: 0,
     };
     let mut offers = Vec::new();
     for zone in ZONES {

@@ -19,6 +19,7 @@ fn profile() -> InstanceType {
         prefill_tokens_per_s: 1000.0,
         decode_tokens_per_s: vec![50.0, 70.0, 85.0, 100.0],
         launch_secs: None,
+        gpus: 0,
     }
 }
 

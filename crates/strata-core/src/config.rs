@@ -375,6 +375,10 @@ pub struct InstanceType {
     /// Seconds from launch until a replica of this type serves (machine
     /// boot, image, weights), for the simulated cloud; unset: its default.
     pub launch_secs: Option<f64>,
+    /// GPUs one replica of this type uses: on Kubernetes its engine Pods
+    /// ask for as many `nvidia.com/gpu` (0: `kubernetes.engine_gpus`), so
+    /// the fleet `strata simulate` plans is the one that is deployed.
+    pub gpus: u32,
 }
 
 impl Default for InstanceType {
@@ -387,6 +391,7 @@ impl Default for InstanceType {
             prefill_tokens_per_s: 480.0,
             decode_tokens_per_s: vec![40.7, 55.0, 70.0, 82.1, 86.0, 90.0, 94.0, 96.9],
             launch_secs: None,
+            gpus: 0,
         }
     }
 }

@@ -641,6 +641,13 @@ pub fn engine_deployment(
     volumes.push(model_vol);
     mounts.push(model_mount);
     let https = config.serve.replica_mtls;
+    // The instance type's GPUs, as `strata simulate` planned with them.
+    let gpus = config
+        .instance_types
+        .get(&variant.instance_type)
+        .map(|t| t.gpus)
+        .filter(|g| *g > 0)
+        .unwrap_or(k.engine_gpus);
     // The engine binds its Pod's address, not every interface.
     let mut args = vec![
         json!("--config"),
@@ -698,7 +705,7 @@ pub fn engine_deployment(
                             "ports": [{"name": "http", "containerPort": k.engine_port}],
                             "readinessProbe": probe(2, https),
                             "livenessProbe": probe(60, https),
-                            "resources": resources(&k.engine_cpu, &k.engine_memory, k.engine_gpus),
+                            "resources": resources(&k.engine_cpu, &k.engine_memory, gpus),
                             "securityContext": locked_down(),
                             "volumeMounts": engine_mounts,
                         }],
@@ -1283,5 +1290,29 @@ mod tests {
         );
         let volumes = d["spec"]["template"]["spec"]["volumes"].to_string();
         assert!(volumes.contains(r#""claimName":"models""#), "{volumes}");
+    }
+
+    #[test]
+    fn engine_pods_ask_for_the_gpus_of_the_instance_type_the_simulator_planned_with() {
+        // The GPU fleet `strata simulate` runs (bench/results/simulate.md).
+        let text = include_str!("../../../bench/scenarios/gpu-fleet-p4d.toml");
+        let config = Config::from_toml(text).unwrap();
+        let on = |instance_type: &str| {
+            let d = engine_deployment(
+                &config,
+                &Variant {
+                    instance_type: instance_type.into(),
+                    ..variant("use1-az1", CapacityType::Spot)
+                },
+                1,
+                &gemma(),
+            );
+            d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+                .clone()
+        };
+        assert_eq!(on("g5.xlarge"), "1");
+        assert_eq!(on("p4d.24xlarge"), "8");
+        // A type that names none: the [kubernetes] section's count (none).
+        assert_eq!(on("m5.large"), Value::Null);
     }
 }

@@ -206,6 +206,7 @@ mod tests {
             prefill_tokens_per_s: 1000.0,
             decode_tokens_per_s: vec![10.0, 16.0],
             launch_secs: None,
+            gpus: 0,
         }
     }
 
