@@ -242,9 +242,13 @@ impl Fleet {
         if let Launcher::Kube(client) = &self.parts.launcher {
             let (desired, _) = self.desired().await?;
             let keep: Vec<String> = desired.iter().map(|(m, v)| kube_pool(m, v)).collect();
-            strata_k8s::provider::remove_other_pools(client.clone(), &self.parts.config, &keep)
-                .await
-                .context("removing the engines of undeployed models")?;
+            // Tried again by the next leader; serving goes on meanwhile.
+            if let Err(e) =
+                strata_k8s::provider::remove_other_pools(client.clone(), &self.parts.config, &keep)
+                    .await
+            {
+                tracing::warn!(error = %e, "cannot remove the engines of undeployed models");
+            }
         }
         Ok(())
     }
