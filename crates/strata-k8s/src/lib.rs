@@ -8,9 +8,6 @@ pub mod lease;
 pub mod provider;
 pub mod render;
 
-/// The model file's name inside the engine Pods' model volume.
-pub const MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-
 pub use kube::Client;
 
 /// A client for the cluster this runs in (its service account), or the
