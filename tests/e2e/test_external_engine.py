@@ -25,7 +25,7 @@ PEER_PYTHON = os.environ.get(
 EXTERNAL = "smol-py"
 
 
-def catalog():
+def catalog(pool="replicas = 1"):
     assert os.path.exists(PEER_PYTHON), (
         f"no llama-cpp-python at {PEER_PYTHON}: run scripts/peer-engine (scripts/test does)")
     path = model_config(CHAT_MODEL).split('"')[1]
@@ -38,7 +38,7 @@ source = "{CHAT_MODEL}"
 id = "{EXTERNAL}"
 path = "{path}"
 tenant = "ext"
-replicas = 1
+{pool}
 [models.engine]
 kind = "openai"
 command = ["{PEER_PYTHON}", "-m", "llama_cpp.server", "--model", "{{model_path}}",
@@ -185,3 +185,37 @@ def test_status_says_what_each_engine_does(ext):
     assert engines[EXTERNAL] == {"model": EXTERNAL, "kind": "openai", "prefix_cache": "shared: one tenant",
                                  "snapshots": "none: prefilled again", "cut_answers": "error event",
                                  "tenant": "ext"}
+
+
+def test_a_key_limit_holds_on_it(ext):
+    client = ext.client(ext.new_key(ext.tenant["id"], "member", requests_per_minute=2))
+    ask = {"model": EXTERNAL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        client.chat.completions.create(**ask)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(**ask)
+
+
+AUTOSCALED = """
+[models.pool]
+autoscale = true
+min_replicas = 0
+max_replicas = 1
+stable_window_secs = 2.0
+panic_window_secs = 1.0
+scale_down_delay_secs = 2.0
+scale_to_zero_after_secs = 4.0"""
+
+
+def test_its_pool_scales_from_zero_and_back():
+    s = Server(replicas=1, ready=1, config=catalog(AUTOSCALED), tenant="ext")
+    try:
+        assert external_replicas(s) == []
+        r = s.client().chat.completions.create(
+            model=EXTERNAL, temperature=0, max_tokens=20,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+        assert len(external_replicas(s)) == 1
+        wait_for("the idle pool back at zero", lambda: external_replicas(s) == [], 60)
+    finally:
+        s.stop()
