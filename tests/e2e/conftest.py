@@ -33,6 +33,34 @@ def model_config(model):
     return f'[engine]\nmodel = "{json.loads(out.splitlines()[-1])["path"]}"\n'
 
 
+# A model served by llama-cpp-python's server (engine kind `openai`).
+EXTERNAL = "smol-py"
+PEER_PYTHON = os.environ.get(
+    "STRATA_PEER_PYTHON", os.path.expanduser("~/.cache/strata/peers/llama-cpp-python/bin/python"))
+
+
+def peer_engine_model(model_id, tenant, pool="replicas = 1"):
+    """A `[[models]]` entry serving SmolLM2 on llama-cpp-python's server as
+    `model_id`, kept to `tenant`. The server is built once per machine by
+    scripts/peer-engine (scripts/test runs it); without it this fails."""
+    assert os.path.exists(PEER_PYTHON), (
+        f"no llama-cpp-python at {PEER_PYTHON}: run scripts/peer-engine (scripts/test does)")
+    path = model_config(CHAT_MODEL).split('"')[1]
+    return f"""
+[[models]]
+id = "{model_id}"
+path = "{path}"
+tenant = "{tenant}"
+{pool}
+[models.engine]
+kind = "openai"
+command = ["{PEER_PYTHON}", "-m", "llama_cpp.server", "--model", "{{model_path}}",
+           "--model_alias", "{{model}}", "--host", "{{host}}", "--port", "{{port}}",
+           "--n_threads", "{{threads}}", "--n_ctx", "2048", "--interrupt_requests", "false"]
+env = {{ API_KEY = "{{api_key}}" }}
+"""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

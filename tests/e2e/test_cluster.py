@@ -13,7 +13,8 @@ import time
 
 import httpx
 import pytest
-from conftest import CHAT_MODEL, MODEL_ID, STRATA, bearer, free_port, postgres_url, psql, write_config
+from conftest import (CHAT_MODEL, EXTERNAL, MODEL_ID, STRATA, bearer, free_port, peer_engine_model, postgres_url,
+                      psql, write_config)
 
 KEK = "5a" * 32
 LEASE_SECS = 3
@@ -43,7 +44,7 @@ def wait_for(what, check, timeout):
 
 
 class Cluster:
-    def __init__(self, gateways=3, replicas=2, extra=""):
+    def __init__(self, gateways=3, replicas=2, extra="", env=None):
         self.db = postgres_url("cluster")
         self.dir = tempfile.mkdtemp(prefix="strata-cluster-")
         # One replica CA for the cluster: the controllers' engines and the
@@ -51,7 +52,7 @@ class Cluster:
         self.admin_key, self.config = write_config(
             self.dir, f'[gateway]\nshared_limits_url = "{redis_url()}"\nqueue_timeout_secs = 120\n'
                       f'[serve]\nreplica_tls_dir = "{self.dir}/replica-tls"\n{extra}')
-        self.env = {**os.environ, "STRATA_KEK": KEK}
+        self.env = {**os.environ, "STRATA_KEK": KEK, **(env or {})}
         self.procs = []
         self.metrics = {name: f"http://127.0.0.1:{free_port()}" for name in ("ctl-a", "ctl-b")}
         self.controllers = {name: self.start(name, "controller", "--db", self.db, "--replicas", str(replicas),
@@ -312,6 +313,36 @@ def test_a_clusters_gateways_and_acting_controller_share_one_catalog():
         # The config file's model serves on.
         client(g1, key).chat.completions.create(
             model=CHAT_MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    finally:
+        c.stop()
+
+
+def test_a_cluster_serves_an_external_engine_with_the_key_its_gateways_derive():
+    """Engine kind `openai` in a cluster: the acting controller launches
+    llama-cpp-python with its pool's key derived from STRATA_ENGINE_KEY;
+    every gateway derives the same key from the same secret and reaches it,
+    and nothing else does."""
+    extra = (f'[engine]\ncontext_size = 1024\n[[models]]\nid = "{CHAT_MODEL}"\nsource = "{CHAT_MODEL}"\n'
+             + peer_engine_model(EXTERNAL, "ext"))
+    c = Cluster(gateways=2, replicas=1, extra=extra, env={"STRATA_ENGINE_KEY": "a cluster's secret"})
+    try:
+        (g0, _), (g1, _) = c.gateways
+        for base in (g0, g1):
+            wait_for(f"both pools ready at {base}", lambda: len(c.ready_ids(base)) == 2, 180)
+        headers = bearer(c.admin_key)
+        tenant = httpx.post(f"{g0}/admin/v1/tenants", json={"name": "ext"}, headers=headers, timeout=30).json()
+        key = httpx.post(f"{g0}/admin/v1/tenants/{tenant['id']}/keys", json={"name": "k", "role": "member"},
+                         headers=headers, timeout=30).json()["key"]
+        for base in (g0, g1):
+            answer = client(base, key).chat.completions.create(
+                model=EXTERNAL, temperature=0, max_tokens=20,
+                messages=[{"role": "user", "content": "What is the capital of France?"}])
+            assert "Paris" in answer.choices[0].message.content
+        engines = {e["model"]: e["kind"] for e in c.status()["engines"]}
+        assert engines == {CHAT_MODEL: "strata", EXTERNAL: "openai"}
+        url = psql(c.db, f"SELECT endpoint FROM instances WHERE pool = '{EXTERNAL}' AND ended_at_ms IS NULL")
+        body = {"model": EXTERNAL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 401
     finally:
         c.stop()
 

@@ -18,34 +18,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import CHAT_MODEL, STRATA, Server, bearer, model_config, wait_for
-
-PEER_PYTHON = os.environ.get(
-    "STRATA_PEER_PYTHON", os.path.expanduser("~/.cache/strata/peers/llama-cpp-python/bin/python"))
-EXTERNAL = "smol-py"
-
+from conftest import CHAT_MODEL, EXTERNAL, STRATA, Server, bearer, peer_engine_model, wait_for
 
 def catalog(pool="replicas = 1"):
-    assert os.path.exists(PEER_PYTHON), (
-        f"no llama-cpp-python at {PEER_PYTHON}: run scripts/peer-engine (scripts/test does)")
-    path = model_config(CHAT_MODEL).split('"')[1]
     return f"""
 [[models]]
 id = "{CHAT_MODEL}"
 source = "{CHAT_MODEL}"
-
-[[models]]
-id = "{EXTERNAL}"
-path = "{path}"
-tenant = "ext"
-{pool}
-[models.engine]
-kind = "openai"
-command = ["{PEER_PYTHON}", "-m", "llama_cpp.server", "--model", "{{model_path}}",
-           "--model_alias", "{{model}}", "--host", "{{host}}", "--port", "{{port}}",
-           "--n_threads", "{{threads}}", "--n_ctx", "2048", "--interrupt_requests", "false"]
-env = {{ API_KEY = "{{api_key}}" }}
-"""
+{peer_engine_model(EXTERNAL, "ext", pool)}"""
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,27 @@ pub use error::ApiError;
 /// only that or a verified client certificate (`strata_engine::server::Trust`).
 pub const REPLICA_TOKEN_ENV: &str = "STRATA_REPLICA_TOKEN";
 
+/// The environment variable that gives a cluster's controllers and
+/// gateways the secret the API keys of their `openai` engines are derived
+/// from (`strata serve` makes keys of its own and needs none).
+pub const ENGINE_KEY_ENV: &str = "STRATA_ENGINE_KEY";
+
+/// The API key of pool `pool`'s engines of kind `openai`, derived from
+/// `secret` (HMAC-SHA256): every process that holds the secret gets the
+/// same key for a pool, and one pool's key says nothing of another's.
+pub fn engine_api_key(secret: &str, pool: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(b"strata engine api key\0");
+    mac.update(pool.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Request header from the gateway to an engine naming whose cached prompt
 /// prefixes the request may reuse: the tenant id. Requests without it share
 /// one unnamed scope. The gateway always sets it, so a client cannot; an
@@ -155,4 +176,20 @@ pub fn drain_lease(replica: &str) -> String {
 /// the controller waits for it before it stops the replica.
 pub fn drained_lease(replica: &str) -> String {
     format!("drained/{replica}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_key_is_the_same_for_a_pool_everywhere_and_apart_between_pools() {
+        let key = engine_api_key("secret", "chat");
+        assert_eq!(key, engine_api_key("secret", "chat"));
+        assert_eq!(key.len(), 64);
+        assert_ne!(key, engine_api_key("secret", "code"));
+        assert_ne!(key, engine_api_key("other secret", "chat"));
+        // Not the secret, nor anything that contains it.
+        assert!(!key.contains("secret"));
+    }
 }

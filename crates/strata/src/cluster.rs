@@ -244,7 +244,7 @@ pub fn gateway_in_cluster(
     settings: &mut strata_gateway::GatewaySettings,
     shutdown: &CancellationToken,
 ) -> strata_gateway::Links {
-    let (publish, endpoints) = watch::channel(Vec::new());
+    let (publish, recorded) = watch::channel(Vec::new());
     tokio::spawn(cluster::discover_replicas(
         store.clone(),
         publish,
@@ -260,7 +260,10 @@ pub fn gateway_in_cluster(
         loads,
         shutdown.clone(),
     ));
-    let (catalog, host) = crate::fleet::follow_cluster_catalog(store.clone(), config, shutdown);
+    let (catalog, engines, host) =
+        crate::fleet::follow_cluster_catalog(store.clone(), config, shutdown);
+    // Replicas of `openai` engines get their pool's key, not strata's.
+    let endpoints = crate::fleet::with_engines(recorded, engines, shutdown.clone());
     strata_gateway::Links {
         load: Some(load_tx),
         catalog: Some(catalog),

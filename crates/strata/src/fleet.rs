@@ -371,9 +371,6 @@ impl Fleet {
         // The one model of a file without `[[models]]` has the whole load
         // (a cluster's gateways may not know its id).
         let load = || model_load(self.loads.clone(), model.id.clone(), stop.clone());
-        if parts.in_cluster && config.engine.kind == EngineKind::Openai {
-            bail!("{}", cluster_refusal(model));
-        }
         let (catalog, endpoints, task) = match &parts.launcher {
             Launcher::Local(trust) => {
                 let mut settings = local_launch(
@@ -386,6 +383,11 @@ impl Fleet {
                 )
                 .with_context(|| model_context(model.id.as_deref()))?;
                 settings.drain_via_store = parts.in_cluster;
+                if let (true, Some(x)) = (parts.in_cluster, settings.external.as_mut()) {
+                    // The cluster's gateways derive the same key.
+                    x.engine.api_key = cluster_engine_key(&settings.pool)
+                        .with_context(|| model_context(model.id.as_deref()))?;
+                }
                 let (publish, endpoints) = watch::channel(Vec::new());
                 let (notice_tx, notice_rx) = mpsc::channel(64);
                 self.notices
@@ -581,18 +583,97 @@ pub fn desired(config: &Config, stored: &[DeployedModel]) -> Result<Desired> {
 }
 
 /// The catalog a cluster's gateway serves, as the acting controller's
-/// pools do (from the same config file and database).
-fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<Vec<CatalogModel>> {
+/// pools do (from the same config file and database), and how it reaches
+/// the engines of kind `openai`, by model.
+fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<ClusterCatalog> {
     let (served, aliases) = desired(config, stored)?;
     let flags = EngineFlags::default();
-    Ok(served
+    let mut engines = BTreeMap::new();
+    for (m, _) in &served {
+        let e = &m.config.engine;
+        if e.kind != EngineKind::Openai {
+            continue;
+        }
+        // The controller's local provider names a pool by its model id.
+        let pool = m.id.as_deref().unwrap_or("default");
+        let api_key = cluster_engine_key(pool).unwrap_or_else(|e| {
+            tracing::error!(model = %pool_id(&flags, m), error = %format!("{e:#}"), "its replicas cannot be reached");
+            // A key no engine has: requests fail, and nothing of strata's
+            // own credentials goes to the other server.
+            crate::launch::random_hex(32).unwrap_or_default()
+        });
+        let engine = strata_core::ExternalEngine {
+            api_key,
+            ready_path: e.ready_path.clone(),
+            continues: e.capabilities.continue_final_message,
+        };
+        engines.insert(pool_id(&flags, m), engine);
+    }
+    let catalog = served
         .iter()
         .map(|(m, _)| {
             CatalogModel::model(pool_id(&flags, m), m.config.engine.default_max_tokens)
                 .for_tenant(m.tenant.clone())
         })
         .chain(aliases)
-        .collect())
+        .collect();
+    Ok((catalog, engines))
+}
+
+/// A cluster's catalog, and its `openai` engines by model.
+type ClusterCatalog = (Vec<CatalogModel>, Engines);
+
+/// How a cluster's gateways reach the `openai` engines, by model.
+pub type Engines = BTreeMap<String, strata_core::ExternalEngine>;
+
+/// The API key of `pool`'s `openai` engines in a cluster, from the
+/// secret every controller and gateway of it shares.
+fn cluster_engine_key(pool: &str) -> Result<String> {
+    match std::env::var(strata_core::ENGINE_KEY_ENV) {
+        Ok(secret) if !secret.is_empty() => Ok(strata_core::engine_api_key(&secret, pool)),
+        _ => bail!(
+            "engine kind `openai` in a cluster needs {}: one secret for every controller and gateway, \
+             from which each pool's API key is derived",
+            strata_core::ENGINE_KEY_ENV
+        ),
+    }
+}
+
+/// The endpoints a cluster's gateway routes to: those the store records,
+/// each of a model with an `openai` engine marked so (its key, readiness
+/// path), kept current until `stop`.
+pub fn with_engines(
+    mut recorded: watch::Receiver<Vec<ReplicaEndpoint>>,
+    mut engines: watch::Receiver<Engines>,
+    stop: CancellationToken,
+) -> watch::Receiver<Vec<ReplicaEndpoint>> {
+    let (publish, endpoints) = watch::channel(Vec::new());
+    tokio::spawn(async move {
+        loop {
+            let marked: Vec<ReplicaEndpoint> = {
+                let engines = engines.borrow_and_update();
+                recorded
+                    .borrow_and_update()
+                    .iter()
+                    .map(|e| ReplicaEndpoint {
+                        external: e.model.as_ref().and_then(|m| engines.get(m)).cloned(),
+                        ..e.clone()
+                    })
+                    .collect()
+            };
+            publish.send_if_modified(|now| {
+                let changed = *now != marked;
+                *now = marked;
+                changed
+            });
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = recorded.changed() => if changed.is_err() { return },
+                changed = engines.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+    endpoints
 }
 
 /// A cluster's gateway: the catalog as the database holds it (read every
@@ -604,20 +685,30 @@ pub fn follow_cluster_catalog(
     store: Arc<dyn Store>,
     config: &Config,
     stop: &CancellationToken,
-) -> (watch::Receiver<Vec<CatalogModel>>, Arc<dyn ModelHost>) {
+) -> (
+    watch::Receiver<Vec<CatalogModel>>,
+    watch::Receiver<Engines>,
+    Arc<dyn ModelHost>,
+) {
     let config = Arc::new(config.clone());
     let wake = Arc::new(Notify::new());
     let (publish, catalog) = watch::channel(Vec::new());
+    let (publish_engines, engines) = watch::channel(BTreeMap::new());
     let (look, stop) = (wake.clone(), stop.clone());
     let file = config.clone();
     tokio::spawn(async move {
         loop {
             let read = async { cluster_catalog(&file, &store.models().await?) };
             match read.await {
-                Ok(now) => {
+                Ok((now, external)) => {
                     publish.send_if_modified(|c| {
                         let changed = *c != now;
                         *c = now;
+                        changed
+                    });
+                    publish_engines.send_if_modified(|e| {
+                        let changed = *e != external;
+                        *e = external;
                         changed
                     });
                 }
@@ -632,7 +723,7 @@ pub fn follow_cluster_catalog(
             }
         }
     });
-    (catalog, Arc::new(ClusterHost { config, wake }))
+    (catalog, engines, Arc::new(ClusterHost { config, wake }))
 }
 
 /// The admin API's host on a cluster's gateway.
@@ -650,7 +741,8 @@ impl ModelHost for ClusterHost {
     async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
         let served = check_entry(&self.config, entry)?;
         if served.config.engine.kind == EngineKind::Openai {
-            return Err(cluster_refusal(&served));
+            let pool = served.id.as_deref().unwrap_or("default");
+            cluster_engine_key(pool).map_err(|e| format!("{e:#}"))?;
         }
         if let Some(source) = entry.source.as_deref() {
             builtin(source).map_err(|e| format!("{e:#}"))?;
@@ -711,12 +803,11 @@ fn pool_id(flags: &EngineFlags, model: &ServedModel) -> String {
     }
 }
 
-/// Why a cluster does not run `model` (engine kind `openai`): its pool's
-/// API key lives in the process that launches its replicas, and a
-/// cluster's gateways are other processes.
+/// Why Kubernetes does not run `model` (engine kind `openai`) yet: its
+/// Deployments would need the kind's container spec and the pool's key.
 fn cluster_refusal(model: &ServedModel) -> String {
     format!(
-        "{}: engine kind `openai` runs under `strata serve` yet, not in a cluster",
+        "{}: engine kind `openai` runs under `strata serve` and `strata controller --provider local` yet, not on Kubernetes",
         model_context(model.id.as_deref())
     )
 }
