@@ -102,6 +102,21 @@ def wait_for(what, check, timeout=60):
     raise AssertionError(f"not within {timeout} s: {what}")
 
 
+def wait_healthy(proc, base, what, timeout=60):
+    """Waits until the engine process `proc` answers `/health` at `base`;
+    fails with its stderr if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not become healthy"
+        time.sleep(0.2)
+
+
 def wait_ready(base, replicas, timeout=180):
     deadline = time.time() + timeout
     last = None

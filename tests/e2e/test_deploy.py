@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import httpx
-from conftest import MODEL_ID, STRATA, bearer, free_port
+from conftest import MODEL_ID, STRATA, bearer, free_port, wait_healthy
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -110,17 +110,7 @@ def test_an_engine_given_a_sha256_loads_only_that_file():
                              "--sha256", fetched["sha256"].upper()], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the engine with the right sha256 did not start")
+        wait_healthy(proc, f"http://127.0.0.1:{port}", "the engine with the right sha256")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -9,11 +9,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 
 import httpx
 
-from conftest import MODEL_ID, STRATA, free_port
+from conftest import MODEL_ID, STRATA, free_port, wait_healthy
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
@@ -51,16 +50,7 @@ def test_the_image_runs_the_engine_as_nobody_and_answers():
              "--threads", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert engine.poll() is None, engine.stderr.read().decode()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "the image's engine did not become healthy"
-            time.sleep(0.3)
+        wait_healthy(engine, base, "the image's engine", timeout=120)
         body = {"model": MODEL_ID, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
                        headers={"Authorization": "Bearer image-test"})

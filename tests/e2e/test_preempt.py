@@ -139,6 +139,10 @@ def test_a_preempted_replica_drains_while_its_replacement_starts_elsewhere():
         # The ledger: every instance at its price, split by tenant (over one
         # fixed range, since the running instance's bill grows).
         utc = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+        # The range ends on a whole second: one more second has passed since
+        # the last replica launched, so the range holds some of its time
+        # (on a busy machine it was once less than a second old: no line).
+        time.sleep(1.1)
         span = ["--since", utc(time.time() - 3600), "--until", utc(time.time())]  # the past: fixed
         by_type = json.loads(strata(s, "cost", "report", "--by", "instance-type", *span, "--json"))
         keys = {l["key"] for l in by_type["lines"]}
