@@ -102,6 +102,12 @@ def test_the_engine_answers_only_its_pool_key(ext):
     pid = ext.engine_pid(external_replicas(ext)[0]["id"])
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"api_key" not in f.read().lower()
+    # Nor does it get strata's own secrets from strata's environment.
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        names = {kv.split(b"=", 1)[0].decode() for kv in f.read().split(b"\0") if kv}
+    assert "API_KEY" in names
+    leaked = {n for n in names if n.startswith("STRATA_") or n in ("DATABASE_URL", "REDIS_URL")}
+    assert not leaked, leaked
 
 
 def test_no_admin_key_or_database_row_chooses_a_program_to_run(ext):

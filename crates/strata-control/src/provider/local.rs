@@ -62,6 +62,22 @@ pub struct LocalSettings {
     pub external: Option<ExternalLaunch>,
 }
 
+/// What another server gets of this process's environment: what finds
+/// programs, libraries, devices and a place to write; the rest it gets only
+/// through `engine.env`.
+const PASSED_ON: [&str; 10] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "XDG_CACHE_HOME",
+];
+
 /// How to launch another OpenAI-compatible server as a replica.
 #[derive(Debug, Clone)]
 pub struct ExternalLaunch {
@@ -198,8 +214,12 @@ impl LocalProvider {
                 let fill = |t: &String| x.fill(t, &self.settings.model, port, threads);
                 let mut cmd = Command::new(fill(&x.command[0]));
                 // Its own key only: strata's replica token never reaches
-                // another server.
+                // another server, nor anything else of this process's
+                // environment (a KEK, database URLs, cloud credentials)
+                // beyond what runs a program at all.
                 cmd.args(x.command[1..].iter().map(fill))
+                    .env_clear()
+                    .envs(std::env::vars().filter(|(k, _)| PASSED_ON.contains(&k.as_str())))
                     .envs(x.env.iter().map(|(k, v)| (k, fill(v))));
                 cmd
             }
