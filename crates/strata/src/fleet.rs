@@ -238,10 +238,10 @@ impl Fleet {
     /// Kubernetes, the engines of models that left the catalog while no
     /// controller acted are removed.
     pub async fn start(&mut self) -> Result<()> {
-        self.apply(true).await?;
+        let desired = self.desired().await?;
+        let keep: Vec<String> = desired.0.iter().map(|(m, v)| kube_pool(m, v)).collect();
+        self.apply(desired, true).await?;
         if let Launcher::Kube(client) = &self.parts.launcher {
-            let (desired, _) = self.desired().await?;
-            let keep: Vec<String> = desired.iter().map(|(m, v)| kube_pool(m, v)).collect();
             // Tried again by the next leader; serving goes on meanwhile.
             if let Err(e) =
                 strata_k8s::provider::remove_other_pools(client.clone(), &self.parts.config, &keep)
@@ -255,11 +255,11 @@ impl Fleet {
 
     /// Starts, replaces and stops pools until they match the catalog.
     async fn sync(&mut self) -> Result<()> {
-        self.apply(false).await
+        let desired = self.desired().await?;
+        self.apply(desired, false).await
     }
 
-    async fn apply(&mut self, strict: bool) -> Result<()> {
-        let (desired, aliases) = self.desired().await?;
+    async fn apply(&mut self, (desired, aliases): Desired, strict: bool) -> Result<()> {
         self.aliases = aliases;
         // Engines of every pool share the cores.
         let mut processes = 0;
@@ -598,9 +598,9 @@ fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<ClusterC
         let pool = m.id.as_deref().unwrap_or("default");
         let api_key = cluster_engine_key(pool).unwrap_or_else(|e| {
             tracing::error!(model = %pool_id(&flags, m), error = %format!("{e:#}"), "its replicas cannot be reached");
-            // A key no engine has: requests fail, and nothing of strata's
-            // own credentials goes to the other server.
-            crate::launch::random_hex(32).unwrap_or_default()
+            // No key: requests fail (401), and nothing of strata's own
+            // credentials goes to the other server.
+            String::new()
         });
         let engine = strata_core::ExternalEngine {
             api_key,
@@ -845,17 +845,7 @@ pub fn pool_model(
     }
     let id = model.id.as_deref().unwrap_or_default();
     let builtin_file = |source: &str| -> Result<ModelFile> {
-        let b = builtin(source).with_context(|| model_context(model.id.as_deref()))?;
-        if model
-            .sha256
-            .as_ref()
-            .is_some_and(|h| !h.eq_ignore_ascii_case(&b.sha256))
-        {
-            bail!(
-                "model `{id}`: sha256 does not match the built-in source `{source}` ({})",
-                b.sha256
-            );
-        }
+        let b = builtin_for(model, source)?;
         Ok(ModelFile::Builtin {
             name: source.to_owned(),
             file_name: b.file_name,
@@ -970,6 +960,24 @@ fn builtin(source: &str) -> Result<ModelSource> {
     })
 }
 
+/// The built-in model `source` names, for `model`, whose entry's `sha256`
+/// (where it gives one) must be that model's.
+fn builtin_for(model: &ServedModel, source: &str) -> Result<ModelSource> {
+    let found = builtin(source).with_context(|| model_context(model.id.as_deref()))?;
+    if model
+        .sha256
+        .as_ref()
+        .is_some_and(|h| !h.eq_ignore_ascii_case(&found.sha256))
+    {
+        bail!(
+            "{}: sha256 does not match the built-in source `{source}` ({})",
+            model_context(model.id.as_deref()),
+            found.sha256
+        );
+    }
+    Ok(found)
+}
+
 /// The served model's configuration with its file's place: a built-in
 /// source where `strata model fetch --model` puts it, a `url`'s download
 /// (cached by hash), or its `path`, checked against its `sha256` when it
@@ -995,22 +1003,12 @@ pub fn resolve_source(model: &ServedModel) -> Result<Config> {
             .map_err(|e| anyhow::anyhow!("model `{id}`: {e}"))?;
         config.engine.model = Some(path);
     } else if let Some(source) = &model.source {
-        let builtin = builtin(source).with_context(|| format!("model `{id}`"))?;
+        let builtin = builtin_for(model, source)?;
         let path = strata_models::fetch::default_model_path(&builtin.file_name);
         if !path.is_file() {
             bail!(
                 "model `{id}`: {} does not exist; run `strata model fetch --model {source}`",
                 path.display()
-            );
-        }
-        if model
-            .sha256
-            .as_ref()
-            .is_some_and(|h| !h.eq_ignore_ascii_case(&builtin.sha256))
-        {
-            bail!(
-                "model `{id}`: sha256 does not match the built-in source `{source}` ({})",
-                builtin.sha256
             );
         }
         config.engine.model = Some(path);
