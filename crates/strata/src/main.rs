@@ -234,7 +234,7 @@ fn check_config(path: &Path, json: bool) -> Result<()> {
 }
 
 /// `strata model fetch --url URL --sha256 H [--dest FILE]`: into the cache
-/// by hash (nothing partial is kept), then copied to `dest` if given.
+/// by hash (nothing partial is kept), then linked (or copied) to `dest` if given.
 fn fetch_url(url: &str, sha256: &str, dest: Option<PathBuf>, json: bool) -> Result<()> {
     let mut bar = progress::Bar::new("strata model fetch");
     let fetched = runtime()?.block_on(strata_models::remote::fetch_url(url, sha256, &mut |p| {
