@@ -2,6 +2,7 @@
 equal to it, secrets only when given, bad config named), the controller's
 refusal without a cluster, and the Grafana dashboard, whose every metric a
 running `strata serve` (gateway and engine) exports."""
+import hashlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import time
 
 import httpx
+import yaml
 from conftest import MODEL_ID, STRATA, bearer, free_port, wait_healthy
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -30,8 +32,12 @@ def test_the_committed_manifests_are_what_render_prints():
     for kind in ["Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
                  "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "NetworkPolicy"]:
         assert kind in kinds, kind
-    # Without the secrets in the environment, none is printed, and stderr says how to make them.
-    assert "Secret" not in kinds and "kubectl -n strata create secret" in r.stderr
+    # Without the secrets in the environment, none is printed (but the empty one the
+    # controller writes `openai` pools' keys to), and stderr says how to make them.
+    secrets = [o for o in yaml.safe_load_all(r.stdout) if o and o["kind"] == "Secret"]
+    assert [s["metadata"]["name"] for s in secrets] == ["strata-engine-keys"]
+    assert "data" not in secrets[0] and "stringData" not in secrets[0]
+    assert "kubectl -n strata create secret" in r.stderr
     assert "create secret generic strata-replica-tls" in r.stderr
     # The platform admin key comes from that Secret (never made and printed by a gateway).
     assert "--from-literal=admin-key=" in r.stderr and "STRATA_ADMIN_KEY" in r.stdout
@@ -114,6 +120,82 @@ def test_an_engine_given_a_sha256_loads_only_that_file():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_gpu_fleet_a_user_simulates_is_the_fleet_render_deploys():
+    """bench/scenarios/gpu-fleet.toml: vLLM (engine kind `openai`) on g5
+    GPUs. Every instance type and capacity `strata simulate` buys with it
+    has an engine Deployment in `k8s render --engines` of the same file,
+    running vLLM's image with that type's GPUs and the pool's key by
+    reference only."""
+    config = os.path.join(ROOT, "bench", "scenarios", "gpu-fleet.toml")
+    sim = subprocess.run([STRATA, "--config", config, "simulate", "--trace",
+                          os.path.join(ROOT, "testdata", "traces", "azure-conv-10min.csv"), "--rate", "0.1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr
+    bought = set()
+    for policy in json.loads(sim.stdout)["policies"]:
+        bought |= {k for k, hours in policy["replica_hours"].items() if hours > 0}
+    assert bought, sim.stdout[:500]
+    r = subprocess.run([STRATA, "--config", config, "k8s", "render", "--engines"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    objects = [o for o in yaml.safe_load_all(r.stdout) if o]
+    engines = [o for o in objects if o["kind"] == "Deployment"
+               and o["metadata"]["labels"].get("app.kubernetes.io/component") == "engine"]
+    with open(config) as f:
+        offers = f.read().count("[[catalog]]")
+    assert len(engines) == offers
+    gpus = {"g5.xlarge": "1", "g5.4xlarge": "1", "g5.8xlarge": "1"}
+    rendered = set()
+    for d in engines:
+        labels = d["metadata"]["labels"]
+        capacity = "spot" if labels["strata.dev/capacity"] == "spot" else "on_demand"
+        rendered.add(f'{labels["strata.dev/instance-type"]} ({capacity})')
+        assert d["spec"]["replicas"] == 0
+        pod = d["spec"]["template"]["spec"]
+        engine = pod["containers"][0]
+        assert engine["image"] == "vllm/vllm-openai:v0.11.0"
+        assert engine["command"][:3] == ["vllm", "serve", "/models/Llama-3.1-8B-Instruct"]
+        assert "--no-enable-prefix-caching" in engine["command"]
+        assert engine["resources"]["limits"]["nvidia.com/gpu"] == gpus[labels["strata.dev/instance-type"]]
+        env = {e["name"]: e for e in engine["env"]}
+        assert env["STRATA_ENGINE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "strata-engine-keys", "key": "default"}
+        assert env["VLLM_API_KEY"]["value"] == "$(STRATA_ENGINE_API_KEY)"
+        assert "STRATA_REPLICA_TOKEN" not in env and "strata.toml" not in json.dumps(d)
+        # The weights come from the volume, checked by nobody but their owner.
+        assert {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]["claimName"] == "models"
+    assert bought <= rendered, (bought, rendered)
+
+
+def test_render_gives_the_engine_key_to_gateways_and_controllers_only(tmp_path):
+    config = tmp_path / "strata.toml"
+    config.write_text('[serve]\nreplica_mtls = false\n')
+    env = {"STRATA_KEK": "ab" * 32, "STRATA_DATABASE_URL": "postgres://s@db/s"}
+    made = render(str(config), env)
+    assert made.returncode == 0, made.stderr
+    key = re.findall(r"^  engine-key: ([0-9a-f]{64})$", made.stdout, re.M)
+    assert len(key) == 1 and key[0] not in render(str(config), env).stdout  # a new one each time
+    given = render(str(config), {**env, "STRATA_ENGINE_KEY": "f" * 64})
+    assert given.returncode == 0 and f"engine-key: {'f' * 64}" in given.stdout
+    # Without it in the environment, the stderr's Secret recipe names it.
+    assert "--from-literal=engine-key=" in render(str(config)).stderr
+
+
+def test_model_check_passes_only_the_file_its_sha256_names(tmp_path):
+    f = tmp_path / "weights.gguf"
+    f.write_bytes(b"GGUF" + bytes(1000))
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    ok = subprocess.run([STRATA, "model", "check", str(f), "--sha256", sha.upper()], capture_output=True, text=True,
+                        timeout=30)
+    assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr
+    bad = subprocess.run([STRATA, "model", "check", str(f), "--sha256", "00" * 32], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "RUST_BACKTRACE": "0"})
+    assert bad.returncode != 0 and sha in bad.stderr, bad.stderr
+    gone = subprocess.run([STRATA, "model", "check", str(tmp_path / "none"), "--sha256", sha], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "RUST_BACKTRACE": "0"})
+    assert gone.returncode != 0 and "cannot read" in gone.stderr
 
 
 def test_the_kubernetes_controller_says_when_there_is_no_cluster(tmp_path):

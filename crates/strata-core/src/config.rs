@@ -665,11 +665,45 @@ pub struct EngineConfig {
     pub ready_path: String,
     /// `openai`: what the server does, which decides what strata relies on.
     pub capabilities: Capabilities,
+    /// `openai` on Kubernetes: the container image that holds the server
+    /// (e.g. vLLM's or SGLang's); `command` is run in it.
+    pub image: Option<String>,
+}
+
+/// A replica's values for the placeholders of an `openai` engine's
+/// `command` and `env`.
+pub struct Placeholders<'a> {
+    pub model_path: &'a str,
+    pub model: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    pub threads: u32,
+    pub api_key: &'a str,
+}
+
+impl Placeholders<'_> {
+    /// `template` with each placeholder replaced by its value.
+    pub fn fill(&self, template: &str) -> String {
+        template
+            .replace("{model_path}", self.model_path)
+            .replace("{model}", self.model)
+            .replace("{host}", self.host)
+            .replace("{port}", &self.port.to_string())
+            .replace("{threads}", &self.threads.to_string())
+            .replace("{api_key}", self.api_key)
+    }
 }
 
 /// The `[engine]` keys that say which program runs and what strata relies
 /// on of it: the config file's alone (not a deployed model's).
-pub const ENGINE_KIND_KEYS: [&str; 5] = ["kind", "command", "env", "ready_path", "capabilities"];
+pub const ENGINE_KIND_KEYS: [&str; 6] = [
+    "kind",
+    "command",
+    "env",
+    "ready_path",
+    "capabilities",
+    "image",
+];
 
 /// Why a model deployed beside the config file's (admin API, database)
 /// may not be served as it is: it sets one of `ENGINE_KIND_KEYS`.
@@ -752,6 +786,7 @@ impl Default for EngineConfig {
             env: BTreeMap::new(),
             ready_path: "/v1/models".into(),
             capabilities: Capabilities::default(),
+            image: None,
         }
     }
 }
@@ -1375,6 +1410,17 @@ impl Config {
             if !e.ready_path.starts_with('/') {
                 issues.bad("engine.ready_path", "must be a path starting with /".into());
             }
+        }
+        match &e.image {
+            Some(image) if image.trim().is_empty() => {
+                issues.bad("engine.image", "must name a container image".into())
+            }
+            Some(_) if e.kind != EngineKind::Openai => issues.bad(
+                "engine.image",
+                "is the image of an `openai` server; a `strata` engine runs kubernetes.image"
+                    .into(),
+            ),
+            _ => {}
         }
     }
 
@@ -2031,6 +2077,20 @@ alias = { c = 1, v1 = 2000000 }
         assert_eq!(keys(&single), ["engine.capabilities.shared_prefix_cache"]);
         let e = Config::from_toml("[engine]\nkind = \"vllm\"\n").unwrap_err();
         assert_eq!(e.key, "engine.kind");
+        // An image is another server's; strata's engine runs kubernetes.image.
+        let image = format!("{command}\nimage = \"vllm/vllm-openai:v0.11.0\"");
+        assert!(keys(&model(&image, "tenant = \"acme\"")).is_empty());
+        assert_eq!(
+            keys(&model(
+                &format!("{command}\nimage = \" \""),
+                "tenant = \"acme\""
+            )),
+            ["models[1].engine.image"]
+        );
+        assert_eq!(
+            keys("[engine]\nimage = \"vllm/vllm-openai:v0.11.0\"\n"),
+            ["engine.image"]
+        );
     }
 
     #[test]

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -42,8 +43,8 @@ use strata_core::store::{InstanceKind, InstanceRecord, InstanceState, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::render::{
-    self, PoolModel, Variant, CAPACITY_LABEL, COMPONENT, MANAGED_BY, POOL_LABEL, TYPE_LABEL,
-    ZONE_LABEL,
+    self, PoolModel, Variant, CAPACITY_LABEL, COMPONENT, ENGINE_KEYS_SECRET, MANAGED_BY,
+    POOL_LABEL, TYPE_LABEL, ZONE_LABEL,
 };
 
 /// The annotation that makes a Pod the first one a scale-down removes.
@@ -66,6 +67,10 @@ pub struct KubeProvider {
     deployments: Api<Deployment>,
     pods: Api<Pod>,
     nodes: Api<Node>,
+    secrets: Api<Secret>,
+    /// An `openai` pool's API key, written to `ENGINE_KEYS_SECRET` before
+    /// its Deployments change.
+    engine_key: Option<String>,
     store: Arc<dyn Store>,
     /// Replicas wanted per variant, as last applied.
     desired: BTreeMap<Variant, u32>,
@@ -92,16 +97,6 @@ fn api_err(what: &str) -> impl Fn(kube::Error) -> ControlError + '_ {
     move |e| ControlError::Provider(format!("{what}: {e}"))
 }
 
-/// Where gateways reach the replica at `ip`: HTTPS (mutual TLS) by default.
-fn endpoint(config: &Config, ip: &str) -> String {
-    let scheme = if config.serve.replica_mtls {
-        "https"
-    } else {
-        "http"
-    };
-    format!("{scheme}://{ip}:{}", config.kubernetes.engine_port)
-}
-
 impl KubeProvider {
     /// The provider of `model`'s pool (`model.issue` must be `None`).
     pub fn new(
@@ -116,6 +111,8 @@ impl KubeProvider {
             model,
             deployments: Api::namespaced(client.clone(), &ns),
             pods: Api::namespaced(client.clone(), &ns),
+            secrets: Api::namespaced(client.clone(), &ns),
+            engine_key: None,
             nodes: Api::all(client),
             store,
             config,
@@ -132,6 +129,43 @@ impl KubeProvider {
             drain_wait: Duration::from_secs(30),
             retiring: CancellationToken::new(),
         }
+    }
+
+    /// The API key of this pool's `openai` engines (`model.external`),
+    /// which the gateways derive alike.
+    pub fn with_engine_key(mut self, key: String) -> Self {
+        self.engine_key = Some(key);
+        self
+    }
+
+    /// Where gateways reach the replica at `ip`: HTTPS (mutual TLS) by
+    /// default; plain HTTP to another server, which checks the pool's
+    /// API key instead.
+    fn endpoint(&self, ip: &str) -> String {
+        let https = self.config.serve.replica_mtls && self.model.external.is_none();
+        let scheme = if https { "https" } else { "http" };
+        format!("{scheme}://{ip}:{}", self.config.kubernetes.engine_port)
+    }
+
+    /// Puts the pool's API key where its Pods read it (their Deployment
+    /// names the entry; a Pod whose entry is missing waits for it).
+    async fn write_engine_key(&self) -> Result<(), ControlError> {
+        let (Some(server), Some(key)) = (&self.model.external, &self.engine_key) else {
+            return Ok(());
+        };
+        let entry = render::key_entry(&server.key_of);
+        let patch = json!({"data": {entry: ByteString(key.as_bytes().to_vec())}});
+        self.secrets
+            .patch(
+                ENGINE_KEYS_SECRET,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(api_err(
+                "writing the pool's API key (is the strata-engine-keys Secret of `strata k8s render` applied?)",
+            ))?;
+        Ok(())
     }
 
     /// `retiring`, once cancelled, makes shutdown end the pool for good.
@@ -250,6 +284,9 @@ impl KubeProvider {
     /// apply: created when missing, only our fields changed).
     async fn apply(&self, v: &Variant) -> Result<(), ControlError> {
         let replicas = self.desired.get(v).copied().unwrap_or(0);
+        if replicas > 0 {
+            self.write_engine_key().await?;
+        }
         let deployment = render::engine_deployment(&self.config, v, replicas, &self.model);
         self.deployments
             .patch(
@@ -420,10 +457,11 @@ impl KubeProvider {
                     id
                 }
             };
+            let endpoint = p.ip.as_deref().map(|ip| self.endpoint(ip));
             let t = self.running.get_mut(&id).expect("just found or made");
             t.pod = Some(p.name.clone());
-            if let Some(ip) = &p.ip {
-                t.record.endpoint = endpoint(&self.config, ip);
+            if let Some(endpoint) = endpoint {
+                t.record.endpoint = endpoint;
             }
             let record = t.record.clone();
             self.save(&record).await;
@@ -504,11 +542,12 @@ impl KubeProvider {
                 continue;
             }
             if p.ready && !t.ready {
+                let endpoint = p.ip.as_deref().map(|ip| self.endpoint(ip));
                 let t = self.running.get_mut(&id).expect("listed");
                 t.ready = true;
                 t.record.state = InstanceState::Ready;
-                if let Some(ip) = &p.ip {
-                    t.record.endpoint = endpoint(&self.config, ip);
+                if let Some(endpoint) = endpoint {
+                    t.record.endpoint = endpoint;
                 }
                 let record = t.record.clone();
                 self.save(&record).await;
@@ -770,4 +809,44 @@ pub async fn remove_other_pools(
         deleted.push(name);
     }
     Ok(deleted)
+}
+
+/// Removes from `ENGINE_KEYS_SECRET` the API keys of every `openai` pool
+/// but those derived from `keep` (`ExternalServer::key_of`): a model no
+/// longer deployed keeps no key its old engines would take. Returns the
+/// entries removed.
+pub async fn prune_engine_keys(
+    client: Client,
+    config: &Config,
+    keep: &[String],
+) -> Result<Vec<String>, ControlError> {
+    let api: Api<Secret> = Api::namespaced(client, &config.kubernetes.namespace);
+    let secret = match api.get(ENGINE_KEYS_SECRET).await {
+        Ok(s) => s,
+        // Not applied: no keys to remove.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Vec::new()),
+        Err(e) => return Err(api_err("reading the engines' API keys")(e)),
+    };
+    let keep: BTreeSet<String> = keep.iter().map(|k| render::key_entry(k)).collect();
+    let gone: Vec<String> = secret
+        .data
+        .unwrap_or_default()
+        .into_keys()
+        .filter(|entry| !keep.contains(entry))
+        .collect();
+    if gone.is_empty() {
+        return Ok(gone);
+    }
+    let nulls: serde_json::Map<String, serde_json::Value> = gone
+        .iter()
+        .map(|entry| (entry.clone(), serde_json::Value::Null))
+        .collect();
+    api.patch(
+        ENGINE_KEYS_SECRET,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"data": nulls})),
+    )
+    .await
+    .map_err(api_err("removing the API keys of undeployed models"))?;
+    Ok(gone)
 }

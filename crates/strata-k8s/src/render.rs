@@ -29,6 +29,14 @@ const SECRET: &str = "strata";
 /// The replica CA and certificates (the files `ReplicaPki` writes); engines
 /// mount the CA and their own pair, gateways the CA and the client pair.
 pub const REPLICA_TLS_SECRET: &str = "strata-replica-tls";
+/// The API keys of the pools whose engines are of kind `openai`, one
+/// entry per model (`PoolModel::key_entry`): the controller writes them
+/// (it may read and patch this Secret and no other), each engine Pod gets
+/// its own pool's only.
+pub const ENGINE_KEYS_SECRET: &str = "strata-engine-keys";
+/// The engine container's variable holding its pool's API key, which
+/// `{api_key}` in an `openai` engine's command and env stands for.
+const ENGINE_API_KEY_VAR: &str = "STRATA_ENGINE_API_KEY";
 /// Where the replica certificates are mounted in gateway and engine Pods.
 pub const REPLICA_TLS_DIR: &str = "/etc/strata/replica-tls";
 const GATEWAY: &str = "strata-gateway";
@@ -52,6 +60,9 @@ pub struct Secrets {
     pub replica_tls: Vec<(String, String)>,
     /// The replica token gateways and engines share, without mutual TLS.
     pub replica_token: Option<String>,
+    /// The secret every controller and gateway derives the `openai`
+    /// engines' per-pool API keys from (`STRATA_ENGINE_KEY`).
+    pub engine_key: String,
 }
 
 /// Where a pool's engine Pods find their model's file.
@@ -75,6 +86,22 @@ pub enum ModelFile {
     },
 }
 
+/// The server of an `openai` pool's engine Pods: an image strata did not
+/// build, started with the model's `command` and `env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalServer {
+    pub image: String,
+    /// The command line, placeholders unfilled (`{api_key}` becomes a
+    /// reference to the Pod's key variable, never the key).
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// `{threads}`.
+    pub threads: u32,
+    /// What the pool's API key is derived from (the model's id, as the
+    /// gateways derive it).
+    pub key_of: String,
+}
+
 /// What one pool's engine Pods serve: the model's id, its file, and its
 /// own `[engine]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +115,21 @@ pub struct PoolModel {
     /// The model's own `[engine]` section as JSON (`--engine-config`);
     /// `None`: the config file's.
     pub engine: Option<String>,
+    /// Engine kind `openai`: the server the Pods run instead of
+    /// `strata engine`.
+    pub external: Option<ExternalServer>,
+}
+
+/// The entry of `ENGINE_KEYS_SECRET` holding the API key derived from
+/// `key_of`: a Secret key's characters (`[-._a-zA-Z0-9]`), with a digest
+/// suffix where others had to be replaced (entries stay apart).
+pub fn key_entry(key_of: &str) -> String {
+    let clean = name_chars(key_of, 200);
+    if clean == key_of && !clean.is_empty() && clean != "." && clean != ".." {
+        clean
+    } else {
+        format!("{clean}-{:08x}", fnv(key_of))
+    }
 }
 
 impl PoolModel {
@@ -138,12 +180,22 @@ impl PoolModel {
     }
 
     /// The init container that fetches and checks the file into the
-    /// Pod's model volume (an emptyDir), where there is no model volume.
+    /// Pod's model volume (an emptyDir), where there is no model volume;
+    /// with one, for a server other than strata's (which checks its file
+    /// itself), the one that checks the file there.
     fn fetch(&self, k: &KubernetesConfig, mounts: &[Value]) -> Option<Value> {
-        if k.model_pvc.is_some() {
-            return None;
-        }
         let dest = self.file_in_pod();
+        if k.model_pvc.is_some() {
+            let sha256 = self.sha256_at_start(k)?;
+            self.external.as_ref()?;
+            return Some(json!({
+                "name": "model-check",
+                "image": k.image,
+                "args": ["model", "check", &dest, "--sha256", sha256],
+                "securityContext": locked_down(),
+                "volumeMounts": mounts,
+            }));
+        }
         let args = match &self.file {
             ModelFile::Builtin { name, .. } => {
                 vec!["model", "fetch", "--model", name, "--dest", &dest]
@@ -237,8 +289,14 @@ pub fn dns_chars(raw: &str) -> String {
 /// A label value: at most 63 of [A-Za-z0-9._-], starting and ending
 /// alphanumeric.
 pub fn label_value(s: &str) -> String {
-    let v: String = s
-        .chars()
+    name_chars(s, 63)
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+/// The first `max` characters of `s`, each outside [A-Za-z0-9._-] as `_`.
+fn name_chars(s: &str, max: usize) -> String {
+    s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
                 c
@@ -246,10 +304,8 @@ pub fn label_value(s: &str) -> String {
                 '_'
             }
         })
-        .take(63)
-        .collect();
-    v.trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_owned()
+        .take(max)
+        .collect()
 }
 
 fn fnv(s: &str) -> u32 {
@@ -339,6 +395,14 @@ fn secret_env(name: &str, key: &str) -> Value {
     json!({"name": name, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}})
 }
 
+/// `STRATA_ENGINE_KEY`, which only a config with `openai` engines needs
+/// (an operator's Secret may lack it).
+fn engine_key_env() -> Value {
+    json!({"name": strata_core::ENGINE_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": SECRET, "key": "engine-key", "optional": true,
+    }}})
+}
+
 fn resources(cpu: &str, memory: &str, gpus: u32) -> Value {
     let mut limits = json!({"memory": memory});
     if gpus > 0 {
@@ -367,6 +431,7 @@ pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) 
             "kek": s.kek,
             "database-url": s.database_url,
             "admin-key": s.admin_key,
+            "engine-key": s.engine_key,
         });
         if let Some(token) = &s.replica_token {
             data["replica-token"] = json!(token);
@@ -390,6 +455,14 @@ pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) 
             out.push(secret(REPLICA_TLS_SECRET, Value::Object(files)));
         }
     }
+    // Empty: the controller fills in a pool's key before its first Pod.
+    // (`kubectl apply` of this again keeps the entries it wrote.)
+    out.push(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(ENGINE_KEYS_SECRET, ns, common_labels("secrets")),
+        "type": "Opaque",
+    }));
     out.extend(gateway(config));
     out.extend(controller(k));
     out.push(engine_network_policy(k));
@@ -455,6 +528,7 @@ fn gateway(config: &Config) -> Vec<Value> {
         // one would print it, and on Kubernetes that is the container log.
         secret_env("STRATA_ADMIN_KEY", "admin-key"),
         json!({"name": "STRATA_LOG", "value": "info"}),
+        engine_key_env(),
     ];
     env.extend(token_env);
     vec![
@@ -533,6 +607,10 @@ fn controller_rules() -> Value {
         // Leader election among the controller copies.
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "verbs": ["get", "create", "update"]},
+        // The `openai` pools' API keys, in their one Secret: no other
+        // Secret can be read or written.
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [ENGINE_KEYS_SECRET],
+         "verbs": ["get", "patch"]},
     ])
 }
 
@@ -591,7 +669,8 @@ fn controller(k: &KubernetesConfig) -> Vec<Value> {
                                          "--holder", "$(POD_NAME)"],
                                 "env": [secret_env("DATABASE_URL", "database-url"),
                                         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                                        {"name": "STRATA_LOG", "value": "info"}],
+                                        {"name": "STRATA_LOG", "value": "info"},
+                                        engine_key_env()],
                                 "resources": resources("100m", "128Mi", 0),
                                 "securityContext": locked_down(),
                                 "volumeMounts": mounts,
@@ -640,7 +719,6 @@ pub fn engine_deployment(
     let model_mount = json!({"name": "models", "mountPath": MODEL_DIR});
     volumes.push(model_vol);
     mounts.push(model_mount);
-    let https = config.serve.replica_mtls;
     // The instance type's GPUs, as `strata simulate` planned with them.
     let gpus = config
         .instance_types
@@ -648,6 +726,51 @@ pub fn engine_deployment(
         .map(|t| t.gpus)
         .filter(|g| *g > 0)
         .unwrap_or(k.engine_gpus);
+    if model.external.is_some() {
+        // Another server reads no strata config.
+        volumes.retain(|v| v["name"] != "config");
+        mounts.retain(|m| m["name"] != "config");
+    }
+    let init: Vec<Value> = model.fetch(k, &mounts).into_iter().collect();
+    let mut container = match &model.external {
+        None => strata_container(config, model, &mut volumes, mounts),
+        Some(server) => {
+            // vLLM and SGLang share tensors between their processes
+            // through /dev/shm, which a container gets 64 MiB of.
+            volumes.push(json!({"name": "dshm", "emptyDir": {"medium": "Memory"}}));
+            mounts.push(json!({"name": "dshm", "mountPath": "/dev/shm"}));
+            external_container(k, model, server, mounts)
+        }
+    };
+    container["resources"] = resources(&k.engine_cpu, &k.engine_memory, gpus);
+    deployment(
+        &variant.name(),
+        &k.namespace,
+        &labels,
+        replicas,
+        json!({
+                        "automountServiceAccountToken": false,
+                        "securityContext": {"fsGroup": 65534},
+                        "nodeSelector": node_selector,
+                        "tolerations": tolerations,
+                        "terminationGracePeriodSeconds": 30,
+                        "initContainers": init,
+                        "containers": [container],
+                        "volumes": volumes,
+        }),
+    )
+}
+
+/// `strata engine` serving `model`, proving the gateway's identity by the
+/// replica certificates or token.
+fn strata_container(
+    config: &Config,
+    model: &PoolModel,
+    volumes: &mut Vec<Value>,
+    mut mounts: Vec<Value>,
+) -> Value {
+    let k = &config.kubernetes;
+    let https = config.serve.replica_mtls;
     // The engine binds its Pod's address, not every interface.
     let mut args = vec![
         json!("--config"),
@@ -669,10 +792,9 @@ pub fn engine_deployment(
         args.extend([json!("--sha256"), json!(sha256)]);
     }
     let (tls, token_env) = replica_trust(config, &["ca.pem", "replica.pem", "replica-key.pem"]);
-    let mut engine_mounts = mounts.clone();
     if let Some((volume, mount)) = tls {
         volumes.push(volume);
-        engine_mounts.push(mount);
+        mounts.push(mount);
         for (flag, file) in [
             ("--tls-cert", "replica.pem"),
             ("--tls-key", "replica-key.pem"),
@@ -681,37 +803,76 @@ pub fn engine_deployment(
             args.extend([json!(flag), json!(format!("{REPLICA_TLS_DIR}/{file}"))]);
         }
     }
-    let mut env =
-        vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
+    let mut env = vec![pod_ip_env()];
     env.extend(token_env);
-    let init: Vec<Value> = model.fetch(k, &mounts).into_iter().collect();
-    deployment(
-        &variant.name(),
-        &k.namespace,
-        &labels,
-        replicas,
-        json!({
-                        "automountServiceAccountToken": false,
-                        "securityContext": {"fsGroup": 65534},
-                        "nodeSelector": node_selector,
-                        "tolerations": tolerations,
-                        "terminationGracePeriodSeconds": 30,
-                        "initContainers": init,
-                        "containers": [{
-                            "name": "engine",
-                            "image": k.image,
-                            "args": args,
-                            "env": env,
-                            "ports": [{"name": "http", "containerPort": k.engine_port}],
-                            "readinessProbe": probe(2, https),
-                            "livenessProbe": probe(60, https),
-                            "resources": resources(&k.engine_cpu, &k.engine_memory, gpus),
-                            "securityContext": locked_down(),
-                            "volumeMounts": engine_mounts,
-                        }],
-                        "volumes": volumes,
-        }),
-    )
+    json!({
+        "name": "engine",
+        "image": k.image,
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": k.engine_port}],
+        "readinessProbe": probe(2, https),
+        "livenessProbe": probe(60, https),
+        "securityContext": locked_down(),
+        "volumeMounts": mounts,
+    })
+}
+
+fn pod_ip_env() -> Value {
+    json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+}
+
+/// Another OpenAI-compatible server (engine kind `openai`) from its own
+/// image, run by `command` with the placeholders filled for this Pod: the
+/// pool's API key comes from `ENGINE_KEYS_SECRET` into a variable that
+/// `{api_key}` refers to (Kubernetes expands `$(VAR)` in a command and in
+/// later variables), so the key is in no Deployment. Plain HTTP on the
+/// Pod's address: the NetworkPolicy admits only gateways, and the key
+/// authenticates them. Probes open a TCP connection only (an
+/// authenticated readiness path cannot be probed without the key); the
+/// gateways check `ready_path` with the key before sending a request.
+fn external_container(
+    k: &KubernetesConfig,
+    model: &PoolModel,
+    server: &ExternalServer,
+    mounts: Vec<Value>,
+) -> Value {
+    let key_ref = format!("$({ENGINE_API_KEY_VAR})");
+    let values = strata_core::config::Placeholders {
+        model_path: &model.file_in_pod(),
+        model: &model.name,
+        host: "$(POD_IP)",
+        port: k.engine_port,
+        threads: server.threads,
+        api_key: &key_ref,
+    };
+    let command: Vec<String> = server.command.iter().map(|a| values.fill(a)).collect();
+    let mut env = vec![
+        pod_ip_env(),
+        json!({"name": ENGINE_API_KEY_VAR, "valueFrom": {"secretKeyRef": {
+            "name": ENGINE_KEYS_SECRET, "key": key_entry(&server.key_of),
+        }}}),
+        // A read-only root: caches (Hugging Face, Triton, pip) in /tmp.
+        json!({"name": "HOME", "value": "/tmp"}),
+        json!({"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}),
+    ];
+    for (name, value) in &server.env {
+        env.push(json!({"name": name, "value": values.fill(value)}));
+    }
+    let tcp = |delay: u32| json!({"tcpSocket": {"port": "http"}, "initialDelaySeconds": delay, "periodSeconds": 5});
+    json!({
+        "name": "engine",
+        "image": server.image,
+        "command": command,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": k.engine_port}],
+        // A large model loads for minutes: liveness waits for the start.
+        "startupProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "failureThreshold": 180},
+        "readinessProbe": tcp(0),
+        "livenessProbe": tcp(0),
+        "securityContext": locked_down(),
+        "volumeMounts": mounts,
+    })
 }
 
 /// Checks every object: it deserializes into its k8s-openapi type and
@@ -777,8 +938,10 @@ pub fn check(objects: &[Value]) -> Result<(), String> {
         let mut refs = Vec::new();
         collect_refs(v, &mut refs);
         for (kind, name) in refs {
-            // The Secrets may be the operator's, created apart.
-            let operators = kind == "Secret" && (name == SECRET || name == REPLICA_TLS_SECRET);
+            // The Secrets may be the operator's, created apart (and an
+            // engine Deployment is checked without the manifests).
+            let operators = kind == "Secret"
+                && [SECRET, REPLICA_TLS_SECRET, ENGINE_KEYS_SECRET].contains(&name.as_str());
             if !(has(&kind, &name) || operators) {
                 return Err(format!(
                     "{what} refers to {kind} {name}, which is not rendered"
@@ -878,6 +1041,7 @@ mod tests {
                 sha256: "a5".repeat(32),
             },
             engine: None,
+            external: None,
         }
     }
 
@@ -898,6 +1062,7 @@ mod tests {
             .collect(),
             replica_token: None,
             admin_key: format!("sk-strata-{}", "A".repeat(43)),
+            engine_key: "ee".repeat(32),
         };
         let mut all = manifests(&config, "[pool]\n", Some(&secrets));
         all.push(engine_deployment(
@@ -1144,7 +1309,213 @@ mod tests {
             .flat_map(|r| r["resources"].as_array().unwrap())
             .map(|r| r.as_str().unwrap())
             .collect();
-        assert_eq!(resources, ["deployments", "pods", "leases"]);
+        assert_eq!(resources, ["deployments", "pods", "leases", "secrets"]);
+        // Of Secrets, only the engines' keys, and never listed or made:
+        // the KEK and database URL stay out of the controller's reach.
+        let secrets = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resources"] == json!(["secrets"]))
+            .unwrap();
+        assert_eq!(secrets["resourceNames"], json!([ENGINE_KEYS_SECRET]));
+        assert_eq!(secrets["verbs"], json!(["get", "patch"]));
+        // Its Secret is rendered empty, for the controller to fill.
+        let keys = all
+            .iter()
+            .find(|o| o["metadata"]["name"] == ENGINE_KEYS_SECRET)
+            .unwrap();
+        assert_eq!(keys["kind"], "Secret");
+        assert!(keys.get("data").is_none() && keys.get("stringData").is_none());
+        // Gateways and the controller derive the pools' keys from one
+        // secret, which a config without `openai` engines may leave out.
+        assert_eq!(secret["stringData"]["engine-key"], "ee".repeat(32));
+        for component in ["strata-gateway", "strata-controller"] {
+            let d = all
+                .iter()
+                .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == component)
+                .unwrap();
+            let env = d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap();
+            let key = env
+                .iter()
+                .find(|e| e["name"] == strata_core::ENGINE_KEY_ENV)
+                .unwrap_or_else(|| panic!("{component} has no {}", strata_core::ENGINE_KEY_ENV));
+            assert_eq!(
+                key["valueFrom"]["secretKeyRef"],
+                json!({"name": SECRET, "key": "engine-key", "optional": true})
+            );
+        }
+    }
+
+    /// vLLM serving a model on a GPU type, as docs/engines.md configures it.
+    fn vllm() -> PoolModel {
+        PoolModel {
+            external: Some(ExternalServer {
+                image: "vllm/vllm-openai:v0.11.0".into(),
+                command: [
+                    "vllm",
+                    "serve",
+                    "{model_path}",
+                    "--served-model-name",
+                    "{model}",
+                    "--host",
+                    "{host}",
+                    "--port",
+                    "{port}",
+                    "--no-enable-prefix-caching",
+                ]
+                .map(String::from)
+                .to_vec(),
+                env: vec![("VLLM_API_KEY".into(), "{api_key}".into())],
+                threads: 4,
+                key_of: "team/chat".into(),
+            }),
+            engine: None,
+            pool: "team/chat-0a1b2c3d".into(),
+            name: "team/chat".into(),
+            ..gemma()
+        }
+    }
+
+    fn container(d: &Value, name: &str) -> Value {
+        let spec = &d["spec"]["template"]["spec"];
+        spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(spec["initContainers"].as_array().unwrap())
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn an_openai_pool_runs_its_image_with_its_key_from_the_secret_and_no_strata_credential() {
+        let text = include_str!("../../../bench/scenarios/gpu-fleet-p4d.toml");
+        let mut config = Config::from_toml(text).unwrap();
+        // Whatever strata's own replicas use, another server is reached
+        // by its key.
+        config.serve.replica_mtls = true;
+        // Without the file's model volume: the Pod fetches its file.
+        config.kubernetes.model_pvc = None;
+        let v = Variant {
+            pool: "team/chat-0a1b2c3d".into(),
+            ..variant("use1-az1", CapacityType::Spot)
+        };
+        let d = engine_deployment(&config, &v, 2, &vllm());
+        let engine = container(&d, "engine");
+        assert_eq!(engine["image"], "vllm/vllm-openai:v0.11.0");
+        assert_eq!(
+            engine.get("args"),
+            None,
+            "the image's own entrypoint is replaced"
+        );
+        let command: Vec<&str> = engine["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let port = config.kubernetes.engine_port.to_string();
+        assert_eq!(
+            command,
+            [
+                "vllm",
+                "serve",
+                "/models/gemma-3-270m-q4_k_m.gguf",
+                "--served-model-name",
+                "team/chat",
+                "--host",
+                "$(POD_IP)",
+                "--port",
+                port.as_str(),
+                "--no-enable-prefix-caching"
+            ]
+        );
+        // The key: a reference to the Pod's own entry of the keys Secret,
+        // defined before the variable that uses it (Kubernetes expands
+        // only earlier ones).
+        let env = engine["env"].as_array().unwrap();
+        let at = |name: &str| env.iter().position(|e| e["name"] == name).unwrap();
+        let entry = key_entry("team/chat");
+        assert_eq!(
+            env[at(ENGINE_API_KEY_VAR)]["valueFrom"]["secretKeyRef"],
+            json!({"name": ENGINE_KEYS_SECRET, "key": entry})
+        );
+        assert_eq!(env[at("VLLM_API_KEY")]["value"], "$(STRATA_ENGINE_API_KEY)");
+        assert!(at(ENGINE_API_KEY_VAR) < at("VLLM_API_KEY"));
+        // Nothing of strata's: no replica token, certificates or config.
+        let all = d.to_string();
+        for absent in [
+            strata_core::REPLICA_TOKEN_ENV,
+            "replica-tls",
+            "strata.toml",
+            "\"config\"",
+        ] {
+            assert!(!all.contains(absent), "{absent} in {all}");
+        }
+        assert!(!engine["volumeMounts"].to_string().contains("/etc/strata"));
+        // The instance type's GPUs, shared memory, TCP probes (the
+        // readiness path needs the key, which the kubelet has not).
+        assert_eq!(engine["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert!(engine["volumeMounts"].to_string().contains("/dev/shm"));
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(engine[probe]["tcpSocket"]["port"], "http", "{probe}");
+        }
+        // Its file is still fetched and checked by strata's image.
+        let fetch = container(&d, "model-fetch");
+        assert_eq!(fetch["image"], config.kubernetes.image);
+        // Valid with the manifests around it.
+        let mut objects = manifests(&config, text, None);
+        objects.push(d);
+        check(&objects).unwrap();
+    }
+
+    #[test]
+    fn an_openai_pool_on_a_model_volume_checks_its_file_before_the_server_starts() {
+        let mut config = Config::default();
+        config.kubernetes.model_pvc = Some("models".into());
+        let d = engine_deployment(
+            &config,
+            &variant("us-east-1a", CapacityType::Spot),
+            1,
+            &vllm(),
+        );
+        assert_eq!(container(&d, "model-fetch"), Value::Null);
+        let args = args_of(&d, "model-check");
+        assert_eq!(
+            &args[..3],
+            ["model", "check", "/models/gemma-3-270m-q4_k_m.gguf"]
+        );
+        assert_eq!(flag(&args, "--sha256"), Some("a5".repeat(32).as_str()));
+        // strata's own engine checks its file itself.
+        let own = engine_deployment(
+            &config,
+            &variant("us-east-1a", CapacityType::Spot),
+            1,
+            &gemma(),
+        );
+        assert_eq!(container(&own, "model-check"), Value::Null);
+    }
+
+    #[test]
+    fn key_entries_are_secret_keys_and_stay_apart() {
+        assert_eq!(key_entry("chat"), "chat");
+        assert_eq!(key_entry("default"), "default");
+        let ids = ["team/chat", "team_chat", "team:chat", "..", "", "é"];
+        let entries: BTreeSet<String> = ids.iter().map(|id| key_entry(id)).collect();
+        assert_eq!(entries.len(), ids.len());
+        for e in &entries {
+            assert!(!e.is_empty() && e.len() <= 253, "{e}");
+            assert!(
+                e.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')),
+                "{e}"
+            );
+            assert!(e != "." && e != "..");
+        }
     }
 
     fn args_of(d: &Value, container: &str) -> Vec<String> {
@@ -1186,6 +1557,7 @@ mod tests {
                 sha256: "b1".repeat(32),
             },
             engine: Some(r#"{"context_size":2048}"#.into()),
+            external: None,
         };
         let code = PoolModel {
             pool: "code/v2".into(),
@@ -1195,6 +1567,7 @@ mod tests {
                 sha256: sha.to_uppercase(),
             },
             engine: Some("{}".into()),
+            external: None,
         };
         let on = |pool: &str| Variant {
             pool: pool.into(),
@@ -1259,6 +1632,7 @@ mod tests {
                 sha256: Some("cd".repeat(32)),
             },
             engine: Some("{}".into()),
+            external: None,
         };
         let issue = path.issue(&config.kubernetes).expect("no model volume");
         assert!(issue.contains("kubernetes.model_pvc"), "{issue}");

@@ -48,6 +48,7 @@ fn model(pool: &str, source: &str) -> PoolModel {
             sha256: "00".repeat(32),
         },
         engine: (pool != "default").then(|| "{}".into()),
+        external: None,
     }
 }
 

@@ -420,7 +420,9 @@ pub async fn model(command: ModelCommand) -> Result<()> {
                 println!("{id}: undeployed; its replicas drain and stop");
             }
         }
-        ModelCommand::Fetch { .. } => unreachable!("fetched without the API"),
+        ModelCommand::Fetch { .. } | ModelCommand::Check { .. } => {
+            unreachable!("fetched and checked without the API")
+        }
     }
     Ok(())
 }

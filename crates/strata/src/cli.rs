@@ -272,6 +272,15 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check that a model file hashes to its SHA-256 (exit status 1 if
+    /// not): what an engine Pod of another server runs before it starts.
+    Check {
+        /// The model file.
+        path: PathBuf,
+        /// Its expected SHA-256.
+        #[arg(long)]
+        sha256: String,
+    },
     /// Deploy a model on a running `strata serve`, through the admin API:
     /// its pool starts (or, scaling from zero, waits for a request).
     Deploy {
@@ -497,7 +506,15 @@ pub enum K8sCommand {
     /// controller (Deployment, ServiceAccount, least-privilege Roles), the
     /// config as a ConfigMap, and the `strata` Secret when STRATA_KEK and
     /// STRATA_DATABASE_URL are set. Apply with `kubectl apply -f -`.
-    Render,
+    Render {
+        /// Also print the engine Deployment the controller would run for
+        /// each model of the file on each offer of its catalog, at zero
+        /// replicas (the controller sets the count as load asks): its
+        /// engine kind's container, image, GPUs and node selection, to
+        /// review before it runs.
+        #[arg(long)]
+        engines: bool,
+    },
 }
 
 #[derive(clap::Args)]

@@ -293,6 +293,11 @@ fn secrets(
         admin_key,
         replica_tls: Vec::new(),
         replica_token: None,
+        // The one given (gateways outside the cluster share it), else new.
+        engine_key: match std::env::var(strata_core::ENGINE_KEY_ENV) {
+            Ok(key) if !key.trim().is_empty() => key.trim().to_owned(),
+            _ => crate::launch::random_hex(32)?,
+        },
     };
     if !config.serve.replica_mtls {
         secrets.replica_token = Some(crate::launch::random_hex(32)?);
@@ -331,11 +336,17 @@ fn tempfile_dir() -> Result<PathBuf> {
 
 pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<()> {
     match command {
-        K8sCommand::Render => {
+        K8sCommand::Render { engines } => {
             // Every model's engine Pods must be able to get its file.
             let flags = crate::cli::EngineFlags::default();
+            let mut pools = Vec::new();
             for model in config.served().map_err(|e| anyhow::anyhow!("{e}"))? {
-                crate::fleet::pool_model(&model, "config", &flags, &config.kubernetes)?;
+                pools.push(crate::fleet::pool_model(
+                    &model,
+                    "config",
+                    &flags,
+                    &config.kubernetes,
+                )?);
             }
             let text = match std::fs::read_to_string(config_path) {
                 Ok(t) => t,
@@ -360,7 +371,8 @@ pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<(
                         "strata k8s render: no Secret rendered (set STRATA_KEK and \
                          STRATA_DATABASE_URL, or create it: kubectl -n {ns} create secret generic \
                          strata --from-literal=kek=<64 hex> --from-literal=database-url=postgres://… \
-                         --from-literal=admin-key=sk-strata-$(openssl rand -base64 32 | tr '+/' '-_' | tr -d =); \
+                         --from-literal=admin-key=sk-strata-$(openssl rand -base64 32 | tr '+/' '-_' | tr -d =) \
+                         --from-literal=engine-key=$(openssl rand -hex 32); \
                          and the replica certificates, e.g. the ones `strata serve` makes under \
                          <data>/tls/replicas: kubectl -n {ns} create secret generic {tls} \
                          --from-file=<data>/tls/replicas)",
@@ -370,7 +382,22 @@ pub fn k8s(config: &Config, config_path: &Path, command: K8sCommand) -> Result<(
                     None
                 }
             };
-            let objects = strata_k8s::render::manifests(config, &text, secrets.as_ref());
+            let mut objects = strata_k8s::render::manifests(config, &text, secrets.as_ref());
+            if engines {
+                for pool in &pools {
+                    for offer in &config.catalog {
+                        let variant = strata_k8s::render::Variant {
+                            pool: pool.pool.clone(),
+                            instance_type: offer.instance_type.clone(),
+                            zone: offer.zone.clone(),
+                            capacity: offer.capacity,
+                        };
+                        objects.push(strata_k8s::render::engine_deployment(
+                            config, &variant, 0, pool,
+                        ));
+                    }
+                }
+            }
             strata_k8s::render::check(&objects)
                 .map_err(|e| anyhow::anyhow!("a rendered manifest is invalid: {e}"))?;
             print!("{}", strata_k8s::render::to_yaml(&objects));

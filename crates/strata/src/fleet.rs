@@ -26,7 +26,7 @@ use strata_core::{Load, Loads, ReplicaEndpoint};
 use strata_gateway::ops::models::ModelHost;
 use strata_gateway::CatalogModel;
 use strata_k8s::provider::KubeProvider;
-use strata_k8s::render::{ModelFile, PoolModel};
+use strata_k8s::render::{ExternalServer, ModelFile, PoolModel};
 use strata_models::fetch::ModelSource;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -240,6 +240,7 @@ impl Fleet {
     pub async fn start(&mut self) -> Result<()> {
         let desired = self.desired().await?;
         let keep: Vec<String> = desired.0.iter().map(|(m, v)| kube_pool(m, v)).collect();
+        let keys = external_keys(&desired);
         self.apply(desired, true).await?;
         if let Launcher::Kube(client) = &self.parts.launcher {
             // Tried again by the next leader; serving goes on meanwhile.
@@ -249,14 +250,35 @@ impl Fleet {
             {
                 tracing::warn!(error = %e, "cannot remove the engines of undeployed models");
             }
+            self.prune_keys(client, &keys).await;
         }
         Ok(())
+    }
+
+    /// Removes the API keys of `openai` models no longer deployed (tried
+    /// again at the next change of the catalog or the next leader's start).
+    async fn prune_keys(&self, client: &strata_k8s::Client, keep: &[String]) {
+        let config = &self.parts.config;
+        match strata_k8s::provider::prune_engine_keys(client.clone(), config, keep).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(entries = ?gone, "removed the API keys of undeployed models")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove the API keys of undeployed models"),
+        }
     }
 
     /// Starts, replaces and stops pools until they match the catalog.
     async fn sync(&mut self) -> Result<()> {
         let desired = self.desired().await?;
-        self.apply(desired, false).await
+        let keys = external_keys(&desired);
+        let before: Vec<String> = self.pools.keys().cloned().collect();
+        self.apply(desired, false).await?;
+        let undeployed = before.iter().any(|id| !self.pools.contains_key(id));
+        if let (Launcher::Kube(client), true) = (&self.parts.launcher, undeployed) {
+            self.prune_keys(client, &keys).await;
+        }
+        Ok(())
     }
 
     async fn apply(&mut self, (desired, aliases): Desired, strict: bool) -> Result<()> {
@@ -417,13 +439,20 @@ impl Fleet {
                     CatalogModel::model(pool.name.clone(), config.engine.default_max_tokens)
                         .for_tenant(model.tenant.clone());
                 let pool_name = pool.pool.clone();
-                let provider = KubeProvider::new(
+                let key = match &pool.external {
+                    Some(server) => Some(cluster_engine_key(&server.key_of)?),
+                    None => None,
+                };
+                let mut provider = KubeProvider::new(
                     client.clone(),
                     Arc::new(config.clone()),
                     pool,
                     parts.store.clone(),
                 )
                 .retiring(retiring.clone());
+                if let Some(key) = key {
+                    provider = provider.with_engine_key(key);
+                }
                 // Gateways find the replicas in the store.
                 let (_, endpoints) = watch::channel(Vec::new());
                 let task = self.run_pool(pool_name, &config, replicas, provider, load(), &stop);
@@ -594,14 +623,11 @@ fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<ClusterC
         if e.kind != EngineKind::Openai {
             continue;
         }
-        // The controller's local provider names a pool by its model id.
-        let pool = m.id.as_deref().unwrap_or("default");
-        let api_key = cluster_engine_key(pool).unwrap_or_else(|e| {
-            tracing::error!(model = %pool_id(&flags, m), error = %format!("{e:#}"), "its replicas cannot be reached");
-            // No key: requests fail (401), and nothing of strata's own
-            // credentials goes to the other server.
-            String::new()
-        });
+        // As the controller's pools derive it, locally and on Kubernetes.
+        let pool = key_of(m);
+        // No key: requests fail (401), and nothing of strata's own
+        // credentials goes to the other server (logged when published).
+        let api_key = cluster_engine_key(pool).unwrap_or_default();
         let engine = strata_core::ExternalEngine {
             api_key,
             ready_path: e.ready_path.clone(),
@@ -706,11 +732,24 @@ pub fn follow_cluster_catalog(
                         *c = now;
                         changed
                     });
-                    publish_engines.send_if_modified(|e| {
+                    let keyless: Vec<String> = external
+                        .iter()
+                        .filter(|(_, e)| e.api_key.is_empty())
+                        .map(|(model, _)| model.clone())
+                        .collect();
+                    let changed = publish_engines.send_if_modified(|e| {
                         let changed = *e != external;
                         *e = external;
                         changed
                     });
+                    // Once per change of the catalog, not every look.
+                    for model in keyless.iter().filter(|_| changed) {
+                        tracing::error!(
+                            %model,
+                            "its replicas cannot be reached: engine kind `openai` in a cluster needs {} on every gateway",
+                            strata_core::ENGINE_KEY_ENV
+                        );
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the model catalog")
@@ -741,8 +780,7 @@ impl ModelHost for ClusterHost {
     async fn check(&self, entry: &ModelEntry) -> Result<(), String> {
         let served = check_entry(&self.config, entry)?;
         if served.config.engine.kind == EngineKind::Openai {
-            let pool = served.id.as_deref().unwrap_or("default");
-            cluster_engine_key(pool).map_err(|e| format!("{e:#}"))?;
+            cluster_engine_key(key_of(&served)).map_err(|e| format!("{e:#}"))?;
         }
         if let Some(source) = entry.source.as_deref() {
             builtin(source).map_err(|e| format!("{e:#}"))?;
@@ -803,13 +841,57 @@ fn pool_id(flags: &EngineFlags, model: &ServedModel) -> String {
     }
 }
 
-/// Why Kubernetes does not run `model` (engine kind `openai`) yet: its
-/// Deployments would need the kind's container spec and the pool's key.
-fn cluster_refusal(model: &ServedModel) -> String {
-    format!(
-        "{}: engine kind `openai` runs under `strata serve` and `strata controller --provider local` yet, not on Kubernetes",
-        model_context(model.id.as_deref())
-    )
+/// What the API keys of the `openai` models among `desired` derive from.
+fn external_keys((desired, _): &Desired) -> Vec<String> {
+    desired
+        .iter()
+        .filter(|(m, _)| m.config.engine.kind == EngineKind::Openai)
+        .map(|(m, _)| key_of(m).to_owned())
+        .collect()
+}
+
+/// What the gateways and the engines of `model`'s `openai` pool derive its
+/// API key from: its id (`default` for the one model of `[engine]`).
+fn key_of(model: &ServedModel) -> &str {
+    model.id.as_deref().unwrap_or("default")
+}
+
+/// The server of `model`'s engine Pods where its kind is `openai`: its
+/// image and command, `{threads}` as the Pod's CPU request rounds up to
+/// (or `engine.threads`).
+fn external_server(model: &ServedModel, k: &KubernetesConfig) -> Result<Option<ExternalServer>> {
+    let e = &model.config.engine;
+    if e.kind != EngineKind::Openai {
+        return Ok(None);
+    }
+    let Some(image) = e.image.clone() else {
+        bail!(
+            "{}: engine kind `openai` on Kubernetes needs engine.image, the container image holding its server",
+            model_context(model.id.as_deref())
+        );
+    };
+    let threads = match e.threads {
+        0 => cpu_cores(&k.engine_cpu),
+        n => n,
+    };
+    Ok(Some(ExternalServer {
+        image,
+        command: e.command.clone(),
+        env: e.env.clone().into_iter().collect(),
+        threads,
+        key_of: key_of(model).to_owned(),
+    }))
+}
+
+/// Whole cores of a Kubernetes CPU quantity (`2`, `1.5`, `500m`), at
+/// least one.
+fn cpu_cores(quantity: &str) -> u32 {
+    let q = quantity.trim();
+    let cores = match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().map(|m| m / 1000.0),
+        None => q.parse::<f64>(),
+    };
+    cores.map_or(1, |c| c.ceil().max(1.0) as u32)
 }
 
 /// The name of `model`'s pool on Kubernetes (its Deployments' pool
@@ -840,9 +922,7 @@ pub fn pool_model(
     flags: &EngineFlags,
     k: &KubernetesConfig,
 ) -> Result<PoolModel> {
-    if model.config.engine.kind == EngineKind::Openai {
-        bail!("{}", cluster_refusal(model));
-    }
+    let external = external_server(model, k)?;
     let id = model.id.as_deref().unwrap_or_default();
     let builtin_file = |source: &str| -> Result<ModelFile> {
         let b = builtin_for(model, source)?;
@@ -852,8 +932,17 @@ pub fn pool_model(
             sha256: b.sha256,
         })
     };
+    let on_volume = |path: &Path, sha256: Option<String>| ModelFile::Path {
+        path: path.display().to_string(),
+        sha256,
+    };
     let file = match (&model.id, &model.url, &model.source) {
-        (None, _, _) => builtin_file(&ModelSource::builtin_ids()[0])?,
+        // `engine.model` names a file (or, for another server, a
+        // directory) on the model volume.
+        (None, _, _) => match &model.config.engine.model {
+            Some(path) => on_volume(path, None),
+            None => builtin_file(&ModelSource::builtin_ids()[0])?,
+        },
         (Some(_), Some(url), _) => ModelFile::Url {
             url: url.clone(),
             sha256: model
@@ -862,27 +951,28 @@ pub fn pool_model(
                 .with_context(|| format!("model `{id}`: a `url` needs its `sha256`"))?,
         },
         (Some(_), None, Some(source)) => builtin_file(source)?,
-        (Some(_), None, None) => ModelFile::Path {
-            path: model
+        (Some(_), None, None) => on_volume(
+            model
                 .config
                 .engine
                 .model
                 .as_ref()
-                .with_context(|| format!("model `{id}` names no file"))?
-                .display()
-                .to_string(),
-            sha256: model.sha256.clone(),
-        },
+                .with_context(|| format!("model `{id}` names no file"))?,
+            model.sha256.clone(),
+        ),
     };
-    let engine = match model.id {
-        Some(_) => Some(serde_json::to_string(&model.config.engine).context("the engine section")?),
-        None => None,
+    let engine = match (&model.id, &external) {
+        (Some(_), None) => {
+            Some(serde_json::to_string(&model.config.engine).context("the engine section")?)
+        }
+        _ => None,
     };
     let pool = PoolModel {
         pool: kube_pool(model, version),
         name: pool_id(flags, model),
         file,
         engine,
+        external,
     };
     if let Some(issue) = pool.issue(k) {
         bail!(issue);
@@ -1298,5 +1388,148 @@ sha256 = "{sha}"
         );
         stop.cancel();
         fleet.run().await.unwrap();
+    }
+
+    /// An `openai` model of the config file: a server image of its own.
+    const SERVER: &str = r#"
+[kubernetes]
+engine_cpu = "1500m"
+[[models]]
+id = "team/chat"
+source = "SmolLM2-135M-Instruct.Q4_1"
+replicas = 1
+[models.engine]
+kind = "openai"
+image = "registry.example/llama-server:b4000"
+command = ["llama-server", "-m", "{model_path}", "--host", "{host}", "--port", "{port}",
+           "-t", "{threads}", "--api-key", "{api_key}", "--no-cache-prompt"]
+[models.engine.capabilities]
+shared_prefix_cache = false
+"#;
+
+    #[test]
+    fn on_kubernetes_an_openai_model_needs_its_image_and_gets_threads_from_its_cpu() {
+        let flags = EngineFlags::default();
+        let config = catalog(SERVER);
+        let (served, _) = desired(&config, &[]).unwrap();
+        let pool = pool_model(&served[0].0, "config", &flags, &config.kubernetes).unwrap();
+        let server = pool.external.as_ref().expect("another server");
+        assert_eq!(server.image, "registry.example/llama-server:b4000");
+        assert_eq!((server.threads, server.key_of.as_str()), (2, "team/chat"));
+        // Its own engine section is not given to a server that reads none.
+        assert_eq!(pool.engine, None);
+        let without =
+            catalog(&SERVER.replace("image = \"registry.example/llama-server:b4000\"\n", ""));
+        let (served, _) = desired(&without, &[]).unwrap();
+        let err = pool_model(&served[0].0, "config", &flags, &without.kubernetes).unwrap_err();
+        assert!(format!("{err:#}").contains("engine.image"), "{err:#}");
+        assert_eq!(
+            [
+                cpu_cores("2"),
+                cpu_cores("500m"),
+                cpu_cores("2.5"),
+                cpu_cores("x")
+            ],
+            [2, 1, 3, 1]
+        );
+        // The one model of `[engine]` naming its file: read from the model
+        // volume (a vLLM directory, say), which it then needs.
+        let one = catalog("[engine]\nmodel = \"/models/llama-3.1-8b\"\n");
+        let (served, _) = desired(&one, &[]).unwrap();
+        let err = pool_model(&served[0].0, "config", &flags, &one.kubernetes).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kubernetes.model_pvc"),
+            "{err:#}"
+        );
+        let mut k = one.kubernetes.clone();
+        k.model_pvc = Some("models".into());
+        let pool = pool_model(&served[0].0, "config", &flags, &k).unwrap();
+        assert_eq!(pool.file_in_pod(), "/models/llama-3.1-8b");
+    }
+
+    #[tokio::test]
+    async fn on_kubernetes_an_openai_pool_gets_its_key_before_its_pods_and_stale_keys_go() {
+        let secret = "fleet-test-engine-secret";
+        std::env::set_var(strata_core::ENGINE_KEY_ENV, secret);
+        let cluster = fake_api::Cluster::shared();
+        cluster.lock().unwrap().add_engine_keys();
+        // The key of a model undeployed while no controller acted.
+        cluster
+            .lock()
+            .unwrap()
+            .secrets
+            .get_mut("strata-engine-keys")
+            .unwrap()["data"] = serde_json::json!({"old": "b2xk"});
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            strata_store::SqlStore::open_without_vault(&dir.path().join("s.db"))
+                .await
+                .unwrap(),
+        );
+        let config = catalog(&format!("[pool]\nautoscale = false\n{SERVER}"));
+        let stop = CancellationToken::new();
+        let (mut fleet, _links) = kube_fleet(&cluster, &config, &store, &stop);
+        fleet.start().await.unwrap();
+        let running = tokio::spawn(fleet.run());
+        until("the server's engines", || {
+            pools(&cluster).values().sum::<u64>() == 1
+        })
+        .await;
+        let entry = strata_k8s::render::key_entry("team/chat");
+        let calls = cluster.lock().unwrap().take_calls();
+        let wrote = calls
+            .iter()
+            .position(|c| c == &format!("patch secret strata-engine-keys +{entry}"))
+            .unwrap_or_else(|| panic!("no key written: {calls:?}"));
+        let applied = calls
+            .iter()
+            .position(|c| c.starts_with("apply ") && c.ends_with("replicas=1"))
+            .unwrap();
+        assert!(wrote < applied, "the key after the Pods: {calls:?}");
+        assert!(
+            calls
+                .iter()
+                .any(|c| c == "patch secret strata-engine-keys -old"),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.starts_with("forbidden")),
+            "{calls:?}"
+        );
+        // The entry holds the key the gateways derive, and the Deployment
+        // only a reference to it.
+        let (data, deployment) = {
+            let c = cluster.lock().unwrap();
+            (
+                c.secrets["strata-engine-keys"]["data"].clone(),
+                c.deployments.values().next().unwrap().clone(),
+            )
+        };
+        let key = strata_core::engine_api_key(secret, "team/chat");
+        let encoded: k8s_openapi::ByteString =
+            serde_json::from_value(data[&entry].clone()).unwrap();
+        assert_eq!(encoded.0, key.as_bytes());
+        assert!(data.get("old").is_none(), "{data}");
+        let spec = deployment.to_string();
+        assert!(!spec.contains(&key) && !spec.contains(secret), "{spec}");
+        let engine = &deployment["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(engine["image"], "registry.example/llama-server:b4000");
+        let command: Vec<&str> = engine["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            command[command.len() - 4..],
+            [
+                "2",
+                "--api-key",
+                "$(STRATA_ENGINE_API_KEY)",
+                "--no-cache-prompt"
+            ]
+        );
+        stop.cancel();
+        running.await.unwrap().unwrap();
     }
 }

@@ -64,6 +64,7 @@ fn main() -> Result<()> {
         Command::Model(ModelCommand::Fetch {
             model, dest, json, ..
         }) => fetch_model(&model, dest, json),
+        Command::Model(ModelCommand::Check { path, sha256 }) => check_model(&path, &sha256),
         Command::Model(command) => runtime()?.block_on(admin::model(command)),
         // The engine's own threads (llama.cpp's) want the cores; its HTTP side
         // needs little, so it gets a single-threaded runtime.
@@ -231,6 +232,22 @@ fn check_config(path: &Path, json: bool) -> Result<()> {
         eprintln!("{}: {i}", path.display());
     }
     bail!("{} problem(s) in {}", issues.len(), path.display())
+}
+
+/// `strata model check PATH --sha256 H`: the file is the one named, or
+/// the command fails saying what it hashes to.
+fn check_model(path: &Path, sha256: &str) -> Result<()> {
+    let actual = strata_models::fetch::sha256_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !actual.eq_ignore_ascii_case(sha256.trim()) {
+        bail!(
+            "{} has sha256 {actual}, not the {} --sha256 names",
+            path.display(),
+            sha256.trim()
+        );
+    }
+    println!("{} (sha256 verified)", path.display());
+    Ok(())
 }
 
 /// `strata model fetch --url URL --sha256 H [--dest FILE]`: into the cache

@@ -97,13 +97,15 @@ pub struct ExternalLaunch {
 impl ExternalLaunch {
     /// `template` with this replica's values in place of the placeholders.
     fn fill(&self, template: &str, model: &str, port: u16, threads: u32) -> String {
-        template
-            .replace("{model_path}", &self.model_path.display().to_string())
-            .replace("{model}", model)
-            .replace("{host}", "127.0.0.1")
-            .replace("{port}", &port.to_string())
-            .replace("{threads}", &threads.to_string())
-            .replace("{api_key}", &self.engine.api_key)
+        strata_core::config::Placeholders {
+            model_path: &self.model_path.display().to_string(),
+            model,
+            host: "127.0.0.1",
+            port,
+            threads,
+            api_key: &self.engine.api_key,
+        }
+        .fill(template)
     }
 }
 

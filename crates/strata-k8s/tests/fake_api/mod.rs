@@ -2,7 +2,8 @@
 //! A fake Kubernetes API server behind kube's `tower-test` mock service (no
 //! API server can run on these machines). It answers the calls strata
 //! makes — Deployments (server-side apply, list), Pods (list, merge patch),
-//! Nodes (list), Leases (get, create, conditional replace) — from an
+//! Nodes (list), Leases (get, create, conditional replace), the one Secret
+//! the controller's Role reaches (get, merge patch; any other is 403) — from an
 //! in-memory cluster, keeps resourceVersions and conflicts as the API
 //! server does, and logs each call in a compact form the tests assert on.
 //! `reconcile` plays the ReplicaSet controller and the scheduler: it makes
@@ -26,6 +27,7 @@ pub struct Cluster {
     pub pods: BTreeMap<String, Value>,
     pub nodes: BTreeMap<String, Value>,
     pub leases: BTreeMap<String, Value>,
+    pub secrets: BTreeMap<String, Value>,
     pub calls: Vec<String>,
     /// Another writer changes the Lease just before the next replace.
     pub race_next_replace: bool,
@@ -119,6 +121,15 @@ fn selected(object: &Value, wanted: &[(String, String)]) -> bool {
 }
 
 impl Cluster {
+    /// The Secret `strata k8s render` makes for the engines' keys, empty.
+    pub fn add_engine_keys(&mut self) {
+        self.secrets.insert(
+            "strata-engine-keys".into(),
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                   "metadata": {"name": "strata-engine-keys", "namespace": "strata"}}),
+        );
+    }
+
     pub fn shared() -> Shared {
         Arc::new(Mutex::new(Cluster::default()))
     }
@@ -189,6 +200,42 @@ impl Cluster {
                     }
                     None => status(404, "NotFound", "pods not found"),
                 }
+            }
+            (verb, ["api", "v1", "namespaces", _, "secrets", name])
+                if *name != "strata-engine-keys" =>
+            {
+                // As the controller's Role has it.
+                self.calls.push(format!("forbidden {verb} secret {name}"));
+                status(403, "Forbidden", "secrets is forbidden")
+            }
+            ("GET", ["api", "v1", "namespaces", _, "secrets", name]) => {
+                self.calls.push(format!("get secret {name}"));
+                match self.secrets.get(*name) {
+                    Some(s) => (200, s.clone()),
+                    None => status(404, "NotFound", "secrets not found"),
+                }
+            }
+            ("PATCH", ["api", "v1", "namespaces", _, "secrets", name]) => {
+                // A JSON merge patch of `data` (null removes an entry).
+                let Some(secret) = self.secrets.get_mut(*name) else {
+                    return status(404, "NotFound", "secrets not found");
+                };
+                let mut changed = Vec::new();
+                let mut data = secret["data"].as_object().cloned().unwrap_or_default();
+                for (entry, value) in body["data"].as_object().cloned().unwrap_or_default() {
+                    if value.is_null() {
+                        data.remove(&entry);
+                        changed.push(format!("-{entry}"));
+                    } else {
+                        data.insert(entry.clone(), value);
+                        changed.push(format!("+{entry}"));
+                    }
+                }
+                secret["data"] = Value::Object(data);
+                let answer = secret.clone();
+                self.calls
+                    .push(format!("patch secret {name} {}", changed.join(" ")));
+                (200, answer)
             }
             ("GET", ["api", "v1", "nodes"]) => {
                 self.calls.push("list nodes".into());
