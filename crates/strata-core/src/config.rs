@@ -642,6 +642,12 @@ pub struct EngineConfig {
     /// Most prompt tokens one sequence prefills per step, so running streams
     /// keep flowing while a long prompt is read.
     pub prefill_chunk: u32,
+    /// The longest step while sequences decode, in milliseconds: a step
+    /// reads only as many prompt tokens (up to `prefill_chunk`) as its cost,
+    /// measured as the engine runs, lets it finish within this. 0: 80% of
+    /// `pool.slo_tpot_p95_ms` where set, else every step reads
+    /// `prefill_chunk`.
+    pub step_budget_ms: f64,
     /// `max_tokens` of a chat request that gives none.
     pub default_max_tokens: u32,
     /// Finished sequences whose KV cells are kept for prefix reuse by later
@@ -778,6 +784,7 @@ impl Default for EngineConfig {
             max_queue: 64,
             threads: 0,
             prefill_chunk: 256,
+            step_budget_ms: 0.0,
             default_max_tokens: 512,
             prefix_cache_entries: 32,
             max_body_bytes: 4 * 1024 * 1024,
@@ -1388,6 +1395,12 @@ impl Config {
         }
         if e.prefill_chunk == 0 {
             issues.bad("engine.prefill_chunk", "must be at least 1".into());
+        }
+        if !(e.step_budget_ms.is_finite() && e.step_budget_ms >= 0.0) {
+            issues.bad(
+                "engine.step_budget_ms",
+                "must be 0 (from pool.slo_tpot_p95_ms) or a number of milliseconds".into(),
+            );
         }
         if e.default_max_tokens == 0 {
             issues.bad("engine.default_max_tokens", "must be at least 1".into());
@@ -2090,6 +2103,28 @@ alias = { c = 1, v1 = 2000000 }
         assert_eq!(
             keys("[engine]\nimage = \"vllm/vllm-openai:v0.11.0\"\n"),
             ["engine.image"]
+        );
+    }
+
+    #[test]
+    fn a_step_budget_is_a_number_of_milliseconds_or_zero() {
+        let keys = |text: &str| -> Vec<String> {
+            Config::from_toml(text)
+                .unwrap()
+                .check()
+                .into_iter()
+                .map(|i| i.key)
+                .collect()
+        };
+        assert!(keys("[engine]\nstep_budget_ms = 100.0\n").is_empty());
+        assert!(keys("[engine]\nstep_budget_ms = 0.0\n").is_empty());
+        assert_eq!(
+            keys("[engine]\nstep_budget_ms = -5.0\n"),
+            ["engine.step_budget_ms"]
+        );
+        assert_eq!(
+            keys("[engine]\nstep_budget_ms = inf\n"),
+            ["engine.step_budget_ms"]
         );
     }
 

@@ -45,6 +45,86 @@ pub fn plan_step(slots: &[SlotView], prefill_budget: usize) -> StepPlan {
     plan
 }
 
+/// How many prompt tokens a step may read so that the sequences decoding
+/// in it get their token within a time budget (the idea of Sarathi-Serve's
+/// stall-free batching: decode first, then as much prefill as fits). The
+/// cost of a prompt token grows with the context already filled, so it is
+/// measured online, step by step, rather than fixed: after each step the
+/// pacer learns what a decode-only step costs and what each prompt token
+/// added, and sizes the next step's prefill to the room left. With nobody
+/// decoding, nobody waits: the whole chunk.
+#[derive(Debug, Clone)]
+pub struct PrefillPacer {
+    /// The step time to stay within while sequences decode, in seconds.
+    target_s: f64,
+    /// The most prompt tokens a step holds (the batch's size for them).
+    max_tokens: usize,
+    /// Seconds of a step with decoders and no prefill (a moving average).
+    decode_s: Option<f64>,
+    /// Seconds each prompt token added to a step, lately.
+    per_token_s: Option<f64>,
+}
+
+/// The fewest prompt tokens a step reads while any are waiting, so a
+/// prompt always advances.
+const MIN_PREFILL: usize = 8;
+/// Weight of the newest observation in the moving averages: the cost of a
+/// prompt token rises as its context fills, so the estimate follows fast.
+const NEWEST: f64 = 0.5;
+
+impl PrefillPacer {
+    pub fn new(target_s: f64, max_tokens: usize) -> Self {
+        PrefillPacer {
+            target_s,
+            max_tokens: max_tokens.max(1),
+            decode_s: None,
+            per_token_s: None,
+        }
+    }
+
+    /// The prompt tokens the next step may read beside `decoders`
+    /// decoding sequences.
+    pub fn budget(&self, decoders: usize) -> usize {
+        if decoders == 0 {
+            return self.max_tokens;
+        }
+        let floor = MIN_PREFILL.min(self.max_tokens);
+        let Some(per_token) = self.per_token_s else {
+            // Nothing measured yet: a small step, to learn from.
+            return floor.max(self.max_tokens / 8).min(self.max_tokens);
+        };
+        let room = self.target_s - self.decode_s.unwrap_or(0.0);
+        let fits = (room / per_token.max(1e-6)).floor();
+        if fits.is_finite() && fits > 0.0 {
+            (fits as usize).clamp(floor, self.max_tokens)
+        } else {
+            floor
+        }
+    }
+
+    /// What a step of `decoders` decoding sequences and `prefilled` prompt
+    /// tokens took.
+    pub fn observe(&mut self, decoders: usize, prefilled: usize, took_s: f64) {
+        if !took_s.is_finite() || took_s < 0.0 {
+            return;
+        }
+        let blend = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + NEWEST * (new - o)));
+        if prefilled == 0 {
+            if decoders > 0 {
+                self.decode_s = blend(self.decode_s, took_s);
+            }
+            return;
+        }
+        let base = if decoders > 0 {
+            self.decode_s.unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let per_token = ((took_s - base) / prefilled as f64).max(0.0);
+        self.per_token_s = blend(self.per_token_s, per_token);
+    }
+}
+
 /// Whether a request needing `need` KV cells fits next to those reserved.
 /// Each admitted sequence reserves prompt + max_tokens cells, so decoding can
 /// never run out of cache mid-stream.
@@ -84,7 +164,71 @@ mod tests {
         assert!(!fits(100, 8100, 8192));
     }
 
+    /// A step's cost as llama.cpp's on this machine grows: a fixed part
+    /// per step, and per prompt token more the fuller its context.
+    fn step_cost(decoders: usize, prefill: usize, context: usize) -> f64 {
+        let per_token = 0.0015 + 0.0000006 * context as f64;
+        0.018 + 0.0005 * decoders as f64 + per_token * prefill as f64
+    }
+
+    #[test]
+    fn the_pacer_keeps_steps_within_budget_as_a_long_prompt_fills_its_context() {
+        let mut pacer = PrefillPacer::new(0.12, 256);
+        // Four streams decoding alone teach it the decode step.
+        for _ in 0..5 {
+            pacer.observe(4, 0, step_cost(4, 0, 0));
+        }
+        let (mut read, prompt, mut steps, mut worst) = (0, 6391, 0, 0.0f64);
+        while read < prompt {
+            let n = pacer.budget(4).min(prompt - read);
+            let took = step_cost(4, n, read);
+            if steps > 1 {
+                worst = worst.max(took);
+            }
+            pacer.observe(4, n, took);
+            read += n;
+            steps += 1;
+        }
+        // Every step after the first two within a tenth of the target.
+        assert!(worst <= 0.132, "worst step {worst}");
+        // And the prompt still read in far fewer steps than one token each.
+        assert!(steps < prompt / 20, "{steps} steps");
+        // With nobody decoding, the whole chunk.
+        assert_eq!(pacer.budget(0), 256);
+    }
+
+    #[test]
+    fn the_pacer_always_lets_a_prompt_advance() {
+        let mut pacer = PrefillPacer::new(0.01, 256);
+        pacer.observe(4, 0, 0.05); // decoding alone already over budget
+        pacer.observe(4, 64, 1.0);
+        assert_eq!(pacer.budget(4), MIN_PREFILL);
+        // Nonsense timings change nothing.
+        let before = pacer.budget(4);
+        pacer.observe(4, 10, f64::NAN);
+        pacer.observe(4, 10, -1.0);
+        assert_eq!(pacer.budget(4), before);
+    }
+
     proptest! {
+        #[test]
+        fn the_pacer_stays_within_the_chunk_and_above_the_floor(
+            target in 0.001f64..2.0,
+            max in 1usize..1024,
+            steps in proptest::collection::vec((0usize..8, 0usize..1024, 0.0f64..3.0), 0..40),
+        ) {
+            let mut pacer = PrefillPacer::new(target, max);
+            for (decoders, prefilled, took) in steps {
+                pacer.observe(decoders, prefilled, took);
+                for d in [0, decoders] {
+                    let b = pacer.budget(d);
+                    prop_assert!(b >= 1 && b <= max);
+                    prop_assert!(b >= MIN_PREFILL.min(max));
+                }
+            }
+        }
+
+
         #[test]
         fn plan_never_exceeds_budget_and_never_skips_a_decoder(
             unread in proptest::collection::vec(0usize..2000, 0..16),

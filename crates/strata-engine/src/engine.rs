@@ -23,7 +23,7 @@ use strata_core::sampling::SamplingParams;
 use strata_core::{template, ApiError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::batch::{fits, plan_step, SlotView};
+use crate::batch::{fits, plan_step, PrefillPacer, SlotView};
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::prefix::PrefixCache;
@@ -40,6 +40,9 @@ pub struct EngineSettings {
     pub max_queue: u32,
     pub threads: u32,
     pub prefill_chunk: u32,
+    /// The longest step while sequences decode (`PrefillPacer`); `None`:
+    /// every step reads up to `prefill_chunk` prompt tokens.
+    pub step_budget: Option<Duration>,
     pub default_max_tokens: u32,
     pub prefix_cache_entries: u32,
 }
@@ -561,6 +564,9 @@ fn run_scheduler(
         free_slots: (0..n_seq as i32).rev().collect(),
         reserved: 0,
         cache: PrefixCache::new(settings.prefix_cache_entries as usize),
+        pacer: settings
+            .step_budget
+            .map(|b| PrefillPacer::new(b.as_secs_f64(), settings.prefill_chunk as usize)),
     };
     loop {
         while let Ok(work) = control.try_recv() {
@@ -622,6 +628,8 @@ struct Scheduler<'m> {
     /// Finished sequences kept for prefix reuse; their cells count against
     /// the context next to `reserved` and are evicted to make room.
     cache: PrefixCache<LlamaToken>,
+    /// Sizes each step's prefill to the step budget, where there is one.
+    pacer: Option<PrefillPacer>,
 }
 
 impl Scheduler<'_> {
@@ -862,10 +870,17 @@ impl Scheduler<'_> {
                 unread_prompt: s.job.tokens.len() - s.read,
             })
             .collect();
-        let plan = plan_step(&views, self.settings.prefill_chunk as usize);
+        let decoders = views.iter().filter(|v| v.unread_prompt == 0).count();
+        let budget = match &self.pacer {
+            Some(pacer) => pacer.budget(decoders),
+            None => self.settings.prefill_chunk as usize,
+        };
+        let plan = plan_step(&views, budget);
         if plan.is_empty() {
             return;
         }
+        let started = Instant::now();
+        let prefilled: usize = plan.prefill.iter().map(|p| p.1).sum();
         self.batch.clear();
         for s in &mut self.running {
             s.logits_at = None;
@@ -916,6 +931,14 @@ impl Scheduler<'_> {
                     finished.push((i, outcome));
                 }
             }
+        }
+        // What the decoders waited for: the forward pass and sampling.
+        if let Some(pacer) = &mut self.pacer {
+            pacer.observe(
+                plan.decode.len(),
+                prefilled,
+                started.elapsed().as_secs_f64(),
+            );
         }
         for (i, outcome) in finished.into_iter().rev() {
             self.retire(ctx, i, Some(Ok(outcome)));

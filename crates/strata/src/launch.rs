@@ -42,9 +42,21 @@ pub fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> E
         max_queue: e.max_queue,
         threads,
         prefill_chunk: e.prefill_chunk,
+        step_budget: step_budget(config),
         default_max_tokens: e.default_max_tokens,
         prefix_cache_entries: e.prefix_cache_entries,
     }
+}
+
+/// The longest engine step while sequences decode: `engine.step_budget_ms`,
+/// else 80% of the pool's TPOT objective (steps hover about the budget, and
+/// the objective is a 95th percentile), else none.
+fn step_budget(config: &Config) -> Option<std::time::Duration> {
+    let ms = match config.engine.step_budget_ms {
+        ms if ms > 0.0 => ms,
+        _ => 0.8 * config.pool.slo_tpot_p95_ms?,
+    };
+    (ms.is_finite() && ms > 0.0).then(|| std::time::Duration::from_secs_f64(ms / 1000.0))
 }
 
 /// Cancelled on SIGINT or SIGTERM.
@@ -309,4 +321,23 @@ pub fn pool_processes(config: &Config, replicas: u32) -> Result<(u32, u32)> {
         replicas,
         pool + config.serve.dedicated.values().sum::<u32>(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_step_budget_comes_from_the_engine_or_the_pools_tpot_objective() {
+        let budget = |text: &str| step_budget(&Config::from_toml(text).unwrap());
+        assert_eq!(budget(""), None);
+        assert_eq!(
+            budget("[pool]\nslo_tpot_p95_ms = 150.0\n"),
+            Some(std::time::Duration::from_millis(120))
+        );
+        assert_eq!(
+            budget("[engine]\nstep_budget_ms = 90.0\n[pool]\nslo_tpot_p95_ms = 150.0\n"),
+            Some(std::time::Duration::from_millis(90))
+        );
+    }
 }
