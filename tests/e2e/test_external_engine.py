@@ -167,10 +167,15 @@ def test_status_says_what_each_engine_does(ext):
     assert r.returncode == 0, r.stderr
     engines = {e["model"]: e for e in json.loads(r.stdout)["engines"]}
     assert engines[CHAT_MODEL] == {"model": CHAT_MODEL, "kind": "strata", "prefix_cache": "per tenant",
-                                   "snapshots": "kept", "cut_answers": "continued", "tenant": "any"}
+                                   "snapshots": "kept", "cut_answers": "continued", "gateway": "mutual TLS",
+                                   "tenant": "any"}
     assert engines[EXTERNAL] == {"model": EXTERNAL, "kind": "openai", "prefix_cache": "shared: one tenant",
                                  "snapshots": "none: prefilled again", "cut_answers": "error event",
-                                 "tenant": "ext"}
+                                 "gateway": "API key, plain HTTP", "tenant": "ext"}
+    # The table says it too.
+    table = subprocess.run([STRATA, "--config", ext.config, "status", "--db", os.path.join(ext.dir, "strata.db")],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert "API key, plain HTTP" in table and "mutual TLS" in table
 
 
 def test_a_key_limit_holds_on_it(ext):

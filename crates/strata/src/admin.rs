@@ -689,6 +689,7 @@ pub async fn status(config: &strata_core::config::Config, db: &str, json_out: bo
                     "prefix_cache",
                     "snapshots",
                     "cut_answers",
+                    "gateway",
                     "tenant"
                 ]
             )

@@ -564,12 +564,19 @@ pub fn engine_report(model: &ServedModel) -> serde_json::Value {
             },
         ),
     };
+    // How a replica knows the gateway.
+    let gateway = match (e.kind, model.config.serve.replica_mtls) {
+        (EngineKind::Strata, true) => "mutual TLS",
+        (EngineKind::Strata, false) => "replica token",
+        (EngineKind::Openai, _) => "API key, plain HTTP",
+    };
     serde_json::json!({
         "model": pool_id(&EngineFlags::default(), model),
         "kind": e.kind.as_str(),
         "prefix_cache": prefix_cache,
         "snapshots": snapshots,
         "cut_answers": cut_answers,
+        "gateway": gateway,
         "tenant": model.tenant.as_deref().unwrap_or("any"),
     })
 }
