@@ -28,20 +28,42 @@ impl StepPlan {
 }
 
 /// Every decoding sequence gets its token each step, so running streams never
-/// stall; prompts share `prefill_budget` tokens in arrival order, so a long
-/// prompt is read in chunks between decode steps.
+/// stall; prompts share `prefill_budget` tokens, so a long prompt is read in
+/// chunks between decode steps. The shortest unread prompts go first, so a
+/// short request that arrives while a long prompt is read starts at the
+/// next step instead of after it; the oldest prompt keeps a quarter of the
+/// budget, so a run of short ones cannot starve it.
 pub fn plan_step(slots: &[SlotView], prefill_budget: usize) -> StepPlan {
     let mut plan = StepPlan::default();
-    let mut budget = prefill_budget;
+    let mut waiting = Vec::new();
     for (i, s) in slots.iter().enumerate() {
         if s.unread_prompt == 0 {
             plan.decode.push(i);
-        } else if budget > 0 {
-            let n = s.unread_prompt.min(budget);
-            budget -= n;
-            plan.prefill.push((i, n));
+        } else {
+            waiting.push(i);
         }
     }
+    let Some(&oldest) = waiting.first() else {
+        return plan;
+    };
+    let kept = slots[oldest].unread_prompt.min(prefill_budget.div_ceil(4));
+    let mut budget = prefill_budget - kept;
+    let mut shortest: Vec<usize> = waiting[1..].to_vec();
+    shortest.sort_by_key(|&i| (slots[i].unread_prompt, i));
+    for i in shortest {
+        if budget == 0 {
+            break;
+        }
+        let n = slots[i].unread_prompt.min(budget);
+        budget -= n;
+        plan.prefill.push((i, n));
+    }
+    // The oldest: its quarter and whatever the others left.
+    let n = slots[oldest].unread_prompt.min(kept + budget);
+    if n > 0 {
+        plan.prefill.push((oldest, n));
+    }
+    plan.prefill.sort_unstable();
     plan
 }
 
@@ -152,10 +174,21 @@ mod tests {
     }
 
     #[test]
-    fn prompts_share_the_budget_in_arrival_order() {
+    fn short_prompts_go_first_and_the_oldest_keeps_a_quarter() {
+        // The oldest (100) keeps 64 of 256; the others, shortest first,
+        // take the rest (50, then 142 of 300); the oldest nothing more.
         let plan = plan_step(&slots(&[100, 300, 50]), 256);
-        assert_eq!(plan.prefill, vec![(0, 100), (1, 156)]);
+        assert_eq!(plan.prefill, vec![(0, 64), (1, 142), (2, 50)]);
         assert!(plan.decode.is_empty());
+        // A short request arriving while a long prompt is read starts now.
+        let plan = plan_step(&slots(&[0, 6000, 0, 12]), 256);
+        assert_eq!(plan.decode, vec![0, 2]);
+        assert_eq!(plan.prefill, vec![(1, 244), (3, 12)]);
+        // Short ones without end still leave the oldest its quarter.
+        let plan = plan_step(&slots(&[6000, 300, 300, 300]), 256);
+        assert_eq!(plan.prefill, vec![(0, 64), (1, 192)]);
+        // One prompt alone takes the whole budget.
+        assert_eq!(plan_step(&slots(&[6000]), 256).prefill, vec![(0, 256)]);
     }
 
     #[test]
@@ -243,8 +276,15 @@ mod tests {
             for &(i, n) in &plan.prefill {
                 prop_assert!(n >= 1 && n <= unread[i]);
             }
-            // Someone with unread prompt always makes progress.
-            if unread.iter().any(|&u| u > 0) { prop_assert!(!plan.prefill.is_empty()); }
+            // The oldest prompt always makes progress, by at least a
+            // quarter of the budget (or what it has left).
+            if let Some(oldest) = unread.iter().position(|&u| u > 0) {
+                let got = plan.prefill.iter().find(|p| p.0 == oldest).map_or(0, |p| p.1);
+                prop_assert!(got >= unread[oldest].min(budget.div_ceil(4)));
+            }
+            // The whole budget is used while prompts are left unread.
+            let unread_total: usize = unread.iter().sum();
+            prop_assert_eq!(prefilled, unread_total.min(budget));
         }
     }
 }
