@@ -2060,6 +2060,16 @@ alias = { c = 1, v1 = 2000000 }
         );
     }
 
+    /// The keys `check` names for a config file's text.
+    fn keys(text: &str) -> Vec<String> {
+        Config::from_toml(text)
+            .unwrap()
+            .check()
+            .into_iter()
+            .map(|i| i.key)
+            .collect()
+    }
+
     #[test]
     fn an_external_engine_needs_its_command_and_one_tenant_while_it_shares_its_cache() {
         let model = |engine: &str, tenant: &str| {
@@ -2067,14 +2077,6 @@ alias = { c = 1, v1 = 2000000 }
                 "[[models]]\nid = \"a\"\nsource = \"gemma-3-270m-q4_k_m\"\n\
                  [[models]]\nid = \"b\"\npath = \"/m.gguf\"\n{tenant}\n[models.engine]\nkind = \"openai\"\n{engine}\n"
             )
-        };
-        let keys = |text: &str| -> Vec<String> {
-            Config::from_toml(text)
-                .unwrap()
-                .check()
-                .into_iter()
-                .map(|i| i.key)
-                .collect()
         };
         let command = r#"command = ["srv", "--port", "{port}", "--model", "{model_path}"]"#;
         assert_eq!(
@@ -2108,14 +2110,6 @@ alias = { c = 1, v1 = 2000000 }
 
     #[test]
     fn a_step_budget_is_a_number_of_milliseconds_or_zero() {
-        let keys = |text: &str| -> Vec<String> {
-            Config::from_toml(text)
-                .unwrap()
-                .check()
-                .into_iter()
-                .map(|i| i.key)
-                .collect()
-        };
         assert!(keys("[engine]\nstep_budget_ms = 100.0\n").is_empty());
         assert!(keys("[engine]\nstep_budget_ms = 0.0\n").is_empty());
         assert_eq!(

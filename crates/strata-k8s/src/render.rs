@@ -1518,19 +1518,11 @@ mod tests {
         }
     }
 
-    fn args_of(d: &Value, container: &str) -> Vec<String> {
-        let spec = &d["spec"]["template"]["spec"];
-        spec["containers"]
+    fn args_of(d: &Value, name: &str) -> Vec<String> {
+        container(d, name)["args"]
             .as_array()
-            .unwrap()
-            .iter()
-            .chain(spec["initContainers"].as_array().unwrap())
-            .find(|c| c["name"] == container)
-            .map(|c| {
-                c["args"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
+            .map(|args| {
+                args.iter()
                     .map(|a| a.as_str().unwrap().to_owned())
                     .collect()
             })
