@@ -27,10 +27,7 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,17 +35,13 @@ import time
 
 import httpx
 
+from engine_bench import port, start as start_process, stop
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATA = os.path.join(ROOT, "target/release/strata")
 STREAMS = 4
 MODEL_NAME = "gemma-3-270m-q4_k_m"
 STREAM_TOKENS = 1000
-
-
-def port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def long_prompt(seed):
@@ -69,27 +62,10 @@ def start(budget_ms, binary=STRATA):
         if budget_ms:
             f.write(f"step_budget_ms = {budget_ms}\n")
     p = port()
-    proc = subprocess.Popen([binary, "--config", config, "engine", "--port", str(p), "--threads", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{p}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the engine did not become ready")
-
-
-def stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = start_process([binary, "--config", config, "engine", "--port", str(p), "--threads", "2"],
+                         f"{base}/health")
+    return proc, base
 
 
 def stream(client, base, prompt, max_tokens, on_token=None, stop=None):
