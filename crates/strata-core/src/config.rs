@@ -589,6 +589,13 @@ pub struct GatewayConfig {
     /// Label the generation metrics (requests, cost) with the tenant id:
     /// one series per tenant, so off by default.
     pub metrics_tenant_labels: bool,
+    /// Largest file `POST /v1/files` takes, in bytes.
+    pub max_file_bytes: usize,
+    /// What a batch's tokens cost less than the same tokens asked for
+    /// interactively (0.5: half price), in the ledger and budgets.
+    pub batch_discount: f64,
+    /// Lines of one batch waiting for or holding a slot at once.
+    pub batch_lines_in_flight: u32,
 }
 
 /// `prefix`: where the longest prefix of the prompt went before (its KV
@@ -620,6 +627,9 @@ impl Default for GatewayConfig {
             shared_limits_url: None,
             budget_refresh_secs: 5.0,
             metrics_tenant_labels: false,
+            max_file_bytes: 64 * 1024 * 1024,
+            batch_discount: 0.5,
+            batch_lines_in_flight: 32,
         }
     }
 }
@@ -1115,6 +1125,21 @@ impl Config {
         }
         if g.max_body_bytes < 1024 {
             issues.bad("gateway.max_body_bytes", "must be at least 1024".into());
+        }
+        if g.max_file_bytes < 1024 {
+            issues.bad("gateway.max_file_bytes", "must be at least 1024".into());
+        }
+        if !(0.0..1.0).contains(&g.batch_discount) {
+            issues.bad(
+                "gateway.batch_discount",
+                format!(
+                    "{} is not a share from 0 up to (not including) 1",
+                    g.batch_discount
+                ),
+            );
+        }
+        if g.batch_lines_in_flight == 0 {
+            issues.bad("gateway.batch_lines_in_flight", "must be at least 1".into());
         }
         for (i, replica) in g.replicas.iter().enumerate() {
             // `TENANT=URL` reserves the replica for a dedicated tenant.

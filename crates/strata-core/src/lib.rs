@@ -5,6 +5,7 @@
 //! HTTP plumbing (error rendering, body limits, the TLS listener) that the
 //! gateway and the engine share.
 
+pub mod batch;
 pub mod calendar;
 pub mod config;
 pub mod error;

@@ -488,6 +488,14 @@ pub fn list_page(data: Vec<Value>, has_more: bool) -> Value {
     })
 }
 
+/// A page of rows read one past `limit` (so that `has_more` is known
+/// without another query): the first `limit` of them.
+pub fn page_of(mut data: Vec<Value>, limit: u32) -> Value {
+    let has_more = data.len() > limit as usize;
+    data.truncate(limit as usize);
+    list_page(data, has_more)
+}
+
 /// `after`, `limit` and `order` of a list route.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct PageQuery {

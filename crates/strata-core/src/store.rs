@@ -489,6 +489,107 @@ pub trait ModelStore: Send + Sync {
     async fn delete_model(&self, id: &str) -> Result<bool, StoreError>;
 }
 
+/// A file of the Files API. Its name and its bytes are sealed at rest;
+/// `content` is empty where a listing did not read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredFile {
+    pub id: String,
+    pub created_at_ms: i64,
+    /// `batch` (uploaded), `batch_output` (written by a batch).
+    pub purpose: String,
+    pub filename: String,
+    pub bytes: i64,
+    pub content: Vec<u8>,
+}
+
+#[async_trait]
+pub trait FileStore: Send + Sync {
+    /// Keeps a new file; a file with its id already kept stays as it is
+    /// (a batch's output written again after a crash).
+    async fn put_file(&self, tenant: &TenantId, file: &StoredFile) -> Result<(), StoreError>;
+    /// The file, with its content when `content` is asked for.
+    async fn file(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        content: bool,
+    ) -> Result<Option<StoredFile>, StoreError>;
+    /// Newest first (oldest with `Order::Asc`), at most `limit`, past the
+    /// `after` id when given, of one purpose when given; without content.
+    async fn files(
+        &self,
+        tenant: &TenantId,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+        order: Order,
+    ) -> Result<Vec<StoredFile>, StoreError>;
+    async fn delete_file(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError>;
+}
+
+/// A batch of the Batch API: `status` in the clear (runners look for
+/// unfinished batches of every tenant), the batch object sealed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBatch {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub status: String,
+    /// The batch object as JSON, without its request counts (those are
+    /// counted from the lines).
+    pub content: Vec<u8>,
+}
+
+/// One finished line of a batch: its output (or error) line, sealed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchLine {
+    /// Its place in the input file, from 0.
+    pub line: u32,
+    /// It went to the output file (else to the error file).
+    pub ok: bool,
+    pub content: Vec<u8>,
+}
+
+#[async_trait]
+pub trait BatchStore: Send + Sync {
+    async fn create_batch(&self, tenant: &TenantId, batch: &StoredBatch) -> Result<(), StoreError>;
+    /// Replaces the batch if its status is still `from`; false (nothing
+    /// written) when another writer changed it first.
+    async fn update_batch(
+        &self,
+        tenant: &TenantId,
+        batch: &StoredBatch,
+        from: &str,
+    ) -> Result<bool, StoreError>;
+    async fn batch(&self, tenant: &TenantId, id: &str) -> Result<Option<StoredBatch>, StoreError>;
+    /// Newest first, at most `limit`, older than the `after` id when given.
+    async fn batches(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredBatch>, StoreError>;
+    /// Every tenant's batches that have not ended, oldest first.
+    async fn unfinished_batches(&self) -> Result<Vec<(TenantId, String)>, StoreError>;
+    /// Keeps a line's result unless one is kept already (a line finishes
+    /// once); false when it was.
+    async fn finish_line(
+        &self,
+        tenant: &TenantId,
+        batch: &str,
+        line: &BatchLine,
+    ) -> Result<bool, StoreError>;
+    /// The batch's finished lines in input order; without their content
+    /// unless `content`.
+    async fn finished_lines(
+        &self,
+        tenant: &TenantId,
+        batch: &str,
+        content: bool,
+    ) -> Result<Vec<BatchLine>, StoreError>;
+    /// (succeeded, failed) lines so far.
+    async fn line_counts(&self, tenant: &TenantId, batch: &str) -> Result<(u64, u64), StoreError>;
+}
+
 /// Everything strata keeps.
 pub trait Store:
     UsageStore
@@ -503,6 +604,8 @@ pub trait Store:
     + LeaseStore
     + LoadStore
     + ModelStore
+    + FileStore
+    + BatchStore
     + 'static
 {
 }
@@ -520,6 +623,8 @@ impl<T> Store for T where
         + LeaseStore
         + LoadStore
         + ModelStore
+        + FileStore
+        + BatchStore
         + 'static
 {
 }

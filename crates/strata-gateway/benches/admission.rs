@@ -74,6 +74,7 @@ async fn main() {
             max_waiting_per_tenant: 1024,
             queue_timeout: Duration::from_secs(10),
             pricing,
+            batch_price_factor: 0.5,
             budget_refresh: None,
         },
         store.clone(),

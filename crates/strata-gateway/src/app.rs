@@ -14,8 +14,8 @@ use axum::Router;
 use strata_core::config::{ModelPrice, Routing};
 use strata_core::link::GatewayLink;
 use strata_core::store::{
-    AuditStore, CompletionStore, ConversationStore, DecisionStore, InstanceStore, KeyStore,
-    LeaseStore, ModelStore, SnapshotStore, Store, TenantStore, UsageStore,
+    AuditStore, BatchStore, CompletionStore, ConversationStore, DecisionStore, FileStore,
+    InstanceStore, KeyStore, LeaseStore, ModelStore, SnapshotStore, Store, TenantStore, UsageStore,
 };
 use strata_core::{tls, ApiError, Load, Loads, ReplicaEndpoint};
 use strata_store::Vault;
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::api::batch_runner::BatchRunner;
 use crate::api::catalog::CatalogModel;
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
@@ -100,6 +101,29 @@ pub struct GatewaySettings {
     pub audit_checkpoints: Option<crate::tenancy::audit::Checkpoints>,
     /// After a tenant is deleted, rotate the KEK (where it is a file).
     pub rotate_kek_on_shred: bool,
+    /// The Files and Batch APIs' settings.
+    pub batch: BatchSettings,
+}
+
+/// How files and batches are taken and run.
+#[derive(Debug, Clone)]
+pub struct BatchSettings {
+    /// Largest file an upload may hold.
+    pub max_file_bytes: usize,
+    /// A batch line's price over an interactive request's (0.5: half).
+    pub price_factor: f64,
+    /// Lines of one batch waiting or running at once.
+    pub lines_in_flight: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            max_file_bytes: 64 * 1024 * 1024,
+            price_factor: 0.5,
+            lines_in_flight: 32,
+        }
+    }
 }
 
 /// What the gateway is linked to in its process: where its replicas come
@@ -164,6 +188,8 @@ struct Stores {
     decisions: Arc<dyn DecisionStore>,
     leases: Arc<dyn LeaseStore>,
     models: Arc<dyn ModelStore>,
+    files: Arc<dyn FileStore>,
+    batches: Arc<dyn BatchStore>,
 }
 
 impl Stores {
@@ -180,6 +206,8 @@ impl Stores {
             decisions: store.clone(),
             leases: store.clone(),
             models: store.clone(),
+            files: store.clone(),
+            batches: store.clone(),
         }
     }
 }
@@ -261,6 +289,7 @@ impl Gateway {
                 max_waiting_per_tenant: settings.max_waiting_per_tenant,
                 queue_timeout: settings.queue_timeout,
                 pricing: settings.pricing.clone(),
+                batch_price_factor: settings.batch.price_factor,
                 budget_refresh: settings.budget_refresh,
             },
             stores.usage.clone(),
@@ -284,8 +313,12 @@ impl Gateway {
         let objects = Arc::new(Objects {
             completions: stores.completions.clone(),
             conversations: stores.conversations.clone(),
+            files: stores.files.clone(),
+            batches: stores.batches.clone(),
+            batch_created: Arc::new(tokio::sync::Notify::new()),
             audit: audit.clone(),
             max_body_bytes: settings.max_body_bytes,
+            max_file_bytes: settings.batch.max_file_bytes,
         });
         let relay = Relay {
             upstreams: Upstreams::new(&settings.replica_auth, settings.connect_timeout)?,
@@ -404,12 +437,24 @@ impl Gateway {
         };
         let state = AppState {
             inference,
-            objects,
+            objects: objects.clone(),
             admin,
             models,
             dashboard,
             status,
         };
+        let runner = Arc::new(BatchRunner {
+            batches: stores.batches.clone(),
+            files: stores.files.clone(),
+            keys: stores.keys.clone(),
+            tenants: stores.tenants.clone(),
+            leases: stores.leases.clone(),
+            inference: state.inference.clone(),
+            holder: format!("gateway-{}", uuid::Uuid::new_v4().simple()),
+            lines_in_flight: settings.batch.lines_in_flight,
+            wake: objects.batch_created.clone(),
+        });
+        tasks.spawn(runner.run(background.clone()));
         Ok(Gateway {
             router: router(state, auth),
             background,

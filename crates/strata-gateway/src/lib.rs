@@ -28,6 +28,6 @@ pub mod relay;
 pub mod tenancy;
 
 pub use api::catalog::CatalogModel;
-pub use app::{serve, Gateway, GatewayError, GatewaySettings, Links, SnapshotPlace};
+pub use app::{serve, BatchSettings, Gateway, GatewayError, GatewaySettings, Links, SnapshotPlace};
 pub use metrics::MoreMetrics;
 pub use strata_core::{Load, Loads};

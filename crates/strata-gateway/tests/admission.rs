@@ -29,6 +29,7 @@ async fn gate(dir: &std::path::Path) -> Arc<Gate> {
             max_waiting_per_tenant: 1,
             queue_timeout: Duration::from_millis(100),
             pricing: Default::default(),
+            batch_price_factor: 0.5,
             budget_refresh: None,
         },
         store,
@@ -48,7 +49,11 @@ fn principal() -> Arc<Principal> {
     };
     let (key, _) =
         strata_gateway::tenancy::keys::new_key_record(&tenant.id, "k".into(), Role::Member);
-    Arc::new(Principal { key, tenant })
+    Arc::new(Principal {
+        key,
+        tenant,
+        class: Default::default(),
+    })
 }
 
 #[tokio::test]

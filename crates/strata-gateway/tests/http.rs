@@ -287,6 +287,7 @@ impl Harness {
             slo: Slo::default(),
             audit_checkpoints: None,
             rotate_kek_on_shred: true,
+            batch: Default::default(),
         };
         let (endpoints, rx) = watch::channel(replicas.clone());
         let links = Links {

@@ -152,6 +152,11 @@ fn gateway_settings(
             _ => None,
         },
         rotate_kek_on_shred: !config.security.keep_kek_on_shred,
+        batch: strata_gateway::BatchSettings {
+            max_file_bytes: config.gateway.max_file_bytes,
+            price_factor: 1.0 - config.gateway.batch_discount,
+            lines_in_flight: config.gateway.batch_lines_in_flight as usize,
+        },
         slo: strata_gateway::ops::dashboard::Slo {
             ttft_p95_ms: config.pool.slo_ttft_p95_ms,
             tpot_p95_ms: config.pool.slo_tpot_p95_ms,

@@ -1,5 +1,5 @@
 //! What the routes of stored objects (stored chat completions, responses,
-//! conversations and their items) share: the stores they read, the audit
+//! conversations and their items, files and batches) share: the stores they read, the audit
 //! trail every access goes to, metadata updates, items as rows, and the
 //! answer of a delete.
 
@@ -10,7 +10,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use strata_core::openai::{check_metadata, parse_body};
 use strata_core::responses::Item;
-use strata_core::store::{CompletionStore, ConversationStore, StoreError, StoredItem};
+use strata_core::store::{
+    BatchStore, CompletionStore, ConversationStore, FileStore, StoreError, StoredItem,
+};
 use strata_core::ApiError;
 
 use crate::http::error::store_error;
@@ -20,8 +22,14 @@ use crate::tenancy::audit::Audit;
 pub struct Objects {
     pub completions: Arc<dyn CompletionStore>,
     pub conversations: Arc<dyn ConversationStore>,
+    pub files: Arc<dyn FileStore>,
+    pub batches: Arc<dyn BatchStore>,
+    /// Rung when a batch is created or cancelled, for the batch runner.
+    pub batch_created: Arc<tokio::sync::Notify>,
     pub audit: Audit,
     pub max_body_bytes: usize,
+    /// Largest file an upload may hold.
+    pub max_file_bytes: usize,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -10,7 +10,7 @@ use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use strata_core::responses::{list_page, page_limit, PageQuery};
+use strata_core::responses::{list_page, page_limit, page_of, PageQuery};
 use strata_core::store::{CompletionStore, StoredCompletion};
 use strata_core::{read_body, ApiError};
 
@@ -198,13 +198,11 @@ pub(crate) async fn list_completions(
             .completions(&p.tenant.id, q.after.as_deref(), limit + 1)
             .await
             .map_err(store_error)?;
-        let has_more = rows.len() > limit as usize;
         let data = rows
             .iter()
-            .take(limit as usize)
             .map(|c| content(c).map(|doc| doc["completion"].clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(list_page(data, has_more))
+        Ok(page_of(data, limit))
     }
     .await;
     o.audit.answer(&p, "completion.list", "", result).await

@@ -90,6 +90,48 @@ pub struct Page {
     pub has_more: bool,
 }
 
+/// A file of the Files API.
+#[derive(Serialize, ToSchema)]
+pub struct FileObject {
+    pub id: String,
+    pub object: String,
+    pub bytes: i64,
+    pub created_at: i64,
+    pub filename: String,
+    /// `batch` (uploaded) or `batch_output` (a batch's results).
+    pub purpose: String,
+    pub status: String,
+}
+
+/// `POST /v1/files`'s multipart form.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// JSONL, one request per line:
+    /// `{"custom_id", "method": "POST", "url", "body"}`.
+    #[schema(value_type = String, format = Binary)]
+    pub file: Vec<u8>,
+    /// `batch`.
+    pub purpose: String,
+}
+
+/// A batch of the Batch API, with OpenAI's statuses and request counts.
+#[derive(Serialize, ToSchema)]
+pub struct Batch {
+    pub id: String,
+    pub object: String,
+    pub endpoint: String,
+    pub status: String,
+    pub input_file_id: String,
+    pub completion_window: String,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub created_at: i64,
+    /// `total`, `completed`, `failed`.
+    pub request_counts: serde_json::Value,
+    pub metadata: serde_json::Value,
+}
+
 /// A whole list (admin routes).
 #[derive(Serialize, ToSchema)]
 pub struct List {
@@ -276,6 +318,21 @@ pub fn add_rules(doc: &mut serde_json::Value) {
             }
         };
         all.extend(more);
+    }
+    // A batch calls one of the endpoints, within the one window there is;
+    // an upload is a batch's input.
+    if let Some(props) = schemas
+        .get_mut("CreateBatch")
+        .and_then(|s| s.get_mut("properties"))
+    {
+        props["endpoint"]["enum"] = json!(strata_core::batch::ENDPOINTS);
+        props["completion_window"]["enum"] = json!([strata_core::batch::WINDOW]);
+    }
+    if let Some(props) = schemas
+        .get_mut("UploadForm")
+        .and_then(|s| s.get_mut("properties"))
+    {
+        props["purpose"]["enum"] = json!(["batch"]);
     }
     // OpenAI's bounds on `metadata` (`strata_core::openai::check_metadata`),
     // wherever a schema has it.

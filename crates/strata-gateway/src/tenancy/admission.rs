@@ -24,7 +24,7 @@ use crate::http::error::store_error;
 use crate::metrics::GatewayMetrics;
 use crate::tenancy::budget::{Budgets, OverBudget};
 use crate::tenancy::fairq::{
-    Admission, FairPermit, FairQueue, Pools, OUTPUT_WEIGHT, PROMPT_WEIGHT,
+    Admission, Class, FairPermit, FairQueue, Pools, OUTPUT_WEIGHT, PROMPT_WEIGHT,
 };
 use crate::tenancy::limits::{Bucket, Limited, Limiter, Refusal};
 use crate::tenancy::principal::Principal;
@@ -225,6 +225,9 @@ pub struct GateSettings {
     pub queue_timeout: Duration,
     /// Dollars per million tokens by model, for budgets.
     pub pricing: BTreeMap<String, ModelPrice>,
+    /// What a batch line's tokens cost over the same tokens asked for
+    /// interactively (0.5: half price).
+    pub batch_price_factor: f64,
     /// Where several gateways spend from one budget: how old a tenant's
     /// month spend (read from the shared ledger) may get before it is read
     /// again. `None`: this gateway is the only one, its own count is exact.
@@ -276,12 +279,22 @@ impl Gate {
         self.settings.slots_per_replica
     }
 
-    fn price(&self, model: &str) -> ModelPrice {
-        self.settings
+    /// The price of `model`'s tokens to a request of `class`.
+    fn price(&self, model: &str, class: Class) -> ModelPrice {
+        let list = self
+            .settings
             .pricing
             .get(model)
             .copied()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match class {
+            Class::Interactive => list,
+            Class::Batch => ModelPrice {
+                prompt_per_million: list.prompt_per_million * self.settings.batch_price_factor,
+                completion_per_million: list.completion_per_million
+                    * self.settings.batch_price_factor,
+            },
+        }
     }
 
     /// Checks the buckets in Redis when limits are shared, else (or when
@@ -340,7 +353,7 @@ impl Gate {
         lane: Option<&str>,
         estimate: Estimate,
     ) -> Result<Charge, ApiError> {
-        let price = self.price(model);
+        let price = self.price(model, p.class);
         let mut snapshot = Snapshot {
             role: p.role(),
             model: asked,
@@ -394,7 +407,7 @@ impl Gate {
                     let fairq = self
                         .pools
                         .queue(pool, lane, || routable * self.settings.slots_per_replica);
-                    let slot = match fairq.admit(&c.tenant, service) {
+                    let slot = match fairq.admit(&c.tenant, service, p.class) {
                         Err(_) => Slot::QueueFull,
                         Ok(Admission::Now(permit)) => {
                             c.permit = Some(permit);
@@ -485,7 +498,11 @@ impl Drop for Charge {
         // Only a request that got a slot was charged to the fair queue; one
         // refused on the way (budget, full queue, timeout) has nothing to settle.
         if let (Some(permit), Some(fairq)) = (self.permit.take(), &self.fairq) {
-            fairq.settle(&self.tenant, used.service() - self.estimate.service());
+            fairq.settle(
+                &self.tenant,
+                permit.class(),
+                used.service() - self.estimate.service(),
+            );
             // The slot goes back last, so the next tenant is picked on corrected counters.
             drop(permit);
         }

@@ -147,7 +147,11 @@ impl Authenticator {
             .await
             .map_err(store_error)?
             .ok_or_else(ApiError::unauthorized)?;
-        let principal = Arc::new(Principal { key, tenant });
+        let principal = Arc::new(Principal {
+            key,
+            tenant,
+            class: Default::default(),
+        });
         self.refusals
             .lock()
             .expect("refusals lock")

@@ -4,6 +4,11 @@
 //! least service so far, counted in weighted tokens (the Virtual Token Counter
 //! of "Fairness in Serving Large Language Models", OSDI 2024). A tenant that
 //! floods only lengthens its own queue.
+//!
+//! Batch work (`Class::Batch`) queues apart and takes only the slots
+//! interactive work leaves: a free slot goes to a waiting batch request
+//! only while no interactive one waits, and batch requests neither delay
+//! interactive admission nor count as load for the autoscaler.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -64,16 +69,101 @@ impl Vtc {
     }
 }
 
+/// Who goes first for a slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Class {
+    /// A client waiting for its answer (the default).
+    #[default]
+    Interactive,
+    /// A line of a batch: only slots interactive work leaves.
+    Batch,
+}
+
 struct Waiter {
     cost: f64,
     tx: oneshot::Sender<FairPermit>,
 }
 
+/// One class's waiting tenants and their fair-share counters.
+#[derive(Default)]
+struct Lanes {
+    vtc: Vtc,
+    queues: FastMap<String, VecDeque<Waiter>>,
+}
+
+impl Lanes {
+    fn nobody_waits(&self) -> bool {
+        self.queues.values().all(|q| q.is_empty())
+    }
+
+    fn waiting(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Queues a waiter in `tenant`'s queue (`QueueFull` past `max`).
+    fn push(
+        &mut self,
+        tenant: &str,
+        cost: f64,
+        max: usize,
+    ) -> Result<oneshot::Receiver<FairPermit>, QueueFull> {
+        let Lanes { queues, vtc } = self;
+        let mine = queues.entry(tenant.to_owned()).or_default();
+        mine.retain(|w| !w.tx.is_closed());
+        if mine.len() >= max {
+            return Err(QueueFull);
+        }
+        if mine.is_empty() {
+            let waiting: Vec<&str> = queues
+                .iter()
+                .filter(|(t, q)| !q.is_empty() && t.as_str() != tenant)
+                .map(|(t, _)| t.as_str())
+                .collect();
+            vtc.lift(tenant, waiting.into_iter());
+        }
+        let (tx, rx) = oneshot::channel();
+        queues
+            .get_mut(tenant)
+            .expect("inserted above")
+            .push_back(Waiter { cost, tx });
+        Ok(rx)
+    }
+
+    /// The least-served waiting tenant's next waiter.
+    fn pop(&mut self) -> Option<(String, Waiter)> {
+        let Lanes { queues, vtc } = self;
+        let tenant = vtc
+            .pick(
+                queues
+                    .iter()
+                    .filter(|(_, w)| !w.is_empty())
+                    .map(|(t, w)| (t.as_str(), w.len())),
+            )?
+            .to_owned();
+        let waiter = queues
+            .get_mut(&tenant)
+            .and_then(VecDeque::pop_front)
+            .expect("picked a non-empty queue");
+        Some((tenant, waiter))
+    }
+}
+
 struct State {
     capacity: usize,
     in_flight: usize,
-    vtc: Vtc,
-    queues: FastMap<String, VecDeque<Waiter>>,
+    /// Of `in_flight`, the batch requests'.
+    batch_in_flight: usize,
+    interactive: Lanes,
+    batch: Lanes,
+}
+
+impl State {
+    fn lanes(&mut self, class: Class) -> &mut Lanes {
+        match class {
+            Class::Interactive => &mut self.interactive,
+            Class::Batch => &mut self.batch,
+        }
+    }
 }
 
 pub struct FairQueue {
@@ -85,6 +175,7 @@ pub struct FairQueue {
 pub struct FairPermit {
     queue: Option<Arc<FairQueue>>,
     tenant: String,
+    class: Class,
 }
 
 impl Drop for FairPermit {
@@ -92,6 +183,9 @@ impl Drop for FairPermit {
         if let Some(q) = self.queue.take() {
             let mut s = q.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
+            if self.class == Class::Batch {
+                s.batch_in_flight = s.batch_in_flight.saturating_sub(1);
+            }
             FairQueue::dispatch(&q, &mut s);
         }
     }
@@ -100,6 +194,10 @@ impl Drop for FairPermit {
 impl FairPermit {
     pub fn tenant(&self) -> &str {
         &self.tenant
+    }
+
+    pub fn class(&self) -> Class {
+        self.class
     }
 }
 
@@ -121,8 +219,9 @@ impl FairQueue {
             state: Mutex::new(State {
                 capacity,
                 in_flight: 0,
-                vtc: Vtc::default(),
-                queues: FastMap::default(),
+                batch_in_flight: 0,
+                interactive: Lanes::default(),
+                batch: Lanes::default(),
             }),
             max_waiting_per_tenant,
         })
@@ -132,76 +231,71 @@ impl FairQueue {
         self.state.lock().expect("fair queue lock")
     }
 
-    /// Takes a slot now, or a place in the tenant's queue.
-    pub fn admit(self: &Arc<Self>, tenant: &str, cost: f64) -> Result<Admission, QueueFull> {
+    /// Takes a slot now, or a place in the tenant's queue of its class.
+    /// Interactive requests pass batch ones waiting; a batch request takes
+    /// a slot only when nobody waits at all.
+    pub fn admit(
+        self: &Arc<Self>,
+        tenant: &str,
+        cost: f64,
+        class: Class,
+    ) -> Result<Admission, QueueFull> {
         let mut s = self.lock();
-        let nobody_waits = s.queues.values().all(|q| q.is_empty());
-        if nobody_waits && s.in_flight < s.capacity {
+        let free = s.in_flight < s.capacity
+            && s.interactive.nobody_waits()
+            && (class == Class::Interactive || s.batch.nobody_waits());
+        if free {
             s.in_flight += 1;
-            let waiting = std::iter::empty();
-            s.vtc.lift(tenant, waiting);
-            s.vtc.charge(tenant, cost);
-            return Ok(Admission::Now(self.permit(tenant)));
+            if class == Class::Batch {
+                s.batch_in_flight += 1;
+            }
+            let lanes = s.lanes(class);
+            lanes.vtc.lift(tenant, std::iter::empty());
+            lanes.vtc.charge(tenant, cost);
+            return Ok(Admission::Now(self.permit(tenant, class)));
         }
-        let State { queues, vtc, .. } = &mut *s;
-        let mine = queues.entry(tenant.to_owned()).or_default();
-        mine.retain(|w| !w.tx.is_closed());
-        if mine.len() >= self.max_waiting_per_tenant {
-            return Err(QueueFull);
-        }
-        if mine.is_empty() {
-            let waiting: Vec<&str> = queues
-                .iter()
-                .filter(|(t, q)| !q.is_empty() && t.as_str() != tenant)
-                .map(|(t, _)| t.as_str())
-                .collect();
-            vtc.lift(tenant, waiting.into_iter());
-        }
-        let (tx, rx) = oneshot::channel();
-        queues
-            .get_mut(tenant)
-            .expect("inserted above")
-            .push_back(Waiter { cost, tx });
+        let rx = s
+            .lanes(class)
+            .push(tenant, cost, self.max_waiting_per_tenant)?;
         // Capacity may have grown while this one was being queued.
         FairQueue::dispatch(self, &mut s);
         Ok(Admission::Wait(rx))
     }
 
-    fn permit(self: &Arc<Self>, tenant: &str) -> FairPermit {
+    fn permit(self: &Arc<Self>, tenant: &str, class: Class) -> FairPermit {
         FairPermit {
             queue: Some(self.clone()),
             tenant: tenant.to_owned(),
+            class,
         }
     }
 
-    /// Hands free slots to the least-served waiting tenants.
+    /// Hands free slots to the least-served waiting tenants: interactive
+    /// ones first, batch ones only when no interactive request waits.
     fn dispatch(q: &Arc<FairQueue>, s: &mut State) {
         while s.in_flight < s.capacity {
-            let State { queues, vtc, .. } = &mut *s;
-            let next = vtc
-                .pick(
-                    queues
-                        .iter()
-                        .filter(|(_, w)| !w.is_empty())
-                        .map(|(t, w)| (t.as_str(), w.len())),
-                )
-                .map(str::to_owned);
-            let Some(tenant) = next else { break };
-            let waiter = queues
-                .get_mut(&tenant)
-                .and_then(VecDeque::pop_front)
-                .expect("picked a non-empty queue");
-            match waiter.tx.send(q.permit(&tenant)) {
+            let (class, (tenant, waiter)) = match s.interactive.pop() {
+                Some(next) => (Class::Interactive, next),
+                None => match s.batch.pop() {
+                    Some(next) => (Class::Batch, next),
+                    None => break,
+                },
+            };
+            match waiter.tx.send(q.permit(&tenant, class)) {
                 Ok(()) => {
                     s.in_flight += 1;
-                    s.vtc.charge(&tenant, waiter.cost);
+                    if class == Class::Batch {
+                        s.batch_in_flight += 1;
+                    }
+                    s.lanes(class).vtc.charge(&tenant, waiter.cost);
                 }
                 // The client gave up while waiting: nothing to charge, and the
                 // returned permit must not release a slot it never held.
                 Err(mut permit) => permit.queue = None,
             }
         }
-        s.queues.retain(|_, q| !q.is_empty());
+        s.interactive.queues.retain(|_, q| !q.is_empty());
+        s.batch.queues.retain(|_, q| !q.is_empty());
     }
 
     /// Sets how many requests the replicas take at once and fills new slots.
@@ -212,24 +306,52 @@ impl FairQueue {
     }
 
     /// Corrects a tenant's counter once a request's real size is known.
-    pub fn settle(&self, tenant: &str, delta: f64) {
+    pub fn settle(&self, tenant: &str, class: Class, delta: f64) {
         let mut s = self.lock();
-        let c = s.vtc.counters.entry(tenant.to_owned()).or_insert(0.0);
+        let c = s
+            .lanes(class)
+            .vtc
+            .counters
+            .entry(tenant.to_owned())
+            .or_insert(0.0);
         *c = (*c + delta).max(0.0);
     }
 
-    /// Service the tenant has been counted for so far.
+    /// Interactive service the tenant has been counted for so far.
     pub fn counter(&self, tenant: &str) -> f64 {
-        self.lock().vtc.counter(tenant)
+        self.lock().interactive.vtc.counter(tenant)
     }
 
-    /// Requests waiting, over all tenants.
+    /// Interactive requests waiting, over all tenants (batch requests
+    /// waiting are no one's latency: they are not load to scale for).
     pub fn waiting(&self) -> usize {
-        self.lock().queues.values().map(VecDeque::len).sum()
+        self.lock().interactive.waiting()
     }
 
+    /// What the autoscaler is told waits: interactive requests, and one
+    /// for batch work when the pool has no slot at all (a pool scaled to
+    /// zero starts a replica for a batch, but batch work alone never asks
+    /// for more than one).
+    pub fn waiting_for_scale(&self) -> usize {
+        let s = self.lock();
+        let batch = usize::from(s.capacity == 0 && !s.batch.nobody_waits());
+        s.interactive.waiting() + batch
+    }
+
+    /// Batch requests waiting for a slot interactive work leaves.
+    pub fn batch_waiting(&self) -> usize {
+        self.lock().batch.waiting()
+    }
+
+    /// Interactive requests holding a slot.
     pub fn in_flight(&self) -> usize {
-        self.lock().in_flight
+        let s = self.lock();
+        s.in_flight - s.batch_in_flight
+    }
+
+    /// Batch requests holding a slot.
+    pub fn batch_in_flight(&self) -> usize {
+        self.lock().batch_in_flight
     }
 }
 
@@ -278,7 +400,7 @@ impl Pools {
             .iter()
             .filter(|((_, m), _)| model.is_none() || m.as_deref() == model)
             .fold((0, 0), |(f, w), (_, q)| {
-                (f + q.in_flight(), w + q.waiting())
+                (f + q.in_flight(), w + q.waiting_for_scale())
             })
     }
 
@@ -305,17 +427,17 @@ mod tests {
     #[tokio::test]
     async fn a_flooding_tenant_waits_behind_a_light_one() {
         let q = FairQueue::new(1, 100);
-        let Admission::Now(first) = q.admit("a", 10.0).unwrap() else {
+        let Admission::Now(first) = q.admit("a", 10.0, Class::Interactive).unwrap() else {
             panic!("slot was free")
         };
         let mut a_waits = Vec::new();
         for _ in 0..20 {
-            match q.admit("a", 10.0).unwrap() {
+            match q.admit("a", 10.0, Class::Interactive).unwrap() {
                 Admission::Wait(rx) => a_waits.push(rx),
                 Admission::Now(_) => panic!("no slot is free"),
             }
         }
-        let Admission::Wait(b) = q.admit("b", 10.0).unwrap() else {
+        let Admission::Wait(b) = q.admit("b", 10.0, Class::Interactive).unwrap() else {
             panic!("no slot is free")
         };
         drop(first);
@@ -331,13 +453,18 @@ mod tests {
     #[tokio::test]
     async fn queues_are_bounded_and_cancelled_waiters_free_their_place() {
         let q = FairQueue::new(0, 2);
-        let w1 = q.admit("a", 1.0).unwrap();
-        let _w2 = q.admit("a", 1.0).unwrap();
-        assert!(matches!(q.admit("a", 1.0), Err(QueueFull)));
-        let _b = q.admit("b", 1.0).expect("another tenant has its own queue");
+        let w1 = q.admit("a", 1.0, Class::Interactive).unwrap();
+        let _w2 = q.admit("a", 1.0, Class::Interactive).unwrap();
+        assert!(matches!(
+            q.admit("a", 1.0, Class::Interactive),
+            Err(QueueFull)
+        ));
+        let _b = q
+            .admit("b", 1.0, Class::Interactive)
+            .expect("another tenant has its own queue");
         drop(w1);
         let _w3 = q
-            .admit("a", 1.0)
+            .admit("a", 1.0, Class::Interactive)
             .expect("the dropped waiter's place is free again");
         q.set_capacity(10);
         assert_eq!(
@@ -346,6 +473,53 @@ mod tests {
             "the three live waiters got slots, the dropped one did not"
         );
         assert_eq!(q.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn batch_work_takes_only_the_slots_interactive_work_leaves() {
+        let q = FairQueue::new(2, 100);
+        let Admission::Now(_i1) = q.admit("a", 1.0, Class::Interactive).unwrap() else {
+            panic!("slot was free")
+        };
+        let Admission::Now(b1) = q.admit("b", 1.0, Class::Batch).unwrap() else {
+            panic!("a free slot takes batch work")
+        };
+        assert_eq!((q.in_flight(), q.batch_in_flight()), (1, 1));
+        // Full: a batch request and then an interactive one wait; the slot
+        // the batch line frees goes to the interactive one, though it came
+        // second.
+        let Admission::Wait(b2) = q.admit("b", 1.0, Class::Batch).unwrap() else {
+            panic!("no slot is free")
+        };
+        let Admission::Wait(i2) = q.admit("c", 1.0, Class::Interactive).unwrap() else {
+            panic!("no slot is free")
+        };
+        assert_eq!((q.waiting(), q.batch_waiting()), (1, 1));
+        drop(b1);
+        // A permit handed to the wrong waiter never reaches this one: fail,
+        // do not hang.
+        let soon = |rx| tokio::time::timeout(std::time::Duration::from_secs(1), rx);
+        let i2 = soon(i2)
+            .await
+            .expect("the interactive waiter got the slot")
+            .unwrap();
+        assert_eq!(i2.tenant(), "c");
+        assert_eq!(q.batch_waiting(), 1, "the batch request still waits");
+        drop(i2);
+        let b2 = soon(b2).await.expect("then the batch waiter").unwrap();
+        assert_eq!(b2.tenant(), "b");
+        // With a batch request waiting, an interactive one still goes first
+        // through a free slot; a batch one queues behind the waiting one.
+        let q = FairQueue::new(1, 100);
+        let Admission::Now(_held) = q.admit("x", 1.0, Class::Interactive).unwrap() else {
+            panic!("slot was free")
+        };
+        let _waiting_batch = q.admit("b", 1.0, Class::Batch).unwrap();
+        q.set_capacity(2);
+        assert!(matches!(
+            q.admit("b", 1.0, Class::Batch).unwrap(),
+            Admission::Wait(_)
+        ));
     }
 
     proptest! {

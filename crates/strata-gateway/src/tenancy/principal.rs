@@ -4,11 +4,16 @@
 use strata_core::tenant::{ApiKeyRecord, Isolation, Role, Tenant};
 use strata_core::ApiError;
 
+use crate::tenancy::fairq::Class;
+
 /// The authenticated caller, in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key: ApiKeyRecord,
     pub tenant: Tenant,
+    /// Whose turn comes first for a slot: a client's request is
+    /// interactive; a batch's line runs as its key, in the batch class.
+    pub class: Class,
 }
 
 impl Principal {

@@ -67,18 +67,7 @@ impl CompletionStore for SqlStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredCompletion>, StoreError> {
-        let rows = sqlx::query(&self.sql(
-            "SELECT * FROM stored_completions WHERE tenant_id = ?1 AND (?2 IS NULL OR \
-             (created_at_ms, id) < (SELECT created_at_ms, id FROM stored_completions \
-              WHERE tenant_id = ?1 AND id = ?2)) \
-             ORDER BY created_at_ms DESC, id DESC LIMIT ?3",
-        ))
-        .bind(tenant.as_str())
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err)?;
+        let rows = self.newest_rows(COMPLETIONS, tenant, after, limit).await?;
         self.open_rows(tenant, &rows, |r| self.open_completion(tenant, r))
             .await
     }

@@ -19,9 +19,11 @@ use strata_core::tenant::TenantId;
 use crate::vault::{Binding, Kek, KekSource, Vault};
 
 mod audit;
+mod batches;
 mod completions;
 mod conversations;
 mod decisions;
+mod files;
 mod instances;
 mod keys;
 mod leases;
@@ -239,6 +241,29 @@ impl SqlStore {
         .bind(tenant.as_str())
         .bind(id)
         .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err)
+    }
+
+    /// A page of the tenant's rows of `table`, newest first: at most
+    /// `limit`, older than the row `after` when given.
+    pub(crate) async fn newest_rows(
+        &self,
+        table: &str,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        sqlx::query(&self.sql(&format!(
+            "SELECT * FROM {table} WHERE tenant_id = ?1 AND (?2 IS NULL OR \
+             (created_at_ms, id) < (SELECT created_at_ms, id FROM {table} \
+              WHERE tenant_id = ?1 AND id = ?2)) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
+        )))
+        .bind(tenant.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await
         .map_err(query_err)
     }

@@ -112,6 +112,9 @@ impl TenantStore for SqlStore {
         let tables = [
             "stored_completions",
             "responses",
+            "batch_lines",
+            "batches",
+            "files",
             "kv_snapshots",
             "conversation_items",
             "conversations",
