@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::batches::Doc;
 use crate::api::files::BATCH_OUTPUT;
 use crate::api::generate::Inference;
-use crate::tenancy::fairq::Class;
+use crate::tenancy::fairq::{Class, PREEMPT};
 use crate::tenancy::principal::Principal;
 
 /// How long a runner's claim on a batch lasts unless renewed.
@@ -499,8 +499,19 @@ async fn run_line(
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body.clone()))
             .expect("a valid request");
+        // An interactive request that needs this line's slot takes it: the
+        // line is dropped (the replica stops it) and queued again.
+        let preempt = CancellationToken::new();
+        let call = PREEMPT.scope(
+            preempt.clone(),
+            crate::api::generate_line(inference, principal.clone(), &line.url, req),
+        );
         let response = tokio::select! {
-            r = crate::api::generate_line(inference, principal.clone(), &line.url, req) => r,
+            r = call => r,
+            _ = preempt.cancelled() => {
+                tracing::debug!(custom_id = %line.custom_id, "batch line preempted; queued again");
+                continue;
+            }
             _ = stop.cancelled() => return Outcome::Stopped,
         };
         let status = response.status();

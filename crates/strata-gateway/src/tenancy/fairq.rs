@@ -8,12 +8,16 @@
 //! Batch work (`Class::Batch`) queues apart and takes only the slots
 //! interactive work leaves: a free slot goes to a waiting batch request
 //! only while no interactive one waits, and batch requests neither delay
-//! interactive admission nor count as load for the autoscaler.
+//! interactive admission nor count as load for the autoscaler. When an
+//! interactive request has to wait while batch requests hold slots, the
+//! newest of those is preempted (`PREEMPT`: its runner drops the request,
+//! freeing the slot at once, and runs it again later).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::fleet::replicas::Lane;
 use crate::tenancy::FastMap;
@@ -69,6 +73,12 @@ impl Vtc {
     }
 }
 
+tokio::task_local! {
+    /// Set by whoever runs a batch request: cancelled when an interactive
+    /// request needs its slot (the request is then dropped and re-run).
+    pub static PREEMPT: CancellationToken;
+}
+
 /// Who goes first for a slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Class {
@@ -82,6 +92,8 @@ pub enum Class {
 struct Waiter {
     cost: f64,
     tx: oneshot::Sender<FairPermit>,
+    /// A batch request's `PREEMPT`, read in its own task.
+    preempt: Option<CancellationToken>,
 }
 
 /// One class's waiting tenants and their fair-share counters.
@@ -125,7 +137,11 @@ impl Lanes {
         queues
             .get_mut(tenant)
             .expect("inserted above")
-            .push_back(Waiter { cost, tx });
+            .push_back(Waiter {
+                cost,
+                tx,
+                preempt: PREEMPT.try_with(CancellationToken::clone).ok(),
+            });
         Ok(rx)
     }
 
@@ -155,6 +171,10 @@ struct State {
     batch_in_flight: usize,
     interactive: Lanes,
     batch: Lanes,
+    /// Running batch requests that can give their slot back, by permit
+    /// number, oldest first.
+    preemptible: Vec<(u64, CancellationToken)>,
+    next_permit: u64,
 }
 
 impl State {
@@ -176,6 +196,7 @@ pub struct FairPermit {
     queue: Option<Arc<FairQueue>>,
     tenant: String,
     class: Class,
+    number: u64,
 }
 
 impl Drop for FairPermit {
@@ -185,6 +206,7 @@ impl Drop for FairPermit {
             s.in_flight = s.in_flight.saturating_sub(1);
             if self.class == Class::Batch {
                 s.batch_in_flight = s.batch_in_flight.saturating_sub(1);
+                s.preemptible.retain(|(n, _)| *n != self.number);
             }
             FairQueue::dispatch(&q, &mut s);
         }
@@ -222,6 +244,8 @@ impl FairQueue {
                 batch_in_flight: 0,
                 interactive: Lanes::default(),
                 batch: Lanes::default(),
+                preemptible: Vec::new(),
+                next_permit: 0,
             }),
             max_waiting_per_tenant,
         })
@@ -252,21 +276,59 @@ impl FairQueue {
             let lanes = s.lanes(class);
             lanes.vtc.lift(tenant, std::iter::empty());
             lanes.vtc.charge(tenant, cost);
-            return Ok(Admission::Now(self.permit(tenant, class)));
+            let preempt = PREEMPT.try_with(CancellationToken::clone).ok();
+            return Ok(Admission::Now(self.permit(&mut s, tenant, class, preempt)));
         }
         let rx = s
             .lanes(class)
             .push(tenant, cost, self.max_waiting_per_tenant)?;
+        if class == Class::Interactive {
+            FairQueue::preempt(&mut s);
+        }
         // Capacity may have grown while this one was being queued.
         FairQueue::dispatch(self, &mut s);
         Ok(Admission::Wait(rx))
     }
 
-    fn permit(self: &Arc<Self>, tenant: &str, class: Class) -> FairPermit {
+    /// Asks running batch requests for their slots back, the newest first,
+    /// one for each interactive request waiting beyond those already asked.
+    fn preempt(s: &mut State) {
+        let asked = s
+            .preemptible
+            .iter()
+            .filter(|(_, t)| t.is_cancelled())
+            .count();
+        let mut wanted = s.interactive.waiting().saturating_sub(asked);
+        for (_, token) in s.preemptible.iter().rev() {
+            if wanted == 0 {
+                break;
+            }
+            if !token.is_cancelled() {
+                token.cancel();
+                wanted -= 1;
+            }
+        }
+    }
+
+    /// A permit for a slot just taken; a batch one can be preempted where
+    /// its runner set `PREEMPT`.
+    fn permit(
+        self: &Arc<Self>,
+        s: &mut State,
+        tenant: &str,
+        class: Class,
+        preempt: Option<CancellationToken>,
+    ) -> FairPermit {
+        s.next_permit += 1;
+        let number = s.next_permit;
+        if let (Class::Batch, Some(token)) = (class, preempt) {
+            s.preemptible.push((number, token));
+        }
         FairPermit {
             queue: Some(self.clone()),
             tenant: tenant.to_owned(),
             class,
+            number,
         }
     }
 
@@ -281,7 +343,7 @@ impl FairQueue {
                     None => break,
                 },
             };
-            match waiter.tx.send(q.permit(&tenant, class)) {
+            match waiter.tx.send(q.permit(s, &tenant, class, waiter.preempt)) {
                 Ok(()) => {
                     s.in_flight += 1;
                     if class == Class::Batch {
@@ -291,7 +353,10 @@ impl FairQueue {
                 }
                 // The client gave up while waiting: nothing to charge, and the
                 // returned permit must not release a slot it never held.
-                Err(mut permit) => permit.queue = None,
+                Err(mut permit) => {
+                    permit.queue = None;
+                    s.preemptible.retain(|(n, _)| *n != permit.number);
+                }
             }
         }
         s.interactive.queues.retain(|_, q| !q.is_empty());
@@ -520,6 +585,44 @@ mod tests {
             q.admit("b", 1.0, Class::Batch).unwrap(),
             Admission::Wait(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn an_interactive_request_that_must_wait_preempts_the_newest_batch_request() {
+        let q = FairQueue::new(2, 100);
+        let (t1, t2) = (CancellationToken::new(), CancellationToken::new());
+        let batch = |t: &CancellationToken| {
+            PREEMPT.sync_scope(t.clone(), || q.admit("b", 1.0, Class::Batch))
+        };
+        let Admission::Now(_b1) = batch(&t1).unwrap() else {
+            panic!("slot was free")
+        };
+        let Admission::Now(b2) = batch(&t2).unwrap() else {
+            panic!("slot was free")
+        };
+        let Admission::Wait(i1) = q.admit("i", 1.0, Class::Interactive).unwrap() else {
+            panic!("no slot is free")
+        };
+        assert!(
+            t2.is_cancelled() && !t1.is_cancelled(),
+            "the newest batch request is asked"
+        );
+        // Its runner drops the request: the slot goes to the interactive one.
+        drop(b2);
+        let i1 = tokio::time::timeout(std::time::Duration::from_secs(1), i1)
+            .await
+            .expect("the freed slot went to the interactive request")
+            .unwrap();
+        assert_eq!((i1.tenant(), q.batch_in_flight()), ("i", 1));
+        // Another interactive request asks the other batch request.
+        let _i2 = q.admit("j", 1.0, Class::Interactive).unwrap();
+        assert!(t1.is_cancelled());
+        // Interactive requests never preempt each other.
+        let q = FairQueue::new(1, 100);
+        let t = CancellationToken::new();
+        let _i = PREEMPT.sync_scope(t.clone(), || q.admit("i", 1.0, Class::Interactive));
+        let _j = q.admit("j", 1.0, Class::Interactive).unwrap();
+        assert!(!t.is_cancelled());
     }
 
     proptest! {
