@@ -178,6 +178,16 @@ struct State {
 }
 
 impl State {
+    /// The slots batch requests may fill: all but one kept free for the
+    /// next interactive request (which then starts without preempting).
+    fn batch_capacity(&self) -> usize {
+        if self.capacity > 1 {
+            self.capacity - 1
+        } else {
+            self.capacity
+        }
+    }
+
     fn lanes(&mut self, class: Class) -> &mut Lanes {
         match class {
             Class::Interactive => &mut self.interactive,
@@ -265,9 +275,14 @@ impl FairQueue {
         class: Class,
     ) -> Result<Admission, QueueFull> {
         let mut s = self.lock();
-        let free = s.in_flight < s.capacity
-            && s.interactive.nobody_waits()
-            && (class == Class::Interactive || s.batch.nobody_waits());
+        let free = match class {
+            Class::Interactive => s.in_flight < s.capacity && s.interactive.nobody_waits(),
+            Class::Batch => {
+                s.in_flight < s.batch_capacity()
+                    && s.interactive.nobody_waits()
+                    && s.batch.nobody_waits()
+            }
+        };
         if free {
             s.in_flight += 1;
             if class == Class::Batch {
@@ -338,10 +353,11 @@ impl FairQueue {
         while s.in_flight < s.capacity {
             let (class, (tenant, waiter)) = match s.interactive.pop() {
                 Some(next) => (Class::Interactive, next),
-                None => match s.batch.pop() {
+                None if s.in_flight < s.batch_capacity() => match s.batch.pop() {
                     Some(next) => (Class::Batch, next),
                     None => break,
                 },
+                None => break,
             };
             match waiter.tx.send(q.permit(s, &tenant, class, waiter.preempt)) {
                 Ok(()) => {
@@ -542,7 +558,7 @@ mod tests {
 
     #[tokio::test]
     async fn batch_work_takes_only_the_slots_interactive_work_leaves() {
-        let q = FairQueue::new(2, 100);
+        let q = FairQueue::new(3, 100);
         let Admission::Now(_i1) = q.admit("a", 1.0, Class::Interactive).unwrap() else {
             panic!("slot was free")
         };
@@ -550,6 +566,10 @@ mod tests {
             panic!("a free slot takes batch work")
         };
         assert_eq!((q.in_flight(), q.batch_in_flight()), (1, 1));
+        // The last free slot is kept for interactive work.
+        let Admission::Now(i0) = q.admit("a", 1.0, Class::Interactive).unwrap() else {
+            panic!("the slot batch work leaves")
+        };
         // Full: a batch request and then an interactive one wait; the slot
         // the batch line frees goes to the interactive one, though it came
         // second.
@@ -571,6 +591,9 @@ mod tests {
         assert_eq!(i2.tenant(), "c");
         assert_eq!(q.batch_waiting(), 1, "the batch request still waits");
         drop(i2);
+        // One slot free: kept for interactive work; two: one for batch.
+        assert_eq!(q.batch_waiting(), 1);
+        drop(i0);
         let b2 = soon(b2).await.expect("then the batch waiter").unwrap();
         assert_eq!(b2.tenant(), "b");
         // With a batch request waiting, an interactive one still goes first
@@ -580,7 +603,7 @@ mod tests {
             panic!("slot was free")
         };
         let _waiting_batch = q.admit("b", 1.0, Class::Batch).unwrap();
-        q.set_capacity(2);
+        q.set_capacity(3);
         assert!(matches!(
             q.admit("b", 1.0, Class::Batch).unwrap(),
             Admission::Wait(_)
@@ -589,7 +612,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_interactive_request_that_must_wait_preempts_the_newest_batch_request() {
-        let q = FairQueue::new(2, 100);
+        let q = FairQueue::new(3, 100);
         let (t1, t2) = (CancellationToken::new(), CancellationToken::new());
         let batch = |t: &CancellationToken| {
             PREEMPT.sync_scope(t.clone(), || q.admit("b", 1.0, Class::Batch))
@@ -600,6 +623,12 @@ mod tests {
         let Admission::Now(b2) = batch(&t2).unwrap() else {
             panic!("slot was free")
         };
+        // The slot batch work leaves free takes an interactive request
+        // without preempting anything.
+        let Admission::Now(_i0) = q.admit("i", 1.0, Class::Interactive).unwrap() else {
+            panic!("the slot batch work leaves")
+        };
+        assert!(!t1.is_cancelled() && !t2.is_cancelled());
         let Admission::Wait(i1) = q.admit("i", 1.0, Class::Interactive).unwrap() else {
             panic!("no slot is free")
         };
