@@ -230,3 +230,21 @@ def test_files_and_batch_lines_are_sealed_at_rest(server, client):
             assert canary.encode() not in raw, table
             if len(answer.strip()) > 6:
                 assert answer.strip().encode() not in raw, table
+
+
+def test_revoking_its_key_stops_a_running_batch(server):
+    """A key revoked (say, leaked) while its batch runs: no more lines run
+    as it; the batch fails naming why, within seconds."""
+    key = server.new_key(server.tenant["id"], "member")
+    key_id = server.admin("GET", f"/admin/v1/tenants/{server.tenant['id']}/keys").json()["data"][-1]["id"]
+    c = server.client(key)
+    lines = [line(f"r-{i}", f"Tell me about the number {i}.", max_tokens=24) for i in range(200)]
+    b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/chat/completions",
+                         completion_window="24h")
+    wait_for("a few lines to finish", lambda: c.batches.retrieve(b.id).request_counts.completed >= 3)
+    server.admin("DELETE", f"/admin/v1/tenants/{server.tenant['id']}/keys/{key_id}", expect=200)
+    # Read as another key of the tenant: the revoked one reads nothing now.
+    reader = server.client()
+    b = wait_batch(reader, b.id, timeout=60)
+    assert b.status == "failed" and b.errors.data[0].code == "key_revoked", b
+    assert b.request_counts.completed < 200

@@ -39,6 +39,8 @@ const LEASE_MS: i64 = 30_000;
 const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// How often gateways look for batches when nothing wakes them.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
+/// How often a running batch checks that its key still works.
+const KEY_CHECK: Duration = Duration::from_secs(5);
 /// Largest answer a line may have.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
@@ -277,6 +279,8 @@ impl BatchRunner {
         let slots = Arc::new(Semaphore::new(self.lines_in_flight.max(1)));
         let mut running = JoinSet::new();
         let mut cancelled = false;
+        let mut revoked = false;
+        let mut key_checked = std::time::Instant::now();
         for (n, line) in lines.iter().enumerate() {
             let n = n as u32;
             if done.contains(&n) {
@@ -295,6 +299,15 @@ impl BatchRunner {
             if strata_core::now_ms() >= expires_ms {
                 break;
             }
+            // A key revoked (or a tenant's key expired) while its batch
+            // runs stops the batch within KEY_CHECK.
+            if key_checked.elapsed() >= KEY_CHECK {
+                key_checked = std::time::Instant::now();
+                if self.principal(tenant, &doc.key_id).await?.is_none() {
+                    revoked = true;
+                    break;
+                }
+            }
             let (inference, principal, line, stop) = (
                 self.inference.clone(),
                 principal.clone(),
@@ -312,6 +325,16 @@ impl BatchRunner {
         self.keep_finished(tenant, id, &mut running, true).await?;
         if stop.is_cancelled() {
             return Ok(());
+        }
+        if revoked {
+            return self
+                .fail(
+                    tenant,
+                    id,
+                    "key_revoked",
+                    "The API key that created the batch was revoked while it ran.",
+                )
+                .await;
         }
         self.finish(
             tenant,
