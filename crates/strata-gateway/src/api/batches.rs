@@ -8,7 +8,6 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::batch::{batch_object, parse_input, set_status, CreateBatch, Status};
 use strata_core::openai::parse_body;
@@ -18,7 +17,7 @@ use strata_core::tenant::TenantId;
 use strata_core::{read_body, ApiError};
 
 use crate::api::files::{self, BATCH};
-use crate::api::objects::Objects;
+use crate::api::objects::{NewestQuery, Objects};
 use crate::http::error::store_error;
 use crate::http::extract::{Path, Query};
 use crate::tenancy::principal::Principal;
@@ -163,12 +162,6 @@ pub(crate) async fn show(
     o.audit.answer(&p, "batch.read", &id, result).await
 }
 
-#[derive(Deserialize)]
-pub(crate) struct ListQuery {
-    after: Option<String>,
-    limit: Option<String>,
-}
-
 #[utoipa::path(
     get,
     operation_id = "list_batches",
@@ -182,7 +175,7 @@ pub(crate) struct ListQuery {
 pub(crate) async fn list(
     State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<NewestQuery>,
 ) -> Response {
     let result = async {
         let limit = page_limit(q.limit.as_deref())?;

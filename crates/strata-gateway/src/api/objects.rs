@@ -32,6 +32,13 @@ pub struct Objects {
     pub max_file_bytes: usize,
 }
 
+/// `after` and `limit` of a list route that lists newest first.
+#[derive(Deserialize)]
+pub(crate) struct NewestQuery {
+    pub after: Option<String>,
+    pub limit: Option<String>,
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MetadataUpdate {

@@ -8,13 +8,12 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use strata_core::responses::{list_page, page_limit, page_of, PageQuery};
 use strata_core::store::{CompletionStore, StoredCompletion};
 use strata_core::{read_body, ApiError};
 
-use crate::api::objects::{deleted, parse_update, Objects};
+use crate::api::objects::{deleted, parse_update, NewestQuery, Objects};
 use crate::http::error::store_error;
 use crate::http::extract::{Path, Query};
 use crate::tenancy::principal::Principal;
@@ -170,12 +169,6 @@ pub(crate) async fn delete(
     o.audit.answer(&p, "completion.delete", &id, result).await
 }
 
-#[derive(Deserialize)]
-pub(crate) struct ListQuery {
-    after: Option<String>,
-    limit: Option<String>,
-}
-
 /// `GET /v1/chat/completions`: the tenant's stored completions, newest first.
 #[utoipa::path(
     get,
@@ -189,7 +182,7 @@ pub(crate) struct ListQuery {
 pub(crate) async fn list_completions(
     State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<NewestQuery>,
 ) -> Response {
     let result = async {
         let limit = page_limit(q.limit.as_deref())?;
