@@ -175,7 +175,10 @@ def test_a_batch_of_two_tenants_goes_on_through_killed_replicas_and_a_killed_ser
     every line's result is in its files exactly once, and the ledger counts
     no more runs than lines plus those that were running at the kills."""
     in_flight = 4
-    s = Server(replicas=2, own_session=True, config=f"[gateway]\nbatch_lines_in_flight = {in_flight}\n")
+    price = (100.0, 300.0)  # dollars per million prompt and completion tokens
+    s = Server(replicas=2, own_session=True,
+               config=f"[gateway]\nbatch_lines_in_flight = {in_flight}\nbatch_discount = 0.5\n"
+                      f"[pricing.\"{MODEL_ID}\"]\nprompt_per_million = {price[0]}\ncompletion_per_million = {price[1]}\n")
     try:
         tenants = [s.tenant["id"], s.admin("POST", "/admin/v1/tenants", {"name": "batch-b"}).json()["id"]]
         clients = [s.client(), s.client(s.new_key(tenants[1], "member"))]
@@ -208,6 +211,11 @@ def test_a_batch_of_two_tenants_goes_on_through_killed_replicas_and_a_killed_ser
             ran = usage_requests(s, tenants[t])
             # Lines running at each kill may run twice; no finished one does.
             assert n <= ran <= n + 2 * in_flight, ran
+            # Every batch token is in the ledger at half the list price.
+            usage = s.admin("GET", f"/admin/v1/tenants/{tenants[t]}/usage", expect=200).json()["data"]
+            listed = sum(u["prompt_tokens"] * price[0] + u["completion_tokens"] * price[1] for u in usage) / 1e6
+            cost = sum(u["cost_usd"] for u in usage)
+            assert listed > 0 and abs(cost - 0.5 * listed) < 1e-6 * listed, (cost, listed)
     finally:
         if s.proc.poll() is None:
             os.killpg(s.proc.pid, signal.SIGTERM)

@@ -464,7 +464,7 @@ impl Turn {
             _ => 200,
         };
         let row = self.usage_row(status, usage, first_byte.unwrap_or(latency), latency);
-        if self.meta.store {
+        if self.meta.store || self.exchange.charge.meter_before_answering() {
             // Metered before the client hears the turn is done.
             self.g.relay.ledger.record_now(row, deltas.into()).await;
         } else {

@@ -133,7 +133,7 @@ async fn whole(
         elapsed,
         elapsed,
     );
-    if keep.is_some() {
+    if keep.is_some() || exchange.charge.meter_before_answering() {
         // Metered before the client has the stored answer.
         relay.ledger.record_now(row, 0).await;
     } else {

@@ -390,6 +390,7 @@ impl Gate {
                             shared,
                             permit: None,
                             usage: None,
+                            class: p.class,
                         });
                     }
                     snapshot.limits = Some(verdict);
@@ -448,9 +449,17 @@ pub struct Charge {
     shared: bool,
     permit: Option<FairPermit>,
     usage: Option<Usage>,
+    class: Class,
 }
 
 impl Charge {
+    /// A batch line's usage is written before its answer returns: the
+    /// line's result is kept once it has it, and a crash must not leave a
+    /// kept line unmetered.
+    pub fn meter_before_answering(&self) -> bool {
+        self.class == Class::Batch
+    }
+
     /// The prompt tokens admission estimated.
     pub fn estimated_prompt(&self) -> u64 {
         self.estimate.prompt_tokens
