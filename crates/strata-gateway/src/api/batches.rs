@@ -11,7 +11,7 @@ use axum::Extension;
 use serde_json::{json, Value};
 use strata_core::batch::{batch_object, parse_input, set_status, CreateBatch, Status};
 use strata_core::openai::parse_body;
-use strata_core::responses::{new_id, page_limit, page_of};
+use strata_core::responses::{list_page, new_id, page_limit};
 use strata_core::store::{BatchStore, StoredBatch};
 use strata_core::tenant::TenantId;
 use strata_core::{read_body, ApiError};
@@ -168,7 +168,7 @@ pub(crate) async fn show(
     path = "/v1/batches",
     tag = "openai",
     summary = "List the tenant's batches, newest first",
-    params(("after" = Option<String>, Query, description = "The last id of the previous page"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1 to 100 (20)")),
+    params(crate::http::openapi::NewestParams),
     responses((status = 200, description = "Newest first", body = crate::http::openapi::Page), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
@@ -184,11 +184,13 @@ pub(crate) async fn list(
             .batches(&p.tenant.id, q.after.as_deref(), limit + 1)
             .await
             .map_err(store_error)?;
+        // Counts only for the rows shown: the one past `limit` only says
+        // there is more.
         let mut data = Vec::new();
-        for b in &rows {
+        for b in rows.iter().take(limit as usize) {
             data.push(with_counts(&*o.batches, &p.tenant.id, b).await?);
         }
-        Ok(page_of(data, limit))
+        Ok(list_page(data, rows.len() > limit as usize))
     }
     .await;
     o.audit.answer(&p, "batch.list", "", result).await

@@ -175,7 +175,7 @@ pub(crate) async fn delete(
     path = "/v1/chat/completions",
     tag = "openai",
     summary = "List stored chat completions",
-    params(("after" = Option<String>, Query, description = "The last id of the previous page"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1 to 100 (20)")),
+    params(crate::http::openapi::NewestParams),
     responses((status = 200, description = "Newest first", body = crate::http::openapi::Page), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]

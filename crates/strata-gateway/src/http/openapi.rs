@@ -241,6 +241,18 @@ pub struct PageParams {
     order: Option<String>,
 }
 
+/// `after` and `limit` of a list that is always newest first.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct NewestParams {
+    /// The last id of the previous page
+    after: Option<String>,
+    /// 1 to 100 (20)
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<u32>,
+}
+
 /// A tenant or key name as the admin routes take it: 1 to 64 characters,
 /// not only spaces, no control characters.
 #[derive(utoipa::ToSchema)]
