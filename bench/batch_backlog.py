@@ -39,6 +39,7 @@ import httpx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
 os.environ.setdefault("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
+from benchlib import streamed_chat  # noqa: E402
 from conftest import MODEL_ID, Server  # noqa: E402
 
 RATE = float(os.environ.get("RATE", "2.0"))
@@ -63,22 +64,8 @@ def request(i):
 
 
 def one(http, s, i, results):
-    t0 = time.perf_counter()
-    ttft, ok = None, False
-    try:
-        with http.stream("POST", f"{s.base}/v1/chat/completions", json={**request(i), "stream": True}) as r:
-            if r.status_code == 200:
-                for line in r.iter_lines():
-                    if ttft is None and line.startswith("data: {"):
-                        choices = json.loads(line[6:]).get("choices") or [{}]
-                        if choices[0].get("delta", {}).get("content"):
-                            ttft = time.perf_counter() - t0
-                ok = True
-            else:
-                r.read()
-    except httpx.HTTPError:
-        pass
-    results.append({"ok": ok, "ttft": ttft, "secs": time.perf_counter() - t0})
+    ok, ttft, secs = streamed_chat(http, f"{s.base}/v1/chat/completions", request(i))
+    results.append({"ok": ok, "ttft": ttft, "secs": secs})
 
 
 def interactive(s):

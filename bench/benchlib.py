@@ -2,6 +2,7 @@
 server, the nginx stub engine from ../shared/bench, and wrk runs parsed
 into req/s and latency percentiles."""
 import base64
+import json
 import os
 import re
 import subprocess
@@ -84,3 +85,25 @@ def summarize(runs):
         print(f"| {name} | {summary[name]['rps']:.0f} | {summary[name]['p50']:.3f} | "
               f"{summary[name]['p99']:.3f} | {sum(r['errors'] for r in rs)} |")
     return summary
+
+
+def streamed_chat(http, url, body):
+    """POSTs a chat completion with `stream` set and reads it to the end:
+    (answered with 200, seconds to the first content token or None,
+    seconds in all)."""
+    t0 = time.perf_counter()
+    ttft, ok = None, False
+    try:
+        with http.stream("POST", url, json={**body, "stream": True}) as r:
+            if r.status_code == 200:
+                for line in r.iter_lines():
+                    if ttft is None and line.startswith("data: {"):
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        if choices[0].get("delta", {}).get("content"):
+                            ttft = time.perf_counter() - t0
+                ok = True
+            else:
+                r.read()
+    except httpx.HTTPError:
+        ok = False
+    return ok, ttft, time.perf_counter() - t0

@@ -36,6 +36,7 @@ import httpx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
 os.environ.setdefault("STRATA_BIN", os.path.join(HERE, "..", "target", "release", "strata"))
+from benchlib import streamed_chat  # noqa: E402
 from conftest import MODEL_ID, STRATA, Server  # noqa: E402
 
 SCALE = float(os.environ.get("SCALE", "1"))
@@ -79,28 +80,14 @@ FIXED = TYPE
 
 
 def client_loop(s, stop, phase_of, results, i):
-    body = {"model": MODEL_ID, "max_tokens": OUT, "temperature": 0, "stream": True,
+    body = {"model": MODEL_ID, "max_tokens": OUT, "temperature": 0,
             "messages": [{"role": "user", "content": f"Customer {i} asks: why is my bill higher this month?"}]}
     with httpx.Client(timeout=180, headers=s.headers) as http:
         while not stop.is_set():
             phase = phase_of()
-            t0 = time.perf_counter()
-            ttft, ok = None, False
-            try:
-                with http.stream("POST", f"{s.base}/v1/chat/completions", json=body) as r:
-                    if r.status_code == 200:
-                        for line in r.iter_lines():
-                            if ttft is None and line.startswith("data: {"):
-                                choices = json.loads(line[6:]).get("choices") or [{}]
-                                if choices[0].get("delta", {}).get("content"):
-                                    ttft = time.perf_counter() - t0
-                        ok = True
-                    else:
-                        r.read()
-            except httpx.HTTPError:
-                ok = False
+            ok, ttft, secs = streamed_chat(http, f"{s.base}/v1/chat/completions", body)
             results.append({"phase": phase, "ok": ok, "ttft_ms": ttft * 1000 if ttft else None,
-                            "secs": time.perf_counter() - t0, "at": time.time()})
+                            "secs": secs, "at": time.time()})
             stop.wait(THINK)
 
 
