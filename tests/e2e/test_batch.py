@@ -163,6 +163,17 @@ def test_a_cancelled_batch_keeps_what_finished_and_names_what_did_not_run(server
     assert sorted([x["custom_id"] for x in out + errors], key=lambda c: int(c[2:])) == [x["custom_id"] for x in lines]
     assert {x["error"]["code"] for x in errors} == {"batch_cancelled"}
 
+    # An insider with write access to the database flips the status kept in
+    # the clear back to running: the sealed batch says cancelled, so no line
+    # runs (nothing more in the ledger) and the batch stays cancelled.
+    ran = usage_requests(server, server.tenant["id"])
+    db = sqlite3.connect(server.args[server.args.index("--db") + 1], timeout=30)
+    with db:
+        db.execute("UPDATE batches SET status = 'in_progress' WHERE id = ?", (b.id,))
+    time.sleep(6)
+    assert usage_requests(server, server.tenant["id"]) == ran
+    assert client.batches.retrieve(b.id).status == "cancelled"
+
 
 def usage_requests(s, tenant_id):
     r = s.admin("GET", f"/admin/v1/tenants/{tenant_id}/usage", expect=200).json()
