@@ -12,10 +12,9 @@ import sqlite3
 import subprocess
 import time
 
-import httpx
 import openai
 import pytest
-from conftest import CHAT_MODEL, MODEL_ID, Server, bearer, model_config, wait_for, wait_ready
+from conftest import MODEL_ID, Server, wait_for, wait_ready
 
 
 def line(custom_id, prompt, max_tokens=3, model=MODEL_ID, url="/v1/chat/completions", **extra):
