@@ -19,7 +19,11 @@ async fn stores() -> Vec<Arc<dyn LeaseStore>> {
             .unwrap(),
     )];
     match std::env::var("DATABASE_URL") {
-        Ok(url) => out.push(Arc::new(SqlStore::open_any(&url, None).await.unwrap())),
+        Ok(url) => out.push(Arc::new(
+            SqlStore::open_any(&fresh_schema(&url).await, None)
+                .await
+                .unwrap(),
+        )),
         Err(_) => assert!(
             std::env::var_os("STRATA_SKIP_POSTGRES").is_some(),
             "DATABASE_URL is not set: the PostgreSQL half cannot run; set it (scripts/test \
@@ -27,6 +31,31 @@ async fn stores() -> Vec<Arc<dyn LeaseStore>> {
         ),
     }
     out
+}
+
+/// A schema of this run's own at `base`: the database's public schema
+/// keeps whatever migrations an older or newer build applied there (CI's
+/// database outlives its runs), which this build must not trip over.
+async fn fresh_schema(base: &str) -> String {
+    use sqlx::Executor;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!(
+        "strata_leader_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000
+    );
+    let pool = sqlx::PgPool::connect(base)
+        .await
+        .expect("PostgreSQL at DATABASE_URL");
+    pool.execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    pool.close().await;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}")
 }
 
 fn elector(store: &Arc<dyn LeaseStore>, name: &str, holder: &str) -> Elector {

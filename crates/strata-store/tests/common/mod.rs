@@ -61,7 +61,11 @@ impl PgSchema {
             eprintln!("STRATA_SKIP_POSTGRES: PostgreSQL part of `{name}` skipped");
             return None;
         };
-        let schema = format!("strata_test_{name}_{}", uuid_suffix());
+        // PostgreSQL cuts a name at 63 bytes: the unique part goes first so
+        // a long test name cannot cut it off (and collide with a schema a
+        // failed run left behind).
+        let mut schema = format!("strata_test_{}_{name}", uuid_suffix());
+        schema.truncate(63);
         let pool = sqlx::PgPool::connect(&base)
             .await
             .expect("PostgreSQL at DATABASE_URL");
