@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import time
 
+import httpx
 import openai
 import pytest
 from conftest import MODEL_ID, Server, wait_for, wait_ready
@@ -266,3 +267,53 @@ def test_revoking_its_key_stops_a_running_batch(server):
     b = wait_batch(reader, b.id, timeout=60)
     assert b.status == "failed" and b.errors.data[0].code == "key_revoked", b
     assert b.request_counts.completed < 200
+
+
+AUTOSCALE = """
+[engine]
+max_sequences = 2
+
+[gateway]
+slots_per_replica = 2
+
+[instance_types.local]         # a replica planned at ~20 tokens/s
+prefill_tokens_per_s = 100.0
+decode_tokens_per_s = [20.0]
+
+[pool]
+autoscale = true
+target_utilisation = 1.0
+min_replicas = 1
+max_replicas = 2
+stable_window_secs = 3.0
+panic_window_secs = 2.0
+scale_down_delay_secs = 3.0
+"""
+
+
+def test_a_batch_backlog_alone_buys_no_replica():
+    """A batch runs on the slots interactive work leaves: with no
+    interactive traffic, a backlog that keeps the one replica busy (more
+    tokens per second than it is planned for) is not demand, and the
+    autoscaler buys no second replica for it."""
+    s = Server(replicas=1, config=AUTOSCALE, tenant="batch-scale")
+    try:
+        c = s.client()
+        lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(40)]
+        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
+                             completion_window="24h").id
+        seen = []
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            seen.append(len(s.replica_list()))
+            done = c.batches.retrieve(b)
+            if done.status in ("completed", "failed", "cancelled", "expired"):
+                break
+            time.sleep(0.5)
+        assert done.status == "completed" and done.request_counts.completed == 40, done
+        assert max(seen) == 1, f"replicas while the batch ran: {seen}"
+        metrics = httpx.get(f"{s.base}/metrics", headers={"Authorization": f"Bearer {s.admin_key}"}).text
+        batch_tokens = [l for l in metrics.splitlines() if l.startswith("strata_gateway_batch_tokens_total")]
+        assert batch_tokens and float(batch_tokens[0].split()[-1]) >= 40 * 10, batch_tokens
+    finally:
+        s.stop()

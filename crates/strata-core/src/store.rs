@@ -50,6 +50,9 @@ pub struct UsageRecord {
     pub stream: bool,
     /// Price of the tokens at the model's configured rates.
     pub cost_usd: f64,
+    /// A batch's line (the batch class): served on spare slots, so not
+    /// demand the autoscaler buys capacity for.
+    pub batch: bool,
 }
 
 /// Sums over the usage ledger for one model.

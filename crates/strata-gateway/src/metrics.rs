@@ -64,6 +64,8 @@ pub struct GatewayMetrics {
     /// Prompt + completion tokens served (the autoscaler's demand signal).
     pub tokens: Counter,
     pub prompt_tokens: Counter,
+    /// Tokens of batch lines: served on spare slots, not demand.
+    pub batch_tokens: Counter,
     /// Generation requests received (before queueing), for request-rate signals.
     pub arrived: Counter,
     /// Recent streamed requests' latencies, for the SLO signals.
@@ -137,6 +139,7 @@ impl GatewayMetrics {
             waiting: Gauge::default(),
             tokens: Counter::default(),
             prompt_tokens: Counter::default(),
+            batch_tokens: Counter::default(),
             arrived: Counter::default(),
             recent: LatencyWindow::default(),
             demand: Default::default(),
@@ -193,6 +196,11 @@ impl GatewayMetrics {
             "tokens",
             "Prompt and completion tokens served",
             m.tokens.clone(),
+        );
+        registry.register(
+            "batch_tokens",
+            "Prompt and completion tokens of batch lines (not in tokens: not demand)",
+            m.batch_tokens.clone(),
         );
         registry.register(
             "prompt_tokens",

@@ -247,6 +247,7 @@ async fn concurrent_turns_and_ledger_writes_all_succeed_on_sqlite() {
                         latency_ms: 1.0,
                         stream: false,
                         cost_usd: 0.0,
+                        batch: false,
                     })
                     .collect();
                 store

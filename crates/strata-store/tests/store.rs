@@ -30,6 +30,7 @@ fn usage(id: &str, model: &str, p: u32, c: u32) -> UsageRecord {
         tenant_id: "ten_a".into(),
         key_id: "key_a".into(),
         cost_usd: 0.5,
+        batch: false,
         at_ms: 1,
         model: model.into(),
         replica: "local-0".into(),
@@ -88,12 +89,17 @@ async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, di
         at_ms: ms,
         ..usage(id, "m1", tokens, 1)
     };
+    // A batch line's row keeps its class.
+    let d = UsageRecord {
+        batch: true,
+        ..at("d", "ten_a", "r2", 11 * hour, 1)
+    };
     store
         .record_usage(&[
             at("a", "ten_a", "r1", 10 * hour + 5, 9),
             at("b", "ten_a", "r1", 10 * hour + 7, 19),
             at("c", "ten_b", "r1", 10 * hour + 9, 4),
-            at("d", "ten_a", "r2", 11 * hour, 1),
+            d.clone(),
             at("e", "ten_a", "r1", 12 * hour, 1),
         ])
         .await
@@ -123,7 +129,7 @@ async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, di
     let recent = store.usage_since(10 * hour + 7, 2).await.unwrap();
     let ids: Vec<&str> = recent.iter().map(|r| r.request_id.as_str()).collect();
     assert_eq!(ids, ["d", "e"]);
-    assert_eq!(recent[0], at("d", "ten_a", "r2", 11 * hour, 1));
+    assert_eq!(recent[0], d);
     assert_eq!(store.usage_since(10 * hour + 7, 10).await.unwrap().len(), 4);
 }
 

@@ -26,6 +26,7 @@ use crate::relay::capture::Keep;
 use crate::relay::forward::{Exchange, Relay, ReplicaRequest};
 use crate::relay::passthrough;
 use crate::tenancy::admission::{Charge, Estimate, Gate};
+use crate::tenancy::fairq::Class;
 use crate::tenancy::principal::Principal;
 
 /// The state of the generation routes (chat, completions, Responses, the
@@ -257,9 +258,12 @@ impl Inference {
             // both), so limits and budgets hold without `max_tokens` too.
             output_tokens: u64::from(generation.max_output_tokens(default_max_tokens)),
         };
-        self.relay.metrics.arrived.inc();
-        if let Some(d) = self.relay.metrics.demand(&generation.model) {
-            d.arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A batch line is not an arrival the autoscaler plans for.
+        if p.class != Class::Batch {
+            self.relay.metrics.arrived.inc();
+            if let Some(d) = self.relay.metrics.demand(&generation.model) {
+                d.arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let lane = catalogued.map(|_| generation.model.as_str());
         let routable = self.relay.replicas.available(p.pool(), lane)?;

@@ -80,6 +80,7 @@ impl Exchange {
             ttft_ms: ttft * 1000.0,
             latency_ms: latency * 1000.0,
             stream: self.stream,
+            batch: request.principal.class == crate::tenancy::fairq::Class::Batch,
         }
     }
 

@@ -83,9 +83,16 @@ impl Ledger {
         }
     }
 
-    /// The row's share of the gateway's metrics.
+    /// The row's share of the gateway's metrics. A batch line's tokens are
+    /// counted apart: they ran on slots interactive work left, and counted
+    /// as demand a backlog alone would make the autoscaler buy replicas.
     fn count(&self, row: &UsageRecord, counted: u64) {
         let tokens = u64::from(row.prompt_tokens) + u64::from(row.completion_tokens);
+        self.count_cost(row);
+        if row.batch {
+            self.metrics.batch_tokens.inc_by(tokens);
+            return;
+        }
         self.metrics.tokens.inc_by(tokens.saturating_sub(counted));
         self.metrics
             .prompt_tokens
@@ -97,20 +104,6 @@ impl Ledger {
             d.prompt_tokens
                 .fetch_add(u64::from(row.prompt_tokens), Ordering::Relaxed);
         }
-        let labels = UsageLabels {
-            model: row.model.clone(),
-            status: row.status,
-            tenant: if self.metrics.tenant_labels {
-                row.tenant_id.clone()
-            } else {
-                String::new()
-            },
-        };
-        self.metrics.generations.get_or_create(&labels).inc();
-        self.metrics
-            .cost
-            .get_or_create(&labels)
-            .inc_by(row.cost_usd.max(0.0));
         if row.stream && row.status == 200 && row.completion_tokens > 0 {
             let tpot = (row.completion_tokens > 1).then(|| {
                 (row.latency_ms - row.ttft_ms).max(0.0) / f64::from(row.completion_tokens - 1)
@@ -133,6 +126,24 @@ impl Ledger {
                     .observe(tpot / 1000.0);
             }
         }
+    }
+
+    /// Requests and cost by model, status (and tenant), for every class.
+    fn count_cost(&self, row: &UsageRecord) {
+        let labels = UsageLabels {
+            model: row.model.clone(),
+            status: row.status,
+            tenant: if self.metrics.tenant_labels {
+                row.tenant_id.clone()
+            } else {
+                String::new()
+            },
+        };
+        self.metrics.generations.get_or_create(&labels).inc();
+        self.metrics
+            .cost
+            .get_or_create(&labels)
+            .inc_by(row.cost_usd.max(0.0));
     }
 }
 

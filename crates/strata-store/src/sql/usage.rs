@@ -12,16 +12,16 @@ use crate::sql::{query_err, SqlStore};
 impl UsageStore for SqlStore {
     async fn record_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
         // Many rows per statement: one round trip per chunk instead of per
-        // row (13 binds a row, well under either backend's limit). Chunks
+        // row (14 binds a row, well under either backend's limit). Chunks
         // come in a few fixed sizes, so the statements are prepared once
         // and cached rather than once per batch length. A row written twice
         // (a retried batch) is kept once.
         let mut tx = self.begin_write().await?;
         for chunk in usage_chunks(rows) {
-            let row = format!("({})", ["?"; 13].join(", "));
+            let row = format!("({})", ["?"; 14].join(", "));
             let statement = format!(
                 "INSERT INTO usage (request_id, tenant_id, key_id, at_ms, model, replica, \
-                 status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, stream, cost_usd) \
+                 status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, stream, cost_usd, batch) \
                  VALUES {} ON CONFLICT (request_id) DO NOTHING",
                 vec![row; chunk.len()].join(", ")
             );
@@ -41,7 +41,8 @@ impl UsageStore for SqlStore {
                     .bind(r.ttft_ms)
                     .bind(r.latency_ms)
                     .bind(r.stream)
-                    .bind(r.cost_usd);
+                    .bind(r.cost_usd)
+                    .bind(r.batch);
             }
             q.execute(&mut *tx).await.map_err(query_err)?;
         }
@@ -109,12 +110,9 @@ impl UsageStore for SqlStore {
                 completion_tokens: r.get::<i64, _>("completion_tokens") as u32,
                 ttft_ms: r.get("ttft_ms"),
                 latency_ms: r.get("latency_ms"),
-                // BOOLEAN on PostgreSQL, an integer on SQLite.
-                stream: r
-                    .try_get::<bool, _>("stream")
-                    .or_else(|_| r.try_get::<i64, _>("stream").map(|v| v != 0))
-                    .unwrap_or(false),
+                stream: flag(r, "stream"),
                 cost_usd: r.get("cost_usd"),
+                batch: flag(r, "batch"),
             })
             .collect())
     }
@@ -146,6 +144,13 @@ impl UsageStore for SqlStore {
             })
             .collect())
     }
+}
+
+/// A BOOLEAN column: a boolean on PostgreSQL, an integer on SQLite.
+fn flag(r: &sqlx::any::AnyRow, column: &str) -> bool {
+    r.try_get::<bool, _>(column)
+        .or_else(|_| r.try_get::<i64, _>(column).map(|v| v != 0))
+        .unwrap_or(false)
 }
 
 /// Sizes of the usage rows' INSERT statements, largest first.
