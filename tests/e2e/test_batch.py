@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 
 import httpx
@@ -316,4 +317,51 @@ def test_a_batch_backlog_alone_buys_no_replica():
         batch_tokens = [l for l in metrics.splitlines() if l.startswith("strata_gateway_batch_tokens_total")]
         assert batch_tokens and float(batch_tokens[0].split()[-1]) >= 40 * 10, batch_tokens
     finally:
+        s.stop()
+
+
+def test_a_batch_finishes_in_its_reserved_share_while_interactive_work_keeps_every_slot_wanted():
+    """16 clients stream back to back on one replica's 8 slots, so
+    interactive requests are waiting nearly all the time and no slot is
+    ever left over: a batch still finishes, in the one slot of eight that
+    `gateway.batch_reserved_share` (0.125) keeps for it. (With the share
+    set to 0, no line finishes while the load lasts.)"""
+    share = os.environ.get("STRATA_TEST_BATCH_SHARE", "0.125")
+    s = Server(replicas=1, config=f"[gateway]\nbatch_reserved_share = {share}\n", tenant="batch-reserve")
+    stop = threading.Event()
+    try:
+        c = s.client()
+        waited = []
+
+        def stream():
+            while not stop.is_set():
+                for _ in c.chat.completions.create(model=MODEL_ID, max_tokens=16, temperature=0, stream=True,
+                                                    messages=[{"role": "user", "content": "Tell me a story."}]):
+                    pass
+
+        def sample():
+            while not stop.is_set():
+                metrics = httpx.get(f"{s.base}/metrics", headers={"Authorization": f"Bearer {s.admin_key}"}).text
+                waiting = [l for l in metrics.splitlines() if l.startswith("strata_gateway_requests_waiting ")]
+                waited.append(float(waiting[0].split()[-1]) > 0)
+                time.sleep(0.5)
+
+        threads = [threading.Thread(target=stream, daemon=True) for _ in range(16)]
+        threads.append(threading.Thread(target=sample, daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(5)
+        lines = [line(f"r{i}", f"Say {i}.", max_tokens=4) for i in range(12)]
+        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/chat/completions",
+                             completion_window="24h").id
+        deadline = time.time() + 120
+        while time.time() < deadline and c.batches.retrieve(b).status != "completed":
+            time.sleep(1)
+        done = c.batches.retrieve(b)
+        stop.set()
+        assert done.status == "completed" and done.request_counts.completed == 12, done
+        # The load kept interactive requests waiting: no slot was left over.
+        assert sum(waited) >= 0.8 * len(waited), f"waiting in {sum(waited)} of {len(waited)} samples"
+    finally:
+        stop.set()
         s.stop()

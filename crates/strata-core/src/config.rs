@@ -596,6 +596,11 @@ pub struct GatewayConfig {
     pub batch_discount: f64,
     /// Lines of one batch waiting for or holding a slot at once.
     pub batch_lines_in_flight: u32,
+    /// Share of each pool's slots (rounded down) that waiting batch lines
+    /// get first and interactive requests never preempt, so a batch
+    /// finishes under constant interactive load; 0 gives batches only the
+    /// slots interactive work leaves.
+    pub batch_reserved_share: f64,
 }
 
 /// `prefix`: where the longest prefix of the prompt went before (its KV
@@ -630,6 +635,7 @@ impl Default for GatewayConfig {
             max_file_bytes: 64 * 1024 * 1024,
             batch_discount: 0.5,
             batch_lines_in_flight: 32,
+            batch_reserved_share: 0.125,
         }
     }
 }
@@ -1135,6 +1141,15 @@ impl Config {
                 format!(
                     "{} is not a share from 0 up to (not including) 1",
                     g.batch_discount
+                ),
+            );
+        }
+        if !(0.0..=0.5).contains(&g.batch_reserved_share) {
+            issues.bad(
+                "gateway.batch_reserved_share",
+                format!(
+                    "{} is not a share from 0 to 0.5 (interactive work keeps at least half)",
+                    g.batch_reserved_share
                 ),
             );
         }

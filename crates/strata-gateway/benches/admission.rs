@@ -75,6 +75,7 @@ async fn main() {
             queue_timeout: Duration::from_secs(10),
             pricing,
             batch_price_factor: 0.5,
+            batch_reserved_share: 0.125,
             budget_refresh: None,
         },
         store.clone(),

@@ -114,6 +114,8 @@ pub struct BatchSettings {
     pub price_factor: f64,
     /// Lines of one batch waiting or running at once.
     pub lines_in_flight: usize,
+    /// Share of each pool's slots kept for batch lines that wait.
+    pub reserved_share: f64,
 }
 
 impl Default for BatchSettings {
@@ -122,6 +124,7 @@ impl Default for BatchSettings {
             max_file_bytes: 64 * 1024 * 1024,
             price_factor: 0.5,
             lines_in_flight: 32,
+            reserved_share: 0.125,
         }
     }
 }
@@ -290,6 +293,7 @@ impl Gateway {
                 queue_timeout: settings.queue_timeout,
                 pricing: settings.pricing.clone(),
                 batch_price_factor: settings.batch.price_factor,
+                batch_reserved_share: settings.batch.reserved_share,
                 budget_refresh: settings.budget_refresh,
             },
             stores.usage.clone(),

@@ -30,6 +30,7 @@ async fn gate(dir: &std::path::Path) -> Arc<Gate> {
             queue_timeout: Duration::from_millis(100),
             pricing: Default::default(),
             batch_price_factor: 0.5,
+            batch_reserved_share: 0.125,
             budget_refresh: None,
         },
         store,

@@ -156,6 +156,7 @@ fn gateway_settings(
             max_file_bytes: config.gateway.max_file_bytes,
             price_factor: 1.0 - config.gateway.batch_discount,
             lines_in_flight: config.gateway.batch_lines_in_flight as usize,
+            reserved_share: config.gateway.batch_reserved_share,
         },
         slo: strata_gateway::ops::dashboard::Slo {
             ttft_p95_ms: config.pool.slo_ttft_p95_ms,

@@ -228,6 +228,8 @@ pub struct GateSettings {
     /// What a batch line's tokens cost over the same tokens asked for
     /// interactively (0.5: half price).
     pub batch_price_factor: f64,
+    /// Share of each pool's slots kept for batch lines that wait.
+    pub batch_reserved_share: f64,
     /// Where several gateways spend from one budget: how old a tenant's
     /// month spend (read from the shared ledger) may get before it is read
     /// again. `None`: this gateway is the only one, its own count is exact.
@@ -259,7 +261,10 @@ impl Gate {
         metrics: Arc<GatewayMetrics>,
     ) -> Arc<Gate> {
         Arc::new(Gate {
-            pools: Pools::new(settings.max_waiting_per_tenant),
+            pools: Pools::new(
+                settings.max_waiting_per_tenant,
+                settings.batch_reserved_share,
+            ),
             settings,
             limiter: Limiter::default(),
             shared_limits,

@@ -12,6 +12,12 @@
 //! interactive request has to wait while batch requests hold slots, the
 //! newest of those is preempted (`PREEMPT`: its runner drops the request,
 //! freeing the slot at once, and runs it again later).
+//!
+//! A small reserved share of the slots (`gateway.batch_reserved_share`,
+//! rounded down) goes to waiting batch requests first and is never
+//! preempted, so that a batch still finishes within its window while
+//! interactive load keeps every slot wanted. With no batch work waiting,
+//! interactive requests use those slots like any other.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -175,6 +181,8 @@ struct State {
     /// number, oldest first.
     preemptible: Vec<(u64, CancellationToken)>,
     next_permit: u64,
+    /// Share of `capacity` reserved for batch work that waits.
+    batch_share: f64,
 }
 
 impl State {
@@ -186,6 +194,17 @@ impl State {
         } else {
             self.capacity
         }
+    }
+
+    /// Slots held for batch requests: a share of the capacity, rounded
+    /// down (a pool of fewer than 1/share slots reserves none).
+    fn reserved(&self) -> usize {
+        (self.capacity as f64 * self.batch_share).floor() as usize
+    }
+
+    /// A batch request may take a reserved slot now.
+    fn reserve_free(&self) -> bool {
+        self.batch_in_flight < self.reserved() && self.in_flight < self.capacity
     }
 
     fn lanes(&mut self, class: Class) -> &mut Lanes {
@@ -246,7 +265,8 @@ pub enum Admission {
 }
 
 impl FairQueue {
-    pub fn new(capacity: usize, max_waiting_per_tenant: usize) -> Arc<FairQueue> {
+    /// `batch_share` of the slots is kept for batch requests that wait.
+    pub fn new(capacity: usize, max_waiting_per_tenant: usize, batch_share: f64) -> Arc<FairQueue> {
         Arc::new(FairQueue {
             state: Mutex::new(State {
                 capacity,
@@ -256,6 +276,7 @@ impl FairQueue {
                 batch: Lanes::default(),
                 preemptible: Vec::new(),
                 next_permit: 0,
+                batch_share: batch_share.clamp(0.0, 1.0),
             }),
             max_waiting_per_tenant,
         })
@@ -267,7 +288,7 @@ impl FairQueue {
 
     /// Takes a slot now, or a place in the tenant's queue of its class.
     /// Interactive requests pass batch ones waiting; a batch request takes
-    /// a slot only when nobody waits at all.
+    /// a slot only when nobody waits at all, or a reserved one.
     pub fn admit(
         self: &Arc<Self>,
         tenant: &str,
@@ -278,9 +299,9 @@ impl FairQueue {
         let free = match class {
             Class::Interactive => s.in_flight < s.capacity && s.interactive.nobody_waits(),
             Class::Batch => {
-                s.in_flight < s.batch_capacity()
-                    && s.interactive.nobody_waits()
-                    && s.batch.nobody_waits()
+                s.batch.nobody_waits()
+                    && (s.reserve_free()
+                        || (s.in_flight < s.batch_capacity() && s.interactive.nobody_waits()))
             }
         };
         if free {
@@ -306,14 +327,23 @@ impl FairQueue {
     }
 
     /// Asks running batch requests for their slots back, the newest first,
-    /// one for each interactive request waiting beyond those already asked.
+    /// one for each interactive request waiting beyond those already asked,
+    /// down to the reserved slots.
     fn preempt(s: &mut State) {
         let asked = s
             .preemptible
             .iter()
             .filter(|(_, t)| t.is_cancelled())
             .count();
-        let mut wanted = s.interactive.waiting().saturating_sub(asked);
+        let beyond_reserve = s
+            .batch_in_flight
+            .saturating_sub(asked)
+            .saturating_sub(s.reserved());
+        let mut wanted = s
+            .interactive
+            .waiting()
+            .saturating_sub(asked)
+            .min(beyond_reserve);
         for (_, token) in s.preemptible.iter().rev() {
             if wanted == 0 {
                 break;
@@ -347,17 +377,26 @@ impl FairQueue {
         }
     }
 
-    /// Hands free slots to the least-served waiting tenants: interactive
-    /// ones first, batch ones only when no interactive request waits.
+    /// Hands free slots to the least-served waiting tenants: batch ones to
+    /// fill the reserve, then interactive ones, then batch ones only when
+    /// no interactive request waits.
     fn dispatch(q: &Arc<FairQueue>, s: &mut State) {
         while s.in_flight < s.capacity {
-            let (class, (tenant, waiter)) = match s.interactive.pop() {
-                Some(next) => (Class::Interactive, next),
-                None if s.in_flight < s.batch_capacity() => match s.batch.pop() {
-                    Some(next) => (Class::Batch, next),
+            let reserved = if s.reserve_free() {
+                s.batch.pop()
+            } else {
+                None
+            };
+            let (class, (tenant, waiter)) = match reserved {
+                Some(next) => (Class::Batch, next),
+                None => match s.interactive.pop() {
+                    Some(next) => (Class::Interactive, next),
+                    None if s.in_flight < s.batch_capacity() => match s.batch.pop() {
+                        Some(next) => (Class::Batch, next),
+                        None => break,
+                    },
                     None => break,
                 },
-                None => break,
             };
             match waiter.tx.send(q.permit(s, &tenant, class, waiter.preempt)) {
                 Ok(()) => {
@@ -442,13 +481,15 @@ impl FairQueue {
 pub struct Pools {
     queues: Mutex<FastMap<Lane, Arc<FairQueue>>>,
     max_waiting_per_tenant: usize,
+    batch_share: f64,
 }
 
 impl Pools {
-    pub fn new(max_waiting_per_tenant: usize) -> Pools {
+    pub fn new(max_waiting_per_tenant: usize, batch_share: f64) -> Pools {
         Pools {
             queues: Mutex::new(FastMap::default()),
             max_waiting_per_tenant,
+            batch_share,
         }
     }
 
@@ -464,7 +505,9 @@ impl Pools {
         let mut queues = self.queues.lock().expect("pools lock");
         queues
             .entry((pool.map(str::to_owned), model.map(str::to_owned)))
-            .or_insert_with(|| FairQueue::new(capacity(), self.max_waiting_per_tenant))
+            .or_insert_with(|| {
+                FairQueue::new(capacity(), self.max_waiting_per_tenant, self.batch_share)
+            })
             .clone()
     }
 
@@ -507,7 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flooding_tenant_waits_behind_a_light_one() {
-        let q = FairQueue::new(1, 100);
+        let q = FairQueue::new(1, 100, 0.0);
         let Admission::Now(first) = q.admit("a", 10.0, Class::Interactive).unwrap() else {
             panic!("slot was free")
         };
@@ -533,7 +576,7 @@ mod tests {
 
     #[tokio::test]
     async fn queues_are_bounded_and_cancelled_waiters_free_their_place() {
-        let q = FairQueue::new(0, 2);
+        let q = FairQueue::new(0, 2, 0.0);
         let w1 = q.admit("a", 1.0, Class::Interactive).unwrap();
         let _w2 = q.admit("a", 1.0, Class::Interactive).unwrap();
         assert!(matches!(
@@ -558,7 +601,7 @@ mod tests {
 
     #[tokio::test]
     async fn batch_work_takes_only_the_slots_interactive_work_leaves() {
-        let q = FairQueue::new(3, 100);
+        let q = FairQueue::new(3, 100, 0.0);
         let Admission::Now(_i1) = q.admit("a", 1.0, Class::Interactive).unwrap() else {
             panic!("slot was free")
         };
@@ -598,7 +641,7 @@ mod tests {
         assert_eq!(b2.tenant(), "b");
         // With a batch request waiting, an interactive one still goes first
         // through a free slot; a batch one queues behind the waiting one.
-        let q = FairQueue::new(1, 100);
+        let q = FairQueue::new(1, 100, 0.0);
         let Admission::Now(_held) = q.admit("x", 1.0, Class::Interactive).unwrap() else {
             panic!("slot was free")
         };
@@ -612,7 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_interactive_request_that_must_wait_preempts_the_newest_batch_request() {
-        let q = FairQueue::new(3, 100);
+        let q = FairQueue::new(3, 100, 0.0);
         let (t1, t2) = (CancellationToken::new(), CancellationToken::new());
         let batch = |t: &CancellationToken| {
             PREEMPT.sync_scope(t.clone(), || q.admit("b", 1.0, Class::Batch))
@@ -647,11 +690,113 @@ mod tests {
         let _i2 = q.admit("j", 1.0, Class::Interactive).unwrap();
         assert!(t1.is_cancelled());
         // Interactive requests never preempt each other.
-        let q = FairQueue::new(1, 100);
+        let q = FairQueue::new(1, 100, 0.0);
         let t = CancellationToken::new();
         let _i = PREEMPT.sync_scope(t.clone(), || q.admit("i", 1.0, Class::Interactive));
         let _j = q.admit("j", 1.0, Class::Interactive).unwrap();
         assert!(!t.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn the_reserved_share_keeps_batch_work_going_under_constant_interactive_load() {
+        // 8 slots, a quarter reserved: 2 for batch work that waits.
+        let q = FairQueue::new(8, 100, 0.25);
+        let soon = |rx| tokio::time::timeout(std::time::Duration::from_secs(1), rx);
+        let mut interactive: Vec<FairPermit> = (0..8)
+            .map(
+                |i| match q.admit(&format!("i{i}"), 1.0, Class::Interactive).unwrap() {
+                    Admission::Now(p) => p,
+                    Admission::Wait(_) => panic!("slot was free"),
+                },
+            )
+            .collect();
+        // Full of interactive work: with nothing waiting the reserve is not
+        // held back. Now batch work and more interactive work wait.
+        let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        let mut batch: Vec<_> = tokens
+            .iter()
+            .map(|t| {
+                let Admission::Wait(rx) = PREEMPT
+                    .sync_scope(t.clone(), || q.admit("b", 1.0, Class::Batch))
+                    .unwrap()
+                else {
+                    panic!("no slot is free")
+                };
+                rx
+            })
+            .collect();
+        let mut waiting: Vec<_> = (0..4)
+            .map(
+                |i| match q.admit(&format!("w{i}"), 1.0, Class::Interactive).unwrap() {
+                    Admission::Wait(rx) => rx,
+                    Admission::Now(_) => panic!("no slot is free"),
+                },
+            )
+            .collect();
+        // Freed slots fill the reserve first, though interactive work waits.
+        drop(interactive.pop());
+        let b0 = soon(batch.remove(0))
+            .await
+            .expect("a reserved slot")
+            .unwrap();
+        drop(interactive.pop());
+        let b1 = soon(batch.remove(0))
+            .await
+            .expect("a reserved slot")
+            .unwrap();
+        assert_eq!(q.batch_in_flight(), 2);
+        // Another interactive request that must wait asks no reserved slot back.
+        match q.admit("w9", 1.0, Class::Interactive).unwrap() {
+            Admission::Wait(rx) => waiting.push(rx),
+            Admission::Now(_) => panic!("no slot is free"),
+        }
+        // The reserve is full: the next slot goes to interactive work, and
+        // waiting interactive requests preempt nothing inside the reserve.
+        drop(interactive.pop());
+        let w0 = soon(waiting.remove(0))
+            .await
+            .expect("interactive next")
+            .unwrap();
+        assert_eq!(w0.class(), Class::Interactive);
+        assert!(
+            tokens.iter().all(|t| !t.is_cancelled()),
+            "the reserve is never preempted"
+        );
+        assert_eq!(q.batch_waiting(), 1);
+        // A reserved slot freed goes to the batch request waiting.
+        drop(b0);
+        let b2 = soon(batch.remove(0))
+            .await
+            .expect("the reserve again")
+            .unwrap();
+        assert_eq!((b2.class(), q.batch_in_flight()), (Class::Batch, 2));
+        drop(b1);
+        drop(b2);
+        drop(interactive.pop());
+        drop(interactive.pop());
+        // With no batch work waiting, interactive requests use every slot.
+        for rx in waiting.drain(..) {
+            let p = soon(rx).await.expect("a slot").unwrap();
+            assert_eq!(p.class(), Class::Interactive);
+            interactive.push(p);
+        }
+        assert_eq!((q.in_flight(), q.batch_in_flight()), (8, 0));
+        assert_eq!(interactive.len(), 7);
+        // Below 1/share slots nothing is reserved.
+        let q = FairQueue::new(3, 100, 0.25);
+        let mut all: Vec<_> = (0..3)
+            .map(|_| q.admit("i", 1.0, Class::Interactive).unwrap())
+            .collect();
+        let Admission::Wait(w) = q.admit("i", 1.0, Class::Interactive).unwrap() else {
+            panic!("no slot is free")
+        };
+        let _b = q.admit("b", 1.0, Class::Batch).unwrap();
+        drop(all.pop());
+        soon(w)
+            .await
+            .expect("the interactive waiter goes first")
+            .unwrap();
+        assert_eq!((q.batch_in_flight(), q.batch_waiting()), (0, 1));
     }
 
     proptest! {
