@@ -366,6 +366,48 @@ def test_a_tenants_queue_is_bounded(mt):
     assert over.json()["error"]["code"] == "server_overloaded" and "retry-after" in over.headers
 
 
+def test_sheddable_tenants_and_keys_are_refused_first_under_overload(mt):
+    """A tenant (set with the CLI) or a key (with the admin API) marked
+    sheddable is served while a slot is free; once the one slot is busy
+    and interactive requests wait, its requests get a 503 with Retry-After
+    at once instead of waiting, while every interactive request is served."""
+    env = {**os.environ, "STRATA_URL": mt.base, "STRATA_API_KEY": mt.admin_key}
+    out = subprocess.run([STRATA, "tenant", "create", "shed-co", "--priority", "sheddable", "--json"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    tenant = json.loads(out.stdout)
+    assert tenant["priority"] == "sheddable"
+    by_tenant = mt.new_key(tenant["id"], "member")
+    by_key = mt.new_key(mt.b, "member", priority="sheddable")
+    keys = mt.admin("GET", f"/admin/v1/tenants/{mt.b}/keys", expect=200).json()["data"]
+    assert sorted(k["priority"] for k in keys).count("sheddable") == 1
+    flood = mt.keys["b_member"]
+    for key in (by_tenant, by_key):
+        assert call(mt, "POST", "/v1/chat/completions", key, body=chat_body(max_tokens=2)).status_code == 200
+    with cf.ThreadPoolExecutor(4) as pool:
+        interactive = [pool.submit(call, mt, "POST", "/v1/chat/completions", flood, body=chat_body(max_tokens=48))
+                       for _ in range(3)]
+        time.sleep(0.5)  # one holds the slot, two wait
+        shed = [call(mt, "POST", "/v1/chat/completions", key, body=chat_body(max_tokens=2))
+                for key in (by_tenant, by_key)]
+        served = [f.result().status_code for f in interactive]
+    assert served == [200, 200, 200], served
+    for r in shed:
+        err = assert_openai_error(r, 503)
+        assert err["code"] == "sheddable_refused" and r.headers["retry-after"] == "2", (err, r.headers)
+    # The load gone, sheddable requests are served again.
+    assert call(mt, "POST", "/v1/chat/completions", by_key, body=chat_body(max_tokens=2)).status_code == 200
+    # Back to interactive: it waits like the others.
+    mt.admin("PATCH", f"/admin/v1/tenants/{tenant['id']}", {"priority": "interactive"}, expect=200)
+    with cf.ThreadPoolExecutor(4) as pool:
+        interactive = [pool.submit(call, mt, "POST", "/v1/chat/completions", flood, body=chat_body(max_tokens=48))
+                       for _ in range(2)]
+        time.sleep(0.5)
+        waited = call(mt, "POST", "/v1/chat/completions", by_tenant, body=chat_body(max_tokens=2))
+        assert [f.result().status_code for f in interactive] == [200, 200]
+    assert waited.status_code == 200, waited.text
+
+
 ADMIN_BAD = [
     ("POST", "/admin/v1/tenants", b"{", 400, None),
     ("POST", "/admin/v1/tenants", b"{}", 400, None),
@@ -377,6 +419,8 @@ ADMIN_BAD = [
     ("POST", "/admin/v1/tenants", b'{"name": "ok", "monthly_budget_usd": "lots"}', 400, "monthly_budget_usd"),
     ("POST", "/admin/v1/tenants", b'{"name": "ok", "monthly_budget_usd": -3}', 400, "monthly_budget_usd"),
     ("POST", "/admin/v1/tenants", b'{"name": "ok", "isolation": "private"}', 400, "isolation"),
+    ("POST", "/admin/v1/tenants", b'{"name": "ok", "priority": "urgent"}', 400, "priority"),
+    ("POST", "/admin/v1/tenants/{a}/keys", b'{"name": "k", "role": "member", "priority": "urgent"}', 400, "priority"),
     ("POST", "/admin/v1/tenants", b'{"name": "acme"}', 409, None),
     ("GET", "/admin/v1/tenants/ten_nope", b"", 404, None),
     ("PATCH", "/admin/v1/tenants/ten_nope", b"{}", 404, None),

@@ -107,6 +107,37 @@ impl Isolation {
     }
 }
 
+/// How a tenant's or a key's requests stand when the replicas are full:
+/// `interactive` ones wait their fair turn; `sheddable` ones are refused
+/// at once (503 with `Retry-After`) rather than wait, and never take the
+/// last free slot, so that others' interactive requests do not wait
+/// behind them. A key is sheddable where it or its tenant is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Sheddable,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Sheddable => "sheddable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Some(match s {
+            "interactive" => Priority::Interactive,
+            "sheddable" => Priority::Sheddable,
+            _ => return None,
+        })
+    }
+}
+
 /// Per-minute limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateLimits {
@@ -122,6 +153,7 @@ pub struct Tenant {
     pub limits: RateLimits,
     /// Dollars per calendar month (UTC); `None` means no budget.
     pub monthly_budget_usd: Option<f64>,
+    pub priority: Priority,
     pub created_at_ms: i64,
 }
 
@@ -135,6 +167,7 @@ pub struct ApiKeyRecord {
     /// Models this key may use; `None` means all.
     pub models: Option<Vec<String>>,
     pub limits: RateLimits,
+    pub priority: Priority,
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
     pub created_at_ms: i64,
@@ -461,6 +494,7 @@ mod tests {
             role: Role::Member,
             models: Some(vec!["m1".into()]),
             limits: RateLimits::default(),
+            priority: Default::default(),
             expires_at_ms: Some(100),
             revoked_at_ms: None,
             created_at_ms: 0,

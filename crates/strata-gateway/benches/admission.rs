@@ -50,6 +50,7 @@ async fn main() {
             name: format!("bench-{t}"),
             isolation: Isolation::Shared,
             limits: generous,
+            priority: Default::default(),
             monthly_budget_usd: Some(1e9),
             created_at_ms: 0,
         };

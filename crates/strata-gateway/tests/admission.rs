@@ -45,6 +45,7 @@ fn principal() -> Arc<Principal> {
         name: "t".into(),
         isolation: Isolation::Shared,
         limits: RateLimits::default(),
+        priority: Default::default(),
         monthly_budget_usd: None,
         created_at_ms: 0,
     };

@@ -245,6 +245,7 @@ impl Harness {
             name: "acme".into(),
             isolation: Isolation::Shared,
             limits,
+            priority: Default::default(),
             monthly_budget_usd: budget,
             created_at_ms: 0,
         };
@@ -681,6 +682,7 @@ impl Harness {
             name: name.into(),
             isolation: Isolation::Shared,
             limits: RateLimits::default(),
+            priority: Default::default(),
             monthly_budget_usd: None,
             created_at_ms: 0,
         };

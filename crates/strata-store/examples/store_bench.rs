@@ -108,6 +108,7 @@ async fn main() {
         name: "bench".into(),
         isolation: Isolation::Shared,
         limits: RateLimits::default(),
+        priority: Default::default(),
         monthly_budget_usd: None,
         created_at_ms: 1,
     };

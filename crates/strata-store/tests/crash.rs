@@ -145,6 +145,7 @@ async fn crash_many_times(db: &str, dir: &Path, kills: usize) {
             name: "crash".into(),
             isolation: Isolation::Shared,
             limits: RateLimits::default(),
+            priority: Default::default(),
             monthly_budget_usd: None,
             created_at_ms: 1,
         })

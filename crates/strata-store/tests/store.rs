@@ -15,7 +15,7 @@ use strata_core::store::{
     SnapshotStore, StoreError, StoredCompletion, TenantStore, UsageRecord, UsageStore,
 };
 use strata_core::tenant::{
-    audit_hash, digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, AuditKey, NewKey,
+    audit_hash, digest_lookup, verify_audit, ApiKeyRecord, AuditEntry, AuditKey, NewKey, Priority,
     RateLimits, Role, TenantId,
 };
 use strata_store::SqlStore;
@@ -187,6 +187,7 @@ fn key(tenant: &TenantId, id: &str, seed: u8) -> ApiKeyRecord {
             requests_per_minute: Some(60),
             tokens_per_minute: None,
         },
+        priority: Default::default(),
         expires_at_ms: Some(99),
         revoked_at_ms: None,
         created_at_ms: 2,
@@ -211,10 +212,14 @@ async fn tenants_and_keys_round_trip_and_names_are_unique(backend: &Backend, dir
     assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
     a.limits.tokens_per_minute = Some(1000);
     a.monthly_budget_usd = None;
+    a.priority = Priority::Sheddable;
     assert!(store.update_tenant(&a).await.unwrap());
     assert_eq!(store.tenant(&a.id).await.unwrap().unwrap(), a);
 
-    let k = key(&a.id, "key_1", 1);
+    let k = ApiKeyRecord {
+        priority: Priority::Sheddable,
+        ..key(&a.id, "key_1", 1)
+    };
     store.create_key(&k).await.unwrap();
     let found = store
         .keys_by_lookup(digest_lookup(&k.digest))

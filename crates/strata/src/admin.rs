@@ -74,6 +74,9 @@ fn limits_json(l: &LimitFlags) -> Value {
     if let Some(t) = l.tpm {
         v["tokens_per_minute"] = json!(t);
     }
+    if let Some(p) = &l.priority {
+        v["priority"] = json!(p);
+    }
     v
 }
 
@@ -132,8 +135,17 @@ const TENANT_COLUMNS: &[&str] = &[
     "requests_per_minute",
     "tokens_per_minute",
     "monthly_budget_usd",
+    "priority",
 ];
-const KEY_COLUMNS: &[&str] = &["id", "name", "role", "models", "expires_at", "revoked_at"];
+const KEY_COLUMNS: &[&str] = &[
+    "id",
+    "name",
+    "role",
+    "models",
+    "priority",
+    "expires_at",
+    "revoked_at",
+];
 
 fn print(json_out: bool, v: &Value, columns: &[&str]) {
     if json_out {

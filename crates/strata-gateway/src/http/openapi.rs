@@ -186,6 +186,8 @@ pub struct Tenant {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub monthly_budget_usd: Option<f64>,
+    /// `interactive` or `sheddable`.
+    pub priority: String,
     pub created_at: i64,
 }
 
@@ -201,6 +203,8 @@ pub struct ApiKey {
     pub models: Option<Vec<String>>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    /// `interactive` or `sheddable` (a key of a sheddable tenant is sheddable).
+    pub priority: String,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub created_at: i64,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use strata_core::openai::parse_body;
 use strata_core::store::{AuditStore, KeyStore, TenantStore, UsageStore};
-use strata_core::tenant::{ApiKeyRecord, Isolation, RateLimits, Role, Tenant, TenantId};
+use strata_core::tenant::{ApiKeyRecord, Isolation, Priority, RateLimits, Role, Tenant, TenantId};
 use strata_core::{read_body, whole, ApiError};
 use strata_store::{Kek, KekSource, Vault};
 use utoipa_axum::router::OpenApiRouter;
@@ -87,6 +87,7 @@ fn tenant_json(t: &Tenant) -> Value {
         "requests_per_minute": t.limits.requests_per_minute,
         "tokens_per_minute": t.limits.tokens_per_minute,
         "monthly_budget_usd": t.monthly_budget_usd,
+        "priority": t.priority,
         "created_at": t.created_at_ms / 1000,
     })
 }
@@ -101,6 +102,7 @@ fn key_json(k: &ApiKeyRecord) -> Value {
         "models": k.models,
         "requests_per_minute": k.limits.requests_per_minute,
         "tokens_per_minute": k.limits.tokens_per_minute,
+        "priority": k.priority,
         "expires_at": k.expires_at_ms.map(|m| m / 1000),
         "revoked_at": k.revoked_at_ms.map(|m| m / 1000),
         "created_at": k.created_at_ms / 1000,
@@ -245,6 +247,10 @@ pub(crate) struct CreateTenant {
     tokens_per_minute: Option<u32>,
     #[schema(minimum = 0, maximum = 1e9)]
     monthly_budget_usd: Option<f64>,
+    /// `sheddable`: refused first (503, `Retry-After`) when the replicas
+    /// are full, instead of waiting.
+    #[serde(default)]
+    priority: Priority,
 }
 
 impl AdminBody for CreateTenant {
@@ -282,6 +288,7 @@ async fn create_tenant(
                 tokens_per_minute: c.tokens_per_minute,
             },
             monthly_budget_usd: c.monthly_budget_usd,
+            priority: c.priority,
             created_at_ms: strata_core::now_ms(),
         };
         state
@@ -376,6 +383,7 @@ pub(crate) struct UpdateTenant {
     #[serde(default, deserialize_with = "present")]
     #[schema(minimum = 0, maximum = 1e9)]
     monthly_budget_usd: Option<Option<f64>>,
+    priority: Option<Priority>,
 }
 
 impl AdminBody for UpdateTenant {
@@ -400,7 +408,7 @@ impl AdminBody for UpdateTenant {
     patch,
     path = "/admin/v1/tenants/{tenant}",
     tag = "admin",
-    summary = "Change a tenant's name, isolation, limits or budget",
+    summary = "Change a tenant's name, isolation, limits, budget or priority",
     params(("tenant" = String, Path, description = "A tenant id (`ten_…`)")),
     request_body(content = Option<UpdateTenant>, description = "The fields to change; none (or no body) changes nothing"),
     responses((status = 200, description = "OK", body = crate::http::openapi::Tenant), crate::http::openapi::Failures),
@@ -429,6 +437,9 @@ async fn update_tenant(
         }
         if let Some(v) = u.monthly_budget_usd {
             t.monthly_budget_usd = v;
+        }
+        if let Some(v) = u.priority {
+            t.priority = v;
         }
         if !state.tenants.update_tenant(&t).await.map_err(store_error)? {
             return Err(not_found("tenant", &id));
@@ -547,6 +558,10 @@ pub(crate) struct CreateKey {
     #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1)]
     expires_at: Option<i64>,
+    /// `sheddable`: refused first (503, `Retry-After`) when the replicas
+    /// are full; a key of a sheddable tenant is sheddable whatever this says.
+    #[serde(default)]
+    priority: Priority,
 }
 
 impl AdminBody for CreateKey {
@@ -604,6 +619,7 @@ async fn create_key(
             tokens_per_minute: c.tokens_per_minute,
         };
         record.expires_at_ms = c.expires_at.map(|e| e.saturating_mul(1000));
+        record.priority = c.priority;
         state.keys.create_key(&record).await.map_err(store_error)?;
         let mut body = key_json(&record);
         body["key"] = Value::String(secret);

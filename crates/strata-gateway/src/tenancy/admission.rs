@@ -24,7 +24,7 @@ use crate::http::error::store_error;
 use crate::metrics::GatewayMetrics;
 use crate::tenancy::budget::{Budgets, OverBudget};
 use crate::tenancy::fairq::{
-    Admission, Class, FairPermit, FairQueue, Pools, OUTPUT_WEIGHT, PROMPT_WEIGHT,
+    Admission, Class, FairPermit, FairQueue, NoSlot, Pools, OUTPUT_WEIGHT, PROMPT_WEIGHT,
 };
 use crate::tenancy::limits::{Bucket, Limited, Limiter, Refusal};
 use crate::tenancy::principal::Principal;
@@ -64,6 +64,8 @@ pub enum Slot {
     Granted,
     /// The tenant already has as many requests waiting as it may.
     QueueFull,
+    /// A sheddable request found the replicas full: refused, not queued.
+    Shed,
     /// The replicas stayed saturated for the whole queue timeout.
     TimedOut,
     /// The queue went away (the gateway is stopping).
@@ -109,6 +111,9 @@ pub enum Decision {
     Admit,
 }
 
+/// What a refused sheddable request is told to wait before it retries.
+pub const SHED_RETRY_AFTER_SECS: u64 = 2;
+
 /// The admission policy. Checks run in a fixed order, and each refuses
 /// before the next is asked: access (nothing is counted for a request its
 /// key may not make), rate limits, budget, fair-queue slot.
@@ -149,6 +154,14 @@ pub fn decide(s: &Snapshot) -> Decision {
         Some(Slot::QueueFull) => Decision::Refuse(ApiError::overloaded(
             "Too many of this tenant's requests are waiting; retry later.",
         )),
+        Some(Slot::Shed) => Decision::Refuse(
+            ApiError::unavailable(
+                "The replicas are busy and this key's requests are sheddable: they are refused \
+                 first under load; retry later.",
+            )
+            .with_code("sheddable_refused")
+            .with_retry_after(SHED_RETRY_AFTER_SECS),
+        ),
         Some(Slot::TimedOut) => Decision::Refuse(ApiError::overloaded(
             "The replicas stayed saturated while this request waited; retry later.",
         )),
@@ -293,7 +306,7 @@ impl Gate {
             .copied()
             .unwrap_or_default();
         match class {
-            Class::Interactive => list,
+            Class::Interactive | Class::Sheddable => list,
             Class::Batch => ModelPrice {
                 prompt_per_million: list.prompt_per_million * self.settings.batch_price_factor,
                 completion_per_million: list.completion_per_million
@@ -414,7 +427,8 @@ impl Gate {
                         .pools
                         .queue(pool, lane, || routable * self.settings.slots_per_replica);
                     let slot = match fairq.admit(&c.tenant, service, p.class) {
-                        Err(_) => Slot::QueueFull,
+                        Err(NoSlot::QueueFull) => Slot::QueueFull,
+                        Err(NoSlot::Shed) => Slot::Shed,
                         Ok(Admission::Now(permit)) => {
                             c.permit = Some(permit);
                             Slot::Granted
@@ -630,6 +644,7 @@ mod tests {
             (Slot::QueueFull, 429),
             (Slot::TimedOut, 429),
             (Slot::Closed, 503),
+            (Slot::Shed, 503),
         ] {
             let mut s = snapshot(Role::Member);
             s.limits = Some(Ok(()));
@@ -638,6 +653,10 @@ mod tests {
                 panic!()
             };
             assert_eq!(e.status, status, "{slot:?}");
+            // Told when to come back, where a retry can succeed.
+            if slot == Slot::Shed {
+                assert_eq!(e.retry_after_secs, Some(SHED_RETRY_AFTER_SECS));
+            }
         }
     }
 
@@ -659,6 +678,7 @@ mod tests {
             1 => Just(Slot::QueueFull),
             1 => Just(Slot::TimedOut),
             1 => Just(Slot::Closed),
+            1 => Just(Slot::Shed),
         ]
     }
 
@@ -718,7 +738,7 @@ mod tests {
                 else if !model_allowed { 404 }
                 else if limits.is_err() { 429 }
                 else if !fits { 402 }
-                else { match slot { Slot::Granted => 200, Slot::Closed => 503, _ => 429 } };
+                else { match slot { Slot::Granted => 200, Slot::Closed | Slot::Shed => 503, _ => 429 } };
             prop_assert_eq!(status, first_failure);
         }
     }

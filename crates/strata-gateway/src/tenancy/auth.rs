@@ -14,6 +14,7 @@ use strata_core::ApiError;
 use subtle::ConstantTimeEq;
 
 use crate::http::error::store_error;
+use crate::tenancy::fairq::Class;
 use crate::tenancy::principal::Principal;
 use crate::tenancy::FastMap;
 
@@ -148,9 +149,9 @@ impl Authenticator {
             .map_err(store_error)?
             .ok_or_else(ApiError::unauthorized)?;
         let principal = Arc::new(Principal {
+            class: Class::of(key.priority, tenant.priority),
             key,
             tenant,
-            class: Default::default(),
         });
         self.refusals
             .lock()

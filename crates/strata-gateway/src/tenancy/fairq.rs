@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use strata_core::tenant::Priority;
+
 use crate::fleet::replicas::Lane;
 use crate::tenancy::FastMap;
 
@@ -91,8 +93,22 @@ pub enum Class {
     /// A client waiting for its answer (the default).
     #[default]
     Interactive,
+    /// A client of a sheddable key or tenant: a free slot but the last,
+    /// or a refusal at once (`NoSlot::Shed`); it never waits.
+    Sheddable,
     /// A line of a batch: only slots interactive work leaves.
     Batch,
+}
+
+impl Class {
+    /// A client's class: sheddable where its key or its tenant is.
+    pub fn of(key: Priority, tenant: Priority) -> Class {
+        if key == Priority::Sheddable || tenant == Priority::Sheddable {
+            Class::Sheddable
+        } else {
+            Class::Interactive
+        }
+    }
 }
 
 struct Waiter {
@@ -209,7 +225,7 @@ impl State {
 
     fn lanes(&mut self, class: Class) -> &mut Lanes {
         match class {
-            Class::Interactive => &mut self.interactive,
+            Class::Interactive | Class::Sheddable => &mut self.interactive,
             Class::Batch => &mut self.batch,
         }
     }
@@ -256,6 +272,21 @@ impl FairPermit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
 
+/// Why a request got neither a slot nor a place in a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The tenant already has as many requests waiting as it may.
+    QueueFull,
+    /// A sheddable request found no slot it may take.
+    Shed,
+}
+
+impl From<QueueFull> for NoSlot {
+    fn from(_: QueueFull) -> NoSlot {
+        NoSlot::QueueFull
+    }
+}
+
 /// Where an admitted request stood.
 pub enum Admission {
     /// A slot was free.
@@ -294,10 +325,17 @@ impl FairQueue {
         tenant: &str,
         cost: f64,
         class: Class,
-    ) -> Result<Admission, QueueFull> {
+    ) -> Result<Admission, NoSlot> {
         let mut s = self.lock();
         let free = match class {
             Class::Interactive => s.in_flight < s.capacity && s.interactive.nobody_waits(),
+            // Refused first: never a wait, never the last free slot.
+            Class::Sheddable => {
+                if !(s.in_flight < s.batch_capacity() && s.interactive.nobody_waits()) {
+                    return Err(NoSlot::Shed);
+                }
+                true
+            }
             Class::Batch => {
                 s.batch.nobody_waits()
                     && (s.reserve_free()
@@ -581,7 +619,7 @@ mod tests {
         let _w2 = q.admit("a", 1.0, Class::Interactive).unwrap();
         assert!(matches!(
             q.admit("a", 1.0, Class::Interactive),
-            Err(QueueFull)
+            Err(NoSlot::QueueFull)
         ));
         let _b = q
             .admit("b", 1.0, Class::Interactive)
@@ -797,6 +835,39 @@ mod tests {
             .expect("the interactive waiter goes first")
             .unwrap();
         assert_eq!((q.batch_in_flight(), q.batch_waiting()), (0, 1));
+    }
+
+    #[test]
+    fn sheddable_requests_are_refused_first_and_never_wait() {
+        let q = FairQueue::new(3, 100, 0.0);
+        let shed = |q: &Arc<FairQueue>| q.admit("s", 1.0, Class::Sheddable);
+        // Free slots but the last one take sheddable requests.
+        let Ok(Admission::Now(s1)) = shed(&q) else {
+            panic!("a free slot")
+        };
+        let Ok(Admission::Now(_s2)) = shed(&q) else {
+            panic!("a free slot")
+        };
+        assert_eq!(q.in_flight(), 2);
+        // The last free slot is kept for interactive work.
+        assert!(matches!(shed(&q), Err(NoSlot::Shed)));
+        let Ok(Admission::Now(_i)) = q.admit("i", 1.0, Class::Interactive) else {
+            panic!("the last slot")
+        };
+        // Full: an interactive request waits its turn, a sheddable one is
+        // refused at once, and still is while anyone waits.
+        let Ok(Admission::Wait(_w)) = q.admit("j", 1.0, Class::Interactive) else {
+            panic!("no slot is free")
+        };
+        assert!(matches!(shed(&q), Err(NoSlot::Shed)));
+        drop(s1);
+        assert!(matches!(shed(&q), Err(NoSlot::Shed)));
+        assert_eq!(q.waiting(), 0, "the freed slot went to the waiting request");
+        // Sheddable is the class of a key or a tenant set to it.
+        use Priority::{Interactive as I, Sheddable as S};
+        assert_eq!(Class::of(I, I), Class::Interactive);
+        assert_eq!(Class::of(S, I), Class::Sheddable);
+        assert_eq!(Class::of(I, S), Class::Sheddable);
     }
 
     proptest! {

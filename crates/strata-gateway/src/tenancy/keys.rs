@@ -30,6 +30,7 @@ pub fn new_key_record(tenant: &TenantId, name: String, role: Role) -> (ApiKeyRec
         role,
         models: None,
         limits: RateLimits::default(),
+        priority: Default::default(),
         expires_at_ms: None,
         revoked_at_ms: None,
         created_at_ms: strata_core::now_ms(),
@@ -69,6 +70,7 @@ pub async fn bootstrap<S: TenantStore + KeyStore + ?Sized>(
                 name: "platform".into(),
                 isolation: Isolation::Shared,
                 limits: RateLimits::default(),
+                priority: Default::default(),
                 monthly_budget_usd: None,
                 created_at_ms: strata_core::now_ms(),
             })

@@ -6,7 +6,7 @@ use sqlx::Row;
 use strata_core::store::{KeyStore, StoreError};
 use strata_core::tenant::{digest_lookup, ApiKeyRecord, Role, TenantId};
 
-use crate::sql::tenants::{limit_col, limits_from};
+use crate::sql::tenants::{limit_col, limits_from, priority_from};
 use crate::sql::{query_err, write_err, SqlStore};
 
 fn key_from(r: &AnyRow) -> Result<ApiKeyRecord, StoreError> {
@@ -24,6 +24,7 @@ fn key_from(r: &AnyRow) -> Result<ApiKeyRecord, StoreError> {
             .transpose()
             .map_err(|e| StoreError::Query(format!("bad model list: {e}")))?,
         limits: limits_from(r),
+        priority: priority_from(r)?,
         expires_at_ms: r.get("expires_at_ms"),
         revoked_at_ms: r.get("revoked_at_ms"),
         created_at_ms: r.get("created_at_ms"),
@@ -43,8 +44,8 @@ impl KeyStore for SqlStore {
             .map(|m| serde_json::to_string(m).expect("strings serialise"));
         let inserted = sqlx::query(&self.sql(
             "INSERT INTO api_keys (tenant_id, id, name, digest, lookup, role, models, \
-             requests_per_minute, tokens_per_minute, expires_at_ms, revoked_at_ms, created_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             requests_per_minute, tokens_per_minute, priority, expires_at_ms, revoked_at_ms, \
+             created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(k.tenant_id.as_str())
         .bind(&k.id)
@@ -55,6 +56,7 @@ impl KeyStore for SqlStore {
         .bind(models)
         .bind(limit_col(k.limits.requests_per_minute))
         .bind(limit_col(k.limits.tokens_per_minute))
+        .bind(k.priority.as_str())
         .bind(k.expires_at_ms)
         .bind(k.revoked_at_ms)
         .bind(k.created_at_ms)

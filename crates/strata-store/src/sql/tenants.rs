@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use strata_core::store::{StoreError, TenantStore};
-use strata_core::tenant::{Isolation, RateLimits, Tenant, TenantId};
+use strata_core::tenant::{Isolation, Priority, RateLimits, Tenant, TenantId};
 
 use crate::sql::{query_err, write_err, SqlStore};
 
@@ -18,6 +18,13 @@ pub(super) fn limits_from(r: &AnyRow) -> RateLimits {
         requests_per_minute: limit_get(r, "requests_per_minute"),
         tokens_per_minute: limit_get(r, "tokens_per_minute"),
     }
+}
+
+/// The `priority` column of a row.
+pub(super) fn priority_from(r: &AnyRow) -> Result<Priority, StoreError> {
+    let priority: String = r.get("priority");
+    Priority::parse(&priority)
+        .ok_or_else(|| StoreError::Query(format!("unknown priority {priority}")))
 }
 
 fn limit_get(r: &AnyRow, col: &str) -> Option<u32> {
@@ -34,6 +41,7 @@ fn tenant_from(r: &AnyRow) -> Result<Tenant, StoreError> {
             .ok_or_else(|| StoreError::Query(format!("unknown isolation {isolation}")))?,
         limits: limits_from(r),
         monthly_budget_usd: r.get("monthly_budget_usd"),
+        priority: priority_from(r)?,
         created_at_ms: r.get("created_at_ms"),
     })
 }
@@ -47,7 +55,7 @@ impl TenantStore for SqlStore {
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let inserted = sqlx::query(&self.sql(
             "INSERT INTO tenants (id, name, isolation, requests_per_minute, tokens_per_minute, \
-             monthly_budget_usd, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+             monthly_budget_usd, priority, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(t.id.as_str())
         .bind(&t.name)
@@ -55,6 +63,7 @@ impl TenantStore for SqlStore {
         .bind(limit_col(t.limits.requests_per_minute))
         .bind(limit_col(t.limits.tokens_per_minute))
         .bind(t.monthly_budget_usd)
+        .bind(t.priority.as_str())
         .bind(t.created_at_ms)
         .execute(&self.pool)
         .await;
@@ -85,13 +94,14 @@ impl TenantStore for SqlStore {
     async fn update_tenant(&self, t: &Tenant) -> Result<bool, StoreError> {
         let done = sqlx::query(&self.sql(
             "UPDATE tenants SET name = ?, isolation = ?, requests_per_minute = ?, \
-             tokens_per_minute = ?, monthly_budget_usd = ? WHERE id = ?",
+             tokens_per_minute = ?, monthly_budget_usd = ?, priority = ? WHERE id = ?",
         ))
         .bind(&t.name)
         .bind(t.isolation.as_str())
         .bind(limit_col(t.limits.requests_per_minute))
         .bind(limit_col(t.limits.tokens_per_minute))
         .bind(t.monthly_budget_usd)
+        .bind(t.priority.as_str())
         .bind(t.id.as_str())
         .execute(&self.pool)
         .await;

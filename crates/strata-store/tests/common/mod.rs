@@ -19,6 +19,7 @@ pub fn tenant(name: &str) -> strata_core::tenant::Tenant {
         name: name.into(),
         isolation: Isolation::Shared,
         limits: RateLimits::default(),
+        priority: Default::default(),
         monthly_budget_usd: Some(10.0),
         created_at_ms: 1,
     }
