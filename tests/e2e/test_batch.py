@@ -365,3 +365,29 @@ def test_a_batch_finishes_in_its_reserved_share_while_interactive_work_keeps_eve
     finally:
         stop.set()
         s.stop()
+
+
+def test_a_tenants_batch_token_limit_is_apart_from_its_interactive_one(server):
+    """A tenant whose interactive allowance (300 tokens a minute) a batch
+    would use up in seconds: with `batch_tokens_per_minute` set, its lines
+    count against that instead, the batch runs through, and the tenant's
+    interactive requests are still served. A line larger than the whole
+    batch allowance fails at once (400, in the error file) rather than
+    waiting out the window."""
+    t = server.admin("POST", "/admin/v1/tenants", {"name": "batch-tpm", "tokens_per_minute": 300,
+                                                  "batch_tokens_per_minute": 100000}, expect=201).json()
+    assert t["batch_tokens_per_minute"] == 100000
+    c = server.client(server.new_key(t["id"], "member"))
+    lines = [line(f"b{i}", f"Say {i}.", max_tokens=8) for i in range(30)]
+    lines[7] = line("b7", "Far too long for the batch allowance.", max_tokens=200000)
+    b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/chat/completions",
+                         completion_window="24h").id
+    done = wait_batch(c, b, timeout=120)
+    assert done.status == "completed" and done.request_counts.completed == 29, done
+    [big] = read_lines(c, done.error_file_id)
+    assert big["custom_id"] == "b7" and big["response"]["status_code"] == 400, big
+    assert "batch tokens-per-minute" in big["response"]["body"]["error"]["message"], big
+    # About 29 × 20 tokens went to the batch limit; the interactive one is untouched.
+    r = c.chat.completions.create(model=MODEL_ID, max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": "Still here?"}])
+    assert r.usage.completion_tokens >= 1

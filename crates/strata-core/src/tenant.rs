@@ -143,6 +143,11 @@ impl Priority {
 pub struct RateLimits {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    /// Tokens per minute of batch lines, counted apart from interactive
+    /// requests (a batch then never uses up its tenant's interactive
+    /// allowance). Unset: batch lines count against the interactive limits.
+    #[serde(default)]
+    pub batch_tokens_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -42,6 +42,7 @@ async fn main() {
     let generous = RateLimits {
         requests_per_minute: Some(1_000_000_000),
         tokens_per_minute: Some(1_000_000_000),
+        batch_tokens_per_minute: None,
     };
     let mut secrets = Vec::new();
     for t in 0..4 {

@@ -447,6 +447,7 @@ async fn admission_refuses_with_rate_limits_and_budgets_as_openai_errors() {
     let limited = RateLimits {
         requests_per_minute: Some(1),
         tokens_per_minute: None,
+        batch_tokens_per_minute: None,
     };
     let h = Harness::new(vec![endpoint.clone()], limited, None).await;
     let (status, _, _) = h.call(h.chat(Some(&h.key), hello(false))).await;
@@ -489,6 +490,7 @@ async fn a_chat_without_max_tokens_reserves_what_the_engine_may_generate() {
     let limited = RateLimits {
         requests_per_minute: None,
         tokens_per_minute: Some(400),
+        batch_tokens_per_minute: None,
     };
     let h = Harness::new(vec![endpoint], limited, None).await;
     let open = json!({"model": "m", "messages": [{"role": "user", "content": "Tell me a story."}]});

@@ -186,6 +186,7 @@ fn key(tenant: &TenantId, id: &str, seed: u8) -> ApiKeyRecord {
         limits: RateLimits {
             requests_per_minute: Some(60),
             tokens_per_minute: None,
+            batch_tokens_per_minute: Some(5000),
         },
         priority: Default::default(),
         expires_at_ms: Some(99),

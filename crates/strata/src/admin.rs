@@ -74,6 +74,9 @@ fn limits_json(l: &LimitFlags) -> Value {
     if let Some(t) = l.tpm {
         v["tokens_per_minute"] = json!(t);
     }
+    if let Some(t) = l.batch_tpm {
+        v["batch_tokens_per_minute"] = json!(t);
+    }
     if let Some(p) = &l.priority {
         v["priority"] = json!(p);
     }
@@ -193,7 +196,7 @@ pub async fn tenant(args: AdminArgs<TenantCommand>) -> Result<()> {
             clear_limits,
         } => {
             let mut body = if *clear_limits {
-                json!({"requests_per_minute": null, "tokens_per_minute": null})
+                json!({"requests_per_minute": null, "tokens_per_minute": null, "batch_tokens_per_minute": null})
             } else {
                 json!({})
             };

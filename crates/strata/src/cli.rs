@@ -115,6 +115,10 @@ pub struct LimitFlags {
     /// Tokens per minute (omit for no limit).
     #[arg(long)]
     pub tpm: Option<u32>,
+    /// Batch lines' tokens per minute, apart from --tpm (omit: batch lines
+    /// count against --rpm/--tpm).
+    #[arg(long)]
+    pub batch_tpm: Option<u32>,
     /// `interactive` (default) or `sheddable`: refused first, with a 503
     /// and Retry-After, when the replicas are full.
     #[arg(long, value_parser = ["interactive", "sheddable"])]

@@ -185,6 +185,7 @@ pub struct Tenant {
     pub isolation: String,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    pub batch_tokens_per_minute: Option<u32>,
     pub monthly_budget_usd: Option<f64>,
     /// `interactive` or `sheddable`.
     pub priority: String,
@@ -203,6 +204,7 @@ pub struct ApiKey {
     pub models: Option<Vec<String>>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    pub batch_tokens_per_minute: Option<u32>,
     /// `interactive` or `sheddable` (a key of a sheddable tenant is sheddable).
     pub priority: String,
     pub expires_at: Option<i64>,

@@ -86,6 +86,7 @@ fn tenant_json(t: &Tenant) -> Value {
         "isolation": t.isolation,
         "requests_per_minute": t.limits.requests_per_minute,
         "tokens_per_minute": t.limits.tokens_per_minute,
+        "batch_tokens_per_minute": t.limits.batch_tokens_per_minute,
         "monthly_budget_usd": t.monthly_budget_usd,
         "priority": t.priority,
         "created_at": t.created_at_ms / 1000,
@@ -102,6 +103,7 @@ fn key_json(k: &ApiKeyRecord) -> Value {
         "models": k.models,
         "requests_per_minute": k.limits.requests_per_minute,
         "tokens_per_minute": k.limits.tokens_per_minute,
+        "batch_tokens_per_minute": k.limits.batch_tokens_per_minute,
         "priority": k.priority,
         "expires_at": k.expires_at_ms.map(|m| m / 1000),
         "revoked_at": k.revoked_at_ms.map(|m| m / 1000),
@@ -245,6 +247,10 @@ pub(crate) struct CreateTenant {
     #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<u32>,
+    /// Tokens per minute of batch lines, apart from the interactive limits.
+    #[serde(default, deserialize_with = "whole::opt")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    batch_tokens_per_minute: Option<u32>,
     #[schema(minimum = 0, maximum = 1e9)]
     monthly_budget_usd: Option<f64>,
     /// `sheddable`: refused first (503, `Retry-After`) when the replicas
@@ -258,6 +264,7 @@ impl AdminBody for CreateTenant {
         check_name(&self.name, "name")?;
         check_limit(self.requests_per_minute, "requests_per_minute")?;
         check_limit(self.tokens_per_minute, "tokens_per_minute")?;
+        check_limit(self.batch_tokens_per_minute, "batch_tokens_per_minute")?;
         check_budget(self.monthly_budget_usd)
     }
 }
@@ -286,6 +293,7 @@ async fn create_tenant(
             limits: RateLimits {
                 requests_per_minute: c.requests_per_minute,
                 tokens_per_minute: c.tokens_per_minute,
+                batch_tokens_per_minute: c.batch_tokens_per_minute,
             },
             monthly_budget_usd: c.monthly_budget_usd,
             priority: c.priority,
@@ -380,6 +388,9 @@ pub(crate) struct UpdateTenant {
     #[serde(default, deserialize_with = "present_whole")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present_whole")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    batch_tokens_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     #[schema(minimum = 0, maximum = 1e9)]
     monthly_budget_usd: Option<Option<f64>>,
@@ -396,6 +407,9 @@ impl AdminBody for UpdateTenant {
         }
         if let Some(v) = self.tokens_per_minute {
             check_limit(v, "tokens_per_minute")?;
+        }
+        if let Some(v) = self.batch_tokens_per_minute {
+            check_limit(v, "batch_tokens_per_minute")?;
         }
         if let Some(v) = self.monthly_budget_usd {
             check_budget(v)?;
@@ -434,6 +448,9 @@ async fn update_tenant(
         }
         if let Some(v) = u.tokens_per_minute {
             t.limits.tokens_per_minute = v;
+        }
+        if let Some(v) = u.batch_tokens_per_minute {
+            t.limits.batch_tokens_per_minute = v;
         }
         if let Some(v) = u.monthly_budget_usd {
             t.monthly_budget_usd = v;
@@ -554,6 +571,10 @@ pub(crate) struct CreateKey {
     #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     tokens_per_minute: Option<u32>,
+    /// Tokens per minute of batch lines, apart from the interactive limits.
+    #[serde(default, deserialize_with = "whole::opt")]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    batch_tokens_per_minute: Option<u32>,
     /// Unix seconds; must be in the future.
     #[serde(default, deserialize_with = "whole::opt")]
     #[schema(minimum = 1)]
@@ -569,6 +590,7 @@ impl AdminBody for CreateKey {
         check_name(&self.name, "name")?;
         check_limit(self.requests_per_minute, "requests_per_minute")?;
         check_limit(self.tokens_per_minute, "tokens_per_minute")?;
+        check_limit(self.batch_tokens_per_minute, "batch_tokens_per_minute")?;
         if let Some(models) = &self.models {
             if models.is_empty()
                 || models.len() > MAX_MODELS
@@ -617,6 +639,7 @@ async fn create_key(
         record.limits = RateLimits {
             requests_per_minute: c.requests_per_minute,
             tokens_per_minute: c.tokens_per_minute,
+            batch_tokens_per_minute: c.batch_tokens_per_minute,
         };
         record.expires_at_ms = c.expires_at.map(|e| e.saturating_mul(1000));
         record.priority = c.priority;

@@ -175,6 +175,8 @@ fn rate_limited(limited: &Limited, tokens: u64) -> ApiError {
     let bucket = &limited.bucket;
     let what = if bucket.ends_with(":rpm") {
         "requests"
+    } else if bucket.ends_with(":batch_tpm") {
+        "batch tokens"
     } else {
         "tokens"
     };
@@ -187,6 +189,12 @@ fn rate_limited(limited: &Limited, tokens: u64) -> ApiError {
         Refusal::RetryAfter(secs) => ApiError::rate_limited(
             format!("Rate limit reached: {what} per minute for this {whose}. Retry after {secs:.1} s."),
             secs.ceil() as u64,
+        ),
+        // A batch line larger than its whole batch allowance would wait
+        // out its window for nothing: it fails now, into the error file.
+        Refusal::TooLarge if bucket.ends_with(":batch_tpm") => ApiError::invalid_request(
+            Some("max_tokens"),
+            format!("This line ({tokens} tokens with max_tokens) is larger than the {whose}'s {what}-per-minute limit; lower max_tokens."),
         ),
         Refusal::TooLarge => ApiError::rate_limited(
             format!("This request ({tokens} tokens with max_tokens) is larger than the {whose}'s {what}-per-minute limit; lower max_tokens."),
@@ -202,10 +210,21 @@ fn over_budget(over: &OverBudget, cost: f64) -> ApiError {
     ))
 }
 
-/// The limits that apply to a principal: its key's and its tenant's.
+/// The limits that apply to a principal: its key's and its tenant's. A
+/// batch line counts against a scope's batch token limit where it has one
+/// (and then against nothing else of that scope), else against its
+/// interactive limits like any request.
 pub fn limit_buckets(p: &Principal, tokens: u64) -> Vec<Bucket> {
     let mut out = Vec::new();
     let mut add = |scope: &str, id: &str, limits: &RateLimits| {
+        if let (Class::Batch, Some(tpm)) = (p.class, limits.batch_tokens_per_minute) {
+            out.push(Bucket {
+                name: [scope, ":", id, ":batch_tpm"].concat(),
+                per_minute: tpm,
+                cost: tokens,
+            });
+            return;
+        }
         if let Some(rpm) = limits.requests_per_minute {
             out.push(Bucket {
                 // Per request: joined, not formatted.
@@ -400,7 +419,7 @@ impl Gate {
                             tenant: p.tenant.id.to_string(),
                             buckets: buckets
                                 .into_iter()
-                                .filter(|b| b.name.ends_with(":tpm"))
+                                .filter(|b| b.name.ends_with("tpm"))
                                 .collect(),
                             estimate,
                             price,
@@ -603,6 +622,70 @@ mod tests {
             panic!("a key used a model it may not")
         };
         assert_eq!(e, ApiError::model_not_found("m"));
+    }
+
+    #[test]
+    fn batch_lines_count_against_a_batch_token_limit_where_a_scope_has_one() {
+        use strata_core::tenant::{ApiKeyRecord, Isolation, Tenant, TenantId};
+        let limits = |rpm, tpm, batch| RateLimits {
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            batch_tokens_per_minute: batch,
+        };
+        let principal = |class, key: RateLimits, tenant: RateLimits| Principal {
+            key: ApiKeyRecord {
+                id: "k".into(),
+                tenant_id: TenantId("t".into()),
+                name: "k".into(),
+                role: Role::Member,
+                models: None,
+                limits: key,
+                priority: Default::default(),
+                expires_at_ms: None,
+                revoked_at_ms: None,
+                created_at_ms: 0,
+                digest: [0; 32],
+            },
+            tenant: Tenant {
+                id: TenantId("t".into()),
+                name: "t".into(),
+                isolation: Isolation::Shared,
+                limits: tenant,
+                monthly_budget_usd: None,
+                priority: Default::default(),
+                created_at_ms: 0,
+            },
+            class,
+        };
+        let names = |p: &Principal| -> Vec<String> {
+            limit_buckets(p, 10).into_iter().map(|b| b.name).collect()
+        };
+        let key = limits(Some(5), Some(100), None);
+        let tenant = limits(Some(50), Some(1000), Some(9000));
+        // Interactive: every rpm/tpm limit, never the batch one.
+        let p = principal(Class::Interactive, key, tenant);
+        assert_eq!(
+            names(&p),
+            ["key:k:rpm", "key:k:tpm", "tenant:t:rpm", "tenant:t:tpm"]
+        );
+        // Batch: the tenant's batch limit instead of its interactive ones;
+        // the key has none, so its interactive limits still hold (a key
+        // cannot escape its limits by running a batch).
+        let p = principal(Class::Batch, key, tenant);
+        assert_eq!(names(&p), ["key:k:rpm", "key:k:tpm", "tenant:t:batch_tpm"]);
+        // A line larger than the whole batch allowance fails (400), where
+        // waiting would only run out its window.
+        let mut s = snapshot(Role::Member);
+        s.limits = limited("tenant:t:batch_tpm", Refusal::TooLarge);
+        let Decision::Refuse(e) = decide(&s) else {
+            panic!()
+        };
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("max_tokens")));
+        assert!(
+            e.message.contains("batch tokens-per-minute"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -44,8 +44,9 @@ impl KeyStore for SqlStore {
             .map(|m| serde_json::to_string(m).expect("strings serialise"));
         let inserted = sqlx::query(&self.sql(
             "INSERT INTO api_keys (tenant_id, id, name, digest, lookup, role, models, \
-             requests_per_minute, tokens_per_minute, priority, expires_at_ms, revoked_at_ms, \
-             created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             requests_per_minute, tokens_per_minute, batch_tokens_per_minute, priority, \
+             expires_at_ms, revoked_at_ms, created_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(k.tenant_id.as_str())
         .bind(&k.id)
@@ -56,6 +57,7 @@ impl KeyStore for SqlStore {
         .bind(models)
         .bind(limit_col(k.limits.requests_per_minute))
         .bind(limit_col(k.limits.tokens_per_minute))
+        .bind(limit_col(k.limits.batch_tokens_per_minute))
         .bind(k.priority.as_str())
         .bind(k.expires_at_ms)
         .bind(k.revoked_at_ms)

@@ -17,6 +17,7 @@ pub(super) fn limits_from(r: &AnyRow) -> RateLimits {
     RateLimits {
         requests_per_minute: limit_get(r, "requests_per_minute"),
         tokens_per_minute: limit_get(r, "tokens_per_minute"),
+        batch_tokens_per_minute: limit_get(r, "batch_tokens_per_minute"),
     }
 }
 
@@ -55,13 +56,15 @@ impl TenantStore for SqlStore {
             .map_err(|e| StoreError::Crypto(e.to_string()))?;
         let inserted = sqlx::query(&self.sql(
             "INSERT INTO tenants (id, name, isolation, requests_per_minute, tokens_per_minute, \
-             monthly_budget_usd, priority, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             batch_tokens_per_minute, monthly_budget_usd, priority, created_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(t.id.as_str())
         .bind(&t.name)
         .bind(t.isolation.as_str())
         .bind(limit_col(t.limits.requests_per_minute))
         .bind(limit_col(t.limits.tokens_per_minute))
+        .bind(limit_col(t.limits.batch_tokens_per_minute))
         .bind(t.monthly_budget_usd)
         .bind(t.priority.as_str())
         .bind(t.created_at_ms)
@@ -94,12 +97,14 @@ impl TenantStore for SqlStore {
     async fn update_tenant(&self, t: &Tenant) -> Result<bool, StoreError> {
         let done = sqlx::query(&self.sql(
             "UPDATE tenants SET name = ?, isolation = ?, requests_per_minute = ?, \
-             tokens_per_minute = ?, monthly_budget_usd = ?, priority = ? WHERE id = ?",
+             tokens_per_minute = ?, batch_tokens_per_minute = ?, monthly_budget_usd = ?, \
+             priority = ? WHERE id = ?",
         ))
         .bind(&t.name)
         .bind(t.isolation.as_str())
         .bind(limit_col(t.limits.requests_per_minute))
         .bind(limit_col(t.limits.tokens_per_minute))
+        .bind(limit_col(t.limits.batch_tokens_per_minute))
         .bind(t.monthly_budget_usd)
         .bind(t.priority.as_str())
         .bind(t.id.as_str())

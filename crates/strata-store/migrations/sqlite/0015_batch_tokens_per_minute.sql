@@ -1,0 +1,3 @@
+-- A tenant's or key's batch lines may have a token limit of their own.
+ALTER TABLE tenants ADD COLUMN batch_tokens_per_minute INTEGER;
+ALTER TABLE api_keys ADD COLUMN batch_tokens_per_minute INTEGER;
