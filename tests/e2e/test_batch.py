@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL_ID, Server, wait_for, wait_ready
+from conftest import MODEL_ID, STRATA, Server, wait_for, wait_ready
 
 
 def line(custom_id, prompt, max_tokens=3, model=MODEL_ID, url="/v1/chat/completions", **extra):
@@ -289,18 +289,21 @@ max_replicas = 2
 stable_window_secs = 3.0
 panic_window_secs = 2.0
 scale_down_delay_secs = 3.0
+scale_to_zero_after_secs = 4.0
 """
 
 
-def test_a_batch_backlog_alone_buys_no_replica():
+def test_a_batch_backlog_alone_buys_no_replica_and_keeps_one():
     """A batch runs on the slots interactive work leaves: with no
     interactive traffic, a backlog that keeps the one replica busy (more
     tokens per second than it is planned for) is not demand, and the
-    autoscaler buys no second replica for it."""
-    s = Server(replicas=1, config=AUTOSCALE, tenant="batch-scale")
+    autoscaler buys no second replica for it; nor does the pool go to zero
+    under the running batch (idle for interactive work far longer than
+    its 4 s to zero). Once the batch is done, it does."""
+    s = Server(replicas=1, ready=0, config=AUTOSCALE, tenant="batch-scale")
     try:
         c = s.client()
-        lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(40)]
+        lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(60)]
         b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
                              completion_window="24h").id
         seen = []
@@ -311,11 +314,26 @@ def test_a_batch_backlog_alone_buys_no_replica():
             if done.status in ("completed", "failed", "cancelled", "expired"):
                 break
             time.sleep(0.5)
-        assert done.status == "completed" and done.request_counts.completed == 40, done
-        assert max(seen) == 1, f"replicas while the batch ran: {seen}"
+        assert done.status == "completed" and done.request_counts.completed == 60, done
+        # A pool at zero starts one replica for the batch, then keeps it.
+        started = seen[seen.index(1):]
+        assert set(started) == {1}, f"replicas while the batch ran: {seen}"
+        assert len(started) > 20, "the batch outlasted the time to zero several times over"
+        deadline = time.time() + 60
+        while len(s.replica_list()) and time.time() < deadline:
+            time.sleep(0.5)
+        assert s.replica_list() == [], "idle after the batch: to zero"
+        # The decisions say which class drove them: the batch started the
+        # replica; idleness took it away.
+        out = subprocess.run([STRATA, "decisions", "--db", os.path.join(s.dir, "strata.db"), "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        steps = [(d["from_replicas"], d["to_replicas"], json.loads(d["inputs"])) for d in json.loads(out)]
+        up = [i for f, t, i in steps if (f, t) == (0, 1)]
+        assert up and all(i["class"] == "batch" and i["batch_lines"] > 0 for i in up), steps
+        assert any((f, t) == (1, 0) for f, t, _ in steps), steps
         metrics = httpx.get(f"{s.base}/metrics", headers={"Authorization": f"Bearer {s.admin_key}"}).text
         batch_tokens = [l for l in metrics.splitlines() if l.startswith("strata_gateway_batch_tokens_total")]
-        assert batch_tokens and float(batch_tokens[0].split()[-1]) >= 40 * 10, batch_tokens
+        assert batch_tokens and float(batch_tokens[0].split()[-1]) >= 60 * 10, batch_tokens
     finally:
         s.stop()
 

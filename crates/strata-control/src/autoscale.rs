@@ -69,6 +69,9 @@ pub struct Signal {
     pub demand_tokens_per_s: f64,
     pub in_flight: u32,
     pub queued: u32,
+    /// Batch lines holding or waiting for a slot: they keep one replica
+    /// (no scale to zero under a running batch) and ask for no more.
+    pub batch_lines: u32,
     /// Tokens per second one replica serves at full load (measured).
     pub capacity_per_replica: f64,
     /// Requests one replica takes at once (0: not known). Prompts and
@@ -96,6 +99,7 @@ impl Signal {
             demand_tokens_per_s,
             in_flight: 0,
             queued: 0,
+            batch_lines: 0,
             capacity_per_replica,
             slots_per_replica: 0,
             ttft_p95_ms: None,
@@ -167,7 +171,7 @@ impl Autoscaler {
     }
 
     pub fn observe(&mut self, s: Signal) {
-        if s.in_flight > 0 || s.queued > 0 || s.demand_tokens_per_s > 0.0 {
+        if s.in_flight > 0 || s.queued > 0 || s.batch_lines > 0 || s.demand_tokens_per_s > 0.0 {
             self.last_request = Some(s.at);
         }
         self.signals.push_back(s);
@@ -229,7 +233,7 @@ impl Autoscaler {
             slots => s.in_flight.div_ceil(slots) + u32::from(s.queued > 0),
         });
         let (stable_need, panic_need) = (clamp(need(stable).max(busy)), clamp(need(burst)));
-        let waiting = last.is_some_and(|s| s.in_flight > 0 || s.queued > 0);
+        let waiting = last.is_some_and(|s| s.in_flight > 0 || s.queued > 0 || s.batch_lines > 0);
         let decision = |desired: u32, reason: Reason| Decision {
             at: now,
             current,
@@ -582,6 +586,41 @@ mod tests {
             ..Signal::demand(at, 0.0, CAP)
         });
         assert_eq!(s.decide(at, 2).desired, 3);
+    }
+
+    #[test]
+    fn a_running_batch_keeps_one_replica_and_asks_for_no_more() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 2;
+        run(&mut s, 0, 30, &mut n, |_| 100.0);
+        // No interactive demand, but batch lines run for 20 minutes, well
+        // past the 300 s to zero: one replica, never more, never none.
+        let mut during = Vec::new();
+        for t in (30..1230).step_by(2) {
+            let at = Duration::from_secs(t);
+            s.observe(Signal {
+                batch_lines: 40,
+                ..Signal::demand(at, 0.0, CAP)
+            });
+            let d = s.decide(at, n);
+            n = d.desired;
+            during.push(d);
+        }
+        assert!(during
+            .iter()
+            .all(|d| d.desired == 1 || d.at < Duration::from_secs(200)));
+        assert_eq!(n, 1);
+        assert!(during.iter().all(|d| d.reason != Reason::ToZero));
+        // The batch done, the pool goes to zero after the idle time.
+        let after = run(&mut s, 1230, 400, &mut n, |_| 0.0);
+        assert_eq!(n, 0, "{:?}", after.last());
+        // A batch line waiting at zero brings one replica back.
+        let at = Duration::from_secs(2000);
+        s.observe(Signal {
+            batch_lines: 1,
+            ..Signal::demand(at, 0.0, CAP)
+        });
+        assert_eq!(s.decide(at, 0).desired, 1);
     }
 
     #[test]

@@ -54,6 +54,7 @@ impl ClusterLoad {
             }
             now.in_flight += l.in_flight;
             now.waiting += l.waiting;
+            now.batch_lines += l.batch_lines;
             // Every gateway sees the same replicas; the most any sees.
             now.routable = now.routable.max(l.routable);
             now.ttft_p95_ms = max_of(now.ttft_p95_ms, l.ttft_p95_ms);
@@ -242,6 +243,7 @@ mod tests {
                 prompt_tokens_total: requests * 4,
                 in_flight,
                 waiting: 1,
+                batch_lines: in_flight * 2,
                 routable: 2,
                 ttft_p95_ms: Some(requests as f64),
                 tpot_p95_ms: None,
@@ -255,6 +257,7 @@ mod tests {
         // First sight: a gateway's past is not this controller's load.
         let l = c.update(&[report("a", 100, 3, 0), report("b", 50, 2, 0)]);
         assert_eq!((l.requests_total, l.in_flight, l.waiting), (0, 5, 2));
+        assert_eq!(l.batch_lines, 10, "batch lines summed over gateways");
         let l = c.update(&[report("a", 110, 3, 0), report("b", 55, 2, 0)]);
         assert_eq!(l.requests_total, 15);
         assert_eq!(l.tokens_total, 150);

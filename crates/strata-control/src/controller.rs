@@ -380,6 +380,7 @@ impl Controller {
             demand_tokens_per_s: demand,
             in_flight: load.in_flight as u32,
             queued: load.waiting as u32,
+            batch_lines: load.batch_lines as u32,
             capacity_per_replica: self.meter.capacity(unit_profile),
             slots_per_replica: self.spec.slots_per_replica,
             ttft_p95_ms: load.ttft_p95_ms,
@@ -653,6 +654,16 @@ async fn record(
         "prompt_share": c.prompt_share,
         "in_flight": load.in_flight,
         "waiting": load.waiting,
+        "batch_lines": load.batch_lines,
+        // Which class's work drove the step: batch lines alone only ever
+        // hold one replica; anything more is interactive demand.
+        "class": if load.in_flight == 0 && load.waiting == 0 && load.batch_lines > 0
+            && d.is_none_or(|d| d.stable_demand <= 0.0 && d.panic_demand <= 0.0)
+        {
+            "batch"
+        } else {
+            "interactive"
+        },
         "routable_replicas": load.routable,
         "ttft_p95_ms": load.ttft_p95_ms,
         "tpot_p95_ms": load.tpot_p95_ms,

@@ -106,6 +106,7 @@ fn load_at(t: Duration) -> Load {
         prompt_tokens_total: (served(s) * 0.3) as u64,
         in_flight: if rate > 0.0 { 4 } else { 0 },
         waiting: usize::from(rate > 300.0) * 3,
+        batch_lines: 0,
         routable: 1,
         ttft_p95_ms: None,
         tpot_p95_ms: None,

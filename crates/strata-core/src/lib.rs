@@ -84,6 +84,10 @@ pub struct Load {
     /// Requests holding a replica slot, and waiting for one.
     pub in_flight: usize,
     pub waiting: usize,
+    /// Batch lines holding or waiting for a slot: not demand (they take
+    /// what interactive work leaves), but a pool they run on is kept at
+    /// one replica at least rather than scaled to zero under them.
+    pub batch_lines: usize,
     /// Replicas that take requests.
     pub routable: usize,
     /// p95 time to first token and time per output token (streamed

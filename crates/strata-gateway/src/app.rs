@@ -587,6 +587,7 @@ fn pool_load(
     model: Option<&str>,
 ) -> Load {
     let (in_flight, waiting) = gate.pools().load_of(model);
+    let batch_lines = gate.pools().batch_of(model);
     let routable = replicas.ready_in(None, model);
     let demand = model.and_then(|m| metrics.demand(m));
     let Some(d) = demand else {
@@ -597,6 +598,7 @@ fn pool_load(
             prompt_tokens_total: metrics.prompt_tokens.get(),
             in_flight,
             waiting,
+            batch_lines,
             routable,
             ttft_p95_ms,
             tpot_p95_ms,
@@ -609,6 +611,7 @@ fn pool_load(
         prompt_tokens_total: d.prompt_tokens.load(Ordering::Relaxed),
         in_flight,
         waiting,
+        batch_lines,
         routable,
         ttft_p95_ms,
         tpot_p95_ms,

@@ -565,6 +565,7 @@ async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Pa
     let store = backend.open(dir).await;
     let load = |requests| strata_core::Load {
         requests_total: requests,
+        batch_lines: requests as usize * 10,
         ..Default::default()
     };
     store.report_load("gw", "", &load(5)).await.unwrap();
@@ -572,19 +573,26 @@ async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Pa
     store.report_load("gw", "code", &load(2)).await.unwrap();
     // A newer report replaces the same gateway's for the same model only.
     store.report_load("gw", "chat", &load(4)).await.unwrap();
-    let kept: Vec<(String, String, u64)> = store
+    let kept: Vec<(String, String, u64, usize)> = store
         .gateway_loads(60_000)
         .await
         .unwrap()
         .into_iter()
-        .map(|g| (g.gateway, g.model, g.load.requests_total))
+        .map(|g| {
+            (
+                g.gateway,
+                g.model,
+                g.load.requests_total,
+                g.load.batch_lines,
+            )
+        })
         .collect();
     assert_eq!(
         kept,
         [
-            ("gw".into(), "".into(), 5),
-            ("gw".into(), "chat".into(), 4),
-            ("gw".into(), "code".into(), 2)
+            ("gw".into(), "".into(), 5, 50),
+            ("gw".into(), "chat".into(), 4, 40),
+            ("gw".into(), "code".into(), 2, 20)
         ]
     );
 }

@@ -486,16 +486,6 @@ impl FairQueue {
         self.lock().interactive.waiting()
     }
 
-    /// What the autoscaler is told waits: interactive requests, and one
-    /// for batch work when the pool has no slot at all (a pool scaled to
-    /// zero starts a replica for a batch, but batch work alone never asks
-    /// for more than one).
-    pub fn waiting_for_scale(&self) -> usize {
-        let s = self.lock();
-        let batch = usize::from(s.capacity == 0 && !s.batch.nobody_waits());
-        s.interactive.waiting() + batch
-    }
-
     /// Batch requests waiting for a slot interactive work leaves.
     pub fn batch_waiting(&self) -> usize {
         self.lock().batch.waiting()
@@ -549,8 +539,9 @@ impl Pools {
             .clone()
     }
 
-    /// Requests holding a slot and requests waiting, over every pool: the
-    /// load the autoscaler reads.
+    /// Interactive requests holding a slot and waiting, over every pool:
+    /// the load the autoscaler reads (batch requests are reported apart,
+    /// `batch_of`: they keep a pool at one replica, and are not load).
     pub fn load(&self) -> (usize, usize) {
         self.load_of(None)
     }
@@ -562,8 +553,19 @@ impl Pools {
             .iter()
             .filter(|((_, m), _)| model.is_none() || m.as_deref() == model)
             .fold((0, 0), |(f, w), (_, q)| {
-                (f + q.in_flight(), w + q.waiting_for_scale())
+                (f + q.in_flight(), w + q.waiting())
             })
+    }
+
+    /// Batch requests holding or waiting for a slot in `model`'s pool
+    /// (`None`: every pool).
+    pub fn batch_of(&self, model: Option<&str>) -> usize {
+        let queues = self.queues.lock().expect("pools lock");
+        queues
+            .iter()
+            .filter(|((_, m), _)| model.is_none() || m.as_deref() == model)
+            .map(|(_, q)| q.batch_in_flight() + q.batch_waiting())
+            .sum()
     }
 
     /// Sets every known pool's capacity from its ready replicas.

@@ -14,12 +14,14 @@ impl LoadStore for SqlStore {
         let now = self.now_ms_sql();
         let q = format!(
             "INSERT INTO gateway_loads (gateway, model, reported_at_ms, requests_total, tokens_total, \
-             prompt_tokens_total, in_flight, waiting, routable, ttft_p95_ms, tpot_p95_ms) \
-             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
+             prompt_tokens_total, in_flight, waiting, routable, ttft_p95_ms, tpot_p95_ms, \
+             batch_lines) \
+             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
              reported_at_ms = excluded.reported_at_ms, requests_total = excluded.requests_total, \
              tokens_total = excluded.tokens_total, prompt_tokens_total = excluded.prompt_tokens_total, \
              in_flight = excluded.in_flight, waiting = excluded.waiting, routable = excluded.routable, \
-             ttft_p95_ms = excluded.ttft_p95_ms, tpot_p95_ms = excluded.tpot_p95_ms"
+             ttft_p95_ms = excluded.ttft_p95_ms, tpot_p95_ms = excluded.tpot_p95_ms, \
+             batch_lines = excluded.batch_lines"
         );
         sqlx::query(&self.sql(&q))
             .bind(gateway)
@@ -32,6 +34,7 @@ impl LoadStore for SqlStore {
             .bind(l.routable as i64)
             .bind(l.ttft_p95_ms)
             .bind(l.tpot_p95_ms)
+            .bind(l.batch_lines as i64)
             .execute(&self.pool)
             .await
             .map_err(query_err)?;
@@ -66,6 +69,7 @@ impl LoadStore for SqlStore {
                     prompt_tokens_total: count(r, "prompt_tokens_total"),
                     in_flight: count(r, "in_flight") as usize,
                     waiting: count(r, "waiting") as usize,
+                    batch_lines: count(r, "batch_lines") as usize,
                     routable: count(r, "routable") as usize,
                     ttft_p95_ms: r.get("ttft_p95_ms"),
                     tpot_p95_ms: r.get("tpot_p95_ms"),
