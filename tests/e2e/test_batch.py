@@ -331,6 +331,13 @@ def test_a_batch_backlog_alone_buys_no_replica_and_keeps_one():
         up = [i for f, t, i in steps if (f, t) == (0, 1)]
         assert up and all(i["class"] == "batch" and i["batch_lines"] > 0 for i in up), steps
         assert any((f, t) == (1, 0) for f, t, _ in steps), steps
+        # The ledger charges the replica's time to the batch by its tokens;
+        # the rest stays idle.
+        out = subprocess.run([STRATA, "--config", s.config, "cost", "report", "--by", "class", "--since", "1h",
+                              "--db", os.path.join(s.dir, "strata.db"), "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        lines = {l["key"]: l for l in json.loads(out)["lines"]}
+        assert set(lines) <= {"batch", "(idle)"} and lines["batch"]["tokens"] >= 60 * 10, lines
         metrics = httpx.get(f"{s.base}/metrics", headers={"Authorization": f"Bearer {s.admin_key}"}).text
         batch_tokens = [l for l in metrics.splitlines() if l.startswith("strata_gateway_batch_tokens_total")]
         assert batch_tokens and float(batch_tokens[0].split()[-1]) >= 60 * 10, batch_tokens

@@ -7,8 +7,8 @@
 //! The ledger: every instance accrues its price from launch to end (or
 //! now), cut into clock hours; each hour is split by the tokens the usage
 //! ledger recorded on that instance in that hour (`charges`). `report` sums
-//! the charges by tenant, model, pool or instance type; `focus_csv` writes
-//! them as FOCUS-style billing rows.
+//! the charges by tenant, model, pool, instance type or class (interactive,
+//! batch, idle); `focus_csv` writes them as FOCUS-style billing rows.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +85,8 @@ pub struct Charge {
     pub tenant: Option<String>,
     /// The model the tokens were for (idle: the instance's model).
     pub model: String,
+    /// Batch lines' tokens (idle: false).
+    pub batch: bool,
     pub start_ms: i64,
     pub end_ms: i64,
     pub tokens: u64,
@@ -103,14 +105,14 @@ pub fn charges(
     until_ms: i64,
     now_ms: i64,
 ) -> Vec<Charge> {
-    // (replica, hour) -> (tenant, model) -> tokens
-    type ByTenantModel = BTreeMap<(String, String), u64>;
+    // (replica, hour) -> (tenant, model, batch) -> tokens
+    type ByTenantModel = BTreeMap<(String, String, bool), u64>;
     let mut used: BTreeMap<(&str, i64), ByTenantModel> = BTreeMap::new();
     for u in usage {
         *used
             .entry((u.replica.as_str(), u.hour_ms))
             .or_default()
-            .entry((u.tenant_id.clone(), u.model.clone()))
+            .entry((u.tenant_id.clone(), u.model.clone(), u.batch))
             .or_default() += u.tokens;
     }
     let mut out = Vec::new();
@@ -131,21 +133,22 @@ pub fn charges(
             let empty = BTreeMap::new();
             let tokens = used.get(&(i.id.as_str(), hour)).unwrap_or(&empty);
             let a = attribute(&interval, tokens);
-            let line = |tenant: Option<String>, model: String, tokens: u64, cost: f64| Charge {
+            let line = |tenant: Option<String>, model: String, batch, tokens, cost| Charge {
                 instance: i.id.clone(),
                 kind: i.kind.clone(),
                 tenant,
                 model,
+                batch,
                 start_ms: from,
                 end_ms: to,
                 tokens,
                 cost,
             };
-            for ((tenant, model), cost) in a.by_tenant {
-                let n = tokens[&(tenant.clone(), model.clone())];
-                out.push(line(Some(tenant), model, n, cost));
+            for ((tenant, model, batch), cost) in a.by_tenant {
+                let n = tokens[&(tenant.clone(), model.clone(), batch)];
+                out.push(line(Some(tenant), model, batch, n, cost));
             }
-            out.push(line(None, i.kind.model.clone(), 0, a.idle));
+            out.push(line(None, i.kind.model.clone(), false, 0, a.idle));
             from = to;
         }
     }
@@ -159,6 +162,9 @@ pub enum GroupBy {
     Model,
     Pool,
     InstanceType,
+    /// `interactive`, `batch` and `(idle)`: what idle capacity batch work
+    /// turned into charged use.
+    Class,
 }
 
 impl GroupBy {
@@ -168,12 +174,13 @@ impl GroupBy {
             "model" => GroupBy::Model,
             "pool" => GroupBy::Pool,
             "instance-type" | "instance_type" => GroupBy::InstanceType,
+            "class" => GroupBy::Class,
             _ => return None,
         })
     }
 }
 
-/// The label idle capacity is reported under when grouping by tenant.
+/// The label idle capacity is reported under when grouping by tenant or class.
 pub const IDLE: &str = "(idle)";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -185,8 +192,9 @@ pub struct ReportLine {
     pub instance_hours: f64,
 }
 
-/// Charges summed by `by`, dearest first. By tenant, idle capacity is its
-/// own line; otherwise it stays with the model, pool or type that paid for it.
+/// Charges summed by `by`, dearest first. By tenant or class, idle capacity
+/// is its own line; otherwise it stays with the model, pool or type that
+/// paid for it.
 pub fn report(charges: &[Charge], by: GroupBy) -> Vec<ReportLine> {
     let mut lines: BTreeMap<String, ReportLine> = BTreeMap::new();
     for c in charges {
@@ -197,6 +205,7 @@ pub fn report(charges: &[Charge], by: GroupBy) -> Vec<ReportLine> {
             GroupBy::InstanceType => {
                 format!("{} ({})", c.kind.instance_type, c.kind.capacity.as_str())
             }
+            GroupBy::Class => class_of(c).into(),
         };
         let line = lines.entry(key.clone()).or_insert(ReportLine {
             key,
@@ -207,13 +216,22 @@ pub fn report(charges: &[Charge], by: GroupBy) -> Vec<ReportLine> {
         line.cost += c.cost;
         line.tokens += c.tokens;
         // Each hour of an instance has exactly one idle charge: count its time there.
-        if c.tenant.is_none() && by != GroupBy::Tenant {
+        if c.tenant.is_none() && !matches!(by, GroupBy::Tenant | GroupBy::Class) {
             line.instance_hours += (c.end_ms - c.start_ms) as f64 / HOUR_MS as f64;
         }
     }
     let mut out: Vec<ReportLine> = lines.into_values().collect();
     out.sort_by(|a, b| b.cost.total_cmp(&a.cost).then_with(|| a.key.cmp(&b.key)));
     out
+}
+
+/// `interactive`, `batch` or `(idle)`.
+fn class_of(c: &Charge) -> &'static str {
+    match (&c.tenant, c.batch) {
+        (None, _) => IDLE,
+        (Some(_), true) => "batch",
+        (Some(_), false) => "interactive",
+    }
 }
 
 /// RFC 3339 UTC time for Unix milliseconds.
@@ -238,6 +256,7 @@ pub fn focus_csv(charges: &[Charge]) -> String {
             "strata/model": c.model,
             "strata/pool": c.kind.pool,
             "strata/capacity": c.kind.capacity.as_str(),
+            "strata/class": class_of(c),
         });
         let row = [
             format!("{:.10}", c.cost),
@@ -302,6 +321,7 @@ mod tests {
             model: "gemma".into(),
             hour_ms: hour * HOUR_MS,
             tokens,
+            batch: false,
         }
     }
 
@@ -328,6 +348,41 @@ mod tests {
         assert_eq!(by_type[0].key, "small (spot)");
         assert!((by_type[0].instance_hours - 1.5).abs() < 1e-9);
         assert_eq!(by_type[0].tokens, 126_000);
+    }
+
+    #[test]
+    fn batch_tokens_are_charged_apart_and_come_out_of_the_idle_line() {
+        // An hour at $2 of 100 tokens/s (360,000 tokens): acme's
+        // interactive requests used a tenth, its batch lines half.
+        let i = instance("i-1", 0, Some(HOUR_MS), 2.0, 100.0);
+        let batch = ReplicaUsage {
+            batch: true,
+            ..used("i-1", "acme", 0, 180_000)
+        };
+        let c = charges(
+            std::slice::from_ref(&i),
+            &[used("i-1", "acme", 0, 36_000), batch],
+            0,
+            HOUR_MS,
+            HOUR_MS,
+        );
+        let by = report(&c, GroupBy::Class);
+        let cost = |k: &str| by.iter().find(|l| l.key == k).map_or(0.0, |l| l.cost);
+        assert!((cost("interactive") - 0.2).abs() < 1e-9, "{by:?}");
+        assert!((cost("batch") - 1.0).abs() < 1e-9, "{by:?}");
+        assert!((cost(IDLE) - 0.8).abs() < 1e-9, "{by:?}");
+        assert_eq!(
+            by.iter().find(|l| l.key == "batch").unwrap().tokens,
+            180_000
+        );
+        // By tenant, both are acme's; the idle line is what batch work did not use.
+        let by_tenant = report(&c, GroupBy::Tenant);
+        assert_eq!(by_tenant.len(), 2);
+        assert!((by_tenant[0].cost - 1.2).abs() < 1e-9 && by_tenant[0].key == "acme");
+        assert!(focus_csv(&c).contains("strata/class\"\":\"\"batch"));
+        // Without the batch, the same hour was 90% idle.
+        let alone = charges(&[i], &[used("i-1", "acme", 0, 36_000)], 0, HOUR_MS, HOUR_MS);
+        assert!((report(&alone, GroupBy::Class)[0].cost - 1.8).abs() < 1e-9);
     }
 
     #[test]
@@ -444,7 +499,7 @@ mod tests {
                 .collect();
             let c = charges(&instances, &usage, 0, i64::MAX, 0);
             let bill: f64 = instances.iter().map(|i| i.kind.price_per_hour * (i.ended_at_ms.unwrap() - i.started_at_ms) as f64 / 3.6e6).sum();
-            for by in [GroupBy::Tenant, GroupBy::Model, GroupBy::Pool, GroupBy::InstanceType] {
+            for by in [GroupBy::Tenant, GroupBy::Model, GroupBy::Pool, GroupBy::InstanceType, GroupBy::Class] {
                 let total: f64 = report(&c, by).iter().map(|l| l.cost).sum();
                 prop_assert!((total - bill).abs() <= bill * 0.001, "{by:?}: {total} vs {bill}");
             }

@@ -116,6 +116,8 @@ pub struct ReplicaUsage {
     /// Start of the hour (Unix milliseconds) the requests arrived in.
     pub hour_ms: i64,
     pub tokens: u64,
+    /// Batch lines' tokens (a row of their own), else interactive ones.
+    pub batch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -97,6 +97,11 @@ async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, di
     store
         .record_usage(&[
             at("a", "ten_a", "r1", 10 * hour + 5, 9),
+            // A batch line beside interactive ones: summed apart.
+            UsageRecord {
+                batch: true,
+                ..at("a2", "ten_a", "r1", 10 * hour + 6, 99)
+            },
             at("b", "ten_a", "r1", 10 * hour + 7, 19),
             at("c", "ten_b", "r1", 10 * hour + 9, 4),
             d.clone(),
@@ -105,7 +110,7 @@ async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, di
         .await
         .unwrap();
     let rows = store.usage_by_replica(10 * hour, 12 * hour).await.unwrap();
-    let got: Vec<(&str, &str, i64, u64)> = rows
+    let got: Vec<(&str, &str, i64, u64, bool)> = rows
         .iter()
         .map(|r| {
             (
@@ -113,15 +118,17 @@ async fn usage_is_summed_per_replica_tenant_model_and_hour(backend: &Backend, di
                 r.tenant_id.as_str(),
                 r.hour_ms,
                 r.tokens,
+                r.batch,
             )
         })
         .collect();
     assert_eq!(
         got,
         [
-            ("r1", "ten_a", 10 * hour, 30),
-            ("r1", "ten_b", 10 * hour, 5),
-            ("r2", "ten_a", 11 * hour, 2)
+            ("r1", "ten_a", 10 * hour, 30, false),
+            ("r1", "ten_a", 10 * hour, 100, true),
+            ("r1", "ten_b", 10 * hour, 5, false),
+            ("r2", "ten_a", 11 * hour, 2, true)
         ],
         "the row at 12 h is outside the range"
     );

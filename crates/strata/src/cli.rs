@@ -202,9 +202,10 @@ pub enum KeysCommand {
 #[derive(Subcommand)]
 pub enum CostCommand {
     /// Instance bills split by tenant (by tokens; unused capacity as idle),
-    /// model, pool or instance type, over a time range.
+    /// model, pool, instance type or class (interactive, batch, idle), over
+    /// a time range.
     Report {
-        /// tenant, model, pool or instance-type.
+        /// tenant, model, pool, instance-type or class.
         #[arg(long, default_value = "tenant")]
         by: String,
         /// From (a date `2026-11-29`, a UTC time `2026-11-29T08:00:00Z`, or a span ago: `2h`, `7d`).

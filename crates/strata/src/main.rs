@@ -124,7 +124,7 @@ fn main() -> Result<()> {
         }) => {
             let config = load_config(&cli.config)?;
             let Some(by) = strata_control::cost::GroupBy::parse(&by) else {
-                bail!("--by must be tenant, model, pool or instance-type, not `{by}`");
+                bail!("--by must be tenant, model, pool, instance-type or class, not `{by}`");
             };
             let now = strata_core::now_ms();
             let moment = |flag: &str, text: &str| {

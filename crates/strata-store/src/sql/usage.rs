@@ -123,10 +123,10 @@ impl UsageStore for SqlStore {
         until_ms: i64,
     ) -> Result<Vec<ReplicaUsage>, StoreError> {
         let rows = sqlx::query(&self.sql(
-            "SELECT replica, tenant_id, model, (at_ms / 3600000) * 3600000 AS hour_ms, \
+            "SELECT replica, tenant_id, model, batch, (at_ms / 3600000) * 3600000 AS hour_ms, \
              CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) AS tokens FROM usage \
-             WHERE at_ms >= ? AND at_ms < ? GROUP BY replica, tenant_id, model, hour_ms \
-             ORDER BY hour_ms, replica, tenant_id, model",
+             WHERE at_ms >= ? AND at_ms < ? GROUP BY replica, tenant_id, model, batch, hour_ms \
+             ORDER BY hour_ms, replica, tenant_id, model, batch",
         ))
         .bind(since_ms)
         .bind(until_ms)
@@ -141,6 +141,7 @@ impl UsageStore for SqlStore {
                 model: r.get("model"),
                 hour_ms: r.get("hour_ms"),
                 tokens: r.get::<i64, _>("tokens").max(0) as u64,
+                batch: flag(&r, "batch"),
             })
             .collect())
     }
