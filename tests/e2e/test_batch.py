@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL_ID, STRATA, Server, wait_for, wait_ready
+from test_autoscale import CONFIG as AUTOSCALE_CONFIG
 
 
 def line(custom_id, prompt, max_tokens=3, model=MODEL_ID, url="/v1/chat/completions", **extra):
@@ -270,27 +271,10 @@ def test_revoking_its_key_stops_a_running_batch(server):
     assert b.request_counts.completed < 200
 
 
-AUTOSCALE = """
-[engine]
-max_sequences = 2
-
-[gateway]
-slots_per_replica = 2
-
-[instance_types.local]         # a replica planned at ~20 tokens/s
-prefill_tokens_per_s = 100.0
-decode_tokens_per_s = [20.0]
-
-[pool]
-autoscale = true
-target_utilisation = 1.0
-min_replicas = 1
-max_replicas = 2
-stable_window_secs = 3.0
-panic_window_secs = 2.0
-scale_down_delay_secs = 3.0
-scale_to_zero_after_secs = 4.0
-"""
+# test_autoscale's pool (one replica planned at ~20 tokens/s, 2 slots,
+# windows of seconds), going to zero after 4 s idle.
+AUTOSCALE = AUTOSCALE_CONFIG.replace("scale_to_zero_after_secs = 12.0", "scale_to_zero_after_secs = 4.0")
+assert "scale_to_zero_after_secs = 4.0" in AUTOSCALE
 
 
 def test_a_batch_backlog_alone_buys_no_replica_and_keeps_one():
