@@ -8,54 +8,30 @@ use std::time::Duration;
 use strata_control::leader::Elector;
 use strata_core::store::LeaseStore;
 use strata_store::SqlStore;
+
+// The store tests' PostgreSQL schema per test.
+#[path = "../../strata-store/tests/common/mod.rs"]
+mod common;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-async fn stores() -> Vec<Arc<dyn LeaseStore>> {
+/// The stores, and the PostgreSQL schema to drop at the end.
+async fn stores() -> (Vec<Arc<dyn LeaseStore>>, Option<common::PgSchema>) {
     let dir = tempfile::tempdir().unwrap().keep();
     let mut out: Vec<Arc<dyn LeaseStore>> = vec![Arc::new(
         SqlStore::open_without_vault(&dir.join("s.db"))
             .await
             .unwrap(),
     )];
-    match std::env::var("DATABASE_URL") {
-        Ok(url) => out.push(Arc::new(
-            SqlStore::open_any(&fresh_schema(&url).await, None)
-                .await
-                .unwrap(),
-        )),
-        Err(_) => assert!(
-            std::env::var_os("STRATA_SKIP_POSTGRES").is_some(),
-            "DATABASE_URL is not set: the PostgreSQL half cannot run; set it (scripts/test \
-             does), or STRATA_SKIP_POSTGRES=1 to skip it knowingly"
-        ),
+    // A schema of this test's own, never the database's public one: that
+    // keeps whatever migrations an older or newer build applied there
+    // (CI's database outlives its runs), which this build must not trip
+    // over.
+    let pg = common::PgSchema::create("leader").await;
+    if let Some(pg) = &pg {
+        out.push(Arc::new(SqlStore::open_any(&pg.url(), None).await.unwrap()));
     }
-    out
-}
-
-/// A schema of this run's own at `base`: the database's public schema
-/// keeps whatever migrations an older or newer build applied there (CI's
-/// database outlives its runs), which this build must not trip over.
-async fn fresh_schema(base: &str) -> String {
-    use sqlx::Executor;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let schema = format!(
-        "strata_leader_{}_{}",
-        std::process::id(),
-        nanos % 1_000_000_000
-    );
-    let pool = sqlx::PgPool::connect(base)
-        .await
-        .expect("PostgreSQL at DATABASE_URL");
-    pool.execute(format!("CREATE SCHEMA {schema}").as_str())
-        .await
-        .unwrap();
-    pool.close().await;
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+    (out, pg)
 }
 
 fn elector(store: &Arc<dyn LeaseStore>, name: &str, holder: &str) -> Elector {
@@ -75,7 +51,8 @@ async fn becomes(rx: &mut watch::Receiver<bool>, want: bool, within: Duration) -
 
 #[tokio::test]
 async fn the_standby_takes_over_when_the_leader_lets_go_or_dies() {
-    for store in stores().await {
+    let (stores, pg) = stores().await;
+    for store in stores {
         let name = format!("controller/test-{}", std::process::id());
         // a leads; b stands by.
         let a_stop = CancellationToken::new();
@@ -112,5 +89,8 @@ async fn the_standby_takes_over_when_the_leader_lets_go_or_dies() {
         assert_eq!((lease.holder.as_str(), lease.transitions), ("c", 2));
         c_stop.cancel();
         assert!(becomes(&mut c, false, Duration::from_secs(1)).await);
+    }
+    if let Some(pg) = pg {
+        pg.drop().await;
     }
 }
