@@ -421,6 +421,8 @@ ADMIN_BAD = [
     ("POST", "/admin/v1/tenants", b'{"name": "ok", "isolation": "private"}', 400, "isolation"),
     ("POST", "/admin/v1/tenants", b'{"name": "ok", "priority": "urgent"}', 400, "priority"),
     ("POST", "/admin/v1/tenants/{a}/keys", b'{"name": "k", "role": "member", "priority": "urgent"}', 400, "priority"),
+    ("POST", "/admin/v1/tenants/{a}/keys", b'{"name": "k", "role": "member", "priority": 1}', 400, "priority"),
+    ("POST", "/admin/v1/tenants", b'{"name": "ok", "isolation": 2}', 400, "isolation"),
     ("POST", "/admin/v1/tenants", b'{"name": "acme"}', 409, None),
     ("GET", "/admin/v1/tenants/ten_nope", b"", 404, None),
     ("PATCH", "/admin/v1/tenants/ten_nope", b"{}", 404, None),

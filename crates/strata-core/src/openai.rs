@@ -29,10 +29,13 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         ));
     }
     // Most bodies are good: parse without tracking the path, and go over a
-    // bad one again only to name the field at fault.
+    // bad one again only to name the field at fault. serde_json calls a
+    // value of the wrong kind for an enum (a number where a name belongs)
+    // a syntax error: JSON that parses is never reported as invalid JSON.
+    let valid_json = || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
     match serde_json::from_str::<T>(text) {
         Ok(value) => return Ok(value),
-        Err(e) if e.is_syntax() || e.is_eof() => {
+        Err(e) if (e.is_syntax() || e.is_eof()) && !valid_json() => {
             return Err(ApiError::invalid_request(
                 None,
                 format!("Request body is not valid JSON: {e}"),
@@ -44,7 +47,7 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
+        if (inner.is_syntax() || inner.is_eof()) && !valid_json() {
             ApiError::invalid_request(None, format!("Request body is not valid JSON: {inner}"))
         } else {
             // serde reports a missing field at the parent's path; name the field itself.
@@ -919,6 +922,25 @@ mod tests {
             (e.status, e.message.as_str()),
             (400, "Request body must be a JSON object.")
         );
+    }
+
+    #[test]
+    fn a_number_where_an_enum_name_belongs_names_the_field_not_invalid_json() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Body {
+            priority: crate::tenant::Priority,
+        }
+        let e = parse_body::<Body>(br#"{"priority": 1}"#).unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (400, Some("priority")),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("not valid JSON"), "{}", e.message);
+        let e = parse_body::<Body>(br#"{"priority": 1"#).unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
     }
 
     #[test]
