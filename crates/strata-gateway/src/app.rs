@@ -586,8 +586,7 @@ fn pool_load(
     metrics: &GatewayMetrics,
     model: Option<&str>,
 ) -> Load {
-    let (in_flight, waiting) = gate.pools().load_of(model);
-    let batch_lines = gate.pools().batch_of(model);
+    let (in_flight, waiting, batch_lines) = gate.pools().load_of(model);
     let routable = replicas.ready_in(None, model);
     let demand = model.and_then(|m| metrics.demand(m));
     let Some(d) = demand else {

@@ -134,18 +134,18 @@ impl Lanes {
         self.queues.values().map(VecDeque::len).sum()
     }
 
-    /// Queues a waiter in `tenant`'s queue (`QueueFull` past `max`).
+    /// Queues a waiter in `tenant`'s queue (`NoSlot::QueueFull` past `max`).
     fn push(
         &mut self,
         tenant: &str,
         cost: f64,
         max: usize,
-    ) -> Result<oneshot::Receiver<FairPermit>, QueueFull> {
+    ) -> Result<oneshot::Receiver<FairPermit>, NoSlot> {
         let Lanes { queues, vtc } = self;
         let mine = queues.entry(tenant.to_owned()).or_default();
         mine.retain(|w| !w.tx.is_closed());
         if mine.len() >= max {
-            return Err(QueueFull);
+            return Err(NoSlot::QueueFull);
         }
         if mine.is_empty() {
             let waiting: Vec<&str> = queues
@@ -202,14 +202,21 @@ struct State {
 }
 
 impl State {
-    /// The slots batch requests may fill: all but one kept free for the
-    /// next interactive request (which then starts without preempting).
-    fn batch_capacity(&self) -> usize {
+    /// The slots batch and sheddable requests may fill: all but one kept
+    /// free for the next interactive request (which then starts without
+    /// preempting).
+    fn spare_capacity(&self) -> usize {
         if self.capacity > 1 {
             self.capacity - 1
         } else {
             self.capacity
         }
+    }
+
+    /// A batch or sheddable request may take a slot now: one of the spare
+    /// ones, while no interactive request waits.
+    fn spare_free(&self) -> bool {
+        self.in_flight < self.spare_capacity() && self.interactive.nobody_waits()
     }
 
     /// Slots held for batch requests: a share of the capacity, rounded
@@ -268,10 +275,6 @@ impl FairPermit {
     }
 }
 
-/// The tenant's queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueFull;
-
 /// Why a request got neither a slot nor a place in a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoSlot {
@@ -279,12 +282,6 @@ pub enum NoSlot {
     QueueFull,
     /// A sheddable request found no slot it may take.
     Shed,
-}
-
-impl From<QueueFull> for NoSlot {
-    fn from(_: QueueFull) -> NoSlot {
-        NoSlot::QueueFull
-    }
 }
 
 /// Where an admitted request stood.
@@ -331,16 +328,12 @@ impl FairQueue {
             Class::Interactive => s.in_flight < s.capacity && s.interactive.nobody_waits(),
             // Refused first: never a wait, never the last free slot.
             Class::Sheddable => {
-                if !(s.in_flight < s.batch_capacity() && s.interactive.nobody_waits()) {
+                if !s.spare_free() {
                     return Err(NoSlot::Shed);
                 }
                 true
             }
-            Class::Batch => {
-                s.batch.nobody_waits()
-                    && (s.reserve_free()
-                        || (s.in_flight < s.batch_capacity() && s.interactive.nobody_waits()))
-            }
+            Class::Batch => s.batch.nobody_waits() && (s.reserve_free() || s.spare_free()),
         };
         if free {
             s.in_flight += 1;
@@ -429,7 +422,7 @@ impl FairQueue {
                 Some(next) => (Class::Batch, next),
                 None => match s.interactive.pop() {
                     Some(next) => (Class::Interactive, next),
-                    None if s.in_flight < s.batch_capacity() => match s.batch.pop() {
+                    None if s.in_flight < s.spare_capacity() => match s.batch.pop() {
                         Some(next) => (Class::Batch, next),
                         None => break,
                     },
@@ -491,6 +484,17 @@ impl FairQueue {
         self.lock().batch.waiting()
     }
 
+    /// Interactive requests holding a slot, interactive requests waiting,
+    /// and batch requests holding or waiting for a slot, read at once.
+    fn counts(&self) -> (usize, usize, usize) {
+        let s = self.lock();
+        (
+            s.in_flight - s.batch_in_flight,
+            s.interactive.waiting(),
+            s.batch_in_flight + s.batch.waiting(),
+        )
+    }
+
     /// Interactive requests holding a slot.
     pub fn in_flight(&self) -> usize {
         let s = self.lock();
@@ -540,32 +544,24 @@ impl Pools {
     }
 
     /// Interactive requests holding a slot and waiting, over every pool:
-    /// the load the autoscaler reads (batch requests are reported apart,
-    /// `batch_of`: they keep a pool at one replica, and are not load).
+    /// the load the autoscaler reads.
     pub fn load(&self) -> (usize, usize) {
-        self.load_of(None)
+        let (in_flight, waiting, _) = self.load_of(None);
+        (in_flight, waiting)
     }
 
-    /// As `load`, over the queues of `model`'s pool only (`None`: every queue).
-    pub fn load_of(&self, model: Option<&str>) -> (usize, usize) {
+    /// As `load`, over the queues of `model`'s pool only (`None`: every
+    /// queue), and the batch requests holding or waiting for a slot there
+    /// (reported apart: they keep a pool at one replica, and are not load).
+    pub fn load_of(&self, model: Option<&str>) -> (usize, usize, usize) {
         let queues = self.queues.lock().expect("pools lock");
         queues
             .iter()
             .filter(|((_, m), _)| model.is_none() || m.as_deref() == model)
-            .fold((0, 0), |(f, w), (_, q)| {
-                (f + q.in_flight(), w + q.waiting())
+            .fold((0, 0, 0), |(f, w, b), (_, q)| {
+                let (qf, qw, qb) = q.counts();
+                (f + qf, w + qw, b + qb)
             })
-    }
-
-    /// Batch requests holding or waiting for a slot in `model`'s pool
-    /// (`None`: every pool).
-    pub fn batch_of(&self, model: Option<&str>) -> usize {
-        let queues = self.queues.lock().expect("pools lock");
-        queues
-            .iter()
-            .filter(|((_, m), _)| model.is_none() || m.as_deref() == model)
-            .map(|(_, q)| q.batch_in_flight() + q.batch_waiting())
-            .sum()
     }
 
     /// Sets every known pool's capacity from its ready replicas.
