@@ -1711,7 +1711,7 @@ mod tests {
     #[test]
     fn check_names_each_bad_value() {
         let c = Config::from_toml(
-            "[gateway]\nlisten = \"nowhere\"\nreplicas = [\"ftp://x\"]\n[engine]\nmax_sequences = 0\n[serve]\nreplicas = 0\n",
+            "[gateway]\nlisten = \"nowhere\"\nreplicas = [\"ftp://x\"]\nbatch_reserved_share = 0.9\n[engine]\nmax_sequences = 0\n[serve]\nreplicas = 0\n",
         )
         .unwrap();
         let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
@@ -1719,6 +1719,7 @@ mod tests {
             keys,
             [
                 "gateway.listen",
+                "gateway.batch_reserved_share",
                 "gateway.replicas[0]",
                 "engine.max_sequences",
                 "serve.replicas"
