@@ -129,6 +129,8 @@ def test_the_documents_rules_between_fields_are_the_servers(server):
                                       "store": False}),
         ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "background": True}),
         ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "background": False}),
+        ("/v1/responses", responses, {**m, "input": "Hi.", "max_output_tokens": 1, "background": True,
+                                      "store": False}),
     ]
     verdicts = []
     for path, v, body in cases:
@@ -137,4 +139,4 @@ def test_the_documents_rules_between_fields_are_the_servers(server):
         verdicts.append((v.is_valid(body), r.status_code == 200))
         assert v.is_valid(body) == (r.status_code == 200), (path, body, r.text)
     # Both sides of every rule were tried.
-    assert verdicts.count((True, True)) == 7 and verdicts.count((False, False)) == 11
+    assert verdicts.count((True, True)) == 8 and verdicts.count((False, False)) == 11

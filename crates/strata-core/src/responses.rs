@@ -11,8 +11,8 @@ use crate::openai::{check_metadata, Usage};
 use crate::store::Order;
 use crate::ApiError;
 
-/// `POST /v1/responses`. Fields strata does not implement (tools, background
-/// mode) are refused rather than ignored.
+/// `POST /v1/responses`. Fields strata does not implement (tools) are
+/// refused rather than ignored.
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResponsesRequest {
@@ -44,6 +44,9 @@ pub struct ResponsesRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(max_items = 0))]
     pub tools: Option<Vec<Value>>,
+    /// Runs the response server-side, whatever happens to the client's
+    /// connection: polled, cancelled, and its stream resumed from any
+    /// gateway. Stored (`store` cannot be false).
     #[serde(default)]
     pub background: Option<bool>,
 }
@@ -144,6 +147,7 @@ pub struct TurnRequest {
     pub top_p: Option<f64>,
     pub metadata: BTreeMap<String, String>,
     pub stream: bool,
+    pub background: bool,
 }
 
 impl ResponsesRequest {
@@ -154,12 +158,6 @@ impl ResponsesRequest {
                 "Tools are not supported by this server.",
             ));
         }
-        if self.background == Some(true) {
-            return Err(ApiError::invalid_request(
-                Some("background"),
-                "Background responses are not supported by this server.",
-            ));
-        }
         if self.previous_response_id.is_some() && self.conversation.is_some() {
             return Err(ApiError::invalid_request(
                 Some("previous_response_id"),
@@ -167,6 +165,13 @@ impl ResponsesRequest {
             ));
         }
         let store = self.store.unwrap_or(true);
+        let background = self.background.unwrap_or(false);
+        if background && !store {
+            return Err(ApiError::invalid_request(
+                Some("store"),
+                "A background response is stored; `store` cannot be false.",
+            ));
+        }
         if self.conversation.is_some() && !store {
             return Err(ApiError::invalid_request(
                 Some("store"),
@@ -207,6 +212,7 @@ impl ResponsesRequest {
             top_p: self.top_p,
             metadata,
             stream: self.stream,
+            background,
         })
     }
 }
@@ -389,24 +395,55 @@ pub struct ResponseMeta {
     pub top_p: Option<f64>,
     pub metadata: BTreeMap<String, String>,
     pub store: bool,
+    pub background: bool,
+}
+
+impl ResponseMeta {
+    /// What `response_object` wrote of it, read back (a gateway taking
+    /// over a background response reads it from the stored object).
+    pub fn from_object(v: &Value) -> Option<ResponseMeta> {
+        let text = |k: &str| v[k].as_str().map(str::to_owned);
+        Some(ResponseMeta {
+            id: text("id")?,
+            created_at: v["created_at"].as_i64()?,
+            model: text("model")?,
+            instructions: text("instructions"),
+            previous_response_id: text("previous_response_id"),
+            conversation: v["conversation"]["id"].as_str().map(str::to_owned),
+            max_output_tokens: v["max_output_tokens"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok()),
+            temperature: v["temperature"].as_f64(),
+            top_p: v["top_p"].as_f64(),
+            metadata: serde_json::from_value(v["metadata"].clone()).unwrap_or_default(),
+            store: v["store"].as_bool().unwrap_or(true),
+            background: v["background"].as_bool().unwrap_or(false),
+        })
+    }
 }
 
 /// Where a response stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
+    /// A background response not yet sent to a replica.
+    Queued,
     InProgress,
     Completed,
     /// Cut at `max_output_tokens`.
     Incomplete,
+    /// A background response stopped by `POST /v1/responses/{id}/cancel`.
+    Cancelled,
     Failed(ApiError),
 }
 
 impl Outcome {
     pub fn status(&self) -> &'static str {
         match self {
+            Outcome::Queued => "queued",
             Outcome::InProgress => "in_progress",
             Outcome::Completed => "completed",
             Outcome::Incomplete => "incomplete",
+            Outcome::Cancelled => "cancelled",
             Outcome::Failed(_) => "failed",
         }
     }
@@ -440,6 +477,7 @@ pub fn response_object(
         "previous_response_id": meta.previous_response_id,
         "conversation": meta.conversation.as_ref().map(|id| json!({"id": id})),
         "store": meta.store,
+        "background": meta.background,
         "temperature": meta.temperature,
         "top_p": meta.top_p,
         "text": {"format": {"type": "text"}},
@@ -468,6 +506,17 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
+    /// The sequence number the next event gets.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Numbers the next event `n` or later: the events before it were
+    /// sent already (by a gateway whose response this one took over).
+    pub fn skip_to(&mut self, n: u64) {
+        self.next = self.next.max(n);
+    }
+
     /// `event: <kind>` and its data: `fields` plus `type` and `sequence_number`.
     pub fn event(&mut self, kind: &str, mut fields: Value) -> String {
         fields["type"] = json!(kind);
@@ -645,6 +694,10 @@ mod tests {
                 r#"{"model":"m","input":"x","conversation":"c","store":false}"#,
                 "store",
             ),
+            (
+                r#"{"model":"m","input":"x","background":true,"store":false}"#,
+                "store",
+            ),
         ];
         for (body, param) in cases {
             let e = turn(body).unwrap_err();
@@ -673,8 +726,9 @@ mod tests {
             max_output_tokens: Some(4),
             temperature: None,
             top_p: None,
-            metadata: BTreeMap::new(),
+            metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
             store: true,
+            background: true,
         };
         let out = [Item::new(ItemRole::Assistant, "cut".into())];
         let v = response_object(
@@ -688,6 +742,15 @@ mod tests {
         assert_eq!(v["usage"]["input_tokens_details"]["cached_tokens"], 6);
         assert_eq!(v["usage"]["total_tokens"], 14);
         assert_eq!(v["conversation"]["id"], "conv_1");
+        assert_eq!(v["background"], true);
+        // A gateway taking the response over reads the same meta back.
+        assert_eq!(ResponseMeta::from_object(&v), Some(meta.clone()));
+        let queued = response_object(&meta, &Outcome::Queued, &[], None);
+        assert_eq!(queued["status"], "queued");
+        assert_eq!(
+            response_object(&meta, &Outcome::Cancelled, &[], None)["status"],
+            "cancelled"
+        );
     }
 
     #[test]

@@ -382,6 +382,90 @@ pub trait ConversationStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 }
 
+/// Where a background response stands while a gateway runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    Running,
+    /// A cancel was asked for: its gateway stops it.
+    Cancelling,
+}
+
+impl Running {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Running::Running => "running",
+            Running::Cancelling => "cancelling",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Running> {
+        match s {
+            "running" => Some(Running::Running),
+            "cancelling" => Some(Running::Cancelling),
+            _ => None,
+        }
+    }
+}
+
+/// What keeping a background response's events found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Every event was kept; false when one of their sequence numbers was
+    /// kept already (another gateway runs the response now) and nothing
+    /// was written.
+    pub kept: bool,
+    /// Where the response stands now; `None` when it no longer runs (it
+    /// ended, or was deleted).
+    pub running: Option<Running>,
+}
+
+/// Background responses (`background: true`): the response row a poll
+/// reads while it runs, and its events, sealed, where every gateway reads
+/// them (a client resumes the stream from any gateway; a gateway taking
+/// over a response whose gateway died goes on after the last event kept).
+/// A response ends with `ConversationStore::put_response`, which clears
+/// its running state.
+#[async_trait]
+pub trait BackgroundStore: Send + Sync {
+    /// Stores a background response that runs (or replaces the content of
+    /// one that still runs, its cancel kept); false, with nothing written,
+    /// when it has ended already.
+    async fn put_running(
+        &self,
+        tenant: &TenantId,
+        response: &StoredResponse,
+    ) -> Result<bool, StoreError>;
+    /// Where the response stands; `None` when it is not running (or there
+    /// is no such response).
+    async fn running(&self, tenant: &TenantId, id: &str) -> Result<Option<Running>, StoreError>;
+    /// Keeps `events` as sequence numbers `first`, `first + 1`, ... in one
+    /// transaction, unless one of them is kept already or the response no
+    /// longer runs.
+    async fn append_events(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        first: u64,
+        events: &[Vec<u8>],
+    ) -> Result<Appended, StoreError>;
+    /// At most `limit` events after sequence number `after` (all from the
+    /// first without it), in order.
+    async fn events(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Asks a running response to stop: `Some(true)` when it ran,
+    /// `Some(false)` when it does not (it ended, or never ran in the
+    /// background), `None` when there is no such response.
+    async fn cancel_running(&self, tenant: &TenantId, id: &str)
+        -> Result<Option<bool>, StoreError>;
+    /// Every tenant's running background responses, oldest first.
+    async fn running_responses(&self) -> Result<Vec<(TenantId, String)>, StoreError>;
+}
+
 /// KV snapshots of sessions, sealed, where every gateway of a cluster finds
 /// them (the database); a single machine keeps them in its data directory.
 #[async_trait]
@@ -611,6 +695,7 @@ pub trait Store:
     + ModelStore
     + FileStore
     + BatchStore
+    + BackgroundStore
     + 'static
 {
 }
@@ -630,6 +715,7 @@ impl<T> Store for T where
         + ModelStore
         + FileStore
         + BatchStore
+        + BackgroundStore
         + 'static
 {
 }

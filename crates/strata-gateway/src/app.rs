@@ -14,8 +14,9 @@ use axum::Router;
 use strata_core::config::{ModelPrice, Routing};
 use strata_core::link::GatewayLink;
 use strata_core::store::{
-    AuditStore, BatchStore, CompletionStore, ConversationStore, DecisionStore, FileStore,
-    InstanceStore, KeyStore, LeaseStore, ModelStore, SnapshotStore, Store, TenantStore, UsageStore,
+    AuditStore, BackgroundStore, BatchStore, CompletionStore, ConversationStore, DecisionStore,
+    FileStore, InstanceStore, KeyStore, LeaseStore, ModelStore, SnapshotStore, Store, TenantStore,
+    UsageStore,
 };
 use strata_core::{tls, ApiError, Load, Loads, ReplicaEndpoint};
 use strata_store::Vault;
@@ -29,6 +30,7 @@ use crate::api::batch_runner::BatchRunner;
 use crate::api::catalog::CatalogModel;
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
+use crate::api::responses::background::Background;
 use crate::fleet::client::{replica_client, ReplicaAuth, Upstreams};
 use crate::fleet::replicas::ReplicaSet;
 use crate::fleet::snapshots::Snapshots;
@@ -193,6 +195,7 @@ struct Stores {
     models: Arc<dyn ModelStore>,
     files: Arc<dyn FileStore>,
     batches: Arc<dyn BatchStore>,
+    background: Arc<dyn BackgroundStore>,
 }
 
 impl Stores {
@@ -211,6 +214,7 @@ impl Stores {
             models: store.clone(),
             files: store.clone(),
             batches: store.clone(),
+            background: store.clone(),
         }
     }
 }
@@ -254,6 +258,8 @@ pub struct Gateway {
     ledger_task: JoinHandle<()>,
     /// Replicas to drain at shutdown, with what it takes.
     last: Option<(Arc<ReplicaSet>, reqwest::Client, Arc<Snapshots>)>,
+    /// The background responses this gateway runs, stopped first.
+    responses: Arc<Background>,
 }
 
 impl Gateway {
@@ -319,11 +325,14 @@ impl Gateway {
             conversations: stores.conversations.clone(),
             files: stores.files.clone(),
             batches: stores.batches.clone(),
+            background: stores.background.clone(),
             batch_created: Arc::new(tokio::sync::Notify::new()),
             audit: audit.clone(),
             max_body_bytes: settings.max_body_bytes,
             max_file_bytes: settings.batch.max_file_bytes,
         });
+        // Who holds this gateway's leases (on batches, background responses).
+        let holder = format!("gateway-{}", uuid::Uuid::new_v4().simple());
         let relay = Relay {
             upstreams: Upstreams::new(&settings.replica_auth, settings.connect_timeout)?,
             replicas: replicas.clone(),
@@ -342,6 +351,13 @@ impl Gateway {
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            background: Arc::new(Background::new(
+                stores.background.clone(),
+                stores.leases.clone(),
+                stores.keys.clone(),
+                stores.tenants.clone(),
+                holder.clone(),
+            )),
         });
         let admin = Arc::new(Admin {
             tenants: stores.tenants.clone(),
@@ -454,12 +470,17 @@ impl Gateway {
             tenants: stores.tenants.clone(),
             leases: stores.leases.clone(),
             inference: state.inference.clone(),
-            holder: format!("gateway-{}", uuid::Uuid::new_v4().simple()),
+            holder,
             lines_in_flight: settings.batch.lines_in_flight,
             wake: objects.batch_created.clone(),
         });
         tasks.spawn(runner.run(background.clone()));
+        tasks.spawn(crate::api::responses::background::take_over(
+            state.inference.clone(),
+            background.clone(),
+        ));
         Ok(Gateway {
+            responses: state.inference.background.clone(),
             router: router(state, auth),
             background,
             tasks,
@@ -483,7 +504,11 @@ impl Gateway {
             mut tasks,
             ledger_task,
             last,
+            responses,
         } = self;
+        // Background responses stop where they are, unended: the next
+        // gateway (or this one restarted) goes on with them.
+        responses.stop().await;
         // The replicas are about to stop with this process: keep their
         // sessions' caches for whichever replicas serve the next turns.
         if let Some((replicas, client, snapshots)) = last {

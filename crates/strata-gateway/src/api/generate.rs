@@ -51,6 +51,9 @@ pub struct Inference {
     pub models: watch::Receiver<Vec<CatalogModel>>,
     /// Unix seconds the gateway started (the models' `created`).
     pub started: u64,
+    /// Background responses: where they and their events are kept, and
+    /// which this gateway runs.
+    pub background: Arc<crate::api::responses::background::Background>,
 }
 
 #[utoipa::path(

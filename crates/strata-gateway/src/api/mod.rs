@@ -40,6 +40,7 @@ where
         .routes(routes!(responses::create))
         .routes(routes!(responses::show, responses::delete))
         .routes(routes!(responses::input_items))
+        .routes(routes!(responses::cancel))
         .routes(routes!(conversations::create))
         .routes(routes!(
             conversations::show,

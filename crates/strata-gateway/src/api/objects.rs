@@ -11,7 +11,8 @@ use serde_json::Value;
 use strata_core::openai::{check_metadata, parse_body};
 use strata_core::responses::Item;
 use strata_core::store::{
-    BatchStore, CompletionStore, ConversationStore, FileStore, StoreError, StoredItem,
+    BackgroundStore, BatchStore, CompletionStore, ConversationStore, FileStore, StoreError,
+    StoredItem,
 };
 use strata_core::ApiError;
 
@@ -24,6 +25,8 @@ pub struct Objects {
     pub conversations: Arc<dyn ConversationStore>,
     pub files: Arc<dyn FileStore>,
     pub batches: Arc<dyn BatchStore>,
+    /// Background responses and their events.
+    pub background: Arc<dyn BackgroundStore>,
     /// Rung when a batch is created or cancelled, for the batch runner.
     pub batch_created: Arc<tokio::sync::Notify>,
     pub audit: Audit,

@@ -303,7 +303,7 @@ pub fn add_rules(doc: &mut serde_json::Value) {
         "type": "object", "required": ["role"], "properties": {"role": {"const": "user"}},
     }}}});
     // A turn continues a response or a conversation, not both; a turn in a
-    // conversation is stored; background mode is not served.
+    // conversation is stored, and so is a background one.
     let one_thread = json!({"not": {
         "required": ["previous_response_id", "conversation"],
         "properties": {"previous_response_id": {"type": "string"}, "conversation": {"not": {"type": "null"}}},
@@ -312,7 +312,10 @@ pub fn add_rules(doc: &mut serde_json::Value) {
         "if": {"required": ["conversation"], "properties": {"conversation": {"not": {"type": "null"}}}},
         "then": {"properties": {"store": {"not": {"const": false}}}},
     });
-    let no_background = json!({"properties": {"background": {"not": {"const": true}}}});
+    let stored_in_the_background = json!({
+        "if": {"required": ["background"], "properties": {"background": {"const": true}}},
+        "then": {"properties": {"store": {"not": {"const": false}}}},
+    });
     let rules = [
         ("CompletionRequest", vec![stream_options.clone()]),
         (
@@ -321,7 +324,11 @@ pub fn add_rules(doc: &mut serde_json::Value) {
         ),
         (
             "ResponsesRequest",
-            vec![one_thread, stored_in_a_conversation, no_background],
+            vec![
+                one_thread,
+                stored_in_a_conversation,
+                stored_in_the_background,
+            ],
         ),
     ];
     for (name, more) in rules {

@@ -177,6 +177,27 @@ impl Answer {
         }
     }
 
+    /// The answer of `request` taken over after `text` (`deltas` events)
+    /// had streamed: `upstream` answers the request continued after it
+    /// (`resume::continued`) and reads as the rest of it (usage counted
+    /// for the whole answer; a later move continues after all of it).
+    pub fn continuing(
+        relay: Relay,
+        request: ReplicaRequest,
+        flight: InFlight,
+        upstream: Upstream,
+        text: String,
+        deltas: u64,
+    ) -> Self {
+        let mut answer = Answer::new(relay, request, flight, upstream);
+        if deltas > 0 {
+            answer.reader.text = text;
+            answer.reader.deltas = deltas;
+            answer.reader.resume();
+        }
+        answer
+    }
+
     pub fn reader(&self) -> &Reader {
         &self.reader
     }

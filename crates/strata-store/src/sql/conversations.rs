@@ -126,7 +126,7 @@ impl ConversationStore for SqlStore {
              VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO UPDATE SET \
              created_at_ms = excluded.created_at_ms, model = excluded.model, \
              conversation_id = excluded.conversation_id, replica = excluded.replica, \
-             sealed = excluded.sealed",
+             sealed = excluded.sealed, background = NULL",
         ))
         .bind(tenant.as_str())
         .bind(&response.id)
@@ -153,7 +153,26 @@ impl ConversationStore for SqlStore {
     }
 
     async fn delete_response(&self, tenant: &TenantId, id: &str) -> Result<bool, StoreError> {
-        self.delete_row(RESPONSES, tenant, id).await
+        // The row first, then its events, in one transaction: an append
+        // of a response that still runs waits for the row and finds it
+        // gone (it stops there).
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(&self.sql("DELETE FROM responses WHERE tenant_id = ? AND id = ?"))
+            .bind(tenant.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err)?;
+        sqlx::query(
+            &self.sql("DELETE FROM response_events WHERE tenant_id = ? AND response_id = ?"),
+        )
+        .bind(tenant.as_str())
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err)?;
+        tx.commit().await.map_err(query_err)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn conversation_replica(

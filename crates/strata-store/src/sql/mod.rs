@@ -19,6 +19,7 @@ use strata_core::tenant::TenantId;
 use crate::vault::{Binding, Kek, KekSource, Vault};
 
 mod audit;
+mod background;
 mod batches;
 mod completions;
 mod conversations;

@@ -126,6 +126,7 @@ impl TenantStore for SqlStore {
         let mut tx = self.begin_write().await?;
         let tables = [
             "stored_completions",
+            "response_events",
             "responses",
             "batch_lines",
             "batches",

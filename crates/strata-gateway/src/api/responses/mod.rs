@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::tenancy::fairq::Class;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -36,6 +37,8 @@ use crate::relay::answer::{Answer, Piece};
 use crate::relay::forward::{Exchange, ReplicaRequest};
 use crate::relay::ledger::TokenMeter;
 use crate::tenancy::principal::Principal;
+
+pub mod background;
 
 const ROUTE: &str = "/v1/responses";
 
@@ -232,6 +235,12 @@ async fn start(
             ),
             None => (chat, None),
         };
+    if turn.background && p.class == Class::Batch {
+        return Err(ApiError::invalid_request(
+            Some("background"),
+            "A batch's line cannot run in the background.",
+        ));
+    }
     let request_id = strata_core::openai::request_id();
     let span = span(&request_id, &p, &generation, ROUTE);
     let (charge, estimated_tokens) = g
@@ -274,6 +283,35 @@ async fn start(
         arrived,
         stream: true,
     };
+    let meta = ResponseMeta {
+        id: response_id,
+        created_at: strata_core::now_ms() / 1000,
+        model: request.model.clone(),
+        instructions: turn.instructions.clone(),
+        previous_response_id: turn.previous_response_id.clone(),
+        conversation: turn.conversation.clone(),
+        max_output_tokens: turn.max_output_tokens,
+        temperature: turn.temperature,
+        top_p: turn.top_p,
+        metadata: turn.metadata.clone(),
+        store: turn.store,
+        background: turn.background,
+    };
+    if turn.background {
+        let run = background::Run {
+            meta,
+            input: turn.input,
+            context,
+            item_id: new_id("msg"),
+            key_id: request.principal.key.id.clone(),
+            chat: serde_json::from_slice(&request.body)
+                .map_err(|_| ApiError::internal("A turn's chat request is not JSON."))?,
+            session: request.session.clone(),
+        };
+        return background::start(g, run, request, exchange, replica, turn.stream)
+            .instrument(span)
+            .await;
+    }
     let (flight, upstream) = match g
         .relay
         .send(&request, replica.as_deref())
@@ -292,19 +330,6 @@ async fn start(
         g.relay.ledger.record(row);
         return Ok(json_response(status, body));
     }
-    let meta = ResponseMeta {
-        id: response_id,
-        created_at: strata_core::now_ms() / 1000,
-        model: request.model.clone(),
-        instructions: turn.instructions.clone(),
-        previous_response_id: turn.previous_response_id.clone(),
-        conversation: turn.conversation.clone(),
-        max_output_tokens: turn.max_output_tokens,
-        temperature: turn.temperature,
-        top_p: turn.top_p,
-        metadata: turn.metadata.clone(),
-        store: turn.store,
-    };
     let run = Turn {
         meter: g.relay.ledger.meter(&request.model),
         answer: Answer::new(g.relay.clone(), request, flight, upstream),
@@ -314,11 +339,11 @@ async fn start(
         context,
         exchange,
         events: EventWriter::default(),
-        sink: None,
+        sink: Sink::Whole,
     };
     if !turn.stream {
         return run
-            .pump()
+            .pump(Reply::new(None))
             .instrument(span)
             .await
             .map(|v| Json(v).into_response());
@@ -326,10 +351,10 @@ async fn start(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(
         Turn {
-            sink: Some(tx),
+            sink: Sink::Client(tx),
             ..run
         }
-        .pump()
+        .pump(Reply::new(None))
         .instrument(span),
     );
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -382,8 +407,30 @@ struct Turn {
     /// the rest after one failed.
     answer: Answer,
     events: EventWriter,
-    /// The client's event stream; `None` when the answer is returned whole.
-    sink: Option<mpsc::Sender<Bytes>>,
+    sink: Sink,
+}
+
+/// Where a turn's events go.
+enum Sink {
+    /// Nowhere: the answer is returned whole.
+    Whole,
+    /// The client's event stream.
+    Client(mpsc::Sender<Bytes>),
+    /// A background response's: each event kept, then passed to the client
+    /// while one listens.
+    Kept(background::Log),
+}
+
+/// Why a turn stopped before its end.
+enum Stop {
+    /// The client went away; the turn is dropped (and the replica's
+    /// generation with it).
+    Gone,
+    /// A cancel of the background response was asked for.
+    Cancelled,
+    /// Another gateway runs the background response now (or it ended, or
+    /// was deleted): this one stops without a word.
+    Lost,
 }
 
 /// The answer as it streams in.
@@ -400,55 +447,88 @@ struct Reply {
 }
 
 impl Reply {
+    /// Nothing streamed yet; the output message gets `item_id` (a new id
+    /// without it).
+    fn new(item_id: Option<String>) -> Reply {
+        Reply {
+            item_id: item_id.unwrap_or_else(|| new_id("msg")),
+            text: String::new(),
+            first_byte: None,
+            deltas: 0,
+            outcome: Outcome::InProgress,
+            usage: None,
+        }
+    }
+
     /// The output message, as stored and shown.
     fn item(&self) -> Item {
         let mut item = Item::new(ItemRole::Assistant, self.text.clone());
         item.id = self.item_id.clone();
-        if self.outcome == Outcome::Incomplete {
+        if matches!(self.outcome, Outcome::Incomplete | Outcome::Cancelled) {
             item.status = "incomplete";
         }
         item
     }
 }
 
-/// The client went away; the turn is dropped (and the replica's generation
-/// with it).
-struct Gone;
-
 impl Turn {
-    async fn emit(&mut self, kind: &str, fields: Value) -> Result<(), Gone> {
+    async fn emit(&mut self, kind: &str, fields: Value) -> Result<(), Stop> {
+        let seq = self.events.next();
         let event = self.events.event(kind, fields);
-        match &self.sink {
-            Some(tx) => tx.send(Bytes::from(event)).await.map_err(|_| Gone),
-            None => Ok(()),
+        match &mut self.sink {
+            Sink::Whole => Ok(()),
+            Sink::Client(tx) => tx.send(Bytes::from(event)).await.map_err(|_| Stop::Gone),
+            Sink::Kept(log) => log.keep(seq, event).await,
         }
     }
 
     /// Reads the answer through to the end, emitting events, then stores,
     /// meters and returns the final response object.
-    async fn pump(mut self) -> Result<Value, ApiError> {
-        let mut reply = Reply {
-            item_id: new_id("msg"),
-            text: String::new(),
-            first_byte: None,
-            deltas: 0,
-            outcome: Outcome::InProgress,
-            usage: None,
-        };
+    async fn pump(mut self, mut reply: Reply) -> Result<Value, ApiError> {
         let streamed = self.stream_reply(&mut reply).await;
+        let latency = self.exchange.elapsed();
+        match streamed {
+            Ok(()) => {}
+            Err(Stop::Gone) => {
+                // 499: the client went away before the end, as nginx logs it.
+                let row = self.usage_row(
+                    499,
+                    reply.usage,
+                    reply.first_byte.unwrap_or(latency),
+                    latency,
+                );
+                self.g
+                    .relay
+                    .ledger
+                    .record_streamed(row, reply.deltas.into());
+                return Err(ApiError::bad_gateway("The client went away."));
+            }
+            Err(Stop::Lost) => {
+                return Err(ApiError::bad_gateway(
+                    "Another gateway runs this response now.",
+                ))
+            }
+            Err(Stop::Cancelled) => {
+                reply.outcome = Outcome::Cancelled;
+                // What was generated until the cancel is charged.
+                reply.usage = reply.usage.or_else(|| {
+                    let prompt = self.exchange.charge.estimated_prompt();
+                    Some(Usage::new(
+                        prompt.min(u64::from(u32::MAX)) as u32,
+                        reply.deltas,
+                    ))
+                });
+            }
+        }
+        if matches!(self.sink, Sink::Kept(_)) {
+            return self.end_kept(reply, latency).await;
+        }
         let Reply {
             first_byte,
             usage,
             deltas,
             ..
         } = reply;
-        let latency = self.exchange.elapsed();
-        if streamed.is_err() {
-            // 499: the client went away before the end, as nginx logs it.
-            let row = self.usage_row(499, usage, first_byte.unwrap_or(latency), latency);
-            self.g.relay.ledger.record_streamed(row, deltas.into());
-            return Err(ApiError::bad_gateway("The client went away."));
-        }
         let output = match reply.outcome {
             Outcome::Failed(_) => Vec::new(),
             _ => vec![reply.item()],
@@ -471,12 +551,77 @@ impl Turn {
             self.g.relay.ledger.record_streamed(row, deltas.into());
         }
         let response = response_object(&self.meta, &outcome, &output, usage);
-        let last = match &outcome {
-            Outcome::Incomplete => "response.incomplete",
-            Outcome::Failed(_) => "response.failed",
-            _ => "response.completed",
+        let _ = self
+            .emit(last_event(&outcome), json!({"response": response}))
+            .await;
+        match outcome {
+            Outcome::Failed(e) => Err(e),
+            _ => Ok(response),
+        }
+    }
+
+    /// The end of a background response: its last event kept first (a
+    /// gateway that takes over a response whose last event was kept only
+    /// writes its row), then metered, then its row and the conversation's
+    /// new items written, and audited.
+    async fn end_kept(mut self, reply: Reply, latency: f64) -> Result<Value, ApiError> {
+        let output = match reply.outcome {
+            Outcome::Failed(_) => Vec::new(),
+            _ => vec![reply.item()],
         };
-        let _ = self.emit(last, json!({"response": response})).await;
+        let outcome = reply.outcome;
+        let response = response_object(&self.meta, &outcome, &output, reply.usage);
+        if let Err(Stop::Lost) = self
+            .emit(last_event(&outcome), json!({"response": response}))
+            .await
+        {
+            return Err(ApiError::bad_gateway(
+                "Another gateway runs this response now.",
+            ));
+        }
+        let status = match &outcome {
+            Outcome::Failed(e) => e.status,
+            _ => 200,
+        };
+        let ttft = reply.first_byte.unwrap_or(latency);
+        let row = self.usage_row(status, reply.usage, ttft, latency);
+        self.g
+            .relay
+            .ledger
+            .record_now(row, reply.deltas.into())
+            .await;
+        let now = strata_core::now_ms();
+        let items: Vec<StoredItem> = match outcome {
+            Outcome::Completed | Outcome::Incomplete => self
+                .input
+                .iter()
+                .chain(&output)
+                .map(|i| stored_item(i, now))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let Sink::Kept(log) = &self.sink else {
+            unreachable!("end_kept is the end of a kept turn")
+        };
+        let doc = document(&response, &self.input, &self.context);
+        let replica = Some(self.answer.replica().endpoint.id.clone());
+        background::end(&self.g, log.tenant(), &self.meta, replica, doc, &items).await;
+        let p = &self.answer.request().principal;
+        let result = match outcome {
+            Outcome::Failed(_) => "error",
+            _ => "ok",
+        };
+        self.g
+            .objects
+            .audit
+            .record(
+                p,
+                "response.create",
+                p.tenant.id.as_str(),
+                &self.meta.id,
+                result,
+            )
+            .await;
         match outcome {
             Outcome::Failed(e) => Err(e),
             _ => Ok(response),
@@ -501,12 +646,17 @@ impl Turn {
     }
 
     /// The answer's chunks as response events.
-    async fn stream_reply(&mut self, a: &mut Reply) -> Result<(), Gone> {
+    async fn stream_reply(&mut self, a: &mut Reply) -> Result<(), Stop> {
         let item_id = a.item_id.clone();
         let item_id = item_id.as_str();
-        let in_progress = response_object(&self.meta, &Outcome::InProgress, &[], None);
-        self.emit("response.created", json!({"response": in_progress}))
+        let created = match self.meta.background {
+            true => Outcome::Queued,
+            false => Outcome::InProgress,
+        };
+        let created = response_object(&self.meta, &created, &[], None);
+        self.emit("response.created", json!({"response": created}))
             .await?;
+        let in_progress = response_object(&self.meta, &Outcome::InProgress, &[], None);
         self.emit("response.in_progress", json!({"response": in_progress}))
             .await?;
         let item = json!({"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []});
@@ -521,6 +671,10 @@ impl Turn {
             json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": part}),
         )
         .await?;
+        // A response taken over goes on after the events kept.
+        if let Sink::Kept(log) = &self.sink {
+            self.events.skip_to(log.resume_at());
+        }
         let mut finish: Option<String> = None;
         while let Some(piece) = self.answer.next().await {
             let chunk = match piece {
@@ -648,26 +802,139 @@ impl Turn {
     }
 }
 
+/// The event a response's stream ends with.
+fn last_event(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Incomplete => "response.incomplete",
+        Outcome::Failed(_) => "response.failed",
+        Outcome::Cancelled => "response.cancelled",
+        _ => "response.completed",
+    }
+}
+
+/// The query of `GET /v1/responses/{id}`.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ShowQuery {
+    /// `true`: the events of a background response, from its start or
+    /// after `starting_after`, then those that follow until its end.
+    stream: Option<String>,
+    /// The sequence number of the last event the client has.
+    starting_after: Option<String>,
+}
+
+impl ShowQuery {
+    /// `Some(after)` for a stream (`after`: the last event the client
+    /// has), `None` for the response object.
+    fn stream(&self) -> Result<Option<Option<u64>>, ApiError> {
+        let stream = match self.stream.as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    Some("stream"),
+                    "`stream` must be true or false.",
+                ))
+            }
+        };
+        let after = match self.starting_after.as_deref() {
+            None => None,
+            Some(n) => Some(n.parse::<u64>().map_err(|_| {
+                ApiError::invalid_request(
+                    Some("starting_after"),
+                    "`starting_after` must be an event's sequence number (a whole number, 0 or more).",
+                )
+            })?),
+        };
+        match (stream, after) {
+            (true, after) => Ok(Some(after)),
+            (false, None) => Ok(None),
+            (false, Some(_)) => Err(ApiError::invalid_request(
+                Some("starting_after"),
+                "`starting_after` is for a stream (`stream=true`).",
+            )),
+        }
+    }
+}
+
 /// `GET /v1/responses/{id}`.
 #[utoipa::path(
     get,
     operation_id = "show_response",
     path = "/v1/responses/{id}",
     tag = "openai",
-    summary = "A stored response",
-    params(("id" = String, Path, description = "A response id (`resp_…`)")),
-    responses((status = 200, description = "OK", body = crate::http::openapi::ResponseObject), crate::http::openapi::Failures),
+    summary = "A stored response, or a background response's events",
+    params(("id" = String, Path, description = "A response id (`resp_…`)"), ShowQuery),
+    responses((status = 200, description = "The response, or with `stream=true` its server-sent events", content((crate::http::openapi::ResponseObject = "application/json"), ("text/event-stream"))), crate::http::openapi::Failures),
     security(("api_key" = []))
 )]
 pub(crate) async fn show(
     State(o): State<Arc<Objects>>,
     Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
+    Query(q): Query<ShowQuery>,
 ) -> Response {
-    let result = stored_doc(&*o.conversations, &p, &id)
-        .await
-        .map(|(_, doc)| doc["response"].clone());
-    o.audit.answer(&p, "response.read", &id, result).await
+    let result = async {
+        let stream = q.stream()?;
+        let (_, doc) = stored_doc(&*o.conversations, &p, &id).await?;
+        let response = doc["response"].clone();
+        if stream.is_some() && response["background"] != json!(true) {
+            return Err(ApiError::invalid_request(
+                Some("stream"),
+                "Only a background response's events can be streamed again.",
+            ));
+        }
+        Ok((response, stream))
+    }
+    .await;
+    match result {
+        Ok((_, Some(after))) => {
+            o.audit
+                .record(&p, "response.stream", p.tenant.id.as_str(), &id, "ok")
+                .await;
+            background::follow(o.background.clone(), p.tenant.id.clone(), id, after)
+        }
+        Ok((response, None)) => o.audit.answer(&p, "response.read", &id, Ok(response)).await,
+        Err(e) => o.audit.answer(&p, "response.read", &id, Err(e)).await,
+    }
+}
+
+/// `POST /v1/responses/{id}/cancel`.
+#[utoipa::path(
+    post,
+    operation_id = "cancel_response",
+    path = "/v1/responses/{id}/cancel",
+    tag = "openai",
+    summary = "Cancel a background response",
+    params(("id" = String, Path, description = "A response id (`resp_…`)")),
+    responses((status = 200, description = "The response as it stands after the cancel", body = crate::http::openapi::ResponseObject), crate::http::openapi::Failures),
+    security(("api_key" = []))
+)]
+pub(crate) async fn cancel(
+    State(o): State<Arc<Objects>>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async {
+        p.may_change("cancel responses")?;
+        match background::cancel(&*o.background, &p.tenant.id, &id).await? {
+            None => return Err(not_found(&id)),
+            Some(false) => {
+                let (_, doc) = stored_doc(&*o.conversations, &p, &id).await?;
+                if doc["response"]["background"] != json!(true) {
+                    return Err(ApiError::invalid_request(
+                        None,
+                        "Only a background response can be cancelled.",
+                    ));
+                }
+            }
+            Some(true) => {}
+        }
+        let (_, doc) = stored_doc(&*o.conversations, &p, &id).await?;
+        Ok(doc["response"].clone())
+    }
+    .await;
+    o.audit.answer(&p, "response.cancel", &id, result).await
 }
 
 /// `DELETE /v1/responses/{id}`.

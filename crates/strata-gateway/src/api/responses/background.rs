@@ -1,0 +1,825 @@
+//! Background responses (`background: true`). The turn runs in a task of
+//! its own, whatever happens to the client's connection, while its gateway
+//! holds the response's lease (`response/<id>`). Every event is kept in the
+//! store before anyone hears it, so a client resumes the stream
+//! (`GET /v1/responses/{id}?stream=true&starting_after=N`) from any gateway.
+//! When the gateway dies, its lease runs out and another gateway takes the
+//! response over: it reads the events kept, asks a replica for the rest of
+//! the answer after the text streamed so far, and numbers its events on
+//! from the last one kept. An event's sequence number is kept once (the
+//! store refuses a second), so two gateways that both think they run a
+//! response cannot both write it: the one refused stops.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use strata_core::openai::{parse_body, ChatCompletionRequest};
+use strata_core::responses::{response_object, EventWriter, Item, Outcome, ResponseMeta};
+use strata_core::store::{
+    Appended, BackgroundStore, KeyStore, LeaseStore, Running, StoredResponse, TenantStore,
+};
+use strata_core::tenant::TenantId;
+use strata_core::ApiError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{document, items_of, Reply, Sink, Stop, Turn};
+use crate::api::generate::Inference;
+use crate::http::error::{event_stream, store_error};
+use crate::relay::answer::Answer;
+use crate::relay::forward::{Exchange, ReplicaRequest};
+use crate::relay::resume::continued;
+use crate::tenancy::fairq::Class;
+use crate::tenancy::principal::Principal;
+
+/// How long a gateway's claim on a running response lasts unless renewed:
+/// a response whose gateway died goes on elsewhere within about this long.
+const LEASE_MS: i64 = 4_000;
+const RENEW_EVERY: Duration = Duration::from_millis(1_000);
+/// How often gateways look for responses whose gateway died.
+const LOOK_EVERY: Duration = Duration::from_millis(1_000);
+/// How often a resumed stream looks for new events.
+const FOLLOW_EVERY: Duration = Duration::from_millis(50);
+/// Events read from the store at once by a resumed stream.
+const PAGE: u32 = 256;
+/// How long a cancel waits for the response to stop before answering.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// The events after which nothing follows.
+const ENDS: [&str; 4] = [
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+    "response.cancelled",
+];
+
+fn lease_name(id: &str) -> String {
+    format!("response/{id}")
+}
+
+/// The event's kind (`event: <kind>` of its SSE frame).
+fn kind_of(event: &[u8]) -> &str {
+    std::str::from_utf8(event)
+        .ok()
+        .and_then(|e| e.strip_prefix("event: "))
+        .and_then(|e| e.split('\n').next())
+        .unwrap_or_default()
+}
+
+/// The event's data, as JSON.
+fn data_of(event: &[u8]) -> Value {
+    std::str::from_utf8(event)
+        .ok()
+        .and_then(|e| e.split_once("\ndata: "))
+        .and_then(|(_, d)| serde_json::from_str(d.trim_end()).ok())
+        .unwrap_or_default()
+}
+
+/// What background responses need: the store of their rows and events,
+/// the leases, and what it takes to act as the key that created one.
+pub struct Background {
+    pub store: Arc<dyn BackgroundStore>,
+    pub leases: Arc<dyn LeaseStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub tenants: Arc<dyn TenantStore>,
+    /// Who holds the leases (unique per gateway process).
+    pub holder: String,
+    /// The responses this gateway runs.
+    running: Mutex<HashSet<String>>,
+    /// Cancelled when the gateway stops: its responses stop where they
+    /// are, unended, for the next gateway (or this one restarted).
+    stopping: CancellationToken,
+}
+
+impl Background {
+    pub fn new(
+        store: Arc<dyn BackgroundStore>,
+        leases: Arc<dyn LeaseStore>,
+        keys: Arc<dyn KeyStore>,
+        tenants: Arc<dyn TenantStore>,
+        holder: String,
+    ) -> Background {
+        Background {
+            store,
+            leases,
+            keys,
+            tenants,
+            holder,
+            running: Mutex::default(),
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    /// Stops the responses this gateway runs where they are (each at its
+    /// next event), lets their leases go, and waits (a while) for that: a
+    /// gateway taking them over need not wait for the leases to run out.
+    pub async fn stop(&self) {
+        self.stopping.cancel();
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until
+            && !self
+                .running
+                .lock()
+                .expect("running responses lock")
+                .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Marks `id` as run here; false when it is already.
+    fn take(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .expect("running responses lock")
+            .insert(id.to_owned())
+    }
+
+    fn done(&self, id: &str) {
+        self.running
+            .lock()
+            .expect("running responses lock")
+            .remove(id);
+    }
+}
+
+/// What a gateway needs to run a background response, kept with it (sealed)
+/// while it runs.
+#[derive(Clone)]
+pub(super) struct Run {
+    pub meta: ResponseMeta,
+    pub input: Vec<Item>,
+    pub context: Vec<Item>,
+    /// The id of the output message (the same whoever streams it).
+    pub item_id: String,
+    /// The key that created it: a gateway taking it over acts as this key.
+    pub key_id: String,
+    /// The chat request the replica gets, as first sent.
+    pub chat: Value,
+    pub session: Option<String>,
+}
+
+impl Run {
+    fn row(&self, outcome: &Outcome, replica: Option<String>) -> StoredResponse {
+        let response = response_object(&self.meta, outcome, &[], None);
+        let mut doc = document(&response, &self.input, &self.context);
+        doc["run"] = json!({
+            "item_id": self.item_id,
+            "key_id": self.key_id,
+            "chat": self.chat,
+            "session": self.session,
+        });
+        StoredResponse {
+            id: self.meta.id.clone(),
+            created_at_ms: self.meta.created_at * 1000,
+            model: self.meta.model.clone(),
+            conversation_id: self.meta.conversation.clone(),
+            replica,
+            content: serde_json::to_vec(&doc).expect("JSON values serialise"),
+        }
+    }
+
+    fn read(doc: &Value) -> Option<Run> {
+        let run = &doc["run"];
+        Some(Run {
+            meta: ResponseMeta::from_object(&doc["response"])?,
+            input: items_of(&doc["input"]),
+            context: items_of(&doc["context"]),
+            item_id: run["item_id"].as_str()?.to_owned(),
+            key_id: run["key_id"].as_str()?.to_owned(),
+            chat: run["chat"].clone(),
+            session: run["session"].as_str().map(str::to_owned),
+        })
+    }
+}
+
+/// A background response's events as they are written: each kept in the
+/// store, then passed to the client while one listens.
+pub(super) struct Log {
+    store: Arc<dyn BackgroundStore>,
+    tenant: TenantId,
+    id: String,
+    /// Events before this number are kept already (by a gateway whose
+    /// response this one took over).
+    resume_at: u64,
+    client: Option<mpsc::Sender<Bytes>>,
+    /// Cancelled when this gateway lost the response's lease.
+    lost: CancellationToken,
+}
+
+impl Log {
+    pub(super) fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    pub(super) fn resume_at(&self) -> u64 {
+        self.resume_at
+    }
+
+    /// Keeps event `seq`, then passes it on. `Stop::Cancelled` once a
+    /// cancel was asked for (the event is kept), `Stop::Lost` when the
+    /// event was not kept: another gateway runs the response now, or it
+    /// ended, or was deleted.
+    pub(super) async fn keep(&mut self, seq: u64, event: String) -> Result<(), Stop> {
+        if seq < self.resume_at {
+            return Ok(());
+        }
+        if self.lost.is_cancelled() {
+            return Err(Stop::Lost);
+        }
+        let event = Bytes::from(event);
+        let cancelling = match self
+            .store
+            .append_events(&self.tenant, &self.id, seq, &[event.to_vec()])
+            .await
+        {
+            Ok(Appended {
+                kept: true,
+                running,
+            }) => running == Some(Running::Cancelling),
+            Ok(_) => return Err(Stop::Lost),
+            Err(e) => {
+                // Its lease runs out; a gateway takes it over from the
+                // events kept.
+                tracing::warn!(error = %e, response = %self.id, "cannot keep a background response's event; it goes on later");
+                return Err(Stop::Lost);
+            }
+        };
+        if let Some(client) = &self.client {
+            if client.send(event).await.is_err() {
+                self.client = None;
+            }
+        }
+        if cancelling {
+            Err(Stop::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Holds the response's lease while `run` runs (it stops when the lease
+/// is lost), then lets it go.
+async fn holding<F>(bg: Arc<Background>, id: String, lost: CancellationToken, run: F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let lease = lease_name(&id);
+    let renew = {
+        let (bg, lease, lost) = (bg.clone(), lease.clone(), lost.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = lost.cancelled() => return,
+                    _ = tokio::time::sleep(RENEW_EVERY) => {}
+                }
+                if !matches!(
+                    bg.leases.claim_lease(&lease, &bg.holder, LEASE_MS).await,
+                    Ok(true)
+                ) {
+                    tracing::warn!(%lease, "lost a background response's lease; it stops here");
+                    lost.cancel();
+                    return;
+                }
+            }
+        })
+    };
+    run.await;
+    lost.cancel();
+    let _ = renew.await;
+    let _ = bg.leases.release_lease(&lease, &bg.holder).await;
+    bg.done(&id);
+}
+
+/// Starts a background response admitted as `exchange` (its request for
+/// the replica made): keeps it as `queued`, answers at once (the response
+/// object, or its event stream with `stream`), and runs it in a task of its
+/// own.
+pub(super) async fn start(
+    g: Arc<Inference>,
+    run: Run,
+    request: ReplicaRequest,
+    exchange: Exchange,
+    prefer: Option<String>,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    let bg = g.background.clone();
+    let tenant = request.principal.tenant.id.clone();
+    let id = run.meta.id.clone();
+    // Marked as run here first: this gateway's look for responses to take
+    // over must not take it too.
+    bg.take(&id);
+    let kept = async {
+        let claimed = bg
+            .leases
+            .claim_lease(&lease_name(&id), &bg.holder, LEASE_MS)
+            .await
+            .map_err(store_error)?;
+        if !claimed {
+            return Err(ApiError::internal("A new response's id is taken."));
+        }
+        bg.store
+            .put_running(&tenant, &run.row(&Outcome::Queued, None))
+            .await
+            .map_err(store_error)
+    }
+    .await;
+    if let Err(e) = kept {
+        bg.done(&id);
+        return Err(e);
+    }
+    let (tx, rx) = if stream {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let log = Log {
+        store: bg.store.clone(),
+        tenant,
+        id: id.clone(),
+        resume_at: 0,
+        client: tx,
+        lost: bg.stopping.child_token(),
+    };
+    let queued = response_object(&run.meta, &Outcome::Queued, &[], None);
+    let lost = log.lost.clone();
+    let span = tracing::Span::current();
+    tokio::spawn(
+        holding(
+            bg,
+            id,
+            lost,
+            go(
+                g,
+                run,
+                request,
+                exchange,
+                prefer,
+                log,
+                EventWriter::default(),
+                Reply::new(None),
+            ),
+        )
+        .instrument(span),
+    );
+    Ok(match rx {
+        Some(rx) => {
+            let events = futures_util::stream::unfold(rx, |mut rx| async move {
+                let event = rx.recv().await?;
+                Some((Ok::<_, std::io::Error>(event), rx))
+            });
+            event_stream(StatusCode::OK, Body::from_stream(events))
+        }
+        None => Json(queued).into_response(),
+    })
+}
+
+/// Sends the turn to a replica (`request`, with its body continued after
+/// what `reply` holds already) and streams the answer into the log to the
+/// end; a response refused before any answer ends failed.
+#[allow(clippy::too_many_arguments)]
+async fn go(
+    g: Arc<Inference>,
+    run: Run,
+    request: ReplicaRequest,
+    exchange: Exchange,
+    prefer: Option<String>,
+    mut log: Log,
+    events: EventWriter,
+    mut reply: Reply,
+) {
+    let mut first = request.clone();
+    if reply.deltas > 0 {
+        first.body = Bytes::from(continued(&run.chat, &reply.text, reply.deltas).to_string());
+    }
+    let upstream = match g.relay.send(&first, prefer.as_deref()).await {
+        Ok((flight, upstream)) if upstream.status().is_success() => Ok((flight, upstream)),
+        Ok((_, upstream)) => {
+            let status = upstream.status();
+            let body = upstream.bytes().await.unwrap_or_default();
+            Err(refusal(status, &body))
+        }
+        Err(refused) => {
+            let status = refused.status();
+            let body = axum::body::to_bytes(refused.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            Err(refusal(status, &body))
+        }
+    };
+    let (flight, upstream) = match upstream {
+        Ok(sent) => sent,
+        Err(e) => return end_early(&g, &run, &mut log, events, Outcome::Failed(e)).await,
+    };
+    let replica = flight.replica().endpoint.id.clone();
+    let _ = g
+        .background
+        .store
+        .put_running(&log.tenant, &run.row(&Outcome::InProgress, Some(replica)))
+        .await;
+    reply.item_id = run.item_id.clone();
+    let text = reply.text.clone();
+    let answer = Answer::continuing(
+        g.relay.clone(),
+        request,
+        flight,
+        upstream,
+        text,
+        reply.deltas.into(),
+    );
+    let turn = Turn {
+        meter: g.relay.ledger.meter(&answer.request().model),
+        answer,
+        g,
+        meta: run.meta,
+        input: run.input,
+        context: run.context,
+        exchange,
+        events,
+        sink: Sink::Kept(log),
+    };
+    let _ = turn.pump(reply).await;
+}
+
+/// A refusal (the relay's or the replica's) as the response's error.
+fn refusal(status: StatusCode, body: &[u8]) -> ApiError {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("The replica answered {status}."));
+    let mut e = ApiError::bad_gateway(message);
+    e.status = status.as_u16();
+    e
+}
+
+/// Ends a response that never reached a replica (or may not go on): its
+/// last event, then its row.
+async fn end_early(
+    g: &Inference,
+    run: &Run,
+    log: &mut Log,
+    mut events: EventWriter,
+    outcome: Outcome,
+) {
+    events.skip_to(log.resume_at);
+    let response = response_object(&run.meta, &outcome, &[], None);
+    let kind = match outcome {
+        Outcome::Cancelled => "response.cancelled",
+        _ => "response.failed",
+    };
+    let seq = events.next();
+    let event = events.event(kind, json!({"response": response}));
+    if let Err(Stop::Lost) = log.keep(seq, event).await {
+        return;
+    }
+    let doc = document(&response, &run.input, &run.context);
+    end(g, &log.tenant, &run.meta, None, doc, &[]).await;
+}
+
+/// Stores the response as it ended (`doc`; `replica` served it), with
+/// `items` appended to its conversation; when the conversation is gone,
+/// the response alone (so it no longer runs).
+pub(super) async fn end(
+    g: &Inference,
+    tenant: &TenantId,
+    meta: &ResponseMeta,
+    replica: Option<String>,
+    doc: Value,
+    items: &[strata_core::store::StoredItem],
+) {
+    let mut record = StoredResponse {
+        id: meta.id.clone(),
+        created_at_ms: meta.created_at * 1000,
+        model: meta.model.clone(),
+        conversation_id: meta.conversation.clone(),
+        replica,
+        content: serde_json::to_vec(&doc).expect("JSON values serialise"),
+    };
+    let conversations = &g.objects.conversations;
+    match conversations.put_response(tenant, &record, items).await {
+        Ok(true) => {}
+        Ok(false) => {
+            record.conversation_id = None;
+            let _ = conversations.put_response(tenant, &record, &[]).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, response = %record.id, "cannot store a background response's end; it is ended again later")
+        }
+    }
+}
+
+/// Looks for background responses whose gateway died and takes them over,
+/// until `cancel`.
+pub async fn take_over(g: Arc<Inference>, cancel: CancellationToken) {
+    let bg = g.background.clone();
+    loop {
+        match bg.store.running_responses().await {
+            Ok(open) => {
+                for (tenant, id) in open {
+                    if !bg.take(&id) {
+                        continue;
+                    }
+                    match bg
+                        .leases
+                        .claim_lease(&lease_name(&id), &bg.holder, LEASE_MS)
+                        .await
+                    {
+                        Ok(true) => {
+                            let (g, bg, lost) = (g.clone(), bg.clone(), bg.stopping.child_token());
+                            let span =
+                                tracing::info_span!("background", response = %id, tenant = %tenant);
+                            tokio::spawn(
+                                holding(bg, id.clone(), lost.clone(), async move {
+                                    if let Err(e) = adopt(&g, &tenant, &id, lost).await {
+                                        tracing::warn!(error = %e, "cannot take a background response over; trying again later");
+                                    }
+                                })
+                                .instrument(span),
+                            );
+                        }
+                        Ok(false) => bg.done(&id),
+                        Err(e) => {
+                            bg.done(&id);
+                            tracing::warn!(error = %e, response = %id, "background response lease");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list running background responses"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
+        }
+    }
+}
+
+/// Goes on with a running response whose gateway died: from its kept
+/// events (ending it as they say, when its last event was kept already),
+/// as the key that created it, through admission again.
+async fn adopt(
+    g: &Arc<Inference>,
+    tenant: &TenantId,
+    id: &str,
+    lost: CancellationToken,
+) -> Result<(), String> {
+    let bg = &g.background;
+    let stored = g
+        .objects
+        .conversations
+        .response(tenant, id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the response is gone")?;
+    let run = serde_json::from_slice::<Value>(&stored.content)
+        .ok()
+        .as_ref()
+        .and_then(Run::read);
+    let Some(run) = run else {
+        // Marked as running without what it takes to run (a row put back
+        // from an older copy): it ends as it is, and is not run again.
+        let mut ended = stored;
+        ended.conversation_id = None;
+        g.objects
+            .conversations
+            .put_response(tenant, &ended, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        return Err("the response cannot be run (no run kept); ended as it was".into());
+    };
+    let mut kept = Vec::new();
+    loop {
+        let after = kept.last().map(|(seq, _)| *seq);
+        let page = bg
+            .store
+            .events(tenant, id, after, PAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        if page.is_empty() {
+            break;
+        }
+        kept.extend(page);
+    }
+    let resume_at = kept.last().map_or(0, |(seq, _)| seq + 1);
+    tracing::info!(response = %id, events = resume_at, "taking a background response over");
+    let mut log = Log {
+        store: bg.store.clone(),
+        tenant: tenant.clone(),
+        id: id.to_owned(),
+        resume_at,
+        client: None,
+        lost,
+    };
+    // Its last event was kept: only its row was not written.
+    if let Some((_, last)) = kept.last().filter(|(_, e)| ENDS.contains(&kind_of(e))) {
+        let response = data_of(last)["response"].clone();
+        let output = items_of(&response["output"]);
+        let items: Vec<_> = match kind_of(last) {
+            "response.completed" | "response.incomplete" => run
+                .input
+                .iter()
+                .chain(&output)
+                .map(|i| crate::api::objects::stored_item(i, strata_core::now_ms()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let doc = document(&response, &run.input, &run.context);
+        end(g, tenant, &run.meta, stored.replica, doc, &items).await;
+        return Ok(());
+    }
+    let events = EventWriter::default();
+    if bg
+        .store
+        .running(tenant, id)
+        .await
+        .map_err(|e| e.to_string())?
+        == Some(Running::Cancelling)
+    {
+        end_early(g, &run, &mut log, events, Outcome::Cancelled).await;
+        return Ok(());
+    }
+    let mut reply = Reply::new(Some(run.item_id.clone()));
+    for (_, e) in &kept {
+        if kind_of(e) == "response.output_text.delta" {
+            if let Some(delta) = data_of(e)["delta"].as_str() {
+                reply.text.push_str(delta);
+                reply.deltas += 1;
+            }
+        }
+    }
+    let Some(principal) = principal(bg, tenant, &run.key_id).await? else {
+        let e = ApiError::forbidden("The API key that created the response was revoked.");
+        end_early(g, &run, &mut log, events, Outcome::Failed(e)).await;
+        return Ok(());
+    };
+    let body = Bytes::from(run.chat.to_string());
+    let generation = match parse_body::<ChatCompletionRequest>(&body).and_then(|c| c.validate()) {
+        Ok(generation) => generation,
+        Err(e) => {
+            end_early(g, &run, &mut log, events, Outcome::Failed(e)).await;
+            return Ok(());
+        }
+    };
+    let (charge, estimated_tokens) = match g.admit(&principal, &generation, None, body.len()).await
+    {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            end_early(g, &run, &mut log, events, Outcome::Failed(e)).await;
+            return Ok(());
+        }
+    };
+    let request = ReplicaRequest {
+        path: "/v1/chat/completions",
+        prefix: g
+            .relay
+            .replicas
+            .prefix_of(tenant.as_str(), &generation.input),
+        principal,
+        session: run.session.clone(),
+        body,
+        model: generation.model,
+        estimated_tokens,
+    };
+    let exchange = Exchange {
+        charge,
+        request_id: strata_core::openai::request_id(),
+        arrived: Instant::now(),
+        stream: true,
+    };
+    go(
+        g.clone(),
+        run,
+        request,
+        exchange,
+        stored.replica,
+        log,
+        events,
+        reply,
+    )
+    .await;
+    Ok(())
+}
+
+/// The principal a taken-over response runs as: its key, if it still works.
+async fn principal(
+    bg: &Background,
+    tenant: &TenantId,
+    key_id: &str,
+) -> Result<Option<Arc<Principal>>, String> {
+    let key = bg
+        .keys
+        .key(tenant, key_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let t = bg.tenants.tenant(tenant).await.map_err(|e| e.to_string())?;
+    Ok(match (key, t) {
+        (Some(key), Some(tenant)) if key.is_active(strata_core::now_ms()) => {
+            let class = Class::of(key.priority, tenant.priority);
+            Some(Arc::new(Principal { key, tenant, class }))
+        }
+        _ => None,
+    })
+}
+
+/// `GET /v1/responses/{id}?stream=true`: the response's events after
+/// `after` as they were kept, then those that follow, until its last one.
+pub(super) fn follow(
+    store: Arc<dyn BackgroundStore>,
+    tenant: TenantId,
+    id: String,
+    after: Option<u64>,
+) -> Response {
+    struct At {
+        store: Arc<dyn BackgroundStore>,
+        tenant: TenantId,
+        id: String,
+        after: Option<u64>,
+        ended: bool,
+    }
+    let at = At {
+        store,
+        tenant,
+        id,
+        after,
+        ended: false,
+    };
+    let events = futures_util::stream::unfold(at, |mut at| async move {
+        if at.ended {
+            return None;
+        }
+        loop {
+            let page = match at.store.events(&at.tenant, &at.id, at.after, PAGE).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, response = %at.id, "cannot read a background response's events");
+                    return None;
+                }
+            };
+            if let Some((last, _)) = page.last() {
+                at.after = Some(*last);
+                at.ended = page.iter().any(|(_, e)| ENDS.contains(&kind_of(e)));
+                let bytes: Vec<u8> = page.into_iter().flat_map(|(_, e)| e).collect();
+                return Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), at));
+            }
+            // Nothing new: the response still runs, or it ended with
+            // nothing more to send (deleted, or ended without its event).
+            match at.store.running(&at.tenant, &at.id).await {
+                Ok(Some(_)) => tokio::time::sleep(FOLLOW_EVERY).await,
+                _ => {
+                    // One more read: its last events may have been kept
+                    // just before it ended.
+                    at.ended = true;
+                    let page = at
+                        .store
+                        .events(&at.tenant, &at.id, at.after, PAGE)
+                        .await
+                        .unwrap_or_default();
+                    if page.is_empty() {
+                        return None;
+                    }
+                    at.after = page.last().map(|(seq, _)| *seq);
+                    let bytes: Vec<u8> = page.into_iter().flat_map(|(_, e)| e).collect();
+                    return Some((Ok(Bytes::from(bytes)), at));
+                }
+            }
+        }
+    });
+    event_stream(StatusCode::OK, Body::from_stream(events))
+}
+
+/// Asks a background response to stop and waits (a while) for it to; the
+/// response as it stands then.
+pub(super) async fn cancel(
+    store: &dyn BackgroundStore,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Option<bool>, ApiError> {
+    let asked = store
+        .cancel_running(tenant, id)
+        .await
+        .map_err(store_error)?;
+    if asked == Some(true) {
+        let until = Instant::now() + CANCEL_WAIT;
+        while Instant::now() < until {
+            if store
+                .running(tenant, id)
+                .await
+                .map_err(store_error)?
+                .is_none()
+            {
+                break;
+            }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+        }
+    }
+    Ok(asked)
+}

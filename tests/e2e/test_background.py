@@ -1,0 +1,132 @@
+"""Background responses through the official openai SDK against the real
+`strata serve` (the real model): the answer runs server-side whatever the
+client does, is polled, its event stream is resumed after the last event a
+client saw, and a cancel stops it. (A gateway killed mid-answer, and the
+stream resumed on another, is in test_cluster.py.)"""
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL_ID
+
+LONG = {"model": MODEL_ID, "temperature": 0}
+
+
+def poll(client, rid, timeout=180):
+    """The response once it no longer runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = client.responses.retrieve(rid)
+        if r.status not in ("queued", "in_progress"):
+            return r
+        time.sleep(0.2)
+    raise AssertionError(f"{rid} still runs after {timeout}s")
+
+
+def deltas(events):
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def test_a_background_response_is_polled_and_its_stream_replayed(client):
+    r = client.responses.create(input="Count from one to twenty.", background=True, max_output_tokens=24, **LONG)
+    # It answers at once, before the answer exists.
+    assert r.status == "queued" and r.background is True and r.output == []
+    done = poll(client, r.id)
+    assert done.status == "incomplete" and done.usage.output_tokens == 24
+    assert done.output_text and done.background is True
+    # The whole stream, kept: numbered from 0 without a gap, the deltas
+    # making the stored text, the last event the stored response.
+    events = list(client.responses.retrieve(r.id, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[0].response.status == "queued"
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == deltas(events) == done.output_text
+    # From any point on: exactly the events after it.
+    tail = list(client.responses.retrieve(r.id, stream=True, starting_after=5))
+    assert [e.sequence_number for e in tail] == list(range(6, len(events)))
+    assert [e.type for e in tail] == [e.type for e in events[6:]]
+
+
+def test_a_stream_left_by_its_client_goes_on_and_is_resumed(client):
+    stream = client.responses.create(input="Write a short story about a lighthouse keeper.", background=True,
+                                     stream=True, max_output_tokens=64, **LONG)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.sequence_number >= 8:
+            break
+    stream.close()
+    rid = seen[0].response.id
+    # The client is gone; the answer goes on without it.
+    time.sleep(1)
+    rest = list(client.responses.retrieve(rid, stream=True, starting_after=seen[-1].sequence_number))
+    events = seen + rest
+    assert [e.sequence_number for e in events] == list(range(len(events))), "no gap, no duplicate"
+    final = events[-1].response
+    assert events[-1].type == "response.incomplete" and final.usage.output_tokens == 64
+    assert final.output_text == deltas(events)
+    assert poll(client, rid).output_text == final.output_text
+
+
+def test_a_cancel_stops_a_background_response(server, client):
+    r = client.responses.create(input="Write a very long story about the sea.", background=True,
+                                max_output_tokens=4000, **LONG)
+    # Cancelled once it streams.
+    stream = client.responses.retrieve(r.id, stream=True)
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()
+    cancelled = client.responses.cancel(r.id)
+    assert cancelled.status == "cancelled", cancelled
+    # It stopped: what it generated is far from the 4,000 tokens asked for,
+    # and stays as it was.
+    stored = client.responses.retrieve(r.id)
+    assert stored.status == "cancelled" and stored.usage.output_tokens < 1000
+    time.sleep(1)
+    assert client.responses.retrieve(r.id).usage.output_tokens == stored.usage.output_tokens
+    events = list(client.responses.retrieve(r.id, stream=True))
+    assert events[-1].type == "response.cancelled"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # A second cancel answers the same.
+    assert client.responses.cancel(r.id).status == "cancelled"
+
+    # A response that did not run in the background cannot be cancelled,
+    # nor its stream read again.
+    plain = client.responses.create(input="Hi.", max_output_tokens=2, **LONG)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(plain.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.retrieve(plain.id, stream=True)
+
+    # Another tenant finds none of it; a reader may not cancel.
+    other = server.admin("POST", "/admin/v1/tenants", {"name": "background-b"}, expect=201).json()
+    b = server.client(server.new_key(other["id"], "member"))
+    for call in [lambda: b.responses.retrieve(r.id), lambda: b.responses.cancel(r.id),
+                 lambda: list(b.responses.retrieve(r.id, stream=True))]:
+        with pytest.raises(openai.NotFoundError):
+            call()
+    reader = server.client(server.new_key(server.tenant["id"], "reader"))
+    with pytest.raises(openai.PermissionDeniedError):
+        reader.responses.cancel(r.id)
+
+
+@pytest.mark.parametrize("query,param", [
+    ("stream=maybe", "stream"),
+    ("stream=true&starting_after=-1", "starting_after"),
+    ("stream=true&starting_after=x", "starting_after"),
+    ("starting_after=3", "starting_after"),
+])
+def test_bad_stream_queries_get_openai_shaped_errors(server, client, query, param):
+    r = client.responses.create(input="Hi.", background=True, max_output_tokens=2, **LONG)
+    got = httpx.get(f"{server.base}/v1/responses/{r.id}?{query}", headers=server.headers, timeout=30)
+    assert got.status_code == 400, got.text
+    assert got.json()["error"]["param"] == param
+
+
+def test_a_background_response_is_stored(server):
+    r = httpx.post(f"{server.base}/v1/responses", headers=server.headers, timeout=30,
+                   json={"model": MODEL_ID, "input": "Hi.", "background": True, "store": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "store", r.text
