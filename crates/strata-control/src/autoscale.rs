@@ -72,6 +72,10 @@ pub struct Signal {
     /// Batch lines holding or waiting for a slot: they keep one replica
     /// (no scale to zero under a running batch) and ask for no more.
     pub batch_lines: u32,
+    /// Tokens a second running batches need to end within their windows:
+    /// replicas are added for it only where the interactive demand leaves
+    /// too little of the pool.
+    pub batch_tokens_per_s: f64,
     /// Tokens per second one replica serves at full load (measured).
     pub capacity_per_replica: f64,
     /// Requests one replica takes at once (0: not known). Prompts and
@@ -100,6 +104,7 @@ impl Signal {
             in_flight: 0,
             queued: 0,
             batch_lines: 0,
+            batch_tokens_per_s: 0.0,
             capacity_per_replica,
             slots_per_replica: 0,
             ttft_p95_ms: None,
@@ -126,6 +131,8 @@ pub enum Reason {
     FromZero,
     /// A latency objective was missed while requests waited.
     SloMiss,
+    /// A batch would miss its window on what interactive work leaves.
+    BatchWindow,
 }
 
 /// One decision, with the inputs that made it (stored for `strata decisions`).
@@ -232,7 +239,12 @@ impl Autoscaler {
             0 => 0,
             slots => s.in_flight.div_ceil(slots) + u32::from(s.queued > 0),
         });
-        let (stable_need, panic_need) = (clamp(need(stable).max(busy)), clamp(need(burst)));
+        // Batches' need counts only where the pool would not serve it
+        // beside the interactive demand.
+        let batch = last.map_or(0.0, |s| s.batch_tokens_per_s);
+        let interactive_need = clamp(need(stable).max(busy));
+        let stable_need = interactive_need.max(clamp(need(stable + batch)));
+        let panic_need = clamp(need(burst));
         let waiting = last.is_some_and(|s| s.in_flight > 0 || s.queued > 0 || s.batch_lines > 0);
         let decision = |desired: u32, reason: Reason| Decision {
             at: now,
@@ -300,7 +312,12 @@ impl Autoscaler {
             return decision(desired, reason);
         }
         if stable_need > current {
-            return decision(stable_need, Reason::ScaleUp);
+            let reason = if interactive_need > current {
+                Reason::ScaleUp
+            } else {
+                Reason::BatchWindow
+            };
+            return decision(stable_need, reason);
         }
         let started = last.is_none_or(|s| s.ready.is_none_or(|r| r >= current));
         let miss = self.slo_miss();
@@ -621,6 +638,48 @@ mod tests {
             ..Signal::demand(at, 0.0, CAP)
         });
         assert_eq!(s.decide(at, 0).desired, 1);
+    }
+
+    #[test]
+    fn a_batch_that_would_miss_its_window_adds_replicas_and_no_more() {
+        let mut s = Autoscaler::new(policy());
+        let mut n = 2;
+        let planned = CAP * policy().target_utilisation;
+        // Interactive demand for 1.5 replicas; a batch that needs half a
+        // replica's planned rate fits beside it: no replica for it.
+        let fits = |s: &mut Autoscaler, t: u64, batch: f64, n: u32| {
+            let at = Duration::from_secs(t);
+            s.observe(Signal {
+                batch_lines: 40,
+                batch_tokens_per_s: batch,
+                ..Signal::demand(at, 1.5 * planned, CAP)
+            });
+            s.decide(at, n)
+        };
+        for t in (0..120).step_by(2) {
+            let d = fits(&mut s, t, 0.4 * planned, n);
+            n = d.desired;
+        }
+        assert_eq!(n, 2);
+        // Its window nears: it needs two replicas' rate; the pool grows
+        // to what both need, and says the batch drove it.
+        let d = fits(&mut s, 120, 2.0 * planned, n);
+        assert_eq!((d.desired, d.reason), (4, Reason::BatchWindow), "{d:?}");
+        n = d.desired;
+        // And holds while the batch needs it.
+        for t in (122..300).step_by(2) {
+            n = fits(&mut s, t, 2.0 * planned, n).desired;
+        }
+        assert_eq!(n, 4);
+        // The batch finishes: back to what interactive work needs after
+        // the scale-down delay.
+        for t in (300..1200).step_by(2) {
+            n = fits(&mut s, t, 0.0, n).desired;
+        }
+        assert_eq!(n, 2);
+        // Never beyond max_replicas, whatever a batch needs.
+        let d = fits(&mut s, 1200, 1000.0 * planned, n);
+        assert_eq!(d.desired, policy().max_replicas);
     }
 
     #[test]

@@ -381,6 +381,7 @@ impl Controller {
             in_flight: load.in_flight as u32,
             queued: load.waiting as u32,
             batch_lines: load.batch_lines as u32,
+            batch_tokens_per_s: load.batch_tokens_per_s,
             capacity_per_replica: self.meter.capacity(unit_profile),
             slots_per_replica: self.spec.slots_per_replica,
             ttft_p95_ms: load.ttft_p95_ms,
@@ -655,9 +656,12 @@ async fn record(
         "in_flight": load.in_flight,
         "waiting": load.waiting,
         "batch_lines": load.batch_lines,
-        // Which class's work drove the step: batch lines alone only ever
-        // hold one replica; anything more is interactive demand.
-        "class": if load.in_flight == 0 && load.waiting == 0 && load.batch_lines > 0
+        "batch_tokens_per_s": load.batch_tokens_per_s,
+        // Which class's work drove the step: batch lines alone hold one
+        // replica, a batch that would miss its window adds what it needs;
+        // anything else is interactive demand.
+        "class": if d.is_some_and(|d| d.reason == Reason::BatchWindow)
+            || load.in_flight == 0 && load.waiting == 0 && load.batch_lines > 0
             && d.is_none_or(|d| d.stable_demand <= 0.0 && d.panic_demand <= 0.0)
         {
             "batch"

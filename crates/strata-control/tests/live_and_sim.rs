@@ -107,6 +107,7 @@ fn load_at(t: Duration) -> Load {
         in_flight: if rate > 0.0 { 4 } else { 0 },
         waiting: usize::from(rate > 300.0) * 3,
         batch_lines: 0,
+        batch_tokens_per_s: 0.0,
         routable: 1,
         ttft_p95_ms: None,
         tpot_p95_ms: None,

@@ -356,6 +356,37 @@ pub fn failed_line(id: &str, custom_id: &str, code: &str, message: &str) -> Valu
     })
 }
 
+/// How a running batch goes: what it has left and what its finished lines
+/// cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub lines_left: u64,
+    /// Lines finished in this run, and their tokens (prompt + output).
+    pub finished: u64,
+    pub finished_tokens: u64,
+    /// When its window ends (Unix milliseconds).
+    pub deadline_ms: i64,
+    /// Tokens a second its batch token limit lets it use (`None`: no limit).
+    pub cap_per_s: Option<f64>,
+}
+
+impl Pace {
+    /// Tokens a second the batch needs from `now_ms` on to end within its
+    /// window: its lines left at its finished lines' mean size, over the
+    /// seconds left; never more than its limit lets it use (replicas
+    /// beyond that would not make it faster). Zero until a line has
+    /// finished (its size is not known) and once the window is over.
+    pub fn needed_per_s(&self, now_ms: i64) -> f64 {
+        let secs_left = (self.deadline_ms - now_ms) as f64 / 1000.0;
+        if self.finished == 0 || self.lines_left == 0 || secs_left <= 0.0 {
+            return 0.0;
+        }
+        let mean = self.finished_tokens as f64 / self.finished as f64;
+        let needed = self.lines_left as f64 * mean / secs_left.max(1.0);
+        self.cap_per_s.map_or(needed, |cap| needed.min(cap))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,5 +482,40 @@ mod tests {
         let mut b = json!({});
         set_status(&mut b, Status::Completed, 7);
         assert_eq!(b["completed_at"], 7);
+    }
+
+    #[test]
+    fn a_batch_needs_its_lines_left_over_the_time_left_at_most_its_limit() {
+        let pace = Pace {
+            lines_left: 1_000,
+            finished: 10,
+            finished_tokens: 2_000,
+            deadline_ms: 100_000,
+            cap_per_s: None,
+        };
+        // 1,000 lines of 200 tokens in 100 s: 2,000 tokens a second.
+        assert_eq!(pace.needed_per_s(0), 2_000.0);
+        // Half the time left: twice as fast.
+        assert_eq!(pace.needed_per_s(50_000), 4_000.0);
+        // Its own limit caps what more replicas could give it.
+        let capped = Pace {
+            cap_per_s: Some(500.0),
+            ..pace
+        };
+        assert_eq!(capped.needed_per_s(0), 500.0);
+        // Nothing known yet, nothing left, or too late: no need.
+        for p in [
+            Pace {
+                finished: 0,
+                ..pace
+            },
+            Pace {
+                lines_left: 0,
+                ..pace
+            },
+        ] {
+            assert_eq!(p.needed_per_s(0), 0.0);
+        }
+        assert_eq!(pace.needed_per_s(100_000), 0.0);
     }
 }

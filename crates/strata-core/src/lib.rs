@@ -88,6 +88,10 @@ pub struct Load {
     /// what interactive work leaves), but a pool they run on is kept at
     /// one replica at least rather than scaled to zero under them.
     pub batch_lines: usize,
+    /// Tokens a second the batches running here need to end within their
+    /// windows (`batch::Pace::needed_per_s`, summed): the controller adds
+    /// replicas for it only where interactive work leaves too little.
+    pub batch_tokens_per_s: f64,
     /// Replicas that take requests.
     pub routable: usize,
     /// p95 time to first token and time per output token (streamed

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::api::batch_runner::BatchRunner;
+use crate::api::batch_runner::{BatchRunner, Paces};
 use crate::api::catalog::CatalogModel;
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
@@ -442,11 +442,15 @@ impl Gateway {
                 background.clone(),
             ));
         }
+        let paces = Arc::new(Paces::default());
         tasks.spawn(follow_capacity(
             gate,
             replicas.clone(),
             metrics,
-            links.load,
+            LoadReport {
+                to: links.load,
+                paces: paces.clone(),
+            },
             catalog,
             dashboard.clone(),
             background.clone(),
@@ -473,6 +477,7 @@ impl Gateway {
             holder,
             lines_in_flight: settings.batch.lines_in_flight,
             wake: objects.batch_created.clone(),
+            paces,
         });
         tasks.spawn(runner.run(background.clone()));
         tasks.spawn(crate::api::responses::background::take_over(
@@ -547,17 +552,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// Where a gateway reports its load (to the controller's link; nowhere
+/// without one), with the pace of the batches it runs.
+struct LoadReport {
+    to: Option<watch::Sender<Loads>>,
+    paces: Arc<Paces>,
+}
+
 /// Keeps each pool's fair-queue capacity at its ready replicas × slots, and
 /// the load gauges current; samples the load for the dashboard.
 async fn follow_capacity(
     gate: Arc<Gate>,
     replicas: Arc<ReplicaSet>,
     metrics: Arc<GatewayMetrics>,
-    load: Option<watch::Sender<Loads>>,
+    report: LoadReport,
     mut catalog: watch::Receiver<Vec<CatalogModel>>,
     dashboard: Arc<Dashboard>,
     cancel: CancellationToken,
 ) {
+    let LoadReport { to: load, paces } = report;
     let slots = gate.slots_per_replica();
     let mut sampled = (Instant::now(), metrics.tokens.get());
     loop {
@@ -585,12 +598,12 @@ async fn follow_capacity(
             let models = catalog.iter().filter(|m| !m.is_alias());
             metrics.track_models(models.clone().map(|m| m.id.as_str()));
             load.send_replace(Loads {
-                total: pool_load(&gate, &replicas, &metrics, None),
+                total: pool_load(&gate, &replicas, &metrics, &paces, None),
                 by_model: models
                     .map(|m| {
                         (
                             m.id.clone(),
-                            pool_load(&gate, &replicas, &metrics, Some(&m.id)),
+                            pool_load(&gate, &replicas, &metrics, &paces, Some(&m.id)),
                         )
                     })
                     .collect(),
@@ -609,9 +622,11 @@ fn pool_load(
     gate: &Gate,
     replicas: &ReplicaSet,
     metrics: &GatewayMetrics,
+    paces: &Paces,
     model: Option<&str>,
 ) -> Load {
     let (in_flight, waiting, batch_lines) = gate.pools().load_of(model);
+    let batch_tokens_per_s = paces.needed_per_s(model);
     let routable = replicas.ready_in(None, model);
     let demand = model.and_then(|m| metrics.demand(m));
     let Some(d) = demand else {
@@ -623,6 +638,7 @@ fn pool_load(
             in_flight,
             waiting,
             batch_lines,
+            batch_tokens_per_s,
             routable,
             ttft_p95_ms,
             tpot_p95_ms,
@@ -636,6 +652,7 @@ fn pool_load(
         in_flight,
         waiting,
         batch_lines,
+        batch_tokens_per_s,
         routable,
         ttft_p95_ms,
         tpot_p95_ms,

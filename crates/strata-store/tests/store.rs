@@ -573,6 +573,7 @@ async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Pa
     let load = |requests| strata_core::Load {
         requests_total: requests,
         batch_lines: requests as usize * 10,
+        batch_tokens_per_s: requests as f64 * 1.5,
         ..Default::default()
     };
     store.report_load("gw", "", &load(5)).await.unwrap();
@@ -602,6 +603,14 @@ async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Pa
             ("gw".into(), "code".into(), 2, 20)
         ]
     );
+    let needs: Vec<f64> = store
+        .gateway_loads(60_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.load.batch_tokens_per_s)
+        .collect();
+    assert_eq!(needs, [7.5, 6.0, 3.0]);
 }
 
 on_every_backend!(

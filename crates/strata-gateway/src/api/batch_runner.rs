@@ -17,7 +17,7 @@ use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use serde_json::{json, Value};
 use strata_core::batch::{
-    failed_line, parse_input, result_line, set_status, Line, Status, WINDOW_MS,
+    failed_line, parse_input, result_line, set_status, Line, Pace, Status, WINDOW_MS,
 };
 use strata_core::responses::new_id;
 use strata_core::store::{
@@ -60,6 +60,48 @@ pub struct BatchRunner {
     pub lines_in_flight: usize,
     /// Rung when a batch is created or cancelled.
     pub wake: Arc<Notify>,
+    /// How the batches run here go, for the load report.
+    pub paces: Arc<Paces>,
+}
+
+/// The pace of the batches a gateway runs, by batch, with each one's
+/// model: what the load report tells the controller they need to end
+/// within their windows.
+#[derive(Default)]
+pub struct Paces(std::sync::Mutex<HashMap<String, (String, Pace)>>);
+
+impl Paces {
+    fn set(&self, batch: &str, model: &str, pace: Pace) {
+        self.0
+            .lock()
+            .expect("paces lock")
+            .insert(batch.to_owned(), (model.to_owned(), pace));
+    }
+
+    fn forget(&self, batch: &str) {
+        self.0.lock().expect("paces lock").remove(batch);
+    }
+
+    /// Tokens a second the batches of `model` (of every model: `None`)
+    /// need now.
+    pub fn needed_per_s(&self, model: Option<&str>) -> f64 {
+        let now = strata_core::now_ms();
+        self.0
+            .lock()
+            .expect("paces lock")
+            .values()
+            .filter(|(m, _)| model.is_none_or(|model| model == m))
+            .map(|(_, pace)| pace.needed_per_s(now))
+            .sum()
+    }
+}
+
+/// Prompt and output tokens of a kept line (0 where it failed).
+fn tokens_of(line: &BatchLine) -> u64 {
+    serde_json::from_slice::<Value>(&line.content)
+        .ok()
+        .and_then(|v| v["response"]["body"]["usage"]["total_tokens"].as_u64())
+        .unwrap_or(0)
 }
 
 /// How one line went.
@@ -140,6 +182,7 @@ impl BatchRunner {
         if let Err(e) = self.run_batch(&tenant, &id, &lost).await {
             tracing::warn!(error = %e, batch = %id, "batch stopped; it resumes later");
         }
+        self.paces.forget(&id);
         lost.cancel();
         let _ = renew.await;
         let _ = self.leases.release_lease(&lease, &self.holder).await;
@@ -278,6 +321,26 @@ impl BatchRunner {
             .collect();
         let slots = Arc::new(Semaphore::new(self.lines_in_flight.max(1)));
         let mut running = JoinSet::new();
+        // What the batch needs to end in time: reported from its first
+        // finished line on, at most what its batch token limit allows.
+        let model = lines
+            .first()
+            .and_then(|l| l.body["model"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let limits = [&principal.key.limits, &principal.tenant.limits];
+        let cap_per_s = limits
+            .iter()
+            .filter_map(|l| l.batch_tokens_per_minute)
+            .min()
+            .map(|per_minute| f64::from(per_minute) / 60.0);
+        let mut pace = Pace {
+            lines_left: (lines.len() - done.len()) as u64,
+            finished: 0,
+            finished_tokens: 0,
+            deadline_ms: expires_ms,
+            cap_per_s,
+        };
         let mut cancelled = false;
         let mut revoked = false;
         let mut key_checked = std::time::Instant::now();
@@ -319,10 +382,13 @@ impl BatchRunner {
                 drop(permit);
                 outcome
             });
-            self.keep_finished(tenant, id, &mut running, false).await?;
+            self.keep_finished(tenant, id, &mut running, &mut pace, false)
+                .await?;
+            self.paces.set(id, &model, pace);
         }
         // Let what runs finish (a stopping gateway's lines end at once).
-        self.keep_finished(tenant, id, &mut running, true).await?;
+        self.keep_finished(tenant, id, &mut running, &mut pace, true)
+            .await?;
         if stop.is_cancelled() {
             return Ok(());
         }
@@ -352,6 +418,7 @@ impl BatchRunner {
         tenant: &TenantId,
         id: &str,
         running: &mut JoinSet<Outcome>,
+        pace: &mut Pace,
         all: bool,
     ) -> Result<(), String> {
         loop {
@@ -366,6 +433,9 @@ impl BatchRunner {
                     .finish_line(tenant, id, &line)
                     .await
                     .map_err(|e| e.to_string())?;
+                pace.lines_left = pace.lines_left.saturating_sub(1);
+                pace.finished += 1;
+                pace.finished_tokens += tokens_of(&line);
             }
         }
     }
@@ -591,5 +661,50 @@ async fn run_line(
             ok: status.is_success(),
             content: v.to_string().into_bytes(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_report_sums_each_models_batches_needs() {
+        // A kept line's tokens come from its answer's usage; a failed
+        // line has none.
+        let ok = result_line(
+            "b1",
+            "c1",
+            200,
+            "r1",
+            json!({"usage": {"total_tokens": 120}}),
+        );
+        let failed = failed_line("b2", "c2", "server_error", "no");
+        let kept = |v: Value| BatchLine {
+            line: 0,
+            ok: true,
+            content: v.to_string().into_bytes(),
+        };
+        assert_eq!((tokens_of(&kept(ok)), tokens_of(&kept(failed))), (120, 0));
+
+        let in_an_hour = strata_core::now_ms() + 3_600_000;
+        let pace = |lines_left| Pace {
+            lines_left,
+            finished: 1,
+            finished_tokens: 100,
+            deadline_ms: in_an_hour,
+            cap_per_s: None,
+        };
+        let paces = Paces::default();
+        paces.set("batch_a", "chat", pace(3_600));
+        paces.set("batch_b", "chat", pace(7_200));
+        paces.set("batch_c", "code", pace(36));
+        // About 100 and 200 tokens a second for chat's two, 1 for code's.
+        let near = |got: f64, want: f64| (got - want).abs() < want * 0.01;
+        assert!(near(paces.needed_per_s(Some("chat")), 300.0));
+        assert!(near(paces.needed_per_s(Some("code")), 1.0));
+        assert!(near(paces.needed_per_s(None), 301.0));
+        paces.forget("batch_b");
+        assert!(near(paces.needed_per_s(Some("chat")), 100.0));
     }
 }

@@ -15,13 +15,13 @@ impl LoadStore for SqlStore {
         let q = format!(
             "INSERT INTO gateway_loads (gateway, model, reported_at_ms, requests_total, tokens_total, \
              prompt_tokens_total, in_flight, waiting, routable, ttft_p95_ms, tpot_p95_ms, \
-             batch_lines) \
-             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
+             batch_lines, batch_tokens_per_s) \
+             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
              reported_at_ms = excluded.reported_at_ms, requests_total = excluded.requests_total, \
              tokens_total = excluded.tokens_total, prompt_tokens_total = excluded.prompt_tokens_total, \
              in_flight = excluded.in_flight, waiting = excluded.waiting, routable = excluded.routable, \
              ttft_p95_ms = excluded.ttft_p95_ms, tpot_p95_ms = excluded.tpot_p95_ms, \
-             batch_lines = excluded.batch_lines"
+             batch_lines = excluded.batch_lines, batch_tokens_per_s = excluded.batch_tokens_per_s"
         );
         sqlx::query(&self.sql(&q))
             .bind(gateway)
@@ -35,6 +35,7 @@ impl LoadStore for SqlStore {
             .bind(l.ttft_p95_ms)
             .bind(l.tpot_p95_ms)
             .bind(l.batch_lines as i64)
+            .bind(l.batch_tokens_per_s)
             .execute(&self.pool)
             .await
             .map_err(query_err)?;
@@ -70,6 +71,8 @@ impl LoadStore for SqlStore {
                     in_flight: count(r, "in_flight") as usize,
                     waiting: count(r, "waiting") as usize,
                     batch_lines: count(r, "batch_lines") as usize,
+                    // Not a number, or below zero (a forged row): none.
+                    batch_tokens_per_s: r.get::<f64, _>("batch_tokens_per_s").max(0.0),
                     routable: count(r, "routable") as usize,
                     ttft_p95_ms: r.get("ttft_p95_ms"),
                     tpot_p95_ms: r.get("tpot_p95_ms"),
