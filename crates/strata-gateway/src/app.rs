@@ -30,7 +30,7 @@ use crate::api::batch_runner::{BatchRunner, Paces};
 use crate::api::catalog::CatalogModel;
 use crate::api::generate::Inference;
 use crate::api::objects::Objects;
-use crate::api::responses::background::Background;
+use crate::api::running::Background;
 use crate::fleet::client::{replica_client, ReplicaAuth, Upstreams};
 use crate::fleet::replicas::ReplicaSet;
 use crate::fleet::snapshots::Snapshots;

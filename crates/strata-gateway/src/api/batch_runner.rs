@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::batches::Doc;
 use crate::api::files::BATCH_OUTPUT;
 use crate::api::generate::Inference;
+use crate::api::leased::Lease;
 use crate::tenancy::fairq::{Class, PREEMPT};
 use crate::tenancy::principal::Principal;
 
@@ -158,34 +159,21 @@ impl BatchRunner {
 
     /// Runs one batch while the lease is renewed; lets the lease go after.
     async fn hold(self: Arc<Self>, tenant: TenantId, id: String, stop: CancellationToken) {
-        let lease = lease_name(&id);
-        let lost = stop.child_token();
-        let renew = {
-            let (me, lease, lost) = (self.clone(), lease.clone(), lost.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = lost.cancelled() => return,
-                        _ = tokio::time::sleep(RENEW_EVERY) => {}
-                    }
-                    if !matches!(
-                        me.leases.claim_lease(&lease, &me.holder, LEASE_MS).await,
-                        Ok(true)
-                    ) {
-                        tracing::warn!(lease = %lease, "lost a batch's lease; stopping it here");
-                        lost.cancel();
-                        return;
-                    }
-                }
-            })
+        let lease = Lease {
+            leases: self.leases.clone(),
+            name: lease_name(&id),
+            holder: self.holder.clone(),
+            ttl_ms: LEASE_MS,
+            renew_every: RENEW_EVERY,
         };
-        if let Err(e) = self.run_batch(&tenant, &id, &lost).await {
+        let lost = stop.child_token();
+        let ran = lease
+            .hold(lost.clone(), self.run_batch(&tenant, &id, &lost))
+            .await;
+        if let Err(e) = ran {
             tracing::warn!(error = %e, batch = %id, "batch stopped; it resumes later");
         }
         self.paces.forget(&id);
-        lost.cancel();
-        let _ = renew.await;
-        let _ = self.leases.release_lease(&lease, &self.holder).await;
     }
 
     async fn load(&self, tenant: &TenantId, id: &str) -> Result<(StoredBatch, Doc), String> {

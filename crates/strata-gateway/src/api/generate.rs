@@ -53,7 +53,7 @@ pub struct Inference {
     pub started: u64,
     /// Background responses: where they and their events are kept, and
     /// which this gateway runs.
-    pub background: Arc<crate::api::responses::background::Background>,
+    pub background: Arc<crate::api::running::Background>,
 }
 
 #[utoipa::path(

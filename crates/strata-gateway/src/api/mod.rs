@@ -17,9 +17,11 @@ pub mod catalog;
 pub mod conversations;
 pub mod files;
 pub mod generate;
+pub mod leased;
 pub mod models;
 pub mod objects;
 pub mod responses;
+pub mod running;
 pub mod stored;
 
 /// The OpenAI routes, for a router whose state holds the generation and

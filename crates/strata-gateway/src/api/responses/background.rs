@@ -10,8 +10,7 @@
 //! store refuses a second), so two gateways that both think they run a
 //! response cannot both write it: the one refused stops.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -21,18 +20,21 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use strata_core::openai::{parse_body, ChatCompletionRequest};
-use strata_core::responses::{response_object, EventWriter, Item, Outcome, ResponseMeta};
-use strata_core::store::{
-    Appended, BackgroundStore, KeyStore, LeaseStore, Running, StoredResponse, TenantStore,
-};
+use strata_core::responses::{response_object, EventWriter, Outcome};
+use strata_core::store::{BackgroundStore, Running};
 use strata_core::tenant::TenantId;
 use strata_core::ApiError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{document, items_of, Reply, Sink, Stop, Turn};
 use crate::api::generate::Inference;
+use crate::api::leased::Lease;
+use crate::api::responses::kept::{
+    data_of, document, end, items_of, kind_of, Log, Run, Stop, ENDS,
+};
+use crate::api::responses::turn::{Reply, Sink, Turn};
+use crate::api::running::Background;
 use crate::http::error::{event_stream, store_error};
 use crate::relay::answer::Answer;
 use crate::relay::forward::{Exchange, ReplicaRequest};
@@ -53,217 +55,8 @@ const PAGE: u32 = 256;
 /// How long a cancel waits for the response to stop before answering.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
-/// The events after which nothing follows.
-const ENDS: [&str; 4] = [
-    "response.completed",
-    "response.incomplete",
-    "response.failed",
-    "response.cancelled",
-];
-
 fn lease_name(id: &str) -> String {
     format!("response/{id}")
-}
-
-/// The event's kind (`event: <kind>` of its SSE frame).
-fn kind_of(event: &[u8]) -> &str {
-    std::str::from_utf8(event)
-        .ok()
-        .and_then(|e| e.strip_prefix("event: "))
-        .and_then(|e| e.split('\n').next())
-        .unwrap_or_default()
-}
-
-/// The event's data, as JSON.
-fn data_of(event: &[u8]) -> Value {
-    std::str::from_utf8(event)
-        .ok()
-        .and_then(|e| e.split_once("\ndata: "))
-        .and_then(|(_, d)| serde_json::from_str(d.trim_end()).ok())
-        .unwrap_or_default()
-}
-
-/// What background responses need: the store of their rows and events,
-/// the leases, and what it takes to act as the key that created one.
-pub struct Background {
-    pub store: Arc<dyn BackgroundStore>,
-    pub leases: Arc<dyn LeaseStore>,
-    pub keys: Arc<dyn KeyStore>,
-    pub tenants: Arc<dyn TenantStore>,
-    /// Who holds the leases (unique per gateway process).
-    pub holder: String,
-    /// The responses this gateway runs.
-    running: Mutex<HashSet<String>>,
-    /// Cancelled when the gateway stops: its responses stop where they
-    /// are, unended, for the next gateway (or this one restarted).
-    stopping: CancellationToken,
-}
-
-impl Background {
-    pub fn new(
-        store: Arc<dyn BackgroundStore>,
-        leases: Arc<dyn LeaseStore>,
-        keys: Arc<dyn KeyStore>,
-        tenants: Arc<dyn TenantStore>,
-        holder: String,
-    ) -> Background {
-        Background {
-            store,
-            leases,
-            keys,
-            tenants,
-            holder,
-            running: Mutex::default(),
-            stopping: CancellationToken::new(),
-        }
-    }
-
-    /// Stops the responses this gateway runs where they are (each at its
-    /// next event), lets their leases go, and waits (a while) for that: a
-    /// gateway taking them over need not wait for the leases to run out.
-    pub async fn stop(&self) {
-        self.stopping.cancel();
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until
-            && !self
-                .running
-                .lock()
-                .expect("running responses lock")
-                .is_empty()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Marks `id` as run here; false when it is already.
-    fn take(&self, id: &str) -> bool {
-        self.running
-            .lock()
-            .expect("running responses lock")
-            .insert(id.to_owned())
-    }
-
-    fn done(&self, id: &str) {
-        self.running
-            .lock()
-            .expect("running responses lock")
-            .remove(id);
-    }
-}
-
-/// What a gateway needs to run a background response, kept with it (sealed)
-/// while it runs.
-#[derive(Clone)]
-pub(super) struct Run {
-    pub meta: ResponseMeta,
-    pub input: Vec<Item>,
-    pub context: Vec<Item>,
-    /// The id of the output message (the same whoever streams it).
-    pub item_id: String,
-    /// The key that created it: a gateway taking it over acts as this key.
-    pub key_id: String,
-    /// The chat request the replica gets, as first sent.
-    pub chat: Value,
-    pub session: Option<String>,
-}
-
-impl Run {
-    fn row(&self, outcome: &Outcome, replica: Option<String>) -> StoredResponse {
-        let response = response_object(&self.meta, outcome, &[], None);
-        let mut doc = document(&response, &self.input, &self.context);
-        doc["run"] = json!({
-            "item_id": self.item_id,
-            "key_id": self.key_id,
-            "chat": self.chat,
-            "session": self.session,
-        });
-        StoredResponse {
-            id: self.meta.id.clone(),
-            created_at_ms: self.meta.created_at * 1000,
-            model: self.meta.model.clone(),
-            conversation_id: self.meta.conversation.clone(),
-            replica,
-            content: serde_json::to_vec(&doc).expect("JSON values serialise"),
-        }
-    }
-
-    fn read(doc: &Value) -> Option<Run> {
-        let run = &doc["run"];
-        Some(Run {
-            meta: ResponseMeta::from_object(&doc["response"])?,
-            input: items_of(&doc["input"]),
-            context: items_of(&doc["context"]),
-            item_id: run["item_id"].as_str()?.to_owned(),
-            key_id: run["key_id"].as_str()?.to_owned(),
-            chat: run["chat"].clone(),
-            session: run["session"].as_str().map(str::to_owned),
-        })
-    }
-}
-
-/// A background response's events as they are written: each kept in the
-/// store, then passed to the client while one listens.
-pub(super) struct Log {
-    store: Arc<dyn BackgroundStore>,
-    tenant: TenantId,
-    id: String,
-    /// Events before this number are kept already (by a gateway whose
-    /// response this one took over).
-    resume_at: u64,
-    client: Option<mpsc::Sender<Bytes>>,
-    /// Cancelled when this gateway lost the response's lease.
-    lost: CancellationToken,
-}
-
-impl Log {
-    pub(super) fn tenant(&self) -> &TenantId {
-        &self.tenant
-    }
-
-    pub(super) fn resume_at(&self) -> u64 {
-        self.resume_at
-    }
-
-    /// Keeps event `seq`, then passes it on. `Stop::Cancelled` once a
-    /// cancel was asked for (the event is kept), `Stop::Lost` when the
-    /// event was not kept: another gateway runs the response now, or it
-    /// ended, or was deleted.
-    pub(super) async fn keep(&mut self, seq: u64, event: String) -> Result<(), Stop> {
-        if seq < self.resume_at {
-            return Ok(());
-        }
-        if self.lost.is_cancelled() {
-            return Err(Stop::Lost);
-        }
-        let event = Bytes::from(event);
-        let cancelling = match self
-            .store
-            .append_events(&self.tenant, &self.id, seq, &[event.to_vec()])
-            .await
-        {
-            Ok(Appended {
-                kept: true,
-                running,
-            }) => running == Some(Running::Cancelling),
-            Ok(_) => return Err(Stop::Lost),
-            Err(e) => {
-                // Its lease runs out; a gateway takes it over from the
-                // events kept.
-                tracing::warn!(error = %e, response = %self.id, "cannot keep a background response's event; it goes on later");
-                return Err(Stop::Lost);
-            }
-        };
-        if let Some(client) = &self.client {
-            if client.send(event).await.is_err() {
-                self.client = None;
-            }
-        }
-        if cancelling {
-            Err(Stop::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
 }
 
 /// Holds the response's lease while `run` runs (it stops when the lease
@@ -272,30 +65,14 @@ async fn holding<F>(bg: Arc<Background>, id: String, lost: CancellationToken, ru
 where
     F: std::future::Future<Output = ()>,
 {
-    let lease = lease_name(&id);
-    let renew = {
-        let (bg, lease, lost) = (bg.clone(), lease.clone(), lost.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = lost.cancelled() => return,
-                    _ = tokio::time::sleep(RENEW_EVERY) => {}
-                }
-                if !matches!(
-                    bg.leases.claim_lease(&lease, &bg.holder, LEASE_MS).await,
-                    Ok(true)
-                ) {
-                    tracing::warn!(%lease, "lost a background response's lease; it stops here");
-                    lost.cancel();
-                    return;
-                }
-            }
-        })
+    let lease = Lease {
+        leases: bg.leases.clone(),
+        name: lease_name(&id),
+        holder: bg.holder.clone(),
+        ttl_ms: LEASE_MS,
+        renew_every: RENEW_EVERY,
     };
-    run.await;
-    lost.cancel();
-    let _ = renew.await;
-    let _ = bg.leases.release_lease(&lease, &bg.holder).await;
+    lease.hold(lost, run).await;
     bg.done(&id);
 }
 
@@ -348,7 +125,7 @@ pub(super) async fn start(
         id: id.clone(),
         resume_at: 0,
         client: tx,
-        lost: bg.stopping.child_token(),
+        lost: bg.stopping().child_token(),
     };
     let queued = response_object(&run.meta, &Outcome::Queued, &[], None);
     let lost = log.lost.clone();
@@ -485,38 +262,6 @@ async fn end_early(
     end(g, &log.tenant, &run.meta, None, doc, &[]).await;
 }
 
-/// Stores the response as it ended (`doc`; `replica` served it), with
-/// `items` appended to its conversation; when the conversation is gone,
-/// the response alone (so it no longer runs).
-pub(super) async fn end(
-    g: &Inference,
-    tenant: &TenantId,
-    meta: &ResponseMeta,
-    replica: Option<String>,
-    doc: Value,
-    items: &[strata_core::store::StoredItem],
-) {
-    let mut record = StoredResponse {
-        id: meta.id.clone(),
-        created_at_ms: meta.created_at * 1000,
-        model: meta.model.clone(),
-        conversation_id: meta.conversation.clone(),
-        replica,
-        content: serde_json::to_vec(&doc).expect("JSON values serialise"),
-    };
-    let conversations = &g.objects.conversations;
-    match conversations.put_response(tenant, &record, items).await {
-        Ok(true) => {}
-        Ok(false) => {
-            record.conversation_id = None;
-            let _ = conversations.put_response(tenant, &record, &[]).await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, response = %record.id, "cannot store a background response's end; it is ended again later")
-        }
-    }
-}
-
 /// Looks for background responses whose gateway died and takes them over,
 /// until `cancel`.
 pub async fn take_over(g: Arc<Inference>, cancel: CancellationToken) {
@@ -534,7 +279,8 @@ pub async fn take_over(g: Arc<Inference>, cancel: CancellationToken) {
                         .await
                     {
                         Ok(true) => {
-                            let (g, bg, lost) = (g.clone(), bg.clone(), bg.stopping.child_token());
+                            let (g, bg, lost) =
+                                (g.clone(), bg.clone(), bg.stopping().child_token());
                             let span =
                                 tracing::info_span!("background", response = %id, tenant = %tenant);
                             tokio::spawn(
