@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import httpx
 from conftest import MODEL_ID, Server
@@ -18,7 +19,7 @@ CONFIG = os.path.join(HERE, "schemathesis.toml")
 
 
 def stored_objects(s):
-    """A conversation with an item, a stored response and a stored chat
+    """A conversation with an item, a stored (background) response and a stored chat
     completion, made as the key the run uses: ids for the operations that
     read or change one (schemathesis.toml names them), which would otherwise
     see only 404s."""
@@ -31,7 +32,14 @@ def stored_objects(s):
 
     conv = post("/v1/conversations", {"items": [{"role": "user", "content": "hi"}]})["id"]
     item = httpx.get(f"{s.base}/v1/conversations/{conv}/items", headers=h).json()["data"][0]["id"]
-    response = post("/v1/responses", {"model": MODEL_ID, "input": "Hi.", "max_output_tokens": 2})["id"]
+    # A background response (ended before the run starts): its stream can
+    # be read again and a cancel answers it as it stands.
+    response = post("/v1/responses", {"model": MODEL_ID, "input": "Hi.", "max_output_tokens": 2,
+                                       "background": True})["id"]
+    deadline = time.time() + 120
+    while httpx.get(f"{s.base}/v1/responses/{response}", headers=h).json()["status"] in ("queued", "in_progress"):
+        assert time.time() < deadline, "the background response did not end"
+        time.sleep(0.2)
     completion = post("/v1/chat/completions", {"model": MODEL_ID, "store": True, "max_tokens": 2,
                                                "messages": [{"role": "user", "content": "Hi."}]})["id"]
     return {"STRATA_ST_CONVERSATION": conv, "STRATA_ST_ITEM": item, "STRATA_ST_RESPONSE": response,

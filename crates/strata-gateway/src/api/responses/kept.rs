@@ -216,3 +216,27 @@ pub(super) async fn end(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_core::responses::EventWriter;
+
+    #[test]
+    fn a_kept_event_is_read_back_as_written() {
+        let mut w = EventWriter::default();
+        w.skip_to(7);
+        let frame = w.event("response.output_text.delta", json!({"delta": "Once"}));
+        assert_eq!(kind_of(frame.as_bytes()), "response.output_text.delta");
+        let data = data_of(frame.as_bytes());
+        assert_eq!(
+            (data["delta"].as_str(), data["sequence_number"].as_u64()),
+            (Some("Once"), Some(7))
+        );
+        let end = w.event("response.completed", json!({"response": {"id": "resp_1"}}));
+        assert!(ENDS.contains(&kind_of(end.as_bytes())));
+        assert_eq!(data_of(end.as_bytes())["response"]["id"], "resp_1");
+        // Not a frame: no kind, no data.
+        assert_eq!((kind_of(b"data: x"), data_of(b"\xff")), ("", Value::Null));
+    }
+}

@@ -385,8 +385,11 @@ async fn restore_if_moved(
 pub(crate) struct ShowQuery {
     /// `true`: the events of a background response, from its start or
     /// after `starting_after`, then those that follow until its end.
+    #[param(value_type = Option<bool>)]
     stream: Option<String>,
-    /// The sequence number of the last event the client has.
+    /// With `stream`: the sequence number of the last event the client
+    /// has (ignored without it).
+    #[param(value_type = Option<i64>, minimum = 0)]
     starting_after: Option<String>,
 }
 
@@ -406,21 +409,17 @@ impl ShowQuery {
         };
         let after = match self.starting_after.as_deref() {
             None => None,
-            Some(n) => Some(n.parse::<u64>().map_err(|_| {
-                ApiError::invalid_request(
-                    Some("starting_after"),
-                    "`starting_after` must be an event's sequence number (a whole number, 0 or more).",
-                )
-            })?),
+            Some(n) => match n.parse::<i64>() {
+                Ok(n) if n >= 0 => Some(n as u64),
+                _ => {
+                    return Err(ApiError::invalid_request(
+                        Some("starting_after"),
+                        "`starting_after` must be an event's sequence number (a whole number, 0 or more).",
+                    ))
+                }
+            },
         };
-        match (stream, after) {
-            (true, after) => Ok(Some(after)),
-            (false, None) => Ok(None),
-            (false, Some(_)) => Err(ApiError::invalid_request(
-                Some("starting_after"),
-                "`starting_after` is for a stream (`stream=true`).",
-            )),
-        }
+        Ok(stream.then_some(after))
     }
 }
 
