@@ -22,7 +22,9 @@ idle capacity the batch used: its lines a second during `backlog` over
 `batch only`'s lines a second times the share of slots `alone` left idle.
 
 Run: .venv/bin/python bench/batch_backlog.py   (after `cargo build --release -p strata`)
-Env: RATE (2.0), WINDOW (60), ROUNDS (2), OUT (32)."""
+Env: RATE (2.0), WINDOW (60), ROUNDS (2), OUT (32), STRATA_BIN (the build
+to measure), BESIDE (`engine.batch_beside_interactive`; unset: the
+build's default, and nothing written for builds before it)."""
 import datetime
 import io
 import json
@@ -48,10 +50,12 @@ ROUNDS = int(os.environ.get("ROUNDS", "2"))
 OUT = int(os.environ.get("OUT", "32"))
 SLOTS = 8
 LINES = 2000
+BESIDE = os.environ.get("BESIDE")
 CONFIG = f"""
 [engine]
 threads = 2
 max_sequences = {SLOTS}
+{f"batch_beside_interactive = {int(BESIDE)}" if BESIDE else ""}
 
 [gateway]
 slots_per_replica = {SLOTS}
@@ -181,7 +185,8 @@ def report(rounds):
     idle = 1 - med("alone", "slot_share")
     used = med("backlog", "batch_lines_per_s") / (med("batch_only", "batch_lines_per_s") * idle)
     out = [
-        f"`.venv/bin/python bench/batch_backlog.py` (RATE={RATE}, WINDOW={WINDOW:g}, ROUNDS={ROUNDS}, OUT={OUT}); "
+        f"`.venv/bin/python bench/batch_backlog.py` (RATE={RATE}, WINDOW={WINDOW:g}, ROUNDS={ROUNDS}, OUT={OUT}, "
+        f"BESIDE={BESIDE or 'default'}, STRATA_BIN={os.environ['STRATA_BIN']}); "
         f"{datetime.date.today()}, {platform.node()} ({os.cpu_count()} cores); medians over the rounds.",
         "",
         "| mode | interactive requests | errors | TTFT p50 ms | TTFT p95 ms | interactive slot share | batch lines | batch lines/s |",

@@ -400,3 +400,47 @@ def test_a_tenants_batch_token_limit_is_apart_from_its_interactive_one(server):
     r = c.chat.completions.create(model=MODEL_ID, max_tokens=8, temperature=0,
                                   messages=[{"role": "user", "content": "Still here?"}])
     assert r.usage.completion_tokens >= 1
+
+
+def engine_counter(s, name):
+    """The sum of counter `name` over the server's engines."""
+    total = 0.0
+    with s.engine_client() as engine:
+        for r in s.replica_list():
+            for metric in engine.get(f"{r['url']}/metrics", timeout=10).text.splitlines():
+                if metric.startswith(name + " "):
+                    total += float(metric.split()[1])
+    return total
+
+
+def test_batch_lines_step_after_interactive_work_in_the_engine():
+    """Batch lines reach the engine marked batch: it counts their tokens
+    apart from interactive ones, and an interactive request that arrives
+    while they decode has its prompt read in steps that hold the batch back
+    (counted). Without the mark the engine sees only interactive work and
+    neither count moves."""
+    s = Server(replicas=1, tenant="batch-engine-class")
+    try:
+        c = s.client()
+        lines = [line(f"r{i}", "1, 2, 3, 4,", max_tokens=200, url="/v1/completions") for i in range(4)]
+        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
+                             completion_window="24h").id
+        tokens = "strata_engine_batch_generation_tokens_total"
+        held = "strata_engine_batch_held_steps_total"
+        wait_for("batch lines decoding in the engine", lambda: engine_counter(s, tokens) > 0, timeout=120)
+        held_before = engine_counter(s, held)
+        for i in range(3):
+            r = c.chat.completions.create(model=MODEL_ID, max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": f"Hello {i}, a prompt to read."}])
+            assert r.choices[0].message.content
+        assert c.batches.retrieve(b).request_counts.completed < 4, "the batch ended before the interactive requests"
+        assert engine_counter(s, held) > held_before
+        done = wait_batch(c, b)
+        assert done.status == "completed" and done.request_counts.completed == 4, done
+        out = read_lines(c, done.output_file_id)
+        batch_tokens = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
+        assert batch_tokens >= 4 * 100
+        # Every batch token counted as batch, and no interactive one.
+        assert engine_counter(s, tokens) == batch_tokens
+    finally:
+        s.stop()

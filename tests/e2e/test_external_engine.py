@@ -12,13 +12,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import CHAT_MODEL, EXTERNAL, STRATA, Server, bearer, peer_engine_model, wait_for
+from conftest import CHAT_MODEL, EXTERNAL, STRATA, Server, bearer, model_config, peer_engine_model, wait_for
 
 def catalog(pool="replicas = 1"):
     return f"""
@@ -208,5 +209,45 @@ def test_its_pool_scales_from_zero_and_back():
         assert "Paris" in r.choices[0].message.content
         assert len(external_replicas(s)) == 1
         wait_for("the idle pool back at zero", lambda: external_replicas(s) == [], 60)
+    finally:
+        s.stop()
+
+
+def test_batch_lines_reach_a_priority_scheduling_engine_with_their_priority(tmp_path):
+    """An engine that schedules by a request's `priority` (vLLM, SGLang)
+    gets Batch API lines with the pool's `batch_priority` and interactive
+    requests with none. Neither runs without a GPU, so a stand-in that
+    records what it is sent takes their place (tests/e2e/standin_engine.py);
+    what is checked is strata's side only."""
+    from test_batch import line, upload, wait_batch
+    record = tmp_path / "priorities.jsonl"
+    standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin_engine.py")
+    path = model_config(CHAT_MODEL).split('"')[1]
+    config = f"""
+[[models]]
+id = "standin"
+path = "{path}"
+tenant = "prio"
+replicas = 1
+[models.engine]
+kind = "openai"
+command = ["{sys.executable}", "{standin}", "--host", "{{host}}", "--port", "{{port}}",
+           "--model", "{{model}}", "--api-key", "{{api_key}}", "--record", "{record}"]
+[models.engine.capabilities]
+batch_priority = 7
+"""
+    s = Server(replicas=1, ready=1, config=config, tenant="prio")
+    try:
+        c = s.client()
+        for i in range(2):
+            r = c.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"Hi {i}"}])
+            assert r.choices[0].message.content == "ok"
+        lines = [line(f"r{i}", f"Say {i}.", model="standin") for i in range(3)]
+        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/chat/completions",
+                             completion_window="24h").id
+        done = wait_batch(c, b, timeout=120)
+        assert done.status == "completed" and done.request_counts.completed == 3, done
+        sent = [json.loads(x)["priority"] for x in record.read_text().splitlines()]
+        assert sorted(sent, key=str) == [7, 7, 7, None, None], sent
     finally:
         s.stop()

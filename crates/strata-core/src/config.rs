@@ -664,6 +664,10 @@ pub struct EngineConfig {
     /// `pool.slo_tpot_p95_ms` where set, else every step reads
     /// `prefill_chunk`.
     pub step_budget_ms: f64,
+    /// Batch-class sequences (Batch API lines) that decode in a step beside
+    /// interactive ones; none while an interactive prompt is read, and every
+    /// 8th step that held batch work back is the batch's.
+    pub batch_beside_interactive: u32,
     /// `max_tokens` of a chat request that gives none.
     pub default_max_tokens: u32,
     /// Finished sequences whose KV cells are kept for prefix reuse by later
@@ -779,6 +783,12 @@ pub struct Capabilities {
     /// cut short by a failed replica continues on another. Otherwise the
     /// stream ends with an error event.
     pub continue_final_message: bool,
+    /// The server schedules by a request's `priority` field (vLLM with
+    /// `--scheduling-policy priority`, lower values first; SGLang with
+    /// `--enable-priority-scheduling`): Batch API lines are sent with this
+    /// value, interactive requests with none (the server's default). Unset:
+    /// no `priority` is sent (vLLM refuses one under its default policy).
+    pub batch_priority: Option<i64>,
 }
 
 impl Default for Capabilities {
@@ -786,6 +796,7 @@ impl Default for Capabilities {
         Capabilities {
             shared_prefix_cache: true,
             continue_final_message: false,
+            batch_priority: None,
         }
     }
 }
@@ -801,6 +812,7 @@ impl Default for EngineConfig {
             threads: 0,
             prefill_chunk: 256,
             step_budget_ms: 0.0,
+            batch_beside_interactive: 2,
             default_max_tokens: 512,
             prefix_cache_entries: 32,
             max_body_bytes: 4 * 1024 * 1024,

@@ -65,6 +65,12 @@ pub const CACHE_SCOPE_HEADER: &str = "x-strata-cache-scope";
 /// engine keeps the finished cells under it, for snapshots.
 pub const SESSION_HEADER: &str = "x-strata-session";
 
+/// Request header from the gateway to strata's engine naming the request's
+/// class when it is not interactive: `batch` (a Batch API line), which the
+/// engine steps only in what interactive requests leave. Like the cache
+/// scope, honoured only from a gateway.
+pub const PRIORITY_HEADER: &str = "x-strata-priority";
+
 /// Engine routes for KV snapshots, reached only by the gateway.
 pub const KV_EXPORT_PATH: &str = "/internal/kv/export";
 pub const KV_IMPORT_PATH: &str = "/internal/kv/import";
@@ -164,6 +170,9 @@ pub struct ExternalEngine {
     pub ready_path: String,
     /// The server takes `continue_final_message`.
     pub continues: bool,
+    /// The `priority` a Batch API line is sent with (the server schedules
+    /// by it); `None`: the field is never sent.
+    pub batch_priority: Option<i64>,
 }
 
 impl std::fmt::Debug for ExternalEngine {
@@ -172,6 +181,7 @@ impl std::fmt::Debug for ExternalEngine {
             .field("api_key", &"(hidden)")
             .field("ready_path", &self.ready_path)
             .field("continues", &self.continues)
+            .field("batch_priority", &self.batch_priority)
             .finish()
     }
 }

@@ -6,6 +6,8 @@
 pub struct SlotView {
     /// Prompt tokens not yet in the KV cache; 0 once the sequence decodes.
     pub unread_prompt: usize,
+    /// Batch class: it works in what interactive sequences leave.
+    pub batch: bool,
 }
 
 /// One step's work: indexes into the slot list.
@@ -27,27 +29,79 @@ impl StepPlan {
     }
 }
 
-/// Every decoding sequence gets its token each step, so running streams never
-/// stall; prompts share `prefill_budget` tokens, so a long prompt is read in
-/// chunks between decode steps. The shortest unread prompts go first, so a
-/// short request that arrives while a long prompt is read starts at the
-/// next step instead of after it; the oldest prompt keeps a quarter of the
-/// budget, so a run of short ones cannot starve it.
-pub fn plan_step(slots: &[SlotView], prefill_budget: usize) -> StepPlan {
+/// How batch-class sequences share a step with interactive ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchShare {
+    /// The most batch sequences that decode in a step beside interactive
+    /// decoders (each makes the step, and so every interactive token, a
+    /// little longer).
+    pub beside: usize,
+    /// This step is the batch's reserved turn: every sequence steps as if
+    /// all were of one class, so a batch advances under constant
+    /// interactive load.
+    pub reserved_turn: bool,
+    /// Which batch decoders get the places beside interactive work: the
+    /// `beside` of them from this one on (the step count), so each takes
+    /// its turn.
+    pub rotation: usize,
+}
+
+/// Every 8th step that held batch work back is the batch's
+/// (`BatchShare::reserved_turn`): the engine's side of the gateway's
+/// reserved batch share.
+pub const BATCH_TURN_EVERY: u64 = 8;
+
+/// One step. Every decoding sequence gets its token each step, so running
+/// streams never stall; prompts share `prefill_budget` tokens, so a long
+/// prompt is read in chunks between decode steps (`plan_prefill`).
+///
+/// With interactive sequences present, batch ones take what they leave:
+/// while an interactive prompt is read, nothing of a batch (its time to
+/// first token is a step of its own work only); while interactive
+/// sequences only decode, at most `share.beside` batch decoders beside
+/// them and no batch prompt (a chunk of prompt would lengthen the step
+/// every interactive token waits for). A reserved turn, or no interactive
+/// sequence at all, plans every sequence alike.
+pub fn plan_step(slots: &[SlotView], prefill_budget: usize, share: BatchShare) -> StepPlan {
+    let interactive = slots.iter().any(|s| !s.batch);
+    let classless = !interactive || share.reserved_turn;
     let mut plan = StepPlan::default();
     let mut waiting = Vec::new();
+    let mut batch_decoders = Vec::new();
     for (i, s) in slots.iter().enumerate() {
-        if s.unread_prompt == 0 {
-            plan.decode.push(i);
-        } else {
-            waiting.push(i);
+        match (s.unread_prompt, s.batch && !classless) {
+            (0, false) => plan.decode.push(i),
+            (0, true) => batch_decoders.push(i),
+            (_, false) => waiting.push(i),
+            // A batch prompt waits for a step without interactive work.
+            (_, true) => {}
         }
     }
+    // Batch decoders beside interactive ones only while none of them is
+    // reading its prompt.
+    if waiting.is_empty() && !batch_decoders.is_empty() {
+        let from = share.rotation % batch_decoders.len();
+        batch_decoders.rotate_left(from);
+        batch_decoders.truncate(share.beside);
+        plan.decode.extend(batch_decoders);
+        plan.decode.sort_unstable();
+    }
+    plan.prefill = plan_prefill(slots, &waiting, prefill_budget);
+    plan
+}
+
+/// How many prompt tokens each of `waiting` (slot indexes, oldest first)
+/// reads of `budget`. The shortest unread prompts go first, so a short
+/// request that arrives while a long prompt is read starts at the next
+/// step instead of after it; the oldest prompt keeps a quarter of the
+/// budget, so a run of short ones cannot starve it.
+fn plan_prefill(slots: &[SlotView], waiting: &[usize], budget: usize) -> Vec<(usize, usize)> {
+    let mut prefill = Vec::new();
     let Some(&oldest) = waiting.first() else {
-        return plan;
+        return prefill;
     };
-    let kept = slots[oldest].unread_prompt.min(prefill_budget.div_ceil(4));
-    let mut budget = prefill_budget - kept;
+    let kept = slots[oldest].unread_prompt.min(budget.div_ceil(4));
+    let mut budget = budget - kept;
     let mut shortest: Vec<usize> = waiting[1..].to_vec();
     shortest.sort_by_key(|&i| (slots[i].unread_prompt, i));
     for i in shortest {
@@ -56,15 +110,15 @@ pub fn plan_step(slots: &[SlotView], prefill_budget: usize) -> StepPlan {
         }
         let n = slots[i].unread_prompt.min(budget);
         budget -= n;
-        plan.prefill.push((i, n));
+        prefill.push((i, n));
     }
     // The oldest: its quarter and whatever the others left.
     let n = slots[oldest].unread_prompt.min(kept + budget);
     if n > 0 {
-        plan.prefill.push((oldest, n));
+        prefill.push((oldest, n));
     }
-    plan.prefill.sort_unstable();
-    plan
+    prefill.sort_unstable();
+    prefill
 }
 
 /// How many prompt tokens a step may read so that the sequences decoding
@@ -162,13 +216,35 @@ mod tests {
     fn slots(unread: &[usize]) -> Vec<SlotView> {
         unread
             .iter()
-            .map(|&u| SlotView { unread_prompt: u })
+            .map(|&u| SlotView {
+                unread_prompt: u,
+                batch: false,
+            })
             .collect()
+    }
+
+    /// Slots from (unread prompt, batch?) pairs.
+    fn classed(views: &[(usize, bool)]) -> Vec<SlotView> {
+        views
+            .iter()
+            .map(|&(u, batch)| SlotView {
+                unread_prompt: u,
+                batch,
+            })
+            .collect()
+    }
+
+    fn share(beside: usize, reserved_turn: bool, rotation: usize) -> BatchShare {
+        BatchShare {
+            beside,
+            reserved_turn,
+            rotation,
+        }
     }
 
     #[test]
     fn decoders_always_step_and_a_long_prompt_is_chunked() {
-        let plan = plan_step(&slots(&[0, 1000, 0]), 256);
+        let plan = plan_step(&slots(&[0, 1000, 0]), 256, BatchShare::default());
         assert_eq!(plan.decode, vec![0, 2]);
         assert_eq!(plan.prefill, vec![(1, 256)]);
     }
@@ -177,18 +253,70 @@ mod tests {
     fn short_prompts_go_first_and_the_oldest_keeps_a_quarter() {
         // The oldest (100) keeps 64 of 256; the others, shortest first,
         // take the rest (50, then 142 of 300); the oldest nothing more.
-        let plan = plan_step(&slots(&[100, 300, 50]), 256);
+        let plan = plan_step(&slots(&[100, 300, 50]), 256, BatchShare::default());
         assert_eq!(plan.prefill, vec![(0, 64), (1, 142), (2, 50)]);
         assert!(plan.decode.is_empty());
         // A short request arriving while a long prompt is read starts now.
-        let plan = plan_step(&slots(&[0, 6000, 0, 12]), 256);
+        let plan = plan_step(&slots(&[0, 6000, 0, 12]), 256, BatchShare::default());
         assert_eq!(plan.decode, vec![0, 2]);
         assert_eq!(plan.prefill, vec![(1, 244), (3, 12)]);
         // Short ones without end still leave the oldest its quarter.
-        let plan = plan_step(&slots(&[6000, 300, 300, 300]), 256);
+        let plan = plan_step(&slots(&[6000, 300, 300, 300]), 256, BatchShare::default());
         assert_eq!(plan.prefill, vec![(0, 64), (1, 192)]);
         // One prompt alone takes the whole budget.
-        assert_eq!(plan_step(&slots(&[6000]), 256).prefill, vec![(0, 256)]);
+        assert_eq!(
+            plan_step(&slots(&[6000]), 256, BatchShare::default()).prefill,
+            vec![(0, 256)]
+        );
+    }
+
+    #[test]
+    fn batch_work_waits_while_an_interactive_prompt_is_read() {
+        // Batch decoders (0, 2) and a batch prompt (3) beside an
+        // interactive prompt (1): the step is the interactive prompt's.
+        let s = classed(&[(0, true), (40, false), (0, true), (30, true)]);
+        let plan = plan_step(&s, 256, share(4, false, 0));
+        assert!(plan.decode.is_empty());
+        assert_eq!(plan.prefill, vec![(1, 40)]);
+        // On the batch's reserved turn every sequence steps.
+        let plan = plan_step(&s, 256, share(4, true, 0));
+        assert_eq!(plan.decode, vec![0, 2]);
+        assert_eq!(plan.prefill, vec![(1, 40), (3, 30)]);
+    }
+
+    #[test]
+    fn batch_decoders_take_turns_beside_interactive_decoders() {
+        // One interactive decoder (2), four batch decoders, a batch prompt.
+        let s = classed(&[
+            (0, true),
+            (0, true),
+            (0, false),
+            (0, true),
+            (0, true),
+            (9, true),
+        ]);
+        let picked = |rotation| plan_step(&s, 256, share(2, false, rotation));
+        assert_eq!(picked(0).decode, vec![0, 1, 2]);
+        assert!(picked(0).prefill.is_empty());
+        assert_eq!(picked(1).decode, vec![1, 2, 3]);
+        assert_eq!(picked(3).decode, vec![0, 2, 4]);
+        // Every batch decoder gets its place over as many steps as there
+        // are of them.
+        let mut seen = std::collections::BTreeSet::new();
+        for rotation in 0..4 {
+            seen.extend(picked(rotation).decode);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        // None beside: the interactive decoder alone.
+        assert_eq!(plan_step(&s, 256, share(0, false, 0)).decode, vec![2]);
+    }
+
+    #[test]
+    fn a_batch_alone_steps_like_any_work() {
+        let s = classed(&[(0, true), (300, true), (0, true)]);
+        let plan = plan_step(&s, 256, share(0, false, 5));
+        assert_eq!(plan.decode, vec![0, 2]);
+        assert_eq!(plan.prefill, vec![(1, 256)]);
     }
 
     #[test]
@@ -263,12 +391,54 @@ mod tests {
 
 
         #[test]
+        fn batch_work_never_takes_what_interactive_work_needs(
+            views in proptest::collection::vec((0usize..600, any::<bool>()), 0..16),
+            budget in 1usize..1024,
+            beside in 0usize..8,
+            rotation in 0usize..64,
+            reserved_turn in any::<bool>(),
+        ) {
+            let s = classed(&views);
+            let plan = plan_step(&s, budget, share(beside, reserved_turn, rotation));
+            let interactive = views.iter().any(|v| !v.1);
+            let unread: Vec<usize> = views.iter().map(|v| v.0).collect();
+            let blind = plan_step(&slots(&unread), budget, BatchShare::default());
+            if !interactive || reserved_turn {
+                // Nothing to yield to: the class changes nothing.
+                prop_assert_eq!(&plan, &blind);
+            } else {
+                // Every interactive decoder decodes; interactive prompts read
+                // as much of the budget as they have.
+                for (i, v) in views.iter().enumerate() {
+                    if !v.1 && v.0 == 0 {
+                        prop_assert!(plan.decode.contains(&i));
+                    }
+                }
+                let interactive_unread: usize = views.iter().filter(|v| !v.1).map(|v| v.0).sum();
+                let prefilled: usize = plan.prefill.iter().map(|p| p.1).sum();
+                prop_assert_eq!(prefilled, interactive_unread.min(budget));
+                // No batch prompt; batch decoders only beside decoding
+                // interactive work, and at most `beside` of them.
+                let batch_decoding = plan.decode.iter().filter(|&&i| views[i].1).count();
+                prop_assert!(plan.prefill.iter().all(|p| !views[p.0].1));
+                prop_assert!(batch_decoding <= beside);
+                if interactive_unread > 0 {
+                    prop_assert_eq!(batch_decoding, 0);
+                } else {
+                    let batch_decoders = views.iter().filter(|v| v.1 && v.0 == 0).count();
+                    prop_assert_eq!(batch_decoding, batch_decoders.min(beside));
+                }
+            }
+            prop_assert!(plan.tokens() <= blind.tokens());
+        }
+
+        #[test]
         fn plan_never_exceeds_budget_and_never_skips_a_decoder(
             unread in proptest::collection::vec(0usize..2000, 0..16),
             budget in 1usize..1024,
         ) {
             let s = slots(&unread);
-            let plan = plan_step(&s, budget);
+            let plan = plan_step(&s, budget, BatchShare::default());
             let prefilled: usize = plan.prefill.iter().map(|p| p.1).sum();
             prop_assert!(prefilled <= budget);
             let decoders = unread.iter().filter(|&&u| u == 0).count();

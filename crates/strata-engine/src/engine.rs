@@ -23,7 +23,7 @@ use strata_core::sampling::SamplingParams;
 use strata_core::{template, ApiError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::batch::{fits, plan_step, PrefillPacer, SlotView};
+use crate::batch::{fits, plan_step, BatchShare, PrefillPacer, SlotView, BATCH_TURN_EVERY};
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::prefix::PrefixCache;
@@ -43,6 +43,9 @@ pub struct EngineSettings {
     /// The longest step while sequences decode (`PrefillPacer`); `None`:
     /// every step reads up to `prefill_chunk` prompt tokens.
     pub step_budget: Option<Duration>,
+    /// Batch-class sequences that decode in a step beside interactive
+    /// decoders (`BatchShare::beside`).
+    pub batch_beside_interactive: u32,
     pub default_max_tokens: u32,
     pub prefix_cache_entries: u32,
 }
@@ -71,9 +74,19 @@ pub struct CacheTag {
     pub session: Option<String>,
 }
 
+/// Whether a request is interactive or batch work, which runs in what
+/// interactive requests leave (`batch::plan_step`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Class {
+    #[default]
+    Interactive,
+    Batch,
+}
+
 struct Job {
     tokens: Vec<LlamaToken>,
     tag: CacheTag,
+    class: Class,
     max_tokens: u32,
     sampling: SamplingParams,
     events: UnboundedSender<Event>,
@@ -363,11 +376,13 @@ impl Engine {
 
     /// Validates the request against the context and enqueues it. Tokenizes
     /// on a blocking thread; a full queue is a 429. `tag` decides whose
-    /// cached prefixes the request may reuse.
+    /// cached prefixes the request may reuse; `class`, whether it yields to
+    /// interactive work.
     pub async fn submit(
         self: &Arc<Self>,
         generation: Generation,
         tag: CacheTag,
+        class: Class,
     ) -> Result<Submitted, ApiError> {
         let this = self.clone();
         // The gateway reserved limits and budget for the same number.
@@ -397,6 +412,7 @@ impl Engine {
         let job = Job {
             tokens,
             tag,
+            class,
             max_tokens,
             sampling: generation.sampling,
             events: tx,
@@ -567,6 +583,8 @@ fn run_scheduler(
         pacer: settings
             .step_budget
             .map(|b| PrefillPacer::new(b.as_secs_f64(), settings.prefill_chunk as usize)),
+        steps: 0,
+        batch_held: 0,
     };
     loop {
         while let Ok(work) = control.try_recv() {
@@ -630,6 +648,10 @@ struct Scheduler<'m> {
     cache: PrefixCache<LlamaToken>,
     /// Sizes each step's prefill to the step budget, where there is one.
     pacer: Option<PrefillPacer>,
+    /// Steps taken (turns batch decoders beside interactive ones).
+    steps: usize,
+    /// Steps in a row that left batch work waiting for interactive work.
+    batch_held: u64,
 }
 
 impl Scheduler<'_> {
@@ -868,6 +890,7 @@ impl Scheduler<'_> {
             .iter()
             .map(|s| SlotView {
                 unread_prompt: s.job.tokens.len() - s.read,
+                batch: s.job.class == Class::Batch,
             })
             .collect();
         let decoders = views.iter().filter(|v| v.unread_prompt == 0).count();
@@ -875,9 +898,24 @@ impl Scheduler<'_> {
             Some(pacer) => pacer.budget(decoders),
             None => self.settings.prefill_chunk as usize,
         };
-        let plan = plan_step(&views, budget);
+        let share = BatchShare {
+            beside: self.settings.batch_beside_interactive as usize,
+            reserved_turn: self.batch_held + 1 >= BATCH_TURN_EVERY,
+            rotation: self.steps,
+        };
+        let plan = plan_step(&views, budget, share);
         if plan.is_empty() {
             return;
+        }
+        self.steps = self.steps.wrapping_add(1);
+        let held = views.iter().enumerate().any(|(i, v)| {
+            v.batch && !plan.decode.contains(&i) && !plan.prefill.iter().any(|p| p.0 == i)
+        });
+        if held && !share.reserved_turn {
+            self.batch_held += 1;
+            self.metrics.batch_held_steps.inc();
+        } else {
+            self.batch_held = 0;
         }
         let started = Instant::now();
         let prefilled: usize = plan.prefill.iter().map(|p| p.1).sum();
@@ -969,6 +1007,9 @@ impl Scheduler<'_> {
         }
         s.generated += 1;
         metrics.generated_tokens.inc();
+        if s.job.class == Class::Batch {
+            metrics.batch_generated_tokens.inc();
+        }
         s.utf8
             .extend(model.vocab().token_to_piece(token, false, None));
         let text = take_utf8(&mut s.utf8);

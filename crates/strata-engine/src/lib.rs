@@ -11,6 +11,7 @@ pub mod server;
 pub mod stop;
 
 pub use engine::{
-    argmax, default_threads, model_name_for, CacheTag, Engine, EngineSettings, Event, Submitted,
+    argmax, default_threads, model_name_for, CacheTag, Class, Engine, EngineSettings, Event,
+    Submitted,
 };
 pub use error::EngineError;

@@ -17,6 +17,8 @@ pub struct EngineMetrics {
     pub kv_total: Gauge,
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
+    pub batch_generated_tokens: Counter,
+    pub batch_held_steps: Counter,
     pub requests_rejected: Counter,
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -37,6 +39,8 @@ impl EngineMetrics {
             kv_total: Gauge::default(),
             prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
+            batch_generated_tokens: Counter::default(),
+            batch_held_steps: Counter::default(),
             requests_rejected: Counter::default(),
             ttft: Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             tpot: Histogram::new([0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0]),
@@ -76,6 +80,16 @@ impl EngineMetrics {
             "generation_tokens",
             "Tokens generated",
             m.generated_tokens.clone(),
+        );
+        registry.register(
+            "batch_generation_tokens",
+            "Tokens generated for batch-class requests",
+            m.batch_generated_tokens.clone(),
+        );
+        registry.register(
+            "batch_held_steps",
+            "Steps that left batch work waiting for interactive work",
+            m.batch_held_steps.clone(),
         );
         registry.register(
             "rejected_requests",

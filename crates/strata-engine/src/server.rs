@@ -21,12 +21,12 @@ use strata_core::openai::{
 };
 use strata_core::{
     read_body, ApiError, CACHE_SCOPE_HEADER, KV_EXPORT_PATH, KV_FORGET_PATH, KV_IMPORT_PATH,
-    SESSION_HEADER,
+    PRIORITY_HEADER, SESSION_HEADER,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{CacheTag, Engine, EngineSettings, Event};
+use crate::engine::{CacheTag, Class, Engine, EngineSettings, Event};
 use crate::error::EngineError;
 use strata_core::snapshot::{frame, Snapshot, SnapshotError};
 use strata_core::tls::Caller;
@@ -356,16 +356,18 @@ async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Res
     // A scope or session only a gateway may name: from anyone else, the
     // unscoped cache (no tenant's cells can be reached or probed from it).
     let from_gateway = req.extensions().get::<FromGateway>().is_some_and(|g| g.0);
-    let tag = if from_gateway {
-        CacheTag {
+    let (tag, class) = if from_gateway {
+        let class = match header_value(&req, PRIORITY_HEADER)?.as_deref() {
+            Some("batch") => Class::Batch,
+            _ => Class::Interactive,
+        };
+        let tag = CacheTag {
             scope: header_value(&req, CACHE_SCOPE_HEADER)?.unwrap_or_default(),
             session: header_value(&req, SESSION_HEADER)?,
-        }
+        };
+        (tag, class)
     } else {
-        CacheTag {
-            scope: String::new(),
-            session: None,
-        }
+        (CacheTag::default(), Class::Interactive)
     };
     let body = read_body(req.into_body(), state.max_body_bytes).await?;
     let generation: Generation = match api {
@@ -378,7 +380,7 @@ async fn generate(state: Arc<ServerState>, req: Request, api: Api) -> Result<Res
     let engine = ready_engine(&state)?;
     let stream = generation.stream;
     let include_usage = generation.include_usage;
-    let submitted = engine.submit(generation, tag).await?;
+    let submitted = engine.submit(generation, tag, class).await?;
     let reply = Reply {
         api,
         id: response_id(match api {

@@ -639,6 +639,7 @@ fn cluster_catalog(config: &Config, stored: &[DeployedModel]) -> Result<ClusterC
             api_key,
             ready_path: e.ready_path.clone(),
             continues: e.capabilities.continue_final_message,
+            batch_priority: e.capabilities.batch_priority,
         };
         engines.insert(pool_id(&flags, m), engine);
     }

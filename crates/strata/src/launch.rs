@@ -43,6 +43,7 @@ pub fn engine_settings(config: &Config, flags: &EngineFlags, replicas: u32) -> E
         threads,
         prefill_chunk: e.prefill_chunk,
         step_budget: step_budget(config),
+        batch_beside_interactive: e.batch_beside_interactive,
         default_max_tokens: e.default_max_tokens,
         prefix_cache_entries: e.prefix_cache_entries,
     }
@@ -283,6 +284,7 @@ pub fn local_launch(
                     api_key: random_hex(32)?,
                     ready_path: e.ready_path.clone(),
                     continues: e.capabilities.continue_final_message,
+                    batch_priority: e.capabilities.batch_priority,
                 },
             })
         }

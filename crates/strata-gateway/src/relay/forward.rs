@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use strata_core::openai::Usage;
 use strata_core::store::UsageRecord;
-use strata_core::{ApiError, CACHE_SCOPE_HEADER, SESSION_HEADER};
+use strata_core::{ApiError, CACHE_SCOPE_HEADER, PRIORITY_HEADER, SESSION_HEADER};
 
 use crate::fleet::client::{describe, Upstream, Upstreams};
 use crate::fleet::replicas::{none_ready, InFlight, NoReplica, Replica, ReplicaSet};
@@ -21,6 +21,7 @@ use crate::metrics::GatewayMetrics;
 use crate::relay::ledger::Ledger;
 use crate::relay::resume::RESUME_WAIT;
 use crate::tenancy::admission::Charge;
+use crate::tenancy::fairq::Class;
 use crate::tenancy::principal::Principal;
 
 /// What is sent to a replica, and what picking one needs: kept to send it
@@ -165,20 +166,40 @@ impl Relay {
                 replica.mark_down();
                 continue;
             };
-            // strata's engine scopes its cache by tenant and keeps a
-            // session's cells; another server gets neither header (no
-            // tenant id in its logs), only its pool's key.
+            // strata's engine scopes its cache by tenant, keeps a
+            // session's cells and steps batch lines after interactive work;
+            // another server gets none of these headers (no tenant id in
+            // its logs), only its pool's key.
             let bearer;
-            let scope = (CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str());
-            let headers = match (&replica.endpoint.external, &req.session) {
-                (Some(x), _) => {
-                    bearer = format!("Bearer {}", x.api_key);
-                    &[("authorization", bearer.as_str())][..]
-                }
-                (None, Some(session)) => &[scope, (SESSION_HEADER, session.as_str())][..],
-                (None, None) => &[scope][..],
+            let mut body = req.body.clone();
+            let mut headers = [("", ""); 3];
+            let mut n = 0;
+            let mut add = |header| {
+                headers[n] = header;
+                n += 1;
             };
-            let sent = self.upstreams.post(target, headers, req.body.clone()).await;
+            match &replica.endpoint.external {
+                Some(x) => {
+                    bearer = format!("Bearer {}", x.api_key);
+                    add(("authorization", bearer.as_str()));
+                    // Its own scheduler's class, where it has one.
+                    if let (Class::Batch, Some(priority)) = (req.principal.class, x.batch_priority)
+                    {
+                        body = with_priority(&body, priority);
+                    }
+                }
+                None => {
+                    add((CACHE_SCOPE_HEADER, req.principal.tenant.id.as_str()));
+                    if let Some(session) = &req.session {
+                        add((SESSION_HEADER, session.as_str()));
+                    }
+                    if req.principal.class == Class::Batch {
+                        add((PRIORITY_HEADER, "batch"));
+                    }
+                }
+            }
+            let headers = &headers[..n];
+            let sent = self.upstreams.post(target, headers, body).await;
             let upstream = match sent {
                 Ok(r) => r,
                 Err(e) => {
@@ -226,4 +247,13 @@ impl Relay {
             }
         }
     }
+}
+/// `body` (a JSON object, as checked on the way in) with `priority` set.
+fn with_priority(body: &Bytes, priority: i64) -> Bytes {
+    let Ok(mut object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+    else {
+        return body.clone();
+    };
+    object.insert("priority".into(), priority.into());
+    serde_json::to_vec(&object).map_or_else(|_| body.clone(), Bytes::from)
 }
