@@ -329,6 +329,69 @@ def test_a_batch_backlog_alone_buys_no_replica_and_keeps_one():
         s.stop()
 
 
+# Spot at 0.3 of on demand's price; one spot replica for a batch backlog
+# of at least 5 s of a replica's work (~33 tokens/s planned: ~170 tokens).
+BATCH_SPOT = AUTOSCALE.replace("[pool]\n", "[pool]\nbatch_spot_max_replicas = 1\nbatch_spot_work_secs = 5.0\n") + """
+[[catalog]]
+instance_type = "local"
+zone = "zone-a"
+capacity = "spot"
+price_per_hour = 0.03
+
+[[catalog]]
+instance_type = "local"
+zone = "zone-a"
+capacity = "on_demand"
+price_per_hour = 0.10
+"""
+assert "batch_spot_max_replicas = 1" in BATCH_SPOT
+
+
+def test_a_batch_backlog_buys_cheap_spot_beside_the_count_and_lets_it_go_when_worked_off():
+    """With `pool.batch_spot_max_replicas`, a backlog the one replica would
+    take minutes over gets a spot replica of its own (the autoscaler alone
+    buys none: the test above), which takes lines at once; the decision
+    says the batch drove it; when what is left is less than its
+    `batch_spot_work_secs`, it goes again. Every instance is spot."""
+    s = Server(replicas=1, ready=0, config=BATCH_SPOT, tenant="batch-spot")
+    try:
+        c = s.client()
+        lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(60)]
+        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
+                             completion_window="24h").id
+        seen = []
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            seen.append(len([r for r in s.replica_list() if r["ready"]]))
+            done = c.batches.retrieve(b)
+            if done.status in ("completed", "failed", "cancelled", "expired"):
+                break
+            time.sleep(0.5)
+        assert done.status == "completed" and done.request_counts.completed == 60, done
+        assert max(seen) == 2, f"ready replicas while the batch ran: {seen}"
+        # Its spot replica went before the batch ended (the last lines are
+        # under 5 s of work), or goes now.
+        deadline = time.time() + 60
+        while len(s.replica_list()) > 1 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(s.replica_list()) <= 1, s.replica_list()
+        db = sqlite3.connect(os.path.join(s.dir, "strata.db"))
+        capacities = [r[0] for r in db.execute("SELECT capacity FROM instances")]
+        assert len(capacities) >= 2 and set(capacities) == {"spot"}, capacities
+        out = subprocess.run([STRATA, "decisions", "--db", os.path.join(s.dir, "strata.db"), "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        steps = [(d["from_replicas"], d["to_replicas"], d["reason"], json.loads(d["inputs"]))
+                 for d in json.loads(out)]
+        spot = [(f, t, i) for f, t, r, i in steps if r == "batch_spot"]
+        up = [(f, t, i) for f, t, i in spot if t > f]
+        down = [(f, t, i) for f, t, i in spot if t < f]
+        assert up and down, steps
+        assert all(i["class"] == "batch" for _, _, i in spot), spot
+        assert up[0][2]["batch_spot_replicas"] == 1 and up[0][2]["batch_backlog_tokens"] > 170, up
+    finally:
+        s.stop()
+
+
 def test_a_batch_finishes_in_its_reserved_share_while_interactive_work_keeps_every_slot_wanted():
     """16 clients stream back to back on one replica's 8 slots, so
     interactive requests are waiting nearly all the time and no slot is

@@ -76,6 +76,9 @@ pub struct Signal {
     /// replicas are added for it only where the interactive demand leaves
     /// too little of the pool.
     pub batch_tokens_per_s: f64,
+    /// Tokens the running batches have left: not the autoscaler's (the
+    /// controller may add spot for it beside the count it asks for).
+    pub batch_backlog_tokens: f64,
     /// Tokens per second one replica serves at full load (measured).
     pub capacity_per_replica: f64,
     /// Requests one replica takes at once (0: not known). Prompts and
@@ -105,6 +108,7 @@ impl Signal {
             queued: 0,
             batch_lines: 0,
             batch_tokens_per_s: 0.0,
+            batch_backlog_tokens: 0.0,
             capacity_per_replica,
             slots_per_replica: 0,
             ttft_p95_ms: None,

@@ -57,6 +57,7 @@ impl ClusterLoad {
             now.batch_lines += l.batch_lines;
             // Each gateway runs batches of its own: their needs add up.
             now.batch_tokens_per_s += l.batch_tokens_per_s;
+            now.batch_backlog_tokens += l.batch_backlog_tokens;
             // Every gateway sees the same replicas; the most any sees.
             now.routable = now.routable.max(l.routable);
             now.ttft_p95_ms = max_of(now.ttft_p95_ms, l.ttft_p95_ms);
@@ -247,6 +248,7 @@ mod tests {
                 waiting: 1,
                 batch_lines: in_flight * 2,
                 batch_tokens_per_s: in_flight as f64 * 100.0,
+                batch_backlog_tokens: in_flight as f64 * 1e6,
                 routable: 2,
                 ttft_p95_ms: Some(requests as f64),
                 tpot_p95_ms: None,
@@ -262,6 +264,7 @@ mod tests {
         assert_eq!((l.requests_total, l.in_flight, l.waiting), (0, 5, 2));
         assert_eq!(l.batch_lines, 10, "batch lines summed over gateways");
         assert_eq!(l.batch_tokens_per_s, 500.0, "batches' needs summed too");
+        assert_eq!(l.batch_backlog_tokens, 5e6, "and their backlogs");
         let l = c.update(&[report("a", 110, 3, 0), report("b", 55, 2, 0)]);
         assert_eq!(l.requests_total, 15);
         assert_eq!(l.tokens_total, 150);

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::{Autoscaler, Decision, Reason, ScalePolicy, Signal};
 use crate::metrics::ControllerMetrics;
-use crate::planner::{diff, plan, Offer, Plan, PlanPolicy, Slot, SpotRoom};
+use crate::planner::{cheapest, diff, plan, Offer, Plan, PlanPolicy, Slot, SpotRoom};
 use crate::provider::{Instance, Provider, ProviderEvent};
 use crate::ControlError;
 
@@ -54,6 +54,38 @@ pub struct PoolSpec {
     pub spot_max_zone_share: f64,
     /// Requests one replica runs at once (the in-flight floor).
     pub slots_per_replica: u32,
+    /// Spot replicas for a batch backlog, beside the autoscaler's count.
+    pub batch_spot: BatchSpot,
+}
+
+/// Spot replicas the controller adds to work off a Batch API backlog
+/// sooner (`pool.batch_spot_*`): one for each `work` of full-load work
+/// the backlog holds, at most `max_replicas`, only from spot offers that
+/// cost at most `price_share` of the cheapest on-demand offer per token,
+/// and only where the zones have spot room the rest of the plan leaves.
+/// Never on demand: a batch that would miss its window is the
+/// autoscaler's (`Reason::BatchWindow`), on whatever is cheapest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchSpot {
+    pub max_replicas: u32,
+    pub price_share: f64,
+    pub work: Duration,
+}
+
+impl Default for BatchSpot {
+    fn default() -> Self {
+        BatchSpot::from(&strata_core::config::PoolConfig::default())
+    }
+}
+
+impl From<&strata_core::config::PoolConfig> for BatchSpot {
+    fn from(p: &strata_core::config::PoolConfig) -> Self {
+        BatchSpot {
+            max_replicas: p.batch_spot_max_replicas,
+            price_share: p.batch_spot_price_share,
+            work: Duration::from_secs_f64(p.batch_spot_work_secs.max(1.0)),
+        }
+    }
 }
 
 impl PoolSpec {
@@ -88,6 +120,7 @@ impl PoolSpec {
             spot_zone_premium: config.pool.spot_zone_premium,
             spot_max_zone_share: config.pool.spot_max_zone_share,
             slots_per_replica: config.gateway.slots_per_replica,
+            batch_spot: BatchSpot::from(&config.pool),
         }
     }
 
@@ -219,7 +252,12 @@ pub struct Step {
     /// Units of the pool's first instance type wanted.
     pub desired: u32,
     pub spot_zones: BTreeSet<String>,
+    /// The plan: the autoscaler's count, then the batch's spot.
     pub plan: Plan,
+    /// Of the plan's replicas, spot added for the batch backlog; and as
+    /// many in the step before.
+    pub batch_spot: u32,
+    pub batch_spot_before: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +282,8 @@ pub struct Controller {
     last: Option<(Duration, Load)>,
     /// Spot replicas running by zone, as the provider last listed them.
     spot_held: BTreeMap<String, u32>,
+    /// Spot replicas the last step added for the batch backlog.
+    batch_spot: u32,
 }
 
 impl Controller {
@@ -258,6 +298,7 @@ impl Controller {
             size: RequestSize::default(),
             last: None,
             spot_held: BTreeMap::new(),
+            batch_spot: 0,
         }
     }
 
@@ -382,6 +423,7 @@ impl Controller {
             queued: load.waiting as u32,
             batch_lines: load.batch_lines as u32,
             batch_tokens_per_s: load.batch_tokens_per_s,
+            batch_backlog_tokens: load.batch_backlog_tokens,
             capacity_per_replica: self.meter.capacity(unit_profile),
             slots_per_replica: self.spec.slots_per_replica,
             ttft_p95_ms: load.ttft_p95_ms,
@@ -416,14 +458,84 @@ impl Controller {
         };
         // Units of the profile's capacity: the plan's replicas of the unit
         // type match the count (no rounding up by a hair).
-        let plan = plan(needed * (1.0 - 1e-9), &self.offers(), &room, &policy);
+        let offers = self.offers();
+        let mut plan = plan(needed * (1.0 - 1e-9), &offers, &room, &policy);
+        let batch_spot = self.add_batch_spot(&mut plan, &signal, &offers, &room, &policy);
+        let batch_spot_before = std::mem::replace(&mut self.batch_spot, batch_spot);
         Step {
             signal,
             decision,
             desired: self.desired,
             spot_zones,
             plan,
+            batch_spot,
+            batch_spot_before,
         }
+    }
+
+    /// Adds to `plan` the spot replicas `BatchSpot` allows for the batch
+    /// backlog (in the zones' room the plan leaves); how many.
+    fn add_batch_spot(
+        &self,
+        plan: &mut Plan,
+        signal: &Signal,
+        offers: &[Offer],
+        room: &SpotRoom,
+        policy: &PlanPolicy,
+    ) -> u32 {
+        let b = self.spec.batch_spot;
+        let per_replica = signal.capacity_per_replica * b.work.as_secs_f64();
+        if b.max_replicas == 0 || per_replica <= 0.0 {
+            return 0;
+        }
+        // `max` with 0 also turns a forged NaN into none.
+        let wanted = (signal.batch_backlog_tokens.max(0.0) / per_replica)
+            .floor()
+            .min(f64::from(b.max_replicas)) as u32;
+        if wanted == 0 {
+            return 0;
+        }
+        let limit = cheapest(offers, CapacityType::OnDemand, None)
+            .map(|o| o.dollars_per_token_rate() * b.price_share);
+        let cheap: Vec<Offer> = offers
+            .iter()
+            .filter(|o| o.capacity == CapacityType::Spot)
+            .filter(|o| limit.is_none_or(|l| o.dollars_per_token_rate() <= l))
+            .cloned()
+            .collect();
+        // What the plan's own spot leaves of each zone's room, and of the
+        // replicas it holds there.
+        let mut left = room.clone();
+        let mut held = policy.spot_held.clone();
+        for s in plan
+            .replicas
+            .iter()
+            .filter(|s| s.capacity == CapacityType::Spot)
+        {
+            if let Some(Some(n)) = left.get_mut(&s.zone) {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(n) = held.get_mut(&s.zone) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let extra = crate::planner::plan(
+            f64::from(wanted) * signal.capacity_per_replica * (1.0 - 1e-9),
+            &cheap,
+            &left,
+            &PlanPolicy {
+                allow_on_demand: false,
+                spot_hedge: 0,
+                min_replicas: 0,
+                spot_held: held,
+                ..policy.clone()
+            },
+        );
+        plan.cost_per_hour += extra.cost_per_hour;
+        plan.tokens_per_s += extra.tokens_per_s;
+        let added = extra.replicas.len() as u32;
+        plan.replicas.extend(extra.replicas);
+        added
     }
 }
 
@@ -618,11 +730,19 @@ async fn converge<P: Provider>(provider: &mut P, target: &Plan, offers: &[Offer]
 
 impl Step {
     /// What changed, as stored: replicas from, to, and the reason (`replan`
-    /// for a change of mix at the same count).
+    /// for a change of mix at the same count, `batch_spot` for spot added
+    /// or let go for the batch backlog, counted with the autoscaler's).
     pub fn change(&self) -> (u32, u32, String) {
         let (from, to, reason) = match &self.decision {
             Some(d) if d.desired != d.current || d.reason == Reason::FromZero => {
                 (d.current, d.desired, d.reason)
+            }
+            _ if self.batch_spot != self.batch_spot_before => {
+                return (
+                    self.desired + self.batch_spot_before,
+                    self.desired + self.batch_spot,
+                    "batch_spot".into(),
+                );
             }
             _ => (self.desired, self.desired, Reason::Hold),
         };
@@ -657,10 +777,13 @@ async fn record(
         "waiting": load.waiting,
         "batch_lines": load.batch_lines,
         "batch_tokens_per_s": load.batch_tokens_per_s,
+        "batch_backlog_tokens": load.batch_backlog_tokens,
+        "batch_spot_replicas": step.batch_spot,
         // Which class's work drove the step: batch lines alone hold one
-        // replica, a batch that would miss its window adds what it needs;
-        // anything else is interactive demand.
-        "class": if d.is_some_and(|d| d.reason == Reason::BatchWindow)
+        // replica, a batch that would miss its window adds what it needs,
+        // a backlog adds spot; anything else is interactive demand.
+        "class": if reason == "batch_spot"
+            || d.is_some_and(|d| d.reason == Reason::BatchWindow)
             || load.in_flight == 0 && load.waiting == 0 && load.batch_lines > 0
             && d.is_none_or(|d| d.stable_demand <= 0.0 && d.panic_demand <= 0.0)
         {
@@ -732,7 +855,66 @@ mod tests {
             spot_zone_premium: 0.25,
             spot_max_zone_share: 1.0,
             slots_per_replica: 4,
+            batch_spot: BatchSpot::default(),
         }
+    }
+
+    #[test]
+    fn a_batch_backlog_adds_spot_while_spot_is_cheap_and_has_room_and_never_on_demand() {
+        let mut c = Controller::new(PoolSpec {
+            batch_spot: BatchSpot {
+                max_replicas: 3,
+                price_share: 0.5,
+                work: Duration::from_secs(900),
+            },
+            ..spec(None)
+        });
+        // A replica's full-load work over 900 s.
+        let work = c.offers()[0].tokens_per_s * 900.0;
+        let backlog = |tokens: f64| Load {
+            batch_lines: 32,
+            batch_backlog_tokens: tokens,
+            ..load(0)
+        };
+        let mut t = 0;
+        let mut step = |c: &mut Controller, l: &Load| {
+            t += 1;
+            c.step(Duration::from_secs(t), l)
+        };
+        // Less than one replica's worth: nothing added.
+        let s = step(&mut c, &backlog(0.9 * work));
+        assert_eq!((s.batch_spot, s.plan.replicas.len()), (0, 2));
+        // Two and a half: two more, spot (a third of on demand's price).
+        let s = step(&mut c, &backlog(2.5 * work));
+        assert_eq!(s.batch_spot, 2);
+        assert_eq!(count(&s.plan, CapacityType::Spot), 4, "{:?}", s.plan);
+        assert_eq!(s.change(), (2, 4, "batch_spot".into()));
+        // A big backlog: at most max_replicas.
+        let s = step(&mut c, &backlog(100.0 * work));
+        assert_eq!((s.batch_spot, s.plan.replicas.len()), (3, 5));
+        // A forged or garbled backlog adds nothing.
+        for bad in [f64::NAN, -1e12] {
+            assert_eq!(step(&mut c, &backlog(bad)).batch_spot, 0);
+        }
+        // Both zones out of spot: the pool's own replicas go on demand,
+        // the backlog's do not.
+        c.preempted("a", 0, Duration::ZERO);
+        c.preempted("b", 0, Duration::ZERO);
+        let s = step(&mut c, &backlog(100.0 * work));
+        assert_eq!(s.batch_spot, 0);
+        assert_eq!(count(&s.plan, CapacityType::OnDemand), 2, "{:?}", s.plan);
+        assert_eq!(count(&s.plan, CapacityType::Spot), 0, "{:?}", s.plan);
+        // Spot dearer than the share of on demand allows: none either.
+        let mut dear = Controller::new(PoolSpec {
+            batch_spot: BatchSpot {
+                max_replicas: 3,
+                price_share: 0.3,
+                work: Duration::from_secs(900),
+            },
+            ..spec(None)
+        });
+        let s = step(&mut dear, &backlog(100.0 * work));
+        assert_eq!((s.batch_spot, s.plan.replicas.len()), (0, 2));
     }
 
     fn load(tokens: u64) -> Load {

@@ -74,6 +74,7 @@ fn spec() -> PoolSpec {
         spot_zone_premium: 0.25,
         spot_max_zone_share: 1.0,
         slots_per_replica: 4,
+        batch_spot: Default::default(),
     }
 }
 
@@ -108,6 +109,7 @@ fn load_at(t: Duration) -> Load {
         waiting: usize::from(rate > 300.0) * 3,
         batch_lines: 0,
         batch_tokens_per_s: 0.0,
+        batch_backlog_tokens: 0.0,
         routable: 1,
         ttft_p95_ms: None,
         tpot_p95_ms: None,

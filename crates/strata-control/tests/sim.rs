@@ -61,6 +61,7 @@ fn spec(units: u32, hedge: u32) -> PoolSpec {
         spot_zone_premium: 0.25,
         spot_max_zone_share: 1.0,
         slots_per_replica: 8,
+        batch_spot: Default::default(),
     }
 }
 

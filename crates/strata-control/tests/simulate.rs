@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use strata_control::autoscale::ScalePolicy;
 use strata_control::controller::PoolSpec;
-use strata_control::provider::sim::SimSettings;
+use strata_control::provider::sim::{SimSettings, SpotTrace};
 use strata_control::simulate::trace::TraceRequest;
-use strata_control::simulate::{lower_bound, simulate, Scenario, Static, Strata};
+use strata_control::simulate::{lower_bound, simulate, BatchBacklog, Scenario, Static, Strata};
 use strata_core::config::{CapacityType, InstanceType, Offering};
 
 fn profile() -> InstanceType {
@@ -44,7 +44,70 @@ fn scenario(trace: Vec<TraceRequest>) -> Scenario {
         slo_ttft: Duration::from_secs(1),
         dt: Duration::from_millis(10),
         warmup: Duration::ZERO,
+        batch: None,
     }
+}
+
+/// `lines` batch lines of 200 prompt and 100 output tokens at `at`, run
+/// with the gateway's defaults (32 lines in flight, 1/8 of the slots reserved).
+fn backlog(at: u64, lines: u32, window: Duration) -> BatchBacklog {
+    BatchBacklog {
+        at: Duration::from_secs(at),
+        lines,
+        prompt_tokens: 200,
+        output_tokens: 100,
+        window,
+        lines_in_flight: 32,
+        reserved_share: 0.125,
+    }
+}
+
+/// strata's controller on `s`'s offers, 1 to 10 replicas, never at zero.
+fn strata_spec(s: &Scenario) -> PoolSpec {
+    let mut spec = PoolSpec {
+        name: "default".into(),
+        offers: s.offers.clone(),
+        unit: profile(),
+        scale: Some(ScalePolicy {
+            min_replicas: 1,
+            max_replicas: 10,
+            stable_window: Duration::from_secs(30),
+            scale_down_delay: Duration::from_secs(60),
+            ..ScalePolicy::default()
+        }),
+        fixed_replicas: 1,
+        spot_hedge: 0,
+        spot_cooldown: Duration::from_secs(300),
+        spot_zone_premium: 0.25,
+        spot_max_zone_share: 1.0,
+        slots_per_replica: 4,
+        batch_spot: Default::default(),
+    };
+    spec.scale.as_mut().unwrap().scale_to_zero_after = None;
+    spec
+}
+
+/// `s` with spot in zone z too, at a third of on demand's price, there
+/// while `data` (one figure per `gap`) is above zero.
+fn with_spot(mut s: Scenario, gap: Duration, data: Vec<u32>) -> Scenario {
+    s.offers.push((
+        Offering {
+            instance_type: "small".into(),
+            zone: "z".into(),
+            capacity: CapacityType::Spot,
+            price_per_hour: 1.2,
+        },
+        profile(),
+    ));
+    s.cloud.spot.insert(
+        "z".into(),
+        SpotTrace {
+            gap,
+            data,
+            capped: false,
+        },
+    );
+    s
 }
 
 /// One request every `every` from `from` for `count` requests.
@@ -85,28 +148,7 @@ async fn strata_scales_a_step_of_load_up_and_back_down_and_runs_are_deterministi
     trace.extend(steady(60, Duration::from_millis(250), 480, 200, 100));
     trace.extend(steady(480, Duration::from_secs(1), 1, 50, 10));
     let s = scenario(trace);
-    let spec = || {
-        let mut spec = PoolSpec {
-            name: "default".into(),
-            offers: s.offers.clone(),
-            unit: profile(),
-            scale: Some(ScalePolicy {
-                min_replicas: 1,
-                max_replicas: 10,
-                stable_window: Duration::from_secs(30),
-                scale_down_delay: Duration::from_secs(60),
-                ..ScalePolicy::default()
-            }),
-            fixed_replicas: 1,
-            spot_hedge: 0,
-            spot_cooldown: Duration::from_secs(300),
-            spot_zone_premium: 0.25,
-            spot_max_zone_share: 1.0,
-            slots_per_replica: 4,
-        };
-        spec.scale.as_mut().unwrap().scale_to_zero_after = None;
-        spec
-    };
+    let spec = || strata_spec(&s);
     let o = simulate(&s, &mut Strata::new(spec()), Duration::from_secs(60)).await;
     assert_eq!(o.unserved, 0);
     let most = o.timeline.iter().map(|t| t.replicas).max().unwrap();
@@ -140,30 +182,16 @@ async fn runs_with_reclaims_are_deterministic() {
     // (10 s notice): every replica goes at once with long requests on it,
     // which start over elsewhere. Two runs in one process (so two hash
     // seeds) give the same outcome to the last request.
-    use strata_control::provider::sim::SpotTrace;
     let mut trace = steady(0, Duration::from_millis(500), 360, 400, 1000);
     for (i, r) in trace.iter_mut().enumerate() {
         r.output_tokens += (i as u32 * 37) % 800; // unlike, so order matters
     }
-    let mut s = scenario(trace);
-    s.offers.push((
-        Offering {
-            instance_type: "small".into(),
-            zone: "z".into(),
-            capacity: CapacityType::Spot,
-            price_per_hour: 1.2,
-        },
-        profile(),
-    ));
-    s.cloud.notice = Duration::from_secs(10);
-    s.cloud.spot.insert(
-        "z".into(),
-        SpotTrace {
-            gap: Duration::from_secs(60),
-            data: vec![1, 0, 1, 1, 1, 1],
-            capped: false,
-        },
+    let mut s = with_spot(
+        scenario(trace),
+        Duration::from_secs(60),
+        vec![1, 0, 1, 1, 1, 1],
     );
+    s.cloud.notice = Duration::from_secs(10);
     let spot = s
         .priced_offers()
         .into_iter()
@@ -181,4 +209,112 @@ async fn runs_with_reclaims_are_deterministic() {
     let o: serde_json::Value = serde_json::from_str(&a).unwrap();
     assert!(o["restarted"].as_u64().unwrap() >= 8, "{}", o["restarted"]);
     assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn a_batch_backlog_takes_the_slots_interactive_requests_leave_and_costs_less_than_its_own_pool(
+) {
+    // Two replicas (4 slots each) and one interactive request a second
+    // (100 + 51 tokens, about 1.1 s each) for 300 s; a batch of 200 lines
+    // submitted at 10 s with an hour to finish.
+    let mut s = scenario(steady(20, Duration::from_secs(1), 300, 100, 51));
+    s.dt = Duration::from_millis(20);
+    let offer = s.priced_offers()[0].clone();
+    let run = |s: Scenario, replicas| {
+        let offer = offer.clone();
+        async move {
+            let mut p = Static { offer, replicas };
+            simulate(&s, &mut p, Duration::from_secs(60)).await
+        }
+    };
+    let alone = run(s.clone(), 2).await;
+    s.batch = Some(backlog(10, 200, Duration::from_secs(3600)));
+    let shared = run(s.clone(), 2).await;
+    let b = shared.batch.expect("a batch ran");
+    assert_eq!((b.lines, b.finished), (200, 200), "{b:?}");
+    assert!(b.within_window, "{b:?}");
+    assert_eq!(b.tokens, 200 * 300);
+    // The interactive requests are served as without it: every one, none
+    // of the batch's tokens counted as theirs, time to first token within
+    // a step of the run without the batch (their prompts are read first,
+    // and a batch line gives up its slot when one waits).
+    assert_eq!((shared.finished, shared.unserved), (300, 0));
+    assert_eq!(shared.tokens, alone.tokens);
+    assert_eq!(shared.slo_attainment, alone.slo_attainment);
+    assert!(
+        shared.ttft_ms[1] <= alone.ttft_ms[1] + 20.0,
+        "TTFT p95 {} with the batch, {} without",
+        shared.ttft_ms[1],
+        alone.ttft_ms[1]
+    );
+    // The same batch on a pool of its own (one replica) costs more than
+    // what it adds to the shared one.
+    let mut own = scenario(Vec::new());
+    own.dt = s.dt;
+    own.batch = s.batch;
+    let separate = run(own, 1).await;
+    assert_eq!(separate.batch.unwrap().finished, 200);
+    assert!(
+        shared.cost < alone.cost + separate.cost,
+        "shared {:.4} vs {:.4} + {:.4}",
+        shared.cost,
+        alone.cost,
+        separate.cost
+    );
+}
+
+#[tokio::test]
+async fn cheap_spot_works_a_batch_backlog_off_sooner_and_goes_when_it_is_done() {
+    // Spot at a third of on demand's price in zone z; a light interactive
+    // trace and a backlog of 2,000 lines (600,000 tokens): strata's pool
+    // with up to three spot replicas for the backlog against none.
+    use strata_control::controller::BatchSpot;
+    let trace = steady(0, Duration::from_secs(5), 400, 100, 51);
+    let mut s = with_spot(scenario(trace), Duration::from_secs(3600), vec![1; 4]);
+    s.dt = Duration::from_millis(50);
+    s.batch = Some(backlog(30, 2_000, Duration::from_secs(7200)));
+    let run = |max_replicas| {
+        let mut spec = strata_spec(&s);
+        // One spot replica for each 300 s of a replica's work left.
+        spec.batch_spot = BatchSpot {
+            max_replicas,
+            work: Duration::from_secs(300),
+            ..BatchSpot::default()
+        };
+        let s = s.clone();
+        async move { simulate(&s, &mut Strata::new(spec), Duration::from_secs(60)).await }
+    };
+    let without = run(0).await;
+    let with = run(3).await;
+    let (w, o) = (with.batch.unwrap(), without.batch.unwrap());
+    assert!(w.within_window && o.within_window, "{w:?} {o:?}");
+    let (w_done, o_done) = (w.done_after_s.unwrap(), o.done_after_s.unwrap());
+    assert!(
+        w_done < 0.6 * o_done,
+        "with spot for the backlog done after {w_done:.0} s, without {o_done:.0} s"
+    );
+    // All of it spot, none on demand; the extra replicas kept busy: they
+    // cost less than the whole batch at spot's full-load price per token.
+    assert!(
+        with.replica_hours.keys().all(|k| k.contains("(spot)")),
+        "{:?}",
+        with.replica_hours
+    );
+    let spot = s
+        .priced_offers()
+        .into_iter()
+        .find(|o| o.capacity == CapacityType::Spot)
+        .unwrap();
+    let at_full_load = w.tokens as f64 / spot.tokens_per_s * spot.price_per_hour / 3600.0;
+    assert!(
+        with.cost - without.cost < at_full_load,
+        "{} vs {} (the batch at full load on spot: {at_full_load})",
+        with.cost,
+        without.cost
+    );
+    // The backlog done, the extra replicas go: the last minutes hold what
+    // the interactive trace needs.
+    let last = with.timeline.last().unwrap().replicas;
+    assert!(last <= 2, "{:?}", with.timeline);
+    assert_eq!((with.finished, with.unserved), (400, 0));
 }

@@ -378,12 +378,20 @@ impl Pace {
     /// finished (its size is not known) and once the window is over.
     pub fn needed_per_s(&self, now_ms: i64) -> f64 {
         let secs_left = (self.deadline_ms - now_ms) as f64 / 1000.0;
-        if self.finished == 0 || self.lines_left == 0 || secs_left <= 0.0 {
+        if secs_left <= 0.0 {
             return 0.0;
         }
-        let mean = self.finished_tokens as f64 / self.finished as f64;
-        let needed = self.lines_left as f64 * mean / secs_left.max(1.0);
+        let needed = self.backlog_tokens() / secs_left.max(1.0);
         self.cap_per_s.map_or(needed, |cap| needed.min(cap))
+    }
+
+    /// Tokens its lines left will take, at its finished lines' mean size;
+    /// zero until a line has finished.
+    pub fn backlog_tokens(&self) -> f64 {
+        if self.finished == 0 {
+            return 0.0;
+        }
+        self.lines_left as f64 * self.finished_tokens as f64 / self.finished as f64
     }
 }
 
@@ -494,6 +502,7 @@ mod tests {
             cap_per_s: None,
         };
         // 1,000 lines of 200 tokens in 100 s: 2,000 tokens a second.
+        assert_eq!(pace.backlog_tokens(), 200_000.0);
         assert_eq!(pace.needed_per_s(0), 2_000.0);
         // Half the time left: twice as fast.
         assert_eq!(pace.needed_per_s(50_000), 4_000.0);
@@ -515,6 +524,7 @@ mod tests {
             },
         ] {
             assert_eq!(p.needed_per_s(0), 0.0);
+            assert_eq!(p.backlog_tokens(), 0.0);
         }
         assert_eq!(pace.needed_per_s(100_000), 0.0);
     }

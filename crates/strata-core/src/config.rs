@@ -458,6 +458,16 @@ pub struct PoolConfig {
     /// At most this share of the pool's replicas on one zone's spot (a
     /// zone reclaims all of them at once); the rest on demand. 1: no limit.
     pub spot_max_zone_share: f64,
+    /// Spot replicas the controller may add beyond what the autoscaler
+    /// asks for, to work off a Batch API backlog sooner (0: none). Spot
+    /// only: where it has none, the backlog waits for idle slots.
+    pub batch_spot_max_replicas: u32,
+    /// ... only from spot offers that cost at most this share of the
+    /// cheapest on-demand offer per token (spot is cheap then), (0, 1].
+    pub batch_spot_price_share: f64,
+    /// ... one for each this many seconds of full-load work in the
+    /// backlog, so each has work for longer than its launch.
+    pub batch_spot_work_secs: f64,
     /// Service-level objectives: p95 time to first token, and p95 time per
     /// output token, in milliseconds. Missed while requests wait: one more replica.
     pub slo_ttft_p95_ms: Option<f64>,
@@ -494,6 +504,9 @@ impl Default for PoolConfig {
             spot_cooldown_secs: 300.0,
             spot_zone_premium: 0.25,
             spot_max_zone_share: 1.0,
+            batch_spot_max_replicas: 0,
+            batch_spot_price_share: 0.5,
+            batch_spot_work_secs: 900.0,
             slo_ttft_p95_ms: None,
             slo_tpot_p95_ms: None,
             preemption_notice_secs: 30.0,
@@ -1405,6 +1418,12 @@ impl Config {
         if !(p.spot_max_zone_share > 0.0 && p.spot_max_zone_share <= 1.0) {
             issues.bad("pool.spot_max_zone_share", "must be in (0, 1]".into());
         }
+        if !(p.batch_spot_price_share > 0.0 && p.batch_spot_price_share <= 1.0) {
+            issues.bad("pool.batch_spot_price_share", "must be in (0, 1]".into());
+        }
+        if !at_least(p.batch_spot_work_secs, 1.0) {
+            issues.bad("pool.batch_spot_work_secs", "must be at least 1".into());
+        }
         if !at_least(p.spot_zone_premium, 0.0) {
             issues.bad("pool.spot_zone_premium", "must not be negative".into());
         }
@@ -1746,7 +1765,7 @@ mod tests {
             [[catalog]]\ninstance_type = \"small\"\nzone = \"a\"\ncapacity = \"spot\"\nprice_per_hour = 0.02\n\
             [[catalog]]\ninstance_type = \"huge\"\nzone = \"\"\ncapacity = \"on_demand\"\nprice_per_hour = -1.0\n\
             [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n\
-            spot_max_zone_share = 0.0\nspot_zone_premium = -0.1\n";
+            spot_max_zone_share = 0.0\nspot_zone_premium = -0.1\nbatch_spot_price_share = 1.5\nbatch_spot_work_secs = 0.0\n";
         let c = Config::from_toml(text).unwrap();
         let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
         assert_eq!(
@@ -1761,6 +1780,8 @@ mod tests {
                 "pool.instance_types",
                 "pool.slo_ttft_p95_ms",
                 "pool.spot_max_zone_share",
+                "pool.batch_spot_price_share",
+                "pool.batch_spot_work_secs",
                 "pool.spot_zone_premium",
             ]
         );

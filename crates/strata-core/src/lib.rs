@@ -98,6 +98,10 @@ pub struct Load {
     /// windows (`batch::Pace::needed_per_s`, summed): the controller adds
     /// replicas for it only where interactive work leaves too little.
     pub batch_tokens_per_s: f64,
+    /// Tokens the batches running here have left (`batch::Pace::backlog_tokens`,
+    /// summed): with `pool.batch_spot_max_replicas`, the controller may add
+    /// spot replicas to work it off sooner where spot is cheap.
+    pub batch_backlog_tokens: f64,
     /// Replicas that take requests.
     pub routable: usize,
     /// p95 time to first token and time per output token (streamed

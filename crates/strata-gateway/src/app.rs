@@ -627,6 +627,7 @@ fn pool_load(
 ) -> Load {
     let (in_flight, waiting, batch_lines) = gate.pools().load_of(model);
     let batch_tokens_per_s = paces.needed_per_s(model);
+    let batch_backlog_tokens = paces.backlog_tokens(model);
     let routable = replicas.ready_in(None, model);
     let demand = model.and_then(|m| metrics.demand(m));
     let Some(d) = demand else {
@@ -639,6 +640,7 @@ fn pool_load(
             waiting,
             batch_lines,
             batch_tokens_per_s,
+            batch_backlog_tokens,
             routable,
             ttft_p95_ms,
             tpot_p95_ms,
@@ -653,6 +655,7 @@ fn pool_load(
         waiting,
         batch_lines,
         batch_tokens_per_s,
+        batch_backlog_tokens,
         routable,
         ttft_p95_ms,
         tpot_p95_ms,

@@ -574,6 +574,7 @@ async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Pa
         requests_total: requests,
         batch_lines: requests as usize * 10,
         batch_tokens_per_s: requests as f64 * 1.5,
+        batch_backlog_tokens: requests as f64 * 1e6,
         ..Default::default()
     };
     store.report_load("gw", "", &load(5)).await.unwrap();
@@ -603,14 +604,14 @@ async fn a_gateways_load_is_kept_whole_and_per_model(backend: &Backend, dir: &Pa
             ("gw".into(), "code".into(), 2, 20)
         ]
     );
-    let needs: Vec<f64> = store
+    let needs: Vec<(f64, f64)> = store
         .gateway_loads(60_000)
         .await
         .unwrap()
         .iter()
-        .map(|g| g.load.batch_tokens_per_s)
+        .map(|g| (g.load.batch_tokens_per_s, g.load.batch_backlog_tokens))
         .collect();
-    assert_eq!(needs, [7.5, 6.0, 3.0]);
+    assert_eq!(needs, [(7.5, 5e6), (6.0, 4e6), (3.0, 2e6)]);
 }
 
 on_every_backend!(

@@ -583,6 +583,25 @@ pub struct SimulateArgs {
     /// Simulation step, ms.
     #[arg(long, default_value_t = 100)]
     pub dt_ms: u64,
+    /// A Batch API backlog of this many lines beside the trace (0: none),
+    /// run on the slots interactive requests leave as the gateway runs
+    /// one (gateway.batch_lines_in_flight, gateway.batch_reserved_share);
+    /// the report adds how each policy ran it, and strata's cost against
+    /// a pool of its own for the batch.
+    #[arg(long, default_value_t = 0)]
+    pub batch_lines: u32,
+    /// Each batch line's prompt tokens.
+    #[arg(long, default_value_t = 500)]
+    pub batch_prompt_tokens: u32,
+    /// Each batch line's output tokens.
+    #[arg(long, default_value_t = 200)]
+    pub batch_output_tokens: u32,
+    /// Minutes into the trace the batch is submitted.
+    #[arg(long, default_value_t = 0.0)]
+    pub batch_at_mins: f64,
+    /// The batch's completion window, hours.
+    #[arg(long, default_value_t = 24.0)]
+    pub batch_window_hours: f64,
     #[arg(long)]
     pub json: bool,
     /// Write charts here (SVG and PNG): demand vs capacity, replicas, cost over time.

@@ -9,7 +9,9 @@ use strata_control::controller::PoolSpec;
 use strata_control::planner::{cheapest, cheapest_alone, Offer};
 use strata_control::provider::sim::{SimSettings, SpotTrace};
 use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
-use strata_control::simulate::{self, lower_bound, Outcome, Scenario, Static, Strata};
+use strata_control::simulate::{
+    self, lower_bound, BatchBacklog, Outcome, Scenario, Static, Strata,
+};
 use strata_core::config::{CapacityType, Config};
 
 use crate::cli::SimulateArgs;
@@ -42,6 +44,8 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         ("--notice-secs", args.notice_secs + 1.0),
         ("--offset-hours", args.offset_hours + 1.0),
         ("--warmup-mins", args.warmup_mins + 1.0),
+        ("--batch-at-mins", args.batch_at_mins + 1.0),
+        ("--batch-window-hours", args.batch_window_hours),
     ] {
         if !(v.is_finite() && v > 0.0) {
             bail!("{flag} must be a positive number");
@@ -120,6 +124,9 @@ struct Report {
     bound: f64,
     slo_ttft: Duration,
     outcomes: Vec<Outcome>,
+    /// With a batch: strata on the trace alone, and on the batch alone.
+    separate: Option<(Outcome, Outcome)>,
+    batch: Option<BatchBacklog>,
 }
 
 impl Report {
@@ -129,7 +136,62 @@ impl Report {
             "peak_tokens_per_s": self.peak,
             "lower_bound_cost": self.bound,
             "policies": self.outcomes,
+            "separate_pools": self.separate.as_ref().map(|(i, b)| serde_json::json!({
+                "interactive": i,
+                "batch": b,
+            })),
         })
+    }
+
+    /// With a batch: how each policy ran it, and strata's one pool
+    /// against a pool for the trace and another for the batch.
+    fn print_batch(&self) {
+        let (Some(b), Some((alone, own))) = (&self.batch, &self.separate) else {
+            return;
+        };
+        println!();
+        println!(
+            "Batch: {} lines of {} + {} tokens at minute {:.0}, window {:.1} h, {} lines in flight, {:.3} of the slots reserved",
+            b.lines,
+            b.prompt_tokens,
+            b.output_tokens,
+            b.at.as_secs_f64() / 60.0,
+            b.window.as_secs_f64() / 3600.0,
+            b.lines_in_flight,
+            b.reserved_share
+        );
+        println!("| policy | batch lines done | done after | within window | lines preempted |");
+        println!("|---|---|---|---|---|");
+        for o in self.outcomes.iter().chain([own]) {
+            let Some(r) = &o.batch else { continue };
+            let name = if std::ptr::eq(o, own) {
+                "strata, the batch on a pool of its own"
+            } else {
+                o.policy.as_str()
+            };
+            println!(
+                "| {name} | {} / {} | {} | {} | {} |",
+                r.finished,
+                r.lines,
+                r.done_after_s
+                    .map_or("-".into(), |s| format!("{:.1} min", s / 60.0)),
+                if r.within_window { "yes" } else { "no" },
+                r.preempted
+            );
+        }
+        if let Some(shared) = self.outcomes.iter().find(|o| o.policy == "strata") {
+            let separate = alone.cost + own.cost;
+            println!(
+                "strata, one pool: ${:.2} at {:.2}% within the TTFT objective; separate pools: ${:.2} (the trace alone, {:.2}% within) + ${:.2} (the batch alone) = ${:.2}; one pool costs {:.2}x separate pools",
+                shared.cost,
+                shared.slo_attainment * 100.0,
+                alone.cost,
+                alone.slo_attainment * 100.0,
+                own.cost,
+                separate,
+                shared.cost / separate
+            );
+        }
     }
 
     fn print(&self) {
@@ -172,6 +234,7 @@ impl Report {
             "| lower bound (perfect foresight, no losses) | {:.2} | 1.00 | | | | | | | |",
             self.bound
         );
+        self.print_batch();
     }
 }
 
@@ -362,6 +425,15 @@ async fn simulate_pool(
         ),
         dt: Duration::from_millis(args.dt_ms),
         warmup: Duration::from_secs_f64(args.warmup_mins * 60.0),
+        batch: (args.batch_lines > 0).then(|| BatchBacklog {
+            at: Duration::from_secs_f64(args.batch_at_mins * 60.0),
+            lines: args.batch_lines,
+            prompt_tokens: args.batch_prompt_tokens,
+            output_tokens: args.batch_output_tokens,
+            window: Duration::from_secs_f64(args.batch_window_hours * 3600.0),
+            lines_in_flight: config.gateway.batch_lines_in_flight,
+            reserved_share: config.gateway.batch_reserved_share,
+        }),
     };
     let offers = scenario.priced_offers();
     let peak = scenario
@@ -417,8 +489,27 @@ async fn simulate_pool(
             SpotHedge::new(rate(), spot_per_zone, on_demand.clone(), pool.spot_hedge, 0);
         outcomes.push(run_one(&scenario, &mut hedge, tail).await);
     }
-    let mut strata = Strata::new(PoolSpec::from_config(&strata_config, 1));
-    outcomes.push(run_one(&scenario, &mut strata, tail).await);
+    let strata = || Strata::new(PoolSpec::from_config(&strata_config, 1));
+    outcomes.push(run_one(&scenario, &mut strata(), tail).await);
+    // Against separate pools: strata on the trace alone, and on the
+    // batch alone.
+    let separate = match scenario.batch {
+        None => None,
+        Some(_) => {
+            let alone = Scenario {
+                batch: None,
+                ..scenario.clone()
+            };
+            let own = Scenario {
+                trace: Vec::new(),
+                ..scenario.clone()
+            };
+            Some((
+                run_one(&alone, &mut strata(), tail).await,
+                run_one(&own, &mut strata(), tail).await,
+            ))
+        }
+    };
     let bound = lower_bound(&scenario);
     Ok(Report {
         requests: scenario.trace.len(),
@@ -430,6 +521,8 @@ async fn simulate_pool(
         bound,
         slo_ttft: scenario.slo_ttft,
         outcomes,
+        separate,
+        batch: scenario.batch,
     })
 }
 

@@ -6,6 +6,14 @@
 //! let-go replicas drain; requests still running when one is gone start
 //! over elsewhere (counted as restarted). Everything runs on the virtual
 //! clock in steps of `dt`, so a run is deterministic.
+//!
+//! A Batch API backlog (`BatchBacklog`) can run beside the trace, as the
+//! live gateway runs one: its lines take only the slots interactive
+//! requests leave (a reserved share of the slots aside), the newest is
+//! preempted (started over later) when an interactive request waits, at
+//! most `lines_in_flight` hold slots at once, and its tokens are not
+//! demand; the policy sees its lines, its pace and its backlog as the
+//! live controller does.
 
 pub mod baselines;
 pub mod replica;
@@ -38,6 +46,37 @@ pub struct Scenario {
     /// Before the trace, its first `warmup` is replayed once, unmeasured and
     /// unbilled, so every policy meets the trace warmed up.
     pub warmup: Duration,
+    /// A Batch API backlog beside the trace.
+    pub batch: Option<BatchBacklog>,
+}
+
+/// A batch of `lines` lines of one size, submitted `at` (trace time) with
+/// `window` to finish, run as `gateway.batch_lines_in_flight` and
+/// `gateway.batch_reserved_share` run one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchBacklog {
+    pub at: Duration,
+    pub lines: u32,
+    pub prompt_tokens: u32,
+    pub output_tokens: u32,
+    pub window: Duration,
+    pub lines_in_flight: u32,
+    pub reserved_share: f64,
+}
+
+/// How a run's batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BatchOutcome {
+    pub lines: u32,
+    pub finished: u32,
+    /// Lines taken off a replica for an interactive request (or lost with
+    /// their replica), started over.
+    pub preempted: usize,
+    /// Seconds from submission to its last line (None: not finished).
+    pub done_after_s: Option<f64>,
+    pub within_window: bool,
+    /// Prompt + output tokens of its finished lines.
+    pub tokens: u64,
 }
 
 impl Scenario {
@@ -213,6 +252,7 @@ pub struct Outcome {
     pub replica_hours: BTreeMap<String, f64>,
     pub preemptions: usize,
     pub timeline: Vec<Minute>,
+    pub batch: Option<BatchOutcome>,
 }
 
 /// One simulated minute of a run.
@@ -266,7 +306,18 @@ pub async fn simulate_with_progress(
         at: r.at + s.warmup,
         ..*r
     }));
-    let last = trace.last().map_or(Duration::ZERO, |r| r.at);
+    // Ids from `interactive` on are the batch's lines.
+    let interactive = trace.len();
+    let batch = s.batch.map(|b| BatchBacklog {
+        at: b.at + s.warmup,
+        ..b
+    });
+    let mut lines = BatchRun::default();
+    let last = trace
+        .last()
+        .map_or(Duration::ZERO, |r| r.at)
+        .max(batch.map_or(Duration::ZERO, |b| b.at));
+    let stop = last + batch.map_or(tail, |b| tail.max(b.window));
     let mut next = 0;
     let mut queue: VecDeque<Running> = VecDeque::new();
     let mut models: BTreeMap<String, ReplicaModel> = BTreeMap::new();
@@ -287,8 +338,9 @@ pub async fn simulate_with_progress(
     loop {
         let idle = next == trace.len()
             && queue.is_empty()
+            && batch.is_none_or(|_| lines.released && lines.queue.is_empty())
             && models.values().all(|m| m.running.is_empty());
-        if now > last + tail || (idle && now > last) {
+        if now > stop || (idle && now > last) {
             break;
         }
         cloud.advance_to(now);
@@ -299,14 +351,14 @@ pub async fn simulate_with_progress(
             if view.iter().any(|v| &v.id == id) {
                 return true;
             }
-            restarted += m.running.len();
             for r in m.running.drain(..).rev() {
-                queue.push_front(Running::new(
-                    r.id,
-                    r.arrived,
-                    r.prompt_tokens,
-                    r.output_tokens,
-                ));
+                if r.batch {
+                    lines.preempted += 1;
+                    lines.queue.push_front(r.restart());
+                } else {
+                    restarted += 1;
+                    queue.push_front(r.restart());
+                }
             }
             false
         });
@@ -324,34 +376,61 @@ pub async fn simulate_with_progress(
             load.requests_total += 1;
             next += 1;
         }
-        // Routing: the least busy replica with a free slot, FIFO.
+        if let Some(b) = batch.filter(|b| !lines.released && now >= b.at) {
+            lines.released = true;
+            lines.queue = (0..b.lines as usize)
+                .map(|i| {
+                    Running::new(interactive + i, b.at, b.prompt_tokens, b.output_tokens).batch()
+                })
+                .collect();
+        }
+        // Routing: the least busy replica with a free slot, FIFO; batch
+        // lines as the live gateway runs them (`route_batch`).
         let open: Vec<&String> = view
             .iter()
             .filter(|v| v.ready && v.leaving_until.is_none())
             .map(|v| &v.id)
             .collect();
-        while !queue.is_empty() {
-            let Some(id) = open
+        let (reserved, cap) = batch.map_or((0, 0), |b| {
+            let slots: usize = open
                 .iter()
-                .filter(|id| models.get(**id).is_some_and(|m| m.free_slots() > 0))
-                .min_by(|a, b| {
-                    models[**a]
-                        .outstanding()
-                        .total_cmp(&models[**b].outstanding())
-                })
-            else {
+                .filter_map(|id| models.get(*id))
+                .map(ReplicaModel::max_sequences)
+                .sum();
+            let cap = b.lines_in_flight as usize;
+            (
+                ((b.reserved_share * slots as f64).floor() as usize).min(cap),
+                cap,
+            )
+        });
+        lines.route(&open, &mut models, reserved);
+        while !queue.is_empty() {
+            let Some(id) = least_busy(&open, &models, |m| m.free_slots() > 0) else {
                 break;
             };
             let r = queue.pop_front().expect("not empty");
-            models.get_mut(*id).expect("open").running.push(r);
+            models.get_mut(id).expect("open").running.push(r);
+        }
+        lines.make_way(&open, &mut models, &mut queue, reserved);
+        if queue.is_empty() {
+            lines.route(&open, &mut models, cap);
         }
         // Serve.
         for (id, m) in models.iter_mut() {
-            let before = m.served;
+            let (before, before_batch) = (m.served, m.served_batch);
             let finished = m.step(now, s.dt);
-            served.prompt += m.served.prompt - before.prompt;
-            served.output += m.served.output - before.output;
+            // Batch lines' tokens are not demand.
+            served.prompt +=
+                (m.served.prompt - before.prompt) - (m.served_batch.prompt - before_batch.prompt);
+            served.output +=
+                (m.served.output - before.output) - (m.served_batch.output - before_batch.output);
             for f in finished {
+                if f.id >= interactive {
+                    lines.finished += 1;
+                    lines.tokens += u64::from(f.prompt_tokens + f.output_tokens);
+                    lines.last_done = Some(f.done);
+                    continue;
+                }
                 let tpot = (f.output_tokens > 1).then(|| f.tpot().as_secs_f64() * 1000.0);
                 recent.record(f.done, f.ttft().as_secs_f64() * 1000.0, tpot);
                 if f.id >= measured {
@@ -367,8 +446,25 @@ pub async fn simulate_with_progress(
         }
         load.tokens_total = (served.prompt + served.output) as u64;
         load.prompt_tokens_total = served.prompt as u64;
-        load.in_flight = models.values().map(|m| m.running.len()).sum();
+        load.in_flight = models
+            .values()
+            .map(|m| m.running.len() - m.batch_lines())
+            .sum();
         load.waiting = queue.len();
+        if let Some(b) = batch.filter(|_| lines.released) {
+            let running: usize = models.values().map(ReplicaModel::batch_lines).sum();
+            // The live runner hands the gateway at most its lines in flight.
+            load.batch_lines = (running + lines.queue.len()).min(cap.max(running));
+            let pace = strata_core::batch::Pace {
+                lines_left: u64::from(b.lines - lines.finished),
+                finished: u64::from(lines.finished),
+                finished_tokens: lines.tokens,
+                deadline_ms: (b.at + b.window).as_millis() as i64,
+                cap_per_s: None,
+            };
+            load.batch_tokens_per_s = pace.needed_per_s(now.as_millis() as i64);
+            load.batch_backlog_tokens = pace.backlog_tokens();
+        }
         load.routable = open.len();
         (load.ttft_p95_ms, load.tpot_p95_ms) = recent.p95(now);
         if now.as_millis() % 60_000 < s.dt.as_millis() {
@@ -448,5 +544,91 @@ pub async fn simulate_with_progress(
         replica_hours,
         preemptions: bills.iter().filter(|b| b.preempted).count(),
         timeline,
+        batch: batch.map(|b| {
+            let done_after_s = lines
+                .last_done
+                .filter(|_| lines.finished == b.lines)
+                .map(|at| at.saturating_sub(b.at).as_secs_f64());
+            BatchOutcome {
+                lines: b.lines,
+                finished: lines.finished,
+                preempted: lines.preempted,
+                done_after_s,
+                within_window: done_after_s.is_some_and(|d| d <= b.window.as_secs_f64()),
+                tokens: lines.tokens,
+            }
+        }),
+    }
+}
+
+/// The open replica with the least work of those `fits` takes.
+fn least_busy<'a>(
+    open: &[&'a String],
+    models: &BTreeMap<String, ReplicaModel>,
+    fits: impl Fn(&ReplicaModel) -> bool,
+) -> Option<&'a String> {
+    open.iter()
+        .copied()
+        .filter(|id| models.get(*id).is_some_and(&fits))
+        .min_by(|a, b| {
+            models[*a]
+                .outstanding()
+                .total_cmp(&models[*b].outstanding())
+        })
+}
+
+/// A batch's lines during a run.
+#[derive(Default)]
+struct BatchRun {
+    released: bool,
+    /// Lines waiting for a slot, next first.
+    queue: VecDeque<Running>,
+    finished: u32,
+    tokens: u64,
+    last_done: Option<Duration>,
+    preempted: usize,
+}
+
+impl BatchRun {
+    /// Waiting lines into free slots while fewer than `up_to` run.
+    fn route(
+        &mut self,
+        open: &[&String],
+        models: &mut BTreeMap<String, ReplicaModel>,
+        up_to: usize,
+    ) {
+        let mut running: usize = models.values().map(ReplicaModel::batch_lines).sum();
+        while running < up_to && !self.queue.is_empty() {
+            let Some(id) = least_busy(open, models, |m| m.free_slots() > 0) else {
+                return;
+            };
+            let line = self.queue.pop_front().expect("not empty");
+            models.get_mut(id).expect("open").running.push(line);
+            running += 1;
+        }
+    }
+
+    /// While interactive requests wait, each takes the slot of a batch
+    /// line beyond the `reserved` ones (the line starts over later).
+    fn make_way(
+        &mut self,
+        open: &[&String],
+        models: &mut BTreeMap<String, ReplicaModel>,
+        queue: &mut VecDeque<Running>,
+        reserved: usize,
+    ) {
+        let mut running: usize = models.values().map(ReplicaModel::batch_lines).sum();
+        while running > reserved && !queue.is_empty() {
+            let Some(id) = least_busy(open, models, |m| m.batch_lines() > 0) else {
+                return;
+            };
+            let m = models.get_mut(id).expect("open");
+            if let Some(line) = m.preempt_batch() {
+                self.preempted += 1;
+                self.queue.push_front(line);
+                m.running.push(queue.pop_front().expect("not empty"));
+            }
+            running -= 1;
+        }
     }
 }

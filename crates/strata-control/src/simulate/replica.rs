@@ -4,7 +4,9 @@
 //! request's first token comes when its prompt is done), then spends the
 //! rest of the step decoding, the profile's decode rate at the current batch
 //! size shared equally by the decoding requests. TTFT and time per output
-//! token come out of this queue, not out of a formula.
+//! token come out of this queue, not out of a formula. Batch API lines
+//! (`Running::batch`) are prefilled after every interactive prompt, as
+//! strata's engine plans its steps, and their tokens are counted apart.
 
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ pub struct Running {
     /// Tokens generated, the first (from the prefill) included.
     generated: f64,
     pub first_token: Option<Duration>,
+    /// A Batch API line: its prompt waits for interactive ones.
+    pub batch: bool,
 }
 
 impl Running {
@@ -32,6 +36,28 @@ impl Running {
             prefilled: 0.0,
             generated: 0.0,
             first_token: None,
+            batch: false,
+        }
+    }
+
+    /// The same, as a Batch API line.
+    pub fn batch(self) -> Self {
+        Running {
+            batch: true,
+            ..self
+        }
+    }
+
+    /// Started over: what it had done is lost.
+    pub fn restart(&self) -> Self {
+        Running {
+            batch: self.batch,
+            ..Running::new(
+                self.id,
+                self.arrived,
+                self.prompt_tokens,
+                self.output_tokens,
+            )
         }
     }
 
@@ -75,6 +101,8 @@ pub struct ReplicaModel {
     /// Tokens served so far, as they are produced: prompt tokens as they
     /// are prefilled, output tokens as they are decoded.
     pub served: Served,
+    /// Of those, Batch API lines' tokens.
+    pub served_batch: Served,
 }
 
 /// Running totals of tokens served by a replica.
@@ -91,6 +119,7 @@ impl ReplicaModel {
             decode_tokens_per_s: profile.decode_tokens_per_s.clone(),
             running: Vec::new(),
             served: Served::default(),
+            served_batch: Served::default(),
         }
     }
 
@@ -106,6 +135,34 @@ impl ReplicaModel {
         self.running.iter().map(Running::outstanding).sum()
     }
 
+    /// Batch API lines running here.
+    pub fn batch_lines(&self) -> usize {
+        self.running.iter().filter(|r| r.batch).count()
+    }
+
+    /// Takes out the batch line that has done least (the newest), to run
+    /// again later from the start.
+    pub fn preempt_batch(&mut self) -> Option<Running> {
+        let i = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.batch)
+            .max_by(|(_, a), (_, b)| a.outstanding().total_cmp(&b.outstanding()))
+            .map(|(i, _)| i)?;
+        Some(self.running.remove(i).restart())
+    }
+
+    /// Counts tokens served for a request (a batch line's apart too).
+    fn count(&mut self, batch: bool, prompt: f64, output: f64) {
+        self.served.prompt += prompt;
+        self.served.output += output;
+        if batch {
+            self.served_batch.prompt += prompt;
+            self.served_batch.output += output;
+        }
+    }
+
     fn decode_rate(&self, batch: usize) -> f64 {
         let i = batch.clamp(1, self.decode_tokens_per_s.len().max(1)) - 1;
         self.decode_tokens_per_s.get(i).copied().unwrap_or(0.0)
@@ -115,27 +172,31 @@ impl ReplicaModel {
     pub fn step(&mut self, now: Duration, dt: Duration) -> Vec<Finished> {
         let mut budget = dt.as_secs_f64();
         let mut clock = now.as_secs_f64();
-        // Prefill, oldest first.
-        for r in self.running.iter_mut() {
+        // Prefill, oldest first, interactive prompts before batch lines'.
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| self.running[i].batch);
+        for i in order {
             if budget <= 0.0 {
                 break;
             }
+            let rate = self.prefill_tokens_per_s;
+            let r = &mut self.running[i];
             let left = f64::from(r.prompt_tokens) - r.prefilled;
             if left <= 0.0 {
                 continue;
             }
-            let need = left / self.prefill_tokens_per_s;
+            let need = left / rate;
+            let batch = r.batch;
             if need <= budget {
                 budget -= need;
                 clock += need;
                 r.prefilled = f64::from(r.prompt_tokens);
                 r.generated = 1.0;
                 r.first_token = Some(Duration::from_secs_f64(clock));
-                self.served.prompt += left;
-                self.served.output += 1.0;
+                self.count(batch, left, 1.0);
             } else {
-                r.prefilled += budget * self.prefill_tokens_per_s;
-                self.served.prompt += budget * self.prefill_tokens_per_s;
+                r.prefilled += budget * rate;
+                self.count(batch, budget * rate, 0.0);
                 clock += budget;
                 budget = 0.0;
             }
@@ -157,19 +218,21 @@ impl ReplicaModel {
             .count();
         if budget > 0.0 && decoding > 0 {
             let per_request = self.decode_rate(decoding) / decoding as f64;
-            for (i, r) in self.running.iter_mut().enumerate() {
+            for (i, done) in done_at.iter_mut().enumerate() {
+                let r = &mut self.running[i];
                 let left = f64::from(r.output_tokens) - r.generated;
                 if r.first_token.is_none() || left <= 0.0 {
                     continue;
                 }
                 let need = left / per_request;
+                let batch = r.batch;
                 if need <= budget {
                     r.generated = f64::from(r.output_tokens);
-                    self.served.output += left;
-                    done_at[i] = Some(clock + need);
+                    self.count(batch, 0.0, left);
+                    *done = Some(clock + need);
                 } else {
                     r.generated += budget * per_request;
-                    self.served.output += budget * per_request;
+                    self.count(batch, 0.0, budget * per_request);
                 }
             }
         }
@@ -255,6 +318,36 @@ mod tests {
             );
         }
         assert_eq!(m.free_slots(), 2);
+    }
+
+    #[test]
+    fn a_batch_line_prefills_after_an_interactive_prompt_and_counts_apart() {
+        // The batch line came first, but the interactive prompt (300
+        // tokens) is read first: its first token at 0.3 s, the batch's at
+        // 0.5 s.
+        let mut m = ReplicaModel::new(&profile());
+        m.running
+            .push(Running::new(0, Duration::ZERO, 200, 5).batch());
+        m.running.push(Running::new(1, Duration::ZERO, 300, 5));
+        m.step(Duration::ZERO, Duration::from_millis(500));
+        let first = |id| m.running.iter().find(|r| r.id == id).unwrap().first_token;
+        assert_eq!(first(1), Some(Duration::from_millis(300)));
+        assert_eq!(first(0), Some(Duration::from_millis(500)));
+        assert_eq!(
+            m.served_batch,
+            Served {
+                prompt: 200.0,
+                output: 1.0
+            }
+        );
+        assert_eq!(m.served.prompt, 500.0);
+        // Preempted, the batch line starts over; the interactive one stays.
+        assert_eq!(m.batch_lines(), 1);
+        let again = m.preempt_batch().unwrap();
+        assert!(again.batch && again.first_token.is_none());
+        assert_eq!(again.outstanding(), 205.0);
+        assert_eq!((m.batch_lines(), m.running.len()), (0, 1));
+        assert!(m.preempt_batch().is_none());
     }
 
     #[test]

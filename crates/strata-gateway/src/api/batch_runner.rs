@@ -87,12 +87,21 @@ impl Paces {
     /// need now.
     pub fn needed_per_s(&self, model: Option<&str>) -> f64 {
         let now = strata_core::now_ms();
+        self.sum(model, |pace| pace.needed_per_s(now))
+    }
+
+    /// Tokens the batches of `model` (of every model: `None`) have left.
+    pub fn backlog_tokens(&self, model: Option<&str>) -> f64 {
+        self.sum(model, Pace::backlog_tokens)
+    }
+
+    fn sum(&self, model: Option<&str>, of: impl Fn(&Pace) -> f64) -> f64 {
         self.0
             .lock()
             .expect("paces lock")
             .values()
             .filter(|(m, _)| model.is_none_or(|model| model == m))
-            .map(|(_, pace)| pace.needed_per_s(now))
+            .map(|(_, pace)| of(pace))
             .sum()
     }
 }
@@ -692,7 +701,11 @@ mod tests {
         assert!(near(paces.needed_per_s(Some("chat")), 300.0));
         assert!(near(paces.needed_per_s(Some("code")), 1.0));
         assert!(near(paces.needed_per_s(None), 301.0));
+        // What they have left, for spot bought for a backlog.
+        assert_eq!(paces.backlog_tokens(Some("chat")), 1_080_000.0);
+        assert_eq!(paces.backlog_tokens(None), 1_083_600.0);
         paces.forget("batch_b");
         assert!(near(paces.needed_per_s(Some("chat")), 100.0));
+        assert_eq!(paces.backlog_tokens(Some("chat")), 360_000.0);
     }
 }

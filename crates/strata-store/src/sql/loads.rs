@@ -15,13 +15,14 @@ impl LoadStore for SqlStore {
         let q = format!(
             "INSERT INTO gateway_loads (gateway, model, reported_at_ms, requests_total, tokens_total, \
              prompt_tokens_total, in_flight, waiting, routable, ttft_p95_ms, tpot_p95_ms, \
-             batch_lines, batch_tokens_per_s) \
-             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
+             batch_lines, batch_tokens_per_s, batch_backlog_tokens) \
+             VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway, model) DO UPDATE SET \
              reported_at_ms = excluded.reported_at_ms, requests_total = excluded.requests_total, \
              tokens_total = excluded.tokens_total, prompt_tokens_total = excluded.prompt_tokens_total, \
              in_flight = excluded.in_flight, waiting = excluded.waiting, routable = excluded.routable, \
              ttft_p95_ms = excluded.ttft_p95_ms, tpot_p95_ms = excluded.tpot_p95_ms, \
-             batch_lines = excluded.batch_lines, batch_tokens_per_s = excluded.batch_tokens_per_s"
+             batch_lines = excluded.batch_lines, batch_tokens_per_s = excluded.batch_tokens_per_s, \
+             batch_backlog_tokens = excluded.batch_backlog_tokens"
         );
         sqlx::query(&self.sql(&q))
             .bind(gateway)
@@ -36,6 +37,7 @@ impl LoadStore for SqlStore {
             .bind(l.tpot_p95_ms)
             .bind(l.batch_lines as i64)
             .bind(l.batch_tokens_per_s)
+            .bind(l.batch_backlog_tokens)
             .execute(&self.pool)
             .await
             .map_err(query_err)?;
@@ -73,6 +75,7 @@ impl LoadStore for SqlStore {
                     batch_lines: count(r, "batch_lines") as usize,
                     // Not a number, or below zero (a forged row): none.
                     batch_tokens_per_s: r.get::<f64, _>("batch_tokens_per_s").max(0.0),
+                    batch_backlog_tokens: r.get::<f64, _>("batch_backlog_tokens").max(0.0),
                     routable: count(r, "routable") as usize,
                     ttft_p95_ms: r.get("ttft_p95_ms"),
                     tpot_p95_ms: r.get("tpot_p95_ms"),
