@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID
+from conftest import MODEL_ID, Server
 
 LONG = {"model": MODEL_ID, "temperature": 0}
 
@@ -129,3 +129,42 @@ def test_a_background_response_is_stored(server):
     r = httpx.post(f"{server.base}/v1/responses", headers=server.headers, timeout=30,
                    json={"model": MODEL_ID, "input": "Hi.", "background": True, "store": False})
     assert r.status_code == 400 and r.json()["error"]["param"] == "store", r.text
+
+
+def test_a_tenant_holds_at_most_its_share_of_resumed_streams_open():
+    """A resumed stream reads the database every 50 ms while its response
+    runs: one tenant holds at most `gateway.max_resumed_streams_per_tenant`
+    (2 here) open on a gateway. The next gets an OpenAI-shaped 429 with
+    Retry-After; another tenant is not held back; a closed stream gives
+    its place back."""
+    s = Server(replicas=1, config="[gateway]\nmax_resumed_streams_per_tenant = 2\n", tenant="followers")
+    try:
+        c = s.client()
+        r = c.responses.create(input="Write a very long story about the sea.", background=True,
+                               max_output_tokens=4000, **LONG)
+        url = f"{s.base}/v1/responses/{r.id}?stream=true"
+        with httpx.Client(timeout=60) as h:
+            held = [h.stream("GET", url, headers=s.headers) for _ in range(2)]
+            streams = [x.__enter__() for x in held]
+            assert [x.status_code for x in streams] == [200, 200]
+            with h.stream("GET", url, headers=s.headers) as third:
+                assert third.status_code == 429
+                third.read()
+                assert third.headers["retry-after"] == "1"
+                assert third.json()["error"]["code"] == "rate_limit_exceeded", third.text
+            # Another tenant follows its own at once.
+            other = s.admin("POST", "/admin/v1/tenants", {"name": "followers-b"}, expect=201).json()
+            b_key = s.new_key(other["id"], "member")
+            b = s.client(b_key)
+            rb = b.responses.create(input="Hi.", background=True, max_output_tokens=4, **LONG)
+            with h.stream("GET", f"{s.base}/v1/responses/{rb.id}?stream=true",
+                          headers={"Authorization": f"Bearer {b_key}"}) as theirs:
+                assert theirs.status_code == 200
+            # One closed: a place again.
+            held[0].__exit__(None, None, None)
+            with h.stream("GET", url, headers=s.headers) as again:
+                assert again.status_code == 200
+            held[1].__exit__(None, None, None)
+        c.responses.cancel(r.id)
+    finally:
+        s.stop()

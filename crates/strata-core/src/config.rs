@@ -584,6 +584,9 @@ pub struct GatewayConfig {
     pub slots_per_replica: u32,
     /// Requests one tenant may have waiting before more get 429.
     pub max_waiting_per_tenant: u32,
+    /// Background responses' event streams (`GET /v1/responses/{id}?stream=true`)
+    /// one tenant may hold open at once on one gateway; more get 429.
+    pub max_resumed_streams_per_tenant: u32,
     /// Seconds a request may wait in the fair queue before it gets 429.
     pub queue_timeout_secs: f64,
     /// PEM certificate chain; with `tls_key_file`, the gateway serves HTTPS.
@@ -637,6 +640,7 @@ impl Default for GatewayConfig {
             connect_timeout_secs: 5.0,
             slots_per_replica: 8,
             max_waiting_per_tenant: 256,
+            max_resumed_streams_per_tenant: 16,
             queue_timeout_secs: 60.0,
             tls_cert_file: None,
             tls_key_file: None,
@@ -1176,6 +1180,12 @@ impl Config {
                     "{} is not a share from 0 to 0.5 (interactive work keeps at least half)",
                     g.batch_reserved_share
                 ),
+            );
+        }
+        if g.max_resumed_streams_per_tenant == 0 {
+            issues.bad(
+                "gateway.max_resumed_streams_per_tenant",
+                "must be at least 1".into(),
             );
         }
         if g.batch_lines_in_flight == 0 {

@@ -107,9 +107,11 @@ pub struct GatewaySettings {
     pub batch: BatchSettings,
 }
 
-/// How files and batches are taken and run.
+/// How files, batches and background responses are taken and run.
 #[derive(Debug, Clone)]
 pub struct BatchSettings {
+    /// Background responses' streams one tenant may follow at once here.
+    pub streams_per_tenant: usize,
     /// Largest file an upload may hold.
     pub max_file_bytes: usize,
     /// A batch line's price over an interactive request's (0.5: half).
@@ -123,6 +125,7 @@ pub struct BatchSettings {
 impl Default for BatchSettings {
     fn default() -> Self {
         BatchSettings {
+            streams_per_tenant: 16,
             max_file_bytes: 64 * 1024 * 1024,
             price_factor: 0.5,
             lines_in_flight: 32,
@@ -326,6 +329,9 @@ impl Gateway {
             files: stores.files.clone(),
             batches: stores.batches.clone(),
             background: stores.background.clone(),
+            followers: crate::api::responses::background::Followers::new(
+                settings.batch.streams_per_tenant,
+            ),
             batch_created: Arc::new(tokio::sync::Notify::new()),
             audit: audit.clone(),
             max_body_bytes: settings.max_body_bytes,

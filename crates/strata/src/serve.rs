@@ -153,6 +153,7 @@ fn gateway_settings(
         },
         rotate_kek_on_shred: !config.security.keep_kek_on_shred,
         batch: strata_gateway::BatchSettings {
+            streams_per_tenant: config.gateway.max_resumed_streams_per_tenant as usize,
             max_file_bytes: config.gateway.max_file_bytes,
             price_factor: 1.0 - config.gateway.batch_discount,
             lines_in_flight: config.gateway.batch_lines_in_flight as usize,

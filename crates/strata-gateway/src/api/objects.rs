@@ -27,6 +27,8 @@ pub struct Objects {
     pub batches: Arc<dyn BatchStore>,
     /// Background responses and their events.
     pub background: Arc<dyn BackgroundStore>,
+    /// Their resumed streams open on this gateway, by tenant.
+    pub followers: Arc<crate::api::responses::background::Followers>,
     /// Rung when a batch is created or cancelled, for the batch runner.
     pub batch_created: Arc<tokio::sync::Notify>,
     pub audit: Audit,

@@ -476,24 +476,75 @@ async fn principal(
     })
 }
 
+/// The resumed streams each tenant follows on this gateway, at most
+/// `cap` at once: each reads the store every `FOLLOW_EVERY` while its
+/// response runs, so one tenant's many would load everyone's database.
+pub struct Followers {
+    cap: usize,
+    by_tenant: std::sync::Mutex<std::collections::HashMap<TenantId, usize>>,
+}
+
+/// One stream followed; its place is given back when it is dropped (the
+/// stream ended, or its client went away).
+pub struct Following {
+    followers: Arc<Followers>,
+    tenant: TenantId,
+}
+
+impl Followers {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Followers {
+            cap,
+            by_tenant: Default::default(),
+        })
+    }
+
+    /// A place for one more of `tenant`'s streams, unless it holds `cap`.
+    pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Option<Following> {
+        let mut by = self.by_tenant.lock().expect("followers lock");
+        let n = by.entry(tenant.clone()).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(Following {
+            followers: self.clone(),
+            tenant: tenant.clone(),
+        })
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut by = self.followers.by_tenant.lock().expect("followers lock");
+        if let Some(n) = by.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// `GET /v1/responses/{id}?stream=true`: the response's events after
-/// `after` as they were kept, then those that follow, until its last one.
+/// `after` as they were kept, then those that follow, until its last one;
+/// `place` is held until the stream ends or its client goes.
 pub(super) fn follow(
     store: Arc<dyn BackgroundStore>,
-    tenant: TenantId,
+    place: Following,
     id: String,
     after: Option<u64>,
 ) -> Response {
     struct At {
         store: Arc<dyn BackgroundStore>,
-        tenant: TenantId,
+        place: Following,
         id: String,
         after: Option<u64>,
         ended: bool,
     }
     let at = At {
         store,
-        tenant,
+        place,
         id,
         after,
         ended: false,
@@ -503,7 +554,11 @@ pub(super) fn follow(
             return None;
         }
         loop {
-            let page = match at.store.events(&at.tenant, &at.id, at.after, PAGE).await {
+            let page = match at
+                .store
+                .events(&at.place.tenant, &at.id, at.after, PAGE)
+                .await
+            {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(error = %e, response = %at.id, "cannot read a background response's events");
@@ -518,7 +573,7 @@ pub(super) fn follow(
             }
             // Nothing new: the response still runs, or it ended with
             // nothing more to send (deleted, or ended without its event).
-            match at.store.running(&at.tenant, &at.id).await {
+            match at.store.running(&at.place.tenant, &at.id).await {
                 Ok(Some(_)) => tokio::time::sleep(FOLLOW_EVERY).await,
                 _ => {
                     // One more read: its last events may have been kept
@@ -526,7 +581,7 @@ pub(super) fn follow(
                     at.ended = true;
                     let page = at
                         .store
-                        .events(&at.tenant, &at.id, at.after, PAGE)
+                        .events(&at.place.tenant, &at.id, at.after, PAGE)
                         .await
                         .unwrap_or_default();
                     if page.is_empty() {
@@ -568,4 +623,23 @@ pub(super) async fn cancel(
         }
     }
     Ok(asked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_follows_at_most_its_cap_and_a_dropped_stream_gives_its_place_back() {
+        let followers = Followers::new(2);
+        let (a, b) = (TenantId("ten_a".into()), TenantId("ten_b".into()));
+        let first = followers.enter(&a).expect("one");
+        let _second = followers.enter(&a).expect("two");
+        assert!(followers.enter(&a).is_none(), "a third for the same tenant");
+        let _theirs = followers
+            .enter(&b)
+            .expect("another tenant has places of its own");
+        drop(first);
+        assert!(followers.enter(&a).is_some(), "a place again once one ends");
+    }
 }

@@ -455,10 +455,20 @@ pub(crate) async fn show(
     .await;
     match result {
         Ok((_, Some(after))) => {
+            let Some(place) = o.followers.enter(&p.tenant.id) else {
+                let refused = ApiError::rate_limited(
+                    "Too many streams of background responses are open for this organization on this server; close one, or retry shortly.",
+                    1,
+                );
+                return o
+                    .audit
+                    .answer(&p, "response.stream", &id, Err(refused))
+                    .await;
+            };
             o.audit
                 .record(&p, "response.stream", p.tenant.id.as_str(), &id, "ok")
                 .await;
-            background::follow(o.background.clone(), p.tenant.id.clone(), id, after)
+            background::follow(o.background.clone(), place, id, after)
         }
         Ok((response, None)) => o.audit.answer(&p, "response.read", &id, Ok(response)).await,
         Err(e) => o.audit.answer(&p, "response.read", &id, Err(e)).await,
