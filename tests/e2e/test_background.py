@@ -3,13 +3,15 @@
 client does, is polled, its event stream is resumed after the last event a
 client saw, and a cancel stops it. (A gateway killed mid-answer, and the
 stream resumed on another, is in test_cluster.py.)"""
+import os
+import sqlite3
 import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import MODEL_ID, Server
+from conftest import MODEL_ID, Server, wait_for
 
 LONG = {"model": MODEL_ID, "temperature": 0}
 
@@ -166,5 +168,47 @@ def test_a_tenant_holds_at_most_its_share_of_resumed_streams_open():
                 assert again.status_code == 200
             held[1].__exit__(None, None, None)
         c.responses.cancel(r.id)
+    finally:
+        s.stop()
+
+
+def test_a_response_whose_gateway_died_before_its_ledger_row_is_metered_once():
+    """What a gateway leaves when it dies between a background response's
+    last event and its ledger row: no usage row, and the response's row
+    still as it was while it ran (marked running, with what it takes to
+    run it). Here that row is copied while the response runs and put back
+    once it has ended, the usage row deleted. A gateway takes it over,
+    finds its last event kept, and writes the ledger row from the usage
+    that event holds, under the response's id; put back again with the
+    row still there (a backup restored), it is not metered twice."""
+    s = Server(replicas=1, tenant="late-meter")
+    try:
+        c = s.client()
+        r = c.responses.create(input="Write a short story about the sea.", background=True,
+                               max_output_tokens=64, **LONG)
+        db = sqlite3.connect(os.path.join(s.dir, "strata.db"), timeout=30)
+        running = db.execute("SELECT sealed, background FROM responses WHERE id = ?", (r.id,)).fetchone()
+        assert running[1] == "running", running
+        done = poll(c, r.id)
+        metered = lambda: db.execute(  # noqa: E731
+            "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage WHERE request_id = ?",
+            (r.id,)).fetchone()
+        assert metered() == (1, done.usage.input_tokens, done.usage.output_tokens)
+
+        def left_running(drop_row):
+            with db:
+                if drop_row:
+                    db.execute("DELETE FROM usage WHERE request_id = ?", (r.id,))
+                db.execute("UPDATE responses SET sealed = ?, background = 'running' WHERE id = ?",
+                           (running[0], r.id))
+            wait_for("the response taken over and ended", lambda: db.execute(
+                "SELECT background IS NULL FROM responses WHERE id = ?", (r.id,)).fetchone()[0] == 1, 30)
+
+        left_running(drop_row=True)
+        assert metered() == (1, done.usage.input_tokens, done.usage.output_tokens)
+        left_running(drop_row=False)
+        assert metered() == (1, done.usage.input_tokens, done.usage.output_tokens)
+        # Ended as its last event says, not run again.
+        assert c.responses.retrieve(r.id).output_text == done.output_text
     finally:
         s.stop()

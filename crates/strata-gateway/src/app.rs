@@ -329,9 +329,7 @@ impl Gateway {
             files: stores.files.clone(),
             batches: stores.batches.clone(),
             background: stores.background.clone(),
-            followers: crate::api::responses::background::Followers::new(
-                settings.batch.streams_per_tenant,
-            ),
+            followers: crate::tenancy::followers::Followers::new(settings.batch.streams_per_tenant),
             batch_created: Arc::new(tokio::sync::Notify::new()),
             audit: audit.clone(),
             max_body_bytes: settings.max_body_bytes,

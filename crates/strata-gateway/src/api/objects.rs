@@ -28,7 +28,7 @@ pub struct Objects {
     /// Background responses and their events.
     pub background: Arc<dyn BackgroundStore>,
     /// Their resumed streams open on this gateway, by tenant.
-    pub followers: Arc<crate::api::responses::background::Followers>,
+    pub followers: Arc<crate::tenancy::followers::Followers>,
     /// Rung when a batch is created or cancelled, for the batch runner.
     pub batch_created: Arc<tokio::sync::Notify>,
     pub audit: Audit,

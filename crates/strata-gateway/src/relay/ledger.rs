@@ -65,6 +65,17 @@ impl Ledger {
         self.batch(row);
     }
 
+    /// The row of an answer another gateway served and died before it
+    /// metered, written before it returns: its cost counts here, not its
+    /// tokens or latency (they were load on that gateway, not this one's now).
+    pub async fn record_late(&self, row: UsageRecord) {
+        self.count_cost(&row);
+        if let Err(e) = self.store.record_usage(std::slice::from_ref(&row)).await {
+            tracing::warn!(error = %e, "cannot write a usage row now; batching it");
+            self.batch(row);
+        }
+    }
+
     /// As `record_streamed`, written before it returns: for an answer that
     /// is stored, so that once the client has it, its usage is metered
     /// (a batch waits up to 50 ms, and a gateway killed meanwhile loses

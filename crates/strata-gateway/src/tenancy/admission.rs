@@ -317,7 +317,7 @@ impl Gate {
     }
 
     /// The price of `model`'s tokens to a request of `class`.
-    fn price(&self, model: &str, class: Class) -> ModelPrice {
+    pub(crate) fn price(&self, model: &str, class: Class) -> ModelPrice {
         let list = self
             .settings
             .pricing

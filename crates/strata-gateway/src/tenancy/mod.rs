@@ -2,13 +2,15 @@
 //! principals (`auth`, `keys`), every access is audited (`audit`), and
 //! admission (`admission`) holds a generation request to its key's and
 //! tenant's rate limits (`limits`, `shared_limits`), its tenant's monthly
-//! budget (`budget`) and its share of the replicas (`fairq`).
+//! budget (`budget`) and its share of the replicas (`fairq`); a tenant
+//! follows at most so many background responses' streams (`followers`).
 
 pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod budget;
 pub mod fairq;
+pub mod followers;
 pub mod keys;
 pub mod limits;
 pub mod principal;

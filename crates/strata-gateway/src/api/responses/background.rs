@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use strata_core::openai::{parse_body, ChatCompletionRequest};
 use strata_core::responses::{response_object, EventWriter, Outcome};
-use strata_core::store::{BackgroundStore, Running};
+use strata_core::store::{BackgroundStore, Running, UsageRecord};
 use strata_core::tenant::TenantId;
 use strata_core::ApiError;
 use tokio::sync::mpsc;
@@ -40,6 +40,7 @@ use crate::relay::answer::Answer;
 use crate::relay::forward::{Exchange, ReplicaRequest};
 use crate::relay::resume::continued;
 use crate::tenancy::fairq::Class;
+use crate::tenancy::followers::Following;
 use crate::tenancy::principal::Principal;
 
 /// How long a gateway's claim on a running response lasts unless renewed:
@@ -365,9 +366,15 @@ async fn adopt(
         client: None,
         lost,
     };
-    // Its last event was kept: only its row was not written.
+    // Its last event was kept: its gateway died before it wrote its row,
+    // and maybe before it metered it.
     if let Some((_, last)) = kept.last().filter(|(_, e)| ENDS.contains(&kind_of(e))) {
         let response = data_of(last)["response"].clone();
+        let status = match kind_of(last) {
+            "response.failed" => 502,
+            _ => 200,
+        };
+        meter_ended(g, tenant, &run, &response, status, stored.replica.clone()).await;
         let output = items_of(&response["output"]);
         let items: Vec<_> = match kind_of(last) {
             "response.completed" | "response.incomplete" => run
@@ -455,6 +462,52 @@ async fn adopt(
     Ok(())
 }
 
+/// The ledger row of a response whose last event was kept when its
+/// gateway died: the usage that event holds, under the response's id, as
+/// its gateway writes it (the ledger keeps one row per id: a row the dead
+/// gateway did write is not written again), priced as its key's class.
+async fn meter_ended(
+    g: &Inference,
+    tenant: &TenantId,
+    run: &Run,
+    response: &Value,
+    status: u16,
+    replica: Option<String>,
+) {
+    let tokens = |k: &str| {
+        response["usage"][k]
+            .as_u64()
+            .unwrap_or(0)
+            .min(u64::from(u32::MAX)) as u32
+    };
+    let (prompt_tokens, completion_tokens) = (tokens("input_tokens"), tokens("output_tokens"));
+    let class = match principal(&g.background, tenant, &run.key_id).await {
+        Ok(Some(p)) => p.class,
+        _ => Class::Interactive,
+    };
+    let cost_usd = g
+        .gate
+        .price(&run.meta.model, class)
+        .cost(prompt_tokens.into(), completion_tokens.into());
+    let row = UsageRecord {
+        request_id: run.meta.id.clone(),
+        tenant_id: tenant.to_string(),
+        key_id: run.key_id.clone(),
+        at_ms: run.meta.created_at * 1000,
+        model: run.meta.model.clone(),
+        replica: replica.unwrap_or_default(),
+        status,
+        prompt_tokens,
+        completion_tokens,
+        ttft_ms: 0.0,
+        latency_ms: 0.0,
+        stream: true,
+        cost_usd,
+        batch: class == Class::Batch,
+    };
+    g.relay.ledger.record_late(row).await;
+}
+
 /// The principal a taken-over response runs as: its key, if it still works.
 async fn principal(
     bg: &Background,
@@ -474,56 +527,6 @@ async fn principal(
         }
         _ => None,
     })
-}
-
-/// The resumed streams each tenant follows on this gateway, at most
-/// `cap` at once: each reads the store every `FOLLOW_EVERY` while its
-/// response runs, so one tenant's many would load everyone's database.
-pub struct Followers {
-    cap: usize,
-    by_tenant: std::sync::Mutex<std::collections::HashMap<TenantId, usize>>,
-}
-
-/// One stream followed; its place is given back when it is dropped (the
-/// stream ended, or its client went away).
-pub struct Following {
-    followers: Arc<Followers>,
-    tenant: TenantId,
-}
-
-impl Followers {
-    pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Followers {
-            cap,
-            by_tenant: Default::default(),
-        })
-    }
-
-    /// A place for one more of `tenant`'s streams, unless it holds `cap`.
-    pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Option<Following> {
-        let mut by = self.by_tenant.lock().expect("followers lock");
-        let n = by.entry(tenant.clone()).or_default();
-        if *n >= self.cap {
-            return None;
-        }
-        *n += 1;
-        Some(Following {
-            followers: self.clone(),
-            tenant: tenant.clone(),
-        })
-    }
-}
-
-impl Drop for Following {
-    fn drop(&mut self) {
-        let mut by = self.followers.by_tenant.lock().expect("followers lock");
-        if let Some(n) = by.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                by.remove(&self.tenant);
-            }
-        }
-    }
 }
 
 /// `GET /v1/responses/{id}?stream=true`: the response's events after
@@ -623,23 +626,4 @@ pub(super) async fn cancel(
         }
     }
     Ok(asked)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_tenant_follows_at_most_its_cap_and_a_dropped_stream_gives_its_place_back() {
-        let followers = Followers::new(2);
-        let (a, b) = (TenantId("ten_a".into()), TenantId("ten_b".into()));
-        let first = followers.enter(&a).expect("one");
-        let _second = followers.enter(&a).expect("two");
-        assert!(followers.enter(&a).is_none(), "a third for the same tenant");
-        let _theirs = followers
-            .enter(&b)
-            .expect("another tenant has places of its own");
-        drop(first);
-        assert!(followers.enter(&a).is_some(), "a place again once one ends");
-    }
 }

@@ -201,7 +201,11 @@ impl Turn {
             _ => 200,
         };
         let ttft = reply.first_byte.unwrap_or(latency);
-        let row = self.usage_row(status, reply.usage, ttft, latency);
+        let mut row = self.usage_row(status, reply.usage, ttft, latency);
+        // Under the response's id: a gateway that takes over a response
+        // whose last event was kept writes its row under the same id, and
+        // the ledger keeps one row per id.
+        row.request_id = self.meta.id.clone();
         self.g
             .relay
             .ledger
