@@ -97,6 +97,9 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
         (["--trace", os.path.join(d, "missing.csv")], "missing.csv"),
         (["--trace", trace, "--rate", "0"], "--rate"),
         (["--trace", trace, "--dt-ms", "0"], "--dt-ms"),
+        (["--trace", trace, "--batch-lines", "5", "--batch-window-hours", "0"], "--batch-window-hours"),
+        (["--trace", trace, "--batch-lines", "5", "--batch-window-hours", "1e30"], "at most a year"),
+        (["--trace", trace, "--batch-lines", "5", "--batch-at-mins", "nan"], "--batch-at-mins"),
         (["--trace", os.path.join(d, "strata.toml")], "header"),
         (["--trace", trace, "--spot-dir", d], "no spot traces"),
         (["--trace", trace, "--spot-trace", "us-west-2a"], "ZONE=FILE"),
@@ -118,6 +121,28 @@ def test_the_readme_example_runs_on_the_repositorys_own_data():
     report = json.loads(out.stdout)
     assert len(report["policies"]) == 4
     assert all(p["finished"] + p["unserved"] == report["requests"] > 200 for p in report["policies"])
+
+
+def test_a_batch_backlog_runs_beside_the_trace_and_against_a_pool_of_its_own():
+    """`--batch-lines`: every policy runs the trace with the backlog beside
+    it, and strata also runs the trace alone and the batch alone."""
+    root = os.path.join(os.path.dirname(__file__), "../..")
+    out = subprocess.run(
+        [STRATA, "--config", "bench/scenarios/cpu-fleet.toml", "simulate",
+         "--trace", "testdata/traces/azure-conv-10min.csv",
+         "--spot-dir", "testdata/spot-traces/aws-02-15-2023", "--rate", "0.1",
+         "--batch-lines", "50", "--batch-prompt-tokens", "100", "--batch-output-tokens", "20",
+         "--batch-window-hours", "1", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for p in report["policies"]:
+        assert p["batch"]["lines"] == p["batch"]["finished"] == 50 and p["batch"]["within_window"], p
+        assert p["batch"]["tokens"] == 50 * 120
+    strata = next(p for p in report["policies"] if p["policy"] == "strata")
+    alone, own = report["separate_pools"]["interactive"], report["separate_pools"]["batch"]
+    assert alone["batch"] is None and alone["requests"] == strata["requests"]
+    assert own["requests"] == 0 and own["batch"]["finished"] == 50
 
 
 def test_several_models_each_on_its_own_trace_and_profile_make_a_fleet():

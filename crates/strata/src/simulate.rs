@@ -425,15 +425,18 @@ async fn simulate_pool(
         ),
         dt: Duration::from_millis(args.dt_ms),
         warmup: Duration::from_secs_f64(args.warmup_mins * 60.0),
-        batch: (args.batch_lines > 0).then(|| BatchBacklog {
-            at: Duration::from_secs_f64(args.batch_at_mins * 60.0),
-            lines: args.batch_lines,
-            prompt_tokens: args.batch_prompt_tokens,
-            output_tokens: args.batch_output_tokens,
-            window: Duration::from_secs_f64(args.batch_window_hours * 3600.0),
-            lines_in_flight: config.gateway.batch_lines_in_flight,
-            reserved_share: config.gateway.batch_reserved_share,
-        }),
+        batch: match args.batch_lines {
+            0 => None,
+            lines => Some(BatchBacklog {
+                at: at_most_a_year("--batch-at-mins", args.batch_at_mins * 60.0)?,
+                lines,
+                prompt_tokens: args.batch_prompt_tokens,
+                output_tokens: args.batch_output_tokens,
+                window: at_most_a_year("--batch-window-hours", args.batch_window_hours * 3600.0)?,
+                lines_in_flight: config.gateway.batch_lines_in_flight,
+                reserved_share: config.gateway.batch_reserved_share,
+            }),
+        },
     };
     let offers = scenario.priced_offers();
     let peak = scenario
@@ -524,6 +527,15 @@ async fn simulate_pool(
         separate,
         batch: scenario.batch,
     })
+}
+
+/// `secs` of a flag as a duration, refused beyond a year (a simulated
+/// year takes hours to run).
+fn at_most_a_year(flag: &str, secs: f64) -> Result<Duration> {
+    match secs {
+        s if (0.0..=365.0 * 86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => bail!("{flag} must be at most a year"),
+    }
 }
 
 /// One policy's run, with a progress bar on a terminal.
