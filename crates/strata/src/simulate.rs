@@ -51,6 +51,22 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
             bail!("{flag} must be a positive number");
         }
     }
+    for (flag, secs) in [
+        ("--offset-hours", args.offset_hours * 3600.0),
+        ("--launch-delay-secs", args.launch_delay_secs),
+        ("--notice-secs", args.notice_secs),
+        ("--warmup-mins", args.warmup_mins * 60.0),
+        ("--slo-ttft-ms", args.slo_ttft_ms.unwrap_or(0.0) / 1000.0),
+        ("--batch-at-mins", args.batch_at_mins * 60.0),
+        ("--batch-window-hours", args.batch_window_hours * 3600.0),
+    ] {
+        up_to_a_year(flag, secs)?;
+    }
+    for (flag, v) in [("--time-scale", args.time_scale), ("--rate", args.rate)] {
+        if v > 1000.0 {
+            bail!("{flag} must be at most 1000");
+        }
+    }
     if args.dt_ms == 0 || args.dt_ms > 10_000 {
         bail!("--dt-ms must be between 1 and 10000");
     }
@@ -428,11 +444,11 @@ async fn simulate_pool(
         batch: match args.batch_lines {
             0 => None,
             lines => Some(BatchBacklog {
-                at: at_most_a_year("--batch-at-mins", args.batch_at_mins * 60.0)?,
+                at: up_to_a_year("--batch-at-mins", args.batch_at_mins * 60.0)?,
                 lines,
                 prompt_tokens: args.batch_prompt_tokens,
                 output_tokens: args.batch_output_tokens,
-                window: at_most_a_year("--batch-window-hours", args.batch_window_hours * 3600.0)?,
+                window: up_to_a_year("--batch-window-hours", args.batch_window_hours * 3600.0)?,
                 lines_in_flight: config.gateway.batch_lines_in_flight,
                 reserved_share: config.gateway.batch_reserved_share,
             }),
@@ -529,12 +545,12 @@ async fn simulate_pool(
     })
 }
 
-/// `secs` of a flag as a duration, refused beyond a year (a simulated
-/// year takes hours to run).
-fn at_most_a_year(flag: &str, secs: f64) -> Result<Duration> {
+/// `secs` of a flag as a duration: from zero to a year (a simulated year
+/// takes hours to run; far beyond, no duration holds it).
+fn up_to_a_year(flag: &str, secs: f64) -> Result<Duration> {
     match secs {
         s if (0.0..=365.0 * 86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
-        _ => bail!("{flag} must be at most a year"),
+        _ => bail!("{flag} must be from 0 to a year"),
     }
 }
 
