@@ -9,8 +9,10 @@
 //!
 //! A Batch API backlog (`BatchBacklog`) can run beside the trace, as the
 //! live gateway runs one: its lines take only the slots interactive
-//! requests leave (a reserved share of the slots aside), the newest is
-//! preempted (started over later) when an interactive request waits, at
+//! requests leave (a reserved share of the slots aside), the line that
+//! has done least on the least busy replica is preempted (started over
+//! later) when an interactive request waits (the live gateway takes the
+//! newest: the same for lines of one size submitted together), at
 //! most `lines_in_flight` hold slots at once, and its tokens are not
 //! demand; the policy sees its lines, its pace and its backlog as the
 //! live controller does.
@@ -385,7 +387,9 @@ pub async fn simulate_with_progress(
                 .collect();
         }
         // Routing: the least busy replica with a free slot, FIFO; batch
-        // lines as the live gateway runs them (`route_batch`).
+        // lines as the live gateway runs them: their reserved share first,
+        // then interactive requests, which take batch lines' slots beyond
+        // that share while they wait, then batch lines in what is left.
         let open: Vec<&String> = view
             .iter()
             .filter(|v| v.ready && v.leaving_until.is_none())
