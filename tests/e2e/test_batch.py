@@ -277,6 +277,24 @@ AUTOSCALE = AUTOSCALE_CONFIG.replace("scale_to_zero_after_secs = 12.0", "scale_t
 assert "scale_to_zero_after_secs = 4.0" in AUTOSCALE
 
 
+def run_counting(s, c, replicas):
+    """A batch of 60 completion lines (24 tokens each) run to its end on
+    `s`, sampling `replicas()` every half second: the batch as it ended,
+    and the samples."""
+    lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(60)]
+    b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
+                         completion_window="24h").id
+    seen = []
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        seen.append(replicas())
+        done = c.batches.retrieve(b)
+        if done.status in ("completed", "failed", "cancelled", "expired"):
+            break
+        time.sleep(0.5)
+    return done, seen
+
+
 def test_a_batch_backlog_alone_buys_no_replica_and_keeps_one():
     """A batch runs on the slots interactive work leaves: with no
     interactive traffic, a backlog that keeps the one replica busy (more
@@ -287,17 +305,7 @@ def test_a_batch_backlog_alone_buys_no_replica_and_keeps_one():
     s = Server(replicas=1, ready=0, config=AUTOSCALE, tenant="batch-scale")
     try:
         c = s.client()
-        lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(60)]
-        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
-                             completion_window="24h").id
-        seen = []
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            seen.append(len(s.replica_list()))
-            done = c.batches.retrieve(b)
-            if done.status in ("completed", "failed", "cancelled", "expired"):
-                break
-            time.sleep(0.5)
+        done, seen = run_counting(s, c, lambda: len(s.replica_list()))
         assert done.status == "completed" and done.request_counts.completed == 60, done
         # A pool at zero starts one replica for the batch, then keeps it.
         started = seen[seen.index(1):]
@@ -356,17 +364,7 @@ def test_a_batch_backlog_buys_cheap_spot_beside_the_count_and_lets_it_go_when_wo
     s = Server(replicas=1, ready=0, config=BATCH_SPOT, tenant="batch-spot")
     try:
         c = s.client()
-        lines = [line(f"l{i}", f"Count from {i}:", max_tokens=24, url="/v1/completions") for i in range(60)]
-        b = c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/completions",
-                             completion_window="24h").id
-        seen = []
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            seen.append(len([r for r in s.replica_list() if r["ready"]]))
-            done = c.batches.retrieve(b)
-            if done.status in ("completed", "failed", "cancelled", "expired"):
-                break
-            time.sleep(0.5)
+        done, seen = run_counting(s, c, lambda: len([r for r in s.replica_list() if r["ready"]]))
         assert done.status == "completed" and done.request_counts.completed == 60, done
         assert max(seen) == 2, f"ready replicas while the batch ran: {seen}"
         # Its spot replica went before the batch ended (the last lines are

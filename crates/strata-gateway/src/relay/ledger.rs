@@ -70,10 +70,7 @@ impl Ledger {
     /// tokens or latency (they were load on that gateway, not this one's now).
     pub async fn record_late(&self, row: UsageRecord) {
         self.count_cost(&row);
-        if let Err(e) = self.store.record_usage(std::slice::from_ref(&row)).await {
-            tracing::warn!(error = %e, "cannot write a usage row now; batching it");
-            self.batch(row);
-        }
+        self.write_now(row).await;
     }
 
     /// As `record_streamed`, written before it returns: for an answer that
@@ -82,6 +79,11 @@ impl Ledger {
     /// it). A store that fails now gets the row in the next batch.
     pub async fn record_now(&self, row: UsageRecord, counted: u64) {
         self.count(&row, counted);
+        self.write_now(row).await;
+    }
+
+    /// Writes `row` now; a store that fails gets it in the next batch.
+    async fn write_now(&self, row: UsageRecord) {
         if let Err(e) = self.store.record_usage(std::slice::from_ref(&row)).await {
             tracing::warn!(error = %e, "cannot write a usage row now; batching it");
             self.batch(row);
