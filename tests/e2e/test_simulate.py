@@ -53,14 +53,27 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     names = [p["policy"] for p in report["policies"]]
+    # One instance type in one zone: SpotHedge pinned to it and unpinned
+    # are one policy (one row), beside the earlier, ideal-timing model.
     assert names[0].startswith("static") and names[1:] == [
-        "request-rate autoscaler (on demand)", "SpotHedge (request rate)", "strata"], names
+        "request-rate autoscaler (on demand)", "SpotHedge (small, SkyServe timing)",
+        "SpotHedge (cheapest type per zone, ideal timing)", "strata"], names
     for p in report["policies"]:
         assert p["finished"] + p["unserved"] == report["requests"] == 1200
         assert p["cost"] > report["lower_bound_cost"] > 0
         assert p["ttft_ms"][0] <= p["ttft_ms"][1] <= p["ttft_ms"][2]
     again = run(d, "--trace", trace, "--spot-dir", SPOT, "--launch-delay-secs", "30", "--json")
     assert again.stdout == out.stdout
+    # SkyServe's own settings move its policies, never strata: a target of
+    # 1,000 queries a second per replica keeps them at one replica.
+    few = run(d, "--trace", trace, "--spot-dir", SPOT, "--launch-delay-secs", "30", "--json",
+              "--skyserve-qps-per-replica", "1000", "--skyserve-upscale-delay-secs", "20")
+    assert few.returncode == 0, few.stderr
+    hours = {p["policy"]: sum(p["replica_hours"].values()) for p in report["policies"]}
+    few_hours = {p["policy"]: sum(p["replica_hours"].values()) for p in json.loads(few.stdout)["policies"]}
+    assert few_hours["strata"] == hours["strata"]
+    for name in ("request-rate autoscaler (on demand)", "SpotHedge (small, SkyServe timing)"):
+        assert few_hours[name] < hours[name], (name, few_hours[name], hours[name])
     plots = os.path.join(d, "plots")
     table = run(d, "--trace", trace, "--plot", plots)
     assert table.returncode == 0 and "| strata |" in table.stdout and "lower bound" in table.stdout
@@ -77,7 +90,7 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     def spot_hours(report):
         return {p["policy"]: sum(h for k, h in p["replica_hours"].items() if "(spot)" in k)
                 for p in report["policies"]}
-    assert spot_hours(report)["strata"] > 0 and spot_hours(report)["SpotHedge (request rate)"] > 0
+    assert spot_hours(report)["strata"] > 0 and spot_hours(report)["SpotHedge (small, SkyServe timing)"] > 0
     sold_out = os.path.join(SPOT, "us-east-1a_v100_1.json")
     mapped = run(d, "--trace", trace, "--spot-dir", SPOT, "--spot-trace", f"us-west-2a={sold_out}",
                  "--launch-delay-secs", "30", "--json")
@@ -88,7 +101,7 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
     events = os.path.join(TESTDATA, "spotserve/g4dn_full.csv")
     capped = run(d, "--trace", trace, "--spot-events", events, "--offset-hours", "1", "--json")
     assert capped.returncode == 0, capped.stderr
-    assert len(json.loads(capped.stdout)["policies"]) == 4
+    assert len(json.loads(capped.stdout)["policies"]) == 5
     with open(os.path.join(d, "events.csv"), "w") as f:
         f.write("10,grow,n1\n")
 
@@ -102,6 +115,8 @@ def test_a_trace_is_replayed_against_the_policies_deterministically():
         (["--trace", trace, "--warmup-mins", "1e300"], "--warmup-mins must be from 0 to a year"),
         (["--trace", trace, "--slo-ttft-ms=-5"], "--slo-ttft-ms must be from 0 to a year"),
         (["--trace", trace, "--time-scale", "1e300"], "--time-scale must be at most 1000"),
+        (["--trace", trace, "--skyserve-qps-per-replica", "0"], "--skyserve-qps-per-replica"),
+        (["--trace", trace, "--skyserve-upscale-delay-secs=-1"], "--skyserve-upscale-delay-secs must be"),
         (["--trace", trace, "--batch-lines", "5", "--batch-at-mins", "nan"], "--batch-at-mins"),
         (["--trace", os.path.join(d, "strata.toml")], "header"),
         (["--trace", trace, "--spot-dir", d], "no spot traces"),
@@ -122,7 +137,7 @@ def test_the_readme_example_runs_on_the_repositorys_own_data():
         capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert len(report["policies"]) == 4
+    assert len(report["policies"]) == 5
     assert all(p["finished"] + p["unserved"] == report["requests"] > 200 for p in report["policies"])
 
 

@@ -602,6 +602,17 @@ pub struct SimulateArgs {
     /// The batch's completion window, hours.
     #[arg(long, default_value_t = 24.0)]
     pub batch_window_hours: f64,
+    /// SkyServe's `target_qps_per_replica` for the baselines (default:
+    /// derived from a replica's tokens/s at pool.target_utilisation over
+    /// the trace's mean tokens per request).
+    #[arg(long)]
+    pub skyserve_qps_per_replica: Option<f64>,
+    /// SkyServe's `upscale_delay_seconds` for the baselines.
+    #[arg(long, default_value_t = 300.0)]
+    pub skyserve_upscale_delay_secs: f64,
+    /// SkyServe's `downscale_delay_seconds` for the baselines.
+    #[arg(long, default_value_t = 1200.0)]
+    pub skyserve_downscale_delay_secs: f64,
     #[arg(long)]
     pub json: bool,
     /// Write charts here (SVG and PNG): demand vs capacity, replicas, cost over time.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use strata_control::controller::PoolSpec;
 use strata_control::planner::{cheapest, cheapest_alone, Offer};
 use strata_control::provider::sim::{SimSettings, SpotTrace};
-use strata_control::simulate::baselines::{RateTarget, RequestRate, SpotHedge};
+use strata_control::simulate::baselines::{RateTarget, RequestRate, SkyTiming, SpotHedge};
 use strata_control::simulate::{
     self, lower_bound, BatchBacklog, Outcome, Scenario, Static, Strata,
 };
@@ -46,6 +46,10 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         ("--warmup-mins", args.warmup_mins + 1.0),
         ("--batch-at-mins", args.batch_at_mins + 1.0),
         ("--batch-window-hours", args.batch_window_hours),
+        (
+            "--skyserve-qps-per-replica",
+            args.skyserve_qps_per_replica.unwrap_or(1.0),
+        ),
     ] {
         if !(v.is_finite() && v > 0.0) {
             bail!("{flag} must be a positive number");
@@ -59,6 +63,14 @@ pub async fn run(config: Config, args: SimulateArgs) -> Result<()> {
         ("--slo-ttft-ms", args.slo_ttft_ms.unwrap_or(0.0) / 1000.0),
         ("--batch-at-mins", args.batch_at_mins * 60.0),
         ("--batch-window-hours", args.batch_window_hours * 3600.0),
+        (
+            "--skyserve-upscale-delay-secs",
+            args.skyserve_upscale_delay_secs,
+        ),
+        (
+            "--skyserve-downscale-delay-secs",
+            args.skyserve_downscale_delay_secs,
+        ),
     ] {
         up_to_a_year(flag, secs)?;
     }
@@ -478,35 +490,87 @@ async fn simulate_pool(
     };
     outcomes.push(run_one(&scenario, &mut static_peak, tail).await);
     // SkyServe's policies get the same capacity, by queries: a replica's
-    // tokens/s at the target utilisation over the mean tokens of a request.
+    // tokens/s at the target utilisation over the mean tokens of a request
+    // (unless --skyserve-qps-per-replica sets it, as a SkyServe user would
+    // after a load test).
     let tokens_per_request = scenario
         .trace
         .iter()
         .map(|r| f64::from(r.prompt_tokens + r.output_tokens))
         .sum::<f64>()
         / scenario.trace.len() as f64;
-    let qps = on_demand.tokens_per_s * config.pool.target_utilisation / tokens_per_request;
+    let qps = args
+        .skyserve_qps_per_replica
+        .unwrap_or(on_demand.tokens_per_s * config.pool.target_utilisation / tokens_per_request);
     let pool = &config.pool;
-    let rate = || RateTarget::new(qps, pool.min_replicas.max(1), pool.max_replicas);
-    let mut request_rate = RequestRate {
-        rate: rate(),
-        offer: on_demand.clone(),
-        overprovision: pool.spot_hedge,
+    let (upscale, downscale) = (
+        up_to_a_year(
+            "--skyserve-upscale-delay-secs",
+            args.skyserve_upscale_delay_secs,
+        )?,
+        up_to_a_year(
+            "--skyserve-downscale-delay-secs",
+            args.skyserve_downscale_delay_secs,
+        )?,
+    );
+    let rate = || {
+        let mut r = RateTarget::new(qps, pool.min_replicas.max(1), pool.max_replicas);
+        (r.upscale_delay, r.downscale_delay) = (upscale, downscale);
+        r
     };
+    let mut request_rate = RequestRate::new(
+        rate(),
+        on_demand.clone(),
+        pool.spot_hedge,
+        SkyTiming::skyserve(),
+    );
     outcomes.push(run_one(&scenario, &mut request_rate, tail).await);
-    // The cheapest spot offer of each zone, zones in catalog order.
-    let mut spot_per_zone: Vec<Offer> = Vec::new();
-    for o in offers.iter().filter(|o| o.capacity == CapacityType::Spot) {
-        if spot_per_zone.iter().all(|s| s.zone != o.zone) {
-            if let Some(best) = cheapest(&offers, CapacityType::Spot, Some(&o.zone)) {
-                spot_per_zone.push(best.clone());
+    // SpotHedge as a SkyServe user sets it up: its replica's type pinned
+    // (the on-demand one), in every zone that offers it as spot; then
+    // unpinned, the cheapest spot type of each zone (SkyServe's choice for
+    // an accelerator without a type), where that differs; then unpinned
+    // with the simulator's earlier, generous timing.
+    let spot_of = |pinned: bool| -> Vec<Offer> {
+        let mut per_zone: Vec<Offer> = Vec::new();
+        for o in offers.iter().filter(|o| o.capacity == CapacityType::Spot) {
+            if per_zone.iter().any(|s| s.zone == o.zone) {
+                continue;
             }
+            let best = match pinned {
+                true => offers
+                    .iter()
+                    .filter(|s| {
+                        s.capacity == CapacityType::Spot
+                            && s.zone == o.zone
+                            && s.instance_type == on_demand.instance_type
+                    })
+                    .min_by(|a, b| a.price_per_hour.total_cmp(&b.price_per_hour)),
+                false => cheapest(&offers, CapacityType::Spot, Some(&o.zone)),
+            };
+            per_zone.extend(best.cloned());
         }
+        per_zone
+    };
+    let (pinned, any_type) = (spot_of(true), spot_of(false));
+    let hedge = |spot: Vec<Offer>, timing: SkyTiming| {
+        SpotHedge::new(rate(), spot, on_demand.clone(), pool.spot_hedge, 0, timing)
+    };
+    if !pinned.is_empty() {
+        let mut fair = hedge(pinned.clone(), SkyTiming::skyserve()).named(format!(
+            "SpotHedge ({}, SkyServe timing)",
+            on_demand.instance_type
+        ));
+        outcomes.push(run_one(&scenario, &mut fair, tail).await);
     }
-    if !spot_per_zone.is_empty() {
-        let mut hedge =
-            SpotHedge::new(rate(), spot_per_zone, on_demand.clone(), pool.spot_hedge, 0);
-        outcomes.push(run_one(&scenario, &mut hedge, tail).await);
+    if !any_type.is_empty() && any_type != pinned {
+        let mut unpinned = hedge(any_type.clone(), SkyTiming::skyserve())
+            .named("SpotHedge (cheapest type per zone, SkyServe timing)");
+        outcomes.push(run_one(&scenario, &mut unpinned, tail).await);
+    }
+    if !any_type.is_empty() {
+        let mut ideal = hedge(any_type.clone(), SkyTiming::ideal())
+            .named("SpotHedge (cheapest type per zone, ideal timing)");
+        outcomes.push(run_one(&scenario, &mut ideal, tail).await);
     }
     let strata = || Strata::new(PoolSpec::from_config(&strata_config, 1));
     outcomes.push(run_one(&scenario, &mut strata(), tail).await);

@@ -154,6 +154,9 @@ struct SimInstance {
     reported: bool,
     /// Work in hand, as the simulator's replica model last said.
     busy: f64,
+    /// Let go for a fixed time (`terminate_after`): billed to `gone_at`
+    /// even once idle.
+    held: bool,
 }
 
 /// An instance as the simulator's gateway sees it.
@@ -286,15 +289,32 @@ impl SimProvider {
         }
     }
 
-    /// A replica being let go finished its requests: it goes now.
+    /// A replica being let go finished its requests: it goes now (unless
+    /// it was let go for a fixed time).
     pub fn release(&mut self, id: &str) {
         let now = self.now;
         if let Some(i) = self
             .instances
             .iter_mut()
-            .find(|i| i.id == id && !i.preempted && i.gone_at.is_some_and(|g| g > now))
+            .find(|i| i.id == id && !i.preempted && !i.held && i.gone_at.is_some_and(|g| g > now))
         {
             i.gone_at = Some(now);
+        }
+    }
+
+    /// Lets a replica go as SkyServe scales one down: it takes no new
+    /// requests from now and is torn down (and billed until then) `after`
+    /// from now, whether or not its requests ended sooner. One not ready
+    /// yet goes at once.
+    pub fn terminate_after(&mut self, id: &str, after: Duration) {
+        let now = self.now;
+        if let Some(i) = self
+            .instances
+            .iter_mut()
+            .find(|i| i.id == id && i.gone_at.is_none())
+        {
+            i.gone_at = Some(if i.ready { now + after } else { now });
+            i.held = i.ready;
         }
     }
 
@@ -331,6 +351,7 @@ impl Provider for SimProvider {
             preempted: false,
             reported: false,
             busy: 0.0,
+            held: false,
         });
         Ok(id)
     }
@@ -498,6 +519,46 @@ mod tests {
         ] {
             assert!(SpotTrace::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_replica_let_go_for_a_fixed_time_is_billed_for_it_though_idle() {
+        let mut p = SimProvider::new(SimSettings {
+            spot: BTreeMap::new(),
+            offset: Duration::ZERO,
+            launch_delay: Duration::from_secs(10),
+            launch_delays: BTreeMap::new(),
+            notice: Duration::from_secs(20),
+            drain: Duration::from_secs(30),
+        });
+        let offer = Offer {
+            instance_type: "t".into(),
+            zone: "a".into(),
+            capacity: CapacityType::OnDemand,
+            price_per_hour: 3.6,
+            tokens_per_s: 10.0,
+        };
+        let (held, drained) = (
+            p.launch(&offer).await.unwrap(),
+            p.launch(&offer).await.unwrap(),
+        );
+        p.advance_to(Duration::from_secs(10));
+        p.poll().await;
+        p.terminate_after(&held, Duration::from_secs(120));
+        p.terminate(&drained, "scaled down").await;
+        // Both take no new requests; the drained one goes as soon as it is
+        // idle, the held one only after its 120 s.
+        assert!(p.view().iter().all(|v| v.leaving_until.is_some()));
+        p.release(&held);
+        p.release(&drained);
+        p.advance_to(Duration::from_secs(200));
+        let cost = |id: &str| p.bills().iter().find(|b| b.id == id).unwrap().cost;
+        assert!((cost(&held) - 0.13).abs() < 1e-9, "{}", cost(&held));
+        assert!((cost(&drained) - 0.01).abs() < 1e-9, "{}", cost(&drained));
+        // One not ready yet goes at once.
+        let fresh = p.launch(&offer).await.unwrap();
+        p.terminate_after(&fresh, Duration::from_secs(120));
+        assert!(p.view().iter().all(|v| v.id != fresh));
     }
 
     #[tokio::test]
