@@ -52,6 +52,11 @@ pub struct PoolSpec {
     pub spot_zone_premium: f64,
     /// At most this share of the replicas on one zone's spot.
     pub spot_max_zone_share: f64,
+    /// A zone that reclaimed within this long, where a reclaim leaves a
+    /// gap, holds at most the hedge (`risky_zones`); zero: off.
+    pub spot_risk_window: Duration,
+    /// The notice a reclaimed replica gets (`pool.preemption_notice_secs`).
+    pub notice: Duration,
     /// Requests one replica runs at once (the in-flight floor).
     pub slots_per_replica: u32,
     /// Spot replicas for a batch backlog, beside the autoscaler's count.
@@ -119,6 +124,8 @@ impl PoolSpec {
             spot_cooldown: Duration::from_secs_f64(config.pool.spot_cooldown_secs),
             spot_zone_premium: config.pool.spot_zone_premium,
             spot_max_zone_share: config.pool.spot_max_zone_share,
+            spot_risk_window: Duration::from_secs_f64(config.pool.spot_risk_window_secs),
+            notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
             slots_per_replica: config.gateway.slots_per_replica,
             batch_spot: BatchSpot::from(&config.pool),
         }
@@ -353,6 +360,30 @@ impl Controller {
             .collect()
     }
 
+    /// Zones that reclaimed a spot replica (or refused a launch) within
+    /// `spot_risk_window` and whose spot launches slower than the notice
+    /// (a type without `launch_secs` counts as slower): a reclaim there
+    /// takes its replicas before any replacement can be ready. Each holds
+    /// at most the hedge (`PlanPolicy::spot_risky`).
+    pub fn risky_zones(&self, now: Duration) -> BTreeSet<String> {
+        if self.spec.spot_risk_window.is_zero() {
+            return BTreeSet::new();
+        }
+        let slow = |zone: &str| {
+            self.spec.offers.iter().any(|(o, t)| {
+                o.zone == zone
+                    && o.capacity == CapacityType::Spot
+                    && t.launch_secs
+                        .is_none_or(|s| s > self.spec.notice.as_secs_f64())
+            })
+        };
+        self.preempted
+            .iter()
+            .filter(|(zone, c)| now.saturating_sub(c.at) < self.spec.spot_risk_window && slow(zone))
+            .map(|(zone, _)| zone.clone())
+            .collect()
+    }
+
     /// Zones where spot can be had now (room above zero).
     pub fn spot_zones(&self, now: Duration) -> BTreeSet<String> {
         self.spot_room(now)
@@ -455,6 +486,7 @@ impl Controller {
             spot_zone_premium: self.spec.spot_zone_premium,
             spot_held: self.spot_held.clone(),
             spot_max_zone_share: self.spec.spot_max_zone_share,
+            spot_risky: self.risky_zones(now),
         };
         // Units of the profile's capacity: the plan's replicas of the unit
         // type match the count (no rounding up by a hair).
@@ -854,6 +886,8 @@ mod tests {
             spot_cooldown: Duration::from_secs(300),
             spot_zone_premium: 0.25,
             spot_max_zone_share: 1.0,
+            spot_risk_window: Duration::ZERO,
+            notice: Duration::from_secs(30),
             slots_per_replica: 4,
             batch_spot: BatchSpot::default(),
         }
@@ -994,6 +1028,44 @@ mod tests {
         converge(&mut cloud, &keep_two, &c.offers()).await;
         let left: Vec<String> = cloud.list().into_iter().map(|i| i.id).collect();
         assert_eq!(left, [ids[0].clone(), ids[2].clone()]);
+    }
+
+    #[test]
+    fn a_zone_that_reclaimed_lately_holds_no_more_than_the_hedge_where_a_reclaim_leaves_a_gap() {
+        let risky = |launch_secs: Option<f64>| {
+            let mut spec = PoolSpec {
+                fixed_replicas: 4,
+                spot_hedge: 1,
+                spot_risk_window: Duration::from_secs(3600),
+                ..spec(None)
+            };
+            for (_, t) in &mut spec.offers {
+                t.launch_secs = launch_secs;
+            }
+            let mut c = Controller::new(spec);
+            c.preempted("a", 0, Duration::ZERO);
+            let in_a = |c: &mut Controller, t: u64| {
+                let s = c.step(Duration::from_secs(t), &load(0));
+                let spot = |z: &str| {
+                    s.plan
+                        .replicas
+                        .iter()
+                        .filter(|r| r.zone == z && r.capacity == CapacityType::Spot)
+                        .count()
+                };
+                assert_eq!(s.plan.replicas.len(), 5, "{:?}", s.plan);
+                (spot("a"), spot("b"))
+            };
+            // After the cooldown (300 s), within the hour, and after it.
+            (in_a(&mut c, 400), in_a(&mut c, 3700))
+        };
+        // Launches slower than the 30 s notice (or of unknown length): a
+        // holds the hedge's one replica for the hour, b the rest; then
+        // the spread is even again.
+        assert_eq!(risky(Some(180.0)), ((1, 4), (3, 2)));
+        assert_eq!(risky(None), ((1, 4), (3, 2)));
+        // A replacement ready within the notice leaves no gap: no cap.
+        assert_eq!(risky(Some(20.0)), ((3, 2), (3, 2)));
     }
 
     #[test]

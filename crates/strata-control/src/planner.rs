@@ -139,6 +139,10 @@ pub struct PlanPolicy {
     /// slower than the notice the pool would stand empty for minutes;
     /// what no zone may take runs on demand.
     pub spot_max_zone_share: f64,
+    /// Zones that reclaimed lately where a reclaim leaves a gap (the
+    /// controller's `risky_zones`): each holds at most `spot_hedge` spot
+    /// replicas, so that losing one of them costs no more than the hedge.
+    pub spot_risky: BTreeSet<String>,
 }
 
 impl Default for PlanPolicy {
@@ -151,6 +155,7 @@ impl Default for PlanPolicy {
             spot_zone_premium: 0.25,
             spot_held: BTreeMap::new(),
             spot_max_zone_share: 1.0,
+            spot_risky: BTreeSet::new(),
         }
     }
 }
@@ -240,7 +245,11 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
             });
         for z in &mut zones {
             z.near = z.offer.dollars_per_token_rate() <= limit;
-            if let Some(cap) = cap {
+            let risky = policy
+                .spot_risky
+                .contains(&z.offer.zone)
+                .then_some(policy.spot_hedge);
+            for cap in [cap, risky].into_iter().flatten() {
                 z.room = Some(z.room.map_or(cap, |r| r.min(cap)));
             }
         }
@@ -560,6 +569,39 @@ mod tests {
         // With three zones the spread never reaches the cap.
         let three = plan(3500.0, &catalog(), &zones(&["a", "b", "c"]), &policy);
         assert_eq!((spot(&three), three.replicas.len()), (5, 5));
+    }
+
+    #[test]
+    fn a_risky_zone_holds_at_most_the_hedge_and_what_no_calm_zone_takes_runs_on_demand() {
+        let spot_in = |p: &Plan, z: &str| {
+            p.replicas
+                .iter()
+                .filter(|s| s.capacity == Capacity::Spot && s.zone == z)
+                .count()
+        };
+        // 4 replicas + 1 hedge over a and b; a reclaimed lately.
+        let policy = PlanPolicy {
+            spot_risky: ["a".to_string()].into(),
+            ..PlanPolicy::default()
+        };
+        let two = plan(3500.0, &catalog(), &zones(&["a", "b"]), &policy);
+        assert_eq!((spot_in(&two, "a"), spot_in(&two, "b")), (1, 4), "{two:?}");
+        // a alone has room: one spot replica there (losing it costs a
+        // hedge's worth), the rest of the demand on demand.
+        let one = plan(3500.0, &catalog(), &zones(&["a"]), &policy);
+        let on_demand = one
+            .replicas
+            .iter()
+            .filter(|s| s.capacity == Capacity::OnDemand)
+            .count();
+        assert_eq!((spot_in(&one, "a"), on_demand), (1, 3), "{one:?}");
+        // Without a hedge a risky zone holds no spot.
+        let bare = PlanPolicy {
+            spot_hedge: 0,
+            ..policy.clone()
+        };
+        let none = plan(3500.0, &catalog(), &zones(&["a", "b"]), &bare);
+        assert_eq!(spot_in(&none, "a"), 0, "{none:?}");
     }
 
     #[test]

@@ -73,6 +73,8 @@ fn spec() -> PoolSpec {
         spot_cooldown: Duration::from_secs(60),
         spot_zone_premium: 0.25,
         spot_max_zone_share: 1.0,
+        spot_risk_window: Duration::ZERO,
+        notice: Duration::from_secs(120),
         slots_per_replica: 4,
         batch_spot: Default::default(),
     }

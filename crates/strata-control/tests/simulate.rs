@@ -80,6 +80,8 @@ fn strata_spec(s: &Scenario) -> PoolSpec {
         spot_cooldown: Duration::from_secs(300),
         spot_zone_premium: 0.25,
         spot_max_zone_share: 1.0,
+        spot_risk_window: Duration::ZERO,
+        notice: Duration::from_secs(120),
         slots_per_replica: 4,
         batch_spot: Default::default(),
     };

@@ -458,6 +458,13 @@ pub struct PoolConfig {
     /// At most this share of the pool's replicas on one zone's spot (a
     /// zone reclaims all of them at once); the rest on demand. 1: no limit.
     pub spot_max_zone_share: f64,
+    /// A zone that reclaimed a spot replica (or refused a launch) within
+    /// this long holds at most `spot_hedge` spot replicas, when its spot
+    /// type launches slower than `preemption_notice_secs` (a reclaim there
+    /// leaves a gap no replacement can fill in time): the hedge then
+    /// covers losing it, and the rest goes to calmer zones or on demand.
+    /// 0: off.
+    pub spot_risk_window_secs: f64,
     /// Spot replicas the controller may add beyond what the autoscaler
     /// asks for, to work off a Batch API backlog sooner (0: none). Spot
     /// only: where it has none, the backlog waits for idle slots.
@@ -504,6 +511,7 @@ impl Default for PoolConfig {
             spot_cooldown_secs: 300.0,
             spot_zone_premium: 0.25,
             spot_max_zone_share: 1.0,
+            spot_risk_window_secs: 0.0,
             batch_spot_max_replicas: 0,
             batch_spot_price_share: 0.5,
             batch_spot_work_secs: 900.0,
@@ -1422,8 +1430,14 @@ impl Config {
                 issues.bad(key, "must be positive".into());
             }
         }
-        if !at_least(p.spot_cooldown_secs, 0.0) {
-            issues.bad("pool.spot_cooldown_secs", "must not be negative".into());
+        for (key, secs) in [
+            ("pool.spot_cooldown_secs", p.spot_cooldown_secs),
+            ("pool.spot_risk_window_secs", p.spot_risk_window_secs),
+        ] {
+            // A duration: an infinite one would panic where it is read.
+            if !(0.0..=YEAR_SECS).contains(&secs) {
+                issues.bad(key, "must be from 0 to a year (seconds)".into());
+            }
         }
         if !(p.spot_max_zone_share > 0.0 && p.spot_max_zone_share <= 1.0) {
             issues.bad("pool.spot_max_zone_share", "must be in (0, 1]".into());
@@ -1674,6 +1688,8 @@ impl Issues {
 }
 
 /// At least `min`; written so NaN fails every check.
+const YEAR_SECS: f64 = 365.0 * 86_400.0;
+
 fn at_least(v: f64, min: f64) -> bool {
     v >= min
 }
@@ -1775,7 +1791,8 @@ mod tests {
             [[catalog]]\ninstance_type = \"small\"\nzone = \"a\"\ncapacity = \"spot\"\nprice_per_hour = 0.02\n\
             [[catalog]]\ninstance_type = \"huge\"\nzone = \"\"\ncapacity = \"on_demand\"\nprice_per_hour = -1.0\n\
             [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n\
-            spot_max_zone_share = 0.0\nspot_zone_premium = -0.1\nbatch_spot_price_share = 1.5\nbatch_spot_work_secs = 0.0\n";
+            spot_max_zone_share = 0.0\nspot_zone_premium = -0.1\nbatch_spot_price_share = 1.5\nbatch_spot_work_secs = 0.0\n\
+            spot_cooldown_secs = inf\nspot_risk_window_secs = -1.0\n";
         let c = Config::from_toml(text).unwrap();
         let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
         assert_eq!(
@@ -1789,6 +1806,8 @@ mod tests {
                 "catalog[1].price_per_hour",
                 "pool.instance_types",
                 "pool.slo_ttft_p95_ms",
+                "pool.spot_cooldown_secs",
+                "pool.spot_risk_window_secs",
                 "pool.spot_max_zone_share",
                 "pool.batch_spot_price_share",
                 "pool.batch_spot_work_secs",

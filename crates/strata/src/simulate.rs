@@ -482,6 +482,9 @@ async fn simulate_pool(
     let on_demand = on_demand.clone();
     let mut strata_config = config.clone();
     strata_config.pool.autoscale = true;
+    // The controller knows the simulated cloud's notice (it weighs a
+    // zone's launch time against it: `pool.spot_risk_window_secs`).
+    strata_config.pool.preemption_notice_secs = args.notice_secs;
     let tail = Duration::from_secs(1800);
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut static_peak = Static {
