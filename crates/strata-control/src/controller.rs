@@ -259,6 +259,8 @@ pub struct Step {
     /// Units of the pool's first instance type wanted.
     pub desired: u32,
     pub spot_zones: BTreeSet<String>,
+    /// Zones held to the hedge for a recent reclaim (`risky_zones`).
+    pub risky_zones: BTreeSet<String>,
     /// The plan: the autoscaler's count, then the batch's spot.
     pub plan: Plan,
     /// Of the plan's replicas, spot added for the batch backlog; and as
@@ -488,6 +490,7 @@ impl Controller {
             spot_max_zone_share: self.spec.spot_max_zone_share,
             spot_risky: self.risky_zones(now),
         };
+        let risky_zones = policy.spot_risky.clone();
         // Units of the profile's capacity: the plan's replicas of the unit
         // type match the count (no rounding up by a hair).
         let offers = self.offers();
@@ -499,6 +502,7 @@ impl Controller {
             decision,
             desired: self.desired,
             spot_zones,
+            risky_zones,
             plan,
             batch_spot,
             batch_spot_before,
@@ -827,6 +831,7 @@ async fn record(
         "ttft_p95_ms": load.ttft_p95_ms,
         "tpot_p95_ms": load.tpot_p95_ms,
         "spot_zones": step.spot_zones,
+        "spot_risky_zones": step.risky_zones,
         "plan": step.plan.replicas,
         "plan_cost_per_hour": step.plan.cost_per_hour,
         "previous_cost_per_hour": before.cost_per_hour,
@@ -1054,6 +1059,9 @@ mod tests {
                         .count()
                 };
                 assert_eq!(s.plan.replicas.len(), 5, "{:?}", s.plan);
+                // The step says which zone it held back, for the decision.
+                let held: Vec<&str> = s.risky_zones.iter().map(String::as_str).collect();
+                assert_eq!(held == ["a"], spot("a") == 1, "{held:?}");
                 (spot("a"), spot("b"))
             };
             // After the cooldown (300 s), within the hour, and after it.
