@@ -1688,7 +1688,9 @@ impl Issues {
 }
 
 /// At least `min`; written so NaN fails every check.
-const YEAR_SECS: f64 = 365.0 * 86_400.0;
+/// A year in seconds: the longest duration a setting or flag takes (far
+/// beyond, `Duration::from_secs_f64` panics; nothing runs that long).
+pub const YEAR_SECS: f64 = 365.0 * 86_400.0;
 
 fn at_least(v: f64, min: f64) -> bool {
     v >= min

@@ -12,7 +12,7 @@ use strata_control::simulate::baselines::{RateTarget, RequestRate, SkyTiming, Sp
 use strata_control::simulate::{
     self, lower_bound, BatchBacklog, Outcome, Scenario, Static, Strata,
 };
-use strata_core::config::{CapacityType, Config};
+use strata_core::config::{CapacityType, Config, YEAR_SECS};
 
 use crate::cli::SimulateArgs;
 
@@ -533,28 +533,22 @@ async fn simulate_pool(
     // unpinned, the cheapest spot type of each zone (SkyServe's choice for
     // an accelerator without a type), where that differs; then unpinned
     // with the simulator's earlier, generous timing.
-    let spot_of = |pinned: bool| -> Vec<Offer> {
+    // The cheapest spot offer of `of` in each zone, zones in catalog order.
+    let spot_of = |of: &[Offer]| -> Vec<Offer> {
         let mut per_zone: Vec<Offer> = Vec::new();
-        for o in offers.iter().filter(|o| o.capacity == CapacityType::Spot) {
-            if per_zone.iter().any(|s| s.zone == o.zone) {
-                continue;
+        for o in of.iter().filter(|o| o.capacity == CapacityType::Spot) {
+            if per_zone.iter().all(|s| s.zone != o.zone) {
+                per_zone.extend(cheapest(of, CapacityType::Spot, Some(&o.zone)).cloned());
             }
-            let best = match pinned {
-                true => offers
-                    .iter()
-                    .filter(|s| {
-                        s.capacity == CapacityType::Spot
-                            && s.zone == o.zone
-                            && s.instance_type == on_demand.instance_type
-                    })
-                    .min_by(|a, b| a.price_per_hour.total_cmp(&b.price_per_hour)),
-                false => cheapest(&offers, CapacityType::Spot, Some(&o.zone)),
-            };
-            per_zone.extend(best.cloned());
         }
         per_zone
     };
-    let (pinned, any_type) = (spot_of(true), spot_of(false));
+    let same_type: Vec<Offer> = offers
+        .iter()
+        .filter(|o| o.instance_type == on_demand.instance_type)
+        .cloned()
+        .collect();
+    let (pinned, any_type) = (spot_of(&same_type), spot_of(&offers));
     let hedge = |spot: Vec<Offer>, timing: SkyTiming| {
         SpotHedge::new(rate(), spot, on_demand.clone(), pool.spot_hedge, 0, timing)
     };
@@ -616,7 +610,7 @@ async fn simulate_pool(
 /// takes hours to run; far beyond, no duration holds it).
 fn up_to_a_year(flag: &str, secs: f64) -> Result<Duration> {
     match secs {
-        s if (0.0..=365.0 * 86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        s if (0.0..=YEAR_SECS).contains(&s) => Ok(Duration::from_secs_f64(s)),
         _ => bail!("{flag} must be from 0 to a year"),
     }
 }

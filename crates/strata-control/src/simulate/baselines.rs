@@ -596,32 +596,20 @@ mod tests {
         // With the notice: the replacement and its on-demand cover at once
         // (the cover bought while the first replica launched went when it
         // was ready).
-        assert_eq!(
-            first(&seen, "b", CapacityType::Spot, 0.0),
-            300.0,
-            "{seen:?}"
-        );
-        assert_eq!(
-            first(&seen, "a", CapacityType::OnDemand, 200.0),
-            300.0,
-            "{seen:?}"
-        );
+        let replaced = |seen: &[(String, CapacityType, f64)]| {
+            (
+                first(seen, "b", CapacityType::Spot, 0.0),
+                first(seen, "a", CapacityType::OnDemand, 200.0),
+            )
+        };
+        assert_eq!(replaced(&seen), (300.0, 300.0), "{seen:?}");
 
         let mut sky = cloud("[1, 1, 1, 0, 0, 0, 0, 0]");
         let seen = run(&mut hedge(SkyTiming::skyserve()), &mut sky, 600).await;
         // SkyServe: in service in its eyes until gone at 425 s, found so by
         // the probe at 430 s (every 10 s), acted on at the next decision
         // (every 20 s): 440 s.
-        assert_eq!(
-            first(&seen, "b", CapacityType::Spot, 0.0),
-            440.0,
-            "{seen:?}"
-        );
-        assert_eq!(
-            first(&seen, "a", CapacityType::OnDemand, 200.0),
-            440.0,
-            "{seen:?}"
-        );
+        assert_eq!(replaced(&seen), (440.0, 440.0), "{seen:?}");
         // The dead replica's zone is given up: nothing launched into `a`
         // again.
         assert_eq!(
@@ -644,16 +632,11 @@ mod tests {
         // Attempts at 0, 60 and 156 s; the zone is given up then, and the
         // next decision (160 s) launches into `b`. The launching replica is
         // covered on demand from the start.
-        assert_eq!(
+        let launched = (
             first(&seen, "b", CapacityType::Spot, 0.0),
-            160.0,
-            "{seen:?}"
-        );
-        assert_eq!(
             first(&seen, "a", CapacityType::OnDemand, 0.0),
-            0.0,
-            "{seen:?}"
         );
+        assert_eq!(launched, (160.0, 0.0), "{seen:?}");
         assert!(seen
             .iter()
             .all(|(z, c, _)| !(z == "a" && *c == CapacityType::Spot)));
