@@ -8,6 +8,7 @@ use std::time::Duration;
 use strata_control::autoscale::ScalePolicy;
 use strata_control::controller::PoolSpec;
 use strata_control::provider::sim::{SimSettings, SpotTrace};
+use strata_control::simulate::baselines::{RateTarget, SkyTiming, SpotHedge};
 use strata_control::simulate::trace::TraceRequest;
 use strata_control::simulate::{lower_bound, simulate, BatchBacklog, Scenario, Static, Strata};
 use strata_core::config::{CapacityType, InstanceType, Offering};
@@ -319,4 +320,40 @@ async fn cheap_spot_works_a_batch_backlog_off_sooner_and_goes_when_it_is_done() 
     let last = with.timeline.last().unwrap().replicas;
     assert!(last <= 2, "{:?}", with.timeline);
     assert_eq!((with.finished, with.unserved), (400, 0));
+}
+
+#[tokio::test]
+async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is_gone() {
+    // One spot replica in zone z (40 s launches), which sells out at 90 s:
+    // the notice then (60 s), the replica gone at 150 s. Light load all along.
+    let mut s = with_spot(
+        scenario(steady(0, Duration::from_secs(1), 200, 50, 10)),
+        Duration::from_secs(30),
+        vec![1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+    );
+    s.cloud.notice = Duration::from_secs(60);
+    s.cloud.launch_delay = Duration::from_secs(40);
+    let offers = s.priced_offers();
+    let of = |c| offers.iter().find(|o| o.capacity == c).unwrap().clone();
+    let run = |timing: SkyTiming| {
+        let s = &s;
+        let (spot, on_demand) = (of(CapacityType::Spot), of(CapacityType::OnDemand));
+        async move {
+            let rate = RateTarget::new(1.0, 1, 1);
+            let mut p = SpotHedge::new(rate, vec![spot], on_demand, 0, 0, timing);
+            simulate(s, &mut p, Duration::from_secs(60)).await
+        }
+    };
+    // The minute sampled at 120 s falls within the notice, before any
+    // replacement is up. SkyServe hears no notice: its load balancer still
+    // sends the replica requests, so it still counts as capacity; one that
+    // heeds the notice (strata's way, the simulator's earlier model) has
+    // stopped routing to it.
+    let sky = run(SkyTiming::skyserve()).await;
+    let ideal = run(SkyTiming::ideal()).await;
+    let at_120 = |o: &strata_control::simulate::Outcome| o.timeline[2].capacity;
+    assert!(at_120(&sky) > 0.0, "{:?}", sky.timeline);
+    assert!(at_120(&ideal) <= 0.0, "{:?}", ideal.timeline);
+    // What it held when it went started over elsewhere; nothing is lost.
+    assert_eq!((sky.unserved, ideal.unserved), (0, 0));
 }

@@ -165,8 +165,12 @@ pub struct SimView {
     pub id: String,
     pub offer: Offer,
     pub ready: bool,
-    /// Draining until then (let go, or reclaimed); takes no new requests.
+    /// Leaving then (let go, or reclaimed): a replica let go drains and
+    /// takes no new requests; a reclaimed one only where its gateway heeds
+    /// the notice (`Policy::drains_at_notice`).
     pub leaving_until: Option<Duration>,
+    /// Reclaimed (it goes when its notice ends), not let go.
+    pub reclaimed: bool,
 }
 
 /// A finished or running instance's bill.
@@ -278,6 +282,7 @@ impl SimProvider {
                 offer: i.offer.clone(),
                 ready: i.ready,
                 leaving_until: i.gone_at,
+                reclaimed: i.preempted,
             })
             .collect()
     }

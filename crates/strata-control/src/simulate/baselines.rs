@@ -43,9 +43,10 @@ pub struct SkyTiming {
     /// balancer's sync), half a period out of step with the decisions;
     /// zero: at once. SkyServe: 20 s.
     pub load_sync: Duration,
-    /// A reclaim is known from its notice. SkyServe reads no notice: a
-    /// reclaimed replica is in service in its eyes until a readiness probe
-    /// fails once the instance is gone.
+    /// A reclaim is known from its notice (and the replica drained from
+    /// then on, as strata's are). SkyServe reads no notice: a reclaimed
+    /// replica is in service in its eyes, and takes requests, until a
+    /// readiness probe fails once the instance is gone.
     pub hears_notice: bool,
     /// Readiness probes this often: a replica counts as ready, or as lost,
     /// from the first probe that finds it so; zero: at once. SkyServe: 10 s.
@@ -437,6 +438,13 @@ impl SpotHedge {
 impl Policy for SpotHedge {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    /// SkyServe's load balancer routes to every replica its controller
+    /// lists as ready, and a reclaimed one stays listed until a probe
+    /// finds it gone.
+    fn drains_at_notice(&self) -> bool {
+        self.rhythm.timing.hears_notice
     }
 
     async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider) {

@@ -32,7 +32,7 @@ use strata_core::Load;
 
 use crate::controller::{Controller, Driver, PoolSpec};
 use crate::planner::Offer;
-use crate::provider::sim::{SimProvider, SimSettings};
+use crate::provider::sim::{SimProvider, SimSettings, SimView};
 use crate::provider::Provider;
 use replica::{Finished, ReplicaModel, Running, Served};
 use trace::TraceRequest;
@@ -123,6 +123,20 @@ impl Scenario {
 pub trait Policy: Send {
     fn name(&self) -> String;
     async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider);
+    /// Whether its gateway stops routing to a replica at the replica's
+    /// reclaim notice, as strata's drains it then. One that hears no
+    /// notice routes to the replica until it is gone; the requests it
+    /// holds then start over elsewhere.
+    fn drains_at_notice(&self) -> bool {
+        true
+    }
+}
+
+/// Whether a replica takes new requests: ready, and not leaving (a
+/// reclaimed one still does until it is gone when its policy's gateway
+/// does not heed the notice).
+fn takes_requests(v: &SimView, drains_at_notice: bool) -> bool {
+    v.ready && (v.leaving_until.is_none() || (v.reclaimed && !drains_at_notice))
 }
 
 /// Keeps `replicas` of one offer, whatever the load (replacing lost ones).
@@ -291,6 +305,7 @@ pub async fn simulate_with_progress(
     progress: &mut (dyn FnMut(f64) + Send),
 ) -> Outcome {
     let mut cloud = SimProvider::new(s.cloud.clone());
+    let drains_at_notice = policy.drains_at_notice();
     let profiles: HashMap<&str, &InstanceType> = s
         .offers
         .iter()
@@ -392,7 +407,7 @@ pub async fn simulate_with_progress(
         // that share while they wait, then batch lines in what is left.
         let open: Vec<&String> = view
             .iter()
-            .filter(|v| v.ready && v.leaving_until.is_none())
+            .filter(|v| takes_requests(v, drains_at_notice))
             .map(|v| &v.id)
             .collect();
         let (reserved, cap) = batch.map_or((0, 0), |b| {
@@ -480,7 +495,7 @@ pub async fn simulate_with_progress(
                 demand: demand.get(minute).copied().unwrap_or(0.0),
                 capacity: view
                     .iter()
-                    .filter(|v| v.ready && v.leaving_until.is_none())
+                    .filter(|v| takes_requests(v, drains_at_notice))
                     .filter_map(|v| profiles.get(v.offer.instance_type.as_str()))
                     .map(|p| p.tokens_per_s(share))
                     .sum(),
