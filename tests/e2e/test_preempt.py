@@ -168,6 +168,52 @@ def test_a_preempted_replica_drains_while_its_replacement_starts_elsewhere():
         s.stop()
 
 
+LATE = CONFIG.replace("preemption_notice_secs = 20.0\n",
+                      "preemption_notice_secs = 20.0\npreemption_drain_secs = 6.0\n")
+
+
+def test_a_preempted_replica_serves_until_its_drain_before_the_reclaim():
+    """`pool.preemption_drain_secs`: the replacement starts at the notice,
+    and the reclaimed replica takes requests until 6 s before it goes, then
+    drains and goes when the notice ends."""
+    s = Server(replicas=1, config=LATE, tenant="late")
+    try:
+        c = s.client()
+        [home] = [r["id"] for r in replicas(s)]
+        sent = time.time()
+        assert chaos(s, home, "--notice-secs", "20").returncode == 0
+        # Its replacement is launched at once, in the other zone.
+        while len(instances(s)) < 2 and time.time() < sent + 10:
+            time.sleep(0.2)
+        assert [(r["zone"], r["capacity"]) for r in instances(s)][1:] == [("zone-b", "spot")], instances(s)
+        # Until 14 s after the notice it is listed as taking requests (a
+        # replica drained at the notice shows `draining` at once), and
+        # requests are served.
+        served = 0
+        while time.time() < sent + 12:
+            listed = {r["id"]: r for r in replicas(s)}
+            assert home in listed and not listed[home]["draining"], listed
+            r = c.completions.create(model=MODEL_ID, prompt="Ping:", max_tokens=2, temperature=0)
+            served += r.usage.completion_tokens == 2
+            time.sleep(0.5)
+        assert served >= 5
+        # Then it drains, and it is gone once the notice has run out.
+        while time.time() < sent + 22:
+            listed = {r["id"]: r for r in replicas(s)}
+            if home not in listed or listed[home]["draining"]:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{home} still taking requests 22 s after a 20 s notice: {replicas(s)}")
+        assert time.time() >= sent + 12
+        wait_gone(s, home, 30)
+        assert {r["id"]: r["state"] for r in instances(s)}[home] == "preempted"
+        r = c.completions.create(model=MODEL_ID, prompt="Still here:", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+    finally:
+        s.stop()
+
+
 RANDOM = """
 [[catalog]]
 instance_type = "local"

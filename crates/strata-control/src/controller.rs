@@ -57,6 +57,10 @@ pub struct PoolSpec {
     pub spot_risk_window: Duration,
     /// The notice a reclaimed replica gets (`pool.preemption_notice_secs`).
     pub notice: Duration,
+    /// A reclaimed replica takes requests until this long before it goes
+    /// (`pool.preemption_drain_secs`; `None`: it drains from the notice
+    /// on). The provider acts on it; the simulator's gateway reads it here.
+    pub preemption_drain: Option<Duration>,
     /// Requests one replica runs at once (the in-flight floor).
     pub slots_per_replica: u32,
     /// Spot replicas for a batch backlog, beside the autoscaler's count.
@@ -126,6 +130,10 @@ impl PoolSpec {
             spot_max_zone_share: config.pool.spot_max_zone_share,
             spot_risk_window: Duration::from_secs_f64(config.pool.spot_risk_window_secs),
             notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
+            preemption_drain: config
+                .pool
+                .preemption_drain_secs
+                .map(Duration::from_secs_f64),
             slots_per_replica: config.gateway.slots_per_replica,
             batch_spot: BatchSpot::from(&config.pool),
         }
@@ -893,6 +901,7 @@ mod tests {
             spot_max_zone_share: 1.0,
             spot_risk_window: Duration::ZERO,
             notice: Duration::from_secs(30),
+            preemption_drain: None,
             slots_per_replica: 4,
             batch_spot: BatchSpot::default(),
         }

@@ -75,6 +75,7 @@ fn spec() -> PoolSpec {
         spot_max_zone_share: 1.0,
         spot_risk_window: Duration::ZERO,
         notice: Duration::from_secs(120),
+        preemption_drain: None,
         slots_per_replica: 4,
         batch_spot: Default::default(),
     }

@@ -65,6 +65,7 @@ fn spec(units: u32, hedge: u32, risk_window: Duration) -> PoolSpec {
         spot_max_zone_share: 1.0,
         spot_risk_window: risk_window,
         notice: Duration::from_secs(120),
+        preemption_drain: None,
         slots_per_replica: 8,
         batch_spot: Default::default(),
     }

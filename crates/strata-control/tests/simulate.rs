@@ -83,6 +83,7 @@ fn strata_spec(s: &Scenario) -> PoolSpec {
         spot_max_zone_share: 1.0,
         spot_risk_window: Duration::ZERO,
         notice: Duration::from_secs(120),
+        preemption_drain: None,
         slots_per_replica: 4,
         batch_spot: Default::default(),
     };
@@ -356,4 +357,38 @@ async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is
     assert!(at_120(&ideal) <= 0.0, "{:?}", ideal.timeline);
     // What it held when it went started over elsewhere; nothing is lost.
     assert_eq!((sky.unserved, ideal.unserved), (0, 0));
+}
+
+#[tokio::test]
+async fn strata_with_a_drain_before_reclaim_serves_on_a_reclaimed_replica_until_then() {
+    // strata's one spot replica in zone z (40 s launches); z sells out at
+    // 90 s: the notice then (60 s), the replica gone at 150 s.
+    let mut s = with_spot(
+        scenario(steady(0, Duration::from_secs(1), 200, 50, 10)),
+        Duration::from_secs(30),
+        vec![1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+    );
+    s.cloud.notice = Duration::from_secs(60);
+    s.cloud.launch_delay = Duration::from_secs(40);
+    let run = |drain: Option<Duration>| {
+        let mut spec = strata_spec(&s);
+        spec.preemption_drain = drain;
+        let s = &s;
+        async move { simulate(s, &mut Strata::new(spec), Duration::from_secs(60)).await }
+    };
+    // At 120 s (the second minute sampled) the replacement launched at the
+    // notice is not up yet. Drained from the notice on (the default), the
+    // reclaimed replica takes nothing; with a 10 s drain before the
+    // reclaim it still serves until 140 s.
+    let at_notice = run(None).await;
+    let late = run(Some(Duration::from_secs(10))).await;
+    assert_eq!(
+        at_notice.timeline[2].capacity, 0.0,
+        "{:?}",
+        at_notice.timeline
+    );
+    assert!(late.timeline[2].capacity > 0.0, "{:?}", late.timeline);
+    // Both moved to the replacement; nothing lost either way.
+    assert_eq!((at_notice.unserved, late.unserved), (0, 0));
+    assert!(late.slo_attainment >= at_notice.slo_attainment);
 }

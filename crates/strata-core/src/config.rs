@@ -481,6 +481,13 @@ pub struct PoolConfig {
     pub slo_tpot_p95_ms: Option<f64>,
     /// Warning a preempted replica gets before its machine goes (drain time).
     pub preemption_notice_secs: f64,
+    /// A reclaimed replica keeps taking requests until this long before
+    /// its machine goes, then drains (its requests finish or move on, its
+    /// sessions' KV cache is kept); its replacement starts at the notice
+    /// either way. Absent: it drains from the notice on. The `local`
+    /// provider (`strata serve`, a local cluster); on Kubernetes the node's
+    /// termination handler drains the node when the notice comes.
+    pub preemption_drain_secs: Option<f64>,
     /// Emulated spot reclaims on the `local` provider: spot replicas
     /// preempted at random, this many per replica-hour (0: none).
     pub random_preemptions_per_hour: f64,
@@ -518,6 +525,7 @@ impl Default for PoolConfig {
             slo_ttft_p95_ms: None,
             slo_tpot_p95_ms: None,
             preemption_notice_secs: 30.0,
+            preemption_drain_secs: None,
             random_preemptions_per_hour: 0.0,
             min_replicas: 1,
             max_replicas: 4,
@@ -1454,6 +1462,14 @@ impl Config {
         if !at_least(p.preemption_notice_secs, 0.0) {
             issues.bad("pool.preemption_notice_secs", "must not be negative".into());
         }
+        if p.preemption_drain_secs
+            .is_some_and(|s| !(0.0..=3600.0).contains(&s))
+        {
+            issues.bad(
+                "pool.preemption_drain_secs",
+                "must be from 0 to 3600 (seconds)".into(),
+            );
+        }
         if !at_least(p.random_preemptions_per_hour, 0.0) {
             issues.bad(
                 "pool.random_preemptions_per_hour",
@@ -1794,7 +1810,7 @@ mod tests {
             [[catalog]]\ninstance_type = \"huge\"\nzone = \"\"\ncapacity = \"on_demand\"\nprice_per_hour = -1.0\n\
             [pool]\ninstance_types = [\"small\", \"tiny\"]\nslo_ttft_p95_ms = 0.0\n\
             spot_max_zone_share = 0.0\nspot_zone_premium = -0.1\nbatch_spot_price_share = 1.5\nbatch_spot_work_secs = 0.0\n\
-            spot_cooldown_secs = inf\nspot_risk_window_secs = -1.0\n";
+            spot_cooldown_secs = inf\nspot_risk_window_secs = -1.0\npreemption_drain_secs = nan\n";
         let c = Config::from_toml(text).unwrap();
         let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
         assert_eq!(
@@ -1814,6 +1830,7 @@ mod tests {
                 "pool.batch_spot_price_share",
                 "pool.batch_spot_work_secs",
                 "pool.spot_zone_premium",
+                "pool.preemption_drain_secs",
             ]
         );
         // Only spot offered, only on-demand allowed: nothing to run.

@@ -301,6 +301,10 @@ pub fn local_launch(
         dedicated: config.serve.dedicated.clone(),
         startup_timeout: Duration::from_secs_f64(config.serve.startup_timeout_secs),
         preemption_notice: Duration::from_secs_f64(config.pool.preemption_notice_secs),
+        preemption_drain: config
+            .pool
+            .preemption_drain_secs
+            .map(Duration::from_secs_f64),
         random_preemptions_per_hour: config.pool.random_preemptions_per_hour,
         drain_wait: Duration::from_secs(30),
         drain_via_store: false,

@@ -49,6 +49,10 @@ pub struct LocalSettings {
     pub startup_timeout: Duration,
     /// Notice a preempted replica gets (when the notice names none).
     pub preemption_notice: Duration,
+    /// A preempted replica takes requests until this long before its
+    /// notice ends, then drains (`pool.preemption_drain_secs`); `None`:
+    /// it drains from the notice on.
+    pub preemption_drain: Option<Duration>,
     /// Spot replicas preempted at random, per replica-hour (0: never).
     pub random_preemptions_per_hour: f64,
     /// Longest a replica being let go waits for its requests to end.
@@ -116,6 +120,10 @@ struct Proc {
     reserved_for: Option<String>,
     child: Child,
     launched: Instant,
+    /// Under a preemption notice, serving on until it drains: when its
+    /// machine goes. Out of `list` (its replacement is planned) but still
+    /// published as taking requests.
+    reclaim_at: Option<Instant>,
 }
 
 impl Proc {
@@ -282,6 +290,7 @@ impl LocalProvider {
             reserved_for,
             child,
             launched: Instant::now(),
+            reclaim_at: None,
         });
         self.publish();
         Ok(())
@@ -356,26 +365,38 @@ impl LocalProvider {
         self.publish();
     }
 
-    /// Preempts the replica at `at` (a pool replica): it drains within the
-    /// notice and is reclaimed when the notice ends.
+    /// Preempts the replica at `at` (a pool replica): its replacement is
+    /// planned at once; it drains within the notice and is reclaimed when
+    /// the notice ends. With `preemption_drain` shorter than the notice it
+    /// takes requests until that long before the end, then drains.
     fn preempt(&mut self, at: usize, notice: Duration) {
         let p = &self.running[at];
         let Some(slot) = p.slot.clone() else {
             tracing::warn!(instance = %p.record.id, "a dedicated tenant's replica is not preempted");
             return;
         };
+        if p.reclaim_at.is_some() {
+            tracing::debug!(instance = %p.record.id, "a replica under notice is not preempted again");
+            return;
+        }
         tracing::warn!(instance = %p.record.id, zone = %slot.zone, notice_secs = notice.as_secs_f64(), "preemption notice");
         self.events.push(ProviderEvent::Preempting {
             id: p.record.id.clone(),
             slot,
             notice,
         });
-        self.let_go(
-            at,
-            notice,
-            InstanceState::Preempted,
-            format!("preempted ({}s notice)", notice.as_secs_f64()),
-        );
+        match self.settings.preemption_drain.filter(|d| *d < notice) {
+            Some(_) => {
+                tracing::info!(instance = %p.record.id, "serving until its drain before the reclaim");
+                self.running[at].reclaim_at = Some(Instant::now() + notice);
+            }
+            None => self.let_go(
+                at,
+                notice,
+                InstanceState::Preempted,
+                format!("preempted ({}s notice)", notice.as_secs_f64()),
+            ),
+        }
     }
 
     fn next_random(&mut self) -> f64 {
@@ -410,7 +431,11 @@ impl Provider for LocalProvider {
     }
 
     async fn terminate(&mut self, id: &str, why: &str) {
-        if let Some(at) = self.running.iter().position(|p| p.record.id == id) {
+        if let Some(at) = self
+            .running
+            .iter()
+            .position(|p| p.record.id == id && p.reclaim_at.is_none())
+        {
             tracing::info!(instance = %id, %why, "engine replica let go");
             let wait = self.settings.drain_wait;
             self.let_go(at, wait, InstanceState::Stopped, why.to_owned());
@@ -420,6 +445,7 @@ impl Provider for LocalProvider {
     fn list(&self) -> Vec<Instance> {
         self.running
             .iter()
+            .filter(|p| p.reclaim_at.is_none())
             .filter_map(|p| {
                 Some(Instance {
                     id: p.record.id.clone(),
@@ -468,11 +494,31 @@ impl Provider for LocalProvider {
             let mut at = 0;
             while at < self.running.len() {
                 let p = &self.running[at];
-                let spot = p.record.kind.capacity == CapacityType::Spot && p.slot.is_some();
+                let spot = p.record.kind.capacity == CapacityType::Spot
+                    && p.slot.is_some()
+                    && p.reclaim_at.is_none();
                 if spot && p.record.state == InstanceState::Ready && self.next_random() < chance {
                     self.preempt(at, self.settings.preemption_notice);
                 } else {
                     at += 1;
+                }
+            }
+        }
+        // Preempted replicas that served on: they drain for the rest of
+        // their notice.
+        if let Some(drain) = self.settings.preemption_drain {
+            let mut at = 0;
+            while at < self.running.len() {
+                match self.running[at].reclaim_at {
+                    Some(end) if Instant::now() + drain >= end => {
+                        let left = end.saturating_duration_since(Instant::now());
+                        let why = format!(
+                            "preempted (served through its notice, {}s left to drain)",
+                            left.as_secs_f64().round()
+                        );
+                        self.let_go(at, left, InstanceState::Preempted, why);
+                    }
+                    _ => at += 1,
                 }
             }
         }
@@ -519,6 +565,10 @@ impl Provider for LocalProvider {
                         if let Err(e) = self.spawn(kind, None, Some(tenant)).await {
                             tracing::error!(error = %e, "cannot relaunch a dedicated replica");
                         }
+                    }
+                    // Under notice: its replacement was planned then.
+                    None if p.reclaim_at.is_some() => {
+                        self.events.push(ProviderEvent::Gone { id: p.record.id })
                     }
                     // A pool replica is replaced by the controller's next plan.
                     None => self.events.push(ProviderEvent::Failed {

@@ -166,8 +166,8 @@ pub struct SimView {
     pub offer: Offer,
     pub ready: bool,
     /// Leaving then (let go, or reclaimed): a replica let go drains and
-    /// takes no new requests; a reclaimed one only where its gateway heeds
-    /// the notice (`Policy::drains_at_notice`).
+    /// takes no new requests; a reclaimed one takes them until its
+    /// policy's gateway drains it (`Policy::drain_before_reclaim`).
     pub leaving_until: Option<Duration>,
     /// Reclaimed (it goes when its notice ends), not let go.
     pub reclaimed: bool,

@@ -443,8 +443,8 @@ impl Policy for SpotHedge {
     /// SkyServe's load balancer routes to every replica its controller
     /// lists as ready, and a reclaimed one stays listed until a probe
     /// finds it gone.
-    fn drains_at_notice(&self) -> bool {
-        self.rhythm.timing.hears_notice
+    fn drain_before_reclaim(&self) -> Option<Duration> {
+        (!self.rhythm.timing.hears_notice).then_some(Duration::ZERO)
     }
 
     async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider) {

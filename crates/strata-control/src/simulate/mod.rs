@@ -123,20 +123,24 @@ impl Scenario {
 pub trait Policy: Send {
     fn name(&self) -> String;
     async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider);
-    /// Whether its gateway stops routing to a replica at the replica's
-    /// reclaim notice, as strata's drains it then. One that hears no
-    /// notice routes to the replica until it is gone; the requests it
-    /// holds then start over elsewhere.
-    fn drains_at_notice(&self) -> bool {
-        true
+    /// How long before a reclaimed replica goes its gateway stops routing
+    /// to it: `None`, from the notice on (strata's default); zero, never
+    /// (one that hears no notice: the requests the replica holds when it
+    /// goes start over elsewhere).
+    fn drain_before_reclaim(&self) -> Option<Duration> {
+        None
     }
 }
 
-/// Whether a replica takes new requests: ready, and not leaving (a
-/// reclaimed one still does until it is gone when its policy's gateway
-/// does not heed the notice).
-fn takes_requests(v: &SimView, drains_at_notice: bool) -> bool {
-    v.ready && (v.leaving_until.is_none() || (v.reclaimed && !drains_at_notice))
+/// Whether a replica takes new requests at `now`: ready, and not leaving,
+/// or reclaimed and more than its policy's `drain_before_reclaim` from
+/// going.
+fn takes_requests(v: &SimView, drain: Option<Duration>, now: Duration) -> bool {
+    v.ready
+        && match v.leaving_until {
+            None => true,
+            Some(end) => v.reclaimed && drain.is_some_and(|d| end > now + d),
+        }
 }
 
 /// Keeps `replicas` of one offer, whatever the load (replacing lost ones).
@@ -167,6 +171,8 @@ impl Policy for Static {
 /// strata's own controller (the live code) on the simulated cloud.
 pub struct Strata {
     pub driver: Driver,
+    /// `pool.preemption_drain_secs`, as the live provider keeps it.
+    drain: Option<Duration>,
 }
 
 impl Strata {
@@ -176,6 +182,7 @@ impl Strata {
     pub fn new(mut spec: PoolSpec) -> Self {
         spec.slots_per_replica = spec.unit.decode_tokens_per_s.len().max(1) as u32;
         Strata {
+            drain: spec.preemption_drain,
             driver: Driver::new(Controller::new(spec)),
         }
     }
@@ -189,6 +196,10 @@ impl Policy for Strata {
 
     async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider) {
         self.driver.tick(cloud, now, load).await;
+    }
+
+    fn drain_before_reclaim(&self) -> Option<Duration> {
+        self.drain
     }
 }
 
@@ -305,7 +316,7 @@ pub async fn simulate_with_progress(
     progress: &mut (dyn FnMut(f64) + Send),
 ) -> Outcome {
     let mut cloud = SimProvider::new(s.cloud.clone());
-    let drains_at_notice = policy.drains_at_notice();
+    let drain = policy.drain_before_reclaim();
     let profiles: HashMap<&str, &InstanceType> = s
         .offers
         .iter()
@@ -407,7 +418,7 @@ pub async fn simulate_with_progress(
         // that share while they wait, then batch lines in what is left.
         let open: Vec<&String> = view
             .iter()
-            .filter(|v| takes_requests(v, drains_at_notice))
+            .filter(|v| takes_requests(v, drain, now))
             .map(|v| &v.id)
             .collect();
         let (reserved, cap) = batch.map_or((0, 0), |b| {
@@ -495,7 +506,7 @@ pub async fn simulate_with_progress(
                 demand: demand.get(minute).copied().unwrap_or(0.0),
                 capacity: view
                     .iter()
-                    .filter(|v| takes_requests(v, drains_at_notice))
+                    .filter(|v| takes_requests(v, drain, now))
                     .filter_map(|v| profiles.get(v.offer.instance_type.as_str()))
                     .map(|p| p.tokens_per_s(share))
                     .sum(),
