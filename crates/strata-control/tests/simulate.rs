@@ -323,10 +323,10 @@ async fn cheap_spot_works_a_batch_backlog_off_sooner_and_goes_when_it_is_done() 
     assert_eq!((with.finished, with.unserved), (400, 0));
 }
 
-#[tokio::test]
-async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is_gone() {
-    // One spot replica in zone z (40 s launches), which sells out at 90 s:
-    // the notice then (60 s), the replica gone at 150 s. Light load all along.
+/// A light trace (one small request a second) on spot in zone z with 40 s
+/// launches; z sells out at 90 s: the notice then (60 s), the replica gone
+/// at 150 s, and the replacement launched at the notice not up before 130 s.
+fn reclaimed_at_90_s() -> Scenario {
     let mut s = with_spot(
         scenario(steady(0, Duration::from_secs(1), 200, 50, 10)),
         Duration::from_secs(30),
@@ -334,6 +334,13 @@ async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is
     );
     s.cloud.notice = Duration::from_secs(60);
     s.cloud.launch_delay = Duration::from_secs(40);
+    s
+}
+
+#[tokio::test]
+async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is_gone() {
+    // One spot replica in zone z, reclaimed with notice at 90 s.
+    let s = reclaimed_at_90_s();
     let offers = s.priced_offers();
     let of = |c| offers.iter().find(|o| o.capacity == c).unwrap().clone();
     let run = |timing: SkyTiming| {
@@ -361,15 +368,8 @@ async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is
 
 #[tokio::test]
 async fn strata_with_a_drain_before_reclaim_serves_on_a_reclaimed_replica_until_then() {
-    // strata's one spot replica in zone z (40 s launches); z sells out at
-    // 90 s: the notice then (60 s), the replica gone at 150 s.
-    let mut s = with_spot(
-        scenario(steady(0, Duration::from_secs(1), 200, 50, 10)),
-        Duration::from_secs(30),
-        vec![1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
-    );
-    s.cloud.notice = Duration::from_secs(60);
-    s.cloud.launch_delay = Duration::from_secs(40);
+    // strata's one spot replica in zone z, reclaimed with notice at 90 s.
+    let s = reclaimed_at_90_s();
     let run = |drain: Option<Duration>| {
         let mut spec = strata_spec(&s);
         spec.preemption_drain = drain;

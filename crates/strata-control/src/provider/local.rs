@@ -507,11 +507,12 @@ impl Provider for LocalProvider {
         // Preempted replicas that served on: they drain for the rest of
         // their notice.
         if let Some(drain) = self.settings.preemption_drain {
+            let now = Instant::now();
             let mut at = 0;
             while at < self.running.len() {
                 match self.running[at].reclaim_at {
-                    Some(end) if Instant::now() + drain >= end => {
-                        let left = end.saturating_duration_since(Instant::now());
+                    Some(end) if now + drain >= end => {
+                        let left = end.saturating_duration_since(now);
                         let why = format!(
                             "preempted (served through its notice, {}s left to drain)",
                             left.as_secs_f64().round()
