@@ -159,6 +159,10 @@ def test_the_gpu_fleet_a_user_simulates_is_the_fleet_render_deploys():
         assert engine["command"][:3] == ["vllm", "serve", "/models/Llama-3.1-8B-Instruct"]
         assert "--no-enable-prefix-caching" in engine["command"]
         assert engine["resources"]["limits"]["nvidia.com/gpu"] == gpus[labels["strata.dev/instance-type"]]
+        # pool.preemption_drain_secs = 30 against a 120 s notice: evicted at
+        # the notice, vLLM serves on for 90 s before its signal.
+        assert engine["lifecycle"] == {"preStop": {"sleep": {"seconds": 90}}}
+        assert pod["terminationGracePeriodSeconds"] == 150
         env = {e["name"]: e for e in engine["env"]}
         assert env["STRATA_ENGINE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
             "name": "strata-engine-keys", "key": "default"}

@@ -244,3 +244,51 @@ def test_random_reclaims_are_replaced_and_requests_keep_being_served():
         assert "preemption notice" in log
     finally:
         s.stop()
+
+
+def test_an_engine_told_to_linger_serves_on_after_sigterm_while_used_then_stops():
+    """How a replica serves through its notice on Kubernetes: the node's
+    interruption handler evicts the Pod (SIGTERM) at the notice, and the
+    engine (`--linger-secs`, rendered with `pool.preemption_drain_secs`)
+    keeps answering the gateways until they stop sending, then stops
+    10 s later. Requests a gateway would not send (no token) keep nothing
+    alive; a linger that is not a number of seconds is refused."""
+    from conftest import free_port, wait_healthy
+
+    bad = subprocess.run([STRATA, "engine", "--port", "1", "--linger-secs", "nan"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--linger-secs" in bad.stderr, bad.stderr
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "STRATA_REPLICA_TOKEN": "linger-test-token"}
+    proc = subprocess.Popen([STRATA, "engine", "--port", str(port), "--max-sequences", "2", "--linger-secs", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        wait_healthy(proc, base, "the engine", timeout=120)
+        gateway = {"Authorization": "Bearer linger-test-token"}
+        body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4}
+        proc.terminate()
+        # Used for 14 s after the signal, longer than the 10 s of quiet that
+        # would stop it: it answers every request.
+        signalled = time.monotonic()
+        answered = 0
+        while time.monotonic() - signalled < 14:
+            r = httpx.post(f"{base}/v1/completions", json=body, headers=gateway, timeout=60)
+            assert r.status_code == 200, r.text
+            last = time.monotonic()
+            answered += 1
+            assert proc.poll() is None
+            time.sleep(1.5)
+        # Unauthenticated requests are refused and do not count as use.
+        while time.monotonic() - last < 6:
+            assert httpx.post(f"{base}/v1/completions", json=body, timeout=10).status_code == 401
+            time.sleep(1)
+        proc.wait(timeout=30)
+        stopped = time.monotonic() - last
+        assert proc.returncode == 0, proc.stderr.read().decode()
+        assert answered >= 7
+        assert 9 <= stopped <= 14, stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

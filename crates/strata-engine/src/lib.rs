@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod engine;
 pub mod error;
+pub mod linger;
 pub mod metrics;
 pub mod prefix;
 pub mod server;

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{CacheTag, Class, Engine, EngineSettings, Event};
 use crate::error::EngineError;
+use crate::linger::{self, Activity};
 use strata_core::snapshot::{frame, Snapshot, SnapshotError};
 use strata_core::tls::Caller;
 
@@ -137,7 +138,9 @@ pub struct EngineTls {
     pub client_ca: std::path::PathBuf,
 }
 
-/// Binds `listen`, loads the model in the background, serves until `shutdown`.
+/// Binds `listen`, loads the model in the background, serves until
+/// `shutdown`, and after it for up to `linger` while gateways still send
+/// requests (`crate::linger`).
 pub async fn serve(
     settings: EngineSettings,
     listen: SocketAddr,
@@ -145,6 +148,7 @@ pub async fn serve(
     tls: Option<EngineTls>,
     token: Option<&str>,
     shutdown: CancellationToken,
+    linger: Duration,
 ) -> Result<(), EngineError> {
     let acceptor = tls
         .as_ref()
@@ -185,18 +189,19 @@ pub async fn serve(
         })
     };
     let stop = CancellationToken::new();
+    let activity = Arc::new(Activity::default());
     {
-        let stop = stop.clone();
+        let (stop, activity) = (stop.clone(), activity.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = shutdown.cancelled() => {}
+                _ = shutdown.cancelled() => linger::until_unused(&activity, linger).await,
                 _ = load_failed.cancelled() => {}
             }
             stop.cancel();
         });
     }
     let mutual = acceptor.is_some();
-    strata_core::tls::serve(listener, router(state), acceptor, mutual, stop).await;
+    strata_core::tls::serve(listener, router(state, activity), acceptor, mutual, stop).await;
     if loader.is_finished() {
         if let Ok(Err(e)) = loader.await {
             return Err(e);
@@ -205,7 +210,9 @@ pub async fn serve(
     Ok(())
 }
 
-fn router(state: Arc<ServerState>) -> Router {
+/// `activity` counts what the trust layer lets through, so requests the
+/// engine refuses keep no lingering engine alive.
+fn router(state: Arc<ServerState>, activity: Arc<Activity>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -217,6 +224,10 @@ fn router(state: Arc<ServerState>) -> Router {
         .route(KV_FORGET_PATH, post(forget_scope))
         .fallback(|| async { ApiError::not_found("Unknown route.") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            activity,
+            linger::track,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), trust))
         .with_state(state)
 }

@@ -12,7 +12,11 @@
 //! endpoints from Pod IPs (recorded in the store, where the gateways read
 //! them). A Pod on a node carrying one of the preemption taints (set by
 //! spot interruption handlers) is preempted: the controller replaces it at
-//! once and it leaves when its node does. A Pod that vanishes otherwise
+//! once and it leaves when its node does. With `pool.preemption_drain_secs`
+//! shorter than the notice, a replica of strata's engine serves through
+//! the notice: gateways keep routing to it (its engine lingers after the
+//! Pod is deleted) until that long before the reclaim, then drain it. A
+//! Pod that vanishes otherwise
 //! failed. A replica let go or preempted is recorded as leaving at once (the
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
@@ -58,6 +62,9 @@ struct Tracked {
     pod: Option<String>,
     ready: bool,
     record: InstanceRecord,
+    /// When its node goes, for a replica serving through its preemption
+    /// notice (`pool.preemption_drain_secs`).
+    reclaim_at: Option<Instant>,
 }
 
 pub struct KubeProvider {
@@ -311,12 +318,27 @@ impl KubeProvider {
         }
     }
 
-    /// One fewer replica of the instance's variant, removing its Pod.
+    /// One fewer replica of the instance's variant, removing its Pod. A Pod
+    /// of another server that would sleep through a preemption notice
+    /// before stopping (`render::pre_stop_sleep`) is deleted with a short
+    /// grace instead: strata let it go, and nothing is sent to it any more.
     async fn shrink(&mut self, t: &Tracked) {
         if let Some(pod) = &t.pod {
             self.mark_for_removal(pod).await;
         }
         self.lower(&t.variant).await;
+        let sleeps =
+            self.model.external.is_some() && render::pre_stop_sleep(&self.config).is_some();
+        if let (true, Some(pod)) = (sleeps, &t.pod) {
+            let params = DeleteParams::default().grace_period(render::STOP_GRACE_SECS);
+            match self.pods.delete(pod, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(%pod, error = %e, "cannot cut a stopping Pod's sleep short")
+                }
+            }
+        }
     }
 
     /// One fewer replica of `v` (whichever Pod the Deployment picks).
@@ -347,6 +369,62 @@ impl KubeProvider {
         self.save(&t.record).await;
         self.let_go(id, &t).await;
         self.leaving.insert(id.to_owned(), t);
+    }
+
+    /// A replica whose node is reclaimed keeps serving through the notice
+    /// (`pool.preemption_drain_secs`): out of the pool at once, so its
+    /// replacement is planned now, and its Pod removed at once (its engine
+    /// lingers while gateways use it, `strata engine --linger-secs`), but
+    /// recorded as serving until the drain before the reclaim
+    /// (`finish_reclaims`).
+    async fn serve_through(&mut self, id: &str, notice: Duration, event: ProviderEvent) {
+        let Some(mut t) = self.running.remove(id) else {
+            return;
+        };
+        self.events.push(event);
+        t.reclaim_at = Some(Instant::now() + notice);
+        t.record.detail =
+            Some("its node was marked for reclaim; serving through the notice".into());
+        self.save(&t.record).await;
+        // Not `shrink`: the Pod takes its full grace to serve through.
+        if let Some(pod) = &t.pod {
+            self.mark_for_removal(pod).await;
+        }
+        self.lower(&t.variant).await;
+        self.leaving.insert(id.to_owned(), t);
+    }
+
+    /// Replicas serving through their notice that are now within
+    /// `pool.preemption_drain_secs` of the reclaim: recorded as preempted,
+    /// so the gateways drain them (their requests finish or move, one
+    /// gateway keeps their sessions' caches) while the engine is still up.
+    async fn finish_reclaims(&mut self) {
+        let Some(drain) = render::preemption_drain(&self.config) else {
+            return;
+        };
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .leaving
+            .iter()
+            .filter(|(_, t)| {
+                t.record.state != InstanceState::Preempted
+                    && t.reclaim_at.is_some_and(|end| now + drain >= end)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let t = self.leaving.get_mut(&id).expect("listed");
+            let left = t.reclaim_at.map_or(0.0, |end| {
+                end.saturating_duration_since(now).as_secs_f64().round()
+            });
+            t.record.state = InstanceState::Preempted;
+            t.record.detail = Some(format!(
+                "preempted (served through its notice, {left}s left to drain)"
+            ));
+            let record = t.record.clone();
+            tracing::info!(instance = %id, "draining before the reclaim");
+            self.save(&record).await;
+        }
     }
 
     /// On first sight of the cluster: the Deployments a previous leader
@@ -416,6 +494,7 @@ impl KubeProvider {
             .collect();
         self.bind(&seen).await;
         self.gone(&seen).await;
+        self.finish_reclaims().await;
         self.health(&seen, &reclaimed).await;
         Ok(())
     }
@@ -452,6 +531,7 @@ impl KubeProvider {
                             pod: None,
                             ready: false,
                             record,
+                            reclaim_at: None,
                         },
                     );
                     id
@@ -486,7 +566,11 @@ impl KubeProvider {
                 t.record.state,
                 InstanceState::Starting | InstanceState::Ready
             ) {
-                t.record.state = InstanceState::Stopped;
+                // One serving through its notice went before its drain.
+                t.record.state = match t.reclaim_at {
+                    Some(_) => InstanceState::Preempted,
+                    None => InstanceState::Stopped,
+                };
             }
             t.record.ended_at_ms = Some(now_ms());
             self.save(&t.record).await;
@@ -528,8 +612,13 @@ impl KubeProvider {
                     slot: slot_of(&t.variant),
                     notice,
                 };
-                let why = "its node was marked for reclaim".to_owned();
-                self.retire(&id, InstanceState::Preempted, why, event).await;
+                match render::preemption_drain(&self.config) {
+                    Some(_) => self.serve_through(&id, notice, event).await,
+                    None => {
+                        let why = "its node was marked for reclaim".to_owned();
+                        self.retire(&id, InstanceState::Preempted, why, event).await;
+                    }
+                }
                 continue;
             }
             if let Some(why) = &p.failed {
@@ -645,6 +734,7 @@ impl Provider for KubeProvider {
                 pod: None,
                 ready: false,
                 record,
+                reclaim_at: None,
             },
         );
         Ok(id)

@@ -6,6 +6,7 @@
 //! misplaced field is an error here, not a surprise in the cluster.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use strata_core::config::{CapacityType, Config, KubernetesConfig};
@@ -464,7 +465,7 @@ pub fn manifests(config: &Config, config_text: &str, secrets: Option<&Secrets>) 
         "type": "Opaque",
     }));
     out.extend(gateway(config));
-    out.extend(controller(k));
+    out.extend(controller(config));
     out.push(engine_network_policy(k));
     out
 }
@@ -596,14 +597,21 @@ fn gateway(config: &Config) -> Vec<Value> {
 }
 
 /// What the controller may do, and why (docs/cluster.md repeats it).
-fn controller_rules() -> Value {
+fn controller_rules(config: &Config) -> Value {
+    // With a drain before the reclaim, a Pod of another server that a
+    // scale-down lets go is deleted with a short grace (its preStop sleep
+    // is for preemption notices); else the controller deletes no Pod.
+    let pods = match pre_stop_sleep(config) {
+        Some(_) => json!(["get", "list", "watch", "patch", "delete"]),
+        None => json!(["get", "list", "watch", "patch"]),
+    };
     json!([
         // One Deployment per pool variant: create, resize, delete.
         {"apiGroups": ["apps"], "resources": ["deployments"],
          "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         // Replica health and endpoints; the deletion-cost annotation picks
         // which replica a scale-down removes.
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": pods},
         // Leader election among the controller copies.
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "verbs": ["get", "create", "update"]},
@@ -614,7 +622,8 @@ fn controller_rules() -> Value {
     ])
 }
 
-fn controller(k: &KubernetesConfig) -> Vec<Value> {
+fn controller(config: &Config) -> Vec<Value> {
+    let k = &config.kubernetes;
     let ns = k.namespace.as_str();
     let labels = common_labels("controller");
     let (volumes, mounts) = base_volumes();
@@ -629,7 +638,7 @@ fn controller(k: &KubernetesConfig) -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": metadata(CONTROLLER, ns, labels.clone()),
-            "rules": controller_rules(),
+            "rules": controller_rules(config),
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -743,6 +752,15 @@ pub fn engine_deployment(
         }
     };
     container["resources"] = resources(&k.engine_cpu, &k.engine_memory, gpus);
+    if let (Some(_), Some(seconds)) = (&model.external, pre_stop_sleep(config)) {
+        // Evicted at the notice, it serves on until the drain.
+        container["lifecycle"] = json!({"preStop": {"sleep": {"seconds": seconds}}});
+    }
+    // Long enough to serve through a preemption notice.
+    let grace = match preemption_drain(config) {
+        Some(_) => k.preemption_notice_secs.ceil() as u64 + 30,
+        None => 30,
+    };
     deployment(
         &variant.name(),
         &k.namespace,
@@ -753,13 +771,37 @@ pub fn engine_deployment(
                         "securityContext": {"fsGroup": 65534},
                         "nodeSelector": node_selector,
                         "tolerations": tolerations,
-                        "terminationGracePeriodSeconds": 30,
+                        "terminationGracePeriodSeconds": grace,
                         "initContainers": init,
                         "containers": [container],
                         "volumes": volumes,
         }),
     )
 }
+
+/// How long before its node goes a replica stops taking requests when the
+/// node is reclaimed (`pool.preemption_drain_secs`, when shorter than the
+/// notice): until then its Pod serves through the notice. The node's
+/// interruption handler evicts the Pod at the notice; strata's engine
+/// lingers after the signal while gateways use it (`--linger-secs`), and
+/// another server's container sleeps before its signal (a preStop hook)
+/// for the notice less the drain. `None`: replicas drain from the notice.
+pub fn preemption_drain(config: &Config) -> Option<Duration> {
+    let drain = config.pool.preemption_drain_secs?;
+    (drain < config.kubernetes.preemption_notice_secs).then(|| Duration::from_secs_f64(drain))
+}
+
+/// Seconds a stopping Pod of another server sleeps before its signal, with
+/// [`preemption_drain`] set (a scale-down cuts it short: the provider
+/// deletes such a Pod with [`STOP_GRACE_SECS`]).
+pub fn pre_stop_sleep(config: &Config) -> Option<u64> {
+    let drain = preemption_drain(config)?;
+    Some((config.kubernetes.preemption_notice_secs - drain.as_secs_f64()).floor() as u64)
+}
+
+/// The grace a drained Pod of another server gets when strata lets it go
+/// itself: it serves nothing by then, so its preStop sleep is cut short.
+pub const STOP_GRACE_SECS: u32 = 5;
 
 /// `strata engine` serving `model`, proving the gateway's identity by the
 /// replica certificates or token.
@@ -790,6 +832,13 @@ fn strata_container(
     }
     if let Some(sha256) = model.sha256_at_start(k) {
         args.extend([json!("--sha256"), json!(sha256)]);
+    }
+    if preemption_drain(config).is_some() {
+        // Evicted at the notice, it serves on while gateways use it.
+        args.extend([
+            json!("--linger-secs"),
+            json!(k.preemption_notice_secs.to_string()),
+        ]);
     }
     let (tls, token_env) = replica_trust(config, &["ca.pem", "replica.pem", "replica-key.pem"]);
     if let Some((volume, mount)) = tls {
@@ -1045,9 +1094,8 @@ mod tests {
         }
     }
 
-    fn rendered() -> Vec<Value> {
-        let config = Config::default();
-        let secrets = Secrets {
+    fn secrets() -> Secrets {
+        Secrets {
             kek: "ab".repeat(32),
             database_url: "postgres://strata@db/strata".into(),
             replica_tls: [
@@ -1063,8 +1111,12 @@ mod tests {
             replica_token: None,
             admin_key: format!("sk-strata-{}", "A".repeat(43)),
             engine_key: "ee".repeat(32),
-        };
-        let mut all = manifests(&config, "[pool]\n", Some(&secrets));
+        }
+    }
+
+    fn rendered() -> Vec<Value> {
+        let config = Config::default();
+        let mut all = manifests(&config, "[pool]\n", Some(&secrets()));
         all.push(engine_deployment(
             &config,
             &variant("us-east-1a", CapacityType::Spot),
@@ -1389,6 +1441,69 @@ mod tests {
             .find(|c| c["name"] == name)
             .cloned()
             .unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn with_a_drain_before_the_reclaim_engines_serve_through_the_notice() {
+        let spot = variant("us-east-1a", CapacityType::Spot);
+        let grace =
+            |d: &Value| d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].clone();
+        let mut config = Config::default();
+        for model in [gemma(), vllm()] {
+            let plain = engine_deployment(&config, &spot, 1, &model);
+            assert_eq!(flag(&args_of(&plain, "engine"), "--linger-secs"), None);
+            assert_eq!(container(&plain, "engine")["lifecycle"], Value::Null);
+            assert_eq!(grace(&plain), json!(30));
+        }
+        config.pool.preemption_drain_secs = Some(30.0);
+        assert_eq!(preemption_drain(&config), Some(Duration::from_secs(30)));
+        // strata's engine lingers after its signal while it is used.
+        let lingering = engine_deployment(&config, &spot, 1, &gemma());
+        assert_eq!(
+            flag(&args_of(&lingering, "engine"), "--linger-secs"),
+            Some("120")
+        );
+        assert_eq!(container(&lingering, "engine")["lifecycle"], Value::Null);
+        assert_eq!(grace(&lingering), json!(150));
+        // Another server gets its signal 90 s after the eviction.
+        let other = engine_deployment(&config, &spot, 1, &vllm());
+        assert_eq!(
+            container(&other, "engine")["lifecycle"],
+            json!({"preStop": {"sleep": {"seconds": 90}}})
+        );
+        assert_eq!(grace(&other), json!(150));
+        let mut objects = manifests(&config, "[pool]\n", Some(&secrets()));
+        // The controller may delete Pods (a scale-down cuts another
+        // server's sleep short) only with the drain set.
+        let pod_verbs = |objects: &[Value]| {
+            let role = objects
+                .iter()
+                .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == CONTROLLER)
+                .unwrap()
+                .clone();
+            role["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["resources"] == json!(["pods"]))
+                .unwrap()["verbs"]
+                .clone()
+        };
+        assert_eq!(
+            pod_verbs(&objects),
+            json!(["get", "list", "watch", "patch", "delete"])
+        );
+        assert_eq!(
+            pod_verbs(&rendered()),
+            json!(["get", "list", "watch", "patch"])
+        );
+        objects.extend([lingering, other]);
+        check(&objects).unwrap();
+        // A drain as long as the notice is none.
+        config.pool.preemption_drain_secs = Some(120.0);
+        assert_eq!(preemption_drain(&config), None);
+        let plain = engine_deployment(&config, &spot, 1, &vllm());
+        assert_eq!(container(&plain, "engine")["lifecycle"], Value::Null);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use strata_core::config::{CapacityType, Config};
 use strata_core::store::{InstanceState, InstanceStore, LeaseStore};
 use strata_k8s::lease::KubeLeases;
 use strata_k8s::provider::KubeProvider;
-use strata_k8s::render::{ModelFile, PoolModel, Variant};
+use strata_k8s::render::{ExternalServer, ModelFile, PoolModel, Variant};
 use strata_store::SqlStore;
 use tokio_util::sync::CancellationToken;
 
@@ -341,6 +341,162 @@ async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
             .count(),
         2
     );
+}
+
+/// A provider whose pool of `model` serves through a 1.5 s notice until
+/// 0.5 s before the reclaim (`pool.preemption_drain_secs`).
+fn serving_through(s: &Setup, model: PoolModel) -> KubeProvider {
+    let mut config = Config::default();
+    config.kubernetes.preemption_notice_secs = 1.5;
+    config.pool.preemption_drain_secs = Some(0.5);
+    KubeProvider::new(
+        fake_api::client(s.cluster.clone()),
+        Arc::new(config),
+        model,
+        s.store.clone(),
+    )
+    .with_poll_every(Duration::ZERO)
+    .with_drain_wait(Duration::ZERO)
+}
+
+/// vLLM's server (engine kind `openai`) as the `default` pool.
+fn vllm() -> PoolModel {
+    PoolModel {
+        external: Some(ExternalServer {
+            image: "vllm/vllm-openai:v0.11.0".into(),
+            command: vec!["vllm".into(), "serve".into(), "{model_path}".into()],
+            env: Vec::new(),
+            threads: 4,
+            key_of: "default".into(),
+        }),
+        ..gemma()
+    }
+}
+
+fn draining(recorded: &[strata_core::store::InstanceRecord]) -> (usize, usize) {
+    let known = strata_control::cluster::endpoints(recorded);
+    let draining = known.iter().filter(|e| e.draining).count();
+    (known.len() - draining, draining)
+}
+
+#[tokio::test]
+async fn with_a_drain_before_the_reclaim_a_tainted_nodes_replicas_serve_until_then() {
+    let mut s = setup().await;
+    s.provider = serving_through(&s, gemma());
+    three_ready(&mut s).await;
+    calls(&s);
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
+    let events = s.provider.poll().await;
+    let preempted = events
+        .iter()
+        .filter(|e| matches!(e, ProviderEvent::Preempting { .. }))
+        .count();
+    assert_eq!(preempted, 2, "{events:?}");
+    // Out of the pool at once (the controller plans their replacements)
+    // and their Pods removed (their engines linger), but the gateways
+    // still route to all three.
+    assert_eq!(s.provider.list().len(), 1);
+    let c = calls(&s);
+    assert_eq!(
+        c.iter().filter(|x| x.starts_with("annotate ")).count(),
+        2,
+        "{c:?}"
+    );
+    assert_eq!(c.last().unwrap(), &format!("apply {ds} replicas=0"));
+    assert_eq!(draining(&s.store.instances().await.unwrap()), (3, 0));
+    // Still serving shortly after.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(s.provider.poll().await.is_empty());
+    assert_eq!(draining(&s.store.instances().await.unwrap()), (3, 0));
+    // Within the drain of the reclaim: drained, recorded preempted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s.provider.poll().await.is_empty());
+    let recorded = s.store.instances().await.unwrap();
+    assert_eq!(draining(&recorded), (1, 2));
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|r| r.state == InstanceState::Preempted && r.ended_at_ms.is_none())
+            .count(),
+        2
+    );
+    // Their Pods go with the node: gone, once each.
+    reconcile(&s, true);
+    let gone = s.provider.poll().await;
+    assert_eq!(gone.len(), 2, "{gone:?}");
+    assert!(gone.iter().all(|e| matches!(e, ProviderEvent::Gone { .. })));
+    assert!(s.provider.poll().await.is_empty());
+    let recorded = s.store.instances().await.unwrap();
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|r| r.state == InstanceState::Preempted && r.ended_at_ms.is_some())
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_replica_serving_through_its_notice_that_goes_early_is_recorded_preempted() {
+    let mut s = setup().await;
+    s.provider = serving_through(&s, gemma());
+    three_ready(&mut s).await;
+    s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
+    assert_eq!(s.provider.poll().await.len(), 2);
+    // The node went before the drain began.
+    reconcile(&s, true);
+    let gone = s.provider.poll().await;
+    assert_eq!(gone.len(), 2, "{gone:?}");
+    assert!(gone.iter().all(|e| matches!(e, ProviderEvent::Gone { .. })));
+    let recorded = s.store.instances().await.unwrap();
+    let ended: Vec<InstanceState> = recorded
+        .iter()
+        .filter(|r| r.ended_at_ms.is_some())
+        .map(|r| r.state)
+        .collect();
+    assert_eq!(ended, [InstanceState::Preempted; 2]);
+    // Nothing is drained later for them.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(s.provider.poll().await.is_empty());
+}
+
+#[tokio::test]
+async fn another_servers_pod_sleeps_through_a_notice_but_not_through_a_scale_down() {
+    let mut s = setup().await;
+    s.provider = serving_through(&s, vllm());
+    three_ready(&mut s).await;
+    calls(&s);
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    let od = deployment("us-east-1b", CapacityType::OnDemand);
+    // Let go by strata: drained already, so its Pod's sleep is cut short.
+    let on_demand = s
+        .provider
+        .list()
+        .into_iter()
+        .find(|i| i.slot.capacity == CapacityType::OnDemand)
+        .unwrap()
+        .id;
+    let pod = s.cluster.lock().unwrap().pods_of(&od)[0].clone();
+    s.provider.terminate(&on_demand, "scale down").await;
+    assert_eq!(
+        calls(&s),
+        [
+            format!("annotate {pod} deletion-cost=-1000"),
+            format!("apply {od} replicas=0"),
+            format!("delete pod {pod} grace=5"),
+        ]
+    );
+    // Evicted at a notice: the Pod keeps its whole grace and serves on.
+    s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
+    let events = s.provider.poll().await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    let c = calls(&s);
+    assert!(!c.iter().any(|x| x.starts_with("delete pod")), "{c:?}");
+    assert_eq!(c.last().unwrap(), &format!("apply {ds} replicas=0"));
+    let recorded = s.store.instances().await.unwrap();
+    // The two serve on; the one let go is gone.
+    assert_eq!(draining(&recorded), (2, 0));
 }
 
 #[tokio::test]

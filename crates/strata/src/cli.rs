@@ -468,8 +468,22 @@ pub struct EngineArgs {
     /// (checked before the file is loaded).
     #[arg(long)]
     pub sha256: Option<String>,
+    /// After SIGTERM, serve on for up to this many seconds (at most 3600)
+    /// while gateways still send requests; stop once none has been in
+    /// flight for 10 s. A Pod evicted at its node's preemption notice so
+    /// serves until the gateways drain it (`pool.preemption_drain_secs`;
+    /// `strata k8s render` sets it).
+    #[arg(long, default_value_t = 0.0, value_parser = linger_secs)]
+    pub linger_secs: f64,
     #[command(flatten)]
     pub engine: EngineFlags,
+}
+
+fn linger_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds from 0 to 3600")),
+    }
 }
 
 /// Who owns the replicas' machines.

@@ -59,6 +59,7 @@ pub async fn run_engine(config: Config, args: EngineArgs) -> Result<()> {
         tls,
         token.as_deref(),
         shutdown,
+        Duration::from_secs_f64(args.linger_secs),
     )
     .await?;
     Ok(())

@@ -184,6 +184,14 @@ impl Cluster {
                     .collect();
                 list("PodList", "v1", items)
             }
+            ("DELETE", ["api", "v1", "namespaces", _, "pods", name]) => {
+                let grace = &body["gracePeriodSeconds"];
+                self.calls.push(format!("delete pod {name} grace={grace}"));
+                match self.pods.remove(*name) {
+                    Some(p) => (200, p),
+                    None => status(404, "NotFound", "pods not found"),
+                }
+            }
             ("PATCH", ["api", "v1", "namespaces", _, "pods", name]) => {
                 let cost = body["metadata"]["annotations"]
                     ["controller.kubernetes.io/pod-deletion-cost"]
