@@ -13,10 +13,11 @@
 //! them). A Pod on a node carrying one of the preemption taints (set by
 //! spot interruption handlers) is preempted: the controller replaces it at
 //! once and it leaves when its node does. With `pool.preemption_drain_secs`
-//! shorter than the notice, a replica of strata's engine serves through
-//! the notice: gateways keep routing to it (its engine lingers after the
-//! Pod is deleted) until that long before the reclaim, then drain it. A
-//! Pod that vanishes otherwise
+//! shorter than the notice, a replica serves through the notice: gateways
+//! keep routing to it until that long before the reclaim, then drain it
+//! (its Pod outlasts the eviction: strata's engine lingers after its
+//! signal, another server's container sleeps before it). A Pod that
+//! vanishes otherwise
 //! failed. A replica let go or preempted is recorded as leaving at once (the
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
