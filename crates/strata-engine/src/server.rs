@@ -190,6 +190,8 @@ pub async fn serve(
     };
     let stop = CancellationToken::new();
     let activity = Arc::new(Activity::default());
+    // Counted only where it matters: the count makes every answer a stream.
+    let counted = (!linger.is_zero()).then(|| activity.clone());
     {
         let (stop, activity) = (stop.clone(), activity.clone());
         tokio::spawn(async move {
@@ -201,7 +203,7 @@ pub async fn serve(
         });
     }
     let mutual = acceptor.is_some();
-    strata_core::tls::serve(listener, router(state, activity), acceptor, mutual, stop).await;
+    strata_core::tls::serve(listener, router(state, counted), acceptor, mutual, stop).await;
     if loader.is_finished() {
         if let Ok(Err(e)) = loader.await {
             return Err(e);
@@ -210,10 +212,10 @@ pub async fn serve(
     Ok(())
 }
 
-/// `activity` counts what the trust layer lets through, so requests the
-/// engine refuses keep no lingering engine alive.
-fn router(state: Arc<ServerState>, activity: Arc<Activity>) -> Router {
-    Router::new()
+/// `activity` (with a linger) counts what the trust layer lets through, so
+/// requests the engine refuses keep no lingering engine alive.
+fn router(state: Arc<ServerState>, activity: Option<Arc<Activity>>) -> Router {
+    let routes = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -223,11 +225,15 @@ fn router(state: Arc<ServerState>, activity: Arc<Activity>) -> Router {
         .route(KV_IMPORT_PATH, post(import_snapshot))
         .route(KV_FORGET_PATH, post(forget_scope))
         .fallback(|| async { ApiError::not_found("Unknown route.") })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(axum::middleware::from_fn_with_state(
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
+    let routes = match activity {
+        Some(activity) => routes.layer(axum::middleware::from_fn_with_state(
             activity,
             linger::track,
-        ))
+        )),
+        None => routes,
+    };
+    routes
         .layer(axum::middleware::from_fn_with_state(state.clone(), trust))
         .with_state(state)
 }

@@ -834,11 +834,10 @@ fn strata_container(
         args.extend([json!("--sha256"), json!(sha256)]);
     }
     if preemption_drain(config).is_some() {
-        // Evicted at the notice, it serves on while gateways use it.
-        args.extend([
-            json!("--linger-secs"),
-            json!(k.preemption_notice_secs.to_string()),
-        ]);
+        // Evicted at the notice, it serves on while gateways use it (the
+        // flag takes at most an hour; no cloud's notice is that long).
+        let linger = k.preemption_notice_secs.min(3600.0);
+        args.extend([json!("--linger-secs"), json!(linger.to_string())]);
     }
     let (tls, token_env) = replica_trust(config, &["ca.pem", "replica.pem", "replica-key.pem"]);
     if let Some((volume, mount)) = tls {
@@ -1499,6 +1498,14 @@ mod tests {
         );
         objects.extend([lingering, other]);
         check(&objects).unwrap();
+        // A notice longer than the flag takes is cut to an hour.
+        config.kubernetes.preemption_notice_secs = 7200.0;
+        let long = engine_deployment(&config, &spot, 1, &gemma());
+        assert_eq!(
+            flag(&args_of(&long, "engine"), "--linger-secs"),
+            Some("3600")
+        );
+        config.kubernetes.preemption_notice_secs = 120.0;
         // A drain as long as the notice is none.
         config.pool.preemption_drain_secs = Some(120.0);
         assert_eq!(preemption_drain(&config), None);
