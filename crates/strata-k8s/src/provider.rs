@@ -550,9 +550,9 @@ impl KubeProvider {
     }
 
     /// Instances whose Pods vanished: those let go are gone; others failed
-    /// (deleted by someone else, evicted), and their variant shrinks by one
-    /// so that the controller's replacement does not come on top of the
-    /// Deployment's own.
+    /// (deleted by someone else, evicted), and their variant keeps as many
+    /// Pods as it has instances, so that the controller's replacement does
+    /// not come on top of the Deployment's own.
     async fn gone(&mut self, seen: &BTreeMap<String, PodView>) {
         let left: Vec<String> = self
             .leaving
@@ -583,9 +583,10 @@ impl KubeProvider {
             .filter(|(_, t)| t.pod.as_ref().is_some_and(|p| !seen.contains_key(p)))
             .map(|(id, _)| id.clone())
             .collect();
+        let mut shrunk = BTreeSet::new();
         for id in lost {
             let mut t = self.running.remove(&id).expect("listed");
-            self.lower(&t.variant).await;
+            shrunk.insert(t.variant.clone());
             t.record.state = InstanceState::Exited;
             t.record.ended_at_ms = Some(now_ms());
             t.record.detail = Some("its Pod was deleted".into());
@@ -594,6 +595,20 @@ impl KubeProvider {
                 id,
                 detail: "its Pod was deleted".into(),
             });
+        }
+        // The variant keeps as many Pods as it has instances: a Deployment
+        // that already replaced the Pod (its new Pod adopted above) keeps
+        // it; one that has not will not, and the controller's replacement
+        // is the only one. Lowering by one per lost Pod instead would
+        // remove a serving Pod for a replacement already adopted.
+        for v in shrunk {
+            let live = self.running.values().filter(|t| t.variant == v).count() as u32;
+            if self.desired.get(&v).is_some_and(|d| *d > live) {
+                self.desired.insert(v.clone(), live);
+                if let Err(e) = self.apply(&v).await {
+                    tracing::warn!(error = %e, "cannot shrink a Deployment");
+                }
+            }
         }
     }
 

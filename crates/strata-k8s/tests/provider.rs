@@ -891,3 +891,29 @@ async fn engines_of_models_that_left_while_no_controller_acted_are_removed() {
         .values()
         .all(|d| d["metadata"]["labels"]["strata.dev/pool"] != "old_v1"));
 }
+
+#[tokio::test]
+async fn a_pod_deleted_by_someone_else_and_replaced_by_its_deployment_costs_no_other_pod() {
+    let mut s = setup().await;
+    three_ready(&mut s).await;
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    let before = s.cluster.lock().unwrap().pods_of(&ds);
+    assert_eq!(before.len(), 2);
+    // Deleted by hand; the Deployment makes its replacement before the
+    // provider looks.
+    s.cluster.lock().unwrap().pods.remove(&before[0]);
+    reconcile(&s, true);
+    for _ in 0..4 {
+        s.provider.poll().await;
+        reconcile(&s, true);
+    }
+    let after = s.cluster.lock().unwrap().pods_of(&ds);
+    assert!(
+        after.contains(&before[1]),
+        "the other Pod was removed: {after:?}"
+    );
+    // The Deployment's replacement is adopted and kept: two spot replicas
+    // again, and no replacement for the controller to add.
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(s.provider.list().len(), 3);
+}
