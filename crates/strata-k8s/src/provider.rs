@@ -17,8 +17,9 @@
 //! keep routing to it until that long before the reclaim, then drain it
 //! (its Pod outlasts the eviction: strata's engine lingers after its
 //! signal, another server's container sleeps before it). A Pod that
-//! vanishes otherwise
-//! failed. A replica let go or preempted is recorded as leaving at once (the
+//! someone else deletes or evicts is drained while it still runs, and its
+//! Deployment's new Pod replaces it; one that vanishes otherwise failed.
+//! A replica let go or preempted is recorded as leaving at once (the
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
 //! `drained/<id>` lease) or after the drain wait. On shutdown the
@@ -395,6 +396,28 @@ impl KubeProvider {
         self.leaving.insert(id.to_owned(), t);
     }
 
+    /// A replica whose Pod someone else deletes or evicts (a node drained
+    /// by hand): the Pod may run a while yet (its grace, a lingering
+    /// engine, a preStop sleep), so the replica is drained now, while it
+    /// still serves, and is gone with its Pod. Its Deployment makes
+    /// another Pod, which `bind` adopts as the replacement: the count is
+    /// left as it is.
+    async fn evicted(&mut self, id: &str) {
+        let Some(mut t) = self.running.remove(id) else {
+            return;
+        };
+        let why = "its Pod is being deleted".to_owned();
+        tracing::warn!(instance = %id, pod = ?t.pod, "{why}");
+        t.record.state = InstanceState::Stopped;
+        t.record.detail = Some(why.clone());
+        self.save(&t.record).await;
+        self.events.push(ProviderEvent::Failed {
+            id: id.to_owned(),
+            detail: why,
+        });
+        self.leaving.insert(id.to_owned(), t);
+    }
+
     /// Replicas serving through their notice that are now within
     /// `pool.preemption_drain_secs` of the reclaim: recorded as preempted,
     /// so the gateways drain them (their requests finish or move, one
@@ -635,6 +658,10 @@ impl KubeProvider {
                         self.retire(&id, InstanceState::Preempted, why, event).await;
                     }
                 }
+                continue;
+            }
+            if p.deleting {
+                self.evicted(&id).await;
                 continue;
             }
             if let Some(why) = &p.failed {

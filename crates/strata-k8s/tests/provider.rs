@@ -917,3 +917,40 @@ async fn a_pod_deleted_by_someone_else_and_replaced_by_its_deployment_costs_no_o
     assert_eq!(after.len(), 2, "{after:?}");
     assert_eq!(s.provider.list().len(), 3);
 }
+
+#[tokio::test]
+async fn a_pod_evicted_by_someone_else_is_drained_while_it_still_runs_and_replaced_once() {
+    let mut s = setup().await;
+    let ids = three_ready(&mut s).await;
+    calls(&s);
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    let before = s.cluster.lock().unwrap().pods_of(&ds);
+    // A node drained by hand: the Pod terminates (a lingering engine, a
+    // preStop sleep) while its Deployment makes another.
+    s.cluster.lock().unwrap().evict(&before[0]);
+    reconcile(&s, true);
+    let events = s.provider.poll().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ProviderEvent::Failed { detail, .. } if detail.contains("being deleted"))),
+        "{events:?}"
+    );
+    assert_eq!(ready_ids(&events).len(), 1, "{events:?}");
+    // Drained at once; the Deployment's new Pod is the replacement, so
+    // the count is not touched and nothing else goes.
+    let recorded = s.store.instances().await.unwrap();
+    assert_eq!(draining(&recorded), (3, 1));
+    assert_eq!(s.provider.list().len(), 3);
+    assert!(!calls(&s).iter().any(|c| c.starts_with("apply")));
+    // The Pod goes: gone, once.
+    s.cluster.lock().unwrap().pods.remove(&before[0]);
+    let events = s.provider.poll().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(matches!(&events[0], ProviderEvent::Gone { id } if ids.contains(id)));
+    reconcile(&s, true);
+    assert!(s.provider.poll().await.is_empty());
+    let after = s.cluster.lock().unwrap().pods_of(&ds);
+    assert_eq!(after.len(), 2);
+    assert!(after.contains(&before[1]));
+}

@@ -358,9 +358,18 @@ impl Cluster {
         );
     }
 
+    /// What an eviction or a graceful delete does to a Pod first: it is
+    /// terminating (its `deletionTimestamp` set) but still runs, and its
+    /// ReplicaSet no longer counts it.
+    pub fn evict(&mut self, pod: &str) {
+        self.pods.get_mut(pod).unwrap()["metadata"]["deletionTimestamp"] =
+            json!("2026-11-29T10:05:00Z");
+    }
+
     /// The ReplicaSet controller and the scheduler: each Deployment gets
     /// as many Pods as its replicas (extra ones go lowest deletion cost
-    /// first, then newest), placed on a node its selector matches.
+    /// first, then newest; terminating ones neither count nor go here),
+    /// placed on a node its selector matches.
     pub fn reconcile(&mut self, ready: bool) {
         // The garbage collector: Pods of a deleted Deployment go.
         let deployments = self.deployments.clone();
@@ -380,6 +389,7 @@ impl Cluster {
                 .pods
                 .values()
                 .filter(|p| p["metadata"]["labels"]["strata.dev/deployment"] == json!(name))
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
                 .map(|p| {
                     let cost = p["metadata"]["annotations"]
                         ["controller.kubernetes.io/pod-deletion-cost"]
