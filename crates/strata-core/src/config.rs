@@ -485,8 +485,9 @@ pub struct PoolConfig {
     /// its machine goes, then drains (its requests finish or move on, its
     /// sessions' KV cache is kept); its replacement starts at the notice
     /// either way. Absent: it drains from the notice on. The `local`
-    /// provider (`strata serve`, a local cluster); on Kubernetes the node's
-    /// termination handler drains the node when the notice comes.
+    /// provider (`strata serve`, a local cluster), and on Kubernetes
+    /// against `kubernetes.preemption_notice_secs` (the engine Pods that
+    /// `strata k8s render` makes outlast their eviction; docs/cluster.md).
     pub preemption_drain_secs: Option<f64>,
     /// Emulated spot reclaims on the `local` provider: spot replicas
     /// preempted at random, this many per replica-hour (0: none).

@@ -40,7 +40,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use strata_control::planner::{Offer, Slot};
-use strata_control::provider::{Instance, Provider, ProviderEvent};
+use strata_control::provider::{drain_due, Instance, Provider, ProviderEvent};
 use strata_control::ControlError;
 use strata_core::config::{CapacityType, Config};
 use strata_core::now_ms;
@@ -427,24 +427,19 @@ impl KubeProvider {
             return;
         };
         let now = Instant::now();
-        let due: Vec<String> = self
+        let due: Vec<(String, String)> = self
             .leaving
             .iter()
-            .filter(|(_, t)| {
-                t.record.state != InstanceState::Preempted
-                    && t.reclaim_at.is_some_and(|end| now + drain >= end)
+            .filter(|(_, t)| t.record.state != InstanceState::Preempted)
+            .filter_map(|(id, t)| {
+                let (_, why) = drain_due(t.reclaim_at?, drain, now)?;
+                Some((id.clone(), why))
             })
-            .map(|(id, _)| id.clone())
             .collect();
-        for id in due {
+        for (id, why) in due {
             let t = self.leaving.get_mut(&id).expect("listed");
-            let left = t.reclaim_at.map_or(0.0, |end| {
-                end.saturating_duration_since(now).as_secs_f64().round()
-            });
             t.record.state = InstanceState::Preempted;
-            t.record.detail = Some(format!(
-                "preempted (served through its notice, {left}s left to drain)"
-            ));
+            t.record.detail = Some(why);
             let record = t.record.clone();
             tracing::info!(instance = %id, "draining before the reclaim");
             self.save(&record).await;

@@ -98,6 +98,19 @@ async fn setup() -> Setup {
     }
 }
 
+/// A provider of `model`'s pool under `config` on `s`'s cluster and store,
+/// polling the cluster at every call.
+fn provider_on(s: &Setup, config: Config, model: PoolModel, drain_wait: Duration) -> KubeProvider {
+    KubeProvider::new(
+        fake_api::client(s.cluster.clone()),
+        Arc::new(config),
+        model,
+        s.store.clone(),
+    )
+    .with_poll_every(Duration::ZERO)
+    .with_drain_wait(drain_wait)
+}
+
 fn calls(s: &Setup) -> Vec<String> {
     s.cluster.lock().unwrap().take_calls()
 }
@@ -254,14 +267,7 @@ async fn scale_down_removes_the_pod_of_the_instance_let_go() {
 #[tokio::test]
 async fn a_pod_let_go_stays_until_a_gateway_has_kept_its_sessions() {
     let mut s = setup().await;
-    s.provider = KubeProvider::new(
-        fake_api::client(s.cluster.clone()),
-        Arc::new(Config::default()),
-        gemma(),
-        s.store.clone(),
-    )
-    .with_poll_every(Duration::ZERO)
-    .with_drain_wait(Duration::from_secs(60));
+    s.provider = provider_on(&s, Config::default(), gemma(), Duration::from_secs(60));
     three_ready(&mut s).await;
     calls(&s);
     let victim = s.provider.list()[0].id.clone();
@@ -343,20 +349,17 @@ async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
     );
 }
 
-/// A provider whose pool of `model` serves through a 1.5 s notice until
-/// 0.5 s before the reclaim (`pool.preemption_drain_secs`).
-fn serving_through(s: &Setup, model: PoolModel) -> KubeProvider {
+/// Three ready replicas (`three_ready`) of a pool of `model` that serves
+/// through a 1.5 s notice until 0.5 s before the reclaim
+/// (`pool.preemption_drain_secs`).
+async fn three_serving_through(model: PoolModel) -> Setup {
+    let mut s = setup().await;
     let mut config = Config::default();
     config.kubernetes.preemption_notice_secs = 1.5;
     config.pool.preemption_drain_secs = Some(0.5);
-    KubeProvider::new(
-        fake_api::client(s.cluster.clone()),
-        Arc::new(config),
-        model,
-        s.store.clone(),
-    )
-    .with_poll_every(Duration::ZERO)
-    .with_drain_wait(Duration::ZERO)
+    s.provider = provider_on(&s, config, model, Duration::ZERO);
+    three_ready(&mut s).await;
+    s
 }
 
 /// vLLM's server (engine kind `openai`) as the `default` pool.
@@ -381,9 +384,7 @@ fn draining(recorded: &[strata_core::store::InstanceRecord]) -> (usize, usize) {
 
 #[tokio::test]
 async fn with_a_drain_before_the_reclaim_a_tainted_nodes_replicas_serve_until_then() {
-    let mut s = setup().await;
-    s.provider = serving_through(&s, gemma());
-    three_ready(&mut s).await;
+    let mut s = three_serving_through(gemma()).await;
     calls(&s);
     let ds = deployment("us-east-1a", CapacityType::Spot);
     s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
@@ -439,9 +440,7 @@ async fn with_a_drain_before_the_reclaim_a_tainted_nodes_replicas_serve_until_th
 
 #[tokio::test]
 async fn a_replica_serving_through_its_notice_that_goes_early_is_recorded_preempted() {
-    let mut s = setup().await;
-    s.provider = serving_through(&s, gemma());
-    three_ready(&mut s).await;
+    let mut s = three_serving_through(gemma()).await;
     s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
     assert_eq!(s.provider.poll().await.len(), 2);
     // The node went before the drain began.
@@ -463,9 +462,7 @@ async fn a_replica_serving_through_its_notice_that_goes_early_is_recorded_preemp
 
 #[tokio::test]
 async fn another_servers_pod_sleeps_through_a_notice_but_not_through_a_scale_down() {
-    let mut s = setup().await;
-    s.provider = serving_through(&s, vllm());
-    three_ready(&mut s).await;
+    let mut s = three_serving_through(vllm()).await;
     calls(&s);
     let ds = deployment("us-east-1a", CapacityType::Spot);
     let od = deployment("us-east-1b", CapacityType::OnDemand);
@@ -504,14 +501,7 @@ async fn a_configured_node_condition_also_preempts() {
     let mut s = setup().await;
     let mut config = Config::default();
     config.kubernetes.preemption_conditions = vec!["SpotInterruption".into()];
-    s.provider = KubeProvider::new(
-        fake_api::client(s.cluster.clone()),
-        Arc::new(config),
-        gemma(),
-        s.store.clone(),
-    )
-    .with_poll_every(Duration::ZERO)
-    .with_drain_wait(Duration::ZERO);
+    s.provider = provider_on(&s, config, gemma(), Duration::ZERO);
     three_ready(&mut s).await;
     // A condition not configured means nothing.
     s.cluster
@@ -715,14 +705,12 @@ async fn electors_hand_over_when_the_leader_stops() {
 
 /// The provider of `pool` (serving SmolLM2) on `s`'s cluster and store.
 fn pool_on(s: &Setup, pool: &str, drain_wait: Duration) -> KubeProvider {
-    KubeProvider::new(
-        fake_api::client(s.cluster.clone()),
-        Arc::new(Config::default()),
+    provider_on(
+        s,
+        Config::default(),
         model(pool, "SmolLM2-135M-Instruct.Q4_1"),
-        s.store.clone(),
+        drain_wait,
     )
-    .with_poll_every(Duration::ZERO)
-    .with_drain_wait(drain_wait)
 }
 
 fn pool_of(d: &serde_json::Value) -> &str {

@@ -510,16 +510,12 @@ impl Provider for LocalProvider {
             let now = Instant::now();
             let mut at = 0;
             while at < self.running.len() {
-                match self.running[at].reclaim_at {
-                    Some(end) if now + drain >= end => {
-                        let left = end.saturating_duration_since(now);
-                        let why = format!(
-                            "preempted (served through its notice, {}s left to drain)",
-                            left.as_secs_f64().round()
-                        );
-                        self.let_go(at, left, InstanceState::Preempted, why);
-                    }
-                    _ => at += 1,
+                let due = self.running[at]
+                    .reclaim_at
+                    .and_then(|end| super::drain_due(end, drain, now));
+                match due {
+                    Some((left, why)) => self.let_go(at, left, InstanceState::Preempted, why),
+                    None => at += 1,
                 }
             }
         }

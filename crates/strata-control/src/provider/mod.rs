@@ -5,7 +5,7 @@
 //! virtual clock; the Kubernetes provider (strata-k8s) answers the same
 //! calls.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -15,6 +15,20 @@ use crate::ControlError;
 
 pub mod local;
 pub mod sim;
+
+/// A reclaimed replica serving through its notice until `drain` before
+/// its machine goes at `end` (`pool.preemption_drain_secs`): at `now`,
+/// whether it must drain, with the time left and what its record says.
+pub fn drain_due(end: Instant, drain: Duration, now: Instant) -> Option<(Duration, String)> {
+    (now + drain >= end).then(|| {
+        let left = end.saturating_duration_since(now);
+        let why = format!(
+            "preempted (served through its notice, {}s left to drain)",
+            left.as_secs_f64().round()
+        );
+        (left, why)
+    })
+}
 
 /// A replica of the pool as the provider sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
