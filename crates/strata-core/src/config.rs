@@ -293,6 +293,12 @@ pub struct KubernetesConfig {
     pub preemption_conditions: Vec<String>,
     /// Seconds of notice a tainted node's replicas get.
     pub preemption_notice_secs: f64,
+    /// Longest an engine Pod may wait for a node (unscheduled, or not made
+    /// at all) before its replica is given up: a spot one counts as its
+    /// zone having no spot capacity, so the planner turns to other zones
+    /// or on demand for the cooldown; an on-demand one as a failed start.
+    /// Allow for the node autoscaler's boot of a new node.
+    pub schedule_timeout_secs: f64,
     /// Gateway replicas, and the most the gateway's autoscaler may run.
     pub gateway_replicas: u32,
     pub gateway_max_replicas: u32,
@@ -323,6 +329,7 @@ impl Default for KubernetesConfig {
             ],
             preemption_conditions: Vec::new(),
             preemption_notice_secs: 120.0,
+            schedule_timeout_secs: 600.0,
             gateway_replicas: 2,
             gateway_max_replicas: 10,
             gateway_cpu: "1".into(),
@@ -1315,6 +1322,12 @@ impl Config {
                 "must be greater than 0".into(),
             );
         }
+        if !(positive(k.schedule_timeout_secs) && k.schedule_timeout_secs <= 86_400.0) {
+            issues.bad(
+                "kubernetes.schedule_timeout_secs",
+                "must be greater than 0 and at most 86400".into(),
+            );
+        }
     }
 
     /// `[pricing.MODEL]`.
@@ -1787,7 +1800,7 @@ mod tests {
     #[test]
     fn check_names_each_bad_value() {
         let c = Config::from_toml(
-            "[gateway]\nlisten = \"nowhere\"\nreplicas = [\"ftp://x\"]\nbatch_reserved_share = 0.9\n[engine]\nmax_sequences = 0\n[serve]\nreplicas = 0\n",
+            "[gateway]\nlisten = \"nowhere\"\nreplicas = [\"ftp://x\"]\nbatch_reserved_share = 0.9\n[kubernetes]\nschedule_timeout_secs = 1e300\n[engine]\nmax_sequences = 0\n[serve]\nreplicas = 0\n",
         )
         .unwrap();
         let keys: Vec<_> = c.check().into_iter().map(|i| i.key).collect();
@@ -1797,6 +1810,7 @@ mod tests {
                 "gateway.listen",
                 "gateway.batch_reserved_share",
                 "gateway.replicas[0]",
+                "kubernetes.schedule_timeout_secs",
                 "engine.max_sequences",
                 "serve.replicas"
             ]

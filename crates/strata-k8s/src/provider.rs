@@ -19,6 +19,8 @@
 //! signal, another server's container sleeps before it). A Pod that
 //! someone else deletes or evicts is drained while it still runs, and its
 //! Deployment's new Pod replaces it; one that vanishes otherwise failed.
+//! A Pod that no node takes within `kubernetes.schedule_timeout_secs` is
+//! given up; on spot that is a sold-out zone (`Unavailable`).
 //! A replica let go or preempted is recorded as leaving at once (the
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
@@ -67,6 +69,9 @@ struct Tracked {
     /// When its node goes, for a replica serving through its preemption
     /// notice (`pool.preemption_drain_secs`).
     reclaim_at: Option<Instant>,
+    /// When it was launched (or adopted): its Pod has until
+    /// `kubernetes.schedule_timeout_secs` after this to get a node.
+    since: Instant,
 }
 
 pub struct KubeProvider {
@@ -418,6 +423,52 @@ impl KubeProvider {
         self.leaving.insert(id.to_owned(), t);
     }
 
+    /// A replica whose Pod got no node within
+    /// `kubernetes.schedule_timeout_secs` (or that its Deployment never
+    /// made): given up and its Pod removed. A spot Pod left unscheduled is
+    /// how a sold-out zone shows on Kubernetes (the node autoscaler cannot
+    /// get the instance type there), so it is `Unavailable`: the
+    /// controller keeps the zone's spot at what it holds for the cooldown
+    /// and plans the replica elsewhere or on demand. Otherwise it failed
+    /// to start.
+    async fn unschedulable(&mut self, id: &str, made: bool) {
+        let Some(mut t) = self.running.remove(id) else {
+            return;
+        };
+        let v = &t.variant;
+        let waited = self.config.kubernetes.schedule_timeout_secs;
+        let why = if made {
+            format!(
+                "no node took its Pod in {waited}s (no {} {} capacity in {}?)",
+                v.capacity.as_str(),
+                v.instance_type,
+                v.zone
+            )
+        } else {
+            format!("its Deployment made no Pod for it in {waited}s (a quota?)")
+        };
+        tracing::warn!(instance = %id, pod = ?t.pod, "{why}");
+        t.record.state = InstanceState::Exited;
+        t.record.detail = Some(why.clone());
+        self.save(&t.record).await;
+        self.events.push(match (made, v.capacity) {
+            (true, CapacityType::Spot) => ProviderEvent::Unavailable { slot: slot_of(v) },
+            _ => ProviderEvent::Failed {
+                id: id.to_owned(),
+                detail: why,
+            },
+        });
+        // Nothing ran on it: no drain.
+        self.shrink(&t).await;
+        if t.pod.is_none() {
+            t.record.ended_at_ms = Some(now_ms());
+            self.save(&t.record).await;
+            self.events.push(ProviderEvent::Gone { id: id.to_owned() });
+        } else {
+            self.leaving.insert(id.to_owned(), t);
+        }
+    }
+
     /// Replicas serving through their notice that are now within
     /// `pool.preemption_drain_secs` of the reclaim: recorded as preempted,
     /// so the gateways drain them (their requests finish or move, one
@@ -551,6 +602,7 @@ impl KubeProvider {
                             ready: false,
                             record,
                             reclaim_at: None,
+                            since: Instant::now(),
                         },
                     );
                     id
@@ -630,12 +682,19 @@ impl KubeProvider {
         }
     }
 
-    /// Readiness, failures and preemption notices of the bound Pods.
+    /// Readiness, failures and preemption notices of the bound Pods, and
+    /// replicas whose Pod found no node in time.
     async fn health(&mut self, seen: &BTreeMap<String, PodView>, reclaimed: &BTreeSet<String>) {
         let ids: Vec<String> = self.running.keys().cloned().collect();
+        let timeout = Duration::from_secs_f64(self.config.kubernetes.schedule_timeout_secs);
         for id in ids {
             let t = self.running[&id].clone();
-            let Some(p) = t.pod.as_ref().and_then(|name| seen.get(name)) else {
+            let pod = t.pod.as_ref().and_then(|name| seen.get(name));
+            if pod.is_none_or(|p| p.node.is_none()) && t.since.elapsed() >= timeout {
+                self.unschedulable(&id, pod.is_some()).await;
+                continue;
+            }
+            let Some(p) = pod else {
                 continue;
             };
             if p.node.as_ref().is_some_and(|n| reclaimed.contains(n)) {
@@ -691,6 +750,7 @@ struct PodView {
     variant: Variant,
     ready: bool,
     ip: Option<String>,
+    /// The node it is bound to; none while no node can take it.
     node: Option<String>,
     deleting: bool,
     /// Why it cannot serve (failed, crash looping).
@@ -773,6 +833,7 @@ impl Provider for KubeProvider {
                 ready: false,
                 record,
                 reclaim_at: None,
+                since: Instant::now(),
             },
         );
         Ok(id)

@@ -942,3 +942,163 @@ async fn a_pod_evicted_by_someone_else_is_drained_while_it_still_runs_and_replac
     assert_eq!(after.len(), 2);
     assert!(after.contains(&before[1]));
 }
+
+/// A provider whose Pods get 0.3 s to find a node.
+fn with_schedule_timeout(s: &mut Setup) {
+    let mut config = Config::default();
+    config.kubernetes.schedule_timeout_secs = 0.3;
+    s.provider = provider_on(s, config, gemma(), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn a_spot_pod_no_node_takes_in_time_is_its_zone_sold_out_and_is_removed() {
+    let mut s = setup().await;
+    with_schedule_timeout(&mut s);
+    // No node of this kind in us-east-1c, and none comes (the node
+    // autoscaler cannot get g5.xlarge spot there).
+    let spot = offer("us-east-1c", CapacityType::Spot, 0.40);
+    let id = s.provider.launch(&spot).await.unwrap();
+    let dc = deployment("us-east-1c", CapacityType::Spot);
+    reconcile(&s, true);
+    assert!(s.provider.poll().await.is_empty());
+    assert_eq!(s.provider.list().len(), 1, "still starting");
+    let pod = s.cluster.lock().unwrap().pods_of(&dc)[0].clone();
+    calls(&s);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let events = s.provider.poll().await;
+    assert_eq!(
+        events,
+        [ProviderEvent::Unavailable {
+            slot: Slot::from(&spot)
+        }]
+    );
+    assert!(s.provider.list().is_empty());
+    let c = calls(&s);
+    assert!(
+        c.contains(&format!("annotate {pod} deletion-cost=-1000")),
+        "{c:?}"
+    );
+    assert_eq!(c.last().unwrap(), &format!("apply {dc} replicas=0"));
+    let record = s.store.instances().await.unwrap();
+    let r = record.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(r.state, InstanceState::Exited);
+    assert!(
+        r.detail
+            .as_deref()
+            .unwrap()
+            .contains("no node took its Pod"),
+        "{r:?}"
+    );
+    // The Pod goes with the lowered count; gone once, and nothing more.
+    reconcile(&s, true);
+    assert!(s.cluster.lock().unwrap().pods_of(&dc).is_empty());
+    assert_eq!(
+        s.provider.poll().await,
+        [ProviderEvent::Gone { id: id.clone() }]
+    );
+    let record = s.store.instances().await.unwrap();
+    assert!(record
+        .iter()
+        .find(|r| r.id == id)
+        .unwrap()
+        .ended_at_ms
+        .is_some());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(s.provider.poll().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_pod_a_node_comes_for_in_time_serves_and_an_on_demand_one_that_waits_too_long_failed() {
+    let mut s = setup().await;
+    with_schedule_timeout(&mut s);
+    let spot = offer("us-east-1c", CapacityType::Spot, 0.40);
+    let od = offer("us-east-1c", CapacityType::OnDemand, 1.006);
+    let a = s.provider.launch(&spot).await.unwrap();
+    let b = s.provider.launch(&od).await.unwrap();
+    reconcile(&s, true);
+    assert!(s.provider.poll().await.is_empty());
+    // A spot node comes up for the first within the timeout.
+    s.cluster
+        .lock()
+        .unwrap()
+        .add_node("ip-10-0-3-30", "g5.xlarge", "us-east-1c", "spot");
+    reconcile(&s, true);
+    assert_eq!(ready_ids(&s.provider.poll().await), [a]);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let events = s.provider.poll().await;
+    assert!(
+        matches!(events.as_slice(), [ProviderEvent::Failed { id, detail }]
+            if *id == b && detail.contains("no on_demand g5.xlarge capacity in us-east-1c")),
+        "{events:?}"
+    );
+    assert_eq!(s.provider.list().len(), 1);
+    assert!(s.provider.list()[0].ready);
+}
+
+/// The controller and the provider together: the cheapest offer is spot
+/// in a zone where no node can be had, so its Pod stays Pending; after
+/// the schedule timeout the pool serves from on-demand capacity.
+#[tokio::test]
+async fn a_pool_whose_spot_zone_has_no_capacity_falls_back_on_demand() {
+    use strata_control::controller::{Controller, Driver, PoolSpec};
+    use strata_core::config::{InstanceType, Offering};
+
+    let mut s = setup().await;
+    let mut config = Config::default();
+    config.kubernetes.schedule_timeout_secs = 0.3;
+    config.pool.spot_cooldown_secs = 60.0;
+    config
+        .instance_types
+        .insert("g5.xlarge".into(), InstanceType::default());
+    config.catalog = vec![
+        Offering {
+            instance_type: "g5.xlarge".into(),
+            zone: "us-east-1c".into(),
+            capacity: CapacityType::Spot,
+            price_per_hour: 0.40,
+        },
+        Offering {
+            instance_type: "g5.xlarge".into(),
+            zone: "us-east-1b".into(),
+            capacity: CapacityType::OnDemand,
+            price_per_hour: 1.006,
+        },
+    ];
+    assert_eq!(config.check(), []);
+    s.provider = provider_on(&s, config.clone(), gemma(), Duration::ZERO);
+    let mut driver = Driver::new(Controller::new(PoolSpec::from_config(&config, 1)));
+    let started = std::time::Instant::now();
+    let load = strata_core::Load::default();
+    let spot = deployment("us-east-1c", CapacityType::Spot);
+    let od = deployment("us-east-1b", CapacityType::OnDemand);
+    let replicas = |s: &Setup, d: &str| {
+        s.cluster.lock().unwrap().deployments[d]["spec"]["replicas"]
+            .as_u64()
+            .unwrap()
+    };
+    driver.tick(&mut s.provider, started.elapsed(), &load).await;
+    assert_eq!(replicas(&s, &spot), 1, "spot first: it is cheaper");
+    let mut served = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        reconcile(&s, true);
+        driver.tick(&mut s.provider, started.elapsed(), &load).await;
+        if s.provider.list().iter().any(|i| i.ready) {
+            served = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let served = served.expect("a replica serves");
+    assert!(served >= Duration::from_millis(300), "{served:?}");
+    let list = s.provider.list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].slot.capacity, CapacityType::OnDemand);
+    assert_eq!(replicas(&s, &spot), 0);
+    assert_eq!(replicas(&s, &od), 1);
+    // The zone stays out while it cools down: no spot Pod is asked for again.
+    for _ in 0..10 {
+        reconcile(&s, true);
+        driver.tick(&mut s.provider, started.elapsed(), &load).await;
+    }
+    assert_eq!(replicas(&s, &spot), 0);
+}

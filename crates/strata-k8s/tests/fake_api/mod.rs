@@ -8,7 +8,8 @@
 //! server does, and logs each call in a compact form the tests assert on.
 //! `reconcile` plays the ReplicaSet controller and the scheduler: it makes
 //! each Deployment's Pods match its replicas (removing the lowest
-//! deletion cost first) on nodes matching the node selector. The objects
+//! deletion cost first) on nodes matching the node selector; a Pod no
+//! node matches stays Pending and unschedulable until one is added. The objects
 //! follow the shape of real ones (a kubelet's Pod status with conditions,
 //! IPs and container statuses; a Karpenter-provisioned Node's labels and
 //! taints), written by hand since no cluster could be recorded here.
@@ -367,9 +368,9 @@ impl Cluster {
     }
 
     /// The ReplicaSet controller and the scheduler: each Deployment gets
-    /// as many Pods as its replicas (extra ones go lowest deletion cost
-    /// first, then newest; terminating ones neither count nor go here),
-    /// placed on a node its selector matches.
+    /// as many Pods as its replicas (extra ones go unscheduled first, then
+    /// lowest deletion cost, then newest; terminating ones neither count
+    /// nor go here), placed on a node its selector matches.
     pub fn reconcile(&mut self, ready: bool) {
         // The garbage collector: Pods of a deleted Deployment go.
         let deployments = self.deployments.clone();
@@ -385,7 +386,7 @@ impl Cluster {
             .collect();
         for (name, d) in deployments {
             let want = d["spec"]["replicas"].as_u64().unwrap() as usize;
-            let mut mine: Vec<(i64, u64, String)> = self
+            let mut mine: Vec<(bool, i64, u64, String)> = self
                 .pods
                 .values()
                 .filter(|p| p["metadata"]["labels"]["strata.dev/deployment"] == json!(name))
@@ -396,6 +397,7 @@ impl Cluster {
                         .as_str()
                         .map_or(0, |c| c.parse().unwrap());
                     (
+                        !p["spec"]["nodeName"].is_null(),
                         cost,
                         p["metadata"]["annotations"]["fake.test/seq"]
                             .as_str()
@@ -404,15 +406,33 @@ impl Cluster {
                     )
                 })
                 .collect();
-            // Lowest cost first, then newest first.
-            mine.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            // As the ReplicaSet controller ranks them: unscheduled first,
+            // then lowest cost, then newest.
+            mine.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
             while mine.len() > want {
-                let (_, _, pod) = mine.remove(0);
+                let (_, _, _, pod) = mine.remove(0);
                 self.pods.remove(&pod);
             }
             for _ in mine.len()..want {
                 self.add_pod(&name, &d, ready);
             }
+        }
+        // Pending Pods a node has come for (the node autoscaler's).
+        let pending: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p["spec"]["nodeName"].is_null())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in pending {
+            let mut pod = self.pods[&name].clone();
+            let seq = pod["metadata"]["annotations"]["fake.test/seq"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            self.place(&mut pod, seq, ready);
+            self.pods.insert(name, pod);
         }
     }
 
@@ -421,28 +441,11 @@ impl Cluster {
         let seq = self.pod_seq;
         let name = format!("{deployment}-7c9d8f5b6d-{seq:05x}");
         let template = &d["spec"]["template"];
-        let selector = template["spec"]["nodeSelector"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        let node = self
-            .nodes
-            .values()
-            .find(|n| {
-                selector
-                    .iter()
-                    .all(|(k, v)| &n["metadata"]["labels"][k] == v)
-            })
-            .and_then(|n| n["metadata"]["name"].as_str().map(str::to_owned));
         let mut labels = template["metadata"]["labels"].clone();
         labels["pod-template-hash"] = json!("7c9d8f5b6d");
         // Stands for the ownerReference chain to the Deployment.
         labels["strata.dev/deployment"] = json!(deployment);
-        let condition = |t: &str, s: bool| {
-            json!({"type": t, "status": if s { "True" } else { "False" },
-                                                   "lastTransitionTime": "2026-11-29T10:01:00Z"})
-        };
-        let pod = json!({
+        let mut pod = json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -457,26 +460,62 @@ impl Cluster {
                                      "controller": true, "blockOwnerDeletion": true}],
             },
             "spec": {
-                "nodeName": node,
+                "nodeName": null,
                 "containers": template["spec"]["containers"],
                 "nodeSelector": template["spec"]["nodeSelector"],
             },
-            "status": {
-                "phase": "Running",
-                "conditions": [condition("PodReadyToStartContainers", true), condition("Initialized", true),
-                               condition("Ready", ready), condition("ContainersReady", ready),
-                               condition("PodScheduled", true)],
-                "hostIP": "10.0.1.10",
-                "podIP": format!("10.244.1.{seq}"),
-                "podIPs": [{"ip": format!("10.244.1.{seq}")}],
-                "startTime": "2026-11-29T10:00:30Z",
-                "containerStatuses": [{"name": "engine", "ready": ready, "restartCount": 0,
-                                       "image": "strata:latest", "imageID": "strata@sha256:0",
-                                       "started": true,
-                                       "state": {"running": {"startedAt": "2026-11-29T10:00:40Z"}}}],
-            },
         });
+        self.place(&mut pod, seq, ready);
         self.pods.insert(name, pod);
+    }
+
+    /// The scheduler: binds the Pod to a node its selector matches and
+    /// starts it (a kubelet's status); with none, it stays Pending and
+    /// unschedulable, as while no node of that kind can be had.
+    fn place(&self, pod: &mut Value, seq: u64, ready: bool) {
+        let selector = pod["spec"]["nodeSelector"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let node = self
+            .nodes
+            .values()
+            .find(|n| {
+                selector
+                    .iter()
+                    .all(|(k, v)| &n["metadata"]["labels"][k] == v)
+            })
+            .and_then(|n| n["metadata"]["name"].as_str().map(str::to_owned));
+        let condition = |t: &str, s: bool| {
+            json!({"type": t, "status": if s { "True" } else { "False" },
+                                                   "lastTransitionTime": "2026-11-29T10:01:00Z"})
+        };
+        let Some(node) = node else {
+            pod["status"] = json!({
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                "message": format!("0/{} nodes are available: {} node(s) didn't match Pod's node affinity/selector.",
+                                                   self.nodes.len(), self.nodes.len()),
+                                "lastTransitionTime": "2026-11-29T10:00:30Z"}],
+                "qosClass": "Burstable",
+            });
+            return;
+        };
+        pod["spec"]["nodeName"] = json!(node);
+        pod["status"] = json!({
+            "phase": "Running",
+            "conditions": [condition("PodReadyToStartContainers", true), condition("Initialized", true),
+                           condition("Ready", ready), condition("ContainersReady", ready),
+                           condition("PodScheduled", true)],
+            "hostIP": "10.0.1.10",
+            "podIP": format!("10.244.1.{seq}"),
+            "podIPs": [{"ip": format!("10.244.1.{seq}")}],
+            "startTime": "2026-11-29T10:00:30Z",
+            "containerStatuses": [{"name": "engine", "ready": ready, "restartCount": 0,
+                                   "image": "strata:latest", "imageID": "strata@sha256:0",
+                                   "started": true,
+                                   "state": {"running": {"startedAt": "2026-11-29T10:00:40Z"}}}],
+        });
     }
 
     /// Pods of the Deployment `name`, by name.
