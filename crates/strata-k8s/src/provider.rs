@@ -16,9 +16,11 @@
 //! shorter than the notice, a replica serves through the notice: gateways
 //! keep routing to it until that long before the reclaim, then drain it
 //! (its Pod outlasts the eviction: strata's engine lingers after its
-//! signal, another server's container sleeps before it). A Pod that
-//! someone else deletes or evicts is drained while it still runs, and its
-//! Deployment's new Pod replaces it; one that vanishes otherwise failed.
+//! signal, another server's container sleeps before it); its Pod says
+//! when its node goes, so a controller taking over drains it in time. A
+//! Pod that someone else deletes or evicts is drained while it still runs,
+//! and its Deployment's new Pod replaces it; one that vanishes otherwise
+//! failed.
 //! A Pod that no node takes within `kubernetes.schedule_timeout_secs` is
 //! given up; on spot that is a sold-out zone (`Unavailable`).
 //! A replica let go or preempted is recorded as leaving at once (the
@@ -57,6 +59,10 @@ use crate::render::{
 
 /// The annotation that makes a Pod the first one a scale-down removes.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// When a Pod serving through its node's preemption notice loses its node
+/// (milliseconds since the epoch), so that a controller taking over keeps
+/// serving from it and drains it in time.
+pub const RECLAIM_AT: &str = "strata.dev/reclaim-at";
 const FIELD_MANAGER: &str = "strata";
 
 /// One instance the controller knows, and the Pod that fills it.
@@ -313,9 +319,14 @@ impl KubeProvider {
         Ok(())
     }
 
-    /// The Pod goes first when its Deployment shrinks.
-    async fn mark_for_removal(&self, pod: &str) {
-        let patch = json!({"metadata": {"annotations": {DELETION_COST: "-1000"}}});
+    /// The Pod goes first when its Deployment shrinks; one serving through
+    /// a preemption notice also says when its node goes.
+    async fn mark_for_removal(&self, pod: &str, reclaim_at_ms: Option<i64>) {
+        let mut annotations = json!({DELETION_COST: "-1000"});
+        if let Some(at) = reclaim_at_ms {
+            annotations[RECLAIM_AT] = json!(at.to_string());
+        }
+        let patch = json!({"metadata": {"annotations": annotations}});
         if let Err(e) = self
             .pods
             .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
@@ -331,7 +342,7 @@ impl KubeProvider {
     /// grace instead: strata let it go, and nothing is sent to it any more.
     async fn shrink(&mut self, t: &Tracked) {
         if let Some(pod) = &t.pod {
-            self.mark_for_removal(pod).await;
+            self.mark_for_removal(pod, None).await;
         }
         self.lower(&t.variant).await;
         let sleeps =
@@ -395,7 +406,8 @@ impl KubeProvider {
         self.save(&t.record).await;
         // Not `shrink`: the Pod takes its full grace to serve through.
         if let Some(pod) = &t.pod {
-            self.mark_for_removal(pod).await;
+            let at = now_ms().saturating_add(notice.as_millis() as i64);
+            self.mark_for_removal(pod, Some(at)).await;
         }
         self.lower(&t.variant).await;
         self.leaving.insert(id.to_owned(), t);
@@ -580,6 +592,7 @@ impl KubeProvider {
             .collect();
         for p in seen.values().filter(|p| !bound.contains(&p.name)) {
             if p.deleting {
+                self.adopt_serving_through(p).await;
                 continue;
             }
             let free = self
@@ -617,6 +630,47 @@ impl KubeProvider {
             let record = t.record.clone();
             self.save(&record).await;
         }
+    }
+
+    /// A Pod that a previous controller left serving through its node's
+    /// preemption notice (`RECLAIM_AT`, `serve_through`): it keeps serving
+    /// as a leaving replica, drained within `pool.preemption_drain_secs` of
+    /// the reclaim as if this controller had seen the notice. Other
+    /// terminating Pods are not adopted.
+    async fn adopt_serving_through(&mut self, p: &PodView) {
+        let now = now_ms();
+        let (Some(at), Some(ip), Some(_)) = (
+            p.reclaim_at_ms.filter(|at| *at > now),
+            p.ip.as_deref(),
+            render::preemption_drain(&self.config),
+        ) else {
+            return;
+        };
+        let id = self.new_id(&p.variant);
+        let mut record = self.record(&id, &p.variant);
+        record.state = InstanceState::Ready;
+        record.endpoint = self.endpoint(ip);
+        record.detail = Some(
+            "its node was marked for reclaim; serving through the notice (adopted from the previous controller)"
+                .into(),
+        );
+        tracing::info!(instance = %id, pod = %p.name, "adopted a Pod serving through its notice");
+        self.save(&record).await;
+        // No further off than a notice is long, whatever the annotation says.
+        let notice = Duration::try_from_secs_f64(self.config.kubernetes.preemption_notice_secs)
+            .unwrap_or(Duration::MAX);
+        let left = Duration::from_millis((at - now) as u64).min(notice);
+        self.leaving.insert(
+            id,
+            Tracked {
+                variant: p.variant.clone(),
+                pod: Some(p.name.clone()),
+                ready: true,
+                record,
+                reclaim_at: Some(Instant::now() + left),
+                since: Instant::now(),
+            },
+        );
     }
 
     /// Instances whose Pods vanished: those let go are gone; others failed
@@ -753,6 +807,8 @@ struct PodView {
     /// The node it is bound to; none while no node can take it.
     node: Option<String>,
     deleting: bool,
+    /// When its node goes, for one serving through a preemption notice.
+    reclaim_at_ms: Option<i64>,
     /// Why it cannot serve (failed, crash looping).
     failed: Option<String>,
 }
@@ -789,6 +845,11 @@ impl PodView {
             ip: status.and_then(|s| s.pod_ip.clone()),
             node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
             deleting: p.metadata.deletion_timestamp.is_some(),
+            reclaim_at_ms: p
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RECLAIM_AT)?.parse().ok()),
             failed,
         })
     }

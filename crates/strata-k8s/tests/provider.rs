@@ -399,8 +399,11 @@ async fn with_a_drain_before_the_reclaim_a_tainted_nodes_replicas_serve_until_th
     // still route to all three.
     assert_eq!(s.provider.list().len(), 1);
     let c = calls(&s);
+    // Each says when its node goes, for a controller that takes over.
     assert_eq!(
-        c.iter().filter(|x| x.starts_with("annotate ")).count(),
+        c.iter()
+            .filter(|x| x.starts_with("annotate ") && x.ends_with(" reclaim-at"))
+            .count(),
         2,
         "{c:?}"
     );
@@ -1101,4 +1104,53 @@ async fn a_pool_whose_spot_zone_has_no_capacity_falls_back_on_demand() {
         driver.tick(&mut s.provider, started.elapsed(), &load).await;
     }
     assert_eq!(replicas(&s, &spot), 0);
+}
+
+/// The acting controller stops while two replicas serve through their
+/// node's notice (their Pods terminating, their engines lingering); the
+/// standby that takes over keeps routing to them and drains them in time,
+/// instead of dropping them undrained with the previous leader's records.
+#[tokio::test]
+async fn a_new_leader_keeps_replicas_serving_through_their_notice_and_drains_them_in_time() {
+    let mut s = three_serving_through(gemma()).await;
+    s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
+    assert_eq!(s.provider.poll().await.len(), 2);
+    // The ReplicaSet deletes their Pods gracefully: they run on, terminating.
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    let pods = s.cluster.lock().unwrap().pods_of(&ds);
+    assert_eq!(pods.len(), 2);
+    for pod in &pods {
+        s.cluster.lock().unwrap().evict(pod);
+    }
+    // A standby takes the Lease: it closes what the previous leader
+    // recorded, then adopts what it finds.
+    strata_control::cluster::close_orphans(&*s.store).await;
+    let mut config = Config::default();
+    config.kubernetes.preemption_notice_secs = 1.5;
+    config.pool.preemption_drain_secs = Some(0.5);
+    let mut next = provider_on(&s, config, gemma(), Duration::ZERO);
+    let events = next.poll().await;
+    // The on-demand replica is the new leader's pool; the two serving
+    // through are not (their replacements were planned already), but the
+    // gateways still route to them.
+    assert_eq!(ready_ids(&events).len(), 1, "{events:?}");
+    assert_eq!(next.list().len(), 1);
+    assert_eq!(draining(&s.store.instances().await.unwrap()), (3, 0));
+    // Within the drain of the reclaim (1.5 s after the taint): drained.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(next.poll().await.is_empty());
+    assert_eq!(draining(&s.store.instances().await.unwrap()), (1, 2));
+    // The node goes with its Pods: each gone once, recorded preempted.
+    for pod in &pods {
+        s.cluster.lock().unwrap().pods.remove(pod);
+    }
+    let gone = next.poll().await;
+    assert_eq!(gone.len(), 2, "{gone:?}");
+    assert!(gone.iter().all(|e| matches!(e, ProviderEvent::Gone { .. })));
+    let recorded = s.store.instances().await.unwrap();
+    let adopted_ended = recorded
+        .iter()
+        .filter(|r| r.state == InstanceState::Preempted && r.ended_at_ms.is_some())
+        .count();
+    assert_eq!(adopted_ended, 2);
 }

@@ -194,17 +194,22 @@ impl Cluster {
                 }
             }
             ("PATCH", ["api", "v1", "namespaces", _, "pods", name]) => {
-                let cost = body["metadata"]["annotations"]
-                    ["controller.kubernetes.io/pod-deletion-cost"]
+                // A merge patch of annotations (the deletion cost, and the
+                // reclaim time of a Pod serving through its notice).
+                let annotations = body["metadata"]["annotations"].as_object().unwrap().clone();
+                let cost = annotations["controller.kubernetes.io/pod-deletion-cost"]
                     .as_str()
-                    .unwrap()
-                    .to_owned();
-                self.calls
-                    .push(format!("annotate {name} deletion-cost={cost}"));
+                    .unwrap();
+                let mut call = format!("annotate {name} deletion-cost={cost}");
+                if annotations.contains_key("strata.dev/reclaim-at") {
+                    call.push_str(" reclaim-at");
+                }
+                self.calls.push(call);
                 match self.pods.get_mut(*name) {
                     Some(p) => {
-                        p["metadata"]["annotations"]
-                            ["controller.kubernetes.io/pod-deletion-cost"] = json!(cost);
+                        for (k, v) in annotations {
+                            p["metadata"]["annotations"][k] = v;
+                        }
                         (200, p.clone())
                     }
                     None => status(404, "NotFound", "pods not found"),
