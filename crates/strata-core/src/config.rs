@@ -1140,6 +1140,16 @@ impl Config {
         self.check_catalog(&mut issues);
         self.check_pool(&mut issues);
         self.check_engine(&mut issues);
+        if self
+            .security
+            .audit_checkpoint_secs
+            .is_some_and(|secs| !seconds(secs, 0.0))
+        {
+            issues.bad(
+                "security.audit_checkpoint_secs",
+                "must be from 0 (none) to a year (seconds)".into(),
+            );
+        }
         let e = &self.engine;
         if self.models.is_empty()
             && e.kind == EngineKind::Openai
@@ -1231,13 +1241,13 @@ impl Config {
         if !positive(g.health_interval_secs) {
             issues.bad(
                 "gateway.health_interval_secs",
-                "must be greater than 0".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
         if !positive(g.connect_timeout_secs) {
             issues.bad(
                 "gateway.connect_timeout_secs",
-                "must be greater than 0".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
         if g.slots_per_replica == 0 {
@@ -1252,7 +1262,7 @@ impl Config {
         if !positive(g.queue_timeout_secs) {
             issues.bad(
                 "gateway.queue_timeout_secs",
-                "must be greater than 0".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
         if let Some(url) = &g.shared_limits_url {
@@ -1266,7 +1276,7 @@ impl Config {
         if !positive(g.budget_refresh_secs) {
             issues.bad(
                 "gateway.budget_refresh_secs",
-                "must be greater than 0".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
         if g.tls_cert_file.is_some() != g.tls_key_file.is_some() {
@@ -1319,13 +1329,13 @@ impl Config {
         if !positive(k.preemption_notice_secs) {
             issues.bad(
                 "kubernetes.preemption_notice_secs",
-                "must be greater than 0".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
-        if !(positive(k.schedule_timeout_secs) && k.schedule_timeout_secs <= 86_400.0) {
+        if !positive(k.schedule_timeout_secs) {
             issues.bad(
                 "kubernetes.schedule_timeout_secs",
-                "must be greater than 0 and at most 86400".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
     }
@@ -1417,6 +1427,12 @@ impl Config {
         if !(p.target_utilisation > 0.0 && p.target_utilisation <= 1.0) {
             issues.bad("pool.target_utilisation", "must be in (0, 1]".into());
         }
+        if !positive(p.stable_window_secs) {
+            issues.bad(
+                "pool.stable_window_secs",
+                "must be greater than 0 and at most a year (seconds)".into(),
+            );
+        }
         if !(p.panic_window_secs > 0.0 && p.panic_window_secs <= p.stable_window_secs) {
             issues.bad(
                 "pool.panic_window_secs",
@@ -1467,14 +1483,20 @@ impl Config {
         if !(p.batch_spot_price_share > 0.0 && p.batch_spot_price_share <= 1.0) {
             issues.bad("pool.batch_spot_price_share", "must be in (0, 1]".into());
         }
-        if !at_least(p.batch_spot_work_secs, 1.0) {
-            issues.bad("pool.batch_spot_work_secs", "must be at least 1".into());
+        if !seconds(p.batch_spot_work_secs, 1.0) {
+            issues.bad(
+                "pool.batch_spot_work_secs",
+                "must be from 1 to a year (seconds)".into(),
+            );
         }
         if !at_least(p.spot_zone_premium, 0.0) {
             issues.bad("pool.spot_zone_premium", "must not be negative".into());
         }
-        if !at_least(p.preemption_notice_secs, 0.0) {
-            issues.bad("pool.preemption_notice_secs", "must not be negative".into());
+        if !seconds(p.preemption_notice_secs, 0.0) {
+            issues.bad(
+                "pool.preemption_notice_secs",
+                "must be from 0 to a year (seconds)".into(),
+            );
         }
         if p.preemption_drain_secs
             .is_some_and(|s| !(0.0..=3600.0).contains(&s))
@@ -1493,13 +1515,17 @@ impl Config {
         if !at_least(p.panic_threshold, 1.0) {
             issues.bad("pool.panic_threshold", "must be at least 1".into());
         }
-        if !at_least(p.scale_down_delay_secs, 0.0) {
-            issues.bad("pool.scale_down_delay_secs", "must not be negative".into());
+        if !seconds(p.scale_down_delay_secs, 0.0) {
+            issues.bad(
+                "pool.scale_down_delay_secs",
+                "must be from 0 to a year (seconds)".into(),
+            );
         }
-        if p.scale_to_zero_after_secs
-            .is_some_and(|s| !at_least(s, f64::MIN_POSITIVE))
-        {
-            issues.bad("pool.scale_to_zero_after_secs", "must be positive".into());
+        if p.scale_to_zero_after_secs.is_some_and(|s| !positive(s)) {
+            issues.bad(
+                "pool.scale_to_zero_after_secs",
+                "must be greater than 0 and at most a year (seconds)".into(),
+            );
         }
     }
 
@@ -1685,7 +1711,7 @@ impl Config {
         if !positive(s.startup_timeout_secs) {
             issues.bad(
                 "serve.startup_timeout_secs",
-                "must be greater than 0".into(),
+                "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
     }
@@ -1726,8 +1752,15 @@ fn at_least(v: f64, min: f64) -> bool {
     v >= min
 }
 
+/// A duration in seconds, greater than 0 and at most a year (a longer
+/// or infinite one would panic where it is read).
 fn positive(secs: f64) -> bool {
-    secs.is_finite() && secs > 0.0
+    secs > 0.0 && secs <= YEAR_SECS
+}
+
+/// A duration in seconds from `min` to a year.
+fn seconds(secs: f64, min: f64) -> bool {
+    (min..=YEAR_SECS).contains(&secs)
 }
 
 /// The dotted key whose line holds byte `offset`, e.g. `engine.threads`.
@@ -1903,6 +1936,42 @@ mod tests {
                 "pool.scale_to_zero_after_secs"
             ]
         );
+    }
+
+    /// Seconds too large for a `Duration` (which would panic where they are
+    /// read) are named by the check, as are NaN and infinity.
+    #[test]
+    fn durations_beyond_a_year_are_named_not_read() {
+        let keys = [
+            ("gateway", "health_interval_secs"),
+            ("gateway", "connect_timeout_secs"),
+            ("gateway", "queue_timeout_secs"),
+            ("gateway", "budget_refresh_secs"),
+            ("kubernetes", "preemption_notice_secs"),
+            ("kubernetes", "schedule_timeout_secs"),
+            ("pool", "spot_cooldown_secs"),
+            ("pool", "spot_risk_window_secs"),
+            ("pool", "batch_spot_work_secs"),
+            ("pool", "preemption_notice_secs"),
+            ("pool", "stable_window_secs"),
+            ("pool", "scale_down_delay_secs"),
+            ("pool", "scale_to_zero_after_secs"),
+            ("security", "audit_checkpoint_secs"),
+            ("serve", "startup_timeout_secs"),
+        ];
+        for value in ["1e300", "inf", "nan"] {
+            for (table, key) in keys {
+                let c = Config::from_toml(&format!("[{table}]\n{key} = {value}\n")).unwrap();
+                let named: Vec<String> = c.check().into_iter().map(|i| i.key).collect();
+                assert!(
+                    named.contains(&format!("{table}.{key}")),
+                    "{table}.{key} = {value}: {named:?}"
+                );
+            }
+        }
+        // A year is still a duration.
+        let c = Config::from_toml("[pool]\nscale_down_delay_secs = 31536000.0\n").unwrap();
+        assert_eq!(c.check(), []);
     }
 
     #[test]
