@@ -299,6 +299,12 @@ pub struct KubernetesConfig {
     /// or on demand for the cooldown; an on-demand one as a failed start.
     /// Allow for the node autoscaler's boot of a new node.
     pub schedule_timeout_secs: f64,
+    /// Longest an engine Pod may take from its launch to ready (its node,
+    /// its image, the model's fetch, the engine's start) before its
+    /// replica is given up as a failed start; at least
+    /// `schedule_timeout_secs`. Until then a starting replica also holds
+    /// back the pool's scale-downs.
+    pub start_timeout_secs: f64,
     /// Gateway replicas, and the most the gateway's autoscaler may run.
     pub gateway_replicas: u32,
     pub gateway_max_replicas: u32,
@@ -330,6 +336,7 @@ impl Default for KubernetesConfig {
             preemption_conditions: Vec::new(),
             preemption_notice_secs: 120.0,
             schedule_timeout_secs: 600.0,
+            start_timeout_secs: 1800.0,
             gateway_replicas: 2,
             gateway_max_replicas: 10,
             gateway_cpu: "1".into(),
@@ -1338,6 +1345,14 @@ impl Config {
                 "must be greater than 0 and at most a year (seconds)".into(),
             );
         }
+        let before_schedule =
+            positive(k.schedule_timeout_secs) && k.start_timeout_secs < k.schedule_timeout_secs;
+        if !positive(k.start_timeout_secs) || before_schedule {
+            issues.bad(
+                "kubernetes.start_timeout_secs",
+                "must be at least schedule_timeout_secs and at most a year (seconds)".into(),
+            );
+        }
     }
 
     /// `[pricing.MODEL]`.
@@ -1949,6 +1964,7 @@ mod tests {
             ("gateway", "budget_refresh_secs"),
             ("kubernetes", "preemption_notice_secs"),
             ("kubernetes", "schedule_timeout_secs"),
+            ("kubernetes", "start_timeout_secs"),
             ("pool", "spot_cooldown_secs"),
             ("pool", "spot_risk_window_secs"),
             ("pool", "batch_spot_work_secs"),
@@ -1972,6 +1988,13 @@ mod tests {
         // A year is still a duration.
         let c = Config::from_toml("[pool]\nscale_down_delay_secs = 31536000.0\n").unwrap();
         assert_eq!(c.check(), []);
+        // A start includes getting a node.
+        let c = Config::from_toml(
+            "[kubernetes]\nschedule_timeout_secs = 900.0\nstart_timeout_secs = 600.0\n",
+        )
+        .unwrap();
+        let named: Vec<String> = c.check().into_iter().map(|i| i.key).collect();
+        assert_eq!(named, ["kubernetes.start_timeout_secs"]);
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! Pod that someone else deletes or evicts is drained while it still runs,
 //! and its Deployment's new Pod replaces it; one that vanishes otherwise
 //! failed.
-//! A Pod that no node takes within `kubernetes.schedule_timeout_secs` is
-//! given up; on spot that is a sold-out zone (`Unavailable`).
+//! A Pod that no node takes within `kubernetes.schedule_timeout_secs`, or
+//! that is not ready within `kubernetes.start_timeout_secs`, is given up;
+//! an unscheduled spot Pod is a sold-out zone (`Unavailable`).
 //! A replica let go or preempted is recorded as leaving at once (the
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
@@ -76,7 +77,8 @@ struct Tracked {
     /// notice (`pool.preemption_drain_secs`).
     reclaim_at: Option<Instant>,
     /// When it was launched (or adopted): its Pod has until
-    /// `kubernetes.schedule_timeout_secs` after this to get a node.
+    /// `kubernetes.schedule_timeout_secs` after this to get a node, and
+    /// `kubernetes.start_timeout_secs` to be ready.
     since: Instant,
 }
 
@@ -435,42 +437,48 @@ impl KubeProvider {
         self.leaving.insert(id.to_owned(), t);
     }
 
-    /// A replica whose Pod got no node within
-    /// `kubernetes.schedule_timeout_secs` (or that its Deployment never
-    /// made): given up and its Pod removed. A spot Pod left unscheduled is
-    /// how a sold-out zone shows on Kubernetes (the node autoscaler cannot
-    /// get the instance type there), so it is `Unavailable`: the
-    /// controller keeps the zone's spot at what it holds for the cooldown
-    /// and plans the replica elsewhere or on demand. Otherwise it failed
-    /// to start.
-    async fn unschedulable(&mut self, id: &str, made: bool) {
+    /// A replica that never served, given up and its Pod removed (nothing
+    /// ran on it: no drain). A spot Pod left unscheduled is how a sold-out
+    /// zone shows on Kubernetes (the node autoscaler cannot get the
+    /// instance type there), so it is `Unavailable`: the controller keeps
+    /// the zone's spot at what it holds for the cooldown and plans the
+    /// replica elsewhere or on demand. Otherwise it failed to start.
+    async fn give_up(&mut self, id: &str, cause: NeverServed) {
         let Some(mut t) = self.running.remove(id) else {
             return;
         };
         let v = &t.variant;
-        let waited = self.config.kubernetes.schedule_timeout_secs;
-        let why = if made {
-            format!(
-                "no node took its Pod in {waited}s (no {} {} capacity in {}?)",
+        let k = &self.config.kubernetes;
+        let why = match cause {
+            NeverServed::NoNode => format!(
+                "no node took its Pod in {}s (no {} {} capacity in {}?)",
+                k.schedule_timeout_secs,
                 v.capacity.as_str(),
                 v.instance_type,
                 v.zone
-            )
-        } else {
-            format!("its Deployment made no Pod for it in {waited}s (a quota?)")
+            ),
+            NeverServed::NoPod => format!(
+                "its Deployment made no Pod for it in {}s (a quota?)",
+                k.schedule_timeout_secs
+            ),
+            NeverServed::NotReady => format!(
+                "its Pod was not ready {}s after the launch (its image, the model's fetch, the engine's start?)",
+                k.start_timeout_secs
+            ),
         };
         tracing::warn!(instance = %id, pod = ?t.pod, "{why}");
         t.record.state = InstanceState::Exited;
         t.record.detail = Some(why.clone());
         self.save(&t.record).await;
-        self.events.push(match (made, v.capacity) {
-            (true, CapacityType::Spot) => ProviderEvent::Unavailable { slot: slot_of(v) },
+        self.events.push(match (cause, v.capacity) {
+            (NeverServed::NoNode, CapacityType::Spot) => {
+                ProviderEvent::Unavailable { slot: slot_of(v) }
+            }
             _ => ProviderEvent::Failed {
                 id: id.to_owned(),
                 detail: why,
             },
         });
-        // Nothing ran on it: no drain.
         self.shrink(&t).await;
         if t.pod.is_none() {
             t.record.ended_at_ms = Some(now_ms());
@@ -737,15 +745,24 @@ impl KubeProvider {
     }
 
     /// Readiness, failures and preemption notices of the bound Pods, and
-    /// replicas whose Pod found no node in time.
+    /// replicas whose Pod found no node, or was not ready, in time.
     async fn health(&mut self, seen: &BTreeMap<String, PodView>, reclaimed: &BTreeSet<String>) {
         let ids: Vec<String> = self.running.keys().cloned().collect();
-        let timeout = Duration::from_secs_f64(self.config.kubernetes.schedule_timeout_secs);
+        let k = &self.config.kubernetes;
+        let schedule = Duration::from_secs_f64(k.schedule_timeout_secs);
+        let start = Duration::from_secs_f64(k.start_timeout_secs);
         for id in ids {
             let t = self.running[&id].clone();
             let pod = t.pod.as_ref().and_then(|name| seen.get(name));
-            if pod.is_none_or(|p| p.node.is_none()) && t.since.elapsed() >= timeout {
-                self.unschedulable(&id, pod.is_some()).await;
+            let waited = t.since.elapsed();
+            let cause = match pod {
+                None if waited >= schedule => Some(NeverServed::NoPod),
+                Some(p) if p.node.is_none() && waited >= schedule => Some(NeverServed::NoNode),
+                Some(p) if !t.ready && !p.ready && waited >= start => Some(NeverServed::NotReady),
+                _ => None,
+            };
+            if let Some(cause) = cause {
+                self.give_up(&id, cause).await;
                 continue;
             }
             let Some(p) = pod else {
@@ -795,6 +812,17 @@ impl KubeProvider {
             }
         }
     }
+}
+
+/// Why a replica that never served is given up (`give_up`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NeverServed {
+    /// Its Deployment made no Pod for it within the schedule timeout.
+    NoPod,
+    /// Its Pod got no node within the schedule timeout.
+    NoNode,
+    /// Its Pod was not ready within the start timeout.
+    NotReady,
 }
 
 /// What the provider reads of a Pod.

@@ -1154,3 +1154,46 @@ async fn a_new_leader_keeps_replicas_serving_through_their_notice_and_drains_the
         .count();
     assert_eq!(adopted_ended, 2);
 }
+
+/// A Pod that gets its node but never becomes ready (an image that cannot
+/// be pulled, a model that cannot be fetched) is given up after
+/// `kubernetes.start_timeout_secs`: the replica no longer holds its place,
+/// nor the pool's scale-downs, and the controller launches another.
+#[tokio::test]
+async fn a_pod_never_ready_within_the_start_timeout_is_a_failed_start() {
+    let mut s = setup().await;
+    let mut config = Config::default();
+    config.kubernetes.schedule_timeout_secs = 0.2;
+    config.kubernetes.start_timeout_secs = 0.4;
+    assert_eq!(config.check(), []);
+    s.provider = provider_on(&s, config, gemma(), Duration::ZERO);
+    let od = offer("us-east-1b", CapacityType::OnDemand, 1.006);
+    let id = s.provider.launch(&od).await.unwrap();
+    let dod = deployment("us-east-1b", CapacityType::OnDemand);
+    // On a node, running, never ready.
+    reconcile(&s, false);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        s.provider.poll().await.is_empty(),
+        "it has a node: not given up at the schedule timeout"
+    );
+    assert_eq!(s.provider.list().len(), 1);
+    let pod = s.cluster.lock().unwrap().pods_of(&dod)[0].clone();
+    calls(&s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = s.provider.poll().await;
+    assert!(
+        matches!(events.as_slice(), [ProviderEvent::Failed { id: failed, detail }]
+            if *failed == id && detail.contains("not ready 0.4s after the launch")),
+        "{events:?}"
+    );
+    assert!(s.provider.list().is_empty());
+    let c = calls(&s);
+    assert!(
+        c.contains(&format!("annotate {pod} deletion-cost=-1000")),
+        "{c:?}"
+    );
+    assert_eq!(c.last().unwrap(), &format!("apply {dod} replicas=0"));
+    reconcile(&s, false);
+    assert_eq!(s.provider.poll().await, [ProviderEvent::Gone { id }]);
+}
