@@ -293,6 +293,9 @@ pub struct Controller {
     /// Zone → how many spot replicas it held after it last reclaimed one
     /// or refused a launch, when, and for how long that holds.
     preempted: BTreeMap<String, Cooling>,
+    /// On-demand offers that refused a launch (no capacity there), with
+    /// what each held then and when.
+    short: BTreeMap<Slot, (u32, Duration)>,
     prompt_share: f64,
     meter: CapacityMeter,
     size: RequestSize,
@@ -310,6 +313,7 @@ impl Controller {
             desired: spec.initial_replicas(),
             spec,
             preempted: BTreeMap::new(),
+            short: BTreeMap::new(),
             prompt_share: 0.5,
             meter: CapacityMeter::default(),
             size: RequestSize::default(),
@@ -391,6 +395,23 @@ impl Controller {
             .iter()
             .filter(|(zone, c)| now.saturating_sub(c.at) < self.spec.spot_risk_window && slow(zone))
             .map(|(zone, _)| zone.clone())
+            .collect()
+    }
+
+    /// An on-demand `slot` refused a launch at `now` while the pool held
+    /// `holding` replicas there: for `spot_cooldown` it gets no more than
+    /// that, and the planner covers the rest with other on-demand offers.
+    pub fn on_demand_refused(&mut self, slot: &Slot, holding: u32, now: Duration) {
+        self.short.insert(slot.clone(), (holding, now));
+    }
+
+    /// The on-demand offers still cooling after a refusal, each with the
+    /// replicas it may hold.
+    fn on_demand_room(&self, now: Duration) -> BTreeMap<Slot, u32> {
+        self.short
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_sub(*at) < self.spec.spot_cooldown)
+            .map(|(slot, (holding, _))| (slot.clone(), *holding))
             .collect()
     }
 
@@ -497,6 +518,7 @@ impl Controller {
             spot_held: self.spot_held.clone(),
             spot_max_zone_share: self.spec.spot_max_zone_share,
             spot_risky: self.risky_zones(now),
+            on_demand_room: self.on_demand_room(now),
         };
         let risky_zones = policy.spot_risky.clone();
         // Units of the profile's capacity: the plan's replicas of the unit
@@ -633,6 +655,10 @@ impl Driver {
                         .copied()
                         .unwrap_or(0);
                     self.controller.preempted(&slot.zone, holding, now);
+                } else if let ProviderEvent::Unavailable { slot } = &event {
+                    let list = provider.list();
+                    let holding = list.iter().filter(|i| &i.slot == slot).count() as u32;
+                    self.controller.on_demand_refused(slot, holding, now);
                 }
                 // Plan again at once: the zone is out, the replacement goes elsewhere.
                 self.next_step = None;

@@ -143,6 +143,10 @@ pub struct PlanPolicy {
     /// controller's `risky_zones`): each holds at most `spot_hedge` spot
     /// replicas, so that losing one of them costs no more than the hedge.
     pub spot_risky: BTreeSet<String>,
+    /// On-demand offers that refused a launch lately (no capacity of the
+    /// type in the zone): each holds at most this many replicas, and the
+    /// rest goes to the other on-demand offers while there are any.
+    pub on_demand_room: BTreeMap<Slot, u32>,
 }
 
 impl Default for PlanPolicy {
@@ -156,6 +160,7 @@ impl Default for PlanPolicy {
             spot_held: BTreeMap::new(),
             spot_max_zone_share: 1.0,
             spot_risky: BTreeSet::new(),
+            on_demand_room: BTreeMap::new(),
         }
     }
 }
@@ -270,7 +275,7 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
     }
     let short = served < needed || (chosen.len() as u32) < policy.min_replicas;
     if short && policy.allow_on_demand {
-        let fill = cover(offers, Capacity::OnDemand, None, needed - served);
+        let fill = cover_on_demand(offers, &policy.on_demand_room, needed - served);
         let pad = (policy.min_replicas as usize).saturating_sub(chosen.len() + fill.len());
         if let Some(&small) = fill.last() {
             chosen.extend(fill.iter().copied());
@@ -282,6 +287,57 @@ pub fn plan(needed: f64, offers: &[Offer], spot: &SpotRoom, policy: &PlanPolicy)
         tokens_per_s: chosen.iter().map(|o| o.tokens_per_s).sum(),
         replicas: chosen.into_iter().map(Slot::from).collect(),
     }
+}
+
+/// `cover` on demand, where the offers of `room` hold at most their count:
+/// those take what they may first (replicas running there stay), cheapest
+/// per token first, and the other offers cover the rest. With no other
+/// on-demand offer, the rest goes where `cover` puts it (on demand is the
+/// last resort: better to try again than to serve nothing).
+fn cover_on_demand<'a>(
+    offers: &'a [Offer],
+    room: &BTreeMap<Slot, u32>,
+    need: f64,
+) -> Vec<&'a Offer> {
+    if room.is_empty() {
+        return cover(offers, Capacity::OnDemand, None, need);
+    }
+    let capped = |o: &Offer| room.get(&Slot::from(o)).copied();
+    let mut held: Vec<&Offer> = of_kind(offers, Capacity::OnDemand, None)
+        .filter(|o| capped(o).is_some())
+        .collect();
+    held.sort_by(|a, b| {
+        a.dollars_per_token_rate()
+            .total_cmp(&b.dollars_per_token_rate())
+    });
+    let free: Vec<Offer> = of_kind(offers, Capacity::OnDemand, None)
+        .filter(|o| capped(o).is_none())
+        .cloned()
+        .collect();
+    if free.is_empty() {
+        return cover(offers, Capacity::OnDemand, None, need);
+    }
+    let mut out = Vec::new();
+    let mut left = need;
+    for o in held {
+        for _ in 0..capped(o).unwrap_or(0) {
+            if left <= 1e-9 * need.abs().max(1.0) {
+                break;
+            }
+            out.push(o);
+            left -= o.tokens_per_s;
+        }
+    }
+    if left > 1e-9 * need.abs().max(1.0) || out.is_empty() {
+        // The same offers as `offers` holds them, by slot.
+        for o in cover(&free, Capacity::OnDemand, None, left) {
+            let slot = Slot::from(o);
+            if let Some(same) = offers.iter().find(|x| Slot::from(*x) == slot) {
+                out.push(same);
+            }
+        }
+    }
+    out
 }
 
 /// A zone's cheapest spot offer while a plan is made.
@@ -549,6 +605,46 @@ mod tests {
         assert!(diff(&vec![Slot::from(&c[6]); 4], &kept)
             .terminate
             .is_empty());
+    }
+
+    #[test]
+    fn an_on_demand_offer_that_refused_keeps_what_it_holds_and_the_rest_goes_elsewhere() {
+        let c = catalog();
+        let on_demand = PlanPolicy {
+            allow_spot: false,
+            spot_hedge: 0,
+            ..PlanPolicy::default()
+        };
+        let in_zone = |p: &Plan, z: &str| p.replicas.iter().filter(|s| s.zone == z).count();
+        // Three L4s on demand, all in the first of the equally priced zones.
+        let fresh = plan(3000.0, &c, &SpotRoom::new(), &on_demand);
+        assert_eq!(fresh.replicas.len(), 3);
+        assert_eq!(in_zone(&fresh, "a"), 3);
+        // Zone a's L4 refused a launch while it held one: that one stays,
+        // the other two go to another zone's L4, not to a dearer type.
+        let l4_a = Slot::from(&c[0]);
+        let refused = PlanPolicy {
+            on_demand_room: [(l4_a.clone(), 1)].into(),
+            ..on_demand.clone()
+        };
+        let moved = plan(3000.0, &c, &SpotRoom::new(), &refused);
+        assert_eq!(moved.replicas.len(), 3);
+        assert_eq!(in_zone(&moved, "a"), 1);
+        assert!(moved.replicas.iter().all(|s| s.instance_type == "l4"));
+        assert!(diff(std::slice::from_ref(&l4_a), &moved)
+            .terminate
+            .is_empty());
+        // Every on-demand offer refused: on demand is the last resort, so
+        // the plan is as if none had.
+        let everywhere = PlanPolicy {
+            on_demand_room: c
+                .iter()
+                .filter(|o| o.capacity == Capacity::OnDemand)
+                .map(|o| (Slot::from(o), 0))
+                .collect(),
+            ..on_demand.clone()
+        };
+        assert_eq!(plan(3000.0, &c, &SpotRoom::new(), &everywhere), fresh);
     }
 
     #[test]

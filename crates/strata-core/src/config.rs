@@ -294,10 +294,11 @@ pub struct KubernetesConfig {
     /// Seconds of notice a tainted node's replicas get.
     pub preemption_notice_secs: f64,
     /// Longest an engine Pod may wait for a node (unscheduled, or not made
-    /// at all) before its replica is given up: a spot one counts as its
-    /// zone having no spot capacity, so the planner turns to other zones
-    /// or on demand for the cooldown; an on-demand one as a failed start.
-    /// Allow for the node autoscaler's boot of a new node.
+    /// at all) before its replica is given up: an unscheduled one counts as
+    /// its offer (type, zone, spot or on demand) having no capacity, so the
+    /// planner turns to other offers for `pool.spot_cooldown_secs`; one
+    /// never made, as a failed start. Allow for the node autoscaler's boot
+    /// of a new node.
     pub schedule_timeout_secs: f64,
     /// Longest an engine Pod may take from its launch to ready (its node,
     /// its image, the model's fetch, the engine's start) before its
@@ -463,7 +464,9 @@ pub struct PoolConfig {
     pub zones: Vec<String>,
     /// Spot replicas beyond the demand, as a hedge against preemption.
     pub spot_hedge: u32,
-    /// A zone whose spot replica was preempted gets no new spot replica for this long.
+    /// A zone whose spot replica was preempted gets no new spot replica for
+    /// this long; an on-demand offer that refused a launch (on Kubernetes:
+    /// no node for its Pod) gets no more replicas than it holds.
     pub spot_cooldown_secs: f64,
     /// Spot is spread over the zones whose cheapest spot costs at most this
     /// share more per token than the cheapest zone's; dearer zones get spot

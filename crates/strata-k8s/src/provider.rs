@@ -23,7 +23,7 @@
 //! failed.
 //! A Pod that no node takes within `kubernetes.schedule_timeout_secs`, or
 //! that is not ready within `kubernetes.start_timeout_secs`, is given up;
-//! an unscheduled spot Pod is a sold-out zone (`Unavailable`).
+//! an unscheduled Pod is a sold-out offer (`Unavailable`).
 //! A replica let go or preempted is recorded as leaving at once (the
 //! gateways stop routing to it and one of them keeps its sessions' KV
 //! caches); its Pod is removed once that gateway says so (the
@@ -438,11 +438,12 @@ impl KubeProvider {
     }
 
     /// A replica that never served, given up and its Pod removed (nothing
-    /// ran on it: no drain). A spot Pod left unscheduled is how a sold-out
-    /// zone shows on Kubernetes (the node autoscaler cannot get the
-    /// instance type there), so it is `Unavailable`: the controller keeps
-    /// the zone's spot at what it holds for the cooldown and plans the
-    /// replica elsewhere or on demand. Otherwise it failed to start.
+    /// ran on it: no drain). A Pod left unscheduled is how a sold-out
+    /// offer shows on Kubernetes (the node autoscaler cannot get the
+    /// instance type in that zone), so it is `Unavailable`: the controller
+    /// keeps the zone's spot, or that on-demand offer, at what it holds for
+    /// the cooldown and plans the replica elsewhere. Otherwise it failed
+    /// to start.
     async fn give_up(&mut self, id: &str, cause: NeverServed) {
         let Some(mut t) = self.running.remove(id) else {
             return;
@@ -470,10 +471,8 @@ impl KubeProvider {
         t.record.state = InstanceState::Exited;
         t.record.detail = Some(why.clone());
         self.save(&t.record).await;
-        self.events.push(match (cause, v.capacity) {
-            (NeverServed::NoNode, CapacityType::Spot) => {
-                ProviderEvent::Unavailable { slot: slot_of(v) }
-            }
+        self.events.push(match cause {
+            NeverServed::NoNode => ProviderEvent::Unavailable { slot: slot_of(v) },
             _ => ProviderEvent::Failed {
                 id: id.to_owned(),
                 detail: why,

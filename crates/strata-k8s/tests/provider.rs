@@ -1011,7 +1011,8 @@ async fn a_spot_pod_no_node_takes_in_time_is_its_zone_sold_out_and_is_removed() 
 }
 
 #[tokio::test]
-async fn a_pod_a_node_comes_for_in_time_serves_and_an_on_demand_one_that_waits_too_long_failed() {
+async fn a_pod_a_node_comes_for_in_time_serves_and_an_on_demand_one_that_waits_too_long_is_unavailable(
+) {
     let mut s = setup().await;
     with_schedule_timeout(&mut s);
     let spot = offer("us-east-1c", CapacityType::Spot, 0.40);
@@ -1028,11 +1029,20 @@ async fn a_pod_a_node_comes_for_in_time_serves_and_an_on_demand_one_that_waits_t
     reconcile(&s, true);
     assert_eq!(ready_ids(&s.provider.poll().await), [a]);
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let events = s.provider.poll().await;
+    assert_eq!(
+        s.provider.poll().await,
+        [ProviderEvent::Unavailable {
+            slot: Slot::from(&od)
+        }]
+    );
+    let record = s.store.instances().await.unwrap();
+    let r = record.iter().find(|r| r.id == b).unwrap();
     assert!(
-        matches!(events.as_slice(), [ProviderEvent::Failed { id, detail }]
-            if *id == b && detail.contains("no on_demand g5.xlarge capacity in us-east-1c")),
-        "{events:?}"
+        r.detail
+            .as_deref()
+            .unwrap()
+            .contains("no on_demand g5.xlarge capacity in us-east-1c"),
+        "{r:?}"
     );
     assert_eq!(s.provider.list().len(), 1);
     assert!(s.provider.list()[0].ready);
@@ -1196,4 +1206,65 @@ async fn a_pod_never_ready_within_the_start_timeout_is_a_failed_start() {
     assert_eq!(c.last().unwrap(), &format!("apply {dod} replicas=0"));
     reconcile(&s, false);
     assert_eq!(s.provider.poll().await, [ProviderEvent::Gone { id }]);
+}
+
+/// On-demand capacity runs out too (GPUs): an on-demand pool whose
+/// cheapest offer is in a zone where no node can be had serves from the
+/// same type in another zone once the schedule timeout passes.
+#[tokio::test]
+async fn an_on_demand_pool_whose_zone_has_no_capacity_moves_to_another_zone() {
+    use strata_control::controller::{Controller, Driver, PoolSpec};
+    use strata_core::config::{InstanceType, Offering};
+
+    let mut s = setup().await;
+    let mut config = Config::default();
+    config.kubernetes.schedule_timeout_secs = 0.3;
+    config.pool.spot_cooldown_secs = 60.0;
+    config.pool.capacity_types = vec![CapacityType::OnDemand];
+    config
+        .instance_types
+        .insert("g5.xlarge".into(), InstanceType::default());
+    config.catalog = ["us-east-1c", "us-east-1b"]
+        .into_iter()
+        .zip([0.95, 1.006])
+        .map(|(zone, price)| Offering {
+            instance_type: "g5.xlarge".into(),
+            zone: zone.into(),
+            capacity: CapacityType::OnDemand,
+            price_per_hour: price,
+        })
+        .collect();
+    assert_eq!(config.check(), []);
+    s.provider = provider_on(&s, config.clone(), gemma(), Duration::ZERO);
+    let mut driver = Driver::new(Controller::new(PoolSpec::from_config(&config, 1)));
+    let started = std::time::Instant::now();
+    let load = strata_core::Load::default();
+    let dc = deployment("us-east-1c", CapacityType::OnDemand);
+    let db = deployment("us-east-1b", CapacityType::OnDemand);
+    let replicas = |s: &Setup, d: &str| {
+        s.cluster.lock().unwrap().deployments[d]["spec"]["replicas"]
+            .as_u64()
+            .unwrap()
+    };
+    driver.tick(&mut s.provider, started.elapsed(), &load).await;
+    assert_eq!(replicas(&s, &dc), 1, "the cheaper zone first");
+    while started.elapsed() < Duration::from_secs(3) {
+        reconcile(&s, true);
+        driver.tick(&mut s.provider, started.elapsed(), &load).await;
+        if s.provider.list().iter().any(|i| i.ready) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let list = s.provider.list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].ready);
+    assert_eq!(list[0].slot.zone, "us-east-1b");
+    assert_eq!((replicas(&s, &dc), replicas(&s, &db)), (0, 1));
+    // The refused offer stays out while it cools down.
+    for _ in 0..10 {
+        reconcile(&s, true);
+        driver.tick(&mut s.provider, started.elapsed(), &load).await;
+    }
+    assert_eq!(replicas(&s, &dc), 0);
 }
