@@ -655,10 +655,10 @@ impl Driver {
                         .copied()
                         .unwrap_or(0);
                     self.controller.preempted(&slot.zone, holding, now);
-                } else if let ProviderEvent::Unavailable { slot } = &event {
-                    let list = provider.list();
-                    let holding = list.iter().filter(|i| &i.slot == slot).count() as u32;
-                    self.controller.on_demand_refused(slot, holding, now);
+                } else if matches!(event, ProviderEvent::Unavailable { .. }) {
+                    // An on-demand offer that refused, and what it still holds.
+                    let holding = provider.list().iter().filter(|i| &i.slot == slot).count();
+                    self.controller.on_demand_refused(slot, holding as u32, now);
                 }
                 // Plan again at once: the zone is out, the replacement goes elsewhere.
                 self.next_step = None;

@@ -248,6 +248,13 @@ impl KubeProvider {
         )
     }
 
+    /// The notice a node marked for reclaim gives its Pods
+    /// (`kubernetes.preemption_notice_secs`, at most a year by the config
+    /// check).
+    fn notice(&self) -> Duration {
+        Duration::from_secs_f64(self.config.kubernetes.preemption_notice_secs)
+    }
+
     fn variant(&self, slot: &Slot) -> Variant {
         Variant {
             pool: self.pool.clone(),
@@ -479,6 +486,12 @@ impl KubeProvider {
             },
         });
         self.shrink(&t).await;
+        self.gone_or_leaving(id, t).await;
+    }
+
+    /// An instance taken out of the pool: gone at once when no Pod filled
+    /// it yet (nothing to wait for), else leaving until its Pod has gone.
+    async fn gone_or_leaving(&mut self, id: &str, mut t: Tracked) {
         if t.pod.is_none() {
             t.record.ended_at_ms = Some(now_ms());
             self.save(&t.record).await;
@@ -664,9 +677,7 @@ impl KubeProvider {
         tracing::info!(instance = %id, pod = %p.name, "adopted a Pod serving through its notice");
         self.save(&record).await;
         // No further off than a notice is long, whatever the annotation says.
-        let notice = Duration::try_from_secs_f64(self.config.kubernetes.preemption_notice_secs)
-            .unwrap_or(Duration::MAX);
-        let left = Duration::from_millis((at - now) as u64).min(notice);
+        let left = Duration::from_millis((at - now) as u64).min(self.notice());
         self.leaving.insert(
             id,
             Tracked {
@@ -769,7 +780,7 @@ impl KubeProvider {
             };
             if p.node.as_ref().is_some_and(|n| reclaimed.contains(n)) {
                 tracing::warn!(instance = %id, pod = %p.name, node = ?p.node, "node marked for reclaim");
-                let notice = Duration::from_secs_f64(self.config.kubernetes.preemption_notice_secs);
+                let notice = self.notice();
                 let event = ProviderEvent::Preempting {
                     id: id.clone(),
                     slot: slot_of(&t.variant),
@@ -937,14 +948,7 @@ impl Provider for KubeProvider {
         t.record.state = InstanceState::Stopped;
         self.save(&t.record).await;
         self.let_go(id, &t).await;
-        if t.pod.is_none() {
-            // No Pod filled it yet: nothing to wait for.
-            t.record.ended_at_ms = Some(now_ms());
-            self.save(&t.record).await;
-            self.events.push(ProviderEvent::Gone { id: id.to_owned() });
-        } else {
-            self.leaving.insert(id.to_owned(), t);
-        }
+        self.gone_or_leaving(id, t).await;
     }
 
     fn list(&self) -> Vec<Instance> {

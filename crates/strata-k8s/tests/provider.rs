@@ -1048,11 +1048,17 @@ async fn a_pod_a_node_comes_for_in_time_serves_and_an_on_demand_one_that_waits_t
     assert!(s.provider.list()[0].ready);
 }
 
-/// The controller and the provider together: the cheapest offer is spot
-/// in a zone where no node can be had, so its Pod stays Pending; after
-/// the schedule timeout the pool serves from on-demand capacity.
-#[tokio::test]
-async fn a_pool_whose_spot_zone_has_no_capacity_falls_back_on_demand() {
+/// One replica of g5.xlarge under the controller (`Driver`) and the
+/// provider on the fake cluster, offered `offers` (zone, capacity, price
+/// an hour); a Pod gets 0.3 s to find a node, and an offer that refused a
+/// launch cools for a minute.
+struct Controlled {
+    s: Setup,
+    driver: strata_control::controller::Driver,
+    started: std::time::Instant,
+}
+
+async fn controlled(offers: &[(&str, CapacityType, f64)]) -> Controlled {
     use strata_control::controller::{Controller, Driver, PoolSpec};
     use strata_core::config::{InstanceType, Offering};
 
@@ -1063,57 +1069,80 @@ async fn a_pool_whose_spot_zone_has_no_capacity_falls_back_on_demand() {
     config
         .instance_types
         .insert("g5.xlarge".into(), InstanceType::default());
-    config.catalog = vec![
-        Offering {
+    config.catalog = offers
+        .iter()
+        .map(|&(zone, capacity, price)| Offering {
             instance_type: "g5.xlarge".into(),
-            zone: "us-east-1c".into(),
-            capacity: CapacityType::Spot,
-            price_per_hour: 0.40,
-        },
-        Offering {
-            instance_type: "g5.xlarge".into(),
-            zone: "us-east-1b".into(),
-            capacity: CapacityType::OnDemand,
-            price_per_hour: 1.006,
-        },
-    ];
+            zone: zone.into(),
+            capacity,
+            price_per_hour: price,
+        })
+        .collect();
     assert_eq!(config.check(), []);
     s.provider = provider_on(&s, config.clone(), gemma(), Duration::ZERO);
-    let mut driver = Driver::new(Controller::new(PoolSpec::from_config(&config, 1)));
-    let started = std::time::Instant::now();
-    let load = strata_core::Load::default();
-    let spot = deployment("us-east-1c", CapacityType::Spot);
-    let od = deployment("us-east-1b", CapacityType::OnDemand);
-    let replicas = |s: &Setup, d: &str| {
-        s.cluster.lock().unwrap().deployments[d]["spec"]["replicas"]
+    Controlled {
+        s,
+        driver: Driver::new(Controller::new(PoolSpec::from_config(&config, 1))),
+        started: std::time::Instant::now(),
+    }
+}
+
+impl Controlled {
+    /// The cluster reconciles (ready Pods where a node matches), then the
+    /// controller ticks.
+    async fn tick(&mut self) {
+        reconcile(&self.s, true);
+        let now = self.started.elapsed();
+        self.driver
+            .tick(&mut self.s.provider, now, &strata_core::Load::default())
+            .await;
+    }
+
+    /// Ticks until a replica is ready (3 s at most): when it was.
+    async fn until_ready(&mut self) -> Option<Duration> {
+        while self.started.elapsed() < Duration::from_secs(3) {
+            self.tick().await;
+            if self.s.provider.list().iter().any(|i| i.ready) {
+                return Some(self.started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    fn replicas(&self, deployment: &str) -> u64 {
+        self.s.cluster.lock().unwrap().deployments[deployment]["spec"]["replicas"]
             .as_u64()
             .unwrap()
-    };
-    driver.tick(&mut s.provider, started.elapsed(), &load).await;
-    assert_eq!(replicas(&s, &spot), 1, "spot first: it is cheaper");
-    let mut served = None;
-    while started.elapsed() < Duration::from_secs(3) {
-        reconcile(&s, true);
-        driver.tick(&mut s.provider, started.elapsed(), &load).await;
-        if s.provider.list().iter().any(|i| i.ready) {
-            served = Some(started.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let served = served.expect("a replica serves");
+}
+
+/// The controller and the provider together: the cheapest offer is spot
+/// in a zone where no node can be had, so its Pod stays Pending; after
+/// the schedule timeout the pool serves from on-demand capacity.
+#[tokio::test]
+async fn a_pool_whose_spot_zone_has_no_capacity_falls_back_on_demand() {
+    let mut c = controlled(&[
+        ("us-east-1c", CapacityType::Spot, 0.40),
+        ("us-east-1b", CapacityType::OnDemand, 1.006),
+    ])
+    .await;
+    let spot = deployment("us-east-1c", CapacityType::Spot);
+    let od = deployment("us-east-1b", CapacityType::OnDemand);
+    c.tick().await;
+    assert_eq!(c.replicas(&spot), 1, "spot first: it is cheaper");
+    let served = c.until_ready().await.expect("a replica serves");
     assert!(served >= Duration::from_millis(300), "{served:?}");
-    let list = s.provider.list();
+    let list = c.s.provider.list();
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0].slot.capacity, CapacityType::OnDemand);
-    assert_eq!(replicas(&s, &spot), 0);
-    assert_eq!(replicas(&s, &od), 1);
+    assert_eq!(c.replicas(&spot), 0);
+    assert_eq!(c.replicas(&od), 1);
     // The zone stays out while it cools down: no spot Pod is asked for again.
     for _ in 0..10 {
-        reconcile(&s, true);
-        driver.tick(&mut s.provider, started.elapsed(), &load).await;
+        c.tick().await;
     }
-    assert_eq!(replicas(&s, &spot), 0);
+    assert_eq!(c.replicas(&spot), 0);
 }
 
 /// The acting controller stops while two replicas serve through their
@@ -1213,58 +1242,24 @@ async fn a_pod_never_ready_within_the_start_timeout_is_a_failed_start() {
 /// same type in another zone once the schedule timeout passes.
 #[tokio::test]
 async fn an_on_demand_pool_whose_zone_has_no_capacity_moves_to_another_zone() {
-    use strata_control::controller::{Controller, Driver, PoolSpec};
-    use strata_core::config::{InstanceType, Offering};
-
-    let mut s = setup().await;
-    let mut config = Config::default();
-    config.kubernetes.schedule_timeout_secs = 0.3;
-    config.pool.spot_cooldown_secs = 60.0;
-    config.pool.capacity_types = vec![CapacityType::OnDemand];
-    config
-        .instance_types
-        .insert("g5.xlarge".into(), InstanceType::default());
-    config.catalog = ["us-east-1c", "us-east-1b"]
-        .into_iter()
-        .zip([0.95, 1.006])
-        .map(|(zone, price)| Offering {
-            instance_type: "g5.xlarge".into(),
-            zone: zone.into(),
-            capacity: CapacityType::OnDemand,
-            price_per_hour: price,
-        })
-        .collect();
-    assert_eq!(config.check(), []);
-    s.provider = provider_on(&s, config.clone(), gemma(), Duration::ZERO);
-    let mut driver = Driver::new(Controller::new(PoolSpec::from_config(&config, 1)));
-    let started = std::time::Instant::now();
-    let load = strata_core::Load::default();
+    let mut c = controlled(&[
+        ("us-east-1c", CapacityType::OnDemand, 0.95),
+        ("us-east-1b", CapacityType::OnDemand, 1.006),
+    ])
+    .await;
     let dc = deployment("us-east-1c", CapacityType::OnDemand);
     let db = deployment("us-east-1b", CapacityType::OnDemand);
-    let replicas = |s: &Setup, d: &str| {
-        s.cluster.lock().unwrap().deployments[d]["spec"]["replicas"]
-            .as_u64()
-            .unwrap()
-    };
-    driver.tick(&mut s.provider, started.elapsed(), &load).await;
-    assert_eq!(replicas(&s, &dc), 1, "the cheaper zone first");
-    while started.elapsed() < Duration::from_secs(3) {
-        reconcile(&s, true);
-        driver.tick(&mut s.provider, started.elapsed(), &load).await;
-        if s.provider.list().iter().any(|i| i.ready) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let list = s.provider.list();
+    c.tick().await;
+    assert_eq!(c.replicas(&dc), 1, "the cheaper zone first");
+    c.until_ready().await;
+    let list = c.s.provider.list();
     assert_eq!(list.len(), 1, "{list:?}");
     assert!(list[0].ready);
     assert_eq!(list[0].slot.zone, "us-east-1b");
-    assert_eq!((replicas(&s, &dc), replicas(&s, &db)), (0, 1));
+    assert_eq!((c.replicas(&dc), c.replicas(&db)), (0, 1));
     // The refused offer stays out while it cools down.
     for _ in 0..10 {
-        reconcile(&s, true);
-        driver.tick(&mut s.provider, started.elapsed(), &load).await;
+        c.tick().await;
     }
-    assert_eq!(replicas(&s, &dc), 0);
+    assert_eq!(c.replicas(&dc), 0);
 }
