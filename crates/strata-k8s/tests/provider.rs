@@ -1263,3 +1263,36 @@ async fn an_on_demand_pool_whose_zone_has_no_capacity_moves_to_another_zone() {
     }
     assert_eq!(c.replicas(&dc), 0);
 }
+
+/// Insider: someone who may patch Pods writes a reclaim time an hour
+/// ahead on a terminating engine Pod, or garbage on another. A controller
+/// that takes over keeps the first no longer than one notice (it is
+/// drained within the notice, not served for an hour), and does not
+/// adopt the second.
+#[tokio::test]
+async fn a_forged_reclaim_time_buys_no_more_than_a_notice() {
+    let mut s = three_serving_through(gemma()).await;
+    s.cluster.lock().unwrap().taint("ip-10-0-1-10", SPOT_TAINT);
+    assert_eq!(s.provider.poll().await.len(), 2);
+    let ds = deployment("us-east-1a", CapacityType::Spot);
+    let pods = s.cluster.lock().unwrap().pods_of(&ds);
+    let hour_ahead = strata_core::now_ms() + 3_600_000;
+    for (pod, forged) in pods.iter().zip([hour_ahead.to_string(), "soon".into()]) {
+        let mut c = s.cluster.lock().unwrap();
+        c.pods.get_mut(pod).unwrap()["metadata"]["annotations"]["strata.dev/reclaim-at"] =
+            serde_json::json!(forged);
+        c.evict(pod);
+    }
+    strata_control::cluster::close_orphans(&*s.store).await;
+    let mut config = Config::default();
+    config.kubernetes.preemption_notice_secs = 1.5;
+    config.pool.preemption_drain_secs = Some(0.5);
+    let mut next = provider_on(&s, config, gemma(), Duration::ZERO);
+    next.poll().await;
+    // The on-demand replica and the one with a time; not the garbage one.
+    assert_eq!(draining(&s.store.instances().await.unwrap()), (2, 0));
+    // Drained within the notice (1.5 s), though its Pod says an hour.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    next.poll().await;
+    assert_eq!(draining(&s.store.instances().await.unwrap()), (1, 1));
+}
