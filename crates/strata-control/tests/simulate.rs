@@ -367,6 +367,76 @@ async fn a_policy_that_hears_no_notice_routes_to_a_reclaimed_replica_until_it_is
 }
 
 #[tokio::test]
+async fn skyserve_keeps_sending_a_lost_replica_requests_until_a_probe_times_out_and_its_load_balancer_syncs(
+) {
+    // Three spot replicas (zones z, y and x; y and x never reclaimed) of
+    // SpotHedge pinned at three, up at 40 s; z reclaimed with notice at
+    // 90 s, gone at 150 s. From 60 s on, ten small requests a second,
+    // which the two replicas left serve within the 1 s objective.
+    let mut s = reclaimed_at_90_s();
+    s.trace = steady(60, Duration::from_millis(100), 2400, 50, 10);
+    let (o, t) = s.offers[1].clone();
+    for (zone, price) in [("y", 1.5), ("x", 1.8)] {
+        s.offers.push((
+            Offering {
+                zone: zone.into(),
+                price_per_hour: price,
+                ..o.clone()
+            },
+            t.clone(),
+        ));
+    }
+    let offers = s.priced_offers();
+    let spot: Vec<_> = offers
+        .iter()
+        .filter(|o| o.capacity == CapacityType::Spot)
+        .cloned()
+        .collect();
+    let on_demand = offers
+        .iter()
+        .find(|o| o.capacity == CapacityType::OnDemand)
+        .unwrap()
+        .clone();
+    let run = |timing: SkyTiming| {
+        let mut p = SpotHedge::new(
+            RateTarget::new(1.0, 3, 3),
+            spot.clone(),
+            on_demand.clone(),
+            0,
+            0,
+            timing,
+        );
+        let s = &s;
+        async move { simulate(s, &mut p, Duration::from_secs(60)).await }
+    };
+    let missed = |o: &strata_control::simulate::Outcome| {
+        ((1.0 - o.slo_attainment) * o.requests as f64).round() as usize
+    };
+    // With the notice, the reclaimed replica is drained and nothing misses.
+    let ideal = run(SkyTiming::ideal()).await;
+    assert_eq!((missed(&ideal), ideal.restarted), (0, 0), "{ideal:?}");
+    // SkyServe: the probe at 150 s times out at 165 s and the load
+    // balancer syncs at 170 s. Its least-loaded choice sent z a request
+    // after it was gone (one: hung there, it stays the busier replica);
+    // the request started over at 170 s, 20 s past the objective.
+    let sky = run(SkyTiming::skyserve()).await;
+    assert_eq!(
+        (missed(&sky), sky.restarted, sky.unserved),
+        (1, 1, 0),
+        "{sky:?}"
+    );
+    assert!(sky.ttft_ms[2] < 1000.0, "the rest within: {sky:?}");
+    // Had the probe failed at once, the sync at 150 s would have dropped
+    // z before anything was sent to it.
+    let quick = run(SkyTiming {
+        probe_timeout: Duration::ZERO,
+        ..SkyTiming::skyserve()
+    })
+    .await;
+    assert_eq!((missed(&quick), quick.restarted), (0, 0), "{quick:?}");
+}
+
+#[tokio::test]
 async fn strata_with_a_drain_before_reclaim_serves_on_a_reclaimed_replica_until_then() {
     // strata's one spot replica in zone z, reclaimed with notice at 90 s.
     let s = reclaimed_at_90_s();

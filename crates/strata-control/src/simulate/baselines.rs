@@ -16,9 +16,11 @@
 //!
 //! When they act and what they know is `SkyTiming`: SkyServe's own
 //! (`SkyTiming::skyserve`: decisions and load counts every 20 s, readiness
-//! probes every 10 s, no preemption notice, a sold-out zone retried
-//! with backoff before it is given up, replicas let go torn down after
-//! 120 s), or the simulator's earlier, more generous model
+//! probes every 10 s that wait out a 15 s timeout on a vanished instance,
+//! no preemption notice, a load balancer that keeps sending a lost
+//! replica requests until its next sync after that, a sold-out zone
+//! retried with backoff before it is given up, replicas let go torn down
+//! after 120 s), or the simulator's earlier, more generous model
 //! (`SkyTiming::ideal`: every step, with the notice, as strata gets it).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -51,6 +53,14 @@ pub struct SkyTiming {
     /// Readiness probes this often: a replica counts as ready, or as lost,
     /// from the first probe that finds it so; zero: at once. SkyServe: 10 s.
     pub probe_every: Duration,
+    /// How long a probe of an instance that is gone takes to fail: a
+    /// vanished address answers nothing, so the probe waits out its
+    /// timeout (SkyServe's readiness timeout: 15 s). Until then, and until
+    /// the load balancer's next sync (`load_sync`) after it, the lost
+    /// replica is still sent requests, which hang there and start over
+    /// elsewhere once it is dropped (SkyServe's load balancer would give
+    /// up on them after its 120 s timeout and retry: a miss either way).
+    pub probe_timeout: Duration,
     /// Waits between the attempts to launch into a sold-out zone: the
     /// replica counts as launching meanwhile, and the zone is given up
     /// (marked preempted) when the last attempt fails. SkyServe: three
@@ -72,6 +82,7 @@ impl SkyTiming {
             load_sync: Duration::from_secs(20),
             hears_notice: false,
             probe_every: Duration::from_secs(10),
+            probe_timeout: Duration::from_secs(15),
             launch_retries: vec![Duration::from_secs(60), Duration::from_secs(96)],
             drain: Some(Duration::from_secs(120)),
         }
@@ -86,6 +97,7 @@ impl SkyTiming {
             load_sync: Duration::ZERO,
             hears_notice: true,
             probe_every: Duration::ZERO,
+            probe_timeout: Duration::ZERO,
             launch_retries: Vec::new(),
             drain: None,
         }
@@ -101,6 +113,8 @@ struct Rhythm {
     next_probe: Duration,
     next_sync: Duration,
     synced: u64,
+    /// When the load balancer last synced with the controller.
+    last_sync: Option<Duration>,
 }
 
 impl Rhythm {
@@ -111,6 +125,7 @@ impl Rhythm {
             next_decision: Duration::ZERO,
             next_probe: Duration::ZERO,
             synced: 0,
+            last_sync: None,
         }
     }
 
@@ -135,6 +150,7 @@ impl Rhythm {
     fn requests(&mut self, now: Duration, total: u64) -> u64 {
         if Self::due(&mut self.next_sync, self.timing.load_sync, now) {
             self.synced = total;
+            self.last_sync = Some(now);
         }
         self.synced
     }
@@ -291,6 +307,8 @@ struct Probed {
     id: String,
     zone: String,
     ready: bool,
+    /// When the probe that found its instance gone times out.
+    fails_at: Option<Duration>,
 }
 
 /// A launch into a sold-out zone, waiting for its next attempt.
@@ -316,6 +334,10 @@ pub struct SpotHedge {
     /// Without the notice: the spot replicas it launched and has not let
     /// go or found lost, oldest first, as its probes found them.
     probed: Vec<Probed>,
+    /// Without the notice: replicas whose instance a probe found gone,
+    /// and when that probe fails (its timeout); its load balancer routes
+    /// to them until its first sync after that.
+    lost: Vec<(String, Duration)>,
     /// Launches into sold-out zones between attempts.
     retrying: Vec<Retry>,
 }
@@ -339,6 +361,7 @@ impl SpotHedge {
             name: "SpotHedge (request rate)".into(),
             preempted: BTreeSet::new(),
             probed: Vec::new(),
+            lost: Vec::new(),
             retrying: Vec::new(),
         }
     }
@@ -394,6 +417,7 @@ impl SpotHedge {
                         id,
                         zone: offer.zone.clone(),
                         ready: false,
+                        fails_at: None,
                     });
                 }
             }
@@ -447,6 +471,13 @@ impl Policy for SpotHedge {
         (!self.rhythm.timing.hears_notice).then_some(Duration::ZERO)
     }
 
+    /// Until its controller has found the instance gone and its load
+    /// balancer has synced since.
+    fn routes_to_lost(&self, id: &str) -> bool {
+        self.probed.iter().any(|p| p.id == id && p.ready)
+            || self.lost.iter().any(|(lost, _)| lost == id)
+    }
+
     async fn tick(&mut self, now: Duration, load: &Load, cloud: &mut SimProvider) {
         let events = cloud.poll().await;
         if self.rhythm.timing.hears_notice {
@@ -466,24 +497,36 @@ impl Policy for SpotHedge {
         for r in due {
             self.attempt(r.offer, r.failed, now, cloud).await;
         }
-        // Without the notice a replica is ready, or lost (its zone then
-        // preempted), from the probe that finds it so.
-        if !self.rhythm.timing.hears_notice && self.rhythm.probes(now) {
-            let view = cloud.view();
-            let preempted = &mut self.preempted;
-            self.probed
-                .retain_mut(|p| match view.iter().find(|v| v.id == p.id) {
-                    Some(v) => {
-                        p.ready = v.ready;
-                        true
+        // Without the notice a replica is ready from the probe that finds
+        // it so, and lost (its zone then preempted) when a probe of its
+        // vanished instance times out.
+        if !self.rhythm.timing.hears_notice {
+            if self.rhythm.probes(now) {
+                let view = cloud.view();
+                let timeout = self.rhythm.timing.probe_timeout;
+                for p in &mut self.probed {
+                    match view.iter().find(|v| v.id == p.id) {
+                        Some(v) => p.ready = v.ready,
+                        None => {
+                            p.fails_at.get_or_insert(now + timeout);
+                        }
                     }
-                    None => {
-                        preempted.insert(p.zone.clone());
-                        false
-                    }
-                });
+                }
+            }
+            let (failed, probed): (Vec<Probed>, Vec<Probed>) = std::mem::take(&mut self.probed)
+                .into_iter()
+                .partition(|p| p.fails_at.is_some_and(|at| at <= now));
+            self.probed = probed;
+            for p in failed {
+                self.preempted.insert(p.zone);
+                self.lost.push((p.id, p.fails_at.expect("failed")));
+            }
         }
         let requests = self.rhythm.requests(now, load.requests_total);
+        // Its load balancer drops a lost replica at its first sync after
+        // the controller found it so.
+        let synced = self.rhythm.last_sync;
+        self.lost.retain(|(_, at)| synced.is_none_or(|s| s < *at));
         if !self.rhythm.decides(now) {
             return;
         }
@@ -614,10 +657,10 @@ mod tests {
 
         let mut sky = cloud("[1, 1, 1, 0, 0, 0, 0, 0]");
         let seen = run(&mut hedge(SkyTiming::skyserve()), &mut sky, 600).await;
-        // SkyServe: in service in its eyes until gone at 425 s, found so by
-        // the probe at 430 s (every 10 s), acted on at the next decision
-        // (every 20 s): 440 s.
-        assert_eq!(replaced(&seen), (440.0, 440.0), "{seen:?}");
+        // SkyServe: in service in its eyes until gone at 425 s; the probe
+        // at 430 s (every 10 s) finds no one answering and times out at
+        // 445 s; acted on at the next decision (every 20 s): 460 s.
+        assert_eq!(replaced(&seen), (460.0, 460.0), "{seen:?}");
         // The dead replica's zone is given up: nothing launched into `a`
         // again.
         assert_eq!(

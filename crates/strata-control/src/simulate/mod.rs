@@ -4,8 +4,10 @@
 //! each to the ready replica with the least work that has a free slot, and
 //! replicas modelled with continuous batching (`replica`). Reclaimed or
 //! let-go replicas drain; requests still running when one is gone start
-//! over elsewhere (counted as restarted). Everything runs on the virtual
-//! clock in steps of `dt`, so a run is deterministic.
+//! over elsewhere (counted as restarted), or, where the policy's load
+//! balancer has not noticed it gone (`Policy::routes_to_lost`), hang there
+//! with whatever else it is sent until it does. Everything runs on the
+//! virtual clock in steps of `dt`, so a run is deterministic.
 //!
 //! A Batch API backlog (`BatchBacklog`) can run beside the trace, as the
 //! live gateway runs one: its lines take only the slots interactive
@@ -21,7 +23,7 @@ pub mod baselines;
 pub mod replica;
 pub mod trace;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -129,6 +131,14 @@ pub trait Policy: Send {
     /// goes start over elsewhere).
     fn drain_before_reclaim(&self) -> Option<Duration> {
         None
+    }
+
+    /// Whether its load balancer still sends requests to replica `id`,
+    /// whose instance is gone: it has not found it lost yet. What is sent
+    /// there hangs (a vanished address answers nothing) and starts over
+    /// elsewhere once it is dropped.
+    fn routes_to_lost(&self, _id: &str) -> bool {
+        false
     }
 }
 
@@ -351,6 +361,8 @@ pub async fn simulate_with_progress(
     let mut models: BTreeMap<String, ReplicaModel> = BTreeMap::new();
     let mut done: Vec<Finished> = Vec::new();
     let mut restarted = 0;
+    // Replicas gone that the policy's load balancer still routes to.
+    let mut lost: BTreeSet<String> = BTreeSet::new();
     let mut load = Load::default();
     // Tokens served by every replica so far, counted as they are produced
     // (the live gateway counts streamed output so, prompts when their
@@ -374,9 +386,16 @@ pub async fn simulate_with_progress(
         cloud.advance_to(now);
         policy.tick(now, &load, &mut cloud).await;
         let view = cloud.view();
-        // Replicas gone: what they ran starts over.
+        // Replicas gone: what they ran starts over, once the policy's
+        // load balancer has stopped sending them requests (until then they
+        // hang there).
+        lost.clear();
         models.retain(|id, m| {
             if view.iter().any(|v| &v.id == id) {
+                return true;
+            }
+            if policy.routes_to_lost(id) {
+                lost.insert(id.clone());
                 return true;
             }
             for r in m.running.drain(..).rev() {
@@ -420,6 +439,7 @@ pub async fn simulate_with_progress(
             .iter()
             .filter(|v| takes_requests(v, drain, now))
             .map(|v| &v.id)
+            .chain(&lost)
             .collect();
         let (reserved, cap) = batch.map_or((0, 0), |b| {
             let slots: usize = open
@@ -446,7 +466,7 @@ pub async fn simulate_with_progress(
             lines.route(&open, &mut models, cap);
         }
         // Serve.
-        for (id, m) in models.iter_mut() {
+        for (id, m) in models.iter_mut().filter(|(id, _)| !lost.contains(*id)) {
             let (before, before_batch) = (m.served, m.served_batch);
             let finished = m.step(now, s.dt);
             // Batch lines' tokens are not demand.
