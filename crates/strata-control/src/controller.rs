@@ -611,6 +611,47 @@ pub struct Driver {
     pub controller: Controller,
     target: Plan,
     next_step: Option<Duration>,
+    /// How long a slot waits after failed starts before it is launched
+    /// into again.
+    pub start_backoff: StartBackoff,
+    /// Slots whose replicas failed to start, in a row: how many, and when
+    /// the next launch into the slot may go.
+    failed_starts: BTreeMap<Slot, (u32, Duration)>,
+    /// The provider's instances after the last tick: a failed one's slot,
+    /// and whether it had served.
+    known: BTreeMap<String, (Slot, bool)>,
+}
+
+/// The wait after a replica fails to start (exits, or is given up before
+/// it is ready), before its slot is launched into again: `first`, doubled
+/// with each failure in a row up to `max`, forgotten once a replica of
+/// the slot is ready (Kubernetes backs off a crashing container alike,
+/// 10 s to 5 min). Without it a replica that cannot start (an image that
+/// cannot be pulled, a model that will not load, a flag the engine
+/// refuses) is relaunched at once, again and again, each try billed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StartBackoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for StartBackoff {
+    fn default() -> Self {
+        StartBackoff {
+            first: Duration::from_secs(10),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl StartBackoff {
+    /// The wait after `failures` failed starts in a row (at least one).
+    pub fn wait(&self, failures: u32) -> Duration {
+        let doubled = self
+            .first
+            .saturating_mul(1 << failures.saturating_sub(1).min(20));
+        doubled.min(self.max)
+    }
 }
 
 /// What a tick that ran a control step decided.
@@ -627,6 +668,49 @@ impl Driver {
             controller,
             target: Plan::default(),
             next_step: None,
+            start_backoff: StartBackoff::default(),
+            failed_starts: BTreeMap::new(),
+            known: BTreeMap::new(),
+        }
+    }
+
+    /// Slots launched into no sooner than `until`, after failed starts.
+    pub fn held_back(&self, now: Duration) -> BTreeMap<&Slot, Duration> {
+        self.failed_starts
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(slot, (_, until))| (slot, *until))
+            .collect()
+    }
+
+    /// A replica that failed before it was ready holds its slot back;
+    /// one that is ready clears it.
+    fn started_or_not(&mut self, event: &ProviderEvent, now: Duration) {
+        match event {
+            ProviderEvent::Failed { id, detail } => {
+                let Some((slot, false)) = self.known.get(id) else {
+                    return;
+                };
+                let (failures, until) = self.failed_starts.entry(slot.clone()).or_default();
+                *failures += 1;
+                let wait = self.start_backoff.wait(*failures);
+                *until = now + wait;
+                tracing::warn!(
+                    instance = %id,
+                    instance_type = %slot.instance_type,
+                    zone = %slot.zone,
+                    failures = *failures,
+                    wait_secs = wait.as_secs_f64(),
+                    %detail,
+                    "a replica failed to start; its slot waits before the next launch"
+                );
+            }
+            ProviderEvent::Ready { id } => {
+                if let Some((slot, _)) = self.known.get(id) {
+                    self.failed_starts.remove(slot);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -645,6 +729,7 @@ impl Driver {
         load: &Load,
     ) -> Option<Ticked> {
         for event in provider.poll().await {
+            self.started_or_not(&event, now);
             if let ProviderEvent::Preempting { slot, .. } | ProviderEvent::Unavailable { slot } =
                 &event
             {
@@ -682,7 +767,13 @@ impl Driver {
                 previous,
             });
         }
-        converge(provider, &self.target, &self.controller.offers()).await;
+        let held: BTreeSet<Slot> = self.held_back(now).into_keys().cloned().collect();
+        converge(provider, &self.target, &self.controller.offers(), &held).await;
+        self.known = provider
+            .list()
+            .into_iter()
+            .map(|i| (i.id, (i.slot, i.ready)))
+            .collect();
         ticked
     }
 }
@@ -761,12 +852,18 @@ fn mix(plan: &Plan) -> BTreeMap<&Slot, usize> {
 }
 
 /// Makes the provider's instances match `target`: launches what is
-/// missing; lets extras go only when nothing is starting.
-async fn converge<P: Provider>(provider: &mut P, target: &Plan, offers: &[Offer]) {
+/// missing, but not into a `held` slot (failed starts); lets extras go
+/// only when nothing is starting or waiting to launch.
+async fn converge<P: Provider>(
+    provider: &mut P,
+    target: &Plan,
+    offers: &[Offer],
+    held: &BTreeSet<Slot>,
+) {
     let running = provider.list();
     let slots: Vec<Slot> = running.iter().map(|i| i.slot.clone()).collect();
     let change = diff(&slots, target);
-    for slot in &change.launch {
+    for slot in change.launch.iter().filter(|s| !held.contains(*s)) {
         let Some(offer) = offers.iter().find(|o| Slot::from(*o) == *slot) else {
             continue;
         };
@@ -887,6 +984,15 @@ async fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_start_waits_ten_seconds_doubling_to_five_minutes() {
+        let b = StartBackoff::default();
+        let waits: Vec<u64> = (1..=7).map(|n| b.wait(n).as_secs()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(b.wait(u32::MAX), Duration::from_secs(300));
+        assert_eq!(b.wait(0), Duration::from_secs(10));
+    }
 
     fn profile(decode: f64) -> InstanceType {
         InstanceType {
@@ -1065,7 +1171,7 @@ mod tests {
             replicas: vec![Slot::from(&offer); 2],
             ..Plan::default()
         };
-        converge(&mut cloud, &keep_two, &c.offers()).await;
+        converge(&mut cloud, &keep_two, &c.offers(), &BTreeSet::new()).await;
         let left: Vec<String> = cloud.list().into_iter().map(|i| i.id).collect();
         assert_eq!(left, [ids[0].clone(), ids[2].clone()]);
     }

@@ -1059,6 +1059,14 @@ struct Controlled {
 }
 
 async fn controlled(offers: &[(&str, CapacityType, f64)]) -> Controlled {
+    controlled_with(offers, |_| {}).await
+}
+
+/// As `controlled`, with `configure` applied to the configuration last.
+async fn controlled_with(
+    offers: &[(&str, CapacityType, f64)],
+    configure: impl FnOnce(&mut Config),
+) -> Controlled {
     use strata_control::controller::{Controller, Driver, PoolSpec};
     use strata_core::config::{InstanceType, Offering};
 
@@ -1078,6 +1086,7 @@ async fn controlled(offers: &[(&str, CapacityType, f64)]) -> Controlled {
             price_per_hour: price,
         })
         .collect();
+    configure(&mut config);
     assert_eq!(config.check(), []);
     s.provider = provider_on(&s, config.clone(), gemma(), Duration::ZERO);
     Controlled {
@@ -1092,6 +1101,15 @@ impl Controlled {
     /// controller ticks.
     async fn tick(&mut self) {
         reconcile(&self.s, true);
+        let now = self.started.elapsed();
+        self.driver
+            .tick(&mut self.s.provider, now, &strata_core::Load::default())
+            .await;
+    }
+
+    /// As `tick`, with the cluster's Pods on nodes but never ready.
+    async fn tick_never_ready(&mut self) {
+        reconcile(&self.s, false);
         let now = self.started.elapsed();
         self.driver
             .tick(&mut self.s.provider, now, &strata_core::Load::default())
@@ -1295,4 +1313,49 @@ async fn a_forged_reclaim_time_buys_no_more_than_a_notice() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     next.poll().await;
     assert_eq!(draining(&s.store.instances().await.unwrap()), (1, 1));
+}
+
+/// A replica that cannot start (its Pod on a node but never ready: an
+/// image that cannot be pulled, a model that will not load) is not
+/// relaunched at once, again and again, each try billed: after each
+/// failed start its slot waits (doubling), and a replica that is ready at
+/// last clears the wait.
+#[tokio::test]
+async fn a_replica_that_cannot_start_is_relaunched_after_a_doubling_wait() {
+    use strata_control::controller::StartBackoff;
+
+    let mut c = controlled_with(&[("us-east-1b", CapacityType::OnDemand, 1.006)], |config| {
+        config.kubernetes.schedule_timeout_secs = 0.2;
+        config.kubernetes.start_timeout_secs = 0.3;
+    })
+    .await;
+    c.driver.start_backoff = StartBackoff {
+        first: Duration::from_millis(400),
+        max: Duration::from_millis(1600),
+    };
+    // Launched at 0, given up at 0.3 s; again at 0.7 s (0.4 s later),
+    // given up at 1.0 s; again at 1.8 s (0.8 s later), given up at 2.1 s;
+    // the next not before 3.7 s. Relaunched at once, it would have been
+    // more than ten times by 3.2 s.
+    while c.started.elapsed() < Duration::from_millis(3200) {
+        c.tick_never_ready().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let launched = c.s.store.instances().await.unwrap();
+    assert_eq!(launched.len(), 3, "{launched:?}");
+    let held = c.driver.held_back(c.started.elapsed());
+    assert_eq!(held.len(), 1, "{held:?}");
+    // The cluster heals (the image can be pulled now): the next launch
+    // serves, and the slot no longer waits.
+    let healed = c.started.elapsed();
+    while c.started.elapsed() < healed + Duration::from_secs(3)
+        && !c.s.provider.list().iter().any(|i| i.ready)
+    {
+        c.tick().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.tick().await;
+    assert!(c.s.provider.list().iter().any(|i| i.ready));
+    assert!(c.driver.held_back(c.started.elapsed()).is_empty());
+    assert_eq!(c.s.store.instances().await.unwrap().len(), 4);
 }
