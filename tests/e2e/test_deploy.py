@@ -254,8 +254,8 @@ def test_every_dashboard_metric_is_exported(server):
 
 def test_the_controller_metrics_show_on_the_gateway_of_strata_serve(server):
     """Replicas by pool, instance type, zone, capacity type and state, the
-    plan's size, the cost rate and cost so far, leadership: from the
-    controller running in the same process."""
+    plan's size, the cost rate and cost so far, failed starts, leadership:
+    from the controller running in the same process."""
     text = httpx.get(f"{server.base}/metrics", headers=bearer(server.admin_key), timeout=10).text
     assert text.count("# EOF") == 1 and text.rstrip().endswith("# EOF")
     ready = ('strata_controller_replicas{pool="default",instance_type="local",zone="local",'
@@ -264,6 +264,9 @@ def test_the_controller_metrics_show_on_the_gateway_of_strata_serve(server):
     assert 'strata_controller_desired_replicas{pool="default"} 2' in text
     assert 'strata_controller_cost_rate_dollars_per_hour{pool="default"} 0.2' in text
     assert "strata_controller_leading 1" in text
+    # Both replicas started: no failed start, no offer waiting.
+    assert 'strata_controller_failed_starts_total{pool="default"} 0' in text
+    assert 'strata_controller_held_back_offers{pool="default"} 0' in text
     spent = float(re.search(r'strata_controller_cost_dollars_total\{pool="default",capacity="on_demand"\} (\S+)', text)[1])
     assert spent > 0
     time.sleep(1.5)

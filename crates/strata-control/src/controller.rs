@@ -620,6 +620,8 @@ pub struct Driver {
     /// The provider's instances after the last tick: a failed one's slot,
     /// and whether it had served.
     known: BTreeMap<String, (Slot, bool)>,
+    /// Replicas that failed before they were ever ready, since the start.
+    failed_start_count: u64,
 }
 
 /// The wait after a replica fails to start (exits, or is given up before
@@ -671,7 +673,13 @@ impl Driver {
             start_backoff: StartBackoff::default(),
             failed_starts: BTreeMap::new(),
             known: BTreeMap::new(),
+            failed_start_count: 0,
         }
+    }
+
+    /// Replicas that failed before they were ever ready, since the start.
+    pub fn failed_starts(&self) -> u64 {
+        self.failed_start_count
     }
 
     /// Slots launched into no sooner than `until`, after failed starts.
@@ -691,6 +699,7 @@ impl Driver {
                 let Some((slot, false)) = self.known.get(id) else {
                     return;
                 };
+                self.failed_start_count += 1;
                 let (failures, until) = self.failed_starts.entry(slot.clone()).or_default();
                 *failures += 1;
                 let wait = self.start_backoff.wait(*failures);
@@ -794,6 +803,7 @@ pub async fn run<P: Provider>(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut driver = Driver::new(controller);
     let mut last = started;
+    let mut failed_seen = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -819,6 +829,13 @@ pub async fn run<P: Provider>(
                 &driver.controller.offers(),
                 now - last,
             );
+            let failed = driver.failed_starts();
+            m.starts(
+                pool,
+                failed - failed_seen,
+                driver.held_back(started.elapsed()).len(),
+            );
+            failed_seen = failed;
             last = now;
         }
     }

@@ -1,7 +1,8 @@
 //! The controller's Prometheus metrics: replicas by pool, instance type,
 //! zone, capacity type and state; the pool's desired size; what its
-//! instances cost so far and per hour now; decisions by reason; whether
-//! this copy acts. `strata serve` shows them on the gateway's `/metrics`,
+//! instances cost so far and per hour now; decisions by reason; replicas
+//! that failed to start and the offers waiting after them; whether this
+//! copy acts. `strata serve` shows them on the gateway's `/metrics`,
 //! `strata controller` on its own `--metrics-listen` address.
 
 use std::collections::BTreeMap;
@@ -54,6 +55,10 @@ pub struct ControllerMetrics {
     pub cost: Family<CostLabels, Dollars>,
     pub cost_rate: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     pub decisions: Family<DecisionLabels, Counter>,
+    /// Replicas that failed before they were ever ready.
+    pub failed_starts: Family<PoolLabels, Counter>,
+    /// Offers not launched into until a wait after failed starts ends.
+    pub held_back: Family<PoolLabels, Gauge>,
     /// 1 while this copy acts (holds the lease, or is the only one).
     pub leading: Gauge,
 }
@@ -74,6 +79,8 @@ impl ControllerMetrics {
             cost: Family::default(),
             cost_rate: Family::default(),
             decisions: Family::default(),
+            failed_starts: Family::default(),
+            held_back: Family::default(),
             leading: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("strata_controller");
@@ -101,6 +108,16 @@ impl ControllerMetrics {
             "decisions",
             "Changes of a pool's size or mix, by reason",
             m.decisions.clone(),
+        );
+        registry.register(
+            "failed_starts",
+            "Replicas that failed (exited, or were given up) before they were ever ready",
+            m.failed_starts.clone(),
+        );
+        registry.register(
+            "held_back_offers",
+            "Offers the pool launches into again only after a wait, for replicas that failed to start",
+            m.held_back.clone(),
         );
         registry.register(
             "leading",
@@ -176,6 +193,16 @@ impl ControllerMetrics {
         };
         self.desired.get_or_create(&labels).set(0);
         self.cost_rate.get_or_create(&labels).set(0.0);
+        self.held_back.get_or_create(&labels).set(0);
+    }
+
+    /// Failed starts since the last call, and the offers waiting now.
+    pub fn starts(&self, pool: &str, failed: u64, held_back: usize) {
+        let labels = PoolLabels {
+            pool: pool.to_owned(),
+        };
+        self.failed_starts.get_or_create(&labels).inc_by(failed);
+        self.held_back.get_or_create(&labels).set(held_back as i64);
     }
 
     pub fn decided(&self, pool: &str, reason: &str) {
@@ -262,5 +289,24 @@ mod tests {
         assert!(!m
             .render()
             .contains(r#"capacity="on_demand",state="ready"} 1"#));
+    }
+
+    #[test]
+    fn failed_starts_add_up_and_the_offers_waiting_after_them_are_a_gauge() {
+        let m = ControllerMetrics::new();
+        m.starts("default", 2, 1);
+        m.starts("default", 1, 1);
+        let text = m.render();
+        for line in [
+            r#"strata_controller_failed_starts_total{pool="default"} 3"#,
+            r#"strata_controller_held_back_offers{pool="default"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        // A replica of the offer served: nothing waits, the count stays.
+        m.starts("default", 0, 0);
+        let text = m.render();
+        assert!(text.contains(r#"strata_controller_held_back_offers{pool="default"} 0"#));
+        assert!(text.contains(r#"strata_controller_failed_starts_total{pool="default"} 3"#));
     }
 }

@@ -1343,6 +1343,7 @@ async fn a_replica_that_cannot_start_is_relaunched_after_a_doubling_wait() {
     }
     let launched = c.s.store.instances().await.unwrap();
     assert_eq!(launched.len(), 3, "{launched:?}");
+    assert_eq!(c.driver.failed_starts(), 3);
     let held = c.driver.held_back(c.started.elapsed());
     assert_eq!(held.len(), 1, "{held:?}");
     // The cluster heals (the image can be pulled now): the next launch
@@ -1358,4 +1359,5 @@ async fn a_replica_that_cannot_start_is_relaunched_after_a_doubling_wait() {
     assert!(c.s.provider.list().iter().any(|i| i.ready));
     assert!(c.driver.held_back(c.started.elapsed()).is_empty());
     assert_eq!(c.s.store.instances().await.unwrap().len(), 4);
+    assert_eq!(c.driver.failed_starts(), 3);
 }
