@@ -682,12 +682,13 @@ impl Driver {
         self.failed_start_count
     }
 
-    /// Slots launched into no sooner than `until`, after failed starts.
-    pub fn held_back(&self, now: Duration) -> BTreeMap<&Slot, Duration> {
+    /// Slots not launched into at `now`: their wait after failed starts
+    /// has not ended.
+    pub fn held_back(&self, now: Duration) -> BTreeSet<Slot> {
         self.failed_starts
             .iter()
             .filter(|(_, (_, until))| *until > now)
-            .map(|(slot, (_, until))| (slot, *until))
+            .map(|(slot, _)| slot.clone())
             .collect()
     }
 
@@ -776,7 +777,7 @@ impl Driver {
                 previous,
             });
         }
-        let held: BTreeSet<Slot> = self.held_back(now).into_keys().cloned().collect();
+        let held = self.held_back(now);
         converge(provider, &self.target, &self.controller.offers(), &held).await;
         self.known = provider
             .list()

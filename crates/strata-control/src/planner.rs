@@ -319,16 +319,17 @@ fn cover_on_demand<'a>(
     }
     let mut out = Vec::new();
     let mut left = need;
+    let covered = |left: f64| left <= 1e-9 * need.abs().max(1.0);
     for o in held {
         for _ in 0..capped(o).unwrap_or(0) {
-            if left <= 1e-9 * need.abs().max(1.0) {
+            if covered(left) {
                 break;
             }
             out.push(o);
             left -= o.tokens_per_s;
         }
     }
-    if left > 1e-9 * need.abs().max(1.0) || out.is_empty() {
+    if !covered(left) || out.is_empty() {
         // The same offers as `offers` holds them, by slot.
         for o in cover(&free, Capacity::OnDemand, None, left) {
             let slot = Slot::from(o);

@@ -354,12 +354,25 @@ async fn a_preemption_taint_drains_the_nodes_replicas_and_frees_their_slots() {
 /// (`pool.preemption_drain_secs`).
 async fn three_serving_through(model: PoolModel) -> Setup {
     let mut s = setup().await;
+    s.provider = provider_on(&s, serving_through(), model, Duration::ZERO);
+    three_ready(&mut s).await;
+    s
+}
+
+/// A 1.5 s notice, served through until 0.5 s before the reclaim.
+fn serving_through() -> Config {
     let mut config = Config::default();
     config.kubernetes.preemption_notice_secs = 1.5;
     config.pool.preemption_drain_secs = Some(0.5);
-    s.provider = provider_on(&s, config, model, Duration::ZERO);
-    three_ready(&mut s).await;
-    s
+    config
+}
+
+/// A standby takes the Lease over `three_serving_through`'s pool of
+/// strata's engine: it closes what the previous leader recorded, and its
+/// provider (same settings) adopts what it finds at its first poll.
+async fn standby_takes_over(s: &Setup) -> KubeProvider {
+    strata_control::cluster::close_orphans(&*s.store).await;
+    provider_on(s, serving_through(), gemma(), Duration::ZERO)
 }
 
 /// vLLM's server (engine kind `openai`) as the `default` pool.
@@ -1100,16 +1113,16 @@ impl Controlled {
     /// The cluster reconciles (ready Pods where a node matches), then the
     /// controller ticks.
     async fn tick(&mut self) {
-        reconcile(&self.s, true);
-        let now = self.started.elapsed();
-        self.driver
-            .tick(&mut self.s.provider, now, &strata_core::Load::default())
-            .await;
+        self.tick_with(true).await;
     }
 
     /// As `tick`, with the cluster's Pods on nodes but never ready.
     async fn tick_never_ready(&mut self) {
-        reconcile(&self.s, false);
+        self.tick_with(false).await;
+    }
+
+    async fn tick_with(&mut self, ready: bool) {
+        reconcile(&self.s, ready);
         let now = self.started.elapsed();
         self.driver
             .tick(&mut self.s.provider, now, &strata_core::Load::default())
@@ -1181,11 +1194,7 @@ async fn a_new_leader_keeps_replicas_serving_through_their_notice_and_drains_the
     }
     // A standby takes the Lease: it closes what the previous leader
     // recorded, then adopts what it finds.
-    strata_control::cluster::close_orphans(&*s.store).await;
-    let mut config = Config::default();
-    config.kubernetes.preemption_notice_secs = 1.5;
-    config.pool.preemption_drain_secs = Some(0.5);
-    let mut next = provider_on(&s, config, gemma(), Duration::ZERO);
+    let mut next = standby_takes_over(&s).await;
     let events = next.poll().await;
     // The on-demand replica is the new leader's pool; the two serving
     // through are not (their replacements were planned already), but the
@@ -1301,11 +1310,7 @@ async fn a_forged_reclaim_time_buys_no_more_than_a_notice() {
             serde_json::json!(forged);
         c.evict(pod);
     }
-    strata_control::cluster::close_orphans(&*s.store).await;
-    let mut config = Config::default();
-    config.kubernetes.preemption_notice_secs = 1.5;
-    config.pool.preemption_drain_secs = Some(0.5);
-    let mut next = provider_on(&s, config, gemma(), Duration::ZERO);
+    let mut next = standby_takes_over(&s).await;
     next.poll().await;
     // The on-demand replica and the one with a time; not the garbage one.
     assert_eq!(draining(&s.store.instances().await.unwrap()), (2, 0));
